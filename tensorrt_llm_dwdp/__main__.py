@@ -1,0 +1,3 @@
+from tensorrt_llm_dwdp.cli import main
+
+raise SystemExit(main())

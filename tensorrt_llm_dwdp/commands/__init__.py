@@ -1,0 +1,1 @@
+"""CLI commands, one module each (see ``tensorrt_llm_dwdp.cli``)."""

@@ -1,0 +1,15 @@
+"""Shared pytest setup: GPU tests skip with a reason on machines without CUDA."""
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    have_gpu = torch.cuda.is_available()
+    n_gpu = torch.cuda.device_count() if have_gpu else 0
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; run on the device machine")
+    skip_multi = pytest.mark.skip(reason="needs 2+ CUDA GPUs; run on nvidia-h200-x2")
+    for item in items:
+        if "gpu" in item.keywords and not have_gpu:
+            item.add_marker(skip_gpu)
+        if "multigpu" in item.keywords and n_gpu < 2:
+            item.add_marker(skip_multi)
