@@ -1,0 +1,164 @@
+"""Iteration-level scheduling: which sequences run in the next forward step.
+
+Pure bookkeeping (no torch), so the policy is tested exhaustively on the CPU. A step is either
+a prefill step (new sequences, packed up to a token budget) or a decode step (one token for
+every running sequence). Prefill goes first: a context (prefill) worker's job is to turn
+prompts into KV as soon as they arrive, and decode steps of a mixed worker wait one step.
+"""
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Greedy decoding limits of one request.
+
+    max_tokens counts generated tokens, the first one (produced by prefill) included.
+    """
+
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request as the engine tracks it (mutable: outputs grow, slot is assigned)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    context_only: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int = -1
+    finish_reason: str | None = None
+    # Tokens already in the KV cache (prompt tokens after prefill, then one per decode step).
+    num_cached: int = 0
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    """The sequences of one forward step and how many new tokens each contributes."""
+
+    is_prefill: bool
+    sequences: tuple[Sequence, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        if self.is_prefill:
+            return sum(len(s.prompt_ids) - s.num_cached for s in self.sequences)
+        return len(self.sequences)
+
+
+class Scheduler:
+    """FIFO admission with a slot pool and a per-step token budget.
+
+    A prompt longer than ``max_batch_tokens`` still runs, alone in its step, so no request
+    is starved; prompts that cannot fit ``max_seq_len`` are rejected at ``add``.
+    """
+
+    def __init__(self, max_seqs: int, max_batch_tokens: int, max_seq_len: int) -> None:
+        for name, value in (("max_seqs", max_seqs), ("max_batch_tokens", max_batch_tokens),
+                            ("max_seq_len", max_seq_len)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.max_seqs = max_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.max_seq_len = max_seq_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._free_slots = list(range(max_seqs - 1, -1, -1))
+
+    def add(self, seq: Sequence) -> None:
+        if not seq.prompt_ids:
+            raise ValueError(f"request {seq.request_id!r}: empty prompt")
+        need = len(seq.prompt_ids) + (1 if seq.context_only else seq.params.max_tokens)
+        if need > self.max_seq_len:
+            raise ValueError(
+                f"request {seq.request_id!r}: prompt of {len(seq.prompt_ids)} tokens plus "
+                f"max_tokens={seq.params.max_tokens} exceeds max_seq_len={self.max_seq_len}"
+            )
+        self.waiting.append(seq)
+
+    def admit_running(self, seq: Sequence) -> None:
+        """Take a sequence whose KV is already filled (disaggregated decode) straight to running."""
+        seq.slot = self._take_slot(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def has_free_slot(self) -> bool:
+        return bool(self._free_slots)
+
+    def schedule(self) -> ScheduledStep | None:
+        prefill: list[Sequence] = []
+        budget = self.max_batch_tokens
+        while self.waiting and self._free_slots:
+            seq = self.waiting[0]
+            cost = len(seq.prompt_ids)
+            if prefill and cost > budget:
+                break
+            self.waiting.popleft()
+            seq.slot = self._take_slot(seq)
+            seq.status = SequenceStatus.RUNNING
+            prefill.append(seq)
+            budget -= cost
+        if prefill:
+            self.running.extend(prefill)
+            return ScheduledStep(is_prefill=True, sequences=tuple(prefill))
+        decoding = tuple(s for s in self.running if s.num_cached >= len(s.prompt_ids))
+        if decoding:
+            return ScheduledStep(is_prefill=False, sequences=decoding)
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark finished and release the slot (callers export KV before calling this)."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot >= 0:
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for seq in list(self.waiting):
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "abort"
+                return seq
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.finish(seq, "abort")
+                return seq
+        return None
+
+    def _take_slot(self, seq: Sequence) -> int:
+        if not self._free_slots:
+            raise RuntimeError(f"request {seq.request_id!r}: no free KV slot (max_seqs={self.max_seqs})")
+        return self._free_slots.pop()
