@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from tensorrt_llm_dwdp.kv_handoff import KvHandoff
+
+
+class SlotCache:
+    """A minimal cache with the export/import contract the engine relies on."""
+
+    def __init__(self, slots, length):
+        self.k = torch.zeros(slots, length, 2, 4, dtype=torch.bfloat16)
+        self.v = torch.zeros(slots, length, 2, 4, dtype=torch.bfloat16)
+
+    def export_slot(self, slot, n):
+        return {"layer0.k": self.k[slot, :n], "layer0.v": self.v[slot, :n]}
+
+    def import_slot(self, slot, tensors):
+        n = tensors["layer0.k"].shape[0]
+        self.k[slot, :n] = tensors["layer0.k"]
+        self.v[slot, :n] = tensors["layer0.v"]
+
+
+def test_round_trip_through_bytes_is_bitwise():
+    src = SlotCache(2, 8)
+    src.k[1, :5] = torch.randn(5, 2, 4).bfloat16()
+    src.v[1, :5] = torch.randn(5, 2, 4).bfloat16()
+    h = KvHandoff.from_cache(src, 1, [7, 8, 9, 10, 11], 42)
+    src.k.zero_()  # the export must be a copy, not a view of the live cache
+    back = KvHandoff.from_bytes(h.to_bytes())
+    assert back.prompt_ids == (7, 8, 9, 10, 11) and back.first_token == 42
+    dst = SlotCache(3, 8)
+    back.write_to_cache(dst, 2)
+    assert torch.equal(dst.k[2, :5], h.tensors["layer0.k"])
+    assert torch.equal(dst.v[2, :5], h.tensors["layer0.v"])
+    assert h.nbytes == 2 * 5 * 2 * 4 * 2
+
+
+def test_truncated_or_foreign_blob_is_rejected():
+    h = KvHandoff.from_cache(SlotCache(1, 4), 0, [1, 2], 3)
+    blob = h.to_bytes()
+    with pytest.raises(ValueError, match="truncated"):
+        KvHandoff.from_bytes(blob[:4])
+    from safetensors.torch import save
+    with pytest.raises(ValueError, match="format"):
+        KvHandoff.from_bytes(save({"x": torch.zeros(1)}, metadata={"format": "99"}))
