@@ -1,0 +1,219 @@
+"""The engine: turns requests into forward steps and greedy tokens on one rank.
+
+One engine per process, driven from one thread. Each ``step()`` runs one forward pass (a
+packed prefill of new prompts, or one decode token for every running sequence) and returns
+the tokens it produced. With DWDP on, the step opens with ``dwdp.start_step()`` so the first
+MoE layers' missing experts are already in flight; the MoE layers themselves call
+``weights(i)`` / ``done(i)``. No collective runs here: ranks step independently.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tensorrt_llm_dwdp.kv_handoff import KvHandoff
+from tensorrt_llm_dwdp.scheduler import SamplingParams, ScheduledStep, Scheduler, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A generation request. ``context_only`` stops after prefill's first token and keeps the
+    KV for ``Engine.export_kv``; ``kv_import`` starts decode from a context server's KV."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams = SamplingParams()
+    context_only: bool = False
+    kv_import: KvHandoff | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token_id: int
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started (seconds are wall time with the device synchronised)."""
+
+    prefill_steps: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    prefill_latencies: list[float] = field(default_factory=list)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class Engine:
+    """Greedy continuous-batching engine over a ``CausalLM`` and its KV cache.
+
+    ``record_logits=True`` keeps every step's logits (float32, on the CPU) per request, which
+    the parity check compares bit for bit between DWDP and single-rank runs.
+    """
+
+    def __init__(self, model, *, dwdp=None, max_seqs: int = 16, max_seq_len: int = 2048,
+                 max_batch_tokens: int = 8192, device: torch.device | str = "cpu",
+                 eos_token_id: int | None = None, record_logits: bool = False) -> None:
+        self.model = model
+        self.dwdp = dwdp
+        self.device = torch.device(device)
+        self.eos_token_id = eos_token_id
+        self.record_logits = record_logits
+        self.scheduler = Scheduler(max_seqs, max_batch_tokens, max_seq_len)
+        self.cache = model.make_cache(max_seqs, max_seq_len, self.device)
+        self.stats = EngineStats()
+        self.logits: dict[str, list[torch.Tensor]] = {}
+        self._sequences: dict[str, Sequence] = {}
+        self._exports: dict[str, KvHandoff] = {}
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self._sequences:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        seq = Sequence(request.request_id, list(request.prompt_ids), request.params,
+                       context_only=request.context_only)
+        if request.kv_import is not None:
+            self._admit_imported(seq, request.kv_import)
+        else:
+            self.scheduler.add(seq)
+        self._sequences[seq.request_id] = seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.scheduler.abort(request_id)
+        self._sequences.pop(request_id, None)
+        self._exports.pop(request_id, None)
+        return seq is not None
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def export_kv(self, request_id: str) -> KvHandoff:
+        """Hand over (once) the KV of a finished context-only request."""
+        try:
+            return self._exports.pop(request_id)
+        except KeyError:
+            raise KeyError(f"no exported KV for request {request_id!r} (not context_only, "
+                           "not finished, or already taken)") from None
+
+    # ---- stepping -------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return []
+        num_tokens = plan.num_tokens
+        start = time.perf_counter()
+        logits = self._forward(plan)
+        next_tokens = logits.argmax(dim=-1).tolist()
+        self._sync()
+        elapsed = time.perf_counter() - start
+        self._account(plan, num_tokens, elapsed)
+        if self.record_logits:
+            cpu = logits.float().cpu()
+            for i, seq in enumerate(plan.sequences):
+                self.logits.setdefault(seq.request_id, []).append(cpu[i].clone())
+        return [self._advance(seq, tok, plan.is_prefill)
+                for seq, tok in zip(plan.sequences, next_tokens)]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams(),
+                 progress=None) -> list[list[int]]:
+        """Run prompts to completion; returns generated ids in prompt order."""
+        ids = [f"gen-{len(self._sequences)}-{i}" for i in range(len(prompts))]
+        for rid, prompt in zip(ids, prompts):
+            self.add_request(Request(rid, prompt, params))
+        outputs: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_work():
+            for ev in self.step():
+                if ev.request_id in outputs:
+                    outputs[ev.request_id].append(ev.token_id)
+            if progress is not None:
+                progress.update(1)
+        for rid in ids:
+            self._sequences.pop(rid, None)
+        return [outputs[rid] for rid in ids]
+
+    # ---- internals ------------------------------------------------------------------------
+    def _forward(self, plan: ScheduledStep) -> torch.Tensor:
+        from tensorrt_llm_dwdp.model.batch import BatchInfo
+
+        tokens: list[int] = []
+        starts, lengths = [], []
+        for seq in plan.sequences:
+            if plan.is_prefill:
+                new = seq.prompt_ids[seq.num_cached:]
+            else:
+                new = [seq.output_ids[-1]]
+            starts.append(seq.num_cached)
+            lengths.append(len(new))
+            tokens.extend(new)
+        batch = BatchInfo(slots=tuple(s.slot for s in plan.sequences),
+                          start_positions=tuple(starts), lengths=tuple(lengths))
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        if self.dwdp is not None:
+            self.dwdp.start_step()
+        with torch.inference_mode():
+            return self.model(input_ids, batch, self.cache)
+
+    def _advance(self, seq: Sequence, token: int, was_prefill: bool) -> TokenEvent:
+        seq.num_cached += len(seq.prompt_ids) - seq.num_cached if was_prefill else 1
+        seq.output_ids.append(token)
+        reason = None
+        if seq.context_only:
+            reason = "context_done"
+            self._exports[seq.request_id] = KvHandoff.from_cache(
+                self.cache, seq.slot, seq.prompt_ids, token)
+        elif not seq.params.ignore_eos and token == self.eos_token_id:
+            reason = "stop"
+        elif token in seq.params.stop_token_ids:
+            reason = "stop"
+        elif len(seq.output_ids) >= seq.params.max_tokens:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._sequences.pop(seq.request_id, None)
+        return TokenEvent(seq.request_id, token, reason is not None, reason)
+
+    def _admit_imported(self, seq: Sequence, handoff: KvHandoff) -> None:
+        if list(handoff.prompt_ids) != seq.prompt_ids:
+            raise ValueError(f"request {seq.request_id!r}: imported KV belongs to another prompt")
+        if seq.params.max_tokens < 2:
+            raise ValueError(f"request {seq.request_id!r}: an imported context already holds the "
+                             "first token; decode needs max_tokens >= 2")
+        self.scheduler.add(seq)  # validates lengths against max_seq_len
+        self.scheduler.waiting.remove(seq)
+        self.scheduler.admit_running(seq)
+        handoff.write_to_cache(self.cache, seq.slot)
+        seq.num_cached = len(seq.prompt_ids)
+        seq.output_ids.append(handoff.first_token)
+
+    def _account(self, plan: ScheduledStep, num_tokens: int, elapsed: float) -> None:
+        s = self.stats
+        if plan.is_prefill:
+            s.prefill_steps += 1
+            s.prefill_tokens += num_tokens
+            s.prefill_seconds += elapsed
+            s.prefill_latencies.append(elapsed)
+        else:
+            s.decode_steps += 1
+            s.decode_tokens += num_tokens
+            s.decode_seconds += elapsed
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,116 @@
+"""Engine logic on a small real model that follows the CausalLM contract (cache-backed)."""
+import pytest
+import torch
+
+from tensorrt_llm_dwdp.executor import Engine, Request
+from tensorrt_llm_dwdp.model.kv_cache import KvCache
+from tensorrt_llm_dwdp.scheduler import SamplingParams
+
+VOCAB = 23
+
+
+class PrefixSumLM(torch.nn.Module):
+    """Next-token logits from the sum of all embeddings so far (cached per position).
+
+    The cache makes decode depend on prefill's stored state, so a wrong slot, position or
+    hand-off shows up as different tokens.
+    """
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = torch.randn(VOCAB, 8, generator=g, dtype=torch.float64)
+        self.out = torch.randn(8, VOCAB, generator=g, dtype=torch.float64)
+
+    def make_cache(self, max_seqs, max_len, device):
+        return KvCache(1, max_seqs, max_len, (1, 8), (1, 1), torch.float64, device)
+
+    def forward(self, input_ids, batch, cache):
+        e = self.emb[input_ids]
+        rows = []
+        for i, (slot, start, n) in enumerate(zip(batch.slots, batch.start_positions, batch.lengths)):
+            lo = batch.offsets[i]
+            k, _ = cache.append(0, slot, start, e[lo:lo + n, None, :], torch.zeros(n, 1, 1, dtype=e.dtype))
+            rows.append(k[:, 0, :].sum(0))
+        return torch.stack(rows) @ self.out
+
+    def reference(self, prompt, steps):
+        ids = list(prompt)
+        out = []
+        for _ in range(steps):
+            nxt = int((self.emb[ids].sum(0) @ self.out).argmax())
+            out.append(nxt)
+            ids.append(nxt)
+        return out
+
+
+PROMPTS = [[1, 2, 3], [4] * 9, [5, 6], [7, 8, 9, 10, 11, 12, 13]]
+
+
+def test_batched_generation_matches_uncached_recompute():
+    model = PrefixSumLM()
+    engine = Engine(model, max_seqs=4, max_seq_len=32, max_batch_tokens=12)
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=6))
+    assert outs == [model.reference(p, 6) for p in PROMPTS]
+    assert engine.stats.prefill_tokens == sum(map(len, PROMPTS))
+    assert engine.stats.prefill_steps == 2  # 12-token budget splits the four prompts
+    assert engine.stats.decode_tokens == 4 * 5
+
+
+def test_slots_are_reused_when_more_requests_than_slots():
+    model = PrefixSumLM()
+    engine = Engine(model, max_seqs=2, max_seq_len=32, max_batch_tokens=64)
+    assert engine.generate(PROMPTS, SamplingParams(max_tokens=3)) == [model.reference(p, 3) for p in PROMPTS]
+
+
+def test_stop_token_and_eos_end_a_request():
+    model = PrefixSumLM()
+    ref = model.reference(PROMPTS[0], 6)
+    engine = Engine(model, max_seqs=2, max_seq_len=32, eos_token_id=ref[2])
+    assert engine.generate([PROMPTS[0]], SamplingParams(max_tokens=6)) == [ref[:3]]
+    assert engine.generate([PROMPTS[0]], SamplingParams(max_tokens=6, ignore_eos=True)) == [ref]
+    engine = Engine(model, max_seqs=2, max_seq_len=32)
+    events = []
+    engine.add_request(Request("r", PROMPTS[0], SamplingParams(max_tokens=6, stop_token_ids=(ref[1],))))
+    while engine.has_work():
+        events += engine.step()
+    assert [e.token_id for e in events] == ref[:2] and events[-1].finish_reason == "stop"
+
+
+def test_context_only_handoff_continues_bitwise_on_another_engine():
+    model = PrefixSumLM()
+    ctx = Engine(model, max_seqs=2, max_seq_len=32)
+    ctx.add_request(Request("a", PROMPTS[3], SamplingParams(max_tokens=5), context_only=True))
+    (ev,) = ctx.step()
+    assert ev.finished and ev.finish_reason == "context_done" and not ctx.has_work()
+    blob = ctx.export_kv("a").to_bytes()
+    with pytest.raises(KeyError, match="already taken"):
+        ctx.export_kv("a")
+    from tensorrt_llm_dwdp.kv_handoff import KvHandoff
+
+    gen = Engine(model, max_seqs=3, max_seq_len=32)
+    gen.add_request(Request("a", PROMPTS[3], SamplingParams(max_tokens=5), kv_import=KvHandoff.from_bytes(blob)))
+    tokens = []
+    while gen.has_work():
+        tokens += [e.token_id for e in gen.step()]
+    assert [ev.token_id] + tokens == model.reference(PROMPTS[3], 5)
+
+
+def test_abort_and_bad_requests():
+    model = PrefixSumLM()
+    engine = Engine(model, max_seqs=2, max_seq_len=16)
+    engine.add_request(Request("x", [1, 2], SamplingParams(max_tokens=4)))
+    with pytest.raises(ValueError, match="duplicate"):
+        engine.add_request(Request("x", [1], SamplingParams()))
+    assert engine.abort("x") and not engine.has_work()
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        engine.add_request(Request("y", [1] * 15, SamplingParams(max_tokens=4)))
+
+
+def test_record_logits_keeps_one_row_per_step():
+    model = PrefixSumLM()
+    engine = Engine(model, max_seqs=2, max_seq_len=32, record_logits=True)
+    engine.add_request(Request("a", PROMPTS[0], SamplingParams(max_tokens=3)))
+    while engine.has_work():
+        engine.step()
+    assert len(engine.logits["a"]) == 3 and engine.logits["a"][0].shape == (VOCAB,)
