@@ -1,0 +1,97 @@
+"""DeepSeek-V3: multi-head latent attention (MLA), dense first layers, MoE with shared experts.
+
+MLA: queries through a low-rank ``q_a_proj -> q_a_layernorm -> q_b_proj`` (or a plain
+``q_proj`` when ``q_lora_rank`` is null); keys/values through a shared latent
+``kv_a_proj_with_mqa -> kv_a_layernorm`` whose last ``qk_rope_head_dim`` columns are one rotary
+key shared by all heads; ``kv_b_proj`` up-projects the latent to per-head ``k_nope`` and ``v``.
+The cache holds the latent and the rotated shared key (see ``kv_cache``). The softmax scale is
+``qk_head_dim**-0.5 * yarn_mscale(factor, mscale_all_dim)**2`` under YaRN.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from tensorrt_llm_dwdp.model.attention import causal_attention, split_by_sequence
+from tensorrt_llm_dwdp.model.batch import BatchInfo
+from tensorrt_llm_dwdp.model.config import DEEPSEEK_V3, MOE, ModelConfig
+from tensorrt_llm_dwdp.model.decoder import CausalLM, DecoderLayer
+from tensorrt_llm_dwdp.model.kv_cache import KvCache
+from tensorrt_llm_dwdp.model.layers import MLP, RMSNorm, Rotary, yarn_mscale
+from tensorrt_llm_dwdp.model.moe_block import MoeBlock
+
+
+class MlaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: Rotary, dtype: torch.dtype) -> None:
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.rotary = rotary
+        self.heads = c.num_attention_heads
+        self.nope, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.kv_lora = c.kv_lora_rank
+        qk_dim = self.nope + self.rope_dim
+        bias = c.attention_bias
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, self.heads * qk_dim, bias=False, dtype=dtype)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=bias, dtype=dtype)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, dtype)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, self.heads * qk_dim, bias=False, dtype=dtype)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, self.kv_lora + self.rope_dim, bias=bias, dtype=dtype)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora, c.rms_norm_eps, dtype)
+        self.kv_b_proj = nn.Linear(self.kv_lora, self.heads * (self.nope + self.v_dim), bias=False, dtype=dtype)
+        self.o_proj = nn.Linear(self.heads * self.v_dim, c.hidden_size, bias=bias, dtype=dtype)
+        self.scale = qk_dim ** -0.5
+        if c.rope.rope_type == "yarn" and c.rope.mscale_all_dim:
+            self.scale *= yarn_mscale(c.rope.factor, c.rope.mscale_all_dim) ** 2
+
+    def forward(self, x: torch.Tensor, batch: BatchInfo, cache: KvCache, cos, sin) -> torch.Tensor:
+        n = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(n, self.heads, self.nope + self.rope_dim)
+        q_rot = self.rotary.apply(q[..., self.nope:], cos, sin)
+        q = torch.cat((q[..., : self.nope], q_rot), dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent).unsqueeze(1)  # [n, 1, kv_lora]
+        k_rot = self.rotary.apply(k_rot.unsqueeze(1), cos, sin)  # [n, 1, rope]
+
+        out = x.new_empty(n, self.heads, self.v_dim)
+        offsets = batch.offsets
+        for i, slot, start, q_i in split_by_sequence(q, batch):
+            rows = slice(offsets[i], offsets[i + 1])
+            lat_all, rot_all = cache.append(self.layer_idx, slot, start, latent[rows], k_rot[rows])
+            total = lat_all.shape[0]
+            kv = self.kv_b_proj(lat_all[:, 0]).view(total, self.heads, self.nope + self.v_dim)
+            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+            k = torch.cat((k_nope, rot_all.expand(total, self.heads, self.rope_dim)), dim=-1)
+            out[rows] = causal_attention(q_i, k, v, start, self.scale)
+        return self.o_proj(out.reshape(n, self.heads * self.v_dim))
+
+
+class DeepseekV3ForCausalLM(CausalLM):
+    """DeepSeek-V3 decoder. ``moe_factory(layer_idx)`` builds each layer's routed-expert module
+    (a ``ConfigurableMoE``; see ``moe_block.make_moe``)."""
+
+    def __init__(self, config: ModelConfig, moe_factory: Callable[[int], nn.Module],
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        if config.architecture != DEEPSEEK_V3:
+            raise ValueError(f"DeepseekV3ForCausalLM got a {config.architecture} config")
+        rotary = Rotary(config.rope, config.qk_rope_head_dim)
+        layers = []
+        for i, kind in enumerate(config.layer_kinds):
+            if kind == MOE:
+                shared = None
+                if config.n_shared_experts:
+                    shared = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype)
+                mlp = MoeBlock(moe_factory(i), shared)
+            else:
+                mlp = MLP(config.hidden_size, config.intermediate_size, dtype)
+            layers.append(DecoderLayer(config, MlaAttention(config, i, rotary, dtype), mlp, dtype))
+        shapes = ((1, config.kv_lora_rank), (1, config.qk_rope_head_dim))
+        super().__init__(config, layers, rotary, shapes, dtype)
