@@ -1,0 +1,1 @@
+"""Mixture-of-Experts layer: routers, permutation plan, multi-tensor expert weights, backends."""

@@ -1,0 +1,222 @@
+"""ExpertWeights: one MoE layer's routed experts as a LIST of tensors per parameter.
+
+With DWDP a rank's view of a layer is S tensors per parameter (heads of lower peers, its own
+slice, tails of higher peers; see docs/ARCHITECTURE.md); without it, one tensor holding all
+experts. Tensor ``t`` holds experts ``[expert_offsets[t], expert_offsets[t] + n_t)`` and the
+tensors together cover ``[0, num_experts)`` exactly once, in order.
+
+Parameter names and storage (every tensor has the expert as dim 0):
+
+=====================  ===============================  ==================
+name                   nvfp4                            bf16
+=====================  ===============================  ==================
+w3_w1_weight           uint8 [n, 2I, H/2]               bf16 [n, 2I, H]
+w3_w1_weight_scale     float8_e4m3fn [n, 2I, H/16]      -
+fc31_alpha             float32 [n]                      -
+w2_weight              uint8 [n, H, I/2]                bf16 [n, H, I]
+w2_weight_scale        float8_e4m3fn [n, H, I/16]       -
+fc2_alpha              float32 [n]                      -
+w3_w1_bias (optional)  float32 [n, 2I]                  float32 [n, 2I]
+w2_bias (optional)     float32 [n, H]                   float32 [n, H]
+=====================  ===============================  ==================
+
+Rows ``[0, I)`` of ``w3_w1`` are w3 (up_proj), rows ``[I, 2I)`` w1 (gate_proj).
+"""
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+QUANT_MODES = ("nvfp4", "bf16")
+BIAS_NAMES = ("w3_w1_bias", "w2_bias")
+REQUIRED_NAMES = {
+    "nvfp4": (
+        "w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha",
+        "w2_weight", "w2_weight_scale", "fc2_alpha",
+    ),
+    "bf16": ("w3_w1_weight", "w2_weight"),
+}
+
+
+def _detect_quant(dtype: torch.dtype) -> str:
+    if dtype == torch.uint8:
+        return "nvfp4"
+    if dtype == torch.bfloat16:
+        return "bf16"
+    raise ValueError(
+        f"ExpertWeights: w3_w1_weight dtype {dtype} is neither uint8 (nvfp4) nor bfloat16"
+    )
+
+
+def _expected_specs(quant: str, hidden: int, inter: int) -> dict[str, tuple[torch.dtype, tuple]]:
+    """Per-expert shape (without dim 0) and dtype of every name."""
+    specs: dict[str, tuple[torch.dtype, tuple]] = {
+        "w3_w1_bias": (torch.float32, (2 * inter,)),
+        "w2_bias": (torch.float32, (hidden,)),
+    }
+    if quant == "nvfp4":
+        specs.update({
+            "w3_w1_weight": (torch.uint8, (2 * inter, hidden // 2)),
+            "w3_w1_weight_scale": (torch.float8_e4m3fn, (2 * inter, hidden // 16)),
+            "fc31_alpha": (torch.float32, ()),
+            "w2_weight": (torch.uint8, (hidden, inter // 2)),
+            "w2_weight_scale": (torch.float8_e4m3fn, (hidden, inter // 16)),
+            "fc2_alpha": (torch.float32, ()),
+        })
+    else:
+        specs.update({
+            "w3_w1_weight": (torch.bfloat16, (2 * inter, hidden)),
+            "w2_weight": (torch.bfloat16, (hidden, inter)),
+        })
+    return specs
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertWeights:
+    """A validated multi-tensor view of one layer's experts. Build with :meth:`single` or
+    :meth:`from_view`; the constructor validates too."""
+
+    tensors: Mapping[str, tuple[torch.Tensor, ...]]
+    expert_offsets: tuple[int, ...]
+    # Derived in __post_init__:
+    quant: str = field(init=False)
+    hidden_size: int = field(init=False)
+    intermediate_size: int = field(init=False)
+    num_experts: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if "w3_w1_weight" not in self.tensors:
+            raise ValueError(
+                f"ExpertWeights: missing 'w3_w1_weight' (got {sorted(self.tensors)})"
+            )
+        first = self.tensors["w3_w1_weight"]
+        if not first:
+            raise ValueError("ExpertWeights: 'w3_w1_weight' has no tensors")
+        quant = _detect_quant(first[0].dtype)
+        missing = [n for n in REQUIRED_NAMES[quant] if n not in self.tensors]
+        if missing:
+            raise ValueError(f"ExpertWeights ({quant}): missing parameters {missing}")
+        allowed = set(REQUIRED_NAMES[quant]) | set(BIAS_NAMES)
+        unknown = sorted(set(self.tensors) - allowed)
+        if unknown:
+            raise ValueError(
+                f"ExpertWeights ({quant}): unknown parameters {unknown}; allowed {sorted(allowed)}"
+            )
+        w13, w2 = first[0], self.tensors["w2_weight"][0]
+        if w13.dim() != 3 or w2.dim() != 3:
+            raise ValueError(
+                f"ExpertWeights: w3_w1_weight {tuple(w13.shape)} and w2_weight "
+                f"{tuple(w2.shape)} must be 3-D [n, rows, cols]"
+            )
+        hidden = w2.shape[1]
+        inter = w13.shape[1] // 2
+        if w13.shape[1] % 2 or inter == 0:
+            raise ValueError(
+                f"ExpertWeights: w3_w1_weight rows {w13.shape[1]} must be 2*I with I > 0"
+            )
+        if quant == "nvfp4" and (hidden % 16 or inter % 16):
+            raise ValueError(
+                f"ExpertWeights (nvfp4): H={hidden} and I={inter} must be multiples of 16"
+            )
+        n_tensors = len(first)
+        if len(self.expert_offsets) != n_tensors:
+            raise ValueError(
+                f"ExpertWeights: {len(self.expert_offsets)} expert offsets for {n_tensors} tensors"
+            )
+        specs = _expected_specs(quant, hidden, inter)
+        sizes = [t.shape[0] for t in first]
+        for name, tensors in self.tensors.items():
+            if len(tensors) != n_tensors:
+                raise ValueError(
+                    f"ExpertWeights: '{name}' has {len(tensors)} tensors, w3_w1_weight {n_tensors}"
+                )
+            dtype, per_expert = specs[name]
+            for t, tensor in enumerate(tensors):
+                want = (sizes[t], *per_expert)
+                if tensor.dtype != dtype or tuple(tensor.shape) != want:
+                    raise ValueError(
+                        f"ExpertWeights ({quant}, H={hidden}, I={inter}): '{name}'[{t}] is "
+                        f"{tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {want}"
+                    )
+                if tensor.device != w13.device:
+                    raise ValueError(
+                        f"ExpertWeights: '{name}'[{t}] on {tensor.device}, w3_w1_weight[0] on "
+                        f"{w13.device}"
+                    )
+        expected = 0
+        for t, (offset, size) in enumerate(zip(self.expert_offsets, sizes)):
+            if offset != expected:
+                raise ValueError(
+                    f"ExpertWeights: tensor {t} starts at expert {offset}, expected {expected} "
+                    f"(tensors must cover [0, E) contiguously; sizes {sizes}, offsets "
+                    f"{list(self.expert_offsets)})"
+                )
+            expected += size
+        if expected == 0:
+            raise ValueError("ExpertWeights: the view holds no experts")
+        object.__setattr__(self, "quant", quant)
+        object.__setattr__(self, "hidden_size", hidden)
+        object.__setattr__(self, "intermediate_size", inter)
+        object.__setattr__(self, "num_experts", expected)
+
+    @classmethod
+    def single(cls, params: Mapping[str, torch.Tensor]) -> ExpertWeights:
+        """One tensor per name holding experts ``[0, n)``."""
+        return cls({name: (t,) for name, t in params.items()}, (0,))
+
+    @classmethod
+    def from_view(
+        cls, view: Mapping[str, Sequence[torch.Tensor]], tensor_offsets: Sequence[int]
+    ) -> ExpertWeights:
+        """A DWDP view ``{name: [S tensors by rank]}`` with ``layout.tensor_offsets``."""
+        return cls({name: tuple(ts) for name, ts in view.items()},
+                   tuple(int(o) for o in tensor_offsets))
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.expert_offsets)
+
+    @property
+    def has_bias(self) -> bool:
+        return "w3_w1_bias" in self.tensors or "w2_bias" in self.tensors
+
+    def tensor_sizes(self) -> tuple[int, ...]:
+        """Experts held by each tensor."""
+        return tuple(t.shape[0] for t in self.tensors["w3_w1_weight"])
+
+    def locate(self, expert: int) -> tuple[int, int]:
+        """Global expert id -> (tensor index, local index)."""
+        if not 0 <= expert < self.num_experts:
+            raise IndexError(f"ExpertWeights.locate: expert {expert} not in [0, {self.num_experts})")
+        # The last tensor starting at or before `expert`; it is never an empty one, since an
+        # empty tensor shares its offset with the next tensor.
+        t = bisect.bisect_right(self.expert_offsets, expert) - 1
+        return t, expert - self.expert_offsets[t]
+
+    def expert(self, expert: int) -> dict[str, torch.Tensor]:
+        """Views (no copy) of one expert's tensors, dim 0 dropped: ``{name: tensor}``."""
+        t, local = self.locate(expert)
+        return {name: tensors[t][local] for name, tensors in self.tensors.items()}
+
+    def split(self, sizes: Sequence[int]) -> ExpertWeights:
+        """Re-slice a single-tensor set into tensors of ``sizes`` experts (views, no copy):
+        e.g. DWDP's ``[P] * r + [W] + [P] * (S - 1 - r)`` for rank r. Used to compare a
+        multi-tensor view against the one-tensor set it came from."""
+        if self.num_tensors != 1:
+            raise ValueError(f"ExpertWeights.split: needs a single-tensor set, got {self.num_tensors}")
+        sizes = [int(s) for s in sizes]
+        if any(s < 0 for s in sizes) or sum(sizes) != self.num_experts:
+            raise ValueError(
+                f"ExpertWeights.split: sizes {sizes} must be >= 0 and sum to {self.num_experts}"
+            )
+        offsets = [0]
+        for s in sizes[:-1]:
+            offsets.append(offsets[-1] + s)
+        tensors = {
+            name: tuple(ts[0][o:o + s] for o, s in zip(offsets, sizes))
+            for name, ts in self.tensors.items()
+        }
+        return ExpertWeights(tensors, tuple(offsets))
