@@ -1,0 +1,150 @@
+"""The TensorRT-LLM adapter's pure parts on plain torch modules with TensorRT-LLM's names."""
+from collections import namedtuple
+
+import pytest
+import torch
+from torch import nn
+
+from tensorrt_llm_dwdp.config import DwdpConfig, DwdpConfigError
+from tensorrt_llm_dwdp.trtllm import (expert_tensors, find_moe_modules, from_trtllm, install,
+                                      is_moe_module, quant_scale_tensors, to_trtllm_dict,
+                                      weight_view_fields)
+from tensorrt_llm_dwdp.trtllm.names import WEIGHT_VIEW_FIELDS
+
+# The field names of TensorRT-LLM's FusedMoEQuantScalesNVFP4 record that the adapter reads.
+QuantScales = namedtuple("QuantScales", "fc1_weight_block fc1_global fc2_weight_block fc2_global")
+
+
+class CuteDslLikeBackend(nn.Module):
+    """Carries the attributes TensorRT-LLM's NVFP4 CuteDslFusedMoE holds after load_weights."""
+
+    def __init__(self, n: int, hidden: int = 32, inter: int = 16, layer_idx=None, tag: int = 0):
+        super().__init__()
+        self.num_experts = 8
+        self.layer_idx = layer_idx
+        g = torch.Generator().manual_seed(tag)
+        u8 = lambda *s: nn.Parameter(torch.randint(0, 255, s, generator=g, dtype=torch.uint8), requires_grad=False)
+        self.w3_w1_weight = u8(n, 2 * inter, hidden // 2)
+        self.w2_weight = u8(n, hidden, inter // 2)
+        self.w3_w1_weight_scale = nn.Parameter(torch.rand(n, 2 * inter, hidden // 16, generator=g).to(torch.float8_e4m3fn), requires_grad=False)
+        self.w2_weight_scale = nn.Parameter(torch.rand(n, hidden, inter // 16, generator=g).to(torch.float8_e4m3fn), requires_grad=False)
+        self.fc31_alpha = nn.Parameter(torch.rand(n, generator=g), requires_grad=False)
+        self.fc2_alpha = nn.Parameter(torch.rand(n, generator=g), requires_grad=False)
+        self.w3_w1_bias = None
+        self.quant_scales = QuantScales(
+            self.w3_w1_weight_scale.data.view(n, -1), self.fc31_alpha.data,
+            self.w2_weight_scale.data.view(n, -1), self.fc2_alpha.data)
+
+
+class ConfigurableMoELike(nn.Module):
+    def __init__(self, layer_idx: int, n: int = 4):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.backend = CuteDslLikeBackend(n, layer_idx=None, tag=layer_idx)
+
+
+class Layer(nn.Module):
+    def __init__(self, moe: nn.Module | None):
+        super().__init__()
+        self.attn = nn.Linear(4, 4)
+        self.mlp = moe if moe is not None else nn.Linear(4, 4)
+
+
+def _model():
+    return nn.Sequential(Layer(None), Layer(ConfigurableMoELike(1)), Layer(ConfigurableMoELike(2)))
+
+
+def test_find_moe_modules_counts_wrapper_once_in_order():
+    found = find_moe_modules(_model())
+    assert [(i, name) for i, name, _ in found] == [(1, "1.mlp"), (2, "2.mlp")]
+    assert not is_moe_module(nn.Linear(2, 2))
+
+
+def test_unindexed_backends_are_numbered_in_order_and_duplicates_named():
+    model = nn.Sequential(CuteDslLikeBackend(2), CuteDslLikeBackend(2))
+    assert [i for i, _, _ in find_moe_modules(model)] == [0, 1]
+    clash = nn.Sequential(ConfigurableMoELike(3), ConfigurableMoELike(3))
+    with pytest.raises(ValueError, match="share layer_idx 3"):
+        find_moe_modules(clash)
+
+
+def test_expert_tensors_map_names_and_share_storage():
+    moe = ConfigurableMoELike(1)
+    t = expert_tensors(moe)
+    assert set(t) == {"w3_w1_weight", "w2_weight", "w3_w1_weight_scale", "w2_weight_scale",
+                      "fc31_alpha", "fc2_alpha"}
+    for name, tensor in t.items():
+        assert tensor.data_ptr() == getattr(moe.backend, name).data_ptr()   # no copy: DWDP maps these
+
+
+def test_expert_tensor_with_wrong_expert_dim_is_named():
+    b = CuteDslLikeBackend(4)
+    b.fc2_alpha = nn.Parameter(torch.ones(3), requires_grad=False)
+    with pytest.raises(ValueError, match=r"fc2_alpha has shape \(3,\).*first dim"):
+        expert_tensors(b)
+
+
+def test_quant_scales_fields_map_to_our_names():
+    b = CuteDslLikeBackend(4)
+    q = quant_scale_tensors(b)
+    assert q["w3_w1_weight_scale"] is b.quant_scales.fc1_weight_block
+    assert q["fc31_alpha"] is b.quant_scales.fc1_global
+    assert q["w2_weight_scale"] is b.quant_scales.fc2_weight_block
+    assert q["fc2_alpha"] is b.quant_scales.fc2_global
+    assert quant_scale_tensors(nn.Linear(2, 2)) == {}
+
+
+def test_weight_view_fields_put_local_tensors_in_own_slot():
+    peers = {ours: [torch.full((2,), float(r)) for r in range(3)] for ours in WEIGHT_VIEW_FIELDS.values()}
+    local = {"w3_w1_weight_scale": torch.full((2,), 9.0)}
+    fields = weight_view_fields(peers, local, rank=1)
+    assert set(fields) == set(WEIGHT_VIEW_FIELDS)
+    assert fields["fc1_weight_scale"][1] is local["w3_w1_weight_scale"]
+    assert [float(t[0]) for t in fields["fc1_weight_scale"]] == [0.0, 9.0, 2.0]
+    assert [float(t[0]) for t in fields["w2_weight"]] == [0.0, 1.0, 2.0]
+    del peers["fc2_alpha"]
+    with pytest.raises(KeyError, match="fc2_alpha"):
+        weight_view_fields(peers, local, rank=1)
+
+
+def test_config_round_trip_and_spellings():
+    ours = DwdpConfig(dwdp_size=2, num_experts_per_worker=128, num_prefetch_experts=128,
+                      contention_opt=True)
+    d = to_trtllm_dict(ours)
+    assert d == {"dwdp_size": 2, "num_groups": 1, "num_experts_per_worker": 128,
+                 "num_prefetch_experts": 128, "contention_opt": True}
+    assert from_trtllm(d) == ours
+    assert from_trtllm(d, peer_timeout_s=5.0).peer_timeout_s == 5.0
+    old = {"enabled": True, "dwdp_size": 2, "num_group": 1, "experts_per_worker": 36,
+           "num_prefetch_experts": 36}
+    assert from_trtllm(old).num_experts_per_worker == 36
+    assert not from_trtllm({**old, "enabled": False}).enabled
+    assert not from_trtllm(None).enabled
+
+    class UpstreamLike:  # attribute access, as on TensorRT-LLM's pydantic DwdpConfig
+        dwdp_size, num_groups, num_experts_per_worker, num_prefetch_experts = 4, 1, 100, 52
+        contention_opt = False
+    assert from_trtllm(UpstreamLike()).implied_num_experts == 256
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"dwdp_size": 2, "num_experts_per_worker": 4, "num_prefetch_experts": 4, "bogus": 1}, "bogus"),
+    ({"dwdp_size": 2, "num_group": 1, "num_groups": 1}, "both"),
+    ({"enabled": "yes"}, "enabled"),
+    ({"dwdp_size": 2, "num_experts_per_worker": 4}, "num_prefetch_experts"),
+])
+def test_bad_upstream_config_is_named(bad, match):
+    with pytest.raises(DwdpConfigError, match=match):
+        from_trtllm(bad)
+
+
+def test_install_off_is_a_no_op_and_on_needs_tensorrt_llm():
+    assert install({"dwdp_size": 1}) is None
+    # tensorrt_llm cannot be installed here; the message must say what to install
+    try:
+        import tensorrt_llm  # noqa: F401
+        pytest.skip("tensorrt_llm is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="pip install tensorrt_llm"):
+        install({"dwdp_size": 2, "num_experts_per_worker": 4, "num_prefetch_experts": 4})
