@@ -1,0 +1,99 @@
+"""A faster spelling of the torch reference MoE backend for the GPU benchmark.
+
+Same numerics as ``moe/backends/torch_ref.py`` step for step (same permutation, same per-expert
+math, same bf16 rounding of the intermediate, same fp32 slot sum in slot order); only two
+things change:
+
+- NVFP4 weights are decoded to bf16 (``e2m1 * e4m3`` is exact in bf16, so these are the very
+  values the reference decodes to fp32) with a 16-entry lookup table, several experts at once;
+- the two GEMMs take bf16 operands with fp32 outputs on CUDA (``torch.mm(..., out_dtype=
+  torch.float32)``: every product is exact in fp32, only the accumulation order may differ
+  from the reference's fp32 GEMM). On the CPU the operands are widened to fp32 first, which
+  makes the result bitwise the reference's (tests/bench checks that).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
+from tensorrt_llm_dwdp.moe.permute import build_permutation
+from tensorrt_llm_dwdp.moe.weights import ExpertWeights
+from tensorrt_llm_dwdp.quant.nvfp4 import BLOCK_SIZE, E2M1_VALUES
+
+DECODE_CHUNK = 16  # experts decoded per batch: bounds the bf16 scratch (16 x 58 MB for V3 w13)
+
+
+def decode_bf16(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``packed [..., K/2]`` uint8 with ``scale [..., K/16]`` e4m3 -> exact bf16 ``[..., K]``
+    (no global scale)."""
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.bfloat16, device=packed.device)
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).long()
+    k = packed.shape[-1] * 2
+    vals = lut[codes].view(*packed.shape[:-1], k // BLOCK_SIZE, BLOCK_SIZE)
+    return (vals * scale.to(torch.bfloat16).unsqueeze(-1)).view(*packed.shape[:-1], k)
+
+
+def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """fp32 ``a @ b_t.T`` of bf16 operands."""
+    if a.is_cuda:
+        return torch.mm(a, b_t.t(), out_dtype=torch.float32)
+    return a.float() @ b_t.float().t()
+
+
+class FastTorchMoeBackend:
+    """``run_experts`` with the reference's numerics, decoded and multiplied in bf16."""
+
+    def run_experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                    weights: ExpertWeights) -> torch.Tensor:
+        check_run_experts_args(x, topk_ids, topk_weights, weights)
+        tokens, k = topk_ids.shape
+        plan = build_permutation(topk_ids, weights.num_experts, tile_m=1)
+        slot_out = torch.zeros(tokens * k, x.shape[1], dtype=torch.float32, device=x.device)
+        flat_w = topk_weights.reshape(-1)
+        offsets = plan.expert_offsets.tolist()
+        active = torch.nonzero(plan.counts).flatten().tolist()
+        inter = weights.intermediate_size
+        for start in range(0, len(active), DECODE_CHUNK):
+            chunk = active[start:start + DECODE_CHUNK]
+            w13s, w2s, extras = self._decode(weights, chunk)
+            for i, e in enumerate(chunk):
+                rows = slice(offsets[e], offsets[e + 1])
+                slots = plan.slot_index[rows].long()
+                a = x[plan.gather_index[rows].long()]
+                g = _mm(a, w13s[i])
+                p = extras[i]
+                if "fc31_alpha" in p:
+                    g = g * p["fc31_alpha"]
+                if "w3_w1_bias" in p:
+                    g = g + p["w3_w1_bias"]
+                h = (F.silu(g[:, inter:]) * g[:, :inter]).to(torch.bfloat16)
+                y = _mm(h, w2s[i])
+                if "fc2_alpha" in p:
+                    y = y * p["fc2_alpha"]
+                if "w2_bias" in p:
+                    y = y + p["w2_bias"]
+                slot_out[slots] = y * flat_w[slots, None]
+        per_slot = slot_out.view(tokens, k, x.shape[1])
+        out = per_slot[:, 0].clone()
+        for j in range(1, k):
+            out = out + per_slot[:, j]
+        return out.to(torch.bfloat16)
+
+    @staticmethod
+    def _decode(weights: ExpertWeights, experts: list[int]):
+        """bf16 W13/W2 of ``experts`` (batched per view tensor when consecutive) + their alphas
+        and biases."""
+        params = [weights.expert(e) for e in experts]
+        if weights.quant != "nvfp4":
+            return ([p["w3_w1_weight"] for p in params], [p["w2_weight"] for p in params],
+                    params)
+        w13 = decode_bf16(torch.stack([p["w3_w1_weight"] for p in params]),
+                          torch.stack([p["w3_w1_weight_scale"] for p in params]))
+        w2 = decode_bf16(torch.stack([p["w2_weight"] for p in params]),
+                         torch.stack([p["w2_weight_scale"] for p in params]))
+        return w13, w2, params
+
+
+def create_backend() -> FastTorchMoeBackend:
+    return FastTorchMoeBackend()
