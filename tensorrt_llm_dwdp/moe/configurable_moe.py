@@ -1,0 +1,137 @@
+"""ConfigurableMoE: one MoE layer's routed experts (router + expert weights + backend).
+
+The layer routes its tokens, takes this layer's expert weights (the DWDP manager's view when
+DWDP is on, its own tensors otherwise), runs the chosen backend and tells the manager the
+layer is done so the prefetch buffer can be refilled. Shared experts live outside (the model's
+``MoeBlock``).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorrt_llm_dwdp.moe.backends import MoeBackend, get_backend
+from tensorrt_llm_dwdp.moe.router import RouterConfig, route
+from tensorrt_llm_dwdp.moe.weights import ExpertWeights
+
+logger = logging.getLogger(__name__)
+
+
+class MoeGate(nn.Module):
+    """Router parameters under Hugging Face's names: ``weight [E, H]`` and, for DeepSeek-V3,
+    the ``e_score_correction_bias [E]`` buffer (float32 both; logits are computed in fp32)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, top_k: int, config: RouterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size), requires_grad=False)
+        if config.kind == "deepseek_v3":
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden [T, H]`` -> ``(ids int32 [T, k], weights fp32 [T, k])``."""
+        logits = F.linear(hidden.float(), self.weight.float())
+        return route(self.config, logits, self.top_k, self.e_score_correction_bias)
+
+
+class ConfigurableMoE(nn.Module):
+    """``forward(hidden [T, H] bf16) -> [T, H] bf16``: the routed-expert output.
+
+    ``dwdp``: a DwdpManager (or None). With it, expert weights come from
+    ``dwdp.weights(layer_idx)`` each forward (the caller registers this layer's local tensors
+    with the manager; ``set_local_weights`` keeps them for reference), and ``dwdp.done``
+    follows the backend call. Without it, the tensors given to ``set_local_weights`` hold all
+    ``num_experts`` experts.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        router: RouterConfig | None = None,
+        backend: str | MoeBackend = "torch",
+        dwdp: Any = None,
+        layer_idx: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"ConfigurableMoE: top_k={top_k} must be in [1, {num_experts}]")
+        if hidden_size < 1 or intermediate_size < 1:
+            raise ValueError(
+                f"ConfigurableMoE: hidden_size={hidden_size} and intermediate_size="
+                f"{intermediate_size} must be >= 1"
+            )
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.layer_idx = layer_idx
+        self.dwdp = dwdp
+        self.gate = MoeGate(num_experts, hidden_size, top_k, router or RouterConfig())
+        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        self._local: ExpertWeights | None = None
+
+    @property
+    def num_local_experts(self) -> int:
+        """Experts in this rank's own tensors: W with DWDP, all of them without."""
+        if self.dwdp is None:
+            return self.num_experts
+        return self.dwdp.layout.num_experts_per_worker
+
+    def set_local_weights(self, params: Mapping[str, torch.Tensor]) -> None:
+        """This rank's expert tensors (names and layouts as in ``moe/weights.py``), dim 0 =
+        ``num_local_experts``. Validated now; kept by reference (no copy)."""
+        weights = ExpertWeights.single(params)
+        got = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
+        want = (self.num_local_experts, self.hidden_size, self.intermediate_size)
+        if got != want:
+            raise ValueError(
+                f"ConfigurableMoE layer {self.layer_idx}: local weights hold (experts, H, I) = "
+                f"{got}, expected {want}"
+            )
+        self._local = weights
+
+    @property
+    def local_weights(self) -> ExpertWeights | None:
+        return self._local
+
+    def _view(self) -> ExpertWeights:
+        if self.dwdp is None:
+            if self._local is None:
+                raise RuntimeError(
+                    f"ConfigurableMoE layer {self.layer_idx}: no expert weights; call "
+                    f"set_local_weights first"
+                )
+            return self._local
+        view = ExpertWeights.from_view(
+            self.dwdp.weights(self.layer_idx), self.dwdp.layout.tensor_offsets
+        )
+        if view.num_experts != self.num_experts:
+            raise RuntimeError(
+                f"ConfigurableMoE layer {self.layer_idx}: DWDP view holds {view.num_experts} "
+                f"experts, layer has {self.num_experts}"
+            )
+        return view
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
+            raise ValueError(
+                f"ConfigurableMoE layer {self.layer_idx}: hidden must be [T, {self.hidden_size}], "
+                f"got {tuple(hidden.shape)}"
+            )
+        ids, weights = self.gate(hidden)
+        view = self._view()
+        out = self.backend.run_experts(hidden, ids, weights, view)
+        if self.dwdp is not None:
+            self.dwdp.done(self.layer_idx)
+        return out
