@@ -1,0 +1,57 @@
+"""Running aiohttp apps and waiting for servers: the process-level glue of serving.
+
+``serve_app`` runs an application until SIGINT/SIGTERM, with handler cancellation on (a client
+that disconnects cancels its handler, which aborts its engine request). ``wait_for_health``
+polls ``/health`` of a list of servers with a deadline, so launchers and tests never hang.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
+
+logger = logging.getLogger(__name__)
+
+
+def serve_app(app: web.Application, host: str, port: int, *, shutdown_timeout_s: float = 5.0) -> None:
+    """Serve ``app`` on ``host:port`` until a signal; cleanup hooks run on the way out."""
+    logger.info("listening on http://%s:%d", host, port)
+    web.run_app(app, host=host, port=port, handler_cancellation=True, print=None,
+                shutdown_timeout=shutdown_timeout_s, access_log=None)
+
+
+def advertised_url(host: str, port: int) -> str:
+    """How peers reach a server bound to ``host``: a wildcard bind advertises the hostname."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"http://{host}:{port}"
+
+
+async def wait_for_health_async(urls: list[str], timeout_s: float, poll_s: float = 0.5) -> None:
+    """Return when every ``url`` answers 200 on ``/health``; raise TimeoutError naming the rest."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(urls)
+    async with ClientSession(timeout=ClientTimeout(total=5)) as session:
+        while pending:
+            still = []
+            for url in pending:
+                try:
+                    async with session.get(url.rstrip("/") + "/health") as resp:
+                        if resp.status != 200:
+                            still.append(url)
+                except (ClientError, OSError, asyncio.TimeoutError) as e:  # not up yet
+                    logger.debug("%s not ready: %r", url, e)
+                    still.append(url)
+            pending = still
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"servers not healthy within {timeout_s:.0f} s: {pending}")
+            await asyncio.sleep(poll_s)
+
+
+def wait_for_health(urls: list[str], timeout_s: float, poll_s: float = 0.5) -> None:
+    asyncio.run(wait_for_health_async(urls, timeout_s, poll_s))

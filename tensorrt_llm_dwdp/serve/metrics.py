@@ -1,0 +1,121 @@
+"""Prometheus text exposition of the server's counters, latency histograms and DWDP stats.
+
+Only the event-loop thread touches these objects (handlers run there), so no locks. The DWDP
+manager's stats are read by the engine thread and handed over as a plain mapping of numbers.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from collections import defaultdict
+from typing import Iterable, Mapping
+
+PREFIX = "trtllm_dwdp_"
+
+# Seconds: spans a CPU tiny-model prefill (ms) up to a long prompt on a busy GPU group (s).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    """A cumulative Prometheus histogram with fixed upper bounds."""
+
+    def __init__(self, buckets: Iterable[float] = LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(sorted(buckets))
+        if not self.bounds or any(not math.isfinite(b) for b in self.bounds):
+            raise ValueError(f"histogram buckets must be finite numbers, got {self.bounds}")
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def render(self, name: str, help_text: str, labels: str = "") -> list[str]:
+        sep = "," if labels else ""
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        running = 0
+        for bound, n in zip(self.bounds, self.counts):
+            running += n
+            lines.append(f'{name}_bucket{{{labels}{sep}le="{_num(bound)}"}} {running}')
+        lines.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
+        suffix = f"{{{labels}}}" if labels else ""
+        lines.append(f"{name}_sum{suffix} {_num(self.sum)}")
+        lines.append(f"{name}_count{suffix} {self.count}")
+        return lines
+
+
+def _num(v: float) -> str:
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class ServerMetrics:
+    """Request / token counters and latency histograms of one server (worker or router)."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.active = 0
+        self.aborted = 0
+        self.prefill_latency = Histogram()   # arrival -> first token (time to first token)
+        self.request_latency = Histogram()   # arrival -> last token
+
+    def record_request(self, endpoint: str, status: int) -> None:
+        self.requests[(endpoint, status)] += 1
+
+    def render(self, extra_gauges: Mapping[str, float] | None = None,
+               dwdp_stats: Mapping[str, float] | None = None) -> str:
+        """The ``/metrics`` body. ``dwdp_stats`` holds the manager's numeric stats (or None)."""
+        role = f'role="{_escape(self.role)}"'
+        lines = [
+            f"# HELP {PREFIX}requests_total HTTP requests answered, by endpoint and status code.",
+            f"# TYPE {PREFIX}requests_total counter",
+        ]
+        for (endpoint, status), n in sorted(self.requests.items()):
+            lines.append(f'{PREFIX}requests_total{{{role},endpoint="{_escape(endpoint)}",'
+                         f'status="{status}"}} {n}')
+        counters = (
+            ("prompt_tokens_total", "Prompt tokens of admitted requests.", self.prompt_tokens),
+            ("generation_tokens_total", "Tokens generated.", self.generation_tokens),
+            ("aborted_requests_total", "Requests aborted (client gone or error).", self.aborted),
+        )
+        for name, help_text, value in counters:
+            lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} counter",
+                      f"{PREFIX}{name}{{{role}}} {value}"]
+        gauges = {"active_requests": float(self.active), **(extra_gauges or {})}
+        for name, value in sorted(gauges.items()):
+            lines += [f"# TYPE {PREFIX}{name} gauge", f"{PREFIX}{name}{{{role}}} {_num(value)}"]
+        lines += self.prefill_latency.render(
+            f"{PREFIX}prefill_latency_seconds", "Time from arrival to the first token.", role)
+        lines += self.request_latency.render(
+            f"{PREFIX}request_latency_seconds", "Time from arrival to the last token.", role)
+        if dwdp_stats:
+            lines += render_dwdp_stats(dwdp_stats, role)
+        return "\n".join(lines) + "\n"
+
+
+def render_dwdp_stats(stats: Mapping[str, float], labels: str = "") -> list[str]:
+    """One gauge per numeric DWDP manager stat: ``trtllm_dwdp_dwdp_<name>``.
+
+    The manager's counters only grow, but they are exported as gauges because the server does
+    not own their reset semantics (a restarted manager starts again at zero).
+    """
+    lines = []
+    suffix = f"{{{labels}}}" if labels else ""
+    for name, value in sorted(stats.items()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        metric = f"{PREFIX}dwdp_{name}"
+        lines += [f"# TYPE {metric} gauge", f"{metric}{suffix} {_num(value)}"]
+    return lines

@@ -1,0 +1,394 @@
+"""The OpenAI-compatible HTTP server of one engine (aggregated, context or generation worker).
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming SSE or not),
+``GET /v1/models``, ``GET /health``, ``GET /metrics``, and for disaggregated serving
+``GET|DELETE /v1/kv/{id}`` (see ``kv_transfer``). A request carrying
+``disaggregated_params.request_type == "context_only"`` stops after prefill and answers with
+the first token and a ``kv_url``; ``generation_only`` pulls that KV and decodes the rest.
+
+A client that disconnects (aiohttp cancels its handler) has its request aborted in the engine;
+other requests continue. Run the app with ``handler_cancellation=True`` (``launch.serve_app``).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+from aiohttp import ClientSession, web
+
+from tensorrt_llm_dwdp.serve import protocol
+from tensorrt_llm_dwdp.serve.engine_loop import EngineFailed, EngineLoop, RequestStream
+from tensorrt_llm_dwdp.serve.kv_transfer import KV_ROUTE, KvFetchError, KvStore, fetch_kv
+from tensorrt_llm_dwdp.serve.metrics import ServerMetrics
+from tensorrt_llm_dwdp.serve.output import RequestOutput
+from tensorrt_llm_dwdp.serve.protocol import ApiError, DisaggParams, GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+ENGINE_LOOP_KEY = web.AppKey("engine_loop", EngineLoop)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """What the HTTP layer needs to know about its engine and itself.
+
+    ``public_url`` is how peers reach this server (the base of the ``kv_url`` it hands out).
+    """
+
+    model_name: str
+    max_seq_len: int
+    vocab_size: int
+    public_url: str
+    kv_fetch_timeout_s: float = 60.0
+    metrics_timeout_s: float = 10.0
+
+
+class OpenAIServer:
+    """Builds the aiohttp application around one engine; the engine thread starts with the app."""
+
+    def __init__(self, engine: Any, tokenizer: Any, config: ServerConfig, *,
+                 kv_store: KvStore | None = None, role: str = "worker") -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.config = config
+        self.kv_store = kv_store or KvStore()
+        self.metrics = ServerMetrics(role)
+        self.loop: EngineLoop | None = None
+        self._session: ClientSession | None = None
+        self._started = time.time()
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get(KV_ROUTE, self.kv_get)
+        app.router.add_delete(KV_ROUTE, self.kv_delete)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        self.loop = EngineLoop(self.engine, asyncio.get_running_loop())
+        self.loop.start()
+        app[ENGINE_LOOP_KEY] = self.loop
+        self._session = ClientSession()
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self.loop is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.loop.stop)
+
+    # ---- small endpoints ------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.loop is not None and self.loop.healthy:
+            return web.Response(text="OK")
+        reason = repr(self.loop.failed) if self.loop is not None and self.loop.failed else "engine not running"
+        return _json_error(ApiError(f"unhealthy: {reason}", status=503, type="service_unavailable"))
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.metrics.record_request("/v1/models", 200)
+        return web.json_response({"object": "list", "data": [{
+            "id": self.config.model_name, "object": "model", "created": int(self._started),
+            "owned_by": "tensorrt_llm_dwdp", "max_model_len": self.config.max_seq_len,
+        }]})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        gauges: dict[str, float] = {"kv_store_bytes": float(self.kv_store.nbytes),
+                                    "kv_store_entries": float(len(self.kv_store))}
+        dwdp: Mapping[str, float] | None = None
+        if self.loop is not None and self.loop.healthy:
+            try:
+                engine_stats, dwdp = await asyncio.wait_for(
+                    self.loop.call(_engine_stats), self.config.metrics_timeout_s)
+                gauges.update(engine_stats)
+            except (asyncio.TimeoutError, EngineFailed) as e:
+                logger.warning("engine stats unavailable for /metrics: %r", e)
+        return web.Response(text=self.metrics.render(gauges, dwdp),
+                            content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def kv_get(self, request: web.Request) -> web.StreamResponse:
+        blob = self.kv_store.take(request.match_info["kv_id"])
+        if blob is None:
+            self.metrics.record_request("/v1/kv", 404)
+            return _json_error(ApiError("unknown or already collected KV id", status=404,
+                                        type="not_found_error", param="kv_id"))
+        self.metrics.record_request("/v1/kv", 200)
+        return web.Response(body=blob, content_type="application/octet-stream")
+
+    async def kv_delete(self, request: web.Request) -> web.Response:
+        found = self.kv_store.discard(request.match_info["kv_id"])
+        return web.json_response({"deleted": found}, status=200 if found else 404)
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, protocol.parse_completion_request)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, protocol.parse_chat_request)
+
+    async def _generate(self, request: web.Request, parse) -> web.StreamResponse:
+        arrival = time.perf_counter()
+        endpoint = request.path
+        try:
+            req = parse(protocol.parse_json_body(await request.read()))
+            self._check_model(req.model)
+            prompt_ids = self._prompt_ids(req)
+            max_tokens = self._max_tokens(req, prompt_ids)
+            if self.loop is None or not self.loop.healthy:
+                raise ApiError("engine is not running", status=503, type="service_unavailable")
+        except ApiError as e:
+            self.metrics.record_request(endpoint, e.status)
+            return _json_error(e)
+        job = _Job(req, prompt_ids, max_tokens, arrival, self._new_output(req),
+                   protocol.new_id(req.kind))
+        self.metrics.active += 1
+        self.metrics.prompt_tokens += len(prompt_ids)
+        try:
+            if req.stream:
+                return await self._respond_stream(request, job)
+            return await self._respond_full(job)
+        finally:
+            self.metrics.active -= 1
+            self.metrics.generation_tokens += len(job.output.ids)
+            if job.first_token_at is not None and (req.disagg is None or req.disagg.request_type != "generation_only"):
+                self.metrics.prefill_latency.observe(job.first_token_at - arrival)
+            if job.output.finished:
+                self.metrics.request_latency.observe(time.perf_counter() - arrival)
+            else:
+                self.metrics.aborted += 1
+            self.metrics.record_request(endpoint, job.status)
+
+    def _check_model(self, model: str | None) -> None:
+        name = self.config.model_name
+        if model is not None and model not in (name, os.path.basename(name.rstrip("/"))):
+            raise ApiError(f"model {model!r} is not served here; this server serves {name!r}",
+                           status=404, type="not_found_error", param="model", code="model_not_found")
+
+    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+        if req.disagg is not None and req.disagg.request_type == "generation_only":
+            ids = list(req.disagg.prompt_token_ids)
+        elif req.prompt_ids is not None:
+            ids = list(req.prompt_ids)
+        elif req.prompt is not None:
+            ids = list(self.tokenizer.encode(req.prompt))
+        else:
+            ids = list(self.tokenizer.encode(self.tokenizer.apply_chat_template(list(req.messages))))
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ApiError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})",
+                           param="prompt", code="invalid_token_id")
+        if not ids:
+            raise ApiError("the prompt encodes to no tokens", param="prompt")
+        return ids
+
+    def _max_tokens(self, req: GenerationRequest, prompt_ids: list[int]) -> int:
+        room = self.config.max_seq_len - len(prompt_ids)
+        if room < 1:
+            raise ApiError(f"prompt of {len(prompt_ids)} tokens leaves no room in max_seq_len="
+                           f"{self.config.max_seq_len}", param="prompt", code="context_length_exceeded")
+        max_tokens = req.max_tokens if req.max_tokens is not None else room
+        if max_tokens > room:
+            raise ApiError(f"prompt of {len(prompt_ids)} tokens + max_tokens={max_tokens} exceeds "
+                           f"max_seq_len={self.config.max_seq_len}", param="max_tokens",
+                           code="context_length_exceeded")
+        if req.disagg is not None:
+            if req.stream and req.disagg.request_type == "context_only":
+                raise ApiError("context_only requests cannot stream", param="stream")
+            if req.disagg.request_type == "generation_only" and max_tokens < 2:
+                raise ApiError("generation_only needs max_tokens >= 2 (the first token came from "
+                               "the context server)", param="max_tokens")
+        return max_tokens
+
+    def _new_output(self, req: GenerationRequest) -> RequestOutput:
+        hidden = set(req.stop_token_ids)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and not req.ignore_eos:
+            hidden.add(int(eos))
+        return RequestOutput(self.tokenizer.decode, req.stop, hidden)
+
+    # ---- the engine side of one request -----------------------------------------------------------
+
+    async def _start(self, job: _Job) -> RequestStream:
+        """Submit to the engine; for generation_only, pull and import the context's KV first."""
+        from tensorrt_llm_dwdp.executor import Request
+        from tensorrt_llm_dwdp.scheduler import SamplingParams
+
+        req = job.req
+        params = SamplingParams(max_tokens=job.max_tokens, stop_token_ids=tuple(req.stop_token_ids),
+                                ignore_eos=req.ignore_eos)
+        rid = job.rid
+        blob: bytes | None = None
+        if req.disagg is not None and req.disagg.request_type == "generation_only":
+            try:
+                blob = await fetch_kv(self._session, req.disagg.kv_url, self.config.kv_fetch_timeout_s)
+            except KvFetchError as e:
+                raise ApiError(str(e), status=502, type="server_error", param="disaggregated_params.kv_url",
+                               code="kv_transfer_failed") from e
+        context_only = req.disagg is not None and req.disagg.request_type == "context_only"
+
+        def make_request():
+            from tensorrt_llm_dwdp.kv_handoff import KvHandoff
+
+            kv = KvHandoff.from_bytes(blob) if blob is not None else None
+            return Request(rid, list(job.prompt_ids), params, context_only=context_only, kv_import=kv)
+
+        try:
+            return await self.loop.submit(rid, make_request)
+        except (ValueError, KeyError) as e:
+            raise ApiError(f"request rejected by the engine: {e}", param=None) from e
+
+    async def _events(self, job: _Job):
+        """Yield text deltas as tokens arrive; the engine request is aborted if not finished."""
+        req = job.req
+        if req.disagg is not None and req.disagg.request_type == "generation_only":
+            job.first_token_at = time.perf_counter()
+            yield job.output.feed(req.disagg.first_gen_tokens[0], None)
+        stream = await self._start(job)
+        try:
+            async for ev in stream:
+                if job.first_token_at is None:
+                    job.first_token_at = time.perf_counter()
+                if ev.finish_reason == "context_done":
+                    yield await self._context_done(job, ev.token_id)
+                    return
+                delta = job.output.feed(ev.token_id, ev.finish_reason)
+                yield delta
+                if job.output.finished:
+                    return
+        finally:
+            self.loop.release(stream, abort=not stream.done)
+
+    async def _context_done(self, job: _Job, token: int) -> str:
+        """First token of a context-only request: finish here, or export the KV for decode."""
+        reason = job.output.natural_finish(token, job.max_tokens)
+        delta = job.output.feed(token, reason)
+        rid = job.rid
+        if job.output.finished:
+            await self.loop.call(lambda engine: engine.abort(rid))  # drop the unneeded export
+            return delta
+        blob = await self.loop.call(lambda engine: engine.export_kv(rid).to_bytes())
+        try:
+            kv_id = self.kv_store.put(blob)
+        except MemoryError as e:
+            raise ApiError(str(e), status=503, type="service_unavailable", code="kv_store_full") from e
+        job.handoff = DisaggParams(
+            "context_only", first_gen_tokens=(token,), prompt_token_ids=tuple(job.prompt_ids),
+            kv_url=self.config.public_url.rstrip("/") + KV_ROUTE.format(kv_id=kv_id), ctx_request_id=rid)
+        return delta
+
+    async def _respond_full(self, job: _Job) -> web.Response:
+        try:
+            async for _ in self._events(job):
+                pass
+        except ApiError as e:
+            job.status = e.status
+            return _json_error(e)
+        except EngineFailed as e:
+            job.status = 500
+            return _json_error(ApiError(str(e), status=500, type="server_error"))
+        job.status = 200
+        body = protocol.full_response(
+            job.req, rid=job.rid, model=self.config.model_name, text=job.output.text,
+            finish_reason=job.output.finish_reason, prompt_ids=job.prompt_ids,
+            output_ids=job.output.ids, disagg=job.handoff)
+        return web.json_response(body)
+
+    async def _respond_stream(self, request: web.Request, job: _Job) -> web.StreamResponse:
+        req, created, model = job.req, int(time.time()), self.config.model_name
+        events = self._events(job)
+        try:
+            first_delta = await events.__anext__()
+        except StopAsyncIteration:
+            first_delta = ""
+        except ApiError as e:  # nothing sent yet: a normal error body and status
+            job.status = e.status
+            return _json_error(e)
+        except EngineFailed as e:
+            job.status = 500
+            return _json_error(ApiError(str(e), status=500, type="server_error"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        job.status = 200
+        sent = 0
+        try:
+            await resp.write(protocol.sse(self._chunk(job, created, model, first_delta, sent, first=True)))
+            sent = len(job.output.ids)
+            async for delta in events:
+                await resp.write(protocol.sse(self._chunk(job, created, model, delta, sent)))
+                sent = len(job.output.ids)
+            if req.include_usage:
+                await resp.write(protocol.sse(protocol.usage_chunk(
+                    req, rid=job.rid, model=model, created=created,
+                    prompt_tokens=len(job.prompt_ids), completion_tokens=len(job.output.ids))))
+        except (ApiError, EngineFailed) as e:
+            err = e if isinstance(e, ApiError) else ApiError(str(e), status=500, type="server_error")
+            await resp.write(protocol.sse(err.body()))
+        except ConnectionResetError:
+            logger.info("client of %s went away; request aborted", job.rid)
+            return resp
+        finally:
+            await events.aclose()
+        await resp.write(protocol.SSE_DONE)
+        await resp.write_eof()
+        return resp
+
+    def _chunk(self, job: _Job, created: int, model: str, delta: str, sent: int, first: bool = False) -> dict:
+        return protocol.stream_chunk(
+            job.req, rid=job.rid, model=model, created=created, text=delta,
+            finish_reason=job.output.finish_reason, token_ids=job.output.ids[sent:], first=first)
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """Mutable state of one HTTP generation request while it runs."""
+
+    req: GenerationRequest
+    prompt_ids: list[int]
+    max_tokens: int
+    arrival: float
+    output: RequestOutput
+    rid: str = dataclasses.field(default_factory=lambda: protocol.new_id("completion"))
+    first_token_at: float | None = None
+    handoff: DisaggParams | None = None
+    status: int = 499  # "client closed request" until an answer is produced
+
+
+def _json_error(e: ApiError) -> web.Response:
+    return web.json_response(e.body(), status=e.status)
+
+
+def _engine_stats(engine: Any) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Snapshot (on the engine thread) of the engine's counters and the DWDP manager's stats."""
+    stats = engine.stats
+    gauges = {
+        "engine_prefill_steps": float(stats.prefill_steps),
+        "engine_prefill_tokens": float(stats.prefill_tokens),
+        "engine_prefill_seconds": float(stats.prefill_seconds),
+        "engine_decode_steps": float(stats.decode_steps),
+        "engine_decode_tokens": float(stats.decode_tokens),
+        "engine_decode_seconds": float(stats.decode_seconds),
+    }
+    dwdp = engine.dwdp.stats if engine.dwdp is not None else None
+    return gauges, (_numeric_fields(dwdp) if dwdp is not None else None)
+
+
+def _numeric_fields(stats: Any) -> dict[str, float]:
+    if dataclasses.is_dataclass(stats):
+        items = dataclasses.asdict(stats).items()
+    elif isinstance(stats, Mapping):
+        items = stats.items()
+    else:
+        raise TypeError(f"DWDP stats of type {type(stats).__name__} are neither a dataclass nor a mapping")
+    return {k: float(v) for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)}
+

@@ -1,0 +1,100 @@
+"""Build one serving worker: tokenizer, model (with its DWDP manager when configured), engine.
+
+The worker owns what it builds and releases it in ``close()`` (the manager unmaps its peers'
+memory there). ``group`` is the DWDP group this rank belongs to (an MPI sub-communicator cut
+by ``disaggregated_mpi_worker``, or one picked from the environment by ``comm.connect``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from tensorrt_llm_dwdp.serve.options import ServeOptions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    engine: Any
+    tokenizer: Any
+    model_config: Any
+    manager: Any = None
+
+    def close(self) -> None:
+        manager, self.manager = self.manager, None
+        if manager is not None:
+            manager.close()
+
+
+def resolve_device(requested: str | None, local_rank: int):
+    """``requested`` ("cpu", "cuda", "cuda:N") or, when None, CUDA if present (one GPU per local
+    rank) else the CPU."""
+    import torch
+
+    from tensorrt_llm_dwdp.run_job import pick_device
+
+    if requested is not None and requested.startswith("cuda:"):
+        return torch.device(requested)
+    return pick_device(requested or "auto", local_rank)
+
+
+def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = None) -> Worker:
+    """Load everything ``options`` names. With ``options.dwdp_config`` set, ``group`` (or, when
+    None, the group ``comm.connect`` finds in the environment) forms the DWDP group."""
+    from tensorrt_llm_dwdp.executor import Engine
+    from tensorrt_llm_dwdp.model import ModelConfig, load_tokenizer
+
+    device = resolve_device(options.device, local_rank)
+    model_config = ModelConfig.from_file(options.model)
+    tokenizer = load_tokenizer(options.tokenizer_path)
+    manager = None
+    try:
+        if options.dwdp_config is not None:
+            manager = _make_manager(options, model_config, device, group)
+        model = _load_model(options, device, manager)
+        engine = Engine(model, dwdp=manager, max_seqs=options.max_batch_size,
+                        max_seq_len=options.max_seq_len, max_batch_tokens=options.max_num_tokens,
+                        device=device, eos_token_id=tokenizer.eos_token_id)
+    except BaseException:
+        if manager is not None:
+            manager.close()
+        raise
+    logger.info("worker ready: model %s on %s, DWDP %s", options.model, device,
+                "off" if manager is None else f"on ({options.dwdp_config})")
+    return Worker(engine, tokenizer, model_config, manager)
+
+
+def _make_manager(options: ServeOptions, model_config: Any, device: Any, group: Any):
+    from tensorrt_llm_dwdp import comm
+    from tensorrt_llm_dwdp.manager import DwdpManager
+
+    config = options.dwdp_config
+    config.check_num_experts(model_config.num_experts)
+    group = group if group is not None else comm.connect(config)
+    return DwdpManager(config, model_config.num_experts, comm=group, device=device)
+
+
+def _load_model(options: ServeOptions, device: Any, manager: Any):
+    from tensorrt_llm_dwdp.model import load_model
+
+    return load_model(options.model, device=device, moe_backend=options.moe_backend, dwdp=manager)
+
+
+def run_worker_server(options: ServeOptions, *, local_rank: int = 0, group: Any = None,
+                      advertise_host: str | None = None) -> None:
+    """Build the worker, serve it on ``options.host:port`` until a signal, then close it."""
+    from tensorrt_llm_dwdp.serve.launch import advertised_url, serve_app
+    from tensorrt_llm_dwdp.serve.openai_server import OpenAIServer, ServerConfig
+
+    worker = build_worker(options, local_rank=local_rank, group=group)
+    try:
+        config = ServerConfig(
+            model_name=options.model, max_seq_len=options.max_seq_len,
+            vocab_size=worker.model_config.vocab_size,
+            public_url=advertised_url(advertise_host or options.host, options.port))
+        server = OpenAIServer(worker.engine, worker.tokenizer, config)
+        serve_app(server.make_app(), options.host, options.port)
+    finally:
+        worker.close()

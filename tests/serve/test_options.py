@@ -1,0 +1,69 @@
+"""Flags + LLM-API YAML: used keys, known-but-ignored keys, unknown keys, dwdp_config."""
+import argparse
+import logging
+
+import pytest
+
+from tensorrt_llm_dwdp.commands import serve as serve_cmd
+from tensorrt_llm_dwdp.serve.options import OptionsError, ServeOptions, merge_options, options_from_cli
+
+
+def _args(tmp_path, *extra, yaml_text=None):
+    p = argparse.ArgumentParser()
+    serve_cmd.add_arguments(p)
+    argv = ["/ckpt", *extra]
+    if yaml_text is not None:
+        f = tmp_path / "extra.yaml"
+        f.write_text(yaml_text)
+        argv += ["--extra_llm_api_options", str(f)]
+    return p.parse_args(argv)
+
+
+def test_flags_then_yaml_wins(tmp_path):
+    o = options_from_cli(_args(tmp_path, "--max_batch_size", "4", "--port", "9001", "--tp_size", "1",
+                               yaml_text="max_batch_size: 8\nmax_seq_len: 512\n"))
+    assert (o.max_batch_size, o.max_seq_len, o.port, o.model) == (8, 512, 9001, "/ckpt")
+    assert o.dwdp_config is None and o.log_level == "info"
+
+
+def test_known_ignored_keys_are_logged(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        o = options_from_cli(_args(tmp_path, yaml_text=(
+            "disable_overlap_scheduler: true\ncache_transceiver_config: {backend: UCX}\n"
+            "kv_cache_config: {free_gpu_memory_fraction: 0.8}\n")))
+    assert o.ignored_keys == ("cache_transceiver_config", "disable_overlap_scheduler", "kv_cache_config")
+    assert "no effect here" in caplog.text
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    with pytest.raises(OptionsError, match=r"unknown key\(s\) \['max_batch_sise'\]"):
+        options_from_cli(_args(tmp_path, yaml_text="max_batch_sise: 8\n"))
+
+
+@pytest.mark.parametrize("flags,yaml_text,match", [
+    (["--tp_size", "2"], None, "--tp_size=2 is not supported"),
+    (["--ep_size", "4"], None, "--ep_size=4"),
+    ([], "tensor_parallel_size: 2\n", "tensor_parallel_size=2"),
+    ([], "moe_expert_parallel_size: 8\n", "moe_expert_parallel_size=8"),
+    (["--backend", "tensorrt"], None, "backend='tensorrt'"),
+    (["--max_seq_len", "0"], None, "--max_seq_len must be a positive integer"),
+    ([], "moe_config: {backend: CUTLASS}\n", "moe_config.backend='CUTLASS'"),
+    ([], "dwdp_config: {dwdp_size: 2, num_experts_per_worker: 4}\n", "num_prefetch_experts is required"),
+    ([], "dwdp_config: {dwdp_size: 2, experts_per_worker: 4}\n", "unknown key"),
+    ([], "- a\n- b\n", "expected a mapping"),
+])
+def test_bad_values_are_clear(tmp_path, flags, yaml_text, match):
+    with pytest.raises(OptionsError, match=match):
+        options_from_cli(_args(tmp_path, *flags, yaml_text=yaml_text))
+
+
+def test_dwdp_section_and_moe_backend(tmp_path):
+    o = options_from_cli(_args(tmp_path, yaml_text=(
+        "moe_config: {backend: CUTEDSL}\n"
+        "dwdp_config: {enabled: true, dwdp_size: 2, num_experts_per_worker: 6, num_prefetch_experts: 2}\n")))
+    assert o.moe_backend == "cutedsl"
+    assert o.dwdp_config.dwdp_size == 2 and o.dwdp_config.implied_num_experts == 8
+    off = merge_options(ServeOptions(model="m"), {"dwdp_config": {
+        "enabled": False, "dwdp_size": 2, "num_experts_per_worker": 6, "num_prefetch_experts": 2}})
+    assert off.dwdp_config is None
+    assert merge_options(ServeOptions(model="m"), {"dwdp_config": {"dwdp_size": 1}}).dwdp_config is None
