@@ -210,7 +210,10 @@ def dequantize_nvfp4(
             f"dequantize_nvfp4: scale shape {tuple(scale.shape)} != {expected} for packed "
             f"shape {tuple(packed.shape)}"
         )
-    values = e2m1_to_float(unpack_e2m1(packed)).reshape(*expected, BLOCK_SIZE)
+    # One gather through a byte -> (low, high) value table decodes both nibbles at once.
+    codes = torch.arange(256, device=packed.device, dtype=torch.int32).to(torch.uint8)
+    pair_table = e2m1_to_float(unpack_e2m1(codes.view(256, 1)))  # [256, 2]
+    values = pair_table.index_select(0, packed.reshape(-1).int()).reshape(*expected, BLOCK_SIZE)
     out = values * scale.float().unsqueeze(-1)
     if global_scale is not None:
         gs = torch.as_tensor(global_scale, dtype=torch.float32, device=packed.device)
