@@ -5,7 +5,7 @@ Each of S ranks holds E/S experts (rank s: ``[s*E/S, (s+1)*E/S)``) and routes it
 Per MoE layer:
 
 1. counts: one ``all_to_all_single`` of ``[S, 2]`` (rows, pairs) so receivers can size buffers;
-2. dispatch: the token rows (bf16 carried bit-exactly as int16) and the pair records
+2. dispatch: the token rows (bf16 carried bit-exactly as bytes) and the pair records
    (row, local expert, weight) go to the owner ranks with ``all_to_all_single``;
 3. compute: the received pairs run through the SAME backend interface as every other mode,
    ``backend.run_experts(x[P,H], ids[P,1], weights[P,1], local_weights)``, and are summed
@@ -117,7 +117,7 @@ class ExpertParallelBackend:
             [plan.pair_row.int(), plan.pair_local_expert.int(), pair_w.view(torch.int32)], dim=1
         )
         with self._span("ep_dispatch"):
-            x_recv = self._a2a(x[plan.row_token].view(torch.int16), recv_rows, send_rows)
+            x_recv = self._a2a(x[plan.row_token].view(torch.uint8), recv_rows, send_rows)
             rec_recv = self._a2a(pair_rec, recv_pairs, send_pairs)
         x_recv = x_recv.view(x.dtype)
 
@@ -138,7 +138,7 @@ class ExpertParallelBackend:
             partial.index_add_(0, rows, y_pairs.float())
 
         with self._span("ep_combine"):
-            y_rows = self._a2a(partial.to(x.dtype).view(torch.int16), send_rows, recv_rows)
+            y_rows = self._a2a(partial.to(x.dtype).view(torch.uint8), send_rows, recv_rows)
         out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
         out.index_add_(0, plan.row_token, y_rows.view(x.dtype).float())
         self.last_stats = EpCallStats(
