@@ -53,7 +53,7 @@ def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
     context (bounds floored/ceiled), and scales cos/sin by ``mscale(factor, mscale) /
     mscale(factor, mscale_all_dim)`` (1 for DeepSeek-V3).
     """
-    pos_freqs = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     if rope.rope_type == "default":
         return 1.0 / pos_freqs, 1.0
     if rope.mscale and rope.mscale_all_dim:
@@ -69,7 +69,7 @@ def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
     high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp
     inv = (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
     return inv, float(scaling)

@@ -18,3 +18,25 @@ class MoeBlock(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
+
+
+def make_moe(config, layer_idx: int, backend: str = "torch", dwdp=None) -> nn.Module:
+    """The ``ConfigurableMoE`` of MoE layer ``layer_idx`` of ``config`` (a ``ModelConfig``):
+    DeepSeek-V3 group-limited sigmoid routing or Qwen3 softmax top-k."""
+    from tensorrt_llm_dwdp.moe.configurable_moe import ConfigurableMoE
+    from tensorrt_llm_dwdp.moe.router import RouterConfig
+
+    if config.is_deepseek:
+        router = RouterConfig(
+            kind="deepseek_v3",
+            renormalize=config.norm_topk_prob,
+            n_group=config.n_group,
+            topk_group=config.topk_group,
+            routed_scaling_factor=config.routed_scaling_factor,
+        )
+    else:
+        router = RouterConfig(kind="softmax", renormalize=config.norm_topk_prob)
+    return ConfigurableMoE(
+        config.num_experts, config.top_k, config.hidden_size, config.moe_intermediate_size,
+        router, backend=backend, dwdp=dwdp, layer_idx=layer_idx,
+    )

@@ -57,3 +57,78 @@ def run_pair(ours, ref, prompts: list[torch.Tensor], decode_steps: int, slots=No
             steps.append((logits, ref_logits))
             pos = [p + 1 for p in pos]
     return steps
+
+
+def random_hf_checkpoint(hf_config: dict, seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """An HF-layout state dict (one key per expert projection) with loud random values: norms
+    near 1, everything else N(0, scale^2) in bf16; the DeepSeek correction bias is fp32 holding
+    bf16-representable values (HF may keep it in either dtype)."""
+    from tensorrt_llm_dwdp.model.builder import dense_param_shapes
+    from tensorrt_llm_dwdp.model.config import ModelConfig
+    from tensorrt_llm_dwdp.model.hf_names import PROJS, expert_key, router_keys
+
+    cfg = ModelConfig.from_hf(hf_config)
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(shape, generator=g) * scale).to(torch.bfloat16)
+
+    sd = {}
+    for name, shape in dense_param_shapes(cfg).items():
+        sd[name] = (1 + rnd(*shape)) if name.endswith("norm.weight") else rnd(*shape)
+    h, inter, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    for layer in cfg.moe_layer_indices:
+        keys = router_keys(layer, cfg.is_deepseek)
+        sd[keys["weight"]] = rnd(e, h)
+        if "e_score_correction_bias" in keys:
+            sd[keys["e_score_correction_bias"]] = rnd(e).float()
+        for x in range(e):
+            for proj in PROJS:
+                sd[expert_key(layer, x, proj)] = rnd(h, inter) if proj == "down_proj" else rnd(inter, h)
+    return sd
+
+
+def hf_reference_state(hf_config: dict, checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert checkpoint keys -> transformers' fused ``experts.gate_up_proj`` [E, 2I, H]
+    (gate rows first) and ``experts.down_proj`` [E, H, I]; NVFP4 experts are dequantized to
+    bf16 (``e2m1 * scale * weight_scale_2``)."""
+    from tensorrt_llm_dwdp.model.config import ModelConfig
+    from tensorrt_llm_dwdp.model.hf_names import expert_key
+    from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4
+
+    cfg = ModelConfig.from_hf(hf_config)
+
+    def weight(layer, x, proj):
+        k = expert_key(layer, x, proj)
+        t = checkpoint[k]
+        if t.dtype == torch.uint8:
+            return dequantize_nvfp4(t, checkpoint[expert_key(layer, x, proj, "weight_scale")],
+                                    checkpoint[expert_key(layer, x, proj, "weight_scale_2")],
+                                    torch.bfloat16)
+        return t
+
+    out = {k: v for k, v in checkpoint.items() if ".mlp.experts." not in k}
+    for layer in cfg.moe_layer_indices:
+        e = range(cfg.num_experts)
+        p = f"model.layers.{layer}.mlp.experts."
+        out[p + "gate_up_proj"] = torch.stack(
+            [torch.cat((weight(layer, x, "gate_proj"), weight(layer, x, "up_proj"))) for x in e])
+        out[p + "down_proj"] = torch.stack([weight(layer, x, "down_proj") for x in e])
+    return out
+
+
+def write_checkpoint(path, hf_config: dict, checkpoint: dict[str, torch.Tensor], shard_bytes: int,
+                     quant_config: dict | None = None) -> None:
+    import json
+    import os
+
+    from tensorrt_llm_dwdp.model.safetensors_io import ShardedWriter
+
+    w = ShardedWriter(path, shard_bytes)
+    w.add_all(checkpoint.items())
+    w.finish()
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f)
+    if quant_config is not None:
+        with open(os.path.join(path, "hf_quant_config.json"), "w") as f:
+            json.dump(quant_config, f)

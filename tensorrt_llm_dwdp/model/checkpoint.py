@@ -1,0 +1,144 @@
+"""Load an HF-layout safetensors checkpoint (bf16 or ModelOpt-NVFP4 experts) into our decoder.
+
+Non-expert tensors load by name (our parameter names mirror HF's; the router lives at
+``mlp.experts.gate`` here and ``mlp.gate`` in HF). Routed experts are read expert by expert,
+ONLY for the experts this rank owns: every expert is its own checkpoint key, and
+``CheckpointReader`` reads just that key's bytes from the memory-mapped shard, so a DWDP rank
+never materialises the other ranks' experts. With a ``DwdpManager`` the expert tensors are
+allocated by ``manager.allocate`` (memory its peers can map) and registered layer by layer in
+order; the caller then runs ``manager.exchange()``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+
+from tensorrt_llm_dwdp.model.builder import build_model
+from tensorrt_llm_dwdp.model.config import ModelConfig
+from tensorrt_llm_dwdp.model.decoder import CausalLM
+from tensorrt_llm_dwdp.model.expert_convert import Allocator, load_layer_experts
+from tensorrt_llm_dwdp.model.hf_names import detect_quant
+from tensorrt_llm_dwdp.model.moe_block import make_moe
+from tensorrt_llm_dwdp.model.safetensors_io import CheckpointReader
+from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4
+
+logger = logging.getLogger(__name__)
+
+_OUR_GATE, _HF_GATE = ".mlp.experts.gate.", ".mlp.gate."
+
+
+def hf_name(name: str) -> str:
+    """Our state-dict name -> the checkpoint's key."""
+    return name.replace(_OUR_GATE, _HF_GATE)
+
+
+def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
+    """``(ModelConfig, expert quant "bf16" | "nvfp4")`` of checkpoint folder ``path``."""
+    path = os.fspath(path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path}: no config.json (is this a checkpoint folder?)")
+    with open(cfg_file, encoding="utf-8") as f:
+        hf = json.load(f)
+    return ModelConfig.from_hf(hf), detect_quant(path, hf)
+
+
+def _read_dense(reader: CheckpointReader, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A non-expert tensor; an NVFP4 linear weight (uint8 + weight_scale) is dequantized."""
+    t = reader.get(key)
+    if t.dtype == torch.uint8 and key.endswith(".weight"):
+        base = key[: -len("weight")]
+        scale_key, g_key = base + "weight_scale", base + "weight_scale_2"
+        if scale_key not in reader or g_key not in reader:
+            raise ValueError(f"{key} is uint8 but {scale_key} / {g_key} are missing")
+        t = dequantize_nvfp4(t, reader.get(scale_key), reader.get(g_key).float().reshape(()))
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{key}: shape {tuple(t.shape)} != expected {shape}")
+    return t
+
+
+def load_dense_weights(model: CausalLM, reader: CheckpointReader) -> None:
+    """Fill every non-expert parameter and buffer of ``model`` from ``reader``."""
+    tie = model.config.tie_word_embeddings
+    for name, dst in model.state_dict().items():
+        key = hf_name(name)
+        if key == "lm_head.weight" and tie and key not in reader:
+            key = "model.embed_tokens.weight"
+        if key not in reader:
+            raise KeyError(f"checkpoint {reader.path} lacks tensor {key!r} (for parameter {name})")
+        with torch.no_grad():
+            dst.copy_(_read_dense(reader, key, tuple(dst.shape)))
+
+
+def load_moe_experts(
+    reader: CheckpointReader,
+    config: ModelConfig,
+    quant: str,
+    experts: range,
+    alloc: Allocator,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict[int, dict[str, torch.Tensor]]:
+    """``{moe_layer: {storage name: tensor [len(experts), ...]}}`` for experts ``experts`` only."""
+    if not (0 <= experts.start < experts.stop <= config.num_experts and experts.step == 1):
+        raise ValueError(f"expert range {experts} must be a non-empty part of [0, {config.num_experts})")
+    return {
+        layer: load_layer_experts(reader, layer, experts, quant, config.hidden_size,
+                                  config.moe_intermediate_size, alloc, dtype)
+        for layer in config.moe_layer_indices
+    }
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    moe_backend: str = "torch",
+    dwdp: Any = None,
+) -> CausalLM:
+    """Build the decoder of checkpoint ``path`` and load its weights.
+
+    ``dwdp``: a ``DwdpManager``; the rank then loads only ``dwdp.layout.owned_range()``,
+    allocates expert tensors with ``dwdp.allocate`` and calls ``dwdp.register_layer`` for each
+    MoE layer in order (the caller runs ``dwdp.exchange()`` afterwards). Without it every expert
+    is loaded into ordinary ``device`` memory.
+    """
+    config, quant = read_config(path)
+    device = torch.device(device)
+    if dwdp is not None:
+        layout = dwdp.layout
+        if layout.num_experts != config.num_experts:
+            raise ValueError(
+                f"DWDP layout has {layout.num_experts} experts but {path} has {config.num_experts}"
+            )
+        first, end = layout.owned_range()
+        alloc: Allocator = dwdp.allocate
+    else:
+        first, end = 0, config.num_experts
+
+        def alloc(shape, dt):
+            return torch.empty(shape, dtype=dt, device=device)
+
+    with torch.device("meta"):
+        model = build_model(config, lambda i: make_moe(config, i, moe_backend, dwdp), dtype)
+    model = model.to_empty(device=device)
+    with CheckpointReader(path) as reader:
+        load_dense_weights(model, reader)
+        if config.moe_layer_indices:
+            experts = load_moe_experts(reader, config, quant, range(first, end), alloc, dtype)
+            moes = model.moe_modules()
+            for layer, tensors in experts.items():
+                moes[layer].set_local_weights(tensors)
+                if dwdp is not None:
+                    dwdp.register_layer(layer, tensors)
+        logger.info(
+            "loaded %s (%s experts %s, range [%d, %d)): %.3f GB read",
+            path, config.architecture, quant if config.moe_layer_indices else "-", first, end,
+            reader.bytes_read / 1e9,
+        )
+    return model.eval()
+

@@ -1,0 +1,95 @@
+"""Synthetic HF-layout checkpoints from a named real config, with real tensor shapes.
+
+Nothing is downloaded: weights are random (N(0, 0.02^2), norms 1, a small random DeepSeek
+correction bias), generated tensor by tensor in checkpoint order and streamed into shards, so
+even the full DeepSeek-V3 shapes never need more than one shard in memory. Routed experts are
+bf16 or NVFP4 in ModelOpt's layout (plus ``hf_quant_config.json``). Synthetic NVFP4 experts are
+drawn directly in the quantized domain (uniform e2m1 codes, e4m3 block scales in [224, 448],
+a global scale giving std ~0.02): a valid NVFP4 tensor at no quantization cost, which matters
+for DeepSeek-V3's 768 expert matrices per layer. ``quantize_experts_modelopt`` converts a bf16
+HF state dict with ModelOpt's recipe instead. A byte-level tokenizer is written alongside.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from tensorrt_llm_dwdp.model.builder import dense_param_shapes
+from tensorrt_llm_dwdp.model.config import ModelConfig
+from tensorrt_llm_dwdp.model.hf_names import (
+    BF16, HF_QUANT_CONFIG, NVFP4, PROJS, expert_key, hf_quant_config, router_keys,
+)
+from tensorrt_llm_dwdp.model.safetensors_io import ShardedWriter
+from tensorrt_llm_dwdp.model.tokenizer import ByteTokenizer
+from tensorrt_llm_dwdp.quant.nvfp4 import (
+    E2M1_MAX, E2M1_VALUES, E4M3_MAX, global_scale_from_amax, quantize_nvfp4,
+)
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_STD = 0.02
+# ModelOpt's activation scale is amax / (6 * 448); a synthetic checkpoint assumes amax = 1.
+SYNTHETIC_INPUT_SCALE = 1.0 / (E2M1_MAX * E4M3_MAX)
+_E2M1_RMS = (sum(v * v for v in E2M1_VALUES) / len(E2M1_VALUES)) ** 0.5
+_SCALE_LOW, _SCALE_HIGH = 224.0, 448.0
+_SCALE_RMS = ((_SCALE_HIGH**3 - _SCALE_LOW**3) / (3 * (_SCALE_HIGH - _SCALE_LOW))) ** 0.5
+
+
+@dataclass(frozen=True)
+class SyntheticSummary:
+    path: str
+    shards: tuple[str, ...]
+    total_bytes: int
+    num_tensors: int
+
+
+def _layer_of(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") else -1
+
+
+def expert_tensors(layer: int, expert: int, hidden: int, inter: int, quant: str,
+                   gen: torch.Generator, dtype: torch.dtype = torch.bfloat16
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """One expert's HF tensors (gate, up, down), bf16 or ModelOpt-layout NVFP4."""
+    for proj in PROJS:
+        rows, k = (hidden, inter) if proj == "down_proj" else (inter, hidden)
+        if quant == BF16:
+            yield expert_key(layer, expert, proj), (torch.randn(rows, k, generator=gen) * WEIGHT_STD).to(dtype)
+            continue
+        packed = torch.randint(0, 256, (rows, k // 2), generator=gen, dtype=torch.uint8)
+        scale = torch.rand(rows, k // 16, generator=gen) * (_SCALE_HIGH - _SCALE_LOW) + _SCALE_LOW
+        yield expert_key(layer, expert, proj, "weight"), packed
+        yield expert_key(layer, expert, proj, "weight_scale"), scale.to(torch.float8_e4m3fn)
+        yield expert_key(layer, expert, proj, "weight_scale_2"), torch.tensor(WEIGHT_STD / (_E2M1_RMS * _SCALE_RMS))
+        yield expert_key(layer, expert, proj, "input_scale"), torch.tensor(SYNTHETIC_INPUT_SCALE)
+
+
+def quantize_experts_modelopt(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace every routed expert ``...experts.{e}.{proj}.weight`` (float) of an HF state dict
+    by ModelOpt NVFP4 tensors (``weight``, ``weight_scale``, ``weight_scale_2``,
+    ``input_scale``); other tensors pass through. As ModelOpt does for a fused gate/up pair,
+    ``gate_proj`` and ``up_proj`` of one expert share the global scale of their joint amax."""
+    out = {}
+    for name, t in state_dict.items():
+        if ".mlp.experts." not in name or not name.endswith("_proj.weight") or not t.is_floating_point():
+            out[name] = t
+            continue
+        base = name[: -len("weight")]
+        amax = t.abs().amax()
+        for a, b in (("gate_proj.", "up_proj."), ("up_proj.", "gate_proj.")):
+            partner = name.replace(a, b) if a in name else None
+            if partner is not None and partner in state_dict:
+                amax = torch.maximum(amax, state_dict[partner].abs().amax())
+        gs = global_scale_from_amax(amax)
+        q = quantize_nvfp4(t, gs if gs > 0 else None)
+        out[base + "weight"] = q.packed
+        out[base + "weight_scale"] = q.scale
+        out[base + "weight_scale_2"] = q.global_scale.reshape(())
+        out[base + "input_scale"] = torch.tensor(SYNTHETIC_INPUT_SCALE)
+    return out
