@@ -140,3 +140,13 @@ def test_forward_errors():
         ConfigurableMoE(E, 9, H, I)
     with pytest.raises(ValueError, match="unknown MoE backend"):
         ConfigurableMoE(E, K, H, I, backend="nope")
+
+
+def test_zero_tokens_still_runs_the_dwdp_protocol():
+    mgr = StandInManager(_random_params(E, "nvfp4"), ExpertLayout(E, 2, 5, 3, 1), layer_idx=2)
+    moe = ConfigurableMoE(E, K, H, I, RouterConfig("deepseek_v3", n_group=2, topk_group=1),
+                          dwdp=mgr, layer_idx=2)
+    moe.set_local_weights(mgr.local())
+    out = moe(torch.zeros(0, H, dtype=torch.bfloat16))
+    assert out.shape == (0, H) and out.dtype == torch.bfloat16
+    assert mgr.calls == [("weights", 2), ("done", 2)]
