@@ -54,6 +54,8 @@ def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = Non
         if options.dwdp_config is not None:
             manager = _make_manager(options, model_config, device, group)
         model = _load_model(options, device, manager)
+        if manager is not None:
+            manager.exchange()  # after every layer registered its experts (load_model's contract)
         engine = Engine(model, dwdp=manager, max_seqs=options.max_batch_size,
                         max_seq_len=options.max_seq_len, max_batch_tokens=options.max_num_tokens,
                         device=device, eos_token_id=tokenizer.eos_token_id)
@@ -67,17 +69,20 @@ def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = Non
 
 
 def _make_manager(options: ServeOptions, model_config: Any, device: Any, group: Any):
-    from tensorrt_llm_dwdp import comm
     from tensorrt_llm_dwdp.manager import DwdpManager
 
     config = options.dwdp_config
-    config.check_num_experts(model_config.num_experts)
-    group = group if group is not None else comm.connect(config)
-    return DwdpManager(config, model_config.num_experts, comm=group, device=device)
+    if group is None:
+        return DwdpManager.from_environment(config, model_config.num_experts, device=device)
+    try:
+        return DwdpManager(config, model_config.num_experts, group, device)
+    except BaseException:
+        group.close()
+        raise
 
 
 def _load_model(options: ServeOptions, device: Any, manager: Any):
-    from tensorrt_llm_dwdp.model import load_model
+    from tensorrt_llm_dwdp.model.checkpoint import load_model
 
     return load_model(options.model, device=device, moe_backend=options.moe_backend, dwdp=manager)
 
