@@ -15,7 +15,10 @@ order), with ``a = x[rows]`` (bf16 -> fp32, exact):
 5. Each token sums its k slot outputs in fp32 in slot order ``j = 0..k-1`` (fixed order, so
    the result is deterministic), then rounds once to bf16.
 
-Experts are looped over (vectorised per expert); tokens never are.
+The fp32 GEMMs accumulate in whatever order torch picks on the device, so kernels match
+this within bf16 tolerance, not bit for bit; on one device the result is deterministic and does
+not depend on how the experts are split across view tensors. Experts are looped over
+(vectorised per expert); tokens never are.
 """
 from __future__ import annotations
 
