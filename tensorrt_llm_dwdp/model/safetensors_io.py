@@ -43,6 +43,7 @@ class CheckpointReader:
             raise FileNotFoundError(f"{self.path}: shards listed in the index are missing: {sorted(missing)}")
         self._handles: dict[str, object] = {}
         self.bytes_read = 0
+        self.keys_read: list[str] = []  # every key read, in order (diagnostics and tests)
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -73,6 +74,7 @@ class CheckpointReader:
     def get(self, key: str) -> torch.Tensor:
         t = self._handle(key).get_tensor(key)
         self.bytes_read += t.numel() * t.element_size()
+        self.keys_read.append(key)
         return t
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -82,6 +84,7 @@ class CheckpointReader:
         """Rows ``[start, end)`` along dim 0, reading only those bytes."""
         t = self._handle(key).get_slice(key)[start:end]
         self.bytes_read += t.numel() * t.element_size()
+        self.keys_read.append(key)
         return t
 
 

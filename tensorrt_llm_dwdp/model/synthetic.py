@@ -93,3 +93,70 @@ def quantize_experts_modelopt(state_dict: dict[str, torch.Tensor]) -> dict[str, 
         out[base + "weight_scale_2"] = q.global_scale.reshape(())
         out[base + "input_scale"] = torch.tensor(SYNTHETIC_INPUT_SCALE)
     return out
+
+
+def synthetic_tensors(config: ModelConfig, quant: str, seed: int = 0,
+                      dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a checkpoint for ``config`` in layer order, generated lazily."""
+    if quant not in (BF16, NVFP4):
+        raise ValueError(f"quant must be {BF16!r} or {NVFP4!r}, got {quant!r}")
+    gen = torch.Generator().manual_seed(seed)
+    dense = dense_param_shapes(config, dtype)
+    by_layer: dict[int, list[str]] = {}
+    for name in dense:
+        by_layer.setdefault(_layer_of(name), []).append(name)
+
+    def dense_tensor(name: str) -> torch.Tensor:
+        shape = dense[name]
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=dtype)
+        return (torch.randn(shape, generator=gen) * WEIGHT_STD).to(dtype)
+
+    top = by_layer.get(-1, [])
+    head = [n for n in top if n.startswith("model.embed_tokens")]
+    tail = [n for n in top if n not in head]
+    for name in head:
+        yield name, dense_tensor(name)
+    moe = set(config.moe_layer_indices)
+    h, inter, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
+    for layer in range(config.num_layers):
+        for name in by_layer.get(layer, []):
+            yield name, dense_tensor(name)
+        if layer not in moe:
+            continue
+        keys = router_keys(layer, config.is_deepseek)
+        yield keys["weight"], (torch.randn(e, h, generator=gen) * WEIGHT_STD).to(dtype)
+        if "e_score_correction_bias" in keys:
+            yield keys["e_score_correction_bias"], torch.randn(e, generator=gen) * 0.01
+        for expert in range(e):
+            yield from expert_tensors(layer, expert, h, inter, quant, gen, dtype)
+    for name in tail:
+        yield name, dense_tensor(name)
+
+
+def write_synthetic_checkpoint(out: str | os.PathLike, hf_config: dict[str, Any], *, quant: str = BF16,
+                               seed: int = 0, shard_bytes: int = 4 << 30) -> SyntheticSummary:
+    """Write config.json, the weights (sharded), hf_quant_config.json (NVFP4) and a byte
+    tokenizer into ``out``. ``hf_config`` is an HF config dict (e.g. from ``presets``); its
+    bos/eos ids are set to the byte tokenizer's."""
+    config = ModelConfig.from_hf(hf_config)
+    tok = ByteTokenizer(config.vocab_size)
+    out = os.fspath(out)
+    os.makedirs(out, exist_ok=True)
+    hf = dict(hf_config)
+    hf.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, torch_dtype="bfloat16")
+    hf.pop("quantization_config", None)
+    writer = ShardedWriter(out, shard_bytes)
+    count = 0
+    for name, tensor in synthetic_tensors(config, quant, seed):
+        writer.add(name, tensor)
+        count += 1
+    shards = writer.finish()
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf, f, indent=2)
+    if quant == NVFP4:
+        with open(os.path.join(out, HF_QUANT_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(hf_quant_config(NVFP4), f, indent=2)
+    tok.save(out)
+    logger.info("wrote %d tensors, %.3f GB in %d shard(s) to %s", count, writer.total_bytes / 1e9, len(shards), out)
+    return SyntheticSummary(out, tuple(shards), writer.total_bytes, count)
