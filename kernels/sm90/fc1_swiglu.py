@@ -1,0 +1,40 @@
+"""FC1 of a MoE layer on Hopper: gathered bf16 rows x NVFP4 ``w3_w1`` -> SwiGLU -> bf16 ``h``.
+
+``h[m] = bf16(silu(alpha_e * x[g[m]] @ w1_e^T) * (alpha_e * x[g[m]] @ w3_e^T))`` for every
+permuted row m of expert e (``g`` = the plan's gather index; padding rows read token 0 and
+their ``h`` is never used), fp32 accumulation, SwiGLU in fp32, one rounding to bf16.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..compile_cache import CompileCache
+from .expert_table import ExpertTable
+from .grouped_launch import check_plan_tensors, launch_grouped_gemm
+
+
+def fc1_gather_swiglu(
+    cache: CompileCache,
+    x: torch.Tensor,
+    gather_index: torch.Tensor,
+    tile_expert: torch.Tensor,
+    w13: ExpertTable,
+    tile_m: int,
+    n_sub: int = 128,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x bf16 ``[T, H]``; gather_index int32 ``[M_pad]``; tile_expert int32 ``[M_pad/tile_m]``;
+    ``w13`` rows = 2I, k = H. Returns bf16 ``[M_pad, I]`` in permuted order."""
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"fc1: x must be contiguous bf16 [T, H], got {x.dtype} {tuple(x.shape)}")
+    if x.shape[1] != w13.k:
+        raise ValueError(f"fc1: x hidden {x.shape[1]} != weight K {w13.k}")
+    m_pad = gather_index.numel()
+    check_plan_tensors(tile_m, m_pad, tile_expert)
+    inter = w13.rows // 2
+    if out is None:
+        out = torch.empty(m_pad, inter, dtype=torch.bfloat16, device=x.device)
+    return launch_grouped_gemm(
+        cache, epilogue="swiglu", a=x, row_index=gather_index, tile_expert=tile_expert,
+        table=w13, row_weight=x.new_empty(1, dtype=torch.float32), out=out, tile_m=tile_m,
+        n_sub=n_sub, gather=True)

@@ -1,0 +1,65 @@
+"""Host side of the W4A16 grouped GEMM: argument checks, cached compilation, launch."""
+from __future__ import annotations
+
+import torch
+
+from ..compile_cache import CompileCache
+from .expert_table import ExpertTable
+
+
+def _cute_tensor(t: torch.Tensor):
+    from cutlass.cute.runtime import from_dlpack
+
+    return from_dlpack(t, assumed_align=16 if t.dim() > 1 else 4).mark_layout_dynamic(
+        leading_dim=t.dim() - 1)
+
+
+def _stream():
+    import cuda.bindings.driver as cuda
+
+    return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
+
+
+def launch_grouped_gemm(
+    cache: CompileCache,
+    *,
+    epilogue: str,
+    a: torch.Tensor,
+    row_index: torch.Tensor,
+    tile_expert: torch.Tensor,
+    table: ExpertTable,
+    row_weight: torch.Tensor,
+    out: torch.Tensor,
+    tile_m: int,
+    n_sub: int,
+    gather: bool,
+) -> torch.Tensor:
+    """Run one grouped GEMM (see ``w4a16_grouped_gemm``) into ``out`` and return it."""
+    if tile_expert.numel() == 0:
+        return out
+    key = ("w4a16_grouped_gemm", epilogue, table.rows, table.k, tile_m, n_sub, gather,
+           a.dtype, out.dtype)
+    args = [a, row_index, tile_expert, table.tensor_of_expert, table.local_of_expert,
+            table.table, row_weight, out]
+
+    def build():
+        import cutlass.cute as cute
+
+        from .w4a16_grouped_gemm import W4A16GroupedGemm
+
+        kernel = W4A16GroupedGemm(epilogue=epilogue, n_weight=table.rows, k=table.k,
+                                  tile_m=tile_m, n_sub=n_sub, gather=gather)
+        return cute.compile(kernel, *[_cute_tensor(t) for t in args], _stream())
+
+    compiled = cache.get(key, build)
+    compiled(*[_cute_tensor(t) for t in args], _stream())
+    return out
+
+
+def check_plan_tensors(tile_m: int, m_pad: int, tile_expert: torch.Tensor) -> None:
+    """The permuted row count must be a whole number of int32-indexed tiles."""
+    if m_pad != tile_expert.numel() * tile_m:
+        raise ValueError(
+            f"grouped GEMM: {m_pad} permuted rows != {tile_expert.numel()} tiles x tile_m={tile_m}")
+    if tile_expert.dtype != torch.int32:
+        raise ValueError(f"grouped GEMM: tile_expert must be int32, got {tile_expert.dtype}")

@@ -1,0 +1,88 @@
+"""Inline-PTX building blocks for the sm_90 W4A16 kernels.
+
+Each helper wraps one or a few PTX instructions that the CuTe DSL (4.3.5) does not expose
+in the form these kernels need: 16-byte / 4-byte ``cp.async`` to a raw shared-memory address
+(the A rows are gathered by index, so no tiled copy fits) and 128-bit shared-memory loads and
+stores at swizzled addresses. The NVFP4 conversion lives in ``nvfp4_dequant``.
+
+Addresses: shared memory as 32-bit ``.shared`` addresses (Int32), global memory as 64-bit
+generic addresses (Int64).
+"""
+from __future__ import annotations
+
+from cutlass import Int32, Int64
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import T, dsl_user_op
+
+
+def asm(ret, args, text: str, constraints: str, side_effects: bool = True):
+    """``llvm.inline_asm`` in AT&T dialect; pure conversions pass ``side_effects=False`` so the
+    compiler may schedule them freely (memory instructions keep the default)."""
+    return llvm.inline_asm(
+        ret, args, text, constraints, has_side_effects=side_effects, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT,
+    )
+
+
+@dsl_user_op
+def cp_async_16(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None) -> None:
+    """16-byte ``cp.async.cg`` (bypasses L1) from global to shared memory."""
+    asm(
+        None,
+        [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
+        "cp.async.cg.shared.global [$0], [$1], 16;",
+        "r,l",
+    )
+
+
+@dsl_user_op
+def cp_async_4(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None) -> None:
+    """4-byte ``cp.async.ca`` from global to shared memory."""
+    asm(
+        None,
+        [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
+        "cp.async.ca.shared.global [$0], [$1], 4;",
+        "r,l",
+    )
+
+
+@dsl_user_op
+def ld_shared_v4(smem_addr: Int32, *, loc=None, ip=None):
+    """Load four 32-bit words from a 16-byte aligned shared-memory address."""
+    res = asm(
+        llvm.StructType.get_literal([T.i32(), T.i32(), T.i32(), T.i32()]),
+        [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
+        "ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];",
+        "=r,=r,=r,=r,r",
+    )
+    return tuple(Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
+
+
+@dsl_user_op
+def ld_shared_u32(smem_addr: Int32, *, loc=None, ip=None) -> Int32:
+    """Load one 32-bit word from shared memory."""
+    return Int32(
+        asm(T.i32(), [Int32(smem_addr).ir_value(loc=loc, ip=ip)], "ld.shared.b32 $0, [$1];",
+             "=r,r")
+    )
+
+
+@dsl_user_op
+def st_shared_v4(smem_addr: Int32, w0, w1, w2, w3, *, loc=None, ip=None) -> None:
+    """Store four 32-bit words to a 16-byte aligned shared-memory address."""
+    asm(
+        None,
+        [Int32(smem_addr).ir_value(loc=loc, ip=ip)]
+        + [Int32(w).ir_value(loc=loc, ip=ip) for w in (w0, w1, w2, w3)],
+        "st.shared.v4.b32 [$0], {$1, $2, $3, $4};",
+        "r,r,r,r,r",
+    )
+
+
+@dsl_user_op
+def ld_global_nc_u32(gmem_addr: Int64, *, loc=None, ip=None) -> Int32:
+    """Read-only (non-coherent cache) 32-bit global load."""
+    return Int32(
+        asm(T.i32(), [Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
+             "ld.global.nc.b32 $0, [$1];", "=r,l")
+    )

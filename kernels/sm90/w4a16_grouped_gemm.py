@@ -1,0 +1,269 @@
+"""Grouped W4A16 GEMM for Hopper: bf16 activations x NVFP4 expert weights, WGMMA in bf16.
+
+One CTA computes one M tile (``tile_m`` rows of ONE expert: the permutation plan pads every
+expert's rows to a multiple of ``tile_m``) times two B sub-tiles of ``n_sub`` weight rows each.
+FC1 (``epilogue="swiglu"``) takes sub-tile 0 from the up rows ``[n0, n0+n_sub)`` and sub-tile 1
+from the matching gate rows ``[I+n0, I+n0+n_sub)`` of ``w3_w1``, so both accumulators share one
+register layout and SwiGLU is element-wise. FC2 (``epilogue="weighted"``) takes two adjacent
+sub-tiles of ``w2``.
+
+Warp roles: none; every thread of the ``tile_m // 64`` consumer warpgroups loads, dequantizes
+and issues WGMMA (warpgroup w owns rows ``[64w, 64w+64)`` of the tile).
+
+Pipelines (``stages`` = 4 slots for the raw loads, 3 buffers for dequantized B):
+  cp.async (each thread) -> slot s:  A rows (gathered by index, 16 B chunks into the 128 B
+      swizzled WGMMA layout), packed e2m1 rows (32 B per row per K tile) and their e4m3 block
+      scales (4 B). One commit group per K tile, issued two tiles ahead.
+  dequant (each thread, its own B rows) -> sB buffer kt % 3: e2m1 x e4m3 -> exact bf16.
+  WGMMA (async) reads sA slot kt % 4 and sB buffer kt % 3; ``wait_group(1)`` keeps one in flight.
+Steady state of K tile kt, every thread:
+  wait cp.async(kt) | dequant(kt) | proxy fence + barrier | issue cp.async(kt+2) into the slot
+  WGMMA(kt-2) used | issue WGMMA(kt) | wait WGMMA(kt-1).
+So the dequant of kt and the loads of kt+1, kt+2 overlap WGMMA(kt-1). A buffer is rewritten
+only after the barrier that follows every warpgroup's wait on the WGMMA that read it.
+
+Multi-B: the B operand is a list of S tensors. ``b_table`` (int64 ``[3, S]``) holds each
+tensor's base address of weights, block scales and alphas; ``tensor_of_expert[E]`` and
+``local_of_expert[E]`` (int32) map a global expert to (tensor, local index). The kernel reads
+them once per CTA; S = 1 is the same code with a one-column table.
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils as utils
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import BFloat16, Float32, Int32, Int64, Uint32
+
+from .nvfp4_dequant import e2m1x8_to_bf16x8_scaled, e4m3x4_to_bf16x2_splats
+from .ptx import cp_async_4, cp_async_16, ld_shared_u32, ld_shared_v4, st_shared_v4
+
+TILE_K = 64  # bf16 elements per K tile: one 128 B swizzle row
+ROW_BYTES = TILE_K * 2
+EPILOGUES = ("swiglu", "weighted")
+
+
+class W4A16GroupedGemm:
+    """Configuration of one compiled grouped W4A16 GEMM (see module docstring).
+
+    n_weight: rows of each expert's weight (2I for FC1, H for FC2); k: the reduction size
+    (H for FC1, I for FC2); tile_m in {64, 128}; n_sub in {64, 128}; ``gather``: A row of
+    permuted row m is ``row_index[m]`` (FC1) instead of m (FC2).
+    """
+
+    def __init__(self, *, epilogue: str, n_weight: int, k: int, tile_m: int = 128,
+                 n_sub: int = 128, gather: bool = True, stages: int = 4):
+        if epilogue not in EPILOGUES:
+            raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+        if tile_m not in (64, 128):
+            raise ValueError(f"tile_m must be 64 or 128, got {tile_m}")
+        if n_sub not in (64, 128):
+            raise ValueError(f"n_sub must be 64 or 128, got {n_sub}")
+        if k % TILE_K:
+            raise ValueError(f"K={k} must be a multiple of {TILE_K}")
+        n_cta = n_sub if epilogue == "swiglu" else 2 * n_sub
+        rows = n_weight // 2 if epilogue == "swiglu" else n_weight
+        if rows % n_cta:
+            raise ValueError(f"{rows} output columns are not a multiple of {n_cta} (n_sub={n_sub})")
+        self.epilogue = epilogue
+        self.n_weight = n_weight
+        self.k = k
+        self.tile_m = tile_m
+        self.n_sub = n_sub
+        self.gather = gather
+        self.stages = stages
+        self.b_bufs = 3
+        self.num_wg = tile_m // 64
+        self.threads = 128 * self.num_wg
+        self.b_rows = 2 * n_sub
+        self.rows_per_thread = self.b_rows // self.threads
+        self.a_chunks_per_thread = tile_m * (ROW_BYTES // 16) // self.threads
+        self.k_tiles = k // TILE_K
+        self.n_tiles = rows // n_cta
+        # FC1: sub-tile 1 is the gate half, I rows below the up half; FC2: the next n_sub rows.
+        self.sub_stride = n_weight // 2 if epilogue == "swiglu" else n_sub
+        self.cta_row_step = n_sub if epilogue == "swiglu" else 2 * n_sub
+
+    @cute.jit
+    def __call__(self, a: cute.Tensor, row_index: cute.Tensor, tile_expert: cute.Tensor,
+                 tensor_of_expert: cute.Tensor, local_of_expert: cute.Tensor,
+                 b_table: cute.Tensor, row_weight: cute.Tensor, out: cute.Tensor, stream):
+        tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            BFloat16, BFloat16,
+            utils.LayoutEnum.ROW_MAJOR.sm90_mma_major_mode(),
+            utils.LayoutEnum.ROW_MAJOR.sm90_mma_major_mode(),
+            Float32, (self.num_wg, 1, 1), tiler_mn=(64, self.n_sub),
+        )
+        tile_mnk = (self.tile_m, self.n_sub, TILE_K)
+        a_layout = sm90_utils.make_smem_layout_a(
+            utils.LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, self.stages)
+        b_layout = sm90_utils.make_smem_layout_b(
+            utils.LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, 2 * self.b_bufs)
+
+        @cute.struct
+        class SharedStorage:
+            sA: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(a_layout)], 1024]
+            sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(b_layout)], 1024]
+            sW: cute.struct.Align[
+                cute.struct.MemRange[Uint32, self.stages * self.b_rows * 8], 128]
+            sSF: cute.struct.Align[cute.struct.MemRange[Uint32, self.stages * self.b_rows], 128]
+
+        self.shared_storage = SharedStorage
+        num_tiles = cute.size(tile_expert, mode=[0])
+        self.kernel(a, row_index, tile_expert, tensor_of_expert, local_of_expert, b_table,
+                    row_weight, out, tiled_mma, a_layout, b_layout).launch(
+            grid=[num_tiles, self.n_tiles, 1], block=[self.threads, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, a: cute.Tensor, row_index: cute.Tensor, tile_expert: cute.Tensor,
+               tensor_of_expert: cute.Tensor, local_of_expert: cute.Tensor,
+               b_table: cute.Tensor, row_weight: cute.Tensor, out: cute.Tensor,
+               tiled_mma: cute.TiledMma, a_layout: cute.ComposedLayout,
+               b_layout: cute.ComposedLayout):
+        tidx, _, _ = cute.arch.thread_idx()
+        m_tile, n_tile, _ = cute.arch.block_idx()
+        smem = utils.SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+        sA = storage.sA.get_tensor(a_layout.outer, swizzle=a_layout.inner)
+        sB = storage.sB.get_tensor(b_layout.outer, swizzle=b_layout.inner)
+        sa_addr = storage.sA.data_ptr().toint()
+        sb_addr = storage.sB.data_ptr().toint()
+        sw_addr = storage.sW.data_ptr().toint()
+        ssf_addr = storage.sSF.data_ptr().toint()
+
+        # ---- expert -> (tensor, local) -> weight, scale and alpha addresses
+        expert = tile_expert[m_tile]
+        t = tensor_of_expert[expert]
+        local = Int64(local_of_expert[expert])
+        w_base = b_table[0, t] + local * (self.n_weight * self.k // 2)
+        sf_base = b_table[1, t] + local * (self.n_weight * self.k // 16)
+        alpha_ptr = cute.make_ptr(Float32, b_table[2, t] + local * 4, cute.AddressSpace.gmem,
+                                  assumed_align=4)
+        alpha = cute.make_tensor(alpha_ptr, cute.make_layout(1))[0]
+
+        # ---- per-thread B rows (raw loads and dequant use the same rows)
+        row0 = n_tile * self.cta_row_step
+        w_row = []
+        sf_row = []
+        b_local = []
+        for i in cutlass.range_constexpr(self.rows_per_thread):
+            j = tidx + i * self.threads
+            grow = row0 + (j // self.n_sub) * self.sub_stride + j % self.n_sub
+            w_row.append(w_base + Int64(grow) * (self.k // 2))
+            sf_row.append(sf_base + Int64(grow) * (self.k // 16))
+            b_local.append(j)
+
+        # ---- per-thread A chunks: 16 B of one row per chunk
+        a_base = a.iterator.toint()
+        a_src = []
+        a_dst = []
+        for c in cutlass.range_constexpr(self.a_chunks_per_thread):
+            q = tidx + c * self.threads
+            r = q // 8
+            cc = q % 8
+            src_row = m_tile * self.tile_m + r
+            if cutlass.const_expr(self.gather):
+                src_row = cutlass.max(row_index[src_row], Int32(0))
+            a_src.append(a_base + Int64(src_row) * (self.k * 2) + cc * 16)
+            a_dst.append(r * ROW_BYTES + ((cc ^ (r % 8)) * 16))
+
+        # ---- MMA partitions
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+        thr_mma = tiled_mma.get_slice(wg * 128)
+        tCsA = thr_mma.partition_A(sA)
+        tCsB = thr_mma.partition_B(sB)
+        tCrA = tiled_mma.make_fragment_A(tCsA)
+        tCrB = tiled_mma.make_fragment_B(tCsB)
+        cC = cute.make_identity_tensor((self.tile_m, self.n_sub))
+        tCcC = thr_mma.partition_C(cC)
+        acc0 = cute.make_rmem_tensor(tCcC.shape, Float32)
+        acc1 = cute.make_rmem_tensor(tCcC.shape, Float32)
+        acc0.fill(0.0)
+        acc1.fill(0.0)
+        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+        num_k_blocks = cute.size(tCrA, mode=[2])
+
+        # ---- prologue: two K tiles in flight
+        smem_addrs = (sa_addr, sb_addr, sw_addr, ssf_addr)
+        ld_args = (smem_addrs, a_src, a_dst, w_row, sf_row, b_local)
+        self._load_tile(0, 0, *ld_args)
+        cute.arch.cp_async_commit_group()
+        if cutlass.const_expr(self.k_tiles > 1):
+            self._load_tile(1, 1, *ld_args)
+        cute.arch.cp_async_commit_group()
+
+        for kt in cutlass.range(self.k_tiles, unroll=1):
+            slot = kt % self.stages
+            buf = kt % self.b_bufs
+            cute.arch.cp_async_wait_group(1)
+            self._dequant_tile(slot, buf, smem_addrs, b_local)
+            cute.arch.fence_proxy(
+                cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+            cute.arch.sync_threads()
+            if kt + 2 < self.k_tiles:
+                self._load_tile(kt + 2, (kt + 2) % self.stages, *ld_args)
+            cute.arch.cp_async_commit_group()
+            cute.nvgpu.warpgroup.fence()
+            for kb in cutlass.range_constexpr(num_k_blocks):
+                a_frag = tCrA[(None, None, kb, slot)]
+                cute.gemm(tiled_mma, acc0, a_frag, tCrB[(None, None, kb, buf * 2)], acc0)
+                cute.gemm(tiled_mma, acc1, a_frag, tCrB[(None, None, kb, buf * 2 + 1)], acc1)
+            cute.nvgpu.warpgroup.commit_group()
+            cute.nvgpu.warpgroup.wait_group(1)
+        cute.nvgpu.warpgroup.wait_group(0)
+
+        # ---- epilogue
+        if cutlass.const_expr(self.epilogue == "swiglu"):
+            for i in cutlass.range_constexpr(cute.size(acc0)):
+                up = acc0[i] * alpha
+                gate = acc1[i] * alpha
+                sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-gate, fastmath=True))
+                acc0[i] = gate * sig * up
+            g_out = cute.local_tile(out, (self.tile_m, self.n_sub), (m_tile, n_tile))
+            t_out = thr_mma.partition_C(g_out)
+            frag = cute.make_rmem_tensor(t_out.shape, out.element_type)
+            frag.store(acc0.load().to(out.element_type))
+            cute.autovec_copy(frag, t_out)
+        else:
+            m0 = m_tile * self.tile_m
+            for i in cutlass.range_constexpr(cute.size(acc0)):
+                rw = row_weight[m0 + tCcC[i][0]]
+                acc0[i] = acc0[i] * alpha * rw
+                acc1[i] = acc1[i] * alpha * rw
+            for s, acc in enumerate((acc0, acc1)):
+                g_out = cute.local_tile(out, (self.tile_m, self.n_sub), (m_tile, 2 * n_tile + s))
+                t_out = thr_mma.partition_C(g_out)
+                frag = cute.make_rmem_tensor(t_out.shape, out.element_type)
+                frag.store(acc.load().to(out.element_type))
+                cute.autovec_copy(frag, t_out)
+
+    def _load_tile(self, kt, slot, smem_addrs, a_src, a_dst, w_row, sf_row, b_local):
+        """Issue this thread's cp.async copies of K tile ``kt`` into raw slot ``slot``."""
+        sa_addr, _, sw_addr, ssf_addr = smem_addrs
+        a_slot = sa_addr + slot * (self.tile_m * ROW_BYTES)
+        for c in range(self.a_chunks_per_thread):
+            cp_async_16(a_slot + a_dst[c], a_src[c] + Int64(kt) * ROW_BYTES)
+        for i in range(self.rows_per_thread):
+            rw = slot * self.b_rows + b_local[i]
+            wsrc = w_row[i] + Int64(kt) * (TILE_K // 2)
+            cp_async_16(sw_addr + rw * 32, wsrc)
+            cp_async_16(sw_addr + rw * 32 + 16, wsrc + 16)
+            cp_async_4(ssf_addr + rw * 4, sf_row[i] + Int64(kt) * (TILE_K // 16))
+
+    def _dequant_tile(self, slot, buf, smem_addrs, b_local):
+        """NVFP4 rows of raw slot ``slot`` (loaded by this thread) -> bf16 in sB buffer ``buf``,
+        written at the 128 B-swizzled positions WGMMA reads (16 B chunk c of row j lands at
+        chunk ``c ^ (j % 8)``; every sub-tile base is 1024 B aligned)."""
+        _, sb_addr, sw_addr, ssf_addr = smem_addrs
+        for i in range(self.rows_per_thread):
+            j = b_local[i]
+            rw = slot * self.b_rows + j
+            w0, w1, w2, w3 = ld_shared_v4(sw_addr + rw * 32)
+            w4, w5, w6, w7 = ld_shared_v4(sw_addr + rw * 32 + 16)
+            s01, s23, s45, s67 = e4m3x4_to_bf16x2_splats(ld_shared_u32(ssf_addr + rw * 4))
+            words = (w0, w1, w2, w3, w4, w5, w6, w7)
+            scales = (s01, s23, s45, s67)
+            dst_row = sb_addr + buf * (self.b_rows * ROW_BYTES) + j * ROW_BYTES
+            for c in range(8):
+                o0, o1, o2, o3 = e2m1x8_to_bf16x8_scaled(words[c], scales[c // 2])
+                st_shared_v4(dst_row + ((c ^ (j % 8)) * 16), o0, o1, o2, o3)

@@ -1,0 +1,87 @@
+"""Inputs for the kernel tests and benches: random NVFP4 experts, skewed and uniform routing.
+
+Weights are drawn directly in NVFP4 (random e2m1 codes, e4m3 block scales from a band of
+realistic exponents, per-expert alphas), so DeepSeek-V3-sized layers cost no quantization pass.
+Every expert differs (its scales and alpha are its own), so a kernel that reads the wrong
+expert, row or block scale misses the reference by far more than bf16 rounding.
+"""
+from __future__ import annotations
+
+import torch
+
+from tensorrt_llm_dwdp.moe.weights import ExpertWeights
+
+MODELS = {
+    # name: (hidden H, expert intermediate I, routed experts E, top-k)
+    "deepseek_v3": (7168, 2048, 256, 8),
+    "qwen3_30b_a3b": (2048, 768, 128, 8),
+}
+
+
+def random_e4m3(shape, gen: torch.Generator, device) -> torch.Tensor:
+    """e4m3 block scales spanning 2^-4 .. 2^2 with random mantissas (no NaN/zero codes)."""
+    exp_field = torch.randint(3, 10, shape, generator=gen, device="cpu")  # 2^(e-7)
+    mant = torch.randint(0, 8, shape, generator=gen, device="cpu")
+    codes = (exp_field << 3 | mant).to(torch.uint8)
+    return codes.view(torch.float8_e4m3fn).to(device)
+
+
+def random_nvfp4_experts(num_experts: int, hidden: int, inter: int, seed: int,
+                         device="cuda") -> ExpertWeights:
+    """A single-tensor ExpertWeights of random NVFP4 experts (output values of order 1)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def packed(*shape):
+        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
+
+    w13 = packed(num_experts, 2 * inter, hidden // 2)
+    w2 = packed(num_experts, hidden, inter // 2)
+    # Dequantized weights have rms ~7; alpha ~ 1 / (7 sqrt(K)) keeps activations of order 1.
+    a13 = (0.5 + torch.rand(num_experts, generator=gen)) / (7 * hidden ** 0.5)
+    a2 = (0.5 + torch.rand(num_experts, generator=gen)) / (7 * inter ** 0.5)
+    return ExpertWeights.single({
+        "w3_w1_weight": w13,
+        "w3_w1_weight_scale": random_e4m3((num_experts, 2 * inter, hidden // 16), gen, device),
+        "fc31_alpha": a13.float().to(device),
+        "w2_weight": w2,
+        "w2_weight_scale": random_e4m3((num_experts, hidden, inter // 16), gen, device),
+        "fc2_alpha": a2.float().to(device),
+    })
+
+
+def skewed_routing(tokens: int, num_experts: int, top_k: int, seed: int, device="cuda",
+                   empty_experts: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk ids drawn from a Zipf-like popularity (a few hot experts, a long tail) with the
+    last ``empty_experts`` experts never chosen; distinct ids per token; softmax weights."""
+    gen = torch.Generator().manual_seed(seed)
+    live = num_experts - empty_experts
+    popularity = 1.0 / torch.arange(1, live + 1, dtype=torch.float64) ** 1.1
+    perm = torch.randperm(live, generator=gen)
+    probs = popularity[perm].expand(tokens, live)
+    ids = torch.multinomial(probs, top_k, replacement=False, generator=gen).to(torch.int32)
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=-1)
+    return ids.to(device), weights.float().to(device)
+
+
+def uniform_routing(tokens_per_expert: int, num_experts: int, top_k: int,
+                    device="cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert gets exactly ``tokens_per_expert`` rows: T = tpe * E / k tokens."""
+    tokens = tokens_per_expert * num_experts // top_k
+    slot = torch.arange(tokens * top_k, device=device)
+    ids = ((slot // top_k) * top_k + slot % top_k) % num_experts
+    ids = ids.view(tokens, top_k).to(torch.int32)
+    weights = torch.full((tokens, top_k), 1.0 / top_k, device=device)
+    return ids, weights
+
+
+def random_tokens(tokens: int, hidden: int, seed: int, device="cuda") -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).to(device)
+
+
+def split_sizes(num_experts: int, parts: int) -> list[int]:
+    """Unequal slices summing to E (a DWDP view: own slice larger than prefetch buffers)."""
+    if parts == 1:
+        return [num_experts]
+    small = num_experts // (parts + 1)
+    return [small] * (parts - 1) + [num_experts - small * (parts - 1)]

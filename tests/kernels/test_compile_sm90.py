@@ -1,0 +1,75 @@
+"""The sm90 kernels compile for sm_90a on a CPU-only machine and their SASS holds HGMMA.
+
+Each configuration compiles in a subprocess (the DSL reads CUTE_DSL_* at import) into a temp
+dump dir; cuobjdump (nvidia-cuda-cuobjdump, with nvdisasm from nvidia-cuda-nvdisasm) then
+disassembles the cubin. Checks: warpgroup MMAs (HGMMA ... BF16) are there, no local-memory
+spills (LDL/STL), 16-byte cp.async (LDGSTS.E.BYPASS.128) for the gathered A rows and NVFP4
+rows, and the packed-bf16 multiply of the dequant (HMUL2.BF16).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.kernels
+HERE = Path(__file__).resolve().parent
+
+
+def _tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        hits = glob.glob(os.path.join(root, "**", "bin", name), recursive=True)
+        if hits:
+            return hits[0]
+    return None
+
+
+@pytest.fixture(scope="module")
+def tools():
+    pytest.importorskip("cutlass", reason="needs nvidia-cutlass-dsl==4.3.5")
+    cuobjdump, nvdisasm = _tool("cuobjdump"), _tool("nvdisasm")
+    if not cuobjdump or not nvdisasm:
+        pytest.skip("needs cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump "
+                    "nvidia-cuda-nvdisasm)")
+    return cuobjdump, nvdisasm
+
+
+@pytest.mark.parametrize("epilogue,tile_m,n_sub", [
+    ("swiglu", 128, 128), ("swiglu", 64, 128), ("weighted", 128, 128), ("weighted", 64, 128),
+])
+def test_compiles_to_hgmma(tools, tmp_path, epilogue, tile_m, n_sub):
+    cuobjdump, nvdisasm = tools
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", CUTE_DSL_KEEP_CUBIN="1",
+               CUTE_DSL_DUMP_DIR=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "_compile_sm90_main.py"), epilogue, str(tile_m), str(n_sub)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    cubins = list(tmp_path.glob("*.sm_90a.cubin"))
+    assert len(cubins) == 1, f"expected one sm_90a cubin in {os.listdir(tmp_path)}"
+    env_path = dict(os.environ, PATH=os.path.dirname(nvdisasm) + os.pathsep + os.environ["PATH"])
+    sass = subprocess.run([cuobjdump, "-sass", str(cubins[0])], env=env_path,
+                          capture_output=True, text=True, check=True).stdout
+    hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\.BF16", sass)
+    # 4 k16 steps per 64-wide K tile, 2 B sub-tiles, each a 64 x n_sub WGMMA.
+    assert len(hgmma) == 8 and set(hgmma) == {str(n_sub)}, hgmma
+    assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
+    assert "LDGSTS.E.BYPASS.128" in sass
+    assert "HMUL2.BF16" in sass
+    res = subprocess.run([cuobjdump, "-res-usage", str(cubins[0])], env=env_path,
+                         capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", res).group(1))
+    assert regs <= 255
