@@ -11,7 +11,7 @@ import torch
 
 from ..compile_cache import CompileCache
 from .expert_table import ExpertTable
-from .grouped_launch import check_plan_tensors, launch_grouped_gemm
+from .grouped_launch import check_plan_tensors, cute_tensor, current_stream, launch_grouped_gemm
 
 
 def permuted_row_weights(topk_weights: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
@@ -49,13 +49,29 @@ def fc2_weighted(
         table=w2, row_weight=row_weight, out=out, tile_m=tile_m, n_sub=n_sub, gather=False)
 
 
-def finalize(y: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """bf16 ``[T, H]``: each token's k router-weighted rows summed in fp32 in slot order."""
+def finalize(cache: CompileCache, y: torch.Tensor, inverse: torch.Tensor,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """bf16 ``[T, H]``: each token's k router-weighted fp32 rows of ``y [M_pad, H]`` summed in
+    slot order (``inverse [T, k]`` int32, the plan's permuted row of each slot)."""
     tokens, k = inverse.shape
+    hidden = y.shape[1]
+    if y.dtype != torch.float32 or not y.is_contiguous():
+        raise ValueError(f"finalize: y must be contiguous fp32, got {y.dtype}")
+    if inverse.dtype != torch.int32 or not inverse.is_contiguous():
+        raise ValueError(f"finalize: inverse must be contiguous int32, got {inverse.dtype}")
+    if out is None:
+        out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=y.device)
     if tokens == 0:
-        return torch.empty(0, y.shape[1], dtype=torch.bfloat16, device=y.device)
-    inv = inverse.long()
-    acc = y.index_select(0, inv[:, 0])
-    for j in range(1, k):
-        acc += y.index_select(0, inv[:, j])
-    return acc.to(torch.bfloat16)
+        return out
+    args = [y, inverse, out]
+
+    def build():
+        import cutlass.cute as cute
+
+        from .slot_sum import SlotSum
+
+        return cute.compile(SlotSum(hidden, k), *[cute_tensor(t) for t in args], current_stream())
+
+    compiled = cache.get(("slot_sum", hidden, k), build)
+    compiled(*[cute_tensor(t) for t in args], current_stream())
+    return out

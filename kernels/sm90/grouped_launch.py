@@ -7,14 +7,16 @@ from ..compile_cache import CompileCache
 from .expert_table import ExpertTable
 
 
-def _cute_tensor(t: torch.Tensor):
+def cute_tensor(t: torch.Tensor):
+    """A CuTe view of ``t`` with every extent and stride dynamic (one compile serves all
+    token counts); 2-D tensors are assumed 16-byte aligned, 1-D ones 4-byte."""
     from cutlass.cute.runtime import from_dlpack
 
     return from_dlpack(t, assumed_align=16 if t.dim() > 1 else 4).mark_layout_dynamic(
         leading_dim=t.dim() - 1)
 
 
-def _stream():
+def current_stream():
     import cuda.bindings.driver as cuda
 
     return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
@@ -49,10 +51,10 @@ def launch_grouped_gemm(
 
         kernel = W4A16GroupedGemm(epilogue=epilogue, n_weight=table.rows, k=table.k,
                                   tile_m=tile_m, n_sub=n_sub, gather=gather)
-        return cute.compile(kernel, *[_cute_tensor(t) for t in args], _stream())
+        return cute.compile(kernel, *[cute_tensor(t) for t in args], current_stream())
 
     compiled = cache.get(key, build)
-    compiled(*[_cute_tensor(t) for t in args], _stream())
+    compiled(*[cute_tensor(t) for t in args], current_stream())
     return out
 
 

@@ -10,7 +10,7 @@ generic addresses (Int64).
 """
 from __future__ import annotations
 
-from cutlass import Int32, Int64
+from cutlass import Float32, Int32, Int64
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
@@ -80,9 +80,27 @@ def st_shared_v4(smem_addr: Int32, w0, w1, w2, w3, *, loc=None, ip=None) -> None
 
 
 @dsl_user_op
-def ld_global_nc_u32(gmem_addr: Int64, *, loc=None, ip=None) -> Int32:
-    """Read-only (non-coherent cache) 32-bit global load."""
-    return Int32(
-        asm(T.i32(), [Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
-             "ld.global.nc.b32 $0, [$1];", "=r,l")
+def ld_global_nc_v4_f32(gmem_addr: Int64, *, loc=None, ip=None):
+    """Read-only 16-byte global load of four fp32 values."""
+    res = asm(
+        llvm.StructType.get_literal([T.f32(), T.f32(), T.f32(), T.f32()]),
+        [Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
+        "ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];",
+        "=f,=f,=f,=f,l",
+    )
+    return tuple(Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4))
+
+
+@dsl_user_op
+def st_global_bf16x4(gmem_addr: Int64, v0, v1, v2, v3, *, loc=None, ip=None) -> None:
+    """Round four fp32 values to bf16 (RN) and store them as one 8-byte global write."""
+    asm(
+        None,
+        [Int64(gmem_addr).ir_value(loc=loc, ip=ip)]
+        + [Float32(v).ir_value(loc=loc, ip=ip) for v in (v0, v1, v2, v3)],
+        "{\n\t.reg .b32 p0, p1;\n\t"
+        "cvt.rn.bf16x2.f32 p0, $2, $1;\n\t"
+        "cvt.rn.bf16x2.f32 p1, $4, $3;\n\t"
+        "st.global.v2.b32 [$0], {p0, p1};\n\t}",
+        "l,f,f,f,f",
     )

@@ -3,7 +3,7 @@ test_compile_sm90.py with CUTE_DSL_ARCH / CUTE_DSL_KEEP_CUBIN / CUTE_DSL_DUMP_DI
 
 ``cute.compile`` writes the cubin, then fails to load it (no driver): that failure is expected
 and reported as 'loaded=no'; any other error fails the script.
-Usage: python _compile_sm90_main.py EPILOGUE TILE_M N_SUB
+Usage: python _compile_sm90_main.py (swiglu|weighted) TILE_M N_SUB | slot_sum 0 0
 """
 import sys
 
@@ -11,14 +11,15 @@ import torch
 
 
 def main() -> int:
-    import cuda.bindings.driver as cuda
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import from_dlpack
-
     from tensorrt_llm_dwdp.kernels.sm90.w4a16_grouped_gemm import W4A16GroupedGemm
 
     epilogue, tile_m, n_sub = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     hidden, inter, experts = 2048, 768, 8  # Qwen3-30B-A3B dims, few experts
+    if epilogue == "slot_sum":
+        from tensorrt_llm_dwdp.kernels.sm90.slot_sum import SlotSum
+
+        return _compile(SlotSum(hidden, 8), [torch.zeros(64, hidden), torch.zeros(4, 8, dtype=torch.int32),
+                                             torch.zeros(4, hidden, dtype=torch.bfloat16)])
     rows = 2 * tile_m
     if epilogue == "swiglu":
         k, n_weight, gather = hidden, 2 * inter, True
@@ -33,10 +34,17 @@ def main() -> int:
             torch.zeros(3, 2, dtype=torch.int64), torch.zeros(rows, dtype=torch.float32), out]
     kernel = W4A16GroupedGemm(epilogue=epilogue, n_weight=n_weight, k=k, tile_m=tile_m,
                               n_sub=n_sub, gather=gather)
-    cute_args = [from_dlpack(t, assumed_align=16 if t.dim() > 1 else 4)
-                 .mark_layout_dynamic(leading_dim=t.dim() - 1) for t in args]
+    return _compile(kernel, args)
+
+
+def _compile(kernel, args) -> int:
+    import cuda.bindings.driver as cuda
+    import cutlass.cute as cute
+
+    from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import cute_tensor
+
     try:
-        cute.compile(kernel, *cute_args, cuda.CUstream(0))
+        cute.compile(kernel, *[cute_tensor(t) for t in args], cuda.CUstream(0))
         print("loaded=yes")
     except Exception as exc:  # the only acceptable failure is the missing driver at load
         text = f"{type(exc).__name__}: {exc}"

@@ -91,7 +91,7 @@ class CuteDslMoeBackend:
         h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, tile_m)
         row_weight = permuted_row_weights(topk_weights, plan.slot_index)
         y = fc2_weighted(self.cache, h, plan.tile_expert, row_weight, w2, tile_m)
-        return finalize(y, plan.inverse)
+        return finalize(self.cache, y, plan.inverse)
 
 
 def create_backend() -> CuteDslMoeBackend:
