@@ -76,7 +76,7 @@ def tables(weights):
     return w13, w2
 
 
-def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b):
+def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b, variants=()):
     hidden, inter, num_experts, top_k = MODELS[model]
     ids, tw = uniform_routing(tpe, num_experts, top_k)
     tokens = ids.shape[0]
@@ -107,7 +107,6 @@ def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b):
     offs = torch.arange(1, num_experts + 1, device="cuda", dtype=torch.int32) * tpe
     a_perm = x[plan.gather_index[plan.gather_index >= 0].long()]
     assert a_perm.shape[0] == rows
-    h_base = torch.empty(rows, 2 * inter, dtype=torch.bfloat16, device="cuda")
     h2 = torch.randn(rows, inter, device="cuda").to(torch.bfloat16)
 
     def base_fc1():
@@ -121,7 +120,6 @@ def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b):
         "ours_finalize_ms": time_graph(fin), "ours_total_ms": time_graph(ours_all),
         "base_fc1_ms": time_graph(base_fc1), "base_fc2_ms": time_graph(base_fc2),
     }
-    del h_base
     t["base_total_ms"] = t["base_fc1_ms"] + t["base_fc2_ms"]
     fl1 = 2.0 * rows * 2 * inter * hidden
     fl2 = 2.0 * rows * hidden * inter
@@ -143,6 +141,17 @@ def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b):
     }
     res["ours_fc1_pct_peak_flops"] = 100 * res["ours_fc1_tflops"] / PEAK_TFLOPS
     res["ours_fc1_pct_peak_bw"] = 100 * res["ours_fc1_gbps"] / PEAK_GBPS
+    for variant in variants:
+        vm, vn = (int(v) for v in variant.split("x"))
+        vplan = plan if vm == tile_m else build_permutation(ids, num_experts, tile_m=vm)
+        vh = torch.empty(vplan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
+        vy = torch.empty(vplan.num_rows, hidden, dtype=torch.float32, device="cuda")
+        vrw = permuted_row_weights(tw, vplan.slot_index)
+        res[f"v{variant}_fc1_ms"] = time_graph(lambda: fc1_gather_swiglu(
+            cache, x, vplan.gather_index, vplan.tile_expert, w13, vm, n_sub=vn, out=vh))
+        res[f"v{variant}_fc2_ms"] = time_graph(lambda: fc2_weighted(
+            cache, vh, vplan.tile_expert, vrw, w2, vm, n_sub=vn, out=vy))
+        del vh, vy
     if multi_b:
         view = weights.split(split_sizes(num_experts, 4))
         m13, m2 = tables(view)
@@ -160,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-rows", type=int, default=300_000,
                    help="skip points with more permuted rows (device memory)")
     p.add_argument("--multi-b-tpe", default="16,256")
+    p.add_argument("--variants", default="64x64,64x128,128x128",
+                   help="extra (tile_m x n_sub) configs of our kernels to time at every point")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -179,7 +190,8 @@ def main(argv=None) -> int:
                                 "skipped": f"{tpe * num_experts} rows > --max-rows"})
                 continue
             r = bench_point(cache, weights, w13t, w2t, model, tpe,
-                            str(tpe) in args.multi_b_tpe.split(","))
+                            str(tpe) in args.multi_b_tpe.split(","),
+                            [v for v in args.variants.split(",") if v])
             results.append(r)
             print(f"{model:14s} tpe={tpe:5d} fc1 {r['ours_fc1_ms']:.3f}/{r['base_fc1_ms']:.3f} ms "
                   f"x{r['speedup_fc1']:.2f}  fc2 {r['ours_fc2_ms']:.3f}/{r['base_fc2_ms']:.3f} "

@@ -18,34 +18,34 @@ MODELS = {
 }
 
 
-def random_e4m3(shape, gen: torch.Generator, device) -> torch.Tensor:
+def random_e4m3(shape, gen: torch.Generator) -> torch.Tensor:
     """e4m3 block scales spanning 2^-4 .. 2^2 with random mantissas (no NaN/zero codes)."""
-    exp_field = torch.randint(3, 10, shape, generator=gen, device="cpu")  # 2^(e-7)
-    mant = torch.randint(0, 8, shape, generator=gen, device="cpu")
-    codes = (exp_field << 3 | mant).to(torch.uint8)
-    return codes.view(torch.float8_e4m3fn).to(device)
+    exp_field = torch.randint(3, 10, shape, generator=gen, device=gen.device,
+                              dtype=torch.uint8)  # value 2^(e-7)
+    mant = torch.randint(0, 8, shape, generator=gen, device=gen.device, dtype=torch.uint8)
+    return (exp_field << 3 | mant).view(torch.float8_e4m3fn)
 
 
 def random_nvfp4_experts(num_experts: int, hidden: int, inter: int, seed: int,
                          device="cuda") -> ExpertWeights:
     """A single-tensor ExpertWeights of random NVFP4 experts (output values of order 1)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def packed(*shape):
-        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
+        return torch.randint(0, 256, shape, generator=gen, device=device, dtype=torch.uint8)
 
     w13 = packed(num_experts, 2 * inter, hidden // 2)
     w2 = packed(num_experts, hidden, inter // 2)
     # Dequantized weights have rms ~7; alpha ~ 1 / (7 sqrt(K)) keeps activations of order 1.
-    a13 = (0.5 + torch.rand(num_experts, generator=gen)) / (7 * hidden ** 0.5)
-    a2 = (0.5 + torch.rand(num_experts, generator=gen)) / (7 * inter ** 0.5)
+    a13 = (0.5 + torch.rand(num_experts, generator=gen, device=device)) / (7 * hidden ** 0.5)
+    a2 = (0.5 + torch.rand(num_experts, generator=gen, device=device)) / (7 * inter ** 0.5)
     return ExpertWeights.single({
         "w3_w1_weight": w13,
-        "w3_w1_weight_scale": random_e4m3((num_experts, 2 * inter, hidden // 16), gen, device),
-        "fc31_alpha": a13.float().to(device),
+        "w3_w1_weight_scale": random_e4m3((num_experts, 2 * inter, hidden // 16), gen),
+        "fc31_alpha": a13.float(),
         "w2_weight": w2,
-        "w2_weight_scale": random_e4m3((num_experts, hidden, inter // 16), gen, device),
-        "fc2_alpha": a2.float().to(device),
+        "w2_weight_scale": random_e4m3((num_experts, hidden, inter // 16), gen),
+        "fc2_alpha": a2.float(),
     })
 
 
@@ -75,8 +75,8 @@ def uniform_routing(tokens_per_expert: int, num_experts: int, top_k: int,
 
 
 def random_tokens(tokens: int, hidden: int, seed: int, device="cuda") -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(tokens, hidden, generator=gen, device=device).to(torch.bfloat16)
 
 
 def split_sizes(num_experts: int, parts: int) -> list[int]:
