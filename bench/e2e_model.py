@@ -1,0 +1,227 @@
+"""Build the benchmark's DeepSeek-V3-shaped NVFP4 model slice on the device, one mode at a time.
+
+The slice is a preset's decoder (MLA attention, the preset's dense first layers, then
+``num_moe_layers`` MoE layers with shared experts) built by the project's model code, with
+synthetic weights generated and quantized directly on the device (no checkpoint). Every weight
+is a pure function of (seed, parameter name) or (seed, layer, global expert), so all modes and
+all ranks see the same model and the outputs of the three modes can be compared.
+
+Modes (``S`` ranks, ``E`` experts, ``L`` MoE layers), and the routed experts each rank holds:
+
+- ``dwdp``: its slice of W experts per layer in memory peers can map (``DwdpManager.allocate``),
+  plus the manager's two prefetch buffers: ``L*W + 2*(S-1)*P`` experts;
+- ``replicated``: all E per layer (``L*E``): the speed upper bound and the memory worst case;
+- ``ep``: its E/S per layer (``L*E/S``), tokens dispatched to their owners by all-to-all.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from tensorrt_llm_dwdp.model.builder import build_model
+from tensorrt_llm_dwdp.model.config import ModelConfig
+from tensorrt_llm_dwdp.model.decoder import CausalLM
+from tensorrt_llm_dwdp.model.moe_block import make_moe
+from tensorrt_llm_dwdp.model.presets import get_preset
+from tensorrt_llm_dwdp.moe.configurable_moe import MoeGate
+from tensorrt_llm_dwdp.moe.weights import ExpertWeights
+from tensorrt_llm_dwdp.parallel.expert_parallel import ExpertParallelBackend
+from tensorrt_llm_dwdp.quant.nvfp4 import quantize_nvfp4_per_leading
+
+logger = logging.getLogger(__name__)
+
+MODES = ("dwdp", "replicated", "ep")
+WEIGHT_STD = 0.02
+QUANT_CHUNK = 8  # experts generated + quantized at once (bounds the fp32 scratch)
+EXPERT_NAMES = ("w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha",
+                "w2_weight", "w2_weight_scale", "fc2_alpha")
+
+
+def bench_config(preset: str, num_moe_layers: int, vocab_size: int) -> ModelConfig:
+    """``preset`` with its own dense first layers followed by ``num_moe_layers`` MoE layers."""
+    if num_moe_layers < 2:
+        raise ValueError(f"num_moe_layers must be >= 2 (the ping-pong needs two), got {num_moe_layers}")
+    first_dense = int(get_preset(preset).get("first_k_dense_replace", 0))
+    hf = get_preset(preset, num_layers=first_dense + num_moe_layers, vocab_size=vocab_size)
+    config = ModelConfig.from_hf(hf)
+    if len(config.moe_layer_indices) != num_moe_layers:
+        raise ValueError(
+            f"preset {preset!r} with {first_dense + num_moe_layers} layers has MoE layers "
+            f"{config.moe_layer_indices}, not {num_moe_layers}"
+        )
+    return config
+
+
+def expert_shapes(config: ModelConfig, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes/dtypes of ``n`` NVFP4 experts (docs/ARCHITECTURE.md's table)."""
+    h, i = config.hidden_size, config.moe_intermediate_size
+    return {
+        "w3_w1_weight": ((n, 2 * i, h // 2), torch.uint8),
+        "w3_w1_weight_scale": ((n, 2 * i, h // 16), torch.float8_e4m3fn),
+        "fc31_alpha": ((n,), torch.float32),
+        "w2_weight": ((n, h, i // 2), torch.uint8),
+        "w2_weight_scale": ((n, h, i // 16), torch.float8_e4m3fn),
+        "fc2_alpha": ((n,), torch.float32),
+    }
+
+
+def expert_nbytes(config: ModelConfig) -> int:
+    """Bytes of one NVFP4 expert (weights + block scales + global scales)."""
+    total = 0
+    for shape, dtype in expert_shapes(config, 1).values():
+        total += torch.Size(shape).numel() * dtype.itemsize
+    return total
+
+
+def _seed_of(seed: int, *parts: object) -> int:
+    return zlib.crc32(repr((seed, *parts)).encode()) & 0x7FFFFFFF
+
+
+def fill_experts(dst: dict[str, torch.Tensor], config: ModelConfig, layer: int,
+                 first_expert: int, seed: int) -> None:
+    """Write global experts ``[first_expert, first_expert + n)`` of ``layer`` into ``dst``
+    (tensors of ``expert_shapes(config, n)``), generated and quantized on ``dst``'s device."""
+    n = dst["w3_w1_weight"].shape[0]
+    h, i = config.hidden_size, config.moe_intermediate_size
+    device = dst["w3_w1_weight"].device
+    for c in range(0, n, QUANT_CHUNK):
+        m = min(QUANT_CHUNK, n - c)
+        w13 = torch.empty(m, 2 * i, h, dtype=torch.bfloat16, device=device)
+        w2 = torch.empty(m, h, i, dtype=torch.bfloat16, device=device)
+        for j in range(m):
+            g = torch.Generator(device=device).manual_seed(_seed_of(seed, "expert", layer, first_expert + c + j))
+            w13[j] = torch.randn(2 * i, h, generator=g, device=device) * WEIGHT_STD
+            w2[j] = torch.randn(h, i, generator=g, device=device) * WEIGHT_STD
+        for prefix, w, alpha in (("w3_w1", w13, "fc31_alpha"), ("w2", w2, "fc2_alpha")):
+            q = quantize_nvfp4_per_leading(w)
+            dst[f"{prefix}_weight"][c:c + m].copy_(q.packed)
+            dst[f"{prefix}_weight_scale"][c:c + m].copy_(q.scale)
+            dst[alpha][c:c + m].copy_(q.global_scale)
+        del w13, w2
+
+
+def init_dense(model: nn.Module, seed: int) -> None:
+    """Every parameter and buffer by name: norms 1, router correction bias small, the rest
+    N(0, 0.02^2), each from its own generator on its own device."""
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                t.fill_(1.0)
+                continue
+            g = torch.Generator(device=t.device).manual_seed(_seed_of(seed, name))
+            if name.endswith("e_score_correction_bias"):
+                t.copy_(torch.rand(t.shape, generator=g, device=t.device, dtype=torch.float32) * 1e-2)
+            elif t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32) * WEIGHT_STD)
+
+
+class ExpertParallelMoE(nn.Module):
+    """The EP mode's routed experts: the same ``MoeGate`` router as ``ConfigurableMoE`` (same
+    parameter names, so the same weights), this rank's E/S experts, and the all-to-all backend."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, backend: ExpertParallelBackend,
+                 local: ExpertWeights) -> None:
+        super().__init__()
+        ref = make_moe(config, layer_idx, backend=backend)
+        self.gate: MoeGate = ref.gate
+        self.layer_idx = layer_idx
+        self.backend = backend
+        self.local = local
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.gate(hidden)
+        return self.backend.run_experts(hidden, ids, weights, self.local)
+
+
+@dataclass
+class BenchModel:
+    """One mode's model on one rank and what it holds."""
+
+    mode: str
+    model: CausalLM
+    manager: Any                 # DwdpManager in dwdp mode, else None
+    ep_backend: ExpertParallelBackend | None
+    expert_bytes: int            # routed-expert bytes resident on this rank (incl. DWDP buffers)
+    predicted_expert_bytes: int  # what the layout formula says
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
+            self.manager = None
+
+
+def build_bench_model(mode: str, config: ModelConfig, *, device: torch.device, backend: Any,
+                      rank: int, world_size: int, seed: int, dwdp_config: Any = None,
+                      ep_group: Any = None, timer: Any = None,
+                      manager_factory: Callable[..., Any] | None = None) -> BenchModel:
+    """Build ``mode``'s model on ``device`` for this rank. ``backend``: a MoE backend object.
+
+    dwdp needs ``dwdp_config`` (W = P = E/S here) and ``manager_factory(config, E, device)``
+    (``DwdpManager.from_environment``); ep needs torch.distributed initialized (``ep_group``).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}; choose one of {MODES}")
+    e, moe_layers = config.num_experts, config.moe_layer_indices
+    per_expert = expert_nbytes(config)
+    manager = None
+    ep_backend = None
+    locals_: dict[int, dict[str, torch.Tensor]] = {}
+
+    if mode == "dwdp":
+        manager = manager_factory(dwdp_config, e, device)
+        layout = manager.layout
+        first, count = layout.owned_range()[0], layout.num_experts_per_worker
+        alloc = manager.allocate
+    elif mode == "replicated":
+        first, count = 0, e
+        alloc = lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+    else:
+        ep_backend = ExpertParallelBackend(backend, num_experts=e, group=ep_group, timer=timer)
+        count = ep_backend.experts_per_rank
+        first = rank * count
+        alloc = lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+
+    try:
+        for layer in moe_layers:
+            t = {name: alloc(shape, dtype) for name, (shape, dtype) in expert_shapes(config, count).items()}
+            fill_experts(t, config, layer, first, seed)
+            locals_[layer] = t
+            if manager is not None:
+                manager.register_layer(layer, t)
+
+        def factory(layer_idx: int) -> nn.Module:
+            if mode == "ep":
+                return ExpertParallelMoE(config, layer_idx, ep_backend,
+                                         ExpertWeights.single(locals_[layer_idx]))
+            moe = make_moe(config, layer_idx, backend=backend, dwdp=manager)
+            moe.set_local_weights(locals_[layer_idx])
+            return moe
+
+        with torch.device(device):
+            model = build_model(config, factory)
+        model.eval()
+        init_dense(model, seed)
+        if manager is not None:
+            manager.exchange()
+    except BaseException:
+        if manager is not None:
+            manager.close()
+        raise
+
+    resident = sum(t.numel() * t.element_size() for d in locals_.values() for t in d.values())
+    n_layers = len(moe_layers)
+    if mode == "dwdp":
+        resident += manager.buffer_bytes
+        lay = manager.layout
+        predicted = (n_layers * lay.num_experts_per_worker + lay.buffered_experts) * per_expert
+    elif mode == "replicated":
+        predicted = n_layers * e * per_expert
+    else:
+        predicted = n_layers * (e // world_size) * per_expert
+    logger.info("rank %d built %s: %.2f GiB of routed experts", rank, mode, resident / 2**30)
+    return BenchModel(mode, model, manager, ep_backend, resident, predicted)

@@ -1,0 +1,74 @@
+"""PNG plots of the end-to-end prefill results (matplotlib, imported where used)."""
+from __future__ import annotations
+
+from typing import Any
+
+COLORS = {"dwdp": "tab:blue", "replicated": "tab:green", "ep": "tab:red"}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("plots need matplotlib (pip install matplotlib)") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_throughput(results: dict[str, Any], path: str) -> None:
+    """Prefill tokens/s per GPU vs tokens per rank, one line per mode, one panel per imbalance."""
+    plt = _pyplot()
+    seen = {k.split("/")[0] for m in results["modes"].values() for k in m.get("points", {})}
+    imbalances = [i for i in ("equal", "4x") if i in seen] + sorted(seen - {"equal", "4x"})
+    fig, axes = plt.subplots(1, max(1, len(imbalances)), figsize=(6 * max(1, len(imbalances)), 4.5),
+                             squeeze=False)
+    for ax, imb in zip(axes[0], imbalances):
+        for mode, m in results["modes"].items():
+            pts = sorted((int(k.split("/")[1]), p["tokens_per_s_per_gpu"])
+                         for k, p in m.get("points", {}).items()
+                         if k.startswith(imb + "/") and "tokens_per_s_per_gpu" in p)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=mode,
+                        color=COLORS.get(mode))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per step on the heavy rank" if imb != "equal" else "tokens per rank per step")
+        ax.set_ylabel("prefill tokens/s per GPU")
+        ax.set_title(f"{imb} load")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    meta = results["meta"]
+    fig.suptitle(f"{meta['preset']} slice, {meta['num_moe_layers']} MoE layers, "
+                 f"{meta['world_size']}x {meta['device_name']}, backend {meta['moe_backend']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_timeline(timeline: dict[str, Any], path: str, title: str) -> None:
+    """Compute stream (attention+dense vs MoE per layer) over the copy stream (prefetches)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(12, 3.2))
+    for seg in timeline["compute"]:
+        color = "tab:orange" if seg["kind"] == "moe" else "tab:gray"
+        ax.broken_barh([(seg["start"], max(seg["end"] - seg["start"], 1e-3))], (10, 8), color=color)
+        if seg["kind"] == "moe":
+            ax.text((seg["start"] + seg["end"]) / 2, 14, str(seg["layer"]), ha="center", va="center", fontsize=7)
+    for seg in timeline["copy"]:
+        color = "tab:purple" if seg["next_step"] else "tab:blue"
+        ax.broken_barh([(seg["start"], max(seg["end"] - seg["start"], 1e-3))], (0, 8), color=color)
+        ax.text((seg["start"] + seg["end"]) / 2, 4, str(seg["for_layer"]), ha="center", va="center",
+                fontsize=7, color="white")
+    ax.set_yticks([4, 14], ["copy stream\n(prefetch for layer)", "compute stream\n(MoE layer)"])
+    ax.set_xlabel("ms since step start")
+    ax.set_title(title)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="tab:gray", label="attention + dense"), Patch(color="tab:orange", label="MoE"),
+                       Patch(color="tab:blue", label="prefetch (this step)"),
+                       Patch(color="tab:purple", label="prefetch (next step)")],
+              loc="upper right", fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
