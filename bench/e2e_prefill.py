@@ -186,6 +186,7 @@ def run_mode(mode: str, args: argparse.Namespace, ctx: dict[str, Any], points: l
                            manager_factory=DwdpManager.from_environment)
     out: dict[str, Any] = {"points": {}}
     logits = None
+    runner = None
     try:
         max_tokens = max(pt.tokens for pt in points)
         runner = StepRunner(bm, device, max_seqs=-(-max_tokens // args.seq_len), seq_len=args.seq_len)
@@ -237,7 +238,7 @@ def run_mode(mode: str, args: argparse.Namespace, ctx: dict[str, Any], points: l
             out["memory"]["peak_allocated_bytes_per_rank"] = gather(torch.cuda.max_memory_allocated(device))
     finally:
         bm.close()
-        del bm
+        del bm, runner
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
