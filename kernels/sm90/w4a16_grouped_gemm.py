@@ -76,8 +76,6 @@ class W4A16GroupedGemm:
         self.num_wg = tile_m // 64
         self.threads = 128 * self.num_wg
         self.b_rows = 2 * n_sub
-        self.rows_per_thread = self.b_rows // self.threads
-        self.a_chunks_per_thread = tile_m * (ROW_BYTES // 16) // self.threads
         self.k_tiles = k // TILE_K
         self.n_tiles = rows // n_cta
         # FC1: sub-tile 1 is the gate half, I rows below the up half; FC2: the next n_sub rows.
@@ -131,41 +129,9 @@ class W4A16GroupedGemm:
         sw_addr = storage.sW.data_ptr().toint()
         ssf_addr = storage.sSF.data_ptr().toint()
 
-        # ---- expert -> (tensor, local) -> weight, scale and alpha addresses
-        expert = tile_expert[m_tile]
-        t = tensor_of_expert[expert]
-        local = Int64(local_of_expert[expert])
-        w_base = b_table[0, t] + local * (self.n_weight * self.k // 2)
-        sf_base = b_table[1, t] + local * (self.n_weight * self.k // 16)
-        alpha_ptr = cute.make_ptr(Float32, b_table[2, t] + local * 4, cute.AddressSpace.gmem,
-                                  assumed_align=4)
-        alpha = cute.make_tensor(alpha_ptr, cute.make_layout(1))[0]
-
-        # ---- per-thread B rows (raw loads and dequant use the same rows)
-        row0 = n_tile * self.cta_row_step
-        w_row = []
-        sf_row = []
-        b_local = []
-        for i in cutlass.range_constexpr(self.rows_per_thread):
-            j = tidx + i * self.threads
-            grow = row0 + (j // self.n_sub) * self.sub_stride + j % self.n_sub
-            w_row.append(w_base + Int64(grow) * (self.k // 2))
-            sf_row.append(sf_base + Int64(grow) * (self.k // 16))
-            b_local.append(j)
-
-        # ---- per-thread A chunks: 16 B of one row per chunk
-        a_base = a.iterator.toint()
-        a_src = []
-        a_dst = []
-        for c in cutlass.range_constexpr(self.a_chunks_per_thread):
-            q = tidx + c * self.threads
-            r = q // 8
-            cc = q % 8
-            src_row = m_tile * self.tile_m + r
-            if cutlass.const_expr(self.gather):
-                src_row = cutlass.max(row_index[src_row], Int32(0))
-            a_src.append(a_base + Int64(src_row) * (self.k * 2) + cc * 16)
-            a_dst.append(r * ROW_BYTES + ((cc ^ (r % 8)) * 16))
+        alpha, w_row, sf_row, b_local, a_src, a_dst = self._thread_setup(
+            tidx, self.threads, m_tile, n_tile, a, row_index, tile_expert, tensor_of_expert,
+            local_of_expert, b_table)
 
         # ---- MMA partitions
         wg = cute.arch.make_warp_uniform(tidx // 128)
@@ -212,9 +178,48 @@ class W4A16GroupedGemm:
             cute.nvgpu.warpgroup.wait_group(1)
         cute.nvgpu.warpgroup.wait_group(0)
 
-        # ---- epilogue
-        if cutlass.const_expr(self.epilogue == "swiglu"):
-            for i in cutlass.range_constexpr(cute.size(acc0)):
+        self._epilogue(acc0, acc1, alpha, thr_mma, tCcC, out, row_weight, m_tile, n_tile)
+
+    def _thread_setup(self, tidx, loaders, m_tile, n_tile, a, row_index, tile_expert,
+                      tensor_of_expert, local_of_expert, b_table):
+        """Per-CTA expert lookup (tensor, local index -> weight / scale / alpha addresses) and
+        per-thread copy plan for ``loaders`` loading threads (``tidx`` in [0, loaders)):
+        the B rows it loads and dequantizes, its A chunks (gathered row, swizzled offset)."""
+        expert = tile_expert[m_tile]
+        t = tensor_of_expert[expert]
+        local = Int64(local_of_expert[expert])
+        w_base = b_table[0, t] + local * (self.n_weight * self.k // 2)
+        sf_base = b_table[1, t] + local * (self.n_weight * self.k // 16)
+        alpha_ptr = cute.make_ptr(Float32, b_table[2, t] + local * 4, cute.AddressSpace.gmem,
+                                  assumed_align=4)
+        alpha = cute.make_tensor(alpha_ptr, cute.make_layout(1))[0]
+
+        row0 = n_tile * self.cta_row_step
+        w_row, sf_row, b_local = [], [], []
+        for i in range(self.b_rows // loaders):
+            j = tidx + i * loaders
+            grow = row0 + (j // self.n_sub) * self.sub_stride + j % self.n_sub
+            w_row.append(w_base + Int64(grow) * (self.k // 2))
+            sf_row.append(sf_base + Int64(grow) * (self.k // 16))
+            b_local.append(j)
+
+        a_base = a.iterator.toint()
+        a_src, a_dst = [], []
+        for c in range(self.tile_m * (ROW_BYTES // 16) // loaders):
+            q = tidx + c * loaders
+            r = q // 8
+            cc = q % 8
+            src_row = m_tile * self.tile_m + r
+            if self.gather:
+                src_row = cutlass.max(row_index[src_row], Int32(0))
+            a_src.append(a_base + Int64(src_row) * (self.k * 2) + cc * 16)
+            a_dst.append(r * ROW_BYTES + ((cc ^ (r % 8)) * 16))
+        return alpha, w_row, sf_row, b_local, a_src, a_dst
+
+    def _epilogue(self, acc0, acc1, alpha, thr_mma, tCcC, out, row_weight, m_tile, n_tile):
+        """FC1: h = silu(alpha*gate) * (alpha*up) -> bf16. FC2: y = (alpha*acc) * w_row -> fp32."""
+        if self.epilogue == "swiglu":
+            for i in range(cute.size(acc0)):
                 up = acc0[i] * alpha
                 gate = acc1[i] * alpha
                 sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-gate, fastmath=True))
@@ -226,7 +231,7 @@ class W4A16GroupedGemm:
             cute.autovec_copy(frag, t_out)
         else:
             m0 = m_tile * self.tile_m
-            for i in cutlass.range_constexpr(cute.size(acc0)):
+            for i in range(cute.size(acc0)):
                 rw = row_weight[m0 + tCcC[i][0]]
                 acc0[i] = acc0[i] * alpha * rw
                 acc1[i] = acc1[i] * alpha * rw
@@ -241,9 +246,9 @@ class W4A16GroupedGemm:
         """Issue this thread's cp.async copies of K tile ``kt`` into raw slot ``slot``."""
         sa_addr, _, sw_addr, ssf_addr = smem_addrs
         a_slot = sa_addr + slot * (self.tile_m * ROW_BYTES)
-        for c in range(self.a_chunks_per_thread):
+        for c in range(len(a_src)):
             cp_async_16(a_slot + a_dst[c], a_src[c] + Int64(kt) * ROW_BYTES)
-        for i in range(self.rows_per_thread):
+        for i in range(len(b_local)):
             rw = slot * self.b_rows + b_local[i]
             wsrc = w_row[i] + Int64(kt) * (TILE_K // 2)
             cp_async_16(sw_addr + rw * 32, wsrc)
@@ -255,7 +260,7 @@ class W4A16GroupedGemm:
         written at the 128 B-swizzled positions WGMMA reads (16 B chunk c of row j lands at
         chunk ``c ^ (j % 8)``; every sub-tile base is 1024 B aligned)."""
         _, sb_addr, sw_addr, ssf_addr = smem_addrs
-        for i in range(self.rows_per_thread):
+        for i in range(len(b_local)):
             j = b_local[i]
             rw = slot * self.b_rows + j
             w0, w1, w2, w3 = ld_shared_v4(sw_addr + rw * 32)
