@@ -51,6 +51,8 @@ class LocalCluster:
     procs: list[_Proc] = field(default_factory=list)
     config_path: str = ""
     router_url: str = ""
+    context_urls: list[str] = field(default_factory=list)
+    _urls: list[str] = field(default_factory=list)
 
     def write_config(self) -> dict:
         ports = _distinct_ports(1 + self.num_ctx + self.num_gen)
@@ -72,20 +74,34 @@ class LocalCluster:
 
     def start(self, timeout_s: float = 180.0) -> str:
         """Start every process and wait for health; returns the router URL."""
+        self.spawn(timeout_s)
+        self.wait_ready(timeout_s)
+        return self.router_url
+
+    def spawn(self, timeout_s: float = 180.0) -> None:
+        """Start every process without waiting (``wait_ready`` waits), so several deployments
+        can load their models at the same time."""
         config = self.write_config()
-        ctx_urls = [f"http://{u}" for u in config["context_servers"]["urls"]]
+        self.context_urls = [f"http://{u}" for u in config["context_servers"]["urls"]]
         gen_urls = [f"http://{u}" for u in config["generation_servers"]["urls"]]
         try:
-            self._start_context(config, ctx_urls)
+            self._start_context(config, self.context_urls)
             for i, url in enumerate(gen_urls):
                 self._start_generation(i, url)
             self._spawn("router", [*_cli(), "disaggregated", "-c", self.config_path,
                                    "-t", str(int(timeout_s)), "-r", str(int(timeout_s))], self.router_url)
-            self._wait([*ctx_urls, *gen_urls, self.router_url], timeout_s)
         except BaseException:
             self.stop()
             raise
-        return self.router_url
+        self._urls = [*self.context_urls, *gen_urls, self.router_url]
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        """Wait for every server's /health; on failure stop everything, raising with log tails."""
+        try:
+            self._wait(self._urls, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
 
     def _start_context(self, config: dict, urls: list[str]) -> None:
         kind = choose_launcher(self.launcher)
@@ -166,7 +182,8 @@ class LocalCluster:
                 p.popen.wait(timeout=30)
 
     def __enter__(self) -> "LocalCluster":
-        self.start()
+        if not self.procs:  # not spawned yet
+            self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -186,29 +203,37 @@ class LocalServer:
     _cluster: LocalCluster | None = None
 
     def start(self, timeout_s: float = 180.0) -> str:
+        self.spawn()
+        self.wait_ready(timeout_s)
+        return self.url
+
+    def spawn(self) -> None:
         os.makedirs(self.workdir, exist_ok=True)
         extra = os.path.join(self.workdir, "serve_options.yaml")
         with open(extra, "w", encoding="utf-8") as f:
             yaml.safe_dump(dict(self.options), f)
         port = free_port()
         self.url = f"http://{self.host}:{port}"
-        # Reuse the cluster's process handling (logs, process groups, health wait) for one process.
+        # The cluster's process handling (logs, process groups, health wait) for one process.
         self._cluster = LocalCluster(self.model, self.workdir, host=self.host, env=self.env)
-        try:
-            self._cluster._spawn("serve", [*_cli(), "serve", self.model, "--host", self.host, "--port",
-                                           str(port), "--extra_llm_api_options", extra], self.url)
-            self._cluster._wait([self.url], timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self.url
+        self._cluster._spawn("serve", [*_cli(), "serve", self.model, "--host", self.host, "--port",
+                                       str(port), "--extra_llm_api_options", extra], self.url)
+        self._cluster._urls = [self.url]
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        self._cluster.wait_ready(timeout_s)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._cluster.procs[0].popen.returncode if self._cluster is not None else None
 
     def stop(self) -> None:
         if self._cluster is not None:
             self._cluster.stop()
 
     def __enter__(self) -> "LocalServer":
-        self.start()
+        if self._cluster is None:  # not spawned yet
+            self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -156,7 +156,7 @@ def merge_options(base: ServeOptions, extra: Mapping[str, Any], *, source: str =
         )
     ignored = tuple(sorted(k for k in extra if k in KNOWN_IGNORED_KEYS))
     if ignored:
-        logger.info("%s: keys %s are TensorRT-LLM options with no effect here; ignored", source, list(ignored))
+        logger.debug("%s: keys %s are TensorRT-LLM options with no effect here; ignored", source, list(ignored))
     changes: dict[str, Any] = {"ignored_keys": tuple(sorted(set(base.ignored_keys) | set(ignored)))}
     for key in ("model", "tokenizer", "device"):
         if key in extra:

@@ -90,6 +90,9 @@ def _load_model(options: ServeOptions, device: Any, manager: Any):
 def run_worker_server(options: ServeOptions, *, local_rank: int = 0, group: Any = None,
                       advertise_host: str | None = None) -> None:
     """Build the worker, serve it on ``options.host:port`` until a signal, then close it."""
+    if options.ignored_keys:
+        logger.info("options %s are TensorRT-LLM settings with no effect here; ignored",
+                    list(options.ignored_keys))
     from tensorrt_llm_dwdp.serve.launch import advertised_url, serve_app
     from tensorrt_llm_dwdp.serve.openai_server import OpenAIServer, ServerConfig
 

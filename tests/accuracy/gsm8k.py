@@ -186,6 +186,14 @@ def run_parity(args: argparse.Namespace, problems: list[Problem], prompts: list[
 
     baseline = LocalServer(args.model, os.path.join(workdir, "baseline"), _llm_options(args, with_dwdp=False))
     cluster = _cluster(args, workdir)
+    baseline.spawn()  # both deployments load their models at the same time
+    try:
+        cluster.spawn(args.start_timeout)
+        baseline.wait_ready(args.start_timeout)
+        cluster.wait_ready(args.start_timeout)
+    except BaseException:
+        baseline.stop()
+        raise
     with baseline, cluster:
         ref, ref_s = run_queries(baseline.url, prompts, args, "DWDP off (aggregated)")
         got, got_s = run_queries(cluster.router_url, prompts, args, "DWDP on (disaggregated)")
@@ -209,7 +217,9 @@ def run_accuracy(args: argparse.Namespace, problems: list[Problem], prompts: lis
     if args.url:
         outputs, secs = run_queries(args.url, prompts, args, "GSM8K")
     else:
-        with _cluster(args, workdir) as cluster:
+        cluster = _cluster(args, workdir)
+        cluster.start(args.start_timeout)
+        with cluster:
             outputs, secs = run_queries(cluster.router_url, prompts, args, "GSM8K")
     n_correct, correct = score([o["text"] for o in outputs], problems)
     accuracy = n_correct / len(problems)
@@ -240,6 +250,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=None, help="accuracy: override gsm8k_config.yaml")
     p.add_argument("--min-parity-questions", type=int, default=50)
     p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--start-timeout", type=float, default=600.0, help="server start-up limit (s)")
     p.add_argument("--data", default=TEST_FILE, help="GSM8K test jsonl (default: the vendored 100)")
     p.add_argument("--workdir", default=None, help="logs and YAMLs (default: a temporary folder)")
     p.add_argument("--report", required=True, help="JSON report path")

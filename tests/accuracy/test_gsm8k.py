@@ -80,7 +80,8 @@ def test_parity_dwdp_on_equals_off_through_servers(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "accuracy", "gsm8k.py"), "--mode", "parity",
          "--model", model, "--dwdp-config", os.path.join(ROOT, "configs", "synthetic_tiny_dwdp2.yaml"),
-         "--num-questions", "50", "--max-tokens", "12", "--max-seq-len", "1536", "--device", "cpu",
+         "--num-questions", "50", "--num-fewshot", "1", "--max-tokens", "8", "--max-seq-len", "1024",
+         "--device", "cpu",
          "--workdir", str(tmp_path / "work"), "--report", str(report)],
         capture_output=True, text=True, timeout=600)
     assert report.exists(), proc.stderr[-3000:]

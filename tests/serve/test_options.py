@@ -27,7 +27,7 @@ def test_flags_then_yaml_wins(tmp_path):
 
 
 def test_known_ignored_keys_are_logged(tmp_path, caplog):
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         o = options_from_cli(_args(tmp_path, yaml_text=(
             "disable_overlap_scheduler: true\ncache_transceiver_config: {backend: UCX}\n"
             "kv_cache_config: {free_gpu_memory_fraction: 0.8}\n")))
