@@ -63,7 +63,7 @@ def build_permutation(
     device = topk_ids.device
     flat = topk_ids.reshape(-1).long()
     if flat.numel():
-        lo, hi = int(flat.min()), int(flat.max())
+        lo, hi = torch.stack(torch.aminmax(flat)).tolist()  # one host sync
         if lo < 0 or hi >= num_experts:
             bad = lo if lo < 0 else hi
             raise ValueError(
