@@ -104,6 +104,11 @@ class DwdpManager:
         return self._buffers.total_bytes if self._buffers is not None else 0
 
     @property
+    def mapped_allocations(self) -> int:
+        """Distinct peer allocations mapped now (each opened once however many tensors it holds)."""
+        return self._transport.open_allocations
+
+    @property
     def stats(self) -> DwdpStats:
         """Snapshot of copy / stall counters (GPU timings of completed work only)."""
         if self._stats is None:

@@ -5,6 +5,7 @@ and by tests/gpu/test_cuda_ipc_multirank.py. Runs the scenarios given by --scena
 in one process (torch imports once), each with a fresh group:
 
   ok           every rank's view equals experts [0, E) bit for bit, several steps
+  contention   the same with contention_opt (interleaved slices, one batched copy on GPUs)
   shape        the last rank registers one tensor with another shape      -> all ranks fail
   config       the last rank has another dwdp_config                     -> all ranks fail
   names        rank 0 leaves one tensor out of one layer                 -> all ranks fail
@@ -60,7 +61,8 @@ def per_expert_bytes() -> int:
 
 def run(scenario: str, args, size: int, rank_hint: int, device: torch.device) -> str:
     cfg = dict(dwdp_size=size, num_experts_per_worker=args.w, num_prefetch_experts=args.p,
-               contention_opt=args.contention_opt, prefetch_slice_bytes=args.slice_bytes,
+               contention_opt=args.contention_opt or scenario == "contention",
+               prefetch_slice_bytes=args.slice_bytes,
                peer_timeout_s=args.timeout)
     last = rank_hint == size - 1
     if scenario == "config" and last:
@@ -94,6 +96,8 @@ def run(scenario: str, args, size: int, rank_hint: int, device: torch.device) ->
             print(f"SCENARIO die rank={rank} EXITING pid={os.getpid()}", flush=True)
             os._exit(0)  # gone right before the exchange, without MPI_Finalize
         mgr.exchange()
+        mapped = mgr.mapped_allocations
+        assert 0 < mapped <= (size - 1) * len(LAYERS) * len(TENSORS), mapped
         mgr.poison_buffers(0xA5)
         for step in range(args.steps):
             mgr.start_step()
@@ -119,7 +123,8 @@ def run(scenario: str, args, size: int, rank_hint: int, device: torch.device) ->
         assert stats.bytes_copied == want_bytes, (stats.bytes_copied, want_bytes)
         assert stats.waits == args.steps * len(LAYERS), stats.waits
         assert all(layer.copy_time_s > 0 for layer in stats.layers), stats
-    return f"copied={stats.bytes_copied} copy_s={stats.copy_time_s:.6f}"
+    assert mgr.mapped_allocations == 0, mgr.mapped_allocations  # close() unmapped every peer
+    return f"mapped={mapped} copied={stats.bytes_copied} copy_s={stats.copy_time_s:.6f}"
 
 
 def main() -> int:
