@@ -44,4 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(args._entry(args) or 0)
+    try:
+        return int(args._entry(args) or 0)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        # Bad input (config, checkpoint, peers) is reported as one line; --log-level DEBUG
+        # shows where it came from.
+        logging.getLogger(__name__).debug("command failed", exc_info=True)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
+        return 2

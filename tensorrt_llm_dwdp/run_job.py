@@ -171,3 +171,121 @@ def write_rank_outputs(out_dir: str, name: str, report: RankReport | None, outpu
 def read_rank_report(path: str) -> RankReport:
     with open(path) as f:
         return RankReport(**json.load(f))
+
+
+def partition_config(num_experts: int, ranks: int, experts_per_worker: int | None = None,
+                     prefetch_experts: int | None = None, *, contention_opt: bool = False):
+    """A DwdpConfig for ``ranks`` ranks; by default a disjoint partition (W = P = E / ranks)."""
+    from tensorrt_llm_dwdp.config import DwdpConfig, DwdpConfigError
+
+    if ranks == 1:
+        return DwdpConfig(dwdp_size=1)
+    w = experts_per_worker
+    if w is None:
+        if num_experts % ranks:
+            raise DwdpConfigError(f"{num_experts} experts do not split evenly over {ranks} ranks; "
+                                  "give --experts-per-worker and --prefetch-experts")
+        w = num_experts // ranks
+    p = prefetch_experts
+    if p is None:
+        if (num_experts - w) % (ranks - 1):
+            raise DwdpConfigError(f"E - W = {num_experts - w} is not a multiple of ranks - 1 = "
+                                  f"{ranks - 1}; give --prefetch-experts")
+        p = (num_experts - w) // (ranks - 1)
+    return DwdpConfig(dwdp_size=ranks, num_experts_per_worker=w, num_prefetch_experts=p,
+                      contention_opt=contention_opt)
+
+
+def write_dwdp_yaml(config, path: str) -> None:
+    import yaml
+
+    with open(path, "w") as f:
+        yaml.safe_dump({"dwdp_config": config.to_dict()}, f, sort_keys=False)
+
+
+def cache_dir(override: str | None = None) -> str:
+    return override or os.environ.get("TRTLLM_DWDP_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "tensorrt_llm_dwdp")
+
+
+def ensure_checkpoint(preset: str, num_layers: int, quant: str, vocab_size: int | None,
+                      cache_override: str | None = None) -> str:
+    """Path of a synthetic checkpoint for these settings, written once and then reused.
+
+    Written into a temporary folder and renamed, so an interrupted build is never reused.
+    """
+    import shutil
+
+    from tensorrt_llm_dwdp.model.presets import get_preset
+    from tensorrt_llm_dwdp.model.synthetic import write_synthetic_checkpoint
+
+    hf = get_preset(preset, num_layers=num_layers, vocab_size=vocab_size)
+    tag = f"{preset}-L{num_layers}-{quant}" + (f"-V{vocab_size}" if vocab_size else "")
+    final = os.path.join(cache_dir(cache_override), "checkpoints", tag)
+    if os.path.isfile(os.path.join(final, "config.json")):
+        logger.info("reusing synthetic checkpoint %s", final)
+        return final
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("writing synthetic checkpoint %s (first run only)", final)
+    write_synthetic_checkpoint(tmp, hf, quant=quant, seed=0)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another run finished the same checkpoint first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def reference_parity(model_dir: str, out_dir: str, groups: list[list[list[int]]], *,
+                     max_tokens: int, device: str, moe_backend: str, cpu_threads: int = 1) -> Parity:
+    """Run each rank's prompt batch on one rank holding every expert; compare bit for bit."""
+    from tensorrt_llm_dwdp.model.checkpoint import load_model
+
+    dev = pick_device(device, 0)
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu_threads)
+    model = load_model(model_dir, device=dev, moe_backend=moe_backend, dwdp=None)
+    tokens_equal, bitwise, worst, steps = True, True, 0.0, 0
+    for rank, prompts in enumerate(groups):
+        if not prompts:
+            continue
+        outputs, logits, _ = generate_with_logits(model, prompts, max_tokens=max_tokens, device=dev,
+                                                  progress_desc=f"reference for rank {rank}")
+        saved = torch.load(os.path.join(out_dir, f"rank{rank}.pt"))
+        tokens_equal &= saved["outputs"] == outputs
+        eq, w, n = compare_logits(saved["logits"], logits)
+        bitwise &= eq
+        worst = max(worst, w)
+        steps += n
+        write_rank_outputs(out_dir, f"reference{rank}", None, outputs, logits)
+    return Parity(tokens_equal, bitwise, worst, steps)
+
+
+def local_expert_bytes(model) -> tuple[int, int]:
+    """(bytes of this rank's expert tensors, bytes of one expert summed over MoE layers)."""
+    local, per_expert = 0, 0
+    for moe in model.moe_modules().values():
+        weights = moe.local_weights
+        layer = sum(t.numel() * t.element_size() for ts in weights.tensors.values() for t in ts)
+        local += layer
+        per_expert += layer // weights.num_experts
+    return local, per_expert
+
+
+def rank_report(rank: int, device, prompts, outputs, engine_stats, manager, model) -> RankReport:
+    local, per_expert = local_expert_bytes(model)
+    stats = manager.stats
+    layers = max(1, len(stats.layers))
+    return RankReport(
+        rank=rank, device=str(device), num_prompts=len(prompts),
+        prefill_tokens=engine_stats.prefill_tokens if engine_stats else 0,
+        prefill_seconds=engine_stats.prefill_seconds if engine_stats else 0.0,
+        decode_tokens=engine_stats.decode_tokens if engine_stats else 0,
+        decode_seconds=engine_stats.decode_seconds if engine_stats else 0.0,
+        expert_bytes_local=local, expert_bytes_buffers=manager.buffer_bytes,
+        expert_bytes_replicated=per_expert * manager.num_experts,
+        prefetch_bytes=stats.bytes_copied,
+        stall_ms_per_layer=1e3 * stats.stall_time_s / max(1, stats.waits),
+        copy_ms_per_layer=1e3 * stats.copy_time_s / max(1, stats.prefetches),
+        outputs=outputs)

@@ -1,0 +1,63 @@
+"""One rank of the ``run`` job (started by ``run`` under mpirun or the TCP rendezvous).
+
+Loads its expert slice, exchanges handles with its peers, prefills and decodes its own prompts,
+and writes ``rank{r}.json`` (measurements) and ``rank{r}.pt`` (tokens and per-step logits).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+NAME = "rank-worker"
+HELP = "one DWDP rank of the `run` job (internal: `run` starts it on every rank)"
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (HF layout)")
+    p.add_argument("--dwdp-config", required=True, help="YAML with a dwdp_config: section")
+    p.add_argument("--prompts", required=True, help="JSON: per rank a list of token-id lists")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens to generate per prompt")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--moe-backend", default="torch", help="MoE backend name (torch, cutedsl)")
+    p.add_argument("--out", required=True, help="folder for rank{r}.json / rank{r}.pt")
+    p.add_argument("--cpu-threads", type=int, default=1, help="torch threads when on the CPU")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from tensorrt_llm_dwdp.config import DwdpConfig
+    from tensorrt_llm_dwdp.manager import DwdpManager
+    from tensorrt_llm_dwdp.model.checkpoint import load_model
+    from tensorrt_llm_dwdp.model.config import ModelConfig
+    from tensorrt_llm_dwdp.run_job import (generate_with_logits, local_rank_from_env, pick_device,
+                                           rank_report, write_rank_outputs)
+
+    config = DwdpConfig.from_yaml(args.dwdp_config)
+    num_experts = ModelConfig.from_file(args.model).num_experts
+    device = pick_device(args.device, local_rank_from_env())
+    if device.type == "cpu":
+        torch.set_num_threads(args.cpu_threads)
+    with open(args.prompts) as f:
+        prompt_groups = json.load(f)
+    with DwdpManager.from_environment(config, num_experts, device) as manager:
+        rank = manager.rank
+        if len(prompt_groups) != config.dwdp_size:
+            raise ValueError(f"{args.prompts}: {len(prompt_groups)} prompt groups for "
+                             f"dwdp_size={config.dwdp_size}")
+        model = load_model(args.model, device=device, moe_backend=args.moe_backend, dwdp=manager)
+        manager.exchange()
+        prompts = prompt_groups[rank]
+        outputs, logits, stats = [], [], None
+        if prompts:
+            outputs, logits, stats = generate_with_logits(
+                model, prompts, max_tokens=args.max_tokens, device=device, dwdp=manager,
+                progress_desc=f"rank {rank} decode" if rank == 0 else None)
+        report = rank_report(rank, device, prompts, outputs, stats, manager, model)
+        write_rank_outputs(args.out, f"rank{rank}", report, outputs, logits)
+        logger.info("rank %d: %d prompts, %d prefill tokens in %.3f s", rank, len(prompts),
+                    report.prefill_tokens, report.prefill_seconds)
+    return 0

@@ -1,0 +1,128 @@
+"""The main job: a DWDP group prefills and decodes, then is checked against one full rank.
+
+With no arguments it builds (once, then reuses) a small synthetic NVFP4 DeepSeek-V3-style
+checkpoint, launches 2 DWDP ranks (GPUs when present, else CPU ranks sharing experts through
+POSIX shared memory), prefills prompts of unequal lengths, decodes a few tokens, and prints per
+rank prefill tokens/s, expert memory against a replicated model, prefetch stall, and a parity
+line: the outputs equal those of one rank holding all experts, logits bit for bit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+NAME = "run"
+HELP = "run the main job: DWDP ranks prefill + decode, checked against one full rank"
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model")
+    src.add_argument("--model", help="checkpoint folder (HF layout); default: a synthetic one "
+                     "built from --preset into the cache folder")
+    src.add_argument("--preset", default="tiny-deepseek-v3",
+                     help="named config for the synthetic checkpoint (default: tiny-deepseek-v3; "
+                     "see `make-checkpoint --help`)")
+    src.add_argument("--num-layers", type=int, default=4, help="decoder layers of the synthetic "
+                     "checkpoint (default: 4)")
+    src.add_argument("--quant", default="nvfp4", choices=["nvfp4", "bf16"],
+                     help="routed-expert format of the synthetic checkpoint (default: nvfp4)")
+    src.add_argument("--vocab-size", type=int, default=None,
+                     help="vocabulary of the synthetic checkpoint (default: the preset's)")
+    src.add_argument("--cache-dir", default=None, help="where synthetic checkpoints are kept "
+                     "(default: $TRTLLM_DWDP_CACHE or ~/.cache/tensorrt_llm_dwdp)")
+    dw = p.add_argument_group("DWDP")
+    dw.add_argument("--ranks", type=int, default=2, help="DWDP ranks = dwdp_size (default: 2)")
+    dw.add_argument("--dwdp-config", help="YAML with a dwdp_config: section (overrides --ranks, "
+                    "--experts-per-worker, --prefetch-experts)")
+    dw.add_argument("--experts-per-worker", type=int, default=None,
+                    help="W: experts each rank holds (default: E / ranks, a disjoint partition)")
+    dw.add_argument("--prefetch-experts", type=int, default=None,
+                    help="P: experts fetched from each peer (default: (E - W) / (ranks - 1))")
+    dw.add_argument("--contention-opt", action="store_true",
+                    help="interleave 2 MiB copy slices across peers in one batched copy")
+    ex = p.add_argument_group("execution")
+    ex.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: one GPU per rank when CUDA is available, else CPU")
+    ex.add_argument("--moe-backend", default="torch", help="MoE backend: torch or cutedsl "
+                    "(default: torch)")
+    ex.add_argument("--max-tokens", type=int, default=8, help="tokens generated per prompt")
+    ex.add_argument("--cpu-threads", type=int, default=None, help="torch threads per CPU rank "
+                    "(default: cores / ranks; the reference run uses the same count)")
+    ex.add_argument("--prompts-file", help="JSON list of prompt strings (default: embedded set)")
+    ex.add_argument("--launcher", default="auto", choices=["auto", "mpirun", "tcp"],
+                    help="how ranks start: mpirun if on PATH, else a TCP rendezvous")
+    ex.add_argument("--timeout", type=float, default=1800.0, help="seconds before ranks are stopped")
+    ex.add_argument("--no-parity", action="store_true", help="skip the single-rank reference run")
+    ex.add_argument("--out", default=os.path.join("results", "run"),
+                    help="output folder for rank reports, logits and summary.json")
+
+
+def main(args: argparse.Namespace) -> int:
+    from tensorrt_llm_dwdp.config import DwdpConfig
+    from tensorrt_llm_dwdp.launcher import launch, python_module_argv
+    from tensorrt_llm_dwdp.model.config import ModelConfig
+    from tensorrt_llm_dwdp.model.tokenizer import load_tokenizer
+    from tensorrt_llm_dwdp.run_job import (DEMO_PROMPTS, assign_prompts, ensure_checkpoint,
+                                           format_report, partition_config, read_rank_report,
+                                           reference_parity, write_dwdp_yaml)
+
+    started = time.perf_counter()
+    model_dir = args.model or ensure_checkpoint(args.preset, args.num_layers, args.quant,
+                                                args.vocab_size, args.cache_dir)
+    num_experts = ModelConfig.from_file(model_dir).num_experts
+    if args.dwdp_config:
+        config = DwdpConfig.from_yaml(args.dwdp_config)
+    else:
+        config = partition_config(num_experts, args.ranks, args.experts_per_worker,
+                                  args.prefetch_experts, contention_opt=args.contention_opt)
+    config.check_num_experts(num_experts)
+    os.makedirs(args.out, exist_ok=True)
+    config_path = os.path.join(args.out, "dwdp.yaml")
+    write_dwdp_yaml(config, config_path)
+
+    texts = DEMO_PROMPTS
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            texts = tuple(json.load(f))
+    tokenizer = load_tokenizer(model_dir)
+    token_ids = [tokenizer.encode(t) for t in texts]
+    groups = [[token_ids[i] for i in idx] for idx in assign_prompts(len(token_ids), config.dwdp_size)]
+    prompts_path = os.path.join(args.out, "prompts.json")
+    with open(prompts_path, "w") as f:
+        json.dump(groups, f)
+
+    threads = args.cpu_threads or max(1, (os.cpu_count() or 1) // config.dwdp_size)
+    print(f"model {model_dir}: {num_experts} experts; DWDP {config.dwdp_size} ranks, "
+          f"W={config.experts_per_worker(num_experts)} P={config.prefetch_experts()}", flush=True)
+    argv = python_module_argv("--log-level", args.log_level, "rank-worker", "--model", model_dir,
+                              "--dwdp-config", config_path, "--prompts", prompts_path,
+                              "--max-tokens", str(args.max_tokens), "--device", args.device,
+                              "--moe-backend", args.moe_backend, "--out", args.out,
+                              "--cpu-threads", str(threads))
+    result = launch(config.dwdp_size, argv, launcher=args.launcher, timeout_s=args.timeout)
+    if not result.ok:
+        print(f"error: DWDP ranks failed (launcher {result.launcher}, exit codes "
+              f"{list(result.returncodes)}); see the log above", file=sys.stderr)
+        return 1
+    reports = [read_rank_report(os.path.join(args.out, f"rank{r}.json")) for r in range(config.dwdp_size)]
+    parity = None
+    if not args.no_parity:
+        parity = reference_parity(model_dir, args.out, groups, max_tokens=args.max_tokens,
+                                  device=args.device, moe_backend=args.moe_backend,
+                                  cpu_threads=threads)
+    print(format_report(reports, parity))
+    summary = {"model": model_dir, "dwdp_config": config.to_dict(), "launcher": result.launcher,
+               "wall_seconds": time.perf_counter() - started,
+               "ranks": [r.__dict__ | {"prefill_tokens_per_s": r.prefill_tokens_per_s} for r in reports],
+               "parity": None if parity is None else parity.__dict__}
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if parity is not None and not (parity.tokens_equal and parity.logits_bitwise_equal):
+        return 2
+    return 0
