@@ -1,0 +1,59 @@
+"""The README's main job, for real: ranks under mpirun or the TCP rendezvous, CPU shared memory,
+and a bitwise comparison with one rank holding all experts."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.multirank
+
+
+def run_job(tmp_path, *extra):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "tensorrt_llm_dwdp", "run", "--device", "cpu", "--max-tokens", "4",
+           "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+def check_parity(proc, out, ranks):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "parity vs one rank holding all experts: PASS" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parity"]["logits_bitwise_equal"] and summary["parity"]["tokens_equal"]
+    assert summary["parity"]["compared_steps"] > 0
+    assert len(summary["ranks"]) == ranks
+    for r in summary["ranks"]:
+        # each rank holds W of E experts plus two buffers of (S-1)P: less than replicated here
+        assert 0 < r["expert_bytes_local"] < r["expert_bytes_replicated"]
+        assert r["prefetch_bytes"] > 0
+    return summary
+
+
+def test_default_two_ranks_nvfp4_deepseek_bitwise_parity(tmp_path):
+    proc, out = run_job(tmp_path)
+    summary = check_parity(proc, out, 2)
+    assert summary["dwdp_config"]["num_experts_per_worker"] == 8
+    assert "prefill tok/s" in proc.stdout
+
+
+def test_four_ranks_tcp_rendezvous_qwen3_bitwise_parity(tmp_path):
+    proc, out = run_job(tmp_path, "--preset", "tiny-qwen3-moe", "--num-layers", "2", "--ranks", "4",
+                        "--launcher", "tcp")
+    summary = check_parity(proc, out, 4)
+    assert summary["launcher"] == "tcp"
+
+
+def test_redundant_layout_with_contention_opt_bitwise_parity(tmp_path):
+    proc, out = run_job(tmp_path, "--num-layers", "3", "--experts-per-worker", "10",
+                        "--prefetch-experts", "6", "--contention-opt")
+    summary = check_parity(proc, out, 2)
+    assert summary["dwdp_config"]["contention_opt"] is True
+
+
+def test_bad_layout_fails_before_launch_naming_the_values(tmp_path):
+    proc, _ = run_job(tmp_path, "--num-layers", "2", "--experts-per-worker", "10",
+                      "--prefetch-experts", "5", "--no-parity")
+    assert proc.returncode != 0
+    assert "16" in proc.stderr and "num_prefetch_experts" in proc.stderr
