@@ -111,11 +111,10 @@ async def query_all(url: str, prompts: Sequence[str], *, max_tokens: int, concur
                     timeout_s: float, desc: str) -> list[dict[str, Any]]:
     """Greedy completions for every prompt (``concurrency`` in flight), with a progress bar."""
     import aiohttp
-    from tqdm import tqdm
 
     sem = asyncio.Semaphore(concurrency)
     results: list[dict[str, Any] | None] = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, unit="q", file=sys.stderr)
+    bar = _progress(len(prompts), desc)
 
     async def one(session, i: int) -> None:
         body = {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0, "stop": STOP,
@@ -138,6 +137,29 @@ async def query_all(url: str, prompts: Sequence[str], *, max_tokens: int, concur
     return results  # type: ignore[return-value]
 
 
+class _PlainProgress:
+    """Stand-in for tqdm where it is not installed: a line every 10 answers."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.n = total, desc, 0
+
+    def update(self, k: int) -> None:
+        self.n += k
+        if self.n % 10 == 0 or self.n == self.total:
+            print(f"{self.desc}: {self.n}/{self.total}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainProgress(total, desc)
+    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr)
+
+
 def run_queries(url: str, prompts: Sequence[str], args: argparse.Namespace, desc: str) -> tuple[list[dict], float]:
     start = time.perf_counter()
     out = asyncio.run(query_all(url, prompts, max_tokens=args.max_tokens, concurrency=args.concurrency,
@@ -150,14 +172,14 @@ def run_queries(url: str, prompts: Sequence[str], args: argparse.Namespace, desc
 def _llm_options(args: argparse.Namespace, with_dwdp: bool) -> dict[str, Any]:
     from tensorrt_llm_dwdp.serve.options import load_yaml_mapping
 
-    opts: dict[str, Any] = {"max_seq_len": args.max_seq_len, "max_batch_size": args.max_batch_size}
+    opts: dict[str, Any] = {}
+    if args.dwdp_config:  # every server runs the same MoE backend and limits; only DWDP differs
+        opts.update(load_yaml_mapping(args.dwdp_config))
+        if not with_dwdp:
+            opts.pop("dwdp_config", None)
+    opts.update(max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size)
     if args.device:
         opts["device"] = args.device
-    if with_dwdp and args.dwdp_config:
-        extra = load_yaml_mapping(args.dwdp_config)
-        extra.pop("max_seq_len", None)
-        extra.pop("max_batch_size", None)
-        opts.update(extra)
     return opts
 
 
