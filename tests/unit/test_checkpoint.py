@@ -192,3 +192,18 @@ def test_missing_shard_is_reported(tmp_path):
     (tmp_path / victim).unlink()
     with pytest.raises(FileNotFoundError, match=victim):
         load_model(tmp_path)
+
+
+def test_nvfp4_non_expert_linear_is_dequantized(tmp_path):
+    hf, sd = _tiny(tmp_path)
+    key = "model.layers.1.self_attn.o_proj.weight"
+    q = quantize_nvfp4(sd.pop(key))
+    sd.update({key: q.packed, key + "_scale": q.scale, key + "_scale_2": q.global_scale.reshape(())})
+    write_checkpoint(tmp_path, hf, sd, 1 << 20)
+    model = load_model(tmp_path)
+    want = dequantize_nvfp4(q.packed, q.scale, q.global_scale).to(torch.bfloat16)
+    assert torch.equal(model.state_dict()[key], want)
+    del sd[key + "_scale"]
+    write_checkpoint(tmp_path, hf, sd, 1 << 20)
+    with pytest.raises(ValueError, match="o_proj.weight is uint8"):
+        load_model(tmp_path)
