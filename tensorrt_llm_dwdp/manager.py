@@ -405,6 +405,7 @@ class DwdpManager:
         except Exception as exc:
             error = error or exc
         self._views, self._buffers, self._engine, self._plans = None, None, None, []
+        self._current = self._queued = 0  # weights()/done() now take the error path
         try:
             if self._peer_failed:
                 self.comm.abandon()
