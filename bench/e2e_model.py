@@ -106,10 +106,12 @@ def fill_experts(dst: dict[str, torch.Tensor], config: ModelConfig, layer: int,
 
 
 def init_dense(model: nn.Module, seed: int) -> None:
-    """Every parameter and buffer by name: norms 1, router correction bias small, the rest
-    N(0, 0.02^2), each from its own generator on its own device."""
+    """Every parameter by name: norms 1, the rest N(0, 0.02^2); the routers' correction-bias
+    buffers small positive; each from its own generator on its own device. Other buffers
+    (derived state) are left as built."""
+    bias = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
     with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        for name, t in list(model.named_parameters()) + bias:
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 t.fill_(1.0)
                 continue

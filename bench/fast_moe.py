@@ -8,8 +8,9 @@ things change:
   values the reference decodes to fp32) with a 16-entry lookup table, several experts at once;
 - the two GEMMs take bf16 operands with fp32 outputs on CUDA (``torch.mm(..., out_dtype=
   torch.float32)``: every product is exact in fp32, only the accumulation order may differ
-  from the reference's fp32 GEMM). On the CPU the operands are widened to fp32 first, which
-  makes the result bitwise the reference's (tests/bench checks that).
+  from the reference's fp32 GEMM). On the CPU (and on a PyTorch without that overload) the
+  operands are widened to fp32 first, which makes the result bitwise the reference's
+  (tests/bench checks that on the CPU).
 """
 from __future__ import annotations
 
@@ -24,25 +25,47 @@ from tensorrt_llm_dwdp.quant.nvfp4 import BLOCK_SIZE, E2M1_VALUES
 DECODE_CHUNK = 16  # experts decoded per batch: bounds the bf16 scratch (16 x 58 MB for V3 w13)
 
 
+def byte_table(device: torch.device) -> torch.Tensor:
+    """``[256, 2]`` bf16: the two e2m1 values of every packed byte (low nibble first)."""
+    values = torch.tensor(E2M1_VALUES, dtype=torch.bfloat16, device=device)
+    byte = torch.arange(256, device=device)
+    return torch.stack((values[byte & 0xF], values[byte >> 4]), dim=-1)
+
+
 def decode_bf16(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``packed [..., K/2]`` uint8 with ``scale [..., K/16]`` e4m3 -> exact bf16 ``[..., K]``
-    (no global scale)."""
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.bfloat16, device=packed.device)
-    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).long()
+    (no global scale): one table lookup per byte (int32 indices), one scale multiply."""
     k = packed.shape[-1] * 2
-    vals = lut[codes].view(*packed.shape[:-1], k // BLOCK_SIZE, BLOCK_SIZE)
+    pairs = F.embedding(packed.int(), byte_table(packed.device))          # [..., K/2, 2]
+    vals = pairs.view(*packed.shape[:-1], k // BLOCK_SIZE, BLOCK_SIZE)
     return (vals * scale.to(torch.bfloat16).unsqueeze(-1)).view(*packed.shape[:-1], k)
 
 
-def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """fp32 ``a @ b_t.T`` of bf16 operands."""
-    if a.is_cuda:
+def mm_fp32(a: torch.Tensor, b_t: torch.Tensor, fp32_out: bool) -> torch.Tensor:
+    """fp32 ``a @ b_t.T`` of bf16 operands: cuBLAS bf16 GEMM with fp32 output when
+    ``fp32_out``, else both widened to fp32 (the reference's own GEMM)."""
+    if fp32_out:
         return torch.mm(a, b_t.t(), out_dtype=torch.float32)
     return a.float() @ b_t.float().t()
 
 
+def has_fp32_out_mm(device: torch.device) -> bool:
+    """Whether ``torch.mm(bf16, bf16, out_dtype=float32)`` runs on ``device`` (CUDA builds
+    of recent PyTorch); otherwise the GEMMs run in fp32."""
+    if device.type != "cuda":
+        return False
+    a = torch.ones(2, 16, dtype=torch.bfloat16, device=device)
+    try:
+        return torch.mm(a, a.t(), out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
 class FastTorchMoeBackend:
     """``run_experts`` with the reference's numerics, decoded and multiplied in bf16."""
+
+    def __init__(self) -> None:
+        self._fp32_out: dict[torch.device, bool] = {}
 
     def run_experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                     weights: ExpertWeights) -> torch.Tensor:
@@ -54,6 +77,9 @@ class FastTorchMoeBackend:
         offsets = plan.expert_offsets.tolist()
         active = torch.nonzero(plan.counts).flatten().tolist()
         inter = weights.intermediate_size
+        if x.device not in self._fp32_out:
+            self._fp32_out[x.device] = has_fp32_out_mm(x.device)
+        fp32_out = self._fp32_out[x.device]
         for start in range(0, len(active), DECODE_CHUNK):
             chunk = active[start:start + DECODE_CHUNK]
             w13s, w2s, extras = self._decode(weights, chunk)
@@ -61,14 +87,14 @@ class FastTorchMoeBackend:
                 rows = slice(offsets[e], offsets[e + 1])
                 slots = plan.slot_index[rows].long()
                 a = x[plan.gather_index[rows].long()]
-                g = _mm(a, w13s[i])
+                g = mm_fp32(a, w13s[i], fp32_out)
                 p = extras[i]
                 if "fc31_alpha" in p:
                     g = g * p["fc31_alpha"]
                 if "w3_w1_bias" in p:
                     g = g + p["w3_w1_bias"]
                 h = (F.silu(g[:, inter:]) * g[:, :inter]).to(torch.bfloat16)
-                y = _mm(h, w2s[i])
+                y = mm_fp32(h, w2s[i], fp32_out)
                 if "fc2_alpha" in p:
                     y = y * p["fc2_alpha"]
                 if "w2_bias" in p:
