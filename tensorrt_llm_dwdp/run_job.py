@@ -209,7 +209,7 @@ def cache_dir(override: str | None = None) -> str:
 
 
 def ensure_checkpoint(preset: str, num_layers: int, quant: str, vocab_size: int | None,
-                      cache_override: str | None = None) -> str:
+                      cache_override: str | None = None, *, dense_layers: int | None = None) -> str:
     """Path of a synthetic checkpoint for these settings, written once and then reused.
 
     Written into a temporary folder and renamed, so an interrupted build is never reused.
@@ -219,8 +219,18 @@ def ensure_checkpoint(preset: str, num_layers: int, quant: str, vocab_size: int 
     from tensorrt_llm_dwdp.model.presets import get_preset
     from tensorrt_llm_dwdp.model.synthetic import write_synthetic_checkpoint
 
-    hf = get_preset(preset, num_layers=num_layers, vocab_size=vocab_size)
-    tag = f"{preset}-L{num_layers}-{quant}" + (f"-V{vocab_size}" if vocab_size else "")
+    overrides = {}
+    if dense_layers is not None:
+        hf = get_preset(preset)
+        if "first_k_dense_replace" not in hf:
+            raise ValueError(f"--dense-layers applies to DeepSeek presets; {preset!r} has no "
+                             "first_k_dense_replace")
+        if not 0 <= dense_layers < num_layers:
+            raise ValueError(f"--dense-layers must be in [0, num_layers={num_layers}), got {dense_layers}")
+        overrides["first_k_dense_replace"] = dense_layers
+    hf = get_preset(preset, num_layers=num_layers, vocab_size=vocab_size, overrides=overrides)
+    tag = (f"{preset}-L{num_layers}-{quant}" + (f"-V{vocab_size}" if vocab_size else "")
+           + (f"-D{dense_layers}" if dense_layers is not None else ""))
     final = os.path.join(cache_dir(cache_override), "checkpoints", tag)
     if os.path.isfile(os.path.join(final, "config.json")):
         logger.info("reusing synthetic checkpoint %s", final)

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "see `make-checkpoint --help`)")
     src.add_argument("--num-layers", type=int, default=4, help="decoder layers of the synthetic "
                      "checkpoint (default: 4)")
+    src.add_argument("--dense-layers", type=int, default=None,
+                     help="DeepSeek presets: leading dense layers (first_k_dense_replace) of the "
+                     "synthetic checkpoint, e.g. 0 so every layer is MoE (default: the preset's)")
     src.add_argument("--quant", default="nvfp4", choices=["nvfp4", "bf16"],
                      help="routed-expert format of the synthetic checkpoint (default: nvfp4)")
     src.add_argument("--vocab-size", type=int, default=None,
@@ -74,7 +77,8 @@ def main(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     model_dir = args.model or ensure_checkpoint(args.preset, args.num_layers, args.quant,
-                                                args.vocab_size, args.cache_dir)
+                                                args.vocab_size, args.cache_dir,
+                                                dense_layers=args.dense_layers)
     num_experts = ModelConfig.from_file(model_dir).num_experts
     if args.dwdp_config:
         config = DwdpConfig.from_yaml(args.dwdp_config)
