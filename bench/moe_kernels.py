@@ -142,15 +142,17 @@ def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b, varian
     res["ours_fc1_pct_peak_flops"] = 100 * res["ours_fc1_tflops"] / PEAK_TFLOPS
     res["ours_fc1_pct_peak_bw"] = 100 * res["ours_fc1_gbps"] / PEAK_GBPS
     for variant in variants:
-        vm, vn = (int(v) for v in variant.split("x"))
+        ws = variant.startswith("ws")
+        vm, vn = (int(v) for v in variant.removeprefix("ws").split("x"))
         vplan = plan if vm == tile_m else build_permutation(ids, num_experts, tile_m=vm)
         vh = torch.empty(vplan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
         vy = torch.empty(vplan.num_rows, hidden, dtype=torch.float32, device="cuda")
         vrw = permuted_row_weights(tw, vplan.slot_index)
         res[f"v{variant}_fc1_ms"] = time_graph(lambda: fc1_gather_swiglu(
-            cache, x, vplan.gather_index, vplan.tile_expert, w13, vm, n_sub=vn, out=vh))
+            cache, x, vplan.gather_index, vplan.tile_expert, w13, vm, n_sub=vn, out=vh,
+            warp_specialized=ws))
         res[f"v{variant}_fc2_ms"] = time_graph(lambda: fc2_weighted(
-            cache, vh, vplan.tile_expert, vrw, w2, vm, n_sub=vn, out=vy))
+            cache, vh, vplan.tile_expert, vrw, w2, vm, n_sub=vn, out=vy, warp_specialized=ws))
         del vh, vy
     if multi_b:
         view = weights.split(split_sizes(num_experts, 4))
@@ -169,8 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-rows", type=int, default=300_000,
                    help="skip points with more permuted rows (device memory)")
     p.add_argument("--multi-b-tpe", default="16,256")
-    p.add_argument("--variants", default="64x64,64x128,128x128",
-                   help="extra (tile_m x n_sub) configs of our kernels to time at every point")
+    p.add_argument("--variants", default="64x64,64x128,128x128,ws64x128,ws128x128",
+                   help="extra [ws]TILE_MxN_SUB configs of our kernels to time at every point "
+                        "(ws = warp-specialized)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False

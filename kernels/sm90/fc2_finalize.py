@@ -30,6 +30,7 @@ def fc2_weighted(
     tile_m: int,
     n_sub: int = 128,
     out: torch.Tensor | None = None,
+    warp_specialized: bool = False,
 ) -> torch.Tensor:
     """h bf16 ``[M_pad, I]``; row_weight fp32 ``[M_pad]``; ``w2`` rows = H, k = I.
     Returns fp32 ``[M_pad, H]`` router-weighted rows."""
@@ -46,7 +47,7 @@ def fc2_weighted(
         out = torch.empty(m_pad, w2.rows, dtype=torch.float32, device=h.device)
     return launch_grouped_gemm(
         cache, epilogue="weighted", a=h, row_index=tile_expert, tile_expert=tile_expert,
-        table=w2, row_weight=row_weight, out=out, tile_m=tile_m, n_sub=n_sub, gather=False)
+        table=w2, row_weight=row_weight, out=out, tile_m=tile_m, n_sub=n_sub, gather=False, warp_specialized=warp_specialized)
 
 
 def finalize(cache: CompileCache, y: torch.Tensor, inverse: torch.Tensor,

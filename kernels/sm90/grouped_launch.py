@@ -35,12 +35,14 @@ def launch_grouped_gemm(
     tile_m: int,
     n_sub: int,
     gather: bool,
+    warp_specialized: bool = False,
 ) -> torch.Tensor:
-    """Run one grouped GEMM (see ``w4a16_grouped_gemm``) into ``out`` and return it."""
+    """Run one grouped GEMM (see ``w4a16_grouped_gemm``; ``warp_specialized`` picks the
+    producer/consumer variant of ``w4a16_grouped_gemm_ws``) into ``out`` and return it."""
     if tile_expert.numel() == 0:
         return out
-    key = ("w4a16_grouped_gemm", epilogue, table.rows, table.k, tile_m, n_sub, gather,
-           a.dtype, out.dtype)
+    key = ("w4a16_grouped_gemm", warp_specialized, epilogue, table.rows, table.k, tile_m, n_sub,
+           gather, a.dtype, out.dtype)
     args = [a, row_index, tile_expert, table.tensor_of_expert, table.local_of_expert,
             table.table, row_weight, out]
 
@@ -48,8 +50,10 @@ def launch_grouped_gemm(
         import cutlass.cute as cute
 
         from .w4a16_grouped_gemm import W4A16GroupedGemm
+        from .w4a16_grouped_gemm_ws import W4A16GroupedGemmWS
 
-        kernel = W4A16GroupedGemm(epilogue=epilogue, n_weight=table.rows, k=table.k,
+        cls = W4A16GroupedGemmWS if warp_specialized else W4A16GroupedGemm
+        kernel = cls(epilogue=epilogue, n_weight=table.rows, k=table.k,
                                   tile_m=tile_m, n_sub=n_sub, gather=gather)
         return cute.compile(kernel, *[cute_tensor(t) for t in args], current_stream())
 

@@ -65,17 +65,19 @@ def _compile_sass(tools, tmp_path, *argv) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
-@pytest.mark.parametrize("epilogue,tile_m,n_sub", [
-    ("swiglu", 128, 128), ("swiglu", 64, 128), ("weighted", 128, 128), ("weighted", 64, 128),
+@pytest.mark.parametrize("epilogue,tile_m,n_sub,variant", [
+    ("swiglu", 128, 128, "plain"), ("weighted", 64, 128, "plain"), ("swiglu", 128, 128, "ws"),
 ])
-def test_compiles_to_hgmma(tools, tmp_path, epilogue, tile_m, n_sub):
-    sass = _compile_sass(tools, tmp_path, epilogue, str(tile_m), str(n_sub))
+def test_compiles_to_hgmma(tools, tmp_path, epilogue, tile_m, n_sub, variant):
+    sass = _compile_sass(tools, tmp_path, epilogue, str(tile_m), str(n_sub), variant)
     hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\.BF16", sass)
     # 4 k16 steps per 64-wide K tile, 2 B sub-tiles, each a 64 x n_sub WGMMA.
     assert len(hgmma) == 8 and set(hgmma) == {str(n_sub)}, hgmma
     assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
     assert "LDGSTS.E.BYPASS.128" in sass
     assert "HMUL2.BF16" in sass
+    if variant == "ws":  # producer gives registers back, consumers take them
+        assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
 
 
 def test_slot_sum_compiles_with_wide_loads(tools, tmp_path):

@@ -40,12 +40,14 @@ def choose_tile_m(num_rows: int, num_experts: int) -> int:
 
 class CuteDslMoeBackend:
     """``run_experts`` on Hopper with the sm90 CuTeDSL kernels (NVFP4 weights only).
+    ``warp_specialized`` selects the producer/consumer schedule of the GEMMs (same results).
 
     Holds the compiled-kernel cache and a small LRU of device expert tables keyed by the
     weights' addresses (DWDP buffers keep their addresses, so steady state builds none).
     """
 
-    def __init__(self, max_tables: int = 512) -> None:
+    def __init__(self, warp_specialized: bool = False, max_tables: int = 512) -> None:
+        self.warp_specialized = warp_specialized
         self.cache = CompileCache()
         self._tables: OrderedDict[tuple, ExpertTable] = OrderedDict()
         self._max_tables = max_tables
@@ -88,9 +90,12 @@ class CuteDslMoeBackend:
         w13 = self._table(weights, "w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha")
         w2 = self._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
         x = x.contiguous()
-        h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, tile_m)
+        ws = self.warp_specialized
+        h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, tile_m,
+                              warp_specialized=ws)
         row_weight = permuted_row_weights(topk_weights, plan.slot_index)
-        y = fc2_weighted(self.cache, h, plan.tile_expert, row_weight, w2, tile_m)
+        y = fc2_weighted(self.cache, h, plan.tile_expert, row_weight, w2, tile_m,
+                         warp_specialized=ws)
         return finalize(self.cache, y, plan.inverse)
 
 
