@@ -42,10 +42,17 @@ PEAK_TFLOPS = 800.0  # bf16 dense, measured on H100 by the team (KERNELS.md / ta
 PEAK_GBPS = 3000.0   # device-to-device copy
 
 
-def time_graph(fn, launches: int = 10, replays: int = 5) -> float:
-    """Median milliseconds per call of ``fn``, from CUDA-graph replays of ``launches`` calls."""
+def time_graph(fn, target_ms: float = 40.0, replays: int = 5) -> float:
+    """Median milliseconds per call of ``fn``, from CUDA-graph replays of N calls (N sized so
+    one replay takes about ``target_ms``; at least 2, at most 20)."""
     fn()
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    launches = int(min(20, max(2, target_ms / max(start.elapsed_time(end), 1e-3))))
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
