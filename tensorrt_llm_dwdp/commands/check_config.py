@@ -1,0 +1,129 @@
+"""check-config: validate the dwdp_config of an options YAML and print each rank's layout.
+
+For every rank of a group: the experts it owns, what it fetches from whom, and its expert memory
+(``L*W + 2*(S-1)*P`` expert slots against ``L*E`` replicated), in bytes when the expert size is
+known (``--expert-bytes`` or ``--model`` preset). Exits 1 with the message on a bad file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from tensorrt_llm_dwdp.config import DwdpConfig, DwdpConfigError
+from tensorrt_llm_dwdp.layout import ExpertLayout
+
+NAME = "check-config"
+HELP = "validate a dwdp_config YAML and print the expert layout of every rank"
+
+_QUANT_BYTES_PER_ELEMENT = {"nvfp4": 0.5625, "bf16": 2.0}  # nvfp4: 4 bits + e4m3 scale per 16
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="LLM-API options YAML with a dwdp_config: section")
+    p.add_argument("--num-experts", type=int, default=None,
+                   help="routed experts E (default: the --model preset's, else W + (S-1)*P)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="check that the launch has dwdp_size * num_groups ranks")
+    p.add_argument("--model", default=None,
+                   help="model preset (e.g. deepseek-v3) giving E, MoE layer count and expert size")
+    p.add_argument("--quant", choices=sorted(_QUANT_BYTES_PER_ELEMENT), default="nvfp4",
+                   help="expert storage for --model sizes (default nvfp4)")
+    p.add_argument("--expert-bytes", type=int, default=None,
+                   help="bytes of one expert over all its tensors (overrides --model)")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="MoE layers L for the memory totals (default: the preset's, else 1)")
+    p.add_argument("--json", action="store_true", help="print the layout as JSON")
+
+
+def _model_facts(name: str, quant: str) -> tuple[int, int, int]:
+    """``(num_experts, moe_layers, bytes_per_expert)`` of a model preset."""
+    from tensorrt_llm_dwdp.model import ModelConfig, get_preset, preset_names
+
+    if name not in preset_names():
+        raise DwdpConfigError(f"unknown --model {name!r}; presets: {', '.join(preset_names())}")
+    cfg = ModelConfig.from_hf(get_preset(name))
+    elements = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    per_expert = int(elements * _QUANT_BYTES_PER_ELEMENT[quant])
+    if quant == "nvfp4":
+        per_expert += 2 * 4  # fc31_alpha and fc2_alpha, one fp32 each
+    return cfg.num_experts, len(cfg.moe_layer_indices), per_expert
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate and return the whole report as plain data (raises DwdpConfigError)."""
+    config = DwdpConfig.from_yaml(args.file)
+    model_e = model_layers = model_bytes = None
+    if args.model:
+        model_e, model_layers, model_bytes = _model_facts(args.model, args.quant)
+    num_experts = args.num_experts or model_e or config.implied_num_experts
+    if num_experts is None:
+        raise DwdpConfigError(
+            "dwdp_size is 1 and num_experts_per_worker is not set: pass --num-experts or --model"
+        )
+    config.check_num_experts(num_experts)
+    if args.world_size is not None:
+        config.check_world_size(args.world_size)
+    layers = args.num_layers or model_layers or 1
+    if layers < 1:
+        raise DwdpConfigError(f"--num-layers must be >= 1, got {layers}")
+    expert_bytes = args.expert_bytes if args.expert_bytes is not None else model_bytes
+    ranks = []
+    for r in range(config.dwdp_size):
+        lay = ExpertLayout.from_config(config, num_experts, r)
+        fetch = [{"peer": p, "experts": list(lay.fetch_range(p)),
+                  "part": "head" if p < r else "tail"} for p in lay.peers]
+        slots = lay.expert_memory(layers)
+        entry = {"rank": r, "owns": list(lay.owned_range()), "fetches": fetch,
+                 "expert_slots": slots, "replicated_slots": layers * num_experts,
+                 "fraction_of_replicated": slots / (layers * num_experts)}
+        if expert_bytes is not None:
+            entry["bytes"] = slots * expert_bytes
+            entry["replicated_bytes"] = layers * num_experts * expert_bytes
+        ranks.append(entry)
+    return {
+        "config": config.to_dict(), "enabled": config.enabled, "num_experts": num_experts,
+        "moe_layers": layers, "expert_bytes": expert_bytes,
+        "groups": [list(range(g * config.dwdp_size, (g + 1) * config.dwdp_size))
+                   for g in range(config.num_groups)],
+        "ranks": ranks,
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _print_text(report: dict[str, Any]) -> None:
+    cfg = report["config"]
+    state = "on" if report["enabled"] else "off (dwdp_size == 1)"
+    print(f"DWDP {state}: E={report['num_experts']} S={cfg['dwdp_size']} "
+          f"W={cfg['num_experts_per_worker'] or report['num_experts']} "
+          f"P={cfg['num_prefetch_experts'] or 0} groups={cfg['num_groups']} "
+          f"contention_opt={cfg['contention_opt']} slice={cfg['prefetch_slice_bytes']} B "
+          f"timeout={cfg['peer_timeout_s']:g} s")
+    print(f"world ranks by group: {report['groups']}")
+    layers = report["moe_layers"]
+    for entry in report["ranks"]:
+        lo, hi = entry["owns"]
+        fetch = ", ".join(f"[{a}, {b}) {f['part']} of rank {f['peer']}"
+                          for f in entry["fetches"] for a, b in [f["experts"]]) or "nothing"
+        mem = (f"{entry['expert_slots']} expert slots for {layers} MoE layer(s) vs "
+               f"{entry['replicated_slots']} replicated ({entry['fraction_of_replicated']:.1%})")
+        if "bytes" in entry:
+            mem += f" = {_gib(entry['bytes'])} vs {_gib(entry['replicated_bytes'])}"
+        print(f"rank {entry['rank']}: owns [{lo}, {hi}); fetches {fetch}; {mem}")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        report = resolve(args)
+    except DwdpConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_text(report)
+    return 0

@@ -1,0 +1,79 @@
+"""`python -m tensorrt_llm_dwdp check-config`: resolved layout per rank, clear errors."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tensorrt_llm_dwdp.cli import main
+
+
+def _yaml(tmp_path, body):
+    path = tmp_path / "opts.yaml"
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+GOOD = """
+    enable_attention_dp: true
+    dwdp_config:
+      dwdp_size: 4
+      num_groups: 2
+      num_experts_per_worker: 100
+      num_prefetch_experts: 52
+"""
+
+
+def test_text_report_with_model_preset(tmp_path, capsys):
+    assert main(["check-config", _yaml(tmp_path, GOOD), "--model", "deepseek-v3",
+                 "--world-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "E=256 S=4 W=100 P=52 groups=2" in out
+    assert "[[0, 1, 2, 3], [4, 5, 6, 7]]" in out
+    assert ("rank 2: owns [104, 204); fetches [0, 52) head of rank 0, [52, 104) head of rank 1, "
+            "[204, 256) tail of rank 3") in out
+    assert "6112 expert slots for 58 MoE layer(s) vs 14848 replicated (41.2%)" in out
+    assert "GiB" in out
+
+
+def test_json_report_defaults_e_and_bytes(tmp_path, capsys):
+    path = _yaml(tmp_path, "dwdp_config: {dwdp_size: 2, num_experts_per_worker: 5, "
+                           "num_prefetch_experts: 3}\n")
+    assert main(["check-config", path, "--json", "--expert-bytes", "10", "--num-layers", "4"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["num_experts"] == 8 and rep["moe_layers"] == 4
+    r0, r1 = rep["ranks"]
+    assert r0["owns"] == [0, 5] and r0["fetches"] == [{"peer": 1, "experts": [5, 8], "part": "tail"}]
+    assert r1["owns"] == [3, 8] and r1["fetches"] == [{"peer": 0, "experts": [0, 3], "part": "head"}]
+    assert r0["expert_slots"] == 4 * 5 + 2 * 3 and r0["replicated_slots"] == 32
+    assert r0["bytes"] == 260 and r0["replicated_bytes"] == 320
+
+
+@pytest.mark.parametrize("body, extra, words", [
+    (GOOD, ["--num-experts", "200"], ["= 256", "200 experts"]),
+    (GOOD, ["--world-size", "4"], ["world size 4", "4 * 2 = 8"]),
+    ("dwdp_config: {dwdp_size: 0}\n", [], ["dwdp_size", ">= 1"]),
+    ("dwdp_config: {dwdp_size: 2, num_experts_per_worker: 4, num_prefetch_experts: 4, foo: 1}\n",
+     [], ["unknown key", "foo"]),
+    ("dwdp_config: {dwdp_size: 1}\n", [], ["--num-experts"]),
+    (GOOD, ["--model", "nope"], ["unknown --model 'nope'", "deepseek-v3"]),
+])
+def test_bad_inputs_exit_nonzero_with_message(tmp_path, capsys, body, extra, words):
+    assert main(["check-config", _yaml(tmp_path, body), *extra]) == 1
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, err
+
+
+def test_disabled_config_with_num_experts(tmp_path, capsys):
+    assert main(["check-config", _yaml(tmp_path, "x: 1\n"), "--num-experts", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "DWDP off" in out and "rank 0: owns [0, 16); fetches nothing" in out
+
+
+def test_module_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tensorrt_llm_dwdp", "check-config",
+                           _yaml(tmp_path, "dwdp_config: {dwdp_size: -1}\n")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "dwdp_size" in proc.stderr
