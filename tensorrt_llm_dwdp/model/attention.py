@@ -29,8 +29,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     return torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [n, hq, dv]
 
 
-def split_by_sequence(x: torch.Tensor, batch: BatchInfo):
-    """Yield ``(i, slot, start, x_i)`` for each sequence's packed rows of ``x``."""
+def sequences(batch: BatchInfo):
+    """Yield ``(slot, start, rows)`` per sequence: ``rows`` slices its packed tokens."""
     offsets = batch.offsets
     for i, (slot, start) in enumerate(zip(batch.slots, batch.start_positions)):
-        yield i, slot, start, x[offsets[i]:offsets[i + 1]]
+        yield slot, start, slice(offsets[i], offsets[i + 1])

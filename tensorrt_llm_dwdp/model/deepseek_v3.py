@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tensorrt_llm_dwdp.model.attention import causal_attention, split_by_sequence
+from tensorrt_llm_dwdp.model.attention import causal_attention, sequences
 from tensorrt_llm_dwdp.model.batch import BatchInfo
 from tensorrt_llm_dwdp.model.config import DEEPSEEK_V3, MOE, ModelConfig
 from tensorrt_llm_dwdp.model.decoder import CausalLM, DecoderLayer
@@ -34,7 +34,8 @@ class MlaAttention(nn.Module):
         self.kv_lora = c.kv_lora_rank
         qk_dim = self.nope + self.rope_dim
         bias = c.attention_bias
-        if c.q_lora_rank is None:
+        self.q_lora = c.q_lora_rank is not None
+        if not self.q_lora:
             self.q_proj = nn.Linear(c.hidden_size, self.heads * qk_dim, bias=False, dtype=dtype)
         else:
             self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=bias, dtype=dtype)
@@ -50,10 +51,10 @@ class MlaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: BatchInfo, cache: KvCache, cos, sin) -> torch.Tensor:
         n = x.shape[0]
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
+        if self.q_lora:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
         q = q.view(n, self.heads, self.nope + self.rope_dim)
         q_rot = self.rotary.apply(q[..., self.nope:], cos, sin)
         q = torch.cat((q[..., : self.nope], q_rot), dim=-1)
@@ -62,15 +63,13 @@ class MlaAttention(nn.Module):
         k_rot = self.rotary.apply(k_rot.unsqueeze(1), cos, sin)  # [n, 1, rope]
 
         out = x.new_empty(n, self.heads, self.v_dim)
-        offsets = batch.offsets
-        for i, slot, start, q_i in split_by_sequence(q, batch):
-            rows = slice(offsets[i], offsets[i + 1])
+        for slot, start, rows in sequences(batch):
             lat_all, rot_all = cache.append(self.layer_idx, slot, start, latent[rows], k_rot[rows])
             total = lat_all.shape[0]
             kv = self.kv_b_proj(lat_all[:, 0]).view(total, self.heads, self.nope + self.v_dim)
             k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
             k = torch.cat((k_nope, rot_all.expand(total, self.heads, self.rope_dim)), dim=-1)
-            out[rows] = causal_attention(q_i, k, v, start, self.scale)
+            out[rows] = causal_attention(q[rows], k, v, start, self.scale)
         return self.o_proj(out.reshape(n, self.heads * self.v_dim))
 
 

@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tensorrt_llm_dwdp.model.attention import causal_attention, split_by_sequence
+from tensorrt_llm_dwdp.model.attention import causal_attention, sequences
 from tensorrt_llm_dwdp.model.batch import BatchInfo
 from tensorrt_llm_dwdp.model.config import MOE, QWEN3_MOE, ModelConfig
 from tensorrt_llm_dwdp.model.decoder import CausalLM, DecoderLayer
@@ -37,11 +37,9 @@ class GqaAttention(nn.Module):
         k = self.rotary.apply(self.k_norm(self.k_proj(x).view(n, self.kv_heads, self.head_dim)), cos, sin)
         v = self.v_proj(x).view(n, self.kv_heads, self.head_dim)
         out = x.new_empty(n, self.heads, self.head_dim)
-        offsets = batch.offsets
-        for i, slot, start, q_i in split_by_sequence(q, batch):
-            rows = slice(offsets[i], offsets[i + 1])
+        for slot, start, rows in sequences(batch):
             k_all, v_all = cache.append(self.layer_idx, slot, start, k[rows], v[rows])
-            out[rows] = causal_attention(q_i, k_all, v_all, start, self.scale)
+            out[rows] = causal_attention(q[rows], k_all, v_all, start, self.scale)
         return self.o_proj(out.reshape(n, self.heads * self.head_dim))
 
 
