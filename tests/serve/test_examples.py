@@ -1,5 +1,6 @@
 """examples/disaggregated: submit.py outputs parse and validate; the shell scripts are valid bash."""
 import importlib.util
+import json
 import os
 import subprocess
 
@@ -73,3 +74,35 @@ def test_submit_rejects_bad_layouts_before_writing(tmp_path, capsys, flags, matc
     out = tmp_path / "job"
     rc = _submit().main(["--model", "/ckpt", "--num-experts", "256", "--out-dir", str(out), *flags])
     assert rc == 2 and match in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_launch_local_smoke(tmp_path):
+    """launch_local.sh brings up context group + generation server + router, answers, cleans up."""
+    from tensorrt_llm_dwdp.launcher import free_port
+    from tensorrt_llm_dwdp.model.presets import get_preset
+    from tensorrt_llm_dwdp.model.synthetic import write_synthetic_checkpoint
+
+    model = tmp_path / "tiny"
+    write_synthetic_checkpoint(str(model), get_preset("tiny-deepseek-v3", num_layers=2), quant="nvfp4")
+    ctx = tmp_path / "ctx.yaml"
+    ctx.write_text(yaml.safe_dump({"max_seq_len": 512, "max_batch_size": 2, "moe_config": {"backend": "VANILLA"},
+                                   "dwdp_config": {"dwdp_size": 2, "num_experts_per_worker": 8,
+                                                   "num_prefetch_experts": 8}}))
+    port = free_port()
+    proc = subprocess.run([os.path.join(EXAMPLES, "launch_local.sh"), str(model), str(ctx), "--port", str(port),
+                           "--device", "cpu", "--workdir", str(tmp_path / "work"), "--smoke", "--timeout", "300"],
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer["usage"]["completion_tokens"] == 8
+    disagg = load_disagg_config(str(tmp_path / "work" / "disagg.yaml"))
+    assert len(disagg.context.instances) == 2 and disagg.port == port
+    # Nothing is left listening: every port of the deployment can be bound again (SO_REUSEADDR
+    # lets closed connections in TIME_WAIT pass, never a live listener).
+    import socket
+    for inst in disagg.instances:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", inst.port))
