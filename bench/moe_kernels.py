@@ -53,6 +53,23 @@ def time_graph(fn, target_ms: float = 40.0, replays: int = 5) -> float:
     end.record()
     end.synchronize()
     launches = int(min(20, max(2, target_ms / max(start.elapsed_time(end), 1e-3))))
+    try:
+        return _time_graph(fn, launches, replays)
+    except RuntimeError as exc:  # capture refused: time a plain launch loop instead
+        print(f"graph capture failed ({exc}); timing a launch loop", file=sys.stderr)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(replays):
+            start.record()
+            for _ in range(launches):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / launches)
+        return statistics.median(times)
+
+
+def _time_graph(fn, launches: int, replays: int) -> float:
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -155,11 +172,15 @@ def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b, varian
         vh = torch.empty(vplan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
         vy = torch.empty(vplan.num_rows, hidden, dtype=torch.float32, device="cuda")
         vrw = permuted_row_weights(tw, vplan.slot_index)
-        res[f"v{variant}_fc1_ms"] = time_graph(lambda: fc1_gather_swiglu(
-            cache, x, vplan.gather_index, vplan.tile_expert, w13, vm, n_sub=vn, out=vh,
-            warp_specialized=ws))
-        res[f"v{variant}_fc2_ms"] = time_graph(lambda: fc2_weighted(
-            cache, vh, vplan.tile_expert, vrw, w2, vm, n_sub=vn, out=vy, warp_specialized=ws))
+        try:
+            res[f"v{variant}_fc1_ms"] = time_graph(lambda: fc1_gather_swiglu(
+                cache, x, vplan.gather_index, vplan.tile_expert, w13, vm, n_sub=vn, out=vh,
+                warp_specialized=ws))
+            res[f"v{variant}_fc2_ms"] = time_graph(lambda: fc2_weighted(
+                cache, vh, vplan.tile_expert, vrw, w2, vm, n_sub=vn, out=vy,
+                warp_specialized=ws))
+        except Exception as exc:  # a variant that fails to build or run is reported, not fatal
+            res[f"v{variant}_error"] = f"{type(exc).__name__}: {exc}"[:300]
         del vh, vy
     if multi_b:
         view = weights.split(split_sizes(num_experts, 4))
