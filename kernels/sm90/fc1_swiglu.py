@@ -28,6 +28,8 @@ def fc1_gather_swiglu(
     ``w13`` rows = 2I, k = H. Returns bf16 ``[M_pad, I]`` in permuted order."""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"fc1: x must be contiguous bf16 [T, H], got {x.dtype} {tuple(x.shape)}")
+    if x.data_ptr() % 16:
+        raise ValueError("fc1: x must start on a 16-byte boundary (cp.async copies 16 B)")
     if x.shape[1] != w13.k:
         raise ValueError(f"fc1: x hidden {x.shape[1]} != weight K {w13.k}")
     m_pad = gather_index.numel()
@@ -35,6 +37,9 @@ def fc1_gather_swiglu(
     inter = w13.rows // 2
     if out is None:
         out = torch.empty(m_pad, inter, dtype=torch.bfloat16, device=x.device)
+    elif out.dtype != torch.bfloat16 or tuple(out.shape) != (m_pad, inter) or not out.is_contiguous():
+        raise ValueError(f"fc1: out must be contiguous torch.bfloat16 {(m_pad, inter)}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
     return launch_grouped_gemm(
         cache, epilogue="swiglu", a=x, row_index=gather_index, tile_expert=tile_expert,
         table=w13, row_weight=x.new_empty(1, dtype=torch.float32), out=out, tile_m=tile_m,

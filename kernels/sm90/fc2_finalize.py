@@ -45,6 +45,9 @@ def fc2_weighted(
                          f"{tuple(row_weight.shape)}")
     if out is None:
         out = torch.empty(m_pad, w2.rows, dtype=torch.float32, device=h.device)
+    elif out.dtype != torch.float32 or tuple(out.shape) != (m_pad, w2.rows) or not out.is_contiguous():
+        raise ValueError(f"fc2: out must be contiguous torch.float32 {(m_pad, w2.rows)}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
     return launch_grouped_gemm(
         cache, epilogue="weighted", a=h, row_index=tile_expert, tile_expert=tile_expert,
         table=w2, row_weight=row_weight, out=out, tile_m=tile_m, n_sub=n_sub, gather=False, warp_specialized=warp_specialized)

@@ -217,7 +217,11 @@ class W4A16GroupedGemm:
         return alpha, w_row, sf_row, b_local, a_src, a_dst
 
     def _epilogue(self, acc0, acc1, alpha, thr_mma, tCcC, out, row_weight, m_tile, n_tile):
-        """FC1: h = silu(alpha*gate) * (alpha*up) -> bf16. FC2: y = (alpha*acc) * w_row -> fp32."""
+        """FC1: h = silu(alpha*gate) * (alpha*up) -> bf16. FC2: y = (alpha*acc) * w_row -> fp32.
+        The output is re-viewed with its static row length so column pairs store as one word."""
+        n_out = self.n_weight // 2 if self.epilogue == "swiglu" else self.n_weight
+        out = cute.make_tensor(out.iterator, cute.make_layout(
+            (cute.size(out, mode=[0]), n_out), stride=(n_out, 1)))
         if self.epilogue == "swiglu":
             for i in range(cute.size(acc0)):
                 up = acc0[i] * alpha
