@@ -15,6 +15,16 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+def require_cutlass() -> None:
+    """Import the CUTLASS DSL or fail with what to install (kernels import it lazily)."""
+    try:
+        import cutlass  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "the sm90 CuTeDSL kernels need the CUTLASS DSL: pip install nvidia-cutlass-dsl==4.3.5"
+        ) from exc
+
+
 class CompileCache:
     """Maps a configuration key to its compiled kernel; compiles on first use."""
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from ..compile_cache import CompileCache
+from ..compile_cache import CompileCache, require_cutlass
 from .expert_table import ExpertTable
 
 
 def cute_tensor(t: torch.Tensor):
     """A CuTe view of ``t`` with every extent and stride dynamic (one compile serves all
     token counts); 2-D tensors are assumed 16-byte aligned, 1-D ones 4-byte."""
+    require_cutlass()
     from cutlass.cute.runtime import from_dlpack
 
     return from_dlpack(t, assumed_align=16 if t.dim() > 1 else 4).mark_layout_dynamic(
@@ -47,6 +48,7 @@ def launch_grouped_gemm(
             table.table, row_weight, out]
 
     def build():
+        require_cutlass()
         import cutlass.cute as cute
 
         from .w4a16_grouped_gemm import W4A16GroupedGemm

@@ -90,6 +90,8 @@ class CuteDslMoeBackend:
         w13 = self._table(weights, "w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha")
         w2 = self._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
         x = x.contiguous()
+        if x.data_ptr() % 16:  # a row-offset view; the gather copies 16-byte chunks
+            x = x.clone()
         ws = self.warp_specialized
         h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, tile_m,
                               warp_specialized=ws)
