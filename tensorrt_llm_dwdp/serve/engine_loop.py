@@ -60,7 +60,6 @@ class EngineLoop:
         self._streams: dict[str, RequestStream] = {}
         self._stop = threading.Event()
         self.failed: BaseException | None = None
-        self.steps = 0
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -76,10 +75,6 @@ class EngineLoop:
     @property
     def healthy(self) -> bool:
         return self.failed is None and self._thread.is_alive() and not self._stop.is_set()
-
-    @property
-    def num_open(self) -> int:
-        return len(self._streams)
 
     async def call(self, fn: Callable[[Any], Any]) -> Any:
         """Run ``fn(engine)`` on the engine thread and return its result (or raise its error)."""
@@ -124,7 +119,6 @@ class EngineLoop:
                 self._run_commands(block=not busy)
                 if self.engine.has_work():
                     events = self.engine.step()
-                    self.steps += 1
                     if events:
                         self._loop.call_soon_threadsafe(self._deliver, events)
             self._fail_commands(RuntimeError("engine loop was stopped"))

@@ -29,9 +29,6 @@ from tensorrt_llm_dwdp.serve.protocol import ApiError, DisaggParams, GenerationR
 
 logger = logging.getLogger(__name__)
 
-ENGINE_LOOP_KEY = web.AppKey("engine_loop", EngineLoop)
-
-
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     """What the HTTP layer needs to know about its engine and itself.
@@ -77,7 +74,6 @@ class OpenAIServer:
     async def _on_startup(self, app: web.Application) -> None:
         self.loop = EngineLoop(self.engine, asyncio.get_running_loop())
         self.loop.start()
-        app[ENGINE_LOOP_KEY] = self.loop
         self._session = ClientSession()
 
     async def _on_cleanup(self, app: web.Application) -> None:
@@ -251,11 +247,13 @@ class OpenAIServer:
     async def _events(self, job: _Job):
         """Yield text deltas as tokens arrive; the engine request is aborted if not finished."""
         req = job.req
-        if req.disagg is not None and req.disagg.request_type == "generation_only":
-            job.first_token_at = time.perf_counter()
-            yield job.output.feed(req.disagg.first_gen_tokens[0], None)
-        stream = await self._start(job)
+        stream = await self._start(job)  # before any yield: KV or admission errors keep their status
         try:
+            if req.disagg is not None and req.disagg.request_type == "generation_only":
+                job.first_token_at = time.perf_counter()
+                yield job.output.feed(req.disagg.first_gen_tokens[0], None)
+                if job.output.finished:
+                    return
             async for ev in stream:
                 if job.first_token_at is None:
                     job.first_token_at = time.perf_counter()
@@ -358,7 +356,7 @@ class _Job:
     max_tokens: int
     arrival: float
     output: RequestOutput
-    rid: str = dataclasses.field(default_factory=lambda: protocol.new_id("completion"))
+    rid: str
     first_token_at: float | None = None
     handoff: DisaggParams | None = None
     status: int = 499  # "client closed request" until an answer is produced

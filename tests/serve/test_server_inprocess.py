@@ -238,6 +238,10 @@ def test_disaggregated_router_matches_aggregated():
                     "prompt": "abc", "max_tokens": 5, "disaggregated_params": {
                         **ctx_only["choices"][0]["disaggregated_params"], "request_type": "generation_only"}})
                 assert status == 502 and err["error"]["code"] == "kv_transfer_failed"
+                async with s.post(gen_url + "/v1/completions", json={
+                        "prompt": "abc", "max_tokens": 5, "stream": True, "disaggregated_params": {
+                            **ctx_only["choices"][0]["disaggregated_params"], "request_type": "generation_only"}}) as r:
+                    assert r.status == 502  # streaming too: the error comes before any event
                 assert not gen_engine.running
         finally:
             for r in (router_runner, agg_runner, ctx_runner, gen_runner):
