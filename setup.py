@@ -37,6 +37,7 @@ setup(
             "nvidia-cutlass-dsl==4.3.5",
             "nvidia-cuda-cuobjdump",
             "nvidia-cuda-nvdisasm",
+            "matplotlib",
         ],
     },
     entry_points={"console_scripts": ["tensorrt_llm_dwdp=tensorrt_llm_dwdp.cli:main"]},

@@ -40,6 +40,7 @@ from bench.e2e_report import aggregate_point, goals, summary_markdown  # noqa: E
 from bench.e2e_run import IMBALANCES, Point, StepRunner, make_batch, record_timeline, run_point  # noqa: E402
 
 logger = logging.getLogger("e2e_prefill")
+SMOKE_TOL = 2e-2  # max |diff| / max |ref| of a backend against the torch reference at start-up
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -127,31 +128,41 @@ def gather(obj: Any) -> list[Any]:
 
 # ----------------------------------------------------------------------------- backend
 def choose_backend(name: str, device: torch.device, config: Any) -> tuple[str, Any, str]:
-    """(name, backend, note). ``auto`` tries cutedsl on a small problem at the model's H and I
-    against the reference numerics and falls back with the reason in the note."""
+    """(name, backend, note). Whatever runs is first checked on a small problem at the model's
+    H and I against the torch reference backend; ``auto`` tries cutedsl and falls back (to
+    torch-bf16 on GPUs, torch on CPUs) with the reason in the note."""
     from bench.fast_moe import FastTorchMoeBackend
     from tensorrt_llm_dwdp.moe.backends import get_backend
 
-    fallback = ("torch-bf16", FastTorchMoeBackend()) if device.type == "cuda" else ("torch", get_backend("torch"))
-    if name == "torch":
-        return "torch", get_backend("torch"), ""
-    if name == "torch-bf16":
-        return "torch-bf16", FastTorchMoeBackend(), ""
-    if name == "cutedsl":
-        return "cutedsl", get_backend("cutedsl"), ""
-    if device.type != "cuda":
-        return (*fallback, "cutedsl needs a GPU")
-    try:
-        backend = get_backend("cutedsl")
-        err = _smoke(backend, FastTorchMoeBackend(), device, config)
-    except Exception as exc:  # any failure to import/compile/run means: measure what exists
-        return (*fallback, f"cutedsl unavailable: {type(exc).__name__}: {str(exc)[:200]}")
-    if err > 2e-2:
-        return (*fallback, f"cutedsl disagrees with the reference here (rel err {err:.3g})")
-    return "cutedsl", backend, f"cutedsl smoke test rel err {err:.2e}"
+    reference = get_backend("torch")
+    if name == "auto":
+        if device.type == "cuda":
+            try:
+                backend = get_backend("cutedsl")
+                err = _smoke(backend, reference, device, config)
+            except Exception as exc:  # any failure to import/compile/run: measure what exists
+                note = f"cutedsl unavailable: {type(exc).__name__}: {str(exc)[:200]}"
+            else:
+                if err <= SMOKE_TOL:
+                    return "cutedsl", backend, f"cutedsl vs torch reference rel err {err:.2e}"
+                note = f"cutedsl disagrees with the torch reference here (rel err {err:.3g})"
+        else:
+            note = "cutedsl needs a GPU"
+        name = "torch-bf16" if device.type == "cuda" else "torch"
+    else:
+        note = ""
+    backend = {"torch": lambda: reference, "torch-bf16": FastTorchMoeBackend,
+               "cutedsl": lambda: get_backend("cutedsl")}[name]()
+    if name != "torch":
+        err = _smoke(backend, reference, device, config)
+        if err > SMOKE_TOL:
+            raise SystemExit(f"MoE backend {name!r} disagrees with the torch reference (rel err {err:.3g})")
+        note = (note + "; " if note else "") + f"{name} vs torch reference rel err {err:.2e}"
+    return name, backend, note
 
 
 def _smoke(backend: Any, ref: Any, device: torch.device, config: Any) -> float:
+    """max |backend - ref| / max |ref| on 64 tokens over 8 synthetic experts of the model's shape."""
     from bench.e2e_model import expert_shapes, fill_experts
     from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 

@@ -5,7 +5,8 @@ math, same bf16 rounding of the intermediate, same fp32 slot sum in slot order);
 things change:
 
 - NVFP4 weights are decoded to bf16 (``e2m1 * e4m3`` is exact in bf16, so these are the very
-  values the reference decodes to fp32) with a 16-entry lookup table, several experts at once;
+  values the reference decodes to fp32), several experts at once: by one Triton kernel where
+  Triton runs (``nvfp4_decode_triton``, one pass), else by a byte lookup table in PyTorch;
 - the two GEMMs take bf16 operands with fp32 outputs on CUDA (``torch.mm(..., out_dtype=
   torch.float32)``: every product is exact in fp32, only the accumulation order may differ
   from the reference's fp32 GEMM). On the CPU (and on a PyTorch without that overload) the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bench import nvfp4_decode_triton
 from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
@@ -66,6 +68,7 @@ class FastTorchMoeBackend:
 
     def __init__(self) -> None:
         self._fp32_out: dict[torch.device, bool] = {}
+        self._triton: dict[torch.device, bool] = {}
 
     def run_experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                     weights: ExpertWeights) -> torch.Tensor:
@@ -79,10 +82,12 @@ class FastTorchMoeBackend:
         inter = weights.intermediate_size
         if x.device not in self._fp32_out:
             self._fp32_out[x.device] = has_fp32_out_mm(x.device)
+            self._triton[x.device] = nvfp4_decode_triton.available(x.device)
         fp32_out = self._fp32_out[x.device]
+        decode = nvfp4_decode_triton.decode_bf16_triton if self._triton[x.device] else decode_bf16
         for start in range(0, len(active), DECODE_CHUNK):
             chunk = active[start:start + DECODE_CHUNK]
-            w13s, w2s, extras = self._decode(weights, chunk)
+            w13s, w2s, extras = self._decode(weights, chunk, decode)
             for i, e in enumerate(chunk):
                 rows = slice(offsets[e], offsets[e + 1])
                 slots = plan.slot_index[rows].long()
@@ -107,17 +112,17 @@ class FastTorchMoeBackend:
         return out.to(torch.bfloat16)
 
     @staticmethod
-    def _decode(weights: ExpertWeights, experts: list[int]):
-        """bf16 W13/W2 of ``experts`` (batched per view tensor when consecutive) + their alphas
-        and biases."""
+    def _decode(weights: ExpertWeights, experts: list[int], decode):
+        """bf16 W13/W2 of ``experts`` (decoded together with ``decode``) + each expert's other
+        tensors (alphas, biases)."""
         params = [weights.expert(e) for e in experts]
         if weights.quant != "nvfp4":
             return ([p["w3_w1_weight"] for p in params], [p["w2_weight"] for p in params],
                     params)
-        w13 = decode_bf16(torch.stack([p["w3_w1_weight"] for p in params]),
-                          torch.stack([p["w3_w1_weight_scale"] for p in params]))
-        w2 = decode_bf16(torch.stack([p["w2_weight"] for p in params]),
-                         torch.stack([p["w2_weight_scale"] for p in params]))
+        w13 = decode(torch.stack([p["w3_w1_weight"] for p in params]),
+                     torch.stack([p["w3_w1_weight_scale"] for p in params]))
+        w2 = decode(torch.stack([p["w2_weight"] for p in params]),
+                    torch.stack([p["w2_weight_scale"] for p in params]))
         return w13, w2, params
 
 

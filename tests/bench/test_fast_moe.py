@@ -55,3 +55,29 @@ def test_gpu_close_to_reference():
     got = FastTorchMoeBackend().run_experts(x, ids, tw, w).float()
     ref = TorchMoeBackend().run_experts(x, ids, tw, w).float()
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_triton_decode_is_bitwise_the_pytorch_decode():
+    """Every byte with every non-NaN e4m3 scale, through Triton's CPU interpreter (a
+    subprocess: the interpreter is chosen when triton is imported)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from bench.nvfp4_decode_triton import decode_bf16_triton\n"
+        "from bench.fast_moe import decode_bf16\n"
+        "scales = torch.tensor([b for b in range(256) if b not in (0x7F, 0xFF)], dtype=torch.uint8)\n"
+        "packed = torch.arange(256, dtype=torch.uint8).repeat(scales.numel()).view(-1, 32, 8)\n"
+        "scale = scales.repeat_interleave(32).view(-1, 32, 1).view(torch.float8_e4m3fn)\n"
+        "a, b = decode_bf16_triton(packed, scale, block=512), decode_bf16(packed, scale)\n"
+        "assert torch.equal(a.view(torch.int16), b.view(torch.int16))\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
