@@ -49,11 +49,14 @@ class EngineLoop:
 
     ``engine`` follows the executor contract: ``add_request``, ``step() -> [TokenEvent]``,
     ``has_work``, ``abort``, ``export_kv``. ``idle_wait_s`` bounds how long an idle thread waits
-    for a command before checking for shutdown.
+    for a command before checking for shutdown. ``thread_init`` runs first on the engine thread
+    (the CUDA current device is per thread: a rank binds its GPU there).
     """
 
-    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop, *, idle_wait_s: float = 0.05) -> None:
+    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop, *, idle_wait_s: float = 0.05,
+                 thread_init: Callable[[], None] | None = None) -> None:
         self.engine = engine
+        self._thread_init = thread_init
         self._loop = loop
         self._idle_wait_s = idle_wait_s
         self._commands: queue.Queue = queue.Queue()
@@ -114,6 +117,8 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            if self._thread_init is not None:
+                self._thread_init()
             while not self._stop.is_set():
                 busy = self.engine.has_work()
                 self._run_commands(block=not busy)

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from aiohttp import ClientSession, web
 
@@ -48,8 +48,10 @@ class OpenAIServer:
     """Builds the aiohttp application around one engine; the engine thread starts with the app."""
 
     def __init__(self, engine: Any, tokenizer: Any, config: ServerConfig, *,
-                 kv_store: KvStore | None = None, role: str = "worker") -> None:
+                 kv_store: KvStore | None = None, role: str = "worker",
+                 engine_thread_init: Callable[[], None] | None = None) -> None:
         self.engine = engine
+        self._engine_thread_init = engine_thread_init
         self.tokenizer = tokenizer
         self.config = config
         self.kv_store = kv_store or KvStore()
@@ -72,7 +74,7 @@ class OpenAIServer:
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
-        self.loop = EngineLoop(self.engine, asyncio.get_running_loop())
+        self.loop = EngineLoop(self.engine, asyncio.get_running_loop(), thread_init=self._engine_thread_init)
         self.loop.start()
         self._session = ClientSession()
 

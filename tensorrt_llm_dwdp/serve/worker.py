@@ -47,6 +47,12 @@ def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = Non
     from tensorrt_llm_dwdp.model import ModelConfig, load_tokenizer
 
     device = resolve_device(options.device, local_rank)
+    if device.type == "cuda":
+        import torch
+
+        # Make it the current device too: allocations and IPC handles made without an explicit
+        # device (and the engine thread's streams) must land on this rank's GPU.
+        torch.cuda.set_device(device)
     model_config = ModelConfig.from_file(options.model)
     tokenizer = load_tokenizer(options.tokenizer_path)
     manager = None
@@ -87,6 +93,15 @@ def _load_model(options: ServeOptions, device: Any, manager: Any):
     return load_model(options.model, device=device, moe_backend=options.moe_backend, dwdp=manager)
 
 
+def _bind_device_fn(device: Any):
+    """On CUDA, a function making ``device`` current on the calling thread (else None)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return lambda: torch.cuda.set_device(device)
+
+
 def run_worker_server(options: ServeOptions, *, local_rank: int = 0, group: Any = None,
                       advertise_host: str | None = None) -> None:
     """Build the worker, serve it on ``options.host:port`` until a signal, then close it."""
@@ -102,7 +117,8 @@ def run_worker_server(options: ServeOptions, *, local_rank: int = 0, group: Any 
             model_name=options.model, max_seq_len=options.max_seq_len,
             vocab_size=worker.model_config.vocab_size,
             public_url=advertised_url(advertise_host or options.host, options.port))
-        server = OpenAIServer(worker.engine, worker.tokenizer, config)
+        server = OpenAIServer(worker.engine, worker.tokenizer, config,
+                              engine_thread_init=_bind_device_fn(worker.engine.device))
         serve_app(server.make_app(), options.host, options.port)
     finally:
         worker.close()
