@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("dwdp", "replicated", "ep")
 WEIGHT_STD = 0.02
-QUANT_CHUNK = 8  # experts generated + quantized at once (bounds the fp32 scratch)
+QUANT_CHUNK = 16  # experts generated + quantized at once (bounds the fp32 scratch)
 EXPERT_NAMES = ("w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha",
                 "w2_weight", "w2_weight_scale", "fc2_alpha")
 

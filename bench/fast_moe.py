@@ -119,10 +119,16 @@ class FastTorchMoeBackend:
         if weights.quant != "nvfp4":
             return ([p["w3_w1_weight"] for p in params], [p["w2_weight"] for p in params],
                     params)
-        w13 = decode(torch.stack([p["w3_w1_weight"] for p in params]),
-                     torch.stack([p["w3_w1_weight_scale"] for p in params]))
-        w2 = decode(torch.stack([p["w2_weight"] for p in params]),
-                    torch.stack([p["w2_weight_scale"] for p in params]))
+
+        def gather(name: str) -> torch.Tensor:
+            # Consecutive experts of one view tensor are one slice: no copy before decoding.
+            (t0, l0), (t1, l1) = weights.locate(experts[0]), weights.locate(experts[-1])
+            if t0 == t1 and l1 - l0 == len(experts) - 1 == experts[-1] - experts[0]:
+                return weights.tensors[name][t0][l0:l1 + 1]
+            return torch.stack([p[name] for p in params])
+
+        w13 = decode(gather("w3_w1_weight"), gather("w3_w1_weight_scale"))
+        w2 = decode(gather("w2_weight"), gather("w2_weight_scale"))
         return w13, w2, params
 
 
