@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -75,6 +76,35 @@ def raw_peer_copy(comm, device, nbytes: int, reps: int, timeout: float) -> float
     return nbytes / (sum(times) / len(times)) / 1e9
 
 
+def run_steps(mgr: DwdpManager, layers: list, steps: int, compute: Callable | None,
+              sync: bool = True) -> None:
+    """``steps`` forward steps of the per-layer protocol, ``compute`` standing in for the MoE.
+
+    With ``sync`` the host waits for every queued copy, the next step's wrap-around included.
+    """
+    for _ in range(steps):
+        mgr.start_step()
+        for layer in layers:
+            mgr.weights(layer)
+            if compute is not None:
+                compute()
+            mgr.done(layer)
+    if sync:
+        mgr.synchronize()
+        torch.cuda.synchronize(mgr.device)
+
+
+def device_time(fn: Callable) -> float:
+    """Seconds between events recorded on the current stream around ``fn()`` (which syncs)."""
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    e0.record()
+    fn()
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1) / 1e3
+
+
 def diff(a: DwdpStats, b: DwdpStats) -> dict:
     return {"prefetches": b.prefetches - a.prefetches, "bytes": b.bytes_copied - a.bytes_copied,
             "copy_s": b.copy_time_s - a.copy_time_s, "waits": b.waits - a.waits,
@@ -95,58 +125,31 @@ def run_config(args, contention: bool, device, matmul) -> dict:
             mgr.register_layer(layer, tensors)
         mgr.exchange()
         timeout = args.timeout
-        # prefetch only (warm-up step first)
-        mgr.start_step()
-        for layer in layers:
-            mgr.weights(layer)
-            mgr.done(layer)
-        mgr.synchronize()
-        torch.cuda.synchronize(device)
+        x, w, reps = matmul
+
+        def compute() -> None:
+            nonlocal x
+            for _ in range(reps):
+                x = x @ w
+
+        run_steps(mgr, layers, 1, None)  # warm-up: the first step of each phase is cold
         mgr.comm.barrier(timeout, "bench prefetch")
         s0 = mgr.stats
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            mgr.start_step()
-            for layer in layers:
-                mgr.weights(layer)
-                mgr.done(layer)
-        mgr.synchronize()
-        torch.cuda.synchronize(device)
+        run_steps(mgr, layers, args.steps, None)
         wall_prefetch = time.perf_counter() - t0
-        mgr.comm.barrier(timeout, "bench prefetch done")
         prefetch = diff(s0, mgr.stats)
         copy_per_layer = prefetch["copy_s"] / prefetch["prefetches"]
-        # compute-only time of one layer's matmul loop
-        x, w, reps = matmul
-        for _ in range(2):
-            for _ in range(reps):
-                x = x @ w
-        torch.cuda.synchronize(device)
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(args.steps * len(layers)):
-            for _ in range(reps):
-                x = x @ w
-        e1.record()
-        e1.synchronize()
-        compute_per_layer = e0.elapsed_time(e1) / 1e3 / (args.steps * len(layers))
-        # overlap: compute beside the prefetch
-        torch.cuda.synchronize(device)
+        n_layers = args.steps * len(layers)
+        compute()
+        compute_per_layer = device_time(lambda: [compute() for _ in range(n_layers)]) / n_layers
         mgr.comm.barrier(timeout, "bench overlap")
         s1 = mgr.stats
-        e0.record()
-        for _ in range(args.steps):
-            mgr.start_step()
-            for layer in layers:
-                mgr.weights(layer)
-                for _ in range(reps):
-                    x = x @ w
-                mgr.done(layer)
-        e1.record()
-        e1.synchronize()
+        # Compute-stream time only: the wrap-around prefetch of the next step is not counted.
+        step_layer = device_time(
+            lambda: run_steps(mgr, layers, args.steps, compute, sync=False)) / n_layers
         mgr.synchronize()
         overlap = diff(s1, mgr.stats)
-        step_layer = e0.elapsed_time(e1) / 1e3 / (args.steps * len(layers))
         mgr.comm.barrier(timeout, "bench overlap done")
         result = {
             "contention_opt": contention,
@@ -197,14 +200,7 @@ def main() -> int:
     w = torch.randn(n, n, device=device, dtype=torch.bfloat16) / n**0.5
     for _ in range(3):
         x = x @ w
-    torch.cuda.synchronize(device)
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(20):
-        x = x @ w
-    e1.record()
-    e1.synchronize()
-    one = e0.elapsed_time(e1) / 1e3 / 20
+    one = device_time(lambda: [x @ w for _ in range(20)]) / 20
     copy_s = layer_bytes / (raw * 1e9)
     reps = max(1, int(round(args.compute_factor * copy_s / one)))
 

@@ -343,3 +343,36 @@ def test_close_in_with_block_does_not_mask_error():
         with _single():
             raise RuntimeError("boom")
     assert not glob.glob(f"/dev/shm/trtllm_dwdp_{os.getpid()}_*")
+
+
+def test_peer_gone_before_close_fails_close_in_time_after_cleanup():
+    config = _config(2, 2, 1, peer_timeout_s=0.5)
+
+    def rank_fn(r, comm):
+        mgr = DwdpManager(config, 3, comm, "cpu")
+        _register_all(mgr, (0,), 2)
+        mgr.exchange()
+        if r == 1:
+            return "vanished"  # exchanged, then never reaches close()
+        start = time.monotonic()
+        with pytest.raises(DwdpPeerError, match=r"DWDP close.*rank\(s\) \[1\]"):
+            mgr.close()
+        took = time.monotonic() - start
+        names = mgr._transport.own_names
+        return took, mgr.mapped_allocations, [n for n in names if os.path.exists(f"/dev/shm/{n}")]
+
+    (took, mapped, left), gone = _in_threads(2, rank_fn)
+    assert gone == "vanished"
+    assert 0.5 <= took < 3 and mapped == 0 and left == []
+
+
+def test_from_environment(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(("TRTLLM_DWDP_", "OMPI_", "PMIX_", "PMI_")):
+            monkeypatch.delenv(key)
+    with DwdpManager.from_environment(DwdpConfig(), 8, "cpu") as mgr:
+        assert isinstance(mgr.comm, LocalComm) and mgr.layout.tensor_sizes == (8,)
+    with pytest.raises(RuntimeError, match="launch the ranks with mpirun"):
+        DwdpManager.from_environment(_config(2, 3, 2), 5, "cpu")
+    with pytest.raises(ValueError, match="does not cover"):
+        DwdpManager.from_environment(_config(2, 3, 2), 6, "cpu")
