@@ -11,7 +11,7 @@ import torch
 
 from ..compile_cache import CompileCache
 from .expert_table import ExpertTable
-from .grouped_launch import check_plan_tensors, cute_tensor, current_stream, launch_grouped_gemm
+from .grouped_launch import check_plan_tensors, current_stream, gmem_ptr, launch_grouped_gemm
 
 
 def permuted_row_weights(topk_weights: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
@@ -67,15 +67,17 @@ def finalize(cache: CompileCache, y: torch.Tensor, inverse: torch.Tensor,
         out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=y.device)
     if tokens == 0:
         return out
-    args = [y, inverse, out]
+    import cutlass
+
+    args = [gmem_ptr(y, 16), gmem_ptr(inverse), gmem_ptr(out, 8), cutlass.Int32(tokens)]
 
     def build():
         import cutlass.cute as cute
 
         from .slot_sum import SlotSum
 
-        return cute.compile(SlotSum(hidden, k), *[cute_tensor(t) for t in args], current_stream())
+        return cute.compile(SlotSum(hidden, k), *args, current_stream())
 
     compiled = cache.get(("slot_sum", hidden, k), build)
-    compiled(*[cute_tensor(t) for t in args], current_stream())
+    compiled(*args, current_stream())
     return out

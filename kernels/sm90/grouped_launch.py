@@ -7,14 +7,20 @@ from ..compile_cache import CompileCache, require_cutlass
 from .expert_table import ExpertTable
 
 
-def cute_tensor(t: torch.Tensor):
-    """A CuTe view of ``t`` with every extent and stride dynamic (one compile serves all
-    token counts); 2-D tensors are assumed 16-byte aligned, 1-D ones 4-byte."""
-    require_cutlass()
-    from cutlass.cute.runtime import from_dlpack
+_ALIGN = {torch.bfloat16: 16, torch.float32: 4, torch.int32: 4, torch.int64: 8}
 
-    return from_dlpack(t, assumed_align=16 if t.dim() > 1 else 4).mark_layout_dynamic(
-        leading_dim=t.dim() - 1)
+
+def gmem_ptr(t: torch.Tensor, align: int | None = None):
+    """A CuTe global-memory pointer to ``t`` (cheap: no DLPack round trip per launch)."""
+    require_cutlass()
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    dtype = {torch.bfloat16: cutlass.BFloat16, torch.float32: cutlass.Float32,
+             torch.int32: cutlass.Int32, torch.int64: cutlass.Int64}[t.dtype]
+    return make_ptr(dtype, t.data_ptr(), cute.AddressSpace.gmem,
+                    assumed_align=align or _ALIGN[t.dtype])
 
 
 def current_stream():
@@ -44,11 +50,16 @@ def launch_grouped_gemm(
         return out
     key = ("w4a16_grouped_gemm", warp_specialized, epilogue, table.rows, table.k, tile_m, n_sub,
            gather, a.dtype, out.dtype)
-    args = [a, row_index, tile_expert, table.tensor_of_expert, table.local_of_expert,
-            table.table, row_weight, out]
+    require_cutlass()
+    import cutlass
+
+    ptrs = [gmem_ptr(a, 16), gmem_ptr(row_index), gmem_ptr(tile_expert),
+            gmem_ptr(table.tensor_of_expert), gmem_ptr(table.local_of_expert),
+            gmem_ptr(table.table), gmem_ptr(row_weight), gmem_ptr(out, 16)]
+    sizes = [cutlass.Int32(a.shape[0]), cutlass.Int32(tile_expert.numel()),
+             cutlass.Int32(table.tensor_of_expert.numel()), cutlass.Int32(table.num_tensors)]
 
     def build():
-        require_cutlass()
         import cutlass.cute as cute
 
         from .w4a16_grouped_gemm import W4A16GroupedGemm
@@ -56,11 +67,11 @@ def launch_grouped_gemm(
 
         cls = W4A16GroupedGemmWS if warp_specialized else W4A16GroupedGemm
         kernel = cls(epilogue=epilogue, n_weight=table.rows, k=table.k,
-                                  tile_m=tile_m, n_sub=n_sub, gather=gather)
-        return cute.compile(kernel, *[cute_tensor(t) for t in args], current_stream())
+                     tile_m=tile_m, n_sub=n_sub, gather=gather)
+        return cute.compile(kernel, *ptrs, *sizes, current_stream())
 
     compiled = cache.get(key, build)
-    compiled(*[cute_tensor(t) for t in args], current_stream())
+    compiled(*ptrs, *sizes, current_stream())
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int64
+from cutlass import Float32, Int32, Int64
 
 from .ptx import ld_global_nc_v4_f32, st_global_bf16x4
 
@@ -27,8 +27,13 @@ class SlotSum:
         self.top_k = top_k
 
     @cute.jit
-    def __call__(self, y: cute.Tensor, inverse: cute.Tensor, out: cute.Tensor, stream):
-        tokens = cute.size(inverse, mode=[0])
+    def __call__(self, y_ptr: cute.Pointer, inverse_ptr: cute.Pointer, out_ptr: cute.Pointer,
+                 tokens: Int32, stream):
+        """``y [*, hidden]`` fp32, ``inverse [tokens, top_k]`` int32, ``out [tokens, hidden]``."""
+        inverse = cute.make_tensor(inverse_ptr, cute.make_layout(
+            (tokens, self.top_k), stride=(self.top_k, 1)))
+        y = cute.make_tensor(y_ptr, cute.make_layout(self.hidden))
+        out = cute.make_tensor(out_ptr, cute.make_layout(self.hidden))
         chunks = (self.hidden + COLS_PER_CTA - 1) // COLS_PER_CTA
         self.kernel(y, inverse, out).launch(grid=[tokens, chunks, 1], block=[THREADS, 1, 1],
                                             stream=stream)

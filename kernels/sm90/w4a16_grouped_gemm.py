@@ -82,10 +82,34 @@ class W4A16GroupedGemm:
         self.sub_stride = n_weight // 2 if epilogue == "swiglu" else n_sub
         self.cta_row_step = n_sub if epilogue == "swiglu" else 2 * n_sub
 
+    def make_tensors(self, a_ptr, row_index_ptr, tile_expert_ptr, tensor_of_ptr, local_of_ptr,
+                     table_ptr, row_weight_ptr, out_ptr, a_rows, num_tiles, num_experts, num_b):
+        """Views of the raw pointers with the static row lengths and dynamic counts:
+        ``a [a_rows, K]``, ``row_index / row_weight [M_pad]``, ``tile_expert [num_tiles]``,
+        maps ``[num_experts]``, ``b_table [3, num_b]``, ``out [M_pad, n_out]``."""
+        m_pad = num_tiles * self.tile_m
+        n_out = self.n_weight // 2 if self.epilogue == "swiglu" else self.n_weight
+        return (
+            cute.make_tensor(a_ptr, cute.make_layout((a_rows, self.k), stride=(self.k, 1))),
+            cute.make_tensor(row_index_ptr, cute.make_layout(m_pad)),
+            cute.make_tensor(tile_expert_ptr, cute.make_layout(num_tiles)),
+            cute.make_tensor(tensor_of_ptr, cute.make_layout(num_experts)),
+            cute.make_tensor(local_of_ptr, cute.make_layout(num_experts)),
+            cute.make_tensor(table_ptr, cute.make_layout((3, num_b), stride=(num_b, 1))),
+            cute.make_tensor(row_weight_ptr, cute.make_layout(m_pad)),
+            cute.make_tensor(out_ptr, cute.make_layout((m_pad, n_out), stride=(n_out, 1))),
+        )
+
     @cute.jit
-    def __call__(self, a: cute.Tensor, row_index: cute.Tensor, tile_expert: cute.Tensor,
-                 tensor_of_expert: cute.Tensor, local_of_expert: cute.Tensor,
-                 b_table: cute.Tensor, row_weight: cute.Tensor, out: cute.Tensor, stream):
+    def __call__(self, a_ptr: cute.Pointer, row_index_ptr: cute.Pointer,
+                 tile_expert_ptr: cute.Pointer, tensor_of_ptr: cute.Pointer,
+                 local_of_ptr: cute.Pointer, table_ptr: cute.Pointer,
+                 row_weight_ptr: cute.Pointer, out_ptr: cute.Pointer, a_rows: Int32,
+                 num_tiles: Int32, num_experts: Int32, num_b: Int32, stream):
+        (a, row_index, tile_expert, tensor_of_expert, local_of_expert, b_table, row_weight,
+         out) = self.make_tensors(a_ptr, row_index_ptr, tile_expert_ptr, tensor_of_ptr,
+                                  local_of_ptr, table_ptr, row_weight_ptr, out_ptr, a_rows,
+                                  num_tiles, num_experts, num_b)
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
             BFloat16, BFloat16,
             utils.LayoutEnum.ROW_MAJOR.sm90_mma_major_mode(),
@@ -107,7 +131,6 @@ class W4A16GroupedGemm:
             sSF: cute.struct.Align[cute.struct.MemRange[Uint32, self.stages * self.b_rows], 128]
 
         self.shared_storage = SharedStorage
-        num_tiles = cute.size(tile_expert, mode=[0])
         self.kernel(a, row_index, tile_expert, tensor_of_expert, local_of_expert, b_table,
                     row_weight, out, tiled_mma, a_layout, b_layout).launch(
             grid=[num_tiles, self.n_tiles, 1], block=[self.threads, 1, 1], stream=stream)
@@ -218,10 +241,7 @@ class W4A16GroupedGemm:
 
     def _epilogue(self, acc0, acc1, alpha, thr_mma, tCcC, out, row_weight, m_tile, n_tile):
         """FC1: h = silu(alpha*gate) * (alpha*up) -> bf16. FC2: y = (alpha*acc) * w_row -> fp32.
-        The output is re-viewed with its static row length so column pairs store as one word."""
-        n_out = self.n_weight // 2 if self.epilogue == "swiglu" else self.n_weight
-        out = cute.make_tensor(out.iterator, cute.make_layout(
-            (cute.size(out, mode=[0]), n_out), stride=(n_out, 1)))
+        ``out`` has a static row length, so column pairs store as one word."""
         if self.epilogue == "swiglu":
             for i in range(cute.size(acc0)):
                 up = acc0[i] * alpha

@@ -23,7 +23,7 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils as utils
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import BFloat16, Float32, Int64, Uint32
+from cutlass import BFloat16, Float32, Int32, Int64, Uint32
 
 from .w4a16_grouped_gemm import TILE_K, W4A16GroupedGemm
 
@@ -46,9 +46,15 @@ class W4A16GroupedGemmWS(W4A16GroupedGemm):
         self.consumer_regs = 208 if self.num_cwg == 2 else 200
 
     @cute.jit
-    def __call__(self, a: cute.Tensor, row_index: cute.Tensor, tile_expert: cute.Tensor,
-                 tensor_of_expert: cute.Tensor, local_of_expert: cute.Tensor,
-                 b_table: cute.Tensor, row_weight: cute.Tensor, out: cute.Tensor, stream):
+    def __call__(self, a_ptr: cute.Pointer, row_index_ptr: cute.Pointer,
+                 tile_expert_ptr: cute.Pointer, tensor_of_ptr: cute.Pointer,
+                 local_of_ptr: cute.Pointer, table_ptr: cute.Pointer,
+                 row_weight_ptr: cute.Pointer, out_ptr: cute.Pointer, a_rows: Int32,
+                 num_tiles: Int32, num_experts: Int32, num_b: Int32, stream):
+        (a, row_index, tile_expert, tensor_of_expert, local_of_expert, b_table, row_weight,
+         out) = self.make_tensors(a_ptr, row_index_ptr, tile_expert_ptr, tensor_of_ptr,
+                                  local_of_ptr, table_ptr, row_weight_ptr, out_ptr, a_rows,
+                                  num_tiles, num_experts, num_b)
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
             BFloat16, BFloat16,
             utils.LayoutEnum.ROW_MAJOR.sm90_mma_major_mode(),
@@ -71,7 +77,6 @@ class W4A16GroupedGemmWS(W4A16GroupedGemm):
             sSF: cute.struct.Align[cute.struct.MemRange[Uint32, LOAD_SLOTS * self.b_rows], 128]
 
         self.shared_storage = SharedStorage
-        num_tiles = cute.size(tile_expert, mode=[0])
         self.kernel(a, row_index, tile_expert, tensor_of_expert, local_of_expert, b_table,
                     row_weight, out, tiled_mma, a_layout, b_layout).launch(
             grid=[num_tiles, self.n_tiles, 1], block=[self.threads, 1, 1], stream=stream)

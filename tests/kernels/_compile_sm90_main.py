@@ -19,7 +19,7 @@ def main() -> int:
         from tensorrt_llm_dwdp.kernels.sm90.slot_sum import SlotSum
 
         return _compile(SlotSum(hidden, 8), [torch.zeros(64, hidden), torch.zeros(4, 8, dtype=torch.int32),
-                                             torch.zeros(4, hidden, dtype=torch.bfloat16)])
+                                             torch.zeros(4, hidden, dtype=torch.bfloat16)], [4])
     rows = 2 * tile_m
     if epilogue == "swiglu":
         k, n_weight, gather = hidden, 2 * inter, True
@@ -37,17 +37,19 @@ def main() -> int:
         from tensorrt_llm_dwdp.kernels.sm90.w4a16_grouped_gemm_ws import W4A16GroupedGemmWS as cls
     kernel = cls(epilogue=epilogue, n_weight=n_weight, k=k, tile_m=tile_m, n_sub=n_sub,
                  gather=gather)
-    return _compile(kernel, args)
+    return _compile(kernel, args, [a.shape[0], 2, experts, 2])
 
 
-def _compile(kernel, args) -> int:
+def _compile(kernel, tensors, sizes) -> int:
     import cuda.bindings.driver as cuda
+    import cutlass
     import cutlass.cute as cute
 
-    from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import cute_tensor
+    from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import gmem_ptr
 
+    ptrs = [gmem_ptr(t, 16 if t.dim() == 2 and t.dtype != torch.int32 else None) for t in tensors]
     try:
-        cute.compile(kernel, *[cute_tensor(t) for t in args], cuda.CUstream(0))
+        cute.compile(kernel, *ptrs, *[cutlass.Int32(v) for v in sizes], cuda.CUstream(0))
         print("loaded=yes")
     except Exception as exc:  # the only acceptable failure is the missing driver at load
         text = f"{type(exc).__name__}: {exc}"
