@@ -22,6 +22,8 @@ def aggregate_point(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if "ep_wait_ms_per_step" in ok[0]:
         out["ep_collective_ms_per_rank"] = [r["ep_wait_ms_per_step"] for r in ok]
+        # The counts exchange moves a few bytes: its time is almost all waiting for the peer.
+        out["ep_counts_ms_per_rank"] = [r["ep_collective_ms_per_step"]["ep_counts"] for r in ok]
     if "dwdp_stall_ms_per_step" in ok[0]:
         out["dwdp_stall_ms_per_step_per_rank"] = [r["dwdp_stall_ms_per_step"] for r in ok]
         out["dwdp_copy_ms_per_layer_per_rank"] = [r["dwdp_copy_ms_per_layer"] for r in ok]
@@ -102,7 +104,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {key} | " + " | ".join(_fmt(v) for v in vals)
                      + f" | {_fmt(d / r if d and r else None, '.3f')} | {_fmt(d / e if d and e else None, '.3f')} |")
     lines += ["", "## Step latency per rank (ms), DWDP stall and EP collective time per step (ms)", "",
-              "| point | mode | step ms per rank | DWDP stall / step | DWDP copy / layer | EP in collectives |",
+              "| point | mode | step ms per rank | DWDP stall / step | DWDP copy / layer | EP in collectives (in counts exchange) |",
               "|---|---|---|---|---|---|"]
     for key in keys:
         for mode, m in modes.items():
@@ -113,7 +115,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
                 f"| {key} | {mode} | {', '.join(f'{v:.1f}' for v in p['step_ms_per_rank'])} | "
                 f"{', '.join(f'{v:.2f}' for v in p.get('dwdp_stall_ms_per_step_per_rank', [])) or '-'} | "
                 f"{', '.join(f'{v:.2f}' for v in p.get('dwdp_copy_ms_per_layer_per_rank', [])) or '-'} | "
-                f"{', '.join(f'{v:.1f}' for v in p.get('ep_collective_ms_per_rank', [])) or '-'} |")
+                f"{', '.join(f'{v:.1f} ({c:.1f})' for v, c in zip(p.get('ep_collective_ms_per_rank', []), p.get('ep_counts_ms_per_rank', []))) or '-'} |")
     lines += ["", "## Routed-expert memory per GPU (MiB; DWDP includes its two prefetch buffers)", "", "| mode | measured per rank | layout predicts |", "|---|---|---|"]
     for mode, v in g["memory_as_layout_predicts"]["modes"].items():
         lines.append(f"| {mode} | {', '.join(f'{x:.1f}' for x in v['measured_mib'])} | "
