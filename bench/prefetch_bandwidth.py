@@ -169,7 +169,8 @@ def run_config(args, contention: bool, device, matmul) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--w", type=int, default=128)
     ap.add_argument("--p", type=int, default=128)

@@ -156,7 +156,8 @@ class DwdpConfig:
     def experts_per_worker(self, num_experts: int) -> int:
         """W for a model of ``num_experts`` experts, after checking the layout covers them."""
         self.check_num_experts(num_experts)
-        return self.num_experts_per_worker if self.num_experts_per_worker is not None else num_experts
+        w = self.num_experts_per_worker
+        return num_experts if w is None else w
 
     def prefetch_experts(self) -> int:
         """P; zero when DWDP is off and the key was left out."""

@@ -136,7 +136,9 @@ class ExpertLayout:
         return num_layers * self.num_experts_per_worker + self.buffered_experts
 
     # ---------------------------------------------------------------------------- kernels
-    def map_tensors(self, device: "torch.device | str" = "cpu") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def map_tensors(
+        self, device: "torch.device | str" = "cpu"
+    ) -> tuple["torch.Tensor", "torch.Tensor"]:
         """``(expert_tensor, expert_local)`` as int32 tensors of length E on ``device``."""
         import torch
 

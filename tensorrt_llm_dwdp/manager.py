@@ -26,8 +26,8 @@ from tensorrt_llm_dwdp.agreement import record_problems, summarize
 from tensorrt_llm_dwdp.comm import GroupComm, connect
 from tensorrt_llm_dwdp.config import DwdpConfig
 from tensorrt_llm_dwdp.copy_plan import CopyPlan, interleaved_plan, peer_order, per_peer_plan
-from tensorrt_llm_dwdp.errors import (DwdpError, DwdpMismatchError, DwdpPeerError,
-                                      DwdpRegistrationError, DwdpStateError)
+from tensorrt_llm_dwdp.errors import (DwdpMismatchError, DwdpPeerError, DwdpRegistrationError,
+                                      DwdpStateError)
 from tensorrt_llm_dwdp.layout import ExpertLayout
 from tensorrt_llm_dwdp.prefetch_buffer import NUM_BUFFERS, PrefetchBuffers
 from tensorrt_llm_dwdp.stats import DwdpStats, StatsRecorder
@@ -152,7 +152,8 @@ class DwdpManager:
                 raise DwdpRegistrationError(f"{where} is on {t.device}, expected {self.device}")
             if t.dim() < 1 or t.shape[0] != w:
                 raise DwdpRegistrationError(
-                    f"{where} has shape {tuple(t.shape)}; dim 0 must be num_experts_per_worker = {w}"
+                    f"{where} has shape {tuple(t.shape)}; dim 0 must be "
+                    f"num_experts_per_worker = {w}"
                 )
             if not t.is_contiguous():
                 raise DwdpRegistrationError(
@@ -214,7 +215,7 @@ class DwdpManager:
                     self.buffer_bytes / 2**20)
 
     def _open_peers(self, records: list[dict]) -> tuple[list[dict[int, dict[str, int]]], str]:
-        """Map every peer tensor; ``sources[pos][peer][name]`` = address of the first copied byte."""
+        """Map every peer tensor; ``sources[pos][peer][name]``: address of its first copied byte."""
         sources: list[dict[int, dict[str, int]]] = []
         try:
             for pos, own in enumerate(self._own):

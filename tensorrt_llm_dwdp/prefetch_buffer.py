@@ -61,7 +61,8 @@ class PrefetchBuffers:
                         else:
                             off, n = self._offsets[pos][name], self._nbytes[pos][name]
                             raw = self._storage[b][rank][off:off + n]
-                            tensors_by_rank.append(raw.view(t.dtype).view((p,) + tuple(t.shape[1:])))
+                            shape = (p,) + tuple(t.shape[1:])
+                            tensors_by_rank.append(raw.view(t.dtype).view(shape))
                     view[name] = tensors_by_rank
                 per_buffer.append(view)
             self._views.append(per_buffer)

@@ -55,8 +55,7 @@ def expected(layer: int, name_id: int, first: int, count: int, row: int) -> torc
 
 
 def per_expert_bytes() -> int:
-    return sum(torch.empty((1,) + tail, dtype=dtype).numel() * torch.empty((), dtype=dtype).element_size()
-               for dtype, tail in TENSORS.values())
+    return sum(torch.empty((1,) + tail, dtype=dtype).nbytes for dtype, tail in TENSORS.values())
 
 
 def run(scenario: str, args, size: int, rank_hint: int, device: torch.device) -> str:
@@ -108,7 +107,8 @@ def run(scenario: str, args, size: int, rank_hint: int, device: torch.device) ->
                 for name_id, name in enumerate(TENSORS):
                     parts = view[name]
                     assert len(parts) == size, (name, len(parts))
-                    whole = torch.cat([x.view(torch.uint8).reshape(x.shape[0], -1).cpu() for x in parts])
+                    whole = torch.cat([x.view(torch.uint8).reshape(x.shape[0], -1).cpu()
+                                       for x in parts])
                     want = expected(layer, name_id, 0, num_experts, whole.shape[1])
                     if not torch.equal(whole, want):
                         bad = [g for g in range(num_experts) if not torch.equal(whole[g], want[g])]
