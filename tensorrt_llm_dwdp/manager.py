@@ -63,7 +63,6 @@ class DwdpManager:
         self._pos_of: dict[int, int] = {}
         self._own: list[dict[str, torch.Tensor]] = []
         self._handles: list[dict[str, HandleRecord]] = []
-        self._opened: list[tuple[int, HandleRecord]] = []
         self._views: list[list[dict[str, list[torch.Tensor]]]] | None = None
         self._plans: list[list[CopyPlan]] = []
         self._buffers: PrefetchBuffers | None = None
@@ -225,7 +224,6 @@ class DwdpManager:
                     for name, t in own.items():
                         rec = records[peer]["handles"][pos][name]
                         base = self._transport.open(peer, rec)
-                        self._opened.append((peer, rec))
                         expert_bytes = t.numel() * t.element_size() // t.shape[0]
                         addrs[name] = base + self.layout.source_starts[peer] * expert_bytes
                     per_peer[peer] = addrs
@@ -390,7 +388,6 @@ class DwdpManager:
         except Exception as exc:
             error = exc
         try:
-            self._opened.clear()
             self._transport.close_peers()
         except Exception as exc:
             error = error or exc
