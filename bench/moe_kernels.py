@@ -100,7 +100,31 @@ def tables(weights):
     return w13, w2
 
 
-def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b, variants=()):
+def _time_variants(res, cache, variants, ids, tw, x, w13, w2, plan, tile_m, inter, hidden,
+                   num_experts):
+    """Time FC1 / FC2 for each ``[ws]TILE_MxN_SUB`` variant into ``res``."""
+    for variant in variants:
+        ws = variant.startswith("ws")
+        vm, vn = (int(v) for v in variant.removeprefix("ws").split("x"))
+        vplan = plan if vm == tile_m else build_permutation(ids, num_experts, tile_m=vm)
+        vh = torch.empty(vplan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
+        vy = torch.empty(vplan.num_rows, hidden, dtype=torch.float32, device="cuda")
+        vrw = permuted_row_weights(tw, vplan.slot_index)
+        try:
+            res[f"v{variant}_fc1_ms"] = time_graph(lambda: fc1_gather_swiglu(
+                cache, x, vplan.gather_index, vplan.tile_expert, w13, vm, n_sub=vn, out=vh,
+                warp_specialized=ws))
+            res[f"v{variant}_fc2_ms"] = time_graph(lambda: fc2_weighted(
+                cache, vh, vplan.tile_expert, vrw, w2, vm, n_sub=vn, out=vy,
+                warp_specialized=ws))
+        except Exception as exc:  # a variant that fails to build or run is reported, not fatal
+            res[f"v{variant}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        del vh, vy
+    return res
+
+
+def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b, variants=(),
+                only_variants=False):
     hidden, inter, num_experts, top_k = MODELS[model]
     ids, tw = uniform_routing(tpe, num_experts, top_k)
     tokens = ids.shape[0]
@@ -139,6 +163,10 @@ def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b, varian
     def base_fc2():
         torch._grouped_mm(h2, bf16_w2t, offs=offs, out_dtype=torch.bfloat16)
 
+    res = {"model": model, "tokens_per_expert": tpe, "tokens": tokens, "tile_m": tile_m}
+    if only_variants:
+        return _time_variants(res, cache, variants, ids, tw, x, w13, w2, plan, tile_m,
+                              inter, hidden, num_experts)
     t = {
         "ours_fc1_ms": time_graph(fc1), "ours_fc2_ms": time_graph(fc2),
         "ours_finalize_ms": time_graph(fin), "ours_total_ms": time_graph(ours_all),
@@ -151,8 +179,8 @@ def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b, varian
     nv_w2 = num_experts * hidden * inter * 0.5625
     by1 = nv_w13 + rows * hidden * 2 + rows * inter * 2
     by2 = nv_w2 + rows * inter * 2 + rows * hidden * 4
-    res = {
-        "model": model, "tokens_per_expert": tpe, "tokens": tokens, "tile_m": tile_m, **t,
+    res.update({
+        **t,
         "speedup_fc1": t["base_fc1_ms"] / t["ours_fc1_ms"],
         "speedup_fc2": t["base_fc2_ms"] / t["ours_fc2_ms"],
         "speedup_total": t["base_total_ms"] / t["ours_total_ms"],
@@ -162,26 +190,11 @@ def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b, varian
         "base_fc2_tflops": fl2 / t["base_fc2_ms"] / 1e9,
         "ours_fc1_gbps": by1 / t["ours_fc1_ms"] / 1e6,
         "ours_fc2_gbps": by2 / t["ours_fc2_ms"] / 1e6,
-    }
+    })
     res["ours_fc1_pct_peak_flops"] = 100 * res["ours_fc1_tflops"] / PEAK_TFLOPS
     res["ours_fc1_pct_peak_bw"] = 100 * res["ours_fc1_gbps"] / PEAK_GBPS
-    for variant in variants:
-        ws = variant.startswith("ws")
-        vm, vn = (int(v) for v in variant.removeprefix("ws").split("x"))
-        vplan = plan if vm == tile_m else build_permutation(ids, num_experts, tile_m=vm)
-        vh = torch.empty(vplan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
-        vy = torch.empty(vplan.num_rows, hidden, dtype=torch.float32, device="cuda")
-        vrw = permuted_row_weights(tw, vplan.slot_index)
-        try:
-            res[f"v{variant}_fc1_ms"] = time_graph(lambda: fc1_gather_swiglu(
-                cache, x, vplan.gather_index, vplan.tile_expert, w13, vm, n_sub=vn, out=vh,
-                warp_specialized=ws))
-            res[f"v{variant}_fc2_ms"] = time_graph(lambda: fc2_weighted(
-                cache, vh, vplan.tile_expert, vrw, w2, vm, n_sub=vn, out=vy,
-                warp_specialized=ws))
-        except Exception as exc:  # a variant that fails to build or run is reported, not fatal
-            res[f"v{variant}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        del vh, vy
+    _time_variants(res, cache, variants, ids, tw, x, w13, w2, plan, tile_m, inter, hidden,
+                   num_experts)
     if multi_b:
         view = weights.split(split_sizes(num_experts, 4))
         m13, m2 = tables(view)
@@ -190,6 +203,15 @@ def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b, varian
         res.update({"single_b_fc12_ms": s1, "multi_b4_fc12_ms": s4,
                     "multi_b_overhead_pct": 100 * (s4 / s1 - 1)})
     return res
+
+
+def _write(path, results) -> dict:
+    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "peak_tflops_bf16": PEAK_TFLOPS, "peak_gbps": PEAK_GBPS, "results": results}
+    if path:
+        with open(path, "w") as f:
+            f.write(json.dumps(doc, indent=1) + "\n")
+    return doc
 
 
 def main(argv=None) -> int:
@@ -202,6 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="64x64,64x128,128x128,ws64x128,ws128x128",
                    help="extra [ws]TILE_MxN_SUB configs of our kernels to time at every point "
                         "(ws = warp-specialized)")
+    p.add_argument("--only-variants", action="store_true",
+                   help="time only the --variants configs (no baseline, no default config)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -222,8 +246,13 @@ def main(argv=None) -> int:
                 continue
             r = bench_point(cache, weights, w13t, w2t, model, tpe,
                             str(tpe) in args.multi_b_tpe.split(","),
-                            [v for v in args.variants.split(",") if v])
+                            [v for v in args.variants.split(",") if v], args.only_variants)
             results.append(r)
+            _write(args.out, results)  # keep what is measured if a later point dies
+            if args.only_variants:
+                print(model, tpe, {k: round(v, 3) for k, v in r.items() if k.endswith("_ms")},
+                      file=sys.stderr, flush=True)
+                continue
             print(f"{model:14s} tpe={tpe:5d} fc1 {r['ours_fc1_ms']:.3f}/{r['base_fc1_ms']:.3f} ms "
                   f"x{r['speedup_fc1']:.2f}  fc2 {r['ours_fc2_ms']:.3f}/{r['base_fc2_ms']:.3f} "
                   f"x{r['speedup_fc2']:.2f}  total x{r['speedup_total']:.2f}  "
@@ -232,13 +261,9 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         del weights, w13t, w2t
         torch.cuda.empty_cache()
-    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "peak_tflops_bf16": PEAK_TFLOPS, "peak_gbps": PEAK_GBPS, "results": results}
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    doc = _write(args.out, results)
+    if not args.out:
+        print(json.dumps(doc, indent=1))
     return 0
 
 

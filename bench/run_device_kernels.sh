@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# One device call for issue 4: smoke check, kernel correctness tests, then the bench.
-# Run on the device machine from the repo root with .whl/ carried (../shared/tools/device-wheels);
-# logs and JSON land in $OUT. Usage: bench/run_device_kernels.sh [tests|bench|all] [bench args...]
+# One device call for issue 4: smoke check, kernel tests, bench (plain schedule), then the
+# warp-specialized schedule's test and bench, each stage under its own timeout so a hang in a
+# later stage cannot cost the earlier results. Run from the repo root with .whl/ carried
+# (../shared/tools/device-wheels); logs and JSON land in $OUT.
+# Usage: bench/run_device_kernels.sh [extra args for the main bench...]
 set -o pipefail
-what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages || exit 1
 export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
-  python3 -c "import torch, cutlass; print('torch', torch.__version__, 'cutlass-dsl', cutlass.__version__ if hasattr(cutlass, '__version__') else '4.3.5')"
+  python3 -c "import torch; print('torch', torch.__version__)"
   python3 -c "
 import torch
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
@@ -20,10 +21,15 @@ inv = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32, device='cuda')
 print('tiny CuTeDSL kernel ok:', torch.equal(finalize(CompileCache(), y, inv), (y[[3, 0]] + y[[1, 2]]).bfloat16()))"
 } 2>&1 | tee "$OUT/env.txt"
 rc=0
-if [ "$what" = all ] || [ "$what" = tests ]; then
-  timeout ${TEST_TIMEOUT:-240} python3 -m pytest --maxfail=5 -q -rs --durations=8 tests/kernels 2>&1 | tee "$OUT/tests.txt" || rc=1
-fi
-if [ "$what" = all ] || [ "$what" = bench ]; then
-  python3 bench/moe_kernels.py --out "$OUT/moe_kernels.json" "$@" 2> >(tee "$OUT/bench_log.txt" >&2) >/dev/null || rc=1
-fi
+run() {  # run SECONDS LOG cmd...: one stage under a timeout, output teed to $OUT/LOG
+  local secs=$1 log=$2; shift 2
+  timeout "$secs" "$@" 2>&1 | tee "$OUT/$log" || rc=1
+}
+run ${T_TESTS:-150} tests.txt python3 -m pytest --maxfail=5 -q -rs --durations=6 tests/kernels \
+  --ignore=tests/kernels/test_moe_sm90_ws.py
+run ${T_BENCH:-180} bench_log.txt python3 bench/moe_kernels.py --variants 64x64,64x128,128x128 \
+  --out "$OUT/moe_kernels.json" "$@"
+run ${T_WS_TESTS:-40} tests_ws.txt python3 -m pytest -x -q tests/kernels/test_moe_sm90_ws.py
+run ${T_WS_BENCH:-60} bench_ws_log.txt python3 bench/moe_kernels.py --variants ws64x128,ws128x128 \
+  --multi-b-tpe none --out "$OUT/moe_kernels_ws.json"
 exit $rc

@@ -1,0 +1,36 @@
+"""Fixtures of the device kernel tests: the CuTeDSL backend and cached random NVFP4 experts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensorrt_llm_dwdp.kernels.testing import MODELS, random_nvfp4_experts
+
+
+def sm90_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.fixture(scope="module")
+def backend():
+    if not sm90_available():
+        pytest.skip("needs an sm90 GPU")
+    from tensorrt_llm_dwdp.moe.backends.cutedsl import CuteDslMoeBackend
+
+    return CuteDslMoeBackend()
+
+
+@pytest.fixture(scope="module")
+def experts():
+    """``experts(model)``: that model's random experts (one model kept on the device at a time)."""
+    cache = {}
+
+    def get(model: str):
+        if model not in cache:
+            cache.clear()
+            torch.cuda.empty_cache()
+            hidden, inter, num_experts, _ = MODELS[model]
+            cache[model] = random_nvfp4_experts(num_experts, hidden, inter, seed=7)
+        return cache[model]
+
+    return get
