@@ -213,27 +213,35 @@ def run_mode(mode: str, args: argparse.Namespace, ctx: dict[str, Any], points: l
         }
         t0 = time.perf_counter()
         budget = args.time_budget_s / len(args.modes)
-        stop = False
+        elapsed, last = 0.0, None   # rank 0's clock, so every rank decides the same
         for pt in points:
-            if stop:
+            # Skip a point the budget cannot hold: its time is guessed from the last point's,
+            # scaled by tokens (points run in ascending tokens).
+            guess = 0.0 if last is None else last[1] * pt.tokens / last[0]
+            if elapsed + guess > budget:
                 results["skipped"].append(f"{mode} {pt.key} (time budget)")
                 continue
             try:
                 rec = run_point(runner, pt, rank=rank, seq_len=args.seq_len, vocab=config.vocab_size,
                                 seed=args.seed, warmup=args.warmup, iters=args.iters)
-            except torch.OutOfMemoryError as exc:
+            except Exception as exc:
                 if mode == "ep":
                     raise   # the peer is inside a collective: no clean way on, fail loudly
+                # DWDP and replicated ranks run independently: record the failure, go on.
                 if bm.manager is not None:
                     bm.manager.abort_step()
-                torch.cuda.empty_cache()
-                rec = {"rank": rank, "error": f"out of memory: {str(exc)[:120]}"}
+                if cuda:
+                    torch.cuda.synchronize(device)
+                    torch.cuda.empty_cache()
+                rec = {"rank": rank, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+                logger.exception("%s %s failed on rank %d", mode, pt.key, rank)
             rec["elapsed_s"] = time.perf_counter() - t0
             recs = gather(rec)
             out["points"][pt.key] = {"tokens": pt.tokens, "imbalance": pt.imbalance, **aggregate_point(recs)}
             logger.info("%s %s: %s tok/s per GPU", mode, pt.key,
                         f"{out['points'][pt.key].get('tokens_per_s_per_gpu', float('nan')):.0f}")
-            stop = recs[0]["elapsed_s"] > budget
+            last = (pt.tokens, recs[0]["elapsed_s"] - elapsed)
+            elapsed = recs[0]["elapsed_s"]
         check = Point(min(pt.tokens for pt in points), "equal")
         ids, batch = make_batch(check.tokens_of(rank), args.seq_len, config.vocab_size, args.seed,
                                 rank, device)
@@ -339,8 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes:
             logger.info("mode %s: building", mode)
             logits[mode] = run_mode(mode, args, ctx, points, results)
+            results["goals"] = goals(results, args.num_moe_layers)
+            if rank == 0:   # what has run so far survives a later failure
+                write_outputs(results, args.out)
         results["agreement"] = agreement(logits)
-        results["goals"] = goals(results, args.num_moe_layers)
         if rank == 0:
             write_outputs(results, args.out)
             print(summary_markdown(results))

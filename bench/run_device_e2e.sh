@@ -27,7 +27,7 @@ PY="${PYTHON:-python3}"
   done
 } >"$LOG" 2>&1
 
-ARGS=(--out "$OUT/e2e" --time-budget-s "${E2E_BUDGET_S:-210}")
+ARGS=(--out "$OUT/e2e" --time-budget-s "${E2E_BUDGET_S:-180}")
 # shellcheck disable=SC2206
 ARGS+=(${E2E_ARGS:-})
 set +e
