@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensorrt_llm_dwdp.executor import Request, TokenEvent
+from tensorrt_llm_dwdp.executor import EngineStats, Request, TokenEvent
 from tensorrt_llm_dwdp.kv_handoff import KvHandoff
 
 EOS = 257
@@ -40,22 +40,12 @@ class _Seq:
     out: list[int] = field(default_factory=list)
 
 
-@dataclass
-class _Stats:
-    prefill_steps: int = 0
-    prefill_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_steps: int = 0
-    decode_tokens: int = 0
-    decode_seconds: float = 0.0
-
-
 class EngineDouble:
     def __init__(self, step_s: float = 0.0, fail_after: int | None = None) -> None:
         self.step_s = step_s
         self.fail_after = fail_after
         self.dwdp = None
-        self.stats = _Stats()
+        self.stats = EngineStats()
         self.running: dict[str, _Seq] = {}
         self.exports: dict[str, KvHandoff] = {}
         self.aborted: list[str] = []
