@@ -103,3 +103,35 @@ def test_zero_tokens_and_one_expert_slices(backend, experts):
     view = weights.split([1] * num_experts)
     assert torch.equal(backend.run_experts(x, ids, tw, view),
                        backend.run_experts(x, ids, tw, weights))
+
+
+@pytest.mark.parametrize("tile_m", [64, 128])
+def test_fc2_one_hot_rows_read_exact_weight_columns(backend, experts, tile_m):
+    """h row m = e_{k(m)} with router weight 1: y[m] = alpha_e * W2_e[:, k(m)] exactly (one
+    product per output). A wrong K position in the A or B staging names the column it read."""
+    from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_weighted
+
+    weights = experts("qwen3_30b_a3b")
+    hidden, inter, num_experts, _ = MODELS["qwen3_30b_a3b"]
+    ids = torch.tensor([[5], [9]], dtype=torch.int32, device="cuda").repeat(inter // 2, 1)
+    ids = ids.view(-1, 1)[: inter]  # 384 rows on expert 5, 384 on expert 9
+    plan = build_permutation(ids, num_experts, tile_m=tile_m)
+    k_of_row = torch.arange(plan.num_rows, device="cuda") % inter
+    h = torch.nn.functional.one_hot(k_of_row, inter).to(torch.bfloat16)
+    rw = torch.ones(plan.num_rows, device="cuda")
+    w2 = backend._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
+    y = fc2_weighted(backend.cache, h, plan.tile_expert, rw, w2, tile_m)
+    torch.cuda.synchronize()
+    offsets = plan.expert_offsets.tolist()
+    for e in (5, 9):
+        rows = torch.arange(offsets[e], offsets[e + 1], device="cuda")
+        _, w2_e, p = dequantized_expert(weights, e)
+        want = (w2_e[:, k_of_row[rows]].t() * p["fc2_alpha"])
+        got = y[rows]
+        if not torch.equal(got, want):
+            bad = (got != want).any(dim=1).nonzero()[0].item()
+            cols = (w2_e.t() * p["fc2_alpha"] - got[bad]).abs().sum(dim=1)
+            raise AssertionError(
+                f"expert {e} row {bad}: expected column {k_of_row[rows][bad].item()}, closest "
+                f"column {cols.argmin().item()} (err {cols.min().item():.3g}); "
+                f"{(got != want).any(dim=1).sum().item()} of {len(rows)} rows differ")
