@@ -44,6 +44,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     instances = [i for i in config.instances if args.server_type in ("all", i.role)]
+    local_rank = local_rank_from_env()
+    _bind_gpu(local_rank)  # before MPI starts, as upstream: CUDA-aware MPI picks up the device
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
@@ -63,8 +65,15 @@ def main(args: argparse.Namespace) -> int:
 
             group = MpiGroupComm(options.dwdp_config, world=role_comm)
         logger.info("world rank %d/%d: %s server %d on %s", rank, size, inst.role, inst.index, inst.url)
-        run_worker_server(options, local_rank=local_rank_from_env(), group=group,
+        run_worker_server(options, local_rank=local_rank, group=group,
                           advertise_host=inst.hostname)
     finally:
         role_comm.Free()
     return 0
+
+
+def _bind_gpu(local_rank: int) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
