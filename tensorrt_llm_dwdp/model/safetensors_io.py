@@ -1,23 +1,72 @@
 """Reading and writing HF-layout safetensors checkpoints, one tensor at a time.
 
 ``CheckpointReader`` resolves a key to its shard (``model.safetensors`` or the
-``model.safetensors.index.json`` weight map) and reads only that tensor (or a slice of it along
-dim 0) from the memory-mapped file, so a rank touches only the bytes it loads.
-``ShardedWriter`` streams tensors into shards of bounded size and writes the index at the end,
-so a writer never holds more than one shard in memory.
+``model.safetensors.index.json`` weight map), parses each shard's header once and reads a
+tensor (or a row range of it) with a positioned ``readinto`` straight into a fresh tensor. No
+memory map: a rank's resident memory grows by exactly the bytes it loads, and only the owned
+experts' byte ranges are ever read. ``ShardedWriter`` streams tensors into shards of bounded
+size and writes the index at the end, so a writer never holds more than one shard in memory.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Iterable
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its shard, dtype, shape and absolute byte range in the file."""
+
+    shard: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_header(path: str) -> dict[str, TensorEntry]:
+    """Parse a safetensors header (8-byte little-endian length, then JSON)."""
+    shard = os.path.basename(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (no header length)")
+        (n,) = struct.unpack("<Q", raw)
+        size = os.fstat(f.fileno()).st_size
+        if n > size - 8:
+            raise ValueError(f"{path}: header length {n} exceeds the file size {size}")
+        header = json.loads(f.read(n))
+    base = 8 + n
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        dtype = _DTYPES[info["dtype"]]
+        shape = tuple(int(d) for d in info["shape"])
+        b, e = (base + int(o) for o in info["data_offsets"])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if e - b != math.prod(shape) * itemsize or e > size:
+            raise ValueError(f"{path}: tensor {key!r} byte range [{b}, {e}) does not fit its shape {shape}")
+        out[key] = TensorEntry(shard, dtype, shape, b, e)
+    return out
 
 
 class CheckpointReader:
@@ -31,17 +80,22 @@ class CheckpointReader:
                 weight_map = json.load(f).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index} has no 'weight_map'")
-            self.weight_map: dict[str, str] = dict(weight_map)
+            shards = sorted(set(weight_map.values()))
         elif os.path.isfile(os.path.join(self.path, SINGLE_FILE)):
-            with safe_open(os.path.join(self.path, SINGLE_FILE), framework="pt") as f:
-                self.weight_map = {k: SINGLE_FILE for k in f.keys()}
+            weight_map, shards = None, [SINGLE_FILE]
         else:
             raise FileNotFoundError(f"{self.path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-        missing = {s for s in set(self.weight_map.values())
-                   if not os.path.isfile(os.path.join(self.path, s))}
+        missing = [s for s in shards if not os.path.isfile(os.path.join(self.path, s))]
         if missing:
-            raise FileNotFoundError(f"{self.path}: shards listed in the index are missing: {sorted(missing)}")
-        self._handles: dict[str, object] = {}
+            raise FileNotFoundError(f"{self.path}: shards listed in the index are missing: {missing}")
+        self.entries: dict[str, TensorEntry] = {}
+        for shard in shards:
+            self.entries.update(read_header(os.path.join(self.path, shard)))
+        if weight_map is not None:
+            for key, shard in weight_map.items():
+                if key not in self.entries or self.entries[key].shard != shard:
+                    raise ValueError(f"{index}: {key!r} is mapped to {shard} but that shard lacks it")
+        self._files: dict[str, BinaryIO] = {}
         self.bytes_read = 0
         self.keys_read: list[str] = []  # every key read, in order (diagnostics and tests)
 
@@ -52,40 +106,53 @@ class CheckpointReader:
         self.close()
 
     def close(self) -> None:
-        for h in self._handles.values():
-            h.__exit__(None, None, None)
-        self._handles.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def __contains__(self, key: str) -> bool:
-        return key in self.weight_map
+        return key in self.entries
 
     def keys(self) -> list[str]:
-        return list(self.weight_map)
+        return list(self.entries)
 
-    def _handle(self, key: str):
-        if key not in self.weight_map:
+    def _entry(self, key: str) -> TensorEntry:
+        if key not in self.entries:
             raise KeyError(f"checkpoint {self.path} lacks tensor {key!r}")
-        shard = self.weight_map[key]
-        if shard not in self._handles:
-            h = safe_open(os.path.join(self.path, shard), framework="pt")
-            self._handles[shard] = h.__enter__()
-        return self._handles[shard]
-
-    def get(self, key: str) -> torch.Tensor:
-        t = self._handle(key).get_tensor(key)
-        self.bytes_read += t.numel() * t.element_size()
-        self.keys_read.append(key)
-        return t
+        return self.entries[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        return self._entry(key).shape
+
+    def _read_into(self, entry: TensorEntry, begin: int, out: torch.Tensor) -> torch.Tensor:
+        f = self._files.get(entry.shard)
+        if f is None:
+            f = self._files[entry.shard] = open(os.path.join(self.path, entry.shard), "rb", buffering=0)
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        f.seek(begin)
+        got = 0
+        while got < len(buf):
+            n = f.readinto(buf[got:])
+            if not n:
+                raise EOFError(f"{self.path}/{entry.shard}: truncated while reading a tensor")
+            got += n
+        self.bytes_read += len(buf)
+        return out
+
+    def get(self, key: str) -> torch.Tensor:
+        e = self._entry(key)
+        self.keys_read.append(key)
+        return self._read_into(e, e.begin, torch.empty(e.shape, dtype=e.dtype))
 
     def get_rows(self, key: str, start: int, end: int) -> torch.Tensor:
         """Rows ``[start, end)`` along dim 0, reading only those bytes."""
-        t = self._handle(key).get_slice(key)[start:end]
-        self.bytes_read += t.numel() * t.element_size()
+        e = self._entry(key)
+        if not e.shape or not 0 <= start <= end <= e.shape[0]:
+            raise IndexError(f"{key}: rows [{start}, {end}) outside shape {e.shape}")
+        row = (e.end - e.begin) // e.shape[0] if e.shape[0] else 0
         self.keys_read.append(key)
-        return t
+        out = torch.empty((end - start, *e.shape[1:]), dtype=e.dtype)
+        return self._read_into(e, e.begin + start * row, out)
 
 
 def _shard_name(i: int, n: int) -> str:

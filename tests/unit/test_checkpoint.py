@@ -207,3 +207,19 @@ def test_nvfp4_non_expert_linear_is_dequantized(tmp_path):
     write_checkpoint(tmp_path, hf, sd, 1 << 20)
     with pytest.raises(ValueError, match="o_proj.weight is uint8"):
         load_model(tmp_path)
+
+
+def test_reader_rows_and_truncation(tmp_path):
+    t = torch.arange(6 * 5, dtype=torch.float32).view(6, 5)
+    write_checkpoint(tmp_path, get_preset("tiny-qwen3-moe"), {"x": t, "s": torch.tensor(3.0)}, 1 << 20)
+    with CheckpointReader(tmp_path) as r:
+        assert torch.equal(r.get_rows("x", 2, 5), t[2:5]) and r.bytes_read == 3 * 5 * 4
+        assert r.get("s") == 3.0 and r.shape("x") == (6, 5)
+        with pytest.raises(IndexError, match=r"rows \[4, 7\)"):
+            r.get_rows("x", 4, 7)
+        with pytest.raises(KeyError, match="'y'"):
+            r.get("y")
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="does not fit"):
+        CheckpointReader(tmp_path)
