@@ -61,6 +61,7 @@ def plot_timeline(timeline: dict[str, Any], path: str, title: str) -> None:
         ax.text((seg["start"] + seg["end"]) / 2, 4, str(seg["for_layer"]), ha="center", va="center",
                 fontsize=7, color="white")
     ax.set_yticks([4, 14], ["copy stream\n(prefetch for layer)", "compute stream\n(MoE layer)"])
+    ax.set_ylim(-1, 25)
     ax.set_xlabel("ms since step start")
     ax.set_title(title)
     from matplotlib.patches import Patch
