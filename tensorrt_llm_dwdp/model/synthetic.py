@@ -40,6 +40,21 @@ _SCALE_LOW, _SCALE_HIGH = 224.0, 448.0
 _SCALE_RMS = ((_SCALE_HIGH**3 - _SCALE_LOW**3) / (3 * (_SCALE_HIGH - _SCALE_LOW))) ** 0.5
 
 
+_CHUNK = 1 << 24  # elements drawn per randn call: bounds the fp32 temporary to 64 MiB
+
+
+def random_normal(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype = torch.bfloat16,
+                  std: float = WEIGHT_STD) -> torch.Tensor:
+    """N(0, std^2) in ``dtype``, drawn in chunks so no full-size fp32 temporary exists
+    (DeepSeek-V3's embedding is 0.9 G elements)."""
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    for i in range(0, flat.numel(), _CHUNK):
+        n = min(_CHUNK, flat.numel() - i)
+        flat[i:i + n] = torch.randn(n, generator=gen) * std
+    return out
+
+
 @dataclass(frozen=True)
 class SyntheticSummary:
     path: str
@@ -60,7 +75,7 @@ def expert_tensors(layer: int, expert: int, hidden: int, inter: int, quant: str,
     for proj in PROJS:
         rows, k = (hidden, inter) if proj == "down_proj" else (inter, hidden)
         if quant == BF16:
-            yield expert_key(layer, expert, proj), (torch.randn(rows, k, generator=gen) * WEIGHT_STD).to(dtype)
+            yield expert_key(layer, expert, proj), random_normal((rows, k), gen, dtype)
             continue
         packed = torch.randint(0, 256, (rows, k // 2), generator=gen, dtype=torch.uint8)
         scale = torch.rand(rows, k // 16, generator=gen) * (_SCALE_HIGH - _SCALE_LOW) + _SCALE_LOW
@@ -110,7 +125,7 @@ def synthetic_tensors(config: ModelConfig, quant: str, seed: int = 0,
         shape = dense[name]
         if name.endswith("norm.weight"):
             return torch.ones(shape, dtype=dtype)
-        return (torch.randn(shape, generator=gen) * WEIGHT_STD).to(dtype)
+        return random_normal(shape, gen, dtype)
 
     top = by_layer.get(-1, [])
     head = [n for n in top if n.startswith("model.embed_tokens")]
@@ -125,7 +140,7 @@ def synthetic_tensors(config: ModelConfig, quant: str, seed: int = 0,
         if layer not in moe:
             continue
         keys = router_keys(layer, config.is_deepseek)
-        yield keys["weight"], (torch.randn(e, h, generator=gen) * WEIGHT_STD).to(dtype)
+        yield keys["weight"], random_normal((e, h), gen, dtype)
         if "e_score_correction_bias" in keys:
             yield keys["e_score_correction_bias"], torch.randn(e, generator=gen) * 0.01
         for expert in range(e):
