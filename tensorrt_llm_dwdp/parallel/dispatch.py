@@ -63,7 +63,7 @@ def plan_dispatch(topk_ids: torch.Tensor, num_experts: int, world_size: int) -> 
     wants = torch.zeros(t, world_size, dtype=torch.bool, device=dev)
     wants[flat_tok, flat_dest] = True                         # token t goes to rank s
     # Rows grouped by destination: column-major walk over ``wants``.
-    dest_of_row, row_token = wants.t().nonzero(as_tuple=True)
+    row_token = wants.t().nonzero(as_tuple=True)[1]
     row_counts = wants.sum(dim=0)
     # Row of token t inside the block sent to rank s.
     row_in_block = wants.long().cumsum(dim=0) - 1             # [T, S]
@@ -73,7 +73,6 @@ def plan_dispatch(topk_ids: torch.Tensor, num_experts: int, world_size: int) -> 
     pair_row = row_in_block[flat_tok[order], pair_dest]
     pair_local = ids.reshape(-1)[order] - pair_dest * epr
     pair_counts = torch.bincount(flat_dest, minlength=world_size)
-    del dest_of_row
     return DispatchPlan(
         row_token=row_token,
         row_counts=row_counts,
