@@ -91,15 +91,17 @@ def install(llm_args: Any, *, manager_factory: ManagerFactory | None = None,
     factory = manager_factory or default_manager_factory()
     installation = Installation(config)
 
-    def make_bridge(upstream_config: Any = None, dist: Any = None) -> TrtllmDwdpBridge:
-        # Upstream passes its own DwdpConfig (same fields) and its Distributed object; the
-        # group is formed by our manager's communicator instead.
-        del upstream_config, dist
-        bridge = TrtllmDwdpBridge(
-            config, rank=_group_rank(config) if rank is None else rank, manager_factory=factory
-        )
-        installation.bridges.append(bridge)
-        return bridge
+    class InstalledBridge(TrtllmDwdpBridge):
+        """Built where upstream builds its manager (a class, so upstream's isinstance checks
+        against the name still work)."""
+
+        def __init__(self, upstream_config: Any = None, dist: Any = None) -> None:
+            # Upstream passes its own DwdpConfig (same fields) and its Distributed object; our
+            # manager's communicator forms the group instead.
+            del upstream_config, dist
+            super().__init__(config, rank=_group_rank(config) if rank is None else rank,
+                             manager_factory=factory)
+            installation.bridges.append(self)
 
     for module_name in UPSTREAM_MANAGER_MODULES:
         try:
@@ -114,7 +116,7 @@ def install(llm_args: Any, *, manager_factory: ManagerFactory | None = None,
             continue
         if hasattr(module, "DwdpManager"):
             installation.replaced[module_name] = module.DwdpManager
-            module.DwdpManager = make_bridge
+            module.DwdpManager = InstalledBridge
     return installation
 
 
