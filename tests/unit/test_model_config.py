@@ -78,3 +78,18 @@ def test_batch_info():
         BatchInfo((0,), (0,), (0,))
     with pytest.raises(ValueError, match="equally long"):
         BatchInfo((0, 1), (0,), (1, 1))
+
+
+def test_rope_from_transformers_v5_rope_parameters():
+    hf = get_preset("tiny-qwen3-moe")
+    del hf["rope_theta"], hf["rope_scaling"]
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5}
+    c = ModelConfig.from_hf(hf)
+    assert c.rope.theta == 5e5 and c.rope.rope_type == "default" and not c.rope.interleave
+    ds = get_preset("tiny-deepseek-v3")
+    ds["rope_parameters"] = dict(ds.pop("rope_scaling"), rope_type="yarn", rope_theta=ds.pop("rope_theta"))
+    r = ModelConfig.from_hf(ds).rope
+    assert (r.rope_type, r.factor, r.original_max_position_embeddings, r.theta) == ("yarn", 4.0, 128, 10000.0)
+    ds["rope_parameters"]["rope_type"] = "longrope"
+    with pytest.raises(ValueError, match="longrope"):
+        ModelConfig.from_hf(ds)
