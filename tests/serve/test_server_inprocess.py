@@ -247,3 +247,30 @@ def test_disaggregated_router_matches_aggregated():
             for r in (router_runner, agg_runner, ctx_runner, gen_runner):
                 await r.cleanup()
     run(main())
+
+
+def test_router_retries_a_dead_context_server():
+    async def main():
+        _, ctx_a_runner, ctx_a = await _worker(EngineDouble())
+        _, ctx_b_runner, ctx_b = await _worker(EngineDouble())
+        _, gen_runner, gen = await _worker(EngineDouble())
+        port = free_port()
+        cfg = parse_disagg_config({
+            "hostname": "127.0.0.1", "port": port, "model": "/models/tiny", "max_retries": 1,
+            "context_servers": {"num_instances": 2, "urls": [ctx_a[7:], ctx_b[7:]]},
+            "generation_servers": {"num_instances": 1, "urls": [gen[7:]]}})
+        router_runner = await _start(DisaggRouter(cfg, request_timeout_s=20, server_start_timeout_s=10).make_app(), port)
+        try:
+            await ctx_a_runner.cleanup()  # one context server dies after the router started
+            async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+                for _ in range(3):  # round robin lands on the dead one at least once
+                    status, body = await _post(s, f"http://127.0.0.1:{port}/v1/completions",
+                                               {"prompt": "hj", "max_tokens": 4})
+                    assert status == 200 and body["usage"]["completion_tokens"] == 4
+                await ctx_b_runner.cleanup()  # now none is left: a clear 502
+                status, err = await _post(s, f"http://127.0.0.1:{port}/v1/completions", {"prompt": "hi"})
+                assert status == 502 and err["error"]["code"] == "context_server_unavailable"
+        finally:
+            for r in (router_runner, gen_runner):
+                await r.cleanup()
+    run(main())
