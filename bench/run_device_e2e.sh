@@ -2,7 +2,8 @@
 # The end-to-end prefill benchmark on one 2-GPU machine (nvidia-h200-x2), from the repo root:
 #   bash bench/run_device_e2e.sh            # writes $OUT/e2e/{results.json,summary.md,*.png} + $OUT/e2e_run.log
 # Env: OUT (default ./e2e_out), E2E_ARGS (extra flags for bench/e2e_prefill.py, e.g.
-# "--moe-backend torch-bf16 --tokens 1024,8192"), WHEEL_DIR (carried wheels for the CuTeDSL backend).
+# "--moe-backend torch-bf16 --tokens 1024,8192"), E2E_BUDGET_S (sweep seconds, default 180),
+# WHEEL_DIR (carried wheels for the CuTeDSL backend; default .whl/, carry it to the device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/e2e_out}"
@@ -18,14 +19,21 @@ PY="${PYTHON:-python3}"
   echo "== $(date -u) $(hostname)"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   "$PY" -c 'import torch; print("torch", torch.__version__, "gpus", torch.cuda.device_count())'
-  for dir in "${WHEEL_DIR:-}" .whl wheels; do
-    if [ -n "$dir" ] && ls "$dir"/*.whl >/dev/null 2>&1; then
-      echo "== installing carried wheels from $dir"
-      "$PY" -m pip install --no-index --find-links "$dir" "$dir"/*.whl || echo "wheel install failed; cutedsl may be unavailable"
-      break
-    fi
-  done
 } >"$LOG" 2>&1
+# The CuTeDSL backend's wheel (nvidia-cutlass-dsl), carried in .whl/ (or WHEEL_DIR), installed
+# the way bench/run_device_kernels.sh does; without it --moe-backend auto measures torch-bf16.
+for dir in "${WHEEL_DIR:-}" .whl wheels; do
+  if [ -n "$dir" ] && ls "$dir"/*.whl >/dev/null 2>&1; then
+    echo "== installing carried wheels from $dir" >>"$LOG"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        "$dir"/*.whl >>"$LOG" 2>&1; then
+      export PYTHONPATH="$PYTHONPATH:/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages"
+    else
+      echo "wheel install failed; cutedsl may be unavailable" >>"$LOG"
+    fi
+    break
+  fi
+done
 
 ARGS=(--out "$OUT/e2e" --time-budget-s "${E2E_BUDGET_S:-180}")
 # shellcheck disable=SC2206
