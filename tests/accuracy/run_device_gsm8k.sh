@@ -11,7 +11,7 @@
 # Every one of 50 answers must be identical. Report and logs go to $OUT (default ./device_out).
 #
 # Knobs (environment): NUM_LAYERS (5 = 3 dense + 2 MoE), VOCAB (1024), NUM_QUESTIONS (50),
-# MAX_TOKENS (32), NUM_FEWSHOT (2), MOE_BACKEND (VANILLA = torch reference; CUTEDSL needs the
+# MAX_TOKENS (32), NUM_FEWSHOT (2), MODEL (reuse a checkpoint), MOE_BACKEND (VANILLA = torch reference; CUTEDSL needs the
 # nvidia-cutlass-dsl wheel), PYTHON (python3). A CPU dry run of the same script:
 #   PRESET=tiny-deepseek-v3 CONFIG=configs/synthetic_tiny_dwdp2.yaml VOCAB=512 DEVICE=cpu \
 #   GEN_DEVICE=cpu NUM_QUESTIONS=3 MIN_QUESTIONS=3 MAX_TOKENS=4 bash tests/accuracy/run_device_gsm8k.sh
@@ -27,11 +27,13 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 
 work=$(mktemp -d -t dwdp-gsm8k-XXXXXX)
 trap 'rm -rf "${work}"' EXIT
-model="${work}/dsv3-synthetic"
+model="${MODEL:-${work}/dsv3-synthetic}"
 
 t0=$(date +%s)
-"${python_bin}" -m tensorrt_llm_dwdp make-checkpoint --preset "${PRESET:-deepseek-v3}" --num-layers "${NUM_LAYERS:-5}" \
-    --vocab-size "${VOCAB:-1024}" --quant nvfp4 --out "${model}" | tee "${out}/checkpoint.json"
+if [ -z "${MODEL:-}" ]; then  # MODEL=path reuses a checkpoint written earlier in the same call
+  "${python_bin}" -m tensorrt_llm_dwdp make-checkpoint --preset "${PRESET:-deepseek-v3}" --num-layers "${NUM_LAYERS:-5}" \
+      --vocab-size "${VOCAB:-1024}" --quant nvfp4 --out "${model}" | tee "${out}/checkpoint.json"
+fi
 t1=$(date +%s)
 
 # The DWDP options of the context servers, with the chosen MoE backend.
