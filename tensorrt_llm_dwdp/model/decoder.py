@@ -12,7 +12,7 @@ from torch import nn
 from tensorrt_llm_dwdp.model.batch import BatchInfo
 from tensorrt_llm_dwdp.model.config import ModelConfig
 from tensorrt_llm_dwdp.model.kv_cache import KvCache
-from tensorrt_llm_dwdp.model.layers import RMSNorm, Rotary
+from tensorrt_llm_dwdp.model.layers import Embedding, RMSNorm, Rotary
 
 
 class DecoderLayer(nn.Module):
@@ -33,7 +33,7 @@ class DecoderLayer(nn.Module):
 class _Backbone(nn.Module):
     def __init__(self, config: ModelConfig, layers: list[DecoderLayer], dtype: torch.dtype) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 

@@ -27,6 +27,21 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+class Embedding(nn.Module):
+    """Token embedding whose table is left uninitialised: it always comes from a checkpoint.
+
+    (``nn.Embedding`` draws a normal init, which on the meta device pulls in torch._dynamo:
+    seconds per process for nothing.)
+    """
+
+    def __init__(self, num: int, dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
 class MLP(nn.Module):
     """SwiGLU MLP: ``down(silu(gate(x)) * up(x))`` (dense layers and shared experts)."""
 
