@@ -57,3 +57,10 @@ def test_bad_layout_fails_before_launch_naming_the_values(tmp_path):
                       "--prefetch-experts", "5", "--no-parity")
     assert proc.returncode != 0
     assert "16" in proc.stderr and "num_prefetch_experts" in proc.stderr
+
+
+def test_eight_ranks_two_experts_each_bitwise_parity(tmp_path):
+    """The 8-rank group of issue 7, on CPU shared memory: E=16, W=P=2."""
+    proc, out = run_job(tmp_path, "--num-layers", "3", "--ranks", "8", "--max-tokens", "2")
+    summary = check_parity(proc, out, 8)
+    assert summary["dwdp_config"]["num_experts_per_worker"] == 2
