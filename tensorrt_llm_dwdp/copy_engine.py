@@ -36,9 +36,10 @@ class ThreadCopyEngine:
     def __init__(self, stats: StatsRecorder, name: str = "dwdp-copy") -> None:
         self._stats = stats
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._ready = [threading.Event() for _ in range(NUM_BUFFERS)]
-        for event in self._ready:
-            event.set()
+        # Jobs queued per buffer and not finished: after abort_step a buffer can hold a fill
+        # nobody read plus the next one, so "ready" means none pending, not "one finished".
+        self._pending = [0] * NUM_BUFFERS
+        self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -58,25 +59,32 @@ class ThreadCopyEngine:
             except BaseException as exc:  # surfaced to the reader by wait()
                 self._error = exc
             finally:
-                self._ready[b].set()
+                with self._cond:
+                    self._pending[b] -= 1
+                    self._cond.notify_all()
 
     def submit(self, b: int, plan: CopyPlan, pos: int) -> None:
         if not self._thread.is_alive():
             raise DwdpError("the DWDP copy thread is not running (closed or failed)")
-        self._ready[b].clear()
+        with self._cond:
+            self._pending[b] += 1
         self._stats.copied(pos, plan.total_bytes)
         self._jobs.put((b, plan, pos))
 
-    def wait(self, b: int, pos: int) -> None:
-        ready = self._ready[b]
-        if ready.is_set():
-            self._stats.waited(pos, 0.0)
-        else:
+    def _wait_idle(self, buffers: range | tuple[int, ...]) -> float:
+        """Block until no job of ``buffers`` is pending; seconds waited (0.0 if none was)."""
+        with self._cond:
+            if not any(self._pending[b] for b in buffers):
+                return 0.0
             start = time.perf_counter()
-            while not ready.wait(_WAKE_S):
+            while any(self._pending[b] for b in buffers):
                 if not self._thread.is_alive():
                     raise DwdpError("the DWDP copy thread stopped while a prefetch was pending")
-            self._stats.waited(pos, time.perf_counter() - start)
+                self._cond.wait(_WAKE_S)
+            return time.perf_counter() - start
+
+    def wait(self, b: int, pos: int) -> None:
+        self._stats.waited(pos, self._wait_idle((b,)))
         if self._error is not None:
             raise DwdpError(f"DWDP prefetch copy failed: {self._error!r}") from self._error
 
@@ -84,8 +92,7 @@ class ThreadCopyEngine:
         return None
 
     def synchronize(self) -> None:
-        for event in self._ready:
-            event.wait()
+        self._wait_idle(range(NUM_BUFFERS))
 
     def harvest(self) -> None:
         return None
