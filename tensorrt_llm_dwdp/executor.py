@@ -119,8 +119,12 @@ class Engine:
             return []
         num_tokens = plan.num_tokens
         start = time.perf_counter()
-        logits = self._forward(plan)
-        next_tokens = logits.argmax(dim=-1).tolist()
+        try:
+            logits = self._forward(plan)
+            next_tokens = logits.argmax(dim=-1).tolist()
+        except BaseException as exc:
+            self._drop_failed(plan, exc)
+            raise
         self._sync()
         elapsed = time.perf_counter() - start
         self._account(plan, num_tokens, elapsed)
@@ -169,6 +173,24 @@ class Engine:
             self.dwdp.start_step()
         with torch.inference_mode():
             return self.model(input_ids, batch, self.cache)
+
+    def _drop_failed(self, plan: ScheduledStep, exc: BaseException) -> None:
+        """A forward raised: end its sequences and the DWDP step so the engine stays usable.
+
+        Without this the manager stays mid-step (every later ``start_step`` fails) and a failed
+        prefill's sequences stay running with no KV, never scheduled again (``has_work`` forever).
+        """
+        if self.dwdp is not None:
+            try:
+                self.dwdp.abort_step()
+            except Exception as abort_exc:  # keep the forward's error, which is the cause
+                logger.error("DWDP abort_step after a failed step also failed: %s", abort_exc)
+        ids = []
+        for seq in plan.sequences:
+            self.scheduler.finish(seq, "error")
+            self._sequences.pop(seq.request_id, None)
+            ids.append(seq.request_id)
+        exc.add_note(f"the failed step's requests were dropped: {ids}")
 
     def _advance(self, seq: Sequence, token: int, was_prefill: bool) -> TokenEvent:
         seq.num_cached += len(seq.prompt_ids) - seq.num_cached if was_prefill else 1

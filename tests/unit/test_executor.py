@@ -114,3 +114,43 @@ def test_record_logits_keeps_one_row_per_step():
     while engine.has_work():
         engine.step()
     assert len(engine.logits["a"]) == 3 and engine.logits["a"][0].shape == (VOCAB,)
+
+
+class FailingMoELM(PrefixSumLM):
+    """Calls the DWDP per-layer protocol for two MoE layers; can raise between them."""
+
+    def __init__(self, dwdp):
+        super().__init__()
+        self.dwdp = dwdp
+        self.fail = False
+
+    def forward(self, input_ids, batch, cache):
+        for layer in (0, 1):
+            self.dwdp.weights(layer)
+            if self.fail and layer == 1:
+                raise RuntimeError("injected MoE failure")
+            self.dwdp.done(layer)
+        return super().forward(input_ids, batch, cache)
+
+
+def test_failed_step_drops_its_requests_and_leaves_engine_usable():
+    from tensorrt_llm_dwdp.comm.local import LocalComm
+    from tensorrt_llm_dwdp.config import DwdpConfig
+    from tensorrt_llm_dwdp.manager import DwdpManager
+
+    config = DwdpConfig(dwdp_size=1, num_experts_per_worker=2, num_prefetch_experts=0)
+    with DwdpManager(config, 2, LocalComm()) as mgr:
+        for layer in (0, 1):
+            mgr.register_layer(layer, {"w2_weight": mgr.allocate((2, 4), torch.uint8)})
+        mgr.exchange()
+        model = FailingMoELM(mgr)
+        engine = Engine(model, dwdp=mgr, max_seqs=2, max_seq_len=32)
+        engine.add_request(Request("bad", PROMPTS[0], SamplingParams(max_tokens=3)))
+        model.fail = True
+        with pytest.raises(RuntimeError, match="injected") as info:
+            engine.step()
+        assert "['bad']" in "".join(getattr(info.value, "__notes__", []))
+        assert not engine.has_work()  # the failed prefill is not left running without KV
+        model.fail = False
+        assert engine.generate([PROMPTS[1]], SamplingParams(max_tokens=3)) == [
+            model.reference(PROMPTS[1], 3)]
