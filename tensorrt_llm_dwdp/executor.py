@@ -220,7 +220,11 @@ class Engine:
         self.scheduler.add(seq)  # validates lengths against max_seq_len
         self.scheduler.waiting.remove(seq)
         self.scheduler.admit_running(seq)
-        handoff.write_to_cache(self.cache, seq.slot)
+        try:
+            handoff.write_to_cache(self.cache, seq.slot)
+        except BaseException:  # a malformed blob: give the slot back, leave nothing running
+            self.scheduler.finish(seq, "error")
+            raise
         seq.num_cached = len(seq.prompt_ids)
         seq.output_ids.append(handoff.first_token)
 

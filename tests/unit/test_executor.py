@@ -154,3 +154,25 @@ def test_failed_step_drops_its_requests_and_leaves_engine_usable():
         model.fail = False
         assert engine.generate([PROMPTS[1]], SamplingParams(max_tokens=3)) == [
             model.reference(PROMPTS[1], 3)]
+
+
+def test_bad_kv_import_leaves_no_running_sequence_nor_taken_slot():
+    from tensorrt_llm_dwdp.kv_handoff import KvHandoff
+
+    model = PrefixSumLM()
+    ctx = Engine(model, max_seqs=1, max_seq_len=32)
+    ctx.add_request(Request("a", PROMPTS[0], SamplingParams(max_tokens=4), context_only=True))
+    ctx.step()
+    good = ctx.export_kv("a")
+    short = {k: v[:-1] for k, v in good.tensors.items()}  # one position short of the prompt
+    bad = KvHandoff(good.prompt_ids, good.first_token, {"layers.0.k": short["layers.0.k"]})
+    gen = Engine(model, max_seqs=1, max_seq_len=32)
+    with pytest.raises(KeyError, match="missing"):
+        gen.add_request(Request("a", PROMPTS[0], SamplingParams(max_tokens=4), kv_import=bad))
+    assert not gen.has_work(), "a rejected import stayed running (its next decode would crash)"
+    # the single slot is free again: a good import of the same id is admitted and decodes
+    gen.add_request(Request("a", PROMPTS[0], SamplingParams(max_tokens=4), kv_import=good))
+    tokens = [good.first_token]
+    while gen.has_work():
+        tokens += [e.token_id for e in gen.step()]
+    assert tokens == model.reference(PROMPTS[0], 4)
