@@ -52,8 +52,20 @@ class KvHandoff:
         if meta.get("format") != str(FORMAT_VERSION):
             raise ValueError(f"KV hand-off format {meta.get('format')!r} is not "
                              f"{FORMAT_VERSION}; context and generation servers differ in version")
-        tensors = load(blob)
-        return cls(tuple(json.loads(meta["prompt_ids"])), int(meta["first_token"]), tensors)
+        try:
+            tensors = load(blob)
+            prompt_ids = json.loads(meta["prompt_ids"])
+            first_token = int(meta["first_token"])
+        except Exception as exc:  # safetensors raises its own type; callers expect ValueError
+            raise ValueError(f"KV hand-off blob of {len(blob)} bytes is malformed: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(prompt_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt_ids):
+            raise ValueError(f"KV hand-off prompt_ids must be a list of token ids >= 0, "
+                             f"got {str(prompt_ids)[:80]}")
+        if first_token < 0:
+            raise ValueError(f"KV hand-off first_token must be >= 0, got {first_token}")
+        return cls(tuple(prompt_ids), first_token, tensors)
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

@@ -43,3 +43,20 @@ def test_truncated_or_foreign_blob_is_rejected():
     from safetensors.torch import save
     with pytest.raises(ValueError, match="format"):
         KvHandoff.from_bytes(save({"x": torch.zeros(1)}, metadata={"format": "99"}))
+
+
+def test_corrupt_body_or_metadata_raises_value_error_naming_the_blob():
+    """The server maps ValueError to HTTP 400; safetensors' own error type used to escape."""
+    from safetensors.torch import save
+
+    blob = KvHandoff.from_cache(SlotCache(1, 4), 0, [1, 2], 3).to_bytes()
+    with pytest.raises(ValueError, match="KV hand-off blob of .* bytes is malformed"):
+        KvHandoff.from_bytes(blob[:-4])  # header intact, tensor bytes cut short
+    for meta, match in (({"prompt_ids": "[1, -2]", "first_token": "3"}, "prompt_ids"),
+                        ({"prompt_ids": "{\"a\": 1}", "first_token": "3"}, "prompt_ids"),
+                        ({"prompt_ids": "[1]", "first_token": "x"}, "malformed"),
+                        ({"prompt_ids": "[1]", "first_token": "-1"}, "first_token"),
+                        ({"first_token": "1"}, "malformed")):
+        bad = save({"x": torch.zeros(1)}, metadata={"format": "1", **meta})
+        with pytest.raises(ValueError, match=match):
+            KvHandoff.from_bytes(bad)
