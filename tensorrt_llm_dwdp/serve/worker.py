@@ -65,13 +65,22 @@ def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = Non
         engine = Engine(model, dwdp=manager, max_seqs=options.max_batch_size,
                         max_seq_len=options.max_seq_len, max_batch_tokens=options.max_num_tokens,
                         device=device, eos_token_id=tokenizer.eos_token_id)
-    except BaseException:
+    except BaseException as exc:
         if manager is not None:
-            manager.close()
+            _close_after(manager, exc)
         raise
     logger.info("worker ready: model %s on %s, DWDP %s", options.model, device,
                 "off" if manager is None else f"on ({options.dwdp_config})")
     return Worker(engine, tokenizer, model_config, manager)
+
+
+def _close_after(manager: Any, exc: BaseException) -> None:
+    """Close ``manager`` after a start-up error: peers waiting in the exchange are told why, and
+    a failing close (a peer timing out) is logged rather than masking ``exc``."""
+    try:
+        manager.close(reason=f"{type(exc).__name__}: {exc}")
+    except Exception as close_exc:
+        logger.error("DWDP close after %s also failed: %s", type(exc).__name__, close_exc)
 
 
 def _make_manager(options: ServeOptions, model_config: Any, device: Any, group: Any):
