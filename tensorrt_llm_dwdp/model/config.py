@@ -94,7 +94,9 @@ class ModelConfig:
                 f"config.json architectures={archs!r} is not supported; expected one of "
                 f"{list(SUPPORTED_ARCHITECTURES)}"
             )
-        return _deepseek(hf) if arch == DEEPSEEK_V3 else _qwen3(hf)
+        config = _deepseek(hf) if arch == DEEPSEEK_V3 else _qwen3(hf)
+        _check_ranges(config)
+        return config
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -153,7 +155,7 @@ def _deepseek(hf: Mapping[str, Any]) -> ModelConfig:
     )
     n_group = int(hf.get("n_group") or 1)
     topk_group = int(hf.get("topk_group") or 1)
-    if experts % n_group or not 1 <= topk_group <= n_group:
+    if n_group < 1 or experts % n_group or not 1 <= topk_group <= n_group:
         raise ValueError(
             f"n_group={n_group} must divide n_routed_experts={experts} and "
             f"1 <= topk_group={topk_group} <= n_group"
@@ -209,6 +211,9 @@ def _qwen3(hf: Mapping[str, Any]) -> ModelConfig:
     hidden = int(_need(hf, "hidden_size", a))
     heads = int(_need(hf, "num_attention_heads", a))
     kv_heads = int(hf.get("num_key_value_heads") or heads)
+    if heads < 1 or kv_heads < 1:
+        raise ValueError(f"config.json of {a}: num_attention_heads={heads} and "
+                         f"num_key_value_heads={kv_heads} must be >= 1")
     if heads % kv_heads:
         raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
     if hf.get("use_sliding_window"):
@@ -235,3 +240,39 @@ def _qwen3(hf: Mapping[str, Any]) -> ModelConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)),
     )
+
+
+def _check_ranges(c: ModelConfig) -> None:
+    """Reject sizes the decoders cannot build, naming the config.json key and its range."""
+    positive = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+                "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_attention_heads,
+                "num_key_value_heads": c.num_kv_heads, "max_position_embeddings":
+                c.max_position_embeddings}
+    if c.is_deepseek:
+        positive.update(kv_lora_rank=c.kv_lora_rank, qk_rope_head_dim=c.qk_rope_head_dim,
+                        v_head_dim=c.v_head_dim)
+        if c.q_lora_rank is not None:
+            positive["q_lora_rank"] = c.q_lora_rank
+    else:
+        positive["head_dim"] = c.head_dim
+    if DENSE in c.layer_kinds:
+        positive["intermediate_size"] = c.intermediate_size
+    if c.moe_layer_indices:
+        positive["moe_intermediate_size"] = c.moe_intermediate_size
+    bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
+    if bad:
+        raise ValueError(f"config.json of {c.architecture}: {', '.join(bad)}; must be >= 1")
+    if c.is_deepseek and c.qk_nope_head_dim < 0:
+        raise ValueError(f"config.json of {c.architecture}: qk_nope_head_dim="
+                         f"{c.qk_nope_head_dim}; must be >= 0")
+    if not c.rms_norm_eps > 0:
+        raise ValueError(f"config.json of {c.architecture}: rms_norm_eps={c.rms_norm_eps}; "
+                         f"must be > 0")
+    if c.moe_layer_indices:
+        # group-limited routing picks top_k among the experts of topk_group groups
+        reachable = c.topk_group * (c.num_experts // c.n_group) if c.is_deepseek else c.num_experts
+        if not 1 <= c.top_k <= reachable:
+            where = (f"topk_group * n_routed_experts / n_group = {reachable}" if c.is_deepseek
+                     else f"num_experts = {c.num_experts}")
+            raise ValueError(f"config.json of {c.architecture}: num_experts_per_tok={c.top_k} "
+                             f"must be in [1, {where}]")

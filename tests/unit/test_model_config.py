@@ -93,3 +93,31 @@ def test_rope_from_transformers_v5_rope_parameters():
     ds["rope_parameters"]["rope_type"] = "longrope"
     with pytest.raises(ValueError, match="longrope"):
         ModelConfig.from_hf(ds)
+
+
+@pytest.mark.parametrize("preset, overrides, match", [
+    ("tiny-qwen3-moe", {"num_experts_per_tok": 0}, r"num_experts_per_tok=0 must be in \[1, num_experts = 8\]"),
+    ("tiny-qwen3-moe", {"num_experts_per_tok": 9}, r"num_experts_per_tok=9 must be in \[1, num_experts = 8\]"),
+    ("tiny-qwen3-moe", {"num_key_value_heads": -2}, "num_key_value_heads=-2 must be >= 1"),
+    ("tiny-qwen3-moe", {"num_attention_heads": 0, "num_key_value_heads": 1}, "num_attention_heads=0"),
+    ("tiny-qwen3-moe", {"hidden_size": 0}, "hidden_size=0"),
+    ("tiny-qwen3-moe", {"vocab_size": -1}, "vocab_size=-1"),
+    ("tiny-qwen3-moe", {"moe_intermediate_size": 0}, "moe_intermediate_size=0"),
+    ("tiny-qwen3-moe", {"rms_norm_eps": 0.0}, "rms_norm_eps=0.0"),
+    ("tiny-deepseek-v3", {"n_group": -1}, "n_group=-1"),
+    ("tiny-deepseek-v3", {"kv_lora_rank": 0}, "kv_lora_rank=0"),
+    ("tiny-deepseek-v3", {"num_hidden_layers": 0}, "num_hidden_layers=0"),
+])
+def test_out_of_range_values_are_rejected_naming_key_and_range(preset, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf(get_preset(preset, overrides=overrides))
+
+
+def test_deepseek_top_k_beyond_the_reachable_groups_is_rejected():
+    hf = get_preset("tiny-deepseek-v3")
+    c = ModelConfig.from_hf(hf)
+    reachable = c.topk_group * c.num_experts // c.n_group
+    with pytest.raises(ValueError, match=f"num_experts_per_tok={reachable + 1} must be in "
+                                         f"\\[1, topk_group \\* n_routed_experts / n_group = {reachable}\\]"):
+        ModelConfig.from_hf(get_preset("tiny-deepseek-v3",
+                                       overrides={"num_experts_per_tok": reachable + 1}))
