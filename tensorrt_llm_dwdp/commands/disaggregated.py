@@ -22,18 +22,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-l", "--log_level", dest="serve_log_level", default=None, choices=sorted(LOG_LEVELS))
 
 
-def main(args: argparse.Namespace) -> int:
+def load_config(args: argparse.Namespace):
+    """Set the log level and read ``--config_file``; None (error printed) when it is invalid.
+
+    Shared with ``disaggregated_mpi_worker``, which reads the same YAML."""
     from tensorrt_llm_dwdp.commands.serve import configure_logging
     from tensorrt_llm_dwdp.serve.disagg_config import load_disagg_config
-    from tensorrt_llm_dwdp.serve.launch import serve_app
     from tensorrt_llm_dwdp.serve.options import OptionsError
-    from tensorrt_llm_dwdp.serve.router import DisaggRouter
 
     configure_logging(args.serve_log_level)
     try:
-        config = load_disagg_config(args.config_file)
+        return load_disagg_config(args.config_file)
     except OptionsError as e:
         print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def main(args: argparse.Namespace) -> int:
+    from tensorrt_llm_dwdp.serve.launch import serve_app
+    from tensorrt_llm_dwdp.serve.router import DisaggRouter
+
+    config = load_config(args)
+    if config is None:
         return 2
     router = DisaggRouter(config, request_timeout_s=args.request_timeout,
                           server_start_timeout_s=args.server_start_timeout)

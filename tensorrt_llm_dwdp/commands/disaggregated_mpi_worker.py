@@ -31,17 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tensorrt_llm_dwdp.commands.serve import configure_logging
+    from tensorrt_llm_dwdp.commands.disaggregated import load_config
     from tensorrt_llm_dwdp.run_job import local_rank_from_env
-    from tensorrt_llm_dwdp.serve.disagg_config import load_disagg_config
-    from tensorrt_llm_dwdp.serve.options import OptionsError
     from tensorrt_llm_dwdp.serve.worker import run_worker_server
 
-    configure_logging(args.serve_log_level)
-    try:
-        config = load_disagg_config(args.config_file)
-    except OptionsError as e:
-        print(f"error: {e}", file=sys.stderr)
+    config = load_config(args)
+    if config is None:
         return 2
     instances = [i for i in config.instances if args.server_type in ("all", i.role)]
     local_rank = local_rank_from_env()
