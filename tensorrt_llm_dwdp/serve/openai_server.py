@@ -186,6 +186,12 @@ class OpenAIServer:
         if bad:
             raise ApiError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})",
                            param="prompt", code="invalid_token_id")
+        if req.disagg is not None and req.disagg.request_type == "generation_only":
+            first = req.disagg.first_gen_tokens[0]
+            if not 0 <= first < self.config.vocab_size:
+                raise ApiError(f"first_gen_tokens[0]={first} is outside the vocabulary "
+                               f"[0, {self.config.vocab_size})",
+                               param="disaggregated_params.first_gen_tokens", code="invalid_token_id")
         if not ids:
             raise ApiError("the prompt encodes to no tokens", param="prompt")
         return ids
@@ -239,6 +245,10 @@ class OpenAIServer:
             from tensorrt_llm_dwdp.kv_handoff import KvHandoff
 
             kv = KvHandoff.from_bytes(blob) if blob is not None else None
+            if kv is not None and kv.first_token != req.disagg.first_gen_tokens[0]:
+                # The engine decodes from the blob's token: it must be the one the client holds.
+                raise ValueError(f"the KV at {req.disagg.kv_url} holds first token {kv.first_token} "
+                                 f"but first_gen_tokens is {list(req.disagg.first_gen_tokens)}")
             return Request(rid, list(job.prompt_ids), params, context_only=context_only, kv_import=kv)
 
         try:

@@ -274,3 +274,40 @@ def test_router_retries_a_dead_context_server():
             for r in (router_runner, gen_runner):
                 await r.cleanup()
     run(main())
+
+
+def test_generation_only_first_token_must_be_in_vocab_and_match_the_kv():
+    """The engine decodes from the KV blob's first token: one the client did not get, or one
+    outside the vocabulary (which would crash the engine thread), is refused with a 400."""
+    async def main():
+        ctx_engine, gen_engine = EngineDouble(), EngineDouble()
+        _, ctx_runner, ctx_url = await _worker(ctx_engine)
+        _, gen_runner, gen_url = await _worker(gen_engine)
+        try:
+            async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+                async def ctx_params():
+                    _, ans = await _post(s, ctx_url + "/v1/completions", {
+                        "prompt": "abc", "max_tokens": 5,
+                        "disaggregated_params": {"request_type": "context_only"}})
+                    return ans["choices"][0]["disaggregated_params"]
+
+                params = await ctx_params()
+                first = params["first_gen_tokens"][0]
+                for wrong, match in (([511 if first != 511 else 510], "holds first token"),
+                                     ([512], "outside the vocabulary")):
+                    status, err = await _post(s, gen_url + "/v1/completions", {
+                        "prompt": "abc", "max_tokens": 5, "disaggregated_params": {
+                            **params, "first_gen_tokens": wrong, "request_type": "generation_only"}})
+                    assert status == 400 and match in err["error"]["message"], (status, err)
+                    params = await ctx_params()
+                status, ok = await _post(s, gen_url + "/v1/completions", {
+                    "prompt": "abc", "max_tokens": 5, "disaggregated_params": {
+                        **params, "request_type": "generation_only"}})
+                assert status == 200 and ok["choices"][0]["finish_reason"] is not None
+                assert not gen_engine.running
+                async with s.get(gen_url + "/health") as r:
+                    assert r.status == 200
+        finally:
+            for r in (ctx_runner, gen_runner):
+                await r.cleanup()
+    run(main())
