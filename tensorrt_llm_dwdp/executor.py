@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,8 @@ class Engine:
         self.logits: dict[str, list[torch.Tensor]] = {}
         self._sequences: dict[str, Sequence] = {}
         self._exports: dict[str, KvHandoff] = {}
+        # Imported contexts waiting for a free slot (a generation server at capacity queues them).
+        self._imports: deque[tuple[Sequence, KvHandoff]] = deque()
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -96,13 +99,16 @@ class Engine:
         self._sequences[seq.request_id] = seq
 
     def abort(self, request_id: str) -> bool:
-        seq = self.scheduler.abort(request_id)
+        queued = [item for item in self._imports if item[0].request_id == request_id]
+        for item in queued:
+            self._imports.remove(item)
+        seq = self.scheduler.abort(request_id) or (queued[0][0] if queued else None)
         self._sequences.pop(request_id, None)
         self._exports.pop(request_id, None)
         return seq is not None
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._imports)
 
     def export_kv(self, request_id: str) -> KvHandoff:
         """Hand over (once) the KV of a finished context-only request."""
@@ -114,6 +120,7 @@ class Engine:
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
+        self._load_imports()
         plan = self.scheduler.schedule()
         if plan is None:
             return []
@@ -219,14 +226,23 @@ class Engine:
                              "first token; decode needs max_tokens >= 2")
         self.scheduler.add(seq)  # validates lengths against max_seq_len
         self.scheduler.waiting.remove(seq)
-        self.scheduler.admit_running(seq)
-        try:
-            handoff.write_to_cache(self.cache, seq.slot)
-        except BaseException:  # a malformed blob: give the slot back, leave nothing running
-            self.scheduler.finish(seq, "error")
-            raise
-        seq.num_cached = len(seq.prompt_ids)
-        seq.output_ids.append(handoff.first_token)
+        self.cache.check_import(handoff.tensors)  # a malformed blob fails now, holding no slot
+        self._imports.append((seq, handoff))
+        self._load_imports()
+
+    def _load_imports(self) -> None:
+        """Move queued imported contexts into free slots, oldest first."""
+        while self._imports and self.scheduler.has_free_slot():
+            seq, handoff = self._imports.popleft()
+            self.scheduler.admit_running(seq)
+            try:
+                handoff.write_to_cache(self.cache, seq.slot)
+            except BaseException:  # give the slot back, leave nothing running
+                self.scheduler.finish(seq, "error")
+                self._sequences.pop(seq.request_id, None)
+                raise
+            seq.num_cached = len(seq.prompt_ids)
+            seq.output_ids.append(handoff.first_token)
 
     def _account(self, plan: ScheduledStep, num_tokens: int, elapsed: float) -> None:
         s = self.stats

@@ -66,14 +66,16 @@ class KvCache:
             out[f"layers.{i}.v"] = self.v[i][slot, :length]
         return out
 
-    def import_slot(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Inverse of ``export_slot``; every layer's K and V must be present with matching shape."""
+    def check_import(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Raise unless ``tensors`` (an ``export_slot`` of a cache like this one) fit; return
+        their length. Lets a caller refuse a bad hand-over before it holds a slot."""
         expected = {f"layers.{i}.{kv}" for i in range(self.num_layers) for kv in "kv"}
         if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-            raise KeyError(f"KV import for slot {slot}: missing {missing[:4]}, unexpected {extra[:4]}")
+            raise KeyError(f"KV import: missing {missing[:4]}, unexpected {extra[:4]}")
         length = tensors["layers.0.k"].shape[0]
-        self._check(slot, length)
+        if length > self.max_len:
+            raise ValueError(f"KV import of length {length} > cache max_len {self.max_len}")
         for i in range(self.num_layers):
             for name, store in (("k", self.k[i]), ("v", self.v[i])):
                 t = tensors[f"layers.{i}.{name}"]
@@ -82,4 +84,12 @@ class KvCache:
                         f"KV import layers.{i}.{name}: shape {tuple(t.shape)} != "
                         f"{(length, *store.shape[2:])}"
                     )
-                store[slot, :length] = t.to(store.device, store.dtype)
+        return length
+
+    def import_slot(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``export_slot``; every layer's K and V must be present with matching shape."""
+        length = self.check_import(tensors)
+        self._check(slot, length)
+        for i in range(self.num_layers):
+            for name, store in (("k", self.k[i]), ("v", self.v[i])):
+                store[slot, :length] = tensors[f"layers.{i}.{name}"].to(store.device, store.dtype)

@@ -176,3 +176,25 @@ def test_bad_kv_import_leaves_no_running_sequence_nor_taken_slot():
     while gen.has_work():
         tokens += [e.token_id for e in gen.step()]
     assert tokens == model.reference(PROMPTS[0], 4)
+
+
+def test_imports_beyond_free_slots_wait_for_one_then_decode_exactly():
+    """A generation engine at capacity queues an imported context (it used to raise 'no free
+    KV slot', losing a one-time hand-over); an aborted queued import is dropped."""
+    model = PrefixSumLM()
+    ctx = Engine(model, max_seqs=3, max_seq_len=32)
+    prompts = {"a": PROMPTS[0], "b": PROMPTS[2], "c": PROMPTS[3]}
+    for rid, prompt in prompts.items():
+        ctx.add_request(Request(rid, prompt, SamplingParams(max_tokens=4), context_only=True))
+    ctx.step()
+    handoffs = {rid: ctx.export_kv(rid) for rid in prompts}
+    gen = Engine(model, max_seqs=1, max_seq_len=32)
+    for rid, prompt in prompts.items():
+        gen.add_request(Request(rid, prompt, SamplingParams(max_tokens=4), kv_import=handoffs[rid]))
+    assert gen.abort("c")  # still queued: removed without ever taking a slot
+    tokens = {rid: [handoffs[rid].first_token] for rid in ("a", "b")}
+    while gen.has_work():
+        for ev in gen.step():
+            tokens[ev.request_id].append(ev.token_id)
+    assert tokens == {rid: model.reference(prompts[rid], 4) for rid in ("a", "b")}
+    assert gen.stats.decode_steps == 6  # one slot: a's 3 decode steps, then b's 3
