@@ -29,6 +29,7 @@ from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4
 logger = logging.getLogger(__name__)
 
 _OUR_GATE, _HF_GATE = ".mlp.experts.gate.", ".mlp.gate."
+_DENSE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def hf_name(name: str) -> str:
@@ -58,6 +59,11 @@ def _read_dense(reader: CheckpointReader, key: str, shape: tuple[int, ...]) -> t
         t = dequantize_nvfp4(t, reader.get(scale_key), reader.get(g_key).float().reshape(()))
     if tuple(t.shape) != shape:
         raise ValueError(f"{key}: shape {tuple(t.shape)} != expected {shape}")
+    if t.dtype not in _DENSE_DTYPES:
+        # fp8 (block-scaled) or integer data cast to bf16 without its scales would load as
+        # silently wrong weights.
+        raise ValueError(f"{key}: dtype {t.dtype} is not a plain float ({', '.join(map(str, _DENSE_DTYPES))})"
+                         f" nor an NVFP4 uint8 .weight with weight_scale / weight_scale_2")
     return t
 
 

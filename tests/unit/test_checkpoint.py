@@ -223,3 +223,14 @@ def test_reader_rows_and_truncation(tmp_path):
     f.write_bytes(f.read_bytes()[:-8])
     with pytest.raises(ValueError, match="does not fit"):
         CheckpointReader(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int32])
+def test_dense_tensor_of_a_non_float_dtype_names_key_and_dtype(tmp_path, dtype):
+    """An fp8 (block-scaled) or integer dense weight must not be cast to bf16 without its scales."""
+    hf, sd = _tiny(tmp_path)
+    key = "model.layers.1.self_attn.q_proj.weight"
+    sd[key] = sd[key].float().clamp(-1, 1).to(dtype)
+    write_checkpoint(tmp_path, hf, sd, 1 << 20)
+    with pytest.raises(ValueError, match=rf"q_proj\.weight: dtype {dtype} is not a plain float"):
+        load_model(tmp_path)
