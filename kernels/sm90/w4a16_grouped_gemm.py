@@ -157,8 +157,7 @@ class W4A16GroupedGemm:
             local_of_expert, b_table)
 
         # ---- MMA partitions
-        wg = cute.arch.make_warp_uniform(tidx // 128)
-        thr_mma = tiled_mma.get_slice(wg * 128)
+        thr_mma = tiled_mma.get_slice(tidx)  # per-thread: C partitions need the lane
         tCsA = thr_mma.partition_A(sA)
         tCsB = thr_mma.partition_B(sB)
         tCrA = tiled_mma.make_fragment_A(tCsA)

@@ -130,7 +130,7 @@ class W4A16GroupedGemmWS(W4A16GroupedGemm):
                 cute.arch.mbarrier_arrive(full + i % B_BUFS)
         else:
             cute.arch.warpgroup_reg_alloc(self.consumer_regs)
-            thr_mma = tiled_mma.get_slice((wg - 1) * 128)
+            thr_mma = tiled_mma.get_slice(tidx - PRODUCER_THREADS)
             tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
             tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
             tCcC = thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.n_sub)))
