@@ -30,6 +30,6 @@ run ${T_TESTS:-150} tests.txt python3 -m pytest --maxfail=5 -q -rs --durations=6
 run ${T_BENCH:-180} bench_log.txt python3 bench/moe_kernels.py --variants 64x64,64x128,128x128 \
   --out "$OUT/moe_kernels.json" "$@"
 run ${T_WS_TESTS:-40} tests_ws.txt python3 -m pytest -x -q tests/kernels/test_moe_sm90_ws.py
-run ${T_WS_BENCH:-60} bench_ws_log.txt python3 bench/moe_kernels.py --variants ws64x128,ws128x128 \
+run ${T_WS_BENCH:-70} bench_ws_log.txt python3 bench/moe_kernels.py --variants ws64x128,ws128x128 --only-variants --tpe 16,64,256,1024 \
   --multi-b-tpe none --out "$OUT/moe_kernels_ws.json"
 exit $rc
