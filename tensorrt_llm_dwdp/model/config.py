@@ -268,6 +268,9 @@ def _check_ranges(c: ModelConfig) -> None:
     if not c.rms_norm_eps > 0:
         raise ValueError(f"config.json of {c.architecture}: rms_norm_eps={c.rms_norm_eps}; "
                          f"must be > 0")
+    if c.is_deepseek and c.moe_layer_indices and c.num_experts // c.n_group < 2:
+        raise ValueError(f"config.json of {c.architecture}: n_routed_experts / n_group = "
+                         f"{c.num_experts} / {c.n_group} < 2; a group scores its top-2 experts")
     if c.moe_layer_indices:
         # group-limited routing picks top_k among the experts of topk_group groups
         reachable = c.topk_group * (c.num_experts // c.n_group) if c.is_deepseek else c.num_experts

@@ -107,6 +107,7 @@ def test_rope_from_transformers_v5_rope_parameters():
     ("tiny-deepseek-v3", {"n_group": -1}, "n_group=-1"),
     ("tiny-deepseek-v3", {"kv_lora_rank": 0}, "kv_lora_rank=0"),
     ("tiny-deepseek-v3", {"num_hidden_layers": 0}, "num_hidden_layers=0"),
+    ("tiny-deepseek-v3", {"n_group": 16, "topk_group": 16}, r"n_routed_experts / n_group = 16 / 16 < 2"),
 ])
 def test_out_of_range_values_are_rejected_naming_key_and_range(preset, overrides, match):
     with pytest.raises(ValueError, match=match):
