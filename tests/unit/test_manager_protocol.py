@@ -179,6 +179,42 @@ def test_start_step_is_noop_after_wraparound_and_abort_step():
     assert _in_threads(2, rank_fn) == [True, True]
 
 
+@pytest.mark.parametrize("layers, fail_at", [((0, 1, 2, 3), 1), ((0, 1, 2), 2), ((4, 6, 8), 0)])
+def test_abort_mid_step_with_slow_copies_then_views_stay_exact(monkeypatch, layers, fail_at):
+    """A step raising before done(fail_at) leaves a queued fill nobody reads in a buffer the next
+    step refills; with slow copies the stale fill finishes first and must not release the reader."""
+    import ctypes
+
+    from tensorrt_llm_dwdp import copy_engine
+
+    real = ctypes.memmove
+
+    def slow(d, s, n):
+        time.sleep(0.01)
+        return real(d, s, n)
+
+    monkeypatch.setattr(copy_engine.ctypes, "memmove", slow)
+    config = _config(2, 2, 2)
+
+    def rank_fn(r, comm):
+        with DwdpManager(config, 4, comm, "cpu") as mgr:
+            _register_all(mgr, layers, 2)
+            mgr.exchange()
+            mgr.start_step()
+            for layer in layers[:fail_at]:
+                mgr.weights(layer)
+                mgr.done(layer)
+            mgr.abort_step()
+            for _ in range(2):
+                mgr.start_step()
+                for layer in layers:
+                    _check_view(mgr.weights(layer), layer, 4)
+                    mgr.done(layer)
+        return True
+
+    assert _in_threads(2, rank_fn) == [True, True]
+
+
 def test_mismatched_shape_fails_on_every_rank():
     config = _config(2, 2, 1)
 
