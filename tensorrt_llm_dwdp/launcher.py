@@ -74,10 +74,14 @@ def launch(num_ranks: int, argv: list[str], *, launcher: str = "auto",
     else:
         port = str(free_port())
         procs = []
-        for rank in range(num_ranks):
-            rank_env = {**base_env, "TRTLLM_DWDP_RANK": str(rank),
-                        "TRTLLM_DWDP_MASTER_ADDR": "127.0.0.1", "TRTLLM_DWDP_MASTER_PORT": port}
-            procs.append(subprocess.Popen(argv, env=rank_env, start_new_session=True))
+        try:
+            for rank in range(num_ranks):
+                rank_env = {**base_env, "TRTLLM_DWDP_RANK": str(rank),
+                            "TRTLLM_DWDP_MASTER_ADDR": "127.0.0.1", "TRTLLM_DWDP_MASTER_PORT": port}
+                procs.append(subprocess.Popen(argv, env=rank_env, start_new_session=True))
+        except BaseException:  # the ranks already started would wait for the missing one
+            _stop(procs)
+            raise
     logger.info("launched %d rank(s) with %s: %s", num_ranks, kind, " ".join(argv))
     codes = _wait_all(procs, timeout_s)
     if kind == "mpirun":

@@ -42,3 +42,20 @@ def test_bad_arguments():
         launcher.choose_launcher("slurm")
     with pytest.raises(ValueError, match="num_ranks"):
         launcher.launch(0, ["true"])
+
+
+def test_ranks_started_before_a_failed_start_are_stopped(monkeypatch):
+    started = []
+    real = launcher.subprocess.Popen
+
+    def popen(argv, env, **kw):
+        if env["TRTLLM_DWDP_RANK"] == "2":
+            raise OSError("fork failed (injected)")
+        started.append(real(argv, env=env, **kw))
+        return started[-1]
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", popen)
+    with pytest.raises(OSError, match="injected"):
+        launcher.launch(3, [sys.executable, "-c", "import time; time.sleep(60)"], launcher="tcp")
+    assert len(started) == 2
+    assert all(p.poll() is not None for p in started), "ranks 0 and 1 were left running"
