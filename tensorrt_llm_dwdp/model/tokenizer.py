@@ -86,6 +86,9 @@ class HfTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
         self.eos_token_id = tokenizer.eos_token_id
+        bos_id = tokenizer.bos_token_id
+        # Whether encode() puts BOS in front itself (DeepSeek-V3's does; Qwen's does not).
+        self._encode_adds_bos = bos_id is not None and tokenizer.encode("a")[:1] == [bos_id]
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text))
@@ -95,9 +98,15 @@ class HfTokenizer:
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         if getattr(self._tok, "chat_template", None):
-            return self._tok.apply_chat_template(
+            text = self._tok.apply_chat_template(
                 list(messages), tokenize=False, add_generation_prompt=True
             )
+            bos = self._tok.bos_token
+            if self._encode_adds_bos and bos and text.startswith(bos):
+                # The template writes BOS and encode() adds one: keep one, as HF's own
+                # tokenize=True path does, so encode(apply_chat_template(m)) starts with one BOS.
+                text = text[len(bos):]
+            return text
         return _chat_prompt(messages)
 
 
