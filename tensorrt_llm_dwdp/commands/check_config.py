@@ -57,7 +57,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     model_e = model_layers = model_bytes = None
     if args.model:
         model_e, model_layers, model_bytes = _model_facts(args.model, args.quant)
-    num_experts = args.num_experts or model_e or config.implied_num_experts
+    num_experts = next((e for e in (args.num_experts, model_e, config.implied_num_experts)
+                        if e is not None), None)
     if num_experts is None:
         raise DwdpConfigError(
             "dwdp_size is 1 and num_experts_per_worker is not set: pass --num-experts or --model"
@@ -65,7 +66,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     config.check_num_experts(num_experts)
     if args.world_size is not None:
         config.check_world_size(args.world_size)
-    layers = args.num_layers or model_layers or 1
+    layers = next((n for n in (args.num_layers, model_layers) if n is not None), 1)
     if layers < 1:
         raise DwdpConfigError(f"--num-layers must be >= 1, got {layers}")
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else model_bytes

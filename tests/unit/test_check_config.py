@@ -58,6 +58,8 @@ def test_json_report_defaults_e_and_bytes(tmp_path, capsys):
      [], ["unknown key", "foo"]),
     ("dwdp_config: {dwdp_size: 1}\n", [], ["--num-experts"]),
     (GOOD, ["--model", "nope"], ["unknown --model 'nope'", "deepseek-v3"]),
+    (GOOD, ["--num-layers", "0"], ["--num-layers must be >= 1, got 0"]),  # was taken as "unset"
+    (GOOD, ["--num-experts", "0"], ["num_experts must be a positive integer, got 0"]),
 ])
 def test_bad_inputs_exit_nonzero_with_message(tmp_path, capsys, body, extra, words):
     assert main(["check-config", _yaml(tmp_path, body), *extra]) == 1
