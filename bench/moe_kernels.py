@@ -105,7 +105,9 @@ def _time_variants(res, cache, variants, ids, tw, x, w13, w2, plan, tile_m, inte
     """Time FC1 / FC2 for each ``[ws]TILE_MxN_SUB`` variant into ``res``."""
     for variant in variants:
         ws = variant.startswith("ws")
-        vm, vn = (int(v) for v in variant.removeprefix("ws").split("x"))
+        shape, _, st = variant.removeprefix("ws").partition("s")
+        vm, vn = (int(v) for v in shape.split("x"))
+        stages = int(st) if st else 4
         vplan = plan if vm == tile_m else build_permutation(ids, num_experts, tile_m=vm)
         vh = torch.empty(vplan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
         vy = torch.empty(vplan.num_rows, hidden, dtype=torch.float32, device="cuda")
@@ -113,10 +115,10 @@ def _time_variants(res, cache, variants, ids, tw, x, w13, w2, plan, tile_m, inte
         try:
             res[f"v{variant}_fc1_ms"] = time_graph(lambda: fc1_gather_swiglu(
                 cache, x, vplan.gather_index, vplan.tile_expert, w13, vm, n_sub=vn, out=vh,
-                warp_specialized=ws))
+                warp_specialized=ws, stages=stages))
             res[f"v{variant}_fc2_ms"] = time_graph(lambda: fc2_weighted(
                 cache, vh, vplan.tile_expert, vrw, w2, vm, n_sub=vn, out=vy,
-                warp_specialized=ws))
+                warp_specialized=ws, stages=stages))
         except Exception as exc:  # a variant that fails to build or run is reported, not fatal
             res[f"v{variant}_error"] = f"{type(exc).__name__}: {exc}"[:300]
         del vh, vy
@@ -222,8 +224,8 @@ def main(argv=None) -> int:
                    help="skip points with more permuted rows (device memory)")
     p.add_argument("--multi-b-tpe", default="16,256")
     p.add_argument("--variants", default="64x64,64x128,128x128,ws64x128,ws128x128",
-                   help="extra [ws]TILE_MxN_SUB configs of our kernels to time at every point "
-                        "(ws = warp-specialized)")
+                   help="extra [ws]TILE_MxN_SUB[sSTAGES] configs of our kernels to time at every "
+                        "point (ws = warp-specialized; sN = N-slot load ring)")
     p.add_argument("--only-variants", action="store_true",
                    help="time only the --variants configs (no baseline, no default config)")
     p.add_argument("--out", default=None)

@@ -43,13 +43,15 @@ def launch_grouped_gemm(
     n_sub: int,
     gather: bool,
     warp_specialized: bool = False,
+    stages: int = 4,
 ) -> torch.Tensor:
     """Run one grouped GEMM (see ``w4a16_grouped_gemm``; ``warp_specialized`` picks the
-    producer/consumer variant of ``w4a16_grouped_gemm_ws``) into ``out`` and return it."""
+    producer/consumer variant of ``w4a16_grouped_gemm_ws``; ``stages`` sets the plain
+    variant's load ring, loads running ``stages - 2`` K tiles ahead) into ``out``."""
     if tile_expert.numel() == 0:
         return out
-    key = ("w4a16_grouped_gemm", warp_specialized, epilogue, table.rows, table.k, tile_m, n_sub,
-           gather, a.dtype, out.dtype)
+    key = ("w4a16_grouped_gemm", warp_specialized, stages, epilogue, table.rows, table.k,
+           tile_m, n_sub, gather, a.dtype, out.dtype)
     require_cutlass()
     import cutlass
 
@@ -67,7 +69,7 @@ def launch_grouped_gemm(
 
         cls = W4A16GroupedGemmWS if warp_specialized else W4A16GroupedGemm
         kernel = cls(epilogue=epilogue, n_weight=table.rows, k=table.k,
-                     tile_m=tile_m, n_sub=n_sub, gather=gather)
+                     tile_m=tile_m, n_sub=n_sub, gather=gather, stages=stages)
         return cute.compile(kernel, *ptrs, *sizes, current_stream())
 
     compiled = cache.get(key, build)

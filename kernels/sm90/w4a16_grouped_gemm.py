@@ -59,6 +59,8 @@ class W4A16GroupedGemm:
             raise ValueError(f"tile_m must be 64 or 128, got {tile_m}")
         if n_sub not in (64, 128):
             raise ValueError(f"n_sub must be 64 or 128, got {n_sub}")
+        if stages < 3:
+            raise ValueError(f"stages must be >= 3 (loads run stages - 2 tiles ahead), got {stages}")
         if k % TILE_K:
             raise ValueError(f"K={k} must be a multiple of {TILE_K}")
         n_cta = n_sub if epilogue == "swiglu" else 2 * n_sub
@@ -171,25 +173,27 @@ class W4A16GroupedGemm:
         tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
         num_k_blocks = cute.size(tCrA, mode=[2])
 
-        # ---- prologue: two K tiles in flight
+        # ---- prologue: `ahead` = stages - 2 K tiles in flight
         smem_addrs = (sa_addr, sb_addr, sw_addr, ssf_addr)
         ld_args = (smem_addrs, a_src, a_dst, w_row, sf_row, b_local)
-        self._load_tile(0, 0, *ld_args)
-        cute.arch.cp_async_commit_group()
-        if cutlass.const_expr(self.k_tiles > 1):
-            self._load_tile(1, 1, *ld_args)
-        cute.arch.cp_async_commit_group()
+        ahead = self.stages - 2
+        for p in cutlass.range_constexpr(ahead):
+            if cutlass.const_expr(p < self.k_tiles):
+                self._load_tile(p, p, *ld_args)
+            cute.arch.cp_async_commit_group()
 
         for kt in cutlass.range(self.k_tiles, unroll=1):
             slot = kt % self.stages
             buf = kt % self.b_bufs
-            cute.arch.cp_async_wait_group(1)
+            cute.arch.cp_async_wait_group(ahead - 1)
             self._dequant_tile(slot, buf, smem_addrs, b_local)
             cute.arch.fence_proxy(
                 cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
             cute.arch.sync_threads()
-            if kt + 2 < self.k_tiles:
-                self._load_tile(kt + 2, (kt + 2) % self.stages, *ld_args)
+            # Slot (kt + ahead) % stages last held tile kt - 2, whose WGMMA every warpgroup
+            # waited for before this barrier.
+            if kt + ahead < self.k_tiles:
+                self._load_tile(kt + ahead, (kt + ahead) % self.stages, *ld_args)
             cute.arch.cp_async_commit_group()
             cute.nvgpu.warpgroup.fence()
             for kb in cutlass.range_constexpr(num_k_blocks):

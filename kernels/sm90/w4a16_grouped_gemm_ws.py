@@ -41,9 +41,11 @@ class W4A16GroupedGemmWS(W4A16GroupedGemm):
         self.b_bufs = B_BUFS
         self.num_cwg = self.tile_m // 64
         self.threads = PRODUCER_THREADS + 128 * self.num_cwg
-        # setmaxnreg budget (65536 registers): producers shrink so consumers can grow.
+        # setmaxnreg: the CTA keeps the registers it launched with (168 x 384 = 64512 for two
+        # consumer WGs), so producer + consumers must fit in that pool or the consumers' alloc
+        # spins forever: 96 x 128 + 200 x 256 = 63488.
         self.producer_regs = 96 if self.num_cwg == 2 else 120
-        self.consumer_regs = 208 if self.num_cwg == 2 else 200
+        self.consumer_regs = 200
 
     @cute.jit
     def __call__(self, a_ptr: cute.Pointer, row_index_ptr: cute.Pointer,

@@ -3,7 +3,7 @@ test_compile_sm90.py with CUTE_DSL_ARCH / CUTE_DSL_KEEP_CUBIN / CUTE_DSL_DUMP_DI
 
 ``cute.compile`` writes the cubin, then fails to load it (no driver): that failure is expected
 and reported as 'loaded=no'; any other error fails the script.
-Usage: python _compile_sm90_main.py (swiglu|weighted) TILE_M N_SUB [ws] | slot_sum 0 0
+Usage: python _compile_sm90_main.py (swiglu|weighted) TILE_M N_SUB [ws|plain [STAGES]] | slot_sum 0 0
 """
 import sys
 
@@ -35,8 +35,9 @@ def main() -> int:
     cls = W4A16GroupedGemm
     if len(sys.argv) > 4 and sys.argv[4] == "ws":
         from tensorrt_llm_dwdp.kernels.sm90.w4a16_grouped_gemm_ws import W4A16GroupedGemmWS as cls
+    stages = int(sys.argv[5]) if len(sys.argv) > 5 else 4
     kernel = cls(epilogue=epilogue, n_weight=n_weight, k=k, tile_m=tile_m, n_sub=n_sub,
-                 gather=gather)
+                 gather=gather, stages=stages)
     return _compile(kernel, args, [a.shape[0], 2, experts, 2])
 
 
