@@ -1,5 +1,5 @@
-"""The warp-specialized sm90 GEMMs give bit-for-bit the results of the plain schedule
-(same WGMMA sequence per tile), on the device. Kept apart so a schedule bug cannot hide the
+"""The warp-specialized sm90 GEMMs and deeper load rings give bit-for-bit the results of the
+plain schedule (same WGMMA sequence per tile), on the device. Kept apart so a schedule bug cannot hide the
 plain kernels' results."""
 from __future__ import annotations
 
@@ -28,11 +28,14 @@ def test_warp_specialized_is_bitwise_plain(backend, experts, model, tokens, tile
     w2 = backend._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
     rw = permuted_row_weights(tw, plan.slot_index)
     outs = []
-    for ws in (False, True):
+    deep = 6 if tile_m == 64 else 5  # deepest load ring that fits shared memory
+    for ws, stages in ((False, 4), (True, 4), (False, deep)):
         h = fc1_gather_swiglu(backend.cache, x, plan.gather_index, plan.tile_expert, w13, tile_m,
-                              warp_specialized=ws)
-        y = fc2_weighted(backend.cache, h, plan.tile_expert, rw, w2, tile_m, warp_specialized=ws)
+                              warp_specialized=ws, stages=stages)
+        y = fc2_weighted(backend.cache, h, plan.tile_expert, rw, w2, tile_m, warp_specialized=ws,
+                         stages=stages)
         outs.append((h, y))
     real = plan.gather_index >= 0
-    assert torch.equal(outs[0][0][real], outs[1][0][real])
-    assert torch.equal(outs[0][1][real], outs[1][1][real])
+    for name, (h, y) in zip(("warp-specialized", f"{deep}-slot ring"), outs[1:]):
+        assert torch.equal(outs[0][0][real], h[real]), f"FC1 {name} differs"
+        assert torch.equal(outs[0][1][real], y[real]), f"FC2 {name} differs"
