@@ -27,7 +27,6 @@ tensor's base address of weights, block scales and alphas; ``tensor_of_expert[E]
 ``local_of_expert[E]`` (int32) map a global expert to (tensor, local index). The kernel reads
 them once per CTA; S = 1 is the same code with a one-column table.
 """
-from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
@@ -75,8 +74,8 @@ class W4A16GroupedGemm:
         self.gather = gather
         self.stages = stages
         self.b_bufs = 3
-        self.num_wg = tile_m // 64
-        self.threads = 128 * self.num_wg
+        self.mma_wgs = tile_m // 64  # warpgroups issuing WGMMA, 64 rows each
+        self.threads = 128 * self.mma_wgs
         self.b_rows = 2 * n_sub
         self.k_tiles = k // TILE_K
         self.n_tiles = rows // n_cta
@@ -116,13 +115,21 @@ class W4A16GroupedGemm:
             BFloat16, BFloat16,
             utils.LayoutEnum.ROW_MAJOR.sm90_mma_major_mode(),
             utils.LayoutEnum.ROW_MAJOR.sm90_mma_major_mode(),
-            Float32, (self.num_wg, 1, 1), tiler_mn=(64, self.n_sub),
+            Float32, (self.mma_wgs, 1, 1), tiler_mn=(64, self.n_sub),
         )
         tile_mnk = (self.tile_m, self.n_sub, TILE_K)
         a_layout = sm90_utils.make_smem_layout_a(
             utils.LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, self.stages)
         b_layout = sm90_utils.make_smem_layout_b(
             utils.LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, 2 * self.b_bufs)
+
+        self.shared_storage = self._shared_storage(a_layout, b_layout)
+        self.kernel(a, row_index, tile_expert, tensor_of_expert, local_of_expert, b_table,
+                    row_weight, out, tiled_mma, a_layout, b_layout).launch(
+            grid=[num_tiles, self.n_tiles, 1], block=[self.threads, 1, 1], stream=stream)
+
+    def _shared_storage(self, a_layout, b_layout):
+        """Shared memory: swizzled A ring, dequantized B buffers, packed-weight and scale ring."""
 
         @cute.struct
         class SharedStorage:
@@ -132,10 +139,7 @@ class W4A16GroupedGemm:
                 cute.struct.MemRange[Uint32, self.stages * self.b_rows * 8], 128]
             sSF: cute.struct.Align[cute.struct.MemRange[Uint32, self.stages * self.b_rows], 128]
 
-        self.shared_storage = SharedStorage
-        self.kernel(a, row_index, tile_expert, tensor_of_expert, local_of_expert, b_table,
-                    row_weight, out, tiled_mma, a_layout, b_layout).launch(
-            grid=[num_tiles, self.n_tiles, 1], block=[self.threads, 1, 1], stream=stream)
+        return SharedStorage
 
     @cute.kernel
     def kernel(self, a: cute.Tensor, row_index: cute.Tensor, tile_expert: cute.Tensor,

@@ -17,15 +17,13 @@ Steady state:
   consumer, tile t: wait full(t % 2) | issue WGMMA(t) | wait WGMMA(t-1) | arrive mma_done(t-1)
 so dequant of tile t+1 and loads of t+2, t+3 overlap WGMMA(t).
 """
-from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils as utils
-import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import BFloat16, Float32, Int32, Int64, Uint32
+from cutlass import BFloat16, Float32, Int64, Uint32
 
-from .w4a16_grouped_gemm import TILE_K, W4A16GroupedGemm
+from .w4a16_grouped_gemm import W4A16GroupedGemm
 
 LOAD_SLOTS = 4
 B_BUFS = 2
@@ -39,7 +37,7 @@ class W4A16GroupedGemmWS(W4A16GroupedGemm):
         super().__init__(**kwargs)
         self.stages = LOAD_SLOTS
         self.b_bufs = B_BUFS
-        self.num_cwg = self.tile_m // 64
+        self.num_cwg = self.mma_wgs
         self.threads = PRODUCER_THREADS + 128 * self.num_cwg
         # setmaxnreg: the CTA keeps the registers it launched with (168 x 384 = 64512 for two
         # consumer WGs), so producer + consumers must fit in that pool or the consumers' alloc
@@ -47,27 +45,8 @@ class W4A16GroupedGemmWS(W4A16GroupedGemm):
         self.producer_regs = 96 if self.num_cwg == 2 else 120
         self.consumer_regs = 200
 
-    @cute.jit
-    def __call__(self, a_ptr: cute.Pointer, row_index_ptr: cute.Pointer,
-                 tile_expert_ptr: cute.Pointer, tensor_of_ptr: cute.Pointer,
-                 local_of_ptr: cute.Pointer, table_ptr: cute.Pointer,
-                 row_weight_ptr: cute.Pointer, out_ptr: cute.Pointer, a_rows: Int32,
-                 num_tiles: Int32, num_experts: Int32, num_b: Int32, stream):
-        (a, row_index, tile_expert, tensor_of_expert, local_of_expert, b_table, row_weight,
-         out) = self.make_tensors(a_ptr, row_index_ptr, tile_expert_ptr, tensor_of_ptr,
-                                  local_of_ptr, table_ptr, row_weight_ptr, out_ptr, a_rows,
-                                  num_tiles, num_experts, num_b)
-        tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            BFloat16, BFloat16,
-            utils.LayoutEnum.ROW_MAJOR.sm90_mma_major_mode(),
-            utils.LayoutEnum.ROW_MAJOR.sm90_mma_major_mode(),
-            Float32, (self.num_cwg, 1, 1), tiler_mn=(64, self.n_sub),
-        )
-        tile_mnk = (self.tile_m, self.n_sub, TILE_K)
-        a_layout = sm90_utils.make_smem_layout_a(
-            utils.LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, LOAD_SLOTS)
-        b_layout = sm90_utils.make_smem_layout_b(
-            utils.LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, 2 * B_BUFS)
+    def _shared_storage(self, a_layout, b_layout):
+        """The base class's buffers plus the full / mma_done mbarrier rings."""
 
         @cute.struct
         class SharedStorage:
@@ -78,10 +57,7 @@ class W4A16GroupedGemmWS(W4A16GroupedGemm):
             sW: cute.struct.Align[cute.struct.MemRange[Uint32, LOAD_SLOTS * self.b_rows * 8], 128]
             sSF: cute.struct.Align[cute.struct.MemRange[Uint32, LOAD_SLOTS * self.b_rows], 128]
 
-        self.shared_storage = SharedStorage
-        self.kernel(a, row_index, tile_expert, tensor_of_expert, local_of_expert, b_table,
-                    row_weight, out, tiled_mma, a_layout, b_layout).launch(
-            grid=[num_tiles, self.n_tiles, 1], block=[self.threads, 1, 1], stream=stream)
+        return SharedStorage
 
     @cute.kernel
     def kernel(self, a: cute.Tensor, row_index: cute.Tensor, tile_expert: cute.Tensor,
