@@ -363,11 +363,16 @@ class DwdpManager:
         except DwdpPeerError:
             self._peer_failed = True
             raise
-        stray = [(r, label) for r, (label, _) in enumerate(tagged) if label != what]
+        # A peer whose manager never got built closes its bare comm: a raw barrier (None).
+        labels = [item[0] if isinstance(item, tuple) and len(item) == 2 else None
+                  for item in tagged]
+        stray = [(r, label) for r, label in enumerate(labels) if label != what]
         if stray:
             self._peer_failed = True
             raise DwdpPeerError(f"{what}: " + ", ".join(
-                f"rank {r} is at {label!r}" for r, label in stray) + " (the group is out of step)")
+                f"rank {r} is at {label!r}" if label is not None
+                else f"rank {r} left the group without a DWDP manager" for r, label in stray)
+                + " (the group is out of step)")
         return [payload for _, payload in tagged]
 
     # ------------------------------------------------------------------ shutdown

@@ -374,6 +374,25 @@ def test_constructor_checks():
         DwdpManager(_config(2, 3, 2), 5, LocalComm(), "cpu")
 
 
+def test_peer_that_closes_a_bare_comm_is_named_not_a_type_error():
+    """A rank whose DwdpManager constructor failed after connect() closes its comm (a barrier
+    carrying None); its peers' exchange must fail with DwdpPeerError naming it."""
+    config = _config(2, 2, 1, peer_timeout_s=5.0)
+
+    def rank_fn(r, comm):
+        if r == 1:
+            comm.barrier(5.0, "DWDP close")  # what GroupComm.close does for TCP
+            return "left"
+        with DwdpManager(config, 3, comm, "cpu") as mgr:
+            _register_all(mgr, (0,), 2)
+            mgr.exchange()
+
+    err, left = _in_threads(2, rank_fn)
+    assert left == "left"
+    assert isinstance(err, DwdpPeerError), repr(err)
+    assert "rank 1 left the group without a DWDP manager" in str(err)
+
+
 def test_close_in_with_block_does_not_mask_error():
     with pytest.raises(RuntimeError, match="boom"):
         with _single():
