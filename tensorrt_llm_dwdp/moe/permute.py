@@ -4,7 +4,7 @@ Rows are grouped by expert, each group padded to a multiple of ``tile_m`` so eve
 the grouped GEMM belongs to exactly one expert; experts without tokens take no tiles. Inside a
 group rows keep (token, slot) order, so the plan and every result built on it are
 deterministic. Built with a stable argsort, bincount and cumsum: no Python loop over tokens,
-same code on CPU and CUDA tensors (one host sync to size the padded row count).
+same code on CPU and CUDA tensors (one host sync: the id range and the padded row count).
 """
 from __future__ import annotations
 
@@ -62,18 +62,24 @@ def build_permutation(
         raise ValueError(f"build_permutation: top_k (dim 1 of topk_ids) must be >= 1, got {top_k}")
     device = topk_ids.device
     flat = topk_ids.reshape(-1).long()
+    # Counted on clamped ids so nothing indexes out of bounds before the range check, which
+    # shares the plan's single host sync with the padded row count (bincount and an unsized
+    # repeat_interleave would each sync again on CUDA).
+    clamped = flat.clamp(0, num_experts - 1)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device)
+    counts.scatter_add_(0, clamped, torch.ones_like(clamped))
+    padded = (counts + tile_m - 1) // tile_m * tile_m
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    offsets[1:] = torch.cumsum(padded, dim=0)
+    num_rows = 0
     if flat.numel():
-        lo, hi = torch.stack(torch.aminmax(flat)).tolist()  # one host sync
+        lo, hi = torch.aminmax(flat)
+        lo, hi, num_rows = torch.stack((lo, hi, offsets[-1])).tolist()  # the one host sync
         if lo < 0 or hi >= num_experts:
             bad = lo if lo < 0 else hi
             raise ValueError(
                 f"build_permutation: expert id {bad} out of range [0, {num_experts})"
             )
-
-    counts = torch.bincount(flat, minlength=num_experts)
-    padded = (counts + tile_m - 1) // tile_m * tile_m
-    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
-    offsets[1:] = torch.cumsum(padded, dim=0)
     starts = torch.zeros(num_experts, dtype=torch.long, device=device)
     starts[1:] = torch.cumsum(counts, dim=0)[:-1]
 
@@ -82,7 +88,6 @@ def build_permutation(
     rank = torch.arange(order.numel(), device=device) - starts[expert_of]
     dest = offsets[expert_of] + rank
 
-    num_rows = int(offsets[-1])
     gather_index = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
     slot_index = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
     gather_index[dest] = (order // top_k).to(torch.int32)
@@ -92,7 +97,7 @@ def build_permutation(
 
     tiles_per_expert = padded // tile_m
     tile_expert = torch.repeat_interleave(
-        torch.arange(num_experts, device=device), tiles_per_expert
+        torch.arange(num_experts, device=device), tiles_per_expert, output_size=num_rows // tile_m
     ).to(torch.int32)
     return PermutationPlan(
         num_tokens=tokens,

@@ -1,6 +1,7 @@
 """PermutationPlan: invariants on random routings, hand-built plans, tile boundaries, errors."""
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 
@@ -103,3 +104,27 @@ def test_cuda_matches_cpu():
     for name in ("counts", "expert_offsets", "gather_index", "slot_index", "inverse",
                  "tile_expert"):
         assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts tensor -> Python reads (each one a host sync on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("tolist", "item", "__int__", "__bool__", "__float__",
+                                             "__index__"):
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_host_read_per_plan():
+    """The range check and the padded row count share one read (the hot path of every MoE
+    layer on the GPU); sizes given to repeat_interleave avoid its hidden sync."""
+    ids = torch.randint(0, 16, (37, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+    with _HostReads() as mode:
+        plan = build_permutation(ids, 16, tile_m=8)
+    assert mode.reads == ["tolist"], mode.reads
+    assert plan.num_tiles * 8 == plan.num_rows == int(plan.expert_offsets[-1])
