@@ -63,10 +63,16 @@ class TcpGroupComm(GroupComm):
                 f"{timeout:g} s ({ENV_ADDR}/{ENV_PORT}; rank 0 hosts it): {exc}"
             ) from exc
         hello = {"config": config.to_dict(), "host": socket.gethostname(), "pid": os.getpid()}
-        everyone = self.allgather(hello, timeout, "DWDP start-up (TCP hello)")
-        problems = config_problems([h["config"] for h in everyone])
-        if problems:
-            raise DwdpMismatchError(summarize(problems, "DWDP ranks disagree on dwdp_config"))
+        try:
+            everyone = self.allgather(hello, timeout, "DWDP start-up (TCP hello)")
+            problems = config_problems([h["config"] for h in everyone])
+            if problems:
+                raise DwdpMismatchError(summarize(problems, "DWDP ranks disagree on dwdp_config"))
+        except BaseException:
+            # Nobody gets this object to close: drop the store now (on rank 0 its server and
+            # port), not whenever the traceback holding it is collected.
+            self._store = None
+            raise
         self.hosts = [h["host"] for h in everyone]
 
     @classmethod

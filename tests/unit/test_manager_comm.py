@@ -83,6 +83,18 @@ def test_tcp_hello_detects_config_mismatch_on_all_ranks():
         assert "rank 1 has dwdp_config.contention_opt = True but rank 0 has False" in str(res)
 
 
+def test_tcp_rank0_releases_its_port_when_the_hello_fails():
+    """A failed start-up must not keep rank 0's store server (and port) alive while the caller
+    still holds the exception: a retry on the same port would fail with 'address in use'."""
+    port = _port()
+    with pytest.raises(DwdpPeerError) as failed:
+        TcpGroupComm(_cfg(2, timeout=0.3), 0, "127.0.0.1", port)
+    assert failed.value is not None  # the traceback (and its frames) are still referenced here
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))  # raises OSError while the old store still listens
+
+
 def test_tcp_env_errors():
     with pytest.raises(ValueError, match="TRTLLM_DWDP_MASTER_ADDR"):
         connect(_cfg(), {"TRTLLM_DWDP_RANK": "0"})
