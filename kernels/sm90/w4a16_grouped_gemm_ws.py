@@ -1,14 +1,14 @@
 """Warp-specialized variant of the grouped W4A16 GEMM (same contract and epilogues).
 
-Warp roles (``tile_m // 64`` consumer warpgroups + 1 producer warpgroup):
-  producer WG 0 (128 threads, few registers): cp.async of A rows (gathered) and packed NVFP4
-      rows + scales into a 4-slot load ring, then dequantizes each tile into a 2-buffer bf16
-      ring and publishes it;
-  consumer WG c >= 1: WGMMA on rows ``[64(c-1), 64c)`` of the tile, then the epilogue.
+Warp roles (``tile_m // 64`` consumer warpgroups after P producer warpgroups; P = 2 when
+there is one consumer, so the dequant has 8 warps, else P = 1):
+  producer WGs (few registers): cp.async of A rows (gathered) and packed NVFP4 rows + scales
+      into a 4-slot load ring, then dequantize each tile into a 2-buffer bf16 ring and publish;
+  consumer WG c: WGMMA on rows ``[64c, 64c+64)`` of the tile, then the epilogue.
 
 Pipelines (mbarriers in shared memory):
   full[b]   producer -> consumers: tile t's A slot (t % 4) has landed and its B is dequantized
-            into buffer b = t % 2 (128 producer arrivals, proxy fence before each);
+            into buffer b = t % 2 (one arrival per producer thread, proxy fence before);
   mma_done[b] consumers -> producer: WGMMA of tile t finished reading A slot t % 4 and
             B buffer t % 2 (every consumer thread arrives after ``wait_group``).
 Steady state:
@@ -27,23 +27,25 @@ from .w4a16_grouped_gemm import W4A16GroupedGemm
 
 LOAD_SLOTS = 4
 B_BUFS = 2
-PRODUCER_THREADS = 128
 
 
 class W4A16GroupedGemmWS(W4A16GroupedGemm):
-    """Same arguments as :class:`W4A16GroupedGemm`; one extra (producer) warpgroup."""
+    """Same arguments as :class:`W4A16GroupedGemm`; extra (producer) warpgroups."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.stages = LOAD_SLOTS
         self.b_bufs = B_BUFS
         self.num_cwg = self.mma_wgs
-        self.threads = PRODUCER_THREADS + 128 * self.num_cwg
+        # One consumer WG leaves the SM with few warps to dequantize: give it two producers.
+        self.producer_threads = 128 * (2 if self.num_cwg == 1 else 1)
+        self.threads = self.producer_threads + 128 * self.num_cwg
         # setmaxnreg: the CTA keeps the registers it launched with (168 x 384 = 64512 for two
         # consumer WGs), so producer + consumers must fit in that pool or the consumers' alloc
         # spins forever: 96 x 128 + 200 x 256 = 63488.
-        self.producer_regs = 96 if self.num_cwg == 2 else 120
-        self.consumer_regs = 200
+        # One consumer: 112 x 256 + 232 x 128 = 58368 of 168 x 384.
+        self.producer_regs = 96 if self.num_cwg == 2 else 112
+        self.consumer_regs = 200 if self.num_cwg == 2 else 232
 
     def _shared_storage(self, a_layout, b_layout):
         """The base class's buffers plus the full / mma_done mbarrier rings."""
@@ -74,7 +76,7 @@ class W4A16GroupedGemmWS(W4A16GroupedGemm):
         mma_done = storage.mma_done.data_ptr()
         if tidx == 0:
             for b in cutlass.range_constexpr(B_BUFS):
-                cute.arch.mbarrier_init(full + b, PRODUCER_THREADS)
+                cute.arch.mbarrier_init(full + b, self.producer_threads)
                 cute.arch.mbarrier_init(mma_done + b, 128 * self.num_cwg)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
@@ -83,10 +85,10 @@ class W4A16GroupedGemmWS(W4A16GroupedGemm):
         smem_addrs = (storage.sA.data_ptr().toint(), storage.sB.data_ptr().toint(),
                       storage.sW.data_ptr().toint(), storage.sSF.data_ptr().toint())
 
-        if wg == 0:
+        if wg < self.producer_threads // 128:
             cute.arch.warpgroup_reg_dealloc(self.producer_regs)
             alpha, w_row, sf_row, b_local, a_src, a_dst = self._thread_setup(
-                tidx, PRODUCER_THREADS, m_tile, n_tile, a, row_index, tile_expert,
+                tidx, self.producer_threads, m_tile, n_tile, a, row_index, tile_expert,
                 tensor_of_expert, local_of_expert, b_table)
             ld_args = (smem_addrs, a_src, a_dst, w_row, sf_row, b_local)
             self._load_tile(0, 0, *ld_args)
@@ -108,7 +110,7 @@ class W4A16GroupedGemmWS(W4A16GroupedGemm):
                 cute.arch.mbarrier_arrive(full + i % B_BUFS)
         else:
             cute.arch.warpgroup_reg_alloc(self.consumer_regs)
-            thr_mma = tiled_mma.get_slice(tidx - PRODUCER_THREADS)
+            thr_mma = tiled_mma.get_slice(tidx - self.producer_threads)
             tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
             tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
             tCcC = thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.n_sub)))
