@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from tensorrt_llm_dwdp.commands import serve as serve_cmd
+from tensorrt_llm_dwdp.cli.commands import serve as serve_cmd
 from tensorrt_llm_dwdp.serve.options import OptionsError, ServeOptions, merge_options, options_from_cli
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tensorrt_llm_dwdp.commands import make_checkpoint
+from tensorrt_llm_dwdp.cli.commands import make_checkpoint
 from tensorrt_llm_dwdp.model.checkpoint import load_model, read_config
 from tensorrt_llm_dwdp.model.expert_convert import share_global_scale
 from tensorrt_llm_dwdp.model.hf_names import NVFP4, expert_key, hf_quant_config

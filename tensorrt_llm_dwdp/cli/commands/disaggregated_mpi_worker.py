@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tensorrt_llm_dwdp.commands.disaggregated import load_config
+    from tensorrt_llm_dwdp.cli.commands.disaggregated import load_config
     from tensorrt_llm_dwdp.run_job import local_rank_from_env
     from tensorrt_llm_dwdp.serve.worker import run_worker_server
 

@@ -1,6 +1,6 @@
 """Command-line entry: ``python -m tensorrt_llm_dwdp <command>``.
 
-Each command lives in its own module under ``tensorrt_llm_dwdp/commands/`` and exposes
+Each command lives in its own module under ``tensorrt_llm_dwdp/cli/commands/`` and exposes
 ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``main(args) -> int``. Commands are found by
 listing that package, so adding one never touches this file.
 """
@@ -12,7 +12,8 @@ import logging
 import pkgutil
 import sys
 
-from tensorrt_llm_dwdp import __version__, commands
+from tensorrt_llm_dwdp import __version__
+from tensorrt_llm_dwdp.cli import commands
 
 
 def _command_modules():

@@ -26,7 +26,7 @@ def load_config(args: argparse.Namespace):
     """Set the log level and read ``--config_file``; None (error printed) when it is invalid.
 
     Shared with ``disaggregated_mpi_worker``, which reads the same YAML."""
-    from tensorrt_llm_dwdp.commands.serve import configure_logging
+    from tensorrt_llm_dwdp.cli.commands.serve import configure_logging
     from tensorrt_llm_dwdp.serve.disagg_config import load_disagg_config
     from tensorrt_llm_dwdp.serve.options import OptionsError
 
