@@ -105,7 +105,8 @@ def _time_variants(res, cache, variants, ids, tw, x, w13, w2, plan, tile_m, inte
     """Time FC1 / FC2 for each ``[ws]TILE_MxN_SUB`` variant into ``res``."""
     for variant in variants:
         ws = variant.startswith("ws")
-        shape, _, st = variant.removeprefix("ws").partition("s")
+        fuse = variant.endswith("f")  # one WGMMA over both B sub-tiles
+        shape, _, st = variant.removeprefix("ws").removesuffix("f").partition("s")
         vm, vn = (int(v) for v in shape.split("x"))
         stages = int(st) if st else 4
         vplan = plan if vm == tile_m else build_permutation(ids, num_experts, tile_m=vm)
@@ -115,13 +116,18 @@ def _time_variants(res, cache, variants, ids, tw, x, w13, w2, plan, tile_m, inte
         try:
             res[f"v{variant}_fc1_ms"] = time_graph(lambda: fc1_gather_swiglu(
                 cache, x, vplan.gather_index, vplan.tile_expert, w13, vm, n_sub=vn, out=vh,
-                warp_specialized=ws, stages=stages))
+                warp_specialized=ws, stages=stages, fuse_n=fuse))
             res[f"v{variant}_fc2_ms"] = time_graph(lambda: fc2_weighted(
                 cache, vh, vplan.tile_expert, vrw, w2, vm, n_sub=vn, out=vy,
-                warp_specialized=ws, stages=stages))
+                warp_specialized=ws, stages=stages, fuse_n=fuse))
         except Exception as exc:  # a variant that fails to build or run is reported, not fatal
             res[f"v{variant}_error"] = f"{type(exc).__name__}: {exc}"[:300]
         del vh, vy
+        for fc in ("fc1", "fc2"):  # > 1: the variant is faster than the default / bf16 base
+            got = res.get(f"v{variant}_{fc}_ms")
+            for ref in ("ours", "base"):
+                if got and f"{ref}_{fc}_ms" in res:
+                    res[f"v{variant}_{fc}_x_{ref}"] = res[f"{ref}_{fc}_ms"] / got
     return res
 
 
@@ -225,7 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--multi-b-tpe", default="16,256")
     p.add_argument("--variants", default="64x64,64x128,128x128,ws64x128,ws128x128",
                    help="extra [ws]TILE_MxN_SUB[sSTAGES] configs of our kernels to time at every "
-                        "point (ws = warp-specialized; sN = N-slot load ring)")
+                        "point (ws = warp-specialized; sN = N-slot load ring; 256x64 = the "
+                        "opt-in 256-row tiles; suffix f = one WGMMA over both B sub-tiles)")
     p.add_argument("--only-variants", action="store_true",
                    help="time only the --variants configs (no baseline, no default config)")
     p.add_argument("--out", default=None)

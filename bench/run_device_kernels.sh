@@ -4,6 +4,9 @@
 # later stage cannot cost the earlier results. Run from the repo root with .whl/ carried
 # (../shared/tools/device-wheels); logs and JSON land in $OUT.
 # Usage: bench/run_device_kernels.sh [extra args for the main bench...]
+#        MODE=tile bench/run_device_kernels.sh: only the 256-row tile variant's device tests,
+#        the plain kernels' tests and the compute-bound bench points (default vs the
+#        $TILE_VARIANTS configs vs torch._grouped_mm) into $OUT/moe_kernels_tile.json.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
@@ -25,6 +28,13 @@ run() {  # run SECONDS LOG cmd...: one stage under a timeout, output teed to $OU
   local secs=$1 log=$2; shift 2
   timeout "$secs" "$@" 2>&1 | tee "$OUT/$log" || rc=1
 }
+if [ "${MODE:-}" = tile ]; then
+  run ${T_TESTS:-130} tests_tile.txt python3 -m pytest --maxfail=3 -q -rs --durations=6 \
+    tests/kernels/test_moe_sm90_tile256.py tests/kernels/test_moe_sm90.py
+  run ${T_BENCH:-170} bench_tile_log.txt python3 bench/moe_kernels.py --tpe 256,1024 \
+    --variants ${TILE_VARIANTS:-128x128f,256x64f,256x64} --multi-b-tpe none --out "$OUT/moe_kernels_tile.json" "$@"
+  exit $rc
+fi
 run ${T_TESTS:-150} tests.txt python3 -m pytest --maxfail=5 -q -rs --durations=6 tests/kernels \
   --ignore=tests/kernels/test_moe_sm90_ws.py
 run ${T_BENCH:-180} bench_log.txt python3 bench/moe_kernels.py --variants 64x64,64x128,128x128 \

@@ -24,6 +24,7 @@ def fc1_gather_swiglu(
     out: torch.Tensor | None = None,
     warp_specialized: bool = False,
     stages: int = 4,
+    fuse_n: bool = False,
 ) -> torch.Tensor:
     """x bf16 ``[T, H]``; gather_index int32 ``[M_pad]``; tile_expert int32 ``[M_pad/tile_m]``;
     ``w13`` rows = 2I, k = H. Returns bf16 ``[M_pad, I]`` in permuted order."""
@@ -45,4 +46,4 @@ def fc1_gather_swiglu(
         cache, epilogue="swiglu", a=x, row_index=gather_index, tile_expert=tile_expert,
         table=w13, row_weight=x.new_empty(1, dtype=torch.float32), out=out, tile_m=tile_m,
         n_sub=n_sub, gather=True, warp_specialized=warp_specialized,
-        stages=stages)
+        stages=stages, fuse_n=fuse_n)

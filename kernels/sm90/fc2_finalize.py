@@ -32,6 +32,7 @@ def fc2_weighted(
     out: torch.Tensor | None = None,
     warp_specialized: bool = False,
     stages: int = 4,
+    fuse_n: bool = False,
 ) -> torch.Tensor:
     """h bf16 ``[M_pad, I]``; row_weight fp32 ``[M_pad]``; ``w2`` rows = H, k = I.
     Returns fp32 ``[M_pad, H]`` router-weighted rows."""
@@ -52,7 +53,7 @@ def fc2_weighted(
     return launch_grouped_gemm(
         cache, epilogue="weighted", a=h, row_index=tile_expert, tile_expert=tile_expert,
         table=w2, row_weight=row_weight, out=out, tile_m=tile_m, n_sub=n_sub, gather=False, warp_specialized=warp_specialized,
-        stages=stages)
+        stages=stages, fuse_n=fuse_n)
 
 
 def finalize(cache: CompileCache, y: torch.Tensor, inverse: torch.Tensor,

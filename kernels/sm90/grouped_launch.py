@@ -44,13 +44,14 @@ def launch_grouped_gemm(
     gather: bool,
     warp_specialized: bool = False,
     stages: int = 4,
+    fuse_n: bool = False,
 ) -> torch.Tensor:
     """Run one grouped GEMM (see ``w4a16_grouped_gemm``; ``warp_specialized`` picks the
     producer/consumer variant of ``w4a16_grouped_gemm_ws``; ``stages`` sets the plain
-    variant's load ring, loads running ``stages - 2`` K tiles ahead) into ``out``."""
+    variant's load ring, loads running ``stages - 2`` K tiles ahead; ``fuse_n``: one WGMMA over both B sub-tiles, plain variant only) into ``out``."""
     if tile_expert.numel() == 0:
         return out
-    key = ("w4a16_grouped_gemm", warp_specialized, stages, epilogue, table.rows, table.k,
+    key = ("w4a16_grouped_gemm", warp_specialized, stages, fuse_n, epilogue, table.rows, table.k,
            tile_m, n_sub, gather, a.dtype, out.dtype)
     require_cutlass()
     import cutlass
@@ -69,7 +70,8 @@ def launch_grouped_gemm(
 
         cls = W4A16GroupedGemmWS if warp_specialized else W4A16GroupedGemm
         kernel = cls(epilogue=epilogue, n_weight=table.rows, k=table.k,
-                     tile_m=tile_m, n_sub=n_sub, gather=gather, stages=stages)
+                     tile_m=tile_m, n_sub=n_sub, gather=gather, stages=stages,
+                     **({"fuse_n": True} if fuse_n else {}))
         return cute.compile(kernel, *ptrs, *sizes, current_stream())
 
     compiled = cache.get(key, build)

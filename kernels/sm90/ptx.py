@@ -36,6 +36,17 @@ def cp_async_16(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None) -> Non
 
 
 @dsl_user_op
+def cp_async_8(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None) -> None:
+    """8-byte ``cp.async.ca`` from global to shared memory."""
+    asm(
+        None,
+        [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
+        "cp.async.ca.shared.global [$0], [$1], 8;",
+        "r,l",
+    )
+
+
+@dsl_user_op
 def cp_async_4(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None) -> None:
     """4-byte ``cp.async.ca`` from global to shared memory."""
     asm(
@@ -56,6 +67,18 @@ def ld_shared_v4(smem_addr: Int32, *, loc=None, ip=None):
         "=r,=r,=r,=r,r",
     )
     return tuple(Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
+
+
+@dsl_user_op
+def ld_shared_v2(smem_addr: Int32, *, loc=None, ip=None):
+    """Load two 32-bit words from an 8-byte aligned shared-memory address."""
+    res = asm(
+        llvm.StructType.get_literal([T.i32(), T.i32()]),
+        [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
+        "ld.shared.v2.b32 {$0, $1}, [$2];",
+        "=r,=r,r",
+    )
+    return tuple(Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
 
 
 @dsl_user_op

@@ -35,7 +35,15 @@ import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import BFloat16, Float32, Int32, Int64, Uint32
 
 from .nvfp4_dequant import e2m1x8_to_bf16x8_scaled, e4m3x4_to_bf16x2_splats
-from .ptx import cp_async_4, cp_async_16, ld_shared_u32, ld_shared_v4, st_shared_v4
+from .ptx import (
+    cp_async_4,
+    cp_async_8,
+    cp_async_16,
+    ld_shared_u32,
+    ld_shared_v2,
+    ld_shared_v4,
+    st_shared_v4,
+)
 
 TILE_K = 64  # bf16 elements per K tile: one 128 B swizzle row
 ROW_BYTES = TILE_K * 2
@@ -46,18 +54,31 @@ class W4A16GroupedGemm:
     """Configuration of one compiled grouped W4A16 GEMM (see module docstring).
 
     n_weight: rows of each expert's weight (2I for FC1, H for FC2); k: the reduction size
-    (H for FC1, I for FC2); tile_m in {64, 128}; n_sub in {64, 128}; ``gather``: A row of
-    permuted row m is ``row_index[m]`` (FC1) instead of m (FC2).
+    (H for FC1, I for FC2); tile_m in {64, 128, 256}; n_sub in {64, 128} (64 with tile_m 256:
+    512 threads leave 128 registers each, and two 64 x 128 accumulators alone take 128);
+    ``gather``: A row of permuted row m is ``row_index[m]`` (FC1) instead of m (FC2).
+
+    tile_m 256 (opt-in) serves 256 rows of one expert per dequantized B tile: half the
+    NVFP4 -> bf16 work per MMA of the 128 x (2 x 128) default, with four consumer warpgroups.
+    ``fuse_n`` (opt-in) issues ONE 64 x (2 n_sub) WGMMA per k16 step over both sub-tiles (they
+    sit back to back in shared memory) instead of two 64 x n_sub ones, so each warpgroup reads
+    its A block once per step instead of twice; FC1's epilogue pairs accumulator column c
+    (up) with c + n_sub (gate).
+    When a CTA has more loading threads than B rows, ``row_split`` threads share each row
+    (each copies and dequantizes 32 / row_split bytes of it and its own copy of the scales).
     """
 
     def __init__(self, *, epilogue: str, n_weight: int, k: int, tile_m: int = 128,
-                 n_sub: int = 128, gather: bool = True, stages: int = 4):
+                 n_sub: int = 128, gather: bool = True, stages: int = 4, fuse_n: bool = False):
         if epilogue not in EPILOGUES:
             raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-        if tile_m not in (64, 128):
-            raise ValueError(f"tile_m must be 64 or 128, got {tile_m}")
+        if tile_m not in (64, 128, 256):
+            raise ValueError(f"tile_m must be 64, 128 or 256, got {tile_m}")
         if n_sub not in (64, 128):
             raise ValueError(f"n_sub must be 64 or 128, got {n_sub}")
+        if tile_m == 256 and n_sub != 64:
+            raise ValueError(f"tile_m=256 needs n_sub=64 (register budget of 512 threads), "
+                             f"got n_sub={n_sub}")
         if stages < 3:
             raise ValueError(f"stages must be >= 3 (loads run stages - 2 tiles ahead), got {stages}")
         if k % TILE_K:
@@ -67,6 +88,8 @@ class W4A16GroupedGemm:
         if rows % n_cta:
             raise ValueError(f"{rows} output columns are not a multiple of {n_cta} (n_sub={n_sub})")
         self.epilogue = epilogue
+        self.fuse_n = fuse_n
+        self.mma_n = 2 * n_sub if fuse_n else n_sub  # N of one WGMMA
         self.n_weight = n_weight
         self.k = k
         self.tile_m = tile_m
@@ -82,6 +105,11 @@ class W4A16GroupedGemm:
         # FC1: sub-tile 1 is the gate half, I rows below the up half; FC2: the next n_sub rows.
         self.sub_stride = n_weight // 2 if epilogue == "swiglu" else n_sub
         self.cta_row_step = n_sub if epilogue == "swiglu" else 2 * n_sub
+        self.row_split = self._row_split(self.threads)
+
+    def _row_split(self, loaders: int) -> int:
+        """Threads per B row: 1 while there are at least as many B rows as loaders."""
+        return max(1, loaders // self.b_rows)
 
     def make_tensors(self, a_ptr, row_index_ptr, tile_expert_ptr, tensor_of_ptr, local_of_ptr,
                      table_ptr, row_weight_ptr, out_ptr, a_rows, num_tiles, num_experts, num_b):
@@ -115,13 +143,16 @@ class W4A16GroupedGemm:
             BFloat16, BFloat16,
             utils.LayoutEnum.ROW_MAJOR.sm90_mma_major_mode(),
             utils.LayoutEnum.ROW_MAJOR.sm90_mma_major_mode(),
-            Float32, (self.mma_wgs, 1, 1), tiler_mn=(64, self.n_sub),
+            Float32, (self.mma_wgs, 1, 1), tiler_mn=(64, self.mma_n),
         )
-        tile_mnk = (self.tile_m, self.n_sub, TILE_K)
+        tile_mnk = (self.tile_m, self.mma_n, TILE_K)
         a_layout = sm90_utils.make_smem_layout_a(
             utils.LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, self.stages)
+        # K-major, one 128 B swizzle atom in K: row r of a stage lands at r * 128 B, so one
+        # 2 n_sub-row stage (fuse_n) is byte for byte two n_sub-row stages.
         b_layout = sm90_utils.make_smem_layout_b(
-            utils.LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16, 2 * self.b_bufs)
+            utils.LayoutEnum.ROW_MAJOR, tile_mnk, BFloat16,
+            self.b_bufs if self.fuse_n else 2 * self.b_bufs)
 
         self.shared_storage = self._shared_storage(a_layout, b_layout)
         self.kernel(a, row_index, tile_expert, tensor_of_expert, local_of_expert, b_table,
@@ -137,7 +168,8 @@ class W4A16GroupedGemm:
             sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(b_layout)], 1024]
             sW: cute.struct.Align[
                 cute.struct.MemRange[Uint32, self.stages * self.b_rows * 8], 128]
-            sSF: cute.struct.Align[cute.struct.MemRange[Uint32, self.stages * self.b_rows], 128]
+            sSF: cute.struct.Align[
+                cute.struct.MemRange[Uint32, self.stages * self.b_rows * self.row_split], 128]
 
         return SharedStorage
 
@@ -168,7 +200,7 @@ class W4A16GroupedGemm:
         tCsB = thr_mma.partition_B(sB)
         tCrA = tiled_mma.make_fragment_A(tCsA)
         tCrB = tiled_mma.make_fragment_B(tCsB)
-        cC = cute.make_identity_tensor((self.tile_m, self.n_sub))
+        cC = cute.make_identity_tensor((self.tile_m, self.mma_n))
         tCcC = thr_mma.partition_C(cC)
         acc0 = cute.make_rmem_tensor(tCcC.shape, Float32)
         acc1 = cute.make_rmem_tensor(tCcC.shape, Float32)
@@ -202,12 +234,19 @@ class W4A16GroupedGemm:
             cute.nvgpu.warpgroup.fence()
             for kb in cutlass.range_constexpr(num_k_blocks):
                 a_frag = tCrA[(None, None, kb, slot)]
-                cute.gemm(tiled_mma, acc0, a_frag, tCrB[(None, None, kb, buf * 2)], acc0)
-                cute.gemm(tiled_mma, acc1, a_frag, tCrB[(None, None, kb, buf * 2 + 1)], acc1)
+                if cutlass.const_expr(self.fuse_n):
+                    cute.gemm(tiled_mma, acc0, a_frag, tCrB[(None, None, kb, buf)], acc0)
+                else:
+                    cute.gemm(tiled_mma, acc0, a_frag, tCrB[(None, None, kb, buf * 2)], acc0)
+                    cute.gemm(tiled_mma, acc1, a_frag, tCrB[(None, None, kb, buf * 2 + 1)],
+                              acc1)
             cute.nvgpu.warpgroup.commit_group()
             cute.nvgpu.warpgroup.wait_group(1)
         cute.nvgpu.warpgroup.wait_group(0)
 
+        if cutlass.const_expr(self.fuse_n):
+            self._epilogue_fused(acc0, alpha, thr_mma, tCcC, out, row_weight, m_tile, n_tile)
+            return
         self._epilogue(acc0, acc1, alpha, thr_mma, tCcC, out, row_weight, m_tile, n_tile)
 
     def _thread_setup(self, tidx, loaders, m_tile, n_tile, a, row_index, tile_expert,
@@ -226,12 +265,17 @@ class W4A16GroupedGemm:
 
         row0 = n_tile * self.cta_row_step
         w_row, sf_row, b_local = [], [], []
-        for i in range(self.b_rows // loaders):
-            j = tidx + i * loaders
+        split = self.row_split
+        for i in range(max(1, self.b_rows // loaders)):
+            # split == 1: rows tidx, tidx + loaders, ...; else part q of row tidx // split.
+            j, q = (tidx + i * loaders, 0) if split == 1 else (tidx // split, tidx % split)
             grow = row0 + (j // self.n_sub) * self.sub_stride + j % self.n_sub
-            w_row.append(w_base + Int64(grow) * (self.k // 2))
+            w_off = Int64(grow) * (self.k // 2)
+            if split > 1:
+                w_off = w_off + q * (32 // split)
+            w_row.append(w_base + w_off)
             sf_row.append(sf_base + Int64(grow) * (self.k // 16))
-            b_local.append(j)
+            b_local.append((j, q))
 
         a_base = a.iterator.toint()
         a_src, a_dst = [], []
@@ -273,26 +317,71 @@ class W4A16GroupedGemm:
                 frag.store(acc.load().to(out.element_type))
                 cute.autovec_copy(frag, t_out)
 
+    def _epilogue_fused(self, acc, alpha, thr_mma, tCcC, out, row_weight, m_tile, n_tile):
+        """``_epilogue`` for one 64 x (2 n_sub) accumulator per warpgroup. Its fragment is
+        ``((2, 2, N / 8), 1, 1)`` (column-pair, row-half, 8-column group): element i + size / 2
+        is column + n_sub of element i, so FC1's up / gate pairs are (i, i + size / 2)."""
+        if self.epilogue == "swiglu":
+            half = cute.size(acc) // 2
+            for i in range(half):
+                up = acc[i] * alpha
+                gate = acc[i + half] * alpha
+                sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-gate, fastmath=True))
+                acc[i] = gate * sig * up
+            g_out = cute.local_tile(out, (self.tile_m, self.n_sub), (m_tile, n_tile))
+            # The same rows seen 2 n_sub wide, so the accumulator's partition applies; only
+            # the first half (this CTA's n_sub columns) is written.
+            wide = cute.make_tensor(g_out.iterator, cute.make_layout(
+                (self.tile_m, self.mma_n), stride=(self.n_weight // 2, 1)))
+            t_out = thr_mma.partition_C(wide)
+            frag = cute.make_rmem_tensor(acc.shape, out.element_type)
+            frag.store(acc.load().to(out.element_type))
+            for i in range(half):
+                t_out[i] = frag[i]
+        else:
+            m0 = m_tile * self.tile_m
+            for i in range(cute.size(acc)):
+                acc[i] = acc[i] * alpha * row_weight[m0 + tCcC[i][0]]
+            g_out = cute.local_tile(out, (self.tile_m, self.mma_n), (m_tile, n_tile))
+            t_out = thr_mma.partition_C(g_out)
+            frag = cute.make_rmem_tensor(t_out.shape, out.element_type)
+            frag.store(acc.load().to(out.element_type))
+            cute.autovec_copy(frag, t_out)
+
     def _load_tile(self, kt, slot, smem_addrs, a_src, a_dst, w_row, sf_row, b_local):
         """Issue this thread's cp.async copies of K tile ``kt`` into raw slot ``slot``."""
         sa_addr, _, sw_addr, ssf_addr = smem_addrs
         a_slot = sa_addr + slot * (self.tile_m * ROW_BYTES)
         for c in range(len(a_src)):
             cp_async_16(a_slot + a_dst[c], a_src[c] + Int64(kt) * ROW_BYTES)
+        split = self.row_split
         for i in range(len(b_local)):
-            rw = slot * self.b_rows + b_local[i]
+            j, q = b_local[i]
+            rw = slot * self.b_rows + j
             wsrc = w_row[i] + Int64(kt) * (TILE_K // 2)
-            cp_async_16(sw_addr + rw * 32, wsrc)
-            cp_async_16(sw_addr + rw * 32 + 16, wsrc + 16)
-            cp_async_4(ssf_addr + rw * 4, sf_row[i] + Int64(kt) * (TILE_K // 16))
+            sfsrc = sf_row[i] + Int64(kt) * (TILE_K // 16)
+            if split == 1:
+                cp_async_16(sw_addr + rw * 32, wsrc)
+                cp_async_16(sw_addr + rw * 32 + 16, wsrc + 16)
+                cp_async_4(ssf_addr + rw * 4, sfsrc)
+            else:  # this thread's part of the row, and its own copy of the row's scales
+                dst = sw_addr + rw * 32 + q * (32 // split)
+                if split == 2:
+                    cp_async_16(dst, wsrc)
+                else:
+                    cp_async_8(dst, wsrc)
+                cp_async_4(ssf_addr + (rw * split + q) * 4, sfsrc)
 
     def _dequant_tile(self, slot, buf, smem_addrs, b_local):
         """NVFP4 rows of raw slot ``slot`` (loaded by this thread) -> bf16 in sB buffer ``buf``,
         written at the 128 B-swizzled positions WGMMA reads (16 B chunk c of row j lands at
         chunk ``c ^ (j % 8)``; every sub-tile base is 1024 B aligned)."""
         _, sb_addr, sw_addr, ssf_addr = smem_addrs
+        if self.row_split > 1:
+            self._dequant_part(slot, buf, smem_addrs, b_local[0])
+            return
         for i in range(len(b_local)):
-            j = b_local[i]
+            j, _ = b_local[i]
             rw = slot * self.b_rows + j
             w0, w1, w2, w3 = ld_shared_v4(sw_addr + rw * 32)
             w4, w5, w6, w7 = ld_shared_v4(sw_addr + rw * 32 + 16)
@@ -303,3 +392,21 @@ class W4A16GroupedGemm:
             for c in range(8):
                 o0, o1, o2, o3 = e2m1x8_to_bf16x8_scaled(words[c], scales[c // 2])
                 st_shared_v4(dst_row + ((c ^ (j % 8)) * 16), o0, o1, o2, o3)
+
+    def _dequant_part(self, slot, buf, smem_addrs, row_part):
+        """``_dequant_tile`` for a shared row: part q of row j is 16 B chunks
+        ``[q * n, q * n + n)`` (n = 8 / row_split) from this thread's own copies."""
+        _, sb_addr, sw_addr, ssf_addr = smem_addrs
+        j, q = row_part
+        split = self.row_split
+        n = 8 // split
+        rw = slot * self.b_rows + j
+        src = sw_addr + rw * 32 + q * (32 // split)
+        words = ld_shared_v4(src) if split == 2 else ld_shared_v2(src)
+        # Chunk c uses scale byte c // 2; shift this part's first scale down to byte 0.
+        sf_word = ld_shared_u32(ssf_addr + (rw * split + q) * 4) >> (q * (4 * n))
+        scales = e4m3x4_to_bf16x2_splats(sf_word)
+        dst_row = sb_addr + buf * (self.b_rows * ROW_BYTES) + j * ROW_BYTES
+        for i in range(n):
+            o0, o1, o2, o3 = e2m1x8_to_bf16x8_scaled(words[i], scales[i // 2])
+            st_shared_v4(dst_row + (((q * n + i) ^ (j % 8)) * 16), o0, o1, o2, o3)

@@ -34,6 +34,10 @@ class W4A16GroupedGemmWS(W4A16GroupedGemm):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        if self.fuse_n:
+            raise ValueError("the warp-specialized schedule has no fuse_n variant")
+        if self.tile_m == 256:
+            raise ValueError("the warp-specialized schedule supports tile_m 64 or 128, got 256")
         self.stages = LOAD_SLOTS
         self.b_bufs = B_BUFS
         self.num_cwg = self.mma_wgs
@@ -46,6 +50,7 @@ class W4A16GroupedGemmWS(W4A16GroupedGemm):
         # One consumer: 112 x 256 + 232 x 128 = 58368 of 168 x 384.
         self.producer_regs = 96 if self.num_cwg == 2 else 112
         self.consumer_regs = 200 if self.num_cwg == 2 else 232
+        self.row_split = self._row_split(self.producer_threads)
 
     def _shared_storage(self, a_layout, b_layout):
         """The base class's buffers plus the full / mma_done mbarrier rings."""
@@ -57,7 +62,8 @@ class W4A16GroupedGemmWS(W4A16GroupedGemm):
             sA: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(a_layout)], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(b_layout)], 1024]
             sW: cute.struct.Align[cute.struct.MemRange[Uint32, LOAD_SLOTS * self.b_rows * 8], 128]
-            sSF: cute.struct.Align[cute.struct.MemRange[Uint32, LOAD_SLOTS * self.b_rows], 128]
+            sSF: cute.struct.Align[
+                cute.struct.MemRange[Uint32, LOAD_SLOTS * self.b_rows * self.row_split], 128]
 
         return SharedStorage
 

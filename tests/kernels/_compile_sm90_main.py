@@ -3,7 +3,7 @@ test_compile_sm90.py with CUTE_DSL_ARCH / CUTE_DSL_KEEP_CUBIN / CUTE_DSL_DUMP_DI
 
 ``cute.compile`` writes the cubin, then fails to load it (no driver): that failure is expected
 and reported as 'loaded=no'; any other error fails the script.
-Usage: python _compile_sm90_main.py (swiglu|weighted) TILE_M N_SUB [ws|plain [STAGES]] | slot_sum 0 0
+Usage: python _compile_sm90_main.py (swiglu|weighted) TILE_M N_SUB [ws|plain|fused [STAGES]] | slot_sum 0 0
 """
 import sys
 
@@ -32,12 +32,14 @@ def main() -> int:
     args = [a, torch.zeros(rows, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
             torch.zeros(experts, dtype=torch.int32), torch.zeros(experts, dtype=torch.int32),
             torch.zeros(3, 2, dtype=torch.int64), torch.zeros(rows, dtype=torch.float32), out]
-    cls = W4A16GroupedGemm
+    cls, extra = W4A16GroupedGemm, {}
+    if len(sys.argv) > 4 and sys.argv[4] == "fused":
+        extra = {"fuse_n": True}
     if len(sys.argv) > 4 and sys.argv[4] == "ws":
         from tensorrt_llm_dwdp.kernels.sm90.w4a16_grouped_gemm_ws import W4A16GroupedGemmWS as cls
     stages = int(sys.argv[5]) if len(sys.argv) > 5 else 4
     kernel = cls(epilogue=epilogue, n_weight=n_weight, k=k, tile_m=tile_m, n_sub=n_sub,
-                 gather=gather, stages=stages)
+                 gather=gather, stages=stages, **extra)
     return _compile(kernel, args, [a.shape[0], 2, experts, 2])
 
 

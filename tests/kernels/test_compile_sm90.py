@@ -67,17 +67,30 @@ def _compile_sass(tools, tmp_path, *argv) -> str:
 
 @pytest.mark.parametrize("epilogue,tile_m,n_sub,variant", [
     ("swiglu", 128, 128, "plain"), ("weighted", 64, 128, "plain"), ("swiglu", 128, 128, "ws"),
+    ("weighted", 256, 64, "plain"), ("swiglu", 128, 128, "fused"),
 ])
 def test_compiles_to_hgmma(tools, tmp_path, epilogue, tile_m, n_sub, variant):
     sass = _compile_sass(tools, tmp_path, epilogue, str(tile_m), str(n_sub), variant)
+    if tile_m == 256:  # 512 threads: the kernel must fit 128 registers per thread
+        regs = _registers(tools, tmp_path)
+        assert regs <= 128, f"{regs} registers per thread x 512 threads > 64K"
     hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\.BF16", sass)
-    # 4 k16 steps per 64-wide K tile, 2 B sub-tiles, each a 64 x n_sub WGMMA.
-    assert len(hgmma) == 8 and set(hgmma) == {str(n_sub)}, hgmma
+    # 4 k16 steps per 64-wide K tile, 2 B sub-tiles, each a 64 x n_sub WGMMA (fused: one
+    # 64 x 2 n_sub WGMMA over both).
+    want = (4, str(2 * n_sub)) if variant == "fused" else (8, str(n_sub))
+    assert len(hgmma) == want[0] and set(hgmma) == {want[1]}, hgmma
     assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
     assert "LDGSTS.E.BYPASS.128" in sass
     assert "HMUL2.BF16" in sass
     if variant == "ws":  # producer gives registers back, consumers take them
         assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
+
+
+def _registers(tools, tmp_path) -> int:
+    cubin = next(tmp_path.glob("*.sm_90a.cubin"))
+    usage = subprocess.run([tools[0], "-res-usage", str(cubin)], capture_output=True, text=True,
+                           check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 def test_slot_sum_compiles_with_wide_loads(tools, tmp_path):

@@ -49,6 +49,27 @@ def test_choose_tile_m_switches_on_rows_per_expert():
     assert choose_tile_m(97 * 128, 128) == 128
 
 
+def test_choose_tile_m_256_is_opt_in():
+    assert choose_tile_m(256 * 128, 128) == 128
+    assert choose_tile_m(256 * 128, 128, max_tile_m=256) == 256
+    assert choose_tile_m(255 * 128, 128, max_tile_m=256) == 128
+    assert choose_tile_m(64 * 128, 128, max_tile_m=256) == 64
+    with pytest.raises(ValueError, match="max_tile_m"):
+        CuteDslMoeBackend(max_tile_m=512)
+    with pytest.raises(ValueError, match="warp-specialized"):
+        CuteDslMoeBackend(warp_specialized=True, max_tile_m=256)
+
+
+def test_kernel_rejects_256_row_tiles_with_wide_sub_tiles():
+    pytest.importorskip("cutlass", reason="needs nvidia-cutlass-dsl==4.3.5")
+    from tensorrt_llm_dwdp.kernels.sm90.w4a16_grouped_gemm import W4A16GroupedGemm
+
+    with pytest.raises(ValueError, match="n_sub=64"):
+        W4A16GroupedGemm(epilogue="swiglu", n_weight=256, k=64, tile_m=256, n_sub=128)
+    kernel = W4A16GroupedGemm(epilogue="swiglu", n_weight=256, k=64, tile_m=256, n_sub=64)
+    assert (kernel.threads, kernel.row_split) == (512, 4)
+
+
 def test_backend_rejects_what_it_cannot_run():
     backend = CuteDslMoeBackend()
     weights = random_nvfp4_experts(8, 64, 32, seed=0, device="cpu")

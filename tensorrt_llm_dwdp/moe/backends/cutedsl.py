@@ -31,23 +31,46 @@ from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 logger = logging.getLogger(__name__)
 
 SMALL_TILE_ROWS_PER_EXPERT = 96  # at or below this mean load, 64-row tiles waste less
+LARGE_TILE_ROWS_PER_EXPERT = 256  # from this mean load on, 256-row tiles pad little
+MAX_TILE_M = (128, 256)
 
 
-def choose_tile_m(num_rows: int, num_experts: int) -> int:
-    """128-row M tiles normally; 64 when experts get few rows (memory-bound regime)."""
-    return 64 if num_rows <= SMALL_TILE_ROWS_PER_EXPERT * num_experts else 128
+def choose_tile_m(num_rows: int, num_experts: int, max_tile_m: int = 128) -> int:
+    """128-row M tiles normally; 64 when experts get few rows (memory-bound regime); 256 when
+    ``max_tile_m`` allows it and experts get >= 256 rows on average (compute-bound regime)."""
+    if num_rows <= SMALL_TILE_ROWS_PER_EXPERT * num_experts:
+        return 64
+    if max_tile_m >= 256 and num_rows >= LARGE_TILE_ROWS_PER_EXPERT * num_experts:
+        return 256
+    return 128
+
+
+def n_sub_for(tile_m: int) -> int:
+    """B sub-tile rows: 64 for 256-row tiles (register budget of 512 threads), else 128."""
+    return 64 if tile_m == 256 else 128
 
 
 class CuteDslMoeBackend:
     """``run_experts`` on Hopper with the sm90 CuTeDSL kernels (NVFP4 weights only).
     ``warp_specialized`` selects the producer/consumer schedule of the GEMMs (same results).
+    ``max_tile_m=256`` (opt-in) lets compute-bound layers use 256 x (2 x 64) CTA tiles, which
+    dequantize each weight tile once per 256 rows instead of 128 (same results, bitwise;
+    measured 0.77-0.99x of the default on H100, kernels/NOTES.md: kept for experiments).
 
     Holds the compiled-kernel cache and a small LRU of device expert tables keyed by the
     weights' addresses (DWDP buffers keep their addresses, so steady state builds none).
     """
 
-    def __init__(self, warp_specialized: bool = False, max_tables: int = 512) -> None:
+    def __init__(self, warp_specialized: bool = False, max_tables: int = 512,
+                 max_tile_m: int = 128) -> None:
+        if max_tile_m not in MAX_TILE_M:
+            raise ValueError(f"cutedsl backend: max_tile_m must be one of {MAX_TILE_M}, "
+                             f"got {max_tile_m}")
+        if warp_specialized and max_tile_m == 256:
+            raise ValueError("cutedsl backend: the warp-specialized schedule has no 256-row "
+                             "tiles (use max_tile_m=128)")
         self.warp_specialized = warp_specialized
+        self.max_tile_m = max_tile_m
         self.cache = CompileCache()
         self._tables: OrderedDict[tuple, ExpertTable] = OrderedDict()
         self._max_tables = max_tables
@@ -85,7 +108,8 @@ class CuteDslMoeBackend:
         tokens, k = topk_ids.shape
         if tokens == 0:
             return torch.empty(0, x.shape[1], dtype=torch.bfloat16, device=x.device)
-        tile_m = choose_tile_m(tokens * k, weights.num_experts)
+        tile_m = choose_tile_m(tokens * k, weights.num_experts, self.max_tile_m)
+        n_sub = n_sub_for(tile_m)
         plan = build_permutation(topk_ids, weights.num_experts, tile_m=tile_m)
         w13 = self._table(weights, "w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha")
         w2 = self._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
@@ -94,10 +118,10 @@ class CuteDslMoeBackend:
             x = x.clone()
         ws = self.warp_specialized
         h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, tile_m,
-                              warp_specialized=ws)
+                              n_sub=n_sub, warp_specialized=ws)
         row_weight = permuted_row_weights(topk_weights, plan.slot_index)
         y = fc2_weighted(self.cache, h, plan.tile_expert, row_weight, w2, tile_m,
-                         warp_specialized=ws)
+                         n_sub=n_sub, warp_specialized=ws)
         return finalize(self.cache, y, plan.inverse)
 
 
