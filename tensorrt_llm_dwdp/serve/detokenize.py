@@ -1,9 +1,10 @@
 """Incremental detokenization with stop strings, for streaming and non-streaming answers.
 
-The whole output is decoded again at every token (outputs are short next to the forward step),
-and only text that can no longer change is released: a trailing U+FFFD (an incomplete UTF-8
-sequence still waiting for its next byte) and any tail that could be the start of a stop string
-are held back until the next token decides them.
+Each token decodes only a short window: the ids since the last settled text plus the token
+before it, whose decode is subtracted so tokenizers that drop a leading space at the start of a
+decode still get it right (the vLLM / TGI scheme). Cost per token is constant, not the whole
+output again. Text that can still change is held back: a window ending in U+FFFD (an incomplete
+UTF-8 sequence waiting for its next byte) and any tail that could start a stop string.
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ class IncrementalText:
         self._stop = tuple(stop)
         self._max_stop = max((len(s) for s in self._stop), default=0)
         self.ids: list[int] = []
-        self.text = ""          # decoded text of ids (before any stop cut)
+        self.text = ""          # decoded text of ids[:_read] (before any stop cut)
+        self._prefix = 0        # ids[_prefix:_read] is the context window of the next decode
+        self._read = 0          # ids before this index are settled into self.text
         self.emitted = 0        # characters of the final text already released
         self.stopped = False
         self.final_text: str | None = None
@@ -36,7 +39,7 @@ class IncrementalText:
             raise RuntimeError("push after a stop string ended the text")
         prev_len = len(self.text)
         self.ids.append(token)
-        self.text = self._decode(self.ids)
+        self._settle(final=False)
         if self._stop:
             start = max(0, prev_len - self._max_stop + 1)
             cut = min((p for p in (self.text.find(s, start) for s in self._stop) if p >= 0), default=-1)
@@ -49,8 +52,20 @@ class IncrementalText:
     def finish(self) -> str:
         """Release the rest; returns the last delta. ``final_text`` holds the whole answer."""
         if self.final_text is None:
+            self._settle(final=True)
             self.final_text = self.text
         return self._release(self.final_text)
+
+    def _settle(self, final: bool) -> None:
+        """Append the text of ids[_read:] once it is complete (always when ``final``)."""
+        if self._read == len(self.ids):
+            return
+        before = self._decode(self.ids[self._prefix:self._read])
+        window = self._decode(self.ids[self._prefix:])
+        if not final and window.endswith(REPLACEMENT):
+            return
+        self.text += window[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
 
     def _release(self, upto: str) -> str:
         delta = upto[self.emitted:]

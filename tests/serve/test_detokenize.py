@@ -67,3 +67,45 @@ def test_stop_string_finishes_before_engine_does():
     assert not out.finished and out.text == "ab"
     out.feed(ord("Y"), None)
     assert out.finish_reason == "stop" and out.text == "ab"
+
+
+def test_windowed_decode_equals_whole_decode_on_random_bytes_and_specials():
+    """Random ids (broken UTF-8, specials) give exactly the text of one whole decode."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.choice([rng.randrange(256), rng.randrange(0x80, 0x100), TOK.eos_token_id])
+               for _ in range(rng.randrange(1, 40))]
+        deltas, inc = _run(ids)
+        assert inc.final_text == TOK.decode(ids) == "".join(deltas)
+
+
+def test_each_push_decodes_a_bounded_window():
+    calls = []
+
+    def decode(ids):
+        calls.append(len(ids))
+        return TOK.decode(ids)
+
+    inc = IncrementalText(decode)
+    for t in b"plain ascii text that is long enough" * 4:
+        inc.push(t)
+    inc.finish()
+    assert max(calls) <= 2
+
+
+def test_windowed_decode_keeps_sentencepiece_leading_spaces():
+    """A Metaspace decoder drops the space of a decode's first piece; the window's context
+    token keeps it, so the text equals one whole decode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "▁Hello", "▁world", "!", "▁again", "▁a", "b"])}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Metaspace()
+    ids = [1, 2, 3, 4, 5, 6, 2]
+    assert t.decode([2]) == "world"  # the behaviour the window must compensate
+    inc = IncrementalText(t.decode)
+    out = [inc.push(i)[0] for i in ids] + [inc.finish()]
+    assert "".join(out) == inc.final_text == t.decode(ids)
