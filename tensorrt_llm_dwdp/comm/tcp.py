@@ -65,8 +65,10 @@ class TcpGroupComm(GroupComm):
         hello = {"config": config.to_dict(), "host": socket.gethostname(), "pid": os.getpid()}
         try:
             everyone = self.allgather(hello, timeout, "DWDP start-up (TCP hello)")
+            self._store.set(f"dwdp/hello-read/{rank}", b"1")
             problems = config_problems([h["config"] for h in everyone])
             if problems:
+                self._wait_hello_read(timeout)
                 raise DwdpMismatchError(summarize(problems, "DWDP ranks disagree on dwdp_config"))
         except BaseException:
             # Nobody gets this object to close: drop the store now (on rank 0 its server and
@@ -74,6 +76,17 @@ class TcpGroupComm(GroupComm):
             self._store = None
             raise
         self.hosts = [h["host"] for h in everyone]
+
+    def _wait_hello_read(self, timeout_s: float) -> None:
+        """Rank 0 hosts the store: before a failed start-up drops it, let every peer finish
+        reading the hellos, so each reports the same mismatch rather than a lost store."""
+        if self.rank != 0:
+            return
+        try:
+            self._store.wait([f"dwdp/hello-read/{p}" for p in range(1, self.size)],
+                             timedelta(seconds=timeout_s))
+        except Exception:  # a peer died after the hello: the mismatch is still the error
+            logger.warning("not every DWDP rank confirmed the start-up hello before rank 0 failed")
 
     @classmethod
     def from_env(cls, config: DwdpConfig, environ: Mapping[str, str] | None = None

@@ -142,3 +142,31 @@ def test_summarize_caps_lines():
     text = summarize([f"line {i}" for i in range(MAX_LINES + 5)], "head")
     assert text.startswith("head:") and "line 0" in text and "... and 5 more" in text
     assert f"line {MAX_LINES}" not in text
+
+
+def test_tcp_hello_mismatch_reported_by_a_peer_that_reads_slowly(monkeypatch):
+    """Rank 0 hosts the store: failing the start-up must not drop it while a peer is still
+    reading the hellos (that peer would report a lost store instead of the mismatch)."""
+    import torch.distributed as dist
+
+    real = dist.TCPStore
+
+    class SlowPeerStore:
+        def __init__(self, *args, is_master=False, **kwargs):
+            self._store = real(*args, is_master=is_master, **kwargs)
+            self._slow = not is_master
+
+        def get(self, key):
+            if self._slow:
+                time.sleep(0.3)
+            return self._store.get(key)
+
+        def __getattr__(self, name):
+            return getattr(self._store, name)
+
+    monkeypatch.setattr(dist, "TCPStore", SlowPeerStore)
+    port = _port()
+    results = _threads(2, lambda r: TcpGroupComm(
+        _cfg(2, contention_opt=(r == 1)), r, "127.0.0.1", port))
+    for res in results:
+        assert isinstance(res, DwdpMismatchError), res
