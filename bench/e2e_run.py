@@ -111,8 +111,10 @@ def run_point(runner: StepRunner, point: Point, *, rank: int, seq_len: int, voca
         rec["ep_collective_ms_per_step"] = {k: spans.get(k, 0.0) / iters for k in EP_SPANS}
         rec["ep_wait_ms_per_step"] = sum(rec["ep_collective_ms_per_step"].values())
     if before is not None:
+        # Land the copies queued at the end of the window (the next step's first layers) on
+        # CPU ranks too, so every layer's copy is counted once per timed step.
+        bm.manager.synchronize()
         if runner.cuda:
-            bm.manager.synchronize()
             torch.cuda.synchronize(runner.device)
         after = _layer_totals(bm.manager.stats)
         per_layer = {}
