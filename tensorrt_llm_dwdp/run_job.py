@@ -286,7 +286,6 @@ def local_expert_bytes(model) -> tuple[int, int]:
 def rank_report(rank: int, device, prompts, outputs, engine_stats, manager, model) -> RankReport:
     local, per_expert = local_expert_bytes(model)
     stats = manager.stats
-    layers = max(1, len(stats.layers))
     return RankReport(
         rank=rank, device=str(device), num_prompts=len(prompts),
         prefill_tokens=engine_stats.prefill_tokens if engine_stats else 0,

@@ -24,7 +24,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -60,7 +60,7 @@ def test_shards_bounded_and_deterministic(tmp_path, quant):
     limit = 40 << 10
     a = write_synthetic_checkpoint(tmp_path / "a", hf, quant=quant, seed=3, shard_bytes=limit)
     b = write_synthetic_checkpoint(tmp_path / "b", hf, quant=quant, seed=3, shard_bytes=limit)
-    c = write_synthetic_checkpoint(tmp_path / "c", hf, quant=quant, seed=4, shard_bytes=limit)
+    write_synthetic_checkpoint(tmp_path / "c", hf, quant=quant, seed=4, shard_bytes=limit)
     assert len(a.shards) > 2 and a.shards == b.shards
     index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == sorted(a.shards)
