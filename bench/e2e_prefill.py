@@ -183,7 +183,7 @@ def _smoke(backend: Any, ref: Any, device: torch.device, config: Any) -> float:
 def run_mode(mode: str, args: argparse.Namespace, ctx: dict[str, Any], points: list[Point],
              results: dict[str, Any]) -> torch.Tensor | None:
     """Build ``mode``, sweep ``points``, return this rank's logits of the check step."""
-    from tensorrt_llm_dwdp.manager import DwdpManager
+    from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 
     rank, device, config = ctx["rank"], ctx["device"], ctx["config"]
     cuda = device.type == "cuda"
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cpu")
     init_dist(rank, world, device)
     try:
-        from tensorrt_llm_dwdp.config import DwdpConfig
+        from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
         from tensorrt_llm_dwdp.parallel import SpanTimer
 
         config = bench_config(args.preset, args.num_moe_layers, args.vocab_size)

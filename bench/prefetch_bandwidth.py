@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 
 from tensorrt_llm_dwdp.comm import connect
-from tensorrt_llm_dwdp.config import DwdpConfig
-from tensorrt_llm_dwdp.manager import DwdpManager
-from tensorrt_llm_dwdp.stats import DwdpStats
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
+from tensorrt_llm_dwdp.dwdp.stats import DwdpStats
 from tensorrt_llm_dwdp.transport.cuda_ipc import CudaIpcTransport, check, cuda_bindings
 
 F8 = torch.float8_e4m3fn

@@ -129,8 +129,8 @@ def local_rank_from_env() -> int:
 def generate_with_logits(model, prompts: list[list[int]], *, max_tokens: int, device,
                          dwdp=None, progress_desc: str | None = None):
     """All prompts in one engine (one prefill step if they fit), greedy, logits recorded."""
-    from tensorrt_llm_dwdp.executor import Engine, Request
-    from tensorrt_llm_dwdp.scheduler import SamplingParams
+    from tensorrt_llm_dwdp.engine.executor import Engine, Request
+    from tensorrt_llm_dwdp.engine.scheduler import SamplingParams
 
     max_len = max(len(p) for p in prompts) + max_tokens + 1
     engine = Engine(model, dwdp=dwdp, max_seqs=len(prompts), max_seq_len=max_len,
@@ -176,7 +176,7 @@ def read_rank_report(path: str) -> RankReport:
 def partition_config(num_experts: int, ranks: int, experts_per_worker: int | None = None,
                      prefetch_experts: int | None = None, *, contention_opt: bool = False):
     """A DwdpConfig for ``ranks`` ranks; by default a disjoint partition (W = P = E / ranks)."""
-    from tensorrt_llm_dwdp.config import DwdpConfig, DwdpConfigError
+    from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
 
     if ranks == 1:
         return DwdpConfig(dwdp_size=1)

@@ -44,7 +44,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 num_ctx=$("${python_bin}" - "$model" "$ctx_options" "$workdir/disagg.yaml" "$host" "$port" "$num_gen" \
           "$device" "$gen_device" <<'PY'
 import sys, yaml
-from tensorrt_llm_dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
 from tensorrt_llm_dwdp.serve.disagg_config import parse_disagg_config
 from tensorrt_llm_dwdp.serve.options import load_yaml_mapping
 model, ctx_path, out, host, port, num_gen, device, gen_device = sys.argv[1:]

@@ -154,7 +154,7 @@ def validate(args: argparse.Namespace) -> None:
     """Check the job as the servers will (DWDP layout, option keys, the config with real
     hostnames) before anything is written; raises ValueError naming what is wrong."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-    from tensorrt_llm_dwdp.config import DwdpConfig
+    from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
     from tensorrt_llm_dwdp.serve.disagg_config import parse_disagg_config
 
     layout = build_layout(args)

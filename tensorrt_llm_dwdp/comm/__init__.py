@@ -8,7 +8,7 @@ from tensorrt_llm_dwdp.comm.base import GroupComm
 from tensorrt_llm_dwdp.comm.local import LocalComm
 from tensorrt_llm_dwdp.comm.mpi import MpiGroupComm, under_mpirun
 from tensorrt_llm_dwdp.comm.tcp import ENV_ADDR, ENV_PORT, ENV_RANK, TcpGroupComm, tcp_env_present
-from tensorrt_llm_dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
 
 __all__ = ["GroupComm", "LocalComm", "MpiGroupComm", "TcpGroupComm", "connect"]
 

@@ -17,10 +17,10 @@ import socket
 import time
 from typing import Any, Sequence
 
-from tensorrt_llm_dwdp.agreement import config_problems, summarize
+from tensorrt_llm_dwdp.dwdp.agreement import config_problems, summarize
 from tensorrt_llm_dwdp.comm.base import GroupComm
-from tensorrt_llm_dwdp.config import DwdpConfig
-from tensorrt_llm_dwdp.errors import DwdpMismatchError, DwdpPeerError
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.errors import DwdpMismatchError, DwdpPeerError
 
 logger = logging.getLogger(__name__)
 

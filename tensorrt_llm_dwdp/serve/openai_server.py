@@ -225,8 +225,8 @@ class OpenAIServer:
 
     async def _start(self, job: _Job) -> RequestStream:
         """Submit to the engine; for generation_only, pull and import the context's KV first."""
-        from tensorrt_llm_dwdp.executor import Request
-        from tensorrt_llm_dwdp.scheduler import SamplingParams
+        from tensorrt_llm_dwdp.engine.executor import Request
+        from tensorrt_llm_dwdp.engine.scheduler import SamplingParams
 
         req = job.req
         params = SamplingParams(max_tokens=job.max_tokens, stop_token_ids=tuple(req.stop_token_ids),
@@ -242,7 +242,7 @@ class OpenAIServer:
         context_only = req.disagg is not None and req.disagg.request_type == "context_only"
 
         def make_request():
-            from tensorrt_llm_dwdp.kv_handoff import KvHandoff
+            from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
 
             kv = KvHandoff.from_bytes(blob) if blob is not None else None
             if kv is not None and kv.first_token != req.disagg.first_gen_tokens[0]:

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from tensorrt_llm_dwdp.config import DwdpConfig, DwdpConfigError
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
 
 logger = logging.getLogger(__name__)
 

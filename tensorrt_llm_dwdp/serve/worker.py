@@ -43,7 +43,7 @@ def resolve_device(requested: str | None, local_rank: int):
 def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = None) -> Worker:
     """Load everything ``options`` names. With ``options.dwdp_config`` set, ``group`` (or, when
     None, the group ``comm.connect`` finds in the environment) forms the DWDP group."""
-    from tensorrt_llm_dwdp.executor import Engine
+    from tensorrt_llm_dwdp.engine.executor import Engine
     from tensorrt_llm_dwdp.model import ModelConfig, load_tokenizer
 
     device = resolve_device(options.device, local_rank)
@@ -84,7 +84,7 @@ def _close_after(manager: Any, exc: BaseException) -> None:
 
 
 def _make_manager(options: ServeOptions, model_config: Any, device: Any, group: Any):
-    from tensorrt_llm_dwdp.manager import DwdpManager
+    from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 
     config = options.dwdp_config
     if group is None:

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tensorrt_llm_dwdp.errors import DwdpRegistrationError
+from tensorrt_llm_dwdp.dwdp.errors import DwdpRegistrationError
 from tensorrt_llm_dwdp.transport.base import HandleRecord, Transport
 
 logger = logging.getLogger(__name__)

@@ -31,8 +31,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tensorrt_llm_dwdp.config import DwdpConfig
-from tensorrt_llm_dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
 from tensorrt_llm_dwdp.trtllm.names import expert_backend, expert_tensors, quant_scale_tensors
 from tensorrt_llm_dwdp.trtllm.view import weight_view_fields
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from tensorrt_llm_dwdp.config import DwdpConfig, DwdpConfigError
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
 
 UPSTREAM_KEYS = ("dwdp_size", "num_groups", "num_experts_per_worker", "num_prefetch_experts",
                  "contention_opt")

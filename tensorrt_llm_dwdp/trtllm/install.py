@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from tensorrt_llm_dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
 from tensorrt_llm_dwdp.trtllm.bridge import ManagerFactory, TrtllmDwdpBridge
 from tensorrt_llm_dwdp.trtllm.config import from_trtllm
 from tensorrt_llm_dwdp.trtllm.names import expert_backend, find_moe_modules
@@ -43,7 +43,7 @@ def default_manager_factory(device: torch.device | str | None = None) -> Manager
 
     def make(config: DwdpConfig, num_experts: int) -> Any:
         from tensorrt_llm_dwdp.comm.mpi import MpiGroupComm
-        from tensorrt_llm_dwdp.manager import DwdpManager
+        from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 
         dev = torch.device("cuda", torch.cuda.current_device()) if device is None else device
         return DwdpManager(config, num_experts, comm=MpiGroupComm(config), device=dev)

@@ -184,7 +184,7 @@ def _llm_options(args: argparse.Namespace, with_dwdp: bool) -> dict[str, Any]:
 
 
 def _dwdp_size(args: argparse.Namespace) -> int:
-    from tensorrt_llm_dwdp.config import DwdpConfig
+    from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
 
     if not args.dwdp_config:
         return 1

@@ -16,8 +16,8 @@ import sys
 import torch
 
 from tensorrt_llm_dwdp.comm import connect
-from tensorrt_llm_dwdp.config import DwdpConfig
-from tensorrt_llm_dwdp.manager import DwdpManager
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 from tensorrt_llm_dwdp.model.batch import BatchInfo
 from tensorrt_llm_dwdp.model.checkpoint import load_model, read_config
 

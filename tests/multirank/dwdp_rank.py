@@ -28,9 +28,9 @@ import time
 import torch
 
 from tensorrt_llm_dwdp.comm import connect
-from tensorrt_llm_dwdp.config import DwdpConfig
-from tensorrt_llm_dwdp.errors import DwdpError
-from tensorrt_llm_dwdp.manager import DwdpManager
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.errors import DwdpError
+from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 
 LAYERS = (1, 3, 4)  # odd count: the wrap-around alternates buffer parity between steps
 TENSORS = {  # name -> (dtype, shape after the expert dim)

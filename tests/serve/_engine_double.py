@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensorrt_llm_dwdp.executor import EngineStats, Request, TokenEvent
-from tensorrt_llm_dwdp.kv_handoff import KvHandoff
+from tensorrt_llm_dwdp.engine.executor import EngineStats, Request, TokenEvent
+from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
 
 EOS = 257
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tensorrt_llm_dwdp.config import DwdpConfig, DwdpConfigError
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
 from tensorrt_llm_dwdp.serve.options import ServeOptions, load_yaml_mapping, merge_options
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from tensorrt_llm_dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
 from tensorrt_llm_dwdp.serve.disagg_config import load_disagg_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

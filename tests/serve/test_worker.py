@@ -1,7 +1,7 @@
 """build_worker's error path: the start-up error reaches the caller and the manager is closed."""
 import pytest
 
-from tensorrt_llm_dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
 from tensorrt_llm_dwdp.serve import worker as worker_mod
 from tensorrt_llm_dwdp.serve.options import ServeOptions
 

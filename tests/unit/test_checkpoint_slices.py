@@ -3,7 +3,7 @@ tensors equal the matching slice of a full load."""
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
 from tensorrt_llm_dwdp.model.checkpoint import load_moe_experts, read_config
 from tensorrt_llm_dwdp.model.hf_names import NVFP4
 from tensorrt_llm_dwdp.model.presets import get_preset

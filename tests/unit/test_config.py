@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from tensorrt_llm_dwdp.config import DwdpConfig, DwdpConfigError
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
 
 
 def _write(tmp_path, text):

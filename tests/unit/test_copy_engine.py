@@ -5,10 +5,10 @@ import threading
 import pytest
 import torch
 
-from tensorrt_llm_dwdp import copy_engine
-from tensorrt_llm_dwdp.copy_plan import CopyPlan
-from tensorrt_llm_dwdp.errors import DwdpError
-from tensorrt_llm_dwdp.stats import StatsRecorder
+from tensorrt_llm_dwdp.dwdp import copy_engine
+from tensorrt_llm_dwdp.dwdp.copy_plan import CopyPlan
+from tensorrt_llm_dwdp.dwdp.errors import DwdpError
+from tensorrt_llm_dwdp.dwdp.stats import StatsRecorder
 
 
 def _plan(dst: torch.Tensor, src: torch.Tensor) -> CopyPlan:

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.executor import Engine, Request
+from tensorrt_llm_dwdp.engine.executor import Engine, Request
 from tensorrt_llm_dwdp.model.kv_cache import KvCache
-from tensorrt_llm_dwdp.scheduler import SamplingParams
+from tensorrt_llm_dwdp.engine.scheduler import SamplingParams
 
 VOCAB = 23
 
@@ -86,7 +86,7 @@ def test_context_only_handoff_continues_bitwise_on_another_engine():
     blob = ctx.export_kv("a").to_bytes()
     with pytest.raises(KeyError, match="already taken"):
         ctx.export_kv("a")
-    from tensorrt_llm_dwdp.kv_handoff import KvHandoff
+    from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
 
     gen = Engine(model, max_seqs=3, max_seq_len=32)
     gen.add_request(Request("a", PROMPTS[3], SamplingParams(max_tokens=5), kv_import=KvHandoff.from_bytes(blob)))
@@ -135,8 +135,8 @@ class FailingMoELM(PrefixSumLM):
 
 def test_failed_step_drops_its_requests_and_leaves_engine_usable():
     from tensorrt_llm_dwdp.comm.local import LocalComm
-    from tensorrt_llm_dwdp.config import DwdpConfig
-    from tensorrt_llm_dwdp.manager import DwdpManager
+    from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+    from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 
     config = DwdpConfig(dwdp_size=1, num_experts_per_worker=2, num_prefetch_experts=0)
     with DwdpManager(config, 2, LocalComm()) as mgr:
@@ -157,7 +157,7 @@ def test_failed_step_drops_its_requests_and_leaves_engine_usable():
 
 
 def test_bad_kv_import_leaves_no_running_sequence_nor_taken_slot():
-    from tensorrt_llm_dwdp.kv_handoff import KvHandoff
+    from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
 
     model = PrefixSumLM()
     ctx = Engine(model, max_seqs=1, max_seq_len=32)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 from tensorrt_llm_dwdp.quant.nvfp4 import quantize_nvfp4_per_leading
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.kv_handoff import KvHandoff
+from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
 
 
 class SlotCache:

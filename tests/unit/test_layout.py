@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.config import DwdpConfig
-from tensorrt_llm_dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
 
 
 def _all_layouts():

@@ -4,9 +4,9 @@ import dataclasses
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.layout import ExpertLayout
-from tensorrt_llm_dwdp.prefetch_buffer import ALIGN, NUM_BUFFERS, PrefetchBuffers
-from tensorrt_llm_dwdp.stats import StatsRecorder
+from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.dwdp.prefetch_buffer import ALIGN, NUM_BUFFERS, PrefetchBuffers
+from tensorrt_llm_dwdp.dwdp.stats import StatsRecorder
 
 
 def test_views_pack_layers_of_different_shapes():

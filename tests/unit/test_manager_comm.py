@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from tensorrt_llm_dwdp.agreement import MAX_LINES, config_problems, record_problems, summarize
+from tensorrt_llm_dwdp.dwdp.agreement import MAX_LINES, config_problems, record_problems, summarize
 from tensorrt_llm_dwdp.comm import LocalComm, TcpGroupComm, connect
 from tensorrt_llm_dwdp.comm.mpi import under_mpirun
-from tensorrt_llm_dwdp.config import DwdpConfig
-from tensorrt_llm_dwdp.errors import DwdpMismatchError, DwdpPeerError
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.errors import DwdpMismatchError, DwdpPeerError
 
 
 def _port():

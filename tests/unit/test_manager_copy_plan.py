@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from tensorrt_llm_dwdp.copy_plan import interleaved_plan, peer_order, per_peer_plan, split
+from tensorrt_llm_dwdp.dwdp.copy_plan import interleaved_plan, peer_order, per_peer_plan, split
 
 
 def _bytes_of(plan):

@@ -10,10 +10,10 @@ import torch
 
 from tensorrt_llm_dwdp.comm.base import GroupComm
 from tensorrt_llm_dwdp.comm.local import LocalComm
-from tensorrt_llm_dwdp.config import DwdpConfig
-from tensorrt_llm_dwdp.errors import (DwdpMismatchError, DwdpPeerError, DwdpRegistrationError,
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.errors import (DwdpMismatchError, DwdpPeerError, DwdpRegistrationError,
                                       DwdpStateError)
-from tensorrt_llm_dwdp.manager import DwdpManager
+from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 
 _MISSING = object()
 
@@ -185,7 +185,7 @@ def test_abort_mid_step_with_slow_copies_then_views_stay_exact(monkeypatch, laye
     step refills; with slow copies the stale fill finishes first and must not release the reader."""
     import ctypes
 
-    from tensorrt_llm_dwdp import copy_engine
+    from tensorrt_llm_dwdp.dwdp import copy_engine
 
     real = ctypes.memmove
 

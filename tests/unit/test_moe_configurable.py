@@ -3,7 +3,7 @@ protocol (weights(i) then done(i)) with a stand-in manager, and loading errors."
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
 from tensorrt_llm_dwdp.moe.backends.torch_ref import TorchMoeBackend
 from tensorrt_llm_dwdp.moe.configurable_moe import ConfigurableMoE
 from tensorrt_llm_dwdp.moe.router import RouterConfig, deepseek_v3_topk

@@ -78,8 +78,8 @@ def _references() -> dict:
 
 def test_one_rank_manager_matches_no_dwdp():
     from tensorrt_llm_dwdp.comm.local import LocalComm
-    from tensorrt_llm_dwdp.config import DwdpConfig
-    from tensorrt_llm_dwdp.manager import DwdpManager
+    from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+    from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 
     with DwdpManager(DwdpConfig(), E, LocalComm(), "cpu") as mgr:
         moes = _register(mgr)
@@ -89,8 +89,8 @@ def test_one_rank_manager_matches_no_dwdp():
 
 def _worker() -> None:
     from tensorrt_llm_dwdp.comm import connect
-    from tensorrt_llm_dwdp.config import DwdpConfig
-    from tensorrt_llm_dwdp.manager import DwdpManager
+    from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+    from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 
     config = DwdpConfig(dwdp_size=2, num_experts_per_worker=5, num_prefetch_experts=3)
     with DwdpManager(config, E, connect(config), "cpu") as mgr:

@@ -3,7 +3,7 @@ views bitwise equal to one tensor, determinism, edge cases, argument errors, reg
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
 from tensorrt_llm_dwdp.moe.backends import get_backend
 from tensorrt_llm_dwdp.moe.backends.torch_ref import TorchMoeBackend
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights

@@ -1,6 +1,6 @@
 import pytest
 
-from tensorrt_llm_dwdp.scheduler import SamplingParams, Scheduler, Sequence, SequenceStatus
+from tensorrt_llm_dwdp.engine.scheduler import SamplingParams, Scheduler, Sequence, SequenceStatus
 
 
 def seq(rid, n, max_tokens=4, context_only=False):

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.errors import DwdpRegistrationError
+from tensorrt_llm_dwdp.dwdp.errors import DwdpRegistrationError
 from tensorrt_llm_dwdp.transport import HandleRecord, ShmTransport, transport_for
 
 

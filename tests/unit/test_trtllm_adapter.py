@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from tensorrt_llm_dwdp.config import DwdpConfig, DwdpConfigError
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
 from tensorrt_llm_dwdp.trtllm import (expert_tensors, find_moe_modules, from_trtllm, install,
                                       is_moe_module, quant_scale_tensors, to_trtllm_dict,
                                       weight_view_fields)

@@ -63,8 +63,8 @@ def _check_view(view, layer):
 
 
 def _worker():
-    from tensorrt_llm_dwdp.config import DwdpConfig
-    from tensorrt_llm_dwdp.manager import DwdpManager
+    from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+    from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
     from tensorrt_llm_dwdp.trtllm import TrtllmDwdpBridge, attach, attach_layer_hooks
 
     rank = int(os.environ["OMPI_COMM_WORLD_RANK"])

@@ -11,8 +11,8 @@ import json
 import sys
 from typing import Any
 
-from tensorrt_llm_dwdp.config import DwdpConfig, DwdpConfigError
-from tensorrt_llm_dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
+from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
 
 NAME = "check-config"
 HELP = "validate a dwdp_config YAML and print the expert layout of every rank"

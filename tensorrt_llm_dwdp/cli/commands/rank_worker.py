@@ -29,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from tensorrt_llm_dwdp.config import DwdpConfig
-    from tensorrt_llm_dwdp.manager import DwdpManager
+    from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+    from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
     from tensorrt_llm_dwdp.model.checkpoint import load_model
     from tensorrt_llm_dwdp.model.config import ModelConfig
     from tensorrt_llm_dwdp.run_job import (generate_with_logits, local_rank_from_env, pick_device,

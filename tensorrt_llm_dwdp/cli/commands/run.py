@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tensorrt_llm_dwdp.config import DwdpConfig
+    from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
     from tensorrt_llm_dwdp.launcher import launch, python_module_argv
     from tensorrt_llm_dwdp.model.config import ModelConfig
     from tensorrt_llm_dwdp.model.tokenizer import load_tokenizer

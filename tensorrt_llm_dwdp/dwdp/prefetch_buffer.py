@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from tensorrt_llm_dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
 
 NUM_BUFFERS = 2
 ALIGN = 256

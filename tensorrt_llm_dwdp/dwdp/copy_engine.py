@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from tensorrt_llm_dwdp.copy_plan import CopyPlan
-from tensorrt_llm_dwdp.errors import DwdpError
-from tensorrt_llm_dwdp.prefetch_buffer import NUM_BUFFERS
-from tensorrt_llm_dwdp.stats import StatsRecorder
+from tensorrt_llm_dwdp.dwdp.copy_plan import CopyPlan
+from tensorrt_llm_dwdp.dwdp.errors import DwdpError
+from tensorrt_llm_dwdp.dwdp.prefetch_buffer import NUM_BUFFERS
+from tensorrt_llm_dwdp.dwdp.stats import StatsRecorder
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from tensorrt_llm_dwdp.config import DwdpConfig
+    from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
 
 
 @dataclass(frozen=True)

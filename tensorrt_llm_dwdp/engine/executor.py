@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensorrt_llm_dwdp.kv_handoff import KvHandoff
-from tensorrt_llm_dwdp.scheduler import SamplingParams, ScheduledStep, Scheduler, Sequence
+from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
+from tensorrt_llm_dwdp.engine.scheduler import SamplingParams, ScheduledStep, Scheduler, Sequence
 
 logger = logging.getLogger(__name__)
 

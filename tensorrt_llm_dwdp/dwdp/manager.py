@@ -22,15 +22,15 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from tensorrt_llm_dwdp.agreement import record_problems, summarize
+from tensorrt_llm_dwdp.dwdp.agreement import record_problems, summarize
 from tensorrt_llm_dwdp.comm import GroupComm, connect
-from tensorrt_llm_dwdp.config import DwdpConfig
-from tensorrt_llm_dwdp.copy_plan import CopyPlan, interleaved_plan, peer_order, per_peer_plan
-from tensorrt_llm_dwdp.errors import (DwdpMismatchError, DwdpPeerError, DwdpRegistrationError,
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.copy_plan import CopyPlan, interleaved_plan, peer_order, per_peer_plan
+from tensorrt_llm_dwdp.dwdp.errors import (DwdpMismatchError, DwdpPeerError, DwdpRegistrationError,
                                       DwdpStateError)
-from tensorrt_llm_dwdp.layout import ExpertLayout
-from tensorrt_llm_dwdp.prefetch_buffer import NUM_BUFFERS, PrefetchBuffers
-from tensorrt_llm_dwdp.stats import DwdpStats, StatsRecorder
+from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.dwdp.prefetch_buffer import NUM_BUFFERS, PrefetchBuffers
+from tensorrt_llm_dwdp.dwdp.stats import DwdpStats, StatsRecorder
 from tensorrt_llm_dwdp.transport import HandleRecord, Transport, transport_for
 
 logger = logging.getLogger(__name__)
@@ -257,11 +257,11 @@ class DwdpManager:
                              if self.config.contention_opt else per_peer_plan(per_peer))
             self._plans.append(plans)
         if self.device.type == "cuda":
-            from tensorrt_llm_dwdp.copy_engine import CudaCopyEngine
+            from tensorrt_llm_dwdp.dwdp.copy_engine import CudaCopyEngine
 
             self._engine = CudaCopyEngine(self.device, self._stats, self.config.contention_opt)
         else:
-            from tensorrt_llm_dwdp.copy_engine import ThreadCopyEngine
+            from tensorrt_llm_dwdp.dwdp.copy_engine import ThreadCopyEngine
 
             self._engine = ThreadCopyEngine(self._stats, name=f"dwdp-copy-r{self.rank}")
 
