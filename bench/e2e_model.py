@@ -28,6 +28,7 @@ from tensorrt_llm_dwdp.model.config import ModelConfig
 from tensorrt_llm_dwdp.model.decoder import CausalLM
 from tensorrt_llm_dwdp.model.moe_block import make_moe
 from tensorrt_llm_dwdp.model.presets import get_preset
+from tensorrt_llm_dwdp.moe import specs
 from tensorrt_llm_dwdp.moe.configurable_moe import MoeGate
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 from tensorrt_llm_dwdp.parallel.expert_parallel import ExpertParallelBackend
@@ -38,8 +39,6 @@ logger = logging.getLogger(__name__)
 MODES = ("dwdp", "replicated", "ep")
 WEIGHT_STD = 0.02
 QUANT_CHUNK = 16  # experts generated + quantized at once (bounds the fp32 scratch)
-EXPERT_NAMES = ("w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha",
-                "w2_weight", "w2_weight_scale", "fc2_alpha")
 
 
 def bench_config(preset: str, num_moe_layers: int, vocab_size: int) -> ModelConfig:
@@ -58,24 +57,13 @@ def bench_config(preset: str, num_moe_layers: int, vocab_size: int) -> ModelConf
 
 
 def expert_shapes(config: ModelConfig, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Shapes/dtypes of ``n`` NVFP4 experts (docs/ARCHITECTURE.md's table)."""
-    h, i = config.hidden_size, config.moe_intermediate_size
-    return {
-        "w3_w1_weight": ((n, 2 * i, h // 2), torch.uint8),
-        "w3_w1_weight_scale": ((n, 2 * i, h // 16), torch.float8_e4m3fn),
-        "fc31_alpha": ((n,), torch.float32),
-        "w2_weight": ((n, h, i // 2), torch.uint8),
-        "w2_weight_scale": ((n, h, i // 16), torch.float8_e4m3fn),
-        "fc2_alpha": ((n,), torch.float32),
-    }
+    """Shapes/dtypes of ``n`` NVFP4 experts of ``config`` (``moe/specs.py``)."""
+    return specs.expert_shapes(specs.NVFP4, n, config.hidden_size, config.moe_intermediate_size)
 
 
 def expert_nbytes(config: ModelConfig) -> int:
     """Bytes of one NVFP4 expert (weights + block scales + global scales)."""
-    total = 0
-    for shape, dtype in expert_shapes(config, 1).values():
-        total += torch.Size(shape).numel() * dtype.itemsize
-    return total
+    return specs.expert_nbytes(specs.NVFP4, config.hidden_size, config.moe_intermediate_size)
 
 
 def _seed_of(seed: int, *parts: object) -> int:

@@ -36,11 +36,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from bench.e2e_model import MODES, bench_config, build_bench_model  # noqa: E402
+from tensorrt_llm_dwdp.moe.backends import BACKEND_MODULES  # noqa: E402
 from bench.e2e_report import aggregate_point, goals, summary_markdown  # noqa: E402
 from bench.e2e_run import IMBALANCES, Point, StepRunner, make_batch, record_timeline, run_point  # noqa: E402
 
 logger = logging.getLogger("e2e_prefill")
 SMOKE_TOL = 2e-2  # max |diff| / max |ref| of a backend against the torch reference at start-up
+AUTO_GPU_ORDER = ("cutedsl", "torch_grouped")  # tried in order on a GPU; torch is the fallback
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,9 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--moe-backend", default="auto", choices=["auto", "cutedsl", "torch", "torch-bf16"],
-                   help="auto: cutedsl if it imports and agrees with the reference here, else "
-                        "torch-bf16 on GPUs (bench/fast_moe.py) and torch on CPUs")
+    p.add_argument("--moe-backend", default="auto", choices=["auto", *sorted(BACKEND_MODULES)],
+                   help="a registered MoE backend; auto: the first of "
+                        f"{list(AUTO_GPU_ORDER)} that runs and agrees with the torch reference on "
+                        "a GPU, torch on CPUs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget-s", type=float, default=300.0,
                    help="sweep time for all modes together; later (larger) points are skipped past it")
@@ -129,36 +132,30 @@ def gather(obj: Any) -> list[Any]:
 # ----------------------------------------------------------------------------- backend
 def choose_backend(name: str, device: torch.device, config: Any) -> tuple[str, Any, str]:
     """(name, backend, note). Whatever runs is first checked on a small problem at the model's
-    H and I against the torch reference backend; ``auto`` tries cutedsl and falls back (to
-    torch-bf16 on GPUs, torch on CPUs) with the reason in the note."""
-    from bench.fast_moe import FastTorchMoeBackend
+    H and I against the torch reference backend; ``auto`` tries ``AUTO_GPU_ORDER`` on a GPU (the
+    registered ones) and records why each earlier one was passed over in the note."""
     from tensorrt_llm_dwdp.moe.backends import get_backend
 
     reference = get_backend("torch")
-    if name == "auto":
-        if device.type == "cuda":
-            try:
-                backend = get_backend("cutedsl")
-                err = _smoke(backend, reference, device, config)
-            except Exception as exc:  # any failure to import/compile/run: measure what exists
-                note = f"cutedsl unavailable: {type(exc).__name__}: {str(exc)[:200]}"
-            else:
-                if err <= SMOKE_TOL:
-                    return "cutedsl", backend, f"cutedsl vs torch reference rel err {err:.2e}"
-                note = f"cutedsl disagrees with the torch reference here (rel err {err:.3g})"
-        else:
-            note = "cutedsl needs a GPU"
-        name = "torch-bf16" if device.type == "cuda" else "torch"
-    else:
-        note = ""
-    backend = {"torch": lambda: reference, "torch-bf16": FastTorchMoeBackend,
-               "cutedsl": lambda: get_backend("cutedsl")}[name]()
-    if name != "torch":
-        err = _smoke(backend, reference, device, config)
+    if name != "auto":
+        backend = reference if name == "torch" else get_backend(name)
+        err = 0.0 if name == "torch" else _smoke(backend, reference, device, config)
         if err > SMOKE_TOL:
             raise SystemExit(f"MoE backend {name!r} disagrees with the torch reference (rel err {err:.3g})")
-        note = (note + "; " if note else "") + f"{name} vs torch reference rel err {err:.2e}"
-    return name, backend, note
+        return name, backend, f"{name} vs torch reference rel err {err:.2e}"
+    notes = []
+    candidates = [n for n in AUTO_GPU_ORDER if n in BACKEND_MODULES] if device.type == "cuda" else []
+    for cand in candidates:
+        try:
+            backend = get_backend(cand)
+            err = _smoke(backend, reference, device, config)
+        except Exception as exc:  # any failure to import/compile/run: try the next one
+            notes.append(f"{cand} unavailable: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        if err <= SMOKE_TOL:
+            return cand, backend, "; ".join(notes + [f"{cand} vs torch reference rel err {err:.2e}"])
+        notes.append(f"{cand} disagrees with the torch reference here (rel err {err:.3g})")
+    return "torch", reference, "; ".join(notes + ["torch reference"])
 
 
 def _smoke(backend: Any, ref: Any, device: torch.device, config: Any) -> float:

@@ -28,22 +28,15 @@ from tensorrt_llm_dwdp.comm import connect
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
 from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 from tensorrt_llm_dwdp.dwdp.stats import DwdpStats
+from tensorrt_llm_dwdp.moe.specs import NVFP4, expert_nbytes, expert_specs
 from tensorrt_llm_dwdp.transport.cuda_ipc import CudaIpcTransport, check, cuda_bindings
 
-F8 = torch.float8_e4m3fn
-SHAPES = {  # name -> (dtype, per-expert shape)
-    "w3_w1_weight": (torch.uint8, (4096, 3584)),
-    "w3_w1_weight_scale": (F8, (4096, 448)),
-    "fc31_alpha": (torch.float32, ()),
-    "w2_weight": (torch.uint8, (7168, 1024)),
-    "w2_weight_scale": (F8, (7168, 128)),
-    "fc2_alpha": (torch.float32, ()),
-}
+HIDDEN, INTER = 7168, 2048  # DeepSeek-V3's expert
+SPECS = expert_specs(NVFP4, HIDDEN, INTER)
 
 
 def expert_bytes() -> int:
-    return sum(torch.empty(s, dtype=d).numel() * torch.empty((), dtype=d).element_size()
-               for d, s in SHAPES.values())
+    return expert_nbytes(NVFP4, HIDDEN, INTER)
 
 
 def raw_peer_copy(comm, device, nbytes: int, reps: int, timeout: float) -> float:
@@ -119,8 +112,8 @@ def run_config(args, contention: bool, device, matmul) -> dict:
     with DwdpManager(config, args.experts, connect(config), device) as mgr:
         for layer in layers:
             tensors = {}
-            for name, (dtype, shape) in SHAPES.items():
-                tensors[name] = mgr.allocate((args.w,) + shape, dtype)
+            for name, spec in SPECS.items():
+                tensors[name] = mgr.allocate(spec.shape(args.w), spec.dtype)
                 tensors[name].view(torch.uint8).fill_(layer + 1)
             mgr.register_layer(layer, tensors)
         mgr.exchange()

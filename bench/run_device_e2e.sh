@@ -2,7 +2,7 @@
 # The end-to-end prefill benchmark on one 2-GPU machine (nvidia-h200-x2), from the repo root:
 #   bash bench/run_device_e2e.sh            # writes $OUT/e2e/{results.json,summary.md,*.png} + $OUT/e2e_run.log
 # Env: OUT (default ./e2e_out), RANKS (default 2; 4/8 on the larger kinds), E2E_ARGS (extra flags for bench/e2e_prefill.py, e.g.
-# "--moe-backend torch-bf16 --tokens 1024,8192"), E2E_BUDGET_S (sweep seconds, default 180),
+# "--moe-backend torch --tokens 1024,8192"), E2E_BUDGET_S (sweep seconds, default 180),
 # WHEEL_DIR (carried wheels for the CuTeDSL backend; default .whl/, carry it to the device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ PY="${PYTHON:-python3}"
   "$PY" -c 'import torch; print("torch", torch.__version__, "gpus", torch.cuda.device_count())'
 } >"$LOG" 2>&1
 # The CuTeDSL backend's wheel (nvidia-cutlass-dsl), carried in .whl/ (or WHEEL_DIR), installed
-# the way bench/run_device_kernels.sh does; without it --moe-backend auto measures torch-bf16.
+# the way bench/run_device_kernels.sh does; without it --moe-backend auto falls back to the next registered backend.
 for dir in "${WHEEL_DIR:-}" .whl wheels; do
   if [ -n "$dir" ] && ls "$dir"/*.whl >/dev/null 2>&1; then
     echo "== installing carried wheels from $dir" >>"$LOG"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from tensorrt_llm_dwdp.moe.specs import NVFP4, expert_specs
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
 MODELS = {
@@ -31,20 +32,22 @@ def random_nvfp4_experts(num_experts: int, hidden: int, inter: int, seed: int,
     """A single-tensor ExpertWeights of random NVFP4 experts (output values of order 1)."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    def packed(*shape):
-        return torch.randint(0, 256, shape, generator=gen, device=device, dtype=torch.uint8)
+    spec = {n: s.shape(num_experts) for n, s in expert_specs(NVFP4, hidden, inter).items()}
 
-    w13 = packed(num_experts, 2 * inter, hidden // 2)
-    w2 = packed(num_experts, hidden, inter // 2)
+    def packed(name):
+        return torch.randint(0, 256, spec[name], generator=gen, device=device, dtype=torch.uint8)
+
+    w13 = packed("w3_w1_weight")
+    w2 = packed("w2_weight")
     # Dequantized weights have rms ~7; alpha ~ 1 / (7 sqrt(K)) keeps activations of order 1.
     a13 = (0.5 + torch.rand(num_experts, generator=gen, device=device)) / (7 * hidden ** 0.5)
     a2 = (0.5 + torch.rand(num_experts, generator=gen, device=device)) / (7 * inter ** 0.5)
     return ExpertWeights.single({
         "w3_w1_weight": w13,
-        "w3_w1_weight_scale": random_e4m3((num_experts, 2 * inter, hidden // 16), gen),
+        "w3_w1_weight_scale": random_e4m3(spec["w3_w1_weight_scale"], gen),
         "fc31_alpha": a13.float(),
         "w2_weight": w2,
-        "w2_weight_scale": random_e4m3((num_experts, hidden, inter // 16), gen),
+        "w2_weight_scale": random_e4m3(spec["w2_weight_scale"], gen),
         "fc2_alpha": a2.float(),
     })
 

@@ -15,30 +15,14 @@ from typing import Callable
 
 import torch
 
-from tensorrt_llm_dwdp.model.hf_names import BF16, NVFP4, expert_key
+from tensorrt_llm_dwdp.model.hf_names import BF16, expert_key
 from tensorrt_llm_dwdp.model.safetensors_io import CheckpointReader
+from tensorrt_llm_dwdp.moe.specs import allocate_experts
 from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 
 logger = logging.getLogger(__name__)
 
 Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
-
-
-def storage_specs(quant: str, num: int, hidden: int, inter: int, dtype: torch.dtype = torch.bfloat16
-                  ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Shape and dtype of every stored expert tensor for ``num`` experts."""
-    if quant == BF16:
-        return {"w3_w1_weight": ((num, 2 * inter, hidden), dtype), "w2_weight": ((num, hidden, inter), dtype)}
-    if quant == NVFP4:
-        return {
-            "w3_w1_weight": ((num, 2 * inter, hidden // 2), torch.uint8),
-            "w3_w1_weight_scale": ((num, 2 * inter, hidden // 16), torch.float8_e4m3fn),
-            "fc31_alpha": ((num,), torch.float32),
-            "w2_weight": ((num, hidden, inter // 2), torch.uint8),
-            "w2_weight_scale": ((num, hidden, inter // 16), torch.float8_e4m3fn),
-            "fc2_alpha": ((num,), torch.float32),
-        }
-    raise ValueError(f"unknown expert quantization {quant!r} (bf16, nvfp4)")
 
 
 def share_global_scale(
@@ -110,8 +94,7 @@ def load_layer_experts(
 ) -> dict[str, torch.Tensor]:
     """Read ONLY ``experts`` of MoE layer ``layer`` and return them in our storage, in tensors
     made by ``alloc(shape, dtype)`` (so DWDP can place them in peer-mappable memory)."""
-    specs = storage_specs(quant, len(experts), hidden, inter, dtype)
-    out = {name: alloc(shape, dt) for name, (shape, dt) in specs.items()}
+    out = allocate_experts(quant, len(experts), hidden, inter, alloc, dtype=dtype)
     for j, e in enumerate(experts):
         if quant == BF16:
             gate = _read(reader, expert_key(layer, e, "gate_proj"), (inter, hidden), _FLOATS)

@@ -5,22 +5,7 @@ slice, tails of higher peers; see docs/ARCHITECTURE.md); without it, one tensor 
 experts. Tensor ``t`` holds experts ``[expert_offsets[t], expert_offsets[t] + n_t)`` and the
 tensors together cover ``[0, num_experts)`` exactly once, in order.
 
-Parameter names and storage (every tensor has the expert as dim 0):
-
-=====================  ===============================  ==================
-name                   nvfp4                            bf16
-=====================  ===============================  ==================
-w3_w1_weight           uint8 [n, 2I, H/2]               bf16 [n, 2I, H]
-w3_w1_weight_scale     float8_e4m3fn [n, 2I, H/16]      -
-fc31_alpha             float32 [n]                      -
-w2_weight              uint8 [n, H, I/2]                bf16 [n, H, I]
-w2_weight_scale        float8_e4m3fn [n, H, I/16]       -
-fc2_alpha              float32 [n]                      -
-w3_w1_bias (optional)  float32 [n, 2I]                  float32 [n, 2I]
-w2_bias (optional)     float32 [n, H]                   float32 [n, H]
-=====================  ===============================  ==================
-
-Rows ``[0, I)`` of ``w3_w1`` are w3 (up_proj), rows ``[I, 2I)`` w1 (gate_proj).
+Parameter names, shapes and dtypes: ``moe/specs.py`` (the one definition).
 """
 from __future__ import annotations
 
@@ -30,15 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-QUANT_MODES = ("nvfp4", "bf16")
-BIAS_NAMES = ("w3_w1_bias", "w2_bias")
-REQUIRED_NAMES = {
-    "nvfp4": (
-        "w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha",
-        "w2_weight", "w2_weight_scale", "fc2_alpha",
-    ),
-    "bf16": ("w3_w1_weight", "w2_weight"),
-}
+from tensorrt_llm_dwdp.moe.specs import BIAS_NAMES, REQUIRED_NAMES, check_sizes, expert_specs
 
 
 def _detect_quant(dtype: torch.dtype) -> str:
@@ -49,29 +26,6 @@ def _detect_quant(dtype: torch.dtype) -> str:
     raise ValueError(
         f"ExpertWeights: w3_w1_weight dtype {dtype} is neither uint8 (nvfp4) nor bfloat16"
     )
-
-
-def _expected_specs(quant: str, hidden: int, inter: int) -> dict[str, tuple[torch.dtype, tuple]]:
-    """Per-expert shape (without dim 0) and dtype of every name."""
-    specs: dict[str, tuple[torch.dtype, tuple]] = {
-        "w3_w1_bias": (torch.float32, (2 * inter,)),
-        "w2_bias": (torch.float32, (hidden,)),
-    }
-    if quant == "nvfp4":
-        specs.update({
-            "w3_w1_weight": (torch.uint8, (2 * inter, hidden // 2)),
-            "w3_w1_weight_scale": (torch.float8_e4m3fn, (2 * inter, hidden // 16)),
-            "fc31_alpha": (torch.float32, ()),
-            "w2_weight": (torch.uint8, (hidden, inter // 2)),
-            "w2_weight_scale": (torch.float8_e4m3fn, (hidden, inter // 16)),
-            "fc2_alpha": (torch.float32, ()),
-        })
-    else:
-        specs.update({
-            "w3_w1_weight": (torch.bfloat16, (2 * inter, hidden)),
-            "w2_weight": (torch.bfloat16, (hidden, inter)),
-        })
-    return specs
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,25 +71,25 @@ class ExpertWeights:
             raise ValueError(
                 f"ExpertWeights: w3_w1_weight rows {w13.shape[1]} must be 2*I with I > 0"
             )
-        if quant == "nvfp4" and (hidden % 16 or inter % 16):
-            raise ValueError(
-                f"ExpertWeights (nvfp4): H={hidden} and I={inter} must be multiples of 16"
-            )
+        try:
+            check_sizes(quant, hidden, inter)
+        except ValueError as exc:
+            raise ValueError(f"ExpertWeights ({quant}): {exc}") from None
         n_tensors = len(first)
         if len(self.expert_offsets) != n_tensors:
             raise ValueError(
                 f"ExpertWeights: {len(self.expert_offsets)} expert offsets for {n_tensors} tensors"
             )
-        specs = _expected_specs(quant, hidden, inter)
+        specs = expert_specs(quant, hidden, inter, bias=True)
         sizes = [t.shape[0] for t in first]
         for name, tensors in self.tensors.items():
             if len(tensors) != n_tensors:
                 raise ValueError(
                     f"ExpertWeights: '{name}' has {len(tensors)} tensors, w3_w1_weight {n_tensors}"
                 )
-            dtype, per_expert = specs[name]
+            dtype = specs[name].dtype
             for t, tensor in enumerate(tensors):
-                want = (sizes[t], *per_expert)
+                want = specs[name].shape(sizes[t])
                 if tensor.dtype != dtype or tuple(tensor.shape) != want:
                     raise ValueError(
                         f"ExpertWeights ({quant}, H={hidden}, I={inter}): '{name}'[{t}] is "

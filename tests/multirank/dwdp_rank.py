@@ -31,17 +31,13 @@ from tensorrt_llm_dwdp.comm import connect
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
 from tensorrt_llm_dwdp.dwdp.errors import DwdpError
 from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
+from tensorrt_llm_dwdp.moe.specs import NVFP4, expert_nbytes, expert_specs
 
 LAYERS = (1, 3, 4)  # odd count: the wrap-around alternates buffer parity between steps
-TENSORS = {  # name -> (dtype, shape after the expert dim)
-    "w3_w1_weight": (torch.uint8, (6, 5)),
-    "w3_w1_weight_scale": (torch.float8_e4m3fn, (6, 3)),
-    "fc31_alpha": (torch.float32, ()),
-    "w2_weight": (torch.bfloat16, (5, 7)),
-    "w2_weight_scale": (torch.float8_e4m3fn, (5, 1)),
-    "fc2_alpha": (torch.float32, ()),
-    "w2_bias": (torch.float32, (5,)),
-}
+# The library's expert tensors (moe/specs.py) at a tiny size, biases included: every dtype the
+# manager copies (uint8, e4m3, fp32) and tensors of several row widths.
+TENSORS = {name: (spec.dtype, spec.per_expert)
+           for name, spec in expert_specs(NVFP4, hidden=16, inter=16, bias=True).items()}
 
 
 def pattern(layer: int, name_id: int, expert: int, nbytes: int) -> torch.Tensor:
@@ -55,7 +51,7 @@ def expected(layer: int, name_id: int, first: int, count: int, row: int) -> torc
 
 
 def per_expert_bytes() -> int:
-    return sum(torch.empty((1,) + tail, dtype=dtype).nbytes for dtype, tail in TENSORS.values())
+    return expert_nbytes(NVFP4, hidden=16, inter=16, bias=True)
 
 
 def run(scenario: str, args, size: int, rank_hint: int, device: torch.device) -> str:
@@ -81,7 +77,7 @@ def run(scenario: str, args, size: int, rank_hint: int, device: torch.device) ->
             for name_id, (name, (dtype, tail)) in enumerate(TENSORS.items()):
                 shape = (args.w,) + tail
                 if scenario == "shape" and last and name == "w2_weight" and layer == 3:
-                    shape = (args.w, 5, 8)
+                    shape = (args.w, tail[0], tail[1] + 1)
                 t = mgr.allocate(shape, dtype)
                 raw = t.view(torch.uint8).view(args.w, -1)
                 raw.copy_(expected(layer, name_id, lo, args.w, raw.shape[1]).to(raw.device))
@@ -89,7 +85,8 @@ def run(scenario: str, args, size: int, rank_hint: int, device: torch.device) ->
             if scenario == "names" and rank == 0 and layer == 4:
                 tensors.pop("w2_bias")
             if scenario == "badtensor" and rank == 0 and layer == 3:
-                tensors["w2_weight"] = torch.zeros((args.w, 5, 7), dtype=torch.bfloat16)
+                dtype, tail = TENSORS["w2_weight"]
+                tensors["w2_weight"] = torch.zeros((args.w,) + tail, dtype=dtype)
             mgr.register_layer(layer, tensors)
         if scenario == "die" and last:
             print(f"SCENARIO die rank={rank} EXITING pid={os.getpid()}", flush=True)

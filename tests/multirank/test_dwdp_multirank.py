@@ -74,7 +74,7 @@ def test_four_ranks_views_and_shape_mismatch():
     _assert_ok(out, "ok", 4)
     _assert_ok(out, "contention", 4)
     _assert_all_fail(out, "shape", 4, "DwdpMismatchError", "rank 3 layer 3 tensor 'w2_weight'",
-                     "has shape (6, 5, 8) but rank 0 has (6, 5, 7)")
+                     "has shape (6, 16, 9) but rank 0 has (6, 16, 8)")
     assert "LEAKED" not in out, out[-4000:]
 
 
@@ -88,7 +88,7 @@ def test_two_ranks_views_and_mismatches():
     _assert_ok(out, "contention", n)
     last = n - 1
     _assert_all_fail(out, "shape", n, "DwdpMismatchError", f"rank {last} layer 3 tensor 'w2_weight'",
-                     "has shape (5, 5, 8) but rank 0 has (5, 5, 7)")
+                     "has shape (5, 16, 9) but rank 0 has (5, 16, 8)")
     _assert_all_fail(out, "config", n, "DwdpMismatchError",
                      f"rank {last} has dwdp_config.prefetch_slice_bytes")
     _assert_all_fail(out, "names", n, "DwdpMismatchError", "layer 4", "w2_bias")

@@ -13,12 +13,10 @@ from typing import Any
 
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
 from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.moe.specs import QUANT_MODES, expert_nbytes
 
 NAME = "check-config"
 HELP = "validate a dwdp_config YAML and print the expert layout of every rank"
-
-_QUANT_BYTES_PER_ELEMENT = {"nvfp4": 0.5625, "bf16": 2.0}  # nvfp4: 4 bits + e4m3 scale per 16
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="LLM-API options YAML with a dwdp_config: section")
@@ -28,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="check that the launch has dwdp_size * num_groups ranks")
     p.add_argument("--model", default=None,
                    help="model preset (e.g. deepseek-v3) giving E, MoE layer count and expert size")
-    p.add_argument("--quant", choices=sorted(_QUANT_BYTES_PER_ELEMENT), default="nvfp4",
+    p.add_argument("--quant", choices=sorted(QUANT_MODES), default="nvfp4",
                    help="expert storage for --model sizes (default nvfp4)")
     p.add_argument("--expert-bytes", type=int, default=None,
                    help="bytes of one expert over all its tensors (overrides --model)")
@@ -44,10 +42,7 @@ def _model_facts(name: str, quant: str) -> tuple[int, int, int]:
     if name not in preset_names():
         raise DwdpConfigError(f"unknown --model {name!r}; presets: {', '.join(preset_names())}")
     cfg = ModelConfig.from_hf(get_preset(name))
-    elements = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    per_expert = int(elements * _QUANT_BYTES_PER_ELEMENT[quant])
-    if quant == "nvfp4":
-        per_expert += 2 * 4  # fc31_alpha and fc2_alpha, one fp32 each
+    per_expert = expert_nbytes(quant, cfg.hidden_size, cfg.moe_intermediate_size)
     return cfg.num_experts, len(cfg.moe_layer_indices), per_expert
 
 
