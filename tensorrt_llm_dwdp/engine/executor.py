@@ -1,4 +1,4 @@
-"""The engine: turns requests into forward steps and greedy tokens on one rank.
+"""The engine: turns requests into forward steps and sampled (or greedy) tokens on one rank.
 
 One engine per process, driven from one thread. Each ``step()`` runs one forward pass (a
 packed prefill of new prompts, or one decode token for every running sequence) and returns
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
+from tensorrt_llm_dwdp.engine.sampling import Sampler, resolve_seed
 from tensorrt_llm_dwdp.engine.scheduler import SamplingParams, ScheduledStep, Scheduler, Sequence
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class EngineStats:
 
 
 class Engine:
-    """Greedy continuous-batching engine over a ``CausalLM`` and its KV cache.
+    """Continuous-batching engine over a ``CausalLM`` and its KV cache.
 
     ``record_logits=True`` keeps every step's logits (float32, on the CPU) per request, which
     the parity check compares bit for bit between DWDP and single-rank runs.
@@ -79,6 +80,7 @@ class Engine:
         self.record_logits = record_logits
         self.scheduler = Scheduler(max_seqs, max_batch_tokens, max_seq_len)
         self.cache = model.make_cache(max_seqs, max_seq_len, self.device)
+        self.sampler = Sampler(self.device)
         self.stats = EngineStats()
         self.logits: dict[str, list[torch.Tensor]] = {}
         self._sequences: dict[str, Sequence] = {}
@@ -90,7 +92,7 @@ class Engine:
     def add_request(self, request: Request) -> None:
         if request.request_id in self._sequences:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        seq = Sequence(request.request_id, list(request.prompt_ids), request.params,
+        seq = Sequence(request.request_id, list(request.prompt_ids), resolve_seed(request.params),
                        context_only=request.context_only)
         if request.kv_import is not None:
             self._admit_imported(seq, request.kv_import)
@@ -128,7 +130,8 @@ class Engine:
         start = time.perf_counter()
         try:
             logits = self._forward(plan)
-            next_tokens = logits.argmax(dim=-1).tolist()
+            next_tokens = self.sampler.sample(logits, [s.params for s in plan.sequences],
+                                              [len(s.output_ids) for s in plan.sequences])
         except BaseException as exc:
             self._drop_failed(plan, exc)
             raise

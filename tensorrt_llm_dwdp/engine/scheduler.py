@@ -20,18 +20,38 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Greedy decoding limits of one request.
+    """Decoding settings of one request (``engine/sampling.py`` applies them).
 
-    max_tokens counts generated tokens, the first one (produced by prefill) included.
+    ``max_tokens`` counts generated tokens, the first one (produced by prefill) included.
+    ``temperature`` 0 is greedy (the other sampling fields are then ignored); ``top_k`` 0,
+    ``top_p`` 1 and ``min_p`` 0 switch their filter off. ``seed`` None: the engine draws a
+    random seed when the request arrives.
     """
 
     max_tokens: int = 16
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not self.temperature >= 0:  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 @dataclass(eq=False)

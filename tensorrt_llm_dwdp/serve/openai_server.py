@@ -230,7 +230,7 @@ class OpenAIServer:
 
         req = job.req
         params = SamplingParams(max_tokens=job.max_tokens, stop_token_ids=tuple(req.stop_token_ids),
-                                ignore_eos=req.ignore_eos)
+                                ignore_eos=req.ignore_eos, **req.sampling)
         rid = job.rid
         blob: bytes | None = None
         if req.disagg is not None and req.disagg.request_type == "generation_only":

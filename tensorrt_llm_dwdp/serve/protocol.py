@@ -1,9 +1,9 @@
 """OpenAI request validation, error bodies and response shapes (pure: no I/O, no engine).
 
-Decoding is greedy only. A request asking for sampling (``temperature`` > 0), several choices,
-logprobs, penalties or echo is refused with HTTP 400 and an OpenAI error body naming the
-parameter, rather than served with silently different semantics. ``top_p`` / ``top_k`` /
-``seed`` are accepted and have no effect under greedy decoding.
+Sampling: ``temperature`` (0 or absent = greedy), ``top_p``, ``top_k``, ``min_p`` and ``seed``
+(the same seed gives the same text, see ``engine/sampling.py``). A request asking for several
+choices, logprobs, penalties or echo is refused with HTTP 400 and an OpenAI error body naming
+the parameter, rather than served with silently different semantics.
 
 Extensions (as in TensorRT-LLM / vLLM): ``ignore_eos``, ``stop_token_ids``,
 ``return_token_ids`` (adds ``token_ids`` / ``prompt_token_ids`` to each choice) and
@@ -90,6 +90,8 @@ class GenerationRequest:
     ignore_eos: bool = False
     return_token_ids: bool = False
     disagg: DisaggParams | None = None
+    # temperature, top_p, top_k (0 = off), min_p, seed: the keyword arguments of SamplingParams.
+    sampling: Mapping[str, Any] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -111,15 +113,37 @@ def _int_list(param: str, value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _check_greedy(body: Mapping[str, Any]) -> None:
-    t = body.get("temperature")
-    if t is not None:
-        if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise _bad("temperature", "'temperature' must be a number")
-        if t != 0:
-            raise _bad("temperature",
-                       f"temperature={t} is not supported: this server decodes greedily; "
-                       f"send temperature 0 or leave it out", code="unsupported_value")
+def _number(body: Mapping[str, Any], key: str, default: float, lo: float, hi: float,
+            lo_open: bool = False) -> float:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _bad(key, f"'{key}' must be a number")
+    if not (lo < v if lo_open else lo <= v) or not v <= hi:
+        raise _bad(key, f"{key}={v} is out of range: expected {'(' if lo_open else '['}{lo}, {hi}]")
+    return float(v)
+
+
+def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Sampling fields as ``SamplingParams`` takes them (``top_k`` -1 or 0 = off, as vLLM)."""
+    top_k = body.get("top_k")
+    if top_k is None:
+        top_k = 0
+    elif isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
+        raise _bad("top_k", f"'top_k' must be an integer >= -1 (-1 or 0: off), got {top_k!r}")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not -(1 << 63) <= seed < (1 << 64)):
+        raise _bad("seed", f"'seed' must be a 64-bit integer, got {seed!r}")
+    return {"temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
+            "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+            "top_k": max(top_k, 0),
+            "min_p": _number(body, "min_p", 0.0, 0.0, 1.0),
+            "seed": seed}
+
+
+def _check_supported(body: Mapping[str, Any]) -> None:
     for key in ("n", "best_of"):
         v = body.get(key)
         if v is not None and v != 1:
@@ -128,7 +152,7 @@ def _check_greedy(body: Mapping[str, Any]) -> None:
     for key in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
         v = body.get(key)
         if v is not None and v not in (0, 0.0) and not (key == "repetition_penalty" and v == 1):
-            raise _bad(key, f"{key}={v!r} is not supported with greedy decoding", code="unsupported_value")
+            raise _bad(key, f"{key}={v!r} is not supported", code="unsupported_value")
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
         raise _bad("logprobs", "logprobs are not supported", code="unsupported_value")
     if body.get("echo"):
@@ -189,7 +213,7 @@ def _disagg(body: Mapping[str, Any]) -> DisaggParams | None:
 
 
 def _common(body: Mapping[str, Any]) -> dict[str, Any]:
-    _check_greedy(body)
+    _check_supported(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _bad("model", "'model' must be a string")
@@ -214,6 +238,7 @@ def _common(body: Mapping[str, Any]) -> dict[str, Any]:
         "ignore_eos": ignore_eos,
         "return_token_ids": bool(body.get("return_token_ids", False)),
         "disagg": _disagg(body),
+        "sampling": _sampling(body),
         "raw": body,
     }
 

@@ -3,7 +3,7 @@
 tiny synthetic checkpoint, on loopback ports, driven by a real aiohttp client.
 
 Checks: disaggregated + DWDP answers equal the aggregated ones token for token (completions,
-streaming, chat); the context servers' /metrics show DWDP prefetch traffic; error bodies pass
+streaming, chat, seeded sampling); the context servers' /metrics show DWDP prefetch traffic; error bodies pass
 through the router; a generation server killed mid-request turns into an error for that client
 (SSE error event, then 502 for new requests) with nothing hanging; every process stops on SIGTERM.
 """
@@ -82,7 +82,16 @@ def test_disaggregated_dwdp_matches_aggregated(deployment):
             _, ref = await _post(s, server.url + "/v1/chat/completions", chat)
             _, got = await _post(s, cluster.router_url + "/v1/chat/completions", chat)
             assert got["choices"][0]["message"] == ref["choices"][0]["message"]
-            status, err = await _post(s, cluster.router_url + "/v1/completions", {"prompt": "x", "temperature": 0.5})
+            # Sampled with a seed: the context server draws the first token, the generation
+            # server the rest, and together they draw what the aggregated server does.
+            hot = {"prompt": "x", "max_tokens": 12, "temperature": 0.9, "top_k": 50, "seed": 11,
+                   "ignore_eos": True, "return_token_ids": True}
+            _, ref = await _post(s, server.url + "/v1/completions", hot)
+            _, got = await _post(s, cluster.router_url + "/v1/completions", hot)
+            assert got["choices"][0]["token_ids"] == ref["choices"][0]["token_ids"]
+            _, greedy = await _post(s, server.url + "/v1/completions", {**hot, "temperature": 0})
+            assert greedy["choices"][0]["token_ids"] != ref["choices"][0]["token_ids"]
+            status, err = await _post(s, cluster.router_url + "/v1/completions", {"prompt": "x", "temperature": 2.5})
             assert status == 400 and err["error"]["param"] == "temperature"
             async with s.get(cluster.router_url + "/v1/models") as r:
                 assert (await r.json())["data"][0]["id"].endswith("tiny")

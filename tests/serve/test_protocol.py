@@ -27,8 +27,17 @@ def test_completion_forms_of_prompt():
     ({"prompt": ""}, "prompt"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": [1, -2]}, "prompt"),
-    ({"prompt": "x", "temperature": 0.7}, "temperature"),
+    ({"prompt": "x", "temperature": 2.5}, "temperature"),
+    ({"prompt": "x", "temperature": -0.1}, "temperature"),
     ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "temperature": float("nan")}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_p": 1.01}, "top_p"),
+    ({"prompt": "x", "top_k": -2}, "top_k"),
+    ({"prompt": "x", "top_k": 1.5}, "top_k"),
+    ({"prompt": "x", "min_p": 1.2}, "min_p"),
+    ({"prompt": "x", "seed": "7"}, "seed"),
+    ({"prompt": "x", "seed": 1 << 64}, "seed"),
     ({"prompt": "x", "n": 2}, "n"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "max_tokens": True}, "max_tokens"),
@@ -48,11 +57,14 @@ def test_completion_rejections_name_the_parameter(body, param):
     assert set(b) == {"message", "type", "param", "code"} and b["type"] == "invalid_request_error"
 
 
-def test_greedy_settings_are_accepted():
+def test_sampling_settings_are_parsed():
     req = protocol.parse_completion_request(
-        {"prompt": "x", "temperature": 0, "top_p": 0.9, "top_k": 5, "seed": 3, "n": 1,
-         "stream": True, "stream_options": {"include_usage": True}})
+        {"prompt": "x", "temperature": 0.8, "top_p": 0.9, "top_k": 5, "min_p": 0.05, "seed": -3,
+         "n": 1, "stream": True, "stream_options": {"include_usage": True}})
     assert req.stream and req.include_usage
+    assert req.sampling == {"temperature": 0.8, "top_p": 0.9, "top_k": 5, "min_p": 0.05, "seed": -3}
+    assert protocol.parse_chat_request({"messages": [{"role": "user", "content": "q"}], "top_k": -1}).sampling == {
+        "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None}
 
 
 def test_chat_messages_and_parts():

@@ -125,7 +125,7 @@ def test_chat_eos_and_stop_strings():
 
 
 @pytest.mark.parametrize("body,status,param", [
-    ({"prompt": "x", "temperature": 1.0}, 400, "temperature"),
+    ({"prompt": "x", "temperature": 3.0}, 400, "temperature"),
     ({"prompt": "x", "model": "other"}, 404, "model"),
     ({"prompt": "x" * 300}, 400, "prompt"),
     ({"prompt": "x", "max_tokens": 255}, 400, "max_tokens"),
@@ -225,7 +225,7 @@ def test_disaggregated_router_matches_aggregated():
                 assert len(gen_engine.imported) == 5  # 2 prompts x (full, stream) + chat; "one"/1 ends at ctx
                 assert len(ctx_engine.aborted) == 2   # its unneeded exports were dropped
                 assert len(gen_server.kv_store) == 0
-                status, err = await _post(s, rurl + "/v1/completions", {"prompt": "x", "temperature": 2})
+                status, err = await _post(s, rurl + "/v1/completions", {"prompt": "x", "temperature": 2.5})
                 assert status == 400 and err["error"]["param"] == "temperature"
                 # The KV id is one-time: a second pull is a 404.
                 _, ctx_only = await _post(s, ctx_url + "/v1/completions", {
