@@ -38,6 +38,7 @@ setup(
             "nvidia-cuda-cuobjdump",
             "nvidia-cuda-nvdisasm",
             "matplotlib",
+            "openai",
         ],
     },
     entry_points={"console_scripts": ["tensorrt_llm_dwdp=tensorrt_llm_dwdp.cli:main"]},
