@@ -26,6 +26,7 @@ from torch import nn
 from tensorrt_llm_dwdp.model.builder import build_model
 from tensorrt_llm_dwdp.model.config import ModelConfig
 from tensorrt_llm_dwdp.model.decoder import CausalLM
+from tensorrt_llm_dwdp.model.memory import in_use
 from tensorrt_llm_dwdp.model.moe_block import make_moe
 from tensorrt_llm_dwdp.model.presets import get_preset
 from tensorrt_llm_dwdp.moe import specs
@@ -136,7 +137,9 @@ class BenchModel:
     model: CausalLM
     manager: Any                 # DwdpManager in dwdp mode, else None
     ep_backend: ExpertParallelBackend | None
-    expert_bytes: int            # routed-expert bytes resident on this rank (incl. DWDP buffers)
+    loaded_bytes: int            # allocator (GPU) / RSS (CPU) after building minus before
+    memory_source: str           # "cuda_allocator" or "rss"
+    tensor_bytes: int            # routed-expert tensors' sizes (incl. DWDP buffers): a diagnostic
     predicted_expert_bytes: int  # what the layout formula says
 
     def close(self) -> None:
@@ -156,6 +159,7 @@ def build_bench_model(mode: str, config: ModelConfig, *, device: torch.device, b
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}; choose one of {MODES}")
+    before = in_use(device)
     e, moe_layers = config.num_experts, config.moe_layer_indices
     per_expert = expert_nbytes(config)
     manager = None
@@ -203,6 +207,7 @@ def build_bench_model(mode: str, config: ModelConfig, *, device: torch.device, b
             manager.close()
         raise
 
+    after = in_use(device)
     resident = sum(t.numel() * t.element_size() for d in locals_.values() for t in d.values())
     n_layers = len(moe_layers)
     if mode == "dwdp":
@@ -213,5 +218,7 @@ def build_bench_model(mode: str, config: ModelConfig, *, device: torch.device, b
         predicted = n_layers * e * per_expert
     else:
         predicted = n_layers * (e // world_size) * per_expert
-    logger.info("rank %d built %s: %.2f GiB of routed experts", rank, mode, resident / 2**30)
-    return BenchModel(mode, model, manager, ep_backend, resident, predicted)
+    logger.info("rank %d built %s: %.2f GiB of routed-expert tensors, %.2f GiB in use (%s)", rank,
+                mode, resident / 2**30, (after - before) / 2**30, after.source)
+    return BenchModel(mode, model, manager, ep_backend, after - before, after.source, resident,
+                      predicted)

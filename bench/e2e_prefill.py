@@ -38,6 +38,7 @@ import torch.distributed as dist  # noqa: E402
 from bench.e2e_model import MODES, bench_config, build_bench_model  # noqa: E402
 from tensorrt_llm_dwdp.moe.backends import BACKEND_MODULES  # noqa: E402
 from bench.e2e_report import aggregate_point, goals, summary_markdown  # noqa: E402
+from bench.peaks import peak_for  # noqa: E402
 from bench.e2e_run import IMBALANCES, Point, StepRunner, make_batch, record_timeline, run_point  # noqa: E402
 
 logger = logging.getLogger("e2e_prefill")
@@ -188,24 +189,38 @@ def run_mode(mode: str, args: argparse.Namespace, ctx: dict[str, Any], points: l
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     t_build = time.perf_counter()
-    bm = build_bench_model(mode, config, device=device, backend=ctx["backend"], rank=rank,
-                           world_size=ctx["world"], seed=args.seed, dwdp_config=ctx["dwdp_config"],
-                           timer=ctx["timer"] if mode == "ep" else None,
-                           manager_factory=DwdpManager.from_environment)
+    bm, error = None, None
+    try:
+        bm = build_bench_model(mode, config, device=device, backend=ctx["backend"], rank=rank,
+                               world_size=ctx["world"], seed=args.seed,
+                               dwdp_config=ctx["dwdp_config"],
+                               timer=ctx["timer"] if mode == "ep" else None,
+                               manager_factory=DwdpManager.from_environment)
+    except Exception as exc:  # e.g. out of memory: the mode's points count as missed
+        logger.exception("%s: building failed on rank %d", mode, rank)
+        error = f"build failed: {type(exc).__name__}: {str(exc)[:160]}"
+    errors = [e for e in gather(error) if e]
+    if errors:
+        if bm is not None:
+            bm.close()
+        results["modes"][mode] = {"error": "; ".join(errors), "points": {}}
+        return None
     out: dict[str, Any] = {"points": {}}
     logits = None
     runner = None
     try:
         max_tokens = max(pt.tokens for pt in points)
         runner = StepRunner(bm, device, max_seqs=-(-max_tokens // args.seq_len), seq_len=args.seq_len)
-        mem = {"expert_bytes": bm.expert_bytes, "predicted": bm.predicted_expert_bytes,
-               "allocated": torch.cuda.memory_allocated(device) if cuda else None,
+        mem = {"measured": bm.loaded_bytes - ctx["dense_bytes"], "source": bm.memory_source,
+               "tensor_bytes": bm.tensor_bytes, "predicted": bm.predicted_expert_bytes,
                "build_s": time.perf_counter() - t_build}
         mems = gather(mem)
         out["memory"] = {
-            "expert_bytes_per_rank": [m["expert_bytes"] for m in mems],
+            "source": mems[0]["source"],
+            "dense_model_bytes": ctx["dense_bytes"],
+            "measured_expert_bytes_per_rank": [m["measured"] for m in mems],
+            "tensor_bytes_per_rank": [m["tensor_bytes"] for m in mems],
             "predicted_expert_bytes_per_rank": [m["predicted"] for m in mems],
-            "allocated_bytes_per_rank": [m["allocated"] for m in mems],
             "build_s_per_rank": [m["build_s"] for m in mems],
         }
         t0 = time.perf_counter()
@@ -217,6 +232,8 @@ def run_mode(mode: str, args: argparse.Namespace, ctx: dict[str, Any], points: l
             guess = 0.0 if last is None else last[1] * pt.tokens / last[0]
             if elapsed + guess > budget:
                 results["skipped"].append(f"{mode} {pt.key} (time budget)")
+                out["points"][pt.key] = {"tokens": pt.tokens, "imbalance": pt.imbalance,
+                                         "skipped": "time budget"}
                 continue
             try:
                 rec = run_point(runner, pt, rank=rank, seq_len=args.seq_len, vocab=config.vocab_size,
@@ -311,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     init_dist(rank, world, device)
     try:
         from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+        from tensorrt_llm_dwdp.model.memory import RESOLUTION_BYTES, dense_model_bytes, in_use
         from tensorrt_llm_dwdp.parallel import SpanTimer
 
         config = bench_config(args.preset, args.num_moe_layers, args.vocab_size)
@@ -322,9 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(names)) != 1:
             raise SystemExit(f"ranks chose different MoE backends {names}; pass --moe-backend")
         ctx = {"rank": rank, "world": world, "device": device, "config": config, "backend": backend,
-               "timer": SpanTimer(device),
+               "timer": SpanTimer(device), "dense_bytes": dense_model_bytes(config, device),
                "dwdp_config": DwdpConfig(dwdp_size=world, num_experts_per_worker=e // world,
                                          num_prefetch_experts=e // world)}
+        peak = peak_for(torch.cuda.get_device_name(device)) if use_cuda else None
         points = sorted((Point(t, i) for t in args.tokens for i in args.imbalance),
                         key=lambda p: (p.tokens, p.imbalance))
         results: dict[str, Any] = {
@@ -337,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                 "device_name": torch.cuda.get_device_name(device) if use_cuda else platform.processor() or "cpu",
                 "torch": torch.__version__, "modes": args.modes, "tokens": args.tokens,
                 "imbalance": args.imbalance, "dwdp_config": ctx["dwdp_config"].to_dict(),
+                "peak": peak.to_dict() if peak else None,
+                "memory_resolution_bytes": RESOLUTION_BYTES[in_use(device).source],
             },
             "modes": {}, "skipped": [], "timeline": None,
         }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 
@@ -38,8 +39,8 @@ from tensorrt_llm_dwdp.kernels.testing import (
 from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_tile_m
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 
-PEAK_TFLOPS = 800.0  # bf16 dense, measured on H100 by the team (KERNELS.md / task brief)
-PEAK_GBPS = 3000.0   # device-to-device copy
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for bench.*
+from bench.peaks import pct_of, peak_for  # noqa: E402  (per-device peaks, one module)
 
 
 def time_graph(fn, target_ms: float = 40.0, replays: int = 5) -> float:
@@ -199,8 +200,9 @@ def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b, varian
         "ours_fc1_gbps": by1 / t["ours_fc1_ms"] / 1e6,
         "ours_fc2_gbps": by2 / t["ours_fc2_ms"] / 1e6,
     })
-    res["ours_fc1_pct_peak_flops"] = 100 * res["ours_fc1_tflops"] / PEAK_TFLOPS
-    res["ours_fc1_pct_peak_bw"] = 100 * res["ours_fc1_gbps"] / PEAK_GBPS
+    peak = peak_for(torch.cuda.get_device_name())
+    res["ours_fc1_pct_peak_flops"] = pct_of(res["ours_fc1_tflops"], peak and peak.bf16_tflops)
+    res["ours_fc1_pct_peak_bw"] = pct_of(res["ours_fc1_gbps"], peak and peak.copy_gbps)
     _time_variants(res, cache, variants, ids, tw, x, w13, w2, plan, tile_m, inter, hidden,
                    num_experts)
     if multi_b:
@@ -214,8 +216,10 @@ def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b, varian
 
 
 def _write(path, results) -> dict:
+    peak = peak_for(torch.cuda.get_device_name())
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "peak_tflops_bf16": PEAK_TFLOPS, "peak_gbps": PEAK_GBPS, "results": results}
+           "peak_tflops_bf16": peak and peak.bf16_tflops, "peak_gbps": peak and peak.copy_gbps,
+           "results": results}
     if path:
         with open(path, "w") as f:
             f.write(json.dumps(doc, indent=1) + "\n")

@@ -18,7 +18,8 @@ def _pyplot():
 
 
 def plot_throughput(results: dict[str, Any], path: str) -> None:
-    """Prefill tokens/s per GPU vs tokens per rank, one line per mode, one panel per imbalance."""
+    """Prefill tokens/s per GPU vs tokens per rank, one panel per imbalance: each mode's own
+    rate (solid) and lockstep figure (dashed; the same line at equal load)."""
     plt = _pyplot()
     seen = {k.split("/")[0] for m in results["modes"].values() for k in m.get("points", {})}
     imbalances = [i for i in ("equal", "4x") if i in seen] + sorted(seen - {"equal", "4x"})
@@ -26,12 +27,14 @@ def plot_throughput(results: dict[str, Any], path: str) -> None:
                              squeeze=False)
     for ax, imb in zip(axes[0], imbalances):
         for mode, m in results["modes"].items():
-            pts = sorted((int(k.split("/")[1]), p["tokens_per_s_per_gpu"])
-                         for k, p in m.get("points", {}).items()
-                         if k.startswith(imb + "/") and "tokens_per_s_per_gpu" in p)
-            if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=mode,
-                        color=COLORS.get(mode))
+            for figure, style, label in (("tokens_per_s_per_gpu", "-", mode),
+                                         ("lockstep_tokens_per_s_per_gpu", "--", f"{mode} lockstep")):
+                pts = sorted((int(k.split("/")[1]), p[figure])
+                             for k, p in m.get("points", {}).items()
+                             if k.startswith(imb + "/") and figure in p)
+                if pts and (imb != "equal" or figure == "tokens_per_s_per_gpu"):
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o",
+                            label=label, color=COLORS.get(mode))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens per step on the heavy rank" if imb != "equal" else "tokens per rank per step")
         ax.set_ylabel("prefill tokens/s per GPU")

@@ -1,6 +1,7 @@
 """bench/e2e_prefill.py end to end on 2 CPU ranks (gloo + POSIX shm) at the tiny scale:
 the JSON is written, all three modes ran every point, DWDP's logits are bitwise the replicated
-ones, EP's are close, and each mode holds the expert memory its layout predicts."""
+ones, EP's are close, and memory is read from the process (RSS on the CPU: too coarse for the
+tiny model's few hundred KiB of experts, so the memory goal is reported unresolved, not met)."""
 import json
 import os
 import subprocess
@@ -49,12 +50,15 @@ def test_e2e_prefill_tiny_cpu(tmp_path):
     assert 0 < agree["ep_rel_err"] < 3e-2
 
     mem = r["goals"]["memory_as_layout_predicts"]
-    assert mem["met"], mem
-    rep = r["modes"]["replicated"]["memory"]["expert_bytes_per_rank"][0]
-    assert r["modes"]["ep"]["memory"]["expert_bytes_per_rank"][0] * 2 == rep
+    assert mem["source"] == "rss" and mem["met"] is False
+    assert not any(v["resolved"] for v in mem["modes"].values()), mem
+    assert all(len(m["memory"]["measured_expert_bytes_per_rank"]) == 2 for m in r["modes"].values())
+    rep = r["modes"]["replicated"]["memory"]["tensor_bytes_per_rank"][0]
+    assert r["modes"]["ep"]["memory"]["tensor_bytes_per_rank"][0] * 2 == rep
     # L*W + 2*(S-1)*P = 4*8 + 2*8 experts against L*E = 64: three quarters of replicated
     # (the prefetch buffers may add alignment padding)
-    assert r["modes"]["dwdp"]["memory"]["expert_bytes_per_rank"][0] == pytest.approx(rep * 3 / 4, rel=0.01)
+    assert r["modes"]["dwdp"]["memory"]["tensor_bytes_per_rank"][0] == pytest.approx(rep * 3 / 4, rel=0.01)
+    assert "lockstep" in (out / "summary.md").read_text()
 
     assert (out / "summary.md").read_text().startswith("# End-to-end prefill")
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
