@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tensorrt_llm_dwdp.engine.attention import StepMetadata
 from tensorrt_llm_dwdp.model.batch import BatchInfo
 from tensorrt_llm_dwdp.model.config import ModelConfig
 from tensorrt_llm_dwdp.model.kv_cache import KvCache
@@ -25,8 +26,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, x, batch: BatchInfo, cache: KvCache, cos, sin) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, cache, cos, sin)
+    def forward(self, x, meta: StepMetadata, cache: KvCache, cos, sin) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), meta, cache, cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -42,8 +43,10 @@ class CausalLM(nn.Module):
     """Batched prefill / decode over a slot-addressed KV cache.
 
     ``forward(input_ids LongTensor[N], batch, cache) -> FloatTensor[num_seqs, vocab]``: the
-    logits of each sequence's last new token. Subclasses supply the layers, the rotary module
-    and the cache geometry.
+    logits of each sequence's last new token. A step may hold fresh prompts, chunks of longer
+    prompts (``start_positions > 0``, attending to their cached prefix) or one decode token per
+    sequence; the step's attention metadata is built once here (``engine.attention``).
+    Subclasses supply the layers, the rotary module and the cache geometry.
     """
 
     def __init__(self, config: ModelConfig, layers: list[DecoderLayer], rotary: Rotary,
@@ -55,6 +58,10 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         self.rotary = rotary
         self._cache_shapes = cache_shapes
+        # Decode steps attend for all sequences in one batched call (MLA in the latent space).
+        # False runs each sequence through the prefill kernels instead: the per-sequence
+        # reference path (what the HF oracle tests compare bit for bit, and the bench times).
+        self.batched_decode = True
 
     def make_cache(self, max_seqs: int, max_len: int, device: torch.device | str) -> KvCache:
         k_shape, v_shape = self._cache_shapes
@@ -71,9 +78,10 @@ class CausalLM(nn.Module):
                 f"got shape {tuple(input_ids.shape)}"
             )
         device = input_ids.device
+        meta = StepMetadata.build(batch, cache.max_seqs, cache.max_len, device, self.batched_decode)
         cos, sin = self.rotary(batch.positions(device), self.dtype)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, batch, cache, cos, sin)
+            x = layer(x, meta, cache, cos, sin)
         x = self.model.norm(x[batch.last_token_indices(device)])
         return self.lm_head(x).float()

@@ -5,7 +5,10 @@ MLA: queries through a low-rank ``q_a_proj -> q_a_layernorm -> q_b_proj`` (or a 
 ``kv_a_proj_with_mqa -> kv_a_layernorm`` whose last ``qk_rope_head_dim`` columns are one rotary
 key shared by all heads; ``kv_b_proj`` up-projects the latent to per-head ``k_nope`` and ``v``.
 The cache holds the latent and the rotated shared key (see ``kv_cache``). The softmax scale is
-``qk_head_dim**-0.5 * yarn_mscale(factor, mscale_all_dim)**2`` under YaRN.
+``qk_head_dim**-0.5 * yarn_mscale(factor, mscale_all_dim)**2`` under YaRN. Prefill up-projects
+the latent to per-head keys/values (compute-bound: fewer FLOPs); decode stays in the latent
+space with ``kv_b_proj`` absorbed into the query and the output (bandwidth-bound: one read of
+the latent per sequence).
 """
 from __future__ import annotations
 
@@ -14,8 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tensorrt_llm_dwdp.model.attention import causal_attention, sequences
-from tensorrt_llm_dwdp.model.batch import BatchInfo
+from tensorrt_llm_dwdp.engine.attention import CausalAttention, DecodeAttention, StepMetadata
 from tensorrt_llm_dwdp.model.config import DEEPSEEK_V3, MOE, ModelConfig
 from tensorrt_llm_dwdp.model.decoder import CausalLM, DecoderLayer
 from tensorrt_llm_dwdp.model.kv_cache import KvCache
@@ -45,32 +47,59 @@ class MlaAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora, c.rms_norm_eps, dtype)
         self.kv_b_proj = nn.Linear(self.kv_lora, self.heads * (self.nope + self.v_dim), bias=False, dtype=dtype)
         self.o_proj = nn.Linear(self.heads * self.v_dim, c.hidden_size, bias=bias, dtype=dtype)
-        self.scale = qk_dim ** -0.5
+        scale = qk_dim ** -0.5
         if c.rope.rope_type == "yarn" and c.rope.mscale_all_dim:
-            self.scale *= yarn_mscale(c.rope.factor, c.rope.mscale_all_dim) ** 2
+            scale *= yarn_mscale(c.rope.factor, c.rope.mscale_all_dim) ** 2
+        self.scale = scale
+        self.attn = CausalAttention(scale)
+        self.decode_attn = DecodeAttention(scale)
 
-    def forward(self, x: torch.Tensor, batch: BatchInfo, cache: KvCache, cos, sin) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: StepMetadata, cache: KvCache, cos, sin) -> torch.Tensor:
         n = x.shape[0]
         if self.q_lora:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         else:
             q = self.q_proj(x)
         q = q.view(n, self.heads, self.nope + self.rope_dim)
-        q_rot = self.rotary.apply(q[..., self.nope:], cos, sin)
-        q = torch.cat((q[..., : self.nope], q_rot), dim=-1)
+        q[..., self.nope:] = self.rotary.apply(q[..., self.nope:], cos, sin)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent).unsqueeze(1)  # [n, 1, kv_lora]
         k_rot = self.rotary.apply(k_rot.unsqueeze(1), cos, sin)  # [n, 1, rope]
-
-        out = x.new_empty(n, self.heads, self.v_dim)
-        for slot, start, rows in sequences(batch):
-            lat_all, rot_all = cache.append(self.layer_idx, slot, start, latent[rows], k_rot[rows])
-            total = lat_all.shape[0]
-            kv = self.kv_b_proj(lat_all[:, 0]).view(total, self.heads, self.nope + self.v_dim)
-            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-            k = torch.cat((k_nope, rot_all.expand(total, self.heads, self.rope_dim)), dim=-1)
-            out[rows] = causal_attention(q[rows], k, v, start, self.scale)
+        cache.write(self.layer_idx, meta.cache_index, latent, k_rot)
+        if meta.decode is not None:
+            out = self._decode(q, meta, cache)
+        else:
+            k, v = self._expand(latent, k_rot)
+            out = self.attn(q, k, v, meta, self._prefix(cache))
         return self.o_proj(out.reshape(n, self.heads * self.v_dim))
+
+    def _expand(self, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys ``[n, H, nope + rope]`` and values ``[n, H, v]`` from the cached
+        latent ``[n, 1, kv_lora]`` and the shared rotated key ``[n, 1, rope]``."""
+        n = latent.shape[0]
+        kv = self.kv_b_proj(latent[:, 0]).view(n, self.heads, self.nope + self.v_dim)
+        k = kv.new_empty(n, self.heads, self.nope + self.rope_dim)
+        k[..., : self.nope] = kv[..., : self.nope]
+        k[..., self.nope:] = k_rot
+        return k, kv[..., self.nope:]
+
+    def _prefix(self, cache: KvCache):
+        def prefix(slot: int, start: int):
+            return self._expand(*cache.prefix(self.layer_idx, slot, start))
+        return prefix
+
+    def _decode(self, q: torch.Tensor, meta: StepMetadata, cache: KvCache) -> torch.Tensor:
+        """Decode in the latent space: ``W_UK`` (kv_b_proj's key rows) is absorbed into the
+        query and ``W_UV`` (its value rows) into the output, so the step reads each sequence's
+        cached latent once instead of up-projecting it to every head."""
+        d = meta.decode
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]                       # [H, nope|v, kv_lora]
+        q_lat = torch.bmm(q[..., : self.nope].transpose(0, 1), w_uk)            # [H, B, kv_lora]
+        latent, k_rot = cache.batch(self.layer_idx, d.slots, d.slot_range, d.max_len)  # [B, L, 1, .]
+        o_lat = self.decode_attn(q_lat.transpose(0, 1).unsqueeze(1), latent, latent, d.lengths,
+                                 q[..., self.nope:].unsqueeze(1), k_rot)        # [B, 1, H, kv_lora]
+        return torch.bmm(o_lat[:, 0].transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
 
 
 class DeepseekV3ForCausalLM(CausalLM):

@@ -40,6 +40,11 @@ class KvCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token position takes over all layers (K and V)."""
+        return self.nbytes // (self.max_seqs * self.max_len)
+
     def _check(self, slot: int, end: int) -> None:
         if not 0 <= slot < self.max_seqs:
             raise IndexError(f"cache slot {slot} out of range [0, {self.max_seqs})")
@@ -56,6 +61,28 @@ class KvCache:
         self.k[layer][slot, start:end] = k
         self.v[layer][slot, start:end] = v
         return self.k[layer][slot, :end], self.v[layer][slot, :end]
+
+    def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write a step's packed ``k``/``v`` ``[N, heads, dim]`` at flat positions ``index [N]``
+        (``slot * max_len + position``, see ``StepMetadata.cache_index``): one copy per tensor."""
+        self.k[layer].view(-1, *self.k[layer].shape[2:]).index_copy_(0, index, k)
+        self.v[layer].view(-1, *self.v[layer].shape[2:]).index_copy_(0, index, v)
+
+    def prefix(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of positions ``[0, end)`` of ``slot``: ``[end, heads, dim]``."""
+        self._check(slot, end)
+        return self.k[layer][slot, :end], self.v[layer][slot, :end]
+
+    def batch(self, layer: int, slots: torch.Tensor, slot_range: slice | None,
+              length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``[0, length)`` of several slots, ``[B, length, heads, dim]``: a view when
+        the slots are the consecutive ``slot_range``, else a gathered copy."""
+        if length > self.max_len:
+            raise ValueError(f"batch of length {length} > cache max_len {self.max_len}")
+        k, v = self.k[layer][:, :length], self.v[layer][:, :length]
+        if slot_range is not None:
+            return k[slot_range], v[slot_range]
+        return k.index_select(0, slots), v.index_select(0, slots)
 
     def export_slot(self, slot: int, length: int) -> dict[str, torch.Tensor]:
         """Views of the first ``length`` positions of ``slot``, named ``layers.{i}.k|v``."""

@@ -6,8 +6,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tensorrt_llm_dwdp.model.attention import causal_attention, sequences
-from tensorrt_llm_dwdp.model.batch import BatchInfo
+from tensorrt_llm_dwdp.engine.attention import CausalAttention, DecodeAttention, StepMetadata
 from tensorrt_llm_dwdp.model.config import MOE, QWEN3_MOE, ModelConfig
 from tensorrt_llm_dwdp.model.decoder import CausalLM, DecoderLayer
 from tensorrt_llm_dwdp.model.kv_cache import KvCache
@@ -29,17 +28,22 @@ class GqaAttention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=b, dtype=dtype)
         self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps, dtype)
         self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, dtype)
-        self.scale = self.head_dim ** -0.5
+        self.attn = CausalAttention(self.head_dim ** -0.5)
+        self.decode_attn = DecodeAttention(self.head_dim ** -0.5)
 
-    def forward(self, x: torch.Tensor, batch: BatchInfo, cache: KvCache, cos, sin) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: StepMetadata, cache: KvCache, cos, sin) -> torch.Tensor:
         n = x.shape[0]
         q = self.rotary.apply(self.q_norm(self.q_proj(x).view(n, self.heads, self.head_dim)), cos, sin)
         k = self.rotary.apply(self.k_norm(self.k_proj(x).view(n, self.kv_heads, self.head_dim)), cos, sin)
         v = self.v_proj(x).view(n, self.kv_heads, self.head_dim)
-        out = x.new_empty(n, self.heads, self.head_dim)
-        for slot, start, rows in sequences(batch):
-            k_all, v_all = cache.append(self.layer_idx, slot, start, k[rows], v[rows])
-            out[rows] = causal_attention(q[rows], k_all, v_all, start, self.scale)
+        cache.write(self.layer_idx, meta.cache_index, k, v)
+        if meta.decode is not None:
+            d = meta.decode
+            k_all, v_all = cache.batch(self.layer_idx, d.slots, d.slot_range, d.max_len)
+            groups = q.view(n, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+            out = self.decode_attn(groups, k_all, v_all, d.lengths)
+        else:
+            out = self.attn(q, k, v, meta, lambda slot, start: cache.prefix(self.layer_idx, slot, start))
         return self.o_proj(out.reshape(n, self.heads * self.head_dim))
 
 

@@ -1,8 +1,31 @@
 """Helpers for the HF oracle tests: one random state dict loaded into both our model and
-transformers' reference, then prefill + greedy decode compared step by step."""
+transformers' reference, then prefill + greedy decode compared step by step.
+
+The reference attention is transformers' ``sdpa`` (``attn="sdpa"``) or ``padded_sdpa``: the
+same function with the value head zero-padded to the query/key head dim when they differ
+(MLA), so torch's fused CPU flash kernel runs as in our engine instead of the quadratic math
+kernel HF's sdpa falls back to. Mathematically the same attention; numerically the kernel ours
+runs, which makes exact comparisons possible.
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def _register_padded_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def padded_sdpa(module, query, key, value, attention_mask, **kwargs):
+        dv = value.shape[-1]
+        value = F.pad(value, (0, query.shape[-1] - dv)) if dv != query.shape[-1] else value
+        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return out[..., :dv], weights
+
+    AttentionInterface.register("padded_sdpa", padded_sdpa)
+    AttentionMaskInterface.register("padded_sdpa", sdpa_mask)
 
 from tensorrt_llm_dwdp.model.batch import BatchInfo
 
@@ -17,11 +40,13 @@ def random_state_dict(template: dict[str, torch.Tensor], seed: int) -> dict[str,
     return out
 
 
-def hf_model(hf_config: dict, state_dict: dict[str, torch.Tensor]):
+def hf_model(hf_config: dict, state_dict: dict[str, torch.Tensor], attn: str = "padded_sdpa"):
     transformers = __import__("transformers")
+    if attn == "padded_sdpa":
+        _register_padded_sdpa()
     fields = {k: v for k, v in hf_config.items() if k != "model_type"}
     cfg = transformers.AutoConfig.for_model(hf_config["model_type"], **fields)
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = attn
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     # HF keeps the DeepSeek correction bias in fp32; every other tensor must be provided.

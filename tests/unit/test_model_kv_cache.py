@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.model.attention import causal_attention
 from tensorrt_llm_dwdp.model.kv_cache import KvCache
 
 
@@ -29,14 +28,20 @@ def test_bounds_are_checked():
         c.import_slot(0, {"layers.0.k": torch.zeros(1, 1, 2)})
 
 
-def test_causal_attention_matches_masked_softmax_reference():
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(3, 4, 8, generator=g)
-    k = torch.randn(5, 2, 8, generator=g)
-    v = torch.randn(5, 2, 6, generator=g)
-    out = causal_attention(q, k, v, start=2, scale=0.3)
-    for i in range(3):
-        for h in range(4):
-            s = (k[: 3 + i, h // 2] @ q[i, h]) * 0.3
-            ref = torch.softmax(s, 0) @ v[: 3 + i, h // 2]
-            torch.testing.assert_close(out[i, h], ref)
+def test_write_prefix_and_batch_views_address_the_same_positions():
+    c = KvCache(1, 4, 6, (1, 2), (2, 1), torch.float32, "cpu")
+    # tokens of slot 3 at positions 0..2 and of slot 1 at positions 4..5, packed
+    index = torch.tensor([3 * 6 + 0, 3 * 6 + 1, 3 * 6 + 2, 1 * 6 + 4, 1 * 6 + 5])
+    k = torch.arange(10, dtype=torch.float32).view(5, 1, 2)
+    v = -torch.arange(10, dtype=torch.float32).view(5, 2, 1)
+    c.write(0, index, k, v)
+    kp, vp = c.prefix(0, 3, 3)
+    assert torch.equal(kp, k[:3]) and torch.equal(vp, v[:3])
+    assert torch.equal(c.k[0][1, 4:6], k[3:]) and c.k[0][0].abs().sum() == 0
+    kb, vb = c.batch(0, torch.tensor([3, 1]), None, 6)  # gathered: slot 3 then slot 1
+    assert kb.shape == (2, 6, 1, 2) and torch.equal(kb[0, :3], k[:3]) and torch.equal(vb[1, 4:], v[3:])
+    kr, _ = c.batch(0, torch.tensor([1, 2, 3]), slice(1, 4), 6)  # consecutive slots: a view
+    assert kr.data_ptr() == c.k[0][1].data_ptr() and torch.equal(kr[2, :3], k[:3])
+    with pytest.raises(ValueError, match="max_len 6"):
+        c.prefix(0, 3, 7)
+    assert c.bytes_per_token == (2 + 2) * 4
