@@ -1,34 +1,133 @@
 """The KV cache of one prefilled sequence, as a context server hands it to a generation server.
 
 A context (prefill) worker stops a request after its first token and exports the sequence's
-KV; a generation worker imports it into a free slot and decodes from there. The payload is
-a safetensors blob (named tensors + JSON metadata), so it crosses processes and devices the
-same way whether it travels over HTTP, a file or shared memory. Tensors are moved to the CPU
-on export and to the cache's device on import.
+KV; a generation worker imports it into a free slot and decodes from there. The export is
+packed into ONE contiguous byte buffer on the cache's device (``flat``; the named tensors are
+views of it), so the same bytes can leave three ways: a peer process maps the buffer and copies
+it in one memcpy (CUDA IPC on a GPU, POSIX shm on the CPU; ``serve/kv_transfer.py``), or
+``to_bytes`` writes them after a safetensors header (named tensors + JSON metadata) for HTTP.
+Tensors keep the exporter's device until the importer writes them into its cache.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
+
+# torch dtype <-> safetensors dtype name (the KV caches' dtypes and a few more).
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class KvTensorSpec:
+    """Where one named tensor lives in a packed hand-over buffer (``offset`` in bytes)."""
+
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        n = _TORCH_DTYPES[self.dtype].itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "offset": self.offset}
+
+    @classmethod
+    def from_json(cls, d: Any) -> "KvTensorSpec":
+        try:
+            spec = cls(str(d["name"]), str(d["dtype"]), tuple(int(x) for x in d["shape"]), int(d["offset"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"KV layout entry {str(d)[:120]} is malformed: {exc}") from exc
+        if spec.dtype not in _TORCH_DTYPES or spec.offset < 0 or any(x < 0 for x in spec.shape):
+            raise ValueError(f"KV layout entry {spec} has an unknown dtype or a negative size")
+        return spec
+
+
+def layout_of(tensors: dict[str, torch.Tensor]) -> tuple[KvTensorSpec, ...]:
+    """Dense packing, widest dtype first (every offset stays aligned to its element size)."""
+    specs, offset = [], 0
+    for name, t in sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0])):
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"KV tensor {name!r} has dtype {t.dtype}, which the hand-over cannot carry")
+        specs.append(KvTensorSpec(name, _ST_DTYPES[t.dtype], tuple(t.shape), offset))
+        offset += t.numel() * t.element_size()
+    return tuple(specs)
+
+
+def views_of(flat: torch.Tensor, layout: tuple[KvTensorSpec, ...]) -> dict[str, torch.Tensor]:
+    """The named tensors of ``layout`` as views of the uint8 buffer ``flat`` (checked to fit)."""
+    if flat.dtype != torch.uint8 or flat.dim() != 1:
+        raise ValueError(f"a packed KV buffer is 1-D uint8, got {flat.dtype} {tuple(flat.shape)}")
+    out = {}
+    for s in layout:
+        end = s.offset + s.nbytes
+        if end > flat.numel() or s.offset % _TORCH_DTYPES[s.dtype].itemsize:
+            raise ValueError(f"KV tensor {s.name!r} [{s.offset}, {end}) does not fit a buffer of "
+                             f"{flat.numel()} bytes aligned to its dtype {s.dtype}")
+        out[s.name] = flat[s.offset:end].view(_TORCH_DTYPES[s.dtype]).view(s.shape)
+    return out
 
 
 @dataclass(frozen=True)
 class KvHandoff:
-    """``tensors`` maps cache tensor names to ``[prompt_len, ...]`` slices of one sequence."""
+    """``tensors`` maps cache tensor names to ``[prompt_len, ...]`` slices of one sequence.
+
+    ``flat``, when set, is the uint8 buffer the tensors are views of (laid out by ``layout``);
+    ``pack()`` makes one for a hand-off built from loose tensors.
+    """
 
     prompt_ids: tuple[int, ...]
     first_token: int
     tensors: dict[str, torch.Tensor]
+    flat: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    layout: tuple[KvTensorSpec, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def from_cache(cls, cache, slot: int, prompt_ids, first_token: int) -> "KvHandoff":
-        tensors = {k: v.detach().to("cpu", copy=True)
-                   for k, v in cache.export_slot(slot, len(prompt_ids)).items()}
-        return cls(tuple(int(t) for t in prompt_ids), int(first_token), tensors)
+        """Copy ``slot``'s first ``len(prompt_ids)`` positions into a packed buffer on the
+        cache's device (the host if the device has no room), complete when this returns."""
+        live = cache.export_slot(slot, len(prompt_ids))
+        return cls(tuple(int(t) for t in prompt_ids), int(first_token), live).pack(copy=True)
+
+    @classmethod
+    def from_flat(cls, prompt_ids, first_token: int, flat: torch.Tensor,
+                  layout: tuple[KvTensorSpec, ...]) -> "KvHandoff":
+        return cls(tuple(int(t) for t in prompt_ids), int(first_token), views_of(flat, layout), flat, layout)
+
+    def pack(self, copy: bool = False) -> "KvHandoff":
+        """This hand-off over one packed buffer (itself when it already is one and not ``copy``)."""
+        if self.flat is not None and not copy:
+            return self
+        layout = layout_of(self.tensors)
+        nbytes = sum(s.nbytes for s in layout)
+        device = next(iter(self.tensors.values())).device if self.tensors else torch.device("cpu")
+        try:
+            flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        except torch.OutOfMemoryError:
+            logger.warning("no room on %s for a %d-byte KV export; it goes to host memory", device, nbytes)
+            flat = torch.empty(nbytes, dtype=torch.uint8)
+        out = views_of(flat, layout)
+        for name, t in self.tensors.items():
+            out[name].copy_(t)
+        if flat.device.type == "cuda":  # a peer process may read it next: no stream orders that
+            torch.cuda.current_stream(flat.device).synchronize()
+        return KvHandoff(self.prompt_ids, self.first_token, out, flat, layout)
 
     def write_to_cache(self, cache, slot: int) -> None:
         cache.import_slot(slot, self.tensors)
@@ -37,35 +136,57 @@ class KvHandoff:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    def to_bytes(self) -> bytes:
-        from safetensors.torch import save
+    @property
+    def device(self) -> torch.device:
+        if self.flat is not None:
+            return self.flat.device
+        return next(iter(self.tensors.values())).device if self.tensors else torch.device("cpu")
 
-        meta = {"format": str(FORMAT_VERSION), "prompt_ids": json.dumps(list(self.prompt_ids)),
+    def metadata(self) -> dict[str, str]:
+        return {"format": str(FORMAT_VERSION), "prompt_ids": json.dumps(list(self.prompt_ids)),
                 "first_token": str(self.first_token)}
-        return save({k: v.contiguous() for k, v in self.tensors.items()}, metadata=meta)
+
+    def to_bytes(self) -> bytes:
+        """A safetensors blob: its header describes the packed buffer, which follows as is."""
+        packed = self.pack()
+        header = {s.name: {"dtype": s.dtype, "shape": list(s.shape),
+                           "data_offsets": [s.offset, s.offset + s.nbytes]} for s in packed.layout}
+        header["__metadata__"] = packed.metadata()
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
+        body = memoryview(packed.flat.cpu().numpy())
+        return b"".join((len(text).to_bytes(8, "little"), text, body))
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "KvHandoff":
         from safetensors.torch import load
 
-        meta = _metadata(blob)
-        if meta.get("format") != str(FORMAT_VERSION):
-            raise ValueError(f"KV hand-off format {meta.get('format')!r} is not "
-                             f"{FORMAT_VERSION}; context and generation servers differ in version")
+        prompt_ids, first_token = check_metadata(_metadata(blob))
         try:
             tensors = load(blob)
-            prompt_ids = json.loads(meta["prompt_ids"])
-            first_token = int(meta["first_token"])
         except Exception as exc:  # safetensors raises its own type; callers expect ValueError
             raise ValueError(f"KV hand-off blob of {len(blob)} bytes is malformed: "
                              f"{type(exc).__name__}: {exc}") from exc
-        if not isinstance(prompt_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt_ids):
-            raise ValueError(f"KV hand-off prompt_ids must be a list of token ids >= 0, "
-                             f"got {str(prompt_ids)[:80]}")
-        if first_token < 0:
-            raise ValueError(f"KV hand-off first_token must be >= 0, got {first_token}")
-        return cls(tuple(prompt_ids), first_token, tensors)
+        return cls(prompt_ids, first_token, tensors)
+
+
+def check_metadata(meta: dict[str, str]) -> tuple[tuple[int, ...], int]:
+    """``(prompt_ids, first_token)`` of a hand-off's metadata, validated (ValueError if not)."""
+    if meta.get("format") != str(FORMAT_VERSION):
+        raise ValueError(f"KV hand-off format {meta.get('format')!r} is not "
+                         f"{FORMAT_VERSION}; context and generation servers differ in version")
+    try:
+        prompt_ids = json.loads(meta["prompt_ids"])
+        first_token = int(meta["first_token"])
+    except Exception as exc:
+        raise ValueError(f"KV hand-off metadata is malformed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(prompt_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt_ids):
+        raise ValueError(f"KV hand-off prompt_ids must be a list of token ids >= 0, "
+                         f"got {str(prompt_ids)[:80]}")
+    if first_token < 0:
+        raise ValueError(f"KV hand-off first_token must be >= 0, got {first_token}")
+    return tuple(prompt_ids), first_token
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

@@ -1,39 +1,175 @@
-"""KV hand-over between a context server and a generation server, over HTTP.
+"""KV hand-over between a context server and a generation server: same-node fast path or HTTP.
 
-Mechanism: when a ``context_only`` request finishes prefill, the context server exports its KV
-(``Engine.export_kv`` -> ``KvHandoff.to_bytes()``, safetensors bytes on the host) and keeps the
-bytes here under a random one-time id. Its answer carries ``kv_url =
-http://<ctx host>:<port>/v1/kv/<id>``. The generation server GETs that URL (the entry is removed
-as it is served) and imports the KV with ``KvHandoff.from_bytes`` before decoding. On GPUs the
-bytes pass through host memory on both sides; this works across nodes and on CPU ranks alike.
-Entries nobody collects expire after ``ttl_s`` and the store is bounded in bytes, so a router
-that dies between the two phases leaks nothing for long.
+When a ``context_only`` request finishes prefill, the context server keeps its exported KV
+(``Engine.export_kv``: a ``KvHandoff`` packed in one buffer on the engine's device) in a
+``KvStore`` under a random one-time id, and its answer carries ``kv_url =
+http://<ctx>/v1/kv/<id>``. The generation server pulls it (``KvPuller``):
+
+1. ``POST <kv_url>/share {"host", "kinds"}``: when both servers run on the same node (same
+   hostname and boot id) the context server describes where the bytes are: a CUDA IPC handle
+   of the buffer (``cuda_ipc``, the context's KV still on its GPU; a generation server on a
+   GPU asks for it) or a POSIX shared-memory file holding a copy (``shm``, CPU ranks). The
+   entry's lifetime is extended, but it stays the context server's.
+2. The generation server maps the handle (or opens the file), copies the bytes into its own
+   memory in one memcpy, closes the mapping and sends ``DELETE <kv_url>``: the context server
+   frees the entry (and unlinks the file).
+3. Otherwise, or when any step of 1-2 fails (a handle that cannot be opened, another node, no
+   room in /dev/shm), it falls back to ``GET <kv_url>``: the safetensors bytes over HTTP, the
+   entry removed as it is served. A fallback is logged with its reason and counted.
+
+Entries nobody collects expire after ``ttl_s``; the store is bounded in bytes; its shared files
+are unlinked on ``close`` and files left by a crashed server are removed at the next start.
 """
 from __future__ import annotations
 
+import asyncio
+import base64
+import concurrent.futures
 import logging
+import os
 import secrets
+import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+
+from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff, KvTensorSpec, check_metadata
 
 logger = logging.getLogger(__name__)
 
 KV_ROUTE = "/v1/kv/{kv_id}"
+KV_SHARE_ROUTE = "/v1/kv/{kv_id}/share"
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "trtllm_dwdp_kv_"
+# Kept free in /dev/shm beyond a shared copy, so a full tmpfs fails our check, not a write.
+SHM_HEADROOM_BYTES = 64 << 20
 
 
-@dataclass(frozen=True)
+@lru_cache(maxsize=1)
+def host_id() -> str:
+    """This node's identity for the same-node check: hostname and kernel boot id."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "no-boot-id"
+    return f"{socket.gethostname()}/{boot}"
+
+
+class ShareUnavailable(RuntimeError):
+    """The context server cannot offer the fast path for this entry (HTTP still works)."""
+
+
+@dataclass
+class _Share:
+    """A fast-path export of one entry; ``release`` undoes it (unlinks the shm file)."""
+
+    descriptor: dict[str, Any]
+    release: Callable[[], None]
+
+
+@dataclass
 class _Entry:
-    data: bytes
+    handoff: KvHandoff
+    nbytes: int
     expires_at: float
+    share: _Share | None = None
+
+
+def export_share(handoff: KvHandoff, kinds: list[str]) -> _Share:
+    """Describe ``handoff``'s bytes for a process on this node: the first of ``kinds`` possible.
+
+    ``cuda_ipc``: the packed buffer is on a GPU; its allocation's IPC handle and the offset.
+    ``shm``: a copy of the bytes in a new file under /dev/shm (from any device).
+    """
+    packed = handoff.pack()
+    common = {"nbytes": packed.flat.numel(), "layout": [s.to_json() for s in packed.layout],
+              "metadata": packed.metadata()}
+    reasons = []
+    for kind in kinds:
+        if kind == "cuda_ipc" and packed.flat.device.type == "cuda":
+            from tensorrt_llm_dwdp.transport.cuda_ipc import CudaIpcTransport
+
+            try:
+                record = CudaIpcTransport(packed.flat.device).export(packed.flat)
+            except Exception as exc:  # no cuda.bindings, memory not IPC-capable
+                reasons.append(f"cuda_ipc: {exc}")
+                continue
+            ipc = {"allocation": record.allocation, "handle": base64.b64encode(record.handle).decode(),
+                   "allocation_bytes": record.allocation_bytes, "offset": record.offset,
+                   "device": record.device}
+            # The buffer stays referenced by the store's entry until it is released.
+            return _Share({**common, "kind": kind, "ipc": ipc}, lambda: None)
+        if kind == "shm":
+            try:
+                path = _write_shm(packed.flat)
+            except (OSError, ShareUnavailable) as exc:
+                reasons.append(f"shm: {exc}")
+                continue
+            return _Share({**common, "kind": kind, "path": path}, lambda: _unlink(path))
+        reasons.append(f"{kind}: not offered for a buffer on {packed.flat.device}")
+    raise ShareUnavailable("; ".join(reasons) or "no transfer kind requested")
+
+
+def _write_shm(flat: torch.Tensor) -> str:
+    nbytes = flat.numel()
+    st = os.statvfs(SHM_DIR)
+    if st.f_bavail * st.f_frsize < nbytes + SHM_HEADROOM_BYTES:
+        raise ShareUnavailable(f"{SHM_DIR} has {st.f_bavail * st.f_frsize} bytes free, "
+                               f"{nbytes} needed (plus {SHM_HEADROOM_BYTES} headroom)")
+    path = os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(8)}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(flat.cpu().numpy()))
+    except BaseException:
+        _unlink(path)
+        raise
+    return path
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_stale_shm_files() -> int:
+    """Unlink shared KV files whose owner process is gone (a context server that crashed)."""
+    removed = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(SHM_PREFIX):
+            continue
+        try:
+            pid = int(name[len(SHM_PREFIX):].split("_", 1)[0])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            _unlink(os.path.join(SHM_DIR, name))
+            removed += 1
+        except PermissionError:  # alive, someone else's
+            continue
+    if removed:
+        logger.warning("removed %d shared KV file(s) left in %s by exited servers", removed, SHM_DIR)
+    return removed
 
 
 class KvStore:
-    """One-time KV blobs by id, with a time-to-live and a total byte budget.
+    """One-time KV hand-offs by id, with a time-to-live and a total byte budget.
 
-    ``put`` refuses (raises) a blob that cannot fit even after dropping expired entries,
-    so a burst of uncollected hand-overs turns into clear errors, not an out-of-memory kill.
+    Only the event-loop thread calls it. ``put`` refuses (raises) an entry that cannot fit even
+    after dropping expired entries, so a burst of uncollected hand-overs turns into clear
+    errors, not an out-of-memory kill.
     """
 
     def __init__(self, ttl_s: float = 120.0, max_bytes: int = 8 << 30,
@@ -47,34 +183,56 @@ class KvStore:
         self.nbytes = 0
         self.served = 0
         self.expired = 0
+        remove_stale_shm_files()
 
-    def put(self, data: bytes) -> str:
+    def put(self, handoff: KvHandoff) -> str:
         self.expire()
-        if self.nbytes + len(data) > self.max_bytes:
+        nbytes = handoff.nbytes
+        if self.nbytes + nbytes > self.max_bytes:
             raise MemoryError(
-                f"KV store full: {self.nbytes} bytes held + {len(data)} new > max_bytes={self.max_bytes}; "
+                f"KV store full: {self.nbytes} bytes held + {nbytes} new > max_bytes={self.max_bytes}; "
                 f"generation servers are not collecting hand-overs"
             )
         kv_id = secrets.token_urlsafe(16)
-        self._entries[kv_id] = _Entry(data, self._clock() + self.ttl_s)
-        self.nbytes += len(data)
+        self._entries[kv_id] = _Entry(handoff, nbytes, self._clock() + self.ttl_s)
+        self.nbytes += nbytes
         return kv_id
 
-    def take(self, kv_id: str) -> bytes | None:
-        """Remove and return the blob (None when unknown, already taken or expired)."""
+    def get(self, kv_id: str) -> KvHandoff | None:
+        """The entry, left in place with a fresh time-to-live (a peer is about to copy it)."""
         self.expire()
-        entry = self._entries.pop(kv_id, None)
+        entry = self._entries.get(kv_id)
         if entry is None:
             return None
-        self.nbytes -= len(entry.data)
+        entry.expires_at = self._clock() + self.ttl_s
+        self._entries.move_to_end(kv_id)  # keeps the expiry order
+        return entry.handoff
+
+    def attach_share(self, kv_id: str, share: _Share) -> _Share | None:
+        """Record a fast-path export of ``kv_id`` and return the entry's share (an earlier one
+        wins a race); None, with ``share`` released, when the entry is gone."""
+        entry = self._entries.get(kv_id)
+        if entry is None or entry.share is not None:
+            share.release()
+            return entry.share if entry is not None else None
+        entry.share = share
+        return share
+
+    def share_of(self, kv_id: str) -> _Share | None:
+        entry = self._entries.get(kv_id)
+        return entry.share if entry is not None else None
+
+    def take(self, kv_id: str) -> KvHandoff | None:
+        """Remove and return the hand-off (None when unknown, already taken or expired)."""
+        self.expire()
+        entry = self._drop(kv_id)
+        if entry is None:
+            return None
         self.served += 1
-        return entry.data
+        return entry.handoff
 
     def discard(self, kv_id: str) -> bool:
-        entry = self._entries.pop(kv_id, None)
-        if entry is not None:
-            self.nbytes -= len(entry.data)
-        return entry is not None
+        return self._drop(kv_id) is not None
 
     def expire(self) -> int:
         now = self._clock()
@@ -83,31 +241,270 @@ class KvStore:
             kv_id, entry = next(iter(self._entries.items()))
             if entry.expires_at > now:
                 break
-            self._entries.popitem(last=False)
-            self.nbytes -= len(entry.data)
+            self._drop(kv_id)
             dropped += 1
         if dropped:
             self.expired += dropped
             logger.warning("dropped %d KV hand-over(s) nobody collected within %.0f s", dropped, self.ttl_s)
         return dropped
 
+    def close(self) -> None:
+        for kv_id in list(self._entries):
+            self._drop(kv_id)
+
+    def _drop(self, kv_id: str) -> _Entry | None:
+        entry = self._entries.pop(kv_id, None)
+        if entry is None:
+            return None
+        self.nbytes -= entry.nbytes
+        if entry.share is not None:
+            entry.share.release()
+        return entry
+
     def __len__(self) -> int:
         return len(self._entries)
 
 
-async def fetch_kv(session, url: str, timeout_s: float) -> bytes:
-    """GET a KV blob from a context server; raises ``KvFetchError`` naming the URL and status."""
-    import aiohttp
+class KvRoutes:
+    """The context server's side: ``GET`` / ``DELETE`` ``/v1/kv/{id}`` and ``POST .../share``.
 
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            if resp.status != 200:
-                detail = (await resp.text())[:300]
-                raise KvFetchError(f"KV fetch {url} answered HTTP {resp.status}: {detail}")
-            return await resp.read()
-    except (aiohttp.ClientError, TimeoutError) as e:
-        raise KvFetchError(f"KV fetch {url} failed: {type(e).__name__}: {e}") from e
+    ``on_request(endpoint, status)`` is told about every answer (metrics); ``host`` is this
+    node's identity (``host_id()``), compared with the one a share request names.
+    """
+
+    def __init__(self, store: KvStore, on_request: Callable[[str, int], None] = lambda e, s: None,
+                 host: str | None = None) -> None:
+        self.store = store
+        self.host = host or host_id()
+        self._on_request = on_request
+
+    def add_to(self, app) -> None:
+        app.router.add_get(KV_ROUTE, self.get)
+        app.router.add_delete(KV_ROUTE, self.delete)
+        app.router.add_post(KV_SHARE_ROUTE, self.share)
+
+    async def get(self, request):
+        from aiohttp import web
+
+        handoff = self.store.take(request.match_info["kv_id"])
+        if handoff is None:
+            return self._answer("/v1/kv", _not_found())
+        blob = await asyncio.get_running_loop().run_in_executor(None, handoff.to_bytes)
+        return self._answer("/v1/kv", web.Response(body=blob, content_type="application/octet-stream"))
+
+    async def delete(self, request):
+        from aiohttp import web
+
+        found = self.store.discard(request.match_info["kv_id"])
+        return self._answer("/v1/kv", web.json_response({"deleted": found}, status=200 if found else 404))
+
+    async def share(self, request):
+        from aiohttp import web
+
+        from tensorrt_llm_dwdp.serve.protocol import ApiError
+
+        kv_id = request.match_info["kv_id"]
+        try:
+            body = await request.json()
+            host, kinds = body["host"], body["kinds"]
+            if not isinstance(host, str) or not isinstance(kinds, list):
+                raise ValueError("'host' must be a string and 'kinds' a list")
+        except (ValueError, KeyError, TypeError) as exc:
+            return self._answer("/v1/kv/share", _error(ApiError(
+                f"share request must be {{'host': str, 'kinds': [str]}}: {exc}", param="kinds")))
+        handoff = self.store.get(kv_id)
+        if handoff is None:
+            return self._answer("/v1/kv/share", _not_found())
+        if host != self.host:
+            return self._answer("/v1/kv/share", _unavailable(f"another node ({host} is not {self.host})"))
+        existing = self.store.share_of(kv_id)
+        if existing is not None:
+            return self._answer("/v1/kv/share", web.json_response(existing.descriptor))
+        try:
+            share = await asyncio.get_running_loop().run_in_executor(None, export_share, handoff, kinds)
+        except ShareUnavailable as exc:
+            return self._answer("/v1/kv/share", _unavailable(str(exc)))
+        share = self.store.attach_share(kv_id, share)
+        if share is None:
+            return self._answer("/v1/kv/share", _not_found())
+        return self._answer("/v1/kv/share", web.json_response(share.descriptor))
+
+    def _answer(self, endpoint: str, resp):
+        self._on_request(endpoint, resp.status)
+        return resp
+
+
+def _error(e):
+    from aiohttp import web
+
+    return web.json_response(e.body(), status=e.status)
+
+
+def _not_found():
+    from tensorrt_llm_dwdp.serve.protocol import ApiError
+
+    return _error(ApiError("unknown or already collected KV id", status=404, type="not_found_error",
+                           param="kv_id"))
+
+
+def _unavailable(reason: str):
+    from tensorrt_llm_dwdp.serve.protocol import ApiError
+
+    return _error(ApiError(f"same-node KV transfer unavailable: {reason}", status=409,
+                           type="invalid_request_error", code="kv_share_unavailable"))
 
 
 class KvFetchError(RuntimeError):
     """The generation server could not pull the KV of a context-only request."""
+
+
+@dataclass(frozen=True)
+class KvTransfer:
+    """How one hand-over travelled: ``path`` is cuda_ipc, shm or http; ``fallback`` the reason
+    the fast path was not taken (None when it was, or when it was off)."""
+
+    path: str
+    nbytes: int
+    seconds: float
+    fallback: str | None = None
+
+
+class KvPuller:
+    """The generation server's side: pulls a hand-over into memory this process owns.
+
+    ``device`` is where the engine runs: a CUDA device asks for ``cuda_ipc`` first (the bytes
+    land on it in one device-to-device copy), any device can read ``shm``. ``fast_path=False``
+    always uses HTTP. Copies run on one worker thread (mapped handles are not shared between
+    threads); ``close`` unmaps anything still mapped.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", *, fast_path: bool = True,
+                 timeout_s: float = 60.0) -> None:
+        self.device = torch.device(device)
+        self.fast_path = fast_path
+        self.timeout_s = timeout_s
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-pull")
+        self._transport = None  # CudaIpcTransport, made on first use
+        self._peers: dict[str, int] = {}
+        self.kinds = (["cuda_ipc", "shm"] if self.device.type == "cuda" else ["shm"]) if fast_path else []
+
+    async def pull(self, session, kv_url: str) -> tuple[KvHandoff, KvTransfer]:
+        """The hand-over at ``kv_url``; raises ``KvFetchError`` naming the URL and cause."""
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        reason = None
+        if self.kinds:
+            try:
+                desc = await self._share(session, kv_url)
+            except _Fallback as exc:
+                reason = str(exc)
+            else:
+                try:
+                    handoff = await loop.run_in_executor(self._pool, self._copy, desc, kv_url)
+                except Exception as exc:  # noqa: BLE001 - any failure of the fast path: use HTTP
+                    reason = f"{desc['kind']} copy failed: {type(exc).__name__}: {exc}"
+                else:
+                    await self._delete(session, kv_url)
+                    return handoff, KvTransfer(desc["kind"], handoff.nbytes, time.perf_counter() - start)
+            logger.warning("KV %s over HTTP: %s", kv_url, reason)
+        try:
+            async with session.get(kv_url, timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
+                if resp.status != 200:
+                    detail = (await resp.text())[:300]
+                    raise KvFetchError(f"KV fetch {kv_url} answered HTTP {resp.status}: {detail}")
+                blob = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise KvFetchError(f"KV fetch {kv_url} failed: {type(e).__name__}: {e}") from e
+        try:
+            handoff = await loop.run_in_executor(self._pool, KvHandoff.from_bytes, blob)
+        except ValueError as e:
+            raise KvFetchError(f"KV fetch {kv_url}: {e}") from e
+        return handoff, KvTransfer("http", handoff.nbytes, time.perf_counter() - start, reason)
+
+    async def _share(self, session, kv_url: str) -> dict[str, Any]:
+        import aiohttp
+
+        try:
+            async with session.post(kv_url + "/share", json={"host": host_id(), "kinds": self.kinds},
+                                    timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
+                if resp.status == 404:
+                    raise KvFetchError(f"KV fetch {kv_url} answered HTTP 404: "
+                                       f"{(await resp.text())[:300]}")
+                if resp.status != 200:
+                    raise _Fallback(f"share answered HTTP {resp.status}: {(await resp.text())[:300]}")
+                return await resp.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            raise _Fallback(f"share request failed: {type(e).__name__}: {e}") from e
+
+    async def _delete(self, session, kv_url: str) -> None:
+        """Tell the owner the copy is done; if that fails its time-to-live frees the entry."""
+        import aiohttp
+
+        try:
+            async with session.delete(kv_url, timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
+                if resp.status != 200:
+                    logger.warning("KV %s: release answered HTTP %d", kv_url, resp.status)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            logger.warning("KV %s: release failed (%r); the entry expires on its own", kv_url, e)
+
+    # ---- the worker thread ---------------------------------------------------------------
+
+    def _copy(self, desc: dict[str, Any], kv_url: str) -> KvHandoff:
+        prompt_ids, first_token = check_metadata(desc["metadata"])
+        layout = tuple(KvTensorSpec.from_json(d) for d in desc["layout"])
+        nbytes = int(desc["nbytes"])
+        if desc["kind"] == "cuda_ipc":
+            flat = self._copy_ipc(desc["ipc"], nbytes, kv_url)
+        elif desc["kind"] == "shm":
+            flat = _read_shm(desc["path"], nbytes)
+        else:
+            raise ValueError(f"unknown share kind {desc['kind']!r}")
+        return KvHandoff.from_flat(prompt_ids, first_token, flat, layout)
+
+    def _copy_ipc(self, ipc: dict[str, Any], nbytes: int, kv_url: str) -> torch.Tensor:
+        from tensorrt_llm_dwdp.transport.base import HandleRecord
+        from tensorrt_llm_dwdp.transport.cuda_ipc import CudaIpcTransport, check, cuda_bindings
+
+        if self._transport is None:
+            self._transport = CudaIpcTransport(self.device)
+        transport = self._transport
+        record = HandleRecord("cuda_ipc", str(ipc["allocation"]), base64.b64decode(ipc["handle"]),
+                              int(ipc["allocation_bytes"]), int(ipc["offset"]), nbytes, int(ipc["device"]))
+        if record.offset + nbytes > record.allocation_bytes:
+            raise ValueError(f"IPC buffer [{record.offset}, +{nbytes}) exceeds its allocation of "
+                             f"{record.allocation_bytes} bytes")
+        peer = self._peers.setdefault(kv_url.split("/v1/kv/")[0], len(self._peers))
+        src = transport.open(peer, record)
+        try:
+            dst = torch.empty(nbytes, dtype=torch.uint8, device=transport.device)
+            rt, _ = cuda_bindings()
+            with torch.cuda.device(transport.device):
+                stream = torch.cuda.current_stream()
+                check(rt.cudaMemcpyAsync(dst.data_ptr(), src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDefault,
+                                         stream.cuda_stream), f"cudaMemcpyAsync of {nbytes} KV bytes")
+                stream.synchronize()
+        finally:
+            transport.release(peer, record)
+        return dst
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._transport is not None:
+            self._transport.close()
+
+
+class _Fallback(Exception):
+    """The fast path is not available for this pull; HTTP is."""
+
+
+def _read_shm(path: str, nbytes: int) -> torch.Tensor:
+    if not os.path.basename(path).startswith(SHM_PREFIX) or os.path.dirname(path) != SHM_DIR:
+        raise ValueError(f"refusing to read {path!r}: not a shared KV file")
+    flat = torch.empty(nbytes, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        got = f.readinto(memoryview(flat.numpy()))
+    if got != nbytes:
+        raise ValueError(f"{path} holds {got} bytes, expected {nbytes}")
+    return flat

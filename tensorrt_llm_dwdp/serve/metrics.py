@@ -70,6 +70,16 @@ class ServerMetrics:
         self.aborted = 0
         self.prefill_latency = Histogram()   # arrival -> first token (time to first token)
         self.request_latency = Histogram()   # arrival -> last token
+        # KV hand-overs pulled by a generation server, by path: [count, bytes, seconds].
+        self.kv_transfers: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
+        self.kv_fallbacks = 0
+
+    def record_kv_transfer(self, path: str, nbytes: int, seconds: float, *, fell_back: bool) -> None:
+        t = self.kv_transfers[path]
+        t[0] += 1
+        t[1] += nbytes
+        t[2] += seconds
+        self.kv_fallbacks += int(fell_back)
 
     def record_request(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, status)] += 1
@@ -89,10 +99,19 @@ class ServerMetrics:
             ("prompt_tokens_total", "Prompt tokens of admitted requests.", self.prompt_tokens),
             ("generation_tokens_total", "Tokens generated.", self.generation_tokens),
             ("aborted_requests_total", "Requests aborted (client gone or error).", self.aborted),
+            ("kv_transfer_fallbacks_total", "KV hand-overs that fell back from the same-node path "
+                                            "to HTTP.", self.kv_fallbacks),
         )
         for name, help_text, value in counters:
             lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} counter",
                       f"{PREFIX}{name}{{{role}}} {value}"]
+        for i, (name, help_text) in enumerate((
+                ("kv_transfers_total", "KV hand-overs pulled, by path (cuda_ipc, shm, http)."),
+                ("kv_transfer_bytes_total", "KV bytes pulled, by path."),
+                ("kv_transfer_seconds_total", "Seconds spent pulling KV (request to bytes in memory), by path."))):
+            lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} counter"]
+            for path, values in sorted(self.kv_transfers.items()):
+                lines.append(f'{PREFIX}{name}{{{role},path="{_escape(path)}"}} {_num(values[i])}')
         gauges = {"active_requests": float(self.active), **(extra_gauges or {})}
         for name, value in sorted(gauges.items()):
             lines += [f"# TYPE {PREFIX}{name} gauge", f"{PREFIX}{name}{{{role}}} {_num(value)}"]

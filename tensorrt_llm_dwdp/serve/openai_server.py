@@ -2,9 +2,10 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming SSE or not),
 ``GET /v1/models``, ``GET /health``, ``GET /metrics``, and for disaggregated serving
-``GET|DELETE /v1/kv/{id}`` (see ``kv_transfer``). A request carrying
+``GET|DELETE /v1/kv/{id}``, ``POST /v1/kv/{id}/share`` (see ``kv_transfer``). A request carrying
 ``disaggregated_params.request_type == "context_only"`` stops after prefill and answers with
-the first token and a ``kv_url``; ``generation_only`` pulls that KV and decodes the rest.
+the first token and a ``kv_url``; ``generation_only`` pulls that KV (same-node fast path, else
+HTTP) and decodes the rest.
 
 A client that disconnects (aiohttp cancels its handler) has its request aborted in the engine;
 other requests continue. Run the app with ``handler_cancellation=True`` (``launch.serve_app``).
@@ -22,7 +23,7 @@ from aiohttp import ClientSession, web
 
 from tensorrt_llm_dwdp.serve import protocol
 from tensorrt_llm_dwdp.serve.engine_loop import EngineFailed, EngineLoop, RequestStream
-from tensorrt_llm_dwdp.serve.kv_transfer import KV_ROUTE, KvFetchError, KvStore, fetch_kv
+from tensorrt_llm_dwdp.serve.kv_transfer import KV_ROUTE, KvFetchError, KvPuller, KvRoutes, KvStore
 from tensorrt_llm_dwdp.serve.metrics import ServerMetrics
 from tensorrt_llm_dwdp.serve.output import RequestOutput
 from tensorrt_llm_dwdp.serve.protocol import ApiError, DisaggParams, GenerationRequest
@@ -34,6 +35,8 @@ class ServerConfig:
     """What the HTTP layer needs to know about its engine and itself.
 
     ``public_url`` is how peers reach this server (the base of the ``kv_url`` it hands out).
+    ``device`` is where the engine runs (imported KV lands there); ``kv_transfer`` is ``auto``
+    (same-node CUDA IPC / shm when possible, else HTTP) or ``http``.
     """
 
     model_name: str
@@ -42,6 +45,8 @@ class ServerConfig:
     public_url: str
     kv_fetch_timeout_s: float = 60.0
     metrics_timeout_s: float = 10.0
+    device: str = "cpu"
+    kv_transfer: str = "auto"
 
 
 class OpenAIServer:
@@ -56,6 +61,9 @@ class OpenAIServer:
         self.config = config
         self.kv_store = kv_store or KvStore()
         self.metrics = ServerMetrics(role)
+        self.kv_routes = KvRoutes(self.kv_store, self.metrics.record_request)
+        self.kv_puller = KvPuller(config.device, fast_path=config.kv_transfer == "auto",
+                                  timeout_s=config.kv_fetch_timeout_s)
         self.loop: EngineLoop | None = None
         self._session: ClientSession | None = None
         self._started = time.time()
@@ -67,8 +75,7 @@ class OpenAIServer:
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_get(KV_ROUTE, self.kv_get)
-        app.router.add_delete(KV_ROUTE, self.kv_delete)
+        self.kv_routes.add_to(app)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -83,6 +90,8 @@ class OpenAIServer:
             await self._session.close()
         if self.loop is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.loop.stop)
+        self.kv_store.close()
+        self.kv_puller.close()
 
     # ---- small endpoints ------------------------------------------------------------------------
 
@@ -113,19 +122,6 @@ class OpenAIServer:
         return web.Response(text=self.metrics.render(gauges, dwdp),
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
-
-    async def kv_get(self, request: web.Request) -> web.StreamResponse:
-        blob = self.kv_store.take(request.match_info["kv_id"])
-        if blob is None:
-            self.metrics.record_request("/v1/kv", 404)
-            return _json_error(ApiError("unknown or already collected KV id", status=404,
-                                        type="not_found_error", param="kv_id"))
-        self.metrics.record_request("/v1/kv", 200)
-        return web.Response(body=blob, content_type="application/octet-stream")
-
-    async def kv_delete(self, request: web.Request) -> web.Response:
-        found = self.kv_store.discard(request.match_info["kv_id"])
-        return web.json_response({"deleted": found}, status=200 if found else 404)
 
     # ---- generation -----------------------------------------------------------------------------
 
@@ -232,23 +228,23 @@ class OpenAIServer:
         params = SamplingParams(max_tokens=job.max_tokens, stop_token_ids=tuple(req.stop_token_ids),
                                 ignore_eos=req.ignore_eos, **req.sampling)
         rid = job.rid
-        blob: bytes | None = None
+        kv = None
         if req.disagg is not None and req.disagg.request_type == "generation_only":
             try:
-                blob = await fetch_kv(self._session, req.disagg.kv_url, self.config.kv_fetch_timeout_s)
+                kv, transfer = await self.kv_puller.pull(self._session, req.disagg.kv_url)
             except KvFetchError as e:
                 raise ApiError(str(e), status=502, type="server_error", param="disaggregated_params.kv_url",
                                code="kv_transfer_failed") from e
+            self.metrics.record_kv_transfer(transfer.path, transfer.nbytes, transfer.seconds,
+                                            fell_back=transfer.fallback is not None)
+            if kv.first_token != req.disagg.first_gen_tokens[0]:
+                # The engine decodes from the KV's token: it must be the one the client holds.
+                raise ApiError(f"request rejected: the KV at {req.disagg.kv_url} holds first token "
+                               f"{kv.first_token} but first_gen_tokens is {list(req.disagg.first_gen_tokens)}",
+                               param="disaggregated_params.first_gen_tokens")
         context_only = req.disagg is not None and req.disagg.request_type == "context_only"
 
         def make_request():
-            from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
-
-            kv = KvHandoff.from_bytes(blob) if blob is not None else None
-            if kv is not None and kv.first_token != req.disagg.first_gen_tokens[0]:
-                # The engine decodes from the blob's token: it must be the one the client holds.
-                raise ValueError(f"the KV at {req.disagg.kv_url} holds first token {kv.first_token} "
-                                 f"but first_gen_tokens is {list(req.disagg.first_gen_tokens)}")
             return Request(rid, list(job.prompt_ids), params, context_only=context_only, kv_import=kv)
 
         try:
@@ -287,9 +283,9 @@ class OpenAIServer:
         if job.output.finished:
             await self.loop.call(lambda engine: engine.abort(rid))  # drop the unneeded export
             return delta
-        blob = await self.loop.call(lambda engine: engine.export_kv(rid).to_bytes())
+        handoff = await self.loop.call(lambda engine: engine.export_kv(rid))
         try:
-            kv_id = self.kv_store.put(blob)
+            kv_id = self.kv_store.put(handoff)
         except MemoryError as e:
             raise ApiError(str(e), status=503, type="service_unavailable", code="kv_store_full") from e
         job.handoff = DisaggParams(

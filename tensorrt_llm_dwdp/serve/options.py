@@ -34,10 +34,15 @@ USED_KEYS = frozenset({
     "moe_expert_parallel_size", "moe_config", "dwdp_config",
     # Our own: where the engine runs ("cpu", "cuda", "cuda:1"); absent = CUDA when present.
     "device",
+    # Our own: how a generation server pulls KV: "auto" (same-node CUDA IPC / shm, else HTTP)
+    # or "http" (always HTTP).
+    "kv_transfer",
 })
 
-# Keys TensorRT-LLM's LLM API / trtllm-serve know that change nothing here (KV transfer goes
-# over HTTP, there is no CUDA graph, scheduler policy or overlap scheduler).
+KV_TRANSFER_MODES = ("auto", "http")
+
+# Keys TensorRT-LLM's LLM API / trtllm-serve know that change nothing here (KV moves through
+# our own hand-over, see kv_transfer; there is no CUDA graph, scheduler policy or overlap scheduler).
 KNOWN_IGNORED_KEYS = frozenset({
     "allreduce_strategy", "attention_dp_config", "attn_backend", "batch_wait_timeout_ms",
     "batch_wait_max_tokens_ratio", "batched_logits_processor", "build_config",
@@ -92,6 +97,7 @@ class ServeOptions:
     device: str | None = None
     log_level: str = "info"
     dwdp_config: DwdpConfig | None = None
+    kv_transfer: str = "auto"
     ignored_keys: tuple[str, ...] = field(default=())
 
     @property
@@ -165,6 +171,8 @@ def merge_options(base: ServeOptions, extra: Mapping[str, Any], *, source: str =
             changes[key] = extra[key]
     if "backend" in extra:
         changes["backend"] = extra["backend"]
+    if "kv_transfer" in extra:
+        changes["kv_transfer"] = extra["kv_transfer"]
     for key in ("max_batch_size", "max_num_tokens", "max_seq_len"):
         if key in extra and extra[key] is not None:
             changes[key] = _positive_int(f"{source}: {key}", extra[key])
@@ -211,6 +219,8 @@ def check_options(options: ServeOptions) -> ServeOptions:
         raise OptionsError(f"log_level={options.log_level!r}; choose one of {sorted(LOG_LEVELS)}")
     if not (0 <= options.port < 65536):
         raise OptionsError(f"port={options.port} is outside [0, 65535]")
+    if options.kv_transfer not in KV_TRANSFER_MODES:
+        raise OptionsError(f"kv_transfer={options.kv_transfer!r}; choose one of {list(KV_TRANSFER_MODES)}")
     if options.moe_backend not in set(MOE_BACKENDS.values()):
         raise OptionsError(f"moe_backend={options.moe_backend!r}; choose 'torch' or 'cutedsl'")
     if options.max_num_tokens < 1 or options.max_batch_size < 1 or options.max_seq_len < 2:

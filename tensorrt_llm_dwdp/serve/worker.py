@@ -125,7 +125,8 @@ def run_worker_server(options: ServeOptions, *, local_rank: int = 0, group: Any 
         config = ServerConfig(
             model_name=options.model, max_seq_len=options.max_seq_len,
             vocab_size=worker.model_config.vocab_size,
-            public_url=advertised_url(advertise_host or options.host, options.port))
+            public_url=advertised_url(advertise_host or options.host, options.port),
+            device=str(worker.engine.device), kv_transfer=options.kv_transfer)
         server = OpenAIServer(worker.engine, worker.tokenizer, config,
                               engine_thread_init=_bind_device_fn(worker.engine.device))
         serve_app(server.make_app(), options.host, options.port)

@@ -67,3 +67,10 @@ def test_dwdp_section_and_moe_backend(tmp_path):
         "enabled": False, "dwdp_size": 2, "num_experts_per_worker": 6, "num_prefetch_experts": 2}})
     assert off.dwdp_config is None
     assert merge_options(ServeOptions(model="m"), {"dwdp_config": {"dwdp_size": 1}}).dwdp_config is None
+
+
+def test_kv_transfer_mode():
+    assert ServeOptions(model="m").kv_transfer == "auto"
+    assert merge_options(ServeOptions(model="m"), {"kv_transfer": "http"}).kv_transfer == "http"
+    with pytest.raises(OptionsError, match="kv_transfer='ipc'"):
+        merge_options(ServeOptions(model="m"), {"kv_transfer": "ipc"})

@@ -225,6 +225,8 @@ def test_disaggregated_router_matches_aggregated():
                 assert len(gen_engine.imported) == 5  # 2 prompts x (full, stream) + chat; "one"/1 ends at ctx
                 assert len(ctx_engine.aborted) == 2   # its unneeded exports were dropped
                 assert len(gen_server.kv_store) == 0
+                # Same node: every hand-over took the shared-memory path, none fell back.
+                assert gen_server.metrics.kv_transfers["shm"][0] == 5 and gen_server.metrics.kv_fallbacks == 0
                 status, err = await _post(s, rurl + "/v1/completions", {"prompt": "x", "temperature": 2.5})
                 assert status == 400 and err["error"]["param"] == "temperature"
                 # The KV id is one-time: a second pull is a 404.
