@@ -76,3 +76,35 @@ def plot_timeline(timeline: dict[str, Any], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_latency_vs_load(runs: list[dict[str, Any]], path: str) -> None:
+    """TTFT and TPOT percentiles (ms) and achieved throughput against the offered load (the
+    concurrency, or the request rate, of each ``bench/serve_load.py`` run)."""
+    plt = _pyplot()
+    by_conc = all(r.get("concurrency") for r in runs)
+    key = (lambda r: r["concurrency"]) if by_conc else (lambda r: float(r["request_rate"]))
+    runs = sorted((r for r in runs if r.get("ttft_ms")), key=key)
+    x = [key(r) for r in runs]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, metric, title in ((axes[0], "ttft_ms", "time to first token"),
+                              (axes[1], "tpot_ms", "time per output token")):
+        for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
+            pts = [(xi, r[metric][q]) for xi, r in zip(x, runs) if r.get(metric)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=q)
+        ax.set_ylabel(f"{title} (ms)")
+        ax.set_yscale("log")
+        ax.legend()
+    axes[2].plot(x, [r["output_tokens_per_s"] for r in runs], "o-", label="output tokens/s")
+    axes[2].plot(x, [r["requests_per_s"] for r in runs], "s--", label="requests/s")
+    axes[2].set_ylabel("achieved throughput")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("concurrent requests" if by_conc else "offered requests/s (Poisson)")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+    label = runs[0].get("label") if runs else ""
+    fig.suptitle(f"latency against load{': ' + label if label else ''}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,243 @@
+"""KV hand-over bandwidth between two processes: same-node fast path vs HTTP vs a raw copy.
+
+    python bench/kv_handover.py --device cuda:1 --export-device cuda:0 --tokens 8192 32768
+    python bench/kv_handover.py --device cpu --tokens 256 --layers 2      # shm vs HTTP on CPU
+
+Starts an exporter process (the context server's side: a ``KvStore`` behind the real
+``KvRoutes`` on ``--export-device``) and pulls DeepSeek-V3-shaped hand-overs (``--layers`` x
+tokens x (512 + 64) bf16, the MLA cache; 61 layers x 32K tokens = 2.3 GB) into this process
+on ``--device`` with the generation server's ``KvPuller``, each way in the same run:
+
+  fast   POST .../share, then CUDA IPC (GPU) or /dev/shm (CPU) copy, then DELETE
+  http   GET of the safetensors bytes, parsed, then copied to ``--device``
+  raw    cudaMemcpyAsync of the same byte count from an IPC-mapped buffer of the exporter
+         (CUDA events; a peer copy when the devices differ), or a host memcpy on the CPU
+
+Every pulled byte is checked against the exporter's pattern. Times are medians over
+``--repeats`` after one warm-up; "end to end" includes the HTTP requests and, for http, the
+parse and the copy to the device. Prints one JSON object (``--out`` writes it too).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MLA_K, MLA_V = 512, 64  # DeepSeek-V3: kv_lora_rank latent, rope key
+
+
+def pattern(tokens: int, layers: int, key: int, device) -> dict[str, torch.Tensor]:
+    """The hand-over's tensors: bf16 bit patterns from a generator seeded per (key, tensor)."""
+    out = {}
+    names = [f"layers.{i}.{kv}" for i in range(layers) for kv in "kv"]
+    for idx, name in enumerate(names):
+        dim = MLA_K if name.endswith(".k") else MLA_V
+        g = torch.Generator(device=device).manual_seed(key * 100003 + idx)
+        out[name] = torch.randint(-32768, 32767, (tokens, 1, dim), dtype=torch.int16, device=device,
+                                  generator=g).view(torch.bfloat16)
+    return out
+
+
+# ---- the exporter process ----------------------------------------------------------------------
+
+def run_exporter(device: str, port: int) -> None:
+    from aiohttp import web
+
+    from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
+    from tensorrt_llm_dwdp.serve.kv_transfer import KvRoutes, KvStore, export_share
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    store = KvStore(max_bytes=64 << 30)
+    base = f"http://127.0.0.1:{port}/v1/kv/"
+
+    async def put(request):
+        body = await request.json()
+        tensors = pattern(body["tokens"], body["layers"], body["key"], dev)
+        handoff = KvHandoff(tuple(range(body["tokens"])), 7, tensors).pack(copy=True)
+        return web.json_response({"kv_url": base + store.put(handoff), "nbytes": handoff.nbytes})
+
+    async def raw(request):
+        """A plain buffer of ``nbytes`` shared like a hand-over (the raw-copy source)."""
+        body = await request.json()
+        flat = torch.empty(body["nbytes"], dtype=torch.uint8, device=dev)
+        handoff = KvHandoff((0,), 0, {"raw": flat}).pack()
+        kv_id = store.put(handoff)
+        share = store.attach_share(kv_id, export_share(handoff, body["kinds"]))
+        return web.json_response({"kv_url": base + kv_id, "descriptor": share.descriptor})
+
+    async def health(request):
+        return web.Response(text="OK")
+
+    async def cleanup(app):
+        store.close()  # unlinks any shared file
+
+    app = web.Application()
+    KvRoutes(store).add_to(app)
+    app.router.add_post("/bench/put", put)
+    app.router.add_post("/bench/raw", raw)
+    app.router.add_get("/health", health)
+    app.on_cleanup.append(cleanup)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+# ---- the puller (this process) -----------------------------------------------------------------
+
+def _equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
+    return set(got) == set(want) and all(
+        torch.equal(got[k].to(want[k].device).view(torch.int16), want[k].view(torch.int16)) for k in want)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+async def pull_once(session, puller, base: str, tokens: int, layers: int, key: int, device) -> dict:
+    async with session.post(base + "/bench/put", json={"tokens": tokens, "layers": layers, "key": key}) as r:
+        put = await r.json()
+    start = time.perf_counter()
+    handoff, transfer = await puller.pull(session, put["kv_url"])
+    on_device = {k: v.to(device) for k, v in handoff.tensors.items()}
+    _sync(device)
+    total = time.perf_counter() - start
+    return {"path": transfer.path, "fallback": transfer.fallback, "nbytes": transfer.nbytes,
+            "pull_s": transfer.seconds, "end_to_end_s": total,
+            "ok": _equal(on_device, pattern(tokens, layers, key, device))}
+
+
+async def raw_copy(session, base: str, nbytes: int, device, kinds: list[str], repeats: int) -> dict:
+    async with session.post(base + "/bench/raw", json={"nbytes": nbytes, "kinds": kinds}) as r:
+        raw = await r.json()
+    desc = raw["descriptor"]
+    times = []
+    try:
+        if desc["kind"] == "cuda_ipc":
+            from tensorrt_llm_dwdp.transport.base import HandleRecord
+            from tensorrt_llm_dwdp.transport.cuda_ipc import CudaIpcTransport, check, cuda_bindings
+            import base64
+
+            rt, _ = cuda_bindings()
+            ipc = desc["ipc"]
+            transport = CudaIpcTransport(device)
+            record = HandleRecord("cuda_ipc", ipc["allocation"], base64.b64decode(ipc["handle"]),
+                                  ipc["allocation_bytes"], ipc["offset"], nbytes, ipc["device"])
+            src = transport.open(0, record)
+            dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            stream = torch.cuda.Stream(device)
+            try:
+                for _ in range(repeats + 1):
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record(stream)
+                    check(rt.cudaMemcpyAsync(dst.data_ptr(), src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDefault,
+                                             stream.cuda_stream), "raw cudaMemcpyAsync")
+                    e1.record(stream)
+                    e1.synchronize()
+                    times.append(e0.elapsed_time(e1) / 1e3)
+            finally:
+                transport.close()
+            what = "cudaMemcpyAsync from the exporter's IPC-mapped buffer"
+        else:
+            src = torch.empty(nbytes, dtype=torch.uint8)
+            dst = torch.empty(nbytes, dtype=torch.uint8)
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                dst.copy_(src)
+                times.append(time.perf_counter() - t0)
+            what = "host memcpy (torch copy_) of the same byte count"
+    finally:
+        async with session.delete(raw["kv_url"]):
+            pass
+    s = statistics.median(times[1:])
+    return {"what": what, "seconds": s, "gb_per_s": nbytes / s / 1e9}
+
+
+async def bench(args) -> dict:
+    import aiohttp
+
+    from tensorrt_llm_dwdp.launcher import free_port
+    from tensorrt_llm_dwdp.serve.kv_transfer import KvPuller
+    from tensorrt_llm_dwdp.serve.launch import wait_for_health_async
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    port = free_port()
+    exporter = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--exporter", "--port", str(port),
+                                 "--export-device", args.export_device or args.device])
+    base = f"http://127.0.0.1:{port}"
+    fast, http = KvPuller(device), KvPuller(device, fast_path=False)
+    sizes = []
+    try:
+        await wait_for_health_async([base], timeout_s=120)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+            for tokens in args.tokens:
+                runs = {"fast": [], "http": []}
+                for rep in range(args.repeats + 1):
+                    for name, puller in (("fast", fast), ("http", http)):
+                        runs[name].append(await pull_once(session, puller, base, tokens, args.layers, rep, device))
+                nbytes = runs["fast"][0]["nbytes"]
+                entry = {"tokens": tokens, "layers": args.layers, "nbytes": nbytes,
+                         "raw": await raw_copy(session, base, nbytes, device, fast.kinds, args.repeats)}
+                for name, rs in runs.items():
+                    rs = rs[1:] or rs
+                    pull = statistics.median(r["pull_s"] for r in rs)
+                    e2e = statistics.median(r["end_to_end_s"] for r in rs)
+                    entry[name] = {"path": sorted({r["path"] for r in rs}), "fallback": rs[-1]["fallback"],
+                                   "verified": all(r["ok"] for r in rs), "pull_s": pull, "end_to_end_s": e2e,
+                                   "pull_gb_per_s": nbytes / pull / 1e9, "end_to_end_gb_per_s": nbytes / e2e / 1e9}
+                entry["fast_over_http"] = entry["http"]["end_to_end_s"] / entry["fast"]["end_to_end_s"]
+                entry["fast_over_raw"] = entry["fast"]["end_to_end_gb_per_s"] / entry["raw"]["gb_per_s"]
+                sizes.append(entry)
+                print(json.dumps(entry), file=sys.stderr, flush=True)
+    finally:
+        fast.close()
+        http.close()
+        exporter.terminate()
+        try:
+            exporter.wait(30)
+        except subprocess.TimeoutExpired:
+            exporter.kill()
+    return {"bench": "kv_handover", "device": str(device), "export_device": args.export_device or args.device,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "repeats": args.repeats, "sizes": sizes,
+            "ok": bool(sizes) and all(s["fast"]["verified"] and s["http"]["verified"] for s in sizes)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the generation side lands the KV")
+    p.add_argument("--export-device", default=None, help="the context side's device (default: --device)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--layers", type=int, default=61)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None)
+    p.add_argument("--exporter", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.exporter:
+        run_exporter(args.export_device, args.port)
+        return 0
+    if args.device == "cuda":
+        args.device = "cuda:0"
+    result = asyncio.run(bench(args))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
