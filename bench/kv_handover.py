@@ -16,6 +16,12 @@ on ``--device`` with the generation server's ``KvPuller``, each way in the same 
 Every pulled byte is checked against the exporter's pattern. Times are medians over
 ``--repeats`` after one warm-up; "end to end" includes the HTTP requests and, for http, the
 parse and the copy to the device. Prints one JSON object (``--out`` writes it too).
+
+With ``--ttft MODEL`` it measures instead the time to first token of ``--tokens``-long prompts
+through the disaggregated router (one context server on ``--export-device``, one generation
+server on ``--device``, started with ``LocalCluster``), once per ``kv_transfer`` mode (auto:
+same-node fast path; http), reading which path each hand-over took from the generation
+server's /metrics; and checks a seeded sampled request gives the same tokens twice.
 """
 from __future__ import annotations
 
@@ -212,6 +218,88 @@ async def bench(args) -> dict:
             "ok": bool(sizes) and all(s["fast"]["verified"] and s["http"]["verified"] for s in sizes)}
 
 
+async def _gen_kv_metrics(session, url: str) -> dict[str, list[float]]:
+    """{path: [count, bytes, seconds]} from a generation server's /metrics."""
+    import re
+
+    async with session.get(url + "/metrics") as r:
+        text = await r.text()
+    out: dict[str, list[float]] = {}
+    for i, name in enumerate(("kv_transfers_total", "kv_transfer_bytes_total", "kv_transfer_seconds_total")):
+        for path, value in re.findall(rf'^trtllm_dwdp_{name}{{[^}}]*path="([^"]+)"}} (\S+)$', text, re.M):
+            out.setdefault(path, [0.0, 0.0, 0.0])[i] = float(value)
+    return out
+
+
+async def _ttft_requests(cluster, args) -> dict:
+    import random
+
+    import aiohttp
+
+    from bench import serve_load
+
+    load = serve_load.parse_args(["--url", cluster.router_url, "--output-len", "2", "--timeout", "300"])
+    gen_url = [p.url for p in cluster.procs if p.name.startswith("generation")][0]
+    rng = random.Random(0)
+    out: dict = {"lengths": {}}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        warm = serve_load.RequestSpec(64, 2, [rng.randrange(256) for _ in range(64)])
+        await serve_load.send(session, load, warm)
+        for tokens in args.tokens:
+            runs = []
+            for _ in range(args.repeats):
+                before = await _gen_kv_metrics(session, gen_url)
+                spec = serve_load.RequestSpec(tokens, 2, [rng.randrange(256) for _ in range(tokens)])
+                res = await serve_load.send(session, load, spec)
+                after = await _gen_kv_metrics(session, gen_url)
+                paths = {p: [a - b for a, b in zip(v, before.get(p, [0, 0, 0]))] for p, v in after.items()}
+                paths = {p: v for p, v in paths.items() if v[0]}
+                runs.append({"ok": res.ok, "error": res.error, "ttft_s": res.ttft_s,
+                             "kv": {p: {"bytes": v[1], "seconds": v[2]} for p, v in paths.items()}})
+            good = [r["ttft_s"] for r in runs if r["ok"]]
+            out["lengths"][str(tokens)] = {"ttft_s_median": statistics.median(good) if good else None,
+                                           "runs": runs}
+            print(json.dumps({"tokens": tokens, **out["lengths"][str(tokens)]}), file=sys.stderr, flush=True)
+        body = {"prompt": "Tell me", "max_tokens": 8, "temperature": 0.8, "seed": 7, "ignore_eos": True,
+                "return_token_ids": True}
+        ids = []
+        for _ in range(2):
+            async with session.post(cluster.router_url + "/v1/completions", json=body) as r:
+                ids.append((await r.json())["choices"][0].get("token_ids") if r.status == 200 else r.status)
+        out["seeded_sampling_reproduces"] = ids[0] == ids[1] and isinstance(ids[0], list)
+    return out
+
+
+def ttft(args) -> dict:
+    """TTFT through the router with each KV path (see the module docstring)."""
+    import tempfile
+
+    from tensorrt_llm_dwdp.serve.cluster import LocalCluster
+
+    max_len = max(args.tokens) + 64
+    common = {"max_seq_len": max_len, "max_batch_size": 2}
+    result = {"bench": "kv_handover_ttft", "model": args.ttft, "ctx_device": args.export_device or args.device,
+              "gen_device": args.device, "repeats": args.repeats, "modes": {}}
+    for mode in ("auto", "http"):
+        with tempfile.TemporaryDirectory(prefix=f"kv-ttft-{mode}-") as work:
+            cluster = LocalCluster(args.ttft, work, num_ctx=1, num_gen=1,
+                                   ctx_options={**common, "device": args.export_device or args.device},
+                                   gen_options={**common, "device": args.device, "kv_transfer": mode})
+            try:
+                cluster.start(timeout_s=args.start_timeout)
+                result["modes"][mode] = asyncio.run(_ttft_requests(cluster, args))
+            except Exception as exc:  # noqa: BLE001 - one failed mode is reported, the other still runs
+                tails = {p.name: cluster.log_tail(p.name, 1500) for p in cluster.procs}
+                result["modes"][mode] = {"error": f"{type(exc).__name__}: {exc}"[:2000], "logs": tails}
+            finally:
+                cluster.stop()
+    medians = {m: {t: v["ttft_s_median"] for t, v in r.get("lengths", {}).items()} for m, r in result["modes"].items()}
+    result["ttft_s_median"] = medians
+    result["ok"] = all("error" not in r and all(v is not None for v in medians[m].values())
+                       for m, r in result["modes"].items())
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -221,6 +309,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=61)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--ttft", default=None, metavar="MODEL",
+                   help="measure TTFT through the router with each KV path on this checkpoint instead")
+    p.add_argument("--start-timeout", type=float, default=240.0, help="seconds for the servers to start")
     p.add_argument("--exporter", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -229,7 +320,11 @@ def main(argv=None) -> int:
         return 0
     if args.device == "cuda":
         args.device = "cuda:0"
-    result = asyncio.run(bench(args))
+    if args.ttft:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        result = ttft(args)
+    else:
+        result = asyncio.run(bench(args))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

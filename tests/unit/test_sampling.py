@@ -9,38 +9,42 @@ from tensorrt_llm_dwdp.engine.sampling import Sampler, resolve_seed, step_seed
 from tensorrt_llm_dwdp.engine.scheduler import SamplingParams
 
 V = 50
+# The device-dependent tests run on CUDA too (CUDA generators are Philox, not mt19937).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def _logits(n, seed=0, vocab=V):
-    return torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+def _logits(n, seed=0, vocab=V, device="cpu"):
+    return (torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed)) * 3).to(device)
 
 
 def _p(**kw):
     return SamplingParams(**{"max_tokens": 4, **kw})
 
 
-def test_greedy_rows_are_argmax_and_logits_stay_bitwise():
-    logits = _logits(6).to(torch.bfloat16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_rows_are_argmax_and_logits_stay_bitwise(device):
+    logits = _logits(6, device=device).to(torch.bfloat16)
     before = logits.clone()
     params = [_p(), _p(temperature=0.7, seed=1), _p(), _p(temperature=1.3, top_k=5, seed=2),
               _p(temperature=0.0, top_k=3, seed=9), _p(temperature=0.5, top_p=0.5, seed=3)]
-    tokens = Sampler("cpu").sample(logits, params, [0, 3, 1, 0, 2, 7])
+    tokens = Sampler(device).sample(logits, params, [0, 3, 1, 0, 2, 7])
     assert torch.equal(logits.view(torch.int16), before.view(torch.int16))
     argmax = logits.argmax(-1).tolist()
     for i in (0, 2, 4):
         assert tokens[i] == argmax[i]
     # An all-greedy step is exactly the old path.
-    assert Sampler("cpu").sample(logits, [_p()] * 6, [0] * 6) == argmax
+    assert Sampler(device).sample(logits, [_p()] * 6, [0] * 6) == argmax
 
 
-def test_seeded_draw_is_independent_of_the_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_draw_is_independent_of_the_batch(device):
     """Row r's token depends only on (its logits, its params, its output index)."""
-    sampler = Sampler("cpu")
-    row = _logits(1, seed=5)
+    sampler = Sampler(device)
+    row = _logits(1, seed=5, device=device)
     kinds = [_p(temperature=0.8, seed=7), _p(temperature=1.1, top_k=8, seed=7),
              _p(temperature=0.9, top_p=0.6, seed=11), _p(temperature=1.0, min_p=0.05, seed=13),
              _p(temperature=0.6, top_k=20, top_p=0.9, min_p=0.01, seed=-3)]
-    others = _logits(5, seed=6)
+    others = _logits(5, seed=6, device=device)
     other_params = [_p(), _p(temperature=2.0, seed=99), _p(temperature=0.3, top_k=2, seed=5),
                     _p(temperature=1.0, top_p=0.3, seed=4), _p()]
     for params in kinds:
@@ -53,9 +57,10 @@ def test_seeded_draw_is_independent_of_the_batch():
                 assert sampler.sample(batch, ps, ts)[pos] == alone, (params, t, pos)
 
 
-def test_seed_and_position_change_the_draw():
-    sampler = Sampler("cpu")
-    logits = torch.zeros(1, 1000)  # uniform: every draw is pure noise
+@pytest.mark.parametrize("device", DEVICES)
+def test_seed_and_position_change_the_draw(device):
+    sampler = Sampler(device)
+    logits = torch.zeros(1, 1000, device=device)  # uniform: every draw is pure noise
     draws = lambda seed: [sampler.sample(logits, [_p(temperature=1.0, seed=seed)], [t])[0] for t in range(16)]
     a, b = draws(7), draws(8)
     assert a == draws(7)
@@ -73,7 +78,7 @@ def test_resolve_seed_keeps_a_given_seed_and_draws_a_fresh_one():
 
 
 def _support(logits_row, params, n=400):
-    sampler = Sampler("cpu")
+    sampler = Sampler(logits_row.device)
     seen = set()
     for s in range(n):
         seen.add(sampler.sample(logits_row, [SamplingParams(**{**params, "seed": s})], [0])[0])
@@ -102,14 +107,15 @@ def test_top_p_support_is_the_shortest_prefix_reaching_p(top_p):
     assert got == set(range(keep))
 
 
-def test_min_p_support_and_combined_filters():
-    row = torch.tensor([[2.0, 1.9, 1.0, 0.0, -0.5, -3.0]])
-    probs = row[0].softmax(-1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_min_p_support_and_combined_filters(device):
+    row = torch.tensor([[2.0, 1.9, 1.0, 0.0, -0.5, -3.0]], device=device)
+    probs = row[0].cpu().softmax(-1)
     for min_p in (0.1, 0.3, 0.9):
         expect = {i for i in range(6) if probs[i] >= min_p * probs[0]}
         assert _support(row, {"temperature": 1.0, "min_p": min_p}) == expect
     # top_k=4 first, then top_p on the renormalised four: 0.6 of the four keeps the first two.
-    four = row[0, :4].softmax(-1)
+    four = row[0, :4].cpu().softmax(-1)
     assert float(four[0]) < 0.6 <= float(four[0] + four[1])
     assert _support(row, {"temperature": 1.0, "top_k": 4, "top_p": 0.6}) == {0, 1}
 
