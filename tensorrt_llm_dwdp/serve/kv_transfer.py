@@ -92,9 +92,14 @@ def export_share(handoff: KvHandoff, kinds: list[str]) -> _Share:
     reasons = []
     for kind in kinds:
         if kind == "cuda_ipc" and packed.flat.device.type == "cuda":
-            from tensorrt_llm_dwdp.transport.cuda_ipc import CudaIpcTransport
+            from tensorrt_llm_dwdp.transport.cuda_ipc import CudaIpcTransport, check, cuda_bindings
 
             try:
+                rt, _ = cuda_bindings()
+                with torch.cuda.device(packed.flat.device):
+                    # A worker thread may have no current CUDA context yet, and the export's
+                    # cuMemGetAddressRange (driver API) needs one: a runtime call binds it.
+                    check(rt.cudaFree(0), "cudaFree(0)")
                 record = CudaIpcTransport(packed.flat.device).export(packed.flat)
             except Exception as exc:  # no cuda.bindings, memory not IPC-capable
                 reasons.append(f"cuda_ipc: {exc}")
