@@ -103,6 +103,13 @@ def test_disaggregated_dwdp_matches_aggregated(deployment):
                 assert m is not None, text[-2000:]
                 copied += float(m.group(1))
             assert copied > 0  # the two ranks really fetched experts from each other
+            # Same node, CPU ranks: every hand-over took the shared-memory path, none fell back.
+            gen_url = next(p.url for p in cluster.procs if p.name.startswith("generation"))
+            async with s.get(gen_url + "/metrics") as r:
+                text = await r.text()
+            assert re.search(r'^trtllm_dwdp_kv_transfers_total\{role="worker",path="shm"\} [1-9]', text, re.M), text
+            assert 'path="http"' not in text
+            assert re.search(r'^trtllm_dwdp_kv_transfer_fallbacks_total\{role="worker"\} 0$', text, re.M)
 
     asyncio.run(main())
 
