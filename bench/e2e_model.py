@@ -11,7 +11,8 @@ Modes (``S`` ranks, ``E`` experts, ``L`` MoE layers), and the routed experts eac
 - ``dwdp``: its slice of W experts per layer in memory peers can map (``DwdpManager.allocate``),
   plus the manager's two prefetch buffers: ``L*W + 2*(S-1)*P`` experts;
 - ``replicated``: all E per layer (``L*E``): the speed upper bound and the memory worst case;
-- ``ep``: its E/S per layer (``L*E/S``), tokens dispatched to their owners by all-to-all.
+- ``ep``: its E/S per layer (``L*E/S``), tokens dispatched to their owners and back by the
+  ``ExpertParallel`` the caller passes (``parallel/``: the same ConfigurableMoE and backend).
 """
 from __future__ import annotations
 
@@ -30,9 +31,7 @@ from tensorrt_llm_dwdp.model.memory import in_use
 from tensorrt_llm_dwdp.model.moe_block import make_moe
 from tensorrt_llm_dwdp.model.presets import get_preset
 from tensorrt_llm_dwdp.moe import specs
-from tensorrt_llm_dwdp.moe.configurable_moe import MoeGate
-from tensorrt_llm_dwdp.moe.weights import ExpertWeights
-from tensorrt_llm_dwdp.parallel.expert_parallel import ExpertParallelBackend
+from tensorrt_llm_dwdp.parallel.expert_parallel import ExpertParallel
 from tensorrt_llm_dwdp.quant.nvfp4 import quantize_nvfp4_per_leading
 
 logger = logging.getLogger(__name__)
@@ -111,24 +110,6 @@ def init_dense(model: nn.Module, seed: int) -> None:
                 t.copy_(torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32) * WEIGHT_STD)
 
 
-class ExpertParallelMoE(nn.Module):
-    """The EP mode's routed experts: the same ``MoeGate`` router as ``ConfigurableMoE`` (same
-    parameter names, so the same weights), this rank's E/S experts, and the all-to-all backend."""
-
-    def __init__(self, config: ModelConfig, layer_idx: int, backend: ExpertParallelBackend,
-                 local: ExpertWeights) -> None:
-        super().__init__()
-        ref = make_moe(config, layer_idx, backend=backend)
-        self.gate: MoeGate = ref.gate
-        self.layer_idx = layer_idx
-        self.backend = backend
-        self.local = local
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.gate(hidden)
-        return self.backend.run_experts(hidden, ids, weights, self.local)
-
-
 @dataclass
 class BenchModel:
     """One mode's model on one rank and what it holds."""
@@ -136,7 +117,7 @@ class BenchModel:
     mode: str
     model: CausalLM
     manager: Any                 # DwdpManager in dwdp mode, else None
-    ep_backend: ExpertParallelBackend | None
+    ep: ExpertParallel | None
     loaded_bytes: int            # allocator (GPU) / RSS (CPU) after building minus before
     memory_source: str           # "cuda_allocator" or "rss"
     tensor_bytes: int            # routed-expert tensors' sizes (incl. DWDP buffers): a diagnostic
@@ -150,12 +131,12 @@ class BenchModel:
 
 def build_bench_model(mode: str, config: ModelConfig, *, device: torch.device, backend: Any,
                       rank: int, world_size: int, seed: int, dwdp_config: Any = None,
-                      ep_group: Any = None, timer: Any = None,
+                      ep: ExpertParallel | None = None,
                       manager_factory: Callable[..., Any] | None = None) -> BenchModel:
     """Build ``mode``'s model on ``device`` for this rank. ``backend``: a MoE backend object.
 
     dwdp needs ``dwdp_config`` (W = P = E/S here) and ``manager_factory(config, E, device)``
-    (``DwdpManager.from_environment``); ep needs torch.distributed initialized (``ep_group``).
+    (``DwdpManager.from_environment``); ep needs ``ep`` (its group, exchange and spans).
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}; choose one of {MODES}")
@@ -163,7 +144,6 @@ def build_bench_model(mode: str, config: ModelConfig, *, device: torch.device, b
     e, moe_layers = config.num_experts, config.moe_layer_indices
     per_expert = expert_nbytes(config)
     manager = None
-    ep_backend = None
     locals_: dict[int, dict[str, torch.Tensor]] = {}
 
     if mode == "dwdp":
@@ -175,9 +155,10 @@ def build_bench_model(mode: str, config: ModelConfig, *, device: torch.device, b
         first, count = 0, e
         alloc = lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
     else:
-        ep_backend = ExpertParallelBackend(backend, num_experts=e, group=ep_group, timer=timer)
-        count = ep_backend.experts_per_rank
-        first = rank * count
+        if ep is None:
+            raise ValueError("mode 'ep' needs an ExpertParallel (ep=...)")
+        first, end = ep.local_range
+        count = end - first
         alloc = lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
 
     try:
@@ -189,10 +170,8 @@ def build_bench_model(mode: str, config: ModelConfig, *, device: torch.device, b
                 manager.register_layer(layer, t)
 
         def factory(layer_idx: int) -> nn.Module:
-            if mode == "ep":
-                return ExpertParallelMoE(config, layer_idx, ep_backend,
-                                         ExpertWeights.single(locals_[layer_idx]))
-            moe = make_moe(config, layer_idx, backend=backend, dwdp=manager)
+            moe = make_moe(config, layer_idx, backend=backend, dwdp=manager,
+                           ep=ep if mode == "ep" else None)
             moe.set_local_weights(locals_[layer_idx])
             return moe
 
@@ -220,5 +199,5 @@ def build_bench_model(mode: str, config: ModelConfig, *, device: torch.device, b
         predicted = n_layers * (e // world_size) * per_expert
     logger.info("rank %d built %s: %.2f GiB of routed-expert tensors, %.2f GiB in use (%s)", rank,
                 mode, resident / 2**30, (after - before) / 2**30, after.source)
-    return BenchModel(mode, model, manager, ep_backend, after - before, after.source, resident,
+    return BenchModel(mode, model, manager, ep if mode == "ep" else None, after - before, after.source, resident,
                       predicted)

@@ -37,6 +37,7 @@ import torch.distributed as dist  # noqa: E402
 
 from bench.e2e_model import MODES, bench_config, build_bench_model  # noqa: E402
 from tensorrt_llm_dwdp.moe.backends import BACKEND_MODULES  # noqa: E402
+from tensorrt_llm_dwdp.parallel.config import TRANSPORTS  # noqa: E402
 from bench.e2e_report import aggregate_point, goals, summary_markdown  # noqa: E402
 from bench.peaks import peak_for  # noqa: E402
 from bench.e2e_run import IMBALANCES, Point, StepRunner, make_batch, record_timeline, run_point  # noqa: E402
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a registered MoE backend; auto: the first of "
                         f"{list(AUTO_GPU_ORDER)} that runs and agrees with the torch reference on "
                         "a GPU, torch on CPUs")
+    p.add_argument("--ep-transport", default="auto", choices=list(TRANSPORTS),
+                   help="EP all-to-all (parallel/group.py): auto = nccl on distinct GPUs, "
+                        "cuda_ipc for ranks sharing a GPU, gloo on CPUs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget-s", type=float, default=300.0,
                    help="sweep time for all modes together; later (larger) points are skipped past it")
@@ -120,8 +124,9 @@ def init_dist(rank: int, world: int, device: torch.device) -> None:
         from tensorrt_llm_dwdp.launcher import free_port
 
         port = MPI.COMM_WORLD.bcast(str(free_port()) if rank == 0 else None, root=0)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # gloo for the host-side gathers on every device: NCCL refuses two ranks on one GPU, and
+    # the EP mode makes its own NCCL group when the ranks have distinct GPUs.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
 
 def gather(obj: Any) -> list[Any]:
@@ -193,8 +198,7 @@ def run_mode(mode: str, args: argparse.Namespace, ctx: dict[str, Any], points: l
     try:
         bm = build_bench_model(mode, config, device=device, backend=ctx["backend"], rank=rank,
                                world_size=ctx["world"], seed=args.seed,
-                               dwdp_config=ctx["dwdp_config"],
-                               timer=ctx["timer"] if mode == "ep" else None,
+                               dwdp_config=ctx["dwdp_config"], ep=ctx["ep"],
                                manager_factory=DwdpManager.from_environment)
     except Exception as exc:  # e.g. out of memory: the mode's points count as missed
         logger.exception("%s: building failed on rank %d", mode, rank)
@@ -329,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
         from tensorrt_llm_dwdp.model.memory import RESOLUTION_BYTES, dense_model_bytes, in_use
-        from tensorrt_llm_dwdp.parallel import SpanTimer
+        from tensorrt_llm_dwdp.parallel import ExpertParallel, SpanTimer
+        from tensorrt_llm_dwdp.parallel.config import exchange_capacity_bytes
+        from tensorrt_llm_dwdp.parallel.group import device_key, make_exchange, resolve_transport
 
         config = bench_config(args.preset, args.num_moe_layers, args.vocab_size)
         e = config.num_experts
@@ -339,8 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         names = gather(name)
         if len(set(names)) != 1:
             raise SystemExit(f"ranks chose different MoE backends {names}; pass --moe-backend")
+        ep, transport = None, None
+        if "ep" in args.modes:
+            keys = gather(device_key(device))
+            transport = resolve_transport(args.ep_transport, device, keys)
+            capacity = exchange_capacity_bytes(world, max(args.tokens), config.hidden_size, config.top_k)
+            ep = ExpertParallel(make_exchange(transport, device, capacity), e, timer=SpanTimer(device))
         ctx = {"rank": rank, "world": world, "device": device, "config": config, "backend": backend,
-               "timer": SpanTimer(device), "dense_bytes": dense_model_bytes(config, device),
+               "ep": ep, "dense_bytes": dense_model_bytes(config, device),
                "dwdp_config": DwdpConfig(dwdp_size=world, num_experts_per_worker=e // world,
                                          num_prefetch_experts=e // world)}
         peak = peak_for(torch.cuda.get_device_name(device)) if use_cuda else None
@@ -356,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 "device_name": torch.cuda.get_device_name(device) if use_cuda else platform.processor() or "cpu",
                 "torch": torch.__version__, "modes": args.modes, "tokens": args.tokens,
                 "imbalance": args.imbalance, "dwdp_config": ctx["dwdp_config"].to_dict(),
+                "ep_transport": transport,
                 "peak": peak.to_dict() if peak else None,
                 "memory_resolution_bytes": RESOLUTION_BYTES[in_use(device).source],
             },
@@ -372,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             write_outputs(results, args.out)
             print(summary_markdown(results))
+        if ep is not None:
+            ep.close()
     finally:
         dist.destroy_process_group()
     return 0

@@ -90,7 +90,7 @@ def run_point(runner: StepRunner, point: Point, *, rank: int, seq_len: int, voca
     ids, batch = make_batch(tokens, seq_len, vocab, seed, rank, runner.device)
     for _ in range(warmup):
         runner.step(ids, batch)
-    timer: SpanTimer | None = bm.ep_backend.timer if bm.ep_backend is not None else None
+    timer: SpanTimer | None = bm.ep.timer if bm.ep is not None else None
     if timer is not None:
         timer.reset()
     before = None

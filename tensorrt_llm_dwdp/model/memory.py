@@ -74,19 +74,21 @@ def in_use(device: torch.device | str) -> MemoryReading:
 def dense_model_bytes(config, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes the decoder of ``config`` takes on ``device`` WITHOUT routed experts (attention,
     dense MLPs, shared experts, routers, embeddings): built, every tensor written (so CPU pages
-    are resident), measured, freed."""
+    are resident), measured, freed. Built twice, measured the second time: the first build
+    pays one-time costs (imports, allocator arenas) a loaded model does not hold."""
     from tensorrt_llm_dwdp.model.builder import build_model
     from tensorrt_llm_dwdp.model.moe_block import make_moe
 
     device = torch.device(device)
-    before = in_use(device)
-    with torch.device("meta"):
-        model = build_model(config, lambda i: make_moe(config, i, "torch"), dtype)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            t.zero_()
-    after = in_use(device)
-    del model
-    gc.collect()
+    for _ in range(2):
+        before = in_use(device)
+        with torch.device("meta"):
+            model = build_model(config, lambda i: make_moe(config, i, "torch"), dtype)
+        model = model.to_empty(device=device)
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                t.zero_()
+        after = in_use(device)
+        del model
+        gc.collect()
     return after - before

@@ -20,9 +20,10 @@ class MoeBlock(nn.Module):
         return y
 
 
-def make_moe(config, layer_idx: int, backend: str = "torch", dwdp=None) -> nn.Module:
+def make_moe(config, layer_idx: int, backend: str = "torch", dwdp=None, ep=None) -> nn.Module:
     """The ``ConfigurableMoE`` of MoE layer ``layer_idx`` of ``config`` (a ``ModelConfig``):
-    DeepSeek-V3 group-limited sigmoid routing or Qwen3 softmax top-k."""
+    DeepSeek-V3 group-limited sigmoid routing or Qwen3 softmax top-k; ``dwdp`` / ``ep`` as in
+    ``ConfigurableMoE``."""
     from tensorrt_llm_dwdp.moe.configurable_moe import ConfigurableMoE
     from tensorrt_llm_dwdp.moe.router import RouterConfig
 
@@ -38,5 +39,5 @@ def make_moe(config, layer_idx: int, backend: str = "torch", dwdp=None) -> nn.Mo
         router = RouterConfig(kind="softmax", renormalize=config.norm_topk_prob)
     return ConfigurableMoE(
         config.num_experts, config.top_k, config.hidden_size, config.moe_intermediate_size,
-        router, backend=backend, dwdp=dwdp, layer_idx=layer_idx,
+        router, backend=backend, dwdp=dwdp, layer_idx=layer_idx, ep=ep,
     )

@@ -2,8 +2,9 @@
 
 The layer routes its tokens, takes this layer's expert weights (the DWDP manager's view when
 DWDP is on, its own tensors otherwise), runs the chosen backend and tells the manager the
-layer is done so the prefetch buffer can be refilled. Shared experts live outside (the model's
-``MoeBlock``).
+layer is done so the prefetch buffer can be refilled. With expert parallelism (``ep``) the layer
+holds E/S experts and ``ep.run_experts`` sends its tokens to their experts' owners and back.
+Shared experts live outside (the model's ``MoeBlock``).
 """
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ class ConfigurableMoE(nn.Module):
     ``dwdp``: a DwdpManager (or None). With it, expert weights come from
     ``dwdp.weights(layer_idx)`` each forward (the caller registers this layer's local tensors
     with the manager; ``set_local_weights`` keeps them for reference), and ``dwdp.done``
-    follows the backend call. Without it, the tensors given to ``set_local_weights`` hold all
-    ``num_experts`` experts.
+    follows the backend call. ``ep``: an ``ExpertParallel`` (or None; not with ``dwdp``): the
+    local tensors hold this rank's E/S experts and every rank of the group runs every MoE
+    layer together (``join_idle`` when it has no tokens). Without either, the tensors given to
+    ``set_local_weights`` hold all ``num_experts`` experts.
     """
 
     def __init__(
@@ -62,8 +65,12 @@ class ConfigurableMoE(nn.Module):
         backend: str | MoeBackend = "torch",
         dwdp: Any = None,
         layer_idx: int = 0,
+        ep: Any = None,
     ) -> None:
         super().__init__()
+        if dwdp is not None and ep is not None:
+            raise ValueError("ConfigurableMoE: DWDP and expert parallelism are alternatives; "
+                             "pass dwdp or ep, not both")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"ConfigurableMoE: top_k={top_k} must be in [1, {num_experts}]")
         if hidden_size < 1 or intermediate_size < 1:
@@ -77,16 +84,19 @@ class ConfigurableMoE(nn.Module):
         self.intermediate_size = intermediate_size
         self.layer_idx = layer_idx
         self.dwdp = dwdp
+        self.ep = ep
         self.gate = MoeGate(num_experts, hidden_size, top_k, router or RouterConfig())
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
         self._local: ExpertWeights | None = None
 
     @property
     def num_local_experts(self) -> int:
-        """Experts in this rank's own tensors: W with DWDP, all of them without."""
-        if self.dwdp is None:
-            return self.num_experts
-        return self.dwdp.layout.num_experts_per_worker
+        """Experts in this rank's own tensors: W with DWDP, E/S with EP, all of them without."""
+        if self.dwdp is not None:
+            return self.dwdp.layout.num_experts_per_worker
+        if self.ep is not None:
+            return self.ep.experts_per_rank
+        return self.num_experts
 
     def set_local_weights(self, params: Mapping[str, torch.Tensor]) -> None:
         """This rank's expert tensors (names and layouts as in ``moe/weights.py``), dim 0 =
@@ -131,7 +141,21 @@ class ConfigurableMoE(nn.Module):
             )
         ids, weights = self.gate(hidden)
         view = self._view()
+        if self.ep is not None:
+            return self.ep.run_experts(hidden, ids, weights, view, self.backend)
         out = self.backend.run_experts(hidden, ids, weights, view)
         if self.dwdp is not None:
             self.dwdp.done(self.layer_idx)
         return out
+
+    def join_idle(self) -> None:
+        """Take part in this layer's expert-parallel exchange with no tokens of this rank's own
+        (it still computes the rows its peers send to its experts)."""
+        if self.ep is None:
+            raise RuntimeError(f"ConfigurableMoE layer {self.layer_idx}: join_idle needs expert parallelism")
+        view = self._view()
+        device = view.tensors["w3_w1_weight"][0].device
+        self.ep.run_experts(torch.empty(0, self.hidden_size, dtype=torch.bfloat16, device=device),
+                            torch.empty(0, self.top_k, dtype=torch.int32, device=device),
+                            torch.empty(0, self.top_k, dtype=torch.float32, device=device),
+                            view, self.backend)

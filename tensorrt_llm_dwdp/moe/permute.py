@@ -5,6 +5,11 @@ the grouped GEMM belongs to exactly one expert; experts without tokens take no t
 group rows keep (token, slot) order, so the plan and every result built on it are
 deterministic. Built with a stable argsort, bincount and cumsum: no Python loop over tokens,
 same code on CPU and CUDA tensors (one host sync: the id range and the padded row count).
+
+An id of ``-1`` marks an empty slot (an expert-parallel receiver's row whose expert in that
+slot lives on another rank): it takes no row and adds nothing. Its ``inverse`` points at the
+first row of one extra all-padding tile after the experts' rows (expert 0's, gather and slot
+-1, router weight 0), so a finalize that sums ``k`` rows per token reads an exact zero there.
 """
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ class PermutationPlan:
     - ``slot_index [M_pad]``: flat slot ``t * k + j`` of each row, -1 on padding.
     - ``inverse [T, k]``: permuted row of each (token, slot).
     - ``tile_expert [num_tiles]``: expert of each ``tile_m``-row tile.
+
+    With empty (``-1``) slots, rows ``[expert_offsets[E], num_rows)`` are one extra padding
+    tile (``tile_expert`` 0) that those slots' ``inverse`` entries point at.
     """
 
     num_tokens: int
@@ -62,43 +70,58 @@ def build_permutation(
         raise ValueError(f"build_permutation: top_k (dim 1 of topk_ids) must be >= 1, got {top_k}")
     device = topk_ids.device
     flat = topk_ids.reshape(-1).long()
+    valid = flat >= 0
     # Counted on clamped ids so nothing indexes out of bounds before the range check, which
     # shares the plan's single host sync with the padded row count (bincount and an unsized
-    # repeat_interleave would each sync again on CUDA).
+    # repeat_interleave would each sync again on CUDA). Empty (-1) slots count nowhere.
     clamped = flat.clamp(0, num_experts - 1)
     counts = torch.zeros(num_experts, dtype=torch.long, device=device)
-    counts.scatter_add_(0, clamped, torch.ones_like(clamped))
+    counts.scatter_add_(0, clamped, valid.long())
     padded = (counts + tile_m - 1) // tile_m * tile_m
     offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
     offsets[1:] = torch.cumsum(padded, dim=0)
-    num_rows = 0
+    expert_rows = 0
+    has_empty = False
     if flat.numel():
         lo, hi = torch.aminmax(flat)
-        lo, hi, num_rows = torch.stack((lo, hi, offsets[-1])).tolist()  # the one host sync
-        if lo < 0 or hi >= num_experts:
-            bad = lo if lo < 0 else hi
+        lo, hi, expert_rows = torch.stack((lo, hi, offsets[-1])).tolist()  # the one host sync
+        if lo < -1 or hi >= num_experts:
+            bad = lo if lo < -1 else hi
             raise ValueError(
-                f"build_permutation: expert id {bad} out of range [0, {num_experts})"
+                f"build_permutation: expert id {bad} out of range [0, {num_experts}) (or -1 for "
+                f"an empty slot)"
             )
+        has_empty = lo == -1
+    num_rows = expert_rows + (tile_m if has_empty else 0)
     starts = torch.zeros(num_experts, dtype=torch.long, device=device)
     starts[1:] = torch.cumsum(counts, dim=0)[:-1]
 
-    order = torch.argsort(flat, stable=True)  # slots by expert, then by (token, slot)
-    expert_of = flat[order]
-    rank = torch.arange(order.numel(), device=device) - starts[expert_of]
-    dest = offsets[expert_of] + rank
+    # Slots by expert, then by (token, slot); empty slots sort last and land on the zero tile
+    # (their gather / slot entries go to a scratch element past the end, dropped below).
+    key = torch.where(valid, flat, torch.full_like(flat, num_experts))
+    order = torch.argsort(key, stable=True)
+    expert_of = key[order]
+    real = expert_of < num_experts
+    safe = expert_of.clamp(max=num_experts - 1)
+    rank = torch.arange(order.numel(), device=device) - starts[safe]
+    dest = torch.where(real, offsets[safe] + rank, torch.full_like(rank, expert_rows))
+    scratch = torch.where(real, dest, torch.full_like(dest, num_rows))
 
-    gather_index = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
-    slot_index = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
-    gather_index[dest] = (order // top_k).to(torch.int32)
-    slot_index[dest] = order.to(torch.int32)
+    gather_index = torch.full((num_rows + 1,), -1, dtype=torch.int32, device=device)
+    slot_index = torch.full((num_rows + 1,), -1, dtype=torch.int32, device=device)
+    gather_index[scratch] = (order // top_k).to(torch.int32)
+    slot_index[scratch] = order.to(torch.int32)
+    gather_index, slot_index = gather_index[:num_rows], slot_index[:num_rows]
     inverse = torch.empty(tokens * top_k, dtype=torch.int32, device=device)
     inverse[order] = dest.to(torch.int32)
 
     tiles_per_expert = padded // tile_m
     tile_expert = torch.repeat_interleave(
-        torch.arange(num_experts, device=device), tiles_per_expert, output_size=num_rows // tile_m
+        torch.arange(num_experts, device=device), tiles_per_expert,
+        output_size=expert_rows // tile_m
     ).to(torch.int32)
+    if has_empty:
+        tile_expert = torch.cat([tile_expert, tile_expert.new_zeros(1)])
     return PermutationPlan(
         num_tokens=tokens,
         top_k=top_k,

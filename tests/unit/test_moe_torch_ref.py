@@ -139,6 +139,21 @@ def test_edge_cases_no_tokens_and_unused_experts():
     assert (got.double() - ref).abs().max() < 1e-2 * ref.abs().max()
 
 
+def test_empty_slots_add_nothing():
+    """An id of -1 (an EP receiver's slot whose expert is elsewhere) is bitwise a slot of
+    weight 0; a row with every slot empty is 0."""
+    weights = make_experts(16, "nvfp4")
+    x, ids, w = make_routing(9, 16, 4)
+    empty = torch.rand(9, 4, generator=torch.Generator().manual_seed(3)) < 0.4
+    empty[4] = True
+    masked = torch.where(empty, torch.full_like(ids, -1), ids)
+    zeroed = torch.where(empty, torch.zeros_like(w), w)
+    backend = TorchMoeBackend()
+    got = backend.run_experts(x, masked, w, weights)
+    assert torch.equal(got, backend.run_experts(x, ids, zeroed, weights))
+    assert (got[4] == 0).all()
+
+
 @pytest.mark.parametrize(
     "change,match",
     [

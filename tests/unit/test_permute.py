@@ -85,14 +85,39 @@ def test_no_tokens():
 def test_errors():
     with pytest.raises(ValueError, match="expert id 8 out of range"):
         build_permutation(torch.tensor([[0, 8]]), 8)
-    with pytest.raises(ValueError, match="expert id -1"):
-        build_permutation(torch.tensor([[-1, 2]]), 8)
+    with pytest.raises(ValueError, match="expert id -2"):
+        build_permutation(torch.tensor([[-2, 2]]), 8)
     with pytest.raises(ValueError, match="integer"):
         build_permutation(torch.tensor([[0.0, 1.0]]), 8)
     with pytest.raises(ValueError, match="top_k"):
         build_permutation(torch.zeros(3, 0, dtype=torch.int32), 8)
     with pytest.raises(ValueError, match="tile_m"):
         build_permutation(torch.zeros(3, 1, dtype=torch.int32), 8, tile_m=0)
+
+
+@pytest.mark.parametrize("tile_m", [1, 4, 128])
+def test_empty_slots_take_no_row_and_point_at_a_zero_tile(tile_m):
+    ids = torch.tensor([[3, -1, 0], [-1, -1, 3], [0, 3, -1], [-1, 2, -1]], dtype=torch.int32)
+    plan = build_permutation(ids, 4, tile_m)
+    assert plan.counts.tolist() == [2, 0, 1, 3]
+    expert_rows = int(plan.expert_offsets[-1])
+    assert plan.num_rows == expert_rows + tile_m and plan.num_tiles * tile_m == plan.num_rows
+    assert plan.tile_expert[-1].item() == 0
+    assert (plan.gather_index[expert_rows:] == -1).all() and (plan.slot_index[expert_rows:] == -1).all()
+    for t in range(4):
+        for j in range(3):
+            row = int(plan.inverse[t, j])
+            if ids[t, j] < 0:
+                assert row == expert_rows
+            else:
+                e = int(ids[t, j])
+                assert plan.expert_offsets[e] <= row < plan.expert_offsets[e + 1]
+                assert (int(plan.gather_index[row]), int(plan.slot_index[row])) == (t, t * 3 + j)
+
+
+def test_only_empty_slots():
+    plan = build_permutation(torch.full((2, 2), -1, dtype=torch.int32), 4, 8)
+    assert plan.num_rows == 8 and plan.counts.sum() == 0 and (plan.inverse == 0).all()
 
 
 @pytest.mark.gpu

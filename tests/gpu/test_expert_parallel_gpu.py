@@ -1,0 +1,69 @@
+"""Expert parallelism on GPUs: the CuTeDSL backend with empty (-1) slots, and the multi-rank EP
+worker of tests/multirank on one GPU shared by two ranks (CUDA IPC exchange: NCCL refuses two
+ranks on one device) and, with two GPUs, over NCCL and CUDA IPC, which must agree bit for bit."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+WORKER = os.path.join(ROOT, "tests", "multirank", "test_expert_parallel_ranks.py")
+
+
+@pytest.mark.gpu
+@pytest.mark.kernels
+def test_cutedsl_empty_slots_match_the_reference():
+    from tensorrt_llm_dwdp.kernels.testing import random_nvfp4_experts, random_tokens, skewed_routing
+    from tensorrt_llm_dwdp.moe.backends import get_backend
+
+    try:
+        backend = get_backend("cutedsl")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    weights = random_nvfp4_experts(16, 2048, 768, seed=3)
+    x = random_tokens(300, 2048, seed=4)
+    ids, w = skewed_routing(300, 16, 4, seed=5)
+    empty = torch.rand(300, 4, generator=torch.Generator().manual_seed(6)).cuda() < 0.5
+    empty[7] = True
+    ids = torch.where(empty, torch.full_like(ids, -1), ids)
+    got = backend.run_experts(x, ids, w, weights).float()
+    ref = get_backend("torch").run_experts(x, ids, w, weights).float()
+    assert (got[7] == 0).all()
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+
+def _launch(ranks: int, env: dict) -> str:
+    from tensorrt_llm_dwdp.launcher import free_port, mpirun_command
+
+    transports = env["EP_TEST_TRANSPORTS"].split(",")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "EP_TEST_DEVICE": "cuda", "EP_TEST_PORTS": ",".join(str(free_port()) for _ in transports),
+           **env}
+    proc = subprocess.run(mpirun_command(ranks, [sys.executable, WORKER]), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for r in range(ranks):
+        assert f"rank {r} ok {','.join(transports)}" in proc.stdout, proc.stdout[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "cutedsl"])
+def test_two_ranks_on_gpus_match_the_reference(backend):
+    if shutil.which("mpirun") is None:
+        pytest.skip("needs mpirun")
+    pytest.importorskip("cuda.bindings", reason="CUDA IPC needs cuda-python")
+    if backend == "cutedsl":
+        from tensorrt_llm_dwdp.moe.backends import get_backend
+
+        try:
+            get_backend("cutedsl")
+        except RuntimeError as exc:
+            pytest.skip(str(exc))
+    transports = "cuda_ipc,nccl" if torch.cuda.device_count() >= 2 else "cuda_ipc"
+    sizes = "2048,768" if backend == "cutedsl" else "64,32"
+    _launch(2, {"EP_TEST_TRANSPORTS": transports, "EP_TEST_BACKEND": backend, "EP_TEST_SIZES": sizes})
