@@ -170,7 +170,7 @@ async def bench(args) -> dict:
     import aiohttp
 
     from tensorrt_llm_dwdp.launcher import free_port
-    from tensorrt_llm_dwdp.serve.kv_transfer import KvPuller
+    from tensorrt_llm_dwdp.serve.kv_puller import KvPuller
     from tensorrt_llm_dwdp.serve.launch import wait_for_health_async
 
     device = torch.device(args.device)

@@ -23,7 +23,8 @@ from aiohttp import ClientSession, web
 
 from tensorrt_llm_dwdp.serve import protocol
 from tensorrt_llm_dwdp.serve.engine_loop import EngineFailed, EngineLoop, RequestStream
-from tensorrt_llm_dwdp.serve.kv_transfer import KV_ROUTE, KvFetchError, KvPuller, KvRoutes, KvStore
+from tensorrt_llm_dwdp.serve.kv_puller import KvPuller
+from tensorrt_llm_dwdp.serve.kv_transfer import KV_ROUTE, KvFetchError, KvRoutes, KvStore
 from tensorrt_llm_dwdp.serve.metrics import ServerMetrics
 from tensorrt_llm_dwdp.serve.output import RequestOutput
 from tensorrt_llm_dwdp.serve.protocol import ApiError, DisaggParams, GenerationRequest

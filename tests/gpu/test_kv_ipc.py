@@ -30,7 +30,7 @@ def test_ipc_handover_between_processes(tmp_path):
 
 
 def test_unopenable_handle_raises_and_maps_nothing():
-    from tensorrt_llm_dwdp.serve.kv_transfer import KvPuller
+    from tensorrt_llm_dwdp.serve.kv_puller import KvPuller
 
     puller = KvPuller("cuda:0")
     try:

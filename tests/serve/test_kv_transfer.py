@@ -10,9 +10,10 @@ from aiohttp import web
 
 from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff, KvTensorSpec, layout_of, views_of
 from tensorrt_llm_dwdp.launcher import free_port
-from tensorrt_llm_dwdp.serve import kv_transfer
-from tensorrt_llm_dwdp.serve.kv_transfer import (SHM_DIR, SHM_PREFIX, KvFetchError, KvPuller, KvRoutes,
-                                                 KvStore, export_share, remove_stale_shm_files)
+from tensorrt_llm_dwdp.serve import kv_puller, kv_transfer
+from tensorrt_llm_dwdp.serve.kv_puller import KvPuller
+from tensorrt_llm_dwdp.serve.kv_transfer import (SHM_DIR, SHM_PREFIX, KvFetchError, KvRoutes, KvStore,
+                                                 export_share, remove_stale_shm_files)
 
 
 def _handoff(tokens=5, key=0):
@@ -144,12 +145,12 @@ def test_fast_path_copies_then_frees_the_entry_and_http_is_the_fallback(caplog):
 
                 # The fast path breaks after the share (file gone): logged, then HTTP.
                 kv_id = store.put(h)
-                real = kv_transfer._read_shm
-                kv_transfer._read_shm = lambda path, n: (os.unlink(path), real(path, n))[1]
+                real = kv_puller._read_shm
+                kv_puller._read_shm = lambda path, n: (os.unlink(path), real(path, n))[1]
                 try:
                     got, t = await puller.pull(s, base + kv_id)
                 finally:
-                    kv_transfer._read_shm = real
+                    kv_puller._read_shm = real
                 _same(got, h)
                 assert t.path == "http" and "shm copy failed: FileNotFoundError" in t.fallback
                 assert len(store) == 0 and not _kv_files()
@@ -204,4 +205,4 @@ def test_bad_share_requests_and_forged_paths_are_refused():
             await runner.cleanup()
     _run(main())
     with pytest.raises(ValueError, match="not a shared KV file"):
-        kv_transfer._read_shm("/etc/passwd", 10)
+        kv_puller._read_shm("/etc/passwd", 10)
