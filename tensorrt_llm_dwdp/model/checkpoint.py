@@ -105,17 +105,27 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     moe_backend: str = "torch",
     dwdp: Any = None,
+    ep: Any = None,
 ) -> CausalLM:
     """Build the decoder of checkpoint ``path`` and load its weights.
 
     ``dwdp``: a ``DwdpManager``; the rank then loads only ``dwdp.layout.owned_range()``,
     allocates expert tensors with ``dwdp.allocate`` and calls ``dwdp.register_layer`` for each
     MoE layer in order (the caller runs ``dwdp.exchange()`` afterwards). Without it every expert
-    is loaded into ordinary ``device`` memory.
+    is loaded into ordinary ``device`` memory. ``ep``: an ``ExpertParallel``; the rank loads
+    only ``ep.local_range`` and its MoE layers send tokens to their experts' owners.
     """
     config, quant = read_config(path)
     device = torch.device(device)
-    if dwdp is not None:
+    if ep is not None:
+        if ep.num_experts != config.num_experts:
+            raise ValueError(f"expert parallelism over {ep.num_experts} experts but {path} has "
+                             f"{config.num_experts}")
+        first, end = ep.local_range
+
+        def alloc(shape, dt):
+            return torch.empty(shape, dtype=dt, device=device)
+    elif dwdp is not None:
         layout = dwdp.layout
         if layout.num_experts != config.num_experts:
             raise ValueError(
@@ -130,7 +140,7 @@ def load_model(
             return torch.empty(shape, dtype=dt, device=device)
 
     with torch.device("meta"):
-        model = build_model(config, lambda i: make_moe(config, i, moe_backend, dwdp), dtype)
+        model = build_model(config, lambda i: make_moe(config, i, moe_backend, dwdp, ep), dtype)
     model = model.to_empty(device=device)
     with CheckpointReader(path) as reader:
         load_dense_weights(model, reader)

@@ -13,8 +13,11 @@ vote, the shared exchange's counts) through a TCP rendezvous, then picks the row
 from __future__ import annotations
 
 import logging
+import os
 import socket
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -25,6 +28,38 @@ from tensorrt_llm_dwdp.parallel.expert_parallel import ExpertParallel
 from tensorrt_llm_dwdp.parallel.spans import SpanTimer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpRendezvous:
+    """Where the ranks of one EP group meet: this rank, and rank 0's TCP store address."""
+
+    rank: int
+    master_addr: str
+    master_port: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "EpRendezvous":
+        """The TCP launch's variables (``TRTLLM_DWDP_RANK`` / ``_MASTER_ADDR`` / ``_MASTER_PORT``,
+        the same a DWDP group meets with; a group is one or the other)."""
+        from tensorrt_llm_dwdp.comm.tcp import ENV_ADDR, ENV_PORT, ENV_RANK
+
+        env = os.environ if environ is None else environ
+        missing = [k for k in (ENV_RANK, ENV_ADDR, ENV_PORT) if k not in env]
+        if missing:
+            raise RuntimeError(f"an expert-parallel rank needs {missing} (or mpirun via "
+                               f"disaggregated_mpi_worker) to find its group")
+        return cls(int(env[ENV_RANK]), env[ENV_ADDR], int(env[ENV_PORT]))
+
+    @classmethod
+    def from_mpi(cls, comm, host: str) -> "EpRendezvous":
+        """Rank 0 of MPI communicator ``comm`` picks a free port on ``host`` (its own address)
+        and tells the others."""
+        from tensorrt_llm_dwdp.launcher import free_port
+
+        rank = comm.Get_rank()
+        addr, port = comm.bcast((host, free_port()) if rank == 0 else None, root=0)
+        return cls(rank, addr, port)
 
 
 def device_key(device: torch.device) -> tuple:
@@ -81,8 +116,12 @@ class ExpertParallelGroup:
     def create(cls, config: EpConfig, *, rank: int, device: torch.device, master_addr: str,
                master_port: int, num_experts: int, capacity_bytes: int,
                timer: SpanTimer | None = None) -> "ExpertParallelGroup":
+        """Join the group (collective: every rank calls it). ``capacity_bytes``: the shared
+        exchange's buffers (``exchange_capacity_bytes``), unless ``config.buffer_mb`` is set."""
         config.check_num_experts(num_experts)
         device = torch.device(device)
+        if not 0 <= rank < config.ep_size:
+            raise ValueError(f"EP rank {rank} outside [0, ep_config.ep_size={config.ep_size})")
         dist.init_process_group("gloo", init_method=f"tcp://{master_addr}:{master_port}",
                                 rank=rank, world_size=config.ep_size,
                                 timeout=timedelta(seconds=config.timeout_s))

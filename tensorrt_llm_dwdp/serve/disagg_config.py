@@ -9,6 +9,8 @@ context_servers:
   urls: ["localhost:8001", "localhost:8002"]
   router: {type: round_robin}
   dwdp_config: {dwdp_size: 2, num_experts_per_worker: 40, num_prefetch_experts: 24}
+  # or, attention-DP + expert-parallel context servers (each holds E/2 experts, lockstep):
+  # ep_config: {ep_size: 2}
 generation_servers:
   num_instances: 1
   urls: ["localhost:8003"]
@@ -183,3 +185,11 @@ def _check_roles(config: DisaggConfig, source: str) -> None:
                 raise OptionsError(
                     f"{source}: context_servers.num_instances={len(config.context.instances)} but "
                     f"dwdp_config has dwdp_size * num_groups = {world}; each context server is one DWDP rank")
+        if inst.role == "generation" and opts.ep_config is not None:
+            raise OptionsError(f"{source}: generation_servers has ep_config; the expert-parallel "
+                               f"mode is for the context servers")
+        if inst.role == "context" and opts.ep_config is not None \
+                and opts.ep_config.ep_size != len(config.context.instances):
+            raise OptionsError(
+                f"{source}: context_servers.num_instances={len(config.context.instances)} but "
+                f"ep_config.ep_size={opts.ep_config.ep_size}; each context server is one EP rank")

@@ -48,6 +48,8 @@ class ServerConfig:
     metrics_timeout_s: float = 10.0
     device: str = "cpu"
     kv_transfer: str = "auto"
+    # Fixed figures of this worker shown on /metrics (e.g. its measured expert memory).
+    static_gauges: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 class OpenAIServer:
@@ -110,7 +112,8 @@ class OpenAIServer:
         }]})
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        gauges: dict[str, float] = {"kv_store_bytes": float(self.kv_store.nbytes),
+        gauges: dict[str, float] = {**self.config.static_gauges,
+                                    "kv_store_bytes": float(self.kv_store.nbytes),
                                     "kv_store_entries": float(len(self.kv_store))}
         dwdp: Mapping[str, float] | None = None
         if self.loop is not None and self.loop.healthy:

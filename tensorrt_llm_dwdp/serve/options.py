@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import yaml
 
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
+from tensorrt_llm_dwdp.parallel.config import EpConfig, EpConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ USED_KEYS = frozenset({
     # Our own: how a generation server pulls KV: "auto" (same-node CUDA IPC / shm, else HTTP)
     # or "http" (always HTTP).
     "kv_transfer",
+    # Our own: attention-DP + expert-parallel context servers (parallel/config.py), the
+    # alternative to dwdp_config.
+    "ep_config",
 })
 
 KV_TRANSFER_MODES = ("auto", "http")
@@ -82,6 +86,8 @@ class ServeOptions:
 
     ``dwdp_config`` is the parsed ``dwdp_config:`` section, None when DWDP is off (it is
     checked against the model's expert count and the group size when the worker starts);
+    ``ep_config`` the parsed ``ep_config:`` section (expert parallelism), None when off; at
+    most one of the two is set;
     ``ignored_keys`` lists YAML keys that were accepted but have no effect here.
     """
 
@@ -97,6 +103,7 @@ class ServeOptions:
     device: str | None = None
     log_level: str = "info"
     dwdp_config: DwdpConfig | None = None
+    ep_config: EpConfig | None = None
     kv_transfer: str = "auto"
     ignored_keys: tuple[str, ...] = field(default=())
 
@@ -187,7 +194,22 @@ def merge_options(base: ServeOptions, extra: Mapping[str, Any], *, source: str =
         if section is not None and not isinstance(section, dict):
             raise OptionsError(f"{source}: dwdp_config must be a mapping, got {type(section).__name__}")
         changes["dwdp_config"] = _dwdp_section(section)
+    if "ep_config" in extra:
+        changes["ep_config"] = _ep_section(extra["ep_config"], source)
     return check_options(replace(base, **changes))
+
+
+def _ep_section(section: Any, source: str) -> EpConfig | None:
+    """Parse an ``ep_config`` section; none or ``ep_size: 1`` mean off."""
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise OptionsError(f"{source}: ep_config must be a mapping, got {type(section).__name__}")
+    try:
+        config = EpConfig.from_dict(section)
+    except EpConfigError as e:
+        raise OptionsError(f"{source}: {e}") from e
+    return config if config.enabled else None
 
 
 def _dwdp_section(section: Mapping[str, Any] | None) -> DwdpConfig | None:
@@ -221,6 +243,9 @@ def check_options(options: ServeOptions) -> ServeOptions:
         raise OptionsError(f"port={options.port} is outside [0, 65535]")
     if options.kv_transfer not in KV_TRANSFER_MODES:
         raise OptionsError(f"kv_transfer={options.kv_transfer!r}; choose one of {list(KV_TRANSFER_MODES)}")
+    if options.dwdp_config is not None and options.ep_config is not None:
+        raise OptionsError("dwdp_config and ep_config are alternatives (experts sliced and "
+                           "prefetched, or experts split and tokens sent to them); set one")
     if options.moe_backend not in set(MOE_BACKENDS.values()):
         raise OptionsError(f"moe_backend={options.moe_backend!r}; choose 'torch' or 'cutedsl'")
     if options.max_num_tokens < 1 or options.max_batch_size < 1 or options.max_seq_len < 2:

@@ -1,8 +1,12 @@
-"""Build one serving worker: tokenizer, model (with its DWDP manager when configured), engine.
+"""Build one serving worker: tokenizer, model (with its DWDP manager or its expert-parallel
+group when configured), engine.
 
 The worker owns what it builds and releases it in ``close()`` (the manager unmaps its peers'
-memory there). ``group`` is the DWDP group this rank belongs to (an MPI sub-communicator cut
-by ``disaggregated_mpi_worker``, or one picked from the environment by ``comm.connect``).
+memory there; the EP group leaves its process group). ``group`` is the DWDP group this rank
+belongs to (an MPI sub-communicator cut by ``disaggregated_mpi_worker``, or one picked from the
+environment by ``comm.connect``); ``ep_rendezvous`` where the EP group meets (from mpirun, or
+the TCP launch's environment when None). The worker measures its routed experts' memory after
+loading (``model/memory.py``) and shows it on ``/metrics`` as ``expert_memory_bytes``.
 """
 from __future__ import annotations
 
@@ -21,11 +25,17 @@ class Worker:
     tokenizer: Any
     model_config: Any
     manager: Any = None
+    ep_group: Any = None
+    expert_memory_bytes: int = 0
+    memory_source: str = ""
 
     def close(self) -> None:
         manager, self.manager = self.manager, None
         if manager is not None:
             manager.close()
+        ep_group, self.ep_group = self.ep_group, None
+        if ep_group is not None:
+            ep_group.close()
 
 
 def resolve_device(requested: str | None, local_rank: int):
@@ -40,11 +50,14 @@ def resolve_device(requested: str | None, local_rank: int):
     return pick_device(requested or "auto", local_rank)
 
 
-def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = None) -> Worker:
+def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = None,
+                 ep_rendezvous: Any = None) -> Worker:
     """Load everything ``options`` names. With ``options.dwdp_config`` set, ``group`` (or, when
-    None, the group ``comm.connect`` finds in the environment) forms the DWDP group."""
+    None, the group ``comm.connect`` finds in the environment) forms the DWDP group; with
+    ``options.ep_config``, ``ep_rendezvous`` (or the environment) the expert-parallel group."""
     from tensorrt_llm_dwdp.engine.executor import Engine
     from tensorrt_llm_dwdp.model import ModelConfig, load_tokenizer
+    from tensorrt_llm_dwdp.model.memory import dense_model_bytes, in_use
 
     device = resolve_device(options.device, local_rank)
     if device.type == "cuda":
@@ -55,23 +68,50 @@ def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = Non
         torch.cuda.set_device(device)
     model_config = ModelConfig.from_file(options.model)
     tokenizer = load_tokenizer(options.tokenizer_path)
-    manager = None
+    manager = ep_group = None
+    before = in_use(device)
     try:
         if options.dwdp_config is not None:
             manager = _make_manager(options, model_config, device, group)
-        model = _load_model(options, device, manager)
+        if options.ep_config is not None:
+            ep_group = _make_ep_group(options, model_config, device, ep_rendezvous)
+        model = _load_model(options, device, manager, ep_group)
         if manager is not None:
             manager.exchange()  # after every layer registered its experts (load_model's contract)
+        expert_bytes = in_use(device) - before - dense_model_bytes(model_config, device)
         engine = Engine(model, dwdp=manager, max_seqs=options.max_batch_size,
                         max_seq_len=options.max_seq_len, max_batch_tokens=options.max_num_tokens,
                         device=device, eos_token_id=tokenizer.eos_token_id)
+        if ep_group is not None:
+            from tensorrt_llm_dwdp.parallel.lockstep import LockstepEngine
+
+            engine = LockstepEngine(engine, ep_group, list(model.moe_modules().values()))
     except BaseException as exc:
         if manager is not None:
             _close_after(manager, exc)
+        if ep_group is not None:
+            ep_group.close()
         raise
-    logger.info("worker ready: model %s on %s, DWDP %s", options.model, device,
-                "off" if manager is None else f"on ({options.dwdp_config})")
-    return Worker(engine, tokenizer, model_config, manager)
+    mode = (f"DWDP ({options.dwdp_config})" if manager is not None else
+            f"expert-parallel ({options.ep_config}, {ep_group.transport})" if ep_group is not None
+            else "replicated experts")
+    logger.info("worker ready: model %s on %s, %s, routed experts %.3f GiB (%s)", options.model,
+                device, mode, expert_bytes / 2**30, before.source)
+    return Worker(engine, tokenizer, model_config, manager, ep_group, expert_bytes, before.source)
+
+
+def _make_ep_group(options: ServeOptions, model_config: Any, device: Any, rendezvous: Any):
+    from tensorrt_llm_dwdp.parallel.config import exchange_capacity_bytes
+    from tensorrt_llm_dwdp.parallel.group import EpRendezvous, ExpertParallelGroup
+
+    config = options.ep_config
+    rdv = rendezvous or EpRendezvous.from_env()
+    step_tokens = max(options.max_num_tokens, options.max_seq_len)  # a long prompt runs alone
+    capacity = exchange_capacity_bytes(config.ep_size, step_tokens, model_config.hidden_size,
+                                       model_config.top_k)
+    return ExpertParallelGroup.create(config, rank=rdv.rank, device=device,
+                                      master_addr=rdv.master_addr, master_port=rdv.master_port,
+                                      num_experts=model_config.num_experts, capacity_bytes=capacity)
 
 
 def _close_after(manager: Any, exc: BaseException) -> None:
@@ -96,10 +136,11 @@ def _make_manager(options: ServeOptions, model_config: Any, device: Any, group: 
         raise
 
 
-def _load_model(options: ServeOptions, device: Any, manager: Any):
+def _load_model(options: ServeOptions, device: Any, manager: Any, ep_group: Any = None):
     from tensorrt_llm_dwdp.model.checkpoint import load_model
 
-    return load_model(options.model, device=device, moe_backend=options.moe_backend, dwdp=manager)
+    return load_model(options.model, device=device, moe_backend=options.moe_backend, dwdp=manager,
+                      ep=ep_group.ep if ep_group is not None else None)
 
 
 def _bind_device_fn(device: Any):
@@ -112,7 +153,7 @@ def _bind_device_fn(device: Any):
 
 
 def run_worker_server(options: ServeOptions, *, local_rank: int = 0, group: Any = None,
-                      advertise_host: str | None = None) -> None:
+                      advertise_host: str | None = None, ep_rendezvous: Any = None) -> None:
     """Build the worker, serve it on ``options.host:port`` until a signal, then close it."""
     if options.ignored_keys:
         logger.info("options %s are TensorRT-LLM settings with no effect here; ignored",
@@ -120,13 +161,14 @@ def run_worker_server(options: ServeOptions, *, local_rank: int = 0, group: Any 
     from tensorrt_llm_dwdp.serve.launch import advertised_url, serve_app
     from tensorrt_llm_dwdp.serve.openai_server import OpenAIServer, ServerConfig
 
-    worker = build_worker(options, local_rank=local_rank, group=group)
+    worker = build_worker(options, local_rank=local_rank, group=group, ep_rendezvous=ep_rendezvous)
     try:
         config = ServerConfig(
             model_name=options.model, max_seq_len=options.max_seq_len,
             vocab_size=worker.model_config.vocab_size,
             public_url=advertised_url(advertise_host or options.host, options.port),
-            device=str(worker.engine.device), kv_transfer=options.kv_transfer)
+            device=str(worker.engine.device), kv_transfer=options.kv_transfer,
+            static_gauges={"expert_memory_bytes": float(worker.expert_memory_bytes)})
         server = OpenAIServer(worker.engine, worker.tokenizer, config,
                               engine_thread_init=_bind_device_fn(worker.engine.device))
         serve_app(server.make_app(), options.host, options.port)

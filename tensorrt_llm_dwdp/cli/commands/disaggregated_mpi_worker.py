@@ -5,7 +5,8 @@ DWDP context groups).
 World rank r serves the r-th server of the YAML, context servers first. Each context server is
 one DWDP rank: the context ranks are cut from the world into their own communicator, and the
 DWDP groups are formed inside it (``dwdp_size * num_groups`` must equal the number of context
-servers). Generation servers run without DWDP. ``--server_type context`` (or ``generation``)
+servers). With ``ep_config`` instead, the context servers are one expert-parallel group
+(``ep_size`` = their number), meeting at the first context server's address. Generation servers run without DWDP. ``--server_type context`` (or ``generation``)
 runs only that role's servers, so a context group and its generation servers can be started by
 separate launchers.
 """
@@ -53,15 +54,20 @@ def main(args: argparse.Namespace) -> int:
     options = config.serve_options(inst)
     # Collective over the world: every rank takes part, the context ranks get their communicator.
     role_comm = world.Split(0 if inst.role == "context" else 1, rank)
-    group = None
+    group = rendezvous = None
     try:
         if options.dwdp_config is not None:
             from tensorrt_llm_dwdp.comm import MpiGroupComm
 
             group = MpiGroupComm(options.dwdp_config, world=role_comm)
+        if options.ep_config is not None:
+            from tensorrt_llm_dwdp.parallel.group import EpRendezvous
+
+            # The role's rank 0 hosts the EP group's TCP store on its server's own address.
+            rendezvous = EpRendezvous.from_mpi(role_comm, inst.hostname)
         logger.info("world rank %d/%d: %s server %d on %s", rank, size, inst.role, inst.index, inst.url)
         run_worker_server(options, local_rank=local_rank, group=group,
-                          advertise_host=inst.hostname)
+                          advertise_host=inst.hostname, ep_rendezvous=rendezvous)
     finally:
         role_comm.Free()
     return 0

@@ -1,0 +1,88 @@
+"""Lockstep stepping for expert parallelism: every rank of the group runs each step together.
+
+EP's MoE layers are collectives, so a step is a step of the whole group: before each one the
+ranks vote (one small all-reduce: "has anyone work?"). Nobody: every rank sleeps briefly and
+returns no events. Somebody: ranks with work run their engine's step; a rank without work
+joins it with an empty batch, running only its MoE layers' exchanges (it still computes the
+rows its peers send to its experts). That is DEP's / DP+EP's behaviour, and why a lightly loaded
+rank waits for the heaviest one: the comparison the EP serving mode exists for.
+
+``LockstepEngine`` wraps an engine (the executor's contract: ``add_request``, ``step``,
+``has_work``, ``abort``, ``export_kv``, ``stats``, ``dwdp``, ``device``) without changing it:
+it counts the MoE layers the inner step ran through ``ExpertParallel.calls``; a step that ran
+no forward is made up with ``join_idle``. An engine step that runs more than one forward (or
+fails half-way) breaks the group's lockstep: it raises, and the peers fail at their next
+collective within ``ep_config.timeout_s`` (EP has no per-rank failure isolation; DWDP does).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from tensorrt_llm_dwdp.parallel.group import ExpertParallelGroup
+
+logger = logging.getLogger(__name__)
+
+
+class LockstepEngine:
+    """``engine`` stepped in lockstep with its expert-parallel peers (``group``); ``moes``: the
+    model's MoE layers (``ConfigurableMoE`` with ``ep``), in forward order."""
+
+    def __init__(self, engine: Any, group: ExpertParallelGroup, moes: list[Any], *,
+                 idle_sleep_s: float = 0.002) -> None:
+        if not moes:
+            raise ValueError("LockstepEngine: the model has no MoE layers to keep in step")
+        self.engine = engine
+        self.group = group
+        self.moes = moes
+        self.idle_sleep_s = idle_sleep_s
+        self.idle_steps = 0     # steps this rank joined with an empty batch
+        self.group_steps = 0    # steps the group ran
+
+    # ---- the executor contract, delegated ----------------------------------------------------
+    def add_request(self, request: Any) -> None:
+        self.engine.add_request(request)
+
+    def abort(self, request_id: str) -> bool:
+        return self.engine.abort(request_id)
+
+    def export_kv(self, request_id: str) -> Any:
+        return self.engine.export_kv(request_id)
+
+    @property
+    def stats(self) -> Any:
+        return self.engine.stats
+
+    @property
+    def dwdp(self) -> Any:
+        return self.engine.dwdp
+
+    @property
+    def device(self) -> Any:
+        return self.engine.device
+
+    def has_work(self) -> bool:
+        """Always: a rank must keep stepping (voting) while any peer may have work."""
+        return True
+
+    # ---- stepping ------------------------------------------------------------------------------
+    def step(self) -> list:
+        mine = self.engine.has_work()
+        if not self.group.any(mine):
+            time.sleep(self.idle_sleep_s)
+            return []
+        self.group_steps += 1
+        ep = self.group.ep
+        before = ep.calls
+        events = self.engine.step() if mine else []
+        ran = ep.calls - before
+        if ran == 0:
+            self.idle_steps += 1
+            for moe in self.moes:
+                moe.join_idle()
+        elif ran != len(self.moes):
+            raise RuntimeError(
+                f"EP rank {ep.rank}: an engine step ran {ran} MoE layer calls, expected 0 or "
+                f"{len(self.moes)}; lockstep needs one forward per step")
+        return events
