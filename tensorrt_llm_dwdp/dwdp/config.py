@@ -3,8 +3,12 @@
 The keys users know from TensorRT-LLM (``dwdp_size``, ``num_groups``, ``num_experts_per_worker``,
 ``num_prefetch_experts``, ``contention_opt``) keep their names and meaning, so one options file
 (as ``trtllm-serve --extra_llm_api_options`` takes it) serves both projects. Two knobs are ours:
-``prefetch_slice_bytes`` (slice size of the contention-aware copy plan) and ``peer_timeout_s``
-(how long a rank waits for its peers before failing with a clear error).
+``prefetch_slice_bytes`` (slice size of the contention-aware copy plan), ``peer_timeout_s``
+(how long a rank waits for its peers before failing with a clear error), and the weight view:
+``expert_view`` (``multi``: a list of S tensors per parameter; ``composite``: one ``[E, ...]``
+tensor per parameter through virtual-memory mapping), ``view_page_bytes`` (its mapping unit;
+0 = the device's recommended granularity) and ``view_handles`` (how peers receive composite
+memory: ``posix_fd`` on one host, ``fabric`` across multi-node NVLink).
 
 Checks that need facts the file cannot know (the model's expert count E, the launcher's world
 size) are separate methods, called as soon as those facts are known.
@@ -20,6 +24,8 @@ from typing import Any, Mapping
 SECTION = "dwdp_config"
 DEFAULT_SLICE_BYTES = 2 << 20
 DEFAULT_PEER_TIMEOUT_S = 60.0
+EXPERT_VIEWS = ("multi", "composite")
+VIEW_HANDLES = ("posix_fd", "fabric")
 
 
 class DwdpConfigError(ValueError):
@@ -44,11 +50,22 @@ class DwdpConfig:
     contention_opt: bool = False
     prefetch_slice_bytes: int = DEFAULT_SLICE_BYTES
     peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
+    expert_view: str = "multi"
+    view_page_bytes: int = 0
+    view_handles: str = "posix_fd"
 
     def __post_init__(self) -> None:
         _check_int("dwdp_size", self.dwdp_size, minimum=1)
         _check_int("num_groups", self.num_groups, minimum=1)
         _check_int("prefetch_slice_bytes", self.prefetch_slice_bytes, minimum=1)
+        _check_choice("expert_view", self.expert_view, EXPERT_VIEWS)
+        _check_choice("view_handles", self.view_handles, VIEW_HANDLES)
+        _check_int("view_page_bytes", self.view_page_bytes, minimum=0)
+        page = self.view_page_bytes
+        if page & (page - 1):
+            raise DwdpConfigError(
+                f"dwdp_config.view_page_bytes must be 0 (the device's granularity) or a power of "
+                f"two, got {page}")
         if not isinstance(self.contention_opt, bool):
             raise DwdpConfigError(
                 f"dwdp_config.contention_opt must be true or false, got {self.contention_opt!r}"
@@ -194,6 +211,12 @@ class DwdpConfig:
                 f"(dwdp_size={self.dwdp_size}, num_groups={self.num_groups})"
             )
         return divmod(world_rank, self.dwdp_size)
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise DwdpConfigError(f"dwdp_config.{key} must be one of {', '.join(choices)}, "
+                              f"got {value!r}")
 
 
 def _check_int(key: str, value: Any, *, minimum: int) -> None:

@@ -14,6 +14,12 @@ mgr.close()                                               # or `with mgr:`
 Layers are prefetched in registration order. The k-th prefetch of the run (k = step * L + pos)
 lands in buffer ``k % 2`` (``pos % 2`` when L is even), so the layer two ahead, wrapping into the
 next step, refills the buffer the finished layer read. The manager owns the comm it is given.
+
+Two views of a layer (``config.expert_view``): ``multi`` keeps the own slice and one buffer per
+peer as separate tensors; ``composite`` maps them into one ``[E, ...]`` range per tensor
+(``composite_views``), handed out by ``composite_weights(i)`` -- ``weights(i)`` then returns
+slices of it, so multi-tensor callers keep working. Composite needs its memory from
+``allocate`` (virtual-memory allocations shared by handle, ``transport.vmm``).
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ import torch
 
 from tensorrt_llm_dwdp.dwdp.agreement import record_problems, summarize
 from tensorrt_llm_dwdp.comm import GroupComm, connect
-from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.composite_layout import CompositeRange, check_page_bytes
+from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
 from tensorrt_llm_dwdp.dwdp.copy_plan import CopyPlan, interleaved_plan, peer_order, per_peer_plan
 from tensorrt_llm_dwdp.dwdp.errors import (DwdpMismatchError, DwdpPeerError, DwdpRegistrationError,
                                       DwdpStateError)
@@ -58,12 +65,19 @@ class DwdpManager:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.layout = ExpertLayout.from_config(config, num_experts, comm.rank)
         self.rank = comm.rank
-        self._transport = transport if transport is not None else transport_for(self.device)
+        self._composite_mode = config.expert_view == "composite" and config.dwdp_size > 1
+        self.page_bytes = 0
+        if transport is None:
+            transport = (self._vmm_transport() if self._composite_mode
+                         else transport_for(self.device))
+        self._transport = transport
         self._layers: list[int] = []
         self._pos_of: dict[int, int] = {}
         self._own: list[dict[str, torch.Tensor]] = []
         self._handles: list[dict[str, HandleRecord]] = []
         self._views: list[list[dict[str, list[torch.Tensor]]]] | None = None
+        self._composite_views: list[list[dict[str, torch.Tensor]]] | None = None
+        self._composite: Any = None
         self._plans: list[list[CopyPlan]] = []
         self._buffers: PrefetchBuffers | None = None
         self._engine: Any = None
@@ -74,6 +88,28 @@ class DwdpManager:
         self._exchange_started = False
         self._peer_failed = False
         self._closed = False
+
+    def _vmm_transport(self) -> Transport:
+        from tensorrt_llm_dwdp.dwdp.vmm import vmm_for
+        from tensorrt_llm_dwdp.transport.vmm import VmmTransport
+
+        vmm = vmm_for(self.device)
+        page = self.config.view_page_bytes or vmm.granularity
+        try:
+            self.page_bytes = check_page_bytes(page, vmm.minimum_granularity,
+                                               "dwdp_config.view_page_bytes")
+        except ValueError as exc:
+            raise DwdpConfigError(f"{exc} (device {self.device}); use 0 or a power-of-two "
+                                  f"multiple of {vmm.minimum_granularity}") from exc
+        return VmmTransport(vmm, self.config.view_handles, self.config.peer_timeout_s)
+
+    def _composite_range(self, shape: Sequence[int], dtype: torch.dtype) -> CompositeRange | None:
+        """The composite layout of a ``[W, ...]`` tensor (None for other shapes)."""
+        if not shape or shape[0] != self.layout.num_experts_per_worker:
+            return None
+        nbytes = torch.empty(tuple(shape), dtype=dtype, device="meta").nbytes
+        eb = nbytes // shape[0]
+        return CompositeRange.of(self.layout, eb, self.page_bytes) if eb else None
 
     @classmethod
     def from_environment(cls, config: DwdpConfig, num_experts: int,
@@ -98,8 +134,15 @@ class DwdpManager:
         return tuple(self._layers)
 
     @property
+    def expert_view(self) -> str:
+        """``multi`` or ``composite`` (``composite_weights`` exists with the latter)."""
+        return self.config.expert_view
+
+    @property
     def buffer_bytes(self) -> int:
-        """Bytes held by the prefetch buffers (0 before exchange or with one rank)."""
+        """Bytes held by the prefetch buffers or pools (0 before exchange or with one rank)."""
+        if self._composite is not None:
+            return self._composite.buffer_bytes
         return self._buffers.total_bytes if self._buffers is not None else 0
 
     @property
@@ -120,6 +163,11 @@ class DwdpManager:
     def allocate(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A zeroed tensor on this rank's device in memory peers can map (shm on CPU)."""
         self._check_open("allocate")
+        if self._composite_mode:
+            r = self._composite_range(shape, dtype)
+            if r is not None:
+                return self._transport.allocate_at(shape, dtype, r.data_offset,
+                                                   r.allocation_bytes)
         return self._transport.allocate(shape, dtype)
 
     def register_layer(self, layer_idx: int, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -160,6 +208,8 @@ class DwdpManager:
                 )
             if self.config.dwdp_size > 1:
                 try:
+                    if self._composite_mode:
+                        self._check_composite(t)
                     handles[name] = self._transport.export(t)
                 except DwdpRegistrationError as exc:
                     raise DwdpRegistrationError(f"{where}: {exc}") from exc
@@ -168,6 +218,18 @@ class DwdpManager:
         self._layers.append(layer_idx)
         self._own.append(own)
         self._handles.append(handles)
+
+    def _check_composite(self, t: torch.Tensor) -> None:
+        r = self._composite_range(tuple(t.shape), t.dtype)
+        if r is None:
+            raise DwdpRegistrationError("expert_view composite needs at least one byte per "
+                                        "expert")
+        mem, offset = self._transport.locate(t)
+        if (offset, mem.size) != (r.data_offset, r.allocation_bytes):
+            raise DwdpRegistrationError(
+                f"its allocation ({mem.size} bytes, tensor at byte {offset}) is not the one "
+                f"the composite view maps ({r.allocation_bytes} bytes, tensor at byte "
+                f"{r.data_offset}): allocate it with DwdpManager.allocate(shape, dtype)")
 
     def exchange(self) -> None:
         """Swap handle records with the group, check agreement, map peers, build buffers.
@@ -214,23 +276,21 @@ class DwdpManager:
                     self.buffer_bytes / 2**20)
 
     def _open_peers(self, records: list[dict]) -> tuple[list[dict[int, dict[str, int]]], str]:
-        """Map every peer tensor; ``sources[pos][peer][name]``: address of its first copied byte."""
+        """Map every peer tensor; ``sources[pos][peer][name]``: address of its byte 0 (expert
+        ``P * peer``)."""
         sources: list[dict[int, dict[str, int]]] = []
         try:
             for pos, own in enumerate(self._own):
                 per_peer: dict[int, dict[str, int]] = {}
                 for peer in self.layout.peers:
-                    addrs = {}
-                    for name, t in own.items():
-                        rec = records[peer]["handles"][pos][name]
-                        base = self._transport.open(peer, rec)
-                        expert_bytes = t.numel() * t.element_size() // t.shape[0]
-                        addrs[name] = base + self.layout.source_starts[peer] * expert_bytes
-                    per_peer[peer] = addrs
+                    per_peer[peer] = {name: self._transport.open(
+                        peer, records[peer]["handles"][pos][name]) for name in own}
                 sources.append(per_peer)
         except Exception as exc:
-            logger.error("DWDP rank %d could not map peer memory: %s", self.rank, exc)
-            return sources, f"{type(exc).__name__}: {exc}"
+            # A message, not the exception: a kept log record must not pin this rank's frames.
+            message = f"{type(exc).__name__}: {exc}"
+            logger.error("DWDP rank %d could not map peer memory: %s", self.rank, message)
+            return sources, message
         return sources, ""
 
     def _build(self, sources: list[dict[int, dict[str, int]]]) -> None:
@@ -238,24 +298,18 @@ class DwdpManager:
         self._stats = StatsRecorder(self._layers)
         if self.config.dwdp_size == 1:
             self._views = [[{n: [t] for n, t in own.items()}] * NUM_BUFFERS for own in self._own]
+            self._composite_views = [[dict(own)] * NUM_BUFFERS for own in self._own]
             return
-        self._buffers = PrefetchBuffers(self.layout, self._own, self.device)
-        self._views = [[self._buffers.view(pos, b) for b in range(NUM_BUFFERS)]
-                       for pos in range(self._n)]
         order = peer_order(self.rank, self.config.dwdp_size)
-        for pos, own in enumerate(self._own):
-            plans = []
-            for b in range(NUM_BUFFERS):
-                per_peer = []
-                for peer in order:
-                    copies = []
-                    for name in own:
-                        dst, nbytes = self._buffers.dst(pos, b, peer, name)
-                        copies.append((dst, sources[pos][peer][name], nbytes))
-                    per_peer.append(copies)
-                plans.append(interleaved_plan(per_peer, self.config.prefetch_slice_bytes)
-                             if self.config.contention_opt else per_peer_plan(per_peer))
-            self._plans.append(plans)
+        if self._composite_mode:
+            per_peer_copies = self._build_composite(sources, order)
+        else:
+            per_peer_copies = self._build_multi(sources, order)
+        for pos in range(self._n):
+            self._plans.append([
+                interleaved_plan(per_peer, self.config.prefetch_slice_bytes)
+                if self.config.contention_opt else per_peer_plan(per_peer)
+                for per_peer in per_peer_copies[pos]])
         if self.device.type == "cuda":
             from tensorrt_llm_dwdp.dwdp.copy_engine import CudaCopyEngine
 
@@ -264,6 +318,41 @@ class DwdpManager:
             from tensorrt_llm_dwdp.dwdp.copy_engine import ThreadCopyEngine
 
             self._engine = ThreadCopyEngine(self._stats, name=f"dwdp-copy-r{self.rank}")
+
+    def _build_multi(self, sources, order):
+        """Separate buffers; ``[pos][b][peer index]``: that peer's copies."""
+        self._buffers = PrefetchBuffers(self.layout, self._own, self.device)
+        self._views = [[self._buffers.view(pos, b) for b in range(NUM_BUFFERS)]
+                       for pos in range(self._n)]
+        out = []
+        for pos, own in enumerate(self._own):
+            per_buffer = []
+            for b in range(NUM_BUFFERS):
+                per_peer = []
+                for peer in order:
+                    copies = []
+                    for name, t in own.items():
+                        dst, nbytes = self._buffers.dst(pos, b, peer, name)
+                        skip = self.layout.source_starts[peer] * t[0].numel() * t.element_size()
+                        copies.append((dst, sources[pos][peer][name] + skip, nbytes))
+                    per_peer.append(copies)
+                per_buffer.append(per_peer)
+            out.append(per_buffer)
+        return out
+
+    def _build_composite(self, sources, order):
+        from tensorrt_llm_dwdp.dwdp.composite_views import CompositeViews
+
+        self._composite = CompositeViews(self._transport.vmm, self.layout, self._own,
+                                         self._transport.locate, self.page_bytes)
+        edges = self._composite.fill_edges(sources)
+        logger.debug("DWDP rank %d: %d edge byte(s) filled from peers", self.rank, edges)
+        self._views = [[self._composite.multi_view(pos, b) for b in range(NUM_BUFFERS)]
+                       for pos in range(self._n)]
+        self._composite_views = [[self._composite.view(pos, b) for b in range(NUM_BUFFERS)]
+                                 for pos in range(self._n)]
+        return [[self._composite.prefetch_copies(pos, b, sources[pos], order)
+                 for b in range(NUM_BUFFERS)] for pos in range(self._n)]
 
     # ------------------------------------------------------------------ per step
     def start_step(self) -> None:
@@ -284,13 +373,29 @@ class DwdpManager:
         GPU: the current stream waits for this layer's prefetch (no host sync). CPU: blocks
         until the copy thread has filled the buffer.
         """
+        pos, b = self._acquire("weights", layer_idx)
+        return self._views[pos][b]
+
+    def composite_weights(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        """``{name: tensor [E, ...]}`` of layer ``layer_idx`` (expert e at byte ``e *
+        expert_bytes``); waits like ``weights``. Needs ``expert_view: composite`` (or one
+        rank, where it is the rank's own tensors)."""
+        if self.config.dwdp_size > 1 and not self._composite_mode:
+            raise DwdpStateError(
+                f"composite_weights({layer_idx}) with dwdp_config.expert_view = "
+                f"{self.config.expert_view!r}: set expert_view: composite (run --expert-view "
+                "composite)")
+        pos, b = self._acquire("composite_weights", layer_idx)
+        return self._composite_views[pos][b]
+
+    def _acquire(self, what: str, layer_idx: int) -> tuple[int, int]:
         seq = self._current
         pos = self._pos_of.get(layer_idx)
         if pos is None or seq >= self._queued or pos != seq % self._n:
-            self._state_error("weights", layer_idx)
+            self._state_error(what, layer_idx)
         if self._engine is not None:
             self._engine.wait(seq & 1, pos)
-        return self._views[pos][seq & 1]
+        return pos, seq & 1
 
     def done(self, layer_idx: int) -> None:
         """Layer ``layer_idx``'s compute is issued; its buffer refills with the layer two ahead."""
@@ -323,11 +428,12 @@ class DwdpManager:
 
     def poison_buffers(self, byte: int = 0xA5) -> None:
         """Fill every prefetch buffer with ``byte`` so a missed copy shows (tests, debugging)."""
-        if self._buffers is None:
+        target = self._composite if self._composite is not None else self._buffers
+        if target is None:
             return
         if self._engine is not None:
             self._engine.synchronize()
-        self._buffers.fill_(byte)
+        target.fill_(byte)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -392,6 +498,12 @@ class DwdpManager:
                 self._engine.close()
         except Exception as exc:
             error = exc
+        self._views = self._composite_views = None
+        try:
+            if self._composite is not None:
+                self._composite.close()
+        except Exception as exc:
+            error = error or exc
         try:
             self._transport.close_peers()
         except Exception as exc:
@@ -407,7 +519,7 @@ class DwdpManager:
             self._transport.close()
         except Exception as exc:
             error = error or exc
-        self._views, self._buffers, self._engine, self._plans = None, None, None, []
+        self._buffers, self._engine, self._plans, self._composite = None, None, [], None
         self._current = self._queued = 0  # weights()/done() now take the error path
         try:
             if self._peer_failed:

@@ -47,7 +47,8 @@ class ConfigurableMoE(nn.Module):
     """``forward(hidden [T, H] bf16) -> [T, H] bf16``: the routed-expert output.
 
     ``dwdp``: a DwdpManager (or None). With it, expert weights come from
-    ``dwdp.weights(layer_idx)`` each forward (the caller registers this layer's local tensors
+    ``dwdp.weights(layer_idx)`` (``composite_weights`` under ``expert_view: composite``, which
+    every backend takes as one tensor per parameter) each forward (the caller registers this layer's local tensors
     with the manager; ``set_local_weights`` keeps them for reference), and ``dwdp.done``
     follows the backend call. ``ep``: an ``ExpertParallel`` (or None; not with ``dwdp``): the
     local tensors hold this rank's E/S experts and every rank of the group runs every MoE
@@ -87,6 +88,12 @@ class ConfigurableMoE(nn.Module):
         self.ep = ep
         self.gate = MoeGate(num_experts, hidden_size, top_k, router or RouterConfig())
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        if (dwdp is not None and dwdp.layout.dwdp_size > 1 and dwdp.expert_view == "multi"
+                and not self.backend.accepts_multi_tensor):
+            raise ValueError(
+                f"ConfigurableMoE layer {layer_idx}: backend {type(self.backend).__name__} runs "
+                "over one [E, ...] tensor per parameter; set dwdp_config.expert_view: composite "
+                "(run --expert-view composite)")
         self._local: ExpertWeights | None = None
 
     @property
@@ -123,9 +130,12 @@ class ConfigurableMoE(nn.Module):
                     f"set_local_weights first"
                 )
             return self._local
-        view = ExpertWeights.from_view(
-            self.dwdp.weights(self.layer_idx), self.dwdp.layout.tensor_offsets
-        )
+        if self.dwdp.expert_view == "composite":
+            view = ExpertWeights.single(self.dwdp.composite_weights(self.layer_idx))
+        else:
+            view = ExpertWeights.from_view(
+                self.dwdp.weights(self.layer_idx), self.dwdp.layout.tensor_offsets
+            )
         if view.num_experts != self.num_experts:
             raise RuntimeError(
                 f"ConfigurableMoE layer {self.layer_idx}: DWDP view holds {view.num_experts} "

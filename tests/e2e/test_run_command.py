@@ -64,3 +64,13 @@ def test_eight_ranks_two_experts_each_bitwise_parity(tmp_path):
     proc, out = run_job(tmp_path, "--num-layers", "3", "--ranks", "8", "--max-tokens", "2")
     summary = check_parity(proc, out, 8)
     assert summary["dwdp_config"]["num_experts_per_worker"] == 2
+
+
+def test_composite_view_redundant_layout_odd_layers_bitwise_parity(tmp_path):
+    """--expert-view composite: every MoE layer read as one [E, ...] tensor per parameter; W > P
+    (redundant) and 3 MoE layers (odd: a layer's buffer alternates between steps)."""
+    proc, out = run_job(tmp_path, "--expert-view", "composite", "--experts-per-worker", "10",
+                        "--prefetch-experts", "6")
+    summary = check_parity(proc, out, 2)
+    assert summary["dwdp_config"]["expert_view"] == "composite"
+    assert "composite view" in proc.stdout

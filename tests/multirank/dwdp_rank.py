@@ -12,6 +12,12 @@ in one process (torch imports once), each with a fresh group:
   badtensor    rank 0 registers a tensor not in shared memory            -> all ranks fail
   die          the last rank exits (os._exit) right before the exchange  -> others fail in time
   never        the last rank never arrives                               -> others fail in time
+  fdfail       (composite) the last rank's descriptor server is gone     -> all ranks fail
+
+``--view composite`` runs the scenarios over composite views: besides the multi-tensor slices,
+every layer's ``composite_weights`` tensor must equal experts [0, E) with expert e at byte
+``e * expert_bytes`` of one range, the prefetch moves exactly the bytes on pool pages, and after
+close nothing of ours is mapped (/proc/self/maps) or left in /dev/shm.
 
 Prints ``SCENARIO <name> rank=<r> OK ...`` or ``SCENARIO <name> rank=<r> FAILED <error>`` per
 scenario (expected failures are not a failed run), exits 0 unless a check went wrong.
@@ -20,6 +26,7 @@ Every (layer, tensor, expert) gets a unique byte ramp and buffers are poisoned f
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import os
 import sys
@@ -40,6 +47,19 @@ TENSORS = {name: (spec.dtype, spec.per_expert)
            for name, spec in expert_specs(NVFP4, hidden=16, inter=16, bias=True).items()}
 
 
+# Per-expert sizes on and around a 4 KiB page (``--tensors pages``): composite ranges whose own
+# slice starts and ends mid-page, exactly on a page, one byte either side, and spanning pages.
+PAGE_TENSORS = {
+    "w3_w1_weight": (torch.uint8, (4096,)),
+    "w3_w1_weight_scale": (torch.uint8, (4095,)),
+    "fc31_alpha": (torch.float32, ()),
+    "w2_weight": (torch.uint8, (4097,)),
+    "w2_weight_scale": (torch.bfloat16, (1365,)),
+    "fc2_alpha": (torch.float32, (3, 1024)),
+    "w2_bias": (torch.uint8, (1,)),
+}
+
+
 def pattern(layer: int, name_id: int, expert: int, nbytes: int) -> torch.Tensor:
     """A byte ramp unique to (layer, tensor, expert): a misplaced copy differs almost everywhere."""
     key = (layer * 1009 + name_id * 101 + expert * 7) % 251
@@ -54,11 +74,47 @@ def per_expert_bytes() -> int:
     return expert_nbytes(NVFP4, hidden=16, inter=16, bias=True)
 
 
+def check_composite(mgr, view, layer: int, rank: int, step: int, num_experts: int) -> None:
+    """One range per tensor, expert e at byte e * expert_bytes, equal to experts [0, E)."""
+    comp = mgr.composite_weights(layer)
+    for name_id, name in enumerate(TENSORS):
+        t = comp[name]
+        assert t.shape[0] == num_experts and t.is_contiguous(), (name, t.shape)
+        eb = t[0].numel() * t.element_size()
+        assert all(t[e].data_ptr() == t.data_ptr() + e * eb for e in range(num_experts))
+        assert view[name][rank].data_ptr() == t[mgr.layout.owned_range()[0]].data_ptr()
+        whole = t.view(torch.uint8).reshape(num_experts, -1).cpu()
+        want = expected(layer, name_id, 0, num_experts, whole.shape[1])
+        if not torch.equal(whole, want):
+            bad = [g for g in range(num_experts) if not torch.equal(whole[g], want[g])]
+            raise AssertionError(f"rank {rank} step {step} layer {layer} {name}: composite "
+                                 f"experts {bad} differ")
+
+
+def pool_bytes_copied(mgr) -> int:
+    """Bytes one composite prefetch moves: the fetched bytes that lie on pool pages."""
+    from tensorrt_llm_dwdp.dwdp.composite_layout import CompositeRange
+
+    total = 0
+    for dtype, tail in TENSORS.values():
+        eb = torch.empty((1,) + tail, dtype=dtype).nbytes
+        r = CompositeRange.of(mgr.layout, eb, mgr.page_bytes)
+        total += sum(c.nbytes for c in r.prefetch_copies(mgr.layout))
+    return total
+
+
+def our_mappings() -> list[str]:
+    """Lines of /proc/self/maps naming our composite memory (memfd:trtllm_dwdp)."""
+    with open("/proc/self/maps") as f:
+        return [line.strip() for line in f if "trtllm_dwdp" in line]
+
+
 def run(scenario: str, args, size: int, rank_hint: int, device: torch.device) -> str:
     cfg = dict(dwdp_size=size, num_experts_per_worker=args.w, num_prefetch_experts=args.p,
                contention_opt=args.contention_opt or scenario == "contention",
                prefetch_slice_bytes=args.slice_bytes,
-               peer_timeout_s=args.timeout)
+               peer_timeout_s=args.timeout, expert_view=args.view,
+               view_page_bytes=args.page_bytes)
     last = rank_hint == size - 1
     if scenario == "config" and last:
         cfg["prefetch_slice_bytes"] = args.slice_bytes + 8
@@ -91,6 +147,8 @@ def run(scenario: str, args, size: int, rank_hint: int, device: torch.device) ->
         if scenario == "die" and last:
             print(f"SCENARIO die rank={rank} EXITING pid={os.getpid()}", flush=True)
             os._exit(0)  # gone right before the exchange, without MPI_Finalize
+        if scenario == "fdfail" and last:
+            mgr._transport.after_exchange()  # its descriptor server stops before peers ask
         mgr.exchange()
         mapped = mgr.mapped_allocations
         assert 0 < mapped <= (size - 1) * len(LAYERS) * len(TENSORS), mapped
@@ -111,14 +169,19 @@ def run(scenario: str, args, size: int, rank_hint: int, device: torch.device) ->
                         bad = [g for g in range(num_experts) if not torch.equal(whole[g], want[g])]
                         raise AssertionError(
                             f"rank {rank} step {step} layer {layer} {name}: experts {bad} differ")
+                if args.view == "composite":
+                    check_composite(mgr, view, layer, rank, step, num_experts)
                 mgr.done(layer)
         mgr.synchronize()
         stats = mgr.stats
         prefetches = args.steps * len(LAYERS) + 2  # the wrap-around queued two more
         want_bytes = prefetches * (size - 1) * args.p * per_expert_bytes()
+        if args.view == "composite":
+            want_bytes = prefetches * pool_bytes_copied(mgr)
         assert stats.prefetches == prefetches, (stats.prefetches, prefetches)
         assert stats.bytes_copied == want_bytes, (stats.bytes_copied, want_bytes)
-        assert stats.waits == args.steps * len(LAYERS), stats.waits
+        acquisitions = 2 if args.view == "composite" else 1  # weights() and composite_weights()
+        assert stats.waits == acquisitions * args.steps * len(LAYERS), stats.waits
         assert all(layer.copy_time_s > 0 for layer in stats.layers), stats
     assert mgr.mapped_allocations == 0, mgr.mapped_allocations  # close() unmapped every peer
     return f"mapped={mapped} copied={stats.bytes_copied} copy_s={stats.copy_time_s:.6f}"
@@ -135,7 +198,14 @@ def main() -> int:
     ap.add_argument("--slice-bytes", type=int, default=40)
     ap.add_argument("--timeout", type=float, default=20.0)
     ap.add_argument("--size", type=int, default=0, help="dwdp_size (default: MPI world size)")
+    ap.add_argument("--view", default="multi", choices=["multi", "composite"])
+    ap.add_argument("--page-bytes", type=int, default=0, help="composite mapping unit (0: device)")
+    ap.add_argument("--tensors", default="small", choices=["small", "pages"],
+                    help="per-expert sizes: a few bytes (default) or around 4 KiB pages")
     args = ap.parse_args()
+    if args.tensors == "pages":
+        TENSORS.clear()
+        TENSORS.update(PAGE_TENSORS)
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("TRTLLM_DWDP_RANK", 0)))
     size = args.size or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1))
     device = torch.device(args.device)
@@ -154,7 +224,8 @@ def main() -> int:
                   f"{type(exc).__name__}: {text}", flush=True)
             if scenario in ("die", "never"):
                 os._exit(0)  # a peer is gone: leave without MPI_Finalize waiting on it
-        leftover = glob.glob(f"/dev/shm/trtllm_dwdp_{os.getpid()}_*")
+        gc.collect()  # tensors over our memory (the caller's weights) are gone by now
+        leftover = glob.glob(f"/dev/shm/trtllm_dwdp_{os.getpid()}_*") + our_mappings()
         if leftover:
             print(f"SCENARIO {scenario} rank={rank} LEAKED {leftover}", flush=True)
             return 1

@@ -169,3 +169,27 @@ def test_tcp_peer_never_arrives():
     assert line.startswith("FAILED") and "DwdpPeerError" in line and "[1]" in line, outs[0]
     waited = float(re.search(r"after ([\d.]+)s", line).group(1))
     assert timeout <= waited < timeout + 3, waited
+
+
+@need_mpirun
+def test_composite_views_over_processes():
+    """Composite views across real processes: memfd pages mapped twice, descriptors passed
+    over the unix socket, sizes around 4 KiB pages, 4 KiB and 16 KiB mapping units, 2 and 4
+    ranks (redundant layouts); a lost descriptor server fails every rank; nothing leaks."""
+    runs = [(2, ["--w", "5", "--p", "3", "--scenarios", "ok,contention,badtensor,fdfail"]),
+            (2, ["--w", "5", "--p", "3", "--page-bytes", "16384", "--scenarios", "ok"]),
+            (4, ["--w", "6", "--p", "2", "--scenarios", "ok,contention"])]
+    for n, extra in runs:
+        proc, _ = _mpirun(n, "--view", "composite", "--tensors", "pages", "--slice-bytes", "3000",
+                          *extra)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        _assert_ok(out, "ok", n)
+        assert "LEAKED" not in out, out[-4000:]
+        if "contention" in extra[-1]:
+            _assert_ok(out, "contention", n)
+        if "fdfail" in extra[-1]:
+            _assert_all_fail(out, "fdfail", n, "DwdpPeerError", "FdPassingError",
+                             "network namespace")
+            lines = _lines(out, "badtensor")
+            assert "not in memory the composite view can map twice" in lines[0], lines

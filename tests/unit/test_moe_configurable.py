@@ -72,6 +72,8 @@ class StandInManager:
     """The DwdpManager surface ConfigurableMoE uses (weights, done, layout), over tensors
     sliced from a full expert set by the layout rule; records the calls it gets."""
 
+    expert_view = "multi"
+
     def __init__(self, full: dict, layout: ExpertLayout, layer_idx: int):
         self.layout = layout
         self.layer_idx = layer_idx

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, help="JSON: per rank a list of token-id lists")
     p.add_argument("--max-tokens", type=int, default=8, help="tokens to generate per prompt")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--moe-backend", default="torch", help="MoE backend name (torch, cutedsl)")
+    p.add_argument("--moe-backend", default="torch", help="MoE backend name (torch, cutedsl, torch-grouped)")
     p.add_argument("--out", required=True, help="folder for rank{r}.json / rank{r}.pt")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads when on the CPU")
 

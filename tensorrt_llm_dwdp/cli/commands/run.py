@@ -9,6 +9,7 @@ line: the outputs equal those of one rank holding all experts, logits bit for bi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -49,11 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="P: experts fetched from each peer (default: (E - W) / (ranks - 1))")
     dw.add_argument("--contention-opt", action="store_true",
                     help="interleave 2 MiB copy slices across peers in one batched copy")
+    dw.add_argument("--expert-view", choices=["multi", "composite"], default=None,
+                    help="weights a MoE layer reads: multi (S tensors per parameter) or "
+                    "composite (one [E, ...] tensor through virtual-memory mapping) "
+                    "(default: the --dwdp-config file's, else multi)")
     ex = p.add_argument_group("execution")
     ex.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="auto: one GPU per rank when CUDA is available, else CPU")
-    ex.add_argument("--moe-backend", default="torch", help="MoE backend: torch or cutedsl "
-                    "(default: torch)")
+    ex.add_argument("--moe-backend", default="torch", help="MoE backend: torch, cutedsl or "
+                    "torch-grouped (needs --expert-view composite with DWDP) (default: torch)")
     ex.add_argument("--max-tokens", type=int, default=8, help="tokens generated per prompt")
     ex.add_argument("--cpu-threads", type=int, default=None, help="torch threads per CPU rank "
                     "(default: cores / ranks; the reference run uses the same count)")
@@ -85,6 +90,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         config = partition_config(num_experts, args.ranks, args.experts_per_worker,
                                   args.prefetch_experts, contention_opt=args.contention_opt)
+    if args.expert_view is not None:
+        config = dataclasses.replace(config, expert_view=args.expert_view)
     config.check_num_experts(num_experts)
     os.makedirs(args.out, exist_ok=True)
     config_path = os.path.join(args.out, "dwdp.yaml")
@@ -103,7 +110,8 @@ def main(args: argparse.Namespace) -> int:
 
     threads = args.cpu_threads or max(1, (os.cpu_count() or 1) // config.dwdp_size)
     print(f"model {model_dir}: {num_experts} experts; DWDP {config.dwdp_size} ranks, "
-          f"W={config.experts_per_worker(num_experts)} P={config.prefetch_experts()}", flush=True)
+          f"W={config.experts_per_worker(num_experts)} P={config.prefetch_experts()}, "
+          f"{config.expert_view} view", flush=True)
     argv = python_module_argv("--log-level", args.log_level, "rank-worker", "--model", model_dir,
                               "--dwdp-config", config_path, "--prompts", prompts_path,
                               "--max-tokens", str(args.max_tokens), "--device", args.device,

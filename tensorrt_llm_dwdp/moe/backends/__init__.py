@@ -24,6 +24,9 @@ BACKEND_MODULES: dict[str, str] = {
 
 
 class MoeBackend(Protocol):
+    # False for backends that need one [E, ...] tensor per parameter (a composite view).
+    accepts_multi_tensor: bool
+
     def run_experts(
         self,
         x: torch.Tensor,

@@ -61,6 +61,8 @@ class CuteDslMoeBackend:
     weights' addresses (DWDP buffers keep their addresses, so steady state builds none).
     """
 
+    accepts_multi_tensor = True  # a composite view is the S = 1 case
+
     def __init__(self, warp_specialized: bool = False, max_tables: int = 512,
                  max_tile_m: int = 128) -> None:
         if max_tile_m not in MAX_TILE_M:

@@ -91,6 +91,8 @@ def expert_mlp(a: torch.Tensor, weights: ExpertWeights, expert: int) -> torch.Te
 class TorchMoeBackend:
     """Reference ``run_experts``; see the module docstring for the exact numerics."""
 
+    accepts_multi_tensor = True
+
     def run_experts(
         self,
         x: torch.Tensor,
