@@ -20,6 +20,7 @@ from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 BACKEND_MODULES: dict[str, str] = {
     "torch": "tensorrt_llm_dwdp.moe.backends.torch_ref",
     "cutedsl": "tensorrt_llm_dwdp.moe.backends.cutedsl",
+    "torch-grouped": "tensorrt_llm_dwdp.moe.backends.torch_grouped",
 }
 
 
@@ -51,8 +52,8 @@ def _cutedsl_missing() -> list[str]:
 
 
 def get_backend(name: str) -> MoeBackend:
-    """The backend registered as ``name`` ('torch' or 'cutedsl'); clear errors when it cannot
-    run here."""
+    """The backend registered as ``name`` ('torch', 'cutedsl' or 'torch-grouped'); clear errors
+    when it cannot run here."""
     if name not in BACKEND_MODULES:
         raise ValueError(f"unknown MoE backend {name!r}; choose one of {sorted(BACKEND_MODULES)}")
     module_name = BACKEND_MODULES[name]

@@ -1,0 +1,150 @@
+"""torch-grouped MoE backend: ``torch._grouped_mm`` over one ``[E, ...]`` tensor per parameter.
+
+The vendor-kernel baseline of the benchmarks and a path for GPUs the CuTeDSL kernels do not
+serve. It needs a single tensor per parameter (DWDP's composite view, or one rank holding all
+experts): ``accepts_multi_tensor`` is False, so a multi-view DWDP layer refuses it at build time.
+
+Per layer: rows are permuted by expert (``build_permutation``, tile 1), then
+
+1. ``g = grouped_mm(x_rows, W13^T)``: bf16 in, fp32 accumulation, bf16 out (torch's grouped GEMM
+   returns its input dtype); ``g * fc31_alpha[e]`` (NVFP4) ``+ w3_w1_bias[e]`` in fp32;
+2. ``h = bf16(silu(gate) * up)`` in fp32 (rows ``[0, I)`` are w3/up, ``[I, 2I)`` w1/gate);
+3. ``y = grouped_mm(h, W2^T)`` (bf16 out), ``* fc2_alpha[e] + w2_bias[e]`` and the router weight
+   in fp32; each token sums its k slots in slot order, rounded once to bf16.
+
+Against the torch reference the two GEMM outputs are rounded to bf16 once more, so results
+agree within bf16 tolerance; the backend itself is deterministic and does not depend on where
+the experts' bytes live, so a composite DWDP view and one rank holding all experts agree bit for
+bit.
+
+Weights: bf16 experts are read in place (``W^T`` is a transposed view, no copy). NVFP4 experts
+have no kernel here (Hopper has no FP4 MMA and torch offers no NVFP4 grouped GEMM for it), so
+the experts that received tokens are dequantized to exact bf16 (``e2m1 * e4m3`` is exact in bf16;
+alpha stays an fp32 epilogue factor) ``chunk_experts`` at a time and multiplied per chunk. That
+costs, per layer, reading 0.5625 and writing then reading 2 bytes per weight element of every
+expert with tokens -- for DeepSeek-V3 with all 256 experts hit, 6.3 GB read and 2 x 22.5 GB of
+bf16 traffic, about 10 ms at H200 bandwidth on top of the GEMMs -- plus a transient bf16 copy of
+``chunk_experts`` experts (8: 0.7 GB). A correctness baseline for NVFP4, not a fast path.
+There is no fp8 expert format in this project (``ExpertWeights``: NVFP4 or bf16), so
+``torch._scaled_grouped_mm`` has nothing to read and is not used.
+
+CPU: torch 2.13's CPU build runs ``_grouped_mm`` in bf16 (H and I multiples of 8: strides of
+16 bytes), so the backend and its tests run there too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
+from tensorrt_llm_dwdp.moe.permute import build_permutation
+from tensorrt_llm_dwdp.moe.weights import ExpertWeights
+from tensorrt_llm_dwdp.quant.nvfp4 import E2M1_VALUES
+
+DEFAULT_CHUNK_EXPERTS = 8
+
+
+def dequantize_bf16(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 ``packed [..., K/2]`` with e4m3 ``scale [..., K/16]`` to exact bf16 ``[..., K]``
+    (no global scale); bf16 throughout, which is exact for e2m1 * e4m3."""
+    values = torch.tensor(E2M1_VALUES, dtype=torch.bfloat16, device=packed.device)
+    codes = torch.arange(256, device=packed.device)
+    pairs = torch.stack((values[codes & 0xF], values[codes >> 4]), dim=-1)  # byte -> (lo, hi)
+    k = packed.shape[-1] * 2
+    decoded = pairs[packed.long()].reshape(*packed.shape[:-1], k // 16, 16)
+    return (decoded * scale.to(torch.bfloat16).unsqueeze(-1)).reshape(*packed.shape[:-1], k)
+
+
+def grouped_mm(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``a [M, K]`` rows grouped by ``offs`` (int32 group ends) times ``b_t [G, K, N]``."""
+    if not hasattr(torch, "_grouped_mm"):
+        raise RuntimeError("MoE backend 'torch-grouped' needs torch._grouped_mm (torch >= 2.8)")
+    return torch._grouped_mm(a, b_t, offs=offs)
+
+
+class TorchGroupedMoeBackend:
+    """``run_experts`` with ``torch._grouped_mm`` (see the module docstring)."""
+
+    accepts_multi_tensor = False
+
+    def __init__(self, chunk_experts: int = DEFAULT_CHUNK_EXPERTS) -> None:
+        if chunk_experts < 1:
+            raise ValueError(f"torch-grouped: chunk_experts must be >= 1, got {chunk_experts}")
+        self.chunk_experts = chunk_experts
+
+    def _check(self, x: torch.Tensor, weights: ExpertWeights) -> None:
+        if weights.num_tensors != 1:
+            raise ValueError(
+                f"torch-grouped backend: needs one [E, ...] tensor per parameter, got "
+                f"{weights.num_tensors} (a multi-tensor DWDP view); use dwdp_config.expert_view: "
+                "composite (run --expert-view composite)")
+        h, inter = weights.hidden_size, weights.intermediate_size
+        if h % 8 or inter % 8:
+            raise ValueError(f"torch-grouped backend: H={h} and I={inter} must be multiples of 8 "
+                             "(grouped GEMM strides are multiples of 16 bytes)")
+
+    def run_experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                    weights: ExpertWeights) -> torch.Tensor:
+        check_run_experts_args(x, topk_ids, topk_weights, weights)
+        self._check(x, weights)
+        tokens, k = topk_ids.shape
+        hidden = x.shape[1]
+        if tokens == 0:
+            return torch.empty(0, hidden, dtype=torch.bfloat16, device=x.device)
+        plan = build_permutation(topk_ids, weights.num_experts, tile_m=1)
+        rows = x[plan.gather_index.long()].contiguous()
+        slots = plan.slot_index.long()
+        counts = plan.counts
+        offsets = plan.expert_offsets.tolist()
+        p = {name: ts[0] for name, ts in weights.tensors.items()}
+        y = torch.empty(rows.shape[0], hidden, dtype=torch.float32, device=x.device)
+        if weights.quant == "bf16":
+            groups = [list(range(weights.num_experts))]
+        else:
+            active = torch.nonzero(counts).flatten().tolist()
+            groups = [active[i:i + self.chunk_experts]
+                      for i in range(0, len(active), self.chunk_experts)]
+        for experts in groups:
+            lo, hi = offsets[experts[0]], offsets[experts[-1] + 1]
+            ids = torch.tensor(experts, device=x.device)
+            y[lo:hi] = self._mlp(rows[lo:hi], p, weights, ids, counts[ids])
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(weights.num_experts, device=x.device), counts.long(),
+            output_size=rows.shape[0])
+        if weights.quant == "nvfp4":
+            y = y * p["fc2_alpha"][expert_of_row].unsqueeze(1)
+        if "w2_bias" in p:
+            y = y + p["w2_bias"][expert_of_row]
+        slot_out = torch.zeros(tokens * k, hidden, dtype=torch.float32, device=x.device)
+        slot_out[slots] = y * topk_weights.reshape(-1)[slots].unsqueeze(1)
+        per_slot = slot_out.view(tokens, k, hidden)
+        out = per_slot[:, 0].clone()
+        for j in range(1, k):
+            out = out + per_slot[:, j]
+        return out.to(torch.bfloat16)
+
+    def _mlp(self, a: torch.Tensor, p: dict, weights: ExpertWeights, ids: torch.Tensor,
+             counts: torch.Tensor) -> torch.Tensor:
+        """FC1, SwiGLU, FC2 of rows ``a`` grouped by experts ``ids`` -> fp32 (FC2 scale and bias
+        not applied yet)."""
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        full = ids.numel() == weights.num_experts
+        if weights.quant == "nvfp4":
+            w13 = dequantize_bf16(p["w3_w1_weight"][ids], p["w3_w1_weight_scale"][ids])
+            w2 = dequantize_bf16(p["w2_weight"][ids], p["w2_weight_scale"][ids])
+        else:
+            w13 = p["w3_w1_weight"] if full else p["w3_w1_weight"][ids]
+            w2 = p["w2_weight"] if full else p["w2_weight"][ids]
+        expert_of_row = torch.repeat_interleave(ids, counts.long(), output_size=a.shape[0])
+        g = grouped_mm(a, w13.transpose(1, 2), offs).float()
+        if weights.quant == "nvfp4":
+            g = g * p["fc31_alpha"][expert_of_row].unsqueeze(1)
+        if "w3_w1_bias" in p:
+            g = g + p["w3_w1_bias"][expert_of_row]
+        inter = weights.intermediate_size
+        h = (F.silu(g[:, inter:]) * g[:, :inter]).to(torch.bfloat16)
+        return grouped_mm(h, w2.transpose(1, 2), offs).float()
+
+
+def create_backend() -> TorchGroupedMoeBackend:
+    return TorchGroupedMoeBackend()
