@@ -79,3 +79,25 @@ def test_module_entry_point(tmp_path):
                            _yaml(tmp_path, "dwdp_config: {dwdp_size: -1}\n")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "dwdp_size" in proc.stderr
+
+
+def test_composite_view_footprint_and_bad_page(tmp_path, capsys):
+    path = _yaml(tmp_path, GOOD.replace("num_prefetch_experts: 52",
+                                        "num_prefetch_experts: 52\n      expert_view: composite"))
+    assert main(["check-config", path, "--model", "deepseek-v3", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["expert_view"] == "composite"
+    for entry in rep["ranks"]:
+        comp = entry["composite"]
+        assert comp["page_bytes"] == 2 << 20
+        # own allocations cover the own experts plus at most two pages per layer and tensor
+        assert 0 < comp["own_bytes"] - 58 * 100 * (entry["bytes"] // 6112) <= 58 * 6 * 2 * (2 << 20)
+        assert 0 < comp["overhead_bytes"] < 0.01 * comp["multi_bytes"]
+        assert comp["edge_bytes"] > 0 and comp["reserved_bytes"] >= 2 * 58 * 256 * (
+            entry["bytes"] // 6112)
+    assert main(["check-config", path, "--model", "deepseek-v3", "--page-bytes", "4096"]) == 0
+    assert "composite view (pages of 4 KiB)" in capsys.readouterr().out
+    assert main(["check-config", path, "--model", "deepseek-v3", "--page-bytes", "3000"]) == 1
+    assert "--page-bytes 3000 is not a power of two" in capsys.readouterr().err
+    assert main(["check-config", path, "--num-experts", "256"]) == 0
+    assert "pass --model PRESET" in capsys.readouterr().out

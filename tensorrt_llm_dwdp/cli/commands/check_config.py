@@ -2,7 +2,12 @@
 
 For every rank of a group: the experts it owns, what it fetches from whom, and its expert memory
 (``L*W + 2*(S-1)*P`` expert slots against ``L*E`` replicated), in bytes when the expert size is
-known (``--expert-bytes`` or ``--model`` preset). Exits 1 with the message on a bad file.
+known (``--expert-bytes`` or ``--model`` preset). With the composite view (the file's
+``expert_view`` or ``--expert-view composite``) and a ``--model`` preset it also prints the
+composite footprint: own allocations with their edge pages, the two pools, the reserved address
+space, and the overhead against the multi view at ``--page-bytes`` (the file's
+``view_page_bytes``, else 2 MiB: CUDA's granularity on H100/H200). Exits 1 with the message on a
+bad file.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import Any
 
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
 from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
-from tensorrt_llm_dwdp.moe.specs import QUANT_MODES, expert_nbytes
+from tensorrt_llm_dwdp.moe.specs import QUANT_MODES, expert_specs
 
 NAME = "check-config"
 HELP = "validate a dwdp_config YAML and print the expert layout of every rank"
@@ -33,25 +38,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-layers", type=int, default=None,
                    help="MoE layers L for the memory totals (default: the preset's, else 1)")
     p.add_argument("--json", action="store_true", help="print the layout as JSON")
+    p.add_argument("--expert-view", choices=["multi", "composite"], default=None,
+                   help="the weight view to report (default: the file's expert_view)")
+    p.add_argument("--page-bytes", type=int, default=None,
+                   help="composite mapping unit (default: the file's view_page_bytes, else 2 MiB)")
 
 
-def _model_facts(name: str, quant: str) -> tuple[int, int, int]:
-    """``(num_experts, moe_layers, bytes_per_expert)`` of a model preset."""
+DEFAULT_PAGE_BYTES = 2 << 20
+
+
+def _model_facts(name: str, quant: str) -> tuple[int, int, dict[str, int]]:
+    """``(num_experts, moe_layers, {tensor name: bytes per expert})`` of a model preset."""
     from tensorrt_llm_dwdp.model import ModelConfig, get_preset, preset_names
 
     if name not in preset_names():
         raise DwdpConfigError(f"unknown --model {name!r}; presets: {', '.join(preset_names())}")
     cfg = ModelConfig.from_hf(get_preset(name))
-    per_expert = expert_nbytes(quant, cfg.hidden_size, cfg.moe_intermediate_size)
-    return cfg.num_experts, len(cfg.moe_layer_indices), per_expert
+    names = {n: spec.nbytes() for n, spec in
+             expert_specs(quant, cfg.hidden_size, cfg.moe_intermediate_size).items()}
+    return cfg.num_experts, len(cfg.moe_layer_indices), names
+
+
+def _composite(lay: ExpertLayout, layers: int, names: dict[str, int], page: int) -> dict:
+    from tensorrt_llm_dwdp.dwdp.composite_layout import CompositeRange, footprint
+
+    fp = footprint(lay, [names] * layers, page)
+    edges = layers * sum(CompositeRange.of(lay, eb, page).edge_bytes for eb in names.values())
+    return {"page_bytes": page, "own_bytes": fp.own_bytes, "edge_bytes": edges,
+            "pool_bytes": fp.pool_bytes, "reserved_bytes": fp.reserved_bytes,
+            "multi_bytes": fp.multi_own_bytes + fp.multi_buffer_bytes,
+            "overhead_bytes": fp.overhead_bytes}
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Validate and return the whole report as plain data (raises DwdpConfigError)."""
     config = DwdpConfig.from_yaml(args.file)
-    model_e = model_layers = model_bytes = None
+    model_e = model_layers = model_bytes = names = None
     if args.model:
-        model_e, model_layers, model_bytes = _model_facts(args.model, args.quant)
+        model_e, model_layers, names = _model_facts(args.model, args.quant)
+        model_bytes = sum(names.values())
+    view = args.expert_view or config.expert_view
+    page = args.page_bytes or config.view_page_bytes or DEFAULT_PAGE_BYTES
+    if view == "composite":
+        from tensorrt_llm_dwdp.dwdp.composite_layout import check_page_bytes
+
+        try:
+            check_page_bytes(page, 1, "--page-bytes")
+        except ValueError as exc:
+            raise DwdpConfigError(str(exc)) from exc
     num_experts = next((e for e in (args.num_experts, model_e, config.implied_num_experts)
                         if e is not None), None)
     if num_experts is None:
@@ -77,10 +111,12 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         if expert_bytes is not None:
             entry["bytes"] = slots * expert_bytes
             entry["replicated_bytes"] = layers * num_experts * expert_bytes
+        if view == "composite" and names is not None and config.enabled:
+            entry["composite"] = _composite(lay, layers, names, page)
         ranks.append(entry)
     return {
         "config": config.to_dict(), "enabled": config.enabled, "num_experts": num_experts,
-        "moe_layers": layers, "expert_bytes": expert_bytes,
+        "moe_layers": layers, "expert_bytes": expert_bytes, "expert_view": view,
         "groups": [list(range(g * config.dwdp_size, (g + 1) * config.dwdp_size))
                    for g in range(config.num_groups)],
         "ranks": ranks,
@@ -110,6 +146,17 @@ def _print_text(report: dict[str, Any]) -> None:
         if "bytes" in entry:
             mem += f" = {_gib(entry['bytes'])} vs {_gib(entry['replicated_bytes'])}"
         print(f"rank {entry['rank']}: owns [{lo}, {hi}); fetches {fetch}; {mem}")
+        comp = entry.get("composite")
+        if comp:
+            mib = 2**20
+            print(f"  composite view (pages of {comp['page_bytes'] // 1024} KiB): own "
+                  f"allocations {_gib(comp['own_bytes'])} (edges {comp['edge_bytes'] / mib:.1f} "
+                  f"MiB), pools {_gib(comp['pool_bytes'])}, reserved address space "
+                  f"{_gib(comp['reserved_bytes'])}; overhead vs the multi view "
+                  f"{comp['overhead_bytes'] / mib:+.1f} MiB "
+                  f"({comp['overhead_bytes'] / comp['multi_bytes']:+.2%})")
+    if report["expert_view"] == "composite" and not any("composite" in e for e in report["ranks"]):
+        print("composite view: pass --model PRESET for its footprint (per-tensor expert sizes)")
 
 
 def main(args: argparse.Namespace) -> int:
