@@ -38,7 +38,7 @@ from tensorrt_llm_dwdp.comm import connect
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
 from tensorrt_llm_dwdp.dwdp.errors import DwdpError
 from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
-from tensorrt_llm_dwdp.moe.specs import NVFP4, expert_nbytes, expert_specs
+from tensorrt_llm_dwdp.moe.specs import NVFP4, expert_specs
 
 LAYERS = (1, 3, 4)  # odd count: the wrap-around alternates buffer parity between steps
 # The library's expert tensors (moe/specs.py) at a tiny size, biases included: every dtype the
@@ -71,7 +71,8 @@ def expected(layer: int, name_id: int, first: int, count: int, row: int) -> torc
 
 
 def per_expert_bytes() -> int:
-    return expert_nbytes(NVFP4, hidden=16, inter=16, bias=True)
+    """One expert over all tensors in use (the library's set, or ``--tensors pages``)."""
+    return sum(torch.empty((1,) + tail, dtype=dtype).nbytes for dtype, tail in TENSORS.values())
 
 
 def check_composite(mgr, view, layer: int, rank: int, step: int, num_experts: int) -> None:
