@@ -34,6 +34,18 @@ def test_matches_reference_within_bf16(quant, bias):
     assert err < 2e-2, err
 
 
+def test_empty_slots_add_nothing():
+    weights = make_experts(8, "nvfp4")
+    x, ids, w = make_routing(20, 8, 3)
+    ids[::3, 1] = -1
+    ids[4] = -1  # a token with no expert at all
+    got = TorchGroupedMoeBackend().run_experts(x, ids, w, weights)
+    want = TorchMoeBackend().run_experts(x, ids, w, weights)
+    assert torch.equal(got[4], torch.zeros_like(got[4]))
+    err = (got.float() - want.float()).abs().max() / want.float().abs().max()
+    assert err < 2e-2, err
+
+
 def test_chunking_and_placement_are_bitwise_invisible():
     weights = make_experts(12, "nvfp4")
     x, ids, w = make_routing(33, 12, 4)

@@ -4,7 +4,8 @@ The vendor-kernel baseline of the benchmarks and a path for GPUs the CuTeDSL ker
 serve. It needs a single tensor per parameter (DWDP's composite view, or one rank holding all
 experts): ``accepts_multi_tensor`` is False, so a multi-view DWDP layer refuses it at build time.
 
-Per layer: rows are permuted by expert (``build_permutation``, tile 1), then
+Per layer: rows are permuted by expert (``build_permutation``, tile 1; ``-1`` ids are empty
+slots that add nothing, as an expert-parallel receiver passes them), then
 
 1. ``g = grouped_mm(x_rows, W13^T)``: bf16 in, fp32 accumulation, bf16 out (torch's grouped GEMM
    returns its input dtype); ``g * fc31_alpha[e]`` (NVFP4) ``+ w3_w1_bias[e]`` in fp32;
@@ -92,10 +93,11 @@ class TorchGroupedMoeBackend:
         if tokens == 0:
             return torch.empty(0, hidden, dtype=torch.bfloat16, device=x.device)
         plan = build_permutation(topk_ids, weights.num_experts, tile_m=1)
-        rows = x[plan.gather_index.long()].contiguous()
-        slots = plan.slot_index.long()
-        counts = plan.counts
         offsets = plan.expert_offsets.tolist()
+        real = offsets[-1]  # rows past it: the padding row of empty (-1) slots
+        rows = x[plan.gather_index[:real].long()].contiguous()
+        slots = plan.slot_index[:real].long()
+        counts = plan.counts
         p = {name: ts[0] for name, ts in weights.tensors.items()}
         y = torch.empty(rows.shape[0], hidden, dtype=torch.float32, device=x.device)
         if weights.quant == "bf16":
