@@ -49,6 +49,7 @@ class RankReport:
     stall_ms_per_layer: float
     copy_ms_per_layer: float
     outputs: list[list[int]]
+    peak_rss_mib: float = 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -61,6 +62,25 @@ class Parity:
     logits_bitwise_equal: bool
     max_abs_diff: float
     compared_steps: int
+
+
+def synthetic_prompts(lengths: list[int], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Prompts of exactly ``lengths`` tokens, uniform over the vocabulary, a function of
+    (seed, prompt index): what ``run --prompt-lengths`` prefills."""
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"prompt lengths must be >= 1, got {lengths}")
+    out = []
+    for i, n in enumerate(lengths):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        out.append(torch.randint(0, vocab_size, (n,), generator=g).tolist())
+    return out
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def assign_prompts(num_prompts: int, num_ranks: int) -> list[list[int]]:
@@ -88,7 +108,7 @@ def compare_logits(ours: list[list[torch.Tensor]], ref: list[list[torch.Tensor]]
 
 def format_report(reports: list[RankReport], parity: Parity | None) -> str:
     lines = ["rank  device    prompts  prefill tok  prefill tok/s  expert MiB (local+buf / replicated)"
-             "  prefetch MiB  stall ms/layer  copy ms/layer"]
+             "  prefetch MiB  stall ms/layer  copy ms/layer  peak RSS MiB"]
     mib = 1 << 20
     for r in reports:
         local = (r.expert_bytes_local + r.expert_bytes_buffers) / mib
@@ -96,6 +116,7 @@ def format_report(reports: list[RankReport], parity: Parity | None) -> str:
             f"{r.rank:>4}  {r.device:<8}  {r.num_prompts:>7}  {r.prefill_tokens:>11}  "
             f"{r.prefill_tokens_per_s:>13.1f}  {local:>12.2f} / {r.expert_bytes_replicated / mib:<10.2f}"
             f"  {r.prefetch_bytes / mib:>12.2f}  {r.stall_ms_per_layer:>14.3f}  {r.copy_ms_per_layer:>13.3f}"
+            f"  {r.peak_rss_mib:>12.0f}"
         )
     if parity is not None:
         verdict = "PASS" if parity.tokens_equal and parity.logits_bitwise_equal else "FAIL"
@@ -127,14 +148,17 @@ def local_rank_from_env() -> int:
 
 
 def generate_with_logits(model, prompts: list[list[int]], *, max_tokens: int, device,
-                         dwdp=None, progress_desc: str | None = None):
-    """All prompts in one engine (one prefill step if they fit), greedy, logits recorded."""
+                         dwdp=None, progress_desc: str | None = None,
+                         max_num_tokens: int | None = None):
+    """All prompts in one engine, greedy, logits recorded. Prefill steps hold up to
+    ``max_num_tokens`` tokens (longer prompts are chunked); None: all prompts in one step."""
     from tensorrt_llm_dwdp.engine.executor import Engine, Request
     from tensorrt_llm_dwdp.engine.scheduler import SamplingParams
 
     max_len = max(len(p) for p in prompts) + max_tokens + 1
+    check_context_length(model.config, max_len)
     engine = Engine(model, dwdp=dwdp, max_seqs=len(prompts), max_seq_len=max_len,
-                    max_batch_tokens=sum(len(p) for p in prompts), device=device,
+                    max_batch_tokens=max_num_tokens or sum(len(p) for p in prompts), device=device,
                     record_logits=True)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     ids = [f"p{i}" for i in range(len(prompts))]
@@ -143,13 +167,21 @@ def generate_with_logits(model, prompts: list[list[int]], *, max_tokens: int, de
     outputs = {rid: [] for rid in ids}
     bar = _progress(max_tokens, progress_desc)
     while engine.has_work():
-        for ev in engine.step():
+        events = engine.step()
+        for ev in events:
             outputs[ev.request_id].append(ev.token_id)
-        if bar is not None:
+        if bar is not None and events:  # a chunk of a long prompt emits no token
             bar.update(1)
     if bar is not None:
         bar.close()
     return [outputs[r] for r in ids], [engine.logits[r] for r in ids], engine.stats
+
+
+def check_context_length(config, max_seq_len: int) -> None:
+    """Refuse sequences longer than the model's positions (RoPE past them is untrained)."""
+    if max_seq_len > config.max_position_embeddings:
+        raise ValueError(f"sequences of up to {max_seq_len} tokens (prompt + max_tokens + 1) exceed "
+                         f"the model's max_position_embeddings={config.max_position_embeddings}")
 
 
 def _progress(total: int, desc: str | None):
@@ -210,7 +242,8 @@ def cache_dir(override: str | None = None) -> str:
 
 def ensure_checkpoint(preset: str, num_layers: int, quant: str, vocab_size: int | None,
                       cache_override: str | None = None, *, dense_layers: int | None = None) -> str:
-    """Path of a synthetic checkpoint for these settings, written once and then reused.
+    """Path of a synthetic checkpoint for these settings, written once and then reused while
+    its config.json equals the preset's (a preset that changed rebuilds it).
 
     Written into a temporary folder and renamed, so an interrupted build is never reused.
     """
@@ -233,23 +266,35 @@ def ensure_checkpoint(preset: str, num_layers: int, quant: str, vocab_size: int 
            + (f"-D{dense_layers}" if dense_layers is not None else ""))
     final = os.path.join(cache_dir(cache_override), "checkpoints", tag)
     if os.path.isfile(os.path.join(final, "config.json")):
-        logger.info("reusing synthetic checkpoint %s", final)
-        return final
+        with open(os.path.join(final, "config.json"), encoding="utf-8") as f:
+            stored = json.load(f)
+        if stored == json.loads(json.dumps(hf)):
+            logger.info("reusing synthetic checkpoint %s", final)
+            return final
+        changed = sorted(k for k in set(stored) | set(hf) if stored.get(k) != hf.get(k))
+        logger.info("synthetic checkpoint %s was built from an older preset (%s differ); rebuilding",
+                    final, changed)
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     logger.info("writing synthetic checkpoint %s (first run only)", final)
     write_synthetic_checkpoint(tmp, hf, quant=quant, seed=0)
     os.makedirs(os.path.dirname(final), exist_ok=True)
+    stale = f"{final}.stale-{os.getpid()}"
+    if os.path.isdir(final):
+        os.rename(final, stale)  # readers of the old checkpoint keep their open files
     try:
         os.rename(tmp, final)
     except OSError:  # another run finished the same checkpoint first
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
 def reference_parity(model_dir: str, out_dir: str, groups: list[list[list[int]]], *,
-                     max_tokens: int, device: str, moe_backend: str, cpu_threads: int = 1) -> Parity:
-    """Run each rank's prompt batch on one rank holding every expert; compare bit for bit."""
+                     max_tokens: int, device: str, moe_backend: str, cpu_threads: int = 1,
+                     max_num_tokens: int | None = None) -> Parity:
+    """Run each rank's prompt batch on one rank holding every expert, with the same steps
+    (same ``max_num_tokens`` chunking); compare bit for bit."""
     from tensorrt_llm_dwdp.model.checkpoint import load_model
 
     dev = pick_device(device, 0)
@@ -261,7 +306,8 @@ def reference_parity(model_dir: str, out_dir: str, groups: list[list[list[int]]]
         if not prompts:
             continue
         outputs, logits, _ = generate_with_logits(model, prompts, max_tokens=max_tokens, device=dev,
-                                                  progress_desc=f"reference for rank {rank}")
+                                                  progress_desc=f"reference for rank {rank}",
+                                                  max_num_tokens=max_num_tokens)
         saved = torch.load(os.path.join(out_dir, f"rank{rank}.pt"))
         tokens_equal &= saved["outputs"] == outputs
         eq, w, n = compare_logits(saved["logits"], logits)
@@ -297,4 +343,4 @@ def rank_report(rank: int, device, prompts, outputs, engine_stats, manager, mode
         prefetch_bytes=stats.bytes_copied,
         stall_ms_per_layer=1e3 * stats.stall_time_s / max(1, stats.waits),
         copy_ms_per_layer=1e3 * stats.copy_time_s / max(1, stats.prefetches),
-        outputs=outputs)
+        outputs=outputs, peak_rss_mib=peak_rss_mib())

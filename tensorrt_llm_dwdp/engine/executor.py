@@ -1,10 +1,15 @@
 """The engine: turns requests into forward steps and sampled (or greedy) tokens on one rank.
 
 One engine per process, driven from one thread. Each ``step()`` runs one forward pass (a
-packed prefill of new prompts, or one decode token for every running sequence) and returns
-the tokens it produced. With DWDP on, the step opens with ``dwdp.start_step()`` so the first
-MoE layers' missing experts are already in flight; the MoE layers themselves call
-``weights(i)`` / ``done(i)``. No collective runs here: ranks step independently.
+packed prefill of new prompts and chunks of longer ones, or one decode token for every running
+sequence), turns the logits of the sequences that are due a token into tokens (``_sample``),
+and returns them. With DWDP on, the step opens with ``dwdp.start_step()`` so the first MoE
+layers' missing experts are already in flight; the MoE layers themselves call ``weights(i)`` /
+``done(i)``. No collective runs here: ranks step independently.
+
+A step that raises (CUDA out of memory included) ends that step's requests only: the engine
+raises ``StepFailed`` naming them and stays usable. An error that leaves the device or the
+DWDP manager unusable is raised as it is: the caller must stop.
 """
 from __future__ import annotations
 
@@ -20,6 +25,33 @@ from tensorrt_llm_dwdp.engine.sampling import Sampler, resolve_seed
 from tensorrt_llm_dwdp.engine.scheduler import SamplingParams, ScheduledStep, Scheduler, Sequence
 
 logger = logging.getLogger(__name__)
+
+
+class StepFailed(RuntimeError):
+    """One step's forward raised; its requests (``request_ids``) were ended with reason
+    ``error`` and the engine can run the next step. The cause is ``__cause__``."""
+
+    def __init__(self, request_ids: tuple[str, ...], cause: BaseException) -> None:
+        super().__init__(f"step failed ({type(cause).__name__}: {cause}); its requests were "
+                         f"dropped: {list(request_ids)}")
+        self.request_ids = request_ids
+        self.out_of_memory = isinstance(cause, torch.cuda.OutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class KvBudget:
+    """What the KV cache holds, known at start-up: ``slots`` sequences of up to ``max_seq_len``
+    tokens (prompt plus generated), ``bytes_per_token`` over all layers, ``nbytes`` in all."""
+
+    slots: int
+    max_seq_len: int
+    bytes_per_token: int
+    nbytes: int
+
+    def describe(self) -> str:
+        return (f"{self.slots} slots x {self.max_seq_len} tokens, {self.bytes_per_token / 1024:.1f} "
+                f"KiB/token, {self.nbytes / 2**30:.3f} GiB; a request needs prompt + max_tokens "
+                f"<= {self.max_seq_len}")
 
 
 @dataclass(frozen=True)
@@ -79,7 +111,14 @@ class Engine:
         self.eos_token_id = eos_token_id
         self.record_logits = record_logits
         self.scheduler = Scheduler(max_seqs, max_batch_tokens, max_seq_len)
-        self.cache = model.make_cache(max_seqs, max_seq_len, self.device)
+        try:
+            self.cache = model.make_cache(max_seqs, max_seq_len, self.device)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise RuntimeError(f"the KV cache of {max_seqs} slots x {max_seq_len} tokens does not fit "
+                               f"on {self.device}; lower max_batch_size or max_seq_len") from exc
+        self.kv_budget = KvBudget(max_seqs, max_seq_len, self.cache.bytes_per_token, self.cache.nbytes)
+        logger.info("KV cache on %s: %s; prefill steps of up to %d tokens (longer prompts are "
+                    "chunked)", self.device, self.kv_budget.describe(), max_batch_tokens)
         self.sampler = Sampler(self.device)
         self.stats = EngineStats()
         self.logits: dict[str, list[torch.Tensor]] = {}
@@ -126,24 +165,29 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan is None:
             return []
-        num_tokens = plan.num_tokens
         start = time.perf_counter()
         try:
             logits = self._forward(plan)
-            next_tokens = self.sampler.sample(logits, [s.params for s in plan.sequences],
-                                              [len(s.output_ids) for s in plan.sequences])
-        except BaseException as exc:
+            emitting = [i for i, e in enumerate(plan.emits) if e]
+            if len(emitting) < len(plan.sequences):
+                logits = logits[emitting]
+            tokens = self._sample(logits, [plan.sequences[i] for i in emitting])
+        except Exception as exc:
+            if not (self._drop_failed(plan, exc) and self._device_usable(exc)):
+                raise
+            raise StepFailed(tuple(s.request_id for s in plan.sequences), exc) from exc
+        except BaseException as exc:  # KeyboardInterrupt and friends: drop, then let it through
             self._drop_failed(plan, exc)
             raise
         self._sync()
-        elapsed = time.perf_counter() - start
-        self._account(plan, num_tokens, elapsed)
+        self._account(plan, time.perf_counter() - start)
         if self.record_logits:
             cpu = logits.float().cpu()
-            for i, seq in enumerate(plan.sequences):
-                self.logits.setdefault(seq.request_id, []).append(cpu[i].clone())
-        return [self._advance(seq, tok, plan.is_prefill)
-                for seq, tok in zip(plan.sequences, next_tokens)]
+            for row, i in enumerate(emitting):
+                self.logits.setdefault(plan.sequences[i].request_id, []).append(cpu[row].clone())
+        for seq, n in zip(plan.sequences, plan.num_new):
+            seq.num_cached += n
+        return [self._advance(plan.sequences[i], tok) for i, tok in zip(emitting, tokens)]
 
     def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams(),
                  progress=None) -> list[list[int]]:
@@ -167,43 +211,60 @@ class Engine:
         from tensorrt_llm_dwdp.model.batch import BatchInfo
 
         tokens: list[int] = []
-        starts, lengths = [], []
-        for seq in plan.sequences:
+        for seq, n in zip(plan.sequences, plan.num_new):
             if plan.is_prefill:
-                new = seq.prompt_ids[seq.num_cached:]
+                tokens.extend(seq.prompt_ids[seq.num_cached:seq.num_cached + n])
             else:
-                new = [seq.output_ids[-1]]
-            starts.append(seq.num_cached)
-            lengths.append(len(new))
-            tokens.extend(new)
+                tokens.append(seq.output_ids[-1])
         batch = BatchInfo(slots=tuple(s.slot for s in plan.sequences),
-                          start_positions=tuple(starts), lengths=tuple(lengths))
+                          start_positions=tuple(s.num_cached for s in plan.sequences),
+                          lengths=plan.num_new)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         if self.dwdp is not None:
             self.dwdp.start_step()
         with torch.inference_mode():
             return self.model(input_ids, batch, self.cache)
 
-    def _drop_failed(self, plan: ScheduledStep, exc: BaseException) -> None:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """Where logits become tokens: one row per sequence that is due a token."""
+        return self.sampler.sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
+
+    def _device_usable(self, exc: Exception) -> bool:
+        """After a failed step: False when the device is left in an error state (a failing
+        synchronize: a sticky CUDA error), so no later step could run either."""
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception as sync_exc:
+                exc.add_note(f"the device is unusable after the failure: {sync_exc}")
+                return False
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()  # give the failed step's cached blocks back
+        return True
+
+    def _drop_failed(self, plan: ScheduledStep, exc: BaseException) -> bool:
         """A forward raised: end its sequences and the DWDP step so the engine stays usable.
+        Returns False when the DWDP manager could not abort its step (then it is unusable).
 
         Without this the manager stays mid-step (every later ``start_step`` fails) and a failed
         prefill's sequences stay running with no KV, never scheduled again (``has_work`` forever).
         """
+        aborted = True
         if self.dwdp is not None:
             try:
                 self.dwdp.abort_step()
             except Exception as abort_exc:  # keep the forward's error, which is the cause
                 logger.error("DWDP abort_step after a failed step also failed: %s", abort_exc)
+                aborted = False
         ids = []
         for seq in plan.sequences:
             self.scheduler.finish(seq, "error")
             self._sequences.pop(seq.request_id, None)
             ids.append(seq.request_id)
         exc.add_note(f"the failed step's requests were dropped: {ids}")
+        return aborted
 
-    def _advance(self, seq: Sequence, token: int, was_prefill: bool) -> TokenEvent:
-        seq.num_cached += len(seq.prompt_ids) - seq.num_cached if was_prefill else 1
+    def _advance(self, seq: Sequence, token: int) -> TokenEvent:
         seq.output_ids.append(token)
         reason = None
         if seq.context_only:
@@ -247,8 +308,9 @@ class Engine:
             seq.num_cached = len(seq.prompt_ids)
             seq.output_ids.append(handoff.first_token)
 
-    def _account(self, plan: ScheduledStep, num_tokens: int, elapsed: float) -> None:
+    def _account(self, plan: ScheduledStep, elapsed: float) -> None:
         s = self.stats
+        num_tokens = plan.num_tokens
         if plan.is_prefill:
             s.prefill_steps += 1
             s.prefill_tokens += num_tokens

@@ -1,9 +1,10 @@
 """Iteration-level scheduling: which sequences run in the next forward step.
 
 Pure bookkeeping (no torch), so the policy is tested exhaustively on the CPU. A step is either
-a prefill step (new sequences, packed up to a token budget) or a decode step (one token for
-every running sequence). Prefill goes first: a context (prefill) worker's job is to turn
-prompts into KV as soon as they arrive, and decode steps of a mixed worker wait one step.
+a prefill step (new prompts and chunks of long ones, packed up to a token budget) or a decode
+step (one token for every running sequence). Prefill goes first: a context (prefill) worker's
+job is to turn prompts into KV as soon as they arrive, and decode steps of a mixed worker wait
+(a long prompt's chunks hold decode back for as many steps as it has chunks).
 """
 from __future__ import annotations
 
@@ -80,23 +81,36 @@ class Sequence:
 
 @dataclass(frozen=True)
 class ScheduledStep:
-    """The sequences of one forward step and how many new tokens each contributes."""
+    """The sequences of one forward step and how many new tokens each contributes.
+
+    ``num_new[i]``: tokens sequence i feeds this step (a prompt chunk, or 1 for decode).
+    ``emits[i]``: whether the step ends sequence i's prompt (or decodes), so its logits
+    become a token; a chunk that leaves part of the prompt for later steps emits nothing.
+    """
 
     is_prefill: bool
     sequences: tuple[Sequence, ...]
+    num_new: tuple[int, ...]
+    emits: tuple[bool, ...]
 
     @property
     def num_tokens(self) -> int:
-        if self.is_prefill:
-            return sum(len(s.prompt_ids) - s.num_cached for s in self.sequences)
-        return len(self.sequences)
+        return sum(self.num_new)
+
+
+class ContextLengthExceeded(ValueError):
+    """A request whose prompt plus ``max_tokens`` the KV cache can never hold."""
 
 
 class Scheduler:
-    """FIFO admission with a slot pool and a per-step token budget.
+    """FIFO admission with a slot pool and a per-step token budget (``max_batch_tokens``).
 
-    A prompt longer than ``max_batch_tokens`` still runs, alone in its step, so no request
-    is starved; prompts that cannot fit ``max_seq_len`` are rejected at ``add``.
+    Prefill goes first. Prompts already being prefilled continue first, then waiting prompts
+    are admitted in FIFO order while the budget lasts. A prompt that fits one step is never
+    split (if it does not fit what is left of this one, it waits for the next); a prompt
+    longer than the budget is chunked: each step takes what the budget leaves, and the chunk
+    attends to the KV its earlier chunks cached. Prompts that cannot fit ``max_seq_len`` are
+    refused at ``add`` (``ContextLengthExceeded``), before they take a slot.
     """
 
     def __init__(self, max_seqs: int, max_batch_tokens: int, max_seq_len: int) -> None:
@@ -116,7 +130,7 @@ class Scheduler:
             raise ValueError(f"request {seq.request_id!r}: empty prompt")
         need = len(seq.prompt_ids) + (1 if seq.context_only else seq.params.max_tokens)
         if need > self.max_seq_len:
-            raise ValueError(
+            raise ContextLengthExceeded(
                 f"request {seq.request_id!r}: prompt of {len(seq.prompt_ids)} tokens plus "
                 f"max_tokens={seq.params.max_tokens} exceeds max_seq_len={self.max_seq_len}"
             )
@@ -135,24 +149,30 @@ class Scheduler:
         return bool(self._free_slots)
 
     def schedule(self) -> ScheduledStep | None:
-        prefill: list[Sequence] = []
+        chunks: list[tuple[Sequence, int]] = []
         budget = self.max_batch_tokens
-        while self.waiting and self._free_slots:
+        for seq in self.running:  # prompts partly prefilled by earlier steps
+            left = len(seq.prompt_ids) - seq.num_cached
+            if left > 0 and budget > 0:
+                chunks.append((seq, min(left, budget)))
+                budget -= chunks[-1][1]
+        while self.waiting and self._free_slots and budget > 0:
             seq = self.waiting[0]
-            cost = len(seq.prompt_ids)
-            if prefill and cost > budget:
-                break
+            need = len(seq.prompt_ids)
+            if need > budget and need <= self.max_batch_tokens:
+                break  # fits a step of its own: not split, waits for the next
             self.waiting.popleft()
             seq.slot = self._take_slot(seq)
             seq.status = SequenceStatus.RUNNING
-            prefill.append(seq)
-            budget -= cost
-        if prefill:
-            self.running.extend(prefill)
-            return ScheduledStep(is_prefill=True, sequences=tuple(prefill))
+            self.running.append(seq)
+            chunks.append((seq, min(need, budget)))
+            budget -= chunks[-1][1]
+        if chunks:
+            return ScheduledStep(True, tuple(s for s, _ in chunks), tuple(n for _, n in chunks),
+                                 tuple(s.num_cached + n == len(s.prompt_ids) for s, n in chunks))
         decoding = tuple(s for s in self.running if s.num_cached >= len(s.prompt_ids))
         if decoding:
-            return ScheduledStep(is_prefill=False, sequences=decoding)
+            return ScheduledStep(False, decoding, (1,) * len(decoding), (True,) * len(decoding))
         return None
 
     def finish(self, seq: Sequence, reason: str) -> None:

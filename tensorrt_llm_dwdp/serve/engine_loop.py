@@ -3,8 +3,11 @@
 Every engine call (add, step, abort, export, stats) runs on the engine thread, in order, so the
 engine and the DWDP manager it drives never see two threads. Handlers ``await`` a command's
 result; token events come back to the event loop with ``call_soon_threadsafe`` into one
-``asyncio.Queue`` per request. If a step raises, every open request gets the error, the loop
-stops and ``failed`` is set (the server then answers 503 on ``/health``).
+``asyncio.Queue`` per request. A step that fails with ``StepFailed`` (CUDA out of memory
+included: the engine ended that step's requests and stays usable) fails those requests only
+(``RequestFailed``) and the loop goes on. Any other error from a step means the engine cannot
+go on: every open request gets it, the loop stops and ``failed`` is set (the server then
+answers 503 on ``/health``).
 """
 from __future__ import annotations
 
@@ -15,11 +18,21 @@ import queue
 import threading
 from typing import Any, AsyncIterator, Callable
 
+from tensorrt_llm_dwdp.engine.executor import StepFailed
+
 logger = logging.getLogger(__name__)
 
 
 class EngineFailed(RuntimeError):
     """The engine thread stopped after an error; the server cannot serve more requests."""
+
+
+class RequestFailed(RuntimeError):
+    """This request's step failed (``StepFailed``); the engine goes on serving others."""
+
+    def __init__(self, message: str, out_of_memory: bool = False) -> None:
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
 
 
 class RequestStream:
@@ -123,7 +136,12 @@ class EngineLoop:
                 busy = self.engine.has_work()
                 self._run_commands(block=not busy)
                 if self.engine.has_work():
-                    events = self.engine.step()
+                    try:
+                        events = self.engine.step()
+                    except StepFailed as e:
+                        logger.error("%s", e)
+                        self._loop.call_soon_threadsafe(self._fail_requests, e)
+                        continue
                     if events:
                         self._loop.call_soon_threadsafe(self._deliver, events)
             self._fail_commands(RuntimeError("engine loop was stopped"))
@@ -171,6 +189,12 @@ class EngineLoop:
             stream = self._streams.get(ev.request_id)
             if stream is not None:
                 stream.queue.put_nowait(ev)
+
+    def _fail_requests(self, error: StepFailed) -> None:
+        for rid in error.request_ids:
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.queue.put_nowait(RequestFailed(str(error), error.out_of_memory))
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in list(self._streams.values()):

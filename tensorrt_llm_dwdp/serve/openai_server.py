@@ -21,8 +21,9 @@ from typing import Any, Callable, Mapping
 
 from aiohttp import ClientSession, web
 
+from tensorrt_llm_dwdp.engine.scheduler import ContextLengthExceeded
 from tensorrt_llm_dwdp.serve import protocol
-from tensorrt_llm_dwdp.serve.engine_loop import EngineFailed, EngineLoop, RequestStream
+from tensorrt_llm_dwdp.serve.engine_loop import EngineFailed, EngineLoop, RequestFailed, RequestStream
 from tensorrt_llm_dwdp.serve.kv_puller import KvPuller
 from tensorrt_llm_dwdp.serve.kv_transfer import KV_ROUTE, KvFetchError, KvRoutes, KvStore
 from tensorrt_llm_dwdp.serve.metrics import ServerMetrics
@@ -253,6 +254,9 @@ class OpenAIServer:
 
         try:
             return await self.loop.submit(rid, make_request)
+        except ContextLengthExceeded as e:
+            raise ApiError(f"request rejected by the engine: {e}", param="max_tokens",
+                           code="context_length_exceeded") from e
         except (ValueError, KeyError) as e:
             raise ApiError(f"request rejected by the engine: {e}", param=None) from e
 
@@ -276,6 +280,9 @@ class OpenAIServer:
                 yield delta
                 if job.output.finished:
                     return
+        except RequestFailed as e:  # this request's step failed; the server goes on
+            raise ApiError(str(e), status=500, type="server_error",
+                           code="out_of_memory" if e.out_of_memory else "step_failed") from e
         finally:
             self.loop.release(stream, abort=not stream.done)
 

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from tensorrt_llm_dwdp.serve.options import ServeOptions
+from tensorrt_llm_dwdp.serve.options import OptionsError, ServeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = Non
         # device (and the engine thread's streams) must land on this rank's GPU.
         torch.cuda.set_device(device)
     model_config = ModelConfig.from_file(options.model)
+    if options.max_seq_len > model_config.max_position_embeddings:
+        raise OptionsError(f"max_seq_len={options.max_seq_len} exceeds the model's "
+                           f"max_position_embeddings={model_config.max_position_embeddings} "
+                           f"({options.model}); lower max_seq_len")
     tokenizer = load_tokenizer(options.tokenizer_path)
     manager = ep_group = None
     before = in_use(device)

@@ -38,6 +38,18 @@ def test_default_two_ranks_nvfp4_deepseek_bitwise_parity(tmp_path):
     assert "prefill tok/s" in proc.stdout
 
 
+def test_synthetic_long_prompts_chunked_prefill_bitwise_parity(tmp_path):
+    """--prompt-lengths / --max-num-tokens: rank 0's 700-token prompt is prefilled in chunks of
+    256 (each attending to the cached KV of the earlier ones), on the ranks and the reference."""
+    proc, out = run_job(tmp_path, "--num-layers", "2", "--prompt-lengths", "700,40,90",
+                        "--max-num-tokens", "256", "--max-tokens", "3")
+    summary = check_parity(proc, out, 2)
+    assert summary["prompt_lengths"] == [700, 40, 90] and summary["max_num_tokens"] == 256
+    assert [r["prefill_tokens"] for r in summary["ranks"]] == [790, 40]
+    assert all(0 < r["peak_rss_mib"] < 4096 for r in summary["ranks"])
+    assert "chunks of <= 256 tokens" in proc.stdout and "peak RSS MiB" in proc.stdout
+
+
 def test_four_ranks_tcp_rendezvous_qwen3_bitwise_parity(tmp_path):
     proc, out = run_job(tmp_path, "--preset", "tiny-qwen3-moe", "--num-layers", "2", "--ranks", "4",
                         "--launcher", "tcp")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.engine.executor import Engine, Request
+from tensorrt_llm_dwdp.engine.executor import Engine, Request, StepFailed
 from tensorrt_llm_dwdp.model.kv_cache import KvCache
 from tensorrt_llm_dwdp.engine.scheduler import SamplingParams
 
@@ -147,9 +147,10 @@ def test_failed_step_drops_its_requests_and_leaves_engine_usable():
         engine = Engine(model, dwdp=mgr, max_seqs=2, max_seq_len=32)
         engine.add_request(Request("bad", PROMPTS[0], SamplingParams(max_tokens=3)))
         model.fail = True
-        with pytest.raises(RuntimeError, match="injected") as info:
+        with pytest.raises(StepFailed, match="injected") as info:
             engine.step()
-        assert "['bad']" in "".join(getattr(info.value, "__notes__", []))
+        assert info.value.request_ids == ("bad",) and not info.value.out_of_memory
+        assert "['bad']" in "".join(getattr(info.value.__cause__, "__notes__", []))
         assert not engine.has_work()  # the failed prefill is not left running without KV
         model.fail = False
         assert engine.generate([PROMPTS[1]], SamplingParams(max_tokens=3)) == [
@@ -198,3 +199,98 @@ def test_imports_beyond_free_slots_wait_for_one_then_decode_exactly():
             tokens[ev.request_id].append(ev.token_id)
     assert tokens == {rid: model.reference(prompts[rid], 4) for rid in ("a", "b")}
     assert gen.stats.decode_steps == 6  # one slot: a's 3 decode steps, then b's 3
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens():
+    """max_batch_tokens 4: the 9- and 7-token prompts take several steps each (a chunk writes
+    its part of the cache and emits nothing); every request gets what one-shot prefill gives."""
+    model = PrefixSumLM()
+    engine = Engine(model, max_seqs=4, max_seq_len=32, max_batch_tokens=4, record_logits=True)
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=5))
+    assert outs == [model.reference(p, 5) for p in PROMPTS]
+    assert engine.stats.prefill_tokens == sum(map(len, PROMPTS))
+    assert engine.stats.prefill_steps == 6  # tokens per step: 3+1 | 4 | 4 | 2+2 | 4 | 1
+    assert all(len(v) == 5 for v in engine.logits.values())  # a logits row per token, not per chunk
+
+
+def test_context_only_request_chunked_exports_the_whole_prompt():
+    model = PrefixSumLM()
+    ctx = Engine(model, max_seqs=1, max_seq_len=32, max_batch_tokens=3)
+    ctx.add_request(Request("a", PROMPTS[3], SamplingParams(max_tokens=4), context_only=True))
+    events = []
+    while ctx.has_work():
+        events += ctx.step()
+    assert [e.finish_reason for e in events] == ["context_done"]
+    from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
+
+    gen = Engine(model, max_seqs=1, max_seq_len=32)
+    gen.add_request(Request("a", PROMPTS[3], SamplingParams(max_tokens=4),
+                            kv_import=KvHandoff.from_bytes(ctx.export_kv("a").to_bytes())))
+    tokens = [events[0].token_id]
+    while gen.has_work():
+        tokens += [e.token_id for e in gen.step()]
+    assert tokens == model.reference(PROMPTS[3], 4)
+
+
+class OomOnce(PrefixSumLM):
+    """Raises CUDA's out-of-memory error (as a too-large allocation would) on the next forward
+    after ``fail_next`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.fail_next = False
+
+    def forward(self, input_ids, batch, cache):
+        if self.fail_next:
+            self.fail_next = False
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 32.00 GiB")
+        return super().forward(input_ids, batch, cache)
+
+
+def test_out_of_memory_fails_only_that_steps_requests():
+    model = OomOnce()
+    engine = Engine(model, max_seqs=4, max_seq_len=32, max_batch_tokens=64)
+    engine.add_request(Request("early", PROMPTS[0], SamplingParams(max_tokens=4)))
+    engine.step()  # early's prefill
+    engine.add_request(Request("a", PROMPTS[1], SamplingParams(max_tokens=3)))
+    engine.add_request(Request("b", PROMPTS[2], SamplingParams(max_tokens=3)))
+    model.fail_next = True
+    with pytest.raises(StepFailed, match="out of memory") as info:
+        engine.step()  # the prefill of a and b
+    assert info.value.request_ids == ("a", "b") and info.value.out_of_memory
+    events = []
+    while engine.has_work():
+        events += engine.step()
+    # early, which was not in the failed step, finishes exactly; its slot neighbours are free
+    assert [e.token_id for e in events if e.request_id == "early"] == model.reference(PROMPTS[0], 4)[1:]
+    assert engine.scheduler.has_free_slot() and len(engine.scheduler._free_slots) == 4
+    assert engine.generate([PROMPTS[1]], SamplingParams(max_tokens=3)) == [model.reference(PROMPTS[1], 3)]
+
+
+def test_a_failure_that_breaks_the_dwdp_manager_is_raised_as_it_is():
+    class BrokenManager:
+        def start_step(self):
+            pass
+
+        def abort_step(self):
+            raise RuntimeError("peer 1 is gone")
+
+    model = OomOnce()
+    engine = Engine(model, dwdp=BrokenManager(), max_seqs=2, max_seq_len=32)
+    engine.add_request(Request("a", PROMPTS[0], SamplingParams(max_tokens=3)))
+    model.fail_next = True
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        engine.step()
+    assert not engine.has_work()
+
+
+def test_kv_budget_is_known_at_start_and_refusals_take_no_slot():
+    from tensorrt_llm_dwdp.engine.scheduler import ContextLengthExceeded
+
+    engine = Engine(PrefixSumLM(), max_seqs=3, max_seq_len=16)
+    b = engine.kv_budget
+    assert (b.slots, b.max_seq_len, b.bytes_per_token) == (3, 16, (8 + 1) * 8)
+    assert b.nbytes == engine.cache.nbytes and "prompt + max_tokens <= 16" in b.describe()
+    with pytest.raises(ContextLengthExceeded, match="max_seq_len=16"):
+        engine.add_request(Request("long", [1] * 10, SamplingParams(max_tokens=7)))
+    assert not engine.has_work() and len(engine.scheduler._free_slots) == 3

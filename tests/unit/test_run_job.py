@@ -46,3 +46,29 @@ def test_pick_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA"):
             pick_device("cuda", 0)
+
+
+def test_synthetic_prompts_have_the_asked_lengths_and_are_reproducible():
+    from tensorrt_llm_dwdp.run_job import synthetic_prompts
+
+    a = synthetic_prompts([5, 1, 300], vocab_size=7)
+    assert [len(p) for p in a] == [5, 1, 300] and all(0 <= t < 7 for p in a for t in p)
+    assert a == synthetic_prompts([5, 1, 300], vocab_size=7) and a[0] != synthetic_prompts([5], 7, seed=1)[0]
+    with pytest.raises(ValueError, match=">= 1"):
+        synthetic_prompts([3, 0], 7)
+
+
+def test_cached_checkpoint_of_an_older_preset_is_rebuilt(tmp_path, monkeypatch):
+    import json
+
+    from tensorrt_llm_dwdp import run_job
+
+    path = run_job.ensure_checkpoint("tiny-qwen3-moe", 1, "bf16", None, str(tmp_path))
+    assert run_job.ensure_checkpoint("tiny-qwen3-moe", 1, "bf16", None, str(tmp_path)) == path
+    cfg = json.loads(open(f"{path}/config.json").read())
+    cfg["max_position_embeddings"] = 512  # what the preset said before
+    with open(f"{path}/config.json", "w") as f:
+        json.dump(cfg, f)
+    assert run_job.ensure_checkpoint("tiny-qwen3-moe", 1, "bf16", None, str(tmp_path)) == path
+    assert json.loads(open(f"{path}/config.json").read())["max_position_embeddings"] == 65536
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["tiny-qwen3-moe-L1-bf16"]

@@ -1,6 +1,8 @@
 import pytest
 
-from tensorrt_llm_dwdp.engine.scheduler import SamplingParams, Scheduler, Sequence, SequenceStatus
+from tensorrt_llm_dwdp.engine.scheduler import (
+    ContextLengthExceeded, SamplingParams, Scheduler, Sequence, SequenceStatus,
+)
 
 
 def seq(rid, n, max_tokens=4, context_only=False):
@@ -17,14 +19,45 @@ def test_prefill_packs_up_to_token_budget_in_fifo_order():
     assert len({q.slot for q in step.sequences}) == 2
 
 
-def test_oversized_prompt_runs_alone_and_is_not_starved():
+def _run(s, step):
+    """Apply a prefill step's bookkeeping (what the engine does after the forward)."""
+    for q, n in zip(step.sequences, step.num_new):
+        q.num_cached += n
+    return [(q.request_id, n, e) for q, n, e in zip(step.sequences, step.num_new, step.emits)]
+
+
+def test_long_prompt_is_chunked_over_steps_and_not_starving_the_next():
     s = Scheduler(max_seqs=4, max_batch_tokens=4, max_seq_len=64)
     s.add(seq("big", 9))
     s.add(seq("small", 2))
+    assert _run(s, s.schedule()) == [("big", 4, False)]
+    assert _run(s, s.schedule()) == [("big", 4, False)]
+    # the last chunk emits the first token; what the budget leaves takes the next prompt whole
+    assert _run(s, s.schedule()) == [("big", 1, True), ("small", 2, True)]
+    step = s.schedule()
+    assert not step.is_prefill and [q.request_id for q in step.sequences] == ["big", "small"]
+
+
+def test_a_prompt_that_fits_one_step_waits_rather_than_splits():
+    s = Scheduler(max_seqs=4, max_batch_tokens=10, max_seq_len=64)
+    for rid, n in (("a", 7), ("b", 5), ("c", 25)):
+        s.add(seq(rid, n))
+    assert _run(s, s.schedule()) == [("a", 7, True)]  # b (5 <= 10) waits for a step of its own
+    # b whole, then the 25-token prompt takes the rest of the budget as its first chunk
+    assert _run(s, s.schedule()) == [("b", 5, True), ("c", 5, False)]
+    assert _run(s, s.schedule()) == [("c", 10, False)]
+    assert _run(s, s.schedule()) == [("c", 10, True)]
+    assert s.schedule().is_prefill is False
+
+
+def test_chunks_need_a_slot_and_hold_it_between_steps():
+    s = Scheduler(max_seqs=1, max_batch_tokens=3, max_seq_len=64)
+    s.add(seq("a", 5))
+    s.add(seq("b", 2))
     first = s.schedule()
-    assert [q.request_id for q in first.sequences] == ["big"]
-    second = s.schedule()
-    assert second.is_prefill and [q.request_id for q in second.sequences] == ["small"]
+    assert _run(s, first) == [("a", 3, False)] and not s.has_free_slot()
+    assert _run(s, s.schedule()) == [("a", 2, True)]  # b: no slot while a runs
+    assert not s.schedule().is_prefill
 
 
 def test_decode_only_after_prefill_and_slots_recycled():
@@ -60,8 +93,9 @@ def test_rejects_bad_requests_with_names():
     s = Scheduler(max_seqs=2, max_batch_tokens=100, max_seq_len=8)
     with pytest.raises(ValueError, match="'x'.*empty prompt"):
         s.add(Sequence("x", [], SamplingParams()))
-    with pytest.raises(ValueError, match="max_seq_len=8"):
+    with pytest.raises(ContextLengthExceeded, match="max_seq_len=8"):
         s.add(seq("y", 6, max_tokens=4))
+    assert not s.waiting, "a refused request must not queue"
     s.add(seq("ctx", 7, max_tokens=100, context_only=True))  # context-only needs one token only
     with pytest.raises(ValueError, match="max_tokens must be >= 1"):
         SamplingParams(max_tokens=0)

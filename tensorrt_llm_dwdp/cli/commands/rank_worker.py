@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dwdp-config", required=True, help="YAML with a dwdp_config: section")
     p.add_argument("--prompts", required=True, help="JSON: per rank a list of token-id lists")
     p.add_argument("--max-tokens", type=int, default=8, help="tokens to generate per prompt")
+    p.add_argument("--max-num-tokens", type=int, default=None,
+                   help="tokens per prefill step (longer prompts are chunked); default: all prompts at once")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--moe-backend", default="torch", help="MoE backend name (torch, cutedsl, torch-grouped)")
     p.add_argument("--out", required=True, help="folder for rank{r}.json / rank{r}.pt")
@@ -55,7 +57,8 @@ def main(args: argparse.Namespace) -> int:
         if prompts:
             outputs, logits, stats = generate_with_logits(
                 model, prompts, max_tokens=args.max_tokens, device=device, dwdp=manager,
-                progress_desc=f"rank {rank} decode" if rank == 0 else None)
+                progress_desc=f"rank {rank} decode" if rank == 0 else None,
+                max_num_tokens=args.max_num_tokens)
         report = rank_report(rank, device, prompts, outputs, stats, manager, model)
         write_rank_outputs(args.out, f"rank{rank}", report, outputs, logits)
         logger.info("rank %d: %d prompts, %d prefill tokens in %.3f s", rank, len(prompts),

@@ -63,12 +63,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ex.add_argument("--cpu-threads", type=int, default=None, help="torch threads per CPU rank "
                     "(default: cores / ranks; the reference run uses the same count)")
     ex.add_argument("--prompts-file", help="JSON list of prompt strings (default: embedded set)")
+    ex.add_argument("--prompt-lengths", type=_lengths, default=None, metavar="L1,L2,...",
+                    help="synthetic prompts of exactly these token counts instead of text prompts "
+                    "(random ids, a function of the index), e.g. 20000,300")
+    ex.add_argument("--max-num-tokens", type=int, default=None, metavar="N",
+                    help="tokens per prefill step; a longer prompt is prefilled in chunks of up to N "
+                    "tokens, each attending to the KV of the earlier ones (default: every prompt "
+                    "of a rank in one step)")
     ex.add_argument("--launcher", default="auto", choices=["auto", "mpirun", "tcp"],
                     help="how ranks start: mpirun if on PATH, else a TCP rendezvous")
     ex.add_argument("--timeout", type=float, default=1800.0, help="seconds before ranks are stopped")
     ex.add_argument("--no-parity", action="store_true", help="skip the single-rank reference run")
     ex.add_argument("--out", default=os.path.join("results", "run"),
                     help="output folder for rank reports, logits and summary.json")
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"token counts must be >= 1, got {text!r}")
+    return lengths
 
 
 def main(args: argparse.Namespace) -> int:
@@ -78,13 +95,17 @@ def main(args: argparse.Namespace) -> int:
     from tensorrt_llm_dwdp.model.tokenizer import load_tokenizer
     from tensorrt_llm_dwdp.run_job import (DEMO_PROMPTS, assign_prompts, ensure_checkpoint,
                                            format_report, partition_config, read_rank_report,
-                                           reference_parity, write_dwdp_yaml)
+                                           reference_parity, synthetic_prompts, write_dwdp_yaml)
 
     started = time.perf_counter()
     model_dir = args.model or ensure_checkpoint(args.preset, args.num_layers, args.quant,
                                                 args.vocab_size, args.cache_dir,
                                                 dense_layers=args.dense_layers)
-    num_experts = ModelConfig.from_file(model_dir).num_experts
+    if args.max_num_tokens is not None and args.max_num_tokens < 1:
+        print(f"error: --max-num-tokens must be >= 1, got {args.max_num_tokens}", file=sys.stderr)
+        return 1
+    model_config = ModelConfig.from_file(model_dir)
+    num_experts = model_config.num_experts
     if args.dwdp_config:
         config = DwdpConfig.from_yaml(args.dwdp_config)
     else:
@@ -97,12 +118,15 @@ def main(args: argparse.Namespace) -> int:
     config_path = os.path.join(args.out, "dwdp.yaml")
     write_dwdp_yaml(config, config_path)
 
-    texts = DEMO_PROMPTS
-    if args.prompts_file:
-        with open(args.prompts_file) as f:
-            texts = tuple(json.load(f))
-    tokenizer = load_tokenizer(model_dir)
-    token_ids = [tokenizer.encode(t) for t in texts]
+    if args.prompt_lengths:
+        token_ids = synthetic_prompts(args.prompt_lengths, model_config.vocab_size)
+    else:
+        texts = DEMO_PROMPTS
+        if args.prompts_file:
+            with open(args.prompts_file) as f:
+                texts = tuple(json.load(f))
+        tokenizer = load_tokenizer(model_dir)
+        token_ids = [tokenizer.encode(t) for t in texts]
     groups = [[token_ids[i] for i in idx] for idx in assign_prompts(len(token_ids), config.dwdp_size)]
     prompts_path = os.path.join(args.out, "prompts.json")
     with open(prompts_path, "w") as f:
@@ -111,12 +135,15 @@ def main(args: argparse.Namespace) -> int:
     threads = args.cpu_threads or max(1, (os.cpu_count() or 1) // config.dwdp_size)
     print(f"model {model_dir}: {num_experts} experts; DWDP {config.dwdp_size} ranks, "
           f"W={config.experts_per_worker(num_experts)} P={config.prefetch_experts()}, "
-          f"{config.expert_view} view", flush=True)
+          f"{config.expert_view} view; prompts of {[len(p) for p in token_ids]} tokens, prefill "
+          + (f"in chunks of <= {args.max_num_tokens} tokens" if args.max_num_tokens else "unchunked"),
+          flush=True)
     argv = python_module_argv("--log-level", args.log_level, "rank-worker", "--model", model_dir,
                               "--dwdp-config", config_path, "--prompts", prompts_path,
                               "--max-tokens", str(args.max_tokens), "--device", args.device,
                               "--moe-backend", args.moe_backend, "--out", args.out,
-                              "--cpu-threads", str(threads))
+                              "--cpu-threads", str(threads),
+                              *(("--max-num-tokens", str(args.max_num_tokens)) if args.max_num_tokens else ()))
     result = launch(config.dwdp_size, argv, launcher=args.launcher, timeout_s=args.timeout)
     if not result.ok:
         print(f"error: DWDP ranks failed (launcher {result.launcher}, exit codes "
@@ -127,9 +154,10 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_parity:
         parity = reference_parity(model_dir, args.out, groups, max_tokens=args.max_tokens,
                                   device=args.device, moe_backend=args.moe_backend,
-                                  cpu_threads=threads)
+                                  cpu_threads=threads, max_num_tokens=args.max_num_tokens)
     print(format_report(reports, parity))
     summary = {"model": model_dir, "dwdp_config": config.to_dict(), "launcher": result.launcher,
+               "prompt_lengths": [len(p) for p in token_ids], "max_num_tokens": args.max_num_tokens,
                "wall_seconds": time.perf_counter() - started,
                "ranks": [r.__dict__ | {"prefill_tokens_per_s": r.prefill_tokens_per_s} for r in reports],
                "parity": None if parity is None else parity.__dict__}
