@@ -1,26 +1,23 @@
 """Plug our DWDP manager into a TensorRT-LLM process (imports tensorrt_llm lazily).
 
-Two entry points:
-
 - ``install(llm_args)``: before the LLM is built, in every rank's process. It replaces the
   ``DwdpManager`` name that TensorRT-LLM's executor constructs (in
   ``tensorrt_llm._torch.pyexecutor.dwdp`` and in ``py_executor_creator`` if it imported the
-  name) with a factory returning :class:`TrtllmDwdpBridge`; from then on TensorRT-LLM's own call
-  sites (MoE construction, weight loading, the executor's per-step warm-up, the scheduler's
-  weight view, the per-layer completion) drive OUR manager. ``uninstall()`` restores the names.
-- ``attach(model, bridge)``: after weights are loaded, for a model built without DWDP: registers
-  every MoE module's expert tensors and switches on upstream's per-layer DWDP hooks on it
-  (``enable_dwdp``, ``dwdp_manager``, the two attributes ``ConfigurableMoE.forward_impl`` and
-  the MoE scheduler read).
-- ``attach_layer_hooks(module, layer_idx, manager, consume)``: for MoE modules that have no
-  upstream DWDP call sites: a forward pre-hook fetches ``manager.weights(i)`` and hands it to
-  ``consume(module, view)``; a forward hook calls ``manager.done(i)``.
+  name) with a class building :class:`TrtllmDwdpBridge`; from then on TensorRT-LLM's own call
+  sites (``add_layer`` at MoE construction, ``setup(model)`` after loading, the executor's
+  per-step ``prefetch_first_layers``, ``wait_and_bind`` / ``record_compute_and_prefetch_next``
+  around every MoE layer) drive OUR manager. ``uninstall()`` restores the names.
+- ``attach(model, bridge)``: for a model built without DWDP, after loading: adds every MoE
+  module to ``bridge``, switches on upstream's per-layer DWDP hooks on it (``enable_dwdp``,
+  ``dwdp_manager``, which ``ConfigurableMoE.forward_impl`` reads) and runs ``bridge.setup``.
+- ``attach_layer_hooks(module, layer_idx, bridge)``: for MoE modules without upstream DWDP call
+  sites: a forward pre-hook binds the composite weights, a forward hook records the layer done.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -28,7 +25,7 @@ from torch import nn
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
 from tensorrt_llm_dwdp.trtllm.bridge import ManagerFactory, TrtllmDwdpBridge
 from tensorrt_llm_dwdp.trtllm.config import from_trtllm
-from tensorrt_llm_dwdp.trtllm.names import expert_backend, find_moe_modules
+from tensorrt_llm_dwdp.trtllm.names import find_moe_modules
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +76,7 @@ def install(llm_args: Any, *, manager_factory: ManagerFactory | None = None,
 
     ``llm_args``: TensorRT-LLM's ``TorchLlmArgs`` (or anything with ``dwdp_config``, or that
     section itself as a mapping). Returns None when DWDP is off. ``ours``: our extra config
-    knobs (``prefetch_slice_bytes``, ``peer_timeout_s``).
+    knobs (``prefetch_slice_bytes``, ``peer_timeout_s``, ``view_page_bytes``, ``view_handles``).
     """
     import importlib
 
@@ -92,15 +89,18 @@ def install(llm_args: Any, *, manager_factory: ManagerFactory | None = None,
     installation = Installation(config)
 
     class InstalledBridge(TrtllmDwdpBridge):
-        """Built where upstream builds its manager (a class, so upstream's isinstance checks
-        against the name still work)."""
+        """Built where upstream builds its manager, ``DwdpManager(config, dist, mapping)`` (a
+        class, so upstream's isinstance checks against the name still work)."""
 
-        def __init__(self, upstream_config: Any = None, dist: Any = None) -> None:
-            # Upstream passes its own DwdpConfig (same fields) and its Distributed object; our
-            # manager's communicator forms the group instead.
+        def __init__(self, upstream_config: Any = None, dist: Any = None,
+                     mapping: Any = None) -> None:
+            # Upstream passes its own DwdpConfig (same fields), its Distributed object and its
+            # Mapping; our manager's communicator forms the group, the mapping gives the rank.
             del upstream_config, dist
-            super().__init__(config, rank=_group_rank(config) if rank is None else rank,
-                             manager_factory=factory)
+            group_rank = rank
+            if group_rank is None:
+                group_rank = mapping.dwdp_rank if mapping is not None else _group_rank(config)
+            super().__init__(config, rank=group_rank, manager_factory=factory)
             installation.bridges.append(self)
 
     for module_name in UPSTREAM_MANAGER_MODULES:
@@ -121,34 +121,30 @@ def install(llm_args: Any, *, manager_factory: ManagerFactory | None = None,
 
 
 def attach(model: nn.Module, bridge: TrtllmDwdpBridge) -> list[int]:
-    """Register every MoE module of a loaded model with ``bridge`` and enable upstream's DWDP
-    call sites on it. Returns the MoE layer indices, in model order. Call on every rank, then
-    ``bridge.exchange_all_handles()``."""
+    """Add every MoE module of a loaded model to ``bridge``, enable upstream's DWDP call sites
+    on it, and run ``bridge.setup(model)`` (collective: every rank calls it). Returns the MoE
+    layer indices, in model order."""
     layers = []
     for layer_idx, _name, module in find_moe_modules(model):
-        collector = bridge.add_layer(layer_idx)
-        collector.register_weights(module)
-        for target in {id(module): module, id(expert_backend(module)): expert_backend(module)}.values():
-            target.dwdp_handle_collector = collector
+        bridge.add_layer(layer_idx=layer_idx)
         module.dwdp_manager = bridge
-        module.dwdp_rank = bridge.dwdp_rank
         module.enable_dwdp = True
         layers.append(layer_idx)
     if not layers:
         raise ValueError(f"no MoE module with w3_w1_weight/w2_weight found in {type(model).__name__}")
+    bridge.setup(model)
     return layers
 
 
-def attach_layer_hooks(module: nn.Module, layer_idx: int, manager: Any,
-                       consume: Callable[[nn.Module, Mapping[str, list[torch.Tensor]]], None]) -> list:
-    """Wrap ``module.forward`` with ``weights(layer_idx)`` before and ``done(layer_idx)`` after.
+def attach_layer_hooks(module: nn.Module, layer_idx: int, bridge: TrtllmDwdpBridge) -> list:
+    """Bind the composite weights before ``module.forward`` and record the layer done after.
 
     Returns the two hook handles (``.remove()`` them to detach).
     """
     def before(mod: nn.Module, args: tuple) -> None:
-        consume(mod, manager.weights(layer_idx))
+        bridge.wait_and_bind(mod, layer_idx)
 
     def after(mod: nn.Module, args: tuple, output: Any) -> None:
-        manager.done(layer_idx)
+        bridge.record_compute_and_prefetch_next(layer_idx)
 
     return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]

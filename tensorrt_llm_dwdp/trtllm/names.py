@@ -1,13 +1,13 @@
 """Which TensorRT-LLM modules are MoE layers and which of their tensors DWDP moves (pure).
 
 TensorRT-LLM's fused-MoE backends (``CuteDslFusedMoE`` and the others under
-``tensorrt_llm/_torch/modules/fused_moe/``) keep their routed experts as attributes whose names
+``tensorrt_llm/_torch/moe/fused_moe/``) keep their routed experts as attributes whose names
 our manager already uses (``docs/ARCHITECTURE.md``): ``w3_w1_weight``, ``w2_weight``, the NVFP4
 block scales ``w3_w1_weight_scale`` / ``w2_weight_scale``, the global scales ``fc31_alpha`` /
 ``fc2_alpha`` and the optional biases ``w3_w1_bias`` / ``w2_bias``. The quantization method also
 publishes the scales in a ``quant_scales`` record whose fields carry other names
-(``fc1_weight_block``, ``fc1_global``, ``fc2_weight_block``, ``fc2_global``); the NVFP4 CuteDSL
-kernel reads the local slice from that record, so the mapping is kept here too.
+(``fc1_weight_block``, ``fc1_global``, ``fc2_weight_block``, ``fc2_global``); the NVFP4 kernels
+read the scales from that record, so ``rebind_quant_scales`` keeps it on the live parameters.
 ``ConfigurableMoE`` wraps one backend in ``.backend``. Nothing here imports tensorrt_llm.
 """
 from __future__ import annotations
@@ -37,16 +37,6 @@ QUANT_SCALES_TO_OURS: dict[str, str] = {
     "fc1_global": "fc31_alpha",
     "fc2_weight_block": "w2_weight_scale",
     "fc2_global": "fc2_alpha",
-}
-
-# Upstream ``NvFp4WeightView`` field -> our parameter name (tensorrt_llm's fused_moe_cute_dsl).
-WEIGHT_VIEW_FIELDS: dict[str, str] = {
-    "w3_w1_weight": "w3_w1_weight",
-    "fc1_weight_scale": "w3_w1_weight_scale",
-    "fc1_global_scale": "fc31_alpha",
-    "w2_weight": "w2_weight",
-    "fc2_weight_scale": "w2_weight_scale",
-    "fc2_global_scale": "fc2_alpha",
 }
 
 
@@ -94,17 +84,25 @@ def expert_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def quant_scale_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Our-name -> tensor from the module's ``quant_scales`` record (empty if it has none)."""
-    record = expert_backend(module).__dict__.get("quant_scales")
-    if record is None:
-        return {}
-    out = {}
+def rebind_quant_scales(module: nn.Module) -> None:
+    """Point the module's ``quant_scales`` record at its live scale/alpha attributes.
+
+    TensorRT-LLM's NVFP4 kernels read the scales from that record; once the parameters'
+    ``.data`` move (to shared memory at setup, to a composite tensor at every bind), the record
+    must hold the parameter objects themselves, as upstream's ``_rebuild_quant_scales`` does.
+    A module without such a record is left alone.
+    """
+    owner = expert_backend(module)
+    record = owner.__dict__.get("quant_scales")
+    if record is None or not hasattr(record, "_replace"):
+        return
+    updates = {}
     for field, ours in QUANT_SCALES_TO_OURS.items():
-        t = _tensor(getattr(record, field, None)) if hasattr(record, field) else None
-        if t is not None:
-            out[ours] = t
-    return out
+        attr = OURS_TO_TRTLLM[ours]
+        value = owner._parameters.get(attr, owner.__dict__.get(attr))
+        if field in record._fields and value is not None:
+            updates[field] = value
+    owner.quant_scales = record._replace(**updates)
 
 
 def moe_layer_index(module: nn.Module, fallback: int) -> int:

@@ -6,10 +6,9 @@ import torch
 from torch import nn
 
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
-from tensorrt_llm_dwdp.trtllm import (expert_tensors, find_moe_modules, from_trtllm, install,
-                                      is_moe_module, quant_scale_tensors, to_trtllm_dict,
-                                      weight_view_fields)
-from tensorrt_llm_dwdp.trtllm.names import WEIGHT_VIEW_FIELDS
+from tensorrt_llm_dwdp.trtllm import (TrtllmDwdpBridge, expert_tensors, find_moe_modules,
+                                      from_trtllm, install, is_moe_module, rebind_quant_scales,
+                                      to_trtllm_dict)
 
 # The field names of TensorRT-LLM's FusedMoEQuantScalesNVFP4 record that the adapter reads.
 QuantScales = namedtuple("QuantScales", "fc1_weight_block fc1_global fc2_weight_block fc2_global")
@@ -84,27 +83,32 @@ def test_expert_tensor_with_wrong_expert_dim_is_named():
         expert_tensors(b)
 
 
-def test_quant_scales_fields_map_to_our_names():
+def test_quant_scales_record_is_rebound_to_the_live_parameters():
     b = CuteDslLikeBackend(4)
-    q = quant_scale_tensors(b)
-    assert q["w3_w1_weight_scale"] is b.quant_scales.fc1_weight_block
-    assert q["fc31_alpha"] is b.quant_scales.fc1_global
-    assert q["w2_weight_scale"] is b.quant_scales.fc2_weight_block
-    assert q["fc2_alpha"] is b.quant_scales.fc2_global
-    assert quant_scale_tensors(nn.Linear(2, 2)) == {}
+    rebind_quant_scales(b)
+    q = b.quant_scales
+    assert q.fc1_weight_block is b.w3_w1_weight_scale and q.fc1_global is b.fc31_alpha
+    assert q.fc2_weight_block is b.w2_weight_scale and q.fc2_global is b.fc2_alpha
+    b.w3_w1_weight_scale.data = torch.zeros(8, 1, dtype=torch.float8_e4m3fn)  # a later bind
+    assert b.quant_scales.fc1_weight_block.shape == (8, 1)
+    plain = nn.Linear(2, 2)
+    rebind_quant_scales(plain)  # no record: left alone
+    assert "quant_scales" not in plain.__dict__
 
 
-def test_weight_view_fields_put_local_tensors_in_own_slot():
-    peers = {ours: [torch.full((2,), float(r)) for r in range(3)] for ours in WEIGHT_VIEW_FIELDS.values()}
-    local = {"w3_w1_weight_scale": torch.full((2,), 9.0)}
-    fields = weight_view_fields(peers, local, rank=1)
-    assert set(fields) == set(WEIGHT_VIEW_FIELDS)
-    assert fields["fc1_weight_scale"][1] is local["w3_w1_weight_scale"]
-    assert [float(t[0]) for t in fields["fc1_weight_scale"]] == [0.0, 9.0, 2.0]
-    assert [float(t[0]) for t in fields["w2_weight"]] == [0.0, 1.0, 2.0]
-    del peers["fc2_alpha"]
-    with pytest.raises(KeyError, match="fc2_alpha"):
-        weight_view_fields(peers, local, rank=1)
+def test_bridge_protocol_errors_before_setup():
+    cfg = DwdpConfig(dwdp_size=2, num_experts_per_worker=4, num_prefetch_experts=4)
+    bridge = TrtllmDwdpBridge(cfg, rank=1, manager_factory=lambda c, n: pytest.fail("built"))
+    assert bridge.config.expert_view == "composite" and bridge.is_enabled()
+    bridge.add_layer(layer_idx=3)
+    with pytest.raises(ValueError, match="added to DWDP twice"):
+        bridge.add_layer(3)
+    with pytest.raises(RuntimeError, match="setup\(\) has not been called"):
+        bridge.prefetch_first_layers()
+    with pytest.raises(RuntimeError, match=r"layers \[3\] were added but"):
+        bridge.setup(_model())
+    with pytest.raises(ValueError, match="dwdp_size > 1"):
+        TrtllmDwdpBridge(DwdpConfig(), rank=0, manager_factory=None)
 
 
 def test_config_round_trip_and_spellings():

@@ -1,17 +1,20 @@
-"""TrtllmDwdpBridge on 2 CPU ranks driving our real DwdpManager (shm transport), called the
-way TensorRT-LLM calls its own manager: add_layer -> collector.register_weights(backend) ->
-exchange_all_handles -> initialize_prefetch_buffer -> per step prefetch_first_layers, then per
-layer wait_prefetch_and_get_buffer / record_compute_and_prefetch_next. A second model goes
-through ``attach`` (the after-loading path) and ``attach_layer_hooks`` (modules without
-upstream call sites). Every expert's bytes carry (layer, expert) so a misplaced copy shows.
+"""TrtllmDwdpBridge on 2 CPU ranks driving our real DwdpManager with composite views, called
+the way TensorRT-LLM's current DWDP is: ``add_layer(layer_idx=i)`` from each MoE layer,
+``setup(model)`` after loading (weights move into shared memory, backends patched to all E
+experts), then per step ``prefetch_first_layers()`` and per layer ``wait_and_bind(backend, i)``
+/ ``record_compute_and_prefetch_next(i)``. A second model goes through ``attach`` (a model built
+without DWDP) and ``attach_layer_hooks`` (modules without upstream call sites). Every expert's
+bytes carry (layer, expert), so a misplaced copy shows, and the backends' parameters and
+``quant_scales`` must show all E experts after every bind. Odd layer count, redundant layout.
 """
 import os
+from collections import namedtuple
 
 import pytest
 import torch
 from torch import nn
 
-E, S, W, H, I = 8, 2, 4, 32, 16
+E, S, W, P, H, I = 8, 2, 5, 3, 32, 16
 LAYERS = (3, 4, 5)
 NAMES = {  # TensorRT-LLM attribute -> (per-expert shape, dtype)
     "w3_w1_weight": ((2 * I, H // 2), torch.uint8),
@@ -21,6 +24,8 @@ NAMES = {  # TensorRT-LLM attribute -> (per-expert shape, dtype)
     "w2_weight_scale": ((H, I // 16), torch.uint8),
     "fc2_alpha": ((), torch.float32),
 }
+QuantScales = namedtuple("QuantScales", "fc1_act_global fc1_weight_block fc1_global "
+                                        "fc2_act_global fc2_weight_block fc2_global")
 
 
 def _pattern(layer, expert, name, shape, dtype):
@@ -31,35 +36,43 @@ def _pattern(layer, expert, name, shape, dtype):
 
 
 class CuteDslLikeBackend(nn.Module):
-    """Holds its W experts under TensorRT-LLM's attribute names, in memory from ``alloc``."""
+    """Holds its W experts under TensorRT-LLM's attribute names, in ordinary memory (as
+    upstream's loader leaves them), and a ``quant_scales`` record over them."""
 
-    def __init__(self, layer, first, alloc):
+    def __init__(self, layer, first):
         super().__init__()
         self.num_experts = E
+        self.ep_size, self.expert_size_per_partition = 1, W
         for name, (shape, dtype) in NAMES.items():
-            t = alloc((W, *shape), dtype)
-            for j in range(W):
-                t[j] = _pattern(layer, first + j, name, shape, dtype)
+            t = torch.stack([_pattern(layer, first + j, name, shape, dtype) for j in range(W)])
             setattr(self, name, nn.Parameter(t, requires_grad=False))
+        one = torch.ones(())
+        self.quant_scales = QuantScales(one, self.w3_w1_weight_scale.data, self.fc31_alpha.data,
+                                        one, self.w2_weight_scale.data, self.fc2_alpha.data)
 
 
 class ConfigurableMoELike(nn.Module):
-    def __init__(self, layer, first, alloc):
+    def __init__(self, layer, first):
         super().__init__()
         self.layer_idx = layer
-        self.backend = CuteDslLikeBackend(layer, first, alloc)
-        self.seen = None
+        self.backend = CuteDslLikeBackend(layer, first)
+        self.enable_dwdp = False
+        self.dwdp_manager = None
 
     def forward(self, x):
         return x
 
 
-def _check_view(view, layer):
+def _check_bound(backend, layer):
+    """After a bind the backend's parameters are [E, ...] with every expert's pattern."""
     for name, (shape, dtype) in NAMES.items():
-        full = torch.cat(list(view[name]))
-        assert full.shape[0] == E, (name, full.shape)
+        full = getattr(backend, name)
+        assert isinstance(full, nn.Parameter) and full.shape[0] == E, (name, full.shape)
         for e in range(E):
             assert torch.equal(full[e], _pattern(layer, e, name, shape, dtype)), (layer, e, name)
+    q = backend.quant_scales
+    assert q.fc1_weight_block is backend.w3_w1_weight_scale and q.fc2_global is backend.fc2_alpha
+    assert q.fc1_weight_block.shape[0] == E
 
 
 def _worker():
@@ -68,44 +81,47 @@ def _worker():
     from tensorrt_llm_dwdp.trtllm import TrtllmDwdpBridge, attach, attach_layer_hooks
 
     rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
-    config = DwdpConfig(dwdp_size=S, num_experts_per_worker=W, num_prefetch_experts=W, peer_timeout_s=60.0)
+    config = DwdpConfig(dwdp_size=S, num_experts_per_worker=W, num_prefetch_experts=P,
+                        peer_timeout_s=60.0)
 
-    # 1) upstream's construction-time path
-    mgr = DwdpManager.from_environment(config, E, "cpu")
-    bridge = TrtllmDwdpBridge(config, rank=rank, manager_factory=lambda c, n: mgr)
-    mods = {}
-    for layer in LAYERS:
-        mods[layer] = ConfigurableMoELike(layer, rank * W, mgr.allocate)
-        collector = bridge.add_layer(layer)                    # ConfigurableMoE.__init__
-        collector.register_weights(mods[layer].backend)        # CuteDslFusedMoE.load_weights
-    bridge.exchange_all_handles()
-    bridge.initialize_prefetch_buffer()
+    def factory(cfg, num_experts):
+        assert cfg.expert_view == "composite" and num_experts == E
+        return DwdpManager.from_environment(cfg, num_experts, "cpu")
+
+    # 1) upstream's path: the executor builds the manager, MoE layers add themselves
+    bridge = TrtllmDwdpBridge(config, rank=rank, manager_factory=factory)
+    model = nn.Sequential(*[ConfigurableMoELike(layer, rank * P) for layer in LAYERS])
+    for mod in model:                                   # ConfigurableMoE._register_dwdp
+        mod.dwdp_manager, mod.enable_dwdp = bridge, True
+        bridge.add_layer(layer_idx=mod.layer_idx)
+    bridge.setup(model)                                 # py_executor_creator, after loading
+    for mod in model:
+        assert mod.backend.expert_size_per_partition == E and mod.slot_end == E
+        assert mod.backend.ep_size == 1 and mod.backend.initial_local_expert_ids == list(range(E))
+        # the loaded slice now lives in memory the composite view maps twice
+        bridge.manager._transport.locate(mod.backend.w3_w1_weight.data)
     for _step in range(3):
-        bridge.prefetch_first_layers()                         # PyExecutor, each step
-        for layer in LAYERS:
-            view = bridge.wait_prefetch_and_get_buffer(layer)
-            _check_view(view, layer)
-            assert view["w3_w1_weight"][rank].data_ptr() == mods[layer].backend.w3_w1_weight.data_ptr()
-            bridge.record_compute_and_prefetch_next(layer)     # ConfigurableMoE.forward_impl
+        bridge.prefetch_first_layers()                  # PyExecutor, each step
+        for mod in model:
+            bridge.wait_and_bind(mod.backend, mod.layer_idx)   # ConfigurableMoE.forward_impl
+            _check_bound(mod.backend, mod.layer_idx)
+            bridge.record_compute_and_prefetch_next(mod.layer_idx)
     bridge.cleanup()
 
-    # 2) after-loading path: attach() a loaded model, then per-layer hooks
-    mgr2 = DwdpManager.from_environment(config, E, "cpu")
-    bridge2 = TrtllmDwdpBridge(config, rank=rank, manager_factory=lambda c, n: mgr2)
-    model = nn.Sequential(*[ConfigurableMoELike(layer, rank * W, mgr2.allocate) for layer in LAYERS])
-    assert attach(model, bridge2) == list(LAYERS)
-    assert all(m.enable_dwdp and m.dwdp_manager is bridge2 for m in model)
-    bridge2.exchange_all_handles()
-
-    def consume(mod, view):   # the buffer is refilled two layers later: check it now
-        _check_view(view, mod.layer_idx)
-        mod.seen = (mod.seen or 0) + 1
-    for mod in model:
-        attach_layer_hooks(mod, mod.layer_idx, mgr2, consume)
+    # 2) a model built without DWDP: attach() after loading, then per-layer hooks
+    bridge2 = TrtllmDwdpBridge(config, rank=rank, manager_factory=factory)
+    model2 = nn.Sequential(*[ConfigurableMoELike(layer, rank * P) for layer in LAYERS])
+    assert attach(model2, bridge2) == list(LAYERS)
+    assert all(m.enable_dwdp and m.dwdp_manager is bridge2 for m in model2)
+    for mod in model2:
+        attach_layer_hooks(mod, mod.layer_idx, bridge2)
     for _step in range(2):
-        mgr2.start_step()
-        model(torch.zeros(1))
-    assert [mod.seen for mod in model] == [2] * len(LAYERS)
+        bridge2.prefetch_first_layers()
+        for mod in model2:
+            mod(torch.zeros(1))
+            _check_bound(mod.backend, mod.layer_idx)
+    with pytest.raises(Exception, match="out of order"):
+        bridge2.wait_and_bind(model2[1].backend, LAYERS[1])  # the step is over: layer 3 is next
     bridge2.cleanup()
     print(f"rank {rank} ok", flush=True)
 
