@@ -10,7 +10,8 @@ Measured in one run, both ranks pulling at the same time (as in service):
   prefetch   DwdpManager prefetching every layer, nothing else running (copy-stream events)
   overlap    the same with a bf16 matmul loop per layer on the compute stream, sized to take
              longer than the copy; stall = compute-stream time spent waiting in weights()
-for --contention-opt off and on. Prints one JSON object (rank 0); --out also writes it.
+for --contention-opt off and on, and --expert-view multi, composite or both (composite
+keys are prefixed ``composite_``). Prints one JSON object (rank 0); --out also writes it.
 Goals: prefetch / raw >= 0.95; stall < 5% of copy time when compute is longer than the copy;
 overlap efficiency max(compute, copy) / (layer time with both) >= 0.95. The stall alone hides
 that compute runs slower while copies share the memory system: ``compute_slowdown`` (layer
@@ -107,10 +108,10 @@ def diff(a: DwdpStats, b: DwdpStats) -> dict:
             "stall_s": b.stall_time_s - a.stall_time_s}
 
 
-def run_config(args, contention: bool, device, matmul) -> dict:
+def run_config(args, contention: bool, device, matmul, view: str = "multi") -> dict:
     config = DwdpConfig(dwdp_size=2, num_experts_per_worker=args.w, num_prefetch_experts=args.p,
                         contention_opt=contention, prefetch_slice_bytes=args.slice_bytes,
-                        peer_timeout_s=args.timeout)
+                        peer_timeout_s=args.timeout, expert_view=view)
     layers = list(range(args.layers))
     with DwdpManager(config, args.experts, connect(config), device) as mgr:
         for layer in layers:
@@ -149,6 +150,7 @@ def run_config(args, contention: bool, device, matmul) -> dict:
         mgr.comm.barrier(timeout, "bench overlap done")
         result = {
             "contention_opt": contention,
+            "expert_view": view,
             "prefetch_gbps": prefetch["bytes"] / prefetch["copy_s"] / 1e9,
             "prefetch_wall_gbps": prefetch["bytes"] / wall_prefetch / 1e9,
             "copy_ms_per_layer": copy_per_layer * 1e3,
@@ -195,6 +197,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--slice-bytes", type=int, default=2 << 20)
     ap.add_argument("--contention-opt", choices=["off", "on", "both"], default="both")
+    ap.add_argument("--expert-view", choices=["multi", "composite", "both"], default="multi",
+                    help="the managers' weight view (composite: one [E, ...] range per tensor)")
     ap.add_argument("--matmul-n", type=int, default=8192)
     ap.add_argument("--compute-factor", type=float, default=1.3,
                     help="size the matmul loop to this multiple of the raw copy time")
@@ -224,10 +228,13 @@ def main() -> int:
 
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.contention_opt]
     results = {}
-    for contention in modes:
-        results["contention_opt_" + ("on" if contention else "off")] = run_config(
-            args, contention, device, (x, w, reps))
-        torch.cuda.empty_cache()
+    views = ["multi", "composite"] if args.expert_view == "both" else [args.expert_view]
+    for view in views:
+        for contention in modes:
+            key = ("composite_" if view == "composite" else "") + "contention_opt_" + (
+                "on" if contention else "off")
+            results[key] = run_config(args, contention, device, (x, w, reps), view)
+            torch.cuda.empty_cache()
     if rank == 0:
         out = {
             "bench": "prefetch_bandwidth",

@@ -205,6 +205,8 @@ class CompositeViews:
         """Unmap every range and release the pools (idempotent; views are invalid after)."""
         errors = []
         self.views, self.bases, self._flat = [], [], []
+        if self._reserved:
+            self.vmm.synchronize()  # no copy or kernel may still touch a range
         for base, size, mapped in reversed(self._reserved):
             for addr, n in mapped:
                 try:

@@ -205,7 +205,7 @@ class _CudaArray:
     without a copy; ``on_free`` runs when the last tensor over it is gone."""
 
     def __init__(self, ptr: int, nbytes: int, on_free: Any = None) -> None:
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "strides": None,
                                          "data": (ptr, False), "version": 2}
         self._on_free = on_free
 
@@ -350,6 +350,7 @@ class GpuVmm:
         size = mem.size
 
         def unmap() -> None:
+            torch.cuda.synchronize(self.device)  # no kernel may still read it
             self.unmap(addr, size)
             self.free(addr, size)
 

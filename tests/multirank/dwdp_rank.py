@@ -14,7 +14,8 @@ in one process (torch imports once), each with a fresh group:
   never        the last rank never arrives                               -> others fail in time
   fdfail       (composite) the last rank's descriptor server is gone     -> all ranks fail
 
-``--view composite`` runs the scenarios over composite views: besides the multi-tensor slices,
+``--view composite`` runs the scenarios over composite views (``--tensors pages --page-size N``:
+per-expert sizes on and around N bytes): besides the multi-tensor slices,
 every layer's ``composite_weights`` tensor must equal experts [0, E) with expert e at byte
 ``e * expert_bytes`` of one range, the prefetch moves exactly the bytes on pool pages, and after
 close nothing of ours is mapped (/proc/self/maps) or left in /dev/shm.
@@ -26,6 +27,7 @@ Every (layer, tensor, expert) gets a unique byte ramp and buffers are poisoned f
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import glob
 import os
@@ -47,17 +49,19 @@ TENSORS = {name: (spec.dtype, spec.per_expert)
            for name, spec in expert_specs(NVFP4, hidden=16, inter=16, bias=True).items()}
 
 
-# Per-expert sizes on and around a 4 KiB page (``--tensors pages``): composite ranges whose own
-# slice starts and ends mid-page, exactly on a page, one byte either side, and spanning pages.
-PAGE_TENSORS = {
-    "w3_w1_weight": (torch.uint8, (4096,)),
-    "w3_w1_weight_scale": (torch.uint8, (4095,)),
-    "fc31_alpha": (torch.float32, ()),
-    "w2_weight": (torch.uint8, (4097,)),
-    "w2_weight_scale": (torch.bfloat16, (1365,)),
-    "fc2_alpha": (torch.float32, (3, 1024)),
-    "w2_bias": (torch.uint8, (1,)),
-}
+def page_tensors(page: int) -> dict:
+    """Per-expert sizes on and around a page (``--tensors pages``): composite ranges whose own
+    slice starts and ends mid-page, exactly on a page, one byte either side, and spanning
+    pages."""
+    return {
+        "w3_w1_weight": (torch.uint8, (page,)),
+        "w3_w1_weight_scale": (torch.uint8, (page - 1,)),
+        "fc31_alpha": (torch.float32, ()),
+        "w2_weight": (torch.uint8, (page + 1,)),
+        "w2_weight_scale": (torch.bfloat16, (page // 3,)),
+        "fc2_alpha": (torch.float32, (3, page // 4)),
+        "w2_bias": (torch.uint8, (1,)),
+    }
 
 
 def pattern(layer: int, name_id: int, expert: int, nbytes: int) -> torch.Tensor:
@@ -66,6 +70,7 @@ def pattern(layer: int, name_id: int, expert: int, nbytes: int) -> torch.Tensor:
     return ((torch.arange(nbytes, dtype=torch.int64) * 13 + key) % 251).to(torch.uint8)
 
 
+@functools.lru_cache(maxsize=None)
 def expected(layer: int, name_id: int, first: int, count: int, row: int) -> torch.Tensor:
     return torch.stack([pattern(layer, name_id, first + i, row) for i in range(count)])
 
@@ -202,11 +207,13 @@ def main() -> int:
     ap.add_argument("--view", default="multi", choices=["multi", "composite"])
     ap.add_argument("--page-bytes", type=int, default=0, help="composite mapping unit (0: device)")
     ap.add_argument("--tensors", default="small", choices=["small", "pages"],
-                    help="per-expert sizes: a few bytes (default) or around 4 KiB pages")
+                    help="per-expert sizes: a few bytes (default) or around --page-size")
+    ap.add_argument("--page-size", type=int, default=4096,
+                    help="the page --tensors pages sizes its experts around (GPUs: 2097152)")
     args = ap.parse_args()
     if args.tensors == "pages":
         TENSORS.clear()
-        TENSORS.update(PAGE_TENSORS)
+        TENSORS.update(page_tensors(args.page_size))
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("TRTLLM_DWDP_RANK", 0)))
     size = args.size or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1))
     device = torch.device(args.device)

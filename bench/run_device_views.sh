@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# One device call for issue 12 (composite expert views). Run from the repo root (or a stage
+# copy), with .whl carried for the CuTeDSL kernels (without it the cutedsl parts skip):
+#   bash bench/run_device_views.sh
+# Two DWDP ranks share one H200 (two processes on one GPU; two GPUs are used when present).
+# Stages, each under its own timeout (25 + 135 + 90 + 50 s: under 5 minutes in all) so a hang
+# cannot cost the rest; outputs in $OUT/views/ (stages.txt: exit code and seconds per stage):
+#   env.txt              GPU, driver, torch, cuda.bindings, CUDA VMM granularity (min/recommended)
+#   tests.txt            pytest tests/gpu/test_composite_views_gpu.py: VMM primitives (one range
+#                        over two allocations, an allocation mapped twice, POSIX-fd export/import
+#                        over the unix socket); two processes with composite views on 2 MiB pages
+#                        (sizes around 2 MiB, poisoned pools, per-peer and batched copies, a lost
+#                        descriptor server); the main job (DeepSeek-V3-Lite shapes, 3 MoE layers)
+#                        with --expert-view composite: cutedsl and torch-grouped each bitwise equal
+#                        to one rank holding all experts, and cutedsl composite == multi, bitwise
+#   expert_views.json    bench/expert_views.py, DeepSeek-V3 NVFP4 layers (E 256, H 7168, I 2048,
+#                        W=P=128, 4 layers, 4096 tokens/rank, top-8, 1 warm-up + 3 timed steps):
+#                        per backend a reference
+#                        (one rank, all experts), then multi, composite, multi, composite:
+#                        median step ms, stall and copy ms per layer, prefetch GB/s, bitwise vs
+#                        the reference; composite_over_multi = step-time ratio; torch-grouped over
+#                        composite with its max relative difference to cutedsl
+#   prefetch_views.json  bench/prefetch_bandwidth.py --expert-view both: prefetch GB/s vs raw
+#                        peer memcpy and the stall beside compute, multi and composite_ keys
+#   summary.txt          the figures to read first (also printed at the end)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+OUT="${OUT:-$ROOT/device_out}/views"
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+if ! "$PY" -c "import cutlass" 2>/dev/null; then
+  for whl in "$ROOT/.whl" "$ROOT/../../.whl"; do
+    if ls "$whl"/*.whl >/dev/null 2>&1; then
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        "$whl"/*.whl && export PYTHONPATH="/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages${PYTHONPATH:+:$PYTHONPATH}"
+      break
+    fi
+  done
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+stage() {  # stage SECONDS LOG cmd...: one stage under a timeout, output teed to $OUT/LOG
+  local secs=$1 log=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$secs" "$@" > "$OUT/$log" 2>&1
+  local rc=$?
+  echo "$log exit $rc seconds $(( $(date +%s) - t0 ))" | tee -a "$OUT/stages.txt"
+}
+
+two_ranks() {  # two_ranks cmd...: two ranks under mpirun, else over the TCP rendezvous
+  if command -v mpirun >/dev/null 2>&1; then
+    mpirun --allow-run-as-root --oversubscribe -np 2 "$@"
+  else
+    local port=$(( 20000 + RANDOM % 20000 )) pids=() rc=0
+    for r in 0 1; do
+      TRTLLM_DWDP_RANK=$r TRTLLM_DWDP_MASTER_ADDR=127.0.0.1 TRTLLM_DWDP_MASTER_PORT=$port "$@" &
+      pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+    return $rc
+  fi
+}
+export -f two_ranks
+
+: > "$OUT/stages.txt"
+stage 25 env.txt bash -c '
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  command -v mpirun || echo "no mpirun: TCP rendezvous"
+  '"$PY"' -c "
+import torch, importlib.metadata as md
+print(\"torch\", torch.__version__, \"gpus\", torch.cuda.device_count())
+for p in (\"cuda-bindings\", \"cuda-python\", \"nvidia-cutlass-dsl\"):
+    try: print(p, md.version(p))
+    except Exception as e: print(p, \"missing\", e)
+from tensorrt_llm_dwdp.dwdp.vmm import GpuVmm
+v = GpuVmm(\"cuda\")
+print(\"vmm granularity minimum\", v.minimum_granularity, \"recommended\", v.granularity)
+print(\"torch._grouped_mm\", hasattr(torch, \"_grouped_mm\"))
+"'
+
+stage 135 tests.txt "$PY" -m pytest -q -rs --durations=8 -p no:cacheprovider \
+  tests/gpu/test_composite_views_gpu.py
+
+stage 90 expert_views_log.txt bash -c "two_ranks $PY bench/expert_views.py \
+  --backends cutedsl,torch-grouped --warmup 1 --steps 3 --timeout 60 --out $OUT/expert_views.json"
+
+stage 50 prefetch_views_log.txt bash -c "two_ranks $PY bench/prefetch_bandwidth.py \
+  --expert-view both --contention-opt off --layers 2 --steps 3 --timeout 40 \
+  --out $OUT/prefetch_views.json"
+
+"$PY" - "$OUT" > "$OUT/summary.txt" 2>&1 <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+print(open(os.path.join(out, "stages.txt")).read())
+tests = os.path.join(out, "tests.txt")
+if os.path.exists(tests):
+    lines = open(tests).read().strip().splitlines()
+    print("tests:", lines[-1] if lines else "(no output)")
+try:
+    r = json.load(open(os.path.join(out, "expert_views.json")))
+    for name, ranks in r["backends"].items():
+        for rank, x in enumerate(ranks):
+            if "error" in x:
+                print(f"{name} rank {rank}: ERROR {x['error']}")
+                continue
+            phases = {k: v for k, v in x.items() if isinstance(v, dict)}
+            steps = ", ".join(f"{k} {v['step_ms']:.2f}" for k, v in phases.items())
+            print(f"{name} rank {rank}: step ms {steps}")
+            print(f"  composite/multi {x.get('composite_over_multi', float('nan')):.4f}; all "
+                  f"bitwise equal to the reference: {x['all_bitwise_equal']}; max rel diff vs "
+                  f"first backend {x.get('max_rel_diff_vs_first_backend', 0):.3g}")
+            for k, v in phases.items():
+                if "prefetch_gbps" in v:
+                    print(f"  {k}: prefetch {v['prefetch_gbps']:.1f} GB/s, copy "
+                          f"{v['copy_ms_per_layer']:.3f} ms/layer, stall {v['stall_ms_per_layer']:.4f}"
+                          f" ms/layer, buffers {v['buffer_gib']:.2f} GiB")
+except Exception as exc:
+    print("expert_views.json:", type(exc).__name__, exc)
+try:
+    p = json.load(open(os.path.join(out, "prefetch_views.json")))
+    print("raw peer memcpy GB/s", [round(x, 1) for x in p["raw_peer_memcpy_gbps"]])
+    for k, v in p.items():
+        if k.endswith("_summary"):
+            print(f"{k}: GB/s {[round(x, 1) for x in v['prefetch_gbps']]}, vs raw "
+                  f"{[round(x, 3) for x in v['ratio_vs_raw']]}, stall/copy "
+                  f"{[round(x, 4) for x in v['stall_over_copy']]}")
+except Exception as exc:
+    print("prefetch_views.json:", type(exc).__name__, exc)
+EOF
+cat "$OUT/summary.txt"

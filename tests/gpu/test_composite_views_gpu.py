@@ -1,0 +1,159 @@
+"""Composite expert views on a GPU: CUDA VMM through cuda.bindings, POSIX-fd handles between
+processes, the CuTeDSL and torch-grouped kernels over the composite view.
+
+Runs on one GPU (two ranks share it: every CUDA call here works between processes of one
+device) or more. In order of depth:
+  1. VMM primitives: two allocations mapped into one range with one cuMemSetAccess, an
+     allocation mapped twice (a write through one mapping reads back through the other), an
+     allocation exported as a POSIX fd and imported through the unix-socket handoff, whole-
+     allocation mappings enforced, and torch tensors over raw ranges at the right address.
+  2. Two DWDP ranks (processes) with composite views on 2 MiB pages: per-expert sizes on and
+     around 2 MiB, poisoned pools, several steps of an odd layer count, per-peer and batched
+     (contention_opt) copies: every composite equals experts [0, E) byte for byte; a lost
+     descriptor server fails both ranks.
+  3. The main job on the DeepSeek-V3-Lite shapes with --expert-view composite: the cutedsl
+     kernels and the torch-grouped backend each bitwise equal to one rank holding all experts
+     (same kernels), and the cutedsl composite run bitwise equal to a multi-view run.
+"""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+RANK_SCRIPT = os.path.join(ROOT, "tests", "multirank", "dwdp_rank.py")
+MIB2 = 2 << 20
+
+pytestmark = pytest.mark.gpu
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                PYTHONUNBUFFERED="1")
+
+
+def test_vmm_primitives_on_one_device():
+    pytest.importorskip("cuda.bindings", reason="needs cuda-python")
+    from tensorrt_llm_dwdp.dwdp.vmm import GpuVmm, VmmError
+    from tensorrt_llm_dwdp.transport.fd_passing import FdServer, receive_fds
+
+    vmm = GpuVmm("cuda")
+    page = vmm.granularity
+    assert page % vmm.minimum_granularity == 0 and page & (page - 1) == 0
+    a, b = vmm.create(page), vmm.create(2 * page, shareable=False)
+    base = vmm.reserve(3 * page)
+    try:
+        vmm.map(base, a, 0, page)
+        vmm.map(base + page, b, 0, 2 * page)
+        vmm.set_access(base, 3 * page)  # one call over two allocations
+        whole = vmm.tensor(base, 3 * page)
+        assert whole.data_ptr() == base and whole.device.type == "cuda"
+        whole.copy_(torch.arange(3 * page, device=whole.device, dtype=torch.int64).to(torch.uint8))
+        # a mapped a second time elsewhere: the same bytes, no copy
+        again = vmm.resident(a)
+        assert torch.equal(again, whole[:page])
+        again[:4] = torch.tensor([9, 8, 7, 6], dtype=torch.uint8, device=again.device)
+        torch.cuda.synchronize()
+        assert whole[:4].tolist() == [9, 8, 7, 6]
+        # exported as a POSIX fd, passed over the socket, imported and mapped: same bytes
+        server = FdServer()
+        fd = vmm.export_fd(a)
+        server.add("a", fd)
+        os.close(fd)
+        (got,) = receive_fds(server.address, ["a"])
+        server.close()
+        imported = vmm.import_fd(got, page)
+        addr, keep = vmm.map_peer(imported)
+        seen = vmm.tensor(addr, page)
+        assert torch.equal(seen, whole[:page])
+        del seen
+        vmm.unmap_peer(addr, page, keep)
+        with pytest.raises(VmmError, match="whole allocations"):
+            vmm.map(base, a, 0, page // 2)
+        del whole, again
+        torch.cuda.synchronize()
+    finally:
+        vmm.unmap(base, page)
+        vmm.unmap(base + page, 2 * page)
+        vmm.free(base, 3 * page)
+        vmm.release(a)
+        vmm.release(b)
+
+
+def _launch_ranks(args: list, ranks: int = 2, timeout: int = 240) -> tuple[int, str]:
+    """``ranks`` processes of dwdp_rank.py under mpirun, else meeting over the TCP rendezvous."""
+    if shutil.which("mpirun"):
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks),
+               sys.executable, RANK_SCRIPT, *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+        return proc.returncode, proc.stdout + proc.stderr
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, RANK_SCRIPT, "--size", str(ranks), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(_env(), TRTLLM_DWDP_RANK=str(r),
+                                       TRTLLM_DWDP_MASTER_ADDR="127.0.0.1",
+                                       TRTLLM_DWDP_MASTER_PORT=str(port)))
+             for r in range(ranks)]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return max(p.returncode for p in procs), "".join(outs)
+
+
+def test_two_processes_composite_views_on_2mib_pages():
+    pytest.importorskip("cuda.bindings", reason="needs cuda-python")
+    code, out = _launch_ranks(["--device", "cuda", "--view", "composite", "--tensors", "pages",
+                               "--page-size", str(MIB2), "--slice-bytes", str(MIB2),
+                               "--w", "5", "--p", "3", "--steps", "3", "--timeout", "60",
+                               "--scenarios", "ok,contention,fdfail"])
+    assert code == 0, out[-4000:]
+    for scenario in ("ok", "contention"):
+        for rank in range(2):
+            assert re.search(rf"^SCENARIO {scenario} rank={rank} OK", out, re.M), out[-4000:]
+    for rank in range(2):
+        m = re.search(rf"^SCENARIO fdfail rank={rank} FAILED .*$", out, re.M)
+        assert m and "FdPassingError" in m.group(0), out[-4000:]
+
+
+def _main_job(tmp_path, name: str, *extra: str) -> dict:
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "tensorrt_llm_dwdp", "run", "--device", "cuda",
+           "--preset", "deepseek-v3-lite", "--num-layers", "4", "--dense-layers", "1",
+           "--vocab-size", "1024", "--max-tokens", "4", "--cache-dir", str(tmp_path / "cache"),
+           "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "parity vs one rank holding all experts: PASS" in proc.stdout, proc.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    summary["out"] = out
+    return summary
+
+
+def _logits(out) -> list:
+    return [torch.load(os.path.join(out, f"rank{r}.pt"))["logits"] for r in range(2)]
+
+
+def test_main_job_cutedsl_composite_bitwise_vs_one_rank_and_multi_view(tmp_path):
+    pytest.importorskip("cutlass", reason="needs nvidia-cutlass-dsl==4.3.5 (the .whl carry)")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the cutedsl kernels need sm90+")
+    composite = _main_job(tmp_path, "composite", "--moe-backend", "cutedsl",
+                          "--expert-view", "composite")
+    assert composite["dwdp_config"]["expert_view"] == "composite"
+    multi = _main_job(tmp_path, "multi", "--moe-backend", "cutedsl", "--expert-view", "multi")
+    for a_steps, b_steps in zip(_logits(composite["out"]), _logits(multi["out"])):
+        for a, b in zip(a_steps, b_steps):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_main_job_torch_grouped_composite_bitwise_vs_one_rank(tmp_path):
+    summary = _main_job(tmp_path, "grouped", "--moe-backend", "torch-grouped",
+                        "--expert-view", "composite")
+    assert summary["parity"]["logits_bitwise_equal"]
