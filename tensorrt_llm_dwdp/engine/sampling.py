@@ -11,9 +11,11 @@ handled together on the logits' device with their parameters as ``[S]`` tensors:
 Filters apply in the order temperature -> top-k -> top-p (on the distribution renormalised over
 the top-k) -> min-p (relative to the most likely token), as vLLM and TensorRT-LLM do.
 
-Reproducibility: the Gumbel noise of a row is drawn from a ``torch.Generator`` seeded with
+Reproducibility: the Gumbel noise of a row comes from a counter-based generator keyed by
 ``step_seed(seed, t)``, t being the index of the token in the request's output (0 for the token
-prefill produces). The noise, and every operation after it, is a function of that row alone,
+prefill produces): element v of the row is SplitMix64's v-th output for that key, computed for
+all rows in one batch of elementwise ops (no per-row launch, no generator state). The noise,
+and every operation after it, is a function of that row alone,
 so a seed gives the same text whatever else shares the step, and a disaggregated request
 (first token on the context server, the rest on a generation server) draws exactly what an
 aggregated one does. Requests without a seed get a random one when they arrive
@@ -52,12 +54,42 @@ def step_seed(seed: int, t: int) -> int:
     return _splitmix64(_splitmix64(seed & _MASK64) ^ t)
 
 
+def _signed(c: int) -> int:
+    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GAMMA = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (``>>`` on int64 is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def counter_uniform(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """``[len(keys), n]`` float32 uniforms in (0, 1): element v of row i is SplitMix64's
+    (v + 1)-th output from state ``keys[i]`` (int64 bits), top 23 bits, centred in its bin
+    (23 bits + the half fit float32's 24-bit significand exactly).
+
+    Integer products wrap modulo 2**64 in torch's int64 kernels on CPU and CUDA, which is the
+    uint64 arithmetic SplitMix64 is defined with (tested against the scalar ``_splitmix64``).
+    """
+    counter = torch.arange(1, n + 1, dtype=torch.int64, device=keys.device)
+    x = keys[:, None] + counter[None, :] * _GAMMA
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    x = x ^ _shr(x, 31)
+    return (_shr(x, 41).float() + 0.5) * 2.0 ** -23
+
+
 class Sampler:
-    """Chooses the next token of every row of a step; one per engine (it owns a generator)."""
+    """Chooses the next token of every row of a step; one per engine (stateless otherwise)."""
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
-        self._generator = torch.Generator(device=self.device)
 
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                positions: Sequence[int]) -> list[int]:
@@ -88,17 +120,13 @@ class Sampler:
 
     def _gumbel(self, shape: torch.Size, params: list[SamplingParams],
                 positions: list[int]) -> torch.Tensor:
-        """Gumbel(0, 1) noise ``[S, V]``; row i from a generator seeded with (seed_i, t_i)."""
-        u = torch.empty(shape, dtype=torch.float32, device=self.device)
-        g = self._generator
-        for i, (p, t) in enumerate(zip(params, positions)):
-            if p.seed is None:
-                raise ValueError("a sampled request needs a seed: pass its params through resolve_seed")
-            g.manual_seed(step_seed(p.seed, t))
-            u[i].uniform_(generator=g)
-        # u in [tiny, 1): -log(-log(u)) is finite, so a kept token always beats a masked one.
-        u.clamp_(min=torch.finfo(torch.float32).tiny, max=1.0 - 2.0 ** -24)
-        return u.log_().neg_().log_().neg_()
+        """Gumbel(0, 1) noise ``[S, V]``; row i keyed by (seed_i, t_i), all rows in one pass."""
+        if any(p.seed is None for p in params):
+            raise ValueError("a sampled request needs a seed: pass its params through resolve_seed")
+        keys = torch.tensor([_signed(step_seed(p.seed, t)) for p, t in zip(params, positions)],
+                            dtype=torch.int64).to(self.device)
+        # u in (0, 1) strictly: -log(-log(u)) is finite, so a kept token always beats a masked one.
+        return counter_uniform(keys, shape[1]).log_().neg_().log_().neg_()
 
 
 def _filter(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

@@ -143,3 +143,18 @@ def test_rejects_bad_params_and_unseeded_rows():
         Sampler("cpu").sample(_logits(1), [_p(temperature=1.0)], [0])
     with pytest.raises(ValueError, match="rows"):
         Sampler("cpu").sample(_logits(2), [_p()], [0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_counter_uniform_is_splitmix64_bit_for_bit(device):
+    from tensorrt_llm_dwdp.engine.sampling import _MASK64, _signed, _splitmix64, counter_uniform
+
+    seeds = [0, 1, 7, (1 << 63) + 5, (1 << 64) - 1, 0x0123456789ABCDEF]
+    keys = torch.tensor([_signed(s) for s in seeds], dtype=torch.int64, device=device)
+    u = counter_uniform(keys, 37).cpu()
+    for i, seed in enumerate(seeds):
+        for v in range(37):
+            # _splitmix64(x) mixes x + gamma: the state after v + 1 steps is seed + (v + 1) gamma.
+            bits = _splitmix64((seed + v * 0x9E3779B97F4A7C15) & _MASK64) >> 41
+            assert float(u[i, v]) == (bits + 0.5) * 2.0 ** -23, (seed, v)
+    assert (u > 0).all() and (u < 1).all()
