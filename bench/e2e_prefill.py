@@ -44,7 +44,7 @@ from bench.e2e_run import IMBALANCES, Point, StepRunner, make_batch, record_time
 
 logger = logging.getLogger("e2e_prefill")
 SMOKE_TOL = 2e-2  # max |diff| / max |ref| of a backend against the torch reference at start-up
-AUTO_GPU_ORDER = ("cutedsl", "torch_grouped")  # tried in order on a GPU; torch is the fallback
+AUTO_GPU_ORDER = ("cutedsl",)  # tried on a GPU; torch is the fallback (torch-grouped takes no multi-B DWDP view)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -215,8 +215,10 @@ def run_mode(mode: str, args: argparse.Namespace, ctx: dict[str, Any], points: l
     try:
         max_tokens = max(pt.tokens for pt in points)
         runner = StepRunner(bm, device, max_seqs=-(-max_tokens // args.seq_len), seq_len=args.seq_len)
-        mem = {"measured": bm.loaded_bytes - ctx["dense_bytes"], "source": bm.memory_source,
-               "tensor_bytes": bm.tensor_bytes, "predicted": bm.predicted_expert_bytes,
+        extra_measured, extra_predicted = ctx["ep_buffers"] if mode == "ep" else (0, 0)
+        mem = {"measured": bm.loaded_bytes - ctx["dense_bytes"] + extra_measured,
+               "source": bm.memory_source, "tensor_bytes": bm.tensor_bytes,
+               "predicted": bm.predicted_expert_bytes + extra_predicted,
                "build_s": time.perf_counter() - t_build}
         mems = gather(mem)
         out["memory"] = {
@@ -345,14 +347,19 @@ def main(argv: list[str] | None = None) -> int:
         names = gather(name)
         if len(set(names)) != 1:
             raise SystemExit(f"ranks chose different MoE backends {names}; pass --moe-backend")
-        ep, transport = None, None
+        ep, transport, ep_buffers = None, None, (0, 0)
         if "ep" in args.modes:
             keys = gather(device_key(device))
             transport = resolve_transport(args.ep_transport, device, keys)
             capacity = exchange_capacity_bytes(world, max(args.tokens), config.hidden_size, config.top_k)
+            before_ep = in_use(device)
             ep = ExpertParallel(make_exchange(transport, device, capacity), e, timer=SpanTimer(device))
+            ep_buffers = (in_use(device) - before_ep, ep.exchange.buffer_bytes)
         ctx = {"rank": rank, "world": world, "device": device, "config": config, "backend": backend,
                "ep": ep, "dense_bytes": dense_model_bytes(config, device),
+               # the EP exchange's buffers (measured, expected) count as EP's, as DWDP's
+               # prefetch buffers count as DWDP's
+               "ep_buffers": ep_buffers,
                "dwdp_config": DwdpConfig(dwdp_size=world, num_experts_per_worker=e // world,
                                          num_prefetch_experts=e // world)}
         peak = peak_for(torch.cuda.get_device_name(device)) if use_cuda else None

@@ -236,7 +236,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
     mem = g["memory_as_layout_predicts"]
     lines += ["", f"## Routed-expert memory per GPU (MiB), measured ({mem['source']}: in use after "
               "loading minus before, minus the model without experts; DWDP includes its prefetch "
-              "buffers)", "", "| mode | measured per rank | layout predicts | measured / replicated |",
+              "buffers, EP the buffers of a CUDA IPC / shm exchange)", "", "| mode | measured per rank | layout predicts | measured / replicated |",
               "|---|---|---|---|"]
     for mode, v in mem["modes"].items():
         if "missed" in v:

@@ -108,3 +108,40 @@ def plot_latency_vs_load(runs: list[dict[str, Any]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_serve_compare(report: dict[str, Any], path: str) -> None:
+    """bench/serve_compare.py: prefill tokens/s per GPU, TTFT p50/p99 and expert memory per
+    rank, one bar group per mode (a missed mode shows no bar)."""
+    plt = _pyplot()
+    figs = report["comparison"]["modes"]
+    modes = list(figs)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (("prefill tokens/s per GPU", lambda f: [f.get("prefill_tokens_per_s_per_gpu")], [""]),
+              ("TTFT (ms)", lambda f: [f.get("ttft_p50_ms"), f.get("ttft_p99_ms")], ["p50", "p99"]),
+              ("routed-expert memory per rank (GiB)",
+               lambda f: [max([m for m in f.get("expert_memory_gib_per_rank") or [] if m is not None],
+                              default=None)], [""]))
+    for ax, (title, get, labels) in zip(axes, panels):
+        width = 0.8 / len(labels)
+        for j, label in enumerate(labels):
+            xs, ys = [], []
+            for i, mode in enumerate(modes):
+                v = get(figs[mode])[j] if "completed" in figs[mode] else None
+                if v is not None:
+                    xs.append(i + j * width)
+                    ys.append(v)
+            ax.bar(xs, ys, width=width, label=label or None,
+                   color=[COLORS.get(modes[int(round(x - j * width))]) for x in xs],
+                   alpha=1.0 if j == 0 else 0.55)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(modes))], modes)
+        ax.set_title(title)
+        ax.grid(True, axis="y", alpha=0.3)
+        if len(labels) > 1:
+            ax.legend()
+    meta = report["meta"]
+    fig.suptitle(f"{meta['model_name']}: {meta['num_prompts']} requests (lognormal ~{meta['median_len']}, "
+                 f"{meta['long_frac']:.0%} at {meta['long_len']}), {meta['ranks']} ranks on {meta['gpus_text']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -70,6 +70,11 @@ class RowExchange(ABC):
             if t.shape[0] != rows:
                 raise ValueError(f"a tensor of {t.shape[0]} rows, counts say {rows}")
 
+    @property
+    def buffer_bytes(self) -> int:
+        """Device (or shared) memory the exchange holds between calls."""
+        return 0
+
     def close(self) -> None:
         """Release what the exchange holds (idempotent)."""
 

@@ -101,6 +101,10 @@ class SharedExchange(RowExchange):
         logger.info("EP exchange (%s) rank %d/%d: 2 buffers of %.1f MiB", self.kind, self.rank,
                     self.size, self.capacity / 2**20)
 
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(b.numel() for b in self.buffers)
+
     def _copy_from_peer(self, dst: torch.Tensor, src_ptr: int, nbytes: int) -> None:
         if self.cuda:
             from tensorrt_llm_dwdp.transport.cuda_ipc import check

@@ -37,7 +37,9 @@ class _Proc:
 @dataclass
 class LocalCluster:
     """``ctx_options`` / ``gen_options`` are LLM-API mappings (``dwdp_config`` on the context
-    side makes the context servers one DWDP group of ``num_ctx`` ranks)."""
+    side makes the context servers one DWDP group of ``num_ctx`` ranks, ``ep_config`` one
+    expert-parallel group). ``gen_model`` (default: ``model``) is what the generation servers
+    load: a prefill benchmark whose requests end at the first token can give them a tiny one."""
 
     model: str
     workdir: str
@@ -48,6 +50,7 @@ class LocalCluster:
     host: str = "127.0.0.1"
     launcher: str = "auto"
     env: Mapping[str, str] = field(default_factory=dict)
+    gen_model: str | None = None
     procs: list[_Proc] = field(default_factory=list)
     config_path: str = ""
     router_url: str = ""
@@ -56,14 +59,16 @@ class LocalCluster:
 
     def write_config(self) -> dict:
         ports = _distinct_ports(1 + self.num_ctx + self.num_gen)
+        models = ({"model": self.model}, {}, {}) if self.gen_model is None else \
+            ({}, {"model": self.model}, {"model": self.gen_model})
         config = {
-            "hostname": self.host, "port": ports[0], "model": self.model, "backend": "pytorch",
+            "hostname": self.host, "port": ports[0], **models[0], "backend": "pytorch",
             "context_servers": {"num_instances": self.num_ctx,
                                 "urls": [f"{self.host}:{p}" for p in ports[1:1 + self.num_ctx]],
-                                **self.ctx_options},
+                                **models[1], **self.ctx_options},
             "generation_servers": {"num_instances": self.num_gen,
                                    "urls": [f"{self.host}:{p}" for p in ports[1 + self.num_ctx:]],
-                                   **self.gen_options},
+                                   **models[2], **self.gen_options},
         }
         os.makedirs(self.workdir, exist_ok=True)
         self.config_path = os.path.join(self.workdir, "disagg.yaml")
@@ -124,7 +129,7 @@ class LocalCluster:
         extra = os.path.join(self.workdir, "gen_options.yaml")
         with open(extra, "w", encoding="utf-8") as f:
             yaml.safe_dump(dict(self.gen_options), f)
-        self._spawn(f"generation-{index}", [*_cli(), "serve", self.model, "--host", self.host,
+        self._spawn(f"generation-{index}", [*_cli(), "serve", self.gen_model or self.model, "--host", self.host,
                                              "--port", url.rsplit(":", 1)[1], "--extra_llm_api_options", extra], url)
 
     def _spawn(self, name: str, argv: list[str], url: str | None, env: Mapping[str, str] | None = None) -> None:

@@ -67,3 +67,27 @@ def test_two_ranks_on_gpus_match_the_reference(backend):
     transports = "cuda_ipc,nccl" if torch.cuda.device_count() >= 2 else "cuda_ipc"
     sizes = "2048,768" if backend == "cutedsl" else "64,32"
     _launch(2, {"EP_TEST_TRANSPORTS": transports, "EP_TEST_BACKEND": backend, "EP_TEST_SIZES": sizes})
+
+
+@pytest.mark.gpu
+def test_ep_serving_mode_on_gpus_matches_replicated(tmp_path):
+    """tests/multirank/test_ep_serving.py's worker on CUDA: two ranks sharing one GPU (CUDA IPC
+    exchange) or, with two GPUs, one each (NCCL)."""
+    if shutil.which("mpirun") is None:
+        pytest.skip("needs mpirun")
+    pytest.importorskip("cuda.bindings", reason="CUDA IPC needs cuda-python")
+    from tensorrt_llm_dwdp.launcher import free_port, mpirun_command
+    from tensorrt_llm_dwdp.model.presets import get_preset
+    from tensorrt_llm_dwdp.model.synthetic import write_synthetic_checkpoint
+
+    write_synthetic_checkpoint(tmp_path, get_preset("tiny-deepseek-v3", num_layers=3), quant="nvfp4", seed=4)
+    worker = os.path.join(ROOT, "tests", "multirank", "test_ep_serving.py")
+    transport = "nccl" if torch.cuda.device_count() >= 2 else "cuda_ipc"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "EP_CKPT": str(tmp_path), "EP_TRANSPORT": transport, "EP_PORT": str(free_port()),
+           "EP_DEVICE": "cuda"}
+    proc = subprocess.run(mpirun_command(2, [sys.executable, worker]), env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for r in range(2):
+        assert f"rank {r} ok" in proc.stdout, proc.stdout[-3000:]

@@ -46,10 +46,11 @@ def _worker() -> None:
     rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
     world = int(os.environ["OMPI_COMM_WORLD_SIZE"])
     ckpt, transport, port = os.environ["EP_CKPT"], os.environ["EP_TRANSPORT"], int(os.environ["EP_PORT"])
-    base = ServeOptions(model=ckpt, device="cpu", max_batch_size=4, max_seq_len=64, max_num_tokens=32)
+    device = os.environ.get("EP_DEVICE", "cpu")   # tests/gpu runs this worker with cuda
+    base = ServeOptions(model=ckpt, device=device, max_batch_size=4, max_seq_len=64, max_num_tokens=32)
     options = merge_options(base, {"ep_config": {"ep_size": world, "transport": transport,
                                                  "timeout_s": 120}})
-    worker = build_worker(options, ep_rendezvous=EpRendezvous(rank, "127.0.0.1", port))
+    worker = build_worker(options, local_rank=rank, ep_rendezvous=EpRendezvous(rank, "127.0.0.1", port))
     try:
         lock = worker.engine
         lock.engine.record_logits = True
@@ -72,8 +73,8 @@ def _worker() -> None:
         if world == 4:
             assert lock.idle_steps > 0, "some rank must have joined idle"
         # the replicated model, all experts in this process
-        ref = Engine(load_model(ckpt, device="cpu"), max_seqs=4, max_seq_len=64,
-                     max_batch_tokens=32, record_logits=True)
+        ref = Engine(load_model(ckpt, device=lock.device), max_seqs=4, max_seq_len=64,
+                     max_batch_tokens=32, device=lock.device, record_logits=True)
         ref_out = ref.generate(list(prompts.values()), params) if prompts else []
         for (rid, _), toks in zip(prompts.items(), ref_out):
             ref_logits = ref.logits[f"gen-0-{list(prompts).index(rid)}"]

@@ -1,0 +1,86 @@
+"""bench/serve_compare.py: the length distribution and the comparison on hand-made runs (a
+failed mode or request is missed, never dropped), and a CPU smoke run of all three modes
+through real deployments (mpirun context groups, router, tiny preset)."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bench.serve_compare import compare, sample_lengths, summary_markdown
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_lengths_are_long_tailed_and_deterministic():
+    kw = dict(median=8192, sigma=0.6, long_len=32768, long_frac=0.1, min_len=256, max_len=32768)
+    a = sample_lengths(200, seed=3, **kw)
+    assert a == sample_lengths(200, seed=3, **kw) and a != sample_lengths(200, seed=4, **kw)
+    assert a.count(32768) >= 20 and all(256 <= n <= 32768 for n in a)
+    short = sorted(n for n in a if n != 32768)
+    assert 0.7 * 8192 < short[len(short) // 2] < 1.4 * 8192
+    with pytest.raises(ValueError, match="median"):
+        sample_lengths(4, median=10, sigma=0.5, long_len=8, long_frac=0.1, min_len=1, max_len=8, seed=0)
+
+
+def _run(tps, p50, p99, mem_gib, errors=0):
+    return {"input_tokens_per_s": tps, "ttft_ms": {"p50": p50, "p99": p99},
+            "expert_memory_bytes_per_rank": [mem_gib * 2**30] * 2, "completed": 10 - errors,
+            "errors": errors, "error_samples": ["HTTP 502"] if errors else [],
+            "prefill_tokens_per_rank": [5000, 4000]}
+
+
+def _report(modes):
+    meta = {"gpus": 2, "model_name": "m", "hidden_size": 64, "num_experts": 16, "top_k": 4,
+            "num_moe_layers": 2, "num_layers": 3, "ranks": 2, "gpus_text": "2x GPU",
+            "moe_backend": "torch", "num_prompts": 10, "median_len": 100, "sigma": 0.6,
+            "long_frac": 0.1, "long_len": 400, "total_prompt_tokens": 9000, "load": "closed loop"}
+    report = {"meta": meta, "modes": modes}
+    report["comparison"] = compare(report)
+    return report
+
+
+def test_comparison_per_gpu_and_ratios():
+    r = _report({"dwdp": _run(20000, 100, 400, 6.0), "ep": _run(16000, 120, 800, 4.5),
+                 "replicated": _run(21000, 95, 380, 12.0)})
+    d = r["comparison"]["modes"]["dwdp"]
+    assert d["prefill_tokens_per_s_per_gpu"] == 10000
+    ep = r["comparison"]["ratios"]["dwdp_vs_ep"]
+    assert ep["throughput"] == pytest.approx(1.25) and ep["ttft_p99"] == pytest.approx(0.5)
+    assert r["comparison"]["ratios"]["dwdp_vs_replicated"]["expert_memory"] == pytest.approx(0.5)
+    assert "| dwdp | 10000 |" in summary_markdown(r)
+
+
+def test_failed_mode_or_request_is_missed():
+    r = _report({"dwdp": _run(20000, 100, 400, 6.0, errors=2),
+                 "ep": {"error": "start failed: RuntimeError: CUDA out of memory"},
+                 "replicated": _run(21000, 95, 380, 12.0)})
+    cmp_ = r["comparison"]
+    assert "2 request(s) failed" in cmp_["modes"]["dwdp"]["missed"]
+    assert "missed" in cmp_["ratios"]["dwdp_vs_ep"] and "missed" in cmp_["ratios"]["dwdp_vs_replicated"]
+    assert "out of memory" in summary_markdown(r)
+
+
+@pytest.mark.multirank
+def test_smoke_all_modes_on_cpu(tmp_path):
+    if shutil.which("mpirun") is None:
+        pytest.skip("needs mpirun")
+    out = tmp_path / "compare"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "serve_compare.py"), "--smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "serve_compare.json").read_text())
+    assert set(report["modes"]) == {"dwdp", "ep", "replicated"}
+    for mode, f in report["comparison"]["modes"].items():
+        assert "missed" not in f, (mode, f)
+        assert f["completed"] == report["meta"]["num_prompts"] and f["prefill_tokens_per_s_per_gpu"] > 0
+        assert 0 < f["ttft_p50_ms"] <= f["ttft_p99_ms"]
+        assert len(f["expert_memory_gib_per_rank"]) == 2 and None not in f["expert_memory_gib_per_rank"]
+        run = report["modes"][mode]
+        assert sum(run["prefill_tokens_per_rank"]) >= report["meta"]["total_prompt_tokens"]
+    assert all(not math.isnan(v["throughput"]) for v in report["comparison"]["ratios"].values())
+    assert (out / "serve_compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
