@@ -17,6 +17,12 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_throughput(results: dict[str, Any], path: str) -> None:
     """Prefill tokens/s per GPU vs tokens per rank, one panel per imbalance: each mode's own
     rate (solid) and lockstep figure (dashed; the same line at equal load)."""
@@ -44,9 +50,7 @@ def plot_throughput(results: dict[str, Any], path: str) -> None:
     meta = results["meta"]
     fig.suptitle(f"{meta['preset']} slice, {meta['num_moe_layers']} MoE layers, "
                  f"{meta['world_size']}x {meta['device_name']}, backend {meta['moe_backend']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_timeline(timeline: dict[str, Any], path: str, title: str) -> None:
@@ -73,9 +77,7 @@ def plot_timeline(timeline: dict[str, Any], path: str, title: str) -> None:
                        Patch(color="tab:blue", label="prefetch (this step)"),
                        Patch(color="tab:purple", label="prefetch (next step)")],
               loc="upper right", fontsize=7, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_latency_vs_load(runs: list[dict[str, Any]], path: str) -> None:
@@ -105,9 +107,7 @@ def plot_latency_vs_load(runs: list[dict[str, Any]], path: str) -> None:
         ax.grid(True, alpha=0.3)
     label = runs[0].get("label") if runs else ""
     fig.suptitle(f"latency against load{': ' + label if label else ''}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_serve_compare(report: dict[str, Any], path: str) -> None:
@@ -142,6 +142,4 @@ def plot_serve_compare(report: dict[str, Any], path: str) -> None:
     meta = report["meta"]
     fig.suptitle(f"{meta['model_name']}: {meta['num_prompts']} requests (lognormal ~{meta['median_len']}, "
                  f"{meta['long_frac']:.0%} at {meta['long_len']}), {meta['ranks']} ranks on {meta['gpus_text']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
