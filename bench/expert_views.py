@@ -22,6 +22,7 @@ ratio of median step times (< 1: composite faster), ``bitwise_equal`` per phase.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -85,7 +86,19 @@ def same(outs: list, ref: list) -> bool:
     return all(torch.equal(a, b) for a, b in zip(outs, ref))
 
 
-def reference_phase(backend, fulls, batch, args, device, comm) -> tuple[dict, list]:
+@contextlib.contextmanager
+def group(args):
+    """A short-lived group for barriers and results (one open at a time: the TCP rendezvous
+    binds one port, and every DWDP phase opens its own)."""
+    comm = connect(DwdpConfig(dwdp_size=2, num_experts_per_worker=args.w,
+                              num_prefetch_experts=args.p, peer_timeout_s=args.timeout))
+    try:
+        yield comm
+    finally:
+        comm.close()
+
+
+def reference_phase(backend, fulls, batch, args, device) -> tuple[dict, list]:
     x, ids, tw = batch
     weights = [ExpertWeights.single(f) for f in fulls]
 
@@ -94,7 +107,8 @@ def reference_phase(backend, fulls, batch, args, device, comm) -> tuple[dict, li
 
     for _ in range(args.warmup):
         step()
-    comm.barrier(args.timeout, "bench reference")
+    with group(args) as comm:
+        comm.barrier(args.timeout, "bench reference")
     times = []
     for _ in range(args.steps):
         seconds, outs = timed(step, device)
@@ -164,10 +178,10 @@ def max_rel_diff(a: list, b: list) -> float:
     return worst
 
 
-def run_backend(name, fulls, batch, args, device, comm, first_reference) -> dict:
+def run_backend(name, fulls, batch, args, device, first_reference) -> dict:
     backend = get_backend(name)
     out: dict = {"backend": name}
-    out["reference"], ref = reference_phase(backend, fulls, batch, args, device, comm)
+    out["reference"], ref = reference_phase(backend, fulls, batch, args, device)
     views = ["composite"] if not backend.accepts_multi_tensor else ["multi", "composite"] * args.repeats
     for i, view in enumerate(views):
         key = f"{view}_{i // (1 if len(views) == 1 else 2)}"
@@ -214,9 +228,6 @@ def main() -> int:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    helper = DwdpConfig(dwdp_size=2, num_experts_per_worker=args.w, num_prefetch_experts=args.p,
-                        peer_timeout_s=args.timeout)
-    comm = connect(helper)
     fulls = [full_layer(layer, args, device) for layer in range(args.layers)]
     batch = routing(args, rank, device)
     report = {"bench": "expert_views", "device": (torch.cuda.get_device_name(device)
@@ -225,14 +236,15 @@ def main() -> int:
     first_reference = None
     for name in [b for b in args.backends.split(",") if b]:
         try:
-            result, ref = run_backend(name, fulls, batch, args, device, comm, first_reference)
+            result, ref = run_backend(name, fulls, batch, args, device, first_reference)
             if first_reference is None:
                 first_reference = ref
         except Exception as exc:  # one backend failing must not lose the others' figures
             result = {"backend": name, "error": f"{type(exc).__name__}: {exc}"}
-        per_rank = comm.allgather(result, args.timeout, f"bench {name} results")
-        report["backends"][name] = per_rank
-    comm.close()
+            print(f"rank {rank}: backend {name} failed: {result['error']}", file=sys.stderr,
+                  flush=True)
+        with group(args) as comm:
+            report["backends"][name] = comm.allgather(result, args.timeout, f"{name} results")
     if rank == 0:
         text = json.dumps(report, indent=1, default=str)
         print(text, flush=True)

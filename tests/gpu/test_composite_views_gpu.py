@@ -122,11 +122,17 @@ def test_two_processes_composite_views_on_2mib_pages():
         assert m and "FdPassingError" in m.group(0), out[-4000:]
 
 
-def _main_job(tmp_path, name: str, *extra: str) -> dict:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One synthetic checkpoint for the module's main jobs (built by the first)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _main_job(tmp_path, cache, name: str, *extra: str) -> dict:
     out = tmp_path / name
     cmd = [sys.executable, "-m", "tensorrt_llm_dwdp", "run", "--device", "cuda",
            "--preset", "deepseek-v3-lite", "--num-layers", "4", "--dense-layers", "1",
-           "--vocab-size", "1024", "--max-tokens", "4", "--cache-dir", str(tmp_path / "cache"),
+           "--vocab-size", "1024", "--max-tokens", "4", "--cache-dir", str(cache),
            "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -140,20 +146,21 @@ def _logits(out) -> list:
     return [torch.load(os.path.join(out, f"rank{r}.pt"))["logits"] for r in range(2)]
 
 
-def test_main_job_cutedsl_composite_bitwise_vs_one_rank_and_multi_view(tmp_path):
+def test_main_job_cutedsl_composite_bitwise_vs_one_rank_and_multi_view(tmp_path, cache):
     pytest.importorskip("cutlass", reason="needs nvidia-cutlass-dsl==4.3.5 (the .whl carry)")
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the cutedsl kernels need sm90+")
-    composite = _main_job(tmp_path, "composite", "--moe-backend", "cutedsl",
+    composite = _main_job(tmp_path, cache, "composite", "--moe-backend", "cutedsl",
                           "--expert-view", "composite")
     assert composite["dwdp_config"]["expert_view"] == "composite"
-    multi = _main_job(tmp_path, "multi", "--moe-backend", "cutedsl", "--expert-view", "multi")
+    multi = _main_job(tmp_path, cache, "multi", "--moe-backend", "cutedsl",
+                      "--expert-view", "multi")
     for a_steps, b_steps in zip(_logits(composite["out"]), _logits(multi["out"])):
         for a, b in zip(a_steps, b_steps):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_main_job_torch_grouped_composite_bitwise_vs_one_rank(tmp_path):
-    summary = _main_job(tmp_path, "grouped", "--moe-backend", "torch-grouped",
+def test_main_job_torch_grouped_composite_bitwise_vs_one_rank(tmp_path, cache):
+    summary = _main_job(tmp_path, cache, "grouped", "--moe-backend", "torch-grouped",
                         "--expert-view", "composite")
     assert summary["parity"]["logits_bitwise_equal"]
