@@ -10,9 +10,11 @@ rank waits for the heaviest one: the comparison the EP serving mode exists for.
 ``LockstepEngine`` wraps an engine (the executor's contract: ``add_request``, ``step``,
 ``has_work``, ``abort``, ``export_kv``, ``stats``, ``dwdp``, ``device``) without changing it:
 it counts the MoE layers the inner step ran through ``ExpertParallel.calls``; a step that ran
-no forward is made up with ``join_idle``. An engine step that runs more than one forward (or
-fails half-way) breaks the group's lockstep: it raises, and the peers fail at their next
-collective within ``ep_config.timeout_s`` (EP has no per-rank failure isolation; DWDP does).
+no forward is made up with ``join_idle``. An engine step that runs more than one forward, or
+fails (even a failure the engine isolates to its own requests, ``StepFailed``), leaves the
+group out of step: this rank raises a plain error, so its serving loop stops (``/health``
+503) and every later step raises too, and the peers fail at their next collective within
+``ep_config.timeout_s``. EP has no per-rank failure isolation; DWDP does.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class LockstepEngine:
         self.idle_sleep_s = idle_sleep_s
         self.idle_steps = 0     # steps this rank joined with an empty batch
         self.group_steps = 0    # steps the group ran
+        self._broken: BaseException | None = None
 
     # ---- the executor contract, delegated ----------------------------------------------------
     def add_request(self, request: Any) -> None:
@@ -68,6 +71,18 @@ class LockstepEngine:
 
     # ---- stepping ------------------------------------------------------------------------------
     def step(self) -> list:
+        if self._broken is not None:
+            raise RuntimeError(f"EP rank {self.group.ep.rank}: the expert-parallel group is out of "
+                               f"step since a failed step ({self._broken!r})")
+        try:
+            return self._step()
+        except BaseException as exc:
+            self._broken = exc
+            raise RuntimeError(f"EP rank {self.group.ep.rank}: a step failed ({type(exc).__name__}: "
+                               f"{exc}); the expert-parallel group cannot go on (its ranks are out "
+                               f"of step)") from exc
+
+    def _step(self) -> list:
         mine = self.engine.has_work()
         if not self.group.any(mine):
             time.sleep(self.idle_sleep_s)

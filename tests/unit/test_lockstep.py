@@ -73,6 +73,22 @@ def test_a_step_with_a_partial_forward_breaks_lockstep():
         lock.step()
 
 
+def test_a_failed_step_stops_the_rank_for_good():
+    group = FakeGroup(votes=[True, True])
+    engine = FakeEngine(group.ep, layers_per_step=2, work=2)
+
+    def fail():
+        raise ValueError("CUDA out of memory")
+    engine.step = fail
+    lock = LockstepEngine(engine, group, [FakeMoe(group.ep), FakeMoe(group.ep)], idle_sleep_s=0)
+    with pytest.raises(RuntimeError, match="cannot go on") as info:
+        lock.step()
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(RuntimeError, match="out of step since a failed step"):
+        lock.step()
+    assert group.votes == [True]   # the second call did not vote
+
+
 def test_dwdp_and_ep_are_exclusive_in_a_layer():
     with pytest.raises(ValueError, match="pass dwdp or ep, not both"):
         ConfigurableMoE(8, 2, 32, 16, dwdp=object(), ep=object())
