@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", default="1024,4096,8192,16384,32768",
                    help="tokens per rank per step (heavy rank under 4x)")
     p.add_argument("--imbalance", default="equal,4x", help=f"any of {list(IMBALANCES)}")
-    p.add_argument("--seq-len", type=int, default=2048, help="prompt length; a step packs several")
+    p.add_argument("--seq-len", "--prompt-length", dest="seq_len", type=int, default=2048,
+                   help="prompt length in tokens, e.g. 8192 for 8K-token prompts; a step packs several")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])

@@ -190,22 +190,34 @@ def _cpu_with_lse(q, k, v, causal, scale):
 
 
 # CUDA: cuDNN's fused attention (torch's private entry points, the ones SDPA and nested tensors
-# dispatch to; the head counts are equalised first).
+# dispatch to; the head counts are equalised and the operands made contiguous, [n, H, d], first).
 def _cudnn_varlen(q, k, v, lengths, cu_seqlens, scale):
     heads = q.shape[1]
     k, v = _repeat_kv(k, heads).contiguous(), _repeat_kv(v, heads).contiguous()
-    max_len = max(lengths)
+    # The longest prompt only sizes the plan (the ragged offsets bound each prompt), so it is
+    # rounded up to a power of two: steps of other lengths reuse cuDNN's cached plans.
+    max_len = 1 << (max(lengths) - 1).bit_length()
     return torch.ops.aten._cudnn_attention_forward(
         q.contiguous(), k, v, None, cu_seqlens, cu_seqlens, max_len, max_len, False, 0.0, True, False,
         scale=scale)[0]
 
 
+def _lse_rows(lse: torch.Tensor, n: int) -> torch.Tensor:
+    """A kernel's log-sum-exp ``[1, H, >= n(, 1)]`` -> ``[n, H]`` (efficient attention pads
+    the query dim, cuDNN adds a trailing 1)."""
+    if lse.dim() == 4:
+        lse = lse[..., 0]
+    if lse.dim() != 3 or lse.shape[0] != 1 or lse.shape[-1] < n:
+        raise RuntimeError(f"unexpected log-sum-exp shape {tuple(lse.shape)} for {n} queries")
+    return lse[0, :, :n].transpose(0, 1)
+
+
 def _cudnn_dense(q, k, v, causal, scale, lse):
     heads = q.shape[1]
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        _bhsd(q), _bhsd(_repeat_kv(k, heads)), _bhsd(_repeat_kv(v, heads)), None, lse, 0.0, causal, False,
-        scale=scale)
-    return _thd(res[0]), (res[1].reshape(1, heads, -1)[0, :, :q.shape[0]].transpose(0, 1) if lse else None)
+        _bhsd(q.contiguous()), _bhsd(_repeat_kv(k, heads).contiguous()),
+        _bhsd(_repeat_kv(v, heads).contiguous()), None, lse, 0.0, causal, False, scale=scale)
+    return _thd(res[0]), (_lse_rows(res[1], q.shape[0]) if lse else None)
 
 
 def _cudnn_causal(q, k, v, scale):
@@ -224,10 +236,10 @@ def _sdpa_causal(q, k, v, scale):
 
 def _efficient_with_lse(q, k, v, causal, scale):
     heads = q.shape[1]
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-        _bhsd(q), _bhsd(_repeat_kv(k, heads)), _bhsd(_repeat_kv(v, heads)), None, True, 0.0, causal,
-        scale=scale)
-    return _thd(out), lse[0, :, :q.shape[0]].transpose(0, 1)
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(
+        _bhsd(q.contiguous()), _bhsd(_repeat_kv(k, heads).contiguous()),
+        _bhsd(_repeat_kv(v, heads).contiguous()), None, True, 0.0, causal, scale=scale)
+    return _thd(res[0]), _lse_rows(res[1], q.shape[0])
 
 
 CPU_KERNELS = Kernels("cpu-flash", _per_sequence(_cpu_causal), _cpu_with_lse)
@@ -251,8 +263,8 @@ def reference_attention(q, k, v, start: int, scale: float) -> tuple[torch.Tensor
 
 def check_kernels(kernels: Kernels, device: torch.device, heads: int, kv_heads: int, dk: int, dv: int,
                   dtype: torch.dtype, tol: float = 2e-2) -> float:
-    """Max abs error of ``kernels`` against ``reference_attention`` on two ragged prompts and a
-    chunk with a prefix (merged by lse); raises when a kernel does."""
+    """Max abs error of ``kernels`` against ``reference_attention`` on two ragged prompts, a
+    chunk with a prefix (merged by lse) and a one-token query; raises when a kernel does."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rnd(*shape):
@@ -260,7 +272,8 @@ def check_kernels(kernels: Kernels, device: torch.device, heads: int, kv_heads: 
 
     lengths = (37, 70)
     n = sum(lengths)
-    q, k, v = rnd(n, heads, dk), rnd(n, kv_heads, dk), rnd(n, kv_heads, dv)
+    q, k = rnd(n, heads, dk), rnd(n, kv_heads, dk)
+    v = rnd(n, kv_heads, dv + 8)[..., 8:]  # a strided view, as MLA's values are
     cu = torch.tensor([0, lengths[0], n], dtype=torch.int32, device=device)
     out = kernels.fresh(q, k, v, lengths, cu, dk ** -0.5)
     err = 0.0
@@ -275,7 +288,8 @@ def check_kernels(kernels: Kernels, device: torch.device, heads: int, kv_heads: 
     merged = merge_by_lse(o1, l1, o2, l2)
     err = max(err, (merged.float() - ref).abs().max().item())
     err = max(err, (torch.logaddexp(l1, l2) - ref_lse).abs().max().item())
-    return err
+    one, _ = kernels.with_lse(q2[-1:], k2, v2, False, dk ** -0.5)  # a one-token chunk: one call
+    return max(err, (one.float() - ref[-1:]).abs().max().item())
 
 
 @functools.lru_cache(maxsize=None)

@@ -105,3 +105,45 @@ def test_decode_attention_adds_the_second_score_term():
         ref, _ = reference_attention(torch.cat((q[i, 0], q2[i, 0]), -1)[None],
                                      torch.cat((lat[i, :n], rot[i, :n]), -1), lat[i, :n], n - 1, 0.2)
         assert (out[i, 0].float() - ref[0]).abs().max() <= TOL
+
+
+def _math(q, k, v, causal, scale):
+    """[.., L, d] x [.., S, d]: fp32 attention (top-left causal) and its log-sum-exp."""
+    s = torch.einsum("...ld,...sd->...ls", q.float(), k.float()) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("...ls,...sd->...ld", torch.softmax(s, -1), v.float()), torch.logsumexp(s, -1)
+
+
+def test_cuda_kernel_glue_against_stand_ins_for_torchs_private_ops(monkeypatch):
+    """The CUDA candidates' glue (layouts, the ragged call, lse shapes, the per-prompt loop),
+    with torch's private CUDA ops replaced by fp32 math that returns what they are documented
+    to return: [B, H, L, dv] outputs in the query's layout, cuDNN's lse [B, H, L, 1],
+    efficient attention's lse padded to 32 queries, the ragged op's [T, H, dv]."""
+    from tensorrt_llm_dwdp.engine import attention as A
+
+    def cudnn_dense(q, k, v, bias, want_lse, dropout, causal, debug, scale=None):
+        out, lse = _math(q, k, v, causal, scale)
+        out = out.to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        return out, lse[..., None], None, None, q.shape[2], k.shape[2], None, None, None
+
+    def cudnn_varlen(q, k, v, bias, cu_q, cu_k, max_q, max_k, want_lse, dropout, causal, debug, scale=None):
+        assert cu_q.dtype == torch.int32 and max_q >= int((cu_q[1:] - cu_q[:-1]).max())
+        out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype)
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            o, _ = _math(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), causal, scale)
+            out[a:b] = o.transpose(0, 1).to(q.dtype)
+        return out, None, cu_q, cu_k, max_q, max_k, None, None, None
+
+    def efficient(q, k, v, bias, want_lse, dropout, causal, scale=None):
+        out, lse = _math(q, k, v, causal, scale)
+        pad = -(-q.shape[2] // 32) * 32 - q.shape[2]
+        return out.to(q.dtype), torch.nn.functional.pad(lse, (0, pad), value=float("inf")), None, None
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", cudnn_dense)
+    monkeypatch.setattr(torch.ops.aten, "_cudnn_attention_forward", cudnn_varlen)
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", efficient)
+    for cand in A.CUDA_CANDIDATES:
+        for shape in ((4, 4, 24, 16), (4, 2, 16, 16)):
+            err = check_kernels(cand, torch.device("cpu"), *shape, torch.bfloat16)
+            assert err <= TOL, (cand.name, shape, err)
