@@ -27,11 +27,11 @@ fi
 } >"$D/env.log" 2>&1
 
 echo "== gpu tests" | tee -a "$D/env.log"
-timeout 200 "$PY" -m pytest -q -rA -s -m gpu tests/gpu/test_attention_gpu.py 2>&1 | tee "$D/gpu_tests.log"
+timeout 120 "$PY" -m pytest -q -rA -s -m gpu tests/gpu/test_attention_gpu.py 2>&1 | tee "$D/gpu_tests.log"
 tests_rc=$?
 echo "== prefill breakdown" | tee -a "$D/env.log"
 # shellcheck disable=SC2086
-timeout 300 "$PY" bench/prefill_breakdown.py --out "$D" ${BREAKDOWN_ARGS:-} 2>&1 | tee "$D/breakdown.log"
+timeout 180 "$PY" bench/prefill_breakdown.py --out "$D" ${BREAKDOWN_ARGS:-} 2>&1 | tee "$D/breakdown.log"
 bench_rc=$?
 echo "== exit tests $tests_rc bench $bench_rc $(date -u)" | tee -a "$D/env.log"
 exit $(( tests_rc != 0 || bench_rc != 0 ))
