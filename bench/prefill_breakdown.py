@@ -41,7 +41,9 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from bench.e2e_model import bench_config, build_bench_model  # noqa: E402
-from tensorrt_llm_dwdp.engine.attention import CausalAttention, DecodeAttention, StepMetadata, select_kernels  # noqa: E402
+from tensorrt_llm_dwdp.engine.attention import (  # noqa: E402
+    CausalAttention, DecodeAttention, Kernels, StepMetadata, merge_by_lse, select_kernels,
+)
 from tensorrt_llm_dwdp.model.batch import BatchInfo  # noqa: E402
 from tensorrt_llm_dwdp.model.layers import MLP  # noqa: E402
 from tensorrt_llm_dwdp.model.moe_block import MoeBlock  # noqa: E402
@@ -233,6 +235,64 @@ def decode_attention(model, config, device, *, batch: int, context: int, reps: i
     return out
 
 
+def _timed(fn, device, reps: int) -> float:
+    """Milliseconds per call of ``fn()`` after one warm-up call."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def kernel_table(kernels: Kernels, config, device, shapes: list[tuple[int, int]],
+                 chunks: list[tuple[int, int]], reps: int) -> list[dict[str, Any]]:
+    """Prefill attention alone at the model's head shapes: ``count`` fresh prompts of ``length``
+    tokens per prompt and in one ragged call (when the kernels have one); ``(prefix, chunk)``:
+    a chunk attending to its prefix, merged by log-sum-exp. Useful causal TFLOP/s."""
+    h, dk, dv = config.num_attention_heads, config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
+    scale = dk ** -0.5
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(torch.bfloat16)
+
+    out = []
+    for count, length in shapes:
+        n = count * length
+        q, k, v = rnd(n, h, dk), rnd(n, h, dk), rnd(n, h, dv)
+        lengths = (length,) * count
+        cu = torch.arange(0, n + 1, length, dtype=torch.int32, device=device)
+        flops = count * length * (length + 1) * h * (dk + dv)
+        rec = {"prompts": count, "length": length}
+        for name, fn in (("per_prompt", kernels.fresh), ("ragged", kernels.ragged)):
+            if fn is None:
+                continue
+            try:
+                ms = _timed(lambda: fn(q, k, v, lengths, cu, scale), device, reps)
+                rec[f"{name}_ms"], rec[f"{name}_tflops"] = ms, flops / ms / 1e9
+            except Exception as exc:
+                rec[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        out.append(rec)
+        del q, k, v
+    for prefix, n in chunks:
+        q, k, v = rnd(n, h, dk), rnd(prefix + n, h, dk), rnd(prefix + n, h, dv)
+
+        def chunk():
+            o1, l1 = kernels.with_lse(q, k[:prefix], v[:prefix], False, scale)
+            o2, l2 = kernels.with_lse(q, k[prefix:], v[prefix:], True, scale)
+            return merge_by_lse(o1, l1, o2, l2)
+
+        flops = (2 * n * prefix + n * (n + 1)) * h * (dk + dv)
+        ms = _timed(chunk, device, reps)
+        out.append({"prefix": prefix, "chunk": n, "chunk_ms": ms, "chunk_tflops": flops / ms / 1e9})
+        del q, k, v
+    return out
+
+
 def check_goals(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's goals on one H200, each with the measured figure and a verdict."""
     out = []
@@ -293,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="LxN (N prompts of L tokens in one step) or LxN/C (chunks of C tokens)")
     p.add_argument("--decode", default="4096,32768", help="decode-attention contexts to time (empty: none)")
     p.add_argument("--decode-batch", type=int, default=8)
+    p.add_argument("--kernel-shapes", default="1x2048,8x2048,16x2048,1x8192,2x8192,1x32768,32x512,64x256,128x128,256x64",
+                   help="NxL fresh-prompt shapes for the attention-only table (empty: none)")
+    p.add_argument("--kernel-chunks", default="8192+8192,24576+8192",
+                   help="prefix+chunk shapes for the attention-only table")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -321,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"meta": {
         "preset": args.preset, "num_layers": config.num_layers, "num_moe_layers": args.num_moe_layers,
         "hidden_size": config.hidden_size, "heads": config.num_attention_heads, "experts": config.num_experts,
-        "moe_backend": args.moe_backend, "attention_kernels": kernels.name,
+        "moe_backend": args.moe_backend, "attention_kernels": kernels.label,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "build_s": time.perf_counter() - t0, "warmup": args.warmup, "iters": args.iters,
@@ -346,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         results["points"].append(rec)
         with open(os.path.join(args.out, "prefill_breakdown.json"), "w") as f:
             json.dump(results, f, indent=1)
+    shapes = [tuple(int(x) for x in t.lower().split("x")) for t in args.kernel_shapes.split(",") if t]
+    chunks = [tuple(int(x) for x in t.split("+")) for t in args.kernel_chunks.split(",") if t]
+    if shapes or chunks:
+        results["attention_kernels_table"] = kernel_table(kernels, config, device, shapes, chunks, reps=5)
+        for rec in results["attention_kernels_table"]:
+            logger.info("attention alone: %s", rec)
     for ctx in [int(c) for c in args.decode.split(",") if c]:
         try:
             rec = decode_attention(model, config, device, batch=args.decode_batch, context=ctx, reps=5)

@@ -3,9 +3,11 @@
 The model's attention modules project q/k/v and own the cache layout; this module decides how a
 step's sequences attend, with one kernel call per layer wherever torch has one:
 
-- fresh prompts (nothing cached yet): causal attention over their own tokens. On CUDA all of a
-  step's fresh prompts go through one ragged (variable-length) cuDNN call; torch has no CPU
-  varlen kernel, so the CPU calls its fused flash kernel once per prompt.
+- fresh prompts (nothing cached yet): causal attention over their own tokens, one fused call per
+  prompt (cuDNN on CUDA, torch's flash kernel on the CPU, which has no varlen kernel). On CUDA a
+  step with many fresh prompts (``RAGGED_MIN_PROMPTS``) makes one ragged (variable-length) cuDNN
+  call for all of them instead: measured, cuDNN's ragged kernel is several times slower per
+  FLOP than its dense one at these shapes, so it only pays when launches dominate.
 - a chunk of a long prompt (``start > 0``): the chunk attends to the cached prefix (no mask) and
   to itself (causal); the two partial results merge by their log-sum-exp. This is causal
   attention with an offset, computed by two fused calls whose memory is linear in the prompt.
@@ -13,16 +15,17 @@ step's sequences attend, with one kernel call per layer wherever torch has one:
   padded slot cache with a length mask (``decode_attention``).
 
 Kernels are chosen once per (device, head counts, head dims, dtype) by ``select_kernels``. On
-CUDA each candidate (cuDNN ragged, cuDNN per prompt, torch SDPA per prompt) is first checked on
-a small problem against an fp32 reference; a candidate that raises or disagrees is skipped with
-a logged reason, so a torch build whose private cuDNN ops differ still runs correctly (slower).
+CUDA each candidate (cuDNN per prompt with the ragged call, the same without it, torch SDPA per
+prompt) is first checked on a small problem against an fp32 reference; a candidate that raises
+or disagrees is skipped with a logged reason, so a torch build whose private cuDNN ops differ
+still runs correctly (slower).
 All kernels take ``q [n, Hq, dk]``, ``k [n, Hkv, dk]``, ``v [n, Hkv, dv]`` (tokens first).
 """
 from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -148,13 +151,26 @@ def merge_by_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: t
 class Kernels:
     """One device's prefill kernels.
 
-    ``fresh(q, k, v, lengths, cu_seqlens, scale)``: causal attention of packed fresh sequences.
+    ``fresh(q, k, v, lengths, cu_seqlens, scale)``: causal attention of packed fresh sequences,
+    one fused call per prompt. ``ragged`` (same signature, or None): one variable-length call
+    for all of them, used when a step holds at least ``ragged_min_prompts`` fresh prompts.
     ``with_lse(q, k, v, causal, scale) -> (out [n, H, dv], lse [n, H] fp32)``: one sequence.
     """
 
     name: str
     fresh: Callable[..., torch.Tensor]
     with_lse: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    ragged: Callable[..., torch.Tensor] | None = None
+    ragged_min_prompts: int = 0
+
+    @property
+    def label(self) -> str:
+        return self.name + (f"+ragged(>={self.ragged_min_prompts} prompts)" if self.ragged else "")
+
+    def attend_fresh(self, q, k, v, lengths, cu_seqlens, scale) -> torch.Tensor:
+        if self.ragged is not None and len(lengths) >= self.ragged_min_prompts:
+            return self.ragged(q, k, v, lengths, cu_seqlens, scale)
+        return self.fresh(q, k, v, lengths, cu_seqlens, scale)
 
 
 def _per_sequence(attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
@@ -242,10 +258,14 @@ def _efficient_with_lse(q, k, v, causal, scale):
     return _thd(res[0]), _lse_rows(res[1], q.shape[0])
 
 
+# Measured on one H200 (torch 2.11, cuDNN 9.19, MLA shapes: 128 heads, qk 192, v 128): cuDNN's
+# ragged kernel reached 72-403 TFLOP/s where one dense call per prompt reaches 487-644 (8 prompts
+# of 2K: 72 against ~490), so the ragged call only pays when launches dominate: many prompts.
+RAGGED_MIN_PROMPTS = 32
+
 CPU_KERNELS = Kernels("cpu-flash", _per_sequence(_cpu_causal), _cpu_with_lse)
 CUDA_CANDIDATES = (
-    Kernels("cudnn-varlen", _cudnn_varlen, _cudnn_with_lse),
-    Kernels("cudnn", _per_sequence(_cudnn_causal), _cudnn_with_lse),
+    Kernels("cudnn", _per_sequence(_cudnn_causal), _cudnn_with_lse, _cudnn_varlen, RAGGED_MIN_PROMPTS),
     Kernels("sdpa", _per_sequence(_sdpa_causal), _efficient_with_lse),
 )
 
@@ -263,8 +283,9 @@ def reference_attention(q, k, v, start: int, scale: float) -> tuple[torch.Tensor
 
 def check_kernels(kernels: Kernels, device: torch.device, heads: int, kv_heads: int, dk: int, dv: int,
                   dtype: torch.dtype, tol: float = 2e-2) -> float:
-    """Max abs error of ``kernels`` against ``reference_attention`` on two ragged prompts, a
-    chunk with a prefix (merged by lse) and a one-token query; raises when a kernel does."""
+    """Max abs error of ``kernels`` against ``reference_attention`` on two ragged prompts (per
+    prompt and, if present, in one ragged call), a chunk with a prefix (merged by lse) and a
+    one-token query; raises when a kernel does."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rnd(*shape):
@@ -275,11 +296,14 @@ def check_kernels(kernels: Kernels, device: torch.device, heads: int, kv_heads: 
     q, k = rnd(n, heads, dk), rnd(n, kv_heads, dk)
     v = rnd(n, kv_heads, dv + 8)[..., 8:]  # a strided view, as MLA's values are
     cu = torch.tensor([0, lengths[0], n], dtype=torch.int32, device=device)
-    out = kernels.fresh(q, k, v, lengths, cu, dk ** -0.5)
     err = 0.0
-    for rows in (slice(0, lengths[0]), slice(lengths[0], n)):
-        ref, _ = reference_attention(q[rows], k[rows], v[rows], 0, dk ** -0.5)
-        err = max(err, (out[rows].float() - ref).abs().max().item())
+    for fresh in (kernels.fresh, kernels.ragged):
+        if fresh is None:
+            continue
+        out = fresh(q, k, v, lengths, cu, dk ** -0.5)
+        for rows in (slice(0, lengths[0]), slice(lengths[0], n)):
+            ref, _ = reference_attention(q[rows], k[rows], v[rows], 0, dk ** -0.5)
+            err = max(err, (out[rows].float() - ref).abs().max().item())
     start = 45  # the last 25 tokens of the second prompt as a chunk over a 45-token prefix
     q2, k2, v2 = q[lengths[0]:][start:], k[lengths[0]:], v[lengths[0]:]
     o1, l1 = kernels.with_lse(q2, k2[:start], v2[:start], False, dk ** -0.5)
@@ -299,17 +323,18 @@ def select_kernels(device: torch.device, heads: int, kv_heads: int, dk: int, dv:
     if device.type != "cuda":
         return CPU_KERNELS
     reasons = []
-    for cand in CUDA_CANDIDATES:
+    variants = [v for c in CUDA_CANDIDATES for v in ((c, replace(c, ragged=None)) if c.ragged else (c,))]
+    for cand in variants:
         try:
             err = check_kernels(cand, device, heads, kv_heads, dk, dv, dtype)
         except Exception as exc:  # an op missing or refusing these shapes in this torch build
-            reasons.append(f"{cand.name}: {type(exc).__name__}: {str(exc)[:160]}")
+            reasons.append(f"{cand.label}: {type(exc).__name__}: {str(exc)[:160]}")
             continue
         if err <= 2e-2:
             logger.info("attention kernels on %s for %d/%d heads, dims %d/%d: %s%s", device, heads,
-                        kv_heads, dk, dv, cand.name, f" (skipped {reasons})" if reasons else "")
+                        kv_heads, dk, dv, cand.label, f" (skipped {reasons})" if reasons else "")
             return cand
-        reasons.append(f"{cand.name}: max error {err:.3g} against the fp32 reference")
+        reasons.append(f"{cand.label}: max error {err:.3g} against the fp32 reference")
     raise RuntimeError(f"no attention kernel works on {device} for {heads}/{kv_heads} heads, dims "
                        f"{dk}/{dv}, {dtype}: {reasons}")
 
@@ -333,11 +358,11 @@ class CausalAttention(nn.Module):
         kernels = select_kernels(q.device, q.shape[1], k.shape[1], q.shape[-1], v.shape[-1], q.dtype)
         rows = meta.fresh_rows
         if isinstance(rows, slice) and rows == slice(0, q.shape[0]):
-            return kernels.fresh(q, k, v, meta.fresh_lengths, meta.fresh_cu_seqlens, self.scale)
+            return kernels.attend_fresh(q, k, v, meta.fresh_lengths, meta.fresh_cu_seqlens, self.scale)
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
         if rows is not None:
-            out[rows] = kernels.fresh(q[rows], k[rows], v[rows], meta.fresh_lengths,
-                                      meta.fresh_cu_seqlens, self.scale)
+            out[rows] = kernels.attend_fresh(q[rows], k[rows], v[rows], meta.fresh_lengths,
+                                             meta.fresh_cu_seqlens, self.scale)
         for c in meta.chunks:
             if c.rows.stop - c.rows.start == 1:  # one token sees every key: one call, no merge
                 k_all, v_all = prefix(c.slot, c.start + 1)

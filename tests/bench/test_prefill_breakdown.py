@@ -36,7 +36,8 @@ def test_breakdown_runs_on_the_tiny_model(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "bench", "prefill_breakdown.py"), "--out", str(tmp_path),
            "--device", "cpu", "--preset", "tiny-deepseek-v3", "--moe-backend", "torch",
            "--num-moe-layers", "2", "--vocab-size", "512", "--points", "16x2,40x1/16",
-           "--decode", "8", "--decode-batch", "2", "--warmup", "0", "--iters", "1"]
+           "--decode", "8", "--decode-batch", "2", "--warmup", "0", "--iters", "1",
+           "--kernel-shapes", "2x16", "--kernel-chunks", "16+8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((tmp_path / "prefill_breakdown.json").read_text())
@@ -49,6 +50,9 @@ def test_breakdown_runs_on_the_tiny_model(tmp_path):
         assert abs(parts - p["ms"]["step"]) < 1e-6 * p["ms"]["step"] + 1e-9
         assert 0 < p["ms"]["attention_kernel"] < p["ms"]["attention"] < p["ms"]["step"]
         assert p["ms"]["routed_experts"] > 0 and p["ms"]["dense_mlp"] > 0 and p["tokens_per_s"] > 0
+    fresh, chunk = r["attention_kernels_table"]
+    assert fresh["per_prompt_tflops"] > 0 and "ragged_ms" not in fresh  # the CPU has no ragged call
+    assert chunk["prefix"] == 16 and chunk["chunk_tflops"] > 0
     (dec,) = r["decode_attention"]
     assert dec["context"] == 8 and dec["latent_ms"] > 0 and dec["expanded_ms"] > 0
     assert (tmp_path / "prefill_breakdown.png").stat().st_size > 1000

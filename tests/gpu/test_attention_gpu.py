@@ -31,7 +31,7 @@ def test_cuda_candidate_against_fp32_math(name, shape):
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_selected_kernels_work_and_are_fused(shape):
     kernels = select_kernels(torch.device("cuda", torch.cuda.current_device()), *SHAPES[shape], torch.bfloat16)
-    print(f"ATTN selected for {shape}: {kernels.name}")
+    print(f"ATTN selected for {shape}: {kernels.label}")
     assert kernels.name in {c.name for c in CUDA_CANDIDATES}
 
 
