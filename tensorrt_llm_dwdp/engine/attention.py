@@ -5,9 +5,9 @@ step's sequences attend, with one kernel call per layer wherever torch has one:
 
 - fresh prompts (nothing cached yet): causal attention over their own tokens, one fused call per
   prompt (cuDNN on CUDA, torch's flash kernel on the CPU, which has no varlen kernel). On CUDA a
-  step with many fresh prompts (``RAGGED_MIN_PROMPTS``) makes one ragged (variable-length) cuDNN
-  call for all of them instead: measured, cuDNN's ragged kernel is several times slower per
-  FLOP than its dense one at these shapes, so it only pays when launches dominate.
+  step with very many fresh prompts (``RAGGED_MIN_PROMPTS``) makes one ragged (variable-length)
+  cuDNN call for all of them instead: measured, that call costs ~45 ms whatever its size in
+  this torch/cuDNN build, so it only pays once per-prompt launches cost more.
 - a chunk of a long prompt (``start > 0``): the chunk attends to the cached prefix (no mask) and
   to itself (causal); the two partial results merge by their log-sum-exp. This is causal
   attention with an offset, computed by two fused calls whose memory is linear in the prompt.
@@ -258,10 +258,13 @@ def _efficient_with_lse(q, k, v, causal, scale):
     return _thd(res[0]), _lse_rows(res[1], q.shape[0])
 
 
-# Measured on one H200 (torch 2.11, cuDNN 9.19, MLA shapes: 128 heads, qk 192, v 128): cuDNN's
-# ragged kernel reached 72-403 TFLOP/s where one dense call per prompt reaches 487-644 (8 prompts
-# of 2K: 72 against ~490), so the ragged call only pays when launches dominate: many prompts.
-RAGGED_MIN_PROMPTS = 32
+# Measured on one H200 (torch 2.11, cuDNN 9.19, MLA shapes: 128 heads, qk 192, v 128;
+# bench/results/prefill_breakdown_h200): one dense cuDNN call per prompt runs at 477 TFLOP/s
+# (2K prompts) to 639 (8K); cuDNN's ragged call took 43-54 ms per call whatever its size
+# (1 x 2K: 46 ms; 256 x 64 tokens: 44 ms; 1 x 32K: 125 ms), where a launch-bound per-prompt
+# call costs about 70 us (256 x 64 tokens: 17.9 ms). The ragged call therefore pays only past
+# about 640 prompts in one step.
+RAGGED_MIN_PROMPTS = 640
 
 CPU_KERNELS = Kernels("cpu-flash", _per_sequence(_cpu_causal), _cpu_with_lse)
 CUDA_CANDIDATES = (
