@@ -192,12 +192,9 @@ class CpuVmm:
 
 # ---------------------------------------------------------------------------------- GPU
 def _check(result: Any, what: str) -> Any:
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise VmmError(f"{what} failed: {err!r}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
+    from tensorrt_llm_dwdp.transport.cuda_ipc import check
+
+    return check(result, what, VmmError)
 
 
 class _CudaArray:

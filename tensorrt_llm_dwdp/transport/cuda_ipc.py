@@ -35,11 +35,12 @@ def cuda_bindings() -> tuple[Any, Any]:
     return runtime, driver
 
 
-def check(result: Any, what: str) -> Any:
-    """Unpack a cuda.bindings ``(err, *values)`` tuple, raising with ``what`` on failure."""
+def check(result: Any, what: str, error: type[Exception] = RuntimeError) -> Any:
+    """Unpack a cuda.bindings ``(err, *values)`` tuple, raising ``error`` naming ``what`` on
+    failure."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise RuntimeError(f"{what} failed: {err!r}")
+        raise error(f"{what} failed: {err!r}")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
