@@ -3,7 +3,7 @@
 # copy), with .whl carried for the CuTeDSL kernels (without it the cutedsl parts skip):
 #   bash bench/run_device_views.sh
 # Two DWDP ranks share one H200 (two processes on one GPU; two GPUs are used when present).
-# Stages, each under its own timeout (25 + 135 + 90 + 50 s: under 5 minutes in all) so a hang
+# Stages, each under its own timeout (25 + 150 + 80 + 45 s: 5 minutes at most) so a hang
 # cannot cost the rest; outputs in $OUT/views/ (stages.txt: exit code and seconds per stage):
 #   env.txt              GPU, driver, torch, cuda.bindings, CUDA VMM granularity (min/recommended)
 #   tests.txt            pytest tests/gpu/test_composite_views_gpu.py: VMM primitives (one range
@@ -14,7 +14,7 @@
 #                        with --expert-view composite: cutedsl and torch-grouped each bitwise equal
 #                        to one rank holding all experts, and cutedsl composite == multi, bitwise
 #   expert_views.json    bench/expert_views.py, DeepSeek-V3 NVFP4 layers (E 256, H 7168, I 2048,
-#                        W=P=128, 4 layers, 4096 tokens/rank, top-8, 1 warm-up + 3 timed steps):
+#                        W=P=128, 3 layers, 4096 tokens/rank, top-8, 1 warm-up + 3 timed steps):
 #                        per backend a reference
 #                        (one rank, all experts), then multi, composite, multi, composite:
 #                        median step ms, stall and copy ms per layer, prefetch GB/s, bitwise vs
@@ -81,14 +81,14 @@ print(\"vmm granularity minimum\", v.minimum_granularity, \"recommended\", v.gra
 print(\"torch._grouped_mm\", hasattr(torch, \"_grouped_mm\"))
 "'
 
-stage 135 tests.txt "$PY" -m pytest -q -rs --durations=8 -p no:cacheprovider \
+stage 150 tests.txt "$PY" -m pytest -q -rs --durations=8 -p no:cacheprovider \
   tests/gpu/test_composite_views_gpu.py
 
-stage 90 expert_views_log.txt bash -c "two_ranks $PY bench/expert_views.py \
-  --backends cutedsl,torch-grouped --warmup 1 --steps 3 --timeout 60 --out $OUT/expert_views.json"
+stage 80 expert_views_log.txt bash -c "two_ranks $PY bench/expert_views.py \
+  --backends cutedsl,torch-grouped --layers 3 --warmup 1 --steps 3 --timeout 50 --out $OUT/expert_views.json"
 
-stage 50 prefetch_views_log.txt bash -c "two_ranks $PY bench/prefetch_bandwidth.py \
-  --expert-view both --contention-opt off --layers 2 --steps 3 --timeout 40 \
+stage 45 prefetch_views_log.txt bash -c "two_ranks $PY bench/prefetch_bandwidth.py \
+  --expert-view both --contention-opt off --layers 2 --steps 3 --timeout 35 \
   --out $OUT/prefetch_views.json"
 
 "$PY" - "$OUT" > "$OUT/summary.txt" 2>&1 <<'EOF'
