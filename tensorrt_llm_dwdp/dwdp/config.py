@@ -8,7 +8,12 @@ The keys users know from TensorRT-LLM (``dwdp_size``, ``num_groups``, ``num_expe
 ``expert_view`` (``multi``: a list of S tensors per parameter; ``composite``: one ``[E, ...]``
 tensor per parameter through virtual-memory mapping), ``view_page_bytes`` (its mapping unit;
 0 = the device's recommended granularity) and ``view_handles`` (how peers receive composite
-memory: ``posix_fd`` on one host, ``fabric`` across multi-node NVLink).
+memory: ``posix_fd`` on one host, ``fabric`` across multi-node NVLink); and the host tiers
+(``dwdp/tiers.py``): ``host_backup`` (one copy of the group's experts per node in host memory,
+so survivors fail over when a peer dies), ``host_experts_per_worker`` (H of each rank's W own
+experts live in host memory and are prefetched like peer experts), ``host_offload``
+(``prefetch`` or ``uvm``: how a rank reads its own host experts), ``heartbeat_interval_s`` and
+``peer_dead_after_s`` (liveness timing, ``dwdp/liveness.py``).
 
 Checks that need facts the file cannot know (the model's expert count E, the launcher's world
 size) are separate methods, called as soon as those facts are known.
@@ -26,6 +31,9 @@ DEFAULT_SLICE_BYTES = 2 << 20
 DEFAULT_PEER_TIMEOUT_S = 60.0
 EXPERT_VIEWS = ("multi", "composite")
 VIEW_HANDLES = ("posix_fd", "fabric")
+DEFAULT_HEARTBEAT_S = 0.5
+DEFAULT_DEAD_AFTER_S = 10.0
+HOST_OFFLOAD_MODES = ("prefetch", "uvm")
 
 
 class DwdpConfigError(ValueError):
@@ -41,6 +49,7 @@ class DwdpConfig:
     peer, so ``W + (dwdp_size - 1) * P`` must equal the model's expert count E. ``num_groups``
     independent groups make up the world (world size ``dwdp_size * num_groups``).
     With ``dwdp_size == 1`` DWDP is off; W may then be left out (it resolves to E).
+    Host tiers are on when ``host_backup`` or ``host_experts_per_worker > 0`` (``tiers_enabled``).
     """
 
     dwdp_size: int = 1
@@ -53,6 +62,11 @@ class DwdpConfig:
     expert_view: str = "multi"
     view_page_bytes: int = 0
     view_handles: str = "posix_fd"
+    host_backup: bool = False
+    host_experts_per_worker: int = 0
+    host_offload: str = "prefetch"
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_S
+    peer_dead_after_s: float = DEFAULT_DEAD_AFTER_S
 
     def __post_init__(self) -> None:
         _check_int("dwdp_size", self.dwdp_size, minimum=1)
@@ -66,24 +80,26 @@ class DwdpConfig:
             raise DwdpConfigError(
                 f"dwdp_config.view_page_bytes must be 0 (the device's granularity) or a power of "
                 f"two, got {page}")
-        if not isinstance(self.contention_opt, bool):
+        _check_int("host_experts_per_worker", self.host_experts_per_worker, minimum=0)
+        for key in ("contention_opt", "host_backup"):
+            if not isinstance(getattr(self, key), bool):
+                raise DwdpConfigError(
+                    f"dwdp_config.{key} must be true or false, got {getattr(self, key)!r}")
+        _check_choice("host_offload", self.host_offload, HOST_OFFLOAD_MODES)
+        for key in ("peer_timeout_s", "heartbeat_interval_s", "peer_dead_after_s"):
+            object.__setattr__(self, key, _seconds(key, getattr(self, key)))
+        if self.peer_dead_after_s < 2 * self.heartbeat_interval_s:
             raise DwdpConfigError(
-                f"dwdp_config.contention_opt must be true or false, got {self.contention_opt!r}"
-            )
-        timeout = self.peer_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-            math.isfinite(timeout) and timeout > 0
-        ):
-            raise DwdpConfigError(
-                f"dwdp_config.peer_timeout_s must be a positive number of seconds, got {timeout!r}"
-            )
-        object.__setattr__(self, "peer_timeout_s", float(timeout))
+                f"dwdp_config.peer_dead_after_s ({self.peer_dead_after_s:g} s) must be at least "
+                f"twice heartbeat_interval_s ({self.heartbeat_interval_s:g} s): a peer is declared "
+                f"dead after missing its heartbeats for that long")
         w, p = self.num_experts_per_worker, self.num_prefetch_experts
         if self.dwdp_size == 1:
             if w is not None:
                 _check_int("num_experts_per_worker", w, minimum=1)
             if p is not None:
                 _check_int("num_prefetch_experts", p, minimum=0)
+            self._check_host_experts()
             return
         for key, value in (("num_experts_per_worker", w), ("num_prefetch_experts", p)):
             if value is None:
@@ -96,6 +112,14 @@ class DwdpConfig:
                 f"dwdp_config.num_prefetch_experts ({p}) must not exceed num_experts_per_worker "
                 f"({w}): a peer sends P experts out of the W it owns"
             )
+        self._check_host_experts()
+
+    def _check_host_experts(self) -> None:
+        w, h = self.num_experts_per_worker, self.host_experts_per_worker
+        if w is not None and h >= w:
+            raise DwdpConfigError(
+                f"dwdp_config.host_experts_per_worker ({h}) must be less than "
+                f"num_experts_per_worker ({w}): a rank keeps at least one own expert in HBM")
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -160,6 +184,11 @@ class DwdpConfig:
         return self.dwdp_size > 1
 
     @property
+    def tiers_enabled(self) -> bool:
+        """A host copy of the group's experts exists (backup, offload, or both)."""
+        return self.host_backup or self.host_experts_per_worker > 0
+
+    @property
     def world_size(self) -> int:
         return self.dwdp_size * self.num_groups
 
@@ -186,6 +215,10 @@ class DwdpConfig:
             raise DwdpConfigError(f"num_experts must be a positive integer, got {num_experts!r}")
         implied = self.implied_num_experts
         if implied is None:
+            if self.host_experts_per_worker >= num_experts:
+                raise DwdpConfigError(
+                    f"dwdp_config.host_experts_per_worker ({self.host_experts_per_worker}) must "
+                    f"be less than the model's {num_experts} experts")
             return
         if implied != num_experts:
             raise DwdpConfigError(
@@ -217,6 +250,15 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise DwdpConfigError(f"dwdp_config.{key} must be one of {', '.join(choices)}, "
                               f"got {value!r}")
+
+
+def _seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise DwdpConfigError(
+            f"dwdp_config.{key} must be a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def _check_int(key: str, value: Any, *, minimum: int) -> None:

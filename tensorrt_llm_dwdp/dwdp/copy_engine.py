@@ -143,7 +143,8 @@ class CudaCopyEngine:
     """GPU engine: copies on a dedicated stream, ordered against compute by CUDA events.
 
     ``batched`` submits a plan as one ``cudaMemcpyBatchAsync`` (the interleaved contention plan);
-    otherwise one ``cudaMemcpyAsync`` per copy.
+    otherwise one ``cudaMemcpyAsync`` per copy. Sources may be peer device memory or registered
+    host memory (the host store): both are plain pointers under UVA.
     """
 
     def __init__(self, device: torch.device, stats: StatsRecorder, batched: bool) -> None:
@@ -162,7 +163,9 @@ class CudaCopyEngine:
             current = torch.cuda.current_stream(device)
             for event in self._freed:  # buffers were allocated / filled on the current stream
                 event.record(current)
-        self._kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        # Default: the direction follows the pointers (UVA), so one plan may mix peer memory
+        # (CUDA IPC) and the pinned host store (H2D).
+        self._kind = self._rt.cudaMemcpyKind.cudaMemcpyDefault
         attrs = self._rt.cudaMemcpyAttributes()
         attrs.srcAccessOrder = self._rt.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
         self._attrs = [attrs]

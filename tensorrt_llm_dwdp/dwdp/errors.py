@@ -20,3 +20,8 @@ class DwdpRegistrationError(ValueError):
 
 class DwdpStateError(DwdpError):
     """A manager call came out of protocol order (e.g. weights() before start_step())."""
+
+
+class DwdpStepRetry(DwdpError):
+    """A peer whose memory this step read went down; the manager has already moved its ranges
+    to the host store. Run the step again (its outputs may hold bytes of a dying process)."""

@@ -20,6 +20,15 @@ peer as separate tensors; ``composite`` maps them into one ``[E, ...]`` range pe
 (``composite_views``), handed out by ``composite_weights(i)`` -- ``weights(i)`` then returns
 slices of it, so multi-tensor callers keep working. Composite needs its memory from
 ``allocate`` (virtual-memory allocations shared by handle, ``transport.vmm``).
+
+Host tiers (``config.tiers_enabled``, ``tiers.py``): the exchange also builds the node's host
+store and control block (``host_tiers.py``); each step checks the peers it reads
+(``start_step`` and ``end_step``), moves a dead peer's ranges to the host store (failover:
+``end_step`` then raises ``DwdpStepRetry`` and the engine runs the step again), takes a
+restarted peer back (rejoin), and with ``host_experts_per_worker`` prefetches part of the rank's
+own slice from host memory too (multi view only; the view then has S + 1 tensors:
+``view_offsets``). Both views are filled by the same per-peer copies, so a peer's source
+switches tiers by switching the address its copies read.
 """
 from __future__ import annotations
 
@@ -32,18 +41,22 @@ from tensorrt_llm_dwdp.dwdp.agreement import record_problems, summarize
 from tensorrt_llm_dwdp.comm import GroupComm, connect
 from tensorrt_llm_dwdp.dwdp.composite_layout import CompositeRange, check_page_bytes
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
-from tensorrt_llm_dwdp.dwdp.copy_plan import CopyPlan, interleaved_plan, peer_order, per_peer_plan
-from tensorrt_llm_dwdp.dwdp.errors import (DwdpMismatchError, DwdpPeerError, DwdpRegistrationError,
-                                      DwdpStateError)
+from tensorrt_llm_dwdp.dwdp.copy_plan import CopyPlan
+from tensorrt_llm_dwdp.dwdp.failover import PeerWatch
+from tensorrt_llm_dwdp.dwdp.errors import (DwdpError, DwdpMismatchError, DwdpPeerError,
+                                           DwdpRegistrationError, DwdpStateError, DwdpStepRetry)
 from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
 from tensorrt_llm_dwdp.dwdp.prefetch_buffer import NUM_BUFFERS, PrefetchBuffers
+from tensorrt_llm_dwdp.dwdp.sources import SourceTable, TierEvent
 from tensorrt_llm_dwdp.dwdp.stats import DwdpStats, StatsRecorder
+from tensorrt_llm_dwdp.dwdp.tiers import TierLayout
 from tensorrt_llm_dwdp.transport import HandleRecord, Transport, transport_for
 
 logger = logging.getLogger(__name__)
 
 _EXCHANGE = "DWDP handle exchange"
 _OPEN = "DWDP peer mapping"
+_FILL = "DWDP host store fill"
 _CLOSE = "DWDP close"
 
 
@@ -51,7 +64,8 @@ class DwdpManager:
     """One rank's share of a DWDP group: its experts, its peers' mappings, its prefetches."""
 
     def __init__(self, config: DwdpConfig, num_experts: int, comm: GroupComm,
-                 device: torch.device | str = "cpu", transport: Transport | None = None) -> None:
+                 device: torch.device | str = "cpu", transport: Transport | None = None, *,
+                 rejoin: Any = None) -> None:
         config.check_num_experts(num_experts)
         if comm.size != config.dwdp_size:
             raise DwdpMismatchError(
@@ -64,8 +78,16 @@ class DwdpManager:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.layout = ExpertLayout.from_config(config, num_experts, comm.rank)
+        self.tier_layout = TierLayout(self.layout, config.host_experts_per_worker)
         self.rank = comm.rank
         self._composite_mode = config.expert_view == "composite" and config.dwdp_size > 1
+        if config.host_experts_per_worker and config.expert_view == "composite":
+            raise DwdpConfigError("dwdp_config.host_experts_per_worker needs expert_view: multi "
+                                  "(the composite view maps the whole own slice in place)")
+        if config.host_offload == "uvm" and config.host_experts_per_worker \
+                and self.device.type != "cuda":
+            raise DwdpConfigError("dwdp_config.host_offload: uvm reads host experts through CUDA "
+                                  f"managed memory; this rank runs on {self.device}")
         self.page_bytes = 0
         if transport is None:
             transport = (self._vmm_transport() if self._composite_mode
@@ -88,6 +110,16 @@ class DwdpManager:
         self._exchange_started = False
         self._peer_failed = False
         self._closed = False
+        self._rejoin = rejoin         # host_tiers.RunningGroup when restarting into a live group
+        self._host: Any = None        # host_tiers.HostTiers once exchanged (tiers on)
+        self._host_parts: list[dict[str, torch.Tensor] | None] = []
+        self._uvm: Any = None         # uvm.ManagedExperts with host_offload: uvm
+        self._sources: SourceTable | None = None
+        self._watch: PeerWatch | None = None
+        self._host_bytes: list[list[int]] = []
+        self._record: dict | None = None
+        self._peer_handles: dict[int, Any] = {}
+        self.tier_events: list[TierEvent] = []
 
     def _vmm_transport(self) -> Transport:
         from tensorrt_llm_dwdp.dwdp.vmm import vmm_for
@@ -114,8 +146,23 @@ class DwdpManager:
     @classmethod
     def from_environment(cls, config: DwdpConfig, num_experts: int,
                          device: torch.device | str = "cpu") -> "DwdpManager":
-        """Join the group this process was launched into (mpirun, or TRTLLM_DWDP_* for TCP)."""
+        """Join the group this process was launched into (mpirun, or TRTLLM_DWDP_* for TCP).
+
+        With host tiers, a process whose group is already running without it (it restarted
+        after a crash, same rank and config) rejoins it instead: ``restores_experts`` is then
+        True and the slice loads from the node's host store (``restore_layer``).
+        """
+        from tensorrt_llm_dwdp.dwdp.host_tiers import DetachedComm, find_running_group
+
         config.check_num_experts(num_experts)
+        running = find_running_group(config)
+        if running is not None:
+            try:
+                return cls(config, num_experts, DetachedComm(running.rank, config.dwdp_size),
+                           device, rejoin=running)
+            except BaseException:
+                running.control.close()
+                raise
         comm = connect(config)
         try:
             return cls(config, num_experts, comm, device)
@@ -139,6 +186,32 @@ class DwdpManager:
         return self.config.expert_view
 
     @property
+    def resident_experts(self) -> int:
+        """Own experts per layer this rank keeps in its device memory: ``W - H``."""
+        return self.tier_layout.resident_experts
+
+    @property
+    def view_offsets(self) -> tuple[int, ...]:
+        """Global id of the first expert of each tensor of ``weights(i)`` (``layout.tensor_offsets``
+        unless host experts split the own slice in two)."""
+        return self.tier_layout.view_offsets
+
+    @property
+    def restores_experts(self) -> bool:
+        """This rank rejoins a running group: load expert slices with ``restore_layer``."""
+        return self._rejoin is not None and not self._exchange_started
+
+    @property
+    def peers_down(self) -> tuple[int, ...]:
+        """Peers whose experts come from the host store now (dead, or not rejoined yet)."""
+        return tuple(sorted(self._sources.down)) if self._sources is not None else ()
+
+    @property
+    def host_store_bytes(self) -> int:
+        """Bytes of the node's host store (0 without host tiers or before exchange)."""
+        return self._host.store.layout.total_bytes if self._host is not None else 0
+
+    @property
     def buffer_bytes(self) -> int:
         """Bytes held by the prefetch buffers or pools (0 before exchange or with one rank)."""
         if self._composite is not None:
@@ -157,6 +230,7 @@ class DwdpManager:
             return StatsRecorder(self._layers).snapshot()
         if self._engine is not None:
             self._engine.harvest()
+        self._stats.peers_down = len(self.peers_down)
         return self._stats.snapshot()
 
     # ------------------------------------------------------------------ set-up
@@ -170,11 +244,15 @@ class DwdpManager:
                                                    r.allocation_bytes)
         return self._transport.allocate(shape, dtype)
 
-    def register_layer(self, layer_idx: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Register one MoE layer's expert tensors (any names; dim 0 == num_experts_per_worker).
+    def register_layer(self, layer_idx: int, tensors: Mapping[str, torch.Tensor],
+                       host_tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Register one MoE layer's expert tensors (any names; dim 0 == ``resident_experts``,
+        i.e. num_experts_per_worker unless host experts are configured).
 
         Tensors must be contiguous and on this rank's device; on CPU they must come from
-        ``allocate``. Raises DwdpRegistrationError naming the layer and tensor otherwise.
+        ``allocate``. With ``host_experts_per_worker`` H > 0, ``host_tensors`` holds the last H
+        experts of the slice (same names, any device): they go to the node's host store at the
+        exchange and are not kept. Raises DwdpRegistrationError naming the layer and tensor.
         """
         self._check_open("register_layer")
         if self._exchange_started:
@@ -185,7 +263,7 @@ class DwdpManager:
             raise DwdpRegistrationError(f"layer {layer_idx} is already registered")
         if not tensors:
             raise DwdpRegistrationError(f"layer {layer_idx}: no tensors given")
-        w = self.layout.num_experts_per_worker
+        w = self.tier_layout.resident_experts
         own: dict[str, torch.Tensor] = {}
         handles: dict[str, HandleRecord] = {}
         for name, t in tensors.items():
@@ -200,13 +278,14 @@ class DwdpManager:
             if t.dim() < 1 or t.shape[0] != w:
                 raise DwdpRegistrationError(
                     f"{where} has shape {tuple(t.shape)}; dim 0 must be "
-                    f"num_experts_per_worker = {w}"
+                    + (f"num_experts_per_worker = {w}" if not self.tier_layout.host_experts else
+                       f"num_experts_per_worker - host_experts_per_worker = {w}")
                 )
             if not t.is_contiguous():
                 raise DwdpRegistrationError(
                     f"{where} is not contiguous (strides {t.stride()}); peers copy raw bytes"
                 )
-            if self.config.dwdp_size > 1:
+            if self.config.dwdp_size > 1 or self.tier_layout.host_experts:
                 try:
                     if self._composite_mode:
                         self._check_composite(t)
@@ -214,6 +293,7 @@ class DwdpManager:
                 except DwdpRegistrationError as exc:
                     raise DwdpRegistrationError(f"{where}: {exc}") from exc
             own[name] = t
+        self._host_parts.append(self._check_host_part(layer_idx, own, host_tensors))
         self._pos_of[layer_idx] = len(self._layers)
         self._layers.append(layer_idx)
         self._own.append(own)
@@ -231,12 +311,40 @@ class DwdpManager:
                 f"the composite view maps ({r.allocation_bytes} bytes, tensor at byte "
                 f"{r.data_offset}): allocate it with DwdpManager.allocate(shape, dtype)")
 
+    def _check_host_part(self, layer_idx: int, own: Mapping[str, torch.Tensor],
+                         host: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        from tensorrt_llm_dwdp.dwdp.tiers import check_host_tensors
+
+        try:
+            return check_host_tensors(own, host, self.tier_layout.host_experts,
+                                      rejoining=self._rejoin is not None)
+        except ValueError as exc:
+            raise DwdpRegistrationError(f"layer {layer_idx}: {exc}") from None
+
+    def restore_layer(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        """A rejoining rank's resident expert tensors of ``layer_idx``, allocated with
+        ``allocate`` and filled from the node's host store (checksums verified): what the
+        checkpoint loader uses instead of reading the checkpoint. Register them as usual."""
+        if not self.restores_experts:
+            raise DwdpStateError(f"restore_layer({layer_idx}): this rank is not rejoining a "
+                                 f"running group (restores_experts is False)")
+        specs = self._rejoin_specs()
+        if layer_idx not in specs:
+            raise DwdpRegistrationError(f"restore_layer({layer_idx}): the running group has no "
+                                        f"MoE layer {layer_idx} (it has {sorted(specs)})")
+        pos, shapes = specs[layer_idx]
+        return self._rejoin_store().restore(pos, shapes, self.tier_layout.resident_range(),
+                                            self.allocate, f"DWDP rank {self.rank} restoring "
+                                            f"layer {layer_idx}")
+
     def exchange(self) -> None:
         """Swap handle records with the group, check agreement, map peers, build buffers.
 
         Collective: every rank of the group calls it once, after registering all layers.
         Disagreement (config, num_experts, layers, names, dtypes, shapes) raises
-        DwdpMismatchError on every rank; a missing peer raises DwdpPeerError.
+        DwdpMismatchError on every rank; a missing peer raises DwdpPeerError. With host tiers
+        it also builds the node's host store (rank 0 creates it, every rank fills its part);
+        a rejoining rank talks to its running group through the control block instead.
         """
         self._check_open("exchange")
         if self._exchange_started:
@@ -256,60 +364,170 @@ class DwdpManager:
             ],
             "handles": self._handles,
         }
-        records = self._allgather(_EXCHANGE, record)
-        failed = [(r, rec["error"]) for r, rec in enumerate(records) if "error" in rec]
-        if failed:  # those ranks are alive and wait in close(): no _peer_failed here
-            raise DwdpPeerError("; ".join(
-                f"rank {r} failed before the handle exchange: {msg}" for r, msg in failed))
-        problems = record_problems(records)
-        if problems:
-            raise DwdpMismatchError(summarize(problems, "DWDP ranks disagree"))
-        sources, error = self._open_peers(records)
-        statuses = self._allgather(_OPEN, error)
-        bad = [f"rank {r}: {msg}" for r, msg in enumerate(statuses) if msg]
-        if bad:
-            raise DwdpPeerError("mapping peer memory failed on " + "; ".join(bad))
-        self._transport.after_exchange()
+        self._record = record
+        if self._rejoin is not None:
+            self._rejoin_group(record)
+            return
+        tiers = self.config.tiers_enabled
+        if tiers and self.rank == 0:
+            record["tiers"] = self._create_host()
+            if self.config.dwdp_size == 1 and "error" in record["tiers"]:
+                raise DwdpError(f"could not create the host store: {record['tiers']['error']}")
+        if self.config.dwdp_size == 1:
+            sources: list[dict[int, dict[str, int]]] = [{} for _ in self._own]
+        else:
+            records = self._allgather(_EXCHANGE, record)
+            failed = [(r, rec["error"]) for r, rec in enumerate(records) if "error" in rec]
+            if failed:  # those ranks are alive and wait in close(): no _peer_failed here
+                raise DwdpPeerError("; ".join(
+                    f"rank {r} failed before the handle exchange: {msg}" for r, msg in failed))
+            problems = record_problems(records)
+            if problems:
+                raise DwdpMismatchError(summarize(problems, "DWDP ranks disagree"))
+            sources, error = self._open_peers(records)
+            if tiers and self.rank != 0 and not error:
+                error = self._open_host(records[0]["tiers"])
+            statuses = self._allgather(_OPEN, error)
+            bad = [f"rank {r}: {msg}" for r, msg in enumerate(statuses) if msg]
+            if bad:
+                raise DwdpPeerError("mapping peer memory failed on " + "; ".join(bad))
+            if not tiers:  # with host tiers a restarted peer maps them later: linked till close
+                self._transport.after_exchange()
+        if tiers:
+            error = self._host.fill_all(self._own, self._host_parts, self.tier_layout)
+            self._host_parts = [None] * len(self._own)  # they live in the store now
+            statuses = self._allgather(_FILL, error) if self.config.dwdp_size > 1 else [error]
+            bad = [f"rank {r}: {msg}" for r, msg in enumerate(statuses) if msg]
+            if bad:
+                raise DwdpPeerError("filling the host store failed on " + "; ".join(bad))
+            self._host.claim(1, record)
         self._build(sources)
-        logger.info("DWDP %s: %d layer(s), owns experts [%d, %d), buffers %.1f MiB",
+        logger.info("DWDP %s: %d layer(s), owns experts [%d, %d), buffers %.1f MiB%s",
                     self.comm.describe(), len(self._layers), *self.layout.owned_range(),
-                    self.buffer_bytes / 2**20)
+                    self.buffer_bytes / 2**20,
+                    f", host store {self.host_store_bytes / 2**20:.1f} MiB" if tiers else "")
 
-    def _open_peers(self, records: list[dict]) -> tuple[list[dict[int, dict[str, int]]], str]:
-        """Map every peer tensor; ``sources[pos][peer][name]``: address of its byte 0 (expert
-        ``P * peer``)."""
+    # ------------------------------------------------------------------ host tiers: start-up
+    def _create_host(self) -> dict:
+        """Rank 0: the group's key, control block and store; ``{"key", "host"}`` or ``{"error"}``
+        (carried in its exchange record, so a failure fails every rank together)."""
+        from tensorrt_llm_dwdp.dwdp.host_tiers import HostTiers
+
+        self._host, info = HostTiers.start(self.config, self.layout, self._own, self.device,
+                                           group_id=self.comm.group_id)
+        return info
+
+    def _open_host(self, info: dict) -> str:
+        from tensorrt_llm_dwdp.dwdp.host_tiers import HostTiers, check_same_host
+
+        if "error" in info:
+            raise DwdpPeerError(f"rank 0 could not create the host store: {info['error']}")
+        message = check_same_host(list(getattr(self.comm, "hosts", None) or []))
+        if message:
+            raise DwdpMismatchError(message)
+        self._host, info = HostTiers.start(self.config, self.layout, self._own, self.device,
+                                           key=info["key"])
+        return info.get("error", "")
+
+    def _rejoin_specs(self) -> dict[int, tuple[int, dict]]:
+        """``{layer: (position, {name: (dtype, shape)})}`` of the running group."""
+        record = next(iter(self._rejoin.records.values()))
+        return {layer: (pos, tensors) for pos, (layer, tensors) in enumerate(record["layers"])}
+
+    def _rejoin_store(self):
+        from tensorrt_llm_dwdp.dwdp.host_tiers import HostTiers
+
+        if self._host is None:
+            self._host = HostTiers.rejoin(self.config, self.layout, self._rejoin, self.device)
+        return self._host
+
+    def _rejoin_group(self, record: dict) -> None:
+        """Exchange through the control block: map the serving peers, claim the next
+        incarnation of this rank's slot; they take this rank back at their next step."""
+        running = self._rejoin
+        mine = {k: v for k, v in record.items() if k != "handles"}
+        theirs = {r: {k: v for k, v in rec.items() if k != "handles"}
+                  for r, rec in running.records.items()}
+        problems = record_problems([mine, *theirs.values()])
+        if problems:
+            raise DwdpMismatchError(summarize(problems, "this rank disagrees with its running group"
+                                              " (record 0 is this rank's)"))
+        host = self._rejoin_store()
+        records: list[dict] = [{} for _ in range(self.config.dwdp_size)]
+        for r, rec in running.records.items():
+            records[r] = rec
+        live = [p for p in self.layout.peers if p in running.records]
+        sources, error = self._open_peers(records, live)
+        if error:
+            raise DwdpPeerError(f"rejoining rank {self.rank} could not map its peers: {error}")
+        control = host.control
+        incarnation = control.incarnation(self.rank) + 1
+        host.claim(incarnation, record)
+        for p in live:
+            control.ack(self.rank, p, control.incarnation(p))
+        self._build(sources, down=[p for p in self.layout.peers if p not in live],
+                    seen={p: control.incarnation(p) for p in live})
+        message = (f"DWDP rank {self.rank} rejoined group {running.key} (incarnation "
+                   f"{incarnation}): experts restored from the host store; peers {live} over "
+                   f"their memory" + (f", {sorted(self._sources.down)} from the host store"
+                                      if self._sources.down else ""))
+        logger.warning(message)
+        self.tier_events.append(TierEvent("rejoined", self.rank, 0.0, message))
+
+    def _open_peers(self, records: list[dict], peers: Sequence[int] | None = None
+                    ) -> tuple[list[dict[int, dict[str, int]]], str]:
+        """Map every peer tensor; ``sources[pos][peer][name]``: address of its byte 0 (global
+        expert ``P * peer``)."""
         sources: list[dict[int, dict[str, int]]] = []
         try:
             for pos, own in enumerate(self._own):
-                per_peer: dict[int, dict[str, int]] = {}
-                for peer in self.layout.peers:
-                    per_peer[peer] = {name: self._transport.open(
-                        peer, records[peer]["handles"][pos][name]) for name in own}
-                sources.append(per_peer)
+                sources.append({peer: {name: self._transport.open(
+                    peer, records[peer]["handles"][pos][name]) for name in own}
+                    for peer in (self.layout.peers if peers is None else peers)})
         except Exception as exc:
-            # A message, not the exception: a kept log record must not pin this rank's frames.
             message = f"{type(exc).__name__}: {exc}"
             logger.error("DWDP rank %d could not map peer memory: %s", self.rank, message)
             return sources, message
+        self._peer_handles = {peer: records[peer]["handles"]
+                              for peer in (self.layout.peers if peers is None else peers)}
         return sources, ""
 
-    def _build(self, sources: list[dict[int, dict[str, int]]]) -> None:
+    def _build(self, sources: list[dict[int, dict[str, int]]], down: Sequence[int] = (),
+               seen: Mapping[int, int] | None = None) -> None:
         self._n = len(self._layers)
         self._stats = StatsRecorder(self._layers)
-        if self.config.dwdp_size == 1:
+        host_experts = self.tier_layout.host_experts
+        if self.config.dwdp_size == 1 and not host_experts:
             self._views = [[{n: [t] for n, t in own.items()}] * NUM_BUFFERS for own in self._own]
             self._composite_views = [[dict(own)] * NUM_BUFFERS for own in self._own]
             return
-        order = peer_order(self.rank, self.config.dwdp_size)
+        expert_bytes = [{name: t[0].numel() * t.element_size() for name, t in own.items()}
+                        for own in self._own]
+        uvm_tensors = None
+        if host_experts and self.config.host_offload == "uvm":
+            from tensorrt_llm_dwdp.dwdp.uvm import ManagedExperts
+
+            self._uvm = ManagedExperts(self.device, self._host.store, self._own, host_experts,
+                                       self.tier_layout.host_range()[0])
+            uvm_tensors = self._uvm.tensors
+        self._sources = SourceTable(self.config, self.tier_layout, expert_bytes, sources,
+                                    self._peer_handles, self._host,
+                                    own_host_copied=uvm_tensors is None)
+        self._sources.down.update(down)
+        self._sources.seen.update(seen if seen is not None else
+                                  {p: 1 for p in self.layout.peers})
+        if self._host is not None:  # what this rank reads from host memory from the start
+            self._host.verify_sources(self._sources.ranges(), f"DWDP rank {self.rank} start-up")
+            self._watch = PeerWatch(self.rank, self._host, self._sources, self._transport,
+                                    self._stats, self._record, self.tier_events)
         if self._composite_mode:
-            per_peer_copies = self._build_composite(sources, order)
+            self._build_composite()
         else:
-            per_peer_copies = self._build_multi(sources, order)
-        for pos in range(self._n):
-            self._plans.append([
-                interleaved_plan(per_peer, self.config.prefetch_slice_bytes)
-                if self.config.contention_opt else per_peer_plan(per_peer)
-                for per_peer in per_peer_copies[pos]])
+            self._buffers = PrefetchBuffers(self.layout, self._own, self.device, host_experts,
+                                            uvm_tensors)
+            self._views = [[self._buffers.view(pos, b) for b in range(NUM_BUFFERS)]
+                           for pos in range(self._n)]
+        self._rebuild_plans()
         if self.device.type == "cuda":
             from tensorrt_llm_dwdp.dwdp.copy_engine import CudaCopyEngine
 
@@ -319,40 +537,25 @@ class DwdpManager:
 
             self._engine = ThreadCopyEngine(self._stats, name=f"dwdp-copy-r{self.rank}")
 
-    def _build_multi(self, sources, order):
-        """Separate buffers; ``[pos][b][peer index]``: that peer's copies."""
-        self._buffers = PrefetchBuffers(self.layout, self._own, self.device)
-        self._views = [[self._buffers.view(pos, b) for b in range(NUM_BUFFERS)]
-                       for pos in range(self._n)]
-        out = []
-        for pos, own in enumerate(self._own):
-            per_buffer = []
-            for b in range(NUM_BUFFERS):
-                per_peer = []
-                for peer in order:
-                    copies = []
-                    for name, t in own.items():
-                        dst, nbytes = self._buffers.dst(pos, b, peer, name)
-                        skip = self.layout.source_starts[peer] * t[0].numel() * t.element_size()
-                        copies.append((dst, sources[pos][peer][name] + skip, nbytes))
-                    per_peer.append(copies)
-                per_buffer.append(per_peer)
-            out.append(per_buffer)
-        return out
-
-    def _build_composite(self, sources, order):
+    def _build_composite(self) -> None:
         from tensorrt_llm_dwdp.dwdp.composite_views import CompositeViews
 
         self._composite = CompositeViews(self._transport.vmm, self.layout, self._own,
                                          self._transport.locate, self.page_bytes)
-        edges = self._composite.fill_edges(sources)
+        edges = self._composite.fill_edges(self._sources.edge_sources())
         logger.debug("DWDP rank %d: %d edge byte(s) filled from peers", self.rank, edges)
         self._views = [[self._composite.multi_view(pos, b) for b in range(NUM_BUFFERS)]
                        for pos in range(self._n)]
         self._composite_views = [[self._composite.view(pos, b) for b in range(NUM_BUFFERS)]
                                  for pos in range(self._n)]
-        return [[self._composite.prefetch_copies(pos, b, sources[pos], order)
-                 for b in range(NUM_BUFFERS)] for pos in range(self._n)]
+
+    def _rebuild_plans(self) -> None:
+        if self._composite is not None:
+            self._plans, self._host_bytes = self._sources.plans(NUM_BUFFERS,
+                                                                composite=self._composite)
+        else:
+            self._plans, self._host_bytes = self._sources.plans(
+                NUM_BUFFERS, lambda pos, b, slot, name: self._buffers.dst(pos, b, slot, name)[0])
 
     # ------------------------------------------------------------------ per step
     def start_step(self) -> None:
@@ -364,8 +567,32 @@ class DwdpManager:
                 f"start_step() while layer {self._layers[self._current % self._n]} of the current "
                 f"step has not run done(); finish the step or call abort_step()"
             )
+        if self._watch is not None:
+            self._watch_peers("start_step")
         while self._queued < self._current + NUM_BUFFERS:
             self._queue(self._queued)
+
+    def end_step(self) -> None:
+        """Close a step whose last ``done()`` has run: raise ``DwdpStepRetry`` if a peer this
+        step read from went down meanwhile (its ranges have moved to the host store; run the
+        step again, its outputs may hold bytes of a dying process). Without host tiers, or with
+        no peer to read, it returns at once. GPU: waits for the step's compute first, so the
+        check follows every copy the step used.
+        """
+        if self._views is None:
+            self._state_error("end_step")
+        if self._current % self._n != 0:
+            raise DwdpStateError(
+                f"end_step() before layer {self._layers[self._current % self._n]} of the step ran "
+                f"done(); call it after the step's last MoE layer")
+        if self._watch is None or not self._sources.up_peers:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        if self._watch_peers("end_step"):
+            self._stats.step_retries += 1
+            raise DwdpStepRetry(f"DWDP rank {self.rank}: peer(s) {list(self.peers_down)} went "
+                                f"down during the step; run it again")
 
     def weights(self, layer_idx: int) -> dict[str, list[torch.Tensor]]:
         """``{name: [S tensors by rank]}`` of layer ``layer_idx``; read-only, reused every step.
@@ -424,7 +651,26 @@ class DwdpManager:
         pos = seq % self._n
         if self._engine is not None:
             self._engine.submit(seq & 1, self._plans[pos][seq & 1], pos)
+            self._stats.host_bytes += self._host_bytes[pos][seq & 1]
         self._queued = seq + 1
+
+    def _watch_peers(self, at: str) -> bool:
+        """Fail over dead peers, take rejoined ones back (``failover.PeerWatch``); True if a
+        peer this rank read died (the step's outputs are suspect)."""
+        switched, died = self._watch.check(at, self._engine.synchronize)
+        if switched:
+            self._rebuild_plans()
+        if died:
+            self._queued = self._current  # re-queue what may have read it (a step boundary)
+        return died
+
+    def peer_down(self, peer: int) -> str | None:
+        """Why ``peer`` is down now (process gone, heartbeat silent, closed), or None; needs
+        host tiers (their control block tracks the group's processes)."""
+        if self._host is None:
+            raise DwdpStateError("peer_down() needs host tiers (host_backup or "
+                                 "host_experts_per_worker) and a finished exchange()")
+        return self._host.dead_peers([peer]).get(peer)
 
     def poison_buffers(self, byte: int = 0xA5) -> None:
         """Fill every prefetch buffer with ``byte`` so a missed copy shows (tests, debugging)."""
@@ -487,7 +733,10 @@ class DwdpManager:
 
         Before the exchange, peers waiting in it are told this rank is gone (with ``reason``).
         After it, a barrier makes sure no peer still reads this rank's memory; a peer that does
-        not arrive within peer_timeout_s raises DwdpPeerError (after all local cleanup).
+        not arrive within peer_timeout_s raises DwdpPeerError (after all local cleanup). With
+        host tiers the barrier runs through the control block and waits only for peers that
+        are up (a dead peer cannot read anything), and the last ranks out unlink the group's
+        host store and control block.
         """
         if self._closed:
             return
@@ -500,6 +749,8 @@ class DwdpManager:
             error = exc
         self._views = self._composite_views = None
         try:
+            if self._uvm is not None:
+                self._uvm.close()
             if self._composite is not None:
                 self._composite.close()
         except Exception as exc:
@@ -508,13 +759,22 @@ class DwdpManager:
             self._transport.close_peers()
         except Exception as exc:
             error = error or exc
-        if self.config.dwdp_size > 1 and not self._peer_failed:
+        claimed = self._host is not None and self._host.claimed
+        if claimed:  # the control block replaces the comm's barrier (whose peers may be dead)
+            laggards = self._host.close(self.config.peer_timeout_s)
+            if laggards:
+                error = error or DwdpPeerError(
+                    f"DWDP close (rank {self.rank}): rank(s) {laggards} neither closed nor went "
+                    f"down within peer_timeout_s = {self.config.peer_timeout_s:g} s")
+        elif self.config.dwdp_size > 1 and not self._peer_failed:
             try:
                 if not self._exchange_started:
                     self._allgather(_EXCHANGE, {"error": reason or "closed before exchange()"})
                 self._allgather(_CLOSE, None)
             except DwdpPeerError as exc:
                 error = error or exc
+        if self._host is not None and not claimed:  # start-up failed: nobody uses the files
+            self._host.close(0.0)
         try:
             self._transport.close()
         except Exception as exc:
@@ -522,8 +782,8 @@ class DwdpManager:
         self._buffers, self._engine, self._plans, self._composite = None, None, [], None
         self._current = self._queued = 0  # weights()/done() now take the error path
         try:
-            if self._peer_failed:
-                self.comm.abandon()
+            if self._peer_failed or claimed:  # after the control block's barrier nobody
+                self.comm.abandon()               # needs the comm any more
             else:
                 self.comm.close()
         except Exception as exc:

@@ -4,7 +4,10 @@ For each of the two buffers and each peer there is one byte storage; a layer's t
 that peer sit in it back to back (each start aligned to ``ALIGN`` bytes), so consecutive layers
 of any shape reuse the same storage. A weight view of (layer, buffer) is, per tensor name, the
 list of S tensors indexed by rank: the rank's own tensor at its index, buffer slices elsewhere.
-Views are built once, so handing one out costs nothing.
+With ``host_experts`` H > 0 (offload, ``tiers.py``) the own slice is two tensors, its resident
+experts then its H host experts (one more storage per buffer, ``OWN_HOST``, or the tensors of
+``host_tensors`` read in place), so the list has S + 1 tensors. Views are built once, so handing
+one out costs nothing.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Mapping, Sequence
 import torch
 
 from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.dwdp.tiers import OWN_HOST
 
 NUM_BUFFERS = 2
 ALIGN = 256
@@ -23,29 +27,35 @@ def _align(n: int) -> int:
 
 
 class PrefetchBuffers:
-    """Storage for ``2 * (S-1)`` peer slices of P experts, sized for the largest layer."""
+    """Storage for ``2 * (S-1)`` peer slices of P experts (plus two of the H own host experts),
+    sized for the largest layer."""
 
     def __init__(self, layout: ExpertLayout, own: Sequence[Mapping[str, torch.Tensor]],
-                 device: torch.device) -> None:
+                 device: torch.device, host_experts: int = 0,
+                 host_tensors: Sequence[Mapping[str, torch.Tensor]] | None = None) -> None:
         self.layout = layout
-        p = layout.num_prefetch_experts
-        peers = layout.peers
-        # offsets[pos][name] = byte offset of that tensor inside every peer storage
-        self._offsets: list[dict[str, int]] = []
-        self._nbytes: list[dict[str, int]] = []
-        largest = 0
+        counts = {peer: layout.num_prefetch_experts for peer in layout.peers}
+        if host_experts and host_tensors is None:
+            counts[OWN_HOST] = host_experts
+        # offsets[slot][pos][name] = byte offset of that tensor inside the slot's storage
+        self._offsets: dict[int, list[dict[str, int]]] = {slot: [] for slot in counts}
+        self._nbytes: dict[int, list[dict[str, int]]] = {slot: [] for slot in counts}
+        largest = dict.fromkeys(counts, 0)
         for tensors in own:
-            offsets, sizes, cursor = {}, {}, 0
-            for name, t in tensors.items():
-                per_expert = t[0].numel() * t.element_size() if t.shape[0] else 0
-                offsets[name], sizes[name] = cursor, p * per_expert
-                cursor += _align(p * per_expert)
-            self._offsets.append(offsets)
-            self._nbytes.append(sizes)
-            largest = max(largest, cursor)
-        self.storage_bytes = largest
+            for slot, n in counts.items():
+                offsets, sizes, cursor = {}, {}, 0
+                for name, t in tensors.items():
+                    per_expert = t[0].numel() * t.element_size() if t.shape[0] else 0
+                    offsets[name], sizes[name] = cursor, n * per_expert
+                    cursor += _align(n * per_expert)
+                self._offsets[slot].append(offsets)
+                self._nbytes[slot].append(sizes)
+                largest[slot] = max(largest[slot], cursor)
+        self._largest = largest
+        #: bytes of one peer slot's storage (each peer has one per buffer)
+        self.storage_bytes = max((v for k, v in largest.items() if k != OWN_HOST), default=0)
         self._storage = [
-            {peer: torch.empty(largest, dtype=torch.uint8, device=device) for peer in peers}
+            {slot: torch.empty(largest[slot], dtype=torch.uint8, device=device) for slot in counts}
             for _ in range(NUM_BUFFERS)
         ]
         self._views: list[list[dict[str, list[torch.Tensor]]]] = []
@@ -56,30 +66,38 @@ class PrefetchBuffers:
                 for name, t in tensors.items():
                     tensors_by_rank = []
                     for rank in range(layout.dwdp_size):
-                        if rank == layout.rank:
-                            tensors_by_rank.append(t)
-                        else:
-                            off, n = self._offsets[pos][name], self._nbytes[pos][name]
-                            raw = self._storage[b][rank][off:off + n]
-                            shape = (p,) + tuple(t.shape[1:])
-                            tensors_by_rank.append(raw.view(t.dtype).view(shape))
+                        if rank != layout.rank:
+                            tensors_by_rank.append(self._slice(b, rank, pos, name, t, counts))
+                            continue
+                        tensors_by_rank.append(t)
+                        if host_tensors is not None:
+                            tensors_by_rank.append(host_tensors[pos][name])
+                        elif host_experts:
+                            tensors_by_rank.append(self._slice(b, OWN_HOST, pos, name, t, counts))
                     view[name] = tensors_by_rank
                 per_buffer.append(view)
             self._views.append(per_buffer)
 
+    def _slice(self, b: int, slot: int, pos: int, name: str, t: torch.Tensor,
+               counts: Mapping[int, int]) -> torch.Tensor:
+        off, n = self._offsets[slot][pos][name], self._nbytes[slot][pos][name]
+        raw = self._storage[b][slot][off:off + n]
+        return raw.view(t.dtype).view((counts[slot],) + tuple(t.shape[1:]))
+
     @property
     def total_bytes(self) -> int:
         """Bytes held by all buffers together."""
-        return NUM_BUFFERS * len(self.layout.peers) * self.storage_bytes
+        return NUM_BUFFERS * sum(self._largest.values())
 
     def view(self, pos: int, buffer: int) -> dict[str, list[torch.Tensor]]:
         """The prebuilt weight view of the layer at registration position ``pos`` (read-only)."""
         return self._views[pos][buffer]
 
-    def dst(self, pos: int, buffer: int, peer: int, name: str) -> tuple[int, int]:
-        """``(address, nbytes)`` where ``peer``'s slice of tensor ``name`` lands."""
-        base = self._storage[buffer][peer].data_ptr()
-        return base + self._offsets[pos][name], self._nbytes[pos][name]
+    def dst(self, pos: int, buffer: int, slot: int, name: str) -> tuple[int, int]:
+        """``(address, nbytes)`` where slot ``slot`` (a peer, or ``OWN_HOST``) of tensor
+        ``name`` lands."""
+        base = self._storage[buffer][slot].data_ptr()
+        return base + self._offsets[slot][pos][name], self._nbytes[slot][pos][name]
 
     def fill_(self, byte: int) -> None:
         """Fill every buffer with ``byte`` (a sentinel that makes missed copies visible)."""

@@ -3,7 +3,10 @@
 Times are seconds. On GPUs they are measured between CUDA events (copy: on the prefetch stream
 around the copies; stall: on the compute stream around its wait for the prefetch event), so they
 are device time and are harvested lazily once the events have completed; on CPU they are host
-time of the copy thread and of ``weights()`` blocking.
+time of the copy thread and of ``weights()`` blocking. ``host_bytes_copied`` is the part of
+``bytes_copied`` read from the node's host store (PCIe on GPUs); the tier counters count
+failovers (a peer found down, its ranges moved to the host store), rejoins (moved back), the
+steps run again because a peer died under them, and the peers down now.
 """
 from __future__ import annotations
 
@@ -37,6 +40,12 @@ class DwdpStats:
     waits: int
     stall_time_s: float
     layers: tuple[LayerStats, ...]
+    host_bytes_copied: int = 0
+    failovers: int = 0
+    failover_time_s: float = 0.0
+    rejoins: int = 0
+    step_retries: int = 0
+    peers_down: int = 0
 
     @property
     def copy_gbps(self) -> float:
@@ -54,10 +63,20 @@ class StatsRecorder:
         self._copy = [0.0] * n
         self._waits = [0] * n
         self._stall = [0.0] * n
+        self.host_bytes = 0
+        self.failovers = 0
+        self.failover_time_s = 0.0
+        self.rejoins = 0
+        self.step_retries = 0
+        self.peers_down = 0
 
     def copied(self, pos: int, nbytes: int) -> None:
         self._prefetches[pos] += 1
         self._bytes[pos] += nbytes
+
+    def failed_over(self, peers: int, seconds: float) -> None:
+        self.failovers += peers
+        self.failover_time_s += seconds
 
     def copy_time(self, pos: int, seconds: float) -> None:
         self._copy[pos] += seconds
@@ -79,5 +98,7 @@ class StatsRecorder:
         return DwdpStats(
             prefetches=sum(self._prefetches), bytes_copied=sum(self._bytes),
             copy_time_s=sum(self._copy), waits=sum(self._waits), stall_time_s=sum(self._stall),
-            layers=layers,
+            layers=layers, host_bytes_copied=self.host_bytes, failovers=self.failovers,
+            failover_time_s=self.failover_time_s, rejoins=self.rejoins,
+            step_retries=self.step_retries, peers_down=self.peers_down,
         )
