@@ -167,7 +167,7 @@ class Engine:
             return []
         start = time.perf_counter()
         try:
-            logits = self._forward(plan)
+            logits = self._forward_checked(plan)
             emitting = [i for i, e in enumerate(plan.emits) if e]
             if len(emitting) < len(plan.sequences):
                 logits = logits[emitting]
@@ -224,6 +224,26 @@ class Engine:
             self.dwdp.start_step()
         with torch.inference_mode():
             return self.model(input_ids, batch, self.cache)
+
+    def _forward_checked(self, plan: ScheduledStep) -> torch.Tensor:
+        """``_forward``, run again while the DWDP manager reports that a peer this step read
+        went down under it (``DwdpStepRetry``: it has already moved that peer's experts to the
+        host store). A rerun rewrites the same KV positions; no sequence has advanced yet."""
+        from tensorrt_llm_dwdp.dwdp.errors import DwdpStepRetry
+
+        retries = 0
+        while True:
+            logits = self._forward(plan)
+            if self.dwdp is None:
+                return logits
+            try:
+                self.dwdp.end_step()
+                return logits
+            except DwdpStepRetry as exc:
+                retries += 1
+                if retries >= self.dwdp.config.dwdp_size:  # each retry lost another peer
+                    raise
+                logger.warning("%s (retry %d of the step)", exc, retries)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """Where logits become tokens: one row per sequence that is due a token."""

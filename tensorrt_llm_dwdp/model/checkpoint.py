@@ -6,7 +6,10 @@ ONLY for the experts this rank owns: every expert is its own checkpoint key, and
 ``CheckpointReader`` reads just that key's bytes from the memory-mapped shard, so a DWDP rank
 never materialises the other ranks' experts. With a ``DwdpManager`` the expert tensors are
 allocated by ``manager.allocate`` (memory its peers can map) and registered layer by layer in
-order; the caller then runs ``manager.exchange()``.
+order; the caller then runs ``manager.exchange()``. With host experts (offload) the last H
+experts of the slice are read into host memory and handed to the manager, which keeps them in
+the node's host store; a rank rejoining a running group restores its slice from that store
+(``manager.restore_layer``) instead of reading the checkpoint.
 """
 from __future__ import annotations
 
@@ -111,9 +114,11 @@ def load_model(
 
     ``dwdp``: a ``DwdpManager``; the rank then loads only ``dwdp.layout.owned_range()``,
     allocates expert tensors with ``dwdp.allocate`` and calls ``dwdp.register_layer`` for each
-    MoE layer in order (the caller runs ``dwdp.exchange()`` afterwards). Without it every expert
-    is loaded into ordinary ``device`` memory. ``ep``: an ``ExpertParallel``; the rank loads
-    only ``ep.local_range`` and its MoE layers send tokens to their experts' owners.
+    MoE layer in order (the caller runs ``dwdp.exchange()`` afterwards): its first
+    ``dwdp.resident_experts`` experts on the device, the rest (host experts) in host memory.
+    Without it every expert is loaded into ordinary ``device`` memory. ``ep``: an
+    ``ExpertParallel``; the rank loads only ``ep.local_range`` and its MoE layers send tokens
+    to their experts' owners.
     """
     config, quant = read_config(path)
     device = torch.device(device)
@@ -122,6 +127,7 @@ def load_model(
             raise ValueError(f"expert parallelism over {ep.num_experts} experts but {path} has "
                              f"{config.num_experts}")
         first, end = ep.local_range
+        resident_end = end
 
         def alloc(shape, dt):
             return torch.empty(shape, dtype=dt, device=device)
@@ -132,12 +138,19 @@ def load_model(
                 f"DWDP layout has {layout.num_experts} experts but {path} has {config.num_experts}"
             )
         first, end = layout.owned_range()
+        resident_end = first + dwdp.resident_experts
         alloc: Allocator = dwdp.allocate
     else:
         first, end = 0, config.num_experts
+        resident_end = end
 
         def alloc(shape, dt):
             return torch.empty(shape, dtype=dt, device=device)
+
+    def host_alloc(shape, dt):
+        return torch.empty(shape, dtype=dt)
+
+    restoring = dwdp is not None and dwdp.restores_experts
 
     with torch.device("meta"):
         model = build_model(config, lambda i: make_moe(config, i, moe_backend, dwdp, ep), dtype)
@@ -145,15 +158,24 @@ def load_model(
     with CheckpointReader(path) as reader:
         load_dense_weights(model, reader)
         if config.moe_layer_indices:
-            experts = load_moe_experts(reader, config, quant, range(first, end), alloc, dtype)
+            host = {}
+            if restoring:
+                experts = {layer: dwdp.restore_layer(layer) for layer in config.moe_layer_indices}
+            else:
+                experts = load_moe_experts(reader, config, quant, range(first, resident_end),
+                                           alloc, dtype)
+                if resident_end < end:
+                    host = load_moe_experts(reader, config, quant, range(resident_end, end),
+                                            host_alloc, dtype)
             moes = model.moe_modules()
             for layer, tensors in experts.items():
                 moes[layer].set_local_weights(tensors)
                 if dwdp is not None:
-                    dwdp.register_layer(layer, tensors)
+                    dwdp.register_layer(layer, tensors, host.get(layer))
         logger.info(
-            "loaded %s (%s experts %s, range [%d, %d)): %.3f GB read",
+            "loaded %s (%s experts %s, range [%d, %d)%s): %.3f GB read",
             path, config.architecture, quant if config.moe_layer_indices else "-", first, end,
+            f", [{resident_end}, {end}) to host memory" if resident_end < end else "",
             reader.bytes_read / 1e9,
         )
     return model.eval()

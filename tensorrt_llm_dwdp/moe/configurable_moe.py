@@ -98,9 +98,10 @@ class ConfigurableMoE(nn.Module):
 
     @property
     def num_local_experts(self) -> int:
-        """Experts in this rank's own tensors: W with DWDP, E/S with EP, all of them without."""
+        """Experts in this rank's own tensors: W with DWDP (W - H with host experts), E/S with
+        EP, all of them without."""
         if self.dwdp is not None:
-            return self.dwdp.layout.num_experts_per_worker
+            return self.dwdp.resident_experts
         if self.ep is not None:
             return self.ep.experts_per_rank
         return self.num_experts
@@ -134,7 +135,7 @@ class ConfigurableMoE(nn.Module):
             view = ExpertWeights.single(self.dwdp.composite_weights(self.layer_idx))
         else:
             view = ExpertWeights.from_view(
-                self.dwdp.weights(self.layer_idx), self.dwdp.layout.tensor_offsets
+                self.dwdp.weights(self.layer_idx), self.dwdp.view_offsets
             )
         if view.num_experts != self.num_experts:
             raise RuntimeError(

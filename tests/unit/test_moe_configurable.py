@@ -69,13 +69,16 @@ def test_deepseek_router_and_backend_wiring():
 
 
 class StandInManager:
-    """The DwdpManager surface ConfigurableMoE uses (weights, done, layout), over tensors
-    sliced from a full expert set by the layout rule; records the calls it gets."""
+    """The DwdpManager surface ConfigurableMoE uses (weights, done, resident_experts,
+    view_offsets), over tensors sliced from a full expert set by the layout rule; records the
+    calls it gets."""
 
     expert_view = "multi"
 
     def __init__(self, full: dict, layout: ExpertLayout, layer_idx: int):
         self.layout = layout
+        self.resident_experts = layout.num_experts_per_worker
+        self.view_offsets = layout.tensor_offsets
         self.layer_idx = layer_idx
         self.calls: list[tuple[str, int]] = []
         self.view = {
