@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -50,6 +50,8 @@ class RankReport:
     copy_ms_per_layer: float
     outputs: list[list[int]]
     peak_rss_mib: float = 0.0
+    host_prefetch_bytes: int = 0
+    tier_events: list[str] = field(default_factory=list)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -118,6 +120,8 @@ def format_report(reports: list[RankReport], parity: Parity | None) -> str:
             f"  {r.prefetch_bytes / mib:>12.2f}  {r.stall_ms_per_layer:>14.3f}  {r.copy_ms_per_layer:>13.3f}"
             f"  {r.peak_rss_mib:>12.0f}"
         )
+    for r in reports:
+        lines += list(r.tier_events)
     if parity is not None:
         verdict = "PASS" if parity.tokens_equal and parity.logits_bitwise_equal else "FAIL"
         lines.append(
@@ -149,9 +153,10 @@ def local_rank_from_env() -> int:
 
 def generate_with_logits(model, prompts: list[list[int]], *, max_tokens: int, device,
                          dwdp=None, progress_desc: str | None = None,
-                         max_num_tokens: int | None = None):
+                         max_num_tokens: int | None = None, before_step=None):
     """All prompts in one engine, greedy, logits recorded. Prefill steps hold up to
-    ``max_num_tokens`` tokens (longer prompts are chunked); None: all prompts in one step."""
+    ``max_num_tokens`` tokens (longer prompts are chunked); None: all prompts in one step.
+    ``before_step(k)`` runs before the k-th step (1-based; failure injection)."""
     from tensorrt_llm_dwdp.engine.executor import Engine, Request
     from tensorrt_llm_dwdp.engine.scheduler import SamplingParams
 
@@ -166,7 +171,11 @@ def generate_with_logits(model, prompts: list[list[int]], *, max_tokens: int, de
         engine.add_request(Request(rid, prompt, params))
     outputs = {rid: [] for rid in ids}
     bar = _progress(max_tokens, progress_desc)
+    step = 0
     while engine.has_work():
+        step += 1
+        if before_step is not None:
+            before_step(step)
         events = engine.step()
         for ev in events:
             outputs[ev.request_id].append(ev.token_id)
@@ -206,12 +215,14 @@ def read_rank_report(path: str) -> RankReport:
 
 
 def partition_config(num_experts: int, ranks: int, experts_per_worker: int | None = None,
-                     prefetch_experts: int | None = None, *, contention_opt: bool = False):
-    """A DwdpConfig for ``ranks`` ranks; by default a disjoint partition (W = P = E / ranks)."""
+                     prefetch_experts: int | None = None, *, contention_opt: bool = False,
+                     **tiers):
+    """A DwdpConfig for ``ranks`` ranks; by default a disjoint partition (W = P = E / ranks).
+    ``tiers``: host tier keys (``host_backup``, ``host_experts_per_worker``, ``host_offload``)."""
     from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
 
     if ranks == 1:
-        return DwdpConfig(dwdp_size=1)
+        return DwdpConfig(dwdp_size=1, **tiers)
     w = experts_per_worker
     if w is None:
         if num_experts % ranks:
@@ -225,7 +236,7 @@ def partition_config(num_experts: int, ranks: int, experts_per_worker: int | Non
                                   f"{ranks - 1}; give --prefetch-experts")
         p = (num_experts - w) // (ranks - 1)
     return DwdpConfig(dwdp_size=ranks, num_experts_per_worker=w, num_prefetch_experts=p,
-                      contention_opt=contention_opt)
+                      contention_opt=contention_opt, **tiers)
 
 
 def write_dwdp_yaml(config, path: str) -> None:
@@ -292,9 +303,11 @@ def ensure_checkpoint(preset: str, num_layers: int, quant: str, vocab_size: int 
 
 def reference_parity(model_dir: str, out_dir: str, groups: list[list[list[int]]], *,
                      max_tokens: int, device: str, moe_backend: str, cpu_threads: int = 1,
-                     max_num_tokens: int | None = None) -> Parity:
+                     max_num_tokens: int | None = None,
+                     skip: frozenset[int] = frozenset()) -> Parity:
     """Run each rank's prompt batch on one rank holding every expert, with the same steps
-    (same ``max_num_tokens`` chunking); compare bit for bit."""
+    (same ``max_num_tokens`` chunking); compare bit for bit. Ranks in ``skip`` (killed on
+    purpose) have no outputs to compare."""
     from tensorrt_llm_dwdp.model.checkpoint import load_model
 
     dev = pick_device(device, 0)
@@ -303,7 +316,7 @@ def reference_parity(model_dir: str, out_dir: str, groups: list[list[list[int]]]
     model = load_model(model_dir, device=dev, moe_backend=moe_backend, dwdp=None)
     tokens_equal, bitwise, worst, steps = True, True, 0.0, 0
     for rank, prompts in enumerate(groups):
-        if not prompts:
+        if not prompts or rank in skip:
             continue
         outputs, logits, _ = generate_with_logits(model, prompts, max_tokens=max_tokens, device=dev,
                                                   progress_desc=f"reference for rank {rank}",
@@ -343,4 +356,6 @@ def rank_report(rank: int, device, prompts, outputs, engine_stats, manager, mode
         prefetch_bytes=stats.bytes_copied,
         stall_ms_per_layer=1e3 * stats.stall_time_s / max(1, stats.waits),
         copy_ms_per_layer=1e3 * stats.copy_time_s / max(1, stats.prefetches),
-        outputs=outputs, peak_rss_mib=peak_rss_mib())
+        outputs=outputs, peak_rss_mib=peak_rss_mib(),
+        host_prefetch_bytes=stats.host_bytes_copied,
+        tier_events=[event.message for event in manager.tier_events])

@@ -101,3 +101,23 @@ def test_composite_view_footprint_and_bad_page(tmp_path, capsys):
     assert "--page-bytes 3000 is not a power of two" in capsys.readouterr().err
     assert main(["check-config", path, "--num-experts", "256"]) == 0
     assert "pass --model PRESET" in capsys.readouterr().out
+
+
+def test_host_tiers_report_store_size_and_hbm(tmp_path, capsys):
+    path = _yaml(tmp_path, "dwdp_config: {dwdp_size: 2, num_experts_per_worker: 5, "
+                           "num_prefetch_experts: 3, host_backup: true, "
+                           "host_experts_per_worker: 2}\n")
+    assert main(["check-config", path, "--json", "--expert-bytes", "4096", "--num-layers", "4"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    r0 = rep["ranks"][0]
+    assert r0["host_experts"] == [3, 5]
+    assert r0["expert_slots"] == 4 * (5 - 2) + 2 * (3 + 2)  # resident + buffers (peer + own host)
+    tiers = rep["host_tiers"]
+    assert tiers["host_store_slots"] == 4 * 8
+    assert tiers["host_store_bytes"] == 4 * 8 * 4096  # page-aligned regions, nothing wasted here
+    assert set(tiers["this_host"]) == {"shm_free", "mem_available"}
+    assert main(["check-config", path, "--model", "deepseek-v3", "--num-experts", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 1: owns [3, 8); experts [6, 8) in host memory" in out
+    assert "host store (one per group per node, POSIX shm): 464 expert slots" in out
+    assert "GiB free in /dev/shm" in out

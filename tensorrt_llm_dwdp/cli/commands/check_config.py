@@ -1,13 +1,15 @@
 """check-config: validate the dwdp_config of an options YAML and print each rank's layout.
 
 For every rank of a group: the experts it owns, what it fetches from whom, and its expert memory
-(``L*W + 2*(S-1)*P`` expert slots against ``L*E`` replicated), in bytes when the expert size is
-known (``--expert-bytes`` or ``--model`` preset). With the composite view (the file's
-``expert_view`` or ``--expert-view composite``) and a ``--model`` preset it also prints the
-composite footprint: own allocations with their edge pages, the two pools, the reserved address
-space, and the overhead against the multi view at ``--page-bytes`` (the file's
-``view_page_bytes``, else 2 MiB: CUDA's granularity on H100/H200). Exits 1 with the message on a
-bad file.
+(``L*W + 2*(S-1)*P`` expert slots against ``L*E`` replicated; with H host experts per rank
+``L*(W-H) + 2*((S-1)*P + H)``, or ``+ 2*(S-1)*P`` with ``host_offload: uvm``), in bytes when the
+expert size is known (``--expert-bytes`` or ``--model`` preset). With the composite view (the
+file's ``expert_view`` or ``--expert-view composite``) and a ``--model`` preset it also prints
+the composite footprint: own allocations with their edge pages, the two pools, the reserved
+address space, and the overhead against the multi view at ``--page-bytes`` (the file's
+``view_page_bytes``, else 2 MiB: CUDA's granularity on H100/H200). With host tiers it also
+reports the host store (``L*E`` experts per group and node, in POSIX shm) beside this machine's
+free shared and host memory. Exits 1 with the message on a bad file.
 """
 from __future__ import annotations
 
@@ -100,11 +102,14 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         raise DwdpConfigError(f"--num-layers must be >= 1, got {layers}")
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else model_bytes
     ranks = []
+    h = config.host_experts_per_worker
     for r in range(config.dwdp_size):
         lay = ExpertLayout.from_config(config, num_experts, r)
         fetch = [{"peer": p, "experts": list(lay.fetch_range(p)),
                   "part": "head" if p < r else "tail"} for p in lay.peers]
-        slots = lay.expert_memory(layers)
+        slots = lay.expert_memory(layers) - layers * h
+        if config.host_offload == "prefetch":
+            slots += 2 * h
         entry = {"rank": r, "owns": list(lay.owned_range()), "fetches": fetch,
                  "expert_slots": slots, "replicated_slots": layers * num_experts,
                  "fraction_of_replicated": slots / (layers * num_experts)}
@@ -113,13 +118,26 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
             entry["replicated_bytes"] = layers * num_experts * expert_bytes
         if view == "composite" and names is not None and config.enabled:
             entry["composite"] = _composite(lay, layers, names, page)
+        if h:
+            entry["host_experts"] = [lay.owned_range(r)[1] - h, lay.owned_range(r)[1]]
         ranks.append(entry)
+    report_tiers = None
+    if config.tiers_enabled:
+        report_tiers = {"host_store_slots": layers * num_experts, "host_offload": config.host_offload,
+                        "host_experts_per_worker": h, "host_backup": config.host_backup}
+        if expert_bytes is not None:
+            from tensorrt_llm_dwdp.dwdp.host_store import host_memory, store_bytes
+
+            report_tiers["host_store_bytes"] = store_bytes(num_experts, layers,
+                                                           {"expert": expert_bytes})
+            report_tiers["this_host"] = host_memory()
     return {
         "config": config.to_dict(), "enabled": config.enabled, "num_experts": num_experts,
         "moe_layers": layers, "expert_bytes": expert_bytes, "expert_view": view,
         "groups": [list(range(g * config.dwdp_size, (g + 1) * config.dwdp_size))
                    for g in range(config.num_groups)],
         "ranks": ranks,
+        "host_tiers": report_tiers,
     }
 
 
@@ -145,7 +163,9 @@ def _print_text(report: dict[str, Any]) -> None:
                f"{entry['replicated_slots']} replicated ({entry['fraction_of_replicated']:.1%})")
         if "bytes" in entry:
             mem += f" = {_gib(entry['bytes'])} vs {_gib(entry['replicated_bytes'])}"
-        print(f"rank {entry['rank']}: owns [{lo}, {hi}); fetches {fetch}; {mem}")
+        host = (f"; experts [{entry['host_experts'][0]}, {entry['host_experts'][1]}) in host "
+                f"memory" if "host_experts" in entry else "")
+        print(f"rank {entry['rank']}: owns [{lo}, {hi}){host}; fetches {fetch}; {mem}")
         comp = entry.get("composite")
         if comp:
             mib = 2**20
@@ -157,6 +177,17 @@ def _print_text(report: dict[str, Any]) -> None:
                   f"({comp['overhead_bytes'] / comp['multi_bytes']:+.2%})")
     if report["expert_view"] == "composite" and not any("composite" in e for e in report["ranks"]):
         print("composite view: pass --model PRESET for its footprint (per-tensor expert sizes)")
+    tiers = report["host_tiers"]
+    if tiers is not None:
+        line = (f"host store (one per group per node, POSIX shm): {tiers['host_store_slots']} "
+                f"expert slots (all {report['num_experts']} experts of {layers} MoE layer(s))")
+        if "host_store_bytes" in tiers:
+            free = tiers["this_host"]
+            avail = free["mem_available"]
+            line += (f" = {_gib(tiers['host_store_bytes'])}; this host: {_gib(free['shm_free'])} "
+                     f"free in /dev/shm, "
+                     + (f"{_gib(avail)} MemAvailable" if avail >= 0 else "MemAvailable unknown"))
+        print(line)
 
 
 def main(args: argparse.Namespace) -> int:

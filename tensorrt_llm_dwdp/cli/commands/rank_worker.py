@@ -26,6 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-backend", default="torch", help="MoE backend name (torch, cutedsl, torch-grouped)")
     p.add_argument("--out", required=True, help="folder for rank{r}.json / rank{r}.pt")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads when on the CPU")
+    p.add_argument("--fail-rank", type=int, default=None,
+                   help="failure injection: this rank SIGKILLs itself at --fail-at-step")
+    p.add_argument("--fail-at-step", type=int, default=2,
+                   help="step (1-based) at whose start --fail-rank dies; the others hold the "
+                   "next step until they see it down")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -58,9 +63,39 @@ def main(args: argparse.Namespace) -> int:
             outputs, logits, stats = generate_with_logits(
                 model, prompts, max_tokens=args.max_tokens, device=device, dwdp=manager,
                 progress_desc=f"rank {rank} decode" if rank == 0 else None,
-                max_num_tokens=args.max_num_tokens)
+                max_num_tokens=args.max_num_tokens,
+                before_step=_failure_injection(args, manager))
+        for event in manager.tier_events:
+            print(event.message, flush=True)
         report = rank_report(rank, device, prompts, outputs, stats, manager, model)
         write_rank_outputs(args.out, f"rank{rank}", report, outputs, logits)
         logger.info("rank %d: %d prompts, %d prefill tokens in %.3f s", rank, len(prompts),
                     report.prefill_tokens, report.prefill_seconds)
     return 0
+
+
+def _failure_injection(args: argparse.Namespace, manager):
+    """``before_step`` of the generation loop for ``--fail-rank``: that rank kills itself at
+    the start of step K; the others, before step K + 1, wait until they see it down (so the
+    failover happens mid-run however the OS schedules the ranks)."""
+    import os
+    import signal
+    import time
+
+    if args.fail_rank is None:
+        return None
+    victim, k = args.fail_rank, args.fail_at_step
+
+    def before_step(step: int) -> None:
+        if manager.rank == victim and step == k:
+            print(f"rank {victim}: SIGKILL at the start of step {k} (--fail-rank)", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if manager.rank != victim and step == k + 1:
+            deadline = time.monotonic() + manager.config.peer_timeout_s
+            while manager.peer_down(victim) is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rank {victim} was to die at its step {k} but is still "
+                                       f"up after {manager.config.peer_timeout_s:g} s")
+                time.sleep(0.01)
+
+    return before_step

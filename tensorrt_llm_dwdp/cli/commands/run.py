@@ -54,6 +54,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="weights a MoE layer reads: multi (S tensors per parameter) or "
                     "composite (one [E, ...] tensor through virtual-memory mapping) "
                     "(default: the --dwdp-config file's, else multi)")
+    tier = p.add_argument_group("host tiers (docs/TIERS.md)")
+    tier.add_argument("--host-backup", action="store_true",
+                      help="keep one copy of the group's experts in host memory (POSIX shm): "
+                      "survivors fail over to it when a rank dies")
+    tier.add_argument("--host-experts-per-worker", type=int, default=0, metavar="H",
+                      help="leave H of each rank's own experts in host memory, prefetched like "
+                      "peer experts (offload; default 0)")
+    tier.add_argument("--host-offload", default="prefetch", choices=["prefetch", "uvm"],
+                      help="how a rank reads its own host experts: H2D prefetch on the copy "
+                      "stream, or in place through CUDA managed memory (GPU only)")
+    tier.add_argument("--fail-rank", type=int, default=None, metavar="R",
+                      help="failure injection: rank R SIGKILLs itself at its --fail-at-step-th "
+                      "step; the others hold their next step until they see it down, fail "
+                      "over and finish (forces the TCP launch)")
+    tier.add_argument("--fail-at-step", type=int, default=2, metavar="K",
+                      help="the step (1-based) at whose start --fail-rank dies (default 2)")
     ex = p.add_argument_group("execution")
     ex.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="auto: one GPU per rank when CUDA is available, else CPU")
@@ -110,10 +126,18 @@ def main(args: argparse.Namespace) -> int:
         config = DwdpConfig.from_yaml(args.dwdp_config)
     else:
         config = partition_config(num_experts, args.ranks, args.experts_per_worker,
-                                  args.prefetch_experts, contention_opt=args.contention_opt)
+                                  args.prefetch_experts, contention_opt=args.contention_opt,
+                                  host_backup=args.host_backup,
+                                  host_experts_per_worker=args.host_experts_per_worker,
+                                  host_offload=args.host_offload)
     if args.expert_view is not None:
         config = dataclasses.replace(config, expert_view=args.expert_view)
     config.check_num_experts(num_experts)
+    launcher = args.launcher
+    if args.fail_rank is not None:
+        launcher = _check_failure_injection(args, config)
+    if config.tiers_enabled:
+        _check_host_store_fits(model_dir, config)
     os.makedirs(args.out, exist_ok=True)
     config_path = os.path.join(args.out, "dwdp.yaml")
     write_dwdp_yaml(config, config_path)
@@ -144,20 +168,31 @@ def main(args: argparse.Namespace) -> int:
                               "--moe-backend", args.moe_backend, "--out", args.out,
                               "--cpu-threads", str(threads),
                               *(("--max-num-tokens", str(args.max_num_tokens)) if args.max_num_tokens else ()))
-    result = launch(config.dwdp_size, argv, launcher=args.launcher, timeout_s=args.timeout)
+    killed: tuple[int, ...] = ()
+    if args.fail_rank is not None:
+        argv += ["--fail-rank", str(args.fail_rank), "--fail-at-step", str(args.fail_at_step)]
+        killed = (args.fail_rank,)
+    result = launch(config.dwdp_size, argv, launcher=launcher, timeout_s=args.timeout,
+                    survivors=bool(killed), expect_killed=killed, num_groups=config.num_groups)
+    for r in killed:
+        print(f"rank {r}: killed at its step {args.fail_at_step} (--fail-rank), exit code "
+              f"{result.returncodes[r]}", flush=True)
     if not result.ok:
         print(f"error: DWDP ranks failed (launcher {result.launcher}, exit codes "
               f"{list(result.returncodes)}); see the log above", file=sys.stderr)
         return 1
-    reports = [read_rank_report(os.path.join(args.out, f"rank{r}.json")) for r in range(config.dwdp_size)]
+    reports = [read_rank_report(os.path.join(args.out, f"rank{r}.json"))
+               for r in range(config.dwdp_size) if r not in killed]
     parity = None
     if not args.no_parity:
         parity = reference_parity(model_dir, args.out, groups, max_tokens=args.max_tokens,
                                   device=args.device, moe_backend=args.moe_backend,
-                                  cpu_threads=threads, max_num_tokens=args.max_num_tokens)
+                                  cpu_threads=threads, max_num_tokens=args.max_num_tokens,
+                                  skip=frozenset(killed))
     print(format_report(reports, parity))
     summary = {"model": model_dir, "dwdp_config": config.to_dict(), "launcher": result.launcher,
                "prompt_lengths": [len(p) for p in token_ids], "max_num_tokens": args.max_num_tokens,
+               "killed": list(killed), "shm_cleaned": list(result.cleaned),
                "wall_seconds": time.perf_counter() - started,
                "ranks": [r.__dict__ | {"prefill_tokens_per_s": r.prefill_tokens_per_s} for r in reports],
                "parity": None if parity is None else parity.__dict__}
@@ -166,3 +201,33 @@ def main(args: argparse.Namespace) -> int:
     if parity is not None and not (parity.tokens_equal and parity.logits_bitwise_equal):
         return 2
     return 0
+
+
+def _check_failure_injection(args: argparse.Namespace, config) -> str:
+    """Validate --fail-rank / --fail-at-step; the launcher that lets survivors live (TCP)."""
+    if not 0 <= args.fail_rank < config.dwdp_size or config.dwdp_size < 2:
+        raise SystemExit(f"error: --fail-rank {args.fail_rank} must name a rank of a group of "
+                         f">= 2 ranks, [0, {config.dwdp_size})")
+    if not 1 <= args.fail_at_step < args.max_tokens:
+        raise SystemExit(f"error: --fail-at-step {args.fail_at_step} must be in [1, "
+                         f"--max-tokens = {args.max_tokens}) so the survivors have a step left")
+    if args.launcher == "mpirun":
+        raise SystemExit("error: --fail-rank needs the TCP launch (plain mpirun aborts the job "
+                         "when a rank dies; see docs/TIERS.md); use --launcher tcp or auto")
+    return "tcp"
+
+
+def _check_host_store_fits(model_dir: str, config) -> None:
+    """Before anything starts: the host store must fit in /dev/shm and RAM (named numbers)."""
+    from tensorrt_llm_dwdp.dwdp.host_store import check_host_memory, store_bytes
+    from tensorrt_llm_dwdp.model.checkpoint import read_config
+    from tensorrt_llm_dwdp.moe.specs import expert_specs
+
+    cfg, quant = read_config(model_dir)
+    specs = expert_specs(quant, cfg.hidden_size, cfg.moe_intermediate_size)
+    nbytes = config.num_groups * store_bytes(cfg.num_experts, len(cfg.moe_layer_indices),
+                                             {n: spec.nbytes() for n, spec in specs.items()})
+    try:
+        check_host_memory(nbytes, f"host tiers of {config.num_groups} DWDP group(s) on this node")
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
