@@ -39,7 +39,8 @@ class LocalCluster:
     """``ctx_options`` / ``gen_options`` are LLM-API mappings (``dwdp_config`` on the context
     side makes the context servers one DWDP group of ``num_ctx`` ranks, ``ep_config`` one
     expert-parallel group). ``gen_model`` (default: ``model``) is what the generation servers
-    load: a prefill benchmark whose requests end at the first token can give them a tiny one."""
+    load: a prefill benchmark whose requests end at the first token can give them a tiny one.
+    ``router_options``: top-level keys of the disaggregated YAML for the router (``max_retries``)."""
 
     model: str
     workdir: str
@@ -51,6 +52,7 @@ class LocalCluster:
     launcher: str = "auto"
     env: Mapping[str, str] = field(default_factory=dict)
     gen_model: str | None = None
+    router_options: Mapping[str, Any] = field(default_factory=dict)
     procs: list[_Proc] = field(default_factory=list)
     config_path: str = ""
     router_url: str = ""
@@ -63,6 +65,7 @@ class LocalCluster:
             ({}, {"model": self.model}, {"model": self.gen_model})
         config = {
             "hostname": self.host, "port": ports[0], **models[0], "backend": "pytorch",
+            **self.router_options,
             "context_servers": {"num_instances": self.num_ctx,
                                 "urls": [f"{self.host}:{p}" for p in ports[1:1 + self.num_ctx]],
                                 **models[1], **self.ctx_options},
@@ -162,6 +165,12 @@ class LocalCluster:
                 with open(p.log_path, "rb") as f:
                     data = f.read()
                 return data[-num_bytes:].decode(errors="replace")
+        raise KeyError(f"no process named {name!r}; have {[p.name for p in self.procs]}")
+
+    def procs_by_name(self, name: str) -> subprocess.Popen:
+        for p in self.procs:
+            if p.name == name:
+                return p.popen
         raise KeyError(f"no process named {name!r}; have {[p.name for p in self.procs]}")
 
     def kill(self, name: str) -> None:

@@ -313,3 +313,67 @@ def test_generation_only_first_token_must_be_in_vocab_and_match_the_kv():
             for r in (ctx_runner, gen_runner):
                 await r.cleanup()
     run(main())
+
+
+def test_router_reruns_a_request_whose_kv_hand_over_died_and_probes_servers_back():
+    """A context server that answers but whose hand-over cannot be fetched (it died right
+    after): the generation server answers 502 kv_transfer_failed before any byte reached the
+    client, so the router runs the request again on another context server, marks the first one
+    down (its /health fails) and takes it back once /health answers."""
+    async def main():
+        health = {"status": 503}
+        dead_port = free_port()
+
+        async def ctx_answer(request):
+            body = await request.json()
+            return web.json_response({
+                "id": "c", "object": "text_completion", "created": 0, "model": body.get("model"),
+                "choices": [{"index": 0, "text": "a", "finish_reason": None, "disaggregated_params": {
+                    "request_type": "context_only", "first_gen_tokens": [97],
+                    "prompt_token_ids": TOK.encode(body["prompt"]),
+                    "kv_url": f"http://127.0.0.1:{dead_port}/v1/kv/gone", "ctx_request_id": "c"}}],
+                "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}})
+
+        async def ctx_health(request):
+            return web.Response(status=health["status"])
+
+        fake = web.Application()
+        fake.router.add_post("/v1/completions", ctx_answer)
+        fake.router.add_get("/health", ctx_health)
+        fake_port = free_port()
+        health["status"] = 200  # healthy while the router starts
+        fake_runner = await _start(fake, fake_port)
+        _, ctx_b_runner, ctx_b = await _worker(EngineDouble())
+        _, gen_runner, gen = await _worker(EngineDouble())
+        port = free_port()
+        cfg = parse_disagg_config({
+            "hostname": "127.0.0.1", "port": port, "model": "/models/tiny", "max_retries": 1,
+            "context_servers": {"num_instances": 2, "urls": [f"127.0.0.1:{fake_port}", ctx_b[7:]]},
+            "generation_servers": {"num_instances": 1, "urls": [gen[7:]]}})
+        router = DisaggRouter(cfg, request_timeout_s=20, server_start_timeout_s=10, probe_s=0.05)
+        router_runner = await _start(router.make_app(), port)
+        try:
+            health["status"] = 503  # "dead" from now on
+            async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+                for _ in range(2):  # round robin: the first request lands on the fake one
+                    chunks = await _stream(s, f"http://127.0.0.1:{port}/v1/completions",
+                                           {"prompt": "hj", "max_tokens": 4, "stream": True})
+                    assert len("".join(c["choices"][0]["text"] for c in chunks)) == 4
+                assert router.retries == 1
+                fake_inst = cfg.context.instances[0]
+                assert fake_inst in router.ctx.down
+                assert router.ctx.pick() != fake_inst and router.ctx.pick() != fake_inst
+                health["status"] = 200
+                for _ in range(100):
+                    if fake_inst not in router.ctx.down:
+                        break
+                    await asyncio.sleep(0.05)
+                assert fake_inst not in router.ctx.down  # probed back
+                async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                    text = await r.text()
+                assert 'trtllm_dwdp_retried_requests{role="router"} 1' in text
+                assert 'trtllm_dwdp_context_servers_down{role="router"} 0' in text
+        finally:
+            for r in (router_runner, fake_runner, ctx_b_runner, gen_runner):
+                await r.cleanup()
+    run(main())
