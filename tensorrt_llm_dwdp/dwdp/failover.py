@@ -92,8 +92,13 @@ class PeerWatch:
             self.events.append(TierEvent(kind, peer, seconds, message))
 
     def _release_dead(self, peer: int, record: Any) -> None:
-        """Unmap a dead peer's tensor and remove what it can no longer remove itself."""
-        self.transport.release(peer, record)
+        """Unmap a dead peer's tensor and remove what it can no longer remove itself. A dead
+        exporter may make the unmap itself fail: logged, not raised (nothing reads it again)."""
+        try:
+            self.transport.release(peer, record)
+        except Exception as exc:  # noqa: BLE001 - the peer is gone either way
+            logger.warning("DWDP rank %d: unmapping dead peer %d's memory failed: %s",
+                           self.rank, peer, exc)
         self.transport.forget(record)
 
     def _take_back_rejoined(self) -> bool:

@@ -664,6 +664,11 @@ class DwdpManager:
             self._queued = self._current  # re-queue what may have read it (a step boundary)
         return died
 
+    def copy_plans(self) -> list[CopyPlan]:
+        """Every (layer, buffer) plan the copy engine runs now (benchmarks time raw copies of
+        the same bytes beside them)."""
+        return [plan for row in self._plans for plan in row]
+
     def peer_down(self, peer: int) -> str | None:
         """Why ``peer`` is down now (process gone, heartbeat silent, closed), or None; needs
         host tiers (their control block tracks the group's processes)."""

@@ -5,91 +5,13 @@ rendezvous (plain mpirun would abort the job when a rank dies); see tiers_rank.p
 Each test also checks that nothing of the group is left in /dev/shm: neither the killed rank's
 segments (its survivors remove them) nor the host store and control block (the last rank out).
 """
-import glob
-import os
 import re
-import subprocess
-import sys
-import time
 
 import pytest
 
-from tensorrt_llm_dwdp.dwdp.host_tiers import group_key
-from tensorrt_llm_dwdp.launcher import free_port
+from tiers_group import Group, scenario_lines as _lines
 
 pytestmark = pytest.mark.multirank
-HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.path.join(HERE, "tiers_rank.py")
-ROOT = os.path.dirname(os.path.dirname(HERE))
-TIMEOUT_S = 150
-
-
-class Group:
-    """``size`` rank processes of one TCP rendezvous; rank 1 can be restarted."""
-
-    def __init__(self, tmp_path, size: int, *args: str):
-        self.size, self.args = size, list(args)
-        self.sync = tmp_path / "sync"
-        self.sync.mkdir()
-        self.job = f"test-{os.getpid()}-{time.monotonic_ns()}"
-        self.port = str(free_port())
-        self.procs: list[subprocess.Popen] = []
-        self.pids: list[int] = []
-        self.logs = []
-        self.tmp = tmp_path
-        for r in range(size):
-            self.start(r)
-
-    def start(self, rank: int, *extra: str) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "PYTHONUNBUFFERED": "1", "TRTLLM_DWDP_RANK": str(rank),
-               "TRTLLM_DWDP_MASTER_ADDR": "127.0.0.1", "TRTLLM_DWDP_MASTER_PORT": self.port,
-               "TRTLLM_DWDP_JOB_KEY": self.job}
-        log = open(self.tmp / f"rank{rank}-{len(self.procs)}.log", "w+")
-        proc = subprocess.Popen([sys.executable, SCRIPT, "--sync", str(self.sync), "--size",
-                                 str(self.size), *self.args, *extra], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        self.pids.append(proc.pid)
-        self.logs.append(log)
-        return proc
-
-    def wait(self, procs=None, timeout=TIMEOUT_S) -> list[int]:
-        deadline = time.monotonic() + timeout
-        codes = []
-        for p in procs or self.procs:
-            try:
-                codes.append(p.wait(timeout=max(1, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                self.kill_all()
-                pytest.fail(f"ranks hung:\n{self.output()[-6000:]}")
-        return codes
-
-    def kill_all(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-    def output(self) -> str:
-        out = []
-        for log in self.logs:
-            log.seek(0)
-            out.append(log.read())
-        return "\n".join(out)
-
-    def leftovers(self) -> list[str]:
-        files = glob.glob(f"/dev/shm/trtllm_dwdp_g{group_key(0, {'TRTLLM_DWDP_JOB_KEY': self.job})}_*")
-        for pid in self.pids:
-            files += glob.glob(f"/dev/shm/trtllm_dwdp_{pid}_*")
-        return files
-
-
-def _lines(out: str, scenario: str) -> dict:
-    found = {}
-    for m in re.finditer(rf"^SCENARIO {scenario} rank=(\d+) (.*)$", out, re.M):
-        found.setdefault(int(m.group(1)), []).append(m.group(2))
-    return found
 
 
 @pytest.fixture
@@ -107,7 +29,21 @@ def group_factory(tmp_path):
 
 @pytest.mark.parametrize("kill_at", ["prefetch", "compute"])
 def test_failover_when_a_peer_is_killed(group_factory, kill_at):
-    g = group_factory(3, "--scenario", "failover", "--kill-at", kill_at)
+    failover_case(group_factory, kill_at)
+
+
+def test_rejoin_after_a_kill(group_factory):
+    rejoin_case(group_factory)
+
+
+def test_corrupt_host_store_detected_at_failover(group_factory):
+    corrupt_case(group_factory)
+
+
+# The cases take extra tiers_rank.py arguments: tests/gpu/test_tiers_gpu.py runs them with
+# --device cuda.
+def failover_case(group_factory, kill_at, *extra):
+    g = group_factory(3, "--scenario", "failover", "--kill-at", kill_at, *extra)
     codes = g.wait()
     out = g.output()
     assert codes[1] == -9, out[-6000:]
@@ -119,8 +55,8 @@ def test_failover_when_a_peer_is_killed(group_factory, kill_at):
     assert not g.leftovers(), g.leftovers()
 
 
-def test_rejoin_after_a_kill(group_factory):
-    g = group_factory(3, "--scenario", "rejoin")
+def rejoin_case(group_factory, *extra):
+    g = group_factory(3, "--scenario", "rejoin", *extra)
     assert g.wait([g.procs[1]])[0] == -9, g.output()[-6000:]
     restarted = g.start(1, "--restarted")
     codes = g.wait([g.procs[0], g.procs[2], restarted])
@@ -135,8 +71,8 @@ def test_rejoin_after_a_kill(group_factory):
     assert not g.leftovers(), g.leftovers()
 
 
-def test_corrupt_host_store_detected_at_failover(group_factory):
-    g = group_factory(2, "--scenario", "corrupt")
+def corrupt_case(group_factory, *extra):
+    g = group_factory(2, "--scenario", "corrupt", *extra)
     codes = g.wait()
     out = g.output()
     assert codes == [0, -9], out[-6000:]

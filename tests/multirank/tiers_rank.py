@@ -1,7 +1,8 @@
 """One rank of the host-tier multi-rank tests: real processes, a real SIGKILL, CPU shm.
 
-Launched by tests/multirank/test_tiers_multirank.py as plain processes meeting through the TCP
-rendezvous (mpirun would abort the job when a rank dies). Rank 1 is the victim; the others
+Launched by tests/multirank/test_tiers_multirank.py (and, with ``--device cuda``, by
+tests/gpu/test_tiers_gpu.py: CUDA IPC, ranks may share one GPU) as plain processes meeting
+through the TCP rendezvous (mpirun would abort the job when a rank dies). Rank 1 is the victim; the others
 survive. Ranks coordinate through files in ``--sync`` (``die``: the victim garbles its own
 experts, then SIGKILLs itself; ``done``: the survivors are finished).
 
@@ -61,7 +62,7 @@ def register(mgr: DwdpManager, w: int) -> None:
         if mgr.restores_experts:
             tensors = mgr.restore_layer(layer)
             for name_id, (name, t) in enumerate(tensors.items()):
-                raw = t.view(torch.uint8).view(w, -1)
+                raw = t.view(torch.uint8).view(w, -1).cpu()
                 if not torch.equal(raw, expected(layer, name_id, lo, w, raw.shape[1])):
                     raise AssertionError(f"restored layer {layer} {name} differs")
         else:
@@ -69,7 +70,7 @@ def register(mgr: DwdpManager, w: int) -> None:
             for name_id, (name, (dtype, tail)) in enumerate(TENSORS.items()):
                 t = mgr.allocate((w,) + tail, dtype)
                 raw = t.view(torch.uint8).view(w, -1)
-                raw.copy_(expected(layer, name_id, lo, w, raw.shape[1]))
+                raw.copy_(expected(layer, name_id, lo, w, raw.shape[1]).to(raw.device))
                 tensors[name] = t
         mgr.register_layer(layer, tensors)
 
@@ -77,7 +78,7 @@ def register(mgr: DwdpManager, w: int) -> None:
 def check(view: dict, layer: int, e: int) -> list[str]:
     bad = []
     for name_id, name in enumerate(TENSORS):
-        whole = torch.cat([x.view(torch.uint8).reshape(x.shape[0], -1) for x in view[name]])
+        whole = torch.cat([x.view(torch.uint8).reshape(x.shape[0], -1).cpu() for x in view[name]])
         if not torch.equal(whole, expected(layer, name_id, 0, e, whole.shape[1])):
             bad.append(f"layer {layer} {name}")
     return bad
@@ -109,6 +110,8 @@ def victim_loop(mgr: DwdpManager, e: int, sync: str) -> None:
             for own in mgr._own:
                 for t in own.values():
                     t.view(torch.uint8).fill_(0xFF)
+            if mgr.device.type == "cuda":
+                torch.cuda.synchronize(mgr.device)
             print(f"SCENARIO victim rank={mgr.rank} DYING pid={os.getpid()}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         step(mgr, e)
@@ -135,7 +138,11 @@ def run(args) -> str:
     config = DwdpConfig(dwdp_size=size, num_experts_per_worker=args.w, num_prefetch_experts=args.p,
                         peer_timeout_s=WAIT_S, host_backup=True, heartbeat_interval_s=0.2,
                         peer_dead_after_s=30.0)
-    with DwdpManager.from_environment(config, e, "cpu") as mgr:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["TRTLLM_DWDP_RANK"]) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    with DwdpManager.from_environment(config, e, device) as mgr:
         register(mgr, args.w)
         mgr.exchange()
         mgr.poison_buffers(0xA5)
@@ -168,7 +175,8 @@ def run(args) -> str:
             retried = 1 + survive(mgr, e, lambda: True)
         elif args.scenario == "corrupt" and rank == 0:
             lo = mgr.layout.owned_range(VICTIM)[0]
-            mgr._host.store.experts(0, "w2_weight", lo + args.p, 1)[0, 3] ^= 0x40
+            store = mgr._host.store.experts(0, "w2_weight", lo + args.p, 1)
+            store[0, 3] = int(store[0, 3]) ^ 0x40
             raise_flag(sync, "die")
             wait_for(down, "rank 1 to die")
             try:
@@ -205,6 +213,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=3)
     ap.add_argument("--w", type=int, default=4)
     ap.add_argument("--p", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     rank = int(os.environ["TRTLLM_DWDP_RANK"])
     try:
