@@ -4,13 +4,15 @@ A small POSIX shm segment ``/dev/shm/trtllm_dwdp_g<key>_ctl`` of int64 words:
 
 ```
 header   magic, version, S, layers, E, store bytes, layout fingerprint, reserved
-slot r   pid, start time, pid namespace, incarnation, state, heartbeat ns, down mask, reserved,
-         seen[S]   (the incarnation of each peer whose memory rank r has mapped)
+slot r   pid, start time, pid namespace, incarnation, state, heartbeat ns, 2 reserved,
+         seen[S]      (the incarnation of each peer whose memory rank r has mapped)
+         declared[S]  (the incarnation of each peer rank r declared down, 0 if none)
 crc      [layers x S]  CRC32 of each (layer, writer part) of the host store, | 1 << 32 once set
 ```
 
-Each word has one writer (slot r: rank r; ``down mask`` bit q: rank q; crc (l, r): rank r), so
-no locks: aligned 8-byte stores are atomic. Handle records of each (rank, incarnation) sit in
+Each word has one writer (slot r: rank r; crc (l, r): rank r), so no locks: aligned 8-byte
+stores are atomic. A declaration names the incarnation it is about, so a restarted rank is never
+taken for the one its peers gave up on. Handle records of each (rank, incarnation) sit in
 files ``..._rec<r>_<inc>`` beside it (written to a temp name, then renamed), so a rank that
 restarts reads its survivors' records and they read its own, without the group's comm (whose
 store may have died with rank 0). The group's files are unlinked by the last rank to close, or
@@ -36,13 +38,13 @@ SHM_DIR = "/dev/shm"
 GROUP_PREFIX = "trtllm_dwdp_g"
 MAGIC = 0x44574450_54494552  # "DWDPTIER"
 VERSION = 1
-MAX_RANKS = 62  # the down mask is one int64 word
+MAX_RANKS = 64
 
 STARTING, SERVING, CLOSED = 1, 2, 3
 STATE_NAMES = {0: "empty", STARTING: "starting", SERVING: "serving", CLOSED: "closed"}
 
 _HEADER = 8
-_PID, _START, _NS, _INC, _STATE, _BEAT, _DOWN = range(7)
+_PID, _START, _NS, _INC, _STATE, _BEAT = range(6)
 _SLOT_FIXED = 8
 _CRC_SET = 1 << 32
 
@@ -73,12 +75,12 @@ class GroupControl:
         self._w = words
         self.size = int(words[2])
         self.num_layers = int(words[3])
-        self._slot_words = _SLOT_FIXED + self.size
+        self._slot_words = _SLOT_FIXED + 2 * self.size
 
     # ------------------------------------------------------------------ lifetime
     @staticmethod
     def nbytes(size: int, num_layers: int) -> int:
-        words = _HEADER + size * (_SLOT_FIXED + size) + num_layers * size
+        words = _HEADER + size * (_SLOT_FIXED + 2 * size) + num_layers * size
         return -(-words * 8 // mmap.PAGESIZE) * mmap.PAGESIZE
 
     @classmethod
@@ -179,9 +181,6 @@ class GroupControl:
     def heartbeat(self, rank: int) -> int:
         return int(self._w[self._slot(rank) + _BEAT])
 
-    def down_mask(self, rank: int) -> int:
-        return int(self._w[self._slot(rank) + _DOWN])
-
     def seen(self, rank: int, peer: int) -> int:
         """The incarnation of ``peer`` that ``rank`` has mapped (0: none)."""
         return int(self._w[self._slot(rank) + _SLOT_FIXED + peer])
@@ -189,7 +188,6 @@ class GroupControl:
     def claim(self, rank: int, ident: ProcIdentity, incarnation: int, state: int) -> None:
         """Write ``rank``'s identity, then its incarnation (readers key on it), then state."""
         s = self._slot(rank)
-        self._w[s + _DOWN] = 0
         self._w[s + _PID], self._w[s + _START], self._w[s + _NS] = (
             ident.pid, ident.start_time, ident.pid_ns)
         self._w[s + _INC] = incarnation
@@ -201,9 +199,15 @@ class GroupControl:
     def stamp(self, rank: int, now_ns: int) -> None:
         self._w[self._slot(rank) + _BEAT] = now_ns
 
-    def declare_down(self, by: int, rank: int) -> None:
-        """Rank ``by`` stopped reading ``rank`` (one bit per declaring rank)."""
-        self._w[self._slot(rank) + _DOWN] |= 1 << by
+    def declare_down(self, by: int, rank: int, incarnation: int) -> None:
+        """Rank ``by`` gave up on incarnation ``incarnation`` of ``rank``."""
+        self._w[self._slot(by) + _SLOT_FIXED + self.size + rank] = incarnation
+
+    def declared_down_by(self, rank: int) -> list[int]:
+        """Ranks that gave up on ``rank``'s current incarnation."""
+        inc = self.incarnation(rank)
+        return [r for r in range(self.size) if r != rank and inc
+                and int(self._w[self._slot(r) + _SLOT_FIXED + self.size + rank]) == inc]
 
     def ack(self, rank: int, peer: int, incarnation: int) -> None:
         self._w[self._slot(rank) + _SLOT_FIXED + peer] = incarnation

@@ -54,7 +54,7 @@ class PeerWatch:
                 f"peer_dead_after_s = {self.host.config.peer_dead_after_s:g} s); restart it to "
                 f"rejoin")
         died = False
-        dead = self.host.dead_peers(self.sources.up_peers)
+        dead = self.host.dead_peers(self.sources.up_peers, self.sources.seen)
         if dead:
             leaving = {p for p in dead if self.host.leaving(p)}
             synchronize()
@@ -68,8 +68,8 @@ class PeerWatch:
         ranges = self.sources.host_ranges_of(sorted(dead))
         moved = {}
         for peer in sorted(dead):
-            if peer not in leaving:
-                self.host.control.declare_down(self.rank, peer)
+            if peer not in leaving:  # the incarnation this rank mapped, not a restarted one
+                self.host.control.declare_down(self.rank, peer, self.sources.seen.get(peer, 0))
             moved[peer] = self.sources.mark_down(
                 peer, self.transport.release if peer in leaving else self._release_dead)
         try:

@@ -324,11 +324,20 @@ class HostTiers:
     def verify_sources(self, sources: Iterable[SourceRange], what: str) -> None:
         self.verify([(r.first, r.first + r.count) for r in sources if r.tier == HOST], what)
 
-    def dead_peers(self, peers: Iterable[int]) -> dict[int, str]:
-        """``{peer: why}`` for the peers of ``peers`` that are down now (see ``liveness``)."""
+    def dead_peers(self, peers: Iterable[int], seen: Mapping[int, int] | None = None
+                   ) -> dict[int, str]:
+        """``{peer: why}`` for the peers of ``peers`` that are down now (see ``liveness``). With
+        ``seen`` (the incarnation of each peer this rank mapped), a peer that restarted since
+        is down too: the process whose memory this rank maps is gone, even if the slot shows a
+        live one (it restarted before this rank noticed the death)."""
         now = now_ns()
         out = {}
         for p in peers:
+            inc = self.control.incarnation(p)
+            if seen is not None and inc > seen.get(p, 0):
+                out[p] = (f"it restarted (incarnation {inc}; this rank mapped incarnation "
+                          f"{seen.get(p, 0)})")
+                continue
             why = down_reason(self.control.identity(p), self.control.heartbeat(p),
                               self.config.peer_dead_after_s, now)
             if why is None and self.control.state(p) == CLOSED:
@@ -345,9 +354,8 @@ class HostTiers:
             self.config.peer_dead_after_s) is None
 
     def evicted_by(self) -> list[int]:
-        """Ranks that declared this rank down (it stopped answering for too long)."""
-        mask = self.control.down_mask(self.rank)
-        return [r for r in range(self.layout.dwdp_size) if mask >> r & 1]
+        """Ranks that declared this rank's incarnation down (it stopped answering too long)."""
+        return self.control.declared_down_by(self.rank)
 
     def rejoined(self, down: Iterable[int], seen: Mapping[int, int]) -> list[tuple[int, int]]:
         """``(peer, incarnation)`` of down peers that restarted and serve again."""

@@ -90,11 +90,13 @@ def test_control_block_slots_crcs_records(key):
         assert peer.identity(1) == me and peer.incarnation(1) == 2 and peer.state(1) == SERVING
         assert peer.live_ranks() == [1]
         ctl.stamp(1, 99)
-        ctl.declare_down(0, 1)
-        ctl.declare_down(2, 1)
-        assert peer.heartbeat(1) == 99 and peer.down_mask(1) == 0b101
-        ctl.claim(1, me, 3, SERVING)  # a new incarnation starts with a clean down mask
-        assert peer.down_mask(1) == 0
+        ctl.declare_down(0, 1, 2)
+        ctl.declare_down(2, 1, 2)
+        assert peer.heartbeat(1) == 99 and peer.declared_down_by(1) == [0, 2]
+        ctl.claim(1, me, 3, SERVING)  # a new incarnation is nobody's declared-down one
+        assert peer.declared_down_by(1) == []
+        ctl.declare_down(2, 1, 2)  # a late declaration about the old incarnation
+        assert peer.declared_down_by(1) == []
         ctl.ack(0, 1, 3)
         assert peer.seen(0, 1) == 3 and peer.seen(0, 2) == 0
         assert peer.crc(1, 2) is None

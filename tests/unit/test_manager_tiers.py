@@ -172,6 +172,37 @@ def test_corrupt_backup_is_detected_at_failover():
     mgrs[1]._closed = True
 
 
+def _rejoin(config, e, key, rank, survivors):
+    """A new manager for ``rank`` rejoining the running group of ``key`` (what
+    ``DwdpManager.from_environment`` does for a restarted process)."""
+    control = GroupControl.open(key)
+    running = RunningGroup(key, rank, control, {r: control.read_record(r, control.incarnation(r))
+                                                for r in survivors})
+    return DwdpManager(config, e, DetachedComm(rank, config.dwdp_size), "cpu", rejoin=running)
+
+
+def test_a_peer_that_restarted_before_the_survivors_noticed_is_failed_over_then_taken_back():
+    """The slot shows a live process again, but not the one whose memory the survivors map."""
+    s, w, p = 3, 4, 2
+    e = w + (s - 1) * p
+    config = _config(s, w, p)
+    mgrs = _group(s, config, e)
+    _kill(mgrs[1])
+    new = _rejoin(config, e, mgrs[0]._host.key, 1, (0, 2))
+    for layer in LAYERS:
+        new.register_layer(layer, new.restore_layer(layer))
+    new.exchange()
+    for m in (mgrs[0], mgrs[2]):
+        assert not _step(m, e)  # switched at start_step: nothing read the dead process
+        assert m.stats.failovers == 1 and m.stats.rejoins == 1 and m.peers_down == ()
+        assert "it restarted (incarnation 2; this rank mapped incarnation 1)" in \
+            m.tier_events[0].message
+        assert [ev.kind for ev in m.tier_events] == ["failover", "rejoin"]
+    assert not _step(new, e)
+    _close([mgrs[0], mgrs[2], new])
+    mgrs[1]._closed = True
+
+
 def test_rejoin_restores_from_the_store_and_moves_back_to_peer_memory():
     s, w, p = 3, 4, 2
     e = w + (s - 1) * p
@@ -217,3 +248,20 @@ def _check_restored(tensors, layer, lo, n):
         raw = tensors[name].view(torch.uint8).reshape(n, -1)
         for i in range(n):
             assert torch.equal(raw[i], _expert_bytes(layer, name_id, lo + i, raw.shape[1]))
+
+
+def test_a_silent_peer_is_declared_down_and_learns_it_when_it_wakes():
+    """Stops answering (heartbeat silent past peer_dead_after_s) while its process lives: the
+    survivors fail over; the silent rank's next step raises, naming who declared it down."""
+    from tensorrt_llm_dwdp.dwdp.liveness import now_ns
+
+    s, w, p = 2, 4, 4
+    config = _config(s, w, p, heartbeat_interval_s=0.1, peer_dead_after_s=1.0)
+    mgrs = _group(s, config, 8)
+    mgrs[1]._host._heartbeat.stop()
+    mgrs[1]._host.control.stamp(1, now_ns() - int(5e9))
+    assert not _step(mgrs[0], 8)
+    assert "no heartbeat for 5." in mgrs[0].tier_events[0].message
+    with pytest.raises(DwdpPeerError, match=r"declared down by rank\(s\) \[0\]"):
+        mgrs[1].start_step()
+    _close(mgrs)
