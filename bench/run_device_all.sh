@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The session's closing device runs on ONE H200 (ranks share it over CUDA IPC), in two calls
+# that fit a 30-minute device budget; from the repository root, with .whl carried:
+#   PHASE=1 bash bench/run_device_all.sh     # <= 8 min: every room's GPU tests at once, then the
+#                                            # end-to-end comparisons and the composite-view bench
+#   PHASE=2 bash bench/run_device_all.sh     # ~4 min (machine still warm): KV hand-over GB/s and
+#                                            # TTFT per path, host-tier H2D / failover / offload
+# Each room's own script (run_device_{compare,views,serving,tiers}.sh) is the full version of
+# its part; this one runs the same programs with shorter settings so that all of them fit.
+# Phase 1 runs the correctness tests of four rooms concurrently (they assert results, not
+# speed) while the checkpoints are written; every timed stage then runs alone on the GPU.
+# Outputs: $OUT/stages.txt (exit code and seconds per stage) and $OUT/phaseN.tgz (every log and
+# JSON: <stage>.log, compare/, views/, serving/, tiers/), two files, within what $OUT returns.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+FINAL="${OUT:-$ROOT/device_out}"
+OUT="$FINAL/phase${PHASE:-1}"
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+if ! "$PY" -c "import cutlass" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+WORK=/tmp/dwdp_all          # kept between the two calls while the machine stays warm
+mkdir -p "$WORK"
+T0=$(date +%s)
+
+stage() {  # stage NAME SECONDS cmd...: one stage under a timeout; log in $OUT/NAME.log
+  local name=$1 secs=$2; shift 2
+  local t0; t0=$(date +%s)
+  timeout -k 5 "$secs" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name exit $rc seconds $(( $(date +%s) - t0 )) (at $(( $(date +%s) - T0 )) s)" | tee -a "$OUT/stages.txt"
+  return $rc
+}
+TWO_RANKS=(mpirun --allow-run-as-root --oversubscribe -np 2 -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST
+           -x NVSHMEM_DISABLE_NVLS -x PYTHONPATH -x PYTHONUNBUFFERED)
+
+DSV3="$WORK/dsv3-1dense-2moe-V1024"     # serve_compare's context model
+GEN="$WORK/tiny-gen"                     # its (unused) generation server's model
+DSV3_2L="$WORK/dsv3-L2-V1024"            # the KV hand-over TTFT model
+
+if [ "${PHASE:-1}" = 1 ]; then
+  {
+    date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+    "$PY" -c 'import torch; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version(), "gpus", torch.cuda.device_count())'
+    "$PY" -c 'from tensorrt_llm_dwdp.moe.backends import get_backend; get_backend("cutedsl"); print("cutedsl ok")' 2>&1 | tail -1
+  } > "$OUT/env.log" 2>&1
+  : > "$OUT/stages.txt"
+  ( "$PY" - "$DSV3" "$GEN" <<'EOF'
+import os, sys
+from tensorrt_llm_dwdp.model.presets import get_preset
+from tensorrt_llm_dwdp.model.synthetic import write_synthetic_checkpoint
+model, gen = sys.argv[1], sys.argv[2]
+write_synthetic_checkpoint(gen, get_preset("tiny-deepseek-v3", num_layers=2, vocab_size=1024), quant="nvfp4")
+write_synthetic_checkpoint(model, get_preset("deepseek-v3", num_layers=3, vocab_size=1024,
+                           overrides={"first_k_dense_replace": 1}), quant="nvfp4", seed=1)
+EOF
+  ) > "$OUT/checkpoints.log" 2>&1 &
+  ckpt=$!
+  ( "$PY" -m tensorrt_llm_dwdp make-checkpoint --preset deepseek-v3 --num-layers 2 --vocab-size 1024 \
+      --quant nvfp4 --out "$DSV3_2L" ) > "$OUT/checkpoint_2l.log" 2>&1 &
+  ckpt2=$!
+  # Correctness, four rooms at once (each asserts its results; none is timed).
+  pids=()
+  stage tests_views 200 "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu/test_composite_views_gpu.py & pids+=($!)
+  stage tests_serving 200 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/gpu/test_kv_ipc.py \
+      tests/unit/test_sampling.py & pids+=($!)
+  stage tests_tiers 200 "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu/test_tiers_gpu.py & pids+=($!)
+  stage tests_compare 200 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/gpu/test_expert_parallel_gpu.py \
+      tests/unit/test_permute.py tests/unit/test_moe_torch_ref.py & pids+=($!)
+  wait "${pids[@]}"
+  wait "$ckpt"; echo "checkpoints exit $? at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/stages.txt"
+  for f in tests_views tests_serving tests_tiers tests_compare; do tail -n 1 "$OUT/$f.log"; done
+
+  # The headline: one request stream through the router, DWDP vs EP vs replicated.
+  left=$(( 300 - ($(date +%s) - T0) )); [ "$left" -lt 110 ] && left=110
+  stage serve_compare "$left" "$PY" bench/serve_compare.py --out "$OUT/compare/serve" --ranks 2 \
+      --model "$DSV3" --gen-model "$GEN" --moe-backend cutedsl --num-prompts 24 --concurrency 8 \
+      --max-num-tokens 8192 --max-batch-size 8 --start-timeout 120
+  cat "$OUT/compare/serve/summary.md" 2>/dev/null; rm -rf "$OUT/compare/serve/work"
+  # The per-step sweep with 8K-token prompts (own rate and lockstep).
+  stage e2e_prefill 100 "${TWO_RANKS[@]}" "$PY" bench/e2e_prefill.py --out "$OUT/compare/e2e" --preset deepseek-v3 \
+      --num-moe-layers 4 --tokens 8192,16384 --prompt-length 8192 --iters 2 --time-budget-s 70 --moe-backend cutedsl
+  tail -n 12 "$OUT/compare/e2e/summary.md" 2>/dev/null
+  # Composite vs multi views (cutedsl and torch-grouped), bitwise and step time in one run.
+  mkdir -p "$OUT/views"
+  stage expert_views 70 "${TWO_RANKS[@]}" "$PY" bench/expert_views.py --backends cutedsl,torch-grouped --layers 3 \
+      --warmup 1 --steps 3 --timeout 50 --out "$OUT/views/expert_views.json"
+  wait "$ckpt2"; echo "checkpoint_2l exit $? at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/stages.txt"
+else
+  mkdir -p "$OUT/serving" "$OUT/tiers"
+  : > "$OUT/stages.txt"
+  stage kv_bandwidth 50 "$PY" bench/kv_handover.py --device cuda:0 --export-device cuda:0 --tokens 8192 32768 \
+      --layers 61 --repeats 2 --out "$OUT/serving/kv_handover.json"
+  [ -f "$DSV3_2L/config.json" ] && stage kv_ttft 60 "$PY" bench/kv_handover.py --ttft "$DSV3_2L" --device cuda:0 \
+      --export-device cuda:0 --tokens 8192 --repeats 1 --start-timeout 45 --out "$OUT/serving/kv_handover_ttft.json"
+  stage tiers_h2d 30 "$PY" bench/tiers.py h2d --experts 64 --host-experts 32 --layers 4 --steps 4 --out "$OUT/tiers/h2d.json"
+  stage tiers_failover 50 "$PY" bench/tiers.py failover --experts 63 --layers 4 --tokens 2048 --kill-at 6 --after 4 \
+      --backend torch --timeout 25 --work /tmp/tiers_failover --out "$OUT/tiers/failover.json"
+  stage tiers_offload 35 "$PY" bench/tiers.py offload --experts 64 --host-experts 32 --layers 4 \
+      --tokens 1024 8192 32768 --iters 2 --budget-s 25 --out "$OUT/tiers/offload.json"
+  echo "files left in /dev/shm: $(ls /dev/shm | grep -c trtllm_dwdp)" | tee -a "$OUT/stages.txt"
+fi
+echo "total $(( $(date +%s) - T0 )) s" | tee -a "$OUT/stages.txt"
+cp "$OUT/stages.txt" "$FINAL/stages_phase${PHASE:-1}.txt"
+tar czf "$FINAL/phase${PHASE:-1}.tgz" -C "$FINAL" "phase${PHASE:-1}" && rm -rf "$OUT"
