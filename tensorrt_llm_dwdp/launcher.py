@@ -121,9 +121,7 @@ def launch(num_ranks: int, argv: list[str], *, launcher: str = "auto",
 def cleanup_shm(job_key: str, num_groups: int, dead_pids: list[int]) -> list[str]:
     """Remove the group files of ``job_key`` and the shm segments of ``dead_pids`` (a rank
     killed before its exchange cannot unlink its own); the paths removed."""
-    import glob
-
-    from tensorrt_llm_dwdp.dwdp.control import unlink_group
+    from tensorrt_llm_dwdp.dwdp.control import unlink_glob, unlink_group
     from tensorrt_llm_dwdp.dwdp.host_tiers import ENV_JOB_KEY, group_key
     from tensorrt_llm_dwdp.transport.shm import NAME_PREFIX, SHM_DIR
 
@@ -131,12 +129,7 @@ def cleanup_shm(job_key: str, num_groups: int, dead_pids: list[int]) -> list[str
     for g in range(num_groups):
         removed += unlink_group(group_key(g, {ENV_JOB_KEY: job_key}))
     for pid in dead_pids:
-        for path in glob.glob(os.path.join(SHM_DIR, f"{NAME_PREFIX}{pid}_*")):
-            try:
-                os.unlink(path)
-                removed.append(path)
-            except FileNotFoundError:
-                pass
+        removed += unlink_glob(os.path.join(SHM_DIR, f"{NAME_PREFIX}{pid}_*"))
     if removed:
         logger.info("removed %d file(s) dead ranks left in /dev/shm", len(removed))
     return removed

@@ -53,16 +53,55 @@ def group_path(key: str, suffix: str) -> str:
     return os.path.join(SHM_DIR, f"{GROUP_PREFIX}{key}_{suffix}")
 
 
-def unlink_group(key: str) -> list[str]:
-    """Remove every file of group ``key`` from /dev/shm; the paths removed."""
+def unlink_glob(pattern: str) -> list[str]:
+    """Remove the files matching ``pattern`` (a glob); the paths removed."""
     removed = []
-    for path in glob.glob(os.path.join(SHM_DIR, f"{GROUP_PREFIX}{key}_*")):
+    for path in glob.glob(pattern):
         try:
             os.unlink(path)
             removed.append(path)
         except FileNotFoundError:
             pass
     return removed
+
+
+def unlink_group(key: str) -> list[str]:
+    """Remove every file of group ``key`` from /dev/shm; the paths removed."""
+    return unlink_glob(os.path.join(SHM_DIR, f"{GROUP_PREFIX}{key}_*"))
+
+
+def create_mapped(path: str, nbytes: int) -> mmap.mmap:
+    """A new file of ``nbytes`` zero bytes at ``path``, mapped read-write. It is written under a
+    temporary name and renamed once sized, so nobody opens it half made; the caller fills it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+        mm = mmap.mmap(fd, nbytes)
+    except OSError:
+        os.unlink(tmp)
+        raise
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return mm
+
+
+def open_mapped(path: str, missing: str, nbytes: int | None = None) -> mmap.mmap:
+    """Map the existing file ``path`` read-write; DwdpError(``missing``) if it is not there, or
+    if ``nbytes`` is given and the file has another size."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        raise DwdpError(missing) from None
+    try:
+        size = os.fstat(fd).st_size
+        if nbytes is not None and size != nbytes:
+            raise DwdpError(f"{path} has {size} bytes, this rank's layout needs {nbytes}: the "
+                            f"ranks disagree on the experts")
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
 
 
 class GroupControl:
@@ -90,35 +129,21 @@ class GroupControl:
         if not 1 <= size <= MAX_RANKS:
             raise ValueError(f"host tiers support 1..{MAX_RANKS} ranks per group, got {size}")
         path = group_path(key, "ctl")
-        nbytes = cls.nbytes(size, num_layers)
-        tmp = f"{path}.tmp{os.getpid()}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, nbytes)
-            mm = mmap.mmap(fd, nbytes)
-        finally:
-            os.close(fd)
+        tmp = f"{path}.header"  # peers never see a half-written header: filled, then renamed
+        mm = create_mapped(tmp, cls.nbytes(size, num_layers))
         words = np.frombuffer(mm, dtype=np.int64)
         words[1:7] = (VERSION, size, num_layers, num_experts, store_bytes, fingerprint)
         words[0] = MAGIC
-        os.replace(tmp, path)  # peers never see a half-written header
+        os.replace(tmp, path)
         return cls(key, mm, words)
 
     @classmethod
     def open(cls, key: str) -> "GroupControl":
         path = group_path(key, "ctl")
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            raise DwdpError(f"the DWDP group control block {path} does not exist (the group's "
-                            f"rank 0 creates it at the handle exchange)") from None
-        try:
-            size = os.fstat(fd).st_size
-            mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        mm = open_mapped(path, f"the DWDP group control block {path} does not exist (the "
+                               f"group's rank 0 creates it at the handle exchange)")
         words = np.frombuffer(mm, dtype=np.int64)
-        if size < _HEADER * 8 or words[0] != MAGIC or words[1] != VERSION:
+        if len(mm) < _HEADER * 8 or words[0] != MAGIC or words[1] != VERSION:
             del words
             mm.close()
             raise DwdpError(f"{path} is not a DWDP control block of version {VERSION}")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfigError
-from tensorrt_llm_dwdp.dwdp.control import SHM_DIR, group_path
+from tensorrt_llm_dwdp.dwdp.control import SHM_DIR, create_mapped, group_path, open_mapped
 from tensorrt_llm_dwdp.dwdp.errors import DwdpError
 
 logger = logging.getLogger(__name__)
@@ -138,34 +138,16 @@ class HostStore:
     @classmethod
     def create(cls, key: str, layout: StoreLayout) -> "HostStore":
         check_host_memory(layout.total_bytes, f"the DWDP host store of group {key}")
-        path = group_path(key, "store")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, layout.total_bytes)
-            mm = mmap.mmap(fd, layout.total_bytes)
-        except OSError:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
-        return cls(key, layout, mm)
+        return cls(key, layout, create_mapped(group_path(key, "store"), layout.total_bytes))
 
     @classmethod
     def open(cls, key: str, layout: StoreLayout) -> "HostStore":
         path = group_path(key, "store")
         try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            raise DwdpBackupError(f"the host store {path} is gone (its group closed or was "
-                                  f"cleaned up)") from None
-        try:
-            size = os.fstat(fd).st_size
-            if size != layout.total_bytes:
-                raise DwdpBackupError(f"{path} has {size} bytes, this rank's layout needs "
-                                      f"{layout.total_bytes}: the ranks disagree on the experts")
-            mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+            mm = open_mapped(path, f"the host store {path} is gone (its group closed or was "
+                                   f"cleaned up)", layout.total_bytes)
+        except DwdpError as exc:
+            raise DwdpBackupError(str(exc)) from None
         return cls(key, layout, mm)
 
     # ------------------------------------------------------------------ addresses and views
