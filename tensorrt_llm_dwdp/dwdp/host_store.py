@@ -90,6 +90,21 @@ def store_bytes(num_experts: int, num_layers: int, expert_bytes: Mapping[str, in
     return StoreLayout.of(num_experts, [dict(expert_bytes)] * num_layers).total_bytes
 
 
+def check_checkpoint_store(model_dir: str, groups: int = 1) -> int:
+    """Before a rank loads anything: the host store(s) of ``groups`` DWDP groups of checkpoint
+    ``model_dir`` must fit in /dev/shm and RAM (DwdpConfigError naming the numbers otherwise).
+    Returns the bytes of one group's store."""
+    from tensorrt_llm_dwdp.model.checkpoint import read_config
+    from tensorrt_llm_dwdp.moe.specs import expert_specs
+
+    cfg, quant = read_config(model_dir)
+    specs = expert_specs(quant, cfg.hidden_size, cfg.moe_intermediate_size)
+    one = store_bytes(cfg.num_experts, len(cfg.moe_layer_indices),
+                      {n: spec.nbytes() for n, spec in specs.items()})
+    check_host_memory(groups * one, f"the host store of {groups} DWDP group(s) of {model_dir}")
+    return one
+
+
 def host_memory(path: str = SHM_DIR) -> dict[str, int]:
     """Bytes free for a new store: ``shm_free`` (the tmpfs behind ``path``) and
     ``mem_available`` (``MemAvailable`` of /proc/meminfo; -1 where unknown)."""

@@ -76,6 +76,10 @@ def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = Non
     before = in_use(device)
     try:
         if options.dwdp_config is not None:
+            if options.dwdp_config.tiers_enabled:  # refuse before loading: names the numbers
+                from tensorrt_llm_dwdp.dwdp.host_store import check_checkpoint_store
+
+                check_checkpoint_store(options.model)
             manager = _make_manager(options, model_config, device, group)
         if options.ep_config is not None:
             ep_group = _make_ep_group(options, model_config, device, ep_rendezvous)

@@ -219,15 +219,9 @@ def _check_failure_injection(args: argparse.Namespace, config) -> str:
 
 def _check_host_store_fits(model_dir: str, config) -> None:
     """Before anything starts: the host store must fit in /dev/shm and RAM (named numbers)."""
-    from tensorrt_llm_dwdp.dwdp.host_store import check_host_memory, store_bytes
-    from tensorrt_llm_dwdp.model.checkpoint import read_config
-    from tensorrt_llm_dwdp.moe.specs import expert_specs
+    from tensorrt_llm_dwdp.dwdp.host_store import check_checkpoint_store
 
-    cfg, quant = read_config(model_dir)
-    specs = expert_specs(quant, cfg.hidden_size, cfg.moe_intermediate_size)
-    nbytes = config.num_groups * store_bytes(cfg.num_experts, len(cfg.moe_layer_indices),
-                                             {n: spec.nbytes() for n, spec in specs.items()})
     try:
-        check_host_memory(nbytes, f"host tiers of {config.num_groups} DWDP group(s) on this node")
+        check_checkpoint_store(model_dir, config.num_groups)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
