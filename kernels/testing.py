@@ -15,6 +15,7 @@ from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 MODELS = {
     # name: (hidden H, expert intermediate I, routed experts E, top-k)
     "deepseek_v3": (7168, 2048, 256, 8),
+    "qwen3_235b_a22b": (4096, 1536, 128, 8),
     "qwen3_30b_a3b": (2048, 768, 128, 8),
 }
 

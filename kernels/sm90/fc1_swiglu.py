@@ -10,7 +10,7 @@ import torch
 
 from ..compile_cache import CompileCache
 from .expert_table import ExpertTable
-from .grouped_launch import check_plan_tensors, launch_grouped_gemm
+from .grouped_launch import check_plan_tensors, launch_rs_gemm
 
 
 def fc1_gather_swiglu(
@@ -19,15 +19,12 @@ def fc1_gather_swiglu(
     gather_index: torch.Tensor,
     tile_expert: torch.Tensor,
     w13: ExpertTable,
-    tile_m: int,
-    n_sub: int = 128,
+    bn: int,
     out: torch.Tensor | None = None,
-    warp_specialized: bool = False,
-    stages: int = 4,
-    fuse_n: bool = False,
 ) -> torch.Tensor:
-    """x bf16 ``[T, H]``; gather_index int32 ``[M_pad]``; tile_expert int32 ``[M_pad/tile_m]``;
-    ``w13`` rows = 2I, k = H. Returns bf16 ``[M_pad, I]`` in permuted order."""
+    """x bf16 ``[T, H]``; gather_index int32 ``[M_pad]``; tile_expert int32 ``[M_pad / bn]``
+    (the plan built with ``tile_m=bn``); ``w13`` rows = 2I, k = H. Returns bf16 ``[M_pad, I]``
+    in permuted order."""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"fc1: x must be contiguous bf16 [T, H], got {x.dtype} {tuple(x.shape)}")
     if x.data_ptr() % 16:
@@ -35,15 +32,14 @@ def fc1_gather_swiglu(
     if x.shape[1] != w13.k:
         raise ValueError(f"fc1: x hidden {x.shape[1]} != weight K {w13.k}")
     m_pad = gather_index.numel()
-    check_plan_tensors(tile_m, m_pad, tile_expert)
+    check_plan_tensors(bn, m_pad, tile_expert)
     inter = w13.rows // 2
     if out is None:
         out = torch.empty(m_pad, inter, dtype=torch.bfloat16, device=x.device)
     elif out.dtype != torch.bfloat16 or tuple(out.shape) != (m_pad, inter) or not out.is_contiguous():
         raise ValueError(f"fc1: out must be contiguous torch.bfloat16 {(m_pad, inter)}, got "
                          f"{out.dtype} {tuple(out.shape)}")
-    return launch_grouped_gemm(
+    return launch_rs_gemm(
         cache, epilogue="swiglu", a=x, row_index=gather_index, tile_expert=tile_expert,
-        table=w13, row_weight=x.new_empty(1, dtype=torch.float32), out=out, tile_m=tile_m,
-        n_sub=n_sub, gather=True, warp_specialized=warp_specialized,
-        stages=stages, fuse_n=fuse_n)
+        table=w13, topk_w=x.new_empty(1, dtype=torch.float32), out=out, bn=bn,
+        blk_begin=0, blk_end=w13.rows // 64)

@@ -1,9 +1,13 @@
-"""FC2 of a MoE layer on Hopper with a deterministic finalize.
+"""FC2 of a MoE layer on Hopper with a deterministic finalize and bounded scratch.
 
-Kernel: ``y[m] = router_weight[m] * (alpha_e * h[m] @ w2_e^T)`` in fp32 for every permuted row
-(router weight 0 on padding rows). Finalize: ``out[t] = bf16(sum_j y[inverse[t, j]])`` summed
-in fp32 in slot order j = 0..k-1 (no atomics), so results are bitwise reproducible run to run
-and independent of how the experts are split over B tensors.
+Per column chunk ``[c0, c0 + Hc)`` of the hidden size: the RS grouped GEMM writes
+``y[t k + j, c] = router_weight[t, j] * (alpha_e * h[m] @ w2_e^T)[c0 + c]`` in fp32 for every
+real permuted row m = (token t, slot j); then ``slot_sum`` writes ``out[t, c0 + c] =
+bf16(sum_j y[t k + j, c])`` summed in fp32 in slot order j = 0..k-1 (no atomics), so results
+are bitwise reproducible run to run and independent of how the experts are split over B
+tensors. The fp32 scratch ``y`` is ``T k Hc`` floats with ``Hc <= H / k``: at most 2x the bf16
+output (``Hc`` is a multiple of 64 columns; for ``H < 64 k`` it is one 64-column block).
+The chunks partition the weight rows, so every NVFP4 byte is still read once.
 """
 from __future__ import annotations
 
@@ -11,76 +15,82 @@ import torch
 
 from ..compile_cache import CompileCache
 from .expert_table import ExpertTable
-from .grouped_launch import check_plan_tensors, current_stream, gmem_ptr, launch_grouped_gemm
+from .grouped_launch import check_plan_tensors, current_stream, gmem_ptr, launch_rs_gemm
+
+BLOCK = 64
 
 
-def permuted_row_weights(topk_weights: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[M_pad]``: the router weight of each permuted row's (token, slot), 0 on padding."""
-    flat = topk_weights.reshape(-1).float()
-    valid = slot_index >= 0
-    return torch.where(valid, flat[slot_index.clamp(min=0).long()], torch.zeros((), device=flat.device))
+def chunk_blocks(hidden: int, top_k: int, blocks_per_cta: int = 4) -> int:
+    """64-column blocks per FC2 chunk: the most with ``T k Hc`` fp32 <= 2 ``T H`` bf16 (Hc <=
+    H / k), rounded down to whole CTA tiles when that leaves at least one; never below one."""
+    budget = hidden // (BLOCK * top_k)
+    if budget >= blocks_per_cta:
+        return budget // blocks_per_cta * blocks_per_cta
+    return max(1, budget)
 
 
-def fc2_weighted(
+def fc2_finalize(
     cache: CompileCache,
     h: torch.Tensor,
+    slot_index: torch.Tensor,
     tile_expert: torch.Tensor,
-    row_weight: torch.Tensor,
+    topk_weights: torch.Tensor,
     w2: ExpertTable,
-    tile_m: int,
-    n_sub: int = 128,
+    bn: int,
     out: torch.Tensor | None = None,
-    warp_specialized: bool = False,
-    stages: int = 4,
-    fuse_n: bool = False,
 ) -> torch.Tensor:
-    """h bf16 ``[M_pad, I]``; row_weight fp32 ``[M_pad]``; ``w2`` rows = H, k = I.
-    Returns fp32 ``[M_pad, H]`` router-weighted rows."""
+    """h bf16 ``[M_pad, I]``; slot_index int32 ``[M_pad]`` (the plan's flat slot per row, -1 on
+    padding); topk_weights fp32 ``[T, k]``; ``w2`` rows = H, k = I. Returns bf16 ``[T, H]``."""
     if h.dtype != torch.bfloat16 or h.dim() != 2 or not h.is_contiguous():
         raise ValueError(f"fc2: h must be contiguous bf16 [M_pad, I], got {h.dtype} {tuple(h.shape)}")
     if h.shape[1] != w2.k:
         raise ValueError(f"fc2: h width {h.shape[1]} != weight K {w2.k}")
-    m_pad = h.shape[0]
-    check_plan_tensors(tile_m, m_pad, tile_expert)
-    if row_weight.dtype != torch.float32 or row_weight.shape != (m_pad,):
-        raise ValueError(f"fc2: row_weight must be fp32 [{m_pad}], got {row_weight.dtype} "
-                         f"{tuple(row_weight.shape)}")
+    check_plan_tensors(bn, h.shape[0], tile_expert)
+    if slot_index.dtype != torch.int32 or slot_index.shape != (h.shape[0],):
+        raise ValueError(f"fc2: slot_index must be int32 [{h.shape[0]}], got "
+                         f"{slot_index.dtype} {tuple(slot_index.shape)}")
+    if topk_weights.dtype != torch.float32 or topk_weights.dim() != 2:
+        raise ValueError(f"fc2: topk_weights must be fp32 [T, k], got {topk_weights.dtype} "
+                         f"{tuple(topk_weights.shape)}")
+    tokens, top_k = topk_weights.shape
+    hidden = w2.rows
     if out is None:
-        out = torch.empty(m_pad, w2.rows, dtype=torch.float32, device=h.device)
-    elif out.dtype != torch.float32 or tuple(out.shape) != (m_pad, w2.rows) or not out.is_contiguous():
-        raise ValueError(f"fc2: out must be contiguous torch.float32 {(m_pad, w2.rows)}, got "
+        out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=h.device)
+    elif out.dtype != torch.bfloat16 or tuple(out.shape) != (tokens, hidden) or not out.is_contiguous():
+        raise ValueError(f"fc2: out must be contiguous torch.bfloat16 {(tokens, hidden)}, got "
                          f"{out.dtype} {tuple(out.shape)}")
-    return launch_grouped_gemm(
-        cache, epilogue="weighted", a=h, row_index=tile_expert, tile_expert=tile_expert,
-        table=w2, row_weight=row_weight, out=out, tile_m=tile_m, n_sub=n_sub, gather=False, warp_specialized=warp_specialized,
-        stages=stages, fuse_n=fuse_n)
-
-
-def finalize(cache: CompileCache, y: torch.Tensor, inverse: torch.Tensor,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """bf16 ``[T, H]``: each token's k router-weighted fp32 rows of ``y [M_pad, H]`` summed in
-    slot order (``inverse [T, k]`` int32, the plan's permuted row of each slot)."""
-    tokens, k = inverse.shape
-    hidden = y.shape[1]
-    if y.dtype != torch.float32 or not y.is_contiguous():
-        raise ValueError(f"finalize: y must be contiguous fp32, got {y.dtype}")
-    if inverse.dtype != torch.int32 or not inverse.is_contiguous():
-        raise ValueError(f"finalize: inverse must be contiguous int32, got {inverse.dtype}")
-    if out is None:
-        out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=y.device)
     if tokens == 0:
         return out
+    blocks = hidden // BLOCK
+    cb = chunk_blocks(hidden, top_k)
+    y = torch.empty(tokens * top_k, cb * BLOCK, dtype=torch.float32, device=h.device)
+    weights = topk_weights.contiguous().reshape(-1)
+    for b0 in range(0, blocks, cb):
+        b1 = min(blocks, b0 + cb)
+        launch_rs_gemm(cache, epilogue="scatter", a=h, row_index=slot_index,
+                       tile_expert=tile_expert, table=w2, topk_w=weights, out=y, bn=bn,
+                       blk_begin=b0, blk_end=b1, y_cols=cb * BLOCK)
+        slot_sum(cache, y, out, top_k, b0 * BLOCK, (b1 - b0) * BLOCK)
+    return out
+
+
+def slot_sum(cache: CompileCache, y: torch.Tensor, out: torch.Tensor, top_k: int, col0: int,
+             cols: int) -> torch.Tensor:
+    """``out[t, col0 + c] = bf16(sum_j y[t top_k + j, c])`` for ``c < cols`` (slot order)."""
     import cutlass
 
-    args = [gmem_ptr(y, 16), gmem_ptr(inverse), gmem_ptr(out, 8), cutlass.Int32(tokens)]
+    tokens, hidden = out.shape
+    y_cols = y.shape[1]
+    args = [gmem_ptr(y, 16), gmem_ptr(out, 8), cutlass.Int32(tokens), cutlass.Int32(col0),
+            cutlass.Int32(cols)]
 
     def build():
         import cutlass.cute as cute
 
         from .slot_sum import SlotSum
 
-        return cute.compile(SlotSum(hidden, k), *args, current_stream())
+        return cute.compile(SlotSum(y_cols, top_k, hidden), *args, current_stream())
 
-    compiled = cache.get(("slot_sum", hidden, k), build)
+    compiled = cache.get(("slot_sum", y_cols, top_k, hidden), build)
     compiled(*args, current_stream())
     return out

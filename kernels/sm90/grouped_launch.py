@@ -1,11 +1,10 @@
-"""Host side of the W4A16 grouped GEMM: argument checks, cached compilation, launch."""
+"""Host side of the RS W4A16 grouped GEMM: argument checks, cached compilation, launch."""
 from __future__ import annotations
 
 import torch
 
 from ..compile_cache import CompileCache, require_cutlass
 from .expert_table import ExpertTable
-
 
 _ALIGN = {torch.bfloat16: 16, torch.float32: 4, torch.int32: 4, torch.int64: 8}
 
@@ -29,7 +28,18 @@ def current_stream():
     return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
 
 
-def launch_grouped_gemm(
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (the persistent grid's size)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def launch_rs_gemm(
     cache: CompileCache,
     *,
     epilogue: str,
@@ -37,41 +47,38 @@ def launch_grouped_gemm(
     row_index: torch.Tensor,
     tile_expert: torch.Tensor,
     table: ExpertTable,
-    row_weight: torch.Tensor,
+    topk_w: torch.Tensor,
     out: torch.Tensor,
-    tile_m: int,
-    n_sub: int,
-    gather: bool,
-    warp_specialized: bool = False,
-    stages: int = 4,
-    fuse_n: bool = False,
+    bn: int,
+    blk_begin: int,
+    blk_end: int,
+    y_cols: int = 0,
 ) -> torch.Tensor:
-    """Run one grouped GEMM (see ``w4a16_grouped_gemm``; ``warp_specialized`` picks the
-    producer/consumer variant of ``w4a16_grouped_gemm_ws``; ``stages`` sets the plain
-    variant's load ring, loads running ``stages - 2`` K tiles ahead; ``fuse_n``: one WGMMA over both B sub-tiles, plain variant only) into ``out``."""
-    if tile_expert.numel() == 0:
+    """Run one ``w4a16_rs_gemm`` over every token tile and the 64-row weight blocks
+    ``[blk_begin, blk_end)`` into ``out``; the grid is min(work tiles, SMs)."""
+    from .w4a16_rs_gemm import BLOCKS_PER_CTA
+
+    tiles = tile_expert.numel() * -(-(blk_end - blk_begin) // BLOCKS_PER_CTA)
+    if tiles == 0:
         return out
-    key = ("w4a16_grouped_gemm", warp_specialized, stages, fuse_n, epilogue, table.rows, table.k,
-           tile_m, n_sub, gather, a.dtype, out.dtype)
+    key = ("w4a16_rs_gemm", epilogue, table.rows, table.k, bn, y_cols)
     require_cutlass()
     import cutlass
 
     ptrs = [gmem_ptr(a, 16), gmem_ptr(row_index), gmem_ptr(tile_expert),
             gmem_ptr(table.tensor_of_expert), gmem_ptr(table.local_of_expert),
-            gmem_ptr(table.table), gmem_ptr(row_weight), gmem_ptr(out, 16)]
-    sizes = [cutlass.Int32(a.shape[0]), cutlass.Int32(tile_expert.numel()),
-             cutlass.Int32(table.tensor_of_expert.numel()), cutlass.Int32(table.num_tensors)]
+            gmem_ptr(table.table), gmem_ptr(topk_w), gmem_ptr(out, 16)]
+    sizes = [cutlass.Int32(v) for v in (
+        tile_expert.numel(), table.tensor_of_expert.numel(), table.num_tensors, blk_begin,
+        blk_end, min(tiles, sm_count(a.device)))]
 
     def build():
         import cutlass.cute as cute
 
-        from .w4a16_grouped_gemm import W4A16GroupedGemm
-        from .w4a16_grouped_gemm_ws import W4A16GroupedGemmWS
+        from .w4a16_rs_gemm import W4A16RsGemm
 
-        cls = W4A16GroupedGemmWS if warp_specialized else W4A16GroupedGemm
-        kernel = cls(epilogue=epilogue, n_weight=table.rows, k=table.k,
-                     tile_m=tile_m, n_sub=n_sub, gather=gather, stages=stages,
-                     **({"fuse_n": True} if fuse_n else {}))
+        kernel = W4A16RsGemm(epilogue=epilogue, n_weight=table.rows, k=table.k, bn=bn,
+                             y_cols=y_cols)
         return cute.compile(kernel, *ptrs, *sizes, current_stream())
 
     compiled = cache.get(key, build)
@@ -79,10 +86,10 @@ def launch_grouped_gemm(
     return out
 
 
-def check_plan_tensors(tile_m: int, m_pad: int, tile_expert: torch.Tensor) -> None:
-    """The permuted row count must be a whole number of int32-indexed tiles."""
-    if m_pad != tile_expert.numel() * tile_m:
+def check_plan_tensors(bn: int, m_pad: int, tile_expert: torch.Tensor) -> None:
+    """The permuted row count must be a whole number of int32-indexed token tiles."""
+    if m_pad != tile_expert.numel() * bn:
         raise ValueError(
-            f"grouped GEMM: {m_pad} permuted rows != {tile_expert.numel()} tiles x tile_m={tile_m}")
+            f"grouped GEMM: {m_pad} permuted rows != {tile_expert.numel()} tiles x bn={bn}")
     if tile_expert.dtype != torch.int32:
         raise ValueError(f"grouped GEMM: tile_expert must be int32, got {tile_expert.dtype}")

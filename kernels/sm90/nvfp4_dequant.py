@@ -28,27 +28,39 @@ LUT_HI = (0x3F3F3F00, 0x40404040)
 INTERLEAVE = (0x5140, 0x7362)  # (lo.b0, hi.b0, lo.b1, hi.b1) and (lo.b2, hi.b2, lo.b3, hi.b3)
 SIGN_SELECT = (0x4000, 0x5010, 0x6020, 0x7030)  # byte 1 <- (w << 4).b_i, byte 3 <- w.b_i
 
-_E2M1X8_PTX = (
-    "{\n\t"
-    ".reg .b32 mag, magh, lo0, hi0, lo1, hi1, sx, sg, o0, o1, o2, o3, la, lb, ha, hb;\n\t"
-    f"mov.b32 la, {LUT_LO[0]:#x};\n\tmov.b32 lb, {LUT_LO[1]:#x};\n\t"
-    f"mov.b32 ha, {LUT_HI[0]:#x};\n\tmov.b32 hb, {LUT_HI[1]:#x};\n\t"
-    "and.b32 mag, $4, 0x77777777;\n\t"
-    "shr.b32 magh, mag, 16;\n\t"
-    "prmt.b32 lo0, la, lb, mag;\n\tprmt.b32 hi0, ha, hb, mag;\n\t"
-    "prmt.b32 lo1, la, lb, magh;\n\tprmt.b32 hi1, ha, hb, magh;\n\t"
-    f"prmt.b32 o0, lo0, hi0, {INTERLEAVE[0]:#x};\n\tprmt.b32 o1, lo0, hi0, {INTERLEAVE[1]:#x};\n\t"
-    f"prmt.b32 o2, lo1, hi1, {INTERLEAVE[0]:#x};\n\tprmt.b32 o3, lo1, hi1, {INTERLEAVE[1]:#x};\n\t"
-    "shl.b32 sx, $4, 4;\n\t"
-    + "".join(
-        f"prmt.b32 sg, sx, $4, {sel:#x};\n\tand.b32 sg, sg, 0x80008000;\n\tor.b32 o{i}, o{i}, sg;\n\t"
-        for i, sel in enumerate(SIGN_SELECT))
-    + "mul.rn.bf16x2 $0, o0, $5;\n\tmul.rn.bf16x2 $1, o1, $5;\n\t"
-    "mul.rn.bf16x2 $2, o2, $5;\n\tmul.rn.bf16x2 $3, o3, $5;\n\t"
-    "}"
-)
+def _e2m1x8_body(src: str, scale_lo: str, scale_hi: str) -> str:
+    """PTX for the steps above on the packed word in register ``src``; outputs $0..$3, words
+    0, 1 multiplied by ``scale_lo`` and words 2, 3 by ``scale_hi`` (bf16x2 splats)."""
+    return (
+        ".reg .b32 mag, magh, lo0, hi0, lo1, hi1, sx, sg, o0, o1, o2, o3, la, lb, ha, hb;\n\t"
+        f"mov.b32 la, {LUT_LO[0]:#x};\n\tmov.b32 lb, {LUT_LO[1]:#x};\n\t"
+        f"mov.b32 ha, {LUT_HI[0]:#x};\n\tmov.b32 hb, {LUT_HI[1]:#x};\n\t"
+        f"and.b32 mag, {src}, 0x77777777;\n\t"
+        "shr.b32 magh, mag, 16;\n\t"
+        "prmt.b32 lo0, la, lb, mag;\n\tprmt.b32 hi0, ha, hb, mag;\n\t"
+        "prmt.b32 lo1, la, lb, magh;\n\tprmt.b32 hi1, ha, hb, magh;\n\t"
+        f"prmt.b32 o0, lo0, hi0, {INTERLEAVE[0]:#x};\n\tprmt.b32 o1, lo0, hi0, {INTERLEAVE[1]:#x};\n\t"
+        f"prmt.b32 o2, lo1, hi1, {INTERLEAVE[0]:#x};\n\tprmt.b32 o3, lo1, hi1, {INTERLEAVE[1]:#x};\n\t"
+        f"shl.b32 sx, {src}, 4;\n\t"
+        + "".join(
+            f"prmt.b32 sg, sx, {src}, {sel:#x};\n\tand.b32 sg, sg, 0x80008000;\n\t"
+            f"or.b32 o{i}, o{i}, sg;\n\t"
+            for i, sel in enumerate(SIGN_SELECT))
+        + f"mul.rn.bf16x2 $0, o0, {scale_lo};\n\tmul.rn.bf16x2 $1, o1, {scale_lo};\n\t"
+        f"mul.rn.bf16x2 $2, o2, {scale_hi};\n\tmul.rn.bf16x2 $3, o3, {scale_hi};\n\t"
+    )
 
-_E4M3X4_PTX = (
+
+_E2M1X8_PTX = "{\n\t" + _e2m1x8_body("$4", "$5", "$5") + "}"
+
+def _e4m3x4_ptx(exp2: int) -> str:
+    """e4m3 x4 -> bf16x2 splats of ``scale * 2^exp2`` (the power of two applied in fp32)."""
+    factor = f"0f{(127 + exp2) << 23:08X}"  # exact power of two (fp32 hex literal)
+    mul = "".join(f"mul.rn.f32 f{i}, f{i}, {factor};\n\t" for i in range(4)) if exp2 else ""
+    return _E4M3X4_PTX_HEAD + mul + _E4M3X4_PTX_TAIL
+
+
+_E4M3X4_PTX_HEAD = (
     "{\n\t"
     ".reg .b16 lo, hi;\n\t.reg .b32 h01, h23;\n\t.reg .f16 a0, a1, a2, a3;\n\t"
     ".reg .f32 f0, f1, f2, f3;\n\t"
@@ -56,6 +68,8 @@ _E4M3X4_PTX = (
     "cvt.rn.f16x2.e4m3x2 h01, lo;\n\tcvt.rn.f16x2.e4m3x2 h23, hi;\n\t"
     "mov.b32 {a0, a1}, h01;\n\tmov.b32 {a2, a3}, h23;\n\t"
     "cvt.f32.f16 f0, a0;\n\tcvt.f32.f16 f1, a1;\n\tcvt.f32.f16 f2, a2;\n\tcvt.f32.f16 f3, a3;\n\t"
+)
+_E4M3X4_PTX_TAIL = (
     "cvt.rn.bf16x2.f32 $0, f0, f0;\n\tcvt.rn.bf16x2.f32 $1, f1, f1;\n\t"
     "cvt.rn.bf16x2.f32 $2, f2, f2;\n\tcvt.rn.bf16x2.f32 $3, f3, f3;\n\t"
     "}"
@@ -71,11 +85,14 @@ def _i32x4():
 
 
 @dsl_user_op
-def e4m3x4_to_bf16x2_splats(word: Int32, *, loc=None, ip=None):
+def e4m3x4_to_bf16x2_splats(word: Int32, exp2: int = 0, *, loc=None, ip=None):
     """Four e4m3 block scales (bytes 0..3 of ``word``) -> four bf16x2 words, each holding its
-    scale in both halves. e4m3 -> f16 (cvt, sm_89+) and f16 -> f32 -> bf16 are exact: every
-    e4m3 value (3 mantissa bits, 2^-9 .. 448) is a bf16 value."""
-    res = asm(_i32x4(), [Int32(word).ir_value(loc=loc, ip=ip)], _E4M3X4_PTX,
+    scale times ``2^exp2`` in both halves. e4m3 -> f16 (cvt, sm_89+), f16 -> f32, the power of
+    two and f32 -> bf16 are exact for every e4m3 value (3 mantissa bits, 2^-9 .. 448) as long
+    as ``448 * 2^exp2`` stays below bf16's maximum (exp2 <= 118)."""
+    if not -100 <= exp2 <= 118:
+        raise ValueError(f"exp2={exp2} would leave bf16's exact range for e4m3 scales")
+    res = asm(_i32x4(), [Int32(word).ir_value(loc=loc, ip=ip)], _e4m3x4_ptx(exp2),
               "=r,=r,=r,=r,r", side_effects=False)
     return _four(res, loc, ip)
 
@@ -87,6 +104,56 @@ def e2m1x8_to_bf16x8_scaled(packed: Int32, scale_bf16x2: Int32, *, loc=None, ip=
     res = asm(_i32x4(),
               [Int32(packed).ir_value(loc=loc, ip=ip), Int32(scale_bf16x2).ir_value(loc=loc, ip=ip)],
               _E2M1X8_PTX, "=r,=r,=r,=r,r,r", side_effects=False)
+    return _four(res, loc, ip)
+
+
+# ---- register-operand path (``w4a16_rs_gemm``): one packed word -> one A-fragment word ----
+# Placing an e2m1 code's bits as bf16 ``sign | 0..0 E1 E0 | M 0..0`` (E at the exponent's two
+# low bits, M at the mantissa's top bit) gives the code's value times 2^-126 exactly (E = 0 is
+# the bf16 subnormal M * 2^-127). Multiplying by the block scale pre-scaled by 2^SCALE_EXP2
+# (exact in bf16 up to 448 * 2^118) gives the exact weight times 2^WEIGHT_EXP2; the epilogue
+# multiplies alpha by 2^-WEIGHT_EXP2. Per output word: shl, prmt, lop, shr, lop, mul.
+SCALE_EXP2 = 118
+WEIGHT_EXP2 = SCALE_EXP2 - 126
+EM_MASK = 0x70007000  # E1 E0 M of the nibbles at bits 12..15 and 28..31
+SIGN_MASK = 0x80008000
+
+
+def fragment_selector(lane_c: int) -> int:
+    """prmt selector putting byte ``c`` of ``w << 4`` in byte 1 and byte ``c`` of ``w`` in
+    byte 3 (bytes 0 and 2 are never read)."""
+    return lane_c | lane_c << 4 | (4 + lane_c) << 8 | (4 + lane_c) << 12
+
+
+def _fragment_ptx() -> str:
+    body = []
+    for i in range(4):
+        scale = "$9" if i < 2 else "$10"
+        body.append(
+            f"shl.b32 a{i}, ${4 + i}, 4;\n\tprmt.b32 d{i}, a{i}, ${4 + i}, $8;\n\t"
+            f"and.b32 t{i}, d{i}, {EM_MASK:#x};\n\tshr.b32 t{i}, t{i}, 6;\n\t"
+            f"and.b32 o{i}, d{i}, {SIGN_MASK:#x};\n\tor.b32 o{i}, o{i}, t{i};\n\t"
+            f"mul.rn.bf16x2 ${i}, o{i}, {scale};\n\t")
+    regs = ", ".join(f"{r}{i}" for r in "adto" for i in range(4))
+    return "{\n\t.reg .b32 " + regs + ";\n\t" + "".join(body) + "}"
+
+
+_FRAGMENT_PTX = _fragment_ptx()
+
+
+@dsl_user_op
+def fragment_bf16x8(w0: Int32, w1: Int32, w2: Int32, w3: Int32, selector: Int32,
+                    scale0: Int32, scale1: Int32, *, loc=None, ip=None):
+    """Byte ``c`` of each of four packed words (``selector = fragment_selector(c)``) -> four
+    bf16x2 words (lo nibble in the low half): from ``w0``, ``w1`` times ``scale0``, from
+    ``w2``, ``w3`` times ``scale1`` (bf16x2 splats of ``scale * 2^SCALE_EXP2``), i.e. the exact
+    weights times ``2^WEIGHT_EXP2``.
+
+    With ``w0..w3`` the 16 packed bytes of two k16 steps of one weight row and ``c = lane % 4``,
+    the outputs are that thread's WGMMA A-fragment words of the row: step 0's (k 2c, 2c+1) and
+    (k 2c+8, 2c+9) pairs, then step 1's."""
+    args = [Int32(v).ir_value(loc=loc, ip=ip) for v in (w0, w1, w2, w3, selector, scale0, scale1)]
+    res = asm(_i32x4(), args, _FRAGMENT_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r", side_effects=False)
     return _four(res, loc, ip)
 
 
@@ -119,3 +186,33 @@ def emulate_e2m1x8_bf16(words: np.ndarray, scale: np.ndarray) -> np.ndarray:
     halves = np.stack([np.stack([o & u(0xFFFF), o >> u(16)], axis=-1) for o in outs], axis=1)
     values = (halves.reshape(len(w), 8).astype(np.uint32) << u(16)).view(np.float32)
     return values * scale.astype(np.float32)[:, None]
+
+
+
+def emulate_fragment_bf16x8(words: np.ndarray, lane_c: int, scale0: np.ndarray,
+                            scale1: np.ndarray) -> np.ndarray:
+    """CPU model of ``fragment_bf16x8``: uint32 ``words [n, 4]``, float ``scale0/1 [n]`` (the
+    e4m3 values, before the 2^SCALE_EXP2 factor) -> float64 ``[n, 8]``: (lo, hi) of output
+    words 0..3, each the exact product the kernel's bf16 multiply returns (checked exact)."""
+    u = np.uint32
+    sel = u(fragment_selector(lane_c))
+    out = np.zeros((len(words), 8))
+    for i in range(4):
+        w = words[:, i].astype(np.uint32)
+        d = _prmt((w << u(4)) & u(0xFFFFFFFF), w, sel)
+        o = (d & u(SIGN_MASK)) | ((d & u(EM_MASK)) >> u(6))
+        halves = np.stack([o & u(0xFFFF), o >> u(16)], axis=-1).astype(np.uint32) << u(16)
+        vals = halves.view(np.float32).astype(np.float64)  # bf16 bits -> exact value
+        scale = (scale0 if i < 2 else scale1).astype(np.float64) * 2.0 ** SCALE_EXP2
+        prod = vals * scale[:, None]
+        as_bf16 = torch_free_bf16_round(prod)
+        if not np.array_equal(as_bf16, prod):
+            raise AssertionError("a weight x scale product is not exact in bf16")
+        out[:, 2 * i: 2 * i + 2] = prod
+    return out
+
+
+def torch_free_bf16_round(x: np.ndarray) -> np.ndarray:
+    """Round float64 values to bf16 (nearest even), returned as float64 (normal range)."""
+    m, e = np.frexp(x)  # x = m * 2^e, 0.5 <= |m| < 1
+    return np.ldexp(np.round(m * 256.0) / 256.0, e)  # 8 significant bits

@@ -6,7 +6,8 @@ in the form these kernels need: 16-byte / 4-byte ``cp.async`` to a raw shared-me
 stores at swizzled addresses. The NVFP4 conversion lives in ``nvfp4_dequant``.
 
 Addresses: shared memory as 32-bit ``.shared`` addresses (Int32), global memory as 64-bit
-generic addresses (Int64).
+generic addresses (Int64): every global offset is computed in 64 bits, so no tensor size limits
+an index to 2^31 elements.
 """
 from __future__ import annotations
 
@@ -126,4 +127,59 @@ def st_global_bf16x4(gmem_addr: Int64, v0, v1, v2, v3, *, loc=None, ip=None) -> 
         "cvt.rn.bf16x2.f32 p1, $4, $3;\n\t"
         "st.global.v2.b32 [$0], {p0, p1};\n\t}",
         "l,f,f,f,f",
+    )
+
+
+@dsl_user_op
+def bulk_copy_g2s(smem_addr: Int32, gmem_addr: Int64, nbytes: Int32, mbar_addr: Int32, *,
+                  loc=None, ip=None) -> None:
+    """TMA bulk copy of ``nbytes`` (a multiple of 16; both addresses 16-byte aligned) from
+    global to shared memory; completion is counted in bytes on the mbarrier at ``mbar_addr``
+    (``mbarrier::complete_tx``), so the caller registers the bytes with ``expect_tx``."""
+    asm(
+        None,
+        [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip),
+         Int32(nbytes).ir_value(loc=loc, ip=ip), Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
+        "r,l,r,r",
+    )
+
+
+@dsl_user_op
+def st_global_bf16(gmem_addr: Int64, v, *, loc=None, ip=None) -> None:
+    """Round one fp32 value to bf16 (RN) and store its 2 bytes."""
+    asm(
+        None,
+        [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Float32(v).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .b16 h;\n\tcvt.rn.bf16.f32 h, $1;\n\tst.global.b16 [$0], h;\n\t}",
+        "l,f",
+    )
+
+
+@dsl_user_op
+def st_global_f32(gmem_addr: Int64, v, *, loc=None, ip=None) -> None:
+    """Store one fp32 value."""
+    asm(
+        None,
+        [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Float32(v).ir_value(loc=loc, ip=ip)],
+        "st.global.f32 [$0], $1;",
+        "l,f",
+    )
+
+
+@dsl_user_op
+def ld_global_f32(gmem_addr: Int64, *, loc=None, ip=None) -> Float32:
+    """Load one fp32 value (read-only path)."""
+    return Float32(
+        asm(T.f32(), [Int64(gmem_addr).ir_value(loc=loc, ip=ip)], "ld.global.nc.f32 $0, [$1];",
+            "=f,l")
+    )
+
+
+@dsl_user_op
+def ld_global_i32(gmem_addr: Int64, *, loc=None, ip=None) -> Int32:
+    """Load one int32 value (read-only path)."""
+    return Int32(
+        asm(T.i32(), [Int64(gmem_addr).ir_value(loc=loc, ip=ip)], "ld.global.nc.b32 $0, [$1];",
+            "=r,l")
     )

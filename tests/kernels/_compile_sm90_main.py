@@ -1,9 +1,9 @@
-"""Compile the sm90 grouped GEMMs for sm_90a without a GPU (run as a script by
-test_compile_sm90.py with CUTE_DSL_ARCH / CUTE_DSL_KEEP_CUBIN / CUTE_DSL_DUMP_DIR set).
+"""Compile the sm90 kernels for sm_90a without a GPU (run as a script by test_compile_sm90.py
+with CUTE_DSL_ARCH / CUTE_DSL_KEEP_CUBIN / CUTE_DSL_DUMP_DIR set).
 
 ``cute.compile`` writes the cubin, then fails to load it (no driver): that failure is expected
 and reported as 'loaded=no'; any other error fails the script.
-Usage: python _compile_sm90_main.py (swiglu|weighted) TILE_M N_SUB [ws|plain|fused [STAGES]] | slot_sum 0 0
+Usage: python _compile_sm90_main.py (swiglu|scatter) N_WEIGHT K BN [Y_COLS] | slot_sum 0 0 0
 """
 import sys
 
@@ -11,36 +11,28 @@ import torch
 
 
 def main() -> int:
-    from tensorrt_llm_dwdp.kernels.sm90.w4a16_grouped_gemm import W4A16GroupedGemm
-
-    epilogue, tile_m, n_sub = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    hidden, inter, experts = 2048, 768, 8  # Qwen3-30B-A3B dims, few experts
-    if epilogue == "slot_sum":
+    kind = sys.argv[1]
+    experts = 8
+    if kind == "slot_sum":
         from tensorrt_llm_dwdp.kernels.sm90.slot_sum import SlotSum
 
-        return _compile(SlotSum(hidden, 8), [torch.zeros(64, hidden), torch.zeros(4, 8, dtype=torch.int32),
-                                             torch.zeros(4, hidden, dtype=torch.bfloat16)], [4])
-    rows = 2 * tile_m
-    if epilogue == "swiglu":
-        k, n_weight, gather = hidden, 2 * inter, True
-        a = torch.zeros(16, hidden, dtype=torch.bfloat16)
-        out = torch.zeros(rows, inter, dtype=torch.bfloat16)
-    else:
-        k, n_weight, gather = inter, hidden, False
-        a = torch.zeros(rows, inter, dtype=torch.bfloat16)
-        out = torch.zeros(rows, hidden, dtype=torch.float32)
-    args = [a, torch.zeros(rows, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
-            torch.zeros(experts, dtype=torch.int32), torch.zeros(experts, dtype=torch.int32),
-            torch.zeros(3, 2, dtype=torch.int64), torch.zeros(rows, dtype=torch.float32), out]
-    cls, extra = W4A16GroupedGemm, {}
-    if len(sys.argv) > 4 and sys.argv[4] == "fused":
-        extra = {"fuse_n": True}
-    if len(sys.argv) > 4 and sys.argv[4] == "ws":
-        from tensorrt_llm_dwdp.kernels.sm90.w4a16_grouped_gemm_ws import W4A16GroupedGemmWS as cls
-    stages = int(sys.argv[5]) if len(sys.argv) > 5 else 4
-    kernel = cls(epilogue=epilogue, n_weight=n_weight, k=k, tile_m=tile_m, n_sub=n_sub,
-                 gather=gather, stages=stages, **extra)
-    return _compile(kernel, args, [a.shape[0], 2, experts, 2])
+        return _compile(SlotSum(512, 8, 4096), [torch.zeros(32, 512),
+                                                torch.zeros(4, 4096, dtype=torch.bfloat16)],
+                        [4, 0, 512])
+    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import W4A16RsGemm
+
+    n_weight, k, bn = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    y_cols = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+    rows = 2 * bn
+    out = (torch.zeros(rows, n_weight // 2, dtype=torch.bfloat16) if kind == "swiglu"
+           else torch.zeros(rows, y_cols, dtype=torch.float32))
+    args = [torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(rows, dtype=torch.int32),
+            torch.zeros(2, dtype=torch.int32), torch.zeros(experts, dtype=torch.int32),
+            torch.zeros(experts, dtype=torch.int32), torch.zeros(3, 2, dtype=torch.int64),
+            torch.zeros(rows, dtype=torch.float32), out]
+    kernel = W4A16RsGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols)
+    blocks = (y_cols or n_weight) // 64
+    return _compile(kernel, args, [2, experts, 2, 0, blocks, 132])
 
 
 def _compile(kernel, tensors, sizes) -> int:

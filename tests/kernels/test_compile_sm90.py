@@ -1,10 +1,10 @@
-"""The sm90 kernels compile for sm_90a on a CPU-only machine and their SASS holds HGMMA.
+"""The sm90 kernels compile for sm_90a on a CPU-only machine and their SASS is the design's.
 
 Each configuration compiles in a subprocess (the DSL reads CUTE_DSL_* at import) into a temp
 dump dir; cuobjdump (nvidia-cuda-cuobjdump, with nvdisasm from nvidia-cuda-nvdisasm) then
-disassembles the cubin. Checks: warpgroup MMAs (HGMMA ... BF16) are there, no local-memory
-spills (LDL/STL), 16-byte cp.async (LDGSTS.E.BYPASS.128) for the gathered A rows and NVFP4
-rows, and the packed-bf16 multiply of the dequant (HMUL2.BF16).
+disassembles the cubin. Checks: warpgroup MMAs with the A operand in registers (RS HGMMA),
+no local-memory spills (LDL/STL), 16-byte cp.async (LDGSTS.E.BYPASS.128), the packed-bf16
+multiply of the dequant (HMUL2.BF16), and setmaxnreg honoured (168-register launch pool).
 """
 from __future__ import annotations
 
@@ -65,25 +65,23 @@ def _compile_sass(tools, tmp_path, *argv) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
-@pytest.mark.parametrize("epilogue,tile_m,n_sub,variant", [
-    ("swiglu", 128, 128, "plain"), ("weighted", 64, 128, "plain"), ("swiglu", 128, 128, "ws"),
-    ("weighted", 256, 64, "plain"), ("swiglu", 128, 128, "fused"),
+@pytest.mark.parametrize("kind,n_weight,k,bn,y_cols", [
+    ("swiglu", 4096, 7168, 16, 0),    # DeepSeek-V3 FC1, memory-bound tile (K tile 128)
+    ("scatter", 2880, 2880, 128, 384),  # FC2 with K = 2880 (K tile 64), widest token tile
 ])
-def test_compiles_to_hgmma(tools, tmp_path, epilogue, tile_m, n_sub, variant):
-    sass = _compile_sass(tools, tmp_path, epilogue, str(tile_m), str(n_sub), variant)
-    if tile_m == 256:  # 512 threads: the kernel must fit 128 registers per thread
-        regs = _registers(tools, tmp_path)
-        assert regs <= 128, f"{regs} registers per thread x 512 threads > 64K"
-    hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\.BF16", sass)
-    # 4 k16 steps per 64-wide K tile, 2 B sub-tiles, each a 64 x n_sub WGMMA (fused: one
-    # 64 x 2 n_sub WGMMA over both).
-    want = (4, str(2 * n_sub)) if variant == "fused" else (8, str(n_sub))
-    assert len(hgmma) == want[0] and set(hgmma) == {want[1]}, hgmma
+def test_compiles_to_register_a_hgmma(tools, tmp_path, kind, n_weight, k, bn, y_cols):
+    """The weights reach WGMMA from registers: every HGMMA reads A from a register (``R..``,
+    not a ``gdesc``) and B through a descriptor, 4 k16 steps x 2 blocks per 64-wide K slice."""
+    sass = _compile_sass(tools, tmp_path, kind, str(n_weight), str(k), str(bn), str(y_cols))
+    hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\.BF16 R\d+, (\S+), gdesc", sass)
+    k_tile = 128 if bn <= 32 and k % 128 == 0 else 64
+    assert len(hgmma) == 2 * k_tile // 16 and {n for n, _ in hgmma} == {str(bn)}, hgmma
+    assert all(re.fullmatch(r"R\d+,?", a) for _, a in hgmma), f"A not from registers: {hgmma}"
     assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
-    assert "LDGSTS.E.BYPASS.128" in sass
-    assert "HMUL2.BF16" in sass
-    if variant == "ws":  # producer gives registers back, consumers take them
-        assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
+    assert "LDGSTS.E.BYPASS.128" in sass  # 16 B cp.async: weights and gathered token rows
+    assert "HMUL2.BF16" in sass  # the block-scale multiply of the dequant
+    assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
+    assert _registers(tools, tmp_path) == 168  # the pool setmaxnreg redistributes
 
 
 def _registers(tools, tmp_path) -> int:
@@ -94,6 +92,6 @@ def _registers(tools, tmp_path) -> int:
 
 
 def test_slot_sum_compiles_with_wide_loads(tools, tmp_path):
-    sass = _compile_sass(tools, tmp_path, "slot_sum", "0", "0")
+    sass = _compile_sass(tools, tmp_path, "slot_sum", "0", "0", "0")
     assert sass.count("LDG.E.128.CONSTANT") == 8  # one 16 B load per slot (top-k = 8)
     assert "STG.E.64" in sass

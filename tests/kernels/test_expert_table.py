@@ -4,7 +4,11 @@ import torch
 
 from tensorrt_llm_dwdp.kernels.sm90.expert_table import build_expert_table
 from tensorrt_llm_dwdp.kernels.testing import random_nvfp4_experts, split_sizes
-from tensorrt_llm_dwdp.moe.backends.cutedsl import CuteDslMoeBackend, choose_tile_m
+from tensorrt_llm_dwdp.moe.backends.cutedsl import (
+    CuteDslMoeBackend,
+    check_expert_shapes,
+    choose_token_tile,
+)
 
 
 def _view(weights, sizes):
@@ -43,31 +47,48 @@ def test_table_rejects_bad_tensors():
         build_expert_table([], [], [], [])
 
 
-def test_choose_tile_m_switches_on_rows_per_expert():
-    assert choose_tile_m(64 * 128, 128) == 64
-    assert choose_tile_m(96 * 128, 128) == 64
-    assert choose_tile_m(97 * 128, 128) == 128
+def test_choose_token_tile_follows_rows_per_expert():
+    assert choose_token_tile(1, 128) == 16
+    assert choose_token_tile(16 * 128, 128) == 16
+    assert choose_token_tile(16 * 128 + 1, 128) == 32
+    assert choose_token_tile(64 * 256, 256) == 64
+    assert choose_token_tile(65 * 256, 256) == 128
+    assert choose_token_tile(1024 * 256, 256) == 128
 
 
-def test_choose_tile_m_256_is_opt_in():
-    assert choose_tile_m(256 * 128, 128) == 128
-    assert choose_tile_m(256 * 128, 128, max_tile_m=256) == 256
-    assert choose_tile_m(255 * 128, 128, max_tile_m=256) == 128
-    assert choose_tile_m(64 * 128, 128, max_tile_m=256) == 64
-    with pytest.raises(ValueError, match="max_tile_m"):
-        CuteDslMoeBackend(max_tile_m=512)
-    with pytest.raises(ValueError, match="warp-specialized"):
-        CuteDslMoeBackend(warp_specialized=True, max_tile_m=256)
+def test_fc2_chunks_bound_the_scratch_to_twice_the_output():
+    from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import chunk_blocks
+
+    for hidden, top_k in ((7168, 8), (4096, 8), (2048, 8), (2880, 4), (5120, 6), (64, 4)):
+        cb = chunk_blocks(hidden, top_k)
+        assert cb >= 1
+        if hidden >= 64 * top_k:  # T k (64 cb) fp32 <= 2 T H bf16
+            assert top_k * 64 * cb * 4 <= 2 * hidden * 2, (hidden, top_k, cb)
+    assert chunk_blocks(7168, 8) == 12 and chunk_blocks(4096, 8) == 8
+    assert chunk_blocks(64, 4) == 1
 
 
-def test_kernel_rejects_256_row_tiles_with_wide_sub_tiles():
+def test_sizes_not_multiple_of_64_fail_before_launch():
+    with pytest.raises(ValueError, match="intermediate size 32 is not a positive multiple of 64"):
+        check_expert_shapes(64, 32)
+    with pytest.raises(ValueError, match="hidden size 2000"):
+        check_expert_shapes(2000, 2048)
+    check_expert_shapes(2880, 2880)
+
+
+def test_kernel_rejects_bad_configurations():
     pytest.importorskip("cutlass", reason="needs nvidia-cutlass-dsl==4.3.5")
-    from tensorrt_llm_dwdp.kernels.sm90.w4a16_grouped_gemm import W4A16GroupedGemm
+    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import W4A16RsGemm
 
-    with pytest.raises(ValueError, match="n_sub=64"):
-        W4A16GroupedGemm(epilogue="swiglu", n_weight=256, k=64, tile_m=256, n_sub=128)
-    kernel = W4A16GroupedGemm(epilogue="swiglu", n_weight=256, k=64, tile_m=256, n_sub=64)
-    assert (kernel.threads, kernel.row_split) == (512, 4)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        W4A16RsGemm(epilogue="swiglu", n_weight=4096, k=7200, bn=16)
+    with pytest.raises(ValueError, match="token tile"):
+        W4A16RsGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=256)
+    with pytest.raises(ValueError, match="y_cols"):
+        W4A16RsGemm(epilogue="scatter", n_weight=4096, k=2048, bn=16)
+    kernel = W4A16RsGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=16)
+    assert (kernel.kt, kernel.k_tiles, kernel.stages) == (128, 56, 5)
+    assert W4A16RsGemm(epilogue="swiglu", n_weight=5760, k=2880, bn=16).kt == 64
 
 
 def test_backend_rejects_what_it_cannot_run():

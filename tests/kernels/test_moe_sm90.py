@@ -2,14 +2,21 @@
 
 Loud by construction: every expert has its own scales and alpha, routing is skewed with
 experts that get no token, token counts sit on and around tile boundaries, outputs are
-poisoned with NaN before the kernels run, and multi-B views split the experts unevenly.
+poisoned with NaN before the kernels run, multi-B views split the experts unevenly, one
+forward passes 2^31 permuted rows x hidden, and odd sizes (K = 2880, 64-wide layers) run.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.kernels.testing import MODELS, random_tokens, skewed_routing, split_sizes
+from tensorrt_llm_dwdp.kernels.testing import (
+    MODELS,
+    random_nvfp4_experts,
+    random_tokens,
+    skewed_routing,
+    split_sizes,
+)
 from tensorrt_llm_dwdp.moe.backends.torch_ref import TorchMoeBackend, dequantized_expert
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 
@@ -37,21 +44,20 @@ def _fc1_reference(x, plan, weights):
     return h
 
 
-@pytest.mark.parametrize("tile_m", [64, 128])
-@pytest.mark.parametrize("tokens", [1, 37, 300])
-def test_fc1_matches_reference_rows(backend, experts, tokens, tile_m):
+@pytest.mark.parametrize("bn", [16, 128])
+@pytest.mark.parametrize("tokens", [37, 300])
+def test_fc1_matches_reference_rows(backend, experts, tokens, bn):
     from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 
     weights = experts("qwen3_30b_a3b")
     hidden, _, num_experts, top_k = MODELS["qwen3_30b_a3b"]
     x = random_tokens(tokens, hidden, seed=tokens)
     ids, _ = skewed_routing(tokens, num_experts, top_k, seed=tokens)
-    plan = build_permutation(ids, num_experts, tile_m=tile_m)
+    plan = build_permutation(ids, num_experts, tile_m=bn)
     w13 = backend._table(weights, "w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha")
     out = torch.full((plan.num_rows, weights.intermediate_size), float("nan"),
                      dtype=torch.bfloat16, device="cuda")
-    h = fc1_gather_swiglu(backend.cache, x, plan.gather_index, plan.tile_expert, w13, tile_m,
-                          out=out)
+    h = fc1_gather_swiglu(backend.cache, x, plan.gather_index, plan.tile_expert, w13, bn, out=out)
     torch.cuda.synchronize()
     ref = _fc1_reference(x, plan, weights)
     real = plan.gather_index >= 0
@@ -60,9 +66,8 @@ def test_fc1_matches_reference_rows(backend, experts, tokens, tile_m):
 
 
 @pytest.mark.parametrize("model,tokens", [
-    ("qwen3_30b_a3b", 1), ("qwen3_30b_a3b", 16), ("qwen3_30b_a3b", 129),
-    ("qwen3_30b_a3b", 1000), ("qwen3_30b_a3b", 16384),
-    ("deepseek_v3", 1), ("deepseek_v3", 100), ("deepseek_v3", 2048),
+    ("qwen3_30b_a3b", 1), ("qwen3_30b_a3b", 129), ("qwen3_30b_a3b", 1000),
+    ("qwen3_30b_a3b", 16384), ("deepseek_v3", 1), ("deepseek_v3", 2048),
 ])
 def test_run_experts_matches_torch_ref(backend, experts, model, tokens):
     weights = experts(model)
@@ -105,33 +110,78 @@ def test_zero_tokens_and_one_expert_slices(backend, experts):
                        backend.run_experts(x, ids, tw, weights))
 
 
-@pytest.mark.parametrize("tile_m", [64, 128])
-def test_fc2_one_hot_rows_read_exact_weight_columns(backend, experts, tile_m):
-    """h row m = e_{k(m)} with router weight 1: y[m] = alpha_e * W2_e[:, k(m)] exactly (one
-    product per output). A wrong K position in the A or B staging names the column it read."""
-    from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_weighted
+def test_fc2_one_hot_rows_read_exact_weight_columns(backend, experts):
+    """h row m = e_{k(m)}, top-1 with router weight 1: out[m] = bf16(alpha_e * W2_e[:, k(m)])
+    exactly (one product per output, every e2m1 code incl. +-0.5 and every scale). A wrong
+    K position in the A or B staging names the column it read."""
+    from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
 
     weights = experts("qwen3_30b_a3b")
     hidden, inter, num_experts, _ = MODELS["qwen3_30b_a3b"]
     ids = torch.tensor([[5], [9]], dtype=torch.int32, device="cuda").repeat(inter // 2, 1)
-    ids = ids.view(-1, 1)[: inter]  # 384 rows on expert 5, 384 on expert 9
-    plan = build_permutation(ids, num_experts, tile_m=tile_m)
-    k_of_row = torch.arange(plan.num_rows, device="cuda") % inter
-    h = torch.nn.functional.one_hot(k_of_row, inter).to(torch.bfloat16)
-    rw = torch.ones(plan.num_rows, device="cuda")
+    ids = ids.view(-1, 1)[:inter]  # token t on expert 5 (even t) or 9 (odd t)
+    bn = 16
+    plan = build_permutation(ids, num_experts, tile_m=bn)
+    k_of_token = torch.arange(inter, device="cuda")  # token t reads column t
+    h = torch.zeros(plan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
+    real = plan.gather_index >= 0
+    h[real] = torch.nn.functional.one_hot(k_of_token[plan.gather_index[real].long()],
+                                          inter).to(torch.bfloat16)
     w2 = backend._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
-    y = fc2_weighted(backend.cache, h, plan.tile_expert, rw, w2, tile_m)
+    tw = torch.ones(inter, 1, device="cuda")
+    out = fc2_finalize(backend.cache, h, plan.slot_index, plan.tile_expert, tw, w2, bn)
     torch.cuda.synchronize()
-    offsets = plan.expert_offsets.tolist()
     for e in (5, 9):
-        rows = torch.arange(offsets[e], offsets[e + 1], device="cuda")
+        tokens = torch.arange(0 if e == 5 else 1, inter, 2, device="cuda")
         _, w2_e, p = dequantized_expert(weights, e)
-        want = (w2_e[:, k_of_row[rows]].t() * p["fc2_alpha"])
-        got = y[rows]
+        want = (w2_e[:, tokens].t() * p["fc2_alpha"]).to(torch.bfloat16)
+        got = out[tokens]
         if not torch.equal(got, want):
             bad = (got != want).any(dim=1).nonzero()[0].item()
-            cols = (w2_e.t() * p["fc2_alpha"] - got[bad]).abs().sum(dim=1)
+            cols = (w2_e.t() * p["fc2_alpha"] - got[bad].float()).abs().sum(dim=1)
             raise AssertionError(
-                f"expert {e} row {bad}: expected column {k_of_row[rows][bad].item()}, closest "
-                f"column {cols.argmin().item()} (err {cols.min().item():.3g}); "
-                f"{(got != want).any(dim=1).sum().item()} of {len(rows)} rows differ")
+                f"expert {e} token {tokens[bad].item()}: expected column "
+                f"{tokens[bad].item()}, closest column {cols.argmin().item()} (err "
+                f"{cols.min().item():.3g}); {(got != want).any(dim=1).sum().item()} of "
+                f"{len(tokens)} tokens differ")
+
+
+def _subset_ref(x, ids, tw, weights, rows):
+    return TorchMoeBackend().run_experts(x[rows].contiguous(), ids[rows].contiguous(),
+                                         tw[rows].contiguous(), weights)
+
+
+def test_past_2_31_rows_times_hidden(backend):
+    """65,600 tokens x top-8 x hidden 4096 = 2.15e9 > 2^31 elements of FC2 output rows, and
+    the permuted h passes 2^31 bytes (I = 2048): 64-bit offsets throughout. FC2 scratch stays
+    within 2x the bf16 output. Checked on the first and last tokens (largest offsets)."""
+    hidden, inter, num_experts, top_k, tokens = 4096, 2048, 16, 8, 65_600
+    weights = random_nvfp4_experts(num_experts, hidden, inter, seed=5)
+    x = random_tokens(tokens, hidden, seed=6)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=7, empty_experts=2)
+    assert tokens * top_k * hidden >= 2**31
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = backend.run_experts(x, ids, tw, weights)
+    torch.cuda.synchronize()
+    out_bytes = out.numel() * 2
+    h_bytes = (tokens * top_k + num_experts * 128) * inter * 2  # permuted h, padded tiles
+    scratch = torch.cuda.max_memory_allocated() - before - out_bytes - h_bytes
+    assert scratch <= 2 * out_bytes + (64 << 20), f"FC2 scratch {scratch} B > 2x output"
+    rows = torch.cat([torch.arange(64), torch.arange(tokens - 64, tokens)]).cuda()
+    assert rel_err(out[rows], _subset_ref(x, ids, tw, weights, rows)) < 1e-2
+    del x, out
+
+
+@pytest.mark.parametrize("hidden,inter,num_experts,top_k,tokens", [
+    (2880, 2880, 32, 4, 500),  # K = 2880: not a multiple of 128 (64-wide K tiles)
+    (64, 64, 16, 4, 5),        # the tiny presets' 64-wide layers (clamped block groups)
+])
+def test_sizes_multiple_of_64(backend, hidden, inter, num_experts, top_k, tokens):
+    weights = random_nvfp4_experts(num_experts, hidden, inter, seed=9)
+    x = random_tokens(tokens, hidden, seed=10)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=11, empty_experts=1)
+    out = backend.run_experts(x, ids, tw, weights)
+    assert rel_err(out, TorchMoeBackend().run_experts(x, ids, tw, weights)) < 1e-2
+    view = weights.split(split_sizes(num_experts, 2))
+    assert torch.equal(backend.run_experts(x, ids, tw, view), out)

@@ -44,3 +44,38 @@ def test_sign_bits_land_on_their_elements():
         want = np.full(8, 0.5, dtype=np.float32)
         want[i] = -1.0
         np.testing.assert_array_equal(got, want)
+
+
+def test_register_fragment_every_code_every_lane_every_scale():
+    """``fragment_bf16x8`` (the RS kernel's A-fragment dequant): for each lane c of a quad, the
+    8 weights of its A-fragment words across two k16 steps of one row, every e2m1 code in
+    every byte position and nibble, every finite e4m3 scale (subnormal scales included)."""
+    from tensorrt_llm_dwdp.kernels.sm90.nvfp4_dequant import (
+        WEIGHT_EXP2,
+        emulate_fragment_bf16x8,
+    )
+
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.arange(256, dtype=torch.uint8)
+    finite = codes[(codes & 0x7F) != 0x7F]
+    # 32 rows of 16 packed bytes: rows 0..15 put byte value (16 r + i) % 256 at byte i (all
+    # 256 byte values in every byte position), then random rows.
+    idx = torch.arange(16)
+    rows = torch.stack([(16 * r + idx) % 256 for r in range(16)]).to(torch.uint8)
+    rows = torch.cat([rows, torch.randint(0, 256, (16, 16), generator=gen, dtype=torch.uint8)])
+    words = rows.numpy().view(np.uint32).reshape(-1, 4)
+    for scale_code in finite.tolist()[::3] + [0x01, 0x08, 0x7E]:
+        s0 = torch.tensor([scale_code], dtype=torch.uint8).view(torch.float8_e4m3fn)
+        s1 = torch.tensor([(scale_code * 7 + 3) % 256], dtype=torch.uint8)
+        if (s1.item() & 0x7F) == 0x7F:
+            s1 -= 1
+        s1 = s1.view(torch.float8_e4m3fn)
+        scales = torch.cat([s0, s1]).expand(len(rows), 2).contiguous()
+        ref = dequantize_nvfp4(rows, scales, None, torch.float32).numpy()  # [n, 32]
+        for c in range(4):
+            got = emulate_fragment_bf16x8(words, c, np.full(len(rows), float(s0.float())),
+                                          np.full(len(rows), float(s1.float())))
+            cols = [2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9,
+                    16 + 2 * c, 17 + 2 * c, 24 + 2 * c, 25 + 2 * c]
+            np.testing.assert_array_equal(got * 2.0 ** -WEIGHT_EXP2, ref[:, cols],
+                                          err_msg=f"lane {c}, scales {scale_code:#x}")

@@ -1,0 +1,443 @@
+"""Grouped W4A16 MoE GEMM for Hopper: NVFP4 weights as WGMMA's register operand (RS).
+
+Operands swapped: ``C^T [weight rows, tokens] = W_e [weight rows, K] . X^T`` for one expert's
+token tile, so tokens are WGMMA's N (``bn`` = 16..128 per tile, from the per-expert load) and
+the weights are its M. Packed e2m1 rows and their e4m3 block scales stay 4.5 bits per weight
+until registers: each consumer thread loads the bytes of its A fragment from shared memory,
+turns them into exact bf16 (e2m1 x e4m3, ``nvfp4_dequant``) and issues ``wgmma`` with A from
+registers and the token rows (B) from shared memory. No bf16 weight ever goes to shared memory.
+
+CTA tile: 256 weight rows (4 blocks of 64, two per consumer warpgroup) x ``bn`` tokens.
+FC1 (``epilogue="swiglu"``): block b holds up rows ``[32b, 32b+32)`` and their gate rows
+``I + [32b, 32b+32)``, interleaved so that accumulator rows g and g+8 of every 16-row group are
+the up and gate row of one output column: SwiGLU is thread-local. FC2 (``"scatter"``): block b is
+rows ``[64b, 64b+64)`` of ``w2``; the epilogue scales by alpha and the router weight and writes
+fp32 rows indexed by (token, slot) into a column chunk ``[64 blk_begin, 64 blk_end)`` of the
+hidden size (the caller sums the slots in fixed order, ``slot_sum``).
+
+Warp roles (384 threads, one CTA per SM, persistent over (token tile, block group) work tiles
+in a static round robin; both roles walk the same sequence):
+  producer warpgroup 0 (72 registers): per stage, 16 B cp.async of the packed weight rows
+      (-> sW, rows padded by 16 B so 8 rows x 16 B reads hit distinct banks), of the gathered
+      token rows (-> sB, the 128 B-swizzled WGMMA layout) and of the raw e4m3 scales (-> sRaw);
+      one stage later, once its own cp.async group has landed: its scale rows -> bf16x2 splats
+      (-> sSpl, each scale converted once per CTA), fence the async proxy, arrive on full.
+  consumer warpgroups 1, 2 (208 registers): per k32 pair of the stage: LDS.128 of its two rows
+      per block, byte gather + dequant into the A fragments of 2 k16 steps, wgmma x 4 (2 blocks
+      x 2 steps), commit, wait_group(1) (a pair's A registers are rewritten two pairs later);
+      release the previous stage; after the last K tile: epilogue from registers to global.
+Weights move by cp.async, not TMA: per-row TMA bulk copies (the rows of one stage are not
+contiguous) issue from the uniform datapath one lane at a time (a ``BRA.U.ANY`` loop per
+instruction in the SASS), 256 serial issues per stage; one 16 B cp.async per thread moves a
+warp's 512 B per instruction. (A tensor-map TMA needs one descriptor per multi-B tensor.)
+
+Pipelines (``stages`` slots of [sW | sRaw | sSpl | sB], mbarriers in shared memory):
+  full[s]  producer -> consumers: one arrival per producer thread, after its cp.async of stage
+           s landed and its splats were written.
+  empty[s] consumers -> producer: one arrival per consumer warp once every wgmma that read
+           stage s completed (wgmma reads B asynchronously; A came through registers).
+Steady state (global K-tile counter i, slot s = i % stages):
+  producer: wait empty[s] | cp.async weights(i), B(i), raw scales(i) | wait own cp.async(i-1) |
+            splats(i-1) | fence | arrive full[(i-1) % stages]
+  consumer: wait full[s] | for pair p: dequant(p) ; wgmma(p) ; wait wgmma(p-1) | arrive
+            empty[(i-1) % stages]
+so the dequant of pair p overlaps wgmma(p-1), and ``stages - 2`` K tiles of loads are in
+flight while the consumers work (the producer's own conversion runs one stage behind).
+
+64-bit offsets everywhere an address is formed; token indices and tile counts are int32.
+"""
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils as utils
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import BFloat16, Float32, Int32, Int64, Uint32
+from cutlass.cute.nvgpu import warpgroup
+
+from .nvfp4_dequant import (
+    SCALE_EXP2,
+    WEIGHT_EXP2,
+    e4m3x4_to_bf16x2_splats,
+    fragment_bf16x8,
+)
+from .ptx import (
+    cp_async_4,
+    cp_async_8,
+    cp_async_16,
+    ld_global_f32,
+    ld_shared_u32,
+    ld_shared_v2,
+    ld_shared_v4,
+    st_global_bf16,
+    st_global_f32,
+    st_shared_v4,
+)
+
+EPILOGUES = ("swiglu", "scatter")
+TOKEN_TILES = (16, 32, 64, 128)
+BLOCK_ROWS = 64  # weight rows per WGMMA (M of the atom)
+BLOCKS_PER_WG = 2
+CONSUMER_WGS = 2
+BLOCKS_PER_CTA = BLOCKS_PER_WG * CONSUMER_WGS
+CTA_ROWS = BLOCK_ROWS * BLOCKS_PER_CTA
+PRODUCER_THREADS = 128
+THREADS = PRODUCER_THREADS + 128 * CONSUMER_WGS
+# setmaxnreg: the CTA launches with 168 registers x 384 threads; the producer gives back to
+# 72 and the consumers take 208 (72 x 128 + 208 x 256 = 62464 <= 64512).
+PRODUCER_REGS = 72
+CONSUMER_REGS = 208
+SMEM_BUDGET = 220 * 1024
+MAX_STAGES = 8
+
+
+def k_tile_for(bn: int, k: int) -> int:
+    """K elements per pipeline stage: 128 for small token tiles (fewer, larger weight copies,
+    deeper prefetch per byte of B), else 64; 64 whenever K is not a multiple of 128."""
+    return 128 if bn <= 32 and k % 128 == 0 else 64
+
+
+class W4A16RsGemm:
+    """One compiled configuration (see the module docstring).
+
+    n_weight: rows of each expert's weight (2I for FC1, H for FC2), a multiple of 64;
+    k: the reduction size (H for FC1, I for FC2), a multiple of 64; bn: token tile (N);
+    y_cols: row length of FC2's fp32 output chunk (a multiple of 64), unused for FC1.
+    """
+
+    def __init__(self, *, epilogue: str, n_weight: int, k: int, bn: int, y_cols: int = 0):
+        if epilogue not in EPILOGUES:
+            raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+        if bn not in TOKEN_TILES:
+            raise ValueError(f"token tile bn must be one of {TOKEN_TILES}, got {bn}")
+        if k % 64 or k <= 0:
+            raise ValueError(f"K={k} must be a positive multiple of 64")
+        if n_weight % 64 or n_weight <= 0:
+            raise ValueError(f"{n_weight} weight rows: must be a positive multiple of 64")
+        if n_weight * k // 2 >= 2**31:
+            raise ValueError(f"one expert's weight ({n_weight} x {k}) has 2^31 bytes or more")
+        if epilogue == "scatter" and (y_cols % 64 or y_cols <= 0):
+            raise ValueError(f"y_cols={y_cols} must be a positive multiple of 64")
+        self.epilogue = epilogue
+        self.n_weight = n_weight
+        self.k = k
+        self.bn = bn
+        self.y_cols = y_cols
+        self.num_blocks = n_weight // BLOCK_ROWS  # FC1: I / 32 (32 up + 32 gate rows each)
+        self.half = n_weight // 2  # FC1: I, the gate rows' offset
+        self.kt = k_tile_for(bn, k)
+        self.k_tiles = k // self.kt
+        self.pairs = self.kt // 32  # k32 pairs per stage (2 or 4: even, so the ring is static)
+        self.sub = self.kt // 64  # 64-wide B sub-tiles (one 128 B swizzle atom each)
+        self.w_row = self.kt // 2  # packed bytes per weight row per stage
+        self.w_stride = self.w_row + 16  # padded: 8 rows x 16 B reads hit distinct banks
+        self.raw_row = self.kt // 16  # e4m3 scales per row per stage
+        self.spl_stride = self.kt // 4 + (16 if self.kt >= 128 else 0)
+        self.stage_w = CTA_ROWS * self.w_stride
+        self.stage_raw = CTA_ROWS * self.raw_row
+        self.stage_spl = CTA_ROWS * self.spl_stride
+        self.stage_b = self.sub * bn * 128
+        stage_bytes = self.stage_w + self.stage_raw + self.stage_spl + self.stage_b
+        self.stages = min(MAX_STAGES, SMEM_BUDGET // stage_bytes)
+        if self.stages < 3:
+            raise ValueError(f"only {self.stages} pipeline stages fit ({stage_bytes} B each)")
+        self.b_chunks = bn * self.kt // 8 // PRODUCER_THREADS  # 16 B B-chunks per thread/stage
+        self.w_chunks = self.w_row // 16  # 16 B chunks per weight row per stage
+        self.w_copies = CTA_ROWS * self.w_chunks // PRODUCER_THREADS
+
+    @cute.jit
+    def __call__(self, a_ptr: cute.Pointer, row_index_ptr: cute.Pointer,
+                 tile_expert_ptr: cute.Pointer, tensor_of_ptr: cute.Pointer,
+                 local_of_ptr: cute.Pointer, table_ptr: cute.Pointer,
+                 topk_w_ptr: cute.Pointer, out_ptr: cute.Pointer, num_token_tiles: Int32,
+                 num_experts: Int32, num_b: Int32, blk_begin: Int32, blk_end: Int32,
+                 grid: Int32, stream):
+        """``a``: bf16 rows (FC1: tokens ``[T, K]`` gathered by ``row_index``; FC2: ``h``
+        ``[M_pad, K]``); ``row_index`` int32 ``[M_pad]`` (FC1: gather index, FC2: slot index,
+        -1 on padding); ``tile_expert [num_token_tiles]``; multi-B maps and table (see
+        ``expert_table``); ``topk_w`` fp32 flat router weights (FC2); ``out``: FC1 bf16 ``h
+        [M_pad, I]``, FC2 fp32 ``y [T*k, y_cols]``. ``grid`` <= number of work tiles."""
+        tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            BFloat16, BFloat16, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
+            Float32, (1, 1, 1), tiler_mn=(BLOCK_ROWS, self.bn),
+            a_source=warpgroup.OperandSource.RMEM)
+        b_layout = sm90_utils.make_smem_layout_b(
+            utils.LayoutEnum.ROW_MAJOR, (BLOCK_ROWS, self.bn, 64), BFloat16,
+            self.stages * self.sub)
+        m_rows = num_token_tiles * self.bn
+        tensors = (
+            cute.make_tensor(a_ptr, cute.make_layout(1)),
+            cute.make_tensor(row_index_ptr, cute.make_layout(m_rows)),
+            cute.make_tensor(tile_expert_ptr, cute.make_layout(num_token_tiles)),
+            cute.make_tensor(tensor_of_ptr, cute.make_layout(num_experts)),
+            cute.make_tensor(local_of_ptr, cute.make_layout(num_experts)),
+            cute.make_tensor(table_ptr, cute.make_layout((3, num_b), stride=(num_b, 1))),
+            cute.make_tensor(topk_w_ptr, cute.make_layout(1)),
+            cute.make_tensor(out_ptr, cute.make_layout(1)),
+        )
+        self.shared_storage = self._shared_storage(b_layout)
+        # minctasm 1 lets ptxas size the entry register count (168), which setmaxnreg needs.
+        self.kernel(*tensors, tiled_mma, b_layout, num_token_tiles, blk_begin, blk_end).launch(
+            grid=[grid, 1, 1], block=[THREADS, 1, 1], stream=stream, min_blocks_per_mp=1)
+
+    def _shared_storage(self, b_layout):
+        stages = self.stages
+
+        @cute.struct
+        class SharedStorage:
+            full: cute.struct.MemRange[cutlass.Int64, stages]
+            empty: cute.struct.MemRange[cutlass.Int64, stages]
+            sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(b_layout)], 1024]
+            sW: cute.struct.Align[cute.struct.MemRange[Uint32, stages * self.stage_w // 4], 128]
+            sSpl: cute.struct.Align[
+                cute.struct.MemRange[Uint32, stages * self.stage_spl // 4], 128]
+            sRaw: cute.struct.Align[
+                cute.struct.MemRange[Uint32, stages * self.stage_raw // 4], 128]
+
+        return SharedStorage
+
+    @cute.kernel
+    def kernel(self, a: cute.Tensor, row_index: cute.Tensor, tile_expert: cute.Tensor,
+               tensor_of: cute.Tensor, local_of: cute.Tensor, b_table: cute.Tensor,
+               topk_w: cute.Tensor, out: cute.Tensor, tiled_mma: cute.TiledMma,
+               b_layout: cute.ComposedLayout, num_token_tiles: Int32, blk_begin: Int32,
+               blk_end: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        bid, _, _ = cute.arch.block_idx()
+        grid, _, _ = cute.arch.grid_dim()
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+        smem = utils.SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+        full = storage.full.data_ptr()
+        empty = storage.empty.data_ptr()
+        if tidx == 0:
+            for s in cutlass.range_constexpr(self.stages):
+                cute.arch.mbarrier_init(full + s, PRODUCER_THREADS)
+                cute.arch.mbarrier_init(empty + s, 4 * CONSUMER_WGS)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+        n_groups = (blk_end - blk_begin + BLOCKS_PER_CTA - 1) // BLOCKS_PER_CTA
+        my_tiles = (num_token_tiles * n_groups - bid + grid - 1) // grid
+        addrs = (storage.sW.data_ptr().toint(), storage.sRaw.data_ptr().toint(),
+                 storage.sSpl.data_ptr().toint(), storage.sB.data_ptr().toint())
+        sB = storage.sB.get_tensor(b_layout.outer, swizzle=b_layout.inner)
+        if wg == 0:
+            cute.arch.warpgroup_reg_dealloc(PRODUCER_REGS)
+            self._producer(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a,
+                           row_index, tile_expert, tensor_of, local_of, b_table, full,
+                           empty, addrs)
+        else:
+            cute.arch.warpgroup_reg_alloc(CONSUMER_REGS)
+            self._consumer(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end,
+                           row_index, tile_expert, tensor_of, local_of, b_table, topk_w,
+                           out, tiled_mma, sB, full, empty, addrs)
+
+    # ---------------------------------------------------------------- shared arithmetic
+    def _weight_row(self, r64, gblk):
+        """Expert weight row held at row ``r64`` (0..63) of block ``gblk``'s smem rows."""
+        if cutlass.const_expr(self.epilogue == "swiglu"):
+            # r64 = 16 w + 8 h + g  ->  (gate if h else up) row 32 gblk + 8 w + g
+            return ((r64 // 8) % 2) * self.half + gblk * 32 + (r64 // 16) * 8 + r64 % 8
+        return gblk * BLOCK_ROWS + r64
+
+    def _expert_bases(self, tt, tile_expert, tensor_of, local_of, b_table):
+        """(weight base, scale base, alpha address) of token tile ``tt``'s expert, 64-bit."""
+        expert = tile_expert[tt]
+        t = tensor_of[expert]
+        local = Int64(local_of[expert])
+        w_base = b_table[0, t] + local * (self.n_weight * self.k // 2)
+        sf_base = b_table[1, t] + local * (self.n_weight * self.k // 16)
+        return w_base, sf_base, b_table[2, t] + local * 4
+
+    # ---------------------------------------------------------------- producer
+    @cute.jit
+    def _producer(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, row_index,
+                  tile_expert, tensor_of, local_of, b_table, full, empty, addrs):
+        sw_addr, sraw_addr, sspl_addr, sb_addr = addrs
+        a_base = a.iterator.toint()
+        chunks_per_row = self.kt // 8
+        for j in cutlass.range(my_tiles, unroll=1):
+            tile = bid + j * grid
+            tt = tile // n_groups
+            blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
+            w_base, sf_base, _ = self._expert_bases(tt, tile_expert, tensor_of, local_of,
+                                                    b_table)
+            # B rows this thread copies (linear 16 B chunk index tidx + 128 i: a warp covers
+            # whole 128 B row segments, so the gathered reads coalesce).
+            b_src = []
+            for i in cutlass.range_constexpr(self.b_chunks):
+                n = (tidx + i * PRODUCER_THREADS) // chunks_per_row
+                m = tt * self.bn + n
+                if cutlass.const_expr(self.epilogue == "swiglu"):
+                    m = cutlass.max(row_index[m], Int32(0))  # padding rows read token 0
+                b_src.append(a_base + Int64(m) * (self.k * 2))
+            # Weight rows: 16 B chunk tidx + 128 i is chunk (.. % w_chunks) of CTA row
+            # (.. // w_chunks); a warp reads whole row segments of 8 or 16 rows.
+            # Offsets inside one expert fit int32 (rows x K/2 < 2^31 for any real layer; the
+            # constructor checks); the 64-bit add happens per copy.
+            w_off = []
+            for i in cutlass.range_constexpr(self.w_copies):
+                r = (tidx + i * PRODUCER_THREADS) // self.w_chunks
+                gblk = cutlass.min(blk0 + r // BLOCK_ROWS, blk_end - 1)
+                grow = self._weight_row(r % BLOCK_ROWS, gblk)
+                w_off.append(grow * (self.k // 2) + (tidx % self.w_chunks) * 16)
+            sf_off = []  # this thread's scale rows: CTA rows tidx + 128 i
+            for i in cutlass.range_constexpr(CTA_ROWS // PRODUCER_THREADS):
+                r = tidx + PRODUCER_THREADS * i
+                gblk = cutlass.min(blk0 + r // BLOCK_ROWS, blk_end - 1)
+                sf_off.append(self._weight_row(r % BLOCK_ROWS, gblk) * (self.k // 16))
+            for kt_idx in cutlass.range(self.k_tiles, unroll=1):
+                it = j * self.k_tiles + kt_idx
+                s = it % self.stages
+                cute.arch.mbarrier_wait(empty + s, ((it // self.stages) % 2) ^ 1)
+                for i in cutlass.range_constexpr(self.w_copies):
+                    r = (tidx + i * PRODUCER_THREADS) // self.w_chunks
+                    dst = (sw_addr + s * self.stage_w + r * self.w_stride
+                           + (tidx % self.w_chunks) * 16)
+                    cp_async_16(dst, w_base + Int64(w_off[i] + kt_idx * self.w_row))
+                for i in cutlass.range_constexpr(CTA_ROWS // PRODUCER_THREADS):
+                    r = tidx + PRODUCER_THREADS * i
+                    src = sf_base + Int64(sf_off[i] + kt_idx * self.raw_row)
+                    dst = sraw_addr + s * self.stage_raw + r * self.raw_row
+                    if cutlass.const_expr(self.raw_row == 8):
+                        cp_async_8(dst, src)
+                    else:
+                        cp_async_4(dst, src)
+                for i in cutlass.range_constexpr(self.b_chunks):
+                    q = tidx + i * PRODUCER_THREADS
+                    n = q // chunks_per_row
+                    cc = q % chunks_per_row
+                    c8 = cc % 8
+                    dst = (sb_addr + (s * self.sub + cc // 8) * (self.bn * 128) + n * 128
+                           + ((c8 ^ (n % 8)) * 16))
+                    cp_async_16(dst, b_src[i] + kt_idx * (self.kt * 2) + cc * 16)
+                cute.arch.cp_async_commit_group()
+                if it > 0:
+                    cute.arch.cp_async_wait_group(1)
+                    self._publish(tidx, (it - 1) % self.stages, full, sraw_addr, sspl_addr)
+        total = my_tiles * self.k_tiles
+        if total > 0:
+            cute.arch.cp_async_wait_group(0)
+            self._publish(tidx, (total - 1) % self.stages, full, sraw_addr, sspl_addr)
+
+    @cute.jit
+    def _publish(self, tidx, s, full, sraw_addr, sspl_addr):
+        """Stage ``s``: this thread's raw e4m3 scale rows -> bf16x2 splats (one word per scale,
+        the scale in both halves), then release its writes to the consumers (async proxy
+        included: wgmma reads the B chunks this thread copied)."""
+        for i in cutlass.range_constexpr(CTA_ROWS // PRODUCER_THREADS):
+            r = tidx + PRODUCER_THREADS * i
+            raw = sraw_addr + s * self.stage_raw + r * self.raw_row
+            spl = sspl_addr + s * self.stage_spl + r * self.spl_stride
+            for w in cutlass.range_constexpr(self.raw_row // 4):
+                s0, s1, s2, s3 = e4m3x4_to_bf16x2_splats(ld_shared_u32(raw + 4 * w), SCALE_EXP2)
+                st_shared_v4(spl + 16 * w, s0, s1, s2, s3)
+        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared,
+                              space=cute.arch.SharedSpace.shared_cta)
+        cute.arch.mbarrier_arrive(full + s)
+
+    # ---------------------------------------------------------------- consumers
+    @cute.jit
+    def _consumer(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, row_index,
+                  tile_expert, tensor_of, local_of, b_table, topk_w, out, tiled_mma, sB, full,
+                  empty, addrs):
+        sw_addr, _, sspl_addr, _ = addrs
+        q = tidx // 128 - 1  # consumer warpgroup
+        tq = tidx % 128
+        warp = tq // 32
+        lane = tidx % 32
+        g = lane // 4
+        c = lane % 4
+        selector = c | (c << 4) | ((c + 4) << 8) | ((c + 4) << 12)  # fragment_selector(c)
+        thr_mma = tiled_mma.get_slice(tq)
+        tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+        a_shape = thr_mma.partition_shape_A((BLOCK_ROWS, 16))
+        # A fragments: [block][pair parity][step in pair], each 4 bf16x2 words.
+        frags = [[[tiled_mma.make_fragment_A(a_shape) for _ in range(2)] for _ in range(2)]
+                 for _ in range(BLOCKS_PER_WG)]
+        words = [[[cute.recast_tensor(f, Int32) for f in pp] for pp in blk] for blk in frags]
+        accs = [cute.make_rmem_tensor(thr_mma.partition_shape_C((BLOCK_ROWS, self.bn)), Float32)
+                for _ in range(BLOCKS_PER_WG)]
+        tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+        # smem row of (block j, row half h) for this thread: A-fragment rows g and g + 8.
+        rows = [[(q * BLOCKS_PER_WG + j) * BLOCK_ROWS + 16 * warp + 8 * h + g for h in range(2)]
+                for j in range(BLOCKS_PER_WG)]
+        for jt in cutlass.range(my_tiles, unroll=1):
+            tile = bid + jt * grid
+            tt = tile // n_groups
+            blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
+            for acc in accs:
+                acc.fill(0.0)
+            for kt_idx in cutlass.range(self.k_tiles, unroll=1):
+                it = jt * self.k_tiles + kt_idx
+                s = it % self.stages
+                cute.arch.mbarrier_wait(full + s, (it // self.stages) % 2)
+                w_stage = sw_addr + s * self.stage_w
+                spl_stage = sspl_addr + s * self.stage_spl
+                for p in cutlass.range_constexpr(self.pairs):
+                    pp = p % 2
+                    for j in cutlass.range_constexpr(BLOCKS_PER_WG):
+                        for h in cutlass.range_constexpr(2):
+                            row = rows[j][h]
+                            v0, v1, v2, v3 = ld_shared_v4(w_stage + row * self.w_stride + p * 16)
+                            sc0, sc1 = ld_shared_v2(spl_stage + row * self.spl_stride + p * 8)
+                            o0, o1, o2, o3 = fragment_bf16x8(v0, v1, v2, v3, selector, sc0, sc1)
+                            words[j][pp][0][h] = o0
+                            words[j][pp][0][2 + h] = o1
+                            words[j][pp][1][h] = o2
+                            words[j][pp][1][2 + h] = o3
+                    warpgroup.fence()
+                    for j in cutlass.range_constexpr(BLOCKS_PER_WG):
+                        for t in cutlass.range_constexpr(2):
+                            step = 2 * p + t
+                            cute.gemm(tiled_mma, accs[j], frags[j][pp][t][(None, None, 0)],
+                                      tCrB[(None, None, step % 4, s * self.sub + step // 4)],
+                                      accs[j])
+                    warpgroup.commit_group()
+                    warpgroup.wait_group(1)
+                if kt_idx > 0:  # every wgmma of the previous stage has completed
+                    if lane == 0:
+                        cute.arch.mbarrier_arrive(empty + (it - 1) % self.stages)
+            warpgroup.wait_group(0)
+            if lane == 0:
+                cute.arch.mbarrier_arrive(
+                    empty + (jt * self.k_tiles + self.k_tiles - 1) % self.stages)
+            _, _, alpha_addr = self._expert_bases(tt, tile_expert, tensor_of, local_of, b_table)
+            # The A operand is the weights times 2^WEIGHT_EXP2 (nvfp4_dequant): undo it here.
+            alpha = ld_global_f32(alpha_addr) * (2.0 ** -WEIGHT_EXP2)
+            for j in cutlass.range_constexpr(BLOCKS_PER_WG):
+                gblk = blk0 + q * BLOCKS_PER_WG + j
+                if gblk < blk_end:  # the last group's missing blocks were clamped copies
+                    self._epilogue(accs[j], alpha, tt, gblk, blk_begin, warp, g, c, row_index,
+                                   topk_w, out)
+
+    @cute.jit
+    def _epilogue(self, acc, alpha, tt, gblk, blk_begin, warp, g, c, row_index, topk_w, out):
+        """Accumulator element ``v0 + 2 v1 + 4 qn`` is (row 16 warp + 8 v1 + g, token column
+        8 qn + 2 c + v0) of the block (the WGMMA C layout).
+        FC1: h = silu(alpha gate) * (alpha up) -> bf16 at ``h[m, 32 gblk + 8 warp + g]``.
+        FC2: y = alpha acc * router weight -> fp32 at ``y[slot, 64 (gblk - blk_begin) + row]``
+        for real rows (slot >= 0)."""
+        out_base = out.iterator.toint()
+        for qn in cutlass.range_constexpr(self.bn // 8):
+            for v0 in cutlass.range_constexpr(2):
+                m = tt * self.bn + 8 * qn + 2 * c + v0
+                if cutlass.const_expr(self.epilogue == "swiglu"):
+                    up = acc[v0 + 4 * qn] * alpha
+                    gate = acc[v0 + 2 + 4 * qn] * alpha
+                    sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-gate, fastmath=True))
+                    col = gblk * 32 + 8 * warp + g
+                    st_global_bf16(out_base + (Int64(m) * self.half + col) * 2, gate * sig * up)
+                else:
+                    self._scatter_pair(acc, alpha, m, v0 + 4 * qn, gblk - blk_begin, warp, g,
+                                       row_index, topk_w, out_base)
+
+    @cute.jit
+    def _scatter_pair(self, acc, alpha, m, i0, chunk_blk, warp, g, row_index, topk_w, out_base):
+        """FC2: the two rows (g, g + 8) of token column m, if m is a real (token, slot) row."""
+        slot = row_index[m]
+        if slot >= 0:
+            rw = ld_global_f32(topk_w.iterator.toint() + Int64(slot) * 4)
+            for v1 in cutlass.range_constexpr(2):
+                ycol = chunk_blk * BLOCK_ROWS + 16 * warp + 8 * v1 + g
+                st_global_f32(out_base + (Int64(slot) * self.y_cols + ycol) * 4,
+                              acc[i0 + 2 * v1] * alpha * rw)
