@@ -1,21 +1,23 @@
-"""Bench: sm90 CuTeDSL W4A16 MoE kernels against torch._grouped_mm in bf16, one device, one run.
+"""Bench: sm90 CuTeDSL W4A16 MoE kernels against torch grouped GEMMs, one device, one run.
 
 For each model and tokens-per-expert (uniform routing: every expert gets exactly that many
-rows, so both sides do the same useful work) it times, with CUDA graphs of many launches:
-  ours   fc1 = gather + NVFP4 grouped GEMM + SwiGLU, fc2 = NVFP4 grouped GEMM writing
-         router-weighted fp32 rows, finalize = fixed-order slot sum -> bf16;
-  base   fc1 / fc2 = torch._grouped_mm on bf16 weights and pre-permuted bf16 rows (no gather,
-         no activation, no finalize: a lower bound for a bf16 pipeline).
-Ratios are base time / our time (> 1 means ours is faster). TFLOP/s counts useful rows only;
-GB/s counts the bytes a perfect kernel must move (weights once, activations in, outputs out).
-Also times multi-B (S=4 unequal slices) against single-B for the same routing.
+rows, so every side does the same useful work) it times, with CUDA graphs of many launches:
+  ours  fc1 = gather + NVFP4 grouped GEMM (weights as WGMMA's register operand) + SwiGLU,
+        fc2 = NVFP4 grouped GEMM per hidden-column chunk + fixed-order slot sum -> bf16 output;
+  bf16  torch._grouped_mm on bf16 weights and pre-permuted bf16 rows (FC1 + FC2 only: no
+        gather, activation or finalize, a lower bound for a bf16 pipeline);
+  fp8   torch._scaled_grouped_mm, rowwise scales (per row of A, per output column of B), on
+        fp8 e4m3 weights and pre-permuted, pre-quantized rows (same rows, same lower bound).
+Ratios are baseline time / our time (> 1: ours faster). TFLOP/s counts useful rows only;
+TB/s counts the NVFP4 bytes of both weights (0.5625 B per weight with the block scales).
+Also times multi-B (S = 4 unequal slices) against S = 1 for the same routing.
+Per-device peaks (copy GB/s, dense bf16 TFLOP/s) come from ``bench/peaks.py`` by device name.
 Prints one JSON document; ``--out`` also writes it to a file.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 
@@ -24,11 +26,7 @@ import torch
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.expert_table import build_expert_table
 from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
-from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import (
-    fc2_weighted,
-    finalize,
-    permuted_row_weights,
-)
+from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
 from tensorrt_llm_dwdp.kernels.testing import (
     MODELS,
     random_nvfp4_experts,
@@ -36,11 +34,15 @@ from tensorrt_llm_dwdp.kernels.testing import (
     split_sizes,
     uniform_routing,
 )
-from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_tile_m
+from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for bench.*
-from bench.peaks import pct_of, peak_for  # noqa: E402  (per-device peaks, one module)
+try:
+    from bench.peaks import pct_of, peak_for
+except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
+    from peaks import pct_of, peak_for
+
+NVFP4_BYTES_PER_WEIGHT = 0.5625
 
 
 def time_graph(fn, target_ms: float = 40.0, replays: int = 5) -> float:
@@ -54,23 +56,6 @@ def time_graph(fn, target_ms: float = 40.0, replays: int = 5) -> float:
     end.record()
     end.synchronize()
     launches = int(min(20, max(2, target_ms / max(start.elapsed_time(end), 1e-3))))
-    try:
-        return _time_graph(fn, launches, replays)
-    except RuntimeError as exc:  # capture refused: time a plain launch loop instead
-        print(f"graph capture failed ({exc}); timing a launch loop", file=sys.stderr)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(replays):
-            start.record()
-            for _ in range(launches):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / launches)
-        return statistics.median(times)
-
-
-def _time_graph(fn, launches: int, replays: int) -> float:
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -82,7 +67,6 @@ def _time_graph(fn, launches: int, replays: int) -> float:
     torch.cuda.synchronize()
     times = []
     for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
@@ -101,124 +85,108 @@ def tables(weights):
     return w13, w2
 
 
-def _time_variants(res, cache, variants, ids, tw, x, w13, w2, plan, tile_m, inter, hidden,
-                   num_experts):
-    """Time FC1 / FC2 for each ``[ws]TILE_MxN_SUB`` variant into ``res``."""
-    for variant in variants:
-        ws = variant.startswith("ws")
-        fuse = variant.endswith("f")  # one WGMMA over both B sub-tiles
-        shape, _, st = variant.removeprefix("ws").removesuffix("f").partition("s")
-        vm, vn = (int(v) for v in shape.split("x"))
-        stages = int(st) if st else 4
-        vplan = plan if vm == tile_m else build_permutation(ids, num_experts, tile_m=vm)
-        vh = torch.empty(vplan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
-        vy = torch.empty(vplan.num_rows, hidden, dtype=torch.float32, device="cuda")
-        vrw = permuted_row_weights(tw, vplan.slot_index)
+class Baselines:
+    """bf16 and fp8 copies of one model's expert weights, laid out as torch's grouped GEMMs
+    want them (``[E, K, N]`` views of ``[E, N, K]`` storage) with unit rowwise scales."""
+
+    def __init__(self, model: str):
+        hidden, inter, num_experts, _ = MODELS[model]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        w13 = torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=gen,
+                          dtype=torch.bfloat16) * 0.02
+        w2 = torch.randn(num_experts, hidden, inter, device="cuda", generator=gen,
+                         dtype=torch.bfloat16) * 0.02
+        self.w13t, self.w2t = w13.transpose(1, 2), w2.transpose(1, 2)
+        self.w13t8 = w13.to(torch.float8_e4m3fn).transpose(1, 2)
+        self.w2t8 = w2.to(torch.float8_e4m3fn).transpose(1, 2)
+        self.s13 = torch.ones(num_experts, 2 * inter, device="cuda")
+        self.s2 = torch.ones(num_experts, hidden, device="cuda")
+
+    def timings(self, a_perm: torch.Tensor, h2: torch.Tensor, offs: torch.Tensor) -> dict:
+        a8, h8 = a_perm.to(torch.float8_e4m3fn), h2.to(torch.float8_e4m3fn)
+        sa = torch.ones(a_perm.shape[0], device="cuda")
+
+        def bf16_fc1():
+            torch._grouped_mm(a_perm, self.w13t, offs=offs, out_dtype=torch.bfloat16)
+
+        def bf16_fc2():
+            torch._grouped_mm(h2, self.w2t, offs=offs, out_dtype=torch.bfloat16)
+
+        def fp8_fc1():
+            torch._scaled_grouped_mm(a8, self.w13t8, sa, self.s13, offs=offs,
+                                     out_dtype=torch.bfloat16)
+
+        def fp8_fc2():
+            torch._scaled_grouped_mm(h8, self.w2t8, sa, self.s2, offs=offs,
+                                     out_dtype=torch.bfloat16)
+
+        t = {"bf16_fc1_ms": time_graph(bf16_fc1), "bf16_fc2_ms": time_graph(bf16_fc2)}
         try:
-            res[f"v{variant}_fc1_ms"] = time_graph(lambda: fc1_gather_swiglu(
-                cache, x, vplan.gather_index, vplan.tile_expert, w13, vm, n_sub=vn, out=vh,
-                warp_specialized=ws, stages=stages, fuse_n=fuse))
-            res[f"v{variant}_fc2_ms"] = time_graph(lambda: fc2_weighted(
-                cache, vh, vplan.tile_expert, vrw, w2, vm, n_sub=vn, out=vy,
-                warp_specialized=ws, stages=stages, fuse_n=fuse))
-        except Exception as exc:  # a variant that fails to build or run is reported, not fatal
-            res[f"v{variant}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        del vh, vy
-        for fc in ("fc1", "fc2"):  # > 1: the variant is faster than the default / bf16 base
-            got = res.get(f"v{variant}_{fc}_ms")
-            for ref in ("ours", "base"):
-                if got and f"{ref}_{fc}_ms" in res:
-                    res[f"v{variant}_{fc}_x_{ref}"] = res[f"{ref}_{fc}_ms"] / got
-    return res
+            t["fp8_fc1_ms"] = time_graph(fp8_fc1)
+            t["fp8_fc2_ms"] = time_graph(fp8_fc2)
+        except RuntimeError as exc:  # a torch build without the fp8 grouped GEMM
+            t["fp8_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        return t
 
 
-def bench_point(cache, weights, bf16_w13t, bf16_w2t, model, tpe, multi_b, variants=(),
-                only_variants=False):
+def bench_point(cache, weights, base, model, tpe, multi_b, peaks):
     hidden, inter, num_experts, top_k = MODELS[model]
     ids, tw = uniform_routing(tpe, num_experts, top_k)
     tokens = ids.shape[0]
+    rows = tpe * num_experts
     x = random_tokens(tokens, hidden, seed=tpe)
-    tile_m = choose_tile_m(tokens * top_k, num_experts)
-    plan = build_permutation(ids, num_experts, tile_m=tile_m)
+    bn = choose_token_tile(rows, num_experts)
+    plan = build_permutation(ids, num_experts, tile_m=bn)
     w13, w2 = tables(weights)
     h = torch.empty(plan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
-    y = torch.empty(plan.num_rows, hidden, dtype=torch.float32, device="cuda")
-    rw = permuted_row_weights(tw, plan.slot_index)
-    out_buf = torch.empty(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device="cuda")
 
     def fc1(table=w13):
-        fc1_gather_swiglu(cache, x, plan.gather_index, plan.tile_expert, table, tile_m, out=h)
+        fc1_gather_swiglu(cache, x, plan.gather_index, plan.tile_expert, table, bn, out=h)
 
     def fc2(table=w2):
-        fc2_weighted(cache, h, plan.tile_expert, rw, table, tile_m, out=y)
+        fc2_finalize(cache, h, plan.slot_index, plan.tile_expert, ids, tw, table, bn, out=out)
 
-    def fin():
-        finalize(cache, y, plan.inverse, out=out_buf)
+    def ours(tables_=(w13, w2)):
+        fc1(tables_[0])
+        fc2(tables_[1])
 
-    def ours_all():
-        fc1()
-        fc2()
-        fin()
-
-    rows = tpe * num_experts
+    res = {"model": model, "tokens_per_expert": tpe, "tokens": tokens, "token_tile": bn,
+           "ours_fc1_ms": time_graph(fc1), "ours_fc2_ms": time_graph(fc2),
+           "ours_total_ms": time_graph(ours)}
     offs = torch.arange(1, num_experts + 1, device="cuda", dtype=torch.int32) * tpe
     a_perm = x[plan.gather_index[plan.gather_index >= 0].long()]
-    assert a_perm.shape[0] == rows
     h2 = torch.randn(rows, inter, device="cuda").to(torch.bfloat16)
-
-    def base_fc1():
-        torch._grouped_mm(a_perm, bf16_w13t, offs=offs, out_dtype=torch.bfloat16)
-
-    def base_fc2():
-        torch._grouped_mm(h2, bf16_w2t, offs=offs, out_dtype=torch.bfloat16)
-
-    res = {"model": model, "tokens_per_expert": tpe, "tokens": tokens, "tile_m": tile_m}
-    if only_variants:
-        return _time_variants(res, cache, variants, ids, tw, x, w13, w2, plan, tile_m,
-                              inter, hidden, num_experts)
-    t = {
-        "ours_fc1_ms": time_graph(fc1), "ours_fc2_ms": time_graph(fc2),
-        "ours_finalize_ms": time_graph(fin), "ours_total_ms": time_graph(ours_all),
-        "base_fc1_ms": time_graph(base_fc1), "base_fc2_ms": time_graph(base_fc2),
-    }
-    t["base_total_ms"] = t["base_fc1_ms"] + t["base_fc2_ms"]
-    fl1 = 2.0 * rows * 2 * inter * hidden
-    fl2 = 2.0 * rows * hidden * inter
-    nv_w13 = num_experts * 2 * inter * hidden * 0.5625
-    nv_w2 = num_experts * hidden * inter * 0.5625
-    by1 = nv_w13 + rows * hidden * 2 + rows * inter * 2
-    by2 = nv_w2 + rows * inter * 2 + rows * hidden * 4
+    res.update(base.timings(a_perm, h2, offs))
+    res["bf16_total_ms"] = res["bf16_fc1_ms"] + res["bf16_fc2_ms"]
+    res["speedup_total"] = res["bf16_total_ms"] / res["ours_total_ms"]
+    if "fp8_fc1_ms" in res:
+        res["fp8_total_ms"] = res["fp8_fc1_ms"] + res["fp8_fc2_ms"]
+        res["speedup_total_fp8"] = res["fp8_total_ms"] / res["ours_total_ms"]
+    flops = 2.0 * rows * 3 * inter * hidden
+    nvfp4 = NVFP4_BYTES_PER_WEIGHT * num_experts * 3 * inter * hidden
     res.update({
-        **t,
-        "speedup_fc1": t["base_fc1_ms"] / t["ours_fc1_ms"],
-        "speedup_fc2": t["base_fc2_ms"] / t["ours_fc2_ms"],
-        "speedup_total": t["base_total_ms"] / t["ours_total_ms"],
-        "ours_fc1_tflops": fl1 / t["ours_fc1_ms"] / 1e9,
-        "ours_fc2_tflops": fl2 / t["ours_fc2_ms"] / 1e9,
-        "base_fc1_tflops": fl1 / t["base_fc1_ms"] / 1e9,
-        "base_fc2_tflops": fl2 / t["base_fc2_ms"] / 1e9,
-        "ours_fc1_gbps": by1 / t["ours_fc1_ms"] / 1e6,
-        "ours_fc2_gbps": by2 / t["ours_fc2_ms"] / 1e6,
+        "ours_tflops": flops / res["ours_total_ms"] / 1e9,
+        "ours_nvfp4_tbps": nvfp4 / res["ours_total_ms"] / 1e9,
+        "ours_fc1_tflops": flops * 2 / 3 / res["ours_fc1_ms"] / 1e9,
+        "ours_fc1_nvfp4_tbps": nvfp4 * 2 / 3 / res["ours_fc1_ms"] / 1e9,
+        "bf16_tflops": flops / res["bf16_total_ms"] / 1e9,
     })
-    peak = peak_for(torch.cuda.get_device_name())
-    res["ours_fc1_pct_peak_flops"] = pct_of(res["ours_fc1_tflops"], peak and peak.bf16_tflops)
-    res["ours_fc1_pct_peak_bw"] = pct_of(res["ours_fc1_gbps"], peak and peak.copy_gbps)
-    _time_variants(res, cache, variants, ids, tw, x, w13, w2, plan, tile_m, inter, hidden,
-                   num_experts)
+    res["ours_pct_peak_flops"] = pct_of(res["ours_tflops"], peaks and peaks.bf16_tflops)
+    res["ours_pct_peak_bw"] = pct_of(res["ours_nvfp4_tbps"] * 1e3, peaks and peaks.copy_gbps)
     if multi_b:
         view = weights.split(split_sizes(num_experts, 4))
         m13, m2 = tables(view)
-        s1 = time_graph(lambda: (fc1(w13), fc2(w2)))
-        s4 = time_graph(lambda: (fc1(m13), fc2(m2)))
-        res.update({"single_b_fc12_ms": s1, "multi_b4_fc12_ms": s4,
-                    "multi_b_overhead_pct": 100 * (s4 / s1 - 1)})
+        s1 = time_graph(ours)
+        s4 = time_graph(lambda: ours((m13, m2)))
+        res.update({"single_b_ms": s1, "multi_b4_ms": s4, "multi_b_overhead_pct": 100 * (s4 / s1 - 1)})
     return res
 
 
-def _write(path, results) -> dict:
-    peak = peak_for(torch.cuda.get_device_name())
+def _write(path, results, peaks) -> dict:
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "peak_tflops_bf16": peak and peak.bf16_tflops, "peak_gbps": peak and peak.copy_gbps,
+           "peak": peaks.to_dict() if peaks else None,
+           "fp8_baseline": "torch._scaled_grouped_mm rowwise, use_fast_accum=False",
            "results": results}
     if path:
         with open(path, "w") as f:
@@ -228,53 +196,36 @@ def _write(path, results) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="qwen3_30b_a3b,deepseek_v3")
-    p.add_argument("--tpe", default="16,32,64,128,256,512,1024,2048")
-    p.add_argument("--max-rows", type=int, default=300_000,
-                   help="skip points with more permuted rows (device memory)")
+    p.add_argument("--models", default="deepseek_v3,qwen3_235b_a22b")
+    p.add_argument("--tpe", default="16,64,256,1024")
     p.add_argument("--multi-b-tpe", default="16,256")
-    p.add_argument("--variants", default="64x64,64x128,128x128,ws64x128,ws128x128",
-                   help="extra [ws]TILE_MxN_SUB[sSTAGES] configs of our kernels to time at every "
-                        "point (ws = warp-specialized; sN = N-slot load ring; 256x64 = the "
-                        "opt-in 256-row tiles; suffix f = one WGMMA over both B sub-tiles)")
-    p.add_argument("--only-variants", action="store_true",
-                   help="time only the --variants configs (no baseline, no default config)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
+    peaks = peak_for(torch.cuda.get_device_name())
     cache = CompileCache()
     results = []
     for model in args.models.split(","):
         hidden, inter, num_experts, _ = MODELS[model]
         weights = random_nvfp4_experts(num_experts, hidden, inter, seed=1)
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        w13t = (torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=gen,
-                            dtype=torch.bfloat16) * 0.02).transpose(1, 2)
-        w2t = (torch.randn(num_experts, hidden, inter, device="cuda", generator=gen,
-                           dtype=torch.bfloat16) * 0.02).transpose(1, 2)
+        base = Baselines(model)
         for tpe in (int(v) for v in args.tpe.split(",")):
-            if tpe * num_experts > args.max_rows:
-                results.append({"model": model, "tokens_per_expert": tpe,
-                                "skipped": f"{tpe * num_experts} rows > --max-rows"})
-                continue
-            r = bench_point(cache, weights, w13t, w2t, model, tpe,
-                            str(tpe) in args.multi_b_tpe.split(","),
-                            [v for v in args.variants.split(",") if v], args.only_variants)
+            r = bench_point(cache, weights, base, model, tpe,
+                            str(tpe) in args.multi_b_tpe.split(","), peaks)
             results.append(r)
-            _write(args.out, results)  # keep what is measured if a later point dies
-            if args.only_variants:
-                print(model, tpe, {k: round(v, 3) for k, v in r.items() if k.endswith("_ms")},
-                      file=sys.stderr, flush=True)
-                continue
-            print(f"{model:14s} tpe={tpe:5d} fc1 {r['ours_fc1_ms']:.3f}/{r['base_fc1_ms']:.3f} ms "
-                  f"x{r['speedup_fc1']:.2f}  fc2 {r['ours_fc2_ms']:.3f}/{r['base_fc2_ms']:.3f} "
-                  f"x{r['speedup_fc2']:.2f}  total x{r['speedup_total']:.2f}  "
-                  f"{r['ours_fc1_tflops']:.0f} TF/s {r['ours_fc1_gbps']:.0f} GB/s",
-                  file=sys.stderr, flush=True)
+            _write(args.out, results, peaks)  # keep what is measured if a later point dies
+            print(f"{model:16s} tpe={tpe:5d} ours {r['ours_total_ms']:.3f} ms (fc1 "
+                  f"{r['ours_fc1_ms']:.3f}, fc2 {r['ours_fc2_ms']:.3f}) bf16 "
+                  f"{r['bf16_total_ms']:.3f} x{r['speedup_total']:.2f} fp8 "
+                  f"{r.get('fp8_total_ms', float('nan')):.3f} "
+                  f"x{r.get('speedup_total_fp8', float('nan')):.2f}  "
+                  f"{r['ours_tflops']:.0f} TF/s {r['ours_nvfp4_tbps']:.2f} TB/s"
+                  + (f"  multi-B {r['multi_b_overhead_pct']:+.1f}%" if "multi_b_overhead_pct"
+                     in r else ""), file=sys.stderr, flush=True)
             torch.cuda.empty_cache()
-        del weights, w13t, w2t
+        del weights, base
         torch.cuda.empty_cache()
-    doc = _write(args.out, results)
+    doc = _write(args.out, results, peaks)
     if not args.out:
         print(json.dumps(doc, indent=1))
     return 0

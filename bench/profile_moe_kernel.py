@@ -1,6 +1,7 @@
 """Run the sm90 FC1 and FC2 kernels once each on one routing, for a profiler (ncu) to read.
 
-Usage: ncu --clock-control none -k regex:W4A16 python3 bench/profile_moe_kernel.py MODEL TPE
+Usage: ncu --clock-control none -k regex:W4A16Rs python3 bench/profile_moe_kernel.py MODEL TPE
+(The first launch of each kernel compiles; a second call runs it again for ``-s`` skipping.)
 """
 import sys
 
@@ -8,14 +9,14 @@ import torch
 
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
-from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_weighted, permuted_row_weights
+from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
 from tensorrt_llm_dwdp.kernels.testing import (
     MODELS,
     random_nvfp4_experts,
     random_tokens,
     uniform_routing,
 )
-from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_tile_m
+from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 
 sys.path.insert(0, "bench")
@@ -28,15 +29,15 @@ def main() -> int:
     weights = random_nvfp4_experts(num_experts, hidden, inter, seed=1)
     ids, tw = uniform_routing(tpe, num_experts, top_k)
     x = random_tokens(ids.shape[0], hidden, seed=0)
-    tile_m = choose_tile_m(ids.numel(), num_experts)
-    plan = build_permutation(ids, num_experts, tile_m=tile_m)
+    bn = choose_token_tile(ids.numel(), num_experts)
+    plan = build_permutation(ids, num_experts, tile_m=bn)
     w13, w2 = tables(weights)
     cache = CompileCache()
-    rw = permuted_row_weights(tw, plan.slot_index)
-    h = fc1_gather_swiglu(cache, x, plan.gather_index, plan.tile_expert, w13, tile_m)
-    fc2_weighted(cache, h, plan.tile_expert, rw, w2, tile_m)
+    for _ in range(2):
+        h = fc1_gather_swiglu(cache, x, plan.gather_index, plan.tile_expert, w13, bn)
+        fc2_finalize(cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn)
     torch.cuda.synchronize()
-    print(f"{model} tpe={tpe} tile_m={tile_m} ran FC1 and FC2", flush=True)
+    print(f"{model} tpe={tpe} bn={bn} ran FC1 and FC2 twice", flush=True)
     return 0
 
 

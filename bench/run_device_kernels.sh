@@ -1,45 +1,74 @@
 #!/usr/bin/env bash
-# One device call for issue 4: smoke check, kernel tests, bench (plain schedule), then the
-# warp-specialized schedule's test and bench, each stage under its own timeout so a hang in a
-# later stage cannot cost the earlier results. Run from the repo root with .whl/ carried
-# (../shared/tools/device-wheels); logs and JSON land in $OUT.
-# Usage: bench/run_device_kernels.sh [extra args for the main bench...]
-#        MODE=tile bench/run_device_kernels.sh: only the 256-row tile variant's device tests,
-#        the plain kernels' tests and the compute-bound bench points (default vs the
-#        $TILE_VARIANTS configs vs torch._grouped_mm) into $OUT/moe_kernels_tile.json.
+# One device call for the kernels room (issue 11), from the repo root with PYTHONPATH set up
+# for nvidia-cutlass-dsl (see COORD.md): a smoke check of the RS kernels under a short timeout
+# (a hang or a wrong answer stops the call there, before the long stages), the device kernel
+# tests, the bench (bf16 + fp8 baselines; DeepSeek-V3 and Qwen3-235B-A22B shapes) and, with
+# NCU=1, ncu on a memory-bound and a compute-bound FC1/FC2 point. Logs and JSON in $OUT/kernels.
+# Usage: [NCU=1] [STAGES="smoke tests bench"] bench/run_device_kernels.sh
 set -o pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages || exit 1
+OUT=${OUT:-/tmp/out}/kernels
+mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-{
-  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
-  python3 -c "import torch; print('torch', torch.__version__)"
-  python3 -c "
-import torch
-from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
-from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import finalize
-y = torch.randn(16, 64, device='cuda')
-inv = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32, device='cuda')
-print('tiny CuTeDSL kernel ok:', torch.equal(finalize(CompileCache(), y, inv), (y[[3, 0]] + y[[1, 2]]).bfloat16()))"
-} 2>&1 | tee "$OUT/env.txt"
+STAGES=${STAGES:-smoke tests bench}
 rc=0
 run() {  # run SECONDS LOG cmd...: one stage under a timeout, output teed to $OUT/LOG
   local secs=$1 log=$2; shift 2
-  timeout "$secs" "$@" 2>&1 | tee "$OUT/$log" || rc=1
+  local t0=$SECONDS
+  timeout -k 5 "$secs" "$@" 2>&1 | tee "$OUT/$log"
+  local st=${PIPESTATUS[0]}
+  echo "[stage $log: exit $st in $((SECONDS - t0)) s]" | tee -a "$OUT/stages.txt"
+  return "$st"
 }
-if [ "${MODE:-}" = tile ]; then
-  run ${T_TESTS:-130} tests_tile.txt python3 -m pytest --maxfail=3 -q -rs --durations=6 \
-    tests/kernels/test_moe_sm90_tile256.py tests/kernels/test_moe_sm90.py
-  run ${T_BENCH:-170} bench_tile_log.txt python3 bench/moe_kernels.py --tpe 256,1024 \
-    --variants ${TILE_VARIANTS:-128x128f,256x64f,256x64} --multi-b-tpe none --out "$OUT/moe_kernels_tile.json" "$@"
-  exit $rc
+{
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+
+if [[ " $STAGES " == *" smoke "* ]]; then
+  run "${T_SMOKE:-120}" smoke.txt python3 - <<'EOF' || { echo "smoke failed: stopping"; exit 1; }
+import time, torch
+from tensorrt_llm_dwdp.kernels.testing import random_nvfp4_experts, random_tokens, skewed_routing
+from tensorrt_llm_dwdp.moe.backends.cutedsl import CuteDslMoeBackend
+from tensorrt_llm_dwdp.moe.backends.torch_ref import TorchMoeBackend
+backend, ref = CuteDslMoeBackend(), TorchMoeBackend()
+ok = True
+for hidden, inter, experts, top_k, tokens in ((64, 64, 16, 4, 5), (2048, 768, 128, 8, 300),
+                                              (2048, 768, 128, 8, 2000)):
+    w = random_nvfp4_experts(experts, hidden, inter, seed=1)
+    x = random_tokens(tokens, hidden, seed=2)
+    ids, tw = skewed_routing(tokens, experts, top_k, seed=3, empty_experts=1)
+    t0 = time.time()
+    out = backend.run_experts(x, ids, tw, w)
+    torch.cuda.synchronize()
+    want = ref.run_experts(x, ids, tw, w)
+    err = ((out.double() - want.double()).norm() / want.double().norm()).item()
+    finite = bool(torch.isfinite(out).all())
+    print(f"H={hidden} I={inter} E={experts} k={top_k} T={tokens}: rel err {err:.2e} "
+          f"finite {finite} ({time.time() - t0:.1f} s incl. compile)", flush=True)
+    ok &= finite and err < 1e-2
+raise SystemExit(0 if ok else 1)
+EOF
 fi
-run ${T_TESTS:-150} tests.txt python3 -m pytest --maxfail=5 -q -rs --durations=6 tests/kernels \
-  --ignore=tests/kernels/test_moe_sm90_ws.py
-run ${T_BENCH:-180} bench_log.txt python3 bench/moe_kernels.py --variants 64x64,64x128,128x128 \
-  --out "$OUT/moe_kernels.json" "$@"
-run ${T_WS_TESTS:-40} tests_ws.txt python3 -m pytest -x -q tests/kernels/test_moe_sm90_ws.py
-run ${T_WS_BENCH:-70} bench_ws_log.txt python3 bench/moe_kernels.py --variants ws64x128,ws128x128 --only-variants --tpe 16,64,256,1024 \
-  --multi-b-tpe none --out "$OUT/moe_kernels_ws.json"
+if [[ " $STAGES " == *" tests "* ]]; then
+  run "${T_TESTS:-200}" tests.txt python3 -m pytest --maxfail=4 -q -rs --durations=10 \
+    tests/kernels || rc=1
+fi
+if [[ " $STAGES " == *" bench "* ]]; then
+  run "${T_BENCH:-220}" bench_log.txt python3 bench/moe_kernels.py \
+    --out "$OUT/moe_kernels_h200.json" ${BENCH_ARGS:-} || rc=1
+fi
+if [[ "${NCU:-0}" == 1 ]]; then
+  sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats"
+  for point in ${NCU_POINTS:-"deepseek_v3 16" "deepseek_v3 1024"}; do
+    set -- $point
+    # second call's FC1 and first FC2 chunk (the first call compiles)
+    skip=$(python3 -c "
+from tensorrt_llm_dwdp.kernels.testing import MODELS
+from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import chunk_blocks
+h, i, e, k = MODELS['$1']; n = -(-(h // 64) // chunk_blocks(h, k)); print(1 + n)")
+    run "${T_NCU:-90}" "ncu_$1_$2.txt" ncu --clock-control none -k regex:W4A16Rs \
+      --launch-skip "$skip" --launch-count 2 $sections \
+      python3 bench/profile_moe_kernel.py "$1" "$2" || rc=1
+  done
+fi
 exit $rc

@@ -65,8 +65,9 @@ def build_expert_table(
                 raise ValueError(f"build_expert_table: {name} tensor {t} must be contiguous")
             if x.device != device:
                 raise ValueError(f"build_expert_table: {name} tensor {t} on {x.device}, not {device}")
-        if w.data_ptr() % 16 or sf.data_ptr() % 4:
-            raise ValueError(f"build_expert_table: tensor {t} weight/scale base is misaligned")
+        if w.data_ptr() % 16 or sf.data_ptr() % 8:
+            raise ValueError(f"build_expert_table: tensor {t} weight (16 B) / scale (8 B) base "
+                             f"is misaligned")
         if expert_offsets[t] != len(tensor_of):
             raise ValueError(
                 f"build_expert_table: tensor {t} starts at expert {expert_offsets[t]}, "

@@ -34,13 +34,15 @@ def fc2_finalize(
     h: torch.Tensor,
     slot_index: torch.Tensor,
     tile_expert: torch.Tensor,
+    topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     w2: ExpertTable,
     bn: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """h bf16 ``[M_pad, I]``; slot_index int32 ``[M_pad]`` (the plan's flat slot per row, -1 on
-    padding); topk_weights fp32 ``[T, k]``; ``w2`` rows = H, k = I. Returns bf16 ``[T, H]``."""
+    padding); topk_ids int32 ``[T, k]`` (-1 = empty slot, summed as nothing); topk_weights fp32
+    ``[T, k]``; ``w2`` rows = H, k = I. Returns bf16 ``[T, H]``."""
     if h.dtype != torch.bfloat16 or h.dim() != 2 or not h.is_contiguous():
         raise ValueError(f"fc2: h must be contiguous bf16 [M_pad, I], got {h.dtype} {tuple(h.shape)}")
     if h.shape[1] != w2.k:
@@ -53,6 +55,10 @@ def fc2_finalize(
         raise ValueError(f"fc2: topk_weights must be fp32 [T, k], got {topk_weights.dtype} "
                          f"{tuple(topk_weights.shape)}")
     tokens, top_k = topk_weights.shape
+    if topk_ids.dtype != torch.int32 or topk_ids.shape != topk_weights.shape:
+        raise ValueError(f"fc2: topk_ids must be int32 {tuple(topk_weights.shape)}, got "
+                         f"{topk_ids.dtype} {tuple(topk_ids.shape)}")
+    topk_ids = topk_ids.contiguous()
     hidden = w2.rows
     if out is None:
         out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=h.device)
@@ -70,19 +76,21 @@ def fc2_finalize(
         launch_rs_gemm(cache, epilogue="scatter", a=h, row_index=slot_index,
                        tile_expert=tile_expert, table=w2, topk_w=weights, out=y, bn=bn,
                        blk_begin=b0, blk_end=b1, y_cols=cb * BLOCK)
-        slot_sum(cache, y, out, top_k, b0 * BLOCK, (b1 - b0) * BLOCK)
+        slot_sum(cache, y, topk_ids, out, b0 * BLOCK, (b1 - b0) * BLOCK)
     return out
 
 
-def slot_sum(cache: CompileCache, y: torch.Tensor, out: torch.Tensor, top_k: int, col0: int,
-             cols: int) -> torch.Tensor:
-    """``out[t, col0 + c] = bf16(sum_j y[t top_k + j, c])`` for ``c < cols`` (slot order)."""
+def slot_sum(cache: CompileCache, y: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor,
+             col0: int, cols: int) -> torch.Tensor:
+    """``out[t, col0 + c] = bf16(sum_j y[t k + j, c])`` for ``c < cols``, slot order j, empty
+    slots (``topk_ids`` -1) skipped."""
     import cutlass
 
     tokens, hidden = out.shape
+    top_k = topk_ids.shape[1]
     y_cols = y.shape[1]
-    args = [gmem_ptr(y, 16), gmem_ptr(out, 8), cutlass.Int32(tokens), cutlass.Int32(col0),
-            cutlass.Int32(cols)]
+    args = [gmem_ptr(y, 16), gmem_ptr(topk_ids), gmem_ptr(out, 8), cutlass.Int32(tokens),
+            cutlass.Int32(col0), cutlass.Int32(cols)]
 
     def build():
         import cutlass.cute as cute

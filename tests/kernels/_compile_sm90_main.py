@@ -17,6 +17,7 @@ def main() -> int:
         from tensorrt_llm_dwdp.kernels.sm90.slot_sum import SlotSum
 
         return _compile(SlotSum(512, 8, 4096), [torch.zeros(32, 512),
+                                                torch.zeros(4, 8, dtype=torch.int32),
                                                 torch.zeros(4, 4096, dtype=torch.bfloat16)],
                         [4, 0, 512])
     from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import W4A16RsGemm

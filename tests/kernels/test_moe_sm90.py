@@ -129,7 +129,7 @@ def test_fc2_one_hot_rows_read_exact_weight_columns(backend, experts):
                                           inter).to(torch.bfloat16)
     w2 = backend._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
     tw = torch.ones(inter, 1, device="cuda")
-    out = fc2_finalize(backend.cache, h, plan.slot_index, plan.tile_expert, tw, w2, bn)
+    out = fc2_finalize(backend.cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn)
     torch.cuda.synchronize()
     for e in (5, 9):
         tokens = torch.arange(0 if e == 5 else 1, inter, 2, device="cuda")

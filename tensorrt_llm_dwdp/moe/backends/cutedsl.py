@@ -108,8 +108,8 @@ class CuteDslMoeBackend:
         if x.data_ptr() % 16:  # a row-offset view; the gather copies 16-byte chunks
             x = x.clone()
         h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, bn)
-        return fc2_finalize(self.cache, h, plan.slot_index, plan.tile_expert, topk_weights, w2,
-                            bn)
+        return fc2_finalize(self.cache, h, plan.slot_index, plan.tile_expert, topk_ids,
+                            topk_weights, w2, bn)
 
 
 def create_backend() -> CuteDslMoeBackend:
