@@ -2,14 +2,15 @@
 # One device call for the kernels room (issue 11), from the repo root with PYTHONPATH set up
 # for nvidia-cutlass-dsl (see COORD.md): a smoke check of the RS kernels under a short timeout
 # (a hang or a wrong answer stops the call there, before the long stages), the device kernel
-# tests, the bench (bf16 + fp8 baselines; DeepSeek-V3 and Qwen3-235B-A22B shapes) and, with
-# NCU=1, ncu on a memory-bound and a compute-bound FC1/FC2 point. Logs and JSON in $OUT/kernels.
-# Usage: [NCU=1] [STAGES="smoke tests bench"] bench/run_device_kernels.sh
+# tests, the bench (bf16 + fp8 baselines; DeepSeek-V3 and Qwen3-235B-A22B shapes), `run
+# --moe-backend cutedsl` on the embedded default model and, with NCU=1, ncu on a memory-bound
+# and a compute-bound FC1/FC2 point. Logs and JSON in $OUT/kernels.
+# Usage: [NCU=1] [STAGES="smoke tests bench cli"] bench/run_device_kernels.sh
 set -o pipefail
 OUT=${OUT:-/tmp/out}/kernels
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-STAGES=${STAGES:-smoke tests bench}
+STAGES=${STAGES:-smoke tests bench cli}
 rc=0
 run() {  # run SECONDS LOG cmd...: one stage under a timeout, output teed to $OUT/LOG
   local secs=$1 log=$2; shift 2
@@ -56,6 +57,10 @@ fi
 if [[ " $STAGES " == *" bench "* ]]; then
   run "${T_BENCH:-220}" bench_log.txt python3 bench/moe_kernels.py \
     --out "$OUT/moe_kernels_h200.json" ${BENCH_ARGS:-} || rc=1
+fi
+if [[ " $STAGES " == *" cli "* ]]; then  # the embedded default (tiny-deepseek-v3) end to end
+  run "${T_CLI:-120}" cli_run.txt python3 -m tensorrt_llm_dwdp run --moe-backend cutedsl \
+    --device cuda || rc=1
 fi
 if [[ "${NCU:-0}" == 1 ]]; then
   sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats"

@@ -104,6 +104,18 @@ def st_shared_v4(smem_addr: Int32, w0, w1, w2, w3, *, loc=None, ip=None) -> None
 
 
 @dsl_user_op
+def st_shared_v2(smem_addr: Int32, w0, w1, *, loc=None, ip=None) -> None:
+    """Store two 32-bit words to an 8-byte aligned shared-memory address."""
+    asm(
+        None,
+        [Int32(smem_addr).ir_value(loc=loc, ip=ip)]
+        + [Int32(w).ir_value(loc=loc, ip=ip) for w in (w0, w1)],
+        "st.shared.v2.b32 [$0], {$1, $2};",
+        "r,r,r",
+    )
+
+
+@dsl_user_op
 def ld_global_nc_v4_f32(gmem_addr: Int64, *, loc=None, ip=None):
     """Read-only 16-byte global load of four fp32 values."""
     res = asm(

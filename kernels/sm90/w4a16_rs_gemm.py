@@ -20,7 +20,7 @@ in a static round robin; both roles walk the same sequence):
   producer warpgroup 0 (72 registers): per stage, 16 B cp.async of the packed weight rows
       (-> sW, rows padded by 16 B so 8 rows x 16 B reads hit distinct banks), of the gathered
       token rows (-> sB, the 128 B-swizzled WGMMA layout) and of the raw e4m3 scales (-> sRaw);
-      one stage later, once its own cp.async group has landed: its scale rows -> bf16x2 splats
+      L stages later, once its own cp.async group has landed: its scale rows -> bf16x2 splats
       (-> sSpl, each scale converted once per CTA), fence the async proxy, arrive on full.
   consumer warpgroups 1, 2 (208 registers): per k32 pair of the stage: LDS.128 of its two rows
       per block, byte gather + dequant into the A fragments of 2 k16 steps, wgmma x 4 (2 blocks
@@ -37,12 +37,14 @@ Pipelines (``stages`` slots of [sW | sRaw | sSpl | sB], mbarriers in shared memo
   empty[s] consumers -> producer: one arrival per consumer warp once every wgmma that read
            stage s completed (wgmma reads B asynchronously; A came through registers).
 Steady state (global K-tile counter i, slot s = i % stages):
-  producer: wait empty[s] | cp.async weights(i), B(i), raw scales(i) | wait own cp.async(i-1) |
-            splats(i-1) | fence | arrive full[(i-1) % stages]
+  producer: wait empty[s] | cp.async weights(i), B(i), raw scales(i) | wait own cp.async(i-L)
+            | splats(i-L) | fence | arrive full[(i-L) % stages]    (L = stages - 3)
   consumer: wait full[s] | for pair p: dequant(p) ; wgmma(p) ; wait wgmma(p-1) | arrive
             empty[(i-1) % stages]
 so the dequant of pair p overlaps wgmma(p-1), and ``stages - 2`` K tiles of loads are in
-flight while the consumers work (the producer's own conversion runs one stage behind).
+flight while the consumers work. The producer's conversion runs L stages behind its copies so
+it never waits on fresh loads (waiting on stage i-1 held the pipe to one stage per memory
+latency: run 1, kernels/NOTES.md).
 
 64-bit offsets everywhere an address is formed; token indices and tile counts are int32.
 """
@@ -70,7 +72,7 @@ from .ptx import (
     ld_shared_v4,
     st_global_bf16,
     st_global_f32,
-    st_shared_v4,
+    st_shared_v2,
 )
 
 EPILOGUES = ("swiglu", "scatter")
@@ -131,15 +133,22 @@ class W4A16RsGemm:
         self.w_row = self.kt // 2  # packed bytes per weight row per stage
         self.w_stride = self.w_row + 16  # padded: 8 rows x 16 B reads hit distinct banks
         self.raw_row = self.kt // 16  # e4m3 scales per row per stage
-        self.spl_stride = self.kt // 4 + (16 if self.kt >= 128 else 0)
+        # bf16x2 splat per scale; 8-byte reads of 8 rows hit distinct banks at a 16 or 40 B
+        # row stride (kt 64: 4 splats per row, kt 128: 8 plus 8 B of padding).
+        self.spl_stride = self.kt // 4 + (8 if self.kt >= 128 else 0)
         self.stage_w = CTA_ROWS * self.w_stride
         self.stage_raw = CTA_ROWS * self.raw_row
         self.stage_spl = CTA_ROWS * self.spl_stride
         self.stage_b = self.sub * bn * 128
         stage_bytes = self.stage_w + self.stage_raw + self.stage_spl + self.stage_b
         self.stages = min(MAX_STAGES, SMEM_BUDGET // stage_bytes)
-        if self.stages < 3:
+        if self.stages < 4:
             raise ValueError(f"only {self.stages} pipeline stages fit ({stage_bytes} B each)")
+        # The producer publishes stage i (splats + arrive) after issuing stage i + lag, when its
+        # own copies of stage i have long landed; lag = stages - 3 keeps one stage of slack
+        # before the consumers need it (stage i + lag needs the slot the consumers freed when
+        # they finished stage i - 2) and never waits on the freshest copies.
+        self.lag = self.stages - 3
         self.b_chunks = bn * self.kt // 8 // PRODUCER_THREADS  # 16 B B-chunks per thread/stage
         self.w_chunks = self.w_row // 16  # 16 B chunks per weight row per stage
         self.w_copies = CTA_ROWS * self.w_chunks // PRODUCER_THREADS
@@ -311,13 +320,16 @@ class W4A16RsGemm:
                            + ((c8 ^ (n % 8)) * 16))
                     cp_async_16(dst, b_src[i] + kt_idx * (self.kt * 2) + cc * 16)
                 cute.arch.cp_async_commit_group()
-                if it > 0:
-                    cute.arch.cp_async_wait_group(1)
-                    self._publish(tidx, (it - 1) % self.stages, full, sraw_addr, sspl_addr)
+                if it >= self.lag:  # stage it - lag was issued lag stages ago: it has landed
+                    cute.arch.cp_async_wait_group(self.lag)
+                    self._publish(tidx, (it - self.lag) % self.stages, full, sraw_addr,
+                                  sspl_addr)
         total = my_tiles * self.k_tiles
-        if total > 0:
-            cute.arch.cp_async_wait_group(0)
-            self._publish(tidx, (total - 1) % self.stages, full, sraw_addr, sspl_addr)
+        cute.arch.cp_async_wait_group(0)
+        for d in cutlass.range_constexpr(self.lag):
+            if total - self.lag + d >= 0:
+                self._publish(tidx, (total - self.lag + d) % self.stages, full, sraw_addr,
+                              sspl_addr)
 
     @cute.jit
     def _publish(self, tidx, s, full, sraw_addr, sspl_addr):
@@ -330,7 +342,8 @@ class W4A16RsGemm:
             spl = sspl_addr + s * self.stage_spl + r * self.spl_stride
             for w in cutlass.range_constexpr(self.raw_row // 4):
                 s0, s1, s2, s3 = e4m3x4_to_bf16x2_splats(ld_shared_u32(raw + 4 * w), SCALE_EXP2)
-                st_shared_v4(spl + 16 * w, s0, s1, s2, s3)
+                st_shared_v2(spl + 16 * w, s0, s1)
+                st_shared_v2(spl + 16 * w + 8, s2, s3)
         cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared,
                               space=cute.arch.SharedSpace.shared_cta)
         cute.arch.mbarrier_arrive(full + s)

@@ -4,7 +4,9 @@ The real presets carry the values of the published checkpoints' ``config.json`` 
 Qwen3-30B-A3B), so a synthetic checkpoint built from them has every real tensor shape; only the
 layer count (and, for demos, the vocabulary) may be overridden. ``deepseek-v3-lite`` is the
 DeepSeek-V3 architecture (MLA, sigmoid group routing, shared experts) at DeepSeek-V2-Lite sizes.
-The ``tiny-*`` presets are small enough to run the HF oracle tests on a CPU in seconds.
+The ``tiny-*`` presets are small enough to run the HF oracle tests on a CPU in seconds; their
+hidden and expert intermediate sizes are multiples of 64, the block of the sm90 MoE kernels, so
+``run --moe-backend cutedsl`` runs them.
 """
 from __future__ import annotations
 
@@ -130,7 +132,7 @@ _TINY_DEEPSEEK_V3: dict[str, Any] = {
     "intermediate_size": 128,
     "kv_lora_rank": 32,
     "max_position_embeddings": 65536,
-    "moe_intermediate_size": 32,
+    "moe_intermediate_size": 64,
     "n_group": 4,
     "n_routed_experts": 16,
     "num_attention_heads": 4,
@@ -163,7 +165,7 @@ _TINY_QWEN3_MOE: dict[str, Any] = {
     "intermediate_size": 128,
     "max_position_embeddings": 65536,
     "max_window_layers": 3,
-    "moe_intermediate_size": 32,
+    "moe_intermediate_size": 64,
     "num_attention_heads": 4,
     "num_experts": 8,
     "num_experts_per_tok": 2,
