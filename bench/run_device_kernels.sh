@@ -63,7 +63,7 @@ if [[ " $STAGES " == *" cli "* ]]; then  # the embedded default (tiny-deepseek-v
     --device cuda || rc=1
 fi
 if [[ "${NCU:-0}" == 1 ]]; then
-  sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats"
+  sections="--section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
   for point in ${NCU_POINTS:-"deepseek_v3 16" "deepseek_v3 1024"}; do
     set -- $point
     # second call's FC1 and first FC2 chunk (the first call compiles)

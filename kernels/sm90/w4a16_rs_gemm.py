@@ -16,35 +16,36 @@ fp32 rows indexed by (token, slot) into a column chunk ``[64 blk_begin, 64 blk_e
 hidden size (the caller sums the slots in fixed order, ``slot_sum``).
 
 Warp roles (384 threads, one CTA per SM, persistent over (token tile, block group) work tiles
-in a static round robin; both roles walk the same sequence):
-  producer warpgroup 0 (72 registers): per stage, 16 B cp.async of the packed weight rows
-      (-> sW, rows padded by 16 B so 8 rows x 16 B reads hit distinct banks), of the gathered
-      token rows (-> sB, the 128 B-swizzled WGMMA layout) and of the raw e4m3 scales (-> sRaw);
-      L stages later, once its own cp.async group has landed: its scale rows -> bf16x2 splats
-      (-> sSpl, each scale converted once per CTA), fence the async proxy, arrive on full.
-  consumer warpgroups 1, 2 (208 registers): per k32 pair of the stage: LDS.128 of its two rows
-      per block, byte gather + dequant into the A fragments of 2 k16 steps, wgmma x 4 (2 blocks
-      x 2 steps), commit, wait_group(1) (a pair's A registers are rewritten two pairs later);
-      release the previous stage; after the last K tile: epilogue from registers to global.
+in a static round robin; all roles walk the same sequence):
+  copy warps 0, 1 (96 registers): per stage, wait for the slot, 16 B cp.async of the packed
+      weight rows (-> sW, rows padded by 16 B so 8 rows x 16 B reads hit distinct banks), of
+      the raw e4m3 scales (-> sRaw) and of the gathered token rows (-> sB, the 128 B-swizzled
+      WGMMA layout); the copies themselves arrive on ``loaded`` (cp.async.mbarrier.arrive
+      .noinc), so these warps never wait on data, only on free slots.
+  convert warps 2, 3: per stage, wait ``loaded``, raw scales -> bf16x2 splats (-> sSpl; each
+      scale converted once per CTA), fence the async proxy, arrive on ``full``.
+  consumer warpgroups 1, 2 (200 registers): per k32 pair p of the stage: wait until at most
+      pairs - 1 wgmma groups are in flight (pair p's A registers are then free), LDS.128 of its
+      two rows per block, byte gather + dequant into the A fragments of 2 k16 steps, wgmma x 4
+      (2 blocks x 2 steps), commit; release the previous stage once its groups are done; after
+      the last K tile: epilogue from registers to global memory.
 Weights move by cp.async, not TMA: per-row TMA bulk copies (the rows of one stage are not
 contiguous) issue from the uniform datapath one lane at a time (a ``BRA.U.ANY`` loop per
 instruction in the SASS), 256 serial issues per stage; one 16 B cp.async per thread moves a
 warp's 512 B per instruction. (A tensor-map TMA needs one descriptor per multi-B tensor.)
 
 Pipelines (``stages`` slots of [sW | sRaw | sSpl | sB], mbarriers in shared memory):
-  full[s]  producer -> consumers: one arrival per producer thread, after its cp.async of stage
-           s landed and its splats were written.
-  empty[s] consumers -> producer: one arrival per consumer warp once every wgmma that read
-           stage s completed (wgmma reads B asynchronously; A came through registers).
+  loaded[s] copy -> convert: 64 arrivals, each when one copy thread's cp.async of stage s land.
+  full[s]   convert -> consumers: 64 arrivals after the splats of stage s are written.
+  empty[s]  consumers -> copy: one arrival per consumer warp once every wgmma that read stage
+            s completed (wgmma reads B asynchronously; A came through registers).
 Steady state (global K-tile counter i, slot s = i % stages):
-  producer: wait empty[s] | cp.async weights(i), B(i), raw scales(i) | wait own cp.async(i-L)
-            | splats(i-L) | fence | arrive full[(i-L) % stages]    (L = stages - 3)
-  consumer: wait full[s] | for pair p: dequant(p) ; wgmma(p) ; wait wgmma(p-1) | arrive
-            empty[(i-1) % stages]
-so the dequant of pair p overlaps wgmma(p-1), and ``stages - 2`` K tiles of loads are in
-flight while the consumers work. The producer's conversion runs L stages behind its copies so
-it never waits on fresh loads (waiting on stage i-1 held the pipe to one stage per memory
-latency: run 1, kernels/NOTES.md).
+  copy:     wait empty[s] | cp.async weights(i), raw scales(i), B(i) | arrive.noinc loaded[s]
+  convert:  wait loaded[s] | splats(i) | fence | arrive full[s]
+  consumer: wait full[s] | for pair p: wait_group(pairs-1) ; dequant(p) ; wgmma(p) ; commit
+            | (at the last pair) arrive empty[(i-1) % stages]
+so up to ``stages - 1`` K tiles of loads are in flight, the dequant of pair p overlaps the
+wgmma groups of the pairs before it, and no role waits on another except for data or slots.
 
 64-bit offsets everywhere an address is formed; token indices and tile counts are int32.
 """
@@ -83,11 +84,13 @@ CONSUMER_WGS = 2
 BLOCKS_PER_CTA = BLOCKS_PER_WG * CONSUMER_WGS
 CTA_ROWS = BLOCK_ROWS * BLOCKS_PER_CTA
 PRODUCER_THREADS = 128
+COPY_THREADS = 64  # producer warps 0, 1: cp.async only, never wait on data
+CONVERT_THREADS = PRODUCER_THREADS - COPY_THREADS  # warps 2, 3: scale splats, publish
 THREADS = PRODUCER_THREADS + 128 * CONSUMER_WGS
 # setmaxnreg: the CTA launches with 168 registers x 384 threads; the producer gives back to
-# 72 and the consumers take 208 (72 x 128 + 208 x 256 = 62464 <= 64512).
-PRODUCER_REGS = 72
-CONSUMER_REGS = 208
+# 96 and the consumers take 200 (96 x 128 + 200 x 256 = 63488 <= 64512).
+PRODUCER_REGS = 96
+CONSUMER_REGS = 200
 SMEM_BUDGET = 220 * 1024
 MAX_STAGES = 8
 
@@ -142,16 +145,15 @@ class W4A16RsGemm:
         self.stage_b = self.sub * bn * 128
         stage_bytes = self.stage_w + self.stage_raw + self.stage_spl + self.stage_b
         self.stages = min(MAX_STAGES, SMEM_BUDGET // stage_bytes)
-        if self.stages < 4:
+        if self.stages < 3:
             raise ValueError(f"only {self.stages} pipeline stages fit ({stage_bytes} B each)")
-        # The producer publishes stage i (splats + arrive) after issuing stage i + lag, when its
-        # own copies of stage i have long landed; lag = stages - 3 keeps one stage of slack
-        # before the consumers need it (stage i + lag needs the slot the consumers freed when
-        # they finished stage i - 2) and never waits on the freshest copies.
-        self.lag = self.stages - 3
-        self.b_chunks = bn * self.kt // 8 // PRODUCER_THREADS  # 16 B B-chunks per thread/stage
+        self.b_chunks = bn * self.kt // 8 // COPY_THREADS  # 16 B B-chunks per copy thread
         self.w_chunks = self.w_row // 16  # 16 B chunks per weight row per stage
-        self.w_copies = CTA_ROWS * self.w_chunks // PRODUCER_THREADS
+        self.w_copies = CTA_ROWS * self.w_chunks // COPY_THREADS
+        self.w_rows = self.w_copies // BLOCKS_PER_CTA  # weight rows per block per copy thread
+        step = COPY_THREADS // self.w_chunks  # CTA rows between them (16 or 32)
+        # ... as expert weight rows: FC1 interleaves 8 up / 8 gate rows per 16 CTA rows
+        self.w_row_step = step // 2 if epilogue == "swiglu" else step
 
     @cute.jit
     def __call__(self, a_ptr: cute.Pointer, row_index_ptr: cute.Pointer,
@@ -193,6 +195,7 @@ class W4A16RsGemm:
 
         @cute.struct
         class SharedStorage:
+            loaded: cute.struct.MemRange[cutlass.Int64, stages]
             full: cute.struct.MemRange[cutlass.Int64, stages]
             empty: cute.struct.MemRange[cutlass.Int64, stages]
             sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(b_layout)], 1024]
@@ -218,9 +221,11 @@ class W4A16RsGemm:
         storage = smem.allocate(self.shared_storage)
         full = storage.full.data_ptr()
         empty = storage.empty.data_ptr()
+        loaded = storage.loaded.data_ptr()
         if tidx == 0:
             for s in cutlass.range_constexpr(self.stages):
-                cute.arch.mbarrier_init(full + s, PRODUCER_THREADS)
+                cute.arch.mbarrier_init(loaded + s, COPY_THREADS)
+                cute.arch.mbarrier_init(full + s, CONVERT_THREADS)
                 cute.arch.mbarrier_init(empty + s, 4 * CONSUMER_WGS)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
@@ -231,9 +236,12 @@ class W4A16RsGemm:
         sB = storage.sB.get_tensor(b_layout.outer, swizzle=b_layout.inner)
         if wg == 0:
             cute.arch.warpgroup_reg_dealloc(PRODUCER_REGS)
-            self._producer(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a,
-                           row_index, tile_expert, tensor_of, local_of, b_table, full,
+            if tidx < COPY_THREADS:
+                self._copy(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a,
+                           row_index, tile_expert, tensor_of, local_of, b_table, loaded,
                            empty, addrs)
+            else:
+                self._convert(tidx - COPY_THREADS, my_tiles, loaded, full, addrs)
         else:
             cute.arch.warpgroup_reg_alloc(CONSUMER_REGS)
             self._consumer(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end,
@@ -259,9 +267,12 @@ class W4A16RsGemm:
 
     # ---------------------------------------------------------------- producer
     @cute.jit
-    def _producer(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, row_index,
-                  tile_expert, tensor_of, local_of, b_table, full, empty, addrs):
-        sw_addr, sraw_addr, sspl_addr, sb_addr = addrs
+    def _copy(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, row_index,
+              tile_expert, tensor_of, local_of, b_table, loaded, empty, addrs):
+        """Copy warps: per stage, wait for the slot, cp.async the packed weight rows, the
+        raw scales and the gathered token rows, and let the copies themselves arrive on
+        ``loaded`` (``cp.async.mbarrier.arrive.noinc``): these threads never wait on data."""
+        sw_addr, sraw_addr, _, sb_addr = addrs
         a_base = a.iterator.toint()
         chunks_per_row = self.kt // 8
         for j in cutlass.range(my_tiles, unroll=1):
@@ -270,41 +281,39 @@ class W4A16RsGemm:
             blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
             w_base, sf_base, _ = self._expert_bases(tt, tile_expert, tensor_of, local_of,
                                                     b_table)
-            # B rows this thread copies (linear 16 B chunk index tidx + 128 i: a warp covers
-            # whole 128 B row segments, so the gathered reads coalesce).
-            b_src = []
+            # B rows (16 B chunk tidx + 64 i of the stage: a warp covers whole 128 B row
+            # segments, so the gathered reads coalesce); int32 row numbers, 64-bit per copy.
+            b_row = []
             for i in cutlass.range_constexpr(self.b_chunks):
-                n = (tidx + i * PRODUCER_THREADS) // chunks_per_row
-                m = tt * self.bn + n
+                m = tt * self.bn + (tidx + i * COPY_THREADS) // chunks_per_row
                 if cutlass.const_expr(self.epilogue == "swiglu"):
                     m = cutlass.max(row_index[m], Int32(0))  # padding rows read token 0
-                b_src.append(a_base + Int64(m) * (self.k * 2))
-            # Weight rows: 16 B chunk tidx + 128 i is chunk (.. % w_chunks) of CTA row
-            # (.. // w_chunks); a warp reads whole row segments of 8 or 16 rows.
-            # Offsets inside one expert fit int32 (rows x K/2 < 2^31 for any real layer; the
-            # constructor checks); the 64-bit add happens per copy.
+                b_row.append(m)
+            # Weight rows: 16 B chunk tidx + 64 i is chunk (.. % w_chunks) of CTA row
+            # (.. // w_chunks): ``w_rows`` rows per block, ``w_step`` CTA rows apart, so one
+            # int32 offset per block (offsets inside one expert fit int32: constructor check).
             w_off = []
-            for i in cutlass.range_constexpr(self.w_copies):
-                r = (tidx + i * PRODUCER_THREADS) // self.w_chunks
-                gblk = cutlass.min(blk0 + r // BLOCK_ROWS, blk_end - 1)
-                grow = self._weight_row(r % BLOCK_ROWS, gblk)
+            for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+                gblk = cutlass.min(blk0 + cb, blk_end - 1)
+                grow = self._weight_row(tidx // self.w_chunks, gblk)
                 w_off.append(grow * (self.k // 2) + (tidx % self.w_chunks) * 16)
-            sf_off = []  # this thread's scale rows: CTA rows tidx + 128 i
-            for i in cutlass.range_constexpr(CTA_ROWS // PRODUCER_THREADS):
-                r = tidx + PRODUCER_THREADS * i
-                gblk = cutlass.min(blk0 + r // BLOCK_ROWS, blk_end - 1)
-                sf_off.append(self._weight_row(r % BLOCK_ROWS, gblk) * (self.k // 16))
+            sf_off = []  # scale rows: row tidx of each block
+            for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+                gblk = cutlass.min(blk0 + cb, blk_end - 1)
+                sf_off.append(self._weight_row(tidx, gblk) * (self.k // 16))
             for kt_idx in cutlass.range(self.k_tiles, unroll=1):
                 it = j * self.k_tiles + kt_idx
                 s = it % self.stages
                 cute.arch.mbarrier_wait(empty + s, ((it // self.stages) % 2) ^ 1)
                 for i in cutlass.range_constexpr(self.w_copies):
-                    r = (tidx + i * PRODUCER_THREADS) // self.w_chunks
+                    r = (tidx + i * COPY_THREADS) // self.w_chunks
                     dst = (sw_addr + s * self.stage_w + r * self.w_stride
                            + (tidx % self.w_chunks) * 16)
-                    cp_async_16(dst, w_base + Int64(w_off[i] + kt_idx * self.w_row))
-                for i in cutlass.range_constexpr(CTA_ROWS // PRODUCER_THREADS):
-                    r = tidx + PRODUCER_THREADS * i
+                    row_add = (i % self.w_rows) * self.w_row_step * (self.k // 2)
+                    cp_async_16(dst, w_base + Int64(w_off[i // self.w_rows] + row_add
+                                                    + kt_idx * self.w_row))
+                for i in cutlass.range_constexpr(CTA_ROWS // COPY_THREADS):
+                    r = tidx + COPY_THREADS * i
                     src = sf_base + Int64(sf_off[i] + kt_idx * self.raw_row)
                     dst = sraw_addr + s * self.stage_raw + r * self.raw_row
                     if cutlass.const_expr(self.raw_row == 8):
@@ -312,41 +321,36 @@ class W4A16RsGemm:
                     else:
                         cp_async_4(dst, src)
                 for i in cutlass.range_constexpr(self.b_chunks):
-                    q = tidx + i * PRODUCER_THREADS
+                    q = tidx + i * COPY_THREADS
                     n = q // chunks_per_row
                     cc = q % chunks_per_row
                     c8 = cc % 8
                     dst = (sb_addr + (s * self.sub + cc // 8) * (self.bn * 128) + n * 128
                            + ((c8 ^ (n % 8)) * 16))
-                    cp_async_16(dst, b_src[i] + kt_idx * (self.kt * 2) + cc * 16)
-                cute.arch.cp_async_commit_group()
-                if it >= self.lag:  # stage it - lag was issued lag stages ago: it has landed
-                    cute.arch.cp_async_wait_group(self.lag)
-                    self._publish(tidx, (it - self.lag) % self.stages, full, sraw_addr,
-                                  sspl_addr)
-        total = my_tiles * self.k_tiles
-        cute.arch.cp_async_wait_group(0)
-        for d in cutlass.range_constexpr(self.lag):
-            if total - self.lag + d >= 0:
-                self._publish(tidx, (total - self.lag + d) % self.stages, full, sraw_addr,
-                              sspl_addr)
+                    cp_async_16(dst, a_base + Int64(b_row[i]) * (self.k * 2) + (kt_idx * (self.kt * 2) + cc * 16))
+                cute.arch.cp_async_mbarrier_arrive_noinc(loaded + s)
 
     @cute.jit
-    def _publish(self, tidx, s, full, sraw_addr, sspl_addr):
-        """Stage ``s``: this thread's raw e4m3 scale rows -> bf16x2 splats (one word per scale,
-        the scale in both halves), then release its writes to the consumers (async proxy
-        included: wgmma reads the B chunks this thread copied)."""
-        for i in cutlass.range_constexpr(CTA_ROWS // PRODUCER_THREADS):
-            r = tidx + PRODUCER_THREADS * i
-            raw = sraw_addr + s * self.stage_raw + r * self.raw_row
-            spl = sspl_addr + s * self.stage_spl + r * self.spl_stride
-            for w in cutlass.range_constexpr(self.raw_row // 4):
-                s0, s1, s2, s3 = e4m3x4_to_bf16x2_splats(ld_shared_u32(raw + 4 * w), SCALE_EXP2)
-                st_shared_v2(spl + 16 * w, s0, s1)
-                st_shared_v2(spl + 16 * w + 8, s2, s3)
-        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared,
-                              space=cute.arch.SharedSpace.shared_cta)
-        cute.arch.mbarrier_arrive(full + s)
+    def _convert(self, ctid, my_tiles, loaded, full, addrs):
+        """Converter warps: per stage, wait until every copy landed, turn the raw e4m3 scale
+        rows into bf16x2 splats (one word per scale, ``scale * 2^SCALE_EXP2`` in both halves,
+        each scale converted once per CTA) and publish the stage to the consumers."""
+        _, sraw_addr, sspl_addr, _ = addrs
+        for it in cutlass.range(my_tiles * self.k_tiles, unroll=1):
+            s = it % self.stages
+            cute.arch.mbarrier_wait(loaded + s, (it // self.stages) % 2)
+            for i in cutlass.range_constexpr(CTA_ROWS // CONVERT_THREADS):
+                r = ctid + CONVERT_THREADS * i
+                raw = sraw_addr + s * self.stage_raw + r * self.raw_row
+                spl = sspl_addr + s * self.stage_spl + r * self.spl_stride
+                for w in cutlass.range_constexpr(self.raw_row // 4):
+                    s0, s1, s2, s3 = e4m3x4_to_bf16x2_splats(ld_shared_u32(raw + 4 * w),
+                                                             SCALE_EXP2)
+                    st_shared_v2(spl + 16 * w, s0, s1)
+                    st_shared_v2(spl + 16 * w + 8, s2, s3)
+            cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared,
+                                  space=cute.arch.SharedSpace.shared_cta)
+            cute.arch.mbarrier_arrive(full + s)
 
     # ---------------------------------------------------------------- consumers
     @cute.jit
@@ -364,10 +368,12 @@ class W4A16RsGemm:
         thr_mma = tiled_mma.get_slice(tq)
         tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
         a_shape = thr_mma.partition_shape_A((BLOCK_ROWS, 16))
-        # A fragments: [block][pair parity][step in pair], each 4 bf16x2 words.
-        frags = [[[tiled_mma.make_fragment_A(a_shape) for _ in range(2)] for _ in range(2)]
-                 for _ in range(BLOCKS_PER_WG)]
-        words = [[[cute.recast_tensor(f, Int32) for f in pp] for pp in blk] for blk in frags]
+        # A fragments of one K tile: [block][pair][step in pair], each 4 bf16x2 words. Pair p's
+        # registers are rewritten in the next K tile once wait_group(pairs - 1) says the
+        # wgmma that read them is done (up to pairs - 1 groups stay in flight meanwhile).
+        frags = [[[tiled_mma.make_fragment_A(a_shape) for _ in range(2)]
+                  for _ in range(self.pairs)] for _ in range(BLOCKS_PER_WG)]
+        words = [[[cute.recast_tensor(f, Int32) for f in pr] for pr in blk] for blk in frags]
         accs = [cute.make_rmem_tensor(thr_mma.partition_shape_C((BLOCK_ROWS, self.bn)), Float32)
                 for _ in range(BLOCKS_PER_WG)]
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
@@ -378,6 +384,9 @@ class W4A16RsGemm:
             tile = bid + jt * grid
             tt = tile // n_groups
             blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
+            # alpha is needed only in the epilogue: load it now, its latency hides in the loop.
+            _, _, alpha_addr = self._expert_bases(tt, tile_expert, tensor_of, local_of, b_table)
+            alpha = ld_global_f32(alpha_addr)
             for acc in accs:
                 acc.fill(0.0)
             for kt_idx in cutlass.range(self.k_tiles, unroll=1):
@@ -387,36 +396,35 @@ class W4A16RsGemm:
                 w_stage = sw_addr + s * self.stage_w
                 spl_stage = sspl_addr + s * self.stage_spl
                 for p in cutlass.range_constexpr(self.pairs):
-                    pp = p % 2
+                    warpgroup.wait_group(self.pairs - 1)
+                    if cutlass.const_expr(p == self.pairs - 1):
+                        if kt_idx > 0:  # every wgmma of the previous stage has completed
+                            if lane == 0:
+                                cute.arch.mbarrier_arrive(empty + (it - 1) % self.stages)
                     for j in cutlass.range_constexpr(BLOCKS_PER_WG):
                         for h in cutlass.range_constexpr(2):
                             row = rows[j][h]
                             v0, v1, v2, v3 = ld_shared_v4(w_stage + row * self.w_stride + p * 16)
                             sc0, sc1 = ld_shared_v2(spl_stage + row * self.spl_stride + p * 8)
                             o0, o1, o2, o3 = fragment_bf16x8(v0, v1, v2, v3, selector, sc0, sc1)
-                            words[j][pp][0][h] = o0
-                            words[j][pp][0][2 + h] = o1
-                            words[j][pp][1][h] = o2
-                            words[j][pp][1][2 + h] = o3
+                            words[j][p][0][h] = o0
+                            words[j][p][0][2 + h] = o1
+                            words[j][p][1][h] = o2
+                            words[j][p][1][2 + h] = o3
                     warpgroup.fence()
                     for j in cutlass.range_constexpr(BLOCKS_PER_WG):
                         for t in cutlass.range_constexpr(2):
                             step = 2 * p + t
-                            cute.gemm(tiled_mma, accs[j], frags[j][pp][t][(None, None, 0)],
+                            cute.gemm(tiled_mma, accs[j], frags[j][p][t][(None, None, 0)],
                                       tCrB[(None, None, step % 4, s * self.sub + step // 4)],
                                       accs[j])
                     warpgroup.commit_group()
-                    warpgroup.wait_group(1)
-                if kt_idx > 0:  # every wgmma of the previous stage has completed
-                    if lane == 0:
-                        cute.arch.mbarrier_arrive(empty + (it - 1) % self.stages)
             warpgroup.wait_group(0)
             if lane == 0:
                 cute.arch.mbarrier_arrive(
                     empty + (jt * self.k_tiles + self.k_tiles - 1) % self.stages)
-            _, _, alpha_addr = self._expert_bases(tt, tile_expert, tensor_of, local_of, b_table)
             # The A operand is the weights times 2^WEIGHT_EXP2 (nvfp4_dequant): undo it here.
-            alpha = ld_global_f32(alpha_addr) * (2.0 ** -WEIGHT_EXP2)
+            alpha = alpha * (2.0 ** -WEIGHT_EXP2)
             for j in cutlass.range_constexpr(BLOCKS_PER_WG):
                 gblk = blk0 + q * BLOCKS_PER_WG + j
                 if gblk < blk_end:  # the last group's missing blocks were clamped copies
@@ -429,28 +437,31 @@ class W4A16RsGemm:
         8 qn + 2 c + v0) of the block (the WGMMA C layout).
         FC1: h = silu(alpha gate) * (alpha up) -> bf16 at ``h[m, 32 gblk + 8 warp + g]``.
         FC2: y = alpha acc * router weight -> fp32 at ``y[slot, 64 (gblk - blk_begin) + row]``
-        for real rows (slot >= 0)."""
+        for real rows (slot >= 0); the slots and their weights load up front, independently."""
         out_base = out.iterator.toint()
-        for qn in cutlass.range_constexpr(self.bn // 8):
-            for v0 in cutlass.range_constexpr(2):
-                m = tt * self.bn + 8 * qn + 2 * c + v0
-                if cutlass.const_expr(self.epilogue == "swiglu"):
+        if cutlass.const_expr(self.epilogue == "swiglu"):
+            for qn in cutlass.range_constexpr(self.bn // 8):
+                for v0 in cutlass.range_constexpr(2):
+                    m = tt * self.bn + 8 * qn + 2 * c + v0
                     up = acc[v0 + 4 * qn] * alpha
                     gate = acc[v0 + 2 + 4 * qn] * alpha
                     sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-gate, fastmath=True))
                     col = gblk * 32 + 8 * warp + g
                     st_global_bf16(out_base + (Int64(m) * self.half + col) * 2, gate * sig * up)
-                else:
-                    self._scatter_pair(acc, alpha, m, v0 + 4 * qn, gblk - blk_begin, warp, g,
-                                       row_index, topk_w, out_base)
+        else:
+            cols = self.bn // 4  # token columns of this thread: 8 qn + 2 c + v0
+            slots = [row_index[tt * self.bn + 8 * (i // 2) + 2 * c + i % 2] for i in range(cols)]
+            w_base = topk_w.iterator.toint()
+            rws = [ld_global_f32(w_base + Int64(cutlass.max(sl, Int32(0))) * 4) for sl in slots]
+            for i in cutlass.range_constexpr(cols):
+                self._scatter_pair(acc, alpha * rws[i], slots[i], (i % 2) + 4 * (i // 2),
+                                   gblk - blk_begin, warp, g, out_base)
 
     @cute.jit
-    def _scatter_pair(self, acc, alpha, m, i0, chunk_blk, warp, g, row_index, topk_w, out_base):
-        """FC2: the two rows (g, g + 8) of token column m, if m is a real (token, slot) row."""
-        slot = row_index[m]
+    def _scatter_pair(self, acc, scale, slot, i0, chunk_blk, warp, g, out_base):
+        """FC2: the two rows (g, g + 8) of one token column, if it is a real (token, slot)."""
         if slot >= 0:
-            rw = ld_global_f32(topk_w.iterator.toint() + Int64(slot) * 4)
             for v1 in cutlass.range_constexpr(2):
                 ycol = chunk_blk * BLOCK_ROWS + 16 * warp + 8 * v1 + g
                 st_global_f32(out_base + (Int64(slot) * self.y_cols + ycol) * 4,
-                              acc[i0 + 2 * v1] * alpha * rw)
+                              acc[i0 + 2 * v1] * scale)
