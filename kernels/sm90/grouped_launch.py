@@ -55,10 +55,11 @@ def launch_rs_gemm(
     y_cols: int = 0,
 ) -> torch.Tensor:
     """Run one ``w4a16_rs_gemm`` over every token tile and the 64-row weight blocks
-    ``[blk_begin, blk_end)`` into ``out``; the grid is min(work tiles, SMs)."""
-    from .w4a16_rs_gemm import BLOCKS_PER_CTA
+    ``[blk_begin, blk_end)`` into ``out``; the grid is min(work tiles, SMs) for persistent
+    configurations, else one CTA per work tile."""
+    from .w4a16_rs_gemm import blocks_per_cta, is_persistent
 
-    tiles = tile_expert.numel() * -(-(blk_end - blk_begin) // BLOCKS_PER_CTA)
+    tiles = tile_expert.numel() * -(-(blk_end - blk_begin) // blocks_per_cta(bn))
     if tiles == 0:
         return out
     key = ("w4a16_rs_gemm", epilogue, table.rows, table.k, bn, y_cols)
@@ -70,7 +71,7 @@ def launch_rs_gemm(
             gmem_ptr(table.table), gmem_ptr(topk_w), gmem_ptr(out, 16)]
     sizes = [cutlass.Int32(v) for v in (
         tile_expert.numel(), table.tensor_of_expert.numel(), table.num_tensors, blk_begin,
-        blk_end, min(tiles, sm_count(a.device)))]
+        blk_end, min(tiles, sm_count(a.device)) if is_persistent(bn) else tiles)]
 
     def build():
         import cutlass.cute as cute

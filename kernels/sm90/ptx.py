@@ -195,3 +195,4 @@ def ld_global_i32(gmem_addr: Int64, *, loc=None, ip=None) -> Int32:
         asm(T.i32(), [Int64(gmem_addr).ir_value(loc=loc, ip=ip)], "ld.global.nc.b32 $0, [$1];",
             "=r,l")
     )
+

@@ -7,7 +7,9 @@ until registers: each consumer thread loads the bytes of its A fragment from sha
 turns them into exact bf16 (e2m1 x e4m3, ``nvfp4_dequant``) and issues ``wgmma`` with A from
 registers and the token rows (B) from shared memory. No bf16 weight ever goes to shared memory.
 
-CTA tile: 256 weight rows (4 blocks of 64, two per consumer warpgroup) x ``bn`` tokens.
+CTA tile: 256 weight rows (4 blocks of 64, two per consumer warpgroup; 128 rows, one block
+each, for bn = 128) x ``bn`` tokens; see ``blocks_per_wg`` and ``is_persistent`` for the two
+shapes ptxas would otherwise serialize (the CPU compile test checks the SASS for it).
 FC1 (``epilogue="swiglu"``): block b holds up rows ``[32b, 32b+32)`` and their gate rows
 ``I + [32b, 32b+32)``, interleaved so that accumulator rows g and g+8 of every 16-row group are
 the up and gate row of one output column: SwiGLU is thread-local. FC2 (``"scatter"``): block b is
@@ -15,16 +17,16 @@ rows ``[64b, 64b+64)`` of ``w2``; the epilogue scales by alpha and the router we
 fp32 rows indexed by (token, slot) into a column chunk ``[64 blk_begin, 64 blk_end)`` of the
 hidden size (the caller sums the slots in fixed order, ``slot_sum``).
 
-Warp roles (384 threads, one CTA per SM, persistent over (token tile, block group) work tiles
-in a static round robin; all roles walk the same sequence):
-  copy warps 0, 1 (96 registers): per stage, wait for the slot, 16 B cp.async of the packed
+Warp roles (384 threads, one CTA per SM; for bn <= 32 persistent over (token tile, block group)
+work tiles in a static round robin, else one work tile per CTA; all roles walk the same tiles):
+  copy warps 0, 1 (112 registers): per stage, wait for the slot, 16 B cp.async of the packed
       weight rows (-> sW, rows padded by 16 B so 8 rows x 16 B reads hit distinct banks), of
       the raw e4m3 scales (-> sRaw) and of the gathered token rows (-> sB, the 128 B-swizzled
       WGMMA layout); the copies themselves arrive on ``loaded`` (cp.async.mbarrier.arrive
       .noinc), so these warps never wait on data, only on free slots.
   convert warps 2, 3: per stage, wait ``loaded``, raw scales -> bf16x2 splats (-> sSpl; each
       scale converted once per CTA), fence the async proxy, arrive on ``full``.
-  consumer warpgroups 1, 2 (200 registers): per k32 pair p of the stage: wait until at most
+  consumer warpgroups 1, 2 (192 registers): per k32 pair p of the stage: wait until at most
       pairs - 1 wgmma groups are in flight (pair p's A registers are then free), LDS.128 of its
       two rows per block, byte gather + dequant into the A fragments of 2 k16 steps, wgmma x 4
       (2 blocks x 2 steps), commit; release the previous stage once its groups are done; after
@@ -79,18 +81,34 @@ from .ptx import (
 EPILOGUES = ("swiglu", "scatter")
 TOKEN_TILES = (16, 32, 64, 128)
 BLOCK_ROWS = 64  # weight rows per WGMMA (M of the atom)
-BLOCKS_PER_WG = 2
 CONSUMER_WGS = 2
-BLOCKS_PER_CTA = BLOCKS_PER_WG * CONSUMER_WGS
-CTA_ROWS = BLOCK_ROWS * BLOCKS_PER_CTA
+
+
+def blocks_per_wg(bn: int) -> int:
+    """64-row blocks per consumer warpgroup: two (256 weight rows per CTA) while their
+    accumulators stay small; one for bn = 128, whose two 64 x 128 accumulators (128 registers)
+    leave ptxas too few to keep the wgmmas pipelined (it serializes them: C7513)."""
+    return 1 if bn == 128 else 2
+
+
+def is_persistent(bn: int) -> bool:
+    """Persistent CTAs loop over work tiles; from bn = 64 on that loop (the accumulators live
+    across it) makes ptxas serialize the wgmmas (C7513), so those CTAs take one tile each."""
+    return bn <= 32
+
+
+def blocks_per_cta(bn: int) -> int:
+    return CONSUMER_WGS * blocks_per_wg(bn)
+
+
 PRODUCER_THREADS = 128
 COPY_THREADS = 64  # producer warps 0, 1: cp.async only, never wait on data
 CONVERT_THREADS = PRODUCER_THREADS - COPY_THREADS  # warps 2, 3: scale splats, publish
 THREADS = PRODUCER_THREADS + 128 * CONSUMER_WGS
 # setmaxnreg: the CTA launches with 168 registers x 384 threads; the producer gives back to
-# 96 and the consumers take 200 (96 x 128 + 200 x 256 = 63488 <= 64512).
-PRODUCER_REGS = 96
-CONSUMER_REGS = 200
+# 112 and the consumers take 192 (112 x 128 + 192 x 256 = 63488 <= 64512).
+PRODUCER_REGS = 112
+CONSUMER_REGS = 192
 SMEM_BUDGET = 220 * 1024
 MAX_STAGES = 8
 
@@ -139,9 +157,13 @@ class W4A16RsGemm:
         # bf16x2 splat per scale; 8-byte reads of 8 rows hit distinct banks at a 16 or 40 B
         # row stride (kt 64: 4 splats per row, kt 128: 8 plus 8 B of padding).
         self.spl_stride = self.kt // 4 + (8 if self.kt >= 128 else 0)
-        self.stage_w = CTA_ROWS * self.w_stride
-        self.stage_raw = CTA_ROWS * self.raw_row
-        self.stage_spl = CTA_ROWS * self.spl_stride
+        self.bpw = blocks_per_wg(bn)
+        self.bpc = blocks_per_cta(bn)
+        self.cta_rows = BLOCK_ROWS * self.bpc
+        self.persistent = is_persistent(bn)
+        self.stage_w = self.cta_rows * self.w_stride
+        self.stage_raw = self.cta_rows * self.raw_row
+        self.stage_spl = self.cta_rows * self.spl_stride
         self.stage_b = self.sub * bn * 128
         stage_bytes = self.stage_w + self.stage_raw + self.stage_spl + self.stage_b
         self.stages = min(MAX_STAGES, SMEM_BUDGET // stage_bytes)
@@ -149,8 +171,8 @@ class W4A16RsGemm:
             raise ValueError(f"only {self.stages} pipeline stages fit ({stage_bytes} B each)")
         self.b_chunks = bn * self.kt // 8 // COPY_THREADS  # 16 B B-chunks per copy thread
         self.w_chunks = self.w_row // 16  # 16 B chunks per weight row per stage
-        self.w_copies = CTA_ROWS * self.w_chunks // COPY_THREADS
-        self.w_rows = self.w_copies // BLOCKS_PER_CTA  # weight rows per block per copy thread
+        self.w_copies = self.cta_rows * self.w_chunks // COPY_THREADS
+        self.w_rows = self.w_copies // self.bpc  # weight rows per block per copy thread
         step = COPY_THREADS // self.w_chunks  # CTA rows between them (16 or 32)
         # ... as expert weight rows: FC1 interleaves 8 up / 8 gate rows per 16 CTA rows
         self.w_row_step = step // 2 if epilogue == "swiglu" else step
@@ -229,7 +251,7 @@ class W4A16RsGemm:
                 cute.arch.mbarrier_init(empty + s, 4 * CONSUMER_WGS)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
-        n_groups = (blk_end - blk_begin + BLOCKS_PER_CTA - 1) // BLOCKS_PER_CTA
+        n_groups = (blk_end - blk_begin + self.bpc - 1) // self.bpc
         my_tiles = (num_token_tiles * n_groups - bid + grid - 1) // grid
         addrs = (storage.sW.data_ptr().toint(), storage.sRaw.data_ptr().toint(),
                  storage.sSpl.data_ptr().toint(), storage.sB.data_ptr().toint())
@@ -278,7 +300,7 @@ class W4A16RsGemm:
         for j in cutlass.range(my_tiles, unroll=1):
             tile = bid + j * grid
             tt = tile // n_groups
-            blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
+            blk0 = blk_begin + (tile % n_groups) * self.bpc
             w_base, sf_base, _ = self._expert_bases(tt, tile_expert, tensor_of, local_of,
                                                     b_table)
             # B rows (16 B chunk tidx + 64 i of the stage: a warp covers whole 128 B row
@@ -293,12 +315,12 @@ class W4A16RsGemm:
             # (.. // w_chunks): ``w_rows`` rows per block, ``w_step`` CTA rows apart, so one
             # int32 offset per block (offsets inside one expert fit int32: constructor check).
             w_off = []
-            for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+            for cb in cutlass.range_constexpr(self.bpc):
                 gblk = cutlass.min(blk0 + cb, blk_end - 1)
                 grow = self._weight_row(tidx // self.w_chunks, gblk)
                 w_off.append(grow * (self.k // 2) + (tidx % self.w_chunks) * 16)
             sf_off = []  # scale rows: row tidx of each block
-            for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+            for cb in cutlass.range_constexpr(self.bpc):
                 gblk = cutlass.min(blk0 + cb, blk_end - 1)
                 sf_off.append(self._weight_row(tidx, gblk) * (self.k // 16))
             for kt_idx in cutlass.range(self.k_tiles, unroll=1):
@@ -312,7 +334,7 @@ class W4A16RsGemm:
                     row_add = (i % self.w_rows) * self.w_row_step * (self.k // 2)
                     cp_async_16(dst, w_base + Int64(w_off[i // self.w_rows] + row_add
                                                     + kt_idx * self.w_row))
-                for i in cutlass.range_constexpr(CTA_ROWS // COPY_THREADS):
+                for i in cutlass.range_constexpr(self.cta_rows // COPY_THREADS):
                     r = tidx + COPY_THREADS * i
                     src = sf_base + Int64(sf_off[i] + kt_idx * self.raw_row)
                     dst = sraw_addr + s * self.stage_raw + r * self.raw_row
@@ -339,7 +361,7 @@ class W4A16RsGemm:
         for it in cutlass.range(my_tiles * self.k_tiles, unroll=1):
             s = it % self.stages
             cute.arch.mbarrier_wait(loaded + s, (it // self.stages) % 2)
-            for i in cutlass.range_constexpr(CTA_ROWS // CONVERT_THREADS):
+            for i in cutlass.range_constexpr(self.cta_rows // CONVERT_THREADS):
                 r = ctid + CONVERT_THREADS * i
                 raw = sraw_addr + s * self.stage_raw + r * self.raw_row
                 spl = sspl_addr + s * self.stage_spl + r * self.spl_stride
@@ -372,64 +394,87 @@ class W4A16RsGemm:
         # registers are rewritten in the next K tile once wait_group(pairs - 1) says the
         # wgmma that read them is done (up to pairs - 1 groups stay in flight meanwhile).
         frags = [[[tiled_mma.make_fragment_A(a_shape) for _ in range(2)]
-                  for _ in range(self.pairs)] for _ in range(BLOCKS_PER_WG)]
+                  for _ in range(self.pairs)] for _ in range(self.bpw)]
         words = [[[cute.recast_tensor(f, Int32) for f in pr] for pr in blk] for blk in frags]
         accs = [cute.make_rmem_tensor(thr_mma.partition_shape_C((BLOCK_ROWS, self.bn)), Float32)
-                for _ in range(BLOCKS_PER_WG)]
+                for _ in range(self.bpw)]
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
         # smem row of (block j, row half h) for this thread: A-fragment rows g and g + 8.
-        rows = [[(q * BLOCKS_PER_WG + j) * BLOCK_ROWS + 16 * warp + 8 * h + g for h in range(2)]
-                for j in range(BLOCKS_PER_WG)]
-        for jt in cutlass.range(my_tiles, unroll=1):
-            tile = bid + jt * grid
-            tt = tile // n_groups
-            blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
-            # alpha is needed only in the epilogue: load it now, its latency hides in the loop.
-            _, _, alpha_addr = self._expert_bases(tt, tile_expert, tensor_of, local_of, b_table)
-            alpha = ld_global_f32(alpha_addr)
-            for acc in accs:
-                acc.fill(0.0)
-            for kt_idx in cutlass.range(self.k_tiles, unroll=1):
-                it = jt * self.k_tiles + kt_idx
-                s = it % self.stages
-                cute.arch.mbarrier_wait(full + s, (it // self.stages) % 2)
-                w_stage = sw_addr + s * self.stage_w
-                spl_stage = sspl_addr + s * self.stage_spl
-                for p in cutlass.range_constexpr(self.pairs):
-                    warpgroup.wait_group(self.pairs - 1)
-                    if cutlass.const_expr(p == self.pairs - 1):
-                        if kt_idx > 0:  # every wgmma of the previous stage has completed
-                            if lane == 0:
-                                cute.arch.mbarrier_arrive(empty + (it - 1) % self.stages)
-                    for j in cutlass.range_constexpr(BLOCKS_PER_WG):
-                        for h in cutlass.range_constexpr(2):
-                            row = rows[j][h]
-                            v0, v1, v2, v3 = ld_shared_v4(w_stage + row * self.w_stride + p * 16)
-                            sc0, sc1 = ld_shared_v2(spl_stage + row * self.spl_stride + p * 8)
-                            o0, o1, o2, o3 = fragment_bf16x8(v0, v1, v2, v3, selector, sc0, sc1)
-                            words[j][p][0][h] = o0
-                            words[j][p][0][2 + h] = o1
-                            words[j][p][1][h] = o2
-                            words[j][p][1][2 + h] = o3
-                    warpgroup.fence()
-                    for j in cutlass.range_constexpr(BLOCKS_PER_WG):
-                        for t in cutlass.range_constexpr(2):
-                            step = 2 * p + t
-                            cute.gemm(tiled_mma, accs[j], frags[j][p][t][(None, None, 0)],
-                                      tCrB[(None, None, step % 4, s * self.sub + step // 4)],
-                                      accs[j])
-                    warpgroup.commit_group()
-            warpgroup.wait_group(0)
-            if lane == 0:
-                cute.arch.mbarrier_arrive(
-                    empty + (jt * self.k_tiles + self.k_tiles - 1) % self.stages)
-            # The A operand is the weights times 2^WEIGHT_EXP2 (nvfp4_dequant): undo it here.
-            alpha = alpha * (2.0 ** -WEIGHT_EXP2)
-            for j in cutlass.range_constexpr(BLOCKS_PER_WG):
-                gblk = blk0 + q * BLOCKS_PER_WG + j
-                if gblk < blk_end:  # the last group's missing blocks were clamped copies
-                    self._epilogue(accs[j], alpha, tt, gblk, blk_begin, warp, g, c, row_index,
-                                   topk_w, out)
+        rows = [[(q * self.bpw + j) * BLOCK_ROWS + 16 * warp + 8 * h + g for h in range(2)]
+                for j in range(self.bpw)]
+        args = (q, warp, lane, g, c, selector, rows, words, frags, accs, tCrB, tiled_mma,
+                n_groups, blk_begin, blk_end, row_index, tile_expert, tensor_of, local_of,
+                b_table, topk_w, out, full, empty, sw_addr, sspl_addr)
+        if cutlass.const_expr(self.persistent):
+            for jt in cutlass.range(my_tiles, unroll=1):
+                self._consumer_tile(jt, bid + jt * grid, *args)
+        else:  # one work tile per CTA (grid = work tiles): a static body, see is_persistent
+            self._consumer_tile(0, bid, *args)
+
+    @cute.jit
+    def _consumer_tile(self, jt, tile, q, warp, lane, g, c, selector, rows, words, frags, accs,
+                       tCrB, tiled_mma, n_groups, blk_begin, blk_end, row_index, tile_expert,
+                       tensor_of, local_of, b_table, topk_w, out, full, empty, sw_addr,
+                       sspl_addr):
+        """Work tile ``tile`` (the CTA's ``jt``-th): K loop, then the epilogue."""
+        tt = tile // n_groups
+        blk0 = blk_begin + (tile % n_groups) * self.bpc
+        # alpha is needed only in the epilogue: load it now, its latency hides in the loop.
+        _, _, alpha_addr = self._expert_bases(tt, tile_expert, tensor_of, local_of, b_table)
+        alpha = ld_global_f32(alpha_addr)
+        # K tile 0 is peeled so the tile's first k16 step overwrites the accumulators with a
+        # static zero-init (a dynamic one, or a fill, makes ptxas serialize the wgmmas).
+        self._k_tile(jt * self.k_tiles, 0, True, full, empty, lane, sw_addr, sspl_addr, rows,
+                     selector, words, frags, accs, tiled_mma, tCrB)
+        for kt_idx in cutlass.range(1, self.k_tiles, unroll=1):
+            self._k_tile(jt * self.k_tiles + kt_idx, kt_idx, False, full, empty, lane,
+                         sw_addr, sspl_addr, rows, selector, words, frags, accs, tiled_mma,
+                         tCrB)
+        warpgroup.wait_group(0)
+        if lane == 0:
+            cute.arch.mbarrier_arrive(
+                empty + (jt * self.k_tiles + self.k_tiles - 1) % self.stages)
+        # The A operand is the weights times 2^WEIGHT_EXP2 (nvfp4_dequant): undo it here.
+        alpha = alpha * (2.0 ** -WEIGHT_EXP2)
+        for j in cutlass.range_constexpr(self.bpw):
+            gblk = blk0 + q * self.bpw + j
+            if gblk < blk_end:  # the last group's missing blocks were clamped copies
+                self._epilogue(accs[j], alpha, tt, gblk, blk_begin, warp, g, c, row_index,
+                               topk_w, out)
+
+    @cute.jit
+    def _k_tile(self, it, kt_idx, first, full, empty, lane, sw_addr, sspl_addr, rows, selector,
+                words, frags, accs, tiled_mma, tCrB):
+        """One K tile (global counter ``it``) of a consumer warpgroup; ``first``: the work
+        tile's first K tile (static), whose first k16 step zero-initializes the accumulators."""
+        s = it % self.stages
+        cute.arch.mbarrier_wait(full + s, (it // self.stages) % 2)
+        w_stage = sw_addr + s * self.stage_w
+        spl_stage = sspl_addr + s * self.stage_spl
+        for p in cutlass.range_constexpr(self.pairs):
+            warpgroup.wait_group(self.pairs - 1)
+            if cutlass.const_expr(p == self.pairs - 1 and not first):
+                # every wgmma of the previous stage has completed
+                if lane == 0:
+                    cute.arch.mbarrier_arrive(empty + (it - 1) % self.stages)
+            for j in cutlass.range_constexpr(self.bpw):
+                for h in cutlass.range_constexpr(2):
+                    row = rows[j][h]
+                    v0, v1, v2, v3 = ld_shared_v4(w_stage + row * self.w_stride + p * 16)
+                    sc0, sc1 = ld_shared_v2(spl_stage + row * self.spl_stride + p * 8)
+                    o0, o1, o2, o3 = fragment_bf16x8(v0, v1, v2, v3, selector, sc0, sc1)
+                    words[j][p][0][h] = o0
+                    words[j][p][0][2 + h] = o1
+                    words[j][p][1][h] = o2
+                    words[j][p][1][2 + h] = o3
+            warpgroup.fence()
+            for t in cutlass.range_constexpr(2):
+                step = 2 * p + t
+                tiled_mma.set(warpgroup.Field.ACCUMULATE, not (first and step == 0))
+                for j in cutlass.range_constexpr(self.bpw):
+                    cute.gemm(tiled_mma, accs[j], frags[j][p][t][(None, None, 0)],
+                              tCrB[(None, None, step % 4, s * self.sub + step // 4)], accs[j])
+            warpgroup.commit_group()
 
     @cute.jit
     def _epilogue(self, acc, alpha, tt, gblk, blk_begin, warp, g, c, row_index, topk_w, out):

@@ -3,7 +3,7 @@
 Each configuration compiles in a subprocess (the DSL reads CUTE_DSL_* at import) into a temp
 dump dir; cuobjdump (nvidia-cuda-cuobjdump, with nvdisasm from nvidia-cuda-nvdisasm) then
 disassembles the cubin. Checks: warpgroup MMAs with the A operand in registers (RS HGMMA),
-no local-memory spills in the K loop (LDL/STL), 16-byte cp.async (LDGSTS.E.BYPASS.128), the packed-bf16
+pipelined (not serialized by ptxas), no local-memory spills (LDL/STL), 16-byte cp.async (LDGSTS.E.BYPASS.128), the packed-bf16
 multiply of the dequant (HMUL2.BF16), and setmaxnreg honoured (168-register launch pool).
 """
 from __future__ import annotations
@@ -71,19 +71,18 @@ def _compile_sass(tools, tmp_path, *argv) -> str:
 ])
 def test_compiles_to_register_a_hgmma(tools, tmp_path, kind, n_weight, k, bn, y_cols):
     """The weights reach WGMMA from registers: every HGMMA reads A from a register (``R..``,
-    not a ``gdesc``) and B through a descriptor, 4 k16 steps x 2 blocks per 64-wide K slice."""
+    not a ``gdesc``) and B through a descriptor."""
     sass = _compile_sass(tools, tmp_path, kind, str(n_weight), str(k), str(bn), str(y_cols))
     hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\.BF16 R\d+, (\S+), gdesc", sass)
     k_tile = 128 if bn <= 32 and k % 128 == 0 else 64
-    assert len(hgmma) == 2 * k_tile // 16 and {n for n, _ in hgmma} == {str(bn)}, hgmma
+    blocks = 1 if bn == 128 else 2  # 64-row blocks per consumer warpgroup
+    # One HGMMA per block and k16 step, in the peeled first K tile and in the K loop.
+    assert len(hgmma) == 2 * blocks * k_tile // 16 and {n for n, _ in hgmma} == {str(bn)}, hgmma
     assert all(re.fullmatch(r"R\d+,?", a) for _, a in hgmma), f"A not from registers: {hgmma}"
-    # No local memory in the consumers' K loop (first to last HGMMA); a few spills of
-    # per-tile values elsewhere (copy warps' addresses, FC2's 128-wide epilogue) are allowed.
-    lines = sass.splitlines()
-    mma = [i for i, line in enumerate(lines) if "HGMMA" in line]
-    assert not any(re.search(r"\b(LDL|STL)", line) for line in lines[mma[0]:mma[-1]]), \
-        "register spills inside the K loop"
-    assert len(re.findall(r"\b(LDL|STL)", sass)) <= 16, "register spills"
+    assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
+    # ptxas keeps the wgmmas pipelined: the only full wait is the tile's final drain (a
+    # serialized schedule, ptxas C7513, waits for 0 groups after every HGMMA).
+    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 1, "wgmma serialized by ptxas"
     assert "LDGSTS.E.BYPASS.128" in sass  # 16 B cp.async: weights and gathered token rows
     assert "HMUL2.BF16" in sass  # the block-scale multiply of the dequant
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass

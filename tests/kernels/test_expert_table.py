@@ -87,7 +87,10 @@ def test_kernel_rejects_bad_configurations():
     with pytest.raises(ValueError, match="y_cols"):
         W4A16RsGemm(epilogue="scatter", n_weight=4096, k=2048, bn=16)
     kernel = W4A16RsGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=16)
-    assert (kernel.kt, kernel.k_tiles, kernel.stages) == (128, 56, 6)
+    assert (kernel.kt, kernel.k_tiles, kernel.stages, kernel.bpc, kernel.persistent) == (
+        128, 56, 6, 4, True)
+    wide = W4A16RsGemm(epilogue="scatter", n_weight=7168, k=2048, bn=128, y_cols=768)
+    assert (wide.kt, wide.bpw, wide.cta_rows, wide.persistent) == (64, 1, 128, False)
     assert W4A16RsGemm(epilogue="swiglu", n_weight=5760, k=2880, bn=16).kt == 64
 
 
