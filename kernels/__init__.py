@@ -6,9 +6,9 @@ Importing this package needs nothing beyond the library; kernel modules import t
 - ``compile_cache``: one ``cute.compile`` per static configuration, owned by the caller.
 - ``testing``: random NVFP4 experts and routings for tests and benches.
 - ``sm90/``: Hopper W4A16 MoE GEMMs. ``fc1_swiglu.fc1_gather_swiglu`` (gather + NVFP4 grouped
-  GEMM + SwiGLU), ``fc2_finalize.fc2_weighted`` (NVFP4 grouped GEMM writing router-weighted
-  fp32 rows) and ``fc2_finalize.finalize`` (slot-order sum), over the multi-B
-  ``expert_table.ExpertTable``. Kernels: ``w4a16_grouped_gemm`` (default schedule),
-  ``w4a16_grouped_gemm_ws`` (warp-specialized, bitwise equal), ``slot_sum``; PTX helpers in
-  ``ptx`` and ``nvfp4_dequant``. Measurements and limits: ``NOTES.md``.
+  GEMM + SwiGLU) and ``fc2_finalize.fc2_finalize`` (NVFP4 grouped GEMM per hidden-column chunk
+  writing router-weighted fp32 rows, then ``slot_sum``'s fixed-order sum into bf16), over the
+  multi-B ``expert_table.ExpertTable``. One kernel, ``w4a16_rs_gemm`` (weights dequantized in
+  registers and fed to WGMMA as its register operand); PTX helpers in ``ptx`` and
+  ``nvfp4_dequant``. Measurements and limits: ``NOTES.md``.
 """

@@ -1,17 +1,17 @@
-"""NVFP4 -> bf16 in registers: eight e2m1 weights times their e4m3 block scale, exactly.
+"""NVFP4 -> bf16 in registers, exactly: the A fragments of the RS grouped GEMM.
 
-Hopper has no FP4 MMA, so the kernels turn each weight tile into bf16 before WGMMA. An e2m1
-value (sign, 2 exponent bits, 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6) times an e4m3 scale
+Hopper has no FP4 MMA, so the kernel turns each weight into bf16 before WGMMA. An e2m1 value
+(sign, 2 exponent bits, 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6) times an e4m3 block scale
 has at most 6 significant bits and stays inside bf16's range, so the product is exact in bf16.
 
-Per 32-bit word of packed weights (element 2i in the low nibble of byte i):
-  1. magnitudes ``w & 0x77777777`` index two 8-entry byte tables with ``prmt`` (high and low
-     byte of the bf16 encoding of each magnitude), four elements per ``prmt``;
-  2. two more ``prmt`` per output word interleave low/high bytes into bf16x2 words;
-  3. each element's sign bit (nibble bit 3) moves to bit 15 / 31 with one ``prmt`` + mask;
-  4. ``mul.rn.bf16x2`` by the block scale (both halves) gives the exact weights.
-``emulate_e2m1x8_bf16`` runs the same steps on the CPU (numpy) so tests can check every code
-against ``quant.nvfp4`` without a GPU.
+``fragment_bf16x8``: a WGMMA A-fragment thread holds, per k16 step and row, the element pairs
+(2c, 2c+1) and (2c+8, 2c+9), c = lane % 4: byte c and byte c+4 of the row's 8 packed bytes.
+From the 16 bytes of two steps (one LDS.128) it takes byte c of each word with one ``prmt`` per
+output word that also aligns the two nibbles 16 bits apart, places sign and E M bits as a bf16
+(value x 2^-126; E = 0 is an exact bf16 subnormal) and multiplies by the block scale
+pre-multiplied by 2^SCALE_EXP2 (``e4m3x4_to_bf16x2_splats``): the exact weight x 2^WEIGHT_EXP2.
+``emulate_fragment_bf16x8`` runs the same steps on the CPU (numpy) so tests check every code
+and every scale against ``quant.nvfp4`` without a GPU.
 """
 from __future__ import annotations
 
@@ -22,36 +22,6 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 
 from .ptx import asm
 
-# bf16 bytes of the e2m1 magnitudes 0, 0.5, 1, 1.5 (table word A) and 2, 3, 4, 6 (word B).
-LUT_LO = (0xC0800000, 0xC0804000)
-LUT_HI = (0x3F3F3F00, 0x40404040)
-INTERLEAVE = (0x5140, 0x7362)  # (lo.b0, hi.b0, lo.b1, hi.b1) and (lo.b2, hi.b2, lo.b3, hi.b3)
-SIGN_SELECT = (0x4000, 0x5010, 0x6020, 0x7030)  # byte 1 <- (w << 4).b_i, byte 3 <- w.b_i
-
-def _e2m1x8_body(src: str, scale_lo: str, scale_hi: str) -> str:
-    """PTX for the steps above on the packed word in register ``src``; outputs $0..$3, words
-    0, 1 multiplied by ``scale_lo`` and words 2, 3 by ``scale_hi`` (bf16x2 splats)."""
-    return (
-        ".reg .b32 mag, magh, lo0, hi0, lo1, hi1, sx, sg, o0, o1, o2, o3, la, lb, ha, hb;\n\t"
-        f"mov.b32 la, {LUT_LO[0]:#x};\n\tmov.b32 lb, {LUT_LO[1]:#x};\n\t"
-        f"mov.b32 ha, {LUT_HI[0]:#x};\n\tmov.b32 hb, {LUT_HI[1]:#x};\n\t"
-        f"and.b32 mag, {src}, 0x77777777;\n\t"
-        "shr.b32 magh, mag, 16;\n\t"
-        "prmt.b32 lo0, la, lb, mag;\n\tprmt.b32 hi0, ha, hb, mag;\n\t"
-        "prmt.b32 lo1, la, lb, magh;\n\tprmt.b32 hi1, ha, hb, magh;\n\t"
-        f"prmt.b32 o0, lo0, hi0, {INTERLEAVE[0]:#x};\n\tprmt.b32 o1, lo0, hi0, {INTERLEAVE[1]:#x};\n\t"
-        f"prmt.b32 o2, lo1, hi1, {INTERLEAVE[0]:#x};\n\tprmt.b32 o3, lo1, hi1, {INTERLEAVE[1]:#x};\n\t"
-        f"shl.b32 sx, {src}, 4;\n\t"
-        + "".join(
-            f"prmt.b32 sg, sx, {src}, {sel:#x};\n\tand.b32 sg, sg, 0x80008000;\n\t"
-            f"or.b32 o{i}, o{i}, sg;\n\t"
-            for i, sel in enumerate(SIGN_SELECT))
-        + f"mul.rn.bf16x2 $0, o0, {scale_lo};\n\tmul.rn.bf16x2 $1, o1, {scale_lo};\n\t"
-        f"mul.rn.bf16x2 $2, o2, {scale_hi};\n\tmul.rn.bf16x2 $3, o3, {scale_hi};\n\t"
-    )
-
-
-_E2M1X8_PTX = "{\n\t" + _e2m1x8_body("$4", "$5", "$5") + "}"
 
 def _e4m3x4_ptx(exp2: int) -> str:
     """e4m3 x4 -> bf16x2 splats of ``scale * 2^exp2`` (the power of two applied in fp32)."""
@@ -94,16 +64,6 @@ def e4m3x4_to_bf16x2_splats(word: Int32, exp2: int = 0, *, loc=None, ip=None):
         raise ValueError(f"exp2={exp2} would leave bf16's exact range for e4m3 scales")
     res = asm(_i32x4(), [Int32(word).ir_value(loc=loc, ip=ip)], _e4m3x4_ptx(exp2),
               "=r,=r,=r,=r,r", side_effects=False)
-    return _four(res, loc, ip)
-
-
-@dsl_user_op
-def e2m1x8_to_bf16x8_scaled(packed: Int32, scale_bf16x2: Int32, *, loc=None, ip=None):
-    """Eight packed e2m1 weights times one bf16 scale -> four bf16x2 words in element order
-    (element 2i in the low half of word i). See the module docstring for the steps."""
-    res = asm(_i32x4(),
-              [Int32(packed).ir_value(loc=loc, ip=ip), Int32(scale_bf16x2).ir_value(loc=loc, ip=ip)],
-              _E2M1X8_PTX, "=r,=r,=r,=r,r,r", side_effects=False)
     return _four(res, loc, ip)
 
 
@@ -169,26 +129,6 @@ def _prmt(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     return out
 
 
-def emulate_e2m1x8_bf16(words: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """CPU model of ``e2m1x8_to_bf16x8_scaled``: uint32 ``words [n]``, float32 ``scale [n]``
-    (e4m3 values) -> float32 ``[n, 8]`` (exact bf16 values), element order as in the kernel."""
-    w = words.astype(np.uint32)
-    u = np.uint32
-    mag = w & u(0x77777777)
-    magh = mag >> u(16)
-    la, lb, ha, hb = (np.full_like(w, v) for v in (*LUT_LO, *LUT_HI))
-    lo0, hi0, lo1, hi1 = _prmt(la, lb, mag), _prmt(ha, hb, mag), _prmt(la, lb, magh), _prmt(ha, hb, magh)
-    outs = [_prmt(lo0, hi0, u(INTERLEAVE[0])), _prmt(lo0, hi0, u(INTERLEAVE[1])),
-            _prmt(lo1, hi1, u(INTERLEAVE[0])), _prmt(lo1, hi1, u(INTERLEAVE[1]))]
-    sx = (w << u(4)) & u(0xFFFFFFFF)
-    for i, sel in enumerate(SIGN_SELECT):
-        outs[i] = outs[i] | (_prmt(sx, w, u(sel)) & u(0x80008000))
-    halves = np.stack([np.stack([o & u(0xFFFF), o >> u(16)], axis=-1) for o in outs], axis=1)
-    values = (halves.reshape(len(w), 8).astype(np.uint32) << u(16)).view(np.float32)
-    return values * scale.astype(np.float32)[:, None]
-
-
-
 def emulate_fragment_bf16x8(words: np.ndarray, lane_c: int, scale0: np.ndarray,
                             scale1: np.ndarray) -> np.ndarray:
     """CPU model of ``fragment_bf16x8``: uint32 ``words [n, 4]``, float ``scale0/1 [n]`` (the
@@ -205,14 +145,14 @@ def emulate_fragment_bf16x8(words: np.ndarray, lane_c: int, scale0: np.ndarray,
         vals = halves.view(np.float32).astype(np.float64)  # bf16 bits -> exact value
         scale = (scale0 if i < 2 else scale1).astype(np.float64) * 2.0 ** SCALE_EXP2
         prod = vals * scale[:, None]
-        as_bf16 = torch_free_bf16_round(prod)
+        as_bf16 = _bf16_round(prod)
         if not np.array_equal(as_bf16, prod):
             raise AssertionError("a weight x scale product is not exact in bf16")
         out[:, 2 * i: 2 * i + 2] = prod
     return out
 
 
-def torch_free_bf16_round(x: np.ndarray) -> np.ndarray:
+def _bf16_round(x: np.ndarray) -> np.ndarray:
     """Round float64 values to bf16 (nearest even), returned as float64 (normal range)."""
     m, e = np.frexp(x)  # x = m * 2^e, 0.5 <= |m| < 1
     return np.ldexp(np.round(m * 256.0) / 256.0, e)  # 8 significant bits

@@ -1,9 +1,10 @@
 """Inline-PTX building blocks for the sm_90 W4A16 kernels.
 
 Each helper wraps one or a few PTX instructions that the CuTe DSL (4.3.5) does not expose
-in the form these kernels need: 16-byte / 4-byte ``cp.async`` to a raw shared-memory address
-(the A rows are gathered by index, so no tiled copy fits) and 128-bit shared-memory loads and
-stores at swizzled addresses. The NVFP4 conversion lives in ``nvfp4_dequant``.
+in the form these kernels need: 16 / 8 / 4-byte ``cp.async`` to a raw shared-memory address
+(token rows are gathered by index, so no tiled copy fits), vector shared-memory loads and
+stores at computed addresses, and scalar / vector global loads and stores at 64-bit
+addresses. The NVFP4 conversion lives in ``nvfp4_dequant``.
 
 Addresses: shared memory as 32-bit ``.shared`` addresses (Int32), global memory as 64-bit
 generic addresses (Int64): every global offset is computed in 64 bits, so no tensor size limits
@@ -92,18 +93,6 @@ def ld_shared_u32(smem_addr: Int32, *, loc=None, ip=None) -> Int32:
 
 
 @dsl_user_op
-def st_shared_v4(smem_addr: Int32, w0, w1, w2, w3, *, loc=None, ip=None) -> None:
-    """Store four 32-bit words to a 16-byte aligned shared-memory address."""
-    asm(
-        None,
-        [Int32(smem_addr).ir_value(loc=loc, ip=ip)]
-        + [Int32(w).ir_value(loc=loc, ip=ip) for w in (w0, w1, w2, w3)],
-        "st.shared.v4.b32 [$0], {$1, $2, $3, $4};",
-        "r,r,r,r,r",
-    )
-
-
-@dsl_user_op
 def st_shared_v2(smem_addr: Int32, w0, w1, *, loc=None, ip=None) -> None:
     """Store two 32-bit words to an 8-byte aligned shared-memory address."""
     asm(
@@ -139,21 +128,6 @@ def st_global_bf16x4(gmem_addr: Int64, v0, v1, v2, v3, *, loc=None, ip=None) -> 
         "cvt.rn.bf16x2.f32 p1, $4, $3;\n\t"
         "st.global.v2.b32 [$0], {p0, p1};\n\t}",
         "l,f,f,f,f",
-    )
-
-
-@dsl_user_op
-def bulk_copy_g2s(smem_addr: Int32, gmem_addr: Int64, nbytes: Int32, mbar_addr: Int32, *,
-                  loc=None, ip=None) -> None:
-    """TMA bulk copy of ``nbytes`` (a multiple of 16; both addresses 16-byte aligned) from
-    global to shared memory; completion is counted in bytes on the mbarrier at ``mbar_addr``
-    (``mbarrier::complete_tx``), so the caller registers the bytes with ``expect_tx``."""
-    asm(
-        None,
-        [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip),
-         Int32(nbytes).ir_value(loc=loc, ip=ip), Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
-        "r,l,r,r",
     )
 
 
