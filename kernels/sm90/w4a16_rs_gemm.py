@@ -424,10 +424,10 @@ class W4A16RsGemm:
         alpha = ld_global_f32(alpha_addr)
         # K tile 0 is peeled so the tile's first k16 step overwrites the accumulators with a
         # static zero-init (a dynamic one, or a fill, makes ptxas serialize the wgmmas).
-        self._k_tile(jt * self.k_tiles, 0, True, full, empty, lane, sw_addr, sspl_addr, rows,
+        self._k_tile(jt * self.k_tiles, True, full, empty, lane, sw_addr, sspl_addr, rows,
                      selector, words, frags, accs, tiled_mma, tCrB)
         for kt_idx in cutlass.range(1, self.k_tiles, unroll=1):
-            self._k_tile(jt * self.k_tiles + kt_idx, kt_idx, False, full, empty, lane,
+            self._k_tile(jt * self.k_tiles + kt_idx, False, full, empty, lane,
                          sw_addr, sspl_addr, rows, selector, words, frags, accs, tiled_mma,
                          tCrB)
         warpgroup.wait_group(0)
@@ -443,7 +443,7 @@ class W4A16RsGemm:
                                topk_w, out)
 
     @cute.jit
-    def _k_tile(self, it, kt_idx, first, full, empty, lane, sw_addr, sspl_addr, rows, selector,
+    def _k_tile(self, it, first, full, empty, lane, sw_addr, sspl_addr, rows, selector,
                 words, frags, accs, tiled_mma, tCrB):
         """One K tile (global counter ``it``) of a consumer warpgroup; ``first``: the work
         tile's first K tile (static), whose first k16 step zero-initializes the accumulators."""
