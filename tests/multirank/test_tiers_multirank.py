@@ -51,6 +51,8 @@ def failover_case(group_factory, kill_at, *extra):
     lines = _lines(out, "failover")
     assert lines[0][0].startswith("OK failovers=1 retries=1"), lines
     assert lines[2][0].startswith("OK failovers=1"), lines
+    for r in (0, 2):  # after the failover rank 1's experts came over the host link
+        assert int(re.search(r"host_bytes=(\d+)", lines[r][0]).group(1)) > 0, lines
     assert "peer 1 is down" in out and "now come from the host store" in out
     assert not g.leftovers(), g.leftovers()
 

@@ -3,8 +3,8 @@
 Launched by tests/multirank/test_tiers_multirank.py (and, with ``--device cuda``, by
 tests/gpu/test_tiers_gpu.py: CUDA IPC, ranks may share one GPU) as plain processes meeting
 through the TCP rendezvous (mpirun would abort the job when a rank dies). Rank 1 is the victim; the others
-survive. Ranks coordinate through files in ``--sync`` (``die``: the victim garbles its own
-experts, then SIGKILLs itself; ``done``: the survivors are finished).
+survive. Ranks coordinate through files in ``--sync`` (``die``: the victim SIGKILLs itself;
+``done``: the survivors are finished).
 
   failover --kill-at prefetch   rank 0 orders the kill right after start_step queued copies
                                 from rank 1, waits until it is down, finishes the step:
@@ -103,15 +103,12 @@ def step(mgr: DwdpManager, e: int, hook=None) -> bool:
 
 
 def victim_loop(mgr: DwdpManager, e: int, sync: str) -> None:
-    """Step until told to die; then garble own experts (a survivor still reading them would
-    see it) and SIGKILL this process."""
+    """Step until told to die, then SIGKILL this process. (Its memory is not garbled first: a
+    process writing garbage while alive is no failure a liveness check can see; that survivors
+    stop reading a dead peer is shown in tests/unit/test_manager_tiers.py, which garbles the
+    memory after the death.)"""
     while True:
         if os.path.exists(flag(sync, "die")):
-            for own in mgr._own:
-                for t in own.values():
-                    t.view(torch.uint8).fill_(0xFF)
-            if mgr.device.type == "cuda":
-                torch.cuda.synchronize(mgr.device)
             print(f"SCENARIO victim rank={mgr.rank} DYING pid={os.getpid()}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         step(mgr, e)
