@@ -12,10 +12,11 @@
 #                  stream, GB/s beside raw cudaMemcpyAsync of the same copies from the same
 #                  store, from cudaMallocHost memory, and one copy of a layer (goal: >= 0.9 of raw)
 #   failover.json  bench/tiers.py failover: 3 ranks, host backup, 4 MoE layers of 63 experts,
-#                  2048 tokens per step (torch backend); rank 1 SIGKILLs itself at step 6: per
-#                  survivor the time from the kill to its first served step, the manager's own
-#                  failover time, step ms before (all peers over IPC) and after (rank 1's
-#                  ranges from host memory over PCIe), every step's output bitwise equal
+#                  2048 tokens per step (torch backend); rank 1 goes idle at step 6 and is
+#                  SIGKILLed 4 survivor steps later: per survivor the time from the kill to its
+#                  first served step, the manager's own failover time, step ms with rank 1 busy,
+#                  idle (its ranges over IPC) and dead (its ranges over PCIe; same GPU sharing
+#                  as idle: pcie_over_ipc_step), every step's output bitwise equal
 #   offload.json   bench/tiers.py offload: one rank, 4 MoE layers of 64 experts, 32 of them per
 #                  layer in host memory: resident vs prefetch vs UVM read-through at 1K..32K
 #                  tokens per step (median step ms, ratios, outputs vs resident)
@@ -108,8 +109,8 @@ if f:
         fmt = lambda v: "n/a" if v is None else f"{v:.1f}"
         print(f"  {r}: kill -> first served step {fmt(x.get('failover_ms_kill_to_first_served_step'))} ms "
               f"(retried {x.get('first_served_step_retried')}), manager {fmt(x.get('manager_failover_ms'))} ms; "
-              f"step {fmt(x.get('step_ms_before'))} ms before, {fmt(x.get('step_ms_after_one_peer_on_pcie'))} ms "
-              f"with rank 1 on PCIe; bitwise every step {x.get('bitwise_equal_every_step')}")
+              f"step ms: 3 busy {fmt(x.get('step_ms_busy'))}, rank 1 idle (IPC) {fmt(x.get('step_ms_idle'))}, "
+              f"rank 1 dead (PCIe) {fmt(x.get('step_ms_pcie'))}; bitwise every step {x.get('bitwise_equal_every_step')}")
 o = load("offload.json")
 if o:
     print(f"offload ({o.get('backend')}, E={o.get('experts')} L={o.get('layers')} H={o.get('host_experts')}) {o.get('note', '')}")

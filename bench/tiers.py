@@ -12,11 +12,12 @@ the JSON records what was used.
              cudaHostRegister), from cudaMallocHost memory, and one copy of a layer's bytes.
              Goal: prefetch >= 0.9 of raw.
   failover   three ranks with a host backup (one GPU shared over CUDA IPC, or one GPU each)
-             step MoE layers on a fixed input; rank 1 SIGKILLs itself at its step K. Per
-             survivor: failover time from the kill to the end of its first served step after
-             it, the manager's own failover time, median step time before (every peer over
-             IPC) and after (rank 1's ranges from the host store over PCIe), and whether every
-             step's output equals the first step's, bitwise.
+             step MoE layers on a fixed input; rank 1 goes idle at its step K and SIGKILLs
+             itself once the survivors timed a few steps with it idle. Per survivor: failover
+             time from the kill to the end of its first served step after it, the manager's
+             own failover time, median step time with rank 1 busy, idle (its ranges over IPC)
+             and dead (its ranges from the host store over PCIe, same GPU sharing as idle),
+             and whether every step's output equals the first step's, bitwise.
   offload    one rank, MoE layers at 1K..32K tokens per step: all experts resident; H per
              layer prefetched from the host store (``host_offload: prefetch``); H read in place
              from managed memory (``uvm``). Median step ms each, the prefetch/uvm ratio, and
@@ -95,9 +96,22 @@ def fit(preset: str, experts: int, layers: int, store_copies: int, min_layers: i
     return e, n, note
 
 
-def build_layers(mgr, config, num_experts: int, backend: str, device: torch.device,
+def log(message: str) -> None:
+    """Progress on stderr (a stage cut by its timeout still shows how far it got)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def make_backend(name: str):
+    """One backend object for every layer and mode (its compiled-kernel cache is shared)."""
+    from tensorrt_llm_dwdp.moe.backends import get_backend
+
+    return get_backend(name)
+
+
+def build_layers(mgr, config, num_experts: int, backend, device: torch.device,
                  first: int, count: int, host_count: int = 0):
-    """One ConfigurableMoE per MoE layer of ``config`` over ``num_experts`` experts, its own
+    """One ConfigurableMoE per MoE layer of ``config`` over ``num_experts`` experts (``backend``
+    a backend object, shared), its own
     experts ``[first, first + count)`` generated on the device: the first ``count -
     host_count`` in memory from ``mgr.allocate`` (or plain device memory without a manager),
     the rest copied to host memory for the store. Registered with ``mgr`` when given."""
@@ -186,7 +200,7 @@ def cmd_h2d(args) -> dict:
               "layers": n_layers, "host_experts": h, "expert_bytes": expert_nbytes(config),
               "contention_opt": args.contention_opt, "note": note}
     try:
-        build_layers(mgr, config, e, "torch", device, 0, e, h)
+        build_layers(mgr, config, e, make_backend("torch"), device, 0, e, h)
         mgr.exchange()
         names = config.moe_layer_indices
 
@@ -263,6 +277,7 @@ def cmd_offload(args) -> dict:
     h = min(args.host_experts, e - 1)
     config = bench_config(args.preset, n_layers, 1024)
     backend = pick_backend(args.backend, device)
+    backend_obj = make_backend(backend)
     started = time.monotonic()
     result = {"what": "offload", "device": device_name(device), "experts": e,
               "layers": n_layers, "host_experts": h, "backend": backend, "note": note,
@@ -275,11 +290,12 @@ def cmd_offload(args) -> dict:
                 if mode != "resident":
                     mgr = DwdpManager(DwdpConfig(dwdp_size=1, host_experts_per_worker=h,
                                                  host_offload=mode), e, LocalComm(), device)
-                layers = build_layers(mgr, config, e, backend, device, 0, e,
+                layers = build_layers(mgr, config, e, backend_obj, device, 0, e,
                                       h if mgr is not None else 0)
                 if mgr is not None:
                     mgr.exchange()
                 built[mode] = (mgr, layers)
+                log(f"offload: built {mode} ({time.monotonic() - started:.1f} s)")
             except Exception as exc:  # noqa: BLE001 - one mode failing is reported, others run
                 result["modes"][mode].append({"error": f"{type(exc).__name__}: {exc}"})
                 if mgr is not None:
@@ -316,6 +332,8 @@ def cmd_offload(args) -> dict:
                 except Exception as exc:  # noqa: BLE001
                     row = {"tokens": t, "error": f"{type(exc).__name__}: {exc}"}
                 result["modes"][mode].append(row)
+                log(f"offload: {t} tokens {mode}: {row.get('step_ms', row.get('error'))} "
+                    f"({time.monotonic() - started:.1f} s)")
             del x
             if args.out:
                 emit(result, args.out, quiet=True)
@@ -344,13 +362,19 @@ def cmd_offload(args) -> dict:
 
 # ---------------------------------------------------------------------------------- failover
 def cmd_failover(args) -> dict:
-    """Driver: three rank processes over the TCP rendezvous; merges their reports."""
+    """Driver: three rank processes over the TCP rendezvous; merges their reports.
+
+    Phases of a survivor's steps: ``busy`` (all three ranks compute), ``idle`` (rank 1 alive
+    but idle: the survivors read its experts over IPC / NVLink with two ranks on the GPU),
+    ``pcie`` (after the failover: the same two ranks, rank 1's experts from host memory). The
+    idle and pcie phases share the GPU the same way, so their step times compare the tiers.
+    """
     from tensorrt_llm_dwdp.launcher import launch
 
     e, n_layers, note = fit(args.preset, args.experts, args.layers, 1)
     e -= e % 3
     os.makedirs(args.work, exist_ok=True)
-    for name in os.listdir(args.work):  # reports of an earlier run
+    for name in os.listdir(args.work):  # flags and reports of an earlier run
         os.unlink(os.path.join(args.work, name))
     argv = [sys.executable, os.path.abspath(__file__), "failover-rank", "--work", args.work,
             "--experts", str(e), "--layers", str(n_layers), "--tokens", str(args.tokens[0]),
@@ -359,12 +383,9 @@ def cmd_failover(args) -> dict:
     res = launch(3, argv, launcher="tcp", timeout_s=args.timeout + 20, survivors=True,
                  expect_killed=(1,))
     result = {"what": "failover", "experts": e, "layers": n_layers, "tokens": args.tokens[0],
-              "kill_at_step": args.kill_at, "note": note, "returncodes": list(res.returncodes),
+              "idle_at_step": args.kill_at, "note": note, "returncodes": list(res.returncodes),
               "launch_ok": res.ok, "shm_cleaned": list(res.cleaned)}
-    kill = None
-    kill_file = os.path.join(args.work, "kill_ns")
-    if os.path.exists(kill_file):
-        kill = int(open(kill_file).read())
+    kill = _read_ns(args.work, "kill_ns")
     for r in (0, 2):
         path = os.path.join(args.work, f"rank{r}.json")
         if not os.path.exists(path):
@@ -372,19 +393,32 @@ def cmd_failover(args) -> dict:
             continue
         rep = json.load(open(path))
         steps = rep.pop("steps")
+        for phase in ("busy", "idle", "pcie"):
+            ms = [s["ms"] for s in steps if s["phase"] == phase and s["n"] > 1]
+            rep[f"step_ms_{phase}"] = statistics.median(ms) if ms else None
         if kill is not None:
-            before = [s["ms"] for s in steps if s["end_ns"] < kill and s["n"] > 1]
             after_kill = [s for s in steps if s["end_ns"] > kill]
             if after_kill:
                 first = after_kill[0]
                 rep["failover_ms_kill_to_first_served_step"] = (first["end_ns"] - kill) / 1e6
                 rep["first_served_step_retried"] = first["retries"] > 0
-            later = [s["ms"] for s in after_kill[1:]]
-            rep["step_ms_before"] = statistics.median(before) if before else None
-            rep["step_ms_after_one_peer_on_pcie"] = statistics.median(later) if later else None
+        if rep.get("step_ms_idle") and rep.get("step_ms_pcie"):
+            rep["pcie_over_ipc_step"] = rep["step_ms_pcie"] / rep["step_ms_idle"]
         rep["steps_total"] = len(steps)
         result[f"rank{r}"] = rep
     return result
+
+
+def _read_ns(work: str, name: str) -> int | None:
+    path = os.path.join(work, name)
+    return int(open(path).read()) if os.path.exists(path) else None
+
+
+def _raise_flag(work: str, name: str) -> None:
+    path = os.path.join(work, name)
+    with open(path + ".tmp", "w") as f:
+        f.write(str(time.monotonic_ns()))
+    os.replace(path + ".tmp", path)
 
 
 def cmd_failover_rank(args) -> dict:
@@ -402,29 +436,38 @@ def cmd_failover_rank(args) -> dict:
                        peer_dead_after_s=30.0)
     report = {"rank": rank, "device": str(device), "backend": backend, "steps": []}
     with DwdpManager.from_environment(dconf, e, device) as mgr:
-        layers = build_layers(mgr, config, e, backend, device, w * rank, w)
+        layers = build_layers(mgr, config, e, make_backend(backend), device, w * rank, w)
         mgr.exchange()
         x = tokens(args.tokens[0], config.hidden_size, device, SEED)
         first = None
         bitwise = True
-        n, failover_n = 0, None
+        n, idle_steps, failover_n = 0, 0, None
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             n += 1
-            if rank == 1 and n == args.kill_at:
-                with open(os.path.join(args.work, "kill_ns"), "w") as f:
-                    f.write(str(time.monotonic_ns()))
+            if rank == 1 and n == args.kill_at:  # go idle, then die when told
+                _raise_flag(args.work, "idle_ns")
+                while _read_ns(args.work, "die") is None and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                _raise_flag(args.work, "kill_ns")
                 os.kill(os.getpid(), signal.SIGKILL)
+            idle = _read_ns(args.work, "idle_ns")
             t0 = time.monotonic_ns()
             out, retries = forward(layers, mgr, x)
             sync(device)
             t1 = time.monotonic_ns()
+            phase = ("pcie" if mgr.stats.failovers else
+                     "idle" if idle is not None and idle < t0 else "busy")
             if first is None:
                 first = out.cpu()
             elif not torch.equal(out.cpu(), first):
                 bitwise = False
             report["steps"].append({"n": n, "ms": (t1 - t0) / 1e6, "end_ns": t1,
-                                    "retries": retries})
+                                    "retries": retries, "phase": phase})
+            if phase == "idle":
+                idle_steps += 1
+                if rank == 0 and idle_steps == args.after:
+                    _raise_flag(args.work, "die")
             if failover_n is None and mgr.stats.failovers:
                 failover_n = n
             if failover_n is not None and n >= failover_n + args.after:
@@ -457,8 +500,10 @@ def main() -> int:
                     default=[1024, 2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--backend", default="auto", help="auto (cutedsl if available), torch, cutedsl")
     ap.add_argument("--contention-opt", action="store_true")
-    ap.add_argument("--kill-at", type=int, default=6, help="failover: step at which rank 1 dies")
-    ap.add_argument("--after", type=int, default=4, help="failover: steps run after the failover")
+    ap.add_argument("--kill-at", type=int, default=6,
+                    help="failover: the step at which rank 1 goes idle (it dies --after steps later)")
+    ap.add_argument("--after", type=int, default=4,
+                    help="failover: steps timed with rank 1 idle, then after the failover")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--budget-s", type=float, default=60.0, help="offload: stop adding points after")
     ap.add_argument("--work", default="/tmp/tiers_failover")

@@ -3,7 +3,8 @@
 A small POSIX shm segment ``/dev/shm/trtllm_dwdp_g<key>_ctl`` of int64 words:
 
 ```
-header   magic, version, S, layers, E, store bytes, layout fingerprint, reserved
+header   magic, version, S, layers, E, store bytes, layout fingerprint, reserved,
+         creator pid, start time, pid namespace, 5 reserved
 slot r   pid, start time, pid namespace, incarnation, state, heartbeat ns, 2 reserved,
          seen[S]      (the incarnation of each peer whose memory rank r has mapped)
          declared[S]  (the incarnation of each peer rank r declared down, 0 if none)
@@ -15,8 +16,9 @@ stores are atomic. A declaration names the incarnation it is about, so a restart
 taken for the one its peers gave up on. Handle records of each (rank, incarnation) sit in
 files ``..._rec<r>_<inc>`` beside it (written to a temp name, then renamed), so a rank that
 restarts reads its survivors' records and they read its own, without the group's comm (whose
-store may have died with rank 0). The group's files are unlinked by the last rank to close, or
-by the launcher after a crash (``unlink_group``).
+store may have died with rank 0). The group's files are unlinked by the last rank to close, by
+the launcher after a crash (``unlink_group``), or, when every process of a group died without
+either, by the next group created on the node (``collect_stale_groups``).
 """
 from __future__ import annotations
 
@@ -37,13 +39,14 @@ logger = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 GROUP_PREFIX = "trtllm_dwdp_g"
 MAGIC = 0x44574450_54494552  # "DWDPTIER"
-VERSION = 1
+VERSION = 2
 MAX_RANKS = 64
 
 STARTING, SERVING, CLOSED = 1, 2, 3
 STATE_NAMES = {0: "empty", STARTING: "starting", SERVING: "serving", CLOSED: "closed"}
 
-_HEADER = 8
+_HEADER = 16
+_CREATOR = 8  # pid, start time, pid namespace of the process that created the block
 _PID, _START, _NS, _INC, _STATE, _BEAT = range(6)
 _SLOT_FIXED = 8
 _CRC_SET = 1 << 32
@@ -68,6 +71,28 @@ def unlink_glob(pattern: str) -> list[str]:
 def unlink_group(key: str) -> list[str]:
     """Remove every file of group ``key`` from /dev/shm; the paths removed."""
     return unlink_glob(os.path.join(SHM_DIR, f"{GROUP_PREFIX}{key}_*"))
+
+
+def collect_stale_groups() -> list[str]:
+    """Unlink the files of every group on this node whose processes are all gone (killed
+    without anyone cleaning up); the keys collected."""
+    collected = []
+    suffix = "_ctl"
+    for path in glob.glob(os.path.join(SHM_DIR, f"{GROUP_PREFIX}*{suffix}")):
+        key = os.path.basename(path)[len(GROUP_PREFIX):-len(suffix)]
+        control = GroupControl.probe(key)
+        if control is None:
+            continue
+        try:
+            stale = control.abandoned()
+        finally:
+            control.close()
+        if stale:
+            unlink_group(key)
+            collected.append(key)
+    if collected:
+        logger.info("removed the files of %d abandoned DWDP group(s): %s", len(collected), collected)
+    return collected
 
 
 def create_mapped(path: str, nbytes: int) -> mmap.mmap:
@@ -133,6 +158,8 @@ class GroupControl:
         mm = create_mapped(tmp, cls.nbytes(size, num_layers))
         words = np.frombuffer(mm, dtype=np.int64)
         words[1:7] = (VERSION, size, num_layers, num_experts, store_bytes, fingerprint)
+        me = ProcIdentity.current()
+        words[_CREATOR:_CREATOR + 3] = (me.pid, me.start_time, me.pid_ns)
         words[0] = MAGIC
         os.replace(tmp, path)
         return cls(key, mm, words)
@@ -186,6 +213,19 @@ class GroupControl:
                 f"{what}: the running group {self.key} has another expert layout (layout "
                 f"fingerprint {self.fingerprint:#x}, this rank {fingerprint:#x}): restart with "
                 f"the group's config and checkpoint")
+
+    def abandoned(self) -> bool:
+        """Every process of the group is gone (its creator too, so it is not still starting):
+        nobody will unlink its files. Only judged for processes this one can see."""
+        w = self._w
+        creator = ProcIdentity(int(w[_CREATOR]), int(w[_CREATOR + 1]), int(w[_CREATOR + 2]))
+        if not can_check_process(creator) or process_state(creator) == ALIVE:
+            return False
+        for r in range(self.size):
+            ident = self.identity(r)
+            if ident.pid and (not can_check_process(ident) or process_state(ident) == ALIVE):
+                return False
+        return True
 
     # ------------------------------------------------------------------ slots
     def _slot(self, rank: int) -> int:

@@ -3,8 +3,8 @@
 ``check(at)`` runs at ``start_step`` and ``end_step``:
 
 * **failover**: a peer this rank reads is down (``liveness``): the copies in flight land, the
-  host store's checksums over that peer's ranges are verified, its mappings are dropped, and
-  its ranges move to the host store. A peer that
+  host store's checksums over that peer's ranges are verified, its mappings are dropped (and,
+  if it died, what it left in /dev/shm), and its ranges move to the host store. A peer that
   *closed* (still alive, waiting for the group to close) moves the same way, without a retry.
 * **rejoin**: a peer that was down restarted and serves again (a newer incarnation in the
   control block): its handle record is checked against this rank's, its memory mapped, its
@@ -92,13 +92,14 @@ class PeerWatch:
             self.events.append(TierEvent(kind, peer, seconds, message))
 
     def _release_dead(self, peer: int, record: Any) -> None:
-        """Unmap a dead peer's tensor (dropping this rank's hold on its physical memory). A
-        failing unmap is logged, not raised: nothing reads that memory again."""
+        """Unmap a dead peer's tensor and remove what it can no longer remove itself. A dead
+        exporter may make the unmap itself fail: logged, not raised (nothing reads it again)."""
         try:
             self.transport.release(peer, record)
         except Exception as exc:  # noqa: BLE001 - the peer is gone either way
             logger.warning("DWDP rank %d: unmapping dead peer %d's memory failed: %s",
                            self.rank, peer, exc)
+        self.transport.forget(record)
 
     def _take_back_rejoined(self) -> bool:
         """Map peers that restarted and serve again; their ranges move back to their memory."""

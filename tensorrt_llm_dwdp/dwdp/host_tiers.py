@@ -26,7 +26,8 @@ import torch
 
 from tensorrt_llm_dwdp.comm.base import GroupComm
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
-from tensorrt_llm_dwdp.dwdp.control import CLOSED, SERVING, GroupControl, unlink_group
+from tensorrt_llm_dwdp.dwdp.control import (CLOSED, SERVING, GroupControl, collect_stale_groups,
+                                             unlink_group)
 from tensorrt_llm_dwdp.dwdp.errors import DwdpPeerError, DwdpStateError
 from tensorrt_llm_dwdp.dwdp.host_store import HostStore, StoreLayout
 from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
@@ -228,6 +229,7 @@ class HostTiers:
                     f"each job its own {ENV_JOB_KEY} or rendezvous port")
             logger.info("replacing the stale DWDP group files of key %s", key)
         unlink_group(key)
+        collect_stale_groups()  # groups whose processes all died, e.g. a killed benchmark
         control = GroupControl.create(key, layout.dwdp_size, len(store_lay.layers),
                                       layout.num_experts, store_lay.total_bytes,
                                       store_lay.fingerprint())

@@ -90,12 +90,8 @@ class DwdpManager:
                                   f"managed memory; this rank runs on {self.device}")
         self.page_bytes = 0
         if transport is None:
-            # With host tiers, peers import memory by VMM handle (POSIX fd): an importer holds
-            # the physical allocation, so a dead exporter's memory stays valid until the
-            # survivors unmap it (legacy CUDA IPC promises nothing once the exporter is gone),
-            # and the handles stay reachable for a restarted peer.
-            vmm = self._composite_mode or (config.tiers_enabled and config.dwdp_size > 1)
-            transport = self._vmm_transport() if vmm else transport_for(self.device)
+            transport = (self._vmm_transport() if self._composite_mode
+                         else transport_for(self.device))
         self._transport = transport
         self._layers: list[int] = []
         self._pos_of: dict[int, int] = {}
@@ -395,7 +391,7 @@ class DwdpManager:
             bad = [f"rank {r}: {msg}" for r, msg in enumerate(statuses) if msg]
             if bad:
                 raise DwdpPeerError("mapping peer memory failed on " + "; ".join(bad))
-            if not tiers:  # with host tiers a restarted peer imports them later: keep serving
+            if not tiers:  # with host tiers a restarted peer maps them later: linked till close
                 self._transport.after_exchange()
         if tiers:
             error = self._host.fill_all(self._own, self._host_parts, self.tier_layout)

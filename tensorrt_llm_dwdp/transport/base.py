@@ -106,6 +106,10 @@ class Transport(ABC):
     def after_exchange(self) -> None:
         """Every peer has mapped our allocations (hook; shm unlinks its names here)."""
 
+    def forget(self, record: HandleRecord) -> None:
+        """The exporter of ``record`` died: drop what it left behind (hook; shm unlinks the
+        segment's name, which a killed process never does)."""
+
     @abstractmethod
     def close(self) -> None:
         """Unmap peers and release what this rank exported (idempotent)."""

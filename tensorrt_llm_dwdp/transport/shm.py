@@ -4,8 +4,9 @@
 mapping, so expert weights live in memory the peers map read-only by name. Owners unlink their
 names once every peer has mapped them (``after_exchange``) and again on ``close`` (a crash before
 the exchange is covered by a finalizer), so nothing stays in /dev/shm; the memory itself lives
-until the last mapping (a tensor of the owner, a peer's map) goes away. (With host tiers the
-manager shares memory through ``transport.vmm`` instead.)
+until the last mapping (a tensor of the owner, a peer's map) goes away. With host tiers the names
+stay until ``close`` (a restarted peer maps them later), and the survivors of a killed owner
+remove its names (``forget``).
 """
 from __future__ import annotations
 
@@ -137,6 +138,9 @@ class ShmTransport(Transport):
         mm, array = self._peer_maps.pop(base)
         del array
         mm.close()
+
+    def forget(self, record: HandleRecord) -> None:
+        _unlink_all([record.handle.decode()])
 
     # ------------------------------------------------------------------ lifetime
     def after_exchange(self) -> None:

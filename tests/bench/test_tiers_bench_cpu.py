@@ -44,3 +44,4 @@ def test_failover_dry_run(tmp_path):
         rep = res[r]
         assert rep["failovers"] == 1 and rep["bitwise_equal_every_step"], rep
         assert rep["failover_ms_kill_to_first_served_step"] > 0, rep
+        assert rep["step_ms_pcie"] > 0 and rep["pcie_over_ipc_step"] > 0, rep

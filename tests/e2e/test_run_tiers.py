@@ -43,7 +43,7 @@ def test_killed_rank_survivors_fail_over_and_stay_bitwise(tmp_path):
 @pytest.mark.parametrize("host_experts", [2, 6])  # 25% and 75% of W = 8
 def test_offload_bitwise_parity(tmp_path, host_experts):
     proc, out, left = run_job(tmp_path, "--ranks", "2", "--host-experts-per-worker",
-                              str(host_experts), "--launcher", "tcp")
+                              str(host_experts))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "parity vs one rank holding all experts: PASS" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())

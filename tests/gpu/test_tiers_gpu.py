@@ -111,7 +111,7 @@ def test_main_job_failover_cuda(tmp_path):
 @pytest.mark.parametrize("mode, host_experts", [("prefetch", 2), ("uvm", 6)])
 def test_main_job_offload_cuda(tmp_path, mode, host_experts):
     _, summary = _run(tmp_path, "--ranks", "2", "--host-experts-per-worker", str(host_experts),
-                      "--host-offload", mode, "--launcher", "tcp")
+                      "--host-offload", mode)
     assert summary["dwdp_config"]["host_offload"] == mode
     for r in summary["ranks"]:
         assert r["host_prefetch_bytes"] > 0  # the peer's host experts are prefetched in both modes

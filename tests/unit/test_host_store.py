@@ -192,3 +192,25 @@ def test_process_checks():
     time.sleep(0.2)
     beat.stop()
     assert len(stamps) >= 3 and stamps == sorted(stamps)
+
+
+def test_abandoned_groups_are_collected_live_ones_kept(key):
+    from tensorrt_llm_dwdp.dwdp import control as ctl_mod
+
+    live = GroupControl.create(key + "l", 2, 1, 4, 4096, fingerprint=1)
+    dead = GroupControl.create(key + "d", 2, 1, 4, 4096, fingerprint=1)
+    try:
+        ns = ProcIdentity.current().pid_ns
+        gone = ProcIdentity(pid=2 ** 22 + 5, start_time=1, pid_ns=ns)
+        dead._w[ctl_mod._CREATOR:ctl_mod._CREATOR + 3] = (gone.pid, gone.start_time, gone.pid_ns)
+        dead.claim(0, gone, 1, SERVING)
+        open(group_path(key + "d", "store"), "w").close()
+        assert not live.abandoned() and dead.abandoned()
+        collected = ctl_mod.collect_stale_groups()
+        assert key + "d" in collected and key + "l" not in collected
+        assert not glob.glob(group_path(key + "d", "*"))
+        assert glob.glob(group_path(key + "l", "*"))
+    finally:
+        live.close()
+        dead.close()
+        unlink_group(key + "l")
