@@ -17,14 +17,7 @@ ROOT="$PWD"
 FINAL="${OUT:-$ROOT/device_out}"
 OUT="$FINAL/phase${PHASE:-1}"
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
-if ! "$PY" -c "import cutlass" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+. bench/device_env.sh
 WORK=/tmp/dwdp_all          # kept between the two calls while the machine stays warm
 mkdir -p "$WORK"
 T0=$(date +%s)

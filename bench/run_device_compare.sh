@@ -23,22 +23,9 @@ OUT="${OUT:-$PWD/compare_out}"
 C="$OUT/compare"
 WORK=/tmp/dwdp_compare
 mkdir -p "$C" "$WORK"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
+. bench/device_env.sh
 t_all=$(date +%s)
 
-# The CuTeDSL backend's wheel (carried in .whl/), unless the DSL already imports.
-if ! "$PY" -c 'import cutlass' >/dev/null 2>&1; then
-  for dir in "${WHEEL_DIR:-}" .whl wheels; do
-    if [ -n "$dir" ] && ls "$dir"/*.whl >/dev/null 2>&1; then
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-        "$dir"/*.whl > "$C/wheels.log" 2>&1 \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages"
-      break
-    fi
-  done
-fi
 NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 [ -n "${DRY_RUN:-}" ] && NGPU=0
 BACKEND="${MOE_BACKEND:-}"

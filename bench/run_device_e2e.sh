@@ -11,29 +11,13 @@ mkdir -p "$OUT/e2e"
 LOG="$OUT/e2e_run.log"
 
 # NVLink multicast stays off on the shared machines.
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python3}"
+. bench/device_env.sh
 
 {
   echo "== $(date -u) $(hostname)"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   "$PY" -c 'import torch; print("torch", torch.__version__, "gpus", torch.cuda.device_count())'
 } >"$LOG" 2>&1
-# The CuTeDSL backend's wheel (nvidia-cutlass-dsl), carried in .whl/ (or WHEEL_DIR), installed
-# the way bench/run_device_kernels.sh does; without it --moe-backend auto falls back to the next registered backend.
-for dir in "${WHEEL_DIR:-}" .whl wheels; do
-  if [ -n "$dir" ] && ls "$dir"/*.whl >/dev/null 2>&1; then
-    echo "== installing carried wheels from $dir" >>"$LOG"
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-        "$dir"/*.whl >>"$LOG" 2>&1; then
-      export PYTHONPATH="$PYTHONPATH:/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages"
-    else
-      echo "wheel install failed; cutedsl may be unavailable" >>"$LOG"
-    fi
-    break
-  fi
-done
 
 ARGS=(--out "$OUT/e2e" --time-budget-s "${E2E_BUDGET_S:-180}")
 # shellcheck disable=SC2206

@@ -11,14 +11,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/engine_out}"
 D="$OUT/engine"
 mkdir -p "$D"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python3}"
-
-if [ -n "${WHEEL_DIR:-}" ] && ! "$PY" -c "import cutlass" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHEEL_DIR"/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages"
-fi
+. bench/device_env.sh
 {
   echo "== $(date -u) $(hostname)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

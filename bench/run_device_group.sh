@@ -14,9 +14,7 @@ RANKS="${RANKS:-4}"
 OUT="${OUT:-$PWD/device_out}"
 WORK=/tmp/dwdp_group
 mkdir -p "$OUT" "$WORK"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
+. bench/device_env.sh
 MODEL="$WORK/dsv3-L5-V1024"
 step() { echo "== $1 exit $2 seconds $3" | tee -a "$WORK/steps.log"; }
 

@@ -19,9 +19,7 @@ OUT="${OUT:-$PWD/device_out}"
 R="$OUT/serving"
 WORK=/tmp/dwdp_serving
 mkdir -p "$R" "$WORK"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
+. bench/device_env.sh
 TOKENS="${TOKENS:-8192 32768}"
 NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 CTX=cuda:0

@@ -30,19 +30,7 @@ cd "$(dirname "$0")/.."
 ROOT="$PWD"
 OUT="${OUT:-$ROOT/device_out}/tiers"
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
-if ! "$PY" -c "import cutlass" 2>/dev/null; then
-  for whl in "$ROOT/.whl" "$ROOT/../../.whl"; do
-    if ls "$whl"/*.whl >/dev/null 2>&1; then
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-        "$whl"/*.whl && export PYTHONPATH="/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages${PYTHONPATH:+:$PYTHONPATH}"
-      break
-    fi
-  done
-fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+. bench/device_env.sh
 
 stage() {  # stage SECONDS LOG cmd...: one stage under a timeout, output teed to $OUT/LOG
   local secs=$1 log=$2; shift 2

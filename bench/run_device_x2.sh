@@ -12,9 +12,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device_out}"
 WORK=/tmp/dwdp_x2
 mkdir -p "$OUT" "$WORK"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
+. bench/device_env.sh
 MODEL="$WORK/dsv3-L5-V1024"
 
 {
