@@ -17,6 +17,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -100,12 +101,16 @@ class Engine:
 
     ``record_logits=True`` keeps every step's logits (float32, on the CPU) per request, which
     the parity check compares bit for bit between DWDP and single-rank runs.
+    ``kv_export_alloc(nbytes)`` gives a context-only request's exported KV its memory (a
+    block of the server's export pool, ``serve/kv_pool.py``) or None for a buffer of its own.
     """
 
     def __init__(self, model, *, dwdp=None, max_seqs: int = 16, max_seq_len: int = 2048,
                  max_batch_tokens: int = 8192, device: torch.device | str = "cpu",
-                 eos_token_id: int | None = None, record_logits: bool = False) -> None:
+                 eos_token_id: int | None = None, record_logits: bool = False,
+                 kv_export_alloc: Callable[[int], Any] | None = None) -> None:
         self.model = model
+        self.kv_export_alloc = kv_export_alloc
         self.dwdp = dwdp
         self.device = torch.device(device)
         self.eos_token_id = eos_token_id
@@ -290,7 +295,7 @@ class Engine:
         if seq.context_only:
             reason = "context_done"
             self._exports[seq.request_id] = KvHandoff.from_cache(
-                self.cache, seq.slot, seq.prompt_ids, token)
+                self.cache, seq.slot, seq.prompt_ids, token, alloc=self.kv_export_alloc)
         elif not seq.params.ignore_eos and token == self.eos_token_id:
             reason = "stop"
         elif token in seq.params.stop_token_ids:

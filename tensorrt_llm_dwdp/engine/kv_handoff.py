@@ -7,13 +7,17 @@ views of it), so the same bytes can leave three ways: a peer process maps the bu
 it in one memcpy (CUDA IPC on a GPU, POSIX shm on the CPU; ``serve/kv_transfer.py``), or
 ``to_bytes`` writes them after a safetensors header (named tensors + JSON metadata) for HTTP.
 Tensors keep the exporter's device until the importer writes them into its cache.
+
+The buffer may be a block of a context server's export pool (``serve/kv_pool.py``): ``pack``
+and ``from_cache`` take ``alloc(nbytes)``, returning a block (``.tensor``: uint8 ``[nbytes]``,
+``.release()``) or None (then a buffer of its own is made); ``release()`` gives the block back.
 """
 from __future__ import annotations
 
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -89,7 +93,8 @@ class KvHandoff:
     """``tensors`` maps cache tensor names to ``[prompt_len, ...]`` slices of one sequence.
 
     ``flat``, when set, is the uint8 buffer the tensors are views of (laid out by ``layout``);
-    ``pack()`` makes one for a hand-off built from loose tensors.
+    ``pack()`` makes one for a hand-off built from loose tensors. ``block``, when set, is the
+    export-pool block ``flat`` lives in (``release()`` frees it).
     """
 
     prompt_ids: tuple[int, ...]
@@ -97,37 +102,59 @@ class KvHandoff:
     tensors: dict[str, torch.Tensor]
     flat: torch.Tensor | None = field(default=None, compare=False, repr=False)
     layout: tuple[KvTensorSpec, ...] = field(default=(), compare=False, repr=False)
+    block: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_cache(cls, cache, slot: int, prompt_ids, first_token: int) -> "KvHandoff":
-        """Copy ``slot``'s first ``len(prompt_ids)`` positions into a packed buffer on the
-        cache's device (the host if the device has no room), complete when this returns."""
+    def from_cache(cls, cache, slot: int, prompt_ids, first_token: int,
+                   alloc: Callable[[int], Any] | None = None) -> "KvHandoff":
+        """Copy ``slot``'s first ``len(prompt_ids)`` positions into a packed buffer (a block of
+        ``alloc`` when it has one, else on the cache's device, else the host), complete when
+        this returns."""
         live = cache.export_slot(slot, len(prompt_ids))
-        return cls(tuple(int(t) for t in prompt_ids), int(first_token), live).pack(copy=True)
+        return cls(tuple(int(t) for t in prompt_ids), int(first_token), live).pack(copy=True, alloc=alloc)
 
     @classmethod
     def from_flat(cls, prompt_ids, first_token: int, flat: torch.Tensor,
                   layout: tuple[KvTensorSpec, ...]) -> "KvHandoff":
         return cls(tuple(int(t) for t in prompt_ids), int(first_token), views_of(flat, layout), flat, layout)
 
-    def pack(self, copy: bool = False) -> "KvHandoff":
-        """This hand-off over one packed buffer (itself when it already is one and not ``copy``)."""
+    def pack(self, copy: bool = False, alloc: Callable[[int], Any] | None = None) -> "KvHandoff":
+        """This hand-off over one packed buffer (itself when it already is one and not ``copy``):
+        a block of ``alloc`` when it gives one, else a buffer of its own. A packed source is
+        copied in one piece."""
         if self.flat is not None and not copy:
             return self
-        layout = layout_of(self.tensors)
+        layout = self.layout if self.flat is not None else layout_of(self.tensors)
         nbytes = sum(s.nbytes for s in layout)
-        device = next(iter(self.tensors.values())).device if self.tensors else torch.device("cpu")
+        block = alloc(nbytes) if alloc is not None else None
+        if block is not None:
+            flat = block.tensor
+        else:
+            device = self.device
+            try:
+                flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            except torch.OutOfMemoryError:
+                logger.warning("no room on %s for a %d-byte KV export; it goes to host memory", device, nbytes)
+                flat = torch.empty(nbytes, dtype=torch.uint8)
         try:
-            flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        except torch.OutOfMemoryError:
-            logger.warning("no room on %s for a %d-byte KV export; it goes to host memory", device, nbytes)
-            flat = torch.empty(nbytes, dtype=torch.uint8)
-        out = views_of(flat, layout)
-        for name, t in self.tensors.items():
-            out[name].copy_(t)
-        if flat.device.type == "cuda":  # a peer process may read it next: no stream orders that
-            torch.cuda.current_stream(flat.device).synchronize()
-        return KvHandoff(self.prompt_ids, self.first_token, out, flat, layout)
+            out = views_of(flat, layout)
+            if self.flat is not None:
+                flat.copy_(self.flat[:nbytes])
+            else:
+                for name, t in self.tensors.items():
+                    out[name].copy_(t)
+            if flat.device.type == "cuda":  # a peer process may read it next: no stream orders that
+                torch.cuda.current_stream(flat.device).synchronize()
+        except BaseException:
+            if block is not None:
+                block.release()
+            raise
+        return KvHandoff(self.prompt_ids, self.first_token, out, flat, layout, block)
+
+    def release(self) -> None:
+        """Free the export-pool block this hand-off lives in (no-op without one; idempotent)."""
+        if self.block is not None:
+            self.block.release()
 
     def write_to_cache(self, cache, slot: int) -> None:
         cache.import_slot(slot, self.tensors)

@@ -1,34 +1,34 @@
 """KV hand-over between a context server and a generation server: same-node fast path or HTTP.
 
 When a ``context_only`` request finishes prefill, the context server keeps its exported KV
-(``Engine.export_kv``: a ``KvHandoff`` packed in one buffer on the engine's device) in a
-``KvStore`` under a random one-time id, and its answer carries ``kv_url =
-http://<ctx>/v1/kv/<id>``. The generation server pulls it (``kv_puller.KvPuller``):
+(``Engine.export_kv``: a ``KvHandoff`` packed in one buffer, normally a block of the server's
+export pool, ``kv_pool``) in a ``KvStore`` under a random one-time id, and its answer carries
+``kv_url = http://<ctx>/v1/kv/<id>``. The generation server pulls it (``kv_puller.KvPuller``):
 
 1. ``POST <kv_url>/share {"host", "kinds"}``: when both servers run on the same node (same
-   hostname and boot id) the context server describes where the bytes are: a CUDA IPC handle
-   of the buffer (``cuda_ipc``, the context's KV still on its GPU; a generation server on a
-   GPU asks for it) or a POSIX shared-memory file holding a copy (``shm``, CPU ranks). The
-   entry's lifetime is extended, but it stays the context server's.
-2. The generation server maps the handle (or opens the file), copies the bytes into its own
-   memory in one memcpy, closes the mapping and sends ``DELETE <kv_url>``: the context server
-   frees the entry (and unlinks the file).
-3. Otherwise, or when any step of 1-2 fails (a handle that cannot be opened, another node, no
-   room in /dev/shm), it falls back to ``GET <kv_url>``: the safetensors bytes over HTTP, the
+   hostname and boot id) the context server answers where the bytes are: its pool's identity
+   and handle (a CUDA IPC handle, ``cuda_ipc``, or a /dev/shm file, ``shm``) and the entry's
+   offset. An entry that is not in the pool yet (it did not fit when prefill ended) is moved
+   in first, waiting briefly for room. The entry's lifetime is extended; it stays the context
+   server's.
+2. The generation server maps the pool (once per context server and pool incarnation), copies
+   the entry's bytes into its own memory and sends ``DELETE <kv_url>``: the context server
+   frees the block. The answer confirms the entry was held during the copy; without it the
+   bytes are not used.
+3. Otherwise, or when step 1 or the copy fails (another node, no pool, no room, a handle that
+   cannot be opened), it falls back to ``GET <kv_url>``: the safetensors bytes over HTTP, the
    entry removed as it is served. A fallback is logged with its reason and counted.
 
-This module is the owner's side (``KvStore``, ``export_share``, ``KvRoutes``); ``kv_puller``
-the generation server's.
+This module is the owner's side (``KvStore``, ``KvRoutes``); ``kv_puller`` the generation
+server's. A refused share answers 409 with ``code`` ``kv_share_<reason>`` (``SHARE_REASONS``).
 
-Entries nobody collects expire after ``ttl_s``; the store is bounded in bytes; its shared files
-are unlinked on ``close`` and files left by a crashed server are removed at the next start.
+Entries nobody collects expire after ``ttl_s``; the store is bounded in bytes; a pool's shm
+file is unlinked when it closes and files left by a crashed server are removed at the next start.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import os
 import secrets
 import socket
 import time
@@ -37,18 +37,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
-import torch
-
 from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
+from tensorrt_llm_dwdp.serve.kv_pool import KvExportPool, remove_stale_shm_files
 
 logger = logging.getLogger(__name__)
 
 KV_ROUTE = "/v1/kv/{kv_id}"
 KV_SHARE_ROUTE = "/v1/kv/{kv_id}/share"
-SHM_DIR = "/dev/shm"
-SHM_PREFIX = "trtllm_dwdp_kv_"
-# Kept free in /dev/shm beyond a shared copy, so a full tmpfs fails our check, not a write.
-SHM_HEADROOM_BYTES = 64 << 20
+# Why a share is refused (409 code kv_share_<reason>); the generation server counts them.
+SHARE_REASONS = ("other_node", "no_pool", "kind", "too_large", "pool_full")
 
 
 @lru_cache(maxsize=1)
@@ -63,15 +60,12 @@ def host_id() -> str:
 
 
 class ShareUnavailable(RuntimeError):
-    """The context server cannot offer the fast path for this entry (HTTP still works)."""
+    """The context server cannot offer the fast path for this entry (HTTP still works);
+    ``reason`` is one of ``SHARE_REASONS``."""
 
-
-@dataclass
-class _Share:
-    """A fast-path export of one entry; ``release`` undoes it (unlinks the shm file)."""
-
-    descriptor: dict[str, Any]
-    release: Callable[[], None]
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -79,96 +73,34 @@ class _Entry:
     handoff: KvHandoff
     nbytes: int
     expires_at: float
-    share: _Share | None = None
+    share: dict[str, Any] | None = None  # the descriptor answered to share requests
 
 
-def export_share(handoff: KvHandoff, kinds: list[str]) -> _Share:
-    """Describe ``handoff``'s bytes for a process on this node: the first of ``kinds`` possible.
-
-    ``cuda_ipc``: the packed buffer is on a GPU; its allocation's IPC handle and the offset.
-    ``shm``: a copy of the bytes in a new file under /dev/shm (from any device).
-    """
-    packed = handoff.pack()
-    common = {"nbytes": packed.flat.numel(), "layout": [s.to_json() for s in packed.layout],
-              "metadata": packed.metadata()}
-    reasons = []
-    for kind in kinds:
-        if kind == "cuda_ipc" and packed.flat.device.type == "cuda":
-            from tensorrt_llm_dwdp.transport.cuda_ipc import CudaIpcTransport, check, cuda_bindings
-
-            try:
-                rt, _ = cuda_bindings()
-                with torch.cuda.device(packed.flat.device):
-                    # A worker thread may have no current CUDA context yet, and the export's
-                    # cuMemGetAddressRange (driver API) needs one: a runtime call binds it.
-                    check(rt.cudaFree(0), "cudaFree(0)")
-                record = CudaIpcTransport(packed.flat.device).export(packed.flat)
-            except Exception as exc:  # no cuda.bindings, memory not IPC-capable
-                reasons.append(f"cuda_ipc: {exc}")
-                continue
-            ipc = {"allocation": record.allocation, "handle": base64.b64encode(record.handle).decode(),
-                   "allocation_bytes": record.allocation_bytes, "offset": record.offset,
-                   "device": record.device}
-            # The buffer stays referenced by the store's entry until it is released.
-            return _Share({**common, "kind": kind, "ipc": ipc}, lambda: None)
-        if kind == "shm":
-            try:
-                path = _write_shm(packed.flat)
-            except (OSError, ShareUnavailable) as exc:
-                reasons.append(f"shm: {exc}")
-                continue
-            return _Share({**common, "kind": kind, "path": path}, lambda: _unlink(path))
-        reasons.append(f"{kind}: not offered for a buffer on {packed.flat.device}")
-    raise ShareUnavailable("; ".join(reasons) or "no transfer kind requested")
-
-
-def _write_shm(flat: torch.Tensor) -> str:
-    nbytes = flat.numel()
-    st = os.statvfs(SHM_DIR)
-    if st.f_bavail * st.f_frsize < nbytes + SHM_HEADROOM_BYTES:
-        raise ShareUnavailable(f"{SHM_DIR} has {st.f_bavail * st.f_frsize} bytes free, "
-                               f"{nbytes} needed (plus {SHM_HEADROOM_BYTES} headroom)")
-    path = os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(8)}")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(flat.cpu().numpy()))
-    except BaseException:
-        _unlink(path)
-        raise
-    return path
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def remove_stale_shm_files() -> int:
-    """Unlink shared KV files whose owner process is gone (a context server that crashed)."""
-    removed = 0
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return 0
-    for name in names:
-        if not name.startswith(SHM_PREFIX):
-            continue
-        try:
-            pid = int(name[len(SHM_PREFIX):].split("_", 1)[0])
-            os.kill(pid, 0)
-        except ValueError:
-            continue
-        except ProcessLookupError:
-            _unlink(os.path.join(SHM_DIR, name))
-            removed += 1
-        except PermissionError:  # alive, someone else's
-            continue
-    if removed:
-        logger.warning("removed %d shared KV file(s) left in %s by exited servers", removed, SHM_DIR)
-    return removed
+def share_descriptor(pool: KvExportPool | None, handoff: KvHandoff, kinds: list[str]) -> tuple[dict, KvHandoff]:
+    """Describe ``handoff``'s bytes for a process on this node: ``(descriptor, handoff in the
+    pool)``; the second is a new hand-off when the entry had to be moved into the pool (the
+    caller keeps it and releases the old one). Raises ``ShareUnavailable``. Blocking (it may
+    create the pool, wait for room and copy): run it off the event loop."""
+    if pool is None or not pool.ensure():
+        why = pool.error if pool is not None else "kv_transfer_pool_bytes is 0"
+        raise ShareUnavailable("no_pool", f"this context server has no KV export pool ({why})")
+    if pool.kind not in kinds:
+        raise ShareUnavailable("kind", f"the export pool is {pool.kind}; the generation server reads {kinds}")
+    pooled = handoff
+    if not pool.holds(handoff.block):
+        if handoff.nbytes > pool.capacity:
+            raise ShareUnavailable("too_large", f"a KV of {handoff.nbytes} bytes exceeds the export pool "
+                                                f"of {pool.capacity} bytes (kv_transfer_pool_bytes)")
+        pooled = pool.adopt(handoff)
+        if pooled is None:
+            s = pool.allocator.stats()
+            raise ShareUnavailable("pool_full", f"no room for {handoff.nbytes} bytes in the export pool "
+                                                f"after {pool.wait_s} s ({s['used']} of {s['capacity']} "
+                                                f"bytes held by {s['entries']} hand-overs, largest free "
+                                                f"range {s['largest_free']})")
+    packed = pooled.pack()
+    return ({"kind": pool.kind, "nbytes": packed.flat.numel(), "layout": [s.to_json() for s in packed.layout],
+             "metadata": packed.metadata(), "pool": pool.describe(pooled.block)}, pooled)
 
 
 class KvStore:
@@ -176,15 +108,18 @@ class KvStore:
 
     Only the event-loop thread calls it. ``put`` refuses (raises) an entry that cannot fit even
     after dropping expired entries, so a burst of uncollected hand-overs turns into clear
-    errors, not an out-of-memory kill.
+    errors, not an out-of-memory kill. ``pool`` is the server's export pool (None: no fast
+    path); an entry's pool block is freed when the entry is discarded, expires or the store
+    closes (``take`` hands the entry and its block to the caller).
     """
 
     def __init__(self, ttl_s: float = 120.0, max_bytes: int = 8 << 30,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, pool: KvExportPool | None = None) -> None:
         if ttl_s <= 0 or max_bytes <= 0:
             raise ValueError(f"ttl_s={ttl_s} and max_bytes={max_bytes} must be positive")
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
+        self.pool = pool
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.nbytes = 0
@@ -215,31 +150,40 @@ class KvStore:
         self._entries.move_to_end(kv_id)  # keeps the expiry order
         return entry.handoff
 
-    def attach_share(self, kv_id: str, share: _Share) -> _Share | None:
-        """Record a fast-path export of ``kv_id`` and return the entry's share (an earlier one
-        wins a race); None, with ``share`` released, when the entry is gone."""
+    def attach_share(self, kv_id: str, descriptor: dict[str, Any],
+                     adopted: KvHandoff | None = None) -> dict[str, Any] | None:
+        """Record the share ``descriptor`` of ``kv_id`` and return the entry's descriptor (an
+        earlier one wins a race); None when the entry is gone. ``adopted``: the entry moved into
+        the pool, which replaces (and releases) the one it had, or is released if not used."""
         entry = self._entries.get(kv_id)
         if entry is None or entry.share is not None:
-            share.release()
+            if adopted is not None:
+                adopted.release()
             return entry.share if entry is not None else None
-        entry.share = share
-        return share
+        if adopted is not None:
+            entry.handoff.release()
+            entry.handoff = adopted
+        entry.share = descriptor
+        return descriptor
 
-    def share_of(self, kv_id: str) -> _Share | None:
+    def share_of(self, kv_id: str) -> dict[str, Any] | None:
         entry = self._entries.get(kv_id)
         return entry.share if entry is not None else None
 
     def take(self, kv_id: str) -> KvHandoff | None:
-        """Remove and return the hand-off (None when unknown, already taken or expired)."""
+        """Remove and return the hand-off (None when unknown, already taken or expired); the
+        caller releases it when done with its bytes."""
         self.expire()
-        entry = self._drop(kv_id)
+        entry = self._pop(kv_id)
         if entry is None:
             return None
         self.served += 1
         return entry.handoff
 
     def discard(self, kv_id: str) -> bool:
-        return self._drop(kv_id) is not None
+        """Free the entry; False when it was unknown, taken or past its time-to-live."""
+        self.expire()
+        return self._drop(kv_id)
 
     def expire(self) -> int:
         now = self._clock()
@@ -259,14 +203,18 @@ class KvStore:
         for kv_id in list(self._entries):
             self._drop(kv_id)
 
-    def _drop(self, kv_id: str) -> _Entry | None:
+    def _pop(self, kv_id: str) -> _Entry | None:
         entry = self._entries.pop(kv_id, None)
-        if entry is None:
-            return None
-        self.nbytes -= entry.nbytes
-        if entry.share is not None:
-            entry.share.release()
+        if entry is not None:
+            self.nbytes -= entry.nbytes
         return entry
+
+    def _drop(self, kv_id: str) -> bool:
+        entry = self._pop(kv_id)
+        if entry is None:
+            return False
+        entry.handoff.release()
+        return True
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -296,7 +244,10 @@ class KvRoutes:
         handoff = self.store.take(request.match_info["kv_id"])
         if handoff is None:
             return self._answer("/v1/kv", _not_found())
-        blob = await asyncio.get_running_loop().run_in_executor(None, handoff.to_bytes)
+        try:
+            blob = await asyncio.get_running_loop().run_in_executor(None, handoff.to_bytes)
+        finally:
+            handoff.release()
         return self._answer("/v1/kv", web.Response(body=blob, content_type="application/octet-stream"))
 
     async def delete(self, request):
@@ -323,18 +274,22 @@ class KvRoutes:
         if handoff is None:
             return self._answer("/v1/kv/share", _not_found())
         if host != self.host:
-            return self._answer("/v1/kv/share", _unavailable(f"another node ({host} is not {self.host})"))
+            return self._answer("/v1/kv/share", _unavailable(ShareUnavailable(
+                "other_node", f"another node ({host} is not {self.host})")))
         existing = self.store.share_of(kv_id)
         if existing is not None:
-            return self._answer("/v1/kv/share", web.json_response(existing.descriptor))
+            return self._answer("/v1/kv/share", web.json_response(existing))
         try:
-            share = await asyncio.get_running_loop().run_in_executor(None, export_share, handoff, kinds)
+            descriptor, pooled = await asyncio.get_running_loop().run_in_executor(
+                None, share_descriptor, self.store.pool, handoff, kinds)
         except ShareUnavailable as exc:
-            return self._answer("/v1/kv/share", _unavailable(str(exc)))
-        share = self.store.attach_share(kv_id, share)
-        if share is None:
+            if exc.reason in ("pool_full", "too_large"):
+                logger.warning("KV %s goes over HTTP: %s", kv_id, exc)
+            return self._answer("/v1/kv/share", _unavailable(exc))
+        descriptor = self.store.attach_share(kv_id, descriptor, pooled if pooled is not handoff else None)
+        if descriptor is None:
             return self._answer("/v1/kv/share", _not_found())
-        return self._answer("/v1/kv/share", web.json_response(share.descriptor))
+        return self._answer("/v1/kv/share", web.json_response(descriptor))
 
     def _answer(self, endpoint: str, resp):
         self._on_request(endpoint, resp.status)
@@ -354,11 +309,11 @@ def _not_found():
                            param="kv_id"))
 
 
-def _unavailable(reason: str):
+def _unavailable(exc: ShareUnavailable):
     from tensorrt_llm_dwdp.serve.protocol import ApiError
 
-    return _error(ApiError(f"same-node KV transfer unavailable: {reason}", status=409,
-                           type="invalid_request_error", code="kv_share_unavailable"))
+    return _error(ApiError(f"same-node KV transfer unavailable: {exc}", status=409,
+                           type="invalid_request_error", code=f"kv_share_{exc.reason}"))
 
 
 class KvFetchError(RuntimeError):

@@ -61,7 +61,7 @@ def _escape(value: str) -> str:
 class ServerMetrics:
     """Request / token counters and latency histograms of one server (worker or router)."""
 
-    def __init__(self, role: str) -> None:
+    def __init__(self, role: str, kv_fallback_reasons: Iterable[str] = ()) -> None:
         self.role = role
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.prompt_tokens = 0
@@ -72,14 +72,21 @@ class ServerMetrics:
         self.request_latency = Histogram()   # arrival -> last token
         # KV hand-overs pulled by a generation server, by path: [count, bytes, seconds].
         self.kv_transfers: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
-        self.kv_fallbacks = 0
+        # Hand-overs that fell back to HTTP, by reason (every known reason shown, 0 or not).
+        self.kv_fallbacks: dict[str, int] = {r: 0 for r in kv_fallback_reasons}
+        # Seconds of the fast path's phases (share_s, open_s, alloc_s, copy_s, release_s).
+        self.kv_phases: dict[str, float] = defaultdict(float)
 
-    def record_kv_transfer(self, path: str, nbytes: int, seconds: float, *, fell_back: bool) -> None:
+    def record_kv_transfer(self, path: str, nbytes: int, seconds: float, *, fallback: str | None = None,
+                           phases: Mapping[str, float] | None = None) -> None:
         t = self.kv_transfers[path]
         t[0] += 1
         t[1] += nbytes
         t[2] += seconds
-        self.kv_fallbacks += int(fell_back)
+        if fallback is not None:
+            self.kv_fallbacks[fallback] = self.kv_fallbacks.get(fallback, 0) + 1
+        for phase, s in (phases or {}).items():
+            self.kv_phases[phase] += s
 
     def record_request(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, status)] += 1
@@ -99,12 +106,18 @@ class ServerMetrics:
             ("prompt_tokens_total", "Prompt tokens of admitted requests.", self.prompt_tokens),
             ("generation_tokens_total", "Tokens generated.", self.generation_tokens),
             ("aborted_requests_total", "Requests aborted (client gone or error).", self.aborted),
-            ("kv_transfer_fallbacks_total", "KV hand-overs that fell back from the same-node path "
-                                            "to HTTP.", self.kv_fallbacks),
         )
         for name, help_text, value in counters:
             lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} counter",
                       f"{PREFIX}{name}{{{role}}} {value}"]
+        for name, label, help_text, values in (
+                ("kv_transfer_fallbacks_total", "reason", "KV hand-overs that fell back from the "
+                 "same-node path to HTTP, by reason.", self.kv_fallbacks),
+                ("kv_transfer_phase_seconds_total", "phase", "Seconds of the same-node KV path, by "
+                 "phase (share_s, open_s, alloc_s, copy_s, release_s).", self.kv_phases)):
+            lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} counter"]
+            for key, value in sorted(values.items()):
+                lines.append(f'{PREFIX}{name}{{{role},{label}="{_escape(key)}"}} {_num(value)}')
         for i, (name, help_text) in enumerate((
                 ("kv_transfers_total", "KV hand-overs pulled, by path (cuda_ipc, shm, http)."),
                 ("kv_transfer_bytes_total", "KV bytes pulled, by path."),

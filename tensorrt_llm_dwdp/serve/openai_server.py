@@ -24,7 +24,8 @@ from aiohttp import ClientSession, web
 from tensorrt_llm_dwdp.engine.scheduler import ContextLengthExceeded
 from tensorrt_llm_dwdp.serve import protocol
 from tensorrt_llm_dwdp.serve.engine_loop import EngineFailed, EngineLoop, RequestFailed, RequestStream
-from tensorrt_llm_dwdp.serve.kv_puller import KvPuller
+from tensorrt_llm_dwdp.serve.kv_pool import KvExportPool
+from tensorrt_llm_dwdp.serve.kv_puller import FALLBACK_REASONS, KvPuller
 from tensorrt_llm_dwdp.serve.kv_transfer import KV_ROUTE, KvFetchError, KvRoutes, KvStore
 from tensorrt_llm_dwdp.serve.metrics import ServerMetrics
 from tensorrt_llm_dwdp.serve.output import RequestOutput
@@ -54,17 +55,23 @@ class ServerConfig:
 
 
 class OpenAIServer:
-    """Builds the aiohttp application around one engine; the engine thread starts with the app."""
+    """Builds the aiohttp application around one engine; the engine thread starts with the app.
+
+    ``kv_pool`` is the export pool context-only requests' KV goes to (the engine's
+    ``kv_export_alloc`` should be its ``export_alloc``); None: this server hands KV over HTTP
+    only. The caller owns it (closes it after the app); it is created at the first
+    context-only request unless it already was.
+    """
 
     def __init__(self, engine: Any, tokenizer: Any, config: ServerConfig, *,
-                 kv_store: KvStore | None = None, role: str = "worker",
+                 kv_store: KvStore | None = None, kv_pool: KvExportPool | None = None, role: str = "worker",
                  engine_thread_init: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self._engine_thread_init = engine_thread_init
         self.tokenizer = tokenizer
         self.config = config
-        self.kv_store = kv_store or KvStore()
-        self.metrics = ServerMetrics(role)
+        self.kv_store = kv_store or KvStore(pool=kv_pool)
+        self.metrics = ServerMetrics(role, FALLBACK_REASONS)
         self.kv_routes = KvRoutes(self.kv_store, self.metrics.record_request)
         self.kv_puller = KvPuller(config.device, fast_path=config.kv_transfer == "auto",
                                   timeout_s=config.kv_fetch_timeout_s)
@@ -115,7 +122,11 @@ class OpenAIServer:
     async def prometheus(self, request: web.Request) -> web.Response:
         gauges: dict[str, float] = {**self.config.static_gauges,
                                     "kv_store_bytes": float(self.kv_store.nbytes),
-                                    "kv_store_entries": float(len(self.kv_store))}
+                                    "kv_store_entries": float(len(self.kv_store)),
+                                    "kv_pool_mappings": float(self.kv_puller.mapped_pools),
+                                    "kv_pool_mappings_opened": float(self.kv_puller.opened)}
+        if self.kv_store.pool is not None:
+            gauges.update(self.kv_store.pool.stats())
         dwdp: Mapping[str, float] | None = None
         if self.loop is not None and self.loop.healthy:
             try:
@@ -241,13 +252,17 @@ class OpenAIServer:
                 raise ApiError(str(e), status=502, type="server_error", param="disaggregated_params.kv_url",
                                code="kv_transfer_failed") from e
             self.metrics.record_kv_transfer(transfer.path, transfer.nbytes, transfer.seconds,
-                                            fell_back=transfer.fallback is not None)
+                                            fallback=transfer.reason, phases=transfer.phases)
             if kv.first_token != req.disagg.first_gen_tokens[0]:
                 # The engine decodes from the KV's token: it must be the one the client holds.
                 raise ApiError(f"request rejected: the KV at {req.disagg.kv_url} holds first token "
                                f"{kv.first_token} but first_gen_tokens is {list(req.disagg.first_gen_tokens)}",
                                param="disaggregated_params.first_gen_tokens")
         context_only = req.disagg is not None and req.disagg.request_type == "context_only"
+        pool = self.kv_store.pool
+        if context_only and pool is not None and not pool.ready and pool.error is None:
+            # Made once, before the first export, so that export lands in it.
+            await asyncio.get_running_loop().run_in_executor(None, pool.ensure)
 
         def make_request():
             return Request(rid, list(job.prompt_ids), params, context_only=context_only, kv_import=kv)
@@ -298,6 +313,7 @@ class OpenAIServer:
         try:
             kv_id = self.kv_store.put(handoff)
         except MemoryError as e:
+            handoff.release()
             raise ApiError(str(e), status=503, type="service_unavailable", code="kv_store_full") from e
         job.handoff = DisaggParams(
             "context_only", first_gen_tokens=(token,), prompt_token_ids=tuple(job.prompt_ids),

@@ -38,6 +38,9 @@ USED_KEYS = frozenset({
     # Our own: how a generation server pulls KV: "auto" (same-node CUDA IPC / shm, else HTTP)
     # or "http" (always HTTP).
     "kv_transfer",
+    # Our own: bytes of the context server's KV export pool (serve/kv_pool.py); absent: sized
+    # from the KV cache at the first context-only request; 0: none (hand-overs over HTTP).
+    "kv_transfer_pool_bytes",
     # Our own: attention-DP + expert-parallel context servers (parallel/config.py), the
     # alternative to dwdp_config.
     "ep_config",
@@ -105,6 +108,7 @@ class ServeOptions:
     dwdp_config: DwdpConfig | None = None
     ep_config: EpConfig | None = None
     kv_transfer: str = "auto"
+    kv_transfer_pool_bytes: int | None = None
     ignored_keys: tuple[str, ...] = field(default=())
 
     @property
@@ -180,6 +184,12 @@ def merge_options(base: ServeOptions, extra: Mapping[str, Any], *, source: str =
         changes["backend"] = extra["backend"]
     if "kv_transfer" in extra:
         changes["kv_transfer"] = extra["kv_transfer"]
+    if "kv_transfer_pool_bytes" in extra:
+        value = extra["kv_transfer_pool_bytes"]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise OptionsError(f"{source}: kv_transfer_pool_bytes must be a byte count >= 0 (0: no "
+                               f"export pool, KV over HTTP) or null (sized from the KV cache), got {value!r}")
+        changes["kv_transfer_pool_bytes"] = value
     for key in ("max_batch_size", "max_num_tokens", "max_seq_len"):
         if key in extra and extra[key] is not None:
             changes[key] = _positive_int(f"{source}: {key}", extra[key])

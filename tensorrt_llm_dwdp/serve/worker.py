@@ -6,7 +6,9 @@ memory there; the EP group leaves its process group). ``group`` is the DWDP grou
 belongs to (an MPI sub-communicator cut by ``disaggregated_mpi_worker``, or one picked from the
 environment by ``comm.connect``); ``ep_rendezvous`` where the EP group meets (from mpirun, or
 the TCP launch's environment when None). The worker measures its routed experts' memory after
-loading (``model/memory.py``) and shows it on ``/metrics`` as ``expert_memory_bytes``.
+loading (``model/memory.py``) and shows it on ``/metrics`` as ``expert_memory_bytes``. Its KV
+export pool (``kv_pool.py``, the same-node hand-over of a context server) is sized from the
+engine's KV budget; with an explicit ``kv_transfer_pool_bytes`` it is created at start-up.
 """
 from __future__ import annotations
 
@@ -28,8 +30,12 @@ class Worker:
     ep_group: Any = None
     expert_memory_bytes: int = 0
     memory_source: str = ""
+    kv_pool: Any = None
 
     def close(self) -> None:
+        kv_pool, self.kv_pool = self.kv_pool, None
+        if kv_pool is not None:
+            kv_pool.close()
         manager, self.manager = self.manager, None
         if manager is not None:
             manager.close()
@@ -58,6 +64,7 @@ def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = Non
     from tensorrt_llm_dwdp.engine.executor import Engine
     from tensorrt_llm_dwdp.model import ModelConfig, load_tokenizer
     from tensorrt_llm_dwdp.model.memory import dense_model_bytes, in_use
+    from tensorrt_llm_dwdp.serve.kv_pool import KvExportPool
 
     device = resolve_device(options.device, local_rank)
     if device.type == "cuda":
@@ -72,7 +79,7 @@ def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = Non
                            f"max_position_embeddings={model_config.max_position_embeddings} "
                            f"({options.model}); lower max_seq_len")
     tokenizer = load_tokenizer(options.tokenizer_path)
-    manager = ep_group = None
+    manager = ep_group = kv_pool = None
     before = in_use(device)
     try:
         if options.dwdp_config is not None:
@@ -87,14 +94,21 @@ def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = Non
         if manager is not None:
             manager.exchange()  # after every layer registered its experts (load_model's contract)
         expert_bytes = in_use(device) - before - dense_model_bytes(model_config, device)
+        if options.kv_transfer_pool_bytes != 0:
+            kv_pool = KvExportPool(device, options.kv_transfer_pool_bytes)
         engine = Engine(model, dwdp=manager, max_seqs=options.max_batch_size,
                         max_seq_len=options.max_seq_len, max_batch_tokens=options.max_num_tokens,
-                        device=device, eos_token_id=tokenizer.eos_token_id)
+                        device=device, eos_token_id=tokenizer.eos_token_id,
+                        kv_export_alloc=kv_pool.export_alloc if kv_pool is not None else None)
+        if kv_pool is not None:
+            _plan_pool(kv_pool, engine.kv_budget)
         if ep_group is not None:
             from tensorrt_llm_dwdp.parallel.lockstep import LockstepEngine
 
             engine = LockstepEngine(engine, ep_group, list(model.moe_modules().values()))
     except BaseException as exc:
+        if kv_pool is not None:
+            kv_pool.close()
         if manager is not None:
             _close_after(manager, exc)
         if ep_group is not None:
@@ -105,7 +119,20 @@ def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = Non
             else "replicated experts")
     logger.info("worker ready: model %s on %s, %s, routed experts %.3f GiB (%s)", options.model,
                 device, mode, expert_bytes / 2**30, before.source)
-    return Worker(engine, tokenizer, model_config, manager, ep_group, expert_bytes, before.source)
+    return Worker(engine, tokenizer, model_config, manager, ep_group, expert_bytes, before.source, kv_pool)
+
+
+def _plan_pool(pool: Any, budget: Any) -> None:
+    """Size the export pool from the KV budget; an explicit size is created now (a pool that
+    cannot be made is a start-up error naming the option), the default at first use."""
+    from tensorrt_llm_dwdp.serve.kv_pool import PoolUnavailable
+
+    try:
+        pool.plan(budget)
+        if pool.explicit:
+            pool.open()
+    except (ValueError, PoolUnavailable) as exc:
+        raise OptionsError(str(exc)) from exc
 
 
 def _make_ep_group(options: ServeOptions, model_config: Any, device: Any, rendezvous: Any):
@@ -177,7 +204,7 @@ def run_worker_server(options: ServeOptions, *, local_rank: int = 0, group: Any 
             public_url=advertised_url(advertise_host or options.host, options.port),
             device=str(worker.engine.device), kv_transfer=options.kv_transfer,
             static_gauges={"expert_memory_bytes": float(worker.expert_memory_bytes)})
-        server = OpenAIServer(worker.engine, worker.tokenizer, config,
+        server = OpenAIServer(worker.engine, worker.tokenizer, config, kv_pool=worker.kv_pool,
                               engine_thread_init=_bind_device_fn(worker.engine.device))
         serve_app(server.make_app(), options.host, options.port)
     finally:

@@ -1,5 +1,5 @@
-"""bench/kv_handover.py on CPU ranks: two processes, the shm fast path beside HTTP and a raw
-copy, every byte checked."""
+"""bench/kv_handover.py on CPU ranks: two processes, the shm pool fast path beside HTTP and a
+raw copy, every byte checked, the fast path's phases reported."""
 import json
 
 from bench import kv_handover
@@ -15,3 +15,7 @@ def test_cpu_handover_bench_verifies_both_paths(tmp_path):
         assert s["nbytes"] == 2 * s["tokens"] * (512 + 64) * 2
         assert s["fast"]["path"] == ["shm"] and s["http"]["path"] == ["http"]
         assert s["fast"]["verified"] and s["http"]["verified"] and s["raw"]["gb_per_s"] > 0
+        phases = s["fast"]["phases_s"]
+        assert list(phases) == ["share", "open_first", "open_cached", "alloc", "copy", "release", "other"]
+        assert all(v is not None and v >= 0 for v in phases.values()), phases
+        assert phases["open_cached"] < phases["open_first"]  # mapped once per size, then reused

@@ -109,7 +109,16 @@ def test_disaggregated_dwdp_matches_aggregated(deployment):
                 text = await r.text()
             assert re.search(r'^trtllm_dwdp_kv_transfers_total\{role="worker",path="shm"\} [1-9]', text, re.M), text
             assert 'path="http"' not in text
-            assert re.search(r'^trtllm_dwdp_kv_transfer_fallbacks_total\{role="worker"\} 0$', text, re.M)
+            assert re.search(r'^trtllm_dwdp_kv_transfer_fallbacks_total\{role="worker",reason="pool_full"\} 0$',
+                             text, re.M)
+            assert not re.search(r'^trtllm_dwdp_kv_transfer_fallbacks_total\{.*\} [1-9]', text, re.M), text
+            # The context server's pool was mapped once; its exports went straight into it.
+            assert re.search(r'^trtllm_dwdp_kv_pool_mappings_opened\{role="worker"\} [12]\.0$', text, re.M), text
+            for url in cluster.context_urls:
+                async with s.get(url + "/metrics") as r:
+                    ctx = await r.text()
+                assert re.search(r'^trtllm_dwdp_kv_pool_used_bytes\{role="worker"\} 0\.0$', ctx, re.M), ctx
+                assert re.search(r'^trtllm_dwdp_kv_pool_adopted\{role="worker"\} 0\.0$', ctx, re.M), ctx
 
     asyncio.run(main())
 

@@ -1,5 +1,6 @@
-"""The KV hand-over protocol on the CPU: one-time ids, the same-node shm fast path (bytes,
-ownership, the entry and its file freed after the copy) and every fallback to HTTP."""
+"""The KV hand-over protocol on the CPU: one-time ids, the same-node fast path out of the
+context server's shm export pool (bytes, ownership, the pool mapped once per server and again
+after a restart, blocks freed after the copy) and every fallback to HTTP with its reason."""
 import asyncio
 import os
 
@@ -10,10 +11,10 @@ from aiohttp import web
 
 from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff, KvTensorSpec, layout_of, views_of
 from tensorrt_llm_dwdp.launcher import free_port
-from tensorrt_llm_dwdp.serve import kv_puller, kv_transfer
+from tensorrt_llm_dwdp.serve import kv_puller
+from tensorrt_llm_dwdp.serve.kv_pool import ALIGN, SHM_DIR, SHM_PREFIX, KvExportPool, remove_stale_shm_files
 from tensorrt_llm_dwdp.serve.kv_puller import KvPuller
-from tensorrt_llm_dwdp.serve.kv_transfer import (SHM_DIR, SHM_PREFIX, KvFetchError, KvRoutes, KvStore,
-                                                 export_share, remove_stale_shm_files)
+from tensorrt_llm_dwdp.serve.kv_transfer import KvFetchError, KvRoutes, KvStore
 
 
 def _handoff(tokens=5, key=0):
@@ -56,138 +57,221 @@ def test_packing_keeps_every_tensor_aligned_and_round_trips():
     assert layout_of({}) == ()
 
 
-def test_shm_share_holds_the_bytes_until_released():
-    h = _handoff(3).pack()
-    share = export_share(h, ["cuda_ipc", "shm"])  # cuda_ipc is not offered for a CPU buffer
-    path = share.descriptor["path"]
-    assert share.descriptor["kind"] == "shm" and os.path.basename(path) in _kv_files()
-    with open(path, "rb") as f:
-        assert f.read() == h.flat.numpy().tobytes()
-    share.release()
-    assert not os.path.exists(path)
-    with pytest.raises(kv_transfer.ShareUnavailable, match="cuda_ipc"):
-        export_share(h, ["cuda_ipc"])
+def _pooled(pool, h):
+    out = h.pack(copy=True, alloc=pool.export_alloc)
+    assert pool.holds(out.block)
+    return out
 
 
-def test_store_releases_shares_on_take_expiry_and_close():
+def test_store_frees_blocks_on_delete_expiry_close_and_after_a_take():
     now = [0.0]
-    store = KvStore(ttl_s=10, clock=lambda: now[0])
-    ids = [store.put(_handoff(2, key=i)) for i in range(3)]
-    paths = []
-    for kv_id in ids:
-        share = store.attach_share(kv_id, export_share(store.get(kv_id), ["shm"]))
-        paths.append(share.descriptor["path"])
-    # A second share of the same entry (a retried request) keeps the first one.
-    extra = export_share(store.get(ids[0]), ["shm"])
-    assert store.attach_share(ids[0], extra).descriptor["path"] == paths[0]
-    assert not os.path.exists(extra.descriptor["path"])
-    store.take(ids[0])
-    assert not os.path.exists(paths[0])
-    now[0] = 100.0
-    store.expire()
-    assert not any(os.path.exists(p) for p in paths) and len(store) == 0
-    late = export_share(_handoff(1), ["shm"])
-    assert store.attach_share(ids[1], late) is None and not os.path.exists(late.descriptor["path"])
-    kv_id = store.put(_handoff(1))
-    path = store.attach_share(kv_id, export_share(store.get(kv_id), ["shm"])).descriptor["path"]
+    pool = KvExportPool("cpu", 1 << 16)
+    pool.open()
+    store = KvStore(ttl_s=10, clock=lambda: now[0], pool=pool)
+    used = lambda: pool.stats()["kv_pool_used_bytes"]  # noqa: E731
+    ids = [store.put(_pooled(pool, _handoff(4, key=i))) for i in range(4)]
+    assert used() == 4 * ALIGN and pool.stats()["kv_pool_entries"] == 4
+    assert store.discard(ids[0]) and not store.discard(ids[0]) and used() == 3 * ALIGN
+    taken = store.take(ids[1])             # HTTP: the caller serves it, then releases it
+    assert used() == 3 * ALIGN
+    taken.release()
+    assert used() == 2 * ALIGN
+    now[0] = 5.0
+    store.get(ids[2])                      # shared at t=5: lives until 15
+    now[0] = 12.0
+    assert store.expire() == 1 and used() == ALIGN and store.get(ids[2]) is not None
     store.close()
-    assert not os.path.exists(path) and store.nbytes == 0
+    assert used() == 0 and len(store) == 0 and store.nbytes == 0
+    pool.close()
+    assert not _kv_files()
 
 
-def test_stale_files_of_exited_servers_are_removed():
-    import subprocess
-    import sys
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    stale = os.path.join(SHM_DIR, f"{SHM_PREFIX}{dead}_feedface")
-    mine = os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getpid()}_cafe")
-    for p in (stale, mine):
-        open(p, "wb").close()
-    try:
-        assert remove_stale_shm_files() >= 1
-        assert not os.path.exists(stale) and os.path.exists(mine)
-    finally:
-        for p in (stale, mine):
-            if os.path.exists(p):
-                os.unlink(p)
-
-
-async def _exporter(host=None):
-    store = KvStore()
+async def _exporter(host=None, pool="default", port=None):
+    if pool == "default":
+        pool = KvExportPool("cpu", 1 << 16, wait_s=0.05)
+    store = KvStore(pool=pool)
     app = web.Application()
     KvRoutes(store, host=host).add_to(app)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
+    port = port or free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return store, runner, f"http://127.0.0.1:{port}/v1/kv/"
+
+
+async def _stop(store, runner):
+    await runner.cleanup()
+    store.close()
+    if store.pool is not None:
+        store.pool.close()
 
 
 def _run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
-def test_fast_path_copies_then_frees_the_entry_and_http_is_the_fallback(caplog):
+def test_fast_path_maps_the_pool_once_and_then_only_copies():
     async def main():
         store, runner, base = await _exporter()
+        pool = store.pool
+        pool.ensure()
         puller = KvPuller("cpu")
         try:
             async with aiohttp.ClientSession() as s:
-                h = _handoff(6, key=1)
-                kv_id = store.put(h)
-                got, t = await puller.pull(s, base + kv_id)
-                _same(got, h)
-                assert (t.path, t.nbytes, t.fallback) == ("shm", h.nbytes, None)
-                assert len(store) == 0 and not _kv_files()  # entry and file freed after the copy
+                for i in range(4):
+                    h = _handoff(6 + i, key=i)
+                    # Exported into the pool (as the engine does), or not (it did not fit then).
+                    kv_id = store.put(_pooled(pool, h) if i != 2 else h)
+                    got, t = await puller.pull(s, base + kv_id)
+                    _same(got, h)
+                    assert (t.path, t.nbytes, t.fallback, t.reason, t.opened) == ("shm", h.nbytes, None, None, i == 0)
+                    assert set(t.phases) == {"share_s", "open_s", "alloc_s", "copy_s", "release_s"}
+                    assert len(store) == 0 and pool.stats()["kv_pool_used_bytes"] == 0
+                assert puller.opened == 1 and puller.mapped_pools == 1 and pool.counts["adopted"] == 1
+                assert len(_kv_files()) == 1  # the pool's one file, nothing per hand-over
                 with pytest.raises(KvFetchError, match="404"):  # one-time
                     await puller.pull(s, base + kv_id)
-
-                # The fast path breaks after the share (file gone): logged, then HTTP.
-                kv_id = store.put(h)
-                real = kv_puller._read_shm
-                kv_puller._read_shm = lambda path, n: (os.unlink(path), real(path, n))[1]
-                try:
-                    got, t = await puller.pull(s, base + kv_id)
-                finally:
-                    kv_puller._read_shm = real
-                _same(got, h)
-                assert t.path == "http" and "shm copy failed: FileNotFoundError" in t.fallback
-                assert len(store) == 0 and not _kv_files()
-                assert any("over HTTP" in r.message for r in caplog.records)
-
-                # HTTP only when asked.
-                kv_id = store.put(h)
-                got, t = await KvPuller("cpu", fast_path=False).pull(s, base + kv_id)
-                _same(got, h)
-                assert (t.path, t.fallback) == ("http", None)
         finally:
             puller.close()
-            await runner.cleanup()
+            await _stop(store, runner)
+        assert puller.mapped_pools == 0 and not _kv_files()
     _run(main())
 
 
-def test_another_node_or_no_room_falls_back_to_http(monkeypatch):
+def test_a_restarted_context_server_is_mapped_again():
     async def main():
-        store, runner, base = await _exporter(host="other-node/boot")
+        port = free_port()
         puller = KvPuller("cpu")
         try:
             async with aiohttp.ClientSession() as s:
-                h = _handoff(4, key=2)
-                got, t = await puller.pull(s, base + store.put(h))
-                _same(got, h)
-                assert t.path == "http" and "another node" in t.fallback
-                monkeypatch.setattr(kv_transfer, "SHM_HEADROOM_BYTES", 1 << 62)
-                store2, runner2, base2 = await _exporter()
+                incarnations = []
+                for life in range(2):
+                    store, runner, base = await _exporter(port=port)
+                    store.pool.ensure()
+                    try:
+                        for i in range(2):
+                            h = _handoff(3, key=10 * life + i)
+                            got, t = await puller.pull(s, base + store.put(_pooled(store.pool, h)))
+                            _same(got, h)
+                            assert t.path == "shm" and t.opened == (i == 0)
+                        incarnations.append(store.pool.incarnation)
+                    finally:
+                        await _stop(store, runner)  # the server goes; a new one takes its port
+                assert incarnations[0] != incarnations[1]
+                assert puller.opened == 2 and puller.mapped_pools == 1
+                assert puller._transports["shm"].open_allocations == 1  # the old mapping was closed
+        finally:
+            puller.close()
+        assert not _kv_files()
+    _run(main())
+
+
+def test_every_fallback_goes_over_http_with_its_reason(monkeypatch, caplog):
+    async def pull(puller, s, base, store, h, reason):
+        got, t = await puller.pull(s, base + store.put(h))
+        _same(got, h)
+        assert (t.path, t.reason) == ("http", reason), t.fallback
+        assert len(store) == 0
+        return t
+
+    async def main():
+        h = _handoff(4, key=3)
+        puller = KvPuller("cpu")
+        servers = []
+        try:
+            async with aiohttp.ClientSession() as s:
+                store, runner, base = await _exporter(host="other-node/boot")
+                servers.append((store, runner))
+                t = await pull(puller, s, base, store, h, "other_node")
+                assert "another node" in t.fallback
+
+                store, runner, base = await _exporter(pool=None)  # kv_transfer_pool_bytes: 0
+                servers.append((store, runner))
+                await pull(puller, s, base, store, h, "no_pool")
+
+                store, runner, base = await _exporter(pool=KvExportPool("cpu", 1 << 60))
+                servers.append((store, runner))
+                t = await pull(puller, s, base, store, h, "no_pool")  # could not be made
+                assert "bytes free" in t.fallback
+
+                store, runner, base = await _exporter()
+                servers.append((store, runner))
+                pool = store.pool
+                pool.ensure()
+                await pull(puller, s, base, store, _handoff(2000), "too_large")
+                held = pool.try_allocate(pool.capacity)
+                t = await pull(puller, s, base, store, h, "pool_full")  # waited, then HTTP
+                assert "no room" in t.fallback and pool.counts["full"] == 1
+                held.release()
+                gpu_only = KvPuller("cpu")
+                gpu_only.kinds = ["cuda_ipc"]
                 try:
-                    got, t = await puller.pull(s, base2 + store2.put(h))
+                    await pull(gpu_only, s, base, store, _pooled(pool, h), "kind")
                 finally:
-                    await runner2.cleanup()
+                    gpu_only.close()
+
+                # The copy itself fails: HTTP, and the mapping is dropped (opened again next time).
+                real = kv_puller.ctypes.memmove
+                monkeypatch.setattr(kv_puller.ctypes, "memmove", lambda *a: (_ for _ in ()).throw(OSError("EIO")))
+                t = await pull(puller, s, base, store, _pooled(pool, h), "copy_error")
+                assert "OSError: EIO" in t.fallback and puller.mapped_pools == 0
+                monkeypatch.setattr(kv_puller.ctypes, "memmove", real)
+                got, t = await puller.pull(s, base + store.put(_pooled(pool, h)))
+                assert t.path == "shm" and t.opened
+
+                # The pool's file is gone before a new generation server maps it.
+                os.unlink(pool.describe(pool.try_allocate(1))["path"])
+                fresh = KvPuller("cpu")
+                try:
+                    t = await pull(fresh, s, base, store, _pooled(pool, h), "map_error")
+                    assert "is gone" in t.fallback
+                finally:
+                    fresh.close()
+                assert any("over HTTP (pool_full)" in r.message for r in caplog.records)
+
+                # HTTP only when asked: no reason, nothing counted as a fallback.
+                got, t = await KvPuller("cpu", fast_path=False).pull(s, base + store.put(h))
                 _same(got, h)
-                assert t.path == "http" and "bytes free" in t.fallback and not _kv_files()
+                assert (t.path, t.fallback, t.reason) == ("http", None, None)
+        finally:
+            puller.close()
+            for store, runner in servers:
+                await _stop(store, runner)
+        assert not _kv_files()
+    _run(main())
+
+
+def test_bytes_copied_from_an_entry_freed_meanwhile_are_not_used(monkeypatch):
+    async def main():
+        now = [0.0]
+        pool = KvExportPool("cpu", 1 << 16)
+        pool.open()
+        store = KvStore(ttl_s=10, clock=lambda: now[0], pool=pool)
+        app = web.Application()
+        KvRoutes(store).add_to(app)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        puller = KvPuller("cpu")
+        real = puller._copy
+
+        def slow_copy(desc, owner):  # the entry outlives its TTL while being copied
+            out = real(desc, owner)
+            now[0] += 60
+            return out
+        monkeypatch.setattr(puller, "_copy", slow_copy)
+        try:
+            async with aiohttp.ClientSession() as s:
+                kv_id = store.put(_pooled(pool, _handoff(3)))
+                with pytest.raises(KvFetchError, match="freed before the copy ended"):
+                    await puller.pull(s, f"http://127.0.0.1:{port}/v1/kv/{kv_id}")
+                assert len(store) == 0 and pool.stats()["kv_pool_used_bytes"] == 0
         finally:
             puller.close()
             await runner.cleanup()
+            store.close()
+            pool.close()
     _run(main())
 
 
@@ -202,7 +286,31 @@ def test_bad_share_requests_and_forged_paths_are_refused():
                 async with s.post(base + "nope/share", json={"host": "h", "kinds": []}) as r:
                     assert r.status == 404
         finally:
-            await runner.cleanup()
+            await _stop(store, runner)
     _run(main())
     with pytest.raises(ValueError, match="not a shared KV file"):
-        kv_puller._read_shm("/etc/passwd", 10)
+        kv_puller._record("shm", {"path": "/etc/passwd", "bytes": 10})
+    with pytest.raises(ValueError, match="not a shared KV file"):
+        kv_puller._record("shm", {"path": f"{SHM_DIR}/../etc/{SHM_PREFIX}x", "bytes": 10})
+    assert kv_puller._refusal('{"error": {"code": "kv_share_pool_full"}}') == "pool_full"
+    assert kv_puller._refusal('{"error": {"code": "kv_share_nonsense"}}') == "share_error"
+    assert kv_puller._refusal("<html>") == "share_error"
+
+
+def test_stale_files_of_exited_servers_are_removed():
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = os.path.join(SHM_DIR, f"{SHM_PREFIX}{dead}_pool_feedface")
+    mine = os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getpid()}_cafe")
+    for p in (stale, mine):
+        open(p, "wb").close()
+    try:
+        assert remove_stale_shm_files() >= 1
+        assert not os.path.exists(stale) and os.path.exists(mine)
+    finally:
+        for p in (stale, mine):
+            if os.path.exists(p):
+                os.unlink(p)

@@ -19,15 +19,15 @@ def test_histogram_is_cumulative():
 
 
 def test_server_metrics_text():
-    m = ServerMetrics("context")
+    m = ServerMetrics("context", ("pool_full", "other_node"))
     m.record_request("/v1/completions", 200)
     m.record_request("/v1/completions", 200)
     m.record_request("/v1/completions", 400)
     m.prompt_tokens, m.generation_tokens = 11, 7
     m.prefill_latency.observe(0.02)
-    m.record_kv_transfer("cuda_ipc", 1000, 0.5, fell_back=False)
-    m.record_kv_transfer("cuda_ipc", 24, 0.25, fell_back=False)
-    m.record_kv_transfer("http", 10, 1.0, fell_back=True)
+    m.record_kv_transfer("cuda_ipc", 1000, 0.5, phases={"copy_s": 0.25, "share_s": 0.125})
+    m.record_kv_transfer("cuda_ipc", 24, 0.25, phases={"copy_s": 0.5})
+    m.record_kv_transfer("http", 10, 1.0, fallback="pool_full")
     text = m.render({"kv_store_bytes": 5.0}, {"prefetch_bytes": 4096, "stall_seconds": 0.25, "note": "x",
                                                "flag": True})
     assert 'trtllm_dwdp_requests_total{role="context",endpoint="/v1/completions",status="200"} 2' in text
@@ -40,7 +40,9 @@ def test_server_metrics_text():
     assert 'trtllm_dwdp_kv_transfers_total{role="context",path="cuda_ipc"} 2' in text
     assert 'trtllm_dwdp_kv_transfer_bytes_total{role="context",path="cuda_ipc"} 1024' in text
     assert 'trtllm_dwdp_kv_transfer_seconds_total{role="context",path="http"} 1.0' in text
-    assert 'trtllm_dwdp_kv_transfer_fallbacks_total{role="context"} 1' in text
+    assert 'trtllm_dwdp_kv_transfer_fallbacks_total{role="context",reason="pool_full"} 1' in text
+    assert 'trtllm_dwdp_kv_transfer_fallbacks_total{role="context",reason="other_node"} 0' in text
+    assert 'trtllm_dwdp_kv_transfer_phase_seconds_total{role="context",phase="copy_s"} 0.75' in text
     assert "note" not in text and "flag" not in text
     assert text.endswith("\n")
 

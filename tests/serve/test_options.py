@@ -74,3 +74,12 @@ def test_kv_transfer_mode():
     assert merge_options(ServeOptions(model="m"), {"kv_transfer": "http"}).kv_transfer == "http"
     with pytest.raises(OptionsError, match="kv_transfer='ipc'"):
         merge_options(ServeOptions(model="m"), {"kv_transfer": "ipc"})
+
+
+def test_kv_transfer_pool_bytes():
+    assert ServeOptions(model="m").kv_transfer_pool_bytes is None
+    for value in (0, 1 << 30, None):
+        assert merge_options(ServeOptions(model="m"), {"kv_transfer_pool_bytes": value}).kv_transfer_pool_bytes == value
+    for bad in (-1, "1G", True, 1.5):
+        with pytest.raises(OptionsError, match="kv_transfer_pool_bytes must be a byte count >= 0"):
+            merge_options(ServeOptions(model="m"), {"kv_transfer_pool_bytes": bad})

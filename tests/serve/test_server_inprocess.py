@@ -14,6 +14,7 @@ from aiohttp import web
 from tensorrt_llm_dwdp.launcher import free_port
 from tensorrt_llm_dwdp.model.tokenizer import ByteTokenizer
 from tensorrt_llm_dwdp.serve.disagg_config import parse_disagg_config
+from tensorrt_llm_dwdp.serve.kv_pool import KvExportPool
 from tensorrt_llm_dwdp.serve.openai_server import OpenAIServer, ServerConfig
 from tensorrt_llm_dwdp.serve.router import DisaggRouter
 from _engine_double import EOS, EngineDouble, expected
@@ -30,10 +31,19 @@ async def _start(app, port):
 
 
 async def _worker(engine, max_seq_len=256):
+    """A worker with a 1 MiB KV export pool (made at its first context-only request, closed
+    with the app)."""
     port = free_port()
+    pool = KvExportPool("cpu", 1 << 20)
     server = OpenAIServer(engine, TOK, ServerConfig(model_name="/models/tiny", max_seq_len=max_seq_len,
-                                                    vocab_size=512, public_url=f"http://127.0.0.1:{port}"))
-    return server, await _start(server.make_app(), port), f"http://127.0.0.1:{port}"
+                                                    vocab_size=512, public_url=f"http://127.0.0.1:{port}"),
+                          kv_pool=pool)
+    app = server.make_app()
+
+    async def close_pool(app):
+        pool.close()
+    app.on_cleanup.append(close_pool)
+    return server, await _start(app, port), f"http://127.0.0.1:{port}"
 
 
 def run(coro):
@@ -196,7 +206,7 @@ def test_disaggregated_router_matches_aggregated():
     async def main():
         agg_engine, ctx_engine, gen_engine = EngineDouble(), EngineDouble(), EngineDouble()
         _, agg_runner, agg_url = await _worker(agg_engine)
-        _, ctx_runner, ctx_url = await _worker(ctx_engine)
+        ctx_server, ctx_runner, ctx_url = await _worker(ctx_engine)
         gen_server, gen_runner, gen_url = await _worker(gen_engine)
         router_port = free_port()
         cfg = parse_disagg_config({
@@ -226,7 +236,11 @@ def test_disaggregated_router_matches_aggregated():
                 assert len(ctx_engine.aborted) == 2   # its unneeded exports were dropped
                 assert len(gen_server.kv_store) == 0
                 # Same node: every hand-over took the shared-memory path, none fell back.
-                assert gen_server.metrics.kv_transfers["shm"][0] == 5 and gen_server.metrics.kv_fallbacks == 0
+                assert gen_server.metrics.kv_transfers["shm"][0] == 5
+                assert not any(gen_server.metrics.kv_fallbacks.values())
+                assert gen_server.kv_puller.opened == 1  # the context server's pool, mapped once
+                assert ctx_server.kv_store.pool.counts["adopted"] == 5  # the double exports outside it
+                assert ctx_server.kv_store.pool.stats()["kv_pool_used_bytes"] == 0
                 status, err = await _post(s, rurl + "/v1/completions", {"prompt": "x", "temperature": 2.5})
                 assert status == 400 and err["error"]["param"] == "temperature"
                 # The KV id is one-time: a second pull is a 404.
@@ -283,7 +297,7 @@ def test_generation_only_first_token_must_be_in_vocab_and_match_the_kv():
     outside the vocabulary (which would crash the engine thread), is refused with a 400."""
     async def main():
         ctx_engine, gen_engine = EngineDouble(), EngineDouble()
-        _, ctx_runner, ctx_url = await _worker(ctx_engine)
+        ctx_server, ctx_runner, ctx_url = await _worker(ctx_engine)
         _, gen_runner, gen_url = await _worker(gen_engine)
         try:
             async with aiohttp.ClientSession(timeout=TIMEOUT) as s:

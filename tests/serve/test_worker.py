@@ -45,3 +45,49 @@ def test_max_seq_len_past_the_models_positions_fails_at_start(monkeypatch):
                         lambda path: SimpleNamespace(max_position_embeddings=512))
     with pytest.raises(OptionsError, match="max_seq_len=4096 exceeds the model's max_position_embeddings=512"):
         worker_mod.build_worker(ServeOptions(model="unused", device="cpu", max_seq_len=4096))
+
+
+class _TinyKvModel:
+    """Just enough of a CausalLM for the engine to size its KV cache: 2 layers x (8 + 4) bf16."""
+
+    def make_cache(self, max_seqs, max_len, device):
+        import torch
+
+        from tensorrt_llm_dwdp.model.kv_cache import KvCache
+
+        return KvCache(2, max_seqs, max_len, (1, 8), (1, 4), torch.bfloat16, device)
+
+
+def _build_with_pool(monkeypatch, pool_bytes):
+    monkeypatch.setattr("tensorrt_llm_dwdp.model.ModelConfig.from_file",
+                        lambda path: SimpleNamespace(max_position_embeddings=1 << 20))
+    monkeypatch.setattr("tensorrt_llm_dwdp.model.load_tokenizer", lambda path: SimpleNamespace(eos_token_id=None))
+    monkeypatch.setattr("tensorrt_llm_dwdp.model.memory.dense_model_bytes", lambda *a: 0)
+    monkeypatch.setattr(worker_mod, "_load_model", lambda *a: _TinyKvModel())
+    return worker_mod.build_worker(ServeOptions(model="unused", device="cpu", max_batch_size=8, max_seq_len=64,
+                                                kv_transfer_pool_bytes=pool_bytes))
+
+
+def test_kv_export_pool_sized_from_the_budget_or_the_option(monkeypatch):
+    import os
+
+    from tensorrt_llm_dwdp.serve.kv_pool import SHM_DIR, SHM_PREFIX
+    from tensorrt_llm_dwdp.serve.options import OptionsError
+
+    def files():
+        return [n for n in os.listdir(SHM_DIR) if n.startswith(f"{SHM_PREFIX}{os.getpid()}_")]
+
+    one = 64 * 48  # one 64-token sequence at 48 bytes/token
+    w = _build_with_pool(monkeypatch, None)  # default: a quarter of the cache, made at first use
+    assert w.kv_pool.capacity == 8 * one // 4 and not w.kv_pool.ready and not files()
+    assert w.engine.kv_export_alloc == w.kv_pool.export_alloc
+    w.close()
+    w = _build_with_pool(monkeypatch, 2 * one)  # explicit: made at start-up
+    assert w.kv_pool.ready and w.kv_pool.capacity == 2 * one and len(files()) == 1
+    w.close()
+    assert not files()
+    w = _build_with_pool(monkeypatch, 0)
+    assert w.kv_pool is None and w.engine.kv_export_alloc is None
+    with pytest.raises(OptionsError, match=f"kv_transfer_pool_bytes=100 cannot hold .* at least {one}"):
+        _build_with_pool(monkeypatch, 100)
+    assert not files()
