@@ -7,10 +7,11 @@ range. Layers that use buffer b share its pool pages (only one of them occupies 
 physical memory is the own slice plus two pools, as with the multi-tensor buffers; the k % 2
 buffer rule can put one layer in either buffer, hence a range per (layer, buffer).
 
-The copy plans keep the shape the copy engines run, ``(dst, src, nbytes)``: ``prefetch_copies``
-targets pool pages only; the own allocation's edge bytes (neighbouring experts sharing its first
-and last page) are filled once from their owners by ``fill_edges`` (weights are constant).
-Views are invalid after ``close()``.
+The copy plans keep the shape the copy engines run, ``(dst, src, nbytes)``: ``place(pos, b)``
+puts the source ranges' bytes (``tiers.source_ranges``: peers, the host store, the rank's own
+host-offloaded experts) on pool pages only; the own allocation's edge bytes (other experts
+sharing its first and last page) are placed by ``edge_place`` and copied once at the exchange by
+``copy_edges`` (weights are constant). Views are invalid after ``close()``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from tensorrt_llm_dwdp.dwdp.composite_layout import CompositeRange
 from tensorrt_llm_dwdp.dwdp.copy_plan import Copy
 from tensorrt_llm_dwdp.dwdp.errors import DwdpRegistrationError
-from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.dwdp.tiers import Place, TierLayout
 from tensorrt_llm_dwdp.dwdp.vmm import CpuVmm, GpuVmm, Memory
 
 logger = logging.getLogger(__name__)
@@ -65,17 +66,20 @@ class _Pool:
 class CompositeViews:
     """Composite ranges of every (layer position, buffer, tensor) of one rank.
 
-    ``own[pos]``: the registered tensors of position ``pos``; ``locate(t)``: the allocation
-    holding ``t`` and ``t``'s offset in it (the transport's); ``page_bytes``: mapping unit.
+    ``tiers``: the rank's layout and how many own experts are offloaded; ``own[pos]``: the
+    registered (resident) tensors of position ``pos``; ``locate(t)``: the allocation holding
+    ``t`` and ``t``'s offset in it (the transport's); ``page_bytes``: mapping unit.
     """
 
-    def __init__(self, vmm: CpuVmm | GpuVmm, layout: ExpertLayout,
+    def __init__(self, vmm: CpuVmm | GpuVmm, tiers: TierLayout,
                  own: Sequence[Mapping[str, torch.Tensor]], locate: Locate,
                  page_bytes: int) -> None:
         self.vmm = vmm
-        self.layout = layout
+        self.tiers = tiers
+        self.layout = tiers.layout
         self.page_bytes = page_bytes
-        self.ranges = [{name: CompositeRange.of(layout, expert_bytes(t), page_bytes)
+        self.ranges = [{name: CompositeRange.of(self.layout, expert_bytes(t), page_bytes,
+                                                tiers.host_experts)
                         for name, t in tensors.items()} for tensors in own]
         self.pool_bytes = max(sum(r.pool_bytes for r in rs.values()) for rs in self.ranges)
         self._reserved: list[tuple[int, int, list[tuple[int, int]]]] = []
@@ -154,40 +158,34 @@ class CompositeViews:
         return self.views[pos][b]
 
     def multi_view(self, pos: int, b: int) -> dict[str, list[torch.Tensor]]:
-        """The composite cut into the multi-tensor view (S slices by rank, no copy)."""
-        lay = self.layout
-        return {name: [t[o:o + n] for o, n in zip(lay.tensor_offsets, lay.tensor_sizes)]
+        """The composite cut into the multi-tensor view (one slice per ``view_slots`` entry:
+        S by rank, S + 1 with host experts; no copy)."""
+        slots = self.tiers.view_slots()
+        return {name: [t[first:first + n] for _, first, n in slots]
                 for name, t in self.views[pos][b].items()}
 
-    def prefetch_copies(self, pos: int, b: int, peer_tensors: Mapping[int, Mapping[str, int]],
-                        order: Sequence[int]) -> list[list[Copy]]:
-        """Per peer of ``order``: ``(dst, src, nbytes)`` of one prefetch of position ``pos`` into
-        buffer ``b``; ``peer_tensors[peer][name]``: address of that peer's tensor ``name``."""
-        out = []
-        for peer in order:
-            copies = []
-            for name, r in self.ranges[pos].items():
-                base = self.bases[pos][b][name]
-                for c in r.prefetch_copies(self.layout, [peer]):
-                    copies.append((base + c.dst_offset,
-                                   peer_tensors[peer][name] + c.src_offset, c.nbytes))
-            out.append(copies)
-        return out
+    def place(self, pos: int, b: int) -> Place:
+        """Where the prefetch of position ``pos`` into buffer ``b`` lands: pool pages only."""
+        return self._placer(pos, b, lambda cr: cr.pool_regions)
 
-    def fill_edges(self, peer_tensors: Sequence[Mapping[int, Mapping[str, int]]]) -> int:
-        """Copy the neighbouring experts' bytes into every own allocation's edges (once; both
-        buffers map the same allocation). ``peer_tensors[pos][peer][name]`` as above. Returns
-        the bytes copied."""
-        total = 0
-        for pos, ranges in enumerate(self.ranges):
-            for name, r in ranges.items():
-                base = self.bases[pos][0][name]
-                for c in r.edge_copies(self.layout):
-                    self.vmm.copy(base + c.dst_offset,
-                                  peer_tensors[pos][c.peer][name] + c.src_offset, c.nbytes)
-                    total += c.nbytes
+    def edge_place(self, pos: int) -> Place:
+        """Where the exchange's one-time copies of position ``pos`` land: the own allocation's
+        edges (both buffers map the same allocation)."""
+        return self._placer(pos, 0, lambda cr: cr.edges)
+
+    def _placer(self, pos: int, b: int, regions: Callable[[CompositeRange], tuple]) -> Place:
+        def put(r, name: str, eb: int) -> list[tuple[int, int, int]]:
+            cr, base = self.ranges[pos][name], self.bases[pos][b][name]
+            return [(base + dst, off, n) for dst, off, n in cr.pieces(r.first, r.count,
+                                                                      regions(cr))]
+        return put
+
+    def copy_edges(self, copies: Sequence[Copy]) -> int:
+        """Run the edge copies (``edge_place``) now, synchronously; returns the bytes copied."""
+        for dst, src, n in copies:
+            self.vmm.copy(dst, src, n)
         self.vmm.synchronize()
-        return total
+        return sum(n for _, _, n in copies)
 
     @property
     def buffer_bytes(self) -> int:

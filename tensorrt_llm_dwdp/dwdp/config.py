@@ -86,6 +86,14 @@ class DwdpConfig:
                 raise DwdpConfigError(
                     f"dwdp_config.{key} must be true or false, got {getattr(self, key)!r}")
         _check_choice("host_offload", self.host_offload, HOST_OFFLOAD_MODES)
+        if (self.host_offload == "uvm" and self.host_experts_per_worker
+                and self.expert_view == "composite"):
+            raise DwdpConfigError(
+                "dwdp_config.host_offload: uvm does not combine with expert_view: composite: UVM "
+                "read-through keeps a rank's host experts in CUDA managed memory, which cannot be "
+                "mapped into the composite view's virtual range (cuMemMap maps cuMemCreate "
+                "allocations only); use host_offload: prefetch with the composite view, or "
+                "expert_view: multi for uvm")
         for key in ("peer_timeout_s", "heartbeat_interval_s", "peer_dead_after_s"):
             object.__setattr__(self, key, _seconds(key, getattr(self, key)))
         if self.peer_dead_after_s < 2 * self.heartbeat_interval_s:

@@ -26,8 +26,8 @@ store and control block (``host_tiers.py``); each step checks the peers it reads
 (``start_step`` and ``end_step``), moves a dead peer's ranges to the host store (failover:
 ``end_step`` then raises ``DwdpStepRetry`` and the engine runs the step again), takes a
 restarted peer back (rejoin), and with ``host_experts_per_worker`` prefetches part of the rank's
-own slice from host memory too (multi view only; the view then has S + 1 tensors:
-``view_offsets``). Both views are filled by the same per-peer copies, so a peer's source
+own slice from host memory too (composite: onto pool pages after the resident own experts;
+multi: the view then has S + 1 tensors, ``view_offsets``; UVM read-through: multi only). Both views are filled by the same per-peer copies, so a peer's source
 switches tiers by switching the address its copies read.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
 from tensorrt_llm_dwdp.dwdp.prefetch_buffer import NUM_BUFFERS, PrefetchBuffers
 from tensorrt_llm_dwdp.dwdp.sources import SourceTable, TierEvent
 from tensorrt_llm_dwdp.dwdp.stats import DwdpStats, StatsRecorder
-from tensorrt_llm_dwdp.dwdp.tiers import TierLayout
+from tensorrt_llm_dwdp.dwdp.tiers import Place, TierLayout, slot_place
 from tensorrt_llm_dwdp.transport import HandleRecord, Transport, transport_for
 
 logger = logging.getLogger(__name__)
@@ -80,10 +80,9 @@ class DwdpManager:
         self.layout = ExpertLayout.from_config(config, num_experts, comm.rank)
         self.tier_layout = TierLayout(self.layout, config.host_experts_per_worker)
         self.rank = comm.rank
-        self._composite_mode = config.expert_view == "composite" and config.dwdp_size > 1
-        if config.host_experts_per_worker and config.expert_view == "composite":
-            raise DwdpConfigError("dwdp_config.host_experts_per_worker needs expert_view: multi "
-                                  "(the composite view maps the whole own slice in place)")
+        # one rank without offload has nothing to map: its own tensors are the whole view
+        self._shared = config.dwdp_size > 1 or config.host_experts_per_worker > 0
+        self._composite_mode = config.expert_view == "composite" and self._shared
         if config.host_offload == "uvm" and config.host_experts_per_worker \
                 and self.device.type != "cuda":
             raise DwdpConfigError("dwdp_config.host_offload: uvm reads host experts through CUDA "
@@ -136,12 +135,13 @@ class DwdpManager:
         return VmmTransport(vmm, self.config.view_handles, self.config.peer_timeout_s)
 
     def _composite_range(self, shape: Sequence[int], dtype: torch.dtype) -> CompositeRange | None:
-        """The composite layout of a ``[W, ...]`` tensor (None for other shapes)."""
-        if not shape or shape[0] != self.layout.num_experts_per_worker:
+        """The composite layout of a ``[W - H, ...]`` tensor (None for other shapes)."""
+        if not shape or shape[0] != self.tier_layout.resident_experts:
             return None
         nbytes = torch.empty(tuple(shape), dtype=dtype, device="meta").nbytes
         eb = nbytes // shape[0]
-        return CompositeRange.of(self.layout, eb, self.page_bytes) if eb else None
+        return (CompositeRange.of(self.layout, eb, self.page_bytes, self.tier_layout.host_experts)
+                if eb else None)
 
     @classmethod
     def from_environment(cls, config: DwdpConfig, num_experts: int,
@@ -285,7 +285,7 @@ class DwdpManager:
                 raise DwdpRegistrationError(
                     f"{where} is not contiguous (strides {t.stride()}); peers copy raw bytes"
                 )
-            if self.config.dwdp_size > 1 or self.tier_layout.host_experts:
+            if self._shared:
                 try:
                     if self._composite_mode:
                         self._check_composite(t)
@@ -497,7 +497,7 @@ class DwdpManager:
         self._n = len(self._layers)
         self._stats = StatsRecorder(self._layers)
         host_experts = self.tier_layout.host_experts
-        if self.config.dwdp_size == 1 and not host_experts:
+        if not self._shared:
             self._views = [[{n: [t] for n, t in own.items()}] * NUM_BUFFERS for own in self._own]
             self._composite_views = [[dict(own)] * NUM_BUFFERS for own in self._own]
             return
@@ -540,9 +540,11 @@ class DwdpManager:
     def _build_composite(self) -> None:
         from tensorrt_llm_dwdp.dwdp.composite_views import CompositeViews
 
-        self._composite = CompositeViews(self._transport.vmm, self.layout, self._own,
+        self._composite = CompositeViews(self._transport.vmm, self.tier_layout, self._own,
                                          self._transport.locate, self.page_bytes)
-        edges = self._composite.fill_edges(self._sources.edge_sources())
+        edges = self._composite.copy_edges(
+            [c for pos in range(self._n)
+             for link in self._sources.copies(pos, self._composite.edge_place(pos)) for c in link])
         logger.debug("DWDP rank %d: %d edge byte(s) filled from peers", self.rank, edges)
         self._views = [[self._composite.multi_view(pos, b) for b in range(NUM_BUFFERS)]
                        for pos in range(self._n)]
@@ -551,11 +553,11 @@ class DwdpManager:
 
     def _rebuild_plans(self) -> None:
         if self._composite is not None:
-            self._plans, self._host_bytes = self._sources.plans(NUM_BUFFERS,
-                                                                composite=self._composite)
+            place = self._composite.place
         else:
-            self._plans, self._host_bytes = self._sources.plans(
-                NUM_BUFFERS, lambda pos, b, slot, name: self._buffers.dst(pos, b, slot, name)[0])
+            def place(pos: int, b: int) -> Place:
+                return slot_place(lambda slot, name: self._buffers.dst(pos, b, slot, name)[0])
+        self._plans, self._host_bytes = self._sources.plans(NUM_BUFFERS, place)
 
     # ------------------------------------------------------------------ per step
     def start_step(self) -> None:
@@ -606,8 +608,8 @@ class DwdpManager:
     def composite_weights(self, layer_idx: int) -> dict[str, torch.Tensor]:
         """``{name: tensor [E, ...]}`` of layer ``layer_idx`` (expert e at byte ``e *
         expert_bytes``); waits like ``weights``. Needs ``expert_view: composite`` (or one
-        rank, where it is the rank's own tensors)."""
-        if self.config.dwdp_size > 1 and not self._composite_mode:
+        rank without offload, where it is the rank's own tensors)."""
+        if self._shared and not self._composite_mode:
             raise DwdpStateError(
                 f"composite_weights({layer_idx}) with dwdp_config.expert_view = "
                 f"{self.config.expert_view!r}: set expert_view: composite (run --expert-view "

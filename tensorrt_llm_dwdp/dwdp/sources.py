@@ -5,10 +5,11 @@ the handle records behind them (to unmap a peer that went down), the node's host
 host tiers are on), and the set of peers that are down. ``plans`` turns
 ``tiers.source_ranges`` into one ``CopyPlan`` per (layer, buffer), links being the peers in
 ``peer_order`` then the host store, so a contention-aware plan deals slices across NVLink peers
-and PCIe alike. With the composite view the copies come from ``CompositeViews.prefetch_copies``
-per peer, reading each peer's range from ``peer_source``: the peer's tensor, or the same experts
-in the host store. ``mark_down`` / ``take_back`` switch a peer's ranges between tiers; the
-caller rebuilds the plans and re-queues what may have read a dead peer.
+and PCIe alike. Where a range lands is the view's business (``place``: a multi-view buffer slot,
+or the pool pages of a composite range), so both views read the same sources, including a
+down peer's experts and the rank's own host-offloaded ones from the host store. ``mark_down`` /
+``take_back`` switch a peer's ranges between tiers; the caller rebuilds the plans and re-queues
+what may have read a dead peer.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
-from tensorrt_llm_dwdp.dwdp.copy_plan import CopyPlan, interleaved_plan, peer_order, per_peer_plan
+from tensorrt_llm_dwdp.dwdp.copy_plan import (Copy, CopyPlan, interleaved_plan, peer_order,
+                                              per_peer_plan)
 from tensorrt_llm_dwdp.dwdp.errors import DwdpPeerError
-from tensorrt_llm_dwdp.dwdp.tiers import (HOST, HOST_LINK, SourceRange, TierLayout, describe,
-                                          source_ranges, tier_copies)
+from tensorrt_llm_dwdp.dwdp.tiers import (HOST, HOST_LINK, Place, SourceRange, TierLayout,
+                                          describe, source_ranges, tier_copies)
 
 PeerBases = list[dict[int, dict[str, int]]]  # [layer position][peer][name] -> byte-0 address
 
@@ -58,32 +60,20 @@ class SourceTable:
     def up_peers(self) -> list[int]:
         return [p for p in self.layout.peers if p not in self.down]
 
-    def plans(self, num_buffers: int, dst: Callable[[int, int, int, str], int] | None = None,
-              composite: Any = None) -> tuple[list[list[CopyPlan]], list[list[int]]]:
-        """``(plans[pos][b], host_bytes[pos][b])``. Multi view: ``dst(pos, b, slot, name)`` is
-        where a slot lands; composite view: ``composite`` (``CompositeViews``) places the copies.
-        Raises DwdpPeerError if a range must come from a host store this rank lacks."""
+    def plans(self, num_buffers: int, place: Callable[[int, int], Place]
+              ) -> tuple[list[list[CopyPlan]], list[list[int]]]:
+        """``(plans[pos][b], host_bytes[pos][b])``; ``place(pos, b)`` says where the copies of
+        layer ``pos`` into buffer ``b`` land (``tiers.tier_copies``). Raises DwdpPeerError if a
+        range must come from a host store this rank lacks."""
         ranges = self.ranges()
         if self.host is None and any(r.tier == HOST for r in ranges):
             raise DwdpPeerError(f"DWDP rank {self.layout.rank}: peers {sorted(self.down)} are "
                                 f"down and there is no host store to read their experts from")
-        order = peer_order(self.layout.rank, self.layout.dwdp_size)
-        links = [*order, HOST_LINK]
         plans, host_bytes = [], []
-        for pos, eb in enumerate(self.expert_bytes):
+        for pos in range(len(self.expert_bytes)):
             row, row_host = [], []
             for b in range(num_buffers):
-                if composite is not None:
-                    grouped: dict[int, list] = {link: [] for link in links}
-                    for peer in order:
-                        link, bases = self.peer_source(pos, peer)
-                        grouped[link] += composite.prefetch_copies(pos, b, {peer: bases}, [peer])[0]
-                    per_link = [grouped[link] for link in links]
-                else:
-                    per_link = tier_copies(
-                        self.layout, ranges, eb, lambda slot, name: dst(pos, b, slot, name),
-                        lambda peer, name: self.bases[pos][peer][name],
-                        lambda name: self.host.store.address(pos, name), links)
+                per_link = self.copies(pos, place(pos, b), ranges)
                 row.append(interleaved_plan(per_link, self.config.prefetch_slice_bytes)
                            if self.config.contention_opt else per_peer_plan(per_link))
                 row_host.append(sum(c[2] for c in per_link[-1]))
@@ -91,19 +81,15 @@ class SourceTable:
             host_bytes.append(row_host)
         return plans, host_bytes
 
-    def peer_source(self, pos: int, peer: int) -> tuple[int, dict[str, int]]:
-        """``(link, {name: address of global expert P * peer})`` for layer ``pos``: the peer's
-        tensor while it is up, the same experts in the host store once it is down."""
-        if peer not in self.down:
-            return peer, self.bases[pos][peer]
-        first = self.layout.num_prefetch_experts * peer
-        return HOST_LINK, {name: self.host.store.address(pos, name, first)
-                           for name in self.expert_bytes[pos]}
-
-    def edge_sources(self) -> list[dict[int, dict[str, int]]]:
-        """``[pos][peer][name]`` as ``peer_source`` gives them (the composite edges' sources)."""
-        return [{peer: self.peer_source(pos, peer)[1] for peer in self.layout.peers}
-                for pos in range(len(self.expert_bytes))]
+    def copies(self, pos: int, place: Place, ranges: Sequence[SourceRange] | None = None
+               ) -> list[list[Copy]]:
+        """Layer ``pos``'s copies from the current sources, per link: the peers in
+        ``peer_order``, then the host store (last)."""
+        order = peer_order(self.layout.rank, self.layout.dwdp_size)
+        return tier_copies(self.layout, self.ranges() if ranges is None else ranges,
+                           self.expert_bytes[pos], place,
+                           lambda peer, name: self.bases[pos][peer][name],
+                           lambda name: self.host.store.address(pos, name), [*order, HOST_LINK])
 
     def host_ranges_of(self, peers: Sequence[int]) -> list[SourceRange]:
         """The host-tier ranges the slots of ``peers`` use once they are down."""

@@ -104,6 +104,10 @@ class SourceRange:
         return self.rank if self.tier == PEER else HOST_LINK
 
 
+# where a range's bytes of one tensor land: (dst address, offset from its first expert, nbytes)
+Place = Callable[[SourceRange, str, int], Sequence[tuple[int, int, int]]]
+
+
 def source_ranges(tiers: TierLayout, down: Iterable[int] = (), *,
                   own_host_copied: bool = True) -> tuple[SourceRange, ...]:
     """Every copy source of this rank's buffers, peers ascending then its own host slot.
@@ -137,16 +141,23 @@ def writer_range(layout: ExpertLayout, rank: int | None = None) -> tuple[int, in
     return start, (layout.num_experts if r == s - 1 else start + p)
 
 
+def slot_place(dst: Callable[[int, str], int]) -> Place:
+    """``place`` of the multi view: a range lands whole at expert ``offset`` of its slot's
+    buffer, ``dst(slot, name)`` being the address of the slot's first expert of ``name``."""
+    return lambda r, name, eb: [(dst(r.slot, name) + r.offset * eb, 0, r.count * eb)]
+
+
 def tier_copies(layout: ExpertLayout, ranges: Sequence[SourceRange],
-                expert_bytes: Mapping[str, int], dst: Callable[[int, str], int],
+                expert_bytes: Mapping[str, int], place: Place,
                 peer_base: Callable[[int, str], int], host_base: Callable[[str], int],
                 links: Sequence[int]) -> list[list[Copy]]:
     """The copies of one layer into one buffer set, grouped by link in ``links`` order.
 
-    ``dst(slot, name)``: address of the slot's first expert of tensor ``name``;
+    ``place(range, name, expert_bytes)``: where the range's bytes of tensor ``name`` land, as
+    ``(dst address, byte offset from the range's first expert, nbytes)`` pieces (``slot_place``
+    for the multi view, ``CompositeViews.place`` for the composite one);
     ``peer_base(rank, name)``: address of the peer tensor's byte 0 (global expert
-    ``P * rank``); ``host_base(name)``: address of global expert 0 in the host store. Each range
-    is one contiguous copy per name.
+    ``P * rank``); ``host_base(name)``: address of global expert 0 in the host store.
     """
     per_link: dict[int, list[Copy]] = {link: [] for link in links}
     for r in ranges:
@@ -158,7 +169,7 @@ def tier_copies(layout: ExpertLayout, ranges: Sequence[SourceRange],
                 src = peer_base(r.rank, name) + first * eb
             else:
                 src = host_base(name) + r.first * eb
-            per_link[r.link].append((dst(r.slot, name) + r.offset * eb, src, r.count * eb))
+            per_link[r.link].extend((dst, src + off, n) for dst, off, n in place(r, name, eb))
     return [per_link[link] for link in links]
 
 

@@ -1,6 +1,7 @@
 """The main job with host tiers, for real (TCP launch, CPU shared memory): a rank SIGKILLed
 mid-run while the survivors fail over to the host store and finish bitwise equal to one rank
-holding all experts; offload of 25% and 75% of each rank's own experts, bitwise too."""
+holding all experts; offload of 25% and 75% of each rank's own experts, bitwise too, in the
+composite view (the offloaded experts come onto pool pages) and the multi view."""
 import glob
 import json
 import re
@@ -40,14 +41,16 @@ def test_killed_rank_survivors_fail_over_and_stay_bitwise(tmp_path):
     assert not left, left
 
 
-@pytest.mark.parametrize("host_experts", [2, 6])  # 25% and 75% of W = 8
-def test_offload_bitwise_parity(tmp_path, host_experts):
+@pytest.mark.parametrize("host_experts, view", [(2, "composite"), (6, "composite"),
+                                                (6, "multi")])  # 25% and 75% of W = 8
+def test_offload_bitwise_parity(tmp_path, host_experts, view):
     proc, out, left = run_job(tmp_path, "--ranks", "2", "--host-experts-per-worker",
-                              str(host_experts))
+                              str(host_experts), "--expert-view", view)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "parity vs one rank holding all experts: PASS" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dwdp_config"]["host_experts_per_worker"] == host_experts
+    assert summary["dwdp_config"]["expert_view"] == view
     for r in summary["ranks"]:
         # H of its own 8 experts per layer come over the host link every time, plus whatever
         # part of the peer's slice the peer keeps in host memory

@@ -6,8 +6,9 @@
 - the multi-rank cases of tests/multirank/test_tiers_multirank.py with CUDA IPC: a rank
   SIGKILLed during prefetch and during compute (the survivors' retried step is exact), a
   restarted rank rejoining, a corrupt store detected;
-- the main job on the GPU: the issue's failover command, and offload (prefetch at 25%, UVM
-  read-through at 75% of each rank's own experts) bitwise equal to one rank holding all experts.
+- the main job on the GPU: the issue's failover command, and offload (prefetch at 25% in the
+  composite view, UVM read-through at 75% of each rank's own experts in the multi view) bitwise
+  equal to one rank holding all experts.
 """
 import json
 import os
@@ -108,10 +109,12 @@ def test_main_job_failover_cuda(tmp_path):
         assert f"DWDP rank {r}: failover: peer 1 is down" in proc.stdout
 
 
-@pytest.mark.parametrize("mode, host_experts", [("prefetch", 2), ("uvm", 6)])
-def test_main_job_offload_cuda(tmp_path, mode, host_experts):
+@pytest.mark.parametrize("mode, host_experts, view", [("prefetch", 2, "composite"),
+                                                     ("uvm", 6, "multi")])
+def test_main_job_offload_cuda(tmp_path, mode, host_experts, view):
     _, summary = _run(tmp_path, "--ranks", "2", "--host-experts-per-worker", str(host_experts),
-                      "--host-offload", mode)
+                      "--host-offload", mode, "--expert-view", view)
     assert summary["dwdp_config"]["host_offload"] == mode
+    assert summary["dwdp_config"]["expert_view"] == view
     for r in summary["ranks"]:
         assert r["host_prefetch_bytes"] > 0  # the peer's host experts are prefetched in both modes

@@ -100,12 +100,13 @@ def check_composite(mgr, view, layer: int, rank: int, step: int, num_experts: in
 def pool_bytes_copied(mgr) -> int:
     """Bytes one composite prefetch moves: the fetched bytes that lie on pool pages."""
     from tensorrt_llm_dwdp.dwdp.composite_layout import CompositeRange
+    from tensorrt_llm_dwdp.dwdp.tiers import source_ranges
 
     total = 0
     for dtype, tail in TENSORS.values():
         eb = torch.empty((1,) + tail, dtype=dtype).nbytes
         r = CompositeRange.of(mgr.layout, eb, mgr.page_bytes)
-        total += sum(c.nbytes for c in r.prefetch_copies(mgr.layout))
+        total += sum(c.nbytes for c in r.prefetch_copies(source_ranges(mgr.tier_layout)))
     return total
 
 

@@ -121,3 +121,24 @@ def test_host_tiers_report_store_size_and_hbm(tmp_path, capsys):
     assert "rank 1: owns [3, 8); experts [6, 8) in host memory" in out
     assert "host store (one per group per node, POSIX shm): 464 expert slots" in out
     assert "GiB free in /dev/shm" in out
+
+
+def test_composite_offload_footprint_and_uvm_refused(tmp_path, capsys):
+    path = _yaml(tmp_path, "dwdp_config: {dwdp_size: 2, num_experts_per_worker: 128, "
+                           "num_prefetch_experts: 128, host_experts_per_worker: 32}\n")
+    assert main(["check-config", path, "--model", "deepseek-v3", "--json",
+                 "--expert-view", "composite"]) == 0
+    comp = json.loads(capsys.readouterr().out)["ranks"][0]["composite"]
+    # the own allocations hold the 96 resident experts (+ edges and rounding), the pools the
+    # peer's 128 and the own 32 per buffer, against the multi view's slots of the same bytes
+    assert 0 <= comp["overhead_bytes"] < 0.01 * comp["multi_bytes"]
+    per_layer_own, per_buffer_pool = comp["own_bytes"] / 58, comp["pool_bytes"] / 2
+    assert 0.595 < per_layer_own / per_buffer_pool < 0.605  # 96 / 160 experts
+    uvm = _yaml(tmp_path, "dwdp_config: {dwdp_size: 2, num_experts_per_worker: 128, "
+                          "num_prefetch_experts: 128, host_experts_per_worker: 32, "
+                          "host_offload: uvm, expert_view: multi}\n")
+    assert main(["check-config", uvm, "--num-experts", "256"]) == 0
+    capsys.readouterr()
+    assert main(["check-config", uvm, "--num-experts", "256", "--expert-view", "composite"]) == 1
+    assert "host_offload: uvm does not combine with expert_view: composite" in \
+        capsys.readouterr().err

@@ -10,6 +10,7 @@ mapped a second time (a write to it shows in both buffers' views). After close n
 is mapped or open, and bad input fails clearly, leaving nothing behind.
 """
 import gc
+import glob
 import os
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 
 from _thread_group import _in_threads
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
+from tensorrt_llm_dwdp.dwdp.control import GROUP_PREFIX, SHM_DIR
 from tensorrt_llm_dwdp.dwdp.errors import (DwdpMismatchError, DwdpPeerError,
                                            DwdpRegistrationError, DwdpStateError)
 from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
@@ -54,17 +56,27 @@ def open_fds() -> set:
     return set(os.listdir("/proc/self/fd"))
 
 
+def filled(t: torch.Tensor, layer: int, name_id: int, first: int) -> torch.Tensor:
+    """``t`` holding global experts ``[first, first + len(t))`` of (layer, tensor)."""
+    raw = t.view(torch.uint8).view(t.shape[0], -1)
+    raw.copy_(torch.stack([ramp(layer, name_id, first + i, raw.shape[1])
+                           for i in range(t.shape[0])]))
+    return t
+
+
 def register(mgr: DwdpManager, layers=LAYERS) -> None:
-    w = mgr.layout.num_experts_per_worker
+    """Resident experts in ``allocate`` memory; with offload the last H of the slice as plain
+    host tensors (they go to the host store)."""
+    res, h = mgr.resident_experts, mgr.tier_layout.host_experts
     lo = mgr.layout.owned_range()[0]
     for layer in layers:
-        tensors = {}
+        own, host = {}, {}
         for name_id, (name, (dtype, tail)) in enumerate(TENSORS.items()):
-            t = mgr.allocate((w,) + tail, dtype)
-            raw = t.view(torch.uint8).view(w, -1)
-            raw.copy_(torch.stack([ramp(layer, name_id, lo + i, raw.shape[1]) for i in range(w)]))
-            tensors[name] = t
-        mgr.register_layer(layer, tensors)
+            own[name] = filled(mgr.allocate((res,) + tail, dtype), layer, name_id, lo)
+            if h:
+                host[name] = filled(torch.empty((h,) + tail, dtype=dtype), layer, name_id,
+                                    lo + res)
+        mgr.register_layer(layer, own, host or None)
 
 
 def config(size, w, p, **kw) -> DwdpConfig:
@@ -116,9 +128,53 @@ def run_rank(rank, comm, size, w, p, steps=3, **kw):
         start = mgr.layout.owned_range()[0]
         own[0, :4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
         assert all(v[start, :4].tolist() == [1, 2, 3, 4] for v in views)
-        copied = mgr.stats.bytes_copied
+        stats = mgr.stats
+        key = mgr._host.key if mgr._host is not None else None
         del own, views
-    return copied
+    if key is not None:  # the group's host store and control block are gone
+        assert not glob.glob(f"{SHM_DIR}/{GROUP_PREFIX}{key}_*")
+    return stats, prefetch_bytes(mgr)
+
+
+def prefetch_bytes(mgr: DwdpManager) -> tuple[int, int]:
+    """``(all, from the host store)``: bytes one prefetch of one layer moves (pure layout)."""
+    from tensorrt_llm_dwdp.dwdp.composite_layout import CompositeRange
+    from tensorrt_llm_dwdp.dwdp.tiers import HOST, source_ranges
+
+    total = host = 0
+    sources = source_ranges(mgr.tier_layout)
+    for dtype, tail in TENSORS.values():
+        eb = torch.empty((1,) + tail, dtype=dtype).nbytes
+        r = CompositeRange.of(mgr.layout, eb, mgr.page_bytes, mgr.tier_layout.host_experts)
+        for c in r.prefetch_copies(sources):
+            total += c.nbytes
+            host += c.nbytes if c.source.tier == HOST else 0
+    return total, host
+
+
+@pytest.mark.parametrize("size,w,p,h", [(2, 8, 8, 2), (2, 8, 8, 6), (3, 5, 3, 1), (1, 8, 0, 3)])
+def test_offloaded_own_experts_come_from_the_host_store_onto_pool_pages(size, w, p, h):
+    """Offload of 25% and 75% of W (and odd layouts, one rank): the composite equals one rank
+    holding all experts, the host store supplies the own host experts (and the peer's) every
+    prefetch, and nothing of the group is left in /dev/shm after close (``run_rank``)."""
+    fds = open_fds()
+
+    out = _in_threads(size, lambda r, c: run_rank(r, c, size, w, p, host_experts_per_worker=h))
+    for r in out:
+        assert not isinstance(r, BaseException), repr(r)
+    for st, (per_prefetch, per_prefetch_host) in out:
+        assert per_prefetch_host > 0 and st.bytes_copied == st.prefetches * per_prefetch
+        assert st.host_bytes_copied == st.prefetches * per_prefetch_host
+    gc.collect()
+    assert our_maps() == []
+    assert open_fds() == fds
+
+
+def test_uvm_read_through_is_refused_with_the_composite_view():
+    with pytest.raises(DwdpConfigError, match="host_offload: uvm does not combine with "
+                                              "expert_view: composite"):
+        config(2, 4, 4, host_experts_per_worker=1, host_offload="uvm")
+    config(2, 4, 4, host_offload="uvm")  # no host experts: nothing is read through
 
 
 @pytest.mark.parametrize("size,w,p,page", [(2, 4, 4, PAGE), (2, 5, 3, PAGE), (2, 5, 3, 4 * PAGE),
@@ -128,7 +184,8 @@ def test_views_equal_one_rank_holding_all_experts(size, w, p, page):
     out = _in_threads(size, lambda r, c: run_rank(r, c, size, w, p, view_page_bytes=page))
     for r in out:
         assert not isinstance(r, BaseException), repr(r)
-    assert all(copied > 0 for copied in out)
+    assert all(st.bytes_copied == st.prefetches * per_prefetch > 0
+               for st, (per_prefetch, _) in out)
     gc.collect()
     assert our_maps() == []
     assert open_fds() == fds

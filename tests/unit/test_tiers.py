@@ -1,9 +1,10 @@
 """tiers.py: which tier each expert range comes from, and copies that land every expert right.
 
 The copy test simulates a group in one process: every rank's resident tensor, the host store
-and this rank's buffers are numpy arrays at real addresses, every (tensor, expert) carries a
-unique byte ramp, buffers start poisoned, and the copies run with memmove. Every layout of a
-small grid, every set of down peers and several host-expert counts are checked expert by expert.
+and this rank's buffers (multi-view slots, or composite ranges of 16-byte pages) are numpy
+arrays at real addresses, every (tensor, expert) carries a unique byte ramp, buffers start
+poisoned, and the copies run with memmove. Every layout of a small grid, every set of down peers
+and several host-expert counts are checked expert by expert in both views.
 """
 import ctypes
 import itertools
@@ -12,8 +13,10 @@ import numpy as np
 import pytest
 
 from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
+from tensorrt_llm_dwdp.dwdp.composite_layout import CompositeRange
 from tensorrt_llm_dwdp.dwdp.tiers import (HOST, HOST_LINK, OWN_HOST, PEER, SourceRange,
-                                          TierLayout, source_ranges, tier_copies, writer_range)
+                                          TierLayout, slot_place, source_ranges, tier_copies,
+                                          writer_range)
 
 NAMES = {"a": 5, "b": 12}  # bytes per expert of two tensors (odd sizes: no lucky alignment)
 
@@ -92,7 +95,14 @@ class Memory:
         return a, a.ctypes.data
 
 
-def simulate(lay: ExpertLayout, h: int, down: set[int]) -> None:
+def simulate(lay: ExpertLayout, h: int, down: set[int], view: str = "multi",
+             page: int = 16) -> None:
+    """Run one layer's copies into poisoned buffers of ``view`` and check every expert.
+
+    ``composite``: per name one range of ``CompositeRange.total_bytes`` whose own allocation
+    (``page`` bytes per page) holds the resident own experts at ``data_offset`` and poison
+    elsewhere; the edge copies (the exchange's) then the pool copies (the prefetch's) must make
+    it experts [0, E) byte for byte."""
     tl = TierLayout(lay, h)
     mem = Memory()
     e, p = lay.num_experts, lay.num_prefetch_experts
@@ -108,18 +118,45 @@ def simulate(lay: ExpertLayout, h: int, down: set[int]) -> None:
             first = p * peer
             for k in range(n):
                 t[k * eb:(k + 1) * eb] = ramp(name, first + k, eb)
+    links = [*lay.peers, HOST_LINK]
+    ranges = source_ranges(tl, down)
+
+    def run(place):
+        per_link = tier_copies(lay, ranges, NAMES, place, lambda peer, name: peer_base[(peer, name)],
+                               lambda name: host_base[name], links)
+        for copies in per_link:
+            for dst, src, n in copies:
+                ctypes.memmove(dst, src, n)
+
+    if view == "composite":
+        comp = {}
+        start = lay.owned_range()[0]
+        for name, eb in NAMES.items():
+            r = CompositeRange.of(lay, eb, page, h)
+            a, base = mem.array(r.total_bytes, fill=0xA5)
+            for k in range(tl.resident_experts):
+                a[(start + k) * eb:(start + k + 1) * eb] = ramp(name, start + k, eb)
+            comp[name] = (r, a, base)
+
+        def placer(regions):
+            return lambda rng, name, eb: [
+                (comp[name][2] + d, o, n)
+                for d, o, n in comp[name][0].pieces(rng.first, rng.count, regions(comp[name][0]))]
+
+        run(placer(lambda r: r.edges))
+        run(placer(lambda r: r.pool_regions))
+        for name, eb in NAMES.items():
+            r, a, _ = comp[name]
+            for g in range(e):
+                assert np.array_equal(a[g * eb:(g + 1) * eb], ramp(name, g, eb)), \
+                    (lay, h, down, name, g)
+            assert (a[r.tensor_bytes:] == 0xA5).all()  # padding: never written
+        return
     # poisoned buffers: one per slot and name, sized by the slot's experts
     slots = [(s, f, n) for s, f, n in tl.view_slots() if s is not None]
     buffers = {(s, name): mem.array(n * eb, fill=0xA5) for s, f, n in slots
                for name, eb in NAMES.items()}
-    links = [*lay.peers, HOST_LINK]
-    ranges = source_ranges(tl, down)
-    per_link = tier_copies(lay, ranges, NAMES, lambda slot, name: buffers[(slot, name)][1],
-                           lambda peer, name: peer_base[(peer, name)],
-                           lambda name: host_base[name], links)
-    for link, copies in zip(links, per_link):
-        for dst, src, n in copies:
-            ctypes.memmove(dst, src, n)
+    run(slot_place(lambda slot, name: buffers[(slot, name)][1]))
     for s, f, n in slots:
         for name, eb in NAMES.items():
             buf = buffers[(s, name)][0]
@@ -144,6 +181,7 @@ def test_copies_land_every_expert_from_its_tier(size):
                          if h < lay.num_experts_per_worker}):
             for k in range(len(lay.peers) + 1):
                 for down in itertools.combinations(lay.peers, k):
-                    simulate(lay, h, set(down))
+                    for view in ("multi", "composite"):
+                        simulate(lay, h, set(down), view)
                     checked += 1
     assert checked > 20

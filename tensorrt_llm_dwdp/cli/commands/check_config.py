@@ -14,6 +14,7 @@ free shared and host memory. Exits 1 with the message on a bad file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -61,11 +62,13 @@ def _model_facts(name: str, quant: str) -> tuple[int, int, dict[str, int]]:
     return cfg.num_experts, len(cfg.moe_layer_indices), names
 
 
-def _composite(lay: ExpertLayout, layers: int, names: dict[str, int], page: int) -> dict:
+def _composite(lay: ExpertLayout, layers: int, names: dict[str, int], page: int,
+               host_experts: int = 0) -> dict:
     from tensorrt_llm_dwdp.dwdp.composite_layout import CompositeRange, footprint
 
-    fp = footprint(lay, [names] * layers, page)
-    edges = layers * sum(CompositeRange.of(lay, eb, page).edge_bytes for eb in names.values())
+    fp = footprint(lay, [names] * layers, page, host_experts=host_experts)
+    edges = layers * sum(CompositeRange.of(lay, eb, page, host_experts).edge_bytes
+                         for eb in names.values())
     return {"page_bytes": page, "own_bytes": fp.own_bytes, "edge_bytes": edges,
             "pool_bytes": fp.pool_bytes, "reserved_bytes": fp.reserved_bytes,
             "multi_bytes": fp.multi_own_bytes + fp.multi_buffer_bytes,
@@ -79,7 +82,9 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.model:
         model_e, model_layers, names = _model_facts(args.model, args.quant)
         model_bytes = sum(names.values())
-    view = args.expert_view or config.expert_view
+    if args.expert_view:  # validated as the run would see it (uvm offload is multi only)
+        config = dataclasses.replace(config, expert_view=args.expert_view)
+    view = config.expert_view
     page = args.page_bytes or config.view_page_bytes or DEFAULT_PAGE_BYTES
     if view == "composite":
         from tensorrt_llm_dwdp.dwdp.composite_layout import check_page_bytes
@@ -117,7 +122,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
             entry["bytes"] = slots * expert_bytes
             entry["replicated_bytes"] = layers * num_experts * expert_bytes
         if view == "composite" and names is not None and config.enabled:
-            entry["composite"] = _composite(lay, layers, names, page)
+            entry["composite"] = _composite(lay, layers, names, page, h)
         if h:
             entry["host_experts"] = [lay.owned_range(r)[1] - h, lay.owned_range(r)[1]]
         ranks.append(entry)
