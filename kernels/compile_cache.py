@@ -32,6 +32,7 @@ class CompileCache:
         self._compiled: dict[Hashable, Any] = {}
         self._lock = threading.Lock()
         self.compiles = 0
+        self.compile_seconds = 0.0
 
     def get(self, key: Hashable, compile_fn: Callable[[], Any]) -> Any:
         """The kernel compiled for ``key``; ``compile_fn()`` builds it the first time."""
@@ -40,9 +41,11 @@ class CompileCache:
             if fn is None:
                 start = time.perf_counter()
                 fn = compile_fn()
+                seconds = time.perf_counter() - start
                 self._compiled[key] = fn
                 self.compiles += 1
-                logger.info("compiled %s in %.1f s", key, time.perf_counter() - start)
+                self.compile_seconds += seconds
+                logger.info("compiled %s in %.1f s", key, seconds)
             return fn
 
     def __len__(self) -> int:

@@ -13,6 +13,7 @@ DWDP manager unusable is raised as it is: the caller must stop.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -24,6 +25,7 @@ import torch
 from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
 from tensorrt_llm_dwdp.engine.sampling import Sampler, resolve_seed
 from tensorrt_llm_dwdp.engine.scheduler import SamplingParams, ScheduledStep, Scheduler, Sequence
+from tensorrt_llm_dwdp.moe.backends import compile_stats, distinct_backends
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +77,58 @@ class TokenEvent:
     finish_reason: str | None = None
 
 
+STEP_LOG_LEN = 8192  # step records kept (the newest); the counters cover every step
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step as this rank ran it.
+
+    ``index``: steps recorded before it. ``kind``: ``prefill``, ``decode`` or ``idle`` (an
+    expert-parallel rank joining its group's step with no tokens). ``start``: ``time.time()``
+    when the step's forward began, comparable between processes of one host. ``wall_s``: from
+    then until its outputs were on the host (device synchronised). ``device_s``: CUDA-event
+    time over the same span on the rank's stream (None on a CPU); the events see the GPU's
+    clock, so it includes other processes' time slices on a shared GPU and host stalls
+    between launches alike, and falls short of ``wall_s`` only by host time outside the
+    stream's span (before the first launch reached the GPU, after the last finished).
+    ``compiles`` / ``compile_s``: kernels JIT-compiled inside the step and the seconds it took.
+    """
+
+    index: int
+    kind: str
+    start: float
+    wall_s: float
+    device_s: float | None
+    tokens: int
+    sequences: int
+    compiles: int = 0
+    compile_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class EngineStats:
-    """Counters since the engine started (seconds are wall time with the device synchronised)."""
+    """Counters since the engine started (seconds are wall time with the device synchronised;
+    ``*_device_seconds`` CUDA-event time, 0 on a CPU) and the newest ``STEP_LOG_LEN`` steps.
+    ``idle_*``: steps an expert-parallel rank joined with no tokens (``LockstepEngine``)."""
 
     prefill_steps: int = 0
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
+    prefill_device_seconds: float = 0.0
     decode_steps: int = 0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
-    prefill_latencies: list[float] = field(default_factory=list)
+    decode_device_seconds: float = 0.0
+    idle_steps: int = 0
+    idle_seconds: float = 0.0
+    kernel_compiles: int = 0
+    kernel_compile_seconds: float = 0.0
+    step_count: int = 0   # steps recorded since the start, idle ones included
+    steps: deque = field(default_factory=lambda: deque(maxlen=STEP_LOG_LEN))
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -94,6 +137,66 @@ class EngineStats:
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    def record(self, kind: str, start: float, wall_s: float, device_s: float | None, tokens: int,
+               sequences: int, compiles: int = 0, compile_s: float = 0.0) -> StepRecord:
+        """Count one step and append its record to the log."""
+        if kind == "prefill":
+            self.prefill_steps += 1
+            self.prefill_tokens += tokens
+            self.prefill_seconds += wall_s
+            self.prefill_device_seconds += device_s or 0.0
+        elif kind == "decode":
+            self.decode_steps += 1
+            self.decode_tokens += tokens
+            self.decode_seconds += wall_s
+            self.decode_device_seconds += device_s or 0.0
+        elif kind == "idle":
+            self.idle_steps += 1
+            self.idle_seconds += wall_s
+        else:
+            raise ValueError(f"step kind {kind!r}; one of prefill, decode, idle")
+        self.kernel_compiles += compiles
+        self.kernel_compile_seconds += compile_s
+        rec = StepRecord(self.step_count, kind, start, wall_s, device_s, tokens, sequences,
+                         compiles, compile_s)
+        self.step_count += 1
+        self.steps.append(rec)
+        return rec
+
+    def steps_after(self, index: int) -> list[StepRecord]:
+        """Logged steps with ``index`` greater than ``index`` (-1: every logged step)."""
+        return [r for r in self.steps if r.index > index]
+
+
+class StepClock:
+    """Times one step: host wall clock and, on a GPU, CUDA events on the current stream, plus
+    the kernels ``backends`` (``moe.backends.compile_stats``) compiled meanwhile."""
+
+    def __init__(self, device: torch.device | str, backends: list | tuple = ()) -> None:
+        self.device = torch.device(device)
+        self.backends = backends
+        self.cuda = self.device.type == "cuda"
+
+    def start(self) -> tuple:
+        ev = None
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+        return time.time(), time.perf_counter(), ev, compile_stats(self.backends)
+
+    def stop(self, token: tuple) -> tuple[float, float, float | None, int, float]:
+        """``(start, wall_s, device_s, compiles, compile_s)``; synchronises the device."""
+        start, t0, ev0, (n0, s0) = token
+        device_s = None
+        if self.cuda:
+            ev1 = torch.cuda.Event(enable_timing=True)
+            ev1.record()
+            torch.cuda.synchronize(self.device)
+            device_s = ev0.elapsed_time(ev1) / 1e3
+        wall_s = time.perf_counter() - t0
+        n1, s1 = compile_stats(self.backends)
+        return start, wall_s, device_s, n1 - n0, s1 - s0
 
 
 class Engine:
@@ -126,6 +229,7 @@ class Engine:
                     "chunked)", self.device, self.kv_budget.describe(), max_batch_tokens)
         self.sampler = Sampler(self.device)
         self.stats = EngineStats()
+        self.clock = StepClock(self.device, _backends_of(model))
         self.logits: dict[str, list[torch.Tensor]] = {}
         self._sequences: dict[str, Sequence] = {}
         self._exports: dict[str, KvHandoff] = {}
@@ -170,7 +274,7 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan is None:
             return []
-        start = time.perf_counter()
+        timing = self.clock.start()
         try:
             logits = self._forward_checked(plan)
             emitting = [i for i, e in enumerate(plan.emits) if e]
@@ -184,8 +288,9 @@ class Engine:
         except BaseException as exc:  # KeyboardInterrupt and friends: drop, then let it through
             self._drop_failed(plan, exc)
             raise
-        self._sync()
-        self._account(plan, time.perf_counter() - start)
+        start, wall_s, device_s, compiles, compile_s = self.clock.stop(timing)
+        self.stats.record("prefill" if plan.is_prefill else "decode", start, wall_s, device_s,
+                          plan.num_tokens, len(plan.sequences), compiles, compile_s)
         if self.record_logits:
             cpu = logits.float().cpu()
             for row, i in enumerate(emitting):
@@ -333,19 +438,8 @@ class Engine:
             seq.num_cached = len(seq.prompt_ids)
             seq.output_ids.append(handoff.first_token)
 
-    def _account(self, plan: ScheduledStep, elapsed: float) -> None:
-        s = self.stats
-        num_tokens = plan.num_tokens
-        if plan.is_prefill:
-            s.prefill_steps += 1
-            s.prefill_tokens += num_tokens
-            s.prefill_seconds += elapsed
-            s.prefill_latencies.append(elapsed)
-        else:
-            s.decode_steps += 1
-            s.decode_tokens += num_tokens
-            s.decode_seconds += elapsed
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+def _backends_of(model) -> list:
+    """The distinct MoE backends of ``model`` (none for a model without ``moe_modules``)."""
+    moes = getattr(model, "moe_modules", None)
+    return distinct_backends(moes().values()) if moes is not None else []

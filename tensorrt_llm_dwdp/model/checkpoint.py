@@ -27,6 +27,7 @@ from tensorrt_llm_dwdp.model.expert_convert import Allocator, load_layer_experts
 from tensorrt_llm_dwdp.model.hf_names import detect_quant
 from tensorrt_llm_dwdp.model.moe_block import make_moe
 from tensorrt_llm_dwdp.model.safetensors_io import CheckpointReader
+from tensorrt_llm_dwdp.moe.backends import get_backend
 from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4
 
 logger = logging.getLogger(__name__)
@@ -152,8 +153,11 @@ def load_model(
 
     restoring = dwdp is not None and dwdp.restores_experts
 
+    # One backend object for every MoE layer: a JIT-compiling backend (cutedsl) then compiles
+    # each kernel configuration once per process rather than once per layer.
+    backend = get_backend(moe_backend) if config.moe_layer_indices else moe_backend
     with torch.device("meta"):
-        model = build_model(config, lambda i: make_moe(config, i, moe_backend, dwdp, ep), dtype)
+        model = build_model(config, lambda i: make_moe(config, i, backend, dwdp, ep), dtype)
     model = model.to_empty(device=device)
     with CheckpointReader(path) as reader:
         load_dense_weights(model, reader)

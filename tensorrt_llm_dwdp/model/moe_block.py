@@ -1,6 +1,8 @@
 """A model's MoE layer: routed experts (``ConfigurableMoE``) plus optional shared experts."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -20,9 +22,10 @@ class MoeBlock(nn.Module):
         return y
 
 
-def make_moe(config, layer_idx: int, backend: str = "torch", dwdp=None, ep=None) -> nn.Module:
+def make_moe(config, layer_idx: int, backend: Any = "torch", dwdp=None, ep=None) -> nn.Module:
     """The ``ConfigurableMoE`` of MoE layer ``layer_idx`` of ``config`` (a ``ModelConfig``):
-    DeepSeek-V3 group-limited sigmoid routing or Qwen3 softmax top-k; ``dwdp`` / ``ep`` as in
+    DeepSeek-V3 group-limited sigmoid routing or Qwen3 softmax top-k; ``backend`` a registered
+    name or a backend object (shared by the layers given it); ``dwdp`` / ``ep`` as in
     ``ConfigurableMoE``."""
     from tensorrt_llm_dwdp.moe.configurable_moe import ConfigurableMoE
     from tensorrt_llm_dwdp.moe.router import RouterConfig

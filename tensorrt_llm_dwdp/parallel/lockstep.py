@@ -15,6 +15,10 @@ fails (even a failure the engine isolates to its own requests, ``StepFailed``), 
 group out of step: this rank raises a plain error, so its serving loop stops (``/health``
 503) and every later step raises too, and the peers fail at their next collective within
 ``ep_config.timeout_s``. EP has no per-rank failure isolation; DWDP does.
+
+A step joined idle is recorded in the inner engine's stats (``kind="idle"``, its wall and
+device time): it costs the rank GPU time (its experts run its peers' rows) that no prefill
+step of its own accounts for. ``vote_seconds`` is the time spent in the votes.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import logging
 import time
 from typing import Any
 
+from tensorrt_llm_dwdp.engine.executor import StepClock
+from tensorrt_llm_dwdp.moe.backends import distinct_backends
 from tensorrt_llm_dwdp.parallel.group import ExpertParallelGroup
 
 logger = logging.getLogger(__name__)
@@ -41,7 +47,9 @@ class LockstepEngine:
         self.idle_sleep_s = idle_sleep_s
         self.idle_steps = 0     # steps this rank joined with an empty batch
         self.group_steps = 0    # steps the group ran
+        self.vote_seconds = 0.0  # in the votes that started a group step (the group's sync point)
         self._broken: BaseException | None = None
+        self._clock = StepClock(engine.device, distinct_backends(moes))
 
     # ---- the executor contract, delegated ----------------------------------------------------
     def add_request(self, request: Any) -> None:
@@ -84,9 +92,11 @@ class LockstepEngine:
 
     def _step(self) -> list:
         mine = self.engine.has_work()
+        t0 = time.perf_counter()
         if not self.group.any(mine):
             time.sleep(self.idle_sleep_s)
             return []
+        self.vote_seconds += time.perf_counter() - t0
         self.group_steps += 1
         ep = self.group.ep
         before = ep.calls
@@ -94,8 +104,11 @@ class LockstepEngine:
         ran = ep.calls - before
         if ran == 0:
             self.idle_steps += 1
+            timing = self._clock.start()
             for moe in self.moes:
                 moe.join_idle()
+            start, wall_s, device_s, compiles, compile_s = self._clock.stop(timing)
+            self.engine.stats.record("idle", start, wall_s, device_s, 0, 0, compiles, compile_s)
         elif ran != len(self.moes):
             raise RuntimeError(
                 f"EP rank {ep.rank}: an engine step ran {ran} MoE layer calls, expected 0 or "

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP server of one engine (aggregated, context or generation worker).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming SSE or not),
-``GET /v1/models``, ``GET /health``, ``GET /metrics``, and for disaggregated serving
-``GET|DELETE /v1/kv/{id}``, ``POST /v1/kv/{id}/share`` (see ``kv_transfer``). A request carrying
+``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``GET /engine/steps`` (the engine's step
+log: kind, start, wall and device time, tokens, kernels compiled), and for disaggregated
+serving ``GET|DELETE /v1/kv/{id}``, ``POST /v1/kv/{id}/share`` (see ``kv_transfer``). A request carrying
 ``disaggregated_params.request_type == "context_only"`` stops after prefill and answers with
 the first token and a ``kv_url``; ``generation_only`` pulls that KV (same-node fast path, else
 HTTP) and decodes the rest.
@@ -84,6 +85,7 @@ class OpenAIServer:
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/engine/steps", self.engine_steps)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.kv_routes.add_to(app)
@@ -138,6 +140,23 @@ class OpenAIServer:
         return web.Response(text=self.metrics.render(gauges, dwdp),
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
+
+    async def engine_steps(self, request: web.Request) -> web.Response:
+        """The engine's logged steps (``executor.StepRecord``) after step ``?after=N`` (default
+        -1: all it keeps): ``{"step_count", "steps": [...]}``; benchmarks diff two reads."""
+        try:
+            after = int(request.query.get("after", "-1"))
+        except ValueError:
+            return _json_error(ApiError("after must be an integer step index", param="after"))
+        if self.loop is None or not self.loop.healthy:
+            return _json_error(ApiError("engine is not running", status=503, type="service_unavailable"))
+
+        def read(engine: Any) -> dict[str, Any]:
+            stats = engine.stats
+            return {"step_count": stats.step_count,
+                    "steps": [r.to_dict() for r in stats.steps_after(after)]}
+
+        return web.json_response(await self.loop.call(read))
 
     # ---- generation -----------------------------------------------------------------------------
 
@@ -411,7 +430,14 @@ def _engine_stats(engine: Any) -> tuple[dict[str, float], dict[str, float] | Non
         "engine_decode_steps": float(stats.decode_steps),
         "engine_decode_tokens": float(stats.decode_tokens),
         "engine_decode_seconds": float(stats.decode_seconds),
+        "engine_prefill_device_seconds": float(stats.prefill_device_seconds),
+        "engine_idle_steps": float(stats.idle_steps),
+        "engine_idle_seconds": float(stats.idle_seconds),
+        "engine_kernel_compiles": float(stats.kernel_compiles),
+        "engine_kernel_compile_seconds": float(stats.kernel_compile_seconds),
     }
+    if hasattr(engine, "vote_seconds"):   # expert parallelism: the lockstep votes
+        gauges["engine_lockstep_vote_seconds"] = float(engine.vote_seconds)
     dwdp = engine.dwdp.stats if engine.dwdp is not None else None
     return gauges, (_numeric_fields(dwdp) if dwdp is not None else None)
 

@@ -6,9 +6,10 @@ memory there; the EP group leaves its process group). ``group`` is the DWDP grou
 belongs to (an MPI sub-communicator cut by ``disaggregated_mpi_worker``, or one picked from the
 environment by ``comm.connect``); ``ep_rendezvous`` where the EP group meets (from mpirun, or
 the TCP launch's environment when None). The worker measures its routed experts' memory after
-loading (``model/memory.py``) and shows it on ``/metrics`` as ``expert_memory_bytes``. Its KV
-export pool (``kv_pool.py``, the same-node hand-over of a context server) is sized from the
-engine's KV budget; with an explicit ``kv_transfer_pool_bytes`` it is created at start-up.
+loading (``model/memory.py``) and shows it on ``/metrics`` as ``expert_memory_bytes``, and
+compiles every MoE kernel a step can pick before it serves (``moe.backends.warm_up_backends``).
+Its KV export pool (``kv_pool.py``, the same-node hand-over of a context server) is sized from
+the engine's KV budget; with an explicit ``kv_transfer_pool_bytes`` it is created at start-up.
 """
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = Non
         if manager is not None:
             manager.exchange()  # after every layer registered its experts (load_model's contract)
         expert_bytes = in_use(device) - before - dense_model_bytes(model_config, device)
+        _warm_up_kernels(model)
         if options.kv_transfer_pool_bytes != 0:
             kv_pool = KvExportPool(device, options.kv_transfer_pool_bytes)
         engine = Engine(model, dwdp=manager, max_seqs=options.max_batch_size,
@@ -133,6 +135,21 @@ def _plan_pool(pool: Any, budget: Any) -> None:
             pool.open()
     except (ValueError, PoolUnavailable) as exc:
         raise OptionsError(str(exc)) from exc
+
+
+def _warm_up_kernels(model: Any) -> None:
+    """Compile every MoE kernel a step can pick now, not in the first request that needs it
+    (a JIT-compiling backend would stall that step, and every request queued behind it, for
+    seconds per kernel)."""
+    import time
+
+    from tensorrt_llm_dwdp.moe.backends import warm_up_backends
+
+    start = time.perf_counter()
+    compiled = warm_up_backends(model.moe_modules().values())
+    if compiled:
+        logger.info("MoE kernels: %d compiled before serving in %.1f s", compiled,
+                    time.perf_counter() - start)
 
 
 def _make_ep_group(options: ServeOptions, model_config: Any, device: Any, rendezvous: Any):

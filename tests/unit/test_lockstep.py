@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tensorrt_llm_dwdp.engine.executor import EngineStats
 from tensorrt_llm_dwdp.moe.configurable_moe import ConfigurableMoE
 from tensorrt_llm_dwdp.parallel.lockstep import LockstepEngine
 
@@ -38,7 +39,7 @@ class FakeEngine:
     def __init__(self, ep, layers_per_step, work):
         self.ep, self.layers, self.work = ep, layers_per_step, work
         self.steps = 0
-        self.stats, self.dwdp, self.device = "stats", None, "cpu"
+        self.stats, self.dwdp, self.device = EngineStats(), None, "cpu"
 
     def has_work(self):
         return self.work > 0
@@ -57,12 +58,17 @@ def test_busy_idle_and_quiet_steps():
     group = FakeGroup(votes=[True, True, False])
     engine = FakeEngine(group.ep, layers_per_step=2, work=1)
     lock = LockstepEngine(engine, group, [FakeMoe(group.ep), FakeMoe(group.ep)], idle_sleep_s=0)
-    assert lock.has_work() is True and lock.stats == "stats" and lock.dwdp is None
+    assert lock.has_work() is True and lock.stats is engine.stats and lock.dwdp is None
     assert lock.step() == ["event1"]                  # my work
     assert lock.step() == [] and lock.idle_steps == 1  # a peer's work: joined with an empty batch
     assert group.ep.calls == 4
     assert lock.step() == [] and lock.group_steps == 2  # nobody: no step at all
     assert group.asked == [True, False, False]
+    # the idle join is a step of this rank's (GPU time for its peers' rows): logged as one
+    (idle,) = engine.stats.steps
+    assert idle.kind == "idle" and idle.tokens == 0 and idle.device_s is None and idle.wall_s >= 0
+    assert engine.stats.idle_steps == 1 and engine.stats.step_count == 1
+    assert lock.vote_seconds >= 0
 
 
 def test_a_step_with_a_partial_forward_breaks_lockstep():

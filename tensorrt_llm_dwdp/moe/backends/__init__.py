@@ -72,3 +72,44 @@ def get_backend(name: str) -> MoeBackend:
             f"MoE backend {name!r}: importing {module_name} failed, missing module {exc.name!r}"
         ) from exc
     return module.create_backend()
+
+
+def distinct_backends(moes) -> list:
+    """The distinct backend objects of ``moes`` (``ConfigurableMoE`` layers), in layer order."""
+    out, seen = [], set()
+    for moe in moes:
+        backend = getattr(moe, "backend", None)
+        if backend is not None and id(backend) not in seen:
+            seen.add(id(backend))
+            out.append(backend)
+    return out
+
+
+def warm_up_backends(moes) -> int:
+    """Compile, before any request, every kernel the backends of ``moes`` can pick at run
+    time (backends with a ``warm_up(weights, top_k)``: the JIT-compiled ones), once per
+    backend object and expert shape, over each layer's own expert weights. Returns how many
+    kernels were compiled (0 for backends that compile nothing)."""
+    done, compiled = set(), 0
+    for moe in moes:
+        weights = moe.local_weights
+        warm_up = getattr(moe.backend, "warm_up", None)
+        if warm_up is None or weights is None:
+            continue
+        key = (id(moe.backend), weights.hidden_size, weights.intermediate_size, moe.top_k)
+        if key not in done:
+            done.add(key)
+            compiled += warm_up(weights, moe.top_k)
+    return compiled
+
+
+def compile_stats(backends) -> tuple[int, float]:
+    """(kernels compiled, seconds compiling) summed over ``backends`` (those that compile:
+    a ``compile_stats()`` method); (0, 0.0) when none does."""
+    count, seconds = 0, 0.0
+    for backend in backends:
+        stats = getattr(backend, "compile_stats", None)
+        if stats is not None:
+            n, s = stats()
+            count, seconds = count + n, seconds + s
+    return count, seconds
