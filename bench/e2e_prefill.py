@@ -244,7 +244,7 @@ def run_mode(mode: str, args: argparse.Namespace, ctx: dict[str, Any], points: l
                 continue
             try:
                 rec = run_point(runner, pt, rank=rank, seq_len=args.seq_len, vocab=config.vocab_size,
-                                seed=args.seed, warmup=args.warmup, iters=args.iters)
+                                seed=args.seed, warmup=args.warmup, iters=args.iters, barrier=dist.barrier)
             except Exception as exc:
                 if mode == "ep":
                     raise   # the peer is inside a collective: no clean way on, fail loudly
@@ -258,7 +258,8 @@ def run_mode(mode: str, args: argparse.Namespace, ctx: dict[str, Any], points: l
                 logger.exception("%s %s failed on rank %d", mode, pt.key, rank)
             rec["elapsed_s"] = time.perf_counter() - t0
             recs = gather(rec)
-            out["points"][pt.key] = {"tokens": pt.tokens, "imbalance": pt.imbalance, **aggregate_point(recs)}
+            out["points"][pt.key] = {"tokens": pt.tokens, "imbalance": pt.imbalance,
+                                     **aggregate_point(recs, shared_device=ctx["shared_device"])}
             logger.info("%s %s: %s tok/s per GPU", mode, pt.key,
                         f"{out['points'][pt.key].get('tokens_per_s_per_gpu', float('nan')):.0f}")
             last = (pt.tokens, recs[0]["elapsed_s"] - elapsed)
@@ -349,14 +350,16 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(names)) != 1:
             raise SystemExit(f"ranks chose different MoE backends {names}; pass --moe-backend")
         ep, transport, ep_buffers = None, None, (0, 0)
+        keys = gather(device_key(device))
+        shared_device = len(set(keys)) < len(keys)
         if "ep" in args.modes:
-            keys = gather(device_key(device))
             transport = resolve_transport(args.ep_transport, device, keys)
             capacity = exchange_capacity_bytes(world, max(args.tokens), config.hidden_size, config.top_k)
             before_ep = in_use(device)
             ep = ExpertParallel(make_exchange(transport, device, capacity), e, timer=SpanTimer(device))
             ep_buffers = (in_use(device) - before_ep, ep.exchange.buffer_bytes)
         ctx = {"rank": rank, "world": world, "device": device, "config": config, "backend": backend,
+               "shared_device": shared_device,
                "ep": ep, "dense_bytes": dense_model_bytes(config, device),
                # the EP exchange's buffers (measured, expected) count as EP's, as DWDP's
                # prefetch buffers count as DWDP's
@@ -376,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 "device_name": torch.cuda.get_device_name(device) if use_cuda else platform.processor() or "cpu",
                 "torch": torch.__version__, "modes": args.modes, "tokens": args.tokens,
                 "imbalance": args.imbalance, "dwdp_config": ctx["dwdp_config"].to_dict(),
-                "ep_transport": transport,
+                "ep_transport": transport, "ranks_share_device": shared_device,
                 "peak": peak.to_dict() if peak else None,
                 "memory_resolution_bytes": RESOLUTION_BYTES[in_use(device).source],
             },

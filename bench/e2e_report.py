@@ -7,6 +7,9 @@ Two throughput figures per point, both per GPU:
   leave together, and what EP is by construction (its all-to-all makes ranks wait).
 Goals are reported, never asserted, and they can fail: a point that errored, was skipped (time
 budget) or whose mode did not build counts as missed, and memory is the allocator's reading.
+Ranks sharing a device must have run their timed steps at the same time: a point where they did
+not (``not_comparable``, from each step's start and end on the host clock) gives no ratio and
+counts as missed in the goals.
 """
 from __future__ import annotations
 
@@ -15,12 +18,20 @@ from typing import Any
 MiB = 2 ** 20
 MEMORY_TOLERANCE = 0.03   # measured may differ from the layout's bytes by 3% + the resolution
 RESOLVE_FACTOR = 16       # a figure below 16x the reading's resolution is not judged
+OVERLAP_MIN = 0.8         # ranks sharing a device: the best-covered rank's steps overlapped >= 80%
 
 
-def aggregate_point(records: list[dict[str, Any]]) -> dict[str, Any]:
+def aggregate_point(records: list[dict[str, Any]], shared_device: bool = False) -> dict[str, Any]:
     """Per-point figures over the ranks: ``tokens_per_s_per_gpu`` (own rate) and
     ``lockstep_tokens_per_s_per_gpu`` (module docstring); an error on any rank makes the
-    point an error."""
+    point an error. ``steps_overlap_per_rank``: each rank's share of its timed step time during
+    which another rank was in a timed step (from ``step_spans``); ``steps_overlap`` the
+    largest. With ``shared_device`` (the ranks time-slice one GPU, or CPU cores) a point whose
+    ``steps_overlap`` is under ``OVERLAP_MIN`` is marked ``not_comparable``: some rank had the
+    device to itself, so its step time is not that of the mode with every rank working and
+    no ratio is drawn from it."""
+    from bench.overlap import overlap_fractions
+
     ok = [r for r in records if "error" not in r]
     if len(ok) != len(records):
         return {"ranks": records, "error": "; ".join(r["error"] for r in records if "error" in r)}
@@ -31,6 +42,14 @@ def aggregate_point(records: list[dict[str, Any]]) -> dict[str, Any]:
         "lockstep_tokens_per_s_per_gpu": sum(r["tokens"] for r in ok) / (slowest / 1e3) / len(ok),
         "step_ms_per_rank": [r["step_ms_mean"] for r in ok],
     }
+    if len(ok) > 1 and all("step_spans" in r for r in ok):
+        fractions = overlap_fractions([[tuple(sp) for sp in r["step_spans"]] for r in ok])
+        out["steps_overlap_per_rank"] = fractions
+        out["steps_overlap"] = max((f for f in fractions if f is not None), default=0.0)
+        if shared_device and out["steps_overlap"] < OVERLAP_MIN:
+            out["not_comparable"] = (
+                f"the ranks' timed steps overlapped {out['steps_overlap']:.0%} of the best-covered "
+                f"rank's step time on a device they share (< {OVERLAP_MIN:.0%})")
     if "ep_wait_ms_per_step" in ok[0]:
         out["ep_collective_ms_per_rank"] = [r["ep_wait_ms_per_step"] for r in ok]
         # The counts exchange moves a few bytes: its time is almost all waiting for the peer.
@@ -62,10 +81,15 @@ def point_of(modes: dict[str, Any], mode: str, key: str) -> tuple[dict[str, Any]
 
 
 def _pair(modes: dict, a: str, b: str, key: str) -> tuple[tuple[dict, dict] | None, str | None]:
+    """Both modes' points at ``key``, or why they give no ratio: one did not measure it, or
+    one's ranks did not run at the same time on a device they share (``not_comparable``)."""
     pa, why_a = point_of(modes, a, key)
     pb, why_b = point_of(modes, b, key)
     if pa is None or pb is None:
         return None, "; ".join(w for w in (why_a, why_b) if w)
+    apart = [f"{m} {key}: {p['not_comparable']}" for m, p in ((a, pa), (b, pb)) if "not_comparable" in p]
+    if apart:
+        return None, "not comparable: " + "; ".join(apart)
     return (pa, pb), None
 
 
@@ -180,13 +204,17 @@ def _verdict(goal: dict) -> str:
     return {True: "met", False: "not met", None: "not evaluated"}[goal["met"]]
 
 
-def _figure(modes: dict, mode: str, key: str, figure: str) -> float | None:
-    p, _ = point_of(modes, mode, key)
-    return None if p is None else p[figure]
-
-
 def _div(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def _ratio_cell(modes: dict, a: str, b: str, key: str, figure: str) -> str:
+    """``a / b`` of ``figure`` at ``key``; "not overlapped" where either point is
+    ``not_comparable``, "-" where either is missing."""
+    pair, why = _pair(modes, a, b, key)
+    if pair is None:
+        return "not overlapped" if why and why.startswith("not comparable") else "-"
+    return _fmt(_div(pair[0][figure], pair[1][figure]), ".3f")
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
@@ -211,15 +239,24 @@ def summary_markdown(results: dict[str, Any]) -> str:
                   "| point | " + " | ".join(names) + " | DWDP / replicated | DWDP / EP |",
                   "|---|" + "---|" * (len(names) + 2)]
         for key in point_keys(meta):
-            vals = [_figure(modes, m, key, figure) for m in names]
-            d, r, e = (_figure(modes, m, key, figure) for m in ("dwdp", "replicated", "ep"))
-            cells = [_fmt(v) if v is not None else "missed" for v in vals]
+            cells = []
+            for m in names:
+                p, _ = point_of(modes, m, key)
+                cells.append("missed" if p is None else
+                             _fmt(p[figure]) + (" *" if "not_comparable" in p else ""))
             lines.append(f"| {key} | " + " | ".join(cells)
-                         + f" | {_fmt(_div(d, r), '.3f')} | {_fmt(_div(d, e), '.3f')} |")
+                         + f" | {_ratio_cell(modes, 'dwdp', 'replicated', key, figure)} | "
+                         f"{_ratio_cell(modes, 'dwdp', 'ep', key, figure)} |")
+    apart = [f"{m} {k}" for k in point_keys(meta) for m in names
+             if "not_comparable" in (point_of(modes, m, k)[0] or {})]
+    if apart:
+        lines += ["", f"\\* the ranks' timed steps did not overlap (< {OVERLAP_MIN:.0%} of the "
+                  f"best-covered rank's step time) on a device they share: each rank had it to itself "
+                  f"for part of its steps, so no ratio is drawn ({', '.join(apart)})."]
     lines += ["", "## Step latency per rank (ms), DWDP stall and EP collective time per step (ms)", "",
-              "| point | mode | step ms per rank | DWDP stall / step | DWDP copy / layer | "
-              "EP in collectives (in counts exchange) | routed TFLOP/s (% of peak) |",
-              "|---|---|---|---|---|---|---|"]
+              "| point | mode | step ms per rank | steps overlapped per rank | DWDP stall / step | "
+              "DWDP copy / layer | EP in collectives (in counts exchange) | routed TFLOP/s (% of peak) |",
+              "|---|---|---|---|---|---|---|---|"]
     for key in point_keys(meta):
         for mode in names:
             p, _ = point_of(modes, mode, key)
@@ -229,6 +266,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
             pct = f" ({100 * tf / peak['bf16_tflops']:.1f}%)" if peak else " (no peak known)"
             lines.append(
                 f"| {key} | {mode} | {', '.join(f'{v:.1f}' for v in p['step_ms_per_rank'])} | "
+                f"{', '.join(_fmt(v, '.2f') for v in p.get('steps_overlap_per_rank', [])) or '-'} | "
                 f"{', '.join(f'{v:.2f}' for v in p.get('dwdp_stall_ms_per_step_per_rank', [])) or '-'} | "
                 f"{', '.join(f'{v:.2f}' for v in p.get('dwdp_copy_ms_per_layer_per_rank', [])) or '-'} | "
                 f"{', '.join(f'{v:.1f} ({c:.1f})' for v, c in zip(p.get('ep_collective_ms_per_rank', []), p.get('ep_counts_ms_per_rank', []))) or '-'} | "
@@ -266,6 +304,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
 def _point_text(p: dict, field: str) -> str:
     if "missed" in p:
-        return f"{p['point']}: missed"
+        return f"{p['point']}: " + ("not overlapped" if p["missed"].startswith("not comparable")
+                                    else "missed")
     suffix = "" if p.get("compute_exceeds_copy", True) else " (copy-bound)"
     return f"{p['point']}: x{p[field]:.3f}{suffix}"

@@ -1,14 +1,17 @@
 """One mode's sweep on one rank: requests, timed prefill steps, per-mode counters, timeline.
 
-Every rank runs its own steps; nothing here synchronizes ranks except what the mode itself
-does (EP's all-to-all). Times are device times between CUDA events on a GPU, wall clock with
-the work finished on the CPU.
+Every rank runs its own steps; nothing synchronizes the timed steps except what the mode itself
+does (EP's all-to-all). The ranks meet once per point after their warm-up, so the timed steps
+start together (a rank still compiling kernels in its warm-up once left the other to time its
+steps alone on a shared GPU). Times are device times between CUDA events on a GPU, wall clock
+with the work finished on the CPU; each step's start and end are also kept on the host clock,
+from which the report says whether the ranks' steps overlapped.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -60,22 +63,30 @@ class StepRunner:
         with torch.inference_mode():
             return self.bm.model(ids, batch, self.cache)
 
-    def timed(self, ids: torch.Tensor, batch: BatchInfo, steps: int) -> list[float]:
-        """Milliseconds of each of ``steps`` back-to-back steps."""
+    def timed(self, ids: torch.Tensor, batch: BatchInfo, steps: int
+              ) -> tuple[list[float], list[tuple[float, float]]]:
+        """Milliseconds of each of ``steps`` back-to-back steps, and each step's (start, end)
+        in ``time.time()`` seconds (one clock for every process of a host; on a GPU the
+        events' times placed after a host reading taken as the first event ran)."""
         if self.cuda:
             marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+            torch.cuda.synchronize(self.device)   # the first event runs as soon as it is queued
             marks[0].record()
+            anchor = time.time()
             for i in range(steps):
                 self.step(ids, batch)
                 marks[i + 1].record()
             torch.cuda.synchronize(self.device)
-            return [marks[i].elapsed_time(marks[i + 1]) for i in range(steps)]
-        out = []
+            at = [anchor + marks[0].elapsed_time(m) / 1e3 for m in marks]
+            return ([marks[i].elapsed_time(marks[i + 1]) for i in range(steps)],
+                    [(at[i], at[i + 1]) for i in range(steps)])
+        out, spans = [], []
         for _ in range(steps):
-            t0 = time.perf_counter()
+            t0, w0 = time.perf_counter(), time.time()
             self.step(ids, batch)
             out.append((time.perf_counter() - t0) * 1e3)
-        return out
+            spans.append((w0, w0 + out[-1] / 1e3))
+        return out, spans
 
 
 def _layer_totals(stats: Any) -> dict[int, tuple[float, float, int]]:
@@ -83,32 +94,40 @@ def _layer_totals(stats: Any) -> dict[int, tuple[float, float, int]]:
 
 
 def run_point(runner: StepRunner, point: Point, *, rank: int, seq_len: int, vocab: int,
-              seed: int, warmup: int, iters: int) -> dict[str, Any]:
-    """Warm up, then time ``iters`` steps; returns this rank's record of the point."""
+              seed: int, warmup: int, iters: int, barrier: Callable[[], None] | None = None
+              ) -> dict[str, Any]:
+    """Warm up, wait at ``barrier`` (every rank's warm-up done, kernels it compiled included,
+    so the ranks' timed steps start together), then time ``iters`` steps; returns this
+    rank's record of the point, each timed step's (start, end) on the host clock included."""
     bm = runner.bm
     tokens = point.tokens_of(rank)
     ids, batch = make_batch(tokens, seq_len, vocab, seed, rank, runner.device)
-    for _ in range(warmup):
-        runner.step(ids, batch)
     timer: SpanTimer | None = bm.ep.timer if bm.ep is not None else None
-    if timer is not None:
-        timer.reset()
     before = None
-    if bm.manager is not None:
-        # Land the warm-up's copies first so their times are not counted in the timed window.
-        bm.manager.synchronize()
-        if runner.cuda:
-            torch.cuda.synchronize(runner.device)
-        before = _layer_totals(bm.manager.stats)
-    lat = runner.timed(ids, batch, iters)
+    try:
+        for _ in range(warmup):
+            runner.step(ids, batch)
+        if timer is not None:
+            timer.reset()
+        if bm.manager is not None:
+            # Land the warm-up's copies first so their times are not counted in the timed window.
+            bm.manager.synchronize()
+            if runner.cuda:
+                torch.cuda.synchronize(runner.device)
+            before = _layer_totals(bm.manager.stats)
+    finally:   # a rank whose warm-up failed still meets the others (then raises)
+        if barrier is not None:
+            barrier()
+    lat, spans = runner.timed(ids, batch, iters)
     rec: dict[str, Any] = {
         "rank": rank, "tokens": tokens, "num_seqs": batch.num_seqs, "step_ms": lat,
+        "step_spans": spans,
         "step_ms_mean": sum(lat) / len(lat),
         "tokens_per_s": tokens / (sum(lat) / len(lat) / 1e3),
     }
     if timer is not None:
-        spans = timer.totals_ms()
-        rec["ep_collective_ms_per_step"] = {k: spans.get(k, 0.0) / iters for k in EP_SPANS}
+        totals = timer.totals_ms()
+        rec["ep_collective_ms_per_step"] = {k: totals.get(k, 0.0) / iters for k in EP_SPANS}
         rec["ep_wait_ms_per_step"] = sum(rec["ep_collective_ms_per_step"].values())
     if before is not None:
         # Land the copies queued at the end of the window (the next step's first layers) on

@@ -65,7 +65,7 @@ EOF
       tests/unit/test_sampling.py & pids+=($!)
   stage tests_tiers 200 "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu/test_tiers_gpu.py & pids+=($!)
   stage tests_compare 200 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/gpu/test_expert_parallel_gpu.py \
-      tests/unit/test_permute.py tests/unit/test_moe_torch_ref.py & pids+=($!)
+      tests/gpu/test_moe_warmup_gpu.py tests/unit/test_permute.py tests/unit/test_moe_torch_ref.py & pids+=($!)
   wait "${pids[@]}"
   wait "$ckpt"; echo "checkpoints exit $? at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/stages.txt"
   for f in tests_views tests_serving tests_tiers tests_compare; do tail -n 1 "$OUT/$f.log"; done
@@ -75,7 +75,8 @@ EOF
   stage serve_compare "$left" "$PY" bench/serve_compare.py --out "$OUT/compare/serve" --ranks 2 \
       --model "$DSV3" --gen-model "$GEN" --moe-backend cutedsl --num-prompts 24 --concurrency 8 \
       --max-num-tokens 8192 --max-batch-size 8 --start-timeout 120
-  cat "$OUT/compare/serve/summary.md" 2>/dev/null; rm -rf "$OUT/compare/serve/work"
+  cat "$OUT/compare/serve/summary.md" 2>/dev/null
+  rm -rf "$OUT/compare/serve/work/tiny-ckpt"   # the servers' logs (kernel compiles) stay in work/<mode>/
   # The per-step sweep with 8K-token prompts (own rate and lockstep).
   stage e2e_prefill 100 "${TWO_RANKS[@]}" "$PY" bench/e2e_prefill.py --out "$OUT/compare/e2e" --preset deepseek-v3 \
       --num-moe-layers 4 --tokens 8192,16384 --prompt-length 8192 --iters 2 --time-budget-s 70 --moe-backend cutedsl

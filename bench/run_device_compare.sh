@@ -6,10 +6,13 @@
 #   1. GPU tests: the CuTeDSL backend with empty (-1) slots; ExpertParallel on 2 ranks against
 #      one rank holding all experts (torch and cutedsl backends; cuda_ipc, and nccl on 2 GPUs);
 #      the EP serving mode (LockstepEngine, idle ranks joining) against the replicated model;
+#      the CuTeDSL warm-up (no step compiles a kernel after it);
 #   2. bench/serve_compare.py: one request stream (lognormal ~8K tokens, 10% at 32K) through the
 #      router to a context group of 2 ranks in each mode (DWDP, EP, replicated) on a
 #      DeepSeek-V3-shaped NVFP4 checkpoint (1 dense + 2 MoE layers, 256 experts, written in the
-#      background during step 1); tokens/s per GPU, TTFT p50/p99, measured expert memory;
+#      background during step 1); tokens/s per GPU, TTFT p50/p99, measured expert memory; per
+#      rank steps, tokens per step, busy (wall, CUDA events), kernels compiled in the stream,
+#      overlap of the ranks' steps;
 #   3. bench/e2e_prefill.py: the synthetic per-step sweep with the reports that can fail (own
 #      rate AND lockstep, memory from the allocator, missed points); DeepSeek-V3 slice, in the
 #      time left.
@@ -73,7 +76,7 @@ ckpt_pid=$!
 # 1. GPU tests (CPU dry run: their CPU twins).
 if [ "$NGPU" -gt 0 ]; then
   step gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_expert_parallel_gpu.py \
-      tests/unit/test_permute.py tests/unit/test_moe_torch_ref.py
+      tests/gpu/test_moe_warmup_gpu.py tests/unit/test_permute.py tests/unit/test_moe_torch_ref.py
 else
   step gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/multirank/test_expert_parallel_ranks.py \
       tests/multirank/test_ep_serving.py

@@ -19,7 +19,13 @@ load is a closed loop (``--concurrency``) or Poisson arrivals (``--request-rate`
 
 Per mode: total prefill tokens/s per GPU (prompt tokens of completed requests / wall time of
 the stream / GPUs holding the ranks), TTFT p50/p99, each rank's expert memory as it measured it
-(allocator or RSS, ``/metrics`` ``expert_memory_bytes``), the prompt tokens each rank took.
+(allocator or RSS, ``/metrics`` ``expert_memory_bytes``), the prompt tokens each rank took, and
+from each server's step log (``/engine/steps``, the stream's steps only) what each rank did:
+steps (an EP rank's idle joins apart), tokens per step, busy seconds (wall and CUDA-event) and
+busy / the stream's wall time, kernels JIT-compiled inside steps (a warning beside every figure
+of the mode: the warm-up missed them), and how much the ranks' steps overlapped, with prefill
+tokens per busy second of steps that ran alone and beside another rank's (``step_figures``):
+on one GPU shared by the ranks, that is what contention costs.
 Writes ``serve_compare.json``, ``summary.md`` and ``serve_compare.png`` under ``--out``.
 
     python bench/serve_compare.py --model CKPT --ranks 2 --out $OUT/compare --moe-backend cutedsl
@@ -114,6 +120,70 @@ def scrape(url: str, timeout_s: float = 30.0) -> dict[str, float]:
     return out
 
 
+def fetch_steps(url: str, after: int = -1, timeout_s: float = 30.0) -> dict[str, Any]:
+    """``GET /engine/steps?after=N`` of one server: ``{"step_count", "steps": [StepRecord]}``."""
+    with urllib.request.urlopen(f"{url.rstrip('/')}/engine/steps?after={after}", timeout=timeout_s) as resp:
+        return json.loads(resp.read().decode())
+
+
+# Tokens-per-step buckets (upper bounds): small steps are where a JIT backend picks new kernels.
+STEP_TOKEN_BOUNDS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def _intervals(records: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    return [(r["start"], r["start"] + r["wall_s"]) for r in records]
+
+
+def step_figures(per_rank: list[list[dict[str, Any]]], duration_s: float) -> list[dict[str, Any]]:
+    """Each rank's steps during the stream (``StepRecord`` dicts from ``/engine/steps``), summed:
+    steps by kind; tokens per prefill step (min / p50 / mean / max and counts per bucket);
+    busy seconds (every step's wall time, an EP rank's idle joins included), device seconds
+    (CUDA events, None on CPUs) and busy / the stream's wall time; kernels compiled inside
+    steps; ``overlap``: the share of the rank's busy time during which another rank was in a
+    step too (on a GPU the ranks share, the time they contend for it); prefill tokens per
+    busy second of steps that ran mostly alone (< half of the step overlapped) and mostly
+    overlapped: on a shared, time-sliced GPU the second is about half the first, on GPUs of
+    their own about equal."""
+    from bench.overlap import overlap_per_step
+
+    out = []
+    for recs, covered in zip(per_rank, overlap_per_step([_intervals(recs) for recs in per_rank])):
+        prefill = [r for r in recs if r["kind"] == "prefill"]
+        tokens = sorted(r["tokens"] for r in prefill)
+        busy = sum(r["wall_s"] for r in recs)
+        devices = [r["device_s"] for r in recs]
+        solo = [(r, c) for r, c in zip(recs, covered) if r["kind"] == "prefill" and c < r["wall_s"] / 2]
+        shared = [(r, c) for r, c in zip(recs, covered) if r["kind"] == "prefill" and c >= r["wall_s"] / 2]
+        buckets: dict[str, int] = {}
+        for t in tokens:
+            bound = next((b for b in STEP_TOKEN_BOUNDS if t <= b), None)
+            key = f"<={bound}" if bound else f">{STEP_TOKEN_BOUNDS[-1]}"
+            buckets[key] = buckets.get(key, 0) + 1
+        out.append({
+            "steps": {k: sum(1 for r in recs if r["kind"] == k) for k in ("prefill", "decode", "idle")},
+            "tokens_per_step": ({"min": tokens[0], "p50": tokens[len(tokens) // 2],
+                                 "mean": sum(tokens) / len(tokens), "max": tokens[-1]} if tokens else None),
+            "tokens_per_step_counts": buckets,
+            "prefill_tokens": sum(tokens),
+            "busy_s": busy,
+            "device_s": None if not recs or None in devices else sum(devices),
+            "busy_fraction": busy / duration_s if duration_s else None,
+            "kernel_compiles": sum(r.get("compiles", 0) for r in recs),
+            "kernel_compile_s": sum(r.get("compile_s", 0.0) for r in recs),
+            "overlap": sum(covered) / busy if busy else None,
+            "solo_prefill_tokens_per_s": _rate(r for r, _ in solo),
+            "overlapped_prefill_tokens_per_s": _rate(r for r, _ in shared),
+            "solo_prefill_steps": len(solo), "overlapped_prefill_steps": len(shared),
+        })
+    return out
+
+
+def _rate(records) -> float | None:
+    recs = list(records)
+    seconds = sum(r["wall_s"] for r in recs)
+    return sum(r["tokens"] for r in recs) / seconds if seconds else None
+
+
 def load_args(args: argparse.Namespace, url: str) -> argparse.Namespace:
     """``serve_load``'s arguments for one run against ``url`` (streaming, greedy)."""
     return serve_load.parse_args(["--url", url, "--timeout", str(args.request_timeout),
@@ -141,9 +211,11 @@ def run_mode(mode: str, args: argparse.Namespace, specs: list, warm: list, num_e
         if warm:
             asyncio.run(serve_load.run_load(la, warm, rate=math.inf, concurrency=len(warm), seed=args.seed))
         before = [scrape(u) for u in cluster.context_urls]
+        marks = [fetch_steps(u, after=1 << 62)["step_count"] - 1 for u in cluster.context_urls]
         results, duration = asyncio.run(serve_load.run_load(
             la, specs, rate=args.request_rate, concurrency=args.concurrency, seed=args.seed))
         after = [scrape(u) for u in cluster.context_urls]
+        logged = [fetch_steps(u, after=m) for u, m in zip(cluster.context_urls, marks)]
         summary = serve_load.summarize(la, results, duration, rate=args.request_rate,
                                        concurrency=args.concurrency)
         summary["start_s"] = start_s
@@ -152,6 +224,11 @@ def run_mode(mode: str, args: argparse.Namespace, specs: list, warm: list, num_e
                                               for a, b in zip(after, before)]
         summary["prefill_busy_s_per_rank"] = [a.get("engine_prefill_seconds", 0) - b.get("engine_prefill_seconds", 0)
                                               for a, b in zip(after, before)]
+        records = [entry["steps"] for entry in logged]
+        summary["step_records_complete"] = all(
+            entry["step_count"] - 1 - m == len(recs) for entry, m, recs in zip(logged, marks, records))
+        summary["steps_per_rank"] = step_figures(records, duration)
+        summary["step_records_per_rank"] = records
         return summary
     finally:
         cluster.stop()
@@ -177,6 +254,16 @@ def _mode_figures(run: dict[str, Any], gpus: int) -> dict[str, Any]:
     }
     if run["errors"]:
         figures["missed"] = f"{run['errors']} request(s) failed: {run.get('error_samples')}"
+    steps = run.get("steps_per_rank")
+    if steps:
+        figures["busy_fraction_per_rank"] = [r["busy_fraction"] for r in steps]
+        figures["overlap_per_rank"] = [r["overlap"] for r in steps]
+        compiles = sum(r["kernel_compiles"] for r in steps)
+        if compiles:   # a measurement flaw, not the mode's speed: said beside every figure
+            figures["warnings"] = [
+                f"{compiles} kernel(s) JIT-compiled inside the timed stream "
+                f"({sum(r['kernel_compile_s'] for r in steps):.1f} s of steps): the warm-up did not "
+                f"compile everything the stream used"]
     return figures
 
 
@@ -191,7 +278,9 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
         if "missed" in d or "missed" in o:
             out["ratios"][f"dwdp_vs_{other}"] = {"missed": d.get("missed") or o.get("missed")}
             continue
+        warnings = d.get("warnings", []) + o.get("warnings", [])
         out["ratios"][f"dwdp_vs_{other}"] = {
+            **({"warnings": warnings} if warnings else {}),
             "throughput": _ratio(d["prefill_tokens_per_s_per_gpu"], o["prefill_tokens_per_s_per_gpu"]),
             "ttft_p50": _ratio(d["ttft_p50_ms"], o["ttft_p50_ms"]),
             "ttft_p99": _ratio(d["ttft_p99_ms"], o["ttft_p99_ms"]),
@@ -236,9 +325,40 @@ def summary_markdown(report: dict[str, Any]) -> str:
         if "missed" in r:
             lines.append(f"| {key[8:]} | missed: {r['missed'][:100]} | | | |")
             continue
-        lines.append(f"| {key[8:]} | x{_fmt(r['throughput'], '.3f')} | x{_fmt(r['ttft_p50'], '.3f')} | "
+        flag = " (see warnings)" if r.get("warnings") else ""
+        lines.append(f"| {key[8:]} | x{_fmt(r['throughput'], '.3f')}{flag} | x{_fmt(r['ttft_p50'], '.3f')} | "
                      f"x{_fmt(r['ttft_p99'], '.3f')} | x{_fmt(r['expert_memory'], '.3f')} |")
+    lines += _steps_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def _steps_markdown(report: dict[str, Any]) -> list[str]:
+    """The per-rank step table (``step_figures``) and any warnings."""
+    rows = [(mode, i, r) for mode, run in report["modes"].items()
+            for i, r in enumerate(run.get("steps_per_rank") or [])]
+    if not rows:
+        return []
+    lines = ["", "Steps during the stream, per rank (`/engine/steps`). Busy: the steps' wall time "
+             "(EP: idle joins included); device: CUDA-event time over the same steps (it counts "
+             "other processes' slices on a shared GPU too, so it does not separate contention); "
+             "overlap: share of the busy time another rank was also in a step; solo / overlapped: "
+             "prefill tokens per busy second in steps less / more than half overlapped.", "",
+             "| mode | rank | prefill steps (idle) | tokens per step min / p50 / max | busy s (device s) "
+             "| busy / wall | overlap | solo / overlapped tok/s | kernels compiled (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for mode, i, r in rows:
+        tps = r["tokens_per_step"] or {}
+        dev = "" if r["device_s"] is None else f" ({r['device_s']:.2f})"
+        lines.append(
+            f"| {mode} | {i} | {r['steps']['prefill']} ({r['steps']['idle']}) | "
+            f"{tps.get('min', '-')} / {tps.get('p50', '-')} / {tps.get('max', '-')} | "
+            f"{r['busy_s']:.2f}{dev} | {_fmt(r['busy_fraction'], '.2f')} | {_fmt(r['overlap'], '.2f')} | "
+            f"{_fmt(r['solo_prefill_tokens_per_s'])} / {_fmt(r['overlapped_prefill_tokens_per_s'])} | "
+            f"{r['kernel_compiles']} ({r['kernel_compile_s']:.1f}) |")
+    for mode, f in report["comparison"]["modes"].items():
+        for w in f.get("warnings", []):
+            lines.append(f"\n**{mode}: {w}.**")
+    return lines
 
 
 def _fmt(v: float | None, spec: str = ".0f") -> str:

@@ -133,3 +133,35 @@ def test_summary_without_peak_says_so():
     r["meta"]["peak"] = None
     r["goals"] = goals(r, LAYERS)
     assert "no peak known" in summary_markdown(r)
+
+
+def _spans(start, step_ms, n=2):
+    return [(start + i * step_ms / 1e3, start + (i + 1) * step_ms / 1e3) for i in range(n)]
+
+
+def test_ranks_that_did_not_overlap_on_a_shared_device_give_no_ratio():
+    # equal/8192 of the one-H200 run: rank 1 compiled kernels in its warm-up while rank 0
+    # timed both steps alone, then rank 1 timed its steps alone (213 ms each, not 445).
+    apart = [_dwdp(0, 8192, 213.0), _dwdp(1, 8192, 213.0)]
+    apart[0]["step_spans"], apart[1]["step_spans"] = _spans(100.0, 213.0), _spans(103.5, 213.0)
+    p = aggregate_point(apart, shared_device=True)
+    assert p["steps_overlap_per_rank"] == [0.0, 0.0] and "not_comparable" in p
+    assert "not_comparable" not in aggregate_point(apart, shared_device=False)   # GPUs of their own
+    together = [_rank(0, 8192, 445.0), _rank(1, 8192, 445.0)]
+    together[0]["step_spans"], together[1]["step_spans"] = _spans(200.0, 445.0), _spans(200.01, 445.0)
+    q = aggregate_point(together, shared_device=True)
+    assert q["steps_overlap"] == pytest.approx(1.0, abs=0.02) and "not_comparable" not in q
+    # 4x: the light rank finishes first; every one of its steps ran beside the heavy rank's
+    light = [_rank(0, 8192, 213.0), _rank(1, 2048, 100.0)]
+    light[0]["step_spans"], light[1]["step_spans"] = _spans(300.0, 213.0), _spans(300.0, 100.0)
+    assert "not_comparable" not in aggregate_point(light, shared_device=True)
+
+    r = _results()
+    r["modes"]["dwdp"]["points"]["equal/1000"].update(p)   # DWDP's equal point ran apart
+    g = goals(r, LAYERS)
+    near = g["dwdp_within_5pct_of_replicated"]
+    assert near["met"] is False and near["points"][0]["missed"].startswith("not comparable")
+    r["goals"] = g
+    text = summary_markdown(r)
+    row = next(line for line in text.splitlines() if line.startswith("| equal/1000 |"))
+    assert "not overlapped" in row and " *" in row and "dwdp equal/1000" in text

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from bench.serve_compare import compare, sample_lengths, summary_markdown
+from bench.serve_compare import compare, sample_lengths, step_figures, summary_markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,6 +64,32 @@ def test_failed_mode_or_request_is_missed():
     assert "out of memory" in summary_markdown(r)
 
 
+def _step(kind, start, wall, tokens, compiles=0, device=None):
+    return {"index": 0, "kind": kind, "start": start, "wall_s": wall, "device_s": device,
+            "tokens": tokens, "sequences": 1, "compiles": compiles, "compile_s": 2.0 * compiles}
+
+
+def test_step_figures_overlap_solo_and_compiles():
+    # rank 0: a 1 s step alone, then a 1 s step beside rank 1's; rank 1 compiled in its step
+    r0 = [_step("prefill", 0.0, 1.0, 8000), _step("prefill", 2.0, 1.0, 4000)]
+    r1 = [_step("prefill", 2.0, 1.0, 200, compiles=2), _step("idle", 3.0, 0.5, 0)]
+    f0, f1 = step_figures([r0, r1], duration_s=4.0)
+    assert f0["steps"] == {"prefill": 2, "decode": 0, "idle": 0} and f1["steps"]["idle"] == 1
+    assert f0["tokens_per_step"] == {"min": 4000, "p50": 8000, "mean": 6000, "max": 8000}
+    assert f0["tokens_per_step_counts"] == {"<=4096": 1, "<=8192": 1}
+    assert f0["busy_s"] == 2.0 and f0["busy_fraction"] == 0.5 and f0["device_s"] is None
+    assert f0["overlap"] == pytest.approx(0.5) and f1["overlap"] == pytest.approx(1.0 / 1.5)
+    assert f0["solo_prefill_tokens_per_s"] == 8000 and f0["overlapped_prefill_tokens_per_s"] == 4000
+    assert f1["kernel_compiles"] == 2 and f1["kernel_compile_s"] == 4.0
+    run = {**_run(20000, 100, 400, 6.0), "steps_per_rank": [f0, f1]}
+    r = _report({"dwdp": run, "ep": _run(16000, 120, 800, 4.5)})
+    d = r["comparison"]["modes"]["dwdp"]
+    assert "2 kernel(s) JIT-compiled" in d["warnings"][0] and "missed" not in d
+    assert r["comparison"]["ratios"]["dwdp_vs_ep"]["warnings"] == d["warnings"]
+    text = summary_markdown(r)
+    assert "(see warnings)" in text and "| dwdp | 1 | 1 (1) | 200 / 200 / 200 |" in text
+
+
 @pytest.mark.multirank
 def test_smoke_all_modes_on_cpu(tmp_path):
     if shutil.which("mpirun") is None:
@@ -82,5 +108,11 @@ def test_smoke_all_modes_on_cpu(tmp_path):
         assert len(f["expert_memory_gib_per_rank"]) == 2 and None not in f["expert_memory_gib_per_rank"]
         run = report["modes"][mode]
         assert sum(run["prefill_tokens_per_rank"]) >= report["meta"]["total_prompt_tokens"]
+        # the servers' step logs cover the stream exactly: every prompt token in a logged step
+        assert run["step_records_complete"] is True
+        steps = run["steps_per_rank"]
+        assert [s["prefill_tokens"] for s in steps] == run["prefill_tokens_per_rank"]
+        assert all(s["kernel_compiles"] == 0 and 0 < s["busy_fraction"] <= 1 for s in steps)
+        assert all(s["steps"]["idle"] == 0 for s in steps) or mode == "ep"
     assert all(not math.isnan(v["throughput"]) for v in report["comparison"]["ratios"].values())
     assert (out / "serve_compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
