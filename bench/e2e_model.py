@@ -193,6 +193,12 @@ def build_bench_model(mode: str, config: ModelConfig, *, device: torch.device, b
         resident += manager.buffer_bytes
         lay = manager.layout
         predicted = (n_layers * lay.num_experts_per_worker + lay.buffered_experts) * per_expert
+        if manager.expert_view == "composite":  # plus its page rounding and edges
+            from tensorrt_llm_dwdp.dwdp.composite_layout import footprint
+
+            names = {n: t[0].numel() * t.element_size() for n, t in locals_[moe_layers[0]].items()}
+            fp = footprint(lay, [names] * n_layers, manager.page_bytes)
+            predicted = fp.own_bytes + fp.pool_bytes
     elif mode == "replicated":
         predicted = n_layers * e * per_expert
     else:

@@ -101,6 +101,15 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def view_keys(args, offload: str = "prefetch") -> dict:
+    """The ``expert_view`` key for a DwdpConfig: ``--expert-view`` if given, else dwdp_config's
+    default (composite); UVM read-through is multi only (managed memory cannot be mapped into
+    a composite range), so ``uvm`` always runs the multi view."""
+    if offload == "uvm":
+        return {"expert_view": "multi"}
+    return {"expert_view": args.expert_view} if args.expert_view else {}
+
+
 def make_backend(name: str):
     """One backend object for every layer and mode (its compiled-kernel cache is shared)."""
     from tensorrt_llm_dwdp.moe.backends import get_backend
@@ -194,11 +203,13 @@ def cmd_h2d(args) -> dict:
     e, n_layers, note = fit(args.preset, args.experts, args.layers, 1)
     h = min(args.host_experts, e - 1)
     config = bench_config(args.preset, n_layers, 1024)
-    dconf = DwdpConfig(dwdp_size=1, host_experts_per_worker=h, contention_opt=args.contention_opt)
+    dconf = DwdpConfig(dwdp_size=1, host_experts_per_worker=h, contention_opt=args.contention_opt,
+                       **view_keys(args))
     mgr = DwdpManager(dconf, e, LocalComm(), device)
     result = {"what": "h2d", "device": device_name(device), "experts": e,
               "layers": n_layers, "host_experts": h, "expert_bytes": expert_nbytes(config),
-              "contention_opt": args.contention_opt, "note": note}
+              "expert_view": dconf.expert_view, "contention_opt": args.contention_opt,
+              "note": note}
     try:
         build_layers(mgr, config, e, make_backend("torch"), device, 0, e, h)
         mgr.exchange()
@@ -288,8 +299,10 @@ def cmd_offload(args) -> dict:
             mgr = None
             try:
                 if mode != "resident":
-                    mgr = DwdpManager(DwdpConfig(dwdp_size=1, host_experts_per_worker=h,
-                                                 host_offload=mode), e, LocalComm(), device)
+                    dconf = DwdpConfig(dwdp_size=1, host_experts_per_worker=h,
+                                       host_offload=mode, **view_keys(args, mode))
+                    mgr = DwdpManager(dconf, e, LocalComm(), device)
+                    result.setdefault("expert_view", {})[mode] = dconf.expert_view
                 layers = build_layers(mgr, config, e, backend_obj, device, 0, e,
                                       h if mgr is not None else 0)
                 if mgr is not None:
@@ -379,10 +392,12 @@ def cmd_failover(args) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "failover-rank", "--work", args.work,
             "--experts", str(e), "--layers", str(n_layers), "--tokens", str(args.tokens[0]),
             "--kill-at", str(args.kill_at), "--after", str(args.after), "--preset", args.preset,
-            "--backend", args.backend, "--timeout", str(args.timeout), "--device", args.device]
+            "--backend", args.backend, "--timeout", str(args.timeout), "--device", args.device,
+            *(["--expert-view", args.expert_view] if args.expert_view else [])]
     res = launch(3, argv, launcher="tcp", timeout_s=args.timeout + 20, survivors=True,
                  expect_killed=(1,))
     result = {"what": "failover", "experts": e, "layers": n_layers, "tokens": args.tokens[0],
+              "expert_view": args.expert_view or "default",
               "idle_at_step": args.kill_at, "note": note, "returncodes": list(res.returncodes),
               "launch_ok": res.ok, "shm_cleaned": list(res.cleaned)}
     kill = _read_ns(args.work, "kill_ns")
@@ -433,8 +448,9 @@ def cmd_failover_rank(args) -> dict:
     backend = pick_backend(args.backend, device)
     dconf = DwdpConfig(dwdp_size=3, num_experts_per_worker=w, num_prefetch_experts=w,
                        host_backup=True, peer_timeout_s=args.timeout, heartbeat_interval_s=0.2,
-                       peer_dead_after_s=30.0)
-    report = {"rank": rank, "device": str(device), "backend": backend, "steps": []}
+                       peer_dead_after_s=30.0, **view_keys(args))
+    report = {"rank": rank, "device": str(device), "backend": backend,
+              "expert_view": dconf.expert_view, "steps": []}
     with DwdpManager.from_environment(dconf, e, device) as mgr:
         layers = build_layers(mgr, config, e, make_backend(backend), device, w * rank, w)
         mgr.exchange()
@@ -500,6 +516,9 @@ def main() -> int:
                     default=[1024, 2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--backend", default="auto", help="auto (cutedsl if available), torch, cutedsl")
     ap.add_argument("--contention-opt", action="store_true")
+    ap.add_argument("--expert-view", default=None, choices=["multi", "composite"],
+                    help="weight view (default: dwdp_config's, composite); offload's uvm mode "
+                    "always runs multi")
     ap.add_argument("--kill-at", type=int, default=6,
                     help="failover: the step at which rank 1 goes idle (it dies --after steps later)")
     ap.add_argument("--after", type=int, default=4,

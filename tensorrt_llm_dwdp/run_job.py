@@ -216,11 +216,14 @@ def read_rank_report(path: str) -> RankReport:
 
 def partition_config(num_experts: int, ranks: int, experts_per_worker: int | None = None,
                      prefetch_experts: int | None = None, *, contention_opt: bool = False,
-                     **tiers):
+                     expert_view: str | None = None, **tiers):
     """A DwdpConfig for ``ranks`` ranks; by default a disjoint partition (W = P = E / ranks).
-    ``tiers``: host tier keys (``host_backup``, ``host_experts_per_worker``, ``host_offload``)."""
+    ``expert_view``: None for dwdp_config's default; ``tiers``: host tier keys
+    (``host_backup``, ``host_experts_per_worker``, ``host_offload``)."""
     from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
 
+    if expert_view is not None:
+        tiers["expert_view"] = expert_view
     if ranks == 1:
         return DwdpConfig(dwdp_size=1, **tiers)
     w = experts_per_worker

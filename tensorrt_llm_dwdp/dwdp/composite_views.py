@@ -189,8 +189,12 @@ class CompositeViews:
 
     @property
     def buffer_bytes(self) -> int:
-        """Physical bytes of both pools."""
-        return NUM_BUFFERS * self.pool_bytes
+        """Physical bytes beyond the resident own experts: both pools, plus the own allocations'
+        edges and page rounding (other experts' bytes kept there)."""
+        res = self.tiers.resident_experts
+        extra = sum(r.allocation_bytes - res * r.expert_bytes
+                    for ranges in self.ranges for r in ranges.values())
+        return NUM_BUFFERS * self.pool_bytes + extra
 
     def fill_(self, byte: int) -> None:
         """Fill both pools with ``byte`` (edges and own experts are untouched)."""

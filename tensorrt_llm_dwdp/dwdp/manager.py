@@ -213,7 +213,9 @@ class DwdpManager:
 
     @property
     def buffer_bytes(self) -> int:
-        """Bytes held by the prefetch buffers or pools (0 before exchange or with one rank)."""
+        """Bytes held beyond the registered tensors: the prefetch buffers (multi), or the pools
+        plus the own allocations' edges and page rounding (composite); 0 before exchange or with
+        one rank."""
         if self._composite is not None:
             return self._composite.buffer_bytes
         return self._buffers.total_bytes if self._buffers is not None else 0

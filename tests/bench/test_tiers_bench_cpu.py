@@ -27,6 +27,14 @@ def _run(tmp_path, *args):
 
 def test_h2d_and_offload_dry_run(tmp_path):
     h2d = _run(tmp_path, "h2d", "--experts", "16", "--host-experts", "6", "--layers", "3")
+    # composite (the default): the H experts' bytes on pool pages; the part sharing the own
+    # allocation's last page (at most a 4 KiB page per tensor, 6 NVFP4 tensors) is an edge,
+    # copied once at the exchange
+    assert h2d["expert_view"] == "composite" and h2d["prefetch_gbps"] > 0
+    assert 6 * h2d["expert_bytes"] - 6 * 4096 <= h2d["prefetch_bytes_per_layer"] \
+        <= 6 * h2d["expert_bytes"]
+    h2d = _run(tmp_path, "h2d", "--experts", "16", "--host-experts", "6", "--layers", "3",
+               "--expert-view", "multi")
     assert h2d["prefetch_gbps"] > 0 and h2d["prefetch_bytes_per_layer"] == 6 * h2d["expert_bytes"]
     off = _run(tmp_path, "offload", "--experts", "16", "--host-experts", "6", "--layers", "3",
                "--tokens", "32", "96", "--iters", "1")

@@ -3,12 +3,13 @@
 - the host store pinned with cudaHostRegister feeds the copy engine H2D (per-copy
   cudaMemcpyAsync and the batched cudaMemcpyBatchAsync), byte for byte; managed memory
   (host_offload: uvm) holds the store's bytes and a kernel reads them in place;
-- the multi-rank cases of tests/multirank/test_tiers_multirank.py with CUDA IPC: a rank
+- the multi-rank cases of tests/multirank/test_tiers_multirank.py with CUDA IPC (the multi
+  view, pinned: the composite view's failover is tested on CPU): a rank
   SIGKILLed during prefetch and during compute (the survivors' retried step is exact), a
   restarted rank rejoining, a corrupt store detected;
 - the main job on the GPU: the issue's failover command, and offload (prefetch at 25% in the
-  composite view, UVM read-through at 75% of each rank's own experts in the multi view) bitwise
-  equal to one rank holding all experts.
+  composite view on DeepSeek-V3-Lite shapes, UVM read-through at 75% of each rank's own experts
+  in the multi view) bitwise equal to one rank holding all experts.
 """
 import json
 import os
@@ -78,15 +79,15 @@ def test_host_store_h2d_copies_and_managed_read_through():
 
 @pytest.mark.parametrize("kill_at", ["prefetch", "compute"])
 def test_failover_cuda_ipc(group_factory, kill_at):  # noqa: F811
-    failover_case(group_factory, kill_at, "--device", "cuda")
+    failover_case(group_factory, kill_at, "--device", "cuda", "--view", "multi")
 
 
 def test_rejoin_cuda_ipc(group_factory):  # noqa: F811
-    rejoin_case(group_factory, "--device", "cuda")
+    rejoin_case(group_factory, "--device", "cuda", "--view", "multi")
 
 
 def test_corrupt_store_cuda_ipc(group_factory):  # noqa: F811
-    corrupt_case(group_factory, "--device", "cuda")
+    corrupt_case(group_factory, "--device", "cuda", "--view", "multi")
 
 
 def _run(tmp_path, *extra):
@@ -109,11 +110,19 @@ def test_main_job_failover_cuda(tmp_path):
         assert f"DWDP rank {r}: failover: peer 1 is down" in proc.stdout
 
 
-@pytest.mark.parametrize("mode, host_experts, view", [("prefetch", 2, "composite"),
-                                                     ("uvm", 6, "multi")])
-def test_main_job_offload_cuda(tmp_path, mode, host_experts, view):
+# The composite case needs experts larger than the tiny preset's: with 2 MiB pages a tiny
+# model's whole [E, ...] tensor fits the own allocation's pages (every expert an edge, copied
+# once at the exchange: no prefetch to test). DeepSeek-V3-Lite shapes, one MoE layer:
+# 32 own experts of 4.9 MB, 8 of them (25%) from the host store.
+LITE = ("--preset", "deepseek-v3-lite", "--num-layers", "2", "--dense-layers", "1",
+        "--vocab-size", "1024")
+
+
+@pytest.mark.parametrize("mode, host_experts, view, model", [
+    ("prefetch", 8, "composite", LITE), ("uvm", 6, "multi", ())])
+def test_main_job_offload_cuda(tmp_path, mode, host_experts, view, model):
     _, summary = _run(tmp_path, "--ranks", "2", "--host-experts-per-worker", str(host_experts),
-                      "--host-offload", mode, "--expert-view", view)
+                      "--host-offload", mode, "--expert-view", view, *model)
     assert summary["dwdp_config"]["host_offload"] == mode
     assert summary["dwdp_config"]["expert_view"] == view
     for r in summary["ranks"]:

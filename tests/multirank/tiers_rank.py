@@ -1,4 +1,5 @@
-"""One rank of the host-tier multi-rank tests: real processes, a real SIGKILL, CPU shm.
+"""One rank of the host-tier multi-rank tests: real processes, a real SIGKILL, CPU memory
+(memfd pages under the composite view, the default; shm under ``--view multi``).
 
 Launched by tests/multirank/test_tiers_multirank.py (and, with ``--device cuda``, by
 tests/gpu/test_tiers_gpu.py: CUDA IPC, ranks may share one GPU) as plain processes meeting
@@ -30,7 +31,7 @@ import time
 
 import torch
 
-from dwdp_rank import LAYERS, TENSORS, expected
+from dwdp_rank import LAYERS, TENSORS, expected, page_tensors
 
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
 from tensorrt_llm_dwdp.dwdp.errors import DwdpError, DwdpStepRetry
@@ -132,9 +133,10 @@ def survive(mgr: DwdpManager, e: int, until, extra_steps: int = 3) -> int:
 def run(args) -> str:
     size = args.size
     e = args.w + (size - 1) * args.p
+    view = {"expert_view": args.view} if args.view else {}  # default: the config's
     config = DwdpConfig(dwdp_size=size, num_experts_per_worker=args.w, num_prefetch_experts=args.p,
                         peer_timeout_s=WAIT_S, host_backup=True, heartbeat_interval_s=0.2,
-                        peer_dead_after_s=30.0)
+                        peer_dead_after_s=30.0, **view)
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["TRTLLM_DWDP_RANK"]) % torch.cuda.device_count())
@@ -211,7 +213,14 @@ def main() -> int:
     ap.add_argument("--w", type=int, default=4)
     ap.add_argument("--p", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--view", default=None, choices=["multi", "composite"],
+                    help="expert view (default: dwdp_config's default)")
+    ap.add_argument("--page-size", type=int, default=4096,
+                    help="experts sized on and around this many bytes, so the composite view's "
+                    "pool pages (and not only its edges) carry a dead peer's experts")
     args = ap.parse_args()
+    TENSORS.clear()
+    TENSORS.update(page_tensors(args.page_size))
     rank = int(os.environ["TRTLLM_DWDP_RANK"])
     try:
         result = run(args)

@@ -16,7 +16,7 @@ EXPECTED = {
     "deepseek_v3_dwdp8.yaml": (256, 8, 32, 32),
     "synthetic_tiny_dwdp2.yaml": (16, 2, 8, 8),
     "synthetic_tiny_dwdp2_redundant.yaml": (16, 2, 10, 6),
-    "synthetic_tiny_dwdp2_composite.yaml": (16, 2, 8, 8),
+    "synthetic_tiny_dwdp2_multi.yaml": (16, 2, 8, 8),
 }
 
 

@@ -53,6 +53,7 @@ def our_maps() -> list:
 
 
 def open_fds() -> set:
+    gc.collect()  # objects of earlier tests waiting for the collector close their fds first
     return set(os.listdir("/proc/self/fd"))
 
 
@@ -212,7 +213,7 @@ def _single():
 def test_composite_weights_needs_the_composite_view():
     def body(rank, comm):
         cfg = DwdpConfig(dwdp_size=2, num_experts_per_worker=2, num_prefetch_experts=2,
-                         peer_timeout_s=20)
+                         peer_timeout_s=20, expert_view="multi")
         with DwdpManager(cfg, 4, comm, "cpu") as mgr:
             mgr.register_layer(0, {"w": mgr.allocate((2, 8), torch.uint8)})
             mgr.exchange()

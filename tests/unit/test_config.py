@@ -42,6 +42,7 @@ def test_defaults_and_missing_section(tmp_path):
     assert not cfg.enabled
     assert cfg.prefetch_slice_bytes == 2 * 1024 * 1024 and cfg.peer_timeout_s == 60.0
     assert cfg.experts_per_worker(32) == 32
+    assert cfg.expert_view == "composite"  # measured no slower than multi (README)
     empty = DwdpConfig.from_yaml(_write(tmp_path, ""))
     assert empty == DwdpConfig()
 

@@ -38,8 +38,8 @@ def _register_all(mgr, layers, w):
         mgr.register_layer(layer, tensors)
 
 
-def _check_view(view, layer, e):
-    for name_id, name in enumerate(NAMES):
+def _check_view(view, layer, e, names=NAMES):
+    for name_id, name in enumerate(names):
         whole = torch.cat([x.view(torch.uint8).reshape(x.shape[0], -1) for x in view[name]])
         assert whole.shape[0] == e
         for g in range(e):
@@ -59,8 +59,11 @@ def _config(s, w, p, **kw):
     (4, 2, 1, (0, 1, 2, 3), False),
 ])
 def test_views_exact_over_steps(s, w, p, layers, contention):
+    """The multi view: own tensors in place, one buffer per peer, shm names (the composite view
+    of the same protocol: test_composite_views.py)."""
     e = w + (s - 1) * p
-    config = _config(s, w, p, contention_opt=contention, prefetch_slice_bytes=5)
+    config = _config(s, w, p, contention_opt=contention, prefetch_slice_bytes=5,
+                     expert_view="multi")
 
     def rank_fn(r, comm):
         with DwdpManager(config, e, comm, "cpu") as mgr:
@@ -203,8 +206,12 @@ def test_mismatched_dtype_layers_and_num_experts():
         assert "layer 0 tensor 'w' has dtype torch.int8 but rank 0 has torch.uint8" in str(res)
 
 
-def test_registration_error_reaches_peer_without_timeout():
-    config = _config(2, 2, 1, peer_timeout_s=30.0)
+@pytest.mark.parametrize("view, message", [
+    ("composite", "not in memory the composite view can map twice: allocate expert weights "
+                  "with DwdpManager.allocate(shape, dtype)"),
+    ("multi", "not in shared memory")])
+def test_registration_error_reaches_peer_without_timeout(view, message):
+    config = _config(2, 2, 1, peer_timeout_s=30.0, expert_view=view)
 
     def rank_fn(r, comm):
         start = time.monotonic()
@@ -217,7 +224,7 @@ def test_registration_error_reaches_peer_without_timeout():
             return exc, time.monotonic() - start
 
     (e0, t0), (e1, t1) = _in_threads(2, rank_fn)
-    assert isinstance(e0, DwdpRegistrationError) and "not in shared memory" in str(e0)
+    assert isinstance(e0, DwdpRegistrationError) and message in str(e0)
     assert isinstance(e1, DwdpPeerError) and "rank 0 failed before the handle exchange" in str(e1)
     assert max(t0, t1) < 10
 
@@ -348,7 +355,7 @@ def test_close_in_with_block_does_not_mask_error():
 
 
 def test_peer_gone_before_close_fails_close_in_time_after_cleanup():
-    config = _config(2, 2, 1, peer_timeout_s=0.5)
+    config = _config(2, 2, 1, peer_timeout_s=0.5, expert_view="multi")  # checks shm names
 
     def rank_fn(r, comm):
         mgr = DwdpManager(config, 3, comm, "cpu")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from _thread_group import _in_threads
-from test_manager_protocol import NAMES, _check_view, _expert_bytes
+from test_manager_protocol import _check_view, _expert_bytes
 
 from tensorrt_llm_dwdp.comm.local import LocalComm
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
@@ -23,6 +23,11 @@ from tensorrt_llm_dwdp.dwdp.liveness import ProcIdentity
 from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 
 LAYERS = (2, 5, 7)
+# whole pages per expert: in the composite view (the default) every fetched byte then lies on
+# pool pages, so each prefetch reads the whole ranges as in the multi view (no edges)
+NAMES = {"w3_w1_weight": (torch.uint8, (2, 4096)), "w3_w1_weight_scale": (torch.float8_e4m3fn,
+                                                                           (4096,)),
+         "fc31_alpha": (torch.float32, (1024,)), "w2_bias": (torch.bfloat16, (2048,))}
 
 
 def _tensors(mgr, layer, first, n, alloc):
@@ -50,7 +55,7 @@ def _step(mgr, e, retry_expected=False):
     """One step over every layer with every view checked; returns whether it was retried."""
     mgr.start_step()
     for layer in LAYERS:
-        _check_view(mgr.weights(layer), layer, e)
+        _check_view(mgr.weights(layer), layer, e, NAMES)
         mgr.done(layer)
     try:
         mgr.end_step()
@@ -120,18 +125,19 @@ def test_offload_one_rank_prefetches_its_host_experts():
     assert not _files(key)
 
 
-@pytest.mark.parametrize("h", [0, 2])
-def test_failover_retries_the_step_and_serves_from_the_host_store(h):
+@pytest.mark.parametrize("h, view", [(0, "composite"), (2, "composite"), (2, "multi")])
+def test_failover_retries_the_step_and_serves_from_the_host_store(h, view):
     s, w, p = 3, 5, 3
     e = w + (s - 1) * p
-    mgrs = _group(s, _config(s, w, p, host_experts_per_worker=h), e)
+    mgrs = _group(s, _config(s, w, p, host_experts_per_worker=h, expert_view=view), e)
+    assert mgrs[0].expert_view == view
     survivors = [mgrs[0], mgrs[2]]
     key = mgrs[0]._host.key
     for m in mgrs:
         assert not _step(m, e)
     mgrs[0].start_step()  # the peer dies while rank 0 computes (its copies already landed)
     for layer in LAYERS[:1]:
-        _check_view(mgrs[0].weights(layer), layer, e)
+        _check_view(mgrs[0].weights(layer), layer, e, NAMES)
         mgrs[0].done(layer)
     _kill(mgrs[1])
     for layer in LAYERS[1:]:

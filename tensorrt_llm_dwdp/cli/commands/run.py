@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     dw.add_argument("--expert-view", choices=["multi", "composite"], default=None,
                     help="weights a MoE layer reads: multi (S tensors per parameter) or "
                     "composite (one [E, ...] tensor through virtual-memory mapping) "
-                    "(default: the --dwdp-config file's, else multi)")
+                    "(default: the --dwdp-config file's, else composite; --host-offload uvm "
+                    "needs multi)")
     tier = p.add_argument_group("host tiers (docs/TIERS.md)")
     tier.add_argument("--host-backup", action="store_true",
                       help="keep one copy of the group's experts in host memory (POSIX shm): "
@@ -129,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
                                   args.prefetch_experts, contention_opt=args.contention_opt,
                                   host_backup=args.host_backup,
                                   host_experts_per_worker=args.host_experts_per_worker,
-                                  host_offload=args.host_offload)
+                                  host_offload=args.host_offload, expert_view=args.expert_view)
     if args.expert_view is not None:
         config = dataclasses.replace(config, expert_view=args.expert_view)
     config.check_num_experts(num_experts)
