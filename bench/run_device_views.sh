@@ -10,9 +10,10 @@
 #                        over two allocations, an allocation mapped twice, POSIX-fd export/import
 #                        over the unix socket); two processes with composite views on 2 MiB pages
 #                        (sizes around 2 MiB, poisoned pools, per-peer and batched copies, a lost
-#                        descriptor server); the main job (DeepSeek-V3-Lite shapes, 3 MoE layers)
-#                        with --expert-view composite: cutedsl and torch-grouped each bitwise equal
-#                        to one rank holding all experts, and cutedsl composite == multi, bitwise
+#                        descriptor server); the main job (DeepSeek-V3-Lite shapes, 1 dense + 1
+#                        MoE layer) with --expert-view composite: torch-grouped then cutedsl, each
+#                        bitwise equal to one rank holding all experts, and cutedsl composite ==
+#                        multi, bitwise
 #   expert_views.json    bench/expert_views.py, DeepSeek-V3 NVFP4 layers (E 256, H 7168, I 2048,
 #                        W=P=128, 3 layers, 4096 tokens/rank, top-8, 1 warm-up + 3 timed steps):
 #                        per backend a reference

@@ -47,13 +47,19 @@ DEFAULT_CHUNK_EXPERTS = 8
 
 def dequantize_bf16(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """NVFP4 ``packed [..., K/2]`` with e4m3 ``scale [..., K/16]`` to exact bf16 ``[..., K]``
-    (no global scale); bf16 throughout, which is exact for e2m1 * e4m3."""
+    (no global scale); bf16 throughout, which is exact for e2m1 * e4m3.
+
+    One ``index_select`` through a 256-entry table whose int32 entry is a byte's two bf16
+    values (low nibble first), then the scale multiplied in place: per packed byte 4 bytes of
+    int32 index, 4 of decoded pair, one read-modify-write of them (advanced indexing with an
+    int64 index and a separate product moved about twice that; 1.7x slower on the CPU)."""
     values = torch.tensor(E2M1_VALUES, dtype=torch.bfloat16, device=packed.device)
     codes = torch.arange(256, device=packed.device)
     pairs = torch.stack((values[codes & 0xF], values[codes >> 4]), dim=-1)  # byte -> (lo, hi)
     k = packed.shape[-1] * 2
-    decoded = pairs[packed.long()].reshape(*packed.shape[:-1], k // 16, 16)
-    return (decoded * scale.to(torch.bfloat16).unsqueeze(-1)).reshape(*packed.shape[:-1], k)
+    decoded = pairs.view(torch.int32).view(256).index_select(0, packed.reshape(-1).int())
+    out = decoded.view(torch.bfloat16).view(*packed.shape[:-1], k // 16, 16)
+    return out.mul_(scale.to(torch.bfloat16).unsqueeze(-1)).view(*packed.shape[:-1], k)
 
 
 def grouped_mm(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
