@@ -482,8 +482,13 @@ def cmd_failover_rank(args) -> dict:
                                     "retries": retries, "phase": phase})
             if phase == "idle":
                 idle_steps += 1
-                if rank == 0 and idle_steps == args.after:
-                    _raise_flag(args.work, "die")
+                if idle_steps == args.after:
+                    _raise_flag(args.work, f"timed_idle{rank}")
+            # rank 1 dies once both survivors timed --after steps with it idle (a survivor that
+            # started late would otherwise have no idle phase to compare with)
+            if rank == 0 and _read_ns(args.work, "die") is None and all(
+                    _read_ns(args.work, f"timed_idle{r}") is not None for r in (0, 2)):
+                _raise_flag(args.work, "die")
             if failover_n is None and mgr.stats.failovers:
                 failover_n = n
             if failover_n is not None and n >= failover_n + args.after:

@@ -1,4 +1,5 @@
-"""The DWDP runtime: config, expert layout, the manager and its copy engine, prefetch buffers,
-the composite views (layout, ranges, virtual-memory mapping), agreement checks, stats and
-errors. Device and communication code enters through ``manager``, ``copy_engine``,
-``composite_views`` and ``vmm``; the rest (``composite_layout`` included) is pure."""
+"""The DWDP runtime: config, expert layout, the manager and what it is made of (registration,
+the group exchange, the prefetch runtime, the per-step protocol), the copy engine, prefetch
+buffers, the composite views (layout, ranges, virtual-memory mapping), host tiers, agreement
+checks, stats and errors. Pure arithmetic, tested exhaustively on the CPU: ``config``,
+``layout``, ``composite_layout``, ``copy_plan``, ``tiers``, ``agreement``."""

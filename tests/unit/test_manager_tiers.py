@@ -98,6 +98,17 @@ def _kill(mgr):
             t.view(torch.uint8).fill_(0xFF)
 
 
+def _bury(mgr):
+    """A dead rank closes nothing; release here what the OS would at its exit (its mappings and
+    memory), so the later tests of this process do not see them."""
+    mgr._closed = True
+    if mgr._runtime is not None:
+        mgr._runtime.close()
+    mgr._transport.close()
+    mgr._host.store.close()
+    mgr._host.control.close()
+
+
 def _files(key):
     return glob.glob(f"{SHM_DIR}/{GROUP_PREFIX}{key}_*")
 
@@ -159,7 +170,7 @@ def test_failover_retries_the_step_and_serves_from_the_host_store(h, view):
     assert "seen at end_step" in mgrs[0].tier_events[0].message
     assert "seen at start_step" in mgrs[2].tier_events[0].message
     _close(survivors)
-    mgrs[1]._closed = True  # a dead rank closes nothing
+    _bury(mgrs[1])
     assert not _files(key)
 
 
@@ -175,7 +186,7 @@ def test_corrupt_backup_is_detected_at_failover():
         mgrs[0].start_step()  # and it stays broken
     mgrs[0].abort_step()
     mgrs[0].close()
-    mgrs[1]._closed = True
+    _bury(mgrs[1])
 
 
 def _rejoin(config, e, key, rank, survivors):
@@ -206,7 +217,7 @@ def test_a_peer_that_restarted_before_the_survivors_noticed_is_failed_over_then_
         assert [ev.kind for ev in m.tier_events] == ["failover", "rejoin"]
     assert not _step(new, e)
     _close([mgrs[0], mgrs[2], new])
-    mgrs[1]._closed = True
+    _bury(mgrs[1])
 
 
 def test_rejoin_restores_from_the_store_and_moves_back_to_peer_memory():
@@ -245,7 +256,7 @@ def test_rejoin_restores_from_the_store_and_moves_back_to_peer_memory():
     for m in (mgrs[0], mgrs[2], new):
         assert not _step(m, e)
     _close([mgrs[0], mgrs[2], new])
-    mgrs[1]._closed = True
+    _bury(mgrs[1])
     assert not _files(key)
 
 
