@@ -4,7 +4,11 @@
 # - unbuffered Python output; PY is the interpreter (PYTHON overrides);
 # - the CUTLASS DSL (nvidia-cutlass-dsl) from carried wheels when it does not import yet: WHEEL_DIR,
 #   else .whl/ of this checkout or of the checkout a stage copy (.stage/NAME) lives in;
-# - this checkout first on PYTHONPATH, so its package and kernels are the ones that run.
+# - this checkout first on PYTHONPATH, so its package and kernels are the ones that run;
+# - two helpers a script may use (or define its own after sourcing this): ``timed_stage SECONDS
+#   LOG cmd...`` (one stage under a timeout, output in $OUT/LOG, exit code and seconds
+#   appended to $OUT/stages.txt) and ``two_ranks cmd...`` (two ranks under mpirun, else over
+#   the TCP rendezvous; exported for bash -c).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 if ! "$PY" -c "import cutlass" >/dev/null 2>&1; then
@@ -17,3 +21,26 @@ if ! "$PY" -c "import cutlass" >/dev/null 2>&1; then
   done
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+timed_stage() {
+  local secs=$1 log=$2; shift 2
+  local t0=$(date +%s)
+  timeout -k 5 "$secs" "$@" > "$OUT/$log" 2>&1
+  local rc=$?
+  echo "$log exit $rc seconds $(( $(date +%s) - t0 ))" | tee -a "$OUT/stages.txt"
+}
+
+two_ranks() {
+  if command -v mpirun >/dev/null 2>&1; then
+    mpirun --allow-run-as-root --oversubscribe -np 2 "$@"
+  else
+    local port=$(( 20000 + RANDOM % 20000 )) pids=() rc=0
+    for r in 0 1; do
+      TRTLLM_DWDP_RANK=$r TRTLLM_DWDP_MASTER_ADDR=127.0.0.1 TRTLLM_DWDP_MASTER_PORT=$port "$@" &
+      pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+    return $rc
+  fi
+}
+export -f two_ranks

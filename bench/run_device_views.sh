@@ -31,31 +31,8 @@ OUT="${OUT:-$ROOT/device_out}/views"
 mkdir -p "$OUT"
 . bench/device_env.sh
 
-stage() {  # stage SECONDS LOG cmd...: one stage under a timeout, output teed to $OUT/LOG
-  local secs=$1 log=$2; shift 2
-  local t0=$(date +%s)
-  timeout "$secs" "$@" > "$OUT/$log" 2>&1
-  local rc=$?
-  echo "$log exit $rc seconds $(( $(date +%s) - t0 ))" | tee -a "$OUT/stages.txt"
-}
-
-two_ranks() {  # two_ranks cmd...: two ranks under mpirun, else over the TCP rendezvous
-  if command -v mpirun >/dev/null 2>&1; then
-    mpirun --allow-run-as-root --oversubscribe -np 2 "$@"
-  else
-    local port=$(( 20000 + RANDOM % 20000 )) pids=() rc=0
-    for r in 0 1; do
-      TRTLLM_DWDP_RANK=$r TRTLLM_DWDP_MASTER_ADDR=127.0.0.1 TRTLLM_DWDP_MASTER_PORT=$port "$@" &
-      pids+=($!)
-    done
-    for p in "${pids[@]}"; do wait "$p" || rc=$?; done
-    return $rc
-  fi
-}
-export -f two_ranks
-
 : > "$OUT/stages.txt"
-stage 25 env.txt bash -c '
+timed_stage 25 env.txt bash -c '
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   command -v mpirun || echo "no mpirun: TCP rendezvous"
   '"$PY"' -c "
@@ -70,13 +47,13 @@ print(\"vmm granularity minimum\", v.minimum_granularity, \"recommended\", v.gra
 print(\"torch._grouped_mm\", hasattr(torch, \"_grouped_mm\"))
 "'
 
-stage 150 tests.txt "$PY" -m pytest -q -rs --durations=8 -p no:cacheprovider \
+timed_stage 150 tests.txt "$PY" -m pytest -q -rs --durations=8 -p no:cacheprovider \
   tests/gpu/test_composite_views_gpu.py
 
-stage 80 expert_views_log.txt bash -c "two_ranks $PY bench/expert_views.py \
+timed_stage 80 expert_views_log.txt bash -c "two_ranks $PY bench/expert_views.py \
   --backends cutedsl,torch-grouped --layers 3 --warmup 1 --steps 3 --timeout 50 --out $OUT/expert_views.json"
 
-stage 45 prefetch_views_log.txt bash -c "two_ranks $PY bench/prefetch_bandwidth.py \
+timed_stage 45 prefetch_views_log.txt bash -c "two_ranks $PY bench/prefetch_bandwidth.py \
   --expert-view both --contention-opt off --layers 2 --steps 3 --timeout 35 \
   --out $OUT/prefetch_views.json"
 
