@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -38,6 +37,11 @@ from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 from tensorrt_llm_dwdp.moe.backends import get_backend
 from tensorrt_llm_dwdp.moe.specs import expert_specs
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from bench.json_out import emit  # noqa: E402
 
 
 def full_layer(layer: int, args, device: torch.device) -> dict[str, torch.Tensor]:
@@ -246,11 +250,7 @@ def main() -> int:
         with group(args) as comm:
             report["backends"][name] = comm.allgather(result, args.timeout, f"{name} results")
     if rank == 0:
-        text = json.dumps(report, indent=1, default=str)
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(text + "\n")
+        emit(report, args.out)
     return 0
 
 

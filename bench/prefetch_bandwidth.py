@@ -20,7 +20,6 @@ time with copies / compute alone - 1) is reported beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,6 +33,11 @@ from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 from tensorrt_llm_dwdp.dwdp.stats import DwdpStats
 from tensorrt_llm_dwdp.moe.specs import NVFP4, expert_nbytes, expert_specs
 from tensorrt_llm_dwdp.transport.cuda_ipc import CudaIpcTransport, check, cuda_bindings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from bench.json_out import emit  # noqa: E402
 
 HIDDEN, INTER = 7168, 2048  # DeepSeek-V3's expert
 SPECS = expert_specs(NVFP4, HIDDEN, INTER)
@@ -247,11 +251,7 @@ def main() -> int:
             "results": results,
         }
         out.update(summarize(results, raw_all))
-        text = json.dumps(out, indent=2)
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(text + "\n")
+        emit(out, args.out)
     return 0
 
 

@@ -40,6 +40,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench.e2e_model import bench_config, expert_nbytes, expert_shapes, fill_experts  # noqa: E402
+from bench.json_out import emit  # noqa: E402
 
 SEED = 1234
 
@@ -180,16 +181,6 @@ def forward(layers, mgr, x: torch.Tensor) -> tuple[torch.Tensor, int]:
 def tokens(num: int, hidden: int, device: torch.device, seed: int) -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(seed)
     return (torch.randn(num, hidden, generator=g, device=device) * 0.5).to(torch.bfloat16)
-
-
-def emit(result: dict, out: str, quiet: bool = False) -> None:
-    text = json.dumps(result, indent=1)
-    if not quiet:
-        print(text, flush=True)
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            f.write(text)
 
 
 # ---------------------------------------------------------------------------------- h2d
