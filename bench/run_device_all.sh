@@ -38,11 +38,7 @@ GEN="$WORK/tiny-gen"                     # its (unused) generation server's mode
 DSV3_2L="$WORK/dsv3-L2-V1024"            # the KV hand-over TTFT model
 
 if [ "${PHASE:-1}" = 1 ]; then
-  {
-    date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
-    "$PY" -c 'import torch; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version(), "gpus", torch.cuda.device_count())'
-    "$PY" -c 'from tensorrt_llm_dwdp.moe.backends import get_backend; get_backend("cutedsl"); print("cutedsl ok")' 2>&1 | tail -1
-  } > "$OUT/env.log" 2>&1
+  "$PY" bench/device_report.py > "$OUT/env.log" 2>&1
   : > "$OUT/stages.txt"
   ( "$PY" - "$DSV3" "$GEN" <<'EOF'
 import os, sys

@@ -38,8 +38,7 @@ if [ -z "$BACKEND" ]; then
       >/dev/null 2>&1 && BACKEND=cutedsl
 fi
 {
-  date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
-  "$PY" -c 'import torch; print("torch", torch.__version__, "gpus", torch.cuda.device_count())'
+  date -u; "$PY" bench/device_report.py
   echo "gpus used $NGPU, moe backend $BACKEND, ranks 2"
 } > "$C/setup.log" 2>&1
 

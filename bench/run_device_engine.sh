@@ -12,12 +12,7 @@ OUT="${OUT:-$PWD/engine_out}"
 D="$OUT/engine"
 mkdir -p "$D"
 . bench/device_env.sh
-{
-  echo "== $(date -u) $(hostname)"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
-  "$PY" -c 'import cutlass; print("cutlass dsl importable")' 2>&1 | tail -1
-} >"$D/env.log" 2>&1
+{ echo "== $(date -u) $(hostname)"; "$PY" bench/device_report.py; } >"$D/env.log" 2>&1
 
 echo "== gpu tests" | tee -a "$D/env.log"
 timeout 120 "$PY" -m pytest -q -rA -s -m gpu tests/gpu/test_attention_gpu.py 2>&1 | tee "$D/gpu_tests.log"

@@ -32,8 +32,8 @@ GEN=cuda:0
 [ "${NGPU}" -eq 0 ] && CTX=cpu && GEN=cpu
 t_all=$(date +%s)
 {
-  date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  "$PY" -c 'import torch, aiohttp; print("torch", torch.__version__, "aiohttp", aiohttp.__version__, "gpus", torch.cuda.device_count())'
+  date -u; "$PY" bench/device_report.py
+  "$PY" -c 'import aiohttp; print("aiohttp", aiohttp.__version__)'
   echo "context $CTX generation $GEN"
 } > "$R/setup.log" 2>&1
 

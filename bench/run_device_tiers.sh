@@ -32,40 +32,20 @@ OUT="${OUT:-$ROOT/device_out}/tiers"
 mkdir -p "$OUT"
 . bench/device_env.sh
 
-stage() {  # stage SECONDS LOG cmd...: one stage under a timeout, output teed to $OUT/LOG
-  local secs=$1 log=$2; shift 2
-  local t0=$(date +%s)
-  timeout -k 5 "$secs" "$@" > "$OUT/$log" 2>&1
-  local rc=$?
-  echo "$log exit $rc seconds $(( $(date +%s) - t0 ))" | tee -a "$OUT/stages.txt"
-}
-
 : > "$OUT/stages.txt"
-stage 10 env.txt bash -c '
-  date -u; nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv,noheader
-  df -h /dev/shm; free -g | head -2; nproc
-  command -v mpirun || echo "no mpirun"
-  '"$PY"' -c "
-import torch, importlib.metadata as md
-print(\"torch\", torch.__version__, \"gpus\", torch.cuda.device_count())
-for p in (\"cuda-bindings\", \"cuda-python\", \"nvidia-cutlass-dsl\"):
-    try: print(p, md.version(p))
-    except Exception as e: print(p, \"missing\", e)
-from tensorrt_llm_dwdp.moe.backends import _cutedsl_missing
-print(\"cutedsl missing:\", _cutedsl_missing())
-"'
+timed_stage 20 env.txt "$PY" bench/device_report.py
 
-stage 35 h2d_log.txt "$PY" bench/tiers.py h2d --experts 64 --host-experts 32 --layers 4 \
+timed_stage 35 h2d_log.txt "$PY" bench/tiers.py h2d --experts 64 --host-experts 32 --layers 4 \
   --steps 4 --out "$OUT/h2d.json"
 
-stage 55 failover_log.txt "$PY" bench/tiers.py failover --experts 63 --layers 4 --tokens 2048 \
+timed_stage 55 failover_log.txt "$PY" bench/tiers.py failover --experts 63 --layers 4 --tokens 2048 \
   --kill-at 6 --after 4 --backend torch --timeout 30 --work /tmp/tiers_failover \
   --out "$OUT/failover.json"
 
-stage 80 offload_log.txt "$PY" bench/tiers.py offload --experts 64 --host-experts 32 --layers 4 \
+timed_stage 80 offload_log.txt "$PY" bench/tiers.py offload --experts 64 --host-experts 32 --layers 4 \
   --tokens 1024 2048 4096 8192 16384 32768 --iters 3 --budget-s 50 --out "$OUT/offload.json"
 
-stage 100 tests.txt "$PY" -m pytest -q -rs --durations=10 -p no:cacheprovider \
+timed_stage 100 tests.txt "$PY" -m pytest -q -rs --durations=10 -p no:cacheprovider \
   tests/gpu/test_tiers_gpu.py
 
 ls /dev/shm | grep -c trtllm_dwdp | sed 's/^/files left in \/dev\/shm: /' >> "$OUT/stages.txt"

@@ -32,20 +32,7 @@ mkdir -p "$OUT"
 . bench/device_env.sh
 
 : > "$OUT/stages.txt"
-timed_stage 25 env.txt bash -c '
-  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  command -v mpirun || echo "no mpirun: TCP rendezvous"
-  '"$PY"' -c "
-import torch, importlib.metadata as md
-print(\"torch\", torch.__version__, \"gpus\", torch.cuda.device_count())
-for p in (\"cuda-bindings\", \"cuda-python\", \"nvidia-cutlass-dsl\"):
-    try: print(p, md.version(p))
-    except Exception as e: print(p, \"missing\", e)
-from tensorrt_llm_dwdp.dwdp.vmm import GpuVmm
-v = GpuVmm(\"cuda\")
-print(\"vmm granularity minimum\", v.minimum_granularity, \"recommended\", v.granularity)
-print(\"torch._grouped_mm\", hasattr(torch, \"_grouped_mm\"))
-"'
+timed_stage 25 env.txt "$PY" bench/device_report.py
 
 timed_stage 150 tests.txt "$PY" -m pytest -q -rs --durations=8 -p no:cacheprovider \
   tests/gpu/test_composite_views_gpu.py
