@@ -8,7 +8,9 @@
 # - two helpers a script may use (or define its own after sourcing this): ``timed_stage SECONDS
 #   LOG cmd...`` (one stage under a timeout, output in $OUT/LOG, exit code and seconds
 #   appended to $OUT/stages.txt) and ``two_ranks cmd...`` (two ranks under mpirun, else over
-#   the TCP rendezvous; exported for bash -c).
+#   the TCP rendezvous; exported for bash -c); ``bundle_logs DIR`` packs DIR's text logs
+#   (all *.txt and *.log but summary.txt and stages.txt) into DIR/logs.tar.gz, since a device
+#   call returns at most 8 files.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 if ! "$PY" -c "import cutlass" >/dev/null 2>&1; then
@@ -44,3 +46,10 @@ two_ranks() {
   fi
 }
 export -f two_ranks
+
+bundle_logs() {
+  local dir=$1 logs
+  logs=$(cd "$dir" && ls -1 -- *.txt *.log 2>/dev/null | grep -v -x -e summary.txt -e stages.txt)
+  [ -n "$logs" ] || return 0
+  (cd "$dir" && tar czf logs.tar.gz $logs && rm -f $logs)
+}

@@ -61,7 +61,7 @@ step kv_bandwidth 120 "$PY" bench/kv_handover.py --device "$GEN" --export-device
 wait "$ckpt_pid"; echo "checkpoint exit $? (written by $(( $(date +%s) - t_all )) s)" | tee -a "$R/setup.log"
 # shellcheck disable=SC2086
 step ttft 200 "$PY" bench/kv_handover.py --ttft "$MODEL" --device "$GEN" --export-device "$CTX" \
-    --tokens $TOKENS --repeats 2 --start-timeout 90 --out "$R/kv_handover_ttft.json"
+    --tokens $TOKENS --repeats 3 --start-timeout 90 --out "$R/kv_handover_ttft.json"
 
 "$PY" - "$R" <<'PY' | tee "$R/summary.json"
 import json, os, sys

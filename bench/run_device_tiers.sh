@@ -25,6 +25,7 @@
 #                  CUDA IPC; rejoin; corrupt store; the main job's failover command and offload
 #                  parity on the GPU)
 #   summary.txt    the figures to read first (also printed at the end)
+#   logs.tar.gz    every stage's log (env.txt, tests.txt, *_log.txt): a call returns 8 files
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -98,3 +99,4 @@ if os.path.exists(tests):
     print("tests:", lines[-1] if lines else "(no output)")
 EOF
 cat "$OUT/summary.txt"
+bundle_logs "$OUT"
