@@ -4,8 +4,9 @@
 # (a hang or a wrong answer stops the call there, before the long stages), the device kernel
 # tests, the bench (bf16 + fp8 baselines; DeepSeek-V3 and Qwen3-235B-A22B shapes), `run
 # --moe-backend cutedsl` on the embedded default model and, with NCU=1, ncu on a memory-bound
-# and a compute-bound FC1/FC2 point. Logs and JSON in $OUT/kernels.
-# Usage: [NCU=1] [STAGES="smoke tests bench cli"] bench/run_device_kernels.sh
+# and a compute-bound FC1/FC2 point; stage "variants" times kernel configurations against the
+# default (bench/rs_variants.py, VARIANT_ARGS). Logs and JSON in $OUT/kernels.
+# Usage: [NCU=1] [STAGES="smoke tests bench cli variants"] bench/run_device_kernels.sh
 set -o pipefail
 OUT=${OUT:-/tmp/out}/kernels
 mkdir -p "$OUT"
@@ -49,6 +50,10 @@ for hidden, inter, experts, top_k, tokens in ((64, 64, 16, 4, 5), (2048, 768, 12
     ok &= finite and err < 1e-2
 raise SystemExit(0 if ok else 1)
 EOF
+fi
+if [[ " $STAGES " == *" variants "* ]]; then
+  run "${T_VARIANTS:-200}" variants_log.txt python3 bench/rs_variants.py \
+    --out "$OUT/rs_variants.json" ${VARIANT_ARGS:-} || rc=1
 fi
 if [[ " $STAGES " == *" tests "* ]]; then
   run "${T_TESTS:-200}" tests.txt python3 -m pytest --maxfail=4 -q -rs --durations=10 \

@@ -21,10 +21,11 @@ def fc1_gather_swiglu(
     w13: ExpertTable,
     bn: int,
     out: torch.Tensor | None = None,
+    config=None,
 ) -> torch.Tensor:
     """x bf16 ``[T, H]``; gather_index int32 ``[M_pad]``; tile_expert int32 ``[M_pad / bn]``
     (the plan built with ``tile_m=bn``); ``w13`` rows = 2I, k = H. Returns bf16 ``[M_pad, I]``
-    in permuted order."""
+    in permuted order. ``config``: the kernel's ``RsConfig`` (default for ``bn``)."""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"fc1: x must be contiguous bf16 [T, H], got {x.dtype} {tuple(x.shape)}")
     if x.data_ptr() % 16:
@@ -42,4 +43,4 @@ def fc1_gather_swiglu(
     return launch_rs_gemm(
         cache, epilogue="swiglu", a=x, row_index=gather_index, tile_expert=tile_expert,
         table=w13, topk_w=x.new_empty(1, dtype=torch.float32), out=out, bn=bn,
-        blk_begin=0, blk_end=w13.rows // 64)
+        blk_begin=0, blk_end=w13.rows // 64, config=config)

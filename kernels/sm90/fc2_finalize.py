@@ -39,10 +39,12 @@ def fc2_finalize(
     w2: ExpertTable,
     bn: int,
     out: torch.Tensor | None = None,
+    config=None,
 ) -> torch.Tensor:
     """h bf16 ``[M_pad, I]``; slot_index int32 ``[M_pad]`` (the plan's flat slot per row, -1 on
     padding); topk_ids int32 ``[T, k]`` (-1 = empty slot, summed as nothing); topk_weights fp32
-    ``[T, k]``; ``w2`` rows = H, k = I. Returns bf16 ``[T, H]``."""
+    ``[T, k]``; ``w2`` rows = H, k = I; ``config``: the GEMM's ``RsConfig`` (default for
+    ``bn``). Returns bf16 ``[T, H]``."""
     if h.dtype != torch.bfloat16 or h.dim() != 2 or not h.is_contiguous():
         raise ValueError(f"fc2: h must be contiguous bf16 [M_pad, I], got {h.dtype} {tuple(h.shape)}")
     if h.shape[1] != w2.k:
@@ -68,14 +70,17 @@ def fc2_finalize(
     if tokens == 0:
         return out
     blocks = hidden // BLOCK
-    cb = chunk_blocks(hidden, top_k)
+    from .w4a16_rs_gemm import rs_config
+
+    config = config or rs_config(bn, w2.k)
+    cb = chunk_blocks(hidden, top_k, config.blocks_per_cta)
     y = torch.empty(tokens * top_k, cb * BLOCK, dtype=torch.float32, device=h.device)
     weights = topk_weights.contiguous().reshape(-1)
     for b0 in range(0, blocks, cb):
         b1 = min(blocks, b0 + cb)
         launch_rs_gemm(cache, epilogue="scatter", a=h, row_index=slot_index,
                        tile_expert=tile_expert, table=w2, topk_w=weights, out=y, bn=bn,
-                       blk_begin=b0, blk_end=b1, y_cols=cb * BLOCK)
+                       blk_begin=b0, blk_end=b1, y_cols=cb * BLOCK, config=config)
         slot_sum(cache, y, topk_ids, out, b0 * BLOCK, (b1 - b0) * BLOCK)
     return out
 

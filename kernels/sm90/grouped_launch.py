@@ -53,16 +53,19 @@ def launch_rs_gemm(
     blk_begin: int,
     blk_end: int,
     y_cols: int = 0,
+    config=None,
 ) -> torch.Tensor:
     """Run one ``w4a16_rs_gemm`` over every token tile and the 64-row weight blocks
-    ``[blk_begin, blk_end)`` into ``out``; the grid is min(work tiles, SMs) for persistent
-    configurations, else one CTA per work tile."""
-    from .w4a16_rs_gemm import blocks_per_cta, is_persistent
+    ``[blk_begin, blk_end)`` into ``out``; the grid is min(work tiles, resident CTAs) for
+    persistent configurations, else one CTA per work tile. ``config``: an ``RsConfig``
+    (default ``rs_config(bn, K)``)."""
+    from .w4a16_rs_gemm import rs_config
 
-    tiles = tile_expert.numel() * -(-(blk_end - blk_begin) // blocks_per_cta(bn))
+    cfg = config or rs_config(bn, table.k)
+    tiles = tile_expert.numel() * -(-(blk_end - blk_begin) // cfg.blocks_per_cta)
     if tiles == 0:
         return out
-    key = ("w4a16_rs_gemm", epilogue, table.rows, table.k, bn, y_cols)
+    key = ("w4a16_rs_gemm", epilogue, table.rows, table.k, bn, y_cols, cfg)
     require_cutlass()
     import cutlass
 
@@ -71,7 +74,8 @@ def launch_rs_gemm(
             gmem_ptr(table.table), gmem_ptr(topk_w), gmem_ptr(out, 16)]
     sizes = [cutlass.Int32(v) for v in (
         tile_expert.numel(), table.tensor_of_expert.numel(), table.num_tensors, blk_begin,
-        blk_end, min(tiles, sm_count(a.device)) if is_persistent(bn) else tiles)]
+        blk_end, min(tiles, sm_count(a.device) * cfg.ctas_per_sm) if cfg.persistent
+        else tiles)]
 
     def build():
         import cutlass.cute as cute
@@ -79,7 +83,7 @@ def launch_rs_gemm(
         from .w4a16_rs_gemm import W4A16RsGemm
 
         kernel = W4A16RsGemm(epilogue=epilogue, n_weight=table.rows, k=table.k, bn=bn,
-                             y_cols=y_cols)
+                             y_cols=y_cols, config=cfg)
         return cute.compile(kernel, *ptrs, *sizes, current_stream())
 
     compiled = cache.get(key, build)

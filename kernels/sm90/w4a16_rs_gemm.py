@@ -52,6 +52,8 @@ wgmma groups of the pairs before it, and no role waits on another except for dat
 64-bit offsets everywhere an address is formed; token indices and tile counts are int32.
 """
 
+from dataclasses import dataclass
+
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils as utils
@@ -82,41 +84,70 @@ EPILOGUES = ("swiglu", "scatter")
 TOKEN_TILES = (16, 32, 64, 128)
 BLOCK_ROWS = 64  # weight rows per WGMMA (M of the atom)
 CONSUMER_WGS = 2
-
-
-def blocks_per_wg(bn: int) -> int:
-    """64-row blocks per consumer warpgroup: two (256 weight rows per CTA) while their
-    accumulators stay small; one for bn = 128, whose two 64 x 128 accumulators (128 registers)
-    leave ptxas too few to keep the wgmmas pipelined (it serializes them: C7513)."""
-    return 1 if bn == 128 else 2
-
-
-def is_persistent(bn: int) -> bool:
-    """Persistent CTAs loop over work tiles; from bn = 64 on that loop (the accumulators live
-    across it) makes ptxas serialize the wgmmas (C7513), so those CTAs take one tile each."""
-    return bn <= 32
-
-
-def blocks_per_cta(bn: int) -> int:
-    return CONSUMER_WGS * blocks_per_wg(bn)
-
-
 PRODUCER_THREADS = 128
-COPY_THREADS = 64  # producer warps 0, 1: cp.async only, never wait on data
-CONVERT_THREADS = PRODUCER_THREADS - COPY_THREADS  # warps 2, 3: scale splats, publish
+COPY_WARPS_THREADS = 64  # split producer: warps 0, 1 copy, warps 2, 3 convert and publish
 THREADS = PRODUCER_THREADS + 128 * CONSUMER_WGS
-# setmaxnreg: the CTA launches with 168 registers x 384 threads; the producer gives back to
-# 112 and the consumers take 192 (112 x 128 + 192 x 256 = 63488 <= 64512).
-PRODUCER_REGS = 112
-CONSUMER_REGS = 192
-SMEM_BUDGET = 220 * 1024
+SMEM_PER_SM = 220 * 1024
 MAX_STAGES = 8
 
 
-def k_tile_for(bn: int, k: int) -> int:
-    """K elements per pipeline stage: 128 for small token tiles (fewer, larger weight copies,
-    deeper prefetch per byte of B), else 64; 64 whenever K is not a multiple of 128."""
-    return 128 if bn <= 32 and k % 128 == 0 else 64
+@dataclass(frozen=True)
+class RsConfig:
+    """The static shape of one compiled kernel beyond the GEMM sizes.
+
+    bn: token tile (WGMMA N); k_tile: K elements per pipeline stage (64 or 128);
+    blocks_per_wg: 64-row weight blocks per consumer warpgroup (CTA rows = 128 x this);
+    copy_all: all 128 producer threads copy and each publishes the stage before the one it just
+        issued once its own copies of it landed (``cp.async.wait_group 1``); else warps 0-1 copy
+        (never waiting on data) and warps 2-3 convert the scales and publish;
+    ring: k32 pairs of A fragments in registers (wgmma groups in flight + 1), divides the pairs
+        of a stage; ctas_per_sm: CTAs resident per SM (2 halves shared memory and registers);
+    producer_regs: setmaxnreg of the producer warpgroup (the consumers take the rest)."""
+
+    bn: int
+    k_tile: int
+    blocks_per_wg: int
+    copy_all: bool
+    ring: int
+    ctas_per_sm: int
+    producer_regs: int
+
+    @property
+    def persistent(self) -> bool:
+        """Persistent CTAs loop over work tiles; from bn = 64 on that loop (the accumulators
+        live across it) makes ptxas serialize the wgmmas (C7513), so those CTAs take one tile
+        each."""
+        return self.bn <= 32
+
+    @property
+    def blocks_per_cta(self) -> int:
+        return CONSUMER_WGS * self.blocks_per_wg
+
+    @property
+    def register_pool(self) -> int:
+        """Registers per thread at launch (what ptxas sizes the kernel to; setmaxnreg moves
+        them between warpgroups): the most, in steps of 8, that ``ctas_per_sm`` CTAs fit."""
+        return 65536 // (self.ctas_per_sm * THREADS) // 8 * 8
+
+    @property
+    def consumer_regs(self) -> int:
+        return (self.register_pool * THREADS - self.producer_regs * PRODUCER_THREADS) \
+            // (THREADS - PRODUCER_THREADS) // 8 * 8
+
+
+def rs_config(bn: int, k: int, **overrides) -> RsConfig:
+    """The configuration for token tile ``bn`` and reduction size ``k`` (see ``RsConfig``);
+    ``overrides`` replace fields (benchmarks of alternatives)."""
+    if bn not in TOKEN_TILES:
+        raise ValueError(f"token tile bn must be one of {TOKEN_TILES}, got {bn}")
+    fields = dict(bn=bn, k_tile=128 if bn <= 32 else 64, blocks_per_wg=1 if bn == 128 else 2,
+                  copy_all=False, ring=None, ctas_per_sm=1, producer_regs=112)
+    fields.update(overrides)
+    if k % fields["k_tile"]:
+        fields["k_tile"] = 64
+    pairs = fields["k_tile"] // 32
+    fields["ring"] = min(fields["ring"] or pairs, pairs)
+    return RsConfig(**fields)
 
 
 class W4A16RsGemm:
@@ -124,10 +155,12 @@ class W4A16RsGemm:
 
     n_weight: rows of each expert's weight (2I for FC1, H for FC2), a multiple of 64;
     k: the reduction size (H for FC1, I for FC2), a multiple of 64; bn: token tile (N);
-    y_cols: row length of FC2's fp32 output chunk (a multiple of 64), unused for FC1.
+    y_cols: row length of FC2's fp32 output chunk (a multiple of 64), unused for FC1;
+    config: the tile configuration (default ``rs_config(bn, k)``).
     """
 
-    def __init__(self, *, epilogue: str, n_weight: int, k: int, bn: int, y_cols: int = 0):
+    def __init__(self, *, epilogue: str, n_weight: int, k: int, bn: int, y_cols: int = 0,
+                 config: RsConfig | None = None):
         if epilogue not in EPILOGUES:
             raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
         if bn not in TOKEN_TILES:
@@ -147,7 +180,11 @@ class W4A16RsGemm:
         self.y_cols = y_cols
         self.num_blocks = n_weight // BLOCK_ROWS  # FC1: I / 32 (32 up + 32 gate rows each)
         self.half = n_weight // 2  # FC1: I, the gate rows' offset
-        self.kt = k_tile_for(bn, k)
+        cfg = config or rs_config(bn, k)
+        if cfg.bn != bn or k % cfg.k_tile or (cfg.k_tile // 32) % cfg.ring:
+            raise ValueError(f"{cfg} does not fit bn={bn}, K={k}")
+        self.cfg = cfg
+        self.kt = cfg.k_tile
         self.k_tiles = k // self.kt
         self.pairs = self.kt // 32  # k32 pairs per stage (2 or 4: even, so the ring is static)
         self.sub = self.kt // 64  # 64-wide B sub-tiles (one 128 B swizzle atom each)
@@ -157,23 +194,30 @@ class W4A16RsGemm:
         # bf16x2 splat per scale; 8-byte reads of 8 rows hit distinct banks at a 16 or 40 B
         # row stride (kt 64: 4 splats per row, kt 128: 8 plus 8 B of padding).
         self.spl_stride = self.kt // 4 + (8 if self.kt >= 128 else 0)
-        self.bpw = blocks_per_wg(bn)
-        self.bpc = blocks_per_cta(bn)
+        self.bpw = cfg.blocks_per_wg
+        self.bpc = cfg.blocks_per_cta
         self.cta_rows = BLOCK_ROWS * self.bpc
-        self.persistent = is_persistent(bn)
+        self.persistent = cfg.persistent
+        self.ring = cfg.ring
+        self.copy_threads = PRODUCER_THREADS if cfg.copy_all else COPY_WARPS_THREADS
+        # threads that convert the scales and arrive on ``full``
+        self.publish_threads = PRODUCER_THREADS if cfg.copy_all else \
+            PRODUCER_THREADS - COPY_WARPS_THREADS
         self.stage_w = self.cta_rows * self.w_stride
         self.stage_raw = self.cta_rows * self.raw_row
         self.stage_spl = self.cta_rows * self.spl_stride
         self.stage_b = self.sub * bn * 128
         stage_bytes = self.stage_w + self.stage_raw + self.stage_spl + self.stage_b
-        self.stages = min(MAX_STAGES, SMEM_BUDGET // stage_bytes)
+        smem_budget = SMEM_PER_SM // cfg.ctas_per_sm - 2048 * (cfg.ctas_per_sm - 1)
+        self.stages = min(MAX_STAGES, smem_budget // stage_bytes)
         if self.stages < 3:
             raise ValueError(f"only {self.stages} pipeline stages fit ({stage_bytes} B each)")
-        self.b_chunks = bn * self.kt // 8 // COPY_THREADS  # 16 B B-chunks per copy thread
+        copiers = self.copy_threads
+        self.b_chunks = bn * self.kt // 8 // copiers  # 16 B B-chunks per copy thread
         self.w_chunks = self.w_row // 16  # 16 B chunks per weight row per stage
-        self.w_copies = self.cta_rows * self.w_chunks // COPY_THREADS
+        self.w_copies = self.cta_rows * self.w_chunks // copiers
         self.w_rows = self.w_copies // self.bpc  # weight rows per block per copy thread
-        step = COPY_THREADS // self.w_chunks  # CTA rows between them (16 or 32)
+        step = copiers // self.w_chunks  # CTA rows between them (16, 32 or 64)
         # ... as expert weight rows: FC1 interleaves 8 up / 8 gate rows per 16 CTA rows
         self.w_row_step = step // 2 if epilogue == "swiglu" else step
 
@@ -208,9 +252,10 @@ class W4A16RsGemm:
             cute.make_tensor(out_ptr, cute.make_layout(1)),
         )
         self.shared_storage = self._shared_storage(b_layout)
-        # minctasm 1 lets ptxas size the entry register count (168), which setmaxnreg needs.
+        # minctasm lets ptxas size the entry register count (the pool), which setmaxnreg needs.
         self.kernel(*tensors, tiled_mma, b_layout, num_token_tiles, blk_begin, blk_end).launch(
-            grid=[grid, 1, 1], block=[THREADS, 1, 1], stream=stream, min_blocks_per_mp=1)
+            grid=[grid, 1, 1], block=[THREADS, 1, 1], stream=stream,
+            min_blocks_per_mp=self.cfg.ctas_per_sm)
 
     def _shared_storage(self, b_layout):
         stages = self.stages
@@ -246,8 +291,8 @@ class W4A16RsGemm:
         loaded = storage.loaded.data_ptr()
         if tidx == 0:
             for s in cutlass.range_constexpr(self.stages):
-                cute.arch.mbarrier_init(loaded + s, COPY_THREADS)
-                cute.arch.mbarrier_init(full + s, CONVERT_THREADS)
+                cute.arch.mbarrier_init(loaded + s, self.copy_threads)
+                cute.arch.mbarrier_init(full + s, self.publish_threads)
                 cute.arch.mbarrier_init(empty + s, 4 * CONSUMER_WGS)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
@@ -257,15 +302,20 @@ class W4A16RsGemm:
                  storage.sSpl.data_ptr().toint(), storage.sB.data_ptr().toint())
         sB = storage.sB.get_tensor(b_layout.outer, swizzle=b_layout.inner)
         if wg == 0:
-            cute.arch.warpgroup_reg_dealloc(PRODUCER_REGS)
-            if tidx < COPY_THREADS:
+            cute.arch.warpgroup_reg_dealloc(self.cfg.producer_regs)
+            if cutlass.const_expr(self.cfg.copy_all):
                 self._copy(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a,
                            row_index, tile_expert, tensor_of, local_of, b_table, loaded,
-                           empty, addrs)
+                           full, empty, addrs)
             else:
-                self._convert(tidx - COPY_THREADS, my_tiles, loaded, full, addrs)
+                if tidx < self.copy_threads:
+                    self._copy(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a,
+                               row_index, tile_expert, tensor_of, local_of, b_table, loaded,
+                               full, empty, addrs)
+                else:
+                    self._convert(tidx - self.copy_threads, my_tiles, loaded, full, addrs)
         else:
-            cute.arch.warpgroup_reg_alloc(CONSUMER_REGS)
+            cute.arch.warpgroup_reg_alloc(self.cfg.consumer_regs)
             self._consumer(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end,
                            row_index, tile_expert, tensor_of, local_of, b_table, topk_w,
                            out, tiled_mma, sB, full, empty, addrs)
@@ -290,28 +340,32 @@ class W4A16RsGemm:
     # ---------------------------------------------------------------- producer
     @cute.jit
     def _copy(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, row_index,
-              tile_expert, tensor_of, local_of, b_table, loaded, empty, addrs):
-        """Copy warps: per stage, wait for the slot, cp.async the packed weight rows, the
-        raw scales and the gathered token rows, and let the copies themselves arrive on
-        ``loaded`` (``cp.async.mbarrier.arrive.noinc``): these threads never wait on data."""
+              tile_expert, tensor_of, local_of, b_table, loaded, full, empty, addrs):
+        """Copy threads: per stage, wait for the slot and cp.async the packed weight rows, the
+        raw scales and the gathered token rows. Split producer: the copies themselves arrive
+        on ``loaded`` (``cp.async.mbarrier.arrive.noinc``), these threads never wait on data.
+        ``copy_all``: each thread then waits for its own copies of the stage before
+        (``cp.async.wait_group 1``) and publishes that one (splats of its scale rows, arrive
+        on ``full``), so one stage of its copies is always in flight while it converts."""
         sw_addr, sraw_addr, _, sb_addr = addrs
         a_base = a.iterator.toint()
         chunks_per_row = self.kt // 8
+        copiers = self.copy_threads
         for j in cutlass.range(my_tiles, unroll=1):
             tile = bid + j * grid
             tt = tile // n_groups
             blk0 = blk_begin + (tile % n_groups) * self.bpc
             w_base, sf_base, _ = self._expert_bases(tt, tile_expert, tensor_of, local_of,
                                                     b_table)
-            # B rows (16 B chunk tidx + 64 i of the stage: a warp covers whole 128 B row
+            # B rows (16 B chunk tidx + copiers i of the stage: a warp covers whole 128 B row
             # segments, so the gathered reads coalesce); int32 row numbers, 64-bit per copy.
             b_row = []
             for i in cutlass.range_constexpr(self.b_chunks):
-                m = tt * self.bn + (tidx + i * COPY_THREADS) // chunks_per_row
+                m = tt * self.bn + (tidx + i * copiers) // chunks_per_row
                 if cutlass.const_expr(self.epilogue == "swiglu"):
                     m = cutlass.max(row_index[m], Int32(0))  # padding rows read token 0
                 b_row.append(m)
-            # Weight rows: 16 B chunk tidx + 64 i is chunk (.. % w_chunks) of CTA row
+            # Weight rows: 16 B chunk tidx + copiers i is chunk (.. % w_chunks) of CTA row
             # (.. // w_chunks): ``w_rows`` rows per block, ``w_step`` CTA rows apart, so one
             # int32 offset per block (offsets inside one expert fit int32: constructor check).
             w_off = []
@@ -319,23 +373,24 @@ class W4A16RsGemm:
                 gblk = cutlass.min(blk0 + cb, blk_end - 1)
                 grow = self._weight_row(tidx // self.w_chunks, gblk)
                 w_off.append(grow * (self.k // 2) + (tidx % self.w_chunks) * 16)
-            sf_off = []  # scale rows: row tidx of each block
-            for cb in cutlass.range_constexpr(self.bpc):
-                gblk = cutlass.min(blk0 + cb, blk_end - 1)
-                sf_off.append(self._weight_row(tidx, gblk) * (self.k // 16))
+            sf_off = []  # scale rows: CTA rows tidx + copiers i
+            for i in cutlass.range_constexpr(self.cta_rows // copiers):
+                r = tidx + copiers * i
+                gblk = cutlass.min(blk0 + r // BLOCK_ROWS, blk_end - 1)
+                sf_off.append(self._weight_row(r % BLOCK_ROWS, gblk) * (self.k // 16))
             for kt_idx in cutlass.range(self.k_tiles, unroll=1):
                 it = j * self.k_tiles + kt_idx
                 s = it % self.stages
                 cute.arch.mbarrier_wait(empty + s, ((it // self.stages) % 2) ^ 1)
                 for i in cutlass.range_constexpr(self.w_copies):
-                    r = (tidx + i * COPY_THREADS) // self.w_chunks
+                    r = (tidx + i * copiers) // self.w_chunks
                     dst = (sw_addr + s * self.stage_w + r * self.w_stride
                            + (tidx % self.w_chunks) * 16)
                     row_add = (i % self.w_rows) * self.w_row_step * (self.k // 2)
                     cp_async_16(dst, w_base + Int64(w_off[i // self.w_rows] + row_add
                                                     + kt_idx * self.w_row))
-                for i in cutlass.range_constexpr(self.cta_rows // COPY_THREADS):
-                    r = tidx + COPY_THREADS * i
+                for i in cutlass.range_constexpr(self.cta_rows // copiers):
+                    r = tidx + copiers * i
                     src = sf_base + Int64(sf_off[i] + kt_idx * self.raw_row)
                     dst = sraw_addr + s * self.stage_raw + r * self.raw_row
                     if cutlass.const_expr(self.raw_row == 8):
@@ -343,36 +398,54 @@ class W4A16RsGemm:
                     else:
                         cp_async_4(dst, src)
                 for i in cutlass.range_constexpr(self.b_chunks):
-                    q = tidx + i * COPY_THREADS
+                    q = tidx + i * copiers
                     n = q // chunks_per_row
                     cc = q % chunks_per_row
                     c8 = cc % 8
                     dst = (sb_addr + (s * self.sub + cc // 8) * (self.bn * 128) + n * 128
                            + ((c8 ^ (n % 8)) * 16))
-                    cp_async_16(dst, a_base + Int64(b_row[i]) * (self.k * 2) + (kt_idx * (self.kt * 2) + cc * 16))
-                cute.arch.cp_async_mbarrier_arrive_noinc(loaded + s)
+                    cp_async_16(dst, a_base + Int64(b_row[i]) * (self.k * 2)
+                                + (kt_idx * (self.kt * 2) + cc * 16))
+                if cutlass.const_expr(self.cfg.copy_all):
+                    cute.arch.cp_async_commit_group()
+                    if it > 0:
+                        cute.arch.cp_async_wait_group(1)
+                        self._publish(tidx, (it - 1) % self.stages, full, addrs)
+                else:
+                    cute.arch.cp_async_mbarrier_arrive_noinc(loaded + s)
+        if cutlass.const_expr(self.cfg.copy_all):
+            total = my_tiles * self.k_tiles
+            if total > 0:
+                cute.arch.cp_async_wait_group(0)
+                self._publish(tidx, (total - 1) % self.stages, full, addrs)
 
     @cute.jit
     def _convert(self, ctid, my_tiles, loaded, full, addrs):
-        """Converter warps: per stage, wait until every copy landed, turn the raw e4m3 scale
-        rows into bf16x2 splats (one word per scale, ``scale * 2^SCALE_EXP2`` in both halves,
-        each scale converted once per CTA) and publish the stage to the consumers."""
-        _, sraw_addr, sspl_addr, _ = addrs
+        """Split producer's convert warps: per stage, wait until every copy landed, then
+        publish it (``_publish``)."""
         for it in cutlass.range(my_tiles * self.k_tiles, unroll=1):
             s = it % self.stages
             cute.arch.mbarrier_wait(loaded + s, (it // self.stages) % 2)
-            for i in cutlass.range_constexpr(self.cta_rows // CONVERT_THREADS):
-                r = ctid + CONVERT_THREADS * i
-                raw = sraw_addr + s * self.stage_raw + r * self.raw_row
-                spl = sspl_addr + s * self.stage_spl + r * self.spl_stride
-                for w in cutlass.range_constexpr(self.raw_row // 4):
-                    s0, s1, s2, s3 = e4m3x4_to_bf16x2_splats(ld_shared_u32(raw + 4 * w),
-                                                             SCALE_EXP2)
-                    st_shared_v2(spl + 16 * w, s0, s1)
-                    st_shared_v2(spl + 16 * w + 8, s2, s3)
-            cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared,
-                                  space=cute.arch.SharedSpace.shared_cta)
-            cute.arch.mbarrier_arrive(full + s)
+            self._publish(ctid, s, full, addrs)
+
+    @cute.jit
+    def _publish(self, ptid, s, full, addrs):
+        """Publisher ``ptid`` of stage ``s``: its raw e4m3 scale rows -> bf16x2 splats (one
+        word per scale, ``scale * 2^SCALE_EXP2`` in both halves, each scale converted once per
+        CTA), fence the async proxy (wgmma reads sB), arrive on ``full``."""
+        _, sraw_addr, sspl_addr, _ = addrs
+        for i in cutlass.range_constexpr(self.cta_rows // self.publish_threads):
+            r = ptid + self.publish_threads * i
+            raw = sraw_addr + s * self.stage_raw + r * self.raw_row
+            spl = sspl_addr + s * self.stage_spl + r * self.spl_stride
+            for w in cutlass.range_constexpr(self.raw_row // 4):
+                s0, s1, s2, s3 = e4m3x4_to_bf16x2_splats(ld_shared_u32(raw + 4 * w),
+                                                         SCALE_EXP2)
+                st_shared_v2(spl + 16 * w, s0, s1)
+                st_shared_v2(spl + 16 * w + 8, s2, s3)
+        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared,
+                              space=cute.arch.SharedSpace.shared_cta)
+        cute.arch.mbarrier_arrive(full + s)
 
     # ---------------------------------------------------------------- consumers
     @cute.jit
@@ -390,11 +463,11 @@ class W4A16RsGemm:
         thr_mma = tiled_mma.get_slice(tq)
         tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
         a_shape = thr_mma.partition_shape_A((BLOCK_ROWS, 16))
-        # A fragments of one K tile: [block][pair][step in pair], each 4 bf16x2 words. Pair p's
-        # registers are rewritten in the next K tile once wait_group(pairs - 1) says the
-        # wgmma that read them is done (up to pairs - 1 groups stay in flight meanwhile).
+        # A fragments of ``ring`` k32 pairs: [block][pair % ring][step in pair], each 4 bf16x2
+        # words. A pair's registers are rewritten once wait_group(ring - 1) says the wgmma
+        # that read them is done (up to ring - 1 groups stay in flight meanwhile).
         frags = [[[tiled_mma.make_fragment_A(a_shape) for _ in range(2)]
-                  for _ in range(self.pairs)] for _ in range(self.bpw)]
+                  for _ in range(self.ring)] for _ in range(self.bpw)]
         words = [[[cute.recast_tensor(f, Int32) for f in pr] for pr in blk] for blk in frags]
         accs = [cute.make_rmem_tensor(thr_mma.partition_shape_C((BLOCK_ROWS, self.bn)), Float32)
                 for _ in range(self.bpw)]
@@ -452,8 +525,9 @@ class W4A16RsGemm:
         w_stage = sw_addr + s * self.stage_w
         spl_stage = sspl_addr + s * self.stage_spl
         for p in cutlass.range_constexpr(self.pairs):
-            warpgroup.wait_group(self.pairs - 1)
-            if cutlass.const_expr(p == self.pairs - 1 and not first):
+            rp = p % self.ring  # pairs is a multiple of ring: the buffer index is static
+            warpgroup.wait_group(self.ring - 1)
+            if cutlass.const_expr(p == self.ring - 1 and not first):
                 # every wgmma of the previous stage has completed
                 if lane == 0:
                     cute.arch.mbarrier_arrive(empty + (it - 1) % self.stages)
@@ -463,16 +537,16 @@ class W4A16RsGemm:
                     v0, v1, v2, v3 = ld_shared_v4(w_stage + row * self.w_stride + p * 16)
                     sc0, sc1 = ld_shared_v2(spl_stage + row * self.spl_stride + p * 8)
                     o0, o1, o2, o3 = fragment_bf16x8(v0, v1, v2, v3, selector, sc0, sc1)
-                    words[j][p][0][h] = o0
-                    words[j][p][0][2 + h] = o1
-                    words[j][p][1][h] = o2
-                    words[j][p][1][2 + h] = o3
+                    words[j][rp][0][h] = o0
+                    words[j][rp][0][2 + h] = o1
+                    words[j][rp][1][h] = o2
+                    words[j][rp][1][2 + h] = o3
             warpgroup.fence()
             for t in cutlass.range_constexpr(2):
                 step = 2 * p + t
                 tiled_mma.set(warpgroup.Field.ACCUMULATE, not (first and step == 0))
                 for j in cutlass.range_constexpr(self.bpw):
-                    cute.gemm(tiled_mma, accs[j], frags[j][p][t][(None, None, 0)],
+                    cute.gemm(tiled_mma, accs[j], frags[j][rp][t][(None, None, 0)],
                               tCrB[(None, None, step % 4, s * self.sub + step // 4)], accs[j])
             warpgroup.commit_group()
 

@@ -3,7 +3,8 @@ with CUTE_DSL_ARCH / CUTE_DSL_KEEP_CUBIN / CUTE_DSL_DUMP_DIR set).
 
 ``cute.compile`` writes the cubin, then fails to load it (no driver): that failure is expected
 and reported as 'loaded=no'; any other error fails the script.
-Usage: python _compile_sm90_main.py (swiglu|scatter) N_WEIGHT K BN [Y_COLS] | slot_sum 0 0 0
+Usage: python _compile_sm90_main.py (swiglu|scatter) N_WEIGHT K BN [Y_COLS [FIELD=VALUE ...]]
+       | slot_sum 0 0 0     (FIELD=VALUE: ``RsConfig`` overrides, e.g. ring=2 copy_all=1)
 """
 import sys
 
@@ -20,10 +21,11 @@ def main() -> int:
                                                 torch.zeros(4, 8, dtype=torch.int32),
                                                 torch.zeros(4, 4096, dtype=torch.bfloat16)],
                         [4, 0, 512])
-    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import W4A16RsGemm
+    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import W4A16RsGemm, rs_config
 
     n_weight, k, bn = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     y_cols = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+    overrides = {f: int(v) for f, v in (a.split("=") for a in sys.argv[6:])}
     rows = 2 * bn
     out = (torch.zeros(rows, n_weight // 2, dtype=torch.bfloat16) if kind == "swiglu"
            else torch.zeros(rows, y_cols, dtype=torch.float32))
@@ -31,7 +33,8 @@ def main() -> int:
             torch.zeros(2, dtype=torch.int32), torch.zeros(experts, dtype=torch.int32),
             torch.zeros(experts, dtype=torch.int32), torch.zeros(3, 2, dtype=torch.int64),
             torch.zeros(rows, dtype=torch.float32), out]
-    kernel = W4A16RsGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols)
+    kernel = W4A16RsGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols,
+                         config=rs_config(bn, k, **overrides))
     blocks = (y_cols or n_weight) // 64
     return _compile(kernel, args, [2, experts, 2, 0, blocks, 132])
 
@@ -40,6 +43,11 @@ def _compile(kernel, tensors, sizes) -> int:
     import cuda.bindings.driver as cuda
     import cutlass
     import cutlass.cute as cute
+    from cutlass.base_dsl.runtime import cuda as cuda_helpers
+
+    # min_blocks_per_mp > 1 asks the device for its shared memory per SM (to set the carveout)
+    # while building the launch: answer for sm_90 (228 KiB) since there is no driver here.
+    cuda_helpers.get_device_attribute = lambda attr, *args: 228 * 1024
 
     from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import gmem_ptr
 

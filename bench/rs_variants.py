@@ -1,0 +1,146 @@
+"""Bench: configurations of the sm90 RS W4A16 kernel against the default, one device, one run.
+
+For each model and tokens-per-expert point (uniform routing, as ``moe_kernels.py``) it times FC1
+and FC2 (incl. slot sums) with the default ``rs_config`` and with each named alternative
+(``RsConfig`` field overrides), and checks that every alternative's ``h`` and output are
+bitwise equal to the default's (same K order, so any difference is a bug). Prints one JSON
+document (``--out`` also writes it): per point and configuration fc1/fc2 ms and the ratio to
+the default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
+from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
+from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
+from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
+from tensorrt_llm_dwdp.kernels.testing import (
+    MODELS,
+    random_nvfp4_experts,
+    random_tokens,
+    uniform_routing,
+)
+from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
+from tensorrt_llm_dwdp.moe.permute import build_permutation
+
+try:
+    from bench.moe_kernels import tables, time_graph
+except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
+    from moe_kernels import tables, time_graph
+
+# name -> RsConfig overrides, per token tile (the default is always timed first as "default")
+VARIANTS = {
+    16: {
+        "ring2": dict(ring=2),
+        "copy_all": dict(copy_all=True),
+        "copy_all_ring2": dict(copy_all=True, ring=2),
+        "2cta": dict(ctas_per_sm=2, copy_all=True, ring=2, producer_regs=56),
+        "2cta_k64": dict(ctas_per_sm=2, copy_all=True, ring=2, producer_regs=56, k_tile=64),
+    },
+    64: {
+        "copy_all": dict(copy_all=True),
+        "k128_copy_all": dict(k_tile=128, copy_all=True),
+        "k128_copy_all_ring2": dict(k_tile=128, copy_all=True, ring=2),
+    },
+    128: {
+        "copy_all": dict(copy_all=True),
+    },
+}
+
+
+def parse_variants(spec: str | None) -> dict:
+    """``--variants 'bn:name:field=v,field=v;...'`` replaces the built-in table."""
+    if not spec:
+        return VARIANTS
+    out: dict = {}
+    for item in spec.split(";"):
+        bn, name, fields = item.split(":")
+        out.setdefault(int(bn), {})[name] = {
+            f: int(v) for f, v in (kv.split("=") for kv in fields.split(",") if kv)}
+    return out
+
+
+def bench_point(cache, weights, model, tpe, variants) -> dict:
+    hidden, inter, num_experts, top_k = MODELS[model]
+    ids, tw = uniform_routing(tpe, num_experts, top_k)
+    tokens = ids.shape[0]
+    x = random_tokens(tokens, hidden, seed=tpe)
+    bn = choose_token_tile(tpe * num_experts, num_experts)
+    plan = build_permutation(ids, num_experts, tile_m=bn)
+    w13, w2 = tables(weights)
+    res = {"model": model, "tokens_per_expert": tpe, "token_tile": bn, "configs": {}}
+    ref = None
+    for name, overrides in [("default", {})] + list(variants.get(bn, {}).items()):
+        c1, c2 = rs_config(bn, hidden, **overrides), rs_config(bn, inter, **overrides)
+        h = torch.empty(plan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+
+        def fc1():
+            fc1_gather_swiglu(cache, x, plan.gather_index, plan.tile_expert, w13, bn, out=h,
+                              config=c1)
+
+        def fc2():
+            fc2_finalize(cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn, out=out,
+                         config=c2)
+
+        entry = {"overrides": {k: int(v) for k, v in overrides.items()}}
+        try:
+            fc1()
+            fc2()
+            torch.cuda.synchronize()
+            if ref is None:
+                ref = (h.clone(), out.clone())
+            else:
+                entry["bitwise_equal_default"] = bool(torch.equal(h, ref[0])
+                                                      and torch.equal(out, ref[1]))
+            entry["fc1_ms"] = time_graph(fc1)
+            entry["fc2_ms"] = time_graph(fc2)
+            entry["total_ms"] = entry["fc1_ms"] + entry["fc2_ms"]
+        except Exception as exc:  # a configuration that does not build or launch
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        res["configs"][name] = entry
+        base = res["configs"]["default"]
+        if "total_ms" in entry and "total_ms" in base:
+            entry["speedup_vs_default"] = base["total_ms"] / entry["total_ms"]
+        print(f"{model} tpe={tpe} bn={bn} {name:22s} "
+              + (f"fc1 {entry['fc1_ms']:.3f} fc2 {entry['fc2_ms']:.3f} total "
+                 f"{entry['total_ms']:.3f} x{entry.get('speedup_vs_default', 1):.3f} "
+                 f"bitwise {entry.get('bitwise_equal_default', '-')}"
+                 if "total_ms" in entry else entry.get("error", "")),
+              file=sys.stderr, flush=True)
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="deepseek_v3")
+    p.add_argument("--tpe", default="16,64,1024")
+    p.add_argument("--variants", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    variants = parse_variants(args.variants)
+    cache = CompileCache()
+    results = []
+    for model in args.models.split(","):
+        hidden, inter, num_experts, _ = MODELS[model]
+        weights = random_nvfp4_experts(num_experts, hidden, inter, seed=1)
+        for tpe in (int(v) for v in args.tpe.split(",")):
+            results.append(bench_point(cache, weights, model, tpe, variants))
+            doc = {"device": torch.cuda.get_device_name(), "results": results}
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write(json.dumps(doc, indent=1) + "\n")
+            torch.cuda.empty_cache()
+        del weights
+        torch.cuda.empty_cache()
+    print(json.dumps({"device": torch.cuda.get_device_name(), "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
