@@ -44,11 +44,15 @@ VARIANTS = {
     },
     64: {
         "copy_all": dict(copy_all=True),
-        "k128_copy_all": dict(k_tile=128, copy_all=True),
+        "persistent": dict(persistent=True),
+        "copy_all_persistent": dict(copy_all=True, persistent=True),
         "k128_copy_all_ring2": dict(k_tile=128, copy_all=True, ring=2),
     },
     128: {
         "copy_all": dict(copy_all=True),
+        "256rows": dict(blocks_per_wg=2, copy_all=True, producer_regs=56),
+        "256rows_persistent": dict(blocks_per_wg=2, copy_all=True, producer_regs=56,
+                                   persistent=True),
     },
 }
 
@@ -119,7 +123,7 @@ def bench_point(cache, weights, model, tpe, variants) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="deepseek_v3")
-    p.add_argument("--tpe", default="16,64,1024")
+    p.add_argument("--tpe", default="16,64,256")
     p.add_argument("--variants", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

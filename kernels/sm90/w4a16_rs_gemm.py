@@ -111,13 +111,7 @@ class RsConfig:
     ring: int
     ctas_per_sm: int
     producer_regs: int
-
-    @property
-    def persistent(self) -> bool:
-        """Persistent CTAs loop over work tiles; from bn = 64 on that loop (the accumulators
-        live across it) makes ptxas serialize the wgmmas (C7513), so those CTAs take one tile
-        each."""
-        return self.bn <= 32
+    persistent: bool
 
     @property
     def blocks_per_cta(self) -> int:
@@ -141,7 +135,8 @@ def rs_config(bn: int, k: int, **overrides) -> RsConfig:
     if bn not in TOKEN_TILES:
         raise ValueError(f"token tile bn must be one of {TOKEN_TILES}, got {bn}")
     fields = dict(bn=bn, k_tile=128 if bn <= 32 else 64, blocks_per_wg=1 if bn == 128 else 2,
-                  copy_all=False, ring=None, ctas_per_sm=1, producer_regs=112)
+                  copy_all=False, ring=None, ctas_per_sm=1, producer_regs=112,
+                  persistent=bn <= 32)
     fields.update(overrides)
     if k % fields["k_tile"]:
         fields["k_tile"] = 64
@@ -293,7 +288,7 @@ class W4A16RsGemm:
             for s in cutlass.range_constexpr(self.stages):
                 cute.arch.mbarrier_init(loaded + s, self.copy_threads)
                 cute.arch.mbarrier_init(full + s, self.publish_threads)
-                cute.arch.mbarrier_init(empty + s, 4 * CONSUMER_WGS)
+                cute.arch.mbarrier_init(empty + s, 128 * CONSUMER_WGS)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
         n_groups = (blk_end - blk_begin + self.bpc - 1) // self.bpc
@@ -504,9 +499,7 @@ class W4A16RsGemm:
                          sw_addr, sspl_addr, rows, selector, words, frags, accs, tiled_mma,
                          tCrB)
         warpgroup.wait_group(0)
-        if lane == 0:
-            cute.arch.mbarrier_arrive(
-                empty + (jt * self.k_tiles + self.k_tiles - 1) % self.stages)
+        cute.arch.mbarrier_arrive(empty + (jt * self.k_tiles + self.k_tiles - 1) % self.stages)
         # The A operand is the weights times 2^WEIGHT_EXP2 (nvfp4_dequant): undo it here.
         alpha = alpha * (2.0 ** -WEIGHT_EXP2)
         for j in cutlass.range_constexpr(self.bpw):
@@ -529,8 +522,9 @@ class W4A16RsGemm:
             warpgroup.wait_group(self.ring - 1)
             if cutlass.const_expr(p == self.ring - 1 and not first):
                 # every wgmma of the previous stage has completed
-                if lane == 0:
-                    cute.arch.mbarrier_arrive(empty + (it - 1) % self.stages)
+                # every consumer thread arrives: a lane-0 branch here, between wgmmas in
+                # flight, makes ptxas serialize them at bn 128 x 2 blocks (C7513)
+                cute.arch.mbarrier_arrive(empty + (it - 1) % self.stages)
             for j in cutlass.range_constexpr(self.bpw):
                 for h in cutlass.range_constexpr(2):
                     row = rows[j][h]
