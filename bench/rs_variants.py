@@ -36,23 +36,21 @@ except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
 # name -> RsConfig overrides, per token tile (the default is always timed first as "default")
 VARIANTS = {
     16: {
-        "ring2": dict(ring=2),
-        "copy_all": dict(copy_all=True),
-        "copy_all_ring2": dict(copy_all=True, ring=2),
-        "2cta": dict(ctas_per_sm=2, copy_all=True, ring=2, producer_regs=56),
-        "2cta_k64": dict(ctas_per_sm=2, copy_all=True, ring=2, producer_regs=56, k_tile=64),
+        "old_default": dict(k_tile=128, ctas_per_sm=1, producer_regs=112, copy_all=False,
+                            ring=4),
+        "1cta": dict(ctas_per_sm=1, producer_regs=112),
+        "2cta_regs56": dict(producer_regs=56),
+        "2cta_k128": dict(k_tile=128, producer_regs=56),
     },
     64: {
-        "copy_all": dict(copy_all=True),
+        "old_default": dict(k_tile=64, copy_all=False),
         "persistent": dict(persistent=True),
-        "copy_all_persistent": dict(copy_all=True, persistent=True),
-        "k128_copy_all_ring2": dict(k_tile=128, copy_all=True, ring=2),
+        "ring4": dict(ring=4),
     },
     128: {
-        "copy_all": dict(copy_all=True),
-        "256rows": dict(blocks_per_wg=2, copy_all=True, producer_regs=56),
-        "256rows_persistent": dict(blocks_per_wg=2, copy_all=True, producer_regs=56,
-                                   persistent=True),
+        "old_default": dict(blocks_per_wg=1, copy_all=False, producer_regs=112,
+                            persistent=False),
+        "not_persistent": dict(persistent=False),
     },
 }
 

@@ -130,13 +130,26 @@ class RsConfig:
 
 
 def rs_config(bn: int, k: int, **overrides) -> RsConfig:
-    """The configuration for token tile ``bn`` and reduction size ``k`` (see ``RsConfig``);
-    ``overrides`` replace fields (benchmarks of alternatives)."""
+    """The configuration for token tile ``bn`` and reduction size ``k`` (see ``RsConfig``;
+    measured on the H200, kernels/NOTES.md); ``overrides`` replace fields (benchmarks).
+
+    bn <= 32 (memory-bound): two CTAs per SM (twice the warps to hide shared-memory and
+    dequant latency; 80 registers at launch, consumers 96), K tile 64 (5 stages fit in half
+    the shared memory). bn = 64: one CTA, K tile 128 (half the stage hand-offs). bn = 128
+    (compute-bound): 256 weight rows per CTA (two 64 x 128 accumulators per consumer
+    warpgroup: the gathered token tile is read from L2 once per 256 rows), persistent."""
     if bn not in TOKEN_TILES:
         raise ValueError(f"token tile bn must be one of {TOKEN_TILES}, got {bn}")
-    fields = dict(bn=bn, k_tile=128 if bn <= 32 else 64, blocks_per_wg=1 if bn == 128 else 2,
-                  copy_all=False, ring=None, ctas_per_sm=1, producer_regs=112,
-                  persistent=bn <= 32)
+    if bn <= 32:
+        fields = dict(k_tile=64, blocks_per_wg=2, ctas_per_sm=2, producer_regs=40,
+                      persistent=True)
+    elif bn == 64:
+        fields = dict(k_tile=128, blocks_per_wg=2, ctas_per_sm=1, producer_regs=112,
+                      persistent=False)
+    else:
+        fields = dict(k_tile=64, blocks_per_wg=2, ctas_per_sm=1, producer_regs=56,
+                      persistent=True)
+    fields.update(bn=bn, copy_all=True, ring=2)
     fields.update(overrides)
     if k % fields["k_tile"]:
         fields["k_tile"] = 64

@@ -3,8 +3,9 @@
 Each configuration compiles in a subprocess (the DSL reads CUTE_DSL_* at import) into a temp
 dump dir; cuobjdump (nvidia-cuda-cuobjdump, with nvdisasm from nvidia-cuda-nvdisasm) then
 disassembles the cubin. Checks: warpgroup MMAs with the A operand in registers (RS HGMMA),
-pipelined (not serialized by ptxas), no local-memory spills (LDL/STL), 16-byte cp.async (LDGSTS.E.BYPASS.128), the packed-bf16
-multiply of the dequant (HMUL2.BF16), and setmaxnreg honoured (168-register launch pool).
+pipelined (not serialized by ptxas), no local-memory spills (LDL/STL), 16-byte cp.async
+(LDGSTS.E.BYPASS.128), the packed-bf16 multiply of the dequant (HMUL2.BF16), and setmaxnreg
+honoured (the launch pool of ``RsConfig.register_pool`` registers, split as configured).
 """
 from __future__ import annotations
 
@@ -66,18 +67,21 @@ def _compile_sass(tools, tmp_path, *argv) -> str:
 
 
 @pytest.mark.parametrize("kind,n_weight,k,bn,y_cols", [
-    ("swiglu", 4096, 7168, 16, 0),    # DeepSeek-V3 FC1, memory-bound tile (K tile 128)
-    ("scatter", 2880, 2880, 128, 384),  # FC2 with K = 2880 (K tile 64), widest token tile
+    ("swiglu", 4096, 7168, 16, 0),    # DeepSeek-V3 FC1, memory-bound: 2 CTAs per SM
+    ("swiglu", 3072, 4096, 64, 0),    # Qwen3-235B FC1, K tile 128
+    ("scatter", 2880, 2880, 128, 384),  # FC2 with K = 2880 (K tile 64), 256 rows per CTA
 ])
 def test_compiles_to_register_a_hgmma(tools, tmp_path, kind, n_weight, k, bn, y_cols):
     """The weights reach WGMMA from registers: every HGMMA reads A from a register (``R..``,
     not a ``gdesc``) and B through a descriptor."""
+    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
+
+    cfg = rs_config(bn, k)
     sass = _compile_sass(tools, tmp_path, kind, str(n_weight), str(k), str(bn), str(y_cols))
     hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\.BF16 R\d+, (\S+), gdesc", sass)
-    k_tile = 128 if bn <= 32 and k % 128 == 0 else 64
-    blocks = 1 if bn == 128 else 2  # 64-row blocks per consumer warpgroup
     # One HGMMA per block and k16 step, in the peeled first K tile and in the K loop.
-    assert len(hgmma) == 2 * blocks * k_tile // 16 and {n for n, _ in hgmma} == {str(bn)}, hgmma
+    assert len(hgmma) == 2 * cfg.blocks_per_wg * cfg.k_tile // 16, hgmma
+    assert {n for n, _ in hgmma} == {str(bn)}, hgmma
     assert all(re.fullmatch(r"R\d+,?", a) for _, a in hgmma), f"A not from registers: {hgmma}"
     assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
     # ptxas keeps the wgmmas pipelined: the only full wait is the tile's final drain (a
@@ -85,8 +89,9 @@ def test_compiles_to_register_a_hgmma(tools, tmp_path, kind, n_weight, k, bn, y_
     assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 1, "wgmma serialized by ptxas"
     assert "LDGSTS.E.BYPASS.128" in sass  # 16 B cp.async: weights and gathered token rows
     assert "HMUL2.BF16" in sass  # the block-scale multiply of the dequant
-    assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
-    assert _registers(tools, tmp_path) == 168  # the pool setmaxnreg redistributes
+    assert f"USETMAXREG.DEALLOC.CTAPOOL {cfg.producer_regs:#x}" in sass
+    assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {cfg.consumer_regs:#x}" in sass
+    assert _registers(tools, tmp_path) == cfg.register_pool  # what setmaxnreg redistributes
 
 
 def _registers(tools, tmp_path) -> int:

@@ -78,7 +78,7 @@ def test_sizes_not_multiple_of_64_fail_before_launch():
 
 def test_kernel_rejects_bad_configurations():
     pytest.importorskip("cutlass", reason="needs nvidia-cutlass-dsl==4.3.5")
-    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import W4A16RsGemm
+    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import W4A16RsGemm, rs_config
 
     with pytest.raises(ValueError, match="multiple of 64"):
         W4A16RsGemm(epilogue="swiglu", n_weight=4096, k=7200, bn=16)
@@ -88,10 +88,15 @@ def test_kernel_rejects_bad_configurations():
         W4A16RsGemm(epilogue="scatter", n_weight=4096, k=2048, bn=16)
     kernel = W4A16RsGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=16)
     assert (kernel.kt, kernel.k_tiles, kernel.stages, kernel.bpc, kernel.persistent) == (
-        128, 56, 6, 4, True)
+        64, 112, 5, 4, True)
+    assert kernel.cfg.register_pool * 2 * 384 <= 65536  # two CTAs per SM
     wide = W4A16RsGemm(epilogue="scatter", n_weight=7168, k=2048, bn=128, y_cols=768)
-    assert (wide.kt, wide.bpw, wide.cta_rows, wide.persistent) == (64, 1, 128, False)
-    assert W4A16RsGemm(epilogue="swiglu", n_weight=5760, k=2880, bn=16).kt == 64
+    assert (wide.kt, wide.bpw, wide.cta_rows, wide.persistent) == (64, 2, 256, True)
+    mid = W4A16RsGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=64)
+    assert (mid.kt, mid.stages) == (128, 4)
+    assert W4A16RsGemm(epilogue="swiglu", n_weight=5760, k=2880, bn=64).kt == 64  # K % 128
+    with pytest.raises(ValueError, match="does not fit"):
+        W4A16RsGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=16, config=rs_config(32, 7168))
 
 
 def test_backend_rejects_what_it_cannot_run():
