@@ -36,21 +36,15 @@ except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
 # name -> RsConfig overrides, per token tile (the default is always timed first as "default")
 VARIANTS = {
     16: {
-        "old_default": dict(k_tile=128, ctas_per_sm=1, producer_regs=112, copy_all=False,
-                            ring=4),
         "1cta": dict(ctas_per_sm=1, producer_regs=112),
-        "2cta_regs56": dict(producer_regs=56),
         "2cta_k128": dict(k_tile=128, producer_regs=56),
     },
     64: {
-        "old_default": dict(k_tile=64, copy_all=False),
-        "persistent": dict(persistent=True),
+        "not_persistent": dict(persistent=False),
         "ring4": dict(ring=4),
     },
     128: {
-        "old_default": dict(blocks_per_wg=1, copy_all=False, producer_regs=112,
-                            persistent=False),
-        "not_persistent": dict(persistent=False),
+        "128rows": dict(blocks_per_wg=1, producer_regs=112),
     },
 }
 

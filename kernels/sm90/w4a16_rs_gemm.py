@@ -7,9 +7,8 @@ until registers: each consumer thread loads the bytes of its A fragment from sha
 turns them into exact bf16 (e2m1 x e4m3, ``nvfp4_dequant``) and issues ``wgmma`` with A from
 registers and the token rows (B) from shared memory. No bf16 weight ever goes to shared memory.
 
-CTA tile: 256 weight rows (4 blocks of 64, two per consumer warpgroup; 128 rows, one block
-each, for bn = 128) x ``bn`` tokens; see ``blocks_per_wg`` and ``is_persistent`` for the two
-shapes ptxas would otherwise serialize (the CPU compile test checks the SASS for it).
+CTA tile: 256 weight rows (4 blocks of 64, two per consumer warpgroup) x ``bn`` tokens; the
+per-``bn`` shape (K tile, CTAs per SM, register split) is ``rs_config``'s (``RsConfig``).
 FC1 (``epilogue="swiglu"``): block b holds up rows ``[32b, 32b+32)`` and their gate rows
 ``I + [32b, 32b+32)``, interleaved so that accumulator rows g and g+8 of every 16-row group are
 the up and gate row of one output column: SwiGLU is thread-local. FC2 (``"scatter"``): block b is
@@ -17,17 +16,16 @@ rows ``[64b, 64b+64)`` of ``w2``; the epilogue scales by alpha and the router we
 fp32 rows indexed by (token, slot) into a column chunk ``[64 blk_begin, 64 blk_end)`` of the
 hidden size (the caller sums the slots in fixed order, ``slot_sum``).
 
-Warp roles (384 threads, one CTA per SM; for bn <= 32 persistent over (token tile, block group)
-work tiles in a static round robin, else one work tile per CTA; all roles walk the same tiles):
-  copy warps 0, 1 (112 registers): per stage, wait for the slot, 16 B cp.async of the packed
-      weight rows (-> sW, rows padded by 16 B so 8 rows x 16 B reads hit distinct banks), of
-      the raw e4m3 scales (-> sRaw) and of the gathered token rows (-> sB, the 128 B-swizzled
-      WGMMA layout); the copies themselves arrive on ``loaded`` (cp.async.mbarrier.arrive
-      .noinc), so these warps never wait on data, only on free slots.
-  convert warps 2, 3: per stage, wait ``loaded``, raw scales -> bf16x2 splats (-> sSpl; each
-      scale converted once per CTA), fence the async proxy, arrive on ``full``.
-  consumer warpgroups 1, 2 (192 registers): per k32 pair p of the stage: wait until at most
-      pairs - 1 wgmma groups are in flight (pair p's A registers are then free), LDS.128 of its
+Warp roles (384 threads; persistent CTAs over (token tile, block group) work tiles in a static
+round robin, all roles walking the same tiles):
+  producer warpgroup 0 (``producer_regs``): per stage, wait for the slot, 16 B cp.async of the
+      packed weight rows (-> sW, rows padded by 16 B so 8 rows x 16 B reads hit distinct banks),
+      the raw e4m3 scales (-> sRaw) and the gathered token rows (-> sB, the 128 B-swizzled WGMMA
+      layout), one cp.async group per stage; then wait for its own group of the stage before
+      (``cp.async.wait_group 1``), turn its scale rows of that stage into bf16x2 splats (-> sSpl,
+      each scale converted once per CTA), fence the async proxy and arrive on ``full``.
+  consumer warpgroups 1, 2 (``consumer_regs``): per k32 pair p of the stage: wait until at most
+      ring - 1 wgmma groups are in flight (pair p's A registers are then free), LDS.128 of its
       two rows per block, byte gather + dequant into the A fragments of 2 k16 steps, wgmma x 4
       (2 blocks x 2 steps), commit; release the previous stage once its groups are done; after
       the last K tile: epilogue from registers to global memory.
@@ -37,17 +35,18 @@ instruction in the SASS), 256 serial issues per stage; one 16 B cp.async per thr
 warp's 512 B per instruction. (A tensor-map TMA needs one descriptor per multi-B tensor.)
 
 Pipelines (``stages`` slots of [sW | sRaw | sSpl | sB], mbarriers in shared memory):
-  loaded[s] copy -> convert: 64 arrivals, each when one copy thread's cp.async of stage s land.
-  full[s]   convert -> consumers: 64 arrivals after the splats of stage s are written.
-  empty[s]  consumers -> copy: one arrival per consumer warp once every wgmma that read stage
-            s completed (wgmma reads B asynchronously; A came through registers).
+  full[s]   producer -> consumers: 128 arrivals, one per producer thread once its copies of
+            stage s landed and its splats are written.
+  empty[s]  consumers -> producer: 256 arrivals, every consumer thread once every wgmma that
+            read stage s completed (wgmma reads B asynchronously; A came through registers). All
+            threads arrive: a lane-0 branch between wgmmas in flight makes ptxas serialize them.
 Steady state (global K-tile counter i, slot s = i % stages):
-  copy:     wait empty[s] | cp.async weights(i), raw scales(i), B(i) | arrive.noinc loaded[s]
-  convert:  wait loaded[s] | splats(i) | fence | arrive full[s]
-  consumer: wait full[s] | for pair p: wait_group(pairs-1) ; dequant(p) ; wgmma(p) ; commit
-            | (at the last pair) arrive empty[(i-1) % stages]
-so up to ``stages - 1`` K tiles of loads are in flight, the dequant of pair p overlaps the
-wgmma groups of the pairs before it, and no role waits on another except for data or slots.
+  producer: wait empty[s] | cp.async weights(i), raw scales(i), B(i) | wait own copies(i-1) |
+            splats(i-1) | fence | arrive full[(i-1) % stages]
+  consumer: wait full[s] | for pair p: wait_group(ring-1) ; dequant(p) ; wgmma(p) ; commit
+            | (at pair ring-1) arrive empty[(i-1) % stages]
+so up to ``stages - 1`` K tiles of loads are in flight (``stages - 2`` published ahead of the
+consumers), and the dequant of pair p overlaps the wgmma group of pair p-1.
 
 64-bit offsets everywhere an address is formed; token indices and tile counts are int32.
 """
@@ -85,7 +84,6 @@ TOKEN_TILES = (16, 32, 64, 128)
 BLOCK_ROWS = 64  # weight rows per WGMMA (M of the atom)
 CONSUMER_WGS = 2
 PRODUCER_THREADS = 128
-COPY_WARPS_THREADS = 64  # split producer: warps 0, 1 copy, warps 2, 3 convert and publish
 THREADS = PRODUCER_THREADS + 128 * CONSUMER_WGS
 SMEM_PER_SM = 220 * 1024
 MAX_STAGES = 8
@@ -97,17 +95,14 @@ class RsConfig:
 
     bn: token tile (WGMMA N); k_tile: K elements per pipeline stage (64 or 128);
     blocks_per_wg: 64-row weight blocks per consumer warpgroup (CTA rows = 128 x this);
-    copy_all: all 128 producer threads copy and each publishes the stage before the one it just
-        issued once its own copies of it landed (``cp.async.wait_group 1``); else warps 0-1 copy
-        (never waiting on data) and warps 2-3 convert the scales and publish;
     ring: k32 pairs of A fragments in registers (wgmma groups in flight + 1), divides the pairs
         of a stage; ctas_per_sm: CTAs resident per SM (2 halves shared memory and registers);
-    producer_regs: setmaxnreg of the producer warpgroup (the consumers take the rest)."""
+    producer_regs: setmaxnreg of the producer warpgroup (the consumers take the rest);
+    persistent: CTAs loop over work tiles (grid = resident CTAs), else one CTA per work tile."""
 
     bn: int
     k_tile: int
     blocks_per_wg: int
-    copy_all: bool
     ring: int
     ctas_per_sm: int
     producer_regs: int
@@ -136,8 +131,8 @@ def rs_config(bn: int, k: int, **overrides) -> RsConfig:
     bn <= 32 (memory-bound): two CTAs per SM (twice the warps to hide shared-memory and
     dequant latency; 80 registers at launch, consumers 96), K tile 64 (5 stages fit in half
     the shared memory). bn = 64: one CTA, K tile 128 (half the stage hand-offs). bn = 128
-    (compute-bound): 256 weight rows per CTA (two 64 x 128 accumulators per consumer
-    warpgroup: the gathered token tile is read from L2 once per 256 rows), persistent."""
+    (compute-bound): the two 64 x 128 accumulators per consumer warpgroup take 224 registers
+    (producer 56). Every configuration is persistent, with a ring of 2 A-fragment pairs."""
     if bn not in TOKEN_TILES:
         raise ValueError(f"token tile bn must be one of {TOKEN_TILES}, got {bn}")
     if bn <= 32:
@@ -145,11 +140,11 @@ def rs_config(bn: int, k: int, **overrides) -> RsConfig:
                       persistent=True)
     elif bn == 64:
         fields = dict(k_tile=128, blocks_per_wg=2, ctas_per_sm=1, producer_regs=112,
-                      persistent=False)
+                      persistent=True)
     else:
         fields = dict(k_tile=64, blocks_per_wg=2, ctas_per_sm=1, producer_regs=56,
                       persistent=True)
-    fields.update(bn=bn, copy_all=True, ring=2)
+    fields.update(bn=bn, ring=2)
     fields.update(overrides)
     if k % fields["k_tile"]:
         fields["k_tile"] = 64
@@ -207,10 +202,6 @@ class W4A16RsGemm:
         self.cta_rows = BLOCK_ROWS * self.bpc
         self.persistent = cfg.persistent
         self.ring = cfg.ring
-        self.copy_threads = PRODUCER_THREADS if cfg.copy_all else COPY_WARPS_THREADS
-        # threads that convert the scales and arrive on ``full``
-        self.publish_threads = PRODUCER_THREADS if cfg.copy_all else \
-            PRODUCER_THREADS - COPY_WARPS_THREADS
         self.stage_w = self.cta_rows * self.w_stride
         self.stage_raw = self.cta_rows * self.raw_row
         self.stage_spl = self.cta_rows * self.spl_stride
@@ -220,7 +211,7 @@ class W4A16RsGemm:
         self.stages = min(MAX_STAGES, smem_budget // stage_bytes)
         if self.stages < 3:
             raise ValueError(f"only {self.stages} pipeline stages fit ({stage_bytes} B each)")
-        copiers = self.copy_threads
+        copiers = PRODUCER_THREADS
         self.b_chunks = bn * self.kt // 8 // copiers  # 16 B B-chunks per copy thread
         self.w_chunks = self.w_row // 16  # 16 B chunks per weight row per stage
         self.w_copies = self.cta_rows * self.w_chunks // copiers
@@ -270,7 +261,6 @@ class W4A16RsGemm:
 
         @cute.struct
         class SharedStorage:
-            loaded: cute.struct.MemRange[cutlass.Int64, stages]
             full: cute.struct.MemRange[cutlass.Int64, stages]
             empty: cute.struct.MemRange[cutlass.Int64, stages]
             sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(b_layout)], 1024]
@@ -296,11 +286,9 @@ class W4A16RsGemm:
         storage = smem.allocate(self.shared_storage)
         full = storage.full.data_ptr()
         empty = storage.empty.data_ptr()
-        loaded = storage.loaded.data_ptr()
         if tidx == 0:
             for s in cutlass.range_constexpr(self.stages):
-                cute.arch.mbarrier_init(loaded + s, self.copy_threads)
-                cute.arch.mbarrier_init(full + s, self.publish_threads)
+                cute.arch.mbarrier_init(full + s, PRODUCER_THREADS)
                 cute.arch.mbarrier_init(empty + s, 128 * CONSUMER_WGS)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
@@ -311,17 +299,8 @@ class W4A16RsGemm:
         sB = storage.sB.get_tensor(b_layout.outer, swizzle=b_layout.inner)
         if wg == 0:
             cute.arch.warpgroup_reg_dealloc(self.cfg.producer_regs)
-            if cutlass.const_expr(self.cfg.copy_all):
-                self._copy(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a,
-                           row_index, tile_expert, tensor_of, local_of, b_table, loaded,
-                           full, empty, addrs)
-            else:
-                if tidx < self.copy_threads:
-                    self._copy(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a,
-                               row_index, tile_expert, tensor_of, local_of, b_table, loaded,
-                               full, empty, addrs)
-                else:
-                    self._convert(tidx - self.copy_threads, my_tiles, loaded, full, addrs)
+            self._produce(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, row_index,
+                          tile_expert, tensor_of, local_of, b_table, full, empty, addrs)
         else:
             cute.arch.warpgroup_reg_alloc(self.cfg.consumer_regs)
             self._consumer(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end,
@@ -347,18 +326,16 @@ class W4A16RsGemm:
 
     # ---------------------------------------------------------------- producer
     @cute.jit
-    def _copy(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, row_index,
-              tile_expert, tensor_of, local_of, b_table, loaded, full, empty, addrs):
-        """Copy threads: per stage, wait for the slot and cp.async the packed weight rows, the
-        raw scales and the gathered token rows. Split producer: the copies themselves arrive
-        on ``loaded`` (``cp.async.mbarrier.arrive.noinc``), these threads never wait on data.
-        ``copy_all``: each thread then waits for its own copies of the stage before
-        (``cp.async.wait_group 1``) and publishes that one (splats of its scale rows, arrive
-        on ``full``), so one stage of its copies is always in flight while it converts."""
+    def _produce(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, row_index,
+                 tile_expert, tensor_of, local_of, b_table, full, empty, addrs):
+        """Producer thread: per stage, wait for the slot, cp.async its share of the packed
+        weight rows, raw scales and gathered token rows (one cp.async group), then wait for its
+        own copies of the stage before (``cp.async.wait_group 1``) and publish that one
+        (``_publish``): one stage of its copies is always in flight while it converts."""
         sw_addr, sraw_addr, _, sb_addr = addrs
         a_base = a.iterator.toint()
         chunks_per_row = self.kt // 8
-        copiers = self.copy_threads
+        copiers = PRODUCER_THREADS
         for j in cutlass.range(my_tiles, unroll=1):
             tile = bid + j * grid
             tt = tile // n_groups
@@ -414,36 +391,24 @@ class W4A16RsGemm:
                            + ((c8 ^ (n % 8)) * 16))
                     cp_async_16(dst, a_base + Int64(b_row[i]) * (self.k * 2)
                                 + (kt_idx * (self.kt * 2) + cc * 16))
-                if cutlass.const_expr(self.cfg.copy_all):
-                    cute.arch.cp_async_commit_group()
-                    if it > 0:
-                        cute.arch.cp_async_wait_group(1)
-                        self._publish(tidx, (it - 1) % self.stages, full, addrs)
-                else:
-                    cute.arch.cp_async_mbarrier_arrive_noinc(loaded + s)
-        if cutlass.const_expr(self.cfg.copy_all):
-            total = my_tiles * self.k_tiles
-            if total > 0:
-                cute.arch.cp_async_wait_group(0)
-                self._publish(tidx, (total - 1) % self.stages, full, addrs)
-
-    @cute.jit
-    def _convert(self, ctid, my_tiles, loaded, full, addrs):
-        """Split producer's convert warps: per stage, wait until every copy landed, then
-        publish it (``_publish``)."""
-        for it in cutlass.range(my_tiles * self.k_tiles, unroll=1):
-            s = it % self.stages
-            cute.arch.mbarrier_wait(loaded + s, (it // self.stages) % 2)
-            self._publish(ctid, s, full, addrs)
+                cute.arch.cp_async_commit_group()
+                if it > 0:
+                    cute.arch.cp_async_wait_group(1)
+                    self._publish(tidx, (it - 1) % self.stages, full, addrs)
+        total = my_tiles * self.k_tiles
+        if total > 0:
+            cute.arch.cp_async_wait_group(0)
+            self._publish(tidx, (total - 1) % self.stages, full, addrs)
 
     @cute.jit
     def _publish(self, ptid, s, full, addrs):
-        """Publisher ``ptid`` of stage ``s``: its raw e4m3 scale rows -> bf16x2 splats (one
-        word per scale, ``scale * 2^SCALE_EXP2`` in both halves, each scale converted once per
-        CTA), fence the async proxy (wgmma reads sB), arrive on ``full``."""
+        """Producer thread ``ptid`` publishes stage ``s``: its raw e4m3 scale rows (the ones it
+        copied) -> bf16x2 splats (one word per scale, ``scale * 2^SCALE_EXP2`` in both halves,
+        each scale converted once per CTA), fence the async proxy (wgmma reads the sB chunks it
+        copied), arrive on ``full``."""
         _, sraw_addr, sspl_addr, _ = addrs
-        for i in cutlass.range_constexpr(self.cta_rows // self.publish_threads):
-            r = ptid + self.publish_threads * i
+        for i in cutlass.range_constexpr(self.cta_rows // PRODUCER_THREADS):
+            r = ptid + PRODUCER_THREADS * i
             raw = sraw_addr + s * self.stage_raw + r * self.raw_row
             spl = sspl_addr + s * self.stage_spl + r * self.spl_stride
             for w in cutlass.range_constexpr(self.raw_row // 4):
@@ -489,7 +454,7 @@ class W4A16RsGemm:
         if cutlass.const_expr(self.persistent):
             for jt in cutlass.range(my_tiles, unroll=1):
                 self._consumer_tile(jt, bid + jt * grid, *args)
-        else:  # one work tile per CTA (grid = work tiles): a static body, see is_persistent
+        else:  # one work tile per CTA (grid = work tiles): a static body
             self._consumer_tile(0, bid, *args)
 
     @cute.jit
