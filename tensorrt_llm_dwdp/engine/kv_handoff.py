@@ -14,8 +14,12 @@ and ``from_cache`` take ``alloc(nbytes)``, returning a block (``.tensor``: uint8
 """
 from __future__ import annotations
 
+import array
+import base64
+import binascii
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,7 +27,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: prompt ids as base64 of little-endian uint32 (1: a JSON list, 7 ms per 32K-token hand-over
+# to write and read back, a quarter of the same-node fast path's time).
+FORMAT_VERSION = 2
 
 # torch dtype <-> safetensors dtype name (the KV caches' dtypes and a few more).
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
@@ -170,7 +176,7 @@ class KvHandoff:
         return next(iter(self.tensors.values())).device if self.tensors else torch.device("cpu")
 
     def metadata(self) -> dict[str, str]:
-        return {"format": str(FORMAT_VERSION), "prompt_ids": json.dumps(list(self.prompt_ids)),
+        return {"format": str(FORMAT_VERSION), "prompt_ids": encode_token_ids(self.prompt_ids),
                 "first_token": str(self.first_token)}
 
     def to_bytes(self) -> bytes:
@@ -197,23 +203,48 @@ class KvHandoff:
         return cls(prompt_ids, first_token, tensors)
 
 
+def encode_token_ids(ids) -> str:
+    """Token ids as base64 of little-endian uint32 (ValueError for an id outside [0, 2^32))."""
+    try:
+        packed = array.array("I", ids)
+    except (OverflowError, TypeError) as exc:
+        raise ValueError(f"token ids must be integers in [0, 2^32): {exc}") from exc
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def decode_token_ids(text: str) -> tuple[int, ...]:
+    """The inverse of ``encode_token_ids``; ValueError for anything that is not its output."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, TypeError, ValueError) as exc:
+        raise ValueError(f"is not base64: {exc}") from exc
+    if len(raw) % 4:
+        raise ValueError(f"holds {len(raw)} bytes, not a whole number of uint32 ids")
+    ids = array.array("I")
+    ids.frombytes(raw)
+    if sys.byteorder != "little":
+        ids.byteswap()
+    return tuple(ids)
+
+
 def check_metadata(meta: dict[str, str]) -> tuple[tuple[int, ...], int]:
     """``(prompt_ids, first_token)`` of a hand-off's metadata, validated (ValueError if not)."""
     if meta.get("format") != str(FORMAT_VERSION):
         raise ValueError(f"KV hand-off format {meta.get('format')!r} is not "
                          f"{FORMAT_VERSION}; context and generation servers differ in version")
     try:
-        prompt_ids = json.loads(meta["prompt_ids"])
-        first_token = int(meta["first_token"])
+        text, first_token = meta["prompt_ids"], int(meta["first_token"])
     except Exception as exc:
         raise ValueError(f"KV hand-off metadata is malformed: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(prompt_ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt_ids):
-        raise ValueError(f"KV hand-off prompt_ids must be a list of token ids >= 0, "
-                         f"got {str(prompt_ids)[:80]}")
+    try:
+        prompt_ids = decode_token_ids(text)
+    except ValueError as exc:
+        raise ValueError(f"KV hand-off prompt_ids {str(text)[:40]!r} {exc}") from exc
     if first_token < 0:
         raise ValueError(f"KV hand-off first_token must be >= 0, got {first_token}")
-    return tuple(prompt_ids), first_token
+    return prompt_ids, first_token
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

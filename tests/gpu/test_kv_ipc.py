@@ -108,7 +108,7 @@ def test_unopenable_handle_falls_back_and_maps_nothing():
         pool = {"id": "cuda_ipc:cuda:0", "incarnation": "1-x", "bytes": 4096, "offset": 0,
                 "ipc": {"allocation": "0:0x1000", "handle": base64.b64encode(bytes(64)).decode(),
                         "allocation_bytes": 4096, "offset": 0, "device": 0}}
-        desc = {"kind": "cuda_ipc", "nbytes": 1024, "pool": pool, "metadata": {"format": "1", "prompt_ids": "[1]",
+        desc = {"kind": "cuda_ipc", "nbytes": 1024, "pool": pool, "metadata": {"format": "2", "prompt_ids": "AQAAAA==",
                                                                              "first_token": "2"},
                 "layout": [{"name": "x", "dtype": "U8", "shape": [1024], "offset": 0}]}
         with pytest.raises(_Fallback, match="cudaIpcOpenMemHandle") as err:

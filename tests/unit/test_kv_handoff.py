@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
+from tensorrt_llm_dwdp.engine.kv_handoff import (FORMAT_VERSION, KvHandoff, check_metadata, decode_token_ids,
+                                                  encode_token_ids)
 
 
 class SlotCache:
@@ -52,11 +53,27 @@ def test_corrupt_body_or_metadata_raises_value_error_naming_the_blob():
     blob = KvHandoff.from_cache(SlotCache(1, 4), 0, [1, 2], 3).to_bytes()
     with pytest.raises(ValueError, match="KV hand-off blob of .* bytes is malformed"):
         KvHandoff.from_bytes(blob[:-4])  # header intact, tensor bytes cut short
-    for meta, match in (({"prompt_ids": "[1, -2]", "first_token": "3"}, "prompt_ids"),
-                        ({"prompt_ids": "{\"a\": 1}", "first_token": "3"}, "prompt_ids"),
-                        ({"prompt_ids": "[1]", "first_token": "x"}, "malformed"),
-                        ({"prompt_ids": "[1]", "first_token": "-1"}, "first_token"),
+    one = encode_token_ids([1])
+    for meta, match in (({"prompt_ids": "[1, -2]", "first_token": "3"}, "prompt_ids .* not base64"),
+                        ({"prompt_ids": "AAA=", "first_token": "3"}, "not a whole number"),
+                        ({"prompt_ids": one, "first_token": "x"}, "malformed"),
+                        ({"prompt_ids": one, "first_token": "-1"}, "first_token"),
                         ({"first_token": "1"}, "malformed")):
-        bad = save({"x": torch.zeros(1)}, metadata={"format": "1", **meta})
+        bad = save({"x": torch.zeros(1)}, metadata={"format": str(FORMAT_VERSION), **meta})
         with pytest.raises(ValueError, match=match):
             KvHandoff.from_bytes(bad)
+
+
+def test_token_ids_round_trip_compactly_and_bad_ids_are_refused():
+    """Prompt ids travel as base64 uint32: 32K ids in 175 KB, every id back exactly."""
+    ids = tuple(range(0, 2**32, 2**32 // 32768))[:32768]
+    text = encode_token_ids(ids)
+    assert decode_token_ids(text) == ids and ids[-1] > 2**31
+    assert len(text) == -(-4 * 32768 // 3) * 4  # 174,764 characters
+    assert decode_token_ids(encode_token_ids([])) == ()
+    assert check_metadata({"format": str(FORMAT_VERSION), "prompt_ids": text, "first_token": "9"}) == (ids, 9)
+    for bad in ([-1], [2**32], [1.5]):
+        with pytest.raises(ValueError, match="token ids must be integers"):
+            encode_token_ids(bad)
+    with pytest.raises(ValueError, match="format '1' is not"):
+        check_metadata({"format": "1", "prompt_ids": "[1]", "first_token": "2"})
