@@ -7,8 +7,12 @@
 #                                            # TTFT per path, host-tier H2D / failover / offload
 # Each room's own script (run_device_{compare,views,serving,tiers}.sh) is the full version of
 # its part; this one runs the same programs with shorter settings so that all of them fit.
-# Phase 1 runs the correctness tests of four rooms concurrently (they assert results, not
-# speed) while the checkpoints are written; every timed stage then runs alone on the GPU.
+# Phase 1 runs the per-step sweep alone on the GPU while the checkpoints are written on the host,
+# then the correctness tests of four rooms concurrently (they assert results, not speed), then
+# every other timed stage alone on the GPU.
+# Phase 1 knobs (default: all): TESTS, a subset of "views serving tiers compare"; BENCHES, of
+# "serve_compare e2e_prefill expert_views". After a kernel change, the end-to-end comparisons
+# and the tests that build kernels: PHASE=1 TESTS="views compare" BENCHES="serve_compare e2e_prefill" KV_MODEL=0.
 # Outputs: $OUT/stages.txt (exit code and seconds per stage) and $OUT/phaseN.tgz (every log and
 # JSON: <stage>.log, compare/, views/, serving/, tiers/), two files, within what $OUT returns.
 set -uo pipefail
@@ -38,6 +42,9 @@ GEN="$WORK/tiny-gen"                     # its (unused) generation server's mode
 DSV3_2L="$WORK/dsv3-L2-V1024"            # the KV hand-over TTFT model
 
 if [ "${PHASE:-1}" = 1 ]; then
+  TESTS="${TESTS:-views serving tiers compare}"
+  BENCHES="${BENCHES:-serve_compare e2e_prefill expert_views}"
+  wants() { case " $1 " in *" $2 "*) return 0 ;; esac; return 1; }
   "$PY" bench/device_report.py > "$OUT/env.log" 2>&1
   : > "$OUT/stages.txt"
   ( "$PY" - "$DSV3" "$GEN" <<'EOF'
@@ -51,37 +58,44 @@ write_synthetic_checkpoint(model, get_preset("deepseek-v3", num_layers=3, vocab_
 EOF
   ) > "$OUT/checkpoints.log" 2>&1 &
   ckpt=$!
-  ( "$PY" -m tensorrt_llm_dwdp make-checkpoint --preset deepseek-v3 --num-layers 2 --vocab-size 1024 \
-      --quant nvfp4 --out "$DSV3_2L" ) > "$OUT/checkpoint_2l.log" 2>&1 &
-  ckpt2=$!
-  # Correctness, four rooms at once (each asserts its results; none is timed).
+  ckpt2=""   # phase 2's TTFT model (KV_MODEL=0: not needed, e.g. a re-run of phase 1 alone)
+  [ "${KV_MODEL:-1}" = 1 ] && { ( "$PY" -m tensorrt_llm_dwdp make-checkpoint --preset deepseek-v3 --num-layers 2 \
+      --vocab-size 1024 --quant nvfp4 --out "$DSV3_2L" ) > "$OUT/checkpoint_2l.log" 2>&1 & ckpt2=$!; }
+  # The per-step sweep with 8K-token prompts (own rate and lockstep), alone on the GPU while the
+  # checkpoints are written on the host.
+  wants "$BENCHES" e2e_prefill && stage e2e_prefill 100 "${TWO_RANKS[@]}" "$PY" bench/e2e_prefill.py \
+      --out "$OUT/compare/e2e" --preset deepseek-v3 --num-moe-layers 4 --tokens 8192,16384 --prompt-length 8192 \
+      --iters 2 --time-budget-s 70 --moe-backend cutedsl
+  tail -n 12 "$OUT/compare/e2e/summary.md" 2>/dev/null
+  # Correctness, up to four rooms at once (each asserts its results; none is timed).
   pids=()
-  stage tests_views 200 "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu/test_composite_views_gpu.py & pids+=($!)
-  stage tests_serving 200 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/gpu/test_kv_ipc.py \
-      tests/unit/test_sampling.py & pids+=($!)
-  stage tests_tiers 200 "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu/test_tiers_gpu.py & pids+=($!)
-  stage tests_compare 200 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/gpu/test_expert_parallel_gpu.py \
-      tests/gpu/test_moe_warmup_gpu.py tests/unit/test_permute.py tests/unit/test_moe_torch_ref.py & pids+=($!)
-  wait "${pids[@]}"
+  wants "$TESTS" views && { stage tests_views 200 "$PY" -m pytest -q -rs -p no:cacheprovider \
+      tests/gpu/test_composite_views_gpu.py & pids+=($!); }
+  wants "$TESTS" serving && { stage tests_serving 200 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider \
+      tests/gpu/test_kv_ipc.py tests/unit/test_sampling.py & pids+=($!); }
+  wants "$TESTS" tiers && { stage tests_tiers 200 "$PY" -m pytest -q -rs -p no:cacheprovider \
+      tests/gpu/test_tiers_gpu.py & pids+=($!); }
+  wants "$TESTS" compare && { stage tests_compare 200 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider \
+      tests/gpu/test_expert_parallel_gpu.py tests/gpu/test_moe_warmup_gpu.py tests/unit/test_permute.py \
+      tests/unit/test_moe_torch_ref.py & pids+=($!); }
+  [ "${#pids[@]}" -gt 0 ] && wait "${pids[@]}"
   wait "$ckpt"; echo "checkpoints exit $? at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/stages.txt"
-  for f in tests_views tests_serving tests_tiers tests_compare; do tail -n 1 "$OUT/$f.log"; done
+  for f in $TESTS; do tail -n 1 "$OUT/tests_$f.log"; done
 
   # The headline: one request stream through the router, DWDP vs EP vs replicated.
-  left=$(( 300 - ($(date +%s) - T0) )); [ "$left" -lt 110 ] && left=110
-  stage serve_compare "$left" "$PY" bench/serve_compare.py --out "$OUT/compare/serve" --ranks 2 \
+  left=$(( 420 - ($(date +%s) - T0) )); [ "$left" -lt 150 ] && left=150
+  wants "$BENCHES" serve_compare && stage serve_compare "$left" "$PY" bench/serve_compare.py --out "$OUT/compare/serve" --ranks 2 \
       --model "$DSV3" --gen-model "$GEN" --moe-backend cutedsl --num-prompts 24 --concurrency 8 \
       --max-num-tokens 8192 --max-batch-size 8 --start-timeout 120
   cat "$OUT/compare/serve/summary.md" 2>/dev/null
   rm -rf "$OUT/compare/serve/work/tiny-ckpt"   # the servers' logs (kernel compiles) stay in work/<mode>/
-  # The per-step sweep with 8K-token prompts (own rate and lockstep).
-  stage e2e_prefill 100 "${TWO_RANKS[@]}" "$PY" bench/e2e_prefill.py --out "$OUT/compare/e2e" --preset deepseek-v3 \
-      --num-moe-layers 4 --tokens 8192,16384 --prompt-length 8192 --iters 2 --time-budget-s 70 --moe-backend cutedsl
-  tail -n 12 "$OUT/compare/e2e/summary.md" 2>/dev/null
   # Composite vs multi views (cutedsl and torch-grouped), bitwise and step time in one run.
   mkdir -p "$OUT/views"
-  stage expert_views 70 "${TWO_RANKS[@]}" "$PY" bench/expert_views.py --backends cutedsl,torch-grouped --layers 3 \
+  wants "$BENCHES" expert_views && stage expert_views 70 "${TWO_RANKS[@]}" "$PY" bench/expert_views.py --backends cutedsl,torch-grouped --layers 3 \
       --warmup 1 --steps 3 --timeout 50 --out "$OUT/views/expert_views.json"
-  wait "$ckpt2"; echo "checkpoint_2l exit $? at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/stages.txt"
+  if [ -n "$ckpt2" ]; then
+    wait "$ckpt2"; echo "checkpoint_2l exit $? at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/stages.txt"
+  fi
 else
   mkdir -p "$OUT/serving" "$OUT/tiers"
   : > "$OUT/stages.txt"
