@@ -50,6 +50,35 @@ class Memory:
     shareable: bool = True
 
 
+class PhysicalLedger:
+    """Bytes of device memory this process created with ``cuMemCreate`` and has not released,
+    per device: the caching allocator does not see them, so a measurement of what a rank holds
+    (``model/memory.py``) adds them. Imported (peer) handles are not ours and are not counted."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[int, int]] = {}  # handle -> (device index, bytes)
+
+    def created(self, handle: int, device: int, nbytes: int) -> None:
+        self._held[handle] = (device, nbytes)
+
+    def released(self, handle: int) -> None:
+        self._held.pop(handle, None)
+
+    def bytes_on(self, device: int) -> int:
+        return sum(n for d, n in self._held.values() if d == device)
+
+
+PHYSICAL = PhysicalLedger()
+
+
+def physical_bytes(device: torch.device | str) -> int:
+    """Device memory this process holds through CUDA VMM on ``device`` (0 on the CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    return PHYSICAL.bytes_on(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def vmm_for(device: torch.device | str) -> "CpuVmm | GpuVmm":
     device = torch.device(device)
     if device.type == "cpu":
@@ -265,10 +294,12 @@ class GpuVmm:
     def create(self, size: int, shareable: bool = True, fabric: bool = False) -> Memory:
         handle = self._call(f"cuMemCreate({size} bytes on GPU {self.device.index})",
                             self._drv.cuMemCreate, size, self._prop(shareable, fabric), 0)
+        PHYSICAL.created(int(handle), self.device.index, size)
         return Memory(int(handle), size, shareable or fabric)
 
     def release(self, mem: Memory) -> None:
         self._call(f"cuMemRelease(0x{mem.handle:x})", self._drv.cuMemRelease, mem.handle)
+        PHYSICAL.released(mem.handle)
 
     def export_fd(self, mem: Memory) -> int:
         types = self._drv.CUmemAllocationHandleType

@@ -1,8 +1,10 @@
 """Memory a model's routed experts take on a rank, measured, not computed from shapes.
 
 ``in_use(device)`` reads what the process holds: on a GPU the caching allocator's live bytes
-(``torch.cuda.memory_allocated``: every tensor, rounded to its 512-byte block), on the CPU the
-resident anonymous + shared-memory pages (``RssAnon + RssShmem`` of /proc/self/status, after a
+(``torch.cuda.memory_allocated``: every tensor, rounded to its 512-byte block) plus the device
+memory it created through CUDA VMM (``dwdp/vmm.py``: the composite view's own allocations and
+prefetch pages, which the allocator never sees; peers' imported memory is not counted), on the
+CPU the resident anonymous + shared-memory pages (``RssAnon + RssShmem`` of /proc/self/status, after a
 ``gc`` and ``malloc_trim`` so freed memory is handed back; code and memory-mapped checkpoint
 pages are not counted). A rank's expert memory is the reading after loading (DWDP: after the
 exchange, so its prefetch buffers are in) minus the reading before, minus what the same model
@@ -66,7 +68,9 @@ def in_use(device: torch.device | str) -> MemoryReading:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        return MemoryReading(int(torch.cuda.memory_allocated(device)), CUDA_ALLOCATOR)
+        from tensorrt_llm_dwdp.dwdp.vmm import physical_bytes
+
+        return MemoryReading(int(torch.cuda.memory_allocated(device)) + physical_bytes(device), CUDA_ALLOCATOR)
     _malloc_trim()
     return MemoryReading(_rss_bytes(), RSS)
 

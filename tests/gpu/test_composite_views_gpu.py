@@ -47,10 +47,14 @@ def test_vmm_primitives_on_one_device():
     from tensorrt_llm_dwdp.dwdp.vmm import GpuVmm, VmmError
     from tensorrt_llm_dwdp.transport.fd_passing import FdServer, receive_fds
 
+    from tensorrt_llm_dwdp.model.memory import in_use
+
     vmm = GpuVmm("cuda")
     page = vmm.granularity
     assert page % vmm.minimum_granularity == 0 and page & (page - 1) == 0
+    before = in_use("cuda").nbytes
     a, b = vmm.create(page), vmm.create(2 * page, shareable=False)
+    assert in_use("cuda").nbytes - before == 3 * page  # VMM memory counts as held (the allocator misses it)
     base = vmm.reserve(3 * page)
     try:
         vmm.map(base, a, 0, page)
@@ -72,8 +76,10 @@ def test_vmm_primitives_on_one_device():
         os.close(fd)
         (got,) = receive_fds(server.address, ["a"])
         server.close()
+        held = in_use("cuda").nbytes
         imported = vmm.import_fd(got, page)
         addr, keep = vmm.map_peer(imported)
+        assert in_use("cuda").nbytes == held  # an imported (peer's) allocation is not ours
         seen = vmm.tensor(addr, page)
         assert torch.equal(seen, whole[:page])
         del seen
@@ -88,6 +94,7 @@ def test_vmm_primitives_on_one_device():
         vmm.free(base, 3 * page)
         vmm.release(a)
         vmm.release(b)
+    assert in_use("cuda").nbytes == before
 
 
 def _launch_ranks(args: list, ranks: int = 2, timeout: int = 240) -> tuple[int, str]:

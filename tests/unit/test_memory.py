@@ -26,3 +26,19 @@ def test_dense_model_bytes_is_what_its_tensors_hold():
     tensors = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     assert tensors >= 4 * RESOLUTION_BYTES[RSS]
     assert abs(dense_model_bytes(config, "cpu") - tensors) <= RESOLUTION_BYTES[RSS]
+
+
+def test_vmm_ledger_counts_what_this_process_created_per_device_until_released():
+    """The composite view's memory comes from cuMemCreate, which the CUDA allocator never sees:
+    the ledger ``in_use`` adds on a GPU holds created handles only (imports are a peer's)."""
+    from tensorrt_llm_dwdp.dwdp.vmm import PhysicalLedger, physical_bytes
+
+    ledger = PhysicalLedger()
+    ledger.created(0xA, 0, 2 << 20)
+    ledger.created(0xB, 0, 4 << 20)
+    ledger.created(0xC, 1, 8 << 20)
+    assert (ledger.bytes_on(0), ledger.bytes_on(1), ledger.bytes_on(2)) == (6 << 20, 8 << 20, 0)
+    ledger.released(0xA)
+    ledger.released(0xD)  # an imported handle: never counted, released without effect
+    assert ledger.bytes_on(0) == 4 << 20
+    assert physical_bytes("cpu") == 0  # CPU pages are in RSS already
