@@ -30,10 +30,16 @@ def advertised_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-async def wait_for_health_async(urls: list[str], timeout_s: float, poll_s: float = 0.5) -> None:
-    """Return when every ``url`` answers 200 on ``/health``; raise TimeoutError naming the rest."""
+async def wait_for_health_async(urls: list[str], timeout_s: float, poll_s: float = 0.5,
+                                report_s: float = 30.0) -> None:
+    """Return when every ``url`` answers 200 on ``/health``; raise TimeoutError naming the rest
+    and each one's last answer. Every ``report_s`` the servers still pending are logged with
+    their last answer (a status and the body's start, or the connection error), so a start-up
+    that never ends says which server holds it up and why."""
     deadline = time.monotonic() + timeout_s
+    next_report = time.monotonic() + report_s
     pending = list(urls)
+    last: dict[str, str] = {}
     async with ClientSession(timeout=ClientTimeout(total=5)) as session:
         while pending:
             still = []
@@ -41,15 +47,22 @@ async def wait_for_health_async(urls: list[str], timeout_s: float, poll_s: float
                 try:
                     async with session.get(url.rstrip("/") + "/health") as resp:
                         if resp.status != 200:
+                            last[url] = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                             still.append(url)
                 except (ClientError, OSError, asyncio.TimeoutError) as e:  # not up yet
-                    logger.debug("%s not ready: %r", url, e)
+                    last[url] = f"{type(e).__name__}: {e}"[:200] or type(e).__name__
                     still.append(url)
             pending = still
             if not pending:
                 return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"servers not healthy within {timeout_s:.0f} s: {pending}")
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(f"servers not healthy within {timeout_s:.0f} s: "
+                                   + "; ".join(f"{u} ({last.get(u, 'no answer')})" for u in pending))
+            if now >= next_report:
+                next_report = now + report_s
+                logger.info("still waiting for %d server(s): %s", len(pending),
+                            "; ".join(f"{u} ({last.get(u, 'no answer')})" for u in pending))
             await asyncio.sleep(poll_s)
 
 
