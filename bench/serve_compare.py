@@ -2,8 +2,10 @@
 """One request stream through the router to a context group in each mode, on the same GPUs.
 
 For each mode a real disaggregated deployment starts (``serve.cluster.LocalCluster``: S context
-servers as one group, one generation server, the router), takes warm-up requests, then the
-SAME request stream, and stops before the next mode starts:
+servers as one group, one generation server, the router), takes warm-up requests and the stream
+once untimed (``--warmup-stream``: every shape a step meets is built before the timed pass, in
+every mode alike; one H200 run without it showed the first mode's early steps 3-4x slower), then
+the SAME request stream timed, and stops before the next mode starts:
 
 - ``dwdp``: the context servers are one DWDP group (``dwdp_config``: W = P = E/S), each rank runs
   its own requests with no collective;
@@ -210,6 +212,12 @@ def run_mode(mode: str, args: argparse.Namespace, specs: list, warm: list, num_e
         la = load_args(args, cluster.router_url)
         if warm:
             asyncio.run(serve_load.run_load(la, warm, rate=math.inf, concurrency=len(warm), seed=args.seed))
+        if args.warmup_stream:
+            # The stream once, untimed: attention builds a plan (and cuDNN may JIT a kernel) per
+            # new shape on first use, and the driver keeps JIT results on disk, so without this
+            # the first mode pays what the later ones reuse.
+            asyncio.run(serve_load.run_load(la, specs, rate=args.request_rate,
+                                            concurrency=args.concurrency, seed=args.seed))
         before = [scrape(u) for u in cluster.context_urls]
         marks = [fetch_steps(u, after=1 << 62)["step_count"] - 1 for u in cluster.context_urls]
         results, duration = asyncio.run(serve_load.run_load(
@@ -300,7 +308,10 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"{meta['ranks']} context ranks on {meta['gpus_text']}, MoE backend `{meta['moe_backend']}`. "
         f"{meta['num_prompts']} requests, prompt lengths lognormal around {meta['median_len']} "
         f"(sigma {meta['sigma']}), {meta['long_frac']:.0%} at {meta['long_len']} "
-        f"({meta['total_prompt_tokens']} tokens); load: {meta['load']}; one output token each.",
+        f"({meta['total_prompt_tokens']} tokens); load: {meta['load']}; one output token each."
+        + (f" Warm-up: {meta['warmup']} requests" if "warmup" in meta else "")
+        + (", then the stream once untimed." if meta.get("warmup_stream") else
+           "." if "warmup" in meta else ""),
         "",
         "Prefill tokens/s per GPU: prompt tokens of completed requests / the stream's wall time / "
         "GPUs holding the ranks. TTFT: request sent to first token at the client (queueing "
@@ -383,6 +394,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=None, help="closed loop: requests open at once")
     p.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second")
     p.add_argument("--warmup", type=int, default=None, help="warm-up requests (default 2 per rank)")
+    p.add_argument("--warmup-stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="send the stream once untimed before the timed one (default: on)")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="context servers' step token budget")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the longest prompt + 8")
@@ -450,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_prompts": args.num_prompts, "median_len": args.median_len, "sigma": args.sigma,
         "long_len": args.long_len, "long_frac": args.long_frac, "lengths": lengths,
         "total_prompt_tokens": sum(lengths), "max_num_tokens": args.max_num_tokens,
-        "max_batch_size": args.max_batch_size, "warmup": n_warm,
+        "max_batch_size": args.max_batch_size, "warmup": n_warm, "warmup_stream": args.warmup_stream,
         "load": (f"closed loop, concurrency {args.concurrency}" if args.concurrency and
                  not math.isfinite(args.request_rate) else
                  f"Poisson {args.request_rate}/s" + (f", at most {args.concurrency} open" if args.concurrency else "")),
