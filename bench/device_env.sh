@@ -5,12 +5,14 @@
 # - the CUTLASS DSL (nvidia-cutlass-dsl) from carried wheels when it does not import yet: WHEEL_DIR,
 #   else .whl/ of this checkout or of the checkout a stage copy (.stage/NAME) lives in;
 # - this checkout first on PYTHONPATH, so its package and kernels are the ones that run;
-# - two helpers a script may use (or define its own after sourcing this): ``timed_stage SECONDS
-#   LOG cmd...`` (one stage under a timeout, output in $OUT/LOG, exit code and seconds
-#   appended to $OUT/stages.txt) and ``two_ranks cmd...`` (two ranks under mpirun, else over
-#   the TCP rendezvous; exported for bash -c); ``bundle_logs DIR`` packs DIR's text logs
-#   (all *.txt and *.log but summary.txt and stages.txt) into DIR/logs.tar.gz, since a device
-#   call returns at most 8 files.
+# - helpers: ``timed_stage SECONDS LOG cmd...`` runs one stage under a timeout, its output in
+#   $STAGE_DIR/LOG (default $OUT), and appends "LOG exit RC seconds S" (plus "(at T s)" when the
+#   script set T0) to $STAGE_RECORD (default $STAGE_DIR/stages.txt); it returns the stage's exit
+#   code. ``device_room NAME``: OUT becomes $OUT/NAME (default ./device_out/NAME), created, with a
+#   fresh stages.txt and env.txt (bench/device_report.py: what the run ran on). ``two_ranks
+#   cmd...``: two ranks under mpirun, else over the TCP rendezvous (exported for bash -c).
+#   ``bundle_logs DIR`` packs DIR's text logs (all *.txt and *.log but summary.txt and
+#   stages.txt) into DIR/logs.tar.gz, since a device call returns at most 8 files.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 if ! "$PY" -c "import cutlass" >/dev/null 2>&1; then
@@ -26,10 +28,19 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 timed_stage() {
   local secs=$1 log=$2; shift 2
-  local t0=$(date +%s)
-  timeout -k 5 "$secs" "$@" > "$OUT/$log" 2>&1
+  local dir="${STAGE_DIR:-$OUT}" t0; t0=$(date +%s)
+  timeout -k 5 "$secs" "$@" > "$dir/$log" 2>&1
   local rc=$?
-  echo "$log exit $rc seconds $(( $(date +%s) - t0 ))" | tee -a "$OUT/stages.txt"
+  echo "$log exit $rc seconds $(( $(date +%s) - t0 ))${T0:+ (at $(( $(date +%s) - T0 )) s)}" \
+    | tee -a "${STAGE_RECORD:-$dir/stages.txt}"
+  return $rc
+}
+
+device_room() {
+  OUT="${OUT:-$PWD/device_out}/$1"
+  mkdir -p "$OUT"
+  : > "$OUT/stages.txt"
+  timed_stage 25 env.txt "$PY" bench/device_report.py
 }
 
 two_ranks() {

@@ -26,14 +26,6 @@ WORK=/tmp/dwdp_all          # kept between the two calls while the machine stays
 mkdir -p "$WORK"
 T0=$(date +%s)
 
-stage() {  # stage NAME SECONDS cmd...: one stage under a timeout; log in $OUT/NAME.log
-  local name=$1 secs=$2; shift 2
-  local t0; t0=$(date +%s)
-  timeout -k 5 "$secs" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "$name exit $rc seconds $(( $(date +%s) - t0 )) (at $(( $(date +%s) - T0 )) s)" | tee -a "$OUT/stages.txt"
-  return $rc
-}
 TWO_RANKS=(mpirun --allow-run-as-root --oversubscribe -np 2 -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST
            -x NVSHMEM_DISABLE_NVLS -x PYTHONPATH -x PYTHONUNBUFFERED)
 
@@ -63,19 +55,19 @@ EOF
       --vocab-size 1024 --quant nvfp4 --out "$DSV3_2L" ) > "$OUT/checkpoint_2l.log" 2>&1 & ckpt2=$!; }
   # The per-step sweep with 8K-token prompts (own rate and lockstep), alone on the GPU while the
   # checkpoints are written on the host.
-  wants "$BENCHES" e2e_prefill && stage e2e_prefill 100 "${TWO_RANKS[@]}" "$PY" bench/e2e_prefill.py \
+  wants "$BENCHES" e2e_prefill && timed_stage 100 e2e_prefill.log "${TWO_RANKS[@]}" "$PY" bench/e2e_prefill.py \
       --out "$OUT/compare/e2e" --preset deepseek-v3 --num-moe-layers 4 --tokens 8192,16384 --prompt-length 8192 \
       --iters 2 --time-budget-s 70 --moe-backend cutedsl
   tail -n 12 "$OUT/compare/e2e/summary.md" 2>/dev/null
   # Correctness, up to four rooms at once (each asserts its results; none is timed).
   pids=()
-  wants "$TESTS" views && { stage tests_views 200 "$PY" -m pytest -q -rs -p no:cacheprovider \
+  wants "$TESTS" views && { timed_stage 200 tests_views.log "$PY" -m pytest -q -rs -p no:cacheprovider \
       tests/gpu/test_composite_views_gpu.py & pids+=($!); }
-  wants "$TESTS" serving && { stage tests_serving 200 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider \
+  wants "$TESTS" serving && { timed_stage 200 tests_serving.log "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider \
       tests/gpu/test_kv_ipc.py tests/unit/test_sampling.py & pids+=($!); }
-  wants "$TESTS" tiers && { stage tests_tiers 200 "$PY" -m pytest -q -rs -p no:cacheprovider \
+  wants "$TESTS" tiers && { timed_stage 200 tests_tiers.log "$PY" -m pytest -q -rs -p no:cacheprovider \
       tests/gpu/test_tiers_gpu.py & pids+=($!); }
-  wants "$TESTS" compare && { stage tests_compare 200 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider \
+  wants "$TESTS" compare && { timed_stage 200 tests_compare.log "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider \
       tests/gpu/test_expert_parallel_gpu.py tests/gpu/test_moe_warmup_gpu.py tests/unit/test_permute.py \
       tests/unit/test_moe_torch_ref.py & pids+=($!); }
   [ "${#pids[@]}" -gt 0 ] && wait "${pids[@]}"
@@ -84,14 +76,14 @@ EOF
 
   # The headline: one request stream through the router, DWDP vs EP vs replicated.
   left=$(( 420 - ($(date +%s) - T0) )); [ "$left" -lt 150 ] && left=150
-  wants "$BENCHES" serve_compare && stage serve_compare "$left" "$PY" bench/serve_compare.py --out "$OUT/compare/serve" --ranks 2 \
+  wants "$BENCHES" serve_compare && timed_stage "$left" serve_compare.log "$PY" bench/serve_compare.py --out "$OUT/compare/serve" --ranks 2 \
       --model "$DSV3" --gen-model "$GEN" --moe-backend cutedsl --num-prompts 24 --concurrency 8 \
       --max-num-tokens 8192 --max-batch-size 8 --start-timeout 120
   cat "$OUT/compare/serve/summary.md" 2>/dev/null
   rm -rf "$OUT/compare/serve/work/tiny-ckpt"   # the servers' logs (kernel compiles) stay in work/<mode>/
   # Composite vs multi views (cutedsl and torch-grouped), bitwise and step time in one run.
   mkdir -p "$OUT/views"
-  wants "$BENCHES" expert_views && stage expert_views 70 "${TWO_RANKS[@]}" "$PY" bench/expert_views.py --backends cutedsl,torch-grouped --layers 3 \
+  wants "$BENCHES" expert_views && timed_stage 70 expert_views.log "${TWO_RANKS[@]}" "$PY" bench/expert_views.py --backends cutedsl,torch-grouped --layers 3 \
       --warmup 1 --steps 3 --timeout 50 --out "$OUT/views/expert_views.json"
   if [ -n "$ckpt2" ]; then
     wait "$ckpt2"; echo "checkpoint_2l exit $? at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/stages.txt"
@@ -99,14 +91,14 @@ EOF
 else
   mkdir -p "$OUT/serving" "$OUT/tiers"
   : > "$OUT/stages.txt"
-  stage kv_bandwidth 50 "$PY" bench/kv_handover.py --device cuda:0 --export-device cuda:0 --tokens 8192 32768 \
+  timed_stage 50 kv_bandwidth.log "$PY" bench/kv_handover.py --device cuda:0 --export-device cuda:0 --tokens 8192 32768 \
       --layers 61 --repeats 2 --out "$OUT/serving/kv_handover.json"
-  [ -f "$DSV3_2L/config.json" ] && stage kv_ttft 60 "$PY" bench/kv_handover.py --ttft "$DSV3_2L" --device cuda:0 \
+  [ -f "$DSV3_2L/config.json" ] && timed_stage 60 kv_ttft.log "$PY" bench/kv_handover.py --ttft "$DSV3_2L" --device cuda:0 \
       --export-device cuda:0 --tokens 8192 --repeats 1 --start-timeout 45 --out "$OUT/serving/kv_handover_ttft.json"
-  stage tiers_h2d 30 "$PY" bench/tiers.py h2d --experts 64 --host-experts 32 --layers 4 --steps 4 --out "$OUT/tiers/h2d.json"
-  stage tiers_failover 50 "$PY" bench/tiers.py failover --experts 63 --layers 4 --tokens 2048 --kill-at 6 --after 4 \
+  timed_stage 30 tiers_h2d.log "$PY" bench/tiers.py h2d --experts 64 --host-experts 32 --layers 4 --steps 4 --out "$OUT/tiers/h2d.json"
+  timed_stage 50 tiers_failover.log "$PY" bench/tiers.py failover --experts 63 --layers 4 --tokens 2048 --kill-at 6 --after 4 \
       --backend torch --timeout 25 --work /tmp/tiers_failover --out "$OUT/tiers/failover.json"
-  stage tiers_offload 35 "$PY" bench/tiers.py offload --experts 64 --host-experts 32 --layers 4 \
+  timed_stage 35 tiers_offload.log "$PY" bench/tiers.py offload --experts 64 --host-experts 32 --layers 4 \
       --tokens 1024 8192 32768 --iters 2 --budget-s 25 --out "$OUT/tiers/offload.json"
   echo "files left in /dev/shm: $(ls /dev/shm | grep -c trtllm_dwdp)" | tee -a "$OUT/stages.txt"
 fi

@@ -42,13 +42,7 @@ fi
   echo "gpus used $NGPU, moe backend $BACKEND, ranks 2"
 } > "$C/setup.log" 2>&1
 
-step() {  # step NAME TIMEOUT_S CMD...: log to $C/NAME.log, record exit status and seconds
-  local name=$1 limit=$2; shift 2
-  local t0; t0=$(date +%s)
-  timeout -k 10 "$limit" "$@" > "$C/$name.log" 2>&1
-  local rc=$?
-  echo "$name exit $rc seconds $(( $(date +%s) - t0 ))" | tee -a "$C/setup.log"
-}
+STAGE_DIR="$C" STAGE_RECORD="$C/setup.log"   # timed_stage: logs in $C, one line each in setup.log
 
 # 3 (background): the DeepSeek-V3-shaped checkpoint and a tiny one for the idle generation server.
 if [ "$NGPU" -gt 0 ]; then
@@ -74,10 +68,10 @@ ckpt_pid=$!
 
 # 1. GPU tests (CPU dry run: their CPU twins).
 if [ "$NGPU" -gt 0 ]; then
-  step gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_expert_parallel_gpu.py \
+  timed_stage 120 gpu_tests.log "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_expert_parallel_gpu.py \
       tests/gpu/test_moe_warmup_gpu.py tests/unit/test_permute.py tests/unit/test_moe_torch_ref.py
 else
-  step gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/multirank/test_expert_parallel_ranks.py \
+  timed_stage 120 gpu_tests.log "$PY" -m pytest -q -p no:cacheprovider tests/multirank/test_expert_parallel_ranks.py \
       tests/multirank/test_ep_serving.py
 fi
 tail -n 3 "$C/gpu_tests.log"
@@ -93,7 +87,7 @@ else
 fi
 # shellcheck disable=SC2206
 CMP+=(${COMPARE_ARGS:-})
-step serve_compare "$(( left > 60 ? left : 60 ))" "$PY" bench/serve_compare.py --out "$C/serve" --ranks 2 "${CMP[@]}"
+timed_stage "$(( left > 60 ? left : 60 ))" serve_compare.log "$PY" bench/serve_compare.py --out "$C/serve" --ranks 2 "${CMP[@]}"
 cat "$C/serve/summary.md" 2>/dev/null
 rm -rf "$C/serve/work/tiny-ckpt"   # the servers' logs stay in $C/serve/work/<mode>/
 
@@ -110,7 +104,7 @@ else
 fi
 # shellcheck disable=SC2206
 E2E+=(${E2E_ARGS:-})
-step e2e_prefill "$left" mpirun --allow-run-as-root --oversubscribe -np 2 -x NCCL_NVLS_ENABLE \
+timed_stage "$left" e2e_prefill.log mpirun --allow-run-as-root --oversubscribe -np 2 -x NCCL_NVLS_ENABLE \
     -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -x PYTHONPATH -x PYTHONUNBUFFERED \
     "$PY" bench/e2e_prefill.py --out "$C/e2e" "${E2E[@]}"
 tail -n 8 "$C/e2e/summary.md" 2>/dev/null

@@ -37,13 +37,7 @@ t_all=$(date +%s)
   echo "context $CTX generation $GEN"
 } > "$R/setup.log" 2>&1
 
-step() {  # step NAME TIMEOUT_S CMD...: run, log to $R/NAME.log, record exit status and seconds
-  local name=$1 limit=$2; shift 2
-  local t0; t0=$(date +%s)
-  timeout "$limit" "$@" > "$R/$name.log" 2>&1
-  local rc=$?
-  echo "$name exit $rc seconds $(( $(date +%s) - t0 ))" | tee -a "$R/setup.log"
-}
+STAGE_DIR="$R" STAGE_RECORD="$R/setup.log"   # timed_stage: logs in $R, one line each in setup.log
 
 # The checkpoint is written in the background while the tests and the bandwidth bench run.
 MODEL="$WORK/${PRESET:-deepseek-v3}-L${CKPT_LAYERS:-2}-V1024"
@@ -51,16 +45,16 @@ MODEL="$WORK/${PRESET:-deepseek-v3}-L${CKPT_LAYERS:-2}-V1024"
     --num-layers "${CKPT_LAYERS:-2}" --vocab-size 1024 --quant nvfp4 --out "$MODEL" ) > "$R/checkpoint.log" 2>&1 &
 ckpt_pid=$!
 
-step gpu_tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_kv_ipc.py tests/unit/test_sampling.py
+timed_stage 120 gpu_tests.log "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_kv_ipc.py tests/unit/test_sampling.py
 tail -n 3 "$R/gpu_tests.log"
 
 # shellcheck disable=SC2086
-step kv_bandwidth 120 "$PY" bench/kv_handover.py --device "$GEN" --export-device "$CTX" --tokens $TOKENS \
+timed_stage 120 kv_bandwidth.log "$PY" bench/kv_handover.py --device "$GEN" --export-device "$CTX" --tokens $TOKENS \
     --layers "${LAYERS:-61}" --repeats "${REPEATS:-3}" --out "$R/kv_handover.json"
 
 wait "$ckpt_pid"; echo "checkpoint exit $? (written by $(( $(date +%s) - t_all )) s)" | tee -a "$R/setup.log"
 # shellcheck disable=SC2086
-step ttft 200 "$PY" bench/kv_handover.py --ttft "$MODEL" --device "$GEN" --export-device "$CTX" \
+timed_stage 200 ttft.log "$PY" bench/kv_handover.py --ttft "$MODEL" --device "$GEN" --export-device "$CTX" \
     --tokens $TOKENS --repeats 3 --start-timeout 90 --out "$R/kv_handover_ttft.json"
 
 "$PY" - "$R" <<'PY' | tee "$R/summary.json"

@@ -28,13 +28,8 @@
 #   logs.tar.gz    every stage's log (env.txt, tests.txt, *_log.txt): a call returns 8 files
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT="$PWD"
-OUT="${OUT:-$ROOT/device_out}/tiers"
-mkdir -p "$OUT"
 . bench/device_env.sh
-
-: > "$OUT/stages.txt"
-timed_stage 20 env.txt "$PY" bench/device_report.py
+device_room tiers
 
 timed_stage 35 h2d_log.txt "$PY" bench/tiers.py h2d --experts 64 --host-experts 32 --layers 4 \
   --steps 4 --out "$OUT/h2d.json"

@@ -26,13 +26,8 @@
 #   summary.txt          the figures to read first (also printed at the end)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT="$PWD"
-OUT="${OUT:-$ROOT/device_out}/views"
-mkdir -p "$OUT"
 . bench/device_env.sh
-
-: > "$OUT/stages.txt"
-timed_stage 25 env.txt "$PY" bench/device_report.py
+device_room views
 
 timed_stage 150 tests.txt "$PY" -m pytest -q -rs --durations=8 -p no:cacheprovider \
   tests/gpu/test_composite_views_gpu.py

@@ -20,13 +20,8 @@
 #                        per chunk), DeepSeek-V3 NVFP4 layers, 3 layers, 4096 tokens per rank
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT="$PWD"
-OUT="${OUT:-$ROOT/device_out}/views2"
-mkdir -p "$OUT"
 . bench/device_env.sh
-
-: > "$OUT/stages.txt"
-timed_stage 20 env.txt "$PY" bench/device_report.py
+device_room views2
 
 timed_stage 150 tests_views.txt "$PY" -m pytest -q -rs --durations=8 -p no:cacheprovider \
   tests/gpu/test_composite_views_gpu.py
