@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from bench.e2e_model import MODES, bench_config, build_bench_model  # noqa: E402
-from tensorrt_llm_dwdp.moe.backends import BACKEND_MODULES  # noqa: E402
+from tensorrt_llm_dwdp.moe.backends import BACKEND_MODULES, warm_up_model  # noqa: E402
 from tensorrt_llm_dwdp.parallel.config import TRANSPORTS  # noqa: E402
 from bench.e2e_report import aggregate_point, goals, summary_markdown  # noqa: E402
 from bench.peaks import peak_for  # noqa: E402
@@ -184,14 +184,6 @@ def _smoke(backend: Any, ref: Any, device: torch.device, config: Any) -> float:
 
 
 # ----------------------------------------------------------------------------- modes
-def _warm_up_kernels(model) -> int:
-    """Compile every MoE kernel a step of ``model`` can pick (``moe.backends.warm_up_backends``)."""
-    from tensorrt_llm_dwdp.moe.backends import warm_up_backends
-
-    moes = getattr(model, "moe_modules", None)
-    return warm_up_backends(moes().values()) if moes is not None else 0
-
-
 def run_mode(mode: str, args: argparse.Namespace, ctx: dict[str, Any], points: list[Point],
              results: dict[str, Any]) -> torch.Tensor | None:
     """Build ``mode``, sweep ``points``, return this rank's logits of the check step."""
@@ -240,7 +232,7 @@ def run_mode(mode: str, args: argparse.Namespace, ctx: dict[str, Any], points: l
         }
         # Every kernel a point can pick is compiled now, outside the budget: the first mode
         # used to pay all of it inside its points and ran out of budget before the others.
-        compiled = _warm_up_kernels(bm.model)
+        compiled = warm_up_model(bm.model)
         if compiled:
             logger.info("%s: %d MoE kernels compiled before the sweep", mode, compiled)
         t0 = time.perf_counter()

@@ -143,13 +143,10 @@ def _warm_up_kernels(model: Any) -> None:
     seconds per kernel)."""
     import time
 
-    from tensorrt_llm_dwdp.moe.backends import warm_up_backends
+    from tensorrt_llm_dwdp.moe.backends import warm_up_model
 
-    moes = getattr(model, "moe_modules", None)
-    if moes is None:   # a model without MoE layers
-        return
     start = time.perf_counter()
-    compiled = warm_up_backends(moes().values())
+    compiled = warm_up_model(model)
     if compiled:
         logger.info("MoE kernels: %d compiled before serving in %.1f s", compiled,
                     time.perf_counter() - start)

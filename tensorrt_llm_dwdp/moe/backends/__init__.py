@@ -103,6 +103,12 @@ def warm_up_backends(moes) -> int:
     return compiled
 
 
+def warm_up_model(model) -> int:
+    """``warm_up_backends`` over every MoE layer of ``model`` (0 for a model without any)."""
+    moes = getattr(model, "moe_modules", None)
+    return warm_up_backends(moes().values()) if moes is not None else 0
+
+
 def compile_stats(backends) -> tuple[int, float]:
     """(kernels compiled, seconds compiling) summed over ``backends`` (those that compile:
     a ``compile_stats()`` method); (0, 0.0) when none does."""
