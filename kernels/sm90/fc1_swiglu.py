@@ -10,7 +10,7 @@ import torch
 
 from ..compile_cache import CompileCache
 from .expert_table import ExpertTable
-from .grouped_launch import check_plan_tensors, launch_rs_gemm
+from .grouped_launch import check_plan_tensors, rs_gemm_launcher
 
 
 def fc1_gather_swiglu(
@@ -40,7 +40,8 @@ def fc1_gather_swiglu(
     elif out.dtype != torch.bfloat16 or tuple(out.shape) != (m_pad, inter) or not out.is_contiguous():
         raise ValueError(f"fc1: out must be contiguous torch.bfloat16 {(m_pad, inter)}, got "
                          f"{out.dtype} {tuple(out.shape)}")
-    return launch_rs_gemm(
+    launch = rs_gemm_launcher(
         cache, epilogue="swiglu", a=x, row_index=gather_index, tile_expert=tile_expert,
-        table=w13, topk_w=x.new_empty(1, dtype=torch.float32), out=out, bn=bn,
-        blk_begin=0, blk_end=w13.rows // 64, config=config)
+        table=w13, topk_w=x.new_empty(1, dtype=torch.float32), out=out, bn=bn, config=config)
+    launch(0, w13.rows // 64)
+    return out

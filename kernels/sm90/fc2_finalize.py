@@ -15,7 +15,7 @@ import torch
 
 from ..compile_cache import CompileCache
 from .expert_table import ExpertTable
-from .grouped_launch import check_plan_tensors, current_stream, gmem_ptr, launch_rs_gemm
+from .grouped_launch import check_plan_tensors, current_stream, gmem_ptr, rs_gemm_launcher
 
 BLOCK = 64
 
@@ -75,35 +75,45 @@ def fc2_finalize(
     config = config or rs_config(bn, w2.k)
     cb = chunk_blocks(hidden, top_k, config.blocks_per_cta)
     y = torch.empty(tokens * top_k, cb * BLOCK, dtype=torch.float32, device=h.device)
-    weights = topk_weights.contiguous().reshape(-1)
+    gemm = rs_gemm_launcher(cache, epilogue="scatter", a=h, row_index=slot_index,
+                            tile_expert=tile_expert, table=w2,
+                            topk_w=topk_weights.contiguous().reshape(-1), out=y, bn=bn,
+                            y_cols=cb * BLOCK, config=config)
+    finalize = slot_sum_launcher(cache, y, topk_ids, out)
     for b0 in range(0, blocks, cb):
         b1 = min(blocks, b0 + cb)
-        launch_rs_gemm(cache, epilogue="scatter", a=h, row_index=slot_index,
-                       tile_expert=tile_expert, table=w2, topk_w=weights, out=y, bn=bn,
-                       blk_begin=b0, blk_end=b1, y_cols=cb * BLOCK, config=config)
-        slot_sum(cache, y, topk_ids, out, b0 * BLOCK, (b1 - b0) * BLOCK)
+        gemm(b0, b1)
+        finalize(b0 * BLOCK, (b1 - b0) * BLOCK)
     return out
 
 
-def slot_sum(cache: CompileCache, y: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor,
-             col0: int, cols: int) -> torch.Tensor:
-    """``out[t, col0 + c] = bf16(sum_j y[t k + j, c])`` for ``c < cols``, slot order j, empty
-    slots (``topk_ids`` -1) skipped."""
+def slot_sum_launcher(cache: CompileCache, y: torch.Tensor, topk_ids: torch.Tensor,
+                      out: torch.Tensor):
+    """``launch(col0, cols)``: ``out[t, col0 + c] = bf16(sum_j y[t k + j, c])`` for
+    ``c < cols``, slot order j, empty slots (``topk_ids`` -1) skipped. Pointers and stream
+    are made here once and the compiled kernel is looked up at the first launch (as
+    ``rs_gemm_launcher``)."""
     import cutlass
 
     tokens, hidden = out.shape
     top_k = topk_ids.shape[1]
     y_cols = y.shape[1]
-    args = [gmem_ptr(y, 16), gmem_ptr(topk_ids), gmem_ptr(out, 8), cutlass.Int32(tokens),
-            cutlass.Int32(col0), cutlass.Int32(cols)]
+    fixed = [gmem_ptr(y, 16), gmem_ptr(topk_ids), gmem_ptr(out, 8), cutlass.Int32(tokens)]
+    stream = current_stream()
+    compiled = None
 
-    def build():
-        import cutlass.cute as cute
+    def launch(col0: int, cols: int) -> None:
+        nonlocal compiled
+        args = [*fixed, cutlass.Int32(col0), cutlass.Int32(cols), stream]
+        if compiled is None:
+            def build():
+                import cutlass.cute as cute
 
-        from .slot_sum import SlotSum
+                from .slot_sum import SlotSum
 
-        return cute.compile(SlotSum(y_cols, top_k, hidden), *args, current_stream())
+                return cute.compile(SlotSum(y_cols, top_k, hidden), *args)
 
-    compiled = cache.get(("slot_sum", y_cols, top_k, hidden), build)
-    compiled(*args, current_stream())
-    return out
+            compiled = cache.get(("slot_sum", y_cols, top_k, hidden), build)
+        compiled(*args)
+
+    return launch

@@ -39,7 +39,7 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def launch_rs_gemm(
+def rs_gemm_launcher(
     cache: CompileCache,
     *,
     epilogue: str,
@@ -50,21 +50,20 @@ def launch_rs_gemm(
     topk_w: torch.Tensor,
     out: torch.Tensor,
     bn: int,
-    blk_begin: int,
-    blk_end: int,
     y_cols: int = 0,
     config=None,
-) -> torch.Tensor:
-    """Run one ``w4a16_rs_gemm`` over every token tile and the 64-row weight blocks
-    ``[blk_begin, blk_end)`` into ``out``; the grid is min(work tiles, resident CTAs) for
-    persistent configurations, else one CTA per work tile. ``config``: an ``RsConfig``
-    (default ``rs_config(bn, K)``)."""
+):
+    """``launch(blk_begin, blk_end)``: one ``w4a16_rs_gemm`` over every token tile and the
+    64-row weight blocks ``[blk_begin, blk_end)`` into ``out``; the grid is min(work tiles,
+    resident CTAs) for persistent configurations, else one CTA per work tile. ``config``: an
+    ``RsConfig`` (default ``rs_config(bn, K)``). Pointers and stream are made here once and the
+    compiled kernel is looked up at the first launch, so FC2's column chunks reuse them."""
     from .w4a16_rs_gemm import rs_config
 
     cfg = config or rs_config(bn, table.k)
-    tiles = tile_expert.numel() * -(-(blk_end - blk_begin) // cfg.blocks_per_cta)
-    if tiles == 0:
-        return out
+    num_tiles = tile_expert.numel()
+    if num_tiles == 0:
+        return lambda blk_begin, blk_end: None
     key = ("w4a16_rs_gemm", epilogue, table.rows, table.k, bn, y_cols, cfg)
     require_cutlass()
     import cutlass
@@ -72,23 +71,33 @@ def launch_rs_gemm(
     ptrs = [gmem_ptr(a, 16), gmem_ptr(row_index), gmem_ptr(tile_expert),
             gmem_ptr(table.tensor_of_expert), gmem_ptr(table.local_of_expert),
             gmem_ptr(table.table), gmem_ptr(topk_w), gmem_ptr(out, 16)]
-    sizes = [cutlass.Int32(v) for v in (
-        tile_expert.numel(), table.tensor_of_expert.numel(), table.num_tensors, blk_begin,
-        blk_end, min(tiles, sm_count(a.device) * cfg.ctas_per_sm) if cfg.persistent
-        else tiles)]
+    fixed = [cutlass.Int32(v) for v in (
+        num_tiles, table.tensor_of_expert.numel(), table.num_tensors)]
+    resident = sm_count(a.device) * cfg.ctas_per_sm if cfg.persistent else None
+    stream = current_stream()
+    compiled = None
 
-    def build():
-        import cutlass.cute as cute
+    def launch(blk_begin: int, blk_end: int) -> None:
+        nonlocal compiled
+        tiles = num_tiles * -(-(blk_end - blk_begin) // cfg.blocks_per_cta)
+        if tiles == 0:
+            return
+        args = [*ptrs, *fixed, *(cutlass.Int32(v) for v in (
+            blk_begin, blk_end, tiles if resident is None else min(tiles, resident))), stream]
+        if compiled is None:
+            def build():
+                import cutlass.cute as cute
 
-        from .w4a16_rs_gemm import W4A16RsGemm
+                from .w4a16_rs_gemm import W4A16RsGemm
 
-        kernel = W4A16RsGemm(epilogue=epilogue, n_weight=table.rows, k=table.k, bn=bn,
-                             y_cols=y_cols, config=cfg)
-        return cute.compile(kernel, *ptrs, *sizes, current_stream())
+                kernel = W4A16RsGemm(epilogue=epilogue, n_weight=table.rows, k=table.k,
+                                     bn=bn, y_cols=y_cols, config=cfg)
+                return cute.compile(kernel, *args)
 
-    compiled = cache.get(key, build)
-    compiled(*ptrs, *sizes, current_stream())
-    return out
+            compiled = cache.get(key, build)
+        compiled(*args)
+
+    return launch
 
 
 def check_plan_tensors(bn: int, m_pad: int, tile_expert: torch.Tensor) -> None:
