@@ -115,14 +115,17 @@ class KvHandoff:
                    alloc: Callable[[int], Any] | None = None) -> "KvHandoff":
         """Copy ``slot``'s first ``len(prompt_ids)`` positions into a packed buffer (a block of
         ``alloc`` when it has one, else on the cache's device, else the host), complete when
-        this returns."""
+        this returns. ``prompt_ids``: ints (the sequence's, taken as they are: a per-element
+        ``int()`` costs 2 ms of the engine thread per 32K-token export)."""
         live = cache.export_slot(slot, len(prompt_ids))
-        return cls(tuple(int(t) for t in prompt_ids), int(first_token), live).pack(copy=True, alloc=alloc)
+        return cls(tuple(prompt_ids), int(first_token), live).pack(copy=True, alloc=alloc)
 
     @classmethod
-    def from_flat(cls, prompt_ids, first_token: int, flat: torch.Tensor,
+    def from_flat(cls, prompt_ids: tuple[int, ...], first_token: int, flat: torch.Tensor,
                   layout: tuple[KvTensorSpec, ...]) -> "KvHandoff":
-        return cls(tuple(int(t) for t in prompt_ids), int(first_token), views_of(flat, layout), flat, layout)
+        """A hand-off over ``flat``; ``prompt_ids`` as ``check_metadata`` returns them (a tuple
+        of ints, kept as it is)."""
+        return cls(tuple(prompt_ids), int(first_token), views_of(flat, layout), flat, layout)
 
     def pack(self, copy: bool = False, alloc: Callable[[int], Any] | None = None) -> "KvHandoff":
         """This hand-off over one packed buffer (itself when it already is one and not ``copy``):
