@@ -151,12 +151,10 @@ class OpenAIServer:
         if self.loop is None or not self.loop.healthy:
             return _json_error(ApiError("engine is not running", status=503, type="service_unavailable"))
 
-        def read(engine: Any) -> dict[str, Any]:
-            stats = engine.stats
-            return {"step_count": stats.step_count,
-                    "steps": [r.to_dict() for r in stats.steps_after(after)]}
-
-        return web.json_response(await self.loop.call(read))
+        # The engine thread only snapshots the (immutable) records; they become dicts here.
+        step_count, records = await self.loop.call(
+            lambda engine: (engine.stats.step_count, engine.stats.steps_after(after)))
+        return web.json_response({"step_count": step_count, "steps": [r.to_dict() for r in records]})
 
     # ---- generation -----------------------------------------------------------------------------
 
