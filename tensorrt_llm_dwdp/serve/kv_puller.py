@@ -13,6 +13,7 @@ import asyncio
 import base64
 import concurrent.futures
 import ctypes
+import json
 import logging
 import os
 import time
@@ -159,7 +160,7 @@ class KvPuller:
                     raise _Fallback(_refusal(text), f"share answered HTTP 409: {text[:300]}")
                 if resp.status != 200:
                     raise _Fallback("share_error", f"share answered HTTP {resp.status}: {text[:300]}")
-                desc = await resp.json()
+                desc = json.loads(text)  # the body read once (resp.json() would copy and decode it again)
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             raise _Fallback("share_error", f"share request failed: {type(e).__name__}: {e}") from e
         if not isinstance(desc, dict) or not isinstance(desc.get("pool"), dict):
@@ -291,8 +292,6 @@ def _owner(kv_url: str) -> str:
 
 def _refusal(text: str) -> str:
     """The reason of a 409 share answer (``code`` ``kv_share_<reason>``)."""
-    import json
-
     try:
         code = json.loads(text)["error"]["code"]
     except (ValueError, KeyError, TypeError):
