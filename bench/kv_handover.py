@@ -45,6 +45,11 @@ import time
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from bench.json_out import emit  # noqa: E402
+
 MLA_K, MLA_V = 512, 64  # DeepSeek-V3: kv_lora_rank latent, rope key
 PHASES = ("share_s", "open_s", "alloc_s", "copy_s", "release_s")
 
@@ -337,7 +342,7 @@ def ttft(args) -> dict:
     def report(mode, partial):
         result["modes"][mode] = partial
         _summarise_ttft(result)
-        _write(args.out, result)
+        emit(result, args.out, quiet=True)
 
     for mode in ("auto", "http"):
         with tempfile.TemporaryDirectory(prefix=f"kv-ttft-{mode}-") as work:
@@ -364,14 +369,6 @@ def _summarise_ttft(result: dict) -> dict:
     return result
 
 
-def _write(path: str | None, result: dict) -> None:
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.write(json.dumps(result, indent=2) + "\n")
-        os.replace(path + ".tmp", path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -394,13 +391,8 @@ def main(argv=None) -> int:
         return 0
     if args.device == "cuda":
         args.device = "cuda:0"
-    if args.ttft:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        result = ttft(args)
-    else:
-        result = asyncio.run(bench(args))
-    print(json.dumps(result, indent=2))
-    _write(args.out, result)
+    result = ttft(args) if args.ttft else asyncio.run(bench(args))
+    emit(result, args.out)
     return 0 if result["ok"] else 1
 
 
