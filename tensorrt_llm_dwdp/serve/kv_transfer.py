@@ -88,19 +88,19 @@ def share_descriptor(pool: KvExportPool | None, handoff: KvHandoff, kinds: list[
         raise ShareUnavailable("kind", f"the export pool is {pool.kind}; the generation server reads {kinds}")
     pooled = handoff
     if not pool.holds(handoff.block):
-        if handoff.nbytes > pool.capacity:
+        pooled = pool.adopt(handoff)  # None at once for an entry that can never fit (counted)
+        if pooled is None and handoff.nbytes > pool.capacity:
             raise ShareUnavailable("too_large", f"a KV of {handoff.nbytes} bytes exceeds the export pool "
                                                 f"of {pool.capacity} bytes (kv_transfer_pool_bytes)")
-        pooled = pool.adopt(handoff)
         if pooled is None:
             s = pool.allocator.stats()
             raise ShareUnavailable("pool_full", f"no room for {handoff.nbytes} bytes in the export pool "
                                                 f"after {pool.wait_s} s ({s['used']} of {s['capacity']} "
                                                 f"bytes held by {s['entries']} hand-overs, largest free "
                                                 f"range {s['largest_free']})")
-    packed = pooled.pack()
-    return ({"kind": pool.kind, "nbytes": packed.flat.numel(), "layout": [s.to_json() for s in packed.layout],
-             "metadata": packed.metadata(), "pool": pool.describe(pooled.block)}, pooled)
+    # A hand-off in a pool block is packed: its flat buffer is the block.
+    return ({"kind": pool.kind, "nbytes": pooled.flat.numel(), "layout": [s.to_json() for s in pooled.layout],
+             "metadata": pooled.metadata(), "pool": pool.describe(pooled.block)}, pooled)
 
 
 class KvStore:

@@ -199,6 +199,7 @@ def test_every_fallback_goes_over_http_with_its_reason(monkeypatch, caplog):
                 pool = store.pool
                 pool.ensure()
                 await pull(puller, s, base, store, _handoff(2000), "too_large")
+                assert pool.counts["too_large"] == 1  # the pool's own gauge sees it too
                 held = pool.try_allocate(pool.capacity)
                 t = await pull(puller, s, base, store, h, "pool_full")  # waited, then HTTP
                 assert "no room" in t.fallback and pool.counts["full"] == 1
