@@ -51,21 +51,34 @@ class Memory:
 
 
 class PhysicalLedger:
-    """Bytes of device memory this process created with ``cuMemCreate`` and has not released,
-    per device: the caching allocator does not see them, so a measurement of what a rank holds
-    (``model/memory.py``) adds them. Imported (peer) handles are not ours and are not counted."""
+    """Bytes of device memory this process created with ``cuMemCreate`` and still holds, per
+    device: the caching allocator does not see them, so a measurement of what a rank holds
+    (``model/memory.py``) adds them. The driver frees an allocation once its handle is released
+    *and* its last mapping is unmapped (``VmmTransport.close`` releases handles whose memory the
+    weights and composite views still map), so an allocation counts until both have happened.
+    Imported (peer) handles and their mappings are not ours and are not counted."""
 
     def __init__(self) -> None:
-        self._held: dict[int, tuple[int, int]] = {}  # handle -> (device index, bytes)
+        self._handles: dict[int, list[int]] = {}  # live handle -> [device index, bytes]
+        self._mappings: dict[int, list[int]] = {}  # mapped address -> its allocation's entry
 
     def created(self, handle: int, device: int, nbytes: int) -> None:
-        self._held[handle] = (device, nbytes)
+        self._handles[handle] = [device, nbytes]
+
+    def mapped(self, addr: int, handle: int) -> None:
+        entry = self._handles.get(handle)
+        if entry is not None:
+            self._mappings[addr] = entry
+
+    def unmapped(self, addr: int) -> None:
+        self._mappings.pop(addr, None)
 
     def released(self, handle: int) -> None:
-        self._held.pop(handle, None)
+        self._handles.pop(handle, None)
 
     def bytes_on(self, device: int) -> int:
-        return sum(n for d, n in self._held.values() if d == device)
+        held = {id(e): e for e in [*self._handles.values(), *self._mappings.values()]}
+        return sum(n for d, n in held.values() if d == device)
 
 
 PHYSICAL = PhysicalLedger()
@@ -347,6 +360,7 @@ class GpuVmm:
                            f"{offset + size}) of {mem.size} bytes")
         self._call(f"cuMemMap(0x{addr:x}, {size}, handle 0x{mem.handle:x})", self._drv.cuMemMap,
                    addr, size, 0, mem.handle, 0)
+        PHYSICAL.mapped(addr, mem.handle)
 
     def set_access(self, addr: int, size: int, writable: bool = True) -> None:
         self._call(f"cuMemSetAccess(0x{addr:x}, {size})", self._drv.cuMemSetAccess, addr, size,
@@ -354,6 +368,7 @@ class GpuVmm:
 
     def unmap(self, addr: int, size: int) -> None:
         self._call(f"cuMemUnmap(0x{addr:x}, {size})", self._drv.cuMemUnmap, addr, size)
+        PHYSICAL.unmapped(addr)
 
     def free(self, addr: int, size: int) -> None:
         self._call(f"cuMemAddressFree(0x{addr:x}, {size})", self._drv.cuMemAddressFree, addr, size)

@@ -42,3 +42,28 @@ def test_vmm_ledger_counts_what_this_process_created_per_device_until_released()
     ledger.released(0xD)  # an imported handle: never counted, released without effect
     assert ledger.bytes_on(0) == 4 << 20
     assert physical_bytes("cpu") == 0  # CPU pages are in RSS already
+
+
+def test_vmm_ledger_holds_a_released_allocation_until_its_last_mapping_is_gone():
+    """cuMemRelease of a handle that is still mapped (``VmmTransport.close`` while weights and
+    composite views map its memory) frees nothing: the bytes count until the last unmap. A
+    mapping of an imported handle is never counted."""
+    from tensorrt_llm_dwdp.dwdp.vmm import PhysicalLedger
+
+    ledger = PhysicalLedger()
+    ledger.created(0xA, 0, 2 << 20)
+    ledger.mapped(0x1000, 0xA)            # the owner's mapping
+    ledger.mapped(0x9000, 0xA)            # the composite view's second mapping
+    ledger.mapped(0x5000, 0xD)            # an imported peer allocation
+    assert ledger.bytes_on(0) == 2 << 20  # counted once however often it is mapped
+    ledger.released(0xA)
+    assert ledger.bytes_on(0) == 2 << 20
+    ledger.unmapped(0x1000)
+    assert ledger.bytes_on(0) == 2 << 20
+    ledger.created(0xA, 0, 4 << 20)       # the driver may hand the released value out again
+    assert ledger.bytes_on(0) == 6 << 20
+    ledger.unmapped(0x9000)
+    ledger.unmapped(0x5000)
+    assert ledger.bytes_on(0) == 4 << 20
+    ledger.released(0xA)
+    assert ledger.bytes_on(0) == 0
