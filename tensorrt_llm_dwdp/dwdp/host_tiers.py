@@ -285,9 +285,10 @@ class HostTiers:
                 experts: tuple[int, int], allocate: Any, what: str) -> dict[str, Any]:
         """Tensors of layer ``pos`` holding global ``experts`` [first, stop), allocated with
         ``allocate(shape, dtype)`` (``shapes``: name -> (dtype text, shape)) and filled from the
-        store after its checksums over them are verified."""
+        store after the checksums of layer ``pos``'s parts over them are verified (each layer
+        is verified as it is restored, not every layer at each one)."""
         first, stop = experts
-        self.verify([experts], what)
+        self.store.verify(self.parts(pos, first, stop), what)
         out = {}
         for name, (dtype, shape) in shapes.items():
             t = allocate(shape, parse_dtype(dtype))

@@ -153,6 +153,37 @@ def test_host_tiers_fill_verify_and_stale_files_replaced(key):
     fresh.close(0.0)
 
 
+def test_host_tiers_restore_verifies_the_restored_layer_only(key):
+    """Restoring a layer checks that layer's parts (each layer is read once as it is restored):
+    a flipped byte in layer 1 fails restoring layer 1, not layer 0."""
+    config = DwdpConfig(dwdp_size=2, num_experts_per_worker=4, num_prefetch_experts=3,
+                        host_backup=True)
+    lay0, lay1 = ExpertLayout(7, 2, 4, 3, 0), ExpertLayout(7, 2, 4, 3, 1)
+    slay = store_layout(7, [_tensors(4, 0), _tensors(4, 0)])
+    t0 = HostTiers.create(config, lay0, key, slay)
+    t1 = HostTiers.open(config, lay1, key, slay)
+    try:
+        for pos in range(2):
+            t0.fill(pos, _tensors(4, 0), None, 0, 4)
+            t1.fill(pos, _tensors(4, 3), None, 3, 4)
+        shapes = {"a": ("torch.uint8", (4, 3)), "b": ("torch.int16", (4, 2))}
+        t1.store.experts(1, "a", 5, 1)[0, 1] = 77
+        calls = []
+        real = t1.store.verify
+        t1.store.verify = lambda parts, what: (calls.append(sorted(parts)), real(parts, what))
+        got = t1.restore(0, shapes, (3, 7), lambda shape, dtype: torch.empty(shape, dtype=dtype),
+                         "restore layer 0")
+        assert [p[:3] for p in calls[0]] == [(0, 3, 7)]
+        assert torch.equal(got["a"], _tensors(4, 3)["a"])
+        assert torch.equal(got["b"], _tensors(4, 3)["b"])
+        with pytest.raises(DwdpBackupError, match=r"layer position 1 experts \[3, 7\)"):
+            t1.restore(1, shapes, (3, 7), lambda shape, dtype: torch.empty(shape, dtype=dtype),
+                       "restore layer 1")
+    finally:
+        t0.close(0.0)
+        t1.close(0.0)
+
+
 def test_group_key_from_environment():
     env = {"TRTLLM_DWDP_RANK": "1", "TRTLLM_DWDP_MASTER_ADDR": "h", "TRTLLM_DWDP_MASTER_PORT": "5"}
     assert group_key(0, env) == group_key(0, {**env, "TRTLLM_DWDP_RANK": "0"})
