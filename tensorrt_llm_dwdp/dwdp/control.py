@@ -322,9 +322,3 @@ class GroupControl:
         except FileNotFoundError:
             raise DwdpError(f"rank {rank} posted no handle record for incarnation {incarnation} "
                             f"({path} is missing)") from None
-
-    def drop_record(self, rank: int, incarnation: int) -> None:
-        try:
-            os.unlink(group_path(self.key, f"rec{rank}_{incarnation}"))
-        except FileNotFoundError:
-            pass
