@@ -95,7 +95,6 @@ class DwdpManager:
         self.page_bytes = self._memory.page_bytes   # composite mapping unit (0 under multi)
         self._transport = self._memory.transport
         self._layers: list[int] = []
-        self._pos_of: dict[int, int] = {}
         self._own: list[dict[str, torch.Tensor]] = []
         self._handles: list[dict[str, HandleRecord]] = []
         self._host_parts: list[dict[str, torch.Tensor] | None] = []
@@ -235,7 +234,7 @@ class DwdpManager:
             raise DwdpStateError(f"register_layer({layer_idx}) after exchange(): register first")
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
             raise DwdpRegistrationError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
-        if layer_idx in self._pos_of:
+        if layer_idx in self._layers:
             raise DwdpRegistrationError(f"layer {layer_idx} is already registered")
         if not tensors:
             raise DwdpRegistrationError(f"layer {layer_idx}: no tensors given")
@@ -250,7 +249,6 @@ class DwdpManager:
                     raise DwdpRegistrationError(f"{where}: {exc}") from exc
             own[name] = t
         self._host_parts.append(self._check_host_part(layer_idx, own, host_tensors))
-        self._pos_of[layer_idx] = len(self._layers)
         self._layers.append(layer_idx)
         self._own.append(own)
         self._handles.append(handles)

@@ -107,7 +107,7 @@ def check_layer(mgr: DwdpManager, layer: int, num_experts: int) -> None:
         bad = [e for e in range(num_experts) if not torch.equal(got[e], want[e])]
         assert not bad, f"rank {mgr.rank} layer {layer} {name}: experts {bad} differ"
         # padding past the last expert is pool memory the prefetch never writes: still poison
-        r = mgr._composite.ranges[mgr._pos_of[layer]][name]
+        r = mgr._composite.ranges[mgr.layer_indices.index(layer)][name]
         pad = r.total_bytes - r.tensor_bytes
         if pad and r.page_end < r.total_bytes:
             base = t.data_ptr() + r.tensor_bytes
@@ -129,7 +129,7 @@ def run_rank(rank, comm, size, w, p, steps=3, **kw):
         mgr.synchronize()
         comm.allgather(None, 20, "test: every rank's prefetches landed")
         # zero copy: the own slice in both buffers' views is the registered memory itself
-        pos = mgr._pos_of[LAYERS[0]]
+        pos = mgr.layer_indices.index(LAYERS[0])
         own = mgr._own[pos]["w3_w1_weight"]
         views = [mgr._composite.view(pos, b)["w3_w1_weight"] for b in range(2)]
         start = mgr.layout.owned_range()[0]

@@ -75,7 +75,7 @@ def test_views_exact_over_steps(s, w, p, layers, contention):
                 for layer in layers:
                     view = mgr.weights(layer)
                     assert len(view) == len(NAMES) and all(len(v) == s for v in view.values())
-                    assert view["w3_w1_weight"][r].data_ptr() == mgr._own[mgr._pos_of[layer]]["w3_w1_weight"].data_ptr()
+                    assert view["w3_w1_weight"][r].data_ptr() == mgr._own[mgr.layer_indices.index(layer)]["w3_w1_weight"].data_ptr()
                     _check_view(view, layer, e)
                     assert mgr.weights(layer) is view  # prebuilt, no allocation per call
                     mgr.done(layer)
