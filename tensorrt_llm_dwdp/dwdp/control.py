@@ -112,17 +112,18 @@ def create_mapped(path: str, nbytes: int) -> mmap.mmap:
     return mm
 
 
-def open_mapped(path: str, missing: str, nbytes: int | None = None) -> mmap.mmap:
-    """Map the existing file ``path`` read-write; DwdpError(``missing``) if it is not there, or
-    if ``nbytes`` is given and the file has another size."""
+def open_mapped(path: str, missing: str, nbytes: int | None = None,
+                error: type[DwdpError] = DwdpError) -> mmap.mmap:
+    """Map the existing file ``path`` read-write; ``error(missing)`` if it is not there, or if
+    ``nbytes`` is given and the file has another size."""
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
-        raise DwdpError(missing) from None
+        raise error(missing) from None
     try:
         size = os.fstat(fd).st_size
         if nbytes is not None and size != nbytes:
-            raise DwdpError(f"{path} has {size} bytes, this rank's layout needs {nbytes}: the "
+            raise error(f"{path} has {size} bytes, this rank's layout needs {nbytes}: the "
                             f"ranks disagree on the experts")
         return mmap.mmap(fd, size)
     finally:

@@ -159,11 +159,8 @@ class HostStore:
     @classmethod
     def open(cls, key: str, layout: StoreLayout) -> "HostStore":
         path = group_path(key, "store")
-        try:
-            mm = open_mapped(path, f"the host store {path} is gone (its group closed or was "
-                                   f"cleaned up)", layout.total_bytes)
-        except DwdpError as exc:
-            raise DwdpBackupError(str(exc)) from None
+        mm = open_mapped(path, f"the host store {path} is gone (its group closed or was cleaned "
+                               f"up)", layout.total_bytes, DwdpBackupError)
         return cls(key, layout, mm)
 
     # ------------------------------------------------------------------ addresses and views
