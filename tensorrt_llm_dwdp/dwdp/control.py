@@ -27,7 +27,7 @@ import logging
 import mmap
 import os
 import pickle
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -95,15 +95,19 @@ def collect_stale_groups() -> list[str]:
     return collected
 
 
-def create_mapped(path: str, nbytes: int) -> mmap.mmap:
+def create_mapped(path: str, nbytes: int,
+                  fill: Callable[[mmap.mmap], None] | None = None) -> mmap.mmap:
     """A new file of ``nbytes`` zero bytes at ``path``, mapped read-write. It is written under a
-    temporary name and renamed once sized, so nobody opens it half made; the caller fills it."""
+    temporary name, sized and given to ``fill`` (a header peers check), then renamed, so nobody
+    opens it half made."""
     tmp = f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(fd, nbytes)
         mm = mmap.mmap(fd, nbytes)
-    except OSError:
+        if fill is not None:
+            fill(mm)
+    except BaseException:
         os.unlink(tmp)
         raise
     finally:
@@ -154,16 +158,16 @@ class GroupControl:
         """A fresh block (an existing file of this key must be stale: see ``live_ranks``)."""
         if not 1 <= size <= MAX_RANKS:
             raise ValueError(f"host tiers support 1..{MAX_RANKS} ranks per group, got {size}")
-        path = group_path(key, "ctl")
-        tmp = f"{path}.header"  # peers never see a half-written header: filled, then renamed
-        mm = create_mapped(tmp, cls.nbytes(size, num_layers))
-        words = np.frombuffer(mm, dtype=np.int64)
-        words[1:7] = (VERSION, size, num_layers, num_experts, store_bytes, fingerprint)
         me = ProcIdentity.current()
-        words[_CREATOR:_CREATOR + 3] = (me.pid, me.start_time, me.pid_ns)
-        words[0] = MAGIC
-        os.replace(tmp, path)
-        return cls(key, mm, words)
+
+        def header(mm: mmap.mmap) -> None:  # peers never see a half-written header
+            words = np.frombuffer(mm, dtype=np.int64)
+            words[1:7] = (VERSION, size, num_layers, num_experts, store_bytes, fingerprint)
+            words[_CREATOR:_CREATOR + 3] = (me.pid, me.start_time, me.pid_ns)
+            words[0] = MAGIC
+
+        mm = create_mapped(group_path(key, "ctl"), cls.nbytes(size, num_layers), header)
+        return cls(key, mm, np.frombuffer(mm, dtype=np.int64))
 
     @classmethod
     def open(cls, key: str) -> "GroupControl":
