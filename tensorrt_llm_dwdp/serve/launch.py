@@ -50,19 +50,18 @@ async def wait_for_health_async(urls: list[str], timeout_s: float, poll_s: float
                             last[url] = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                             still.append(url)
                 except (ClientError, OSError, asyncio.TimeoutError) as e:  # not up yet
-                    last[url] = f"{type(e).__name__}: {e}"[:200] or type(e).__name__
+                    last[url] = f"{type(e).__name__}: {e}"[:200]
                     still.append(url)
             pending = still
             if not pending:
                 return
             now = time.monotonic()
-            if now > deadline:
-                raise TimeoutError(f"servers not healthy within {timeout_s:.0f} s: "
-                                   + "; ".join(f"{u} ({last.get(u, 'no answer')})" for u in pending))
-            if now >= next_report:
+            if now > deadline or now >= next_report:
+                waiting = "; ".join(f"{u} ({last[u]})" for u in pending)  # each answered this round
+                if now > deadline:
+                    raise TimeoutError(f"servers not healthy within {timeout_s:.0f} s: {waiting}")
                 next_report = now + report_s
-                logger.info("still waiting for %d server(s): %s", len(pending),
-                            "; ".join(f"{u} ({last.get(u, 'no answer')})" for u in pending))
+                logger.info("still waiting for %d server(s): %s", len(pending), waiting)
             await asyncio.sleep(poll_s)
 
 
