@@ -65,6 +65,7 @@ from .nvfp4_dequant import (
     WEIGHT_EXP2,
     e4m3x4_to_bf16x2_splats,
     fragment_bf16x8,
+    fragment_selector,
 )
 from .ptx import (
     cp_async_4,
@@ -432,7 +433,7 @@ class W4A16RsGemm:
         lane = tidx % 32
         g = lane // 4
         c = lane % 4
-        selector = c | (c << 4) | ((c + 4) << 8) | ((c + 4) << 12)  # fragment_selector(c)
+        selector = fragment_selector(c)
         thr_mma = tiled_mma.get_slice(tq)
         tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
         a_shape = thr_mma.partition_shape_A((BLOCK_ROWS, 16))
