@@ -6,6 +6,7 @@ import torch
 from ..compile_cache import CompileCache, require_cutlass
 from .expert_table import ExpertTable
 
+TOKEN_TILES = (16, 32, 64, 128)  # the kernel's token tiles (WGMMA N), smallest first
 _ALIGN = {torch.bfloat16: 16, torch.float32: 4, torch.int32: 4, torch.int64: 8}
 
 

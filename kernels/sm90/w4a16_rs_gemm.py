@@ -60,6 +60,7 @@ import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import BFloat16, Float32, Int32, Int64, Uint32
 from cutlass.cute.nvgpu import warpgroup
 
+from .grouped_launch import TOKEN_TILES
 from .nvfp4_dequant import (
     SCALE_EXP2,
     WEIGHT_EXP2,
@@ -81,7 +82,6 @@ from .ptx import (
 )
 
 EPILOGUES = ("swiglu", "scatter")
-TOKEN_TILES = (16, 32, 64, 128)
 BLOCK_ROWS = 64  # weight rows per WGMMA (M of the atom)
 CONSUMER_WGS = 2
 PRODUCER_THREADS = 128

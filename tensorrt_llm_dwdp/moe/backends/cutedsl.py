@@ -22,13 +22,13 @@ from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.expert_table import ExpertTable, build_expert_table
 from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
+from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import TOKEN_TILES
 from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
 logger = logging.getLogger(__name__)
 
-TOKEN_TILES = (16, 32, 64, 128)
 SIZE_MULTIPLE = 64
 
 
