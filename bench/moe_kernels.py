@@ -85,6 +85,16 @@ def tables(weights):
     return w13, w2
 
 
+def uniform_point(model: str, tpe: int):
+    """One bench point's inputs: routing with ``tpe`` rows on every expert (ids, weights),
+    random tokens, the token tile the backend picks for it and the permutation plan."""
+    hidden, _, num_experts, top_k = MODELS[model]
+    ids, tw = uniform_routing(tpe, num_experts, top_k)
+    x = random_tokens(ids.shape[0], hidden, seed=tpe)
+    bn = choose_token_tile(ids.numel(), num_experts)
+    return ids, tw, x, bn, build_permutation(ids, num_experts, tile_m=bn)
+
+
 class Baselines:
     """bf16 and fp8 copies of one model's expert weights, laid out as torch's grouped GEMMs
     want them (``[E, K, N]`` views of ``[E, N, K]`` storage) with unit rowwise scales."""
@@ -130,13 +140,10 @@ class Baselines:
 
 
 def bench_point(cache, weights, base, model, tpe, multi_b, peaks):
-    hidden, inter, num_experts, top_k = MODELS[model]
-    ids, tw = uniform_routing(tpe, num_experts, top_k)
+    hidden, inter, num_experts, _ = MODELS[model]
+    ids, tw, x, bn, plan = uniform_point(model, tpe)
     tokens = ids.shape[0]
     rows = tpe * num_experts
-    x = random_tokens(tokens, hidden, seed=tpe)
-    bn = choose_token_tile(rows, num_experts)
-    plan = build_permutation(ids, num_experts, tile_m=bn)
     w13, w2 = tables(weights)
     h = torch.empty(plan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
     out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device="cuda")

@@ -10,27 +10,19 @@ import torch
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
-from tensorrt_llm_dwdp.kernels.testing import (
-    MODELS,
-    random_nvfp4_experts,
-    random_tokens,
-    uniform_routing,
-)
-from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
-from tensorrt_llm_dwdp.moe.permute import build_permutation
+from tensorrt_llm_dwdp.kernels.testing import MODELS, random_nvfp4_experts
 
-sys.path.insert(0, "bench")
-from moe_kernels import tables  # noqa: E402
+try:
+    from bench.moe_kernels import tables, uniform_point
+except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
+    from moe_kernels import tables, uniform_point
 
 
 def main() -> int:
     model, tpe = sys.argv[1], int(sys.argv[2])
-    hidden, inter, num_experts, top_k = MODELS[model]
+    hidden, inter, num_experts, _ = MODELS[model]
     weights = random_nvfp4_experts(num_experts, hidden, inter, seed=1)
-    ids, tw = uniform_routing(tpe, num_experts, top_k)
-    x = random_tokens(ids.shape[0], hidden, seed=0)
-    bn = choose_token_tile(ids.numel(), num_experts)
-    plan = build_permutation(ids, num_experts, tile_m=bn)
+    ids, tw, x, bn, plan = uniform_point(model, tpe)
     w13, w2 = tables(weights)
     cache = CompileCache()
     for _ in range(2):

@@ -19,19 +19,12 @@ from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
 from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
-from tensorrt_llm_dwdp.kernels.testing import (
-    MODELS,
-    random_nvfp4_experts,
-    random_tokens,
-    uniform_routing,
-)
-from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
-from tensorrt_llm_dwdp.moe.permute import build_permutation
+from tensorrt_llm_dwdp.kernels.testing import MODELS, random_nvfp4_experts
 
 try:
-    from bench.moe_kernels import tables, time_graph
+    from bench.moe_kernels import tables, time_graph, uniform_point
 except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
-    from moe_kernels import tables, time_graph
+    from moe_kernels import tables, time_graph, uniform_point
 
 # name -> RsConfig overrides, per token tile (the default is always timed first as "default")
 VARIANTS = {
@@ -62,12 +55,9 @@ def parse_variants(spec: str | None) -> dict:
 
 
 def bench_point(cache, weights, model, tpe, variants) -> dict:
-    hidden, inter, num_experts, top_k = MODELS[model]
-    ids, tw = uniform_routing(tpe, num_experts, top_k)
+    hidden, inter, _, _ = MODELS[model]
+    ids, tw, x, bn, plan = uniform_point(model, tpe)
     tokens = ids.shape[0]
-    x = random_tokens(tokens, hidden, seed=tpe)
-    bn = choose_token_tile(tpe * num_experts, num_experts)
-    plan = build_permutation(ids, num_experts, tile_m=bn)
     w13, w2 = tables(weights)
     res = {"model": model, "tokens_per_expert": tpe, "token_tile": bn, "configs": {}}
     ref = None
