@@ -26,37 +26,33 @@ def asm(ret, args, text: str, constraints: str, side_effects: bool = True):
     )
 
 
-@dsl_user_op
-def cp_async_16(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None) -> None:
-    """16-byte ``cp.async.cg`` (bypasses L1) from global to shared memory."""
+def _cp_async(smem_addr: Int32, gmem_addr: Int64, size: int, loc, ip) -> None:
+    """``size``-byte ``cp.async`` from global to shared memory: ``.cg`` (bypasses L1) for 16
+    bytes, ``.ca`` for 8 and 4 (``.cg`` takes only 16)."""
     asm(
         None,
         [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
-        "cp.async.cg.shared.global [$0], [$1], 16;",
+        f"cp.async.{'cg' if size == 16 else 'ca'}.shared.global [$0], [$1], {size};",
         "r,l",
     )
+
+
+@dsl_user_op
+def cp_async_16(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None) -> None:
+    """16-byte ``cp.async.cg`` (bypasses L1) from global to shared memory."""
+    _cp_async(smem_addr, gmem_addr, 16, loc, ip)
 
 
 @dsl_user_op
 def cp_async_8(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None) -> None:
     """8-byte ``cp.async.ca`` from global to shared memory."""
-    asm(
-        None,
-        [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
-        "cp.async.ca.shared.global [$0], [$1], 8;",
-        "r,l",
-    )
+    _cp_async(smem_addr, gmem_addr, 8, loc, ip)
 
 
 @dsl_user_op
 def cp_async_4(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None) -> None:
     """4-byte ``cp.async.ca`` from global to shared memory."""
-    asm(
-        None,
-        [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
-        "cp.async.ca.shared.global [$0], [$1], 4;",
-        "r,l",
-    )
+    _cp_async(smem_addr, gmem_addr, 4, loc, ip)
 
 
 @dsl_user_op
@@ -131,26 +127,28 @@ def st_global_bf16x4(gmem_addr: Int64, v0, v1, v2, v3, *, loc=None, ip=None) -> 
     )
 
 
-@dsl_user_op
-def st_global_bf16(gmem_addr: Int64, v, *, loc=None, ip=None) -> None:
-    """Round one fp32 value to bf16 (RN) and store its 2 bytes."""
+def _st_global_f32(gmem_addr: Int64, v, text: str, loc, ip) -> None:
+    """One fp32 value ``$1`` stored at ``$0`` by the PTX ``text``."""
     asm(
         None,
         [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Float32(v).ir_value(loc=loc, ip=ip)],
-        "{\n\t.reg .b16 h;\n\tcvt.rn.bf16.f32 h, $1;\n\tst.global.b16 [$0], h;\n\t}",
+        text,
         "l,f",
     )
+
+
+@dsl_user_op
+def st_global_bf16(gmem_addr: Int64, v, *, loc=None, ip=None) -> None:
+    """Round one fp32 value to bf16 (RN) and store its 2 bytes."""
+    _st_global_f32(gmem_addr, v,
+                   "{\n\t.reg .b16 h;\n\tcvt.rn.bf16.f32 h, $1;\n\tst.global.b16 [$0], h;\n\t}",
+                   loc, ip)
 
 
 @dsl_user_op
 def st_global_f32(gmem_addr: Int64, v, *, loc=None, ip=None) -> None:
     """Store one fp32 value."""
-    asm(
-        None,
-        [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Float32(v).ir_value(loc=loc, ip=ip)],
-        "st.global.f32 [$0], $1;",
-        "l,f",
-    )
+    _st_global_f32(gmem_addr, v, "st.global.f32 [$0], $1;", loc, ip)
 
 
 @dsl_user_op
