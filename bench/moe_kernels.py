@@ -17,7 +17,6 @@ Prints one JSON document; ``--out`` also writes it to a file.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
@@ -38,8 +37,10 @@ from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 
 try:
+    from bench.json_out import emit
     from bench.peaks import pct_of, peak_for
 except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
+    from json_out import emit
     from peaks import pct_of, peak_for
 
 NVFP4_BYTES_PER_WEIGHT = 0.5625
@@ -190,15 +191,11 @@ def bench_point(cache, weights, base, model, tpe, multi_b, peaks):
     return res
 
 
-def _write(path, results, peaks) -> dict:
-    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "peak": peaks.to_dict() if peaks else None,
-           "fp8_baseline": "torch._scaled_grouped_mm rowwise, use_fast_accum=False",
-           "results": results}
-    if path:
-        with open(path, "w") as f:
-            f.write(json.dumps(doc, indent=1) + "\n")
-    return doc
+def _write(path, results, peaks, quiet: bool = True) -> None:
+    emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+          "peak": peaks.to_dict() if peaks else None,
+          "fp8_baseline": "torch._scaled_grouped_mm rowwise, use_fast_accum=False",
+          "results": results}, path, quiet)
 
 
 def main(argv=None) -> int:
@@ -232,9 +229,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         del weights, base
         torch.cuda.empty_cache()
-    doc = _write(args.out, results, peaks)
-    if not args.out:
-        print(json.dumps(doc, indent=1))
+    _write(args.out, results, peaks, quiet=bool(args.out))
     return 0
 
 

@@ -10,7 +10,6 @@ the default.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -22,8 +21,10 @@ from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
 from tensorrt_llm_dwdp.kernels.testing import MODELS, random_nvfp4_experts
 
 try:
+    from bench.json_out import emit
     from bench.moe_kernels import tables, time_graph, uniform_point
 except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
+    from json_out import emit
     from moe_kernels import tables, time_graph, uniform_point
 
 # name -> RsConfig overrides, per token tile (the default is always timed first as "default")
@@ -117,14 +118,13 @@ def main(argv=None) -> int:
         weights = random_nvfp4_experts(num_experts, hidden, inter, seed=1)
         for tpe in (int(v) for v in args.tpe.split(",")):
             results.append(bench_point(cache, weights, model, tpe, variants))
-            doc = {"device": torch.cuda.get_device_name(), "results": results}
-            if args.out:
-                with open(args.out, "w") as f:
-                    f.write(json.dumps(doc, indent=1) + "\n")
+            # keep what is measured if a later point dies
+            emit({"device": torch.cuda.get_device_name(), "results": results}, args.out,
+                 quiet=True)
             torch.cuda.empty_cache()
         del weights
         torch.cuda.empty_cache()
-    print(json.dumps({"device": torch.cuda.get_device_name(), "results": results}, indent=1))
+    emit({"device": torch.cuda.get_device_name(), "results": results}, None)
     return 0
 
 
