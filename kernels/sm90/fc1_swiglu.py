@@ -10,7 +10,7 @@ import torch
 
 from ..compile_cache import CompileCache
 from .expert_table import ExpertTable
-from .grouped_launch import check_plan_tensors, rs_gemm_launcher
+from .grouped_launch import BLOCK_ROWS, check_plan_tensors, rs_gemm_launcher
 
 
 def fc1_gather_swiglu(
@@ -43,5 +43,5 @@ def fc1_gather_swiglu(
     launch = rs_gemm_launcher(
         cache, epilogue="swiglu", a=x, row_index=gather_index, tile_expert=tile_expert,
         table=w13, topk_w=x.new_empty(1, dtype=torch.float32), out=out, bn=bn, config=config)
-    launch(0, w13.rows // 64)
+    launch(0, w13.rows // BLOCK_ROWS)
     return out

@@ -15,15 +15,19 @@ import torch
 
 from ..compile_cache import CompileCache
 from .expert_table import ExpertTable
-from .grouped_launch import check_plan_tensors, current_stream, gmem_ptr, rs_gemm_launcher
-
-BLOCK = 64
+from .grouped_launch import (
+    BLOCK_ROWS,
+    check_plan_tensors,
+    current_stream,
+    gmem_ptr,
+    rs_gemm_launcher,
+)
 
 
 def chunk_blocks(hidden: int, top_k: int, blocks_per_cta: int = 4) -> int:
     """64-column blocks per FC2 chunk: the most with ``T k Hc`` fp32 <= 2 ``T H`` bf16 (Hc <=
     H / k), rounded down to whole CTA tiles when that leaves at least one; never below one."""
-    budget = hidden // (BLOCK * top_k)
+    budget = hidden // (BLOCK_ROWS * top_k)
     if budget >= blocks_per_cta:
         return budget // blocks_per_cta * blocks_per_cta
     return max(1, budget)
@@ -69,21 +73,21 @@ def fc2_finalize(
                          f"{out.dtype} {tuple(out.shape)}")
     if tokens == 0:
         return out
-    blocks = hidden // BLOCK
+    blocks = hidden // BLOCK_ROWS
     from .w4a16_rs_gemm import rs_config
 
     config = config or rs_config(bn, w2.k)
     cb = chunk_blocks(hidden, top_k, config.blocks_per_cta)
-    y = torch.empty(tokens * top_k, cb * BLOCK, dtype=torch.float32, device=h.device)
+    y = torch.empty(tokens * top_k, cb * BLOCK_ROWS, dtype=torch.float32, device=h.device)
     gemm = rs_gemm_launcher(cache, epilogue="scatter", a=h, row_index=slot_index,
                             tile_expert=tile_expert, table=w2,
                             topk_w=topk_weights.contiguous().reshape(-1), out=y, bn=bn,
-                            y_cols=cb * BLOCK, config=config)
+                            y_cols=cb * BLOCK_ROWS, config=config)
     finalize = slot_sum_launcher(cache, y, topk_ids, out)
     for b0 in range(0, blocks, cb):
         b1 = min(blocks, b0 + cb)
         gemm(b0, b1)
-        finalize(b0 * BLOCK, (b1 - b0) * BLOCK)
+        finalize(b0 * BLOCK_ROWS, (b1 - b0) * BLOCK_ROWS)
     return out
 
 

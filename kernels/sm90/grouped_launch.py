@@ -7,6 +7,7 @@ from ..compile_cache import CompileCache, require_cutlass
 from .expert_table import ExpertTable
 
 TOKEN_TILES = (16, 32, 64, 128)  # the kernel's token tiles (WGMMA N), smallest first
+BLOCK_ROWS = 64  # weight rows per block (WGMMA M): FC1 / FC2 column ranges count blocks
 _ALIGN = {torch.bfloat16: 16, torch.float32: 4, torch.int32: 4, torch.int64: 8}
 
 

@@ -60,7 +60,7 @@ import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import BFloat16, Float32, Int32, Int64, Uint32
 from cutlass.cute.nvgpu import warpgroup
 
-from .grouped_launch import TOKEN_TILES
+from .grouped_launch import BLOCK_ROWS, TOKEN_TILES
 from .nvfp4_dequant import (
     SCALE_EXP2,
     WEIGHT_EXP2,
@@ -82,7 +82,6 @@ from .ptx import (
 )
 
 EPILOGUES = ("swiglu", "scatter")
-BLOCK_ROWS = 64  # weight rows per WGMMA (M of the atom)
 CONSUMER_WGS = 2
 PRODUCER_THREADS = 128
 THREADS = PRODUCER_THREADS + 128 * CONSUMER_WGS
