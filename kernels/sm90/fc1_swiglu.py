@@ -10,7 +10,7 @@ import torch
 
 from ..compile_cache import CompileCache
 from .expert_table import ExpertTable
-from .grouped_launch import BLOCK_ROWS, check_plan_tensors, rs_gemm_launcher
+from .grouped_launch import BLOCK_ROWS, bf16_output, check_plan_tensors, rs_gemm_launcher
 
 
 def fc1_gather_swiglu(
@@ -35,11 +35,7 @@ def fc1_gather_swiglu(
     m_pad = gather_index.numel()
     check_plan_tensors(bn, m_pad, tile_expert)
     inter = w13.rows // 2
-    if out is None:
-        out = torch.empty(m_pad, inter, dtype=torch.bfloat16, device=x.device)
-    elif out.dtype != torch.bfloat16 or tuple(out.shape) != (m_pad, inter) or not out.is_contiguous():
-        raise ValueError(f"fc1: out must be contiguous torch.bfloat16 {(m_pad, inter)}, got "
-                         f"{out.dtype} {tuple(out.shape)}")
+    out = bf16_output(out, (m_pad, inter), x.device, "fc1")
     launch = rs_gemm_launcher(
         cache, epilogue="swiglu", a=x, row_index=gather_index, tile_expert=tile_expert,
         table=w13, topk_w=x.new_empty(1, dtype=torch.float32), out=out, bn=bn, config=config)

@@ -17,6 +17,7 @@ from ..compile_cache import CompileCache
 from .expert_table import ExpertTable
 from .grouped_launch import (
     BLOCK_ROWS,
+    bf16_output,
     check_plan_tensors,
     current_stream,
     gmem_ptr,
@@ -66,11 +67,7 @@ def fc2_finalize(
                          f"{topk_ids.dtype} {tuple(topk_ids.shape)}")
     topk_ids = topk_ids.contiguous()
     hidden = w2.rows
-    if out is None:
-        out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=h.device)
-    elif out.dtype != torch.bfloat16 or tuple(out.shape) != (tokens, hidden) or not out.is_contiguous():
-        raise ValueError(f"fc2: out must be contiguous torch.bfloat16 {(tokens, hidden)}, got "
-                         f"{out.dtype} {tuple(out.shape)}")
+    out = bf16_output(out, (tokens, hidden), h.device, "fc2")
     if tokens == 0:
         return out
     blocks = hidden // BLOCK_ROWS

@@ -102,6 +102,16 @@ def rs_gemm_launcher(
     return launch
 
 
+def bf16_output(out: torch.Tensor | None, shape: tuple, device, who: str) -> torch.Tensor:
+    """``out`` if it is a contiguous bf16 tensor of ``shape``, a new one if None."""
+    if out is None:
+        return torch.empty(shape, dtype=torch.bfloat16, device=device)
+    if out.dtype != torch.bfloat16 or tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"{who}: out must be contiguous torch.bfloat16 {shape}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    return out
+
+
 def check_plan_tensors(bn: int, m_pad: int, tile_expert: torch.Tensor) -> None:
     """The permuted row count must be a whole number of int32-indexed token tiles."""
     if m_pad != tile_expert.numel() * bn:
