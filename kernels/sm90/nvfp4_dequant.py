@@ -20,6 +20,7 @@ from cutlass import Int32
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
+from .preshuffle import OUT_MASK, PIECES
 from .ptx import asm
 
 
@@ -117,6 +118,79 @@ def fragment_bf16x8(w0: Int32, w1: Int32, w2: Int32, w3: Int32, selector: Int32,
     return _four(res, loc, ip)
 
 
+# ---- preshuffled weights (``preshuffle``, ``RsConfig.weights == "preshuffled"``) ----
+# One shuffled word (8 codes of one row and k32 pair) -> the thread's 4 A-fragment words of
+# that row: per output word one rotate (none for word 0) and one AND with the bf16 placement
+# mask (word 3: two rotates, AND + LOP3), then the block scale: ``scales`` holds step 0's scale
+# (x 2^SCALE_EXP2, bf16) in its low half and step 1's in its high half, and ptxas folds the
+# half splats into HMUL2's ``.H0_H0`` / ``.H1_H1`` operand selectors.
+def _rotl_ptx(dst: str, src: str, shift: int, mask: int) -> str:
+    """rotl(src, shift) as far as ``mask`` reads it: a plain shl when no masked bit wraps
+    (ptxas may then issue IMAD.SHL on the FMA pipe instead of SHF on the ALU pipe)."""
+    if shift == 0:
+        return f"mov.b32 {dst}, {src};\n\t"
+    if not mask & ((1 << shift) - 1):  # every masked bit p >= shift comes from p - shift
+        return f"shl.b32 {dst}, {src}, {shift};\n\t"
+    return f"shf.l.wrap.b32 {dst}, {src}, {src}, {shift};\n\t"
+
+
+def _preshuffled_ptx() -> str:
+    body = ["mov.b32 {lo, hi}, $5;\n\tmov.b32 s0, {lo, lo};\n\tmov.b32 s1, {hi, hi};\n\t"]
+    for j, pieces in enumerate(PIECES):
+        parts = []
+        for i, (shift, mask) in enumerate(pieces):
+            body.append(_rotl_ptx(f"r{j}{i}", "$4", shift, mask))
+            body.append(f"and.b32 r{j}{i}, r{j}{i}, {mask:#x};\n\t")
+            parts.append(f"r{j}{i}")
+        acc = parts[0]
+        for extra in parts[1:]:
+            body.append(f"or.b32 {acc}, {acc}, {extra};\n\t")
+        body.append(f"mul.rn.bf16x2 ${j}, {acc}, {'s0' if j < 2 else 's1'};\n\t")
+    regs = ", ".join(f"r{j}{i}" for j, pieces in enumerate(PIECES) for i in range(len(pieces)))
+    return ("{\n\t.reg .b32 " + regs + ", s0, s1;\n\t.reg .b16 lo, hi;\n\t" + "".join(body)
+            + "}")
+
+
+_PRESHUFFLED_PTX = _preshuffled_ptx()
+
+
+@dsl_user_op
+def fragment_preshuffled_bf16x8(word: Int32, scales: Int32, *, loc=None, ip=None):
+    """One preshuffled word (``preshuffle.WORD_BITS``: a thread's 8 codes of one row for one
+    k32 pair) -> its four A-fragment words of that row, exact weights x ``2^WEIGHT_EXP2``:
+    step 0's (k 2c, 2c+1) and (k 2c+8, 2c+9) pairs times the low half of ``scales``, then
+    step 1's times the high half (bf16 ``scale x 2^SCALE_EXP2`` each)."""
+    args = [Int32(v).ir_value(loc=loc, ip=ip) for v in (word, scales)]
+    res = asm(_i32x4(), args, _PRESHUFFLED_PTX, "=r,=r,=r,=r,r,r", side_effects=False)
+    return _four(res, loc, ip)
+
+
+def _e4m3x4_pairs_ptx(exp2: int) -> str:
+    """e4m3 x4 (bytes a b c d) -> bf16x2 (a, b) and (c, d), each times 2^exp2 (low half first)."""
+    factor = f"0f{(127 + exp2) << 23:08X}"
+    mul = "".join(f"mul.rn.f32 f{i}, f{i}, {factor};\n\t" for i in range(4)) if exp2 else ""
+    return (_E4M3X4_PTX_HEAD + mul
+            + "cvt.rn.bf16x2.f32 $0, f1, f0;\n\tcvt.rn.bf16x2.f32 $1, f3, f2;\n\t}")
+
+
+def _i32x2():
+    return llvm.StructType.get_literal([T.i32(), T.i32()])
+
+
+@dsl_user_op
+def e4m3x4_to_bf16x2_pairs(word: Int32, exp2: int = 0, *, loc=None, ip=None):
+    """Four e4m3 scales (bytes 0..3 of ``word``) -> two bf16x2 words: (byte 0, byte 1) and
+    (byte 2, byte 3), low half first, each scale times ``2^exp2`` (exact as in
+    ``e4m3x4_to_bf16x2_splats``). Word ``h`` is row half h's (step 0, step 1) scale pair of
+    a preshuffled scale atom."""
+    if not -100 <= exp2 <= 118:
+        raise ValueError(f"exp2={exp2} would leave bf16's exact range for e4m3 scales")
+    head = _e4m3x4_pairs_ptx(exp2).replace("$4", "$2")
+    res = asm(_i32x2(), [Int32(word).ir_value(loc=loc, ip=ip)], head, "=r,=r,r",
+              side_effects=False)
+    return tuple(Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+
 def _prmt(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     """PTX ``prmt.b32`` (default mode) on uint32 arrays."""
     src = (b.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
@@ -156,3 +230,28 @@ def _bf16_round(x: np.ndarray) -> np.ndarray:
     """Round float64 values to bf16 (nearest even), returned as float64 (normal range)."""
     m, e = np.frexp(x)  # x = m * 2^e, 0.5 <= |m| < 1
     return np.ldexp(np.round(m * 256.0) / 256.0, e)  # 8 significant bits
+
+
+def emulate_preshuffled_bf16x8(words: np.ndarray, scale0: np.ndarray,
+                               scale1: np.ndarray) -> np.ndarray:
+    """CPU model of ``fragment_preshuffled_bf16x8``: uint32 ``words [n]`` (shuffled), float
+    ``scale0/1 [n]`` (e4m3 values of steps 0 and 1) -> float64 ``[n, 8]`` in the order of
+    ``emulate_fragment_bf16x8`` (lo, hi of output words 0..3)."""
+    u = np.uint32
+    w = words.astype(np.uint32)
+    out = np.zeros((len(w), 8))
+    for j, pieces in enumerate(PIECES):
+        o = np.zeros_like(w)
+        for shift, mask in pieces:
+            rot = w if shift == 0 else (w << u(shift)) | (w >> u(32 - shift))
+            o |= rot & u(mask)
+        if np.any(o & ~u(OUT_MASK)):
+            raise AssertionError("a decoded word has bits outside the bf16 placement mask")
+        halves = np.stack([o & u(0xFFFF), o >> u(16)], axis=-1).astype(np.uint32) << u(16)
+        vals = halves.view(np.float32).astype(np.float64)
+        scale = (scale0 if j < 2 else scale1).astype(np.float64) * 2.0 ** SCALE_EXP2
+        prod = vals * scale[:, None]
+        if not np.array_equal(_bf16_round(prod), prod):
+            raise AssertionError("a weight x scale product is not exact in bf16")
+        out[:, 2 * j: 2 * j + 2] = prod
+    return out

@@ -64,10 +64,13 @@ from .grouped_launch import BLOCK_ROWS, TOKEN_TILES
 from .nvfp4_dequant import (
     SCALE_EXP2,
     WEIGHT_EXP2,
+    e4m3x4_to_bf16x2_pairs,
     e4m3x4_to_bf16x2_splats,
     fragment_bf16x8,
+    fragment_preshuffled_bf16x8,
     fragment_selector,
 )
+from .preshuffle import SCALE_ATOM, WEIGHT_ATOM
 from .ptx import (
     cp_async_4,
     cp_async_8,
@@ -82,6 +85,7 @@ from .ptx import (
 )
 
 EPILOGUES = ("swiglu", "scatter")
+WEIGHT_LAYOUTS = ("linear", "preshuffled")
 CONSUMER_WGS = 2
 PRODUCER_THREADS = 128
 THREADS = PRODUCER_THREADS + 128 * CONSUMER_WGS
@@ -98,7 +102,11 @@ class RsConfig:
     ring: k32 pairs of A fragments in registers (wgmma groups in flight + 1), divides the pairs
         of a stage; ctas_per_sm: CTAs resident per SM (2 halves shared memory and registers);
     producer_regs: setmaxnreg of the producer warpgroup (the consumers take the rest);
-    persistent: CTAs loop over work tiles (grid = resident CTAs), else one CTA per work tile."""
+    persistent: CTAs loop over work tiles (grid = resident CTAs), else one CTA per work tile;
+    weights: the NVFP4 layout the kernel reads: "linear" (the checkpoint's rows) or
+        "preshuffled" (``preshuffle.shuffle_weight`` / ``shuffle_scale``: contiguous per
+        block and stage, one shuffled word per row and pair, 4 shifts + 5 logic ops for 4
+        A-fragment words; measured against "linear" before it can become the default)."""
 
     bn: int
     k_tile: int
@@ -107,6 +115,7 @@ class RsConfig:
     ctas_per_sm: int
     producer_regs: int
     persistent: bool
+    weights: str = "linear"
 
     @property
     def blocks_per_cta(self) -> int:
@@ -202,9 +211,22 @@ class W4A16RsGemm:
         self.cta_rows = BLOCK_ROWS * self.bpc
         self.persistent = cfg.persistent
         self.ring = cfg.ring
+        if cfg.weights not in WEIGHT_LAYOUTS:
+            raise ValueError(f"weights must be one of {WEIGHT_LAYOUTS}, got {cfg.weights!r}")
+        self.shuffled = cfg.weights == "preshuffled"
+        if self.shuffled and self.bpw not in (1, 2):
+            raise ValueError(f"preshuffled weights need 1 or 2 blocks per warpgroup, got {cfg}")
         self.stage_w = self.cta_rows * self.w_stride
         self.stage_raw = self.cta_rows * self.raw_row
         self.stage_spl = self.cta_rows * self.spl_stride
+        if self.shuffled:
+            # [block][K chunk] atoms (``preshuffle``), unpadded: a warp's 16 B loads are 512
+            # contiguous bytes. Scale pairs: one bf16x2 per (row, pair), no splats.
+            self.chunks = self.kt // 64  # 64-wide K chunks per stage
+            self.stage_w = self.bpc * self.chunks * WEIGHT_ATOM
+            self.stage_raw = self.bpc * self.chunks * SCALE_ATOM
+            self.stage_spl = self.cta_rows * self.pairs * 4
+            self.raw_bytes = self.stage_raw // PRODUCER_THREADS  # per producer thread: 4..16
         self.stage_b = self.sub * bn * 128
         stage_bytes = self.stage_w + self.stage_raw + self.stage_spl + self.stage_b
         smem_budget = SMEM_PER_SM // cfg.ctas_per_sm - 2048 * (cfg.ctas_per_sm - 1)
@@ -333,6 +355,10 @@ class W4A16RsGemm:
         own copies of the stage before (``cp.async.wait_group 1``) and publish that one
         (``_publish``): one stage of its copies is always in flight while it converts."""
         sw_addr, sraw_addr, _, sb_addr = addrs
+        slots = None  # preshuffled: where this thread's scale words go (the same every stage)
+        if cutlass.const_expr(self.shuffled):
+            words = self.raw_bytes // 4
+            slots = [self._pair_slot(tidx * words + u) for u in range(words)]
         a_base = a.iterator.toint()
         chunks_per_row = self.kt // 8
         copiers = PRODUCER_THREADS
@@ -350,38 +376,12 @@ class W4A16RsGemm:
                 if cutlass.const_expr(self.epilogue == "swiglu"):
                     m = cutlass.max(row_index[m], Int32(0))  # padding rows read token 0
                 b_row.append(m)
-            # Weight rows: 16 B chunk tidx + copiers i is chunk (.. % w_chunks) of CTA row
-            # (.. // w_chunks): ``w_rows`` rows per block, ``w_step`` CTA rows apart, so one
-            # int32 offset per block (offsets inside one expert fit int32: constructor check).
-            w_off = []
-            for cb in cutlass.range_constexpr(self.bpc):
-                gblk = cutlass.min(blk0 + cb, blk_end - 1)
-                grow = self._weight_row(tidx // self.w_chunks, gblk)
-                w_off.append(grow * (self.k // 2) + (tidx % self.w_chunks) * 16)
-            sf_off = []  # scale rows: CTA rows tidx + copiers i
-            for i in cutlass.range_constexpr(self.cta_rows // copiers):
-                r = tidx + copiers * i
-                gblk = cutlass.min(blk0 + r // BLOCK_ROWS, blk_end - 1)
-                sf_off.append(self._weight_row(r % BLOCK_ROWS, gblk) * (self.k // 16))
+            w_off, sf_off = self._tile_offsets(tidx, blk0, blk_end)
             for kt_idx in cutlass.range(self.k_tiles, unroll=1):
                 it = j * self.k_tiles + kt_idx
                 s = it % self.stages
                 cute.arch.mbarrier_wait(empty + s, ((it // self.stages) % 2) ^ 1)
-                for i in cutlass.range_constexpr(self.w_copies):
-                    r = (tidx + i * copiers) // self.w_chunks
-                    dst = (sw_addr + s * self.stage_w + r * self.w_stride
-                           + (tidx % self.w_chunks) * 16)
-                    row_add = (i % self.w_rows) * self.w_row_step * (self.k // 2)
-                    cp_async_16(dst, w_base + Int64(w_off[i // self.w_rows] + row_add
-                                                    + kt_idx * self.w_row))
-                for i in cutlass.range_constexpr(self.cta_rows // copiers):
-                    r = tidx + copiers * i
-                    src = sf_base + Int64(sf_off[i] + kt_idx * self.raw_row)
-                    dst = sraw_addr + s * self.stage_raw + r * self.raw_row
-                    if cutlass.const_expr(self.raw_row == 8):
-                        cp_async_8(dst, src)
-                    else:
-                        cp_async_4(dst, src)
+                self._copy_weights(tidx, s, kt_idx, w_base, sf_base, w_off, sf_off, addrs)
                 for i in cutlass.range_constexpr(self.b_chunks):
                     q = tidx + i * copiers
                     n = q // chunks_per_row
@@ -394,19 +394,92 @@ class W4A16RsGemm:
                 cute.arch.cp_async_commit_group()
                 if it > 0:
                     cute.arch.cp_async_wait_group(1)
-                    self._publish(tidx, (it - 1) % self.stages, full, addrs)
+                    self._publish(tidx, (it - 1) % self.stages, full, addrs, slots)
         total = my_tiles * self.k_tiles
         if total > 0:
             cute.arch.cp_async_wait_group(0)
-            self._publish(tidx, (total - 1) % self.stages, full, addrs)
+            self._publish(tidx, (total - 1) % self.stages, full, addrs, slots)
+
+    def _tile_offsets(self, tidx, blk0, blk_end):
+        """Producer thread ``tidx``'s int32 offsets inside the expert for one work tile: per
+        CTA block of its weight copies, and of its scale copies (offsets inside one expert
+        fit int32: constructor check). Blocks past ``blk_end`` copy the last block again."""
+        w_off, sf_off = [], []
+        if self.shuffled:
+            # [block][K chunk] atoms: a block's stage is one contiguous byte range.
+            for cb in range(self.bpc):
+                gblk = cutlass.min(blk0 + cb, blk_end - 1)
+                w_off.append(gblk * (self.k // 64 * WEIGHT_ATOM))
+            cb, _, within = self._shuffled_sf_copy(tidx)
+            gblk = cutlass.min(blk0 + cb, blk_end - 1)
+            sf_off.append(gblk * (self.k // 64 * SCALE_ATOM) + within)
+        else:
+            # Weight rows: 16 B chunk tidx + copiers i is chunk (.. % w_chunks) of CTA row
+            # (.. // w_chunks): ``w_rows`` rows per block, ``w_step`` CTA rows apart, so one
+            # offset per block.
+            for cb in range(self.bpc):
+                gblk = cutlass.min(blk0 + cb, blk_end - 1)
+                grow = self._weight_row(tidx // self.w_chunks, gblk)
+                w_off.append(grow * (self.k // 2) + (tidx % self.w_chunks) * 16)
+            for i in range(self.cta_rows // PRODUCER_THREADS):
+                r = tidx + PRODUCER_THREADS * i  # scale rows: CTA rows tidx + copiers i
+                gblk = cutlass.min(blk0 + r // BLOCK_ROWS, blk_end - 1)
+                sf_off.append(self._weight_row(r % BLOCK_ROWS, gblk) * (self.k // 16))
+        return w_off, sf_off
+
+    def _copy_weights(self, tidx, s, kt_idx, w_base, sf_base, w_off, sf_off, addrs):
+        """Producer thread ``tidx``: cp.async its share of K tile ``kt_idx``'s packed weights
+        and raw scales into stage ``s``."""
+        sw_addr, sraw_addr, _, _ = addrs
+        copiers = PRODUCER_THREADS
+        if self.shuffled:
+            for i in range(self.stage_w // 16 // copiers):
+                cb, dst, within = self._shuffled_w_copy(tidx, i)
+                cp_async_16(sw_addr + s * self.stage_w + dst,
+                            w_base + Int64(w_off[cb] + kt_idx * (self.chunks * WEIGHT_ATOM)
+                                           + within))
+            _, dst, _ = self._shuffled_sf_copy(tidx)
+            src = sf_base + Int64(sf_off[0] + kt_idx * (self.chunks * SCALE_ATOM))
+            dst = sraw_addr + s * self.stage_raw + dst
+            if self.raw_bytes == 4:
+                cp_async_4(dst, src)
+            else:  # 8 B copies: the scale tensors are only 8-byte aligned (expert_table)
+                for h in range(self.raw_bytes // 8):
+                    cp_async_8(dst + 8 * h, src + 8 * h)
+        else:
+            for i in range(self.w_copies):
+                r = (tidx + i * copiers) // self.w_chunks
+                dst = (sw_addr + s * self.stage_w + r * self.w_stride
+                       + (tidx % self.w_chunks) * 16)
+                row_add = (i % self.w_rows) * self.w_row_step * (self.k // 2)
+                cp_async_16(dst, w_base + Int64(w_off[i // self.w_rows] + row_add
+                                                + kt_idx * self.w_row))
+            for i in range(self.cta_rows // copiers):
+                r = tidx + copiers * i
+                src = sf_base + Int64(sf_off[i] + kt_idx * self.raw_row)
+                dst = sraw_addr + s * self.stage_raw + r * self.raw_row
+                if self.raw_row == 8:
+                    cp_async_8(dst, src)
+                else:
+                    cp_async_4(dst, src)
 
     @cute.jit
-    def _publish(self, ptid, s, full, addrs):
+    def _publish(self, ptid, s, full, addrs, slots):
         """Producer thread ``ptid`` publishes stage ``s``: its raw e4m3 scale rows (the ones it
         copied) -> bf16x2 splats (one word per scale, ``scale * 2^SCALE_EXP2`` in both halves,
         each scale converted once per CTA), fence the async proxy (wgmma reads the sB chunks it
         copied), arrive on ``full``."""
         _, sraw_addr, sspl_addr, _ = addrs
+        if cutlass.const_expr(self.shuffled):
+            self._publish_pairs(ptid, s, sraw_addr, sspl_addr, slots)
+        else:
+            self._publish_splats(ptid, s, sraw_addr, sspl_addr)
+        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared,
+                              space=cute.arch.SharedSpace.shared_cta)
+        cute.arch.mbarrier_arrive(full + s)
+
+    @cute.jit
+    def _publish_splats(self, ptid, s, sraw_addr, sspl_addr):
         for i in cutlass.range_constexpr(self.cta_rows // PRODUCER_THREADS):
             r = ptid + PRODUCER_THREADS * i
             raw = sraw_addr + s * self.stage_raw + r * self.raw_row
@@ -416,9 +489,58 @@ class W4A16RsGemm:
                                                          SCALE_EXP2)
                 st_shared_v2(spl + 16 * w, s0, s1)
                 st_shared_v2(spl + 16 * w + 8, s2, s3)
-        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared,
-                              space=cute.arch.SharedSpace.shared_cta)
-        cute.arch.mbarrier_arrive(full + s)
+
+    @cute.jit
+    def _publish_pairs(self, ptid, s, sraw_addr, sspl_addr, slots):
+        """Preshuffled scales: each raw word this thread copied (rows (warp, 0, g) and
+        (warp, 1, g) of block cb, steps 0 and 1 of pair (kc, pp)) -> two bf16x2 (step 0 low,
+        step 1 high) at the consumer's place: per (kc, pp, warpgroup, warp, g) the words
+        (block j, row half h) at ``8 j + 4 h``, one 16 B load per consumer thread and pair."""
+        words = self.raw_bytes // 4
+        for u in cutlass.range_constexpr(words):
+            wi = ptid * words + u  # word of the stage's [block][K chunk][64 words] scales
+            h0, h1 = e4m3x4_to_bf16x2_pairs(
+                ld_shared_u32(sraw_addr + s * self.stage_raw + 4 * wi), SCALE_EXP2)
+            st_shared_v2(sspl_addr + s * self.stage_spl + slots[u], h0, h1)
+
+    # ------------------------------------------- preshuffled index math (plain, CPU-tested)
+    def _shuffled_w_copy(self, tidx, i):
+        """Producer thread ``tidx``'s ``i``-th 16 B weight copy of a stage: (CTA block, byte
+        offset in the stage's sW, byte offset in that block's contiguous range of the stage).
+        A block's range is ``chunks`` atoms; ``i`` picks the block statically."""
+        per_block = self.chunks * WEIGHT_ATOM
+        per_thread = per_block // (16 * PRODUCER_THREADS)  # copies per thread per block
+        cb = i // per_thread
+        within = (tidx + PRODUCER_THREADS * (i % per_thread)) * 16
+        return cb, cb * per_block + within, within
+
+    def _shuffled_sf_copy(self, tidx):
+        """Producer thread ``tidx``'s ``raw_bytes`` of a stage's scales: (CTA block, byte
+        offset in the stage's sRaw, byte offset in that block's range of the stage)."""
+        block_raw = self.chunks * SCALE_ATOM
+        ob = tidx * self.raw_bytes
+        return ob // block_raw, ob, ob % block_raw
+
+    def _pair_slot(self, wi):
+        """Byte offset in a stage's sSpl of raw scale word ``wi``'s two bf16x2 words (row
+        half 0, 1): slot (pair, warpgroup, warp, g) of ``8 bpw`` bytes, block j at ``8 j``."""
+        per_block = self.chunks * 64  # raw words per block per stage
+        cb, a, pair = wi // per_block, wi % 64, (wi % per_block) // 32  # pair = 2 kc + pp
+        slot = ((pair * CONSUMER_WGS + cb // self.bpw) * 4 + (a // 8) % 4) * 8 + a % 8
+        return slot * (8 * self.bpw) + (cb % self.bpw) * 8
+
+    def _consumer_offsets(self, q, tq):
+        """Consumer thread ``tq`` of warpgroup ``q``: (its 16 B in its first block's first
+        weight atom of a stage, its scale-pair slot of pair 0)."""
+        warp, g = tq // 32, (tq % 32) // 4
+        return (q * self.bpw * self.chunks * WEIGHT_ATOM + tq * 16,
+                ((q * 4 + warp) * 8 + g) * (8 * self.bpw))
+
+    def _consumer_step(self, j, p):
+        """Static offsets of block ``j``, pair ``p`` from ``_consumer_offsets``: (weight
+        atom, scale slot); the pair's words are 2 (p % 2) + h of the 16 B and 2 j + h."""
+        return ((j * self.chunks + p // 2) * WEIGHT_ATOM,
+                p * (CONSUMER_WGS * 32 * 8 * self.bpw))
 
     # ---------------------------------------------------------------- consumers
     @cute.jit
@@ -445,9 +567,13 @@ class W4A16RsGemm:
         accs = [cute.make_rmem_tensor(thr_mma.partition_shape_C((BLOCK_ROWS, self.bn)), Float32)
                 for _ in range(self.bpw)]
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-        # smem row of (block j, row half h) for this thread: A-fragment rows g and g + 8.
-        rows = [[(q * self.bpw + j) * BLOCK_ROWS + 16 * warp + 8 * h + g for h in range(2)]
-                for j in range(self.bpw)]
+        if cutlass.const_expr(self.shuffled):
+            # this thread's bytes in its blocks' weight atoms and its scale-pair slot
+            rows = self._consumer_offsets(q, tq)
+        else:
+            # smem row of (block j, row half h) for this thread: A-fragment rows g and g + 8.
+            rows = [[(q * self.bpw + j) * BLOCK_ROWS + 16 * warp + 8 * h + g for h in range(2)]
+                    for j in range(self.bpw)]
         args = (q, warp, lane, g, c, selector, rows, words, frags, accs, tCrB, tiled_mma,
                 n_groups, blk_begin, blk_end, row_index, tile_expert, tensor_of, local_of,
                 b_table, topk_w, out, full, empty, sw_addr, sspl_addr)
@@ -503,12 +629,26 @@ class W4A16RsGemm:
                 # every consumer thread arrives: a lane-0 branch here, between wgmmas in
                 # flight, makes ptxas serialize them at bn 128 x 2 blocks (C7513)
                 cute.arch.mbarrier_arrive(empty + (it - 1) % self.stages)
+            if cutlass.const_expr(self.shuffled):
+                pp = p % 2
+                if cutlass.const_expr(pp == 0):  # one 16 B load: both pairs of the K chunk
+                    packed = [ld_shared_v4(w_stage + rows[0] + self._consumer_step(j, p)[0])
+                              for j in range(self.bpw)]
+                slot = spl_stage + rows[1] + self._consumer_step(0, p)[1]
+                if cutlass.const_expr(self.bpw == 2):
+                    scales = ld_shared_v4(slot)
+                else:
+                    scales = ld_shared_v2(slot)
             for j in cutlass.range_constexpr(self.bpw):
                 for h in cutlass.range_constexpr(2):
-                    row = rows[j][h]
-                    v0, v1, v2, v3 = ld_shared_v4(w_stage + row * self.w_stride + p * 16)
-                    sc0, sc1 = ld_shared_v2(spl_stage + row * self.spl_stride + p * 8)
-                    o0, o1, o2, o3 = fragment_bf16x8(v0, v1, v2, v3, selector, sc0, sc1)
+                    if cutlass.const_expr(self.shuffled):
+                        o0, o1, o2, o3 = fragment_preshuffled_bf16x8(packed[j][2 * pp + h],
+                                                                     scales[2 * j + h])
+                    else:
+                        row = rows[j][h]
+                        v0, v1, v2, v3 = ld_shared_v4(w_stage + row * self.w_stride + p * 16)
+                        sc0, sc1 = ld_shared_v2(spl_stage + row * self.spl_stride + p * 8)
+                        o0, o1, o2, o3 = fragment_bf16x8(v0, v1, v2, v3, selector, sc0, sc1)
                     words[j][rp][0][h] = o0
                     words[j][rp][0][2 + h] = o1
                     words[j][rp][1][h] = o2

@@ -4,7 +4,7 @@ with CUTE_DSL_ARCH / CUTE_DSL_KEEP_CUBIN / CUTE_DSL_DUMP_DIR set).
 ``cute.compile`` writes the cubin, then fails to load it (no driver): that failure is expected
 and reported as 'loaded=no'; any other error fails the script.
 Usage: python _compile_sm90_main.py (swiglu|scatter) N_WEIGHT K BN [Y_COLS [FIELD=VALUE ...]]
-       | slot_sum 0 0 0     (FIELD=VALUE: ``RsConfig`` overrides, e.g. ring=4 ctas_per_sm=1)
+       | slot_sum 0 0 0     (FIELD=VALUE: ``RsConfig`` overrides, e.g. ring=4 weights=preshuffled)
 """
 import sys
 
@@ -25,7 +25,8 @@ def main() -> int:
 
     n_weight, k, bn = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     y_cols = int(sys.argv[5]) if len(sys.argv) > 5 else 0
-    overrides = {f: int(v) for f, v in (a.split("=") for a in sys.argv[6:])}
+    overrides = {f: int(v) if v.lstrip("-").isdigit() else v
+                 for f, v in (a.split("=") for a in sys.argv[6:])}
     rows = 2 * bn
     out = (torch.zeros(rows, n_weight // 2, dtype=torch.bfloat16) if kind == "swiglu"
            else torch.zeros(rows, y_cols, dtype=torch.float32))
