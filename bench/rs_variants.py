@@ -5,7 +5,9 @@ and FC2 (incl. slot sums) with the default ``rs_config`` and with each named alt
 (``RsConfig`` field overrides), and checks that every alternative's ``h`` and output are
 bitwise equal to the default's (same K order, so any difference is a bug). Prints one JSON
 document (``--out`` also writes it): per point and configuration fc1/fc2 ms and the ratio to
-the default.
+the default. A configuration with ``weights=preshuffled`` runs on a preshuffled copy of the
+same experts (``kernels.testing.preshuffled_experts``, made once per model when any variant
+needs it); ``--variants preshuffled`` times that layout at every token tile.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import torch
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
+from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import TOKEN_TILES
 from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
-from tensorrt_llm_dwdp.kernels.testing import MODELS, random_nvfp4_experts
+from tensorrt_llm_dwdp.kernels.testing import MODELS, preshuffled_experts, random_nvfp4_experts
 
 try:
     from bench.json_out import emit
@@ -43,27 +46,41 @@ VARIANTS = {
 }
 
 
+# the load-time pre-shuffle against the linear layout, per token tile (kernels/NOTES.md);
+# at bn 128 also K tile 128 with a ring of 4 pairs (fewer dequant registers: no spill in the
+# K loop on the CPU compile, 7 spilled words outside it)
+PRESHUFFLED = {bn: {"preshuffled": dict(weights="preshuffled")} for bn in TOKEN_TILES}
+PRESHUFFLED[128]["preshuffled_k128_ring4"] = dict(weights="preshuffled", k_tile=128, ring=4)
+
+
 def parse_variants(spec: str | None) -> dict:
-    """``--variants 'bn:name:field=v,field=v;...'`` replaces the built-in table."""
+    """``--variants 'bn:name:field=v,field=v;...'`` replaces the built-in table;
+    ``--variants preshuffled`` picks ``PRESHUFFLED``."""
     if not spec:
         return VARIANTS
+    if spec == "preshuffled":
+        return PRESHUFFLED
     out: dict = {}
     for item in spec.split(";"):
         bn, name, fields = item.split(":")
         out.setdefault(int(bn), {})[name] = {
-            f: int(v) for f, v in (kv.split("=") for kv in fields.split(",") if kv)}
+            f: int(v) if v.lstrip("-").isdigit() else v
+            for f, v in (kv.split("=") for kv in fields.split(",") if kv)}
     return out
 
 
-def bench_point(cache, weights, model, tpe, variants) -> dict:
+def bench_point(cache, weights, model, tpe, variants, shuffled=None) -> dict:
     hidden, inter, _, _ = MODELS[model]
     ids, tw, x, bn, plan = uniform_point(model, tpe)
     tokens = ids.shape[0]
-    w13, w2 = tables(weights)
+    layouts = {"linear": tables(weights)}
+    if shuffled is not None:
+        layouts["preshuffled"] = tables(shuffled)
     res = {"model": model, "tokens_per_expert": tpe, "token_tile": bn, "configs": {}}
     ref = None
     for name, overrides in [("default", {})] + list(variants.get(bn, {}).items()):
         c1, c2 = rs_config(bn, hidden, **overrides), rs_config(bn, inter, **overrides)
+        w13, w2 = layouts[c1.weights]
         h = torch.empty(plan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
         out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device="cuda")
 
@@ -75,7 +92,8 @@ def bench_point(cache, weights, model, tpe, variants) -> dict:
             fc2_finalize(cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn, out=out,
                          config=c2)
 
-        entry = {"overrides": {k: int(v) for k, v in overrides.items()}}
+        entry = {"overrides": {k: v if isinstance(v, str) else int(v)
+                               for k, v in overrides.items()}}
         try:
             fc1()
             fc2()
@@ -116,13 +134,16 @@ def main(argv=None) -> int:
     for model in args.models.split(","):
         hidden, inter, num_experts, _ = MODELS[model]
         weights = random_nvfp4_experts(num_experts, hidden, inter, seed=1)
+        shuffled = (preshuffled_experts(weights) if any(
+            o.get("weights") == "preshuffled" for per_bn in variants.values()
+            for o in per_bn.values()) else None)
         for tpe in (int(v) for v in args.tpe.split(",")):
-            results.append(bench_point(cache, weights, model, tpe, variants))
+            results.append(bench_point(cache, weights, model, tpe, variants, shuffled))
             # keep what is measured if a later point dies
             emit({"device": torch.cuda.get_device_name(), "results": results}, args.out,
                  quiet=True)
             torch.cuda.empty_cache()
-        del weights
+        del weights, shuffled
         torch.cuda.empty_cache()
     emit({"device": torch.cuda.get_device_name(), "results": results}, None)
     return 0

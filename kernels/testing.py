@@ -53,6 +53,27 @@ def random_nvfp4_experts(num_experts: int, hidden: int, inter: int, seed: int,
     })
 
 
+def preshuffled_experts(weights: ExpertWeights) -> ExpertWeights:
+    """The same experts with every NVFP4 weight / scale tensor in the preshuffled layout
+    (``sm90.preshuffle``; per tensor of a multi-tensor view, which equals shuffling the whole
+    set and splitting it: the shuffle stays inside each expert). For the kernels run with
+    ``RsConfig.weights == "preshuffled"``; no other reader understands these bytes."""
+    from .sm90.preshuffle import shuffle_scale, shuffle_weight
+
+    gated = {"w3_w1_weight": True, "w3_w1_weight_scale": True,
+             "w2_weight": False, "w2_weight_scale": False}
+    def shuffled(name, t, chunk=16):  # a few experts at a time: the shuffle's int64 words
+        out = torch.empty_like(t)       # take 2x the bytes, and 4 temporaries of them
+        fn = shuffle_scale if name.endswith("_scale") else shuffle_weight
+        for e in range(0, t.shape[0], chunk):
+            out[e:e + chunk] = fn(t[e:e + chunk], gated=gated[name])
+        return out
+
+    tensors = {name: tuple(shuffled(name, t) for t in ts) if name in gated else ts
+               for name, ts in weights.tensors.items()}
+    return ExpertWeights(tensors, weights.expert_offsets)
+
+
 def skewed_routing(tokens: int, num_experts: int, top_k: int, seed: int, device="cuda",
                    empty_experts: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """topk ids drawn from a Zipf-like popularity (a few hot experts, a long tail) with the

@@ -12,6 +12,7 @@ import torch
 
 from tensorrt_llm_dwdp.kernels.testing import (
     MODELS,
+    preshuffled_experts,
     random_nvfp4_experts,
     random_tokens,
     skewed_routing,
@@ -185,3 +186,68 @@ def test_sizes_multiple_of_64(backend, hidden, inter, num_experts, top_k, tokens
     assert rel_err(out, TorchMoeBackend().run_experts(x, ids, tw, weights)) < 1e-2
     view = weights.split(split_sizes(num_experts, 2))
     assert torch.equal(backend.run_experts(x, ids, tw, view), out)
+
+
+def _fc1_fc2(backend, x, ids, tw, weights, bn, layout):
+    """FC1 and FC2 of the kernels with ``RsConfig.weights = layout`` on token tile ``bn``:
+    (h, output)."""
+    from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
+    from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
+    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
+
+    plan = build_permutation(ids, weights.num_experts, tile_m=bn)
+    w13 = backend._table(weights, "w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha")
+    w2 = backend._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
+    h = torch.full((plan.num_rows, weights.intermediate_size), float("nan"),
+                   dtype=torch.bfloat16, device="cuda")
+    h = fc1_gather_swiglu(backend.cache, x, plan.gather_index, plan.tile_expert, w13, bn, out=h,
+                          config=rs_config(bn, weights.hidden_size, weights=layout))
+    out = fc2_finalize(backend.cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn,
+                       config=rs_config(bn, weights.intermediate_size, weights=layout))
+    torch.cuda.synchronize()
+    return h, out
+
+
+@pytest.mark.parametrize("model,tokens", [
+    ("qwen3_30b_a3b", 37), ("qwen3_30b_a3b", 400), ("qwen3_30b_a3b", 1000),
+    ("qwen3_30b_a3b", 16384), ("deepseek_v3", 300), ("deepseek_v3", 2048),
+])
+def test_preshuffled_is_bitwise_linear(backend, experts, model, tokens):
+    """``weights="preshuffled"`` on the shuffled experts computes the same products in the
+    same K order as the linear kernel: h and the output bitwise equal (token tiles 16, 32,
+    64, 128 by the rows per expert), S = 3 views of the shuffled tensors too, and the torch
+    reference on the linear weights within bf16 rounding."""
+    from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
+
+    weights = experts(model)
+    shuffled = preshuffled_experts(weights)
+    hidden, _, num_experts, top_k = MODELS[model]
+    x = random_tokens(tokens, hidden, seed=tokens + 5)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=tokens + 6)
+    bn = choose_token_tile(tokens * top_k, num_experts)
+    h_lin, out_lin = _fc1_fc2(backend, x, ids, tw, weights, bn, "linear")
+    h_pre, out_pre = _fc1_fc2(backend, x, ids, tw, shuffled, bn, "preshuffled")
+    real = build_permutation(ids, num_experts, tile_m=bn).gather_index >= 0
+    assert torch.equal(h_pre[real], h_lin[real]), f"FC1 differs at bn={bn}"
+    assert torch.equal(out_pre, out_lin), f"FC2 differs at bn={bn}"
+    view = preshuffled_experts(weights.split(split_sizes(num_experts, 3)))
+    assert torch.equal(_fc1_fc2(backend, x, ids, tw, view, bn, "preshuffled")[1], out_lin)
+    ref = TorchMoeBackend().run_experts(x, ids, tw, weights)
+    assert rel_err(out_pre, ref) < 1e-2
+
+
+@pytest.mark.parametrize("hidden,inter,num_experts,top_k,tokens", [
+    (2880, 2880, 32, 4, 500),  # K = 2880 (64-wide K tiles), FC1 rows 5760: 90 blocks
+    (64, 64, 16, 4, 5),        # 64-wide layers: one block group, clamped blocks
+])
+def test_preshuffled_sizes_multiple_of_64(backend, hidden, inter, num_experts, top_k, tokens):
+    from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
+
+    weights = random_nvfp4_experts(num_experts, hidden, inter, seed=19)
+    x = random_tokens(tokens, hidden, seed=20)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=21, empty_experts=1)
+    bn = choose_token_tile(tokens * top_k, num_experts)
+    _, out_lin = _fc1_fc2(backend, x, ids, tw, weights, bn, "linear")
+    _, out_pre = _fc1_fc2(backend, x, ids, tw, preshuffled_experts(weights), bn, "preshuffled")
+    assert torch.equal(out_pre, out_lin)
+    assert rel_err(out_pre, TorchMoeBackend().run_experts(x, ids, tw, weights)) < 1e-2
