@@ -7,7 +7,8 @@ bitwise equal to the default's (same K order, so any difference is a bug). Print
 document (``--out`` also writes it): per point and configuration fc1/fc2 ms and the ratio to
 the default. A configuration with ``weights=preshuffled`` runs on a preshuffled copy of the
 same experts (``kernels.testing.preshuffled_experts``, made once per model when any variant
-needs it); ``--variants preshuffled`` times that layout at every token tile.
+needs it); ``--variants preshuffled`` times that layout at every token tile
+(``preshuffled+bulk`` also with bulk weight copies).
 """
 from __future__ import annotations
 
@@ -51,15 +52,19 @@ VARIANTS = {
 # K loop on the CPU compile, 7 spilled words outside it)
 PRESHUFFLED = {bn: {"preshuffled": dict(weights="preshuffled")} for bn in TOKEN_TILES}
 PRESHUFFLED[128]["preshuffled_k128_ring4"] = dict(weights="preshuffled", k_tile=128, ring=4)
+# ... and its weights moved by one cp.async.bulk per block and stage
+BULK = {bn: {"preshuffled_bulk": dict(weights="preshuffled", weight_copy="bulk")}
+        for bn in TOKEN_TILES}
 
 
 def parse_variants(spec: str | None) -> dict:
     """``--variants 'bn:name:field=v,field=v;...'`` replaces the built-in table;
-    ``--variants preshuffled`` picks ``PRESHUFFLED``."""
+    ``--variants preshuffled`` picks ``PRESHUFFLED``, ``preshuffled+bulk`` adds ``BULK``."""
     if not spec:
         return VARIANTS
-    if spec == "preshuffled":
-        return PRESHUFFLED
+    if spec in ("preshuffled", "preshuffled+bulk"):
+        extra = BULK if spec.endswith("+bulk") else {}
+        return {bn: {**PRESHUFFLED[bn], **extra.get(bn, {})} for bn in PRESHUFFLED}
     out: dict = {}
     for item in spec.split(";"):
         bn, name, fields = item.split(":")

@@ -1,7 +1,8 @@
 """Inline-PTX building blocks for the sm_90 W4A16 kernels.
 
 Each helper wraps one or a few PTX instructions that the CuTe DSL (4.3.5) does not expose
-in the form these kernels need: 16 / 8 / 4-byte ``cp.async`` to a raw shared-memory address
+in the form these kernels need: 16 / 8 / 4-byte ``cp.async`` and ``cp.async.bulk`` to a raw
+shared-memory address
 (token rows are gathered by index, so no tiled copy fits), vector shared-memory loads and
 stores at computed addresses, and scalar / vector global loads and stores at 64-bit
 addresses. The NVFP4 conversion lives in ``nvfp4_dequant``.
@@ -53,6 +54,24 @@ def cp_async_8(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None) -> None
 def cp_async_4(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None) -> None:
     """4-byte ``cp.async.ca`` from global to shared memory."""
     _cp_async(smem_addr, gmem_addr, 4, loc, ip)
+
+
+@dsl_user_op
+def cp_async_bulk(smem_addr: Int32, gmem_addr: Int64, size: int, mbar_addr: Int32, *, loc=None,
+                  ip=None) -> None:
+    """``cp.async.bulk`` (1D TMA) of ``size`` bytes (a multiple of 16, both addresses 16-byte
+    aligned) from global to shared memory, completing as ``size`` transaction bytes on the
+    mbarrier at ``mbar_addr`` (which must expect them)."""
+    if size % 16 or size <= 0:
+        raise ValueError(f"cp.async.bulk moves a positive multiple of 16 bytes, got {size}")
+    asm(
+        None,
+        [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip),
+         Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
+        f"cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], {size}, "
+        "[$2];",
+        "r,l,r",
+    )
 
 
 @dsl_user_op

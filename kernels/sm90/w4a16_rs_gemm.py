@@ -73,6 +73,7 @@ from .nvfp4_dequant import (
 from .preshuffle import SCALE_ATOM, WEIGHT_ATOM
 from .ptx import (
     cp_async_4,
+    cp_async_bulk,
     cp_async_8,
     cp_async_16,
     ld_global_f32,
@@ -86,6 +87,7 @@ from .ptx import (
 
 EPILOGUES = ("swiglu", "scatter")
 WEIGHT_LAYOUTS = ("linear", "preshuffled")
+WEIGHT_COPIES = ("cp_async", "bulk")
 CONSUMER_WGS = 2
 PRODUCER_THREADS = 128
 THREADS = PRODUCER_THREADS + 128 * CONSUMER_WGS
@@ -106,7 +108,10 @@ class RsConfig:
     weights: the NVFP4 layout the kernel reads: "linear" (the checkpoint's rows) or
         "preshuffled" (``preshuffle.shuffle_weight`` / ``shuffle_scale``: contiguous per
         block and stage, one shuffled word per row and pair, 4 shifts + 5 logic ops for 4
-        A-fragment words; measured against "linear" before it can become the default)."""
+        A-fragment words; measured against "linear" before it can become the default);
+    weight_copy: how the producer moves a stage's packed weights: "cp_async" (every producer
+        thread 16 B at a time) or, preshuffled only, "bulk" (one thread issues one
+        ``cp.async.bulk`` per block of the stage, completing on ``full`` as transaction bytes)."""
 
     bn: int
     k_tile: int
@@ -116,6 +121,7 @@ class RsConfig:
     producer_regs: int
     persistent: bool
     weights: str = "linear"
+    weight_copy: str = "cp_async"
 
     @property
     def blocks_per_cta(self) -> int:
@@ -214,6 +220,12 @@ class W4A16RsGemm:
         if cfg.weights not in WEIGHT_LAYOUTS:
             raise ValueError(f"weights must be one of {WEIGHT_LAYOUTS}, got {cfg.weights!r}")
         self.shuffled = cfg.weights == "preshuffled"
+        if cfg.weight_copy not in WEIGHT_COPIES or (cfg.weight_copy == "bulk"
+                                                    and not self.shuffled):
+            raise ValueError(f"weight_copy must be one of {WEIGHT_COPIES} ('bulk' needs "
+                             f"preshuffled weights: a stage's linear rows are not contiguous), "
+                             f"got {cfg}")
+        self.bulk = cfg.weight_copy == "bulk"
         if self.shuffled and self.bpw not in (1, 2):
             raise ValueError(f"preshuffled weights need 1 or 2 blocks per warpgroup, got {cfg}")
         self.stage_w = self.cta_rows * self.w_stride
@@ -381,6 +393,8 @@ class W4A16RsGemm:
                 it = j * self.k_tiles + kt_idx
                 s = it % self.stages
                 cute.arch.mbarrier_wait(empty + s, ((it // self.stages) % 2) ^ 1)
+                if cutlass.const_expr(self.bulk):
+                    self._bulk_weights(tidx, s, kt_idx, w_base, w_off, full, addrs)
                 self._copy_weights(tidx, s, kt_idx, w_base, sf_base, w_off, sf_off, addrs)
                 for i in cutlass.range_constexpr(self.b_chunks):
                     q = tidx + i * copiers
@@ -427,13 +441,27 @@ class W4A16RsGemm:
                 sf_off.append(self._weight_row(r % BLOCK_ROWS, gblk) * (self.k // 16))
         return w_off, sf_off
 
+    @cute.jit
+    def _bulk_weights(self, tidx, s, kt_idx, w_base, w_off, full, addrs):
+        """Producer thread 0: the stage's packed weights as one bulk copy per CTA block (a
+        block's ``chunks`` atoms are contiguous in the preshuffled layout), their bytes
+        expected on ``full[s]`` first (its previous phase completed: the consumers released
+        the slot only after waiting on it)."""
+        if tidx == 0:
+            per_block = self.chunks * WEIGHT_ATOM
+            cute.arch.mbarrier_expect_tx(full + s, self.stage_w)
+            for cb in cutlass.range_constexpr(self.bpc):
+                cp_async_bulk(addrs[0] + s * self.stage_w + cb * per_block,
+                              w_base + Int64(w_off[cb] + kt_idx * per_block), per_block,
+                              (full + s).toint())
+
     def _copy_weights(self, tidx, s, kt_idx, w_base, sf_base, w_off, sf_off, addrs):
         """Producer thread ``tidx``: cp.async its share of K tile ``kt_idx``'s packed weights
         and raw scales into stage ``s``."""
         sw_addr, sraw_addr, _, _ = addrs
         copiers = PRODUCER_THREADS
         if self.shuffled:
-            for i in range(self.stage_w // 16 // copiers):
+            for i in range(0 if self.bulk else self.stage_w // 16 // copiers):
                 cb, dst, within = self._shuffled_w_copy(tidx, i)
                 cp_async_16(sw_addr + s * self.stage_w + dst,
                             w_base + Int64(w_off[cb] + kt_idx * (self.chunks * WEIGHT_ATOM)

@@ -74,16 +74,24 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("weights", ["linear", "preshuffled"])
+LAYOUTS = {"linear": {}, "preshuffled": {"weights": "preshuffled"},
+           "preshuffled_bulk": {"weights": "preshuffled", "weight_copy": "bulk"}}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("kind,n_weight,k,bn,y_cols", CONFIGS)
-def test_compiles_to_register_a_hgmma(tools, tmp_path, kind, n_weight, k, bn, y_cols, weights):
+def test_compiles_to_register_a_hgmma(tools, tmp_path, kind, n_weight, k, bn, y_cols, layout):
     """The weights reach WGMMA from registers: every HGMMA reads A from a register (``R..``,
-    not a ``gdesc``) and B through a descriptor."""
+    not a ``gdesc``) and B through a descriptor. With bulk weight copies: one UBLKCP per
+    CTA block and stage, issued straight (no per-lane ``BRA.U.ANY`` loop)."""
     from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
 
-    cfg = rs_config(bn, k, weights=weights)
+    cfg = rs_config(bn, k, **LAYOUTS[layout])
     sass = _compile_sass(tools, tmp_path, kind, str(n_weight), str(k), str(bn), str(y_cols),
-                         f"weights={weights}")
+                         *(f"{f}={v}" for f, v in LAYOUTS[layout].items()))
+    if cfg.weight_copy == "bulk":
+        assert sass.count("UBLKCP.S.G") == cfg.blocks_per_cta, "one bulk copy per block"
+        assert "BRA.U.ANY" not in sass
     hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\.BF16 R\d+, (\S+), gdesc", sass)
     # One HGMMA per block and k16 step, in the peeled first K tile and in the K loop.
     assert len(hgmma) == 2 * cfg.blocks_per_wg * cfg.k_tile // 16, hgmma

@@ -188,9 +188,9 @@ def test_sizes_multiple_of_64(backend, hidden, inter, num_experts, top_k, tokens
     assert torch.equal(backend.run_experts(x, ids, tw, view), out)
 
 
-def _fc1_fc2(backend, x, ids, tw, weights, bn, layout):
-    """FC1 and FC2 of the kernels with ``RsConfig.weights = layout`` on token tile ``bn``:
-    (h, output)."""
+def _fc1_fc2(backend, x, ids, tw, weights, bn, layout, **overrides):
+    """FC1 and FC2 of the kernels with ``RsConfig.weights = layout`` (and ``overrides``) on
+    token tile ``bn``: (h, output)."""
     from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
     from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
     from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
@@ -201,9 +201,10 @@ def _fc1_fc2(backend, x, ids, tw, weights, bn, layout):
     h = torch.full((plan.num_rows, weights.intermediate_size), float("nan"),
                    dtype=torch.bfloat16, device="cuda")
     h = fc1_gather_swiglu(backend.cache, x, plan.gather_index, plan.tile_expert, w13, bn, out=h,
-                          config=rs_config(bn, weights.hidden_size, weights=layout))
+                          config=rs_config(bn, weights.hidden_size, weights=layout, **overrides))
     out = fc2_finalize(backend.cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn,
-                       config=rs_config(bn, weights.intermediate_size, weights=layout))
+                       config=rs_config(bn, weights.intermediate_size, weights=layout,
+                                        **overrides))
     torch.cuda.synchronize()
     return h, out
 
@@ -234,6 +235,26 @@ def test_preshuffled_is_bitwise_linear(backend, experts, model, tokens):
     assert torch.equal(_fc1_fc2(backend, x, ids, tw, view, bn, "preshuffled")[1], out_lin)
     ref = TorchMoeBackend().run_experts(x, ids, tw, weights)
     assert rel_err(out_pre, ref) < 1e-2
+
+
+@pytest.mark.parametrize("model,tokens", [
+    ("qwen3_30b_a3b", 37), ("qwen3_30b_a3b", 1000), ("qwen3_30b_a3b", 16384),
+    ("deepseek_v3", 300),
+])
+def test_preshuffled_bulk_is_bitwise_linear(backend, experts, model, tokens):
+    """``weight_copy="bulk"`` (one cp.async.bulk per block and stage, completing on ``full``
+    as transaction bytes) moves the same bytes: bitwise the linear kernels' output."""
+    from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
+
+    weights = experts(model)
+    hidden, _, num_experts, top_k = MODELS[model]
+    x = random_tokens(tokens, hidden, seed=tokens + 7)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=tokens + 8)
+    bn = choose_token_tile(tokens * top_k, num_experts)
+    _, out_lin = _fc1_fc2(backend, x, ids, tw, weights, bn, "linear")
+    _, out_bulk = _fc1_fc2(backend, x, ids, tw, preshuffled_experts(weights), bn, "preshuffled",
+                           weight_copy="bulk")
+    assert torch.equal(out_bulk, out_lin), f"bulk weight copies differ at bn={bn}"
 
 
 @pytest.mark.parametrize("hidden,inter,num_experts,top_k,tokens", [

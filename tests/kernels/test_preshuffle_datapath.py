@@ -60,6 +60,9 @@ def _stage(kern, w_sh, sf_sh, blk0, blk_end, kt_idx):
     for tidx in range(PRODUCER_THREADS):
         for i in range(kern.stage_w // 16 // PRODUCER_THREADS):
             cb, dst, within = kern._shuffled_w_copy(tidx, i)
+            # each block's stage range lands unpermuted at its place: what one bulk copy per
+            # block (``weight_copy="bulk"``) moves is the same bytes
+            assert dst == cb * kern.chunks * ps.WEIGHT_ATOM + within
             gblk = min(blk0 + cb, blk_end - 1)
             src = gblk * (k // 64 * ps.WEIGHT_ATOM) + kt_idx * kern.chunks * ps.WEIGHT_ATOM + within
             assert (sw[dst:dst + 16] == -1).all(), f"sW bytes {dst}.. written twice"
