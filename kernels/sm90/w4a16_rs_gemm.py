@@ -48,6 +48,14 @@ Steady state (global K-tile counter i, slot s = i % stages):
 so up to ``stages - 1`` K tiles of loads are in flight (``stages - 2`` published ahead of the
 consumers), and the dequant of pair p overlaps the wgmma group of pair p-1.
 
+Preshuffled weights (``RsConfig.weights = "preshuffled"``, ``preshuffle.py``; a variant under
+measurement): a block's stage of weights is one contiguous range copied unpadded (per thread
+16 B cp.async, or with ``weight_copy = "bulk"`` one ``cp.async.bulk`` per block from producer
+thread 0, its bytes expected on ``full``); the producer writes the scales as bf16 pairs at
+each consumer thread's slot; a consumer thread loads 16 B per block for two pairs and 16 B of
+scale pairs per pair, and decodes each shuffled word with 4 shifts and 5 logic ops into its 4
+A-fragment words of a row (``fragment_preshuffled_bf16x8``): the same bf16 values, bitwise.
+
 64-bit offsets everywhere an address is formed; token indices and tile counts are int32.
 """
 
