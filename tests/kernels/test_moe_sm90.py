@@ -209,15 +209,19 @@ def _fc1_fc2(backend, x, ids, tw, weights, bn, layout, **overrides):
     return h, out
 
 
-@pytest.mark.parametrize("model,tokens", [
-    ("qwen3_30b_a3b", 37), ("qwen3_30b_a3b", 400), ("qwen3_30b_a3b", 1000),
-    ("qwen3_30b_a3b", 16384), ("deepseek_v3", 300), ("deepseek_v3", 2048),
+@pytest.mark.parametrize("model,tokens,copy", [
+    ("qwen3_30b_a3b", 37, "cp_async"), ("qwen3_30b_a3b", 400, "cp_async"),
+    ("qwen3_30b_a3b", 1000, "cp_async"), ("qwen3_30b_a3b", 16384, "cp_async"),
+    ("deepseek_v3", 300, "cp_async"), ("deepseek_v3", 2048, "cp_async"),
+    ("qwen3_30b_a3b", 37, "bulk"), ("qwen3_30b_a3b", 1000, "bulk"),
+    ("qwen3_30b_a3b", 16384, "bulk"), ("deepseek_v3", 300, "bulk"),
 ])
-def test_preshuffled_is_bitwise_linear(backend, experts, model, tokens):
+def test_preshuffled_is_bitwise_linear(backend, experts, model, tokens, copy):
     """``weights="preshuffled"`` on the shuffled experts computes the same products in the
     same K order as the linear kernel: h and the output bitwise equal (token tiles 16, 32,
     64, 128 by the rows per expert), S = 3 views of the shuffled tensors too, and the torch
-    reference on the linear weights within bf16 rounding."""
+    reference on the linear weights within bf16 rounding. ``copy="bulk"``: the stage's
+    weights by one cp.async.bulk per block, completing on ``full`` as transaction bytes."""
     from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
 
     weights = experts(model)
@@ -227,34 +231,15 @@ def test_preshuffled_is_bitwise_linear(backend, experts, model, tokens):
     ids, tw = skewed_routing(tokens, num_experts, top_k, seed=tokens + 6)
     bn = choose_token_tile(tokens * top_k, num_experts)
     h_lin, out_lin = _fc1_fc2(backend, x, ids, tw, weights, bn, "linear")
-    h_pre, out_pre = _fc1_fc2(backend, x, ids, tw, shuffled, bn, "preshuffled")
+    h_pre, out_pre = _fc1_fc2(backend, x, ids, tw, shuffled, bn, "preshuffled", weight_copy=copy)
     real = build_permutation(ids, num_experts, tile_m=bn).gather_index >= 0
     assert torch.equal(h_pre[real], h_lin[real]), f"FC1 differs at bn={bn}"
     assert torch.equal(out_pre, out_lin), f"FC2 differs at bn={bn}"
     view = preshuffled_experts(weights.split(split_sizes(num_experts, 3)))
-    assert torch.equal(_fc1_fc2(backend, x, ids, tw, view, bn, "preshuffled")[1], out_lin)
+    multi = _fc1_fc2(backend, x, ids, tw, view, bn, "preshuffled", weight_copy=copy)[1]
+    assert torch.equal(multi, out_lin), "S = 3 differs"
     ref = TorchMoeBackend().run_experts(x, ids, tw, weights)
     assert rel_err(out_pre, ref) < 1e-2
-
-
-@pytest.mark.parametrize("model,tokens", [
-    ("qwen3_30b_a3b", 37), ("qwen3_30b_a3b", 1000), ("qwen3_30b_a3b", 16384),
-    ("deepseek_v3", 300),
-])
-def test_preshuffled_bulk_is_bitwise_linear(backend, experts, model, tokens):
-    """``weight_copy="bulk"`` (one cp.async.bulk per block and stage, completing on ``full``
-    as transaction bytes) moves the same bytes: bitwise the linear kernels' output."""
-    from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
-
-    weights = experts(model)
-    hidden, _, num_experts, top_k = MODELS[model]
-    x = random_tokens(tokens, hidden, seed=tokens + 7)
-    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=tokens + 8)
-    bn = choose_token_tile(tokens * top_k, num_experts)
-    _, out_lin = _fc1_fc2(backend, x, ids, tw, weights, bn, "linear")
-    _, out_bulk = _fc1_fc2(backend, x, ids, tw, preshuffled_experts(weights), bn, "preshuffled",
-                           weight_copy="bulk")
-    assert torch.equal(out_bulk, out_lin), f"bulk weight copies differ at bn={bn}"
 
 
 @pytest.mark.parametrize("hidden,inter,num_experts,top_k,tokens", [
