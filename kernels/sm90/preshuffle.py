@@ -20,13 +20,15 @@ Weights: expert -> ``[block][kc]`` atoms of 2048 bytes; in an atom, consumer thr
 warp + 4 g + c`` of a warpgroup owns bytes ``[16 tq, 16 tq + 16)``: word ``v = 2 pp + h`` holds
 the 8 codes of row (warp, h, g) that thread's A fragments need for pair ``pp``: output word
 ``j = 2 t + kk`` (A-fragment register ``2 kk + h`` of step ``t``) from codes ``n = 0, 1`` of
-byte ``j``, with the 32 bits placed (``WORD_BITS``) so that ``fragment_words`` needs 4 shifts and
-5 logic ops per word (the in-place layout needs a byte select and 5 ops per OUTPUT word):
+byte ``j``, with the 32 bits placed (``WORD_BITS``) so that the kernel's decode
+(``nvfp4_dequant.fragment_preshuffled_bf16x8``, modelled by ``decode_word``) needs 4 shifts
+and 5 logic ops per word (the linear layout needs a byte select and 4 more per OUTPUT word):
   o0 = w & M;  o1 = (w << 4) & M;  o2 = rotl(w, 10) & M;
   o3 = ((w << 6) & 0x80C080C0) | (rotl(w, 14) & 0x01000100);   M = 0x81C081C0
 each ``o`` being two bf16 ``sign | 0 .. 0 E1 E0 | M 0 .. 0`` = code x 2^-126 (the same bits the
-in-place decode builds). The 64 rows x 32 K of a stage's block therefore come in with one
-contiguous copy, and one 16-byte shared load gives a thread two pairs of one block.
+in-place decode builds; no placement needs fewer: the four shifted copies of M cannot tile the
+32 bits). A block's K tile (one or two atoms) is one contiguous range, copied in one piece,
+and one 16-byte shared load gives a thread two pairs of one block.
 
 Scales: expert -> ``[block][kc]`` atoms of 256 bytes, byte ``((pp 4 + warp) 8 + g) 4 + 2 h + t``
 is the scale of row (warp, h, g), K block ``4 kc + 2 pp + t``: one 4-byte word per (pair, row
