@@ -62,3 +62,54 @@ def test_register_fragment_every_code_every_lane_every_scale():
                     16 + 2 * c, 17 + 2 * c, 24 + 2 * c, 25 + 2 * c]
             np.testing.assert_array_equal(got * 2.0 ** -WEIGHT_EXP2, ref[:, cols],
                                           err_msg=f"lane {c}, scales {scale_code:#x}")
+
+
+def _run_ptx(text: str, word: int, scales: int) -> list:
+    """A tiny interpreter of the preshuffled decode's PTX text: the integer ops on ``$4``
+    (the shuffled word) and, for each ``mul.rn.bf16x2 $j``, (its integer operand, the scale
+    register it multiplies by as (half, half) of ``$5``)."""
+    regs = {"$4": word, "$5": scales}
+    outs = [None] * 4
+    for ins in (i.strip() for i in text.replace("\n", "").split(";")):
+        if not ins or ins.startswith((".reg", "{", "}")):
+            continue
+        ins = ins.lstrip("{").strip()
+        op, args = ins.split(None, 1)
+        if op == "mov.b32" and args.startswith("{lo, hi}"):
+            regs["lo"], regs["hi"] = scales & 0xFFFF, scales >> 16
+            continue
+        a = [x.strip() for x in args.replace("{", "").replace("}", "").split(",")]
+        val = lambda x: regs[x] if x in regs else int(x, 0)  # noqa: E731
+        if op == "mov.b32" and len(a) == 3:  # mov.b32 s, {h, h}
+            regs[a[0]] = val(a[1]) | val(a[2]) << 16
+        elif op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "and.b32":
+            regs[a[0]] = val(a[1]) & val(a[2])
+        elif op == "or.b32":
+            regs[a[0]] = val(a[1]) | val(a[2])
+        elif op == "shl.b32":
+            regs[a[0]] = (val(a[1]) << val(a[2])) & 0xFFFFFFFF
+        elif op == "shf.l.wrap.b32":  # funnel (hi = a[2], lo = a[1]) << n, high word
+            n = val(a[3]) % 32
+            regs[a[0]] = ((val(a[2]) << 32 | val(a[1])) << n >> 32) & 0xFFFFFFFF
+        elif op == "mul.rn.bf16x2":
+            outs[int(a[0][1:])] = (val(a[1]), val(a[2]))
+        else:
+            raise AssertionError(f"unmodelled PTX instruction {ins!r}")
+    return outs
+
+
+def test_preshuffled_ptx_text_is_the_modelled_decode():
+    """The PTX the kernel inlines (generated from ``preshuffle.PIECES``, with plain shifts
+    where no masked bit wraps) computes ``preshuffle.decode_word`` and scales output words
+    0, 1 by step 0's scale (low half of the scale word) and 2, 3 by step 1's (high half)."""
+    from tensorrt_llm_dwdp.kernels.sm90.nvfp4_dequant import _PRESHUFFLED_PTX
+    from tensorrt_llm_dwdp.kernels.sm90.preshuffle import decode_word
+
+    gen = np.random.default_rng(3)
+    for word in [0, 0xFFFFFFFF, 0x80000001] + gen.integers(0, 2**32, 200).tolist():
+        scales = 0x1234ABCD
+        outs = _run_ptx(_PRESHUFFLED_PTX, int(word), scales)
+        assert [o for o, _ in outs] == list(decode_word(int(word))), hex(word)
+        assert [s for _, s in outs] == [0xABCDABCD] * 2 + [0x12341234] * 2
