@@ -465,7 +465,7 @@ class W4A16RsGemm:
 
     def _copy_weights(self, tidx, s, kt_idx, w_base, sf_base, w_off, sf_off, addrs):
         """Producer thread ``tidx``: cp.async its share of K tile ``kt_idx``'s packed weights
-        and raw scales into stage ``s``."""
+        (none with bulk weight copies) and raw scales into stage ``s``."""
         sw_addr, sraw_addr, _, _ = addrs
         copiers = PRODUCER_THREADS
         if self.shuffled:
@@ -501,10 +501,11 @@ class W4A16RsGemm:
 
     @cute.jit
     def _publish(self, ptid, s, full, addrs, slots):
-        """Producer thread ``ptid`` publishes stage ``s``: its raw e4m3 scale rows (the ones it
+        """Producer thread ``ptid`` publishes stage ``s``: its raw e4m3 scales (the ones it
         copied) -> bf16x2 splats (one word per scale, ``scale * 2^SCALE_EXP2`` in both halves,
-        each scale converted once per CTA), fence the async proxy (wgmma reads the sB chunks it
-        copied), arrive on ``full``."""
+        each scale converted once per CTA; preshuffled: bf16x2 pairs at the consumers' slots,
+        ``slots``), fence the async proxy (wgmma reads the sB chunks it copied), arrive on
+        ``full``."""
         _, sraw_addr, sspl_addr, _ = addrs
         if cutlass.const_expr(self.shuffled):
             self._publish_pairs(ptid, s, sraw_addr, sspl_addr, slots)
