@@ -54,24 +54,18 @@ def random_nvfp4_experts(num_experts: int, hidden: int, inter: int, seed: int,
 
 
 def preshuffled_experts(weights: ExpertWeights) -> ExpertWeights:
-    """The same experts with every NVFP4 weight / scale tensor in the preshuffled layout
-    (``sm90.preshuffle``; per tensor of a multi-tensor view, which equals shuffling the whole
-    set and splitting it: the shuffle stays inside each expert). For the kernels run with
-    ``RsConfig.weights == "preshuffled"``; no other reader understands these bytes."""
-    from .sm90.preshuffle import shuffle_scale, shuffle_weight
+    """The same experts with every NVFP4 weight / scale tensor in the preshuffled layout, tagged
+    ``weight_layout="preshuffled"`` (``moe/layouts.py``; per tensor of a multi-tensor view, which
+    equals shuffling the whole set and splitting it: the shuffle stays inside each expert). The
+    cutedsl backend runs ``RsConfig.weights == "preshuffled"`` on it; the torch backends
+    unshuffle it."""
+    from tensorrt_llm_dwdp.moe.layouts import PRESHUFFLED, shuffled_copy
 
-    gated = {"w3_w1_weight": True, "w3_w1_weight_scale": True,
-             "w2_weight": False, "w2_weight_scale": False}
-    def shuffled(name, t, chunk=16):  # a few experts at a time: the shuffle's int64 words
-        out = torch.empty_like(t)       # take 2x the bytes, and 4 temporaries of them
-        fn = shuffle_scale if name.endswith("_scale") else shuffle_weight
-        for e in range(0, t.shape[0], chunk):
-            out[e:e + chunk] = fn(t[e:e + chunk], gated=gated[name])
-        return out
-
-    tensors = {name: tuple(shuffled(name, t) for t in ts) if name in gated else ts
+    if weights.weight_layout != "linear":
+        raise ValueError(f"preshuffled_experts: the set is already {weights.weight_layout!r}")
+    tensors = {name: tuple(shuffled_copy(name, t) for t in ts)
                for name, ts in weights.tensors.items()}
-    return ExpertWeights(tensors, weights.expert_offsets)
+    return ExpertWeights(tensors, weights.expert_offsets, PRESHUFFLED)
 
 
 def skewed_routing(tokens: int, num_experts: int, top_k: int, seed: int, device="cuda",

@@ -7,7 +7,7 @@ and dtypes do not change (uint8 ``[n, rows, K/2]``, float8_e4m3fn ``[n, rows, K/
 every expert's bytes stay inside that expert's byte range: DWDP's whole-expert copies (peer
 prefetch, host tiers, composite views) move shuffled experts unchanged. A tensor's layout is
 not visible in its bytes, so whoever shuffles must tag it (``LAYOUT``) and every reader of the
-tag either runs the preshuffled kernel or unshuffles (see kernels/NOTES.md).
+tag either runs the preshuffled kernel or unshuffles (``moe/layouts.py``, kernels/NOTES.md).
 
 Kernel order of the rows (one 64-row WGMMA block ``b``, row ``r64 = 16 warp + 8 h + g`` of it):
 plain (``w2``): expert row ``64 b + r64``; gated (``w3_w1``, FC1's SwiGLU pairs): up row
@@ -41,7 +41,7 @@ import torch
 
 from .grouped_launch import BLOCK_ROWS
 
-LAYOUT = "sm90_rs_preshuffled_v1"  # the tag a shuffled tensor carries (``ExpertWeights``)
+LAYOUT = "preshuffled"  # the tag shuffled experts carry (``ExpertWeights.weight_layout``, ``RsConfig.weights``)
 K_CHUNK = 64
 WEIGHT_ATOM = BLOCK_ROWS * K_CHUNK // 2  # bytes per (block, K chunk)
 SCALE_ATOM = BLOCK_ROWS * K_CHUNK // 16

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorrt_llm_dwdp.moe.backends import MoeBackend, get_backend
+from tensorrt_llm_dwdp.moe.layouts import LINEAR
 from tensorrt_llm_dwdp.moe.router import RouterConfig, route
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
@@ -106,10 +107,13 @@ class ConfigurableMoE(nn.Module):
             return self.ep.experts_per_rank
         return self.num_experts
 
-    def set_local_weights(self, params: Mapping[str, torch.Tensor]) -> None:
+    def set_local_weights(self, params: Mapping[str, torch.Tensor],
+                          weight_layout: str = LINEAR) -> None:
         """This rank's expert tensors (names and layouts as in ``moe/weights.py``), dim 0 =
-        ``num_local_experts``. Validated now; kept by reference (no copy)."""
-        weights = ExpertWeights.single(params)
+        ``num_local_experts``, their bytes in ``weight_layout`` (``moe/layouts.py``; DWDP views
+        of the layer carry the same tag: the group agreed on it at the exchange). Validated
+        now; kept by reference (no copy)."""
+        weights = ExpertWeights.single(params, weight_layout)
         got = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
         want = (self.num_local_experts, self.hidden_size, self.intermediate_size)
         if got != want:
@@ -123,6 +127,11 @@ class ConfigurableMoE(nn.Module):
     def local_weights(self) -> ExpertWeights | None:
         return self._local
 
+    @property
+    def weight_layout(self) -> str:
+        """The layout of this layer's expert bytes (the local weights'; linear before any)."""
+        return self._local.weight_layout if self._local is not None else LINEAR
+
     def _view(self) -> ExpertWeights:
         if self.dwdp is None:
             if self._local is None:
@@ -132,10 +141,11 @@ class ConfigurableMoE(nn.Module):
                 )
             return self._local
         if self.dwdp.expert_view == "composite":
-            view = ExpertWeights.single(self.dwdp.composite_weights(self.layer_idx))
+            view = ExpertWeights.single(self.dwdp.composite_weights(self.layer_idx),
+                                        self.weight_layout)
         else:
             view = ExpertWeights.from_view(
-                self.dwdp.weights(self.layer_idx), self.dwdp.view_offsets
+                self.dwdp.weights(self.layer_idx), self.dwdp.view_offsets, self.weight_layout
             )
         if view.num_experts != self.num_experts:
             raise RuntimeError(

@@ -5,7 +5,10 @@ slice, tails of higher peers; see docs/ARCHITECTURE.md); without it, one tensor 
 experts. Tensor ``t`` holds experts ``[expert_offsets[t], expert_offsets[t] + n_t)`` and the
 tensors together cover ``[0, num_experts)`` exactly once, in order.
 
-Parameter names, shapes and dtypes: ``moe/specs.py`` (the one definition).
+Parameter names, shapes and dtypes: ``moe/specs.py`` (the one definition). ``weight_layout``
+says how NVFP4 weights are ordered within each expert (``moe/layouts.py``: ``linear``, the
+checkpoint's rows, or ``preshuffled`` for the sm90 kernel's variant); whoever builds a set from
+permuted bytes tags it, and readers that need linear rows use ``linear_expert`` / ``to_linear``.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tensorrt_llm_dwdp.moe.layouts import LINEAR, check_layout, to_linear
 from tensorrt_llm_dwdp.moe.specs import BIAS_NAMES, REQUIRED_NAMES, check_sizes, expert_specs
 
 
@@ -35,6 +39,7 @@ class ExpertWeights:
 
     tensors: Mapping[str, tuple[torch.Tensor, ...]]
     expert_offsets: tuple[int, ...]
+    weight_layout: str = LINEAR
     # Derived in __post_init__:
     quant: str = field(init=False)
     hidden_size: int = field(init=False)
@@ -75,6 +80,10 @@ class ExpertWeights:
             check_sizes(quant, hidden, inter)
         except ValueError as exc:
             raise ValueError(f"ExpertWeights ({quant}): {exc}") from None
+        try:
+            check_layout(self.weight_layout, quant, hidden, inter)
+        except ValueError as exc:
+            raise ValueError(f"ExpertWeights ({quant}, H={hidden}, I={inter}): {exc}") from None
         n_tensors = len(first)
         if len(self.expert_offsets) != n_tensors:
             raise ValueError(
@@ -117,17 +126,19 @@ class ExpertWeights:
         object.__setattr__(self, "num_experts", expected)
 
     @classmethod
-    def single(cls, params: Mapping[str, torch.Tensor]) -> ExpertWeights:
+    def single(cls, params: Mapping[str, torch.Tensor],
+               weight_layout: str = LINEAR) -> ExpertWeights:
         """One tensor per name holding experts ``[0, n)``."""
-        return cls({name: (t,) for name, t in params.items()}, (0,))
+        return cls({name: (t,) for name, t in params.items()}, (0,), weight_layout)
 
     @classmethod
     def from_view(
-        cls, view: Mapping[str, Sequence[torch.Tensor]], tensor_offsets: Sequence[int]
+        cls, view: Mapping[str, Sequence[torch.Tensor]], tensor_offsets: Sequence[int],
+        weight_layout: str = LINEAR,
     ) -> ExpertWeights:
         """A DWDP view ``{name: [S tensors by rank]}`` with ``layout.tensor_offsets``."""
         return cls({name: tuple(ts) for name, ts in view.items()},
-                   tuple(int(o) for o in tensor_offsets))
+                   tuple(int(o) for o in tensor_offsets), weight_layout)
 
     @property
     def num_tensors(self) -> int:
@@ -155,6 +166,12 @@ class ExpertWeights:
         t, local = self.locate(expert)
         return {name: tensors[t][local] for name, tensors in self.tensors.items()}
 
+    def linear_expert(self, expert: int) -> dict[str, torch.Tensor]:
+        """``expert(expert)`` with its NVFP4 weights and scales in the linear layout (views
+        when the set is linear, exactly unshuffled copies when it is preshuffled)."""
+        return {name: to_linear(name, t, self.weight_layout)
+                for name, t in self.expert(expert).items()}
+
     def split(self, sizes: Sequence[int]) -> ExpertWeights:
         """Re-slice a single-tensor set into tensors of ``sizes`` experts (views, no copy):
         e.g. DWDP's ``[P] * r + [W] + [P] * (S - 1 - r)`` for rank r. Used to compare a
@@ -173,4 +190,4 @@ class ExpertWeights:
             name: tuple(ts[0][o:o + s] for o, s in zip(offsets, sizes))
             for name, ts in self.tensors.items()
         }
-        return ExpertWeights(tensors, tuple(offsets))
+        return ExpertWeights(tensors, tuple(offsets), self.weight_layout)

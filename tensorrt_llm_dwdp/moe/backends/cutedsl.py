@@ -7,6 +7,10 @@ The B operand of both GEMMs is the weights' tensor LIST (S = 1 without DWDP, S =
 one prefetch buffer per peer with it), resolved per expert inside the kernel, so the result does
 not depend on how the experts are split: S = 1 and S > 1 are bitwise equal.
 
+The kernels read NVFP4 weights in the set's ``weight_layout``: ``linear`` (the default kernel)
+or ``preshuffled`` (permuted at load, ``moe/layouts.py``; ``RsConfig.weights = "preshuffled"``,
+bitwise equal to the linear kernel on the same experts).
+
 Numerics follow the torch reference backend (dequantized exact-bf16 weights, fp32
 accumulation, alpha and SwiGLU in fp32, bf16 h, fp32 FC2 and router weight, slot-order sum).
 Shapes: hidden and expert intermediate sizes must be multiples of 64 (checked before launch).
@@ -24,6 +28,7 @@ from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
 from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import TOKEN_TILES
 from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
+from tensorrt_llm_dwdp.moe.layouts import LINEAR
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
@@ -53,6 +58,17 @@ def tokens_for_tile(bn: int, num_experts: int, top_k: int) -> int:
     if choose_token_tile(tokens * top_k, num_experts) != bn:
         raise ValueError(f"no token count picks tile {bn} over {num_experts} experts, top-{top_k}")
     return tokens
+
+
+def kernel_configs(weights: ExpertWeights, bn: int) -> tuple:
+    """``(FC1, FC2)`` ``RsConfig`` for token tile ``bn`` over ``weights``: None (each GEMM's
+    default) for linear weights, else the defaults reading ``weights.weight_layout``."""
+    if weights.weight_layout == LINEAR:
+        return None, None
+    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
+
+    return (rs_config(bn, weights.hidden_size, weights=weights.weight_layout),
+            rs_config(bn, weights.intermediate_size, weights=weights.weight_layout))
 
 
 def check_expert_shapes(hidden: int, inter: int) -> None:
@@ -145,9 +161,11 @@ class CuteDslMoeBackend:
         x = x.contiguous()
         if x.data_ptr() % 16:  # a row-offset view; the gather copies 16-byte chunks
             x = x.clone()
-        h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, bn)
+        fc1_config, fc2_config = kernel_configs(weights, bn)
+        h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, bn,
+                              config=fc1_config)
         return fc2_finalize(self.cache, h, plan.slot_index, plan.tile_expert, topk_ids,
-                            topk_weights, w2, bn)
+                            topk_weights, w2, bn, config=fc2_config)
 
 
 def create_backend() -> CuteDslMoeBackend:

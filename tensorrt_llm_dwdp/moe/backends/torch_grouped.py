@@ -27,7 +27,9 @@ expert with tokens -- for DeepSeek-V3 with all 256 experts hit, 6.3 GB read and 
 bf16 traffic, about 10 ms at H200 bandwidth on top of the GEMMs -- plus a transient bf16 copy of
 ``chunk_experts`` experts (8: 0.7 GB). A correctness baseline for NVFP4, not a fast path.
 There is no fp8 expert format in this project (``ExpertWeights``: NVFP4 or bf16), so
-``torch._scaled_grouped_mm`` has nothing to read and is not used.
+``torch._scaled_grouped_mm`` has nothing to read and is not used. Preshuffled NVFP4 weights
+(``ExpertWeights.weight_layout``) are unshuffled exactly per chunk before the dequantization,
+so the result is bitwise the linear set's.
 
 CPU: torch 2.13's CPU build runs ``_grouped_mm`` in bf16 (H and I multiples of 8: strides of
 16 bytes), so the backend and its tests run there too.
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
+from tensorrt_llm_dwdp.moe.layouts import to_linear
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 from tensorrt_llm_dwdp.quant.nvfp4 import E2M1_VALUES
@@ -138,8 +141,10 @@ class TorchGroupedMoeBackend:
         offs = torch.cumsum(counts, 0).to(torch.int32)
         full = ids.numel() == weights.num_experts
         if weights.quant == "nvfp4":
-            w13 = dequantize_bf16(p["w3_w1_weight"][ids], p["w3_w1_weight_scale"][ids])
-            w2 = dequantize_bf16(p["w2_weight"][ids], p["w2_weight_scale"][ids])
+            lin = {n: to_linear(n, p[n][ids], weights.weight_layout) for n in (
+                "w3_w1_weight", "w3_w1_weight_scale", "w2_weight", "w2_weight_scale")}
+            w13 = dequantize_bf16(lin["w3_w1_weight"], lin["w3_w1_weight_scale"])
+            w2 = dequantize_bf16(lin["w2_weight"], lin["w2_weight_scale"])
         else:
             w13 = p["w3_w1_weight"] if full else p["w3_w1_weight"][ids]
             w2 = p["w2_weight"] if full else p["w2_weight"][ids]

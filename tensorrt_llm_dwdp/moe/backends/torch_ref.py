@@ -18,7 +18,9 @@ order), with ``a = x[rows]`` (bf16 -> fp32, exact):
 The fp32 GEMMs accumulate in whatever order torch picks on the device, so kernels match
 this within bf16 tolerance, not bit for bit; on one device the result is deterministic and does
 not depend on how the experts are split across view tensors. Experts are looped over
-(vectorised per expert); tokens never are.
+(vectorised per expert); tokens never are. Preshuffled NVFP4 weights (``ExpertWeights.
+weight_layout``) are unshuffled exactly per expert first, so the result is bitwise the linear
+set's.
 """
 from __future__ import annotations
 
@@ -60,8 +62,8 @@ def dequantized_expert(
     weights: ExpertWeights, expert: int
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """fp32 ``W13 [2I, H]``, ``W2 [H, I]`` of one expert (NVFP4: exact ``e2m1 * e4m3``, global
-    scale NOT applied) and the expert's other tensors (alphas, biases)."""
-    p = weights.expert(expert)
+    scale NOT applied; any weight layout) and the expert's other tensors (alphas, biases)."""
+    p = weights.linear_expert(expert)
     if weights.quant == "nvfp4":
         w13 = dequantize_nvfp4(p["w3_w1_weight"], p["w3_w1_weight_scale"], None, torch.float32)
         w2 = dequantize_nvfp4(p["w2_weight"], p["w2_weight_scale"], None, torch.float32)

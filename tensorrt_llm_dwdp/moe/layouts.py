@@ -1,0 +1,86 @@
+"""Weight layouts: the byte order of NVFP4 expert weights in memory (``ExpertWeights.weight_layout``).
+
+``linear`` (the default): the checkpoint's rows, as ``moe/specs.py`` describes them.
+``preshuffled``: the packed e2m1 weights and e4m3 block scales of ``w3_w1`` and ``w2`` permuted
+once at load (``kernels/sm90/preshuffle.py``) into the order the sm90 RS kernel's
+``RsConfig.weights = "preshuffled"`` variant reads; alphas and biases are unchanged. Shapes and
+dtypes do not change and every expert's bytes stay inside that expert's byte range, so DWDP's
+whole-expert copies (peer prefetch, host store, composite views) move shuffled experts as they
+are. The bytes do not say which layout they are in: the loader that shuffles tags the weights,
+the DWDP ranks of a group agree on the tag at the exchange, and every reader either runs the
+preshuffled kernel (cutedsl) or unshuffles exactly (``to_linear``: torch, torch-grouped).
+Checkpoints on disk stay linear.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from tensorrt_llm_dwdp.kernels.sm90 import preshuffle
+from tensorrt_llm_dwdp.moe.specs import NVFP4
+
+LINEAR = "linear"
+PRESHUFFLED = preshuffle.LAYOUT
+WEIGHT_LAYOUTS = (LINEAR, PRESHUFFLED)
+# The tensors a layout permutes, and whether their rows are FC1's up / gate halves.
+SHUFFLED = {"w3_w1_weight": True, "w3_w1_weight_scale": True,
+            "w2_weight": False, "w2_weight_scale": False}
+SHUFFLE_CHUNK = 16  # experts shuffled at once: the shuffle's temporaries are ~10x their bytes
+
+
+def check_layout(weight_layout: str, quant: str, hidden: int, inter: int) -> None:
+    """Raise ValueError unless experts of ``quant`` with sizes H, I can be in ``weight_layout``
+    (preshuffled: NVFP4, H and I multiples of the kernel's 64-row blocks and 64-wide K chunks)."""
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"unknown weight layout {weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
+    if weight_layout == LINEAR:
+        return
+    if quant != NVFP4:
+        raise ValueError(f"weight layout {weight_layout!r} permutes NVFP4 experts; these are "
+                         f"{quant!r} (use weight layout 'linear')")
+    block = preshuffle.BLOCK_ROWS
+    if hidden % block or inter % block:
+        raise ValueError(f"weight layout {weight_layout!r} needs H={hidden} and I={inter} to be "
+                         f"multiples of {block} (the sm90 kernel's blocks); use 'linear'")
+
+
+def _convert(name: str, t: torch.Tensor, inverse: bool) -> torch.Tensor:
+    if name.endswith("_scale"):
+        fn = preshuffle.unshuffle_scale if inverse else preshuffle.shuffle_scale
+    else:
+        fn = preshuffle.unshuffle_weight if inverse else preshuffle.shuffle_weight
+    return fn(t, gated=SHUFFLED[name])
+
+
+def _shuffle_chunks(name: str, src: torch.Tensor, dst: torch.Tensor, chunk: int) -> torch.Tensor:
+    for e in range(0, src.shape[0], chunk):  # each chunk is read before it is overwritten
+        dst[e:e + chunk] = _convert(name, src[e:e + chunk], inverse=False)
+    return dst
+
+
+def shuffle_experts_(tensors: Mapping[str, torch.Tensor],
+                     chunk: int = SHUFFLE_CHUNK) -> Mapping[str, torch.Tensor]:
+    """Permute the linear NVFP4 experts ``tensors`` (``{name: [n, ...]}``) into the preshuffled
+    layout IN PLACE (the memory a loader allocated, e.g. for DWDP peers, stays the same), a
+    few experts at a time; returns ``tensors``. Tensors other than ``SHUFFLED`` are left."""
+    for name, t in tensors.items():
+        if name in SHUFFLED:
+            _shuffle_chunks(name, t, t, chunk)
+    return tensors
+
+
+def shuffled_copy(name: str, t: torch.Tensor, chunk: int = SHUFFLE_CHUNK) -> torch.Tensor:
+    """A preshuffled copy of tensor ``name`` (``[n, ...]`` linear experts); others as they are."""
+    return _shuffle_chunks(name, t, torch.empty_like(t), chunk) if name in SHUFFLED else t
+
+
+def to_linear(name: str, t: torch.Tensor, weight_layout: str) -> torch.Tensor:
+    """Tensor ``name`` of one expert (``[rows, cols]``) or several (``[n, rows, cols]``) in
+    ``weight_layout`` -> the same experts in the linear layout: ``t`` itself when nothing is
+    permuted, else an exactly unshuffled copy."""
+    if weight_layout == LINEAR or name not in SHUFFLED:
+        return t
+    if weight_layout != PRESHUFFLED:
+        raise ValueError(f"unknown weight layout {weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
+    return _convert(name, t, inverse=True)
