@@ -27,13 +27,14 @@ def config_problems(configs: Sequence[Mapping[str, Any]]) -> list[str]:
 def record_problems(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """Lines naming every disagreement of a rank's exchange record with rank 0's.
 
-    A record holds ``config`` (dict), ``num_experts``, ``transport`` and ``layers``: a list of
-    ``(layer_idx, {name: (dtype, shape)})`` in registration order.
+    A record holds ``config`` (dict), ``num_experts``, ``transport``, ``weight_layout`` (the
+    experts' byte order, ``moe/layouts.py``) and ``layers``: a list of ``(layer_idx, {name:
+    (dtype, shape)})`` in registration order.
     """
     lines = config_problems([r["config"] for r in records])
     ref = records[0]
     for rank, rec in enumerate(records[1:], start=1):
-        for key in ("num_experts", "transport"):
+        for key in ("num_experts", "transport", "weight_layout"):
             if rec[key] != ref[key]:
                 lines.append(f"rank {rank} has {key} = {rec[key]!r} but rank 0 has {ref[key]!r}")
         mine, theirs = rec["layers"], ref["layers"]

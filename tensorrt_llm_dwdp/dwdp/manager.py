@@ -5,6 +5,7 @@ runtime and the per-step protocol, behind one small API.
 mgr = DwdpManager(config, num_experts, comm, device)    # or DwdpManager.from_environment(...)
 t = mgr.allocate(shape, dtype)                            # memory peers can map
 mgr.register_layer(layer_idx, {"w3_w1_weight": t, ...})   # dim 0 == W for every tensor
+                                                          # (weight_layout= their byte order)
 mgr.exchange()                                            # one allgather + agreement checks
 each step:  mgr.start_step()
             view = mgr.composite_weights(i)   # {name: [E, ...]}; compute waits i's prefetch
@@ -97,6 +98,7 @@ class DwdpManager:
         self._layers: list[int] = []
         self._own: list[dict[str, torch.Tensor]] = []
         self._handles: list[dict[str, HandleRecord]] = []
+        self._weight_layout: str | None = None  # of the registered layers (one for all)
         self._host_parts: list[dict[str, torch.Tensor] | None] = []
         self._rejoin = rejoin         # host_tiers.RunningGroup when restarting into a live group
         self._joining = GroupExchange(config, self.tier_layout, comm, self._transport,
@@ -149,6 +151,12 @@ class DwdpManager:
     def expert_view(self) -> str:
         """``multi`` or ``composite`` (``composite_weights`` exists with the latter)."""
         return self.config.expert_view
+
+    @property
+    def weight_layout(self) -> str:
+        """The byte order of the registered expert weights (``moe/layouts.py``; ``linear``
+        before any registration); the group's ranks agree on it at the exchange."""
+        return self._weight_layout or "linear"
 
     @property
     def resident_experts(self) -> int:
@@ -220,14 +228,19 @@ class DwdpManager:
         return self._memory.allocate(shape, dtype)
 
     def register_layer(self, layer_idx: int, tensors: Mapping[str, torch.Tensor],
-                       host_tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+                       host_tensors: Mapping[str, torch.Tensor] | None = None, *,
+                       weight_layout: str = "linear") -> None:
         """Register one MoE layer's expert tensors (any names; dim 0 == ``resident_experts``,
         i.e. num_experts_per_worker unless host experts are configured).
 
         Tensors must be contiguous and on this rank's device; on CPU they must come from
         ``allocate``. With ``host_experts_per_worker`` H > 0, ``host_tensors`` holds the last H
         experts of the slice (same names, any device): they go to the node's host store at the
-        exchange and are not kept. Raises DwdpRegistrationError naming the layer and tensor.
+        exchange and are not kept. ``weight_layout``: the byte order of the weights within each
+        expert (``moe/layouts.py``), the same for every layer of a rank and, checked at the
+        exchange, for every rank of the group (whole experts are copied as they are, so a peer
+        in another layout would hand this rank bytes its kernel misreads). Raises
+        DwdpRegistrationError naming the layer and tensor.
         """
         self._check_open("register_layer")
         if self._exchange_started:
@@ -238,6 +251,7 @@ class DwdpManager:
             raise DwdpRegistrationError(f"layer {layer_idx} is already registered")
         if not tensors:
             raise DwdpRegistrationError(f"layer {layer_idx}: no tensors given")
+        self._check_weight_layout(layer_idx, weight_layout)
         own: dict[str, torch.Tensor] = {}
         handles: dict[str, HandleRecord] = {}
         for name, t in tensors.items():
@@ -252,6 +266,18 @@ class DwdpManager:
         self._layers.append(layer_idx)
         self._own.append(own)
         self._handles.append(handles)
+        self._weight_layout = weight_layout
+
+    def _check_weight_layout(self, layer_idx: int, weight_layout: str) -> None:
+        from tensorrt_llm_dwdp.moe.layouts import WEIGHT_LAYOUTS
+
+        if weight_layout not in WEIGHT_LAYOUTS:
+            raise DwdpRegistrationError(f"layer {layer_idx}: unknown weight_layout "
+                                        f"{weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
+        if self._weight_layout not in (None, weight_layout):
+            raise DwdpRegistrationError(
+                f"layer {layer_idx}: weight_layout {weight_layout!r} but layer "
+                f"{self._layers[0]} was registered {self._weight_layout!r} (one layout per rank)")
 
     def _check_host_part(self, layer_idx: int, own: Mapping[str, torch.Tensor],
                          host: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
@@ -283,7 +309,7 @@ class DwdpManager:
         """Swap handle records with the group, check agreement, map peers, build buffers.
 
         Collective: every rank of the group calls it once, after registering all layers.
-        Disagreement (config, num_experts, layers, names, dtypes, shapes) raises
+        Disagreement (config, num_experts, weight layout, layers, names, dtypes, shapes) raises
         DwdpMismatchError on every rank; a missing peer raises DwdpPeerError. With host tiers
         it also builds the node's host store (rank 0 creates it, every rank fills its part);
         a rejoining rank talks to its running group through the control block instead
@@ -301,6 +327,7 @@ class DwdpManager:
             "config": self.config.to_dict(),
             "num_experts": self.num_experts,
             "transport": self._transport.kind,
+            "weight_layout": self.weight_layout,
             "layers": [
                 (layer, {n: (str(t.dtype), tuple(t.shape)) for n, t in own.items()})
                 for layer, own in zip(self._layers, self._own)

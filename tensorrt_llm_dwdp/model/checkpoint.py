@@ -9,7 +9,11 @@ allocated by ``manager.allocate`` (memory its peers can map) and registered laye
 order; the caller then runs ``manager.exchange()``. With host experts (offload) the last H
 experts of the slice are read into host memory and handed to the manager, which keeps them in
 the node's host store; a rank rejoining a running group restores its slice from that store
-(``manager.restore_layer``) instead of reading the checkpoint.
+(``manager.restore_layer``) instead of reading the checkpoint. ``weight_layout="preshuffled"``
+permutes each NVFP4 expert's bytes in place right after reading (``moe/layouts.py``: the sm90
+kernel's variant; within each expert, so DWDP copies whole experts as they are), and tags the
+layer's weights and its DWDP registration with it; restored slices are in the group's layout
+already. Checkpoints on disk stay linear.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from tensorrt_llm_dwdp.model.hf_names import detect_quant
 from tensorrt_llm_dwdp.model.moe_block import make_moe
 from tensorrt_llm_dwdp.model.safetensors_io import CheckpointReader
 from tensorrt_llm_dwdp.moe.backends import get_backend
+from tensorrt_llm_dwdp.moe.layouts import LINEAR, check_layout, shuffle_experts_
 from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4
 
 logger = logging.getLogger(__name__)
@@ -110,6 +115,7 @@ def load_model(
     moe_backend: str = "torch",
     dwdp: Any = None,
     ep: Any = None,
+    weight_layout: str = LINEAR,
 ) -> CausalLM:
     """Build the decoder of checkpoint ``path`` and load its weights.
 
@@ -119,9 +125,16 @@ def load_model(
     ``dwdp.resident_experts`` experts on the device, the rest (host experts) in host memory.
     Without it every expert is loaded into ordinary ``device`` memory. ``ep``: an
     ``ExpertParallel``; the rank loads only ``ep.local_range`` and its MoE layers send tokens
-    to their experts' owners.
+    to their experts' owners. ``weight_layout``: the byte order the routed experts are kept in
+    (``moe/layouts.py``: ``linear`` as read, or ``preshuffled`` for the cutedsl kernel's variant;
+    the torch backends unshuffle it exactly).
     """
     config, quant = read_config(path)
+    if config.moe_layer_indices:
+        try:
+            check_layout(weight_layout, quant, config.hidden_size, config.moe_intermediate_size)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     device = torch.device(device)
     if ep is not None:
         if ep.num_experts != config.num_experts:
@@ -171,14 +184,19 @@ def load_model(
                 if resident_end < end:
                     host = load_moe_experts(reader, config, quant, range(resident_end, end),
                                             host_alloc, dtype)
+                if weight_layout != LINEAR:
+                    for tensors in (*experts.values(), *host.values()):
+                        shuffle_experts_(tensors)
             moes = model.moe_modules()
             for layer, tensors in experts.items():
-                moes[layer].set_local_weights(tensors)
+                moes[layer].set_local_weights(tensors, weight_layout)
                 if dwdp is not None:
-                    dwdp.register_layer(layer, tensors, host.get(layer))
+                    dwdp.register_layer(layer, tensors, host.get(layer),
+                                        weight_layout=weight_layout)
         logger.info(
-            "loaded %s (%s experts %s, range [%d, %d)%s): %.3f GB read",
-            path, config.architecture, quant if config.moe_layer_indices else "-", first, end,
+            "loaded %s (%s experts %s%s, range [%d, %d)%s): %.3f GB read",
+            path, config.architecture, quant if config.moe_layer_indices else "-",
+            f" {weight_layout}" if weight_layout != LINEAR else "", first, end,
             f", [{resident_end}, {end}) to host memory" if resident_end < end else "",
             reader.bytes_read / 1e9,
         )

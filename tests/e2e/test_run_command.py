@@ -86,3 +86,15 @@ def test_composite_view_redundant_layout_odd_layers_bitwise_parity(tmp_path):
     summary = check_parity(proc, out, 2)
     assert summary["dwdp_config"]["expert_view"] == "composite"
     assert "composite view" in proc.stdout
+
+
+@pytest.mark.parametrize("backend,view", [("torch", "multi"), ("torch-grouped", "composite")])
+def test_preshuffled_weights_bitwise_parity(tmp_path, backend, view):
+    """--weight-layout preshuffled: the ranks permute their NVFP4 experts at load and prefetch
+    them as they are; the torch backends unshuffle them exactly, so the run is bitwise equal to
+    the reference, which loads the checkpoint's linear layout."""
+    proc, out = run_job(tmp_path, "--num-layers", "2", "--weight-layout", "preshuffled",
+                        "--moe-backend", backend, "--expert-view", view)
+    summary = check_parity(proc, out, 2)
+    assert summary["weight_layout"] == "preshuffled" and summary["moe_backend"] == backend
+    assert "preshuffled expert weights" in proc.stdout

@@ -3,7 +3,8 @@
 Each rank loads the checkpoint with a real DwdpManager (only its own experts, allocated with
 ``manager.allocate`` and registered layer by layer), runs the exchange, then a batched prefill
 and greedy decode steps; the same rank also loads the full checkpoint without DWDP and checks
-that logits are bitwise equal at every step. Prints ``RESULT rank=<r> OK ...`` or
+that logits are bitwise equal at every step. ``--weight-layout preshuffled``: the DWDP load
+keeps its experts preshuffled (the torch backend unshuffles them), the full model stays linear. Prints ``RESULT rank=<r> OK ...`` or
 ``RESULT rank=<r> FAILED ...``.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> int:
     ap.add_argument("--w", type=int, required=True)
     ap.add_argument("--p", type=int, required=True)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--weight-layout", default="linear")
     args = ap.parse_args()
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", 0))
     size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1))
@@ -56,11 +58,13 @@ def main() -> int:
         config = DwdpConfig.from_dict(dict(dwdp_size=size, num_experts_per_worker=args.w,
                                            num_prefetch_experts=args.p, peer_timeout_s=60.0))
         with DwdpManager(config, cfg.num_experts, connect(config), "cpu") as mgr:
-            model = load_model(args.checkpoint, dwdp=mgr)
+            model = load_model(args.checkpoint, dwdp=mgr, weight_layout=args.weight_layout)
             assert mgr.layer_indices == cfg.moe_layer_indices, mgr.layer_indices
+            assert mgr.weight_layout == args.weight_layout, mgr.weight_layout
             start, stop = mgr.layout.owned_range()
             for moe in model.moe_modules().values():
                 assert moe.local_weights.num_experts == args.w
+                assert moe.local_weights.weight_layout == args.weight_layout
             mgr.exchange()
             got = run_steps(model, args.steps, mgr)
             mgr.synchronize()

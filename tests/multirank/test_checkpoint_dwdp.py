@@ -1,6 +1,7 @@
 """load_model with a real DwdpManager across mpirun ranks (CPU, shm): every rank loads only its
 experts into shared memory, registers them, exchanges, and produces logits bitwise equal to a
-single process holding all experts, through prefill and greedy decode."""
+single process holding all experts, through prefill and greedy decode (also with the DWDP ranks'
+experts preshuffled, against the linear full model)."""
 import os
 import re
 import shutil
@@ -21,13 +22,15 @@ pytestmark = [pytest.mark.multirank,
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun (Open MPI)")]
 
 
-@pytest.mark.parametrize("n,w,p,quant", [(2, 10, 6, NVFP4), (4, 4, 4, "bf16")])
-def test_dwdp_load_matches_full_model(tmp_path, n, w, p, quant):
+@pytest.mark.parametrize("n,w,p,quant,layout", [(2, 10, 6, NVFP4, "linear"),
+                                                (4, 4, 4, "bf16", "linear"),
+                                                (2, 9, 7, NVFP4, "preshuffled")])
+def test_dwdp_load_matches_full_model(tmp_path, n, w, p, quant, layout):
     write_synthetic_checkpoint(tmp_path, get_preset("tiny-deepseek-v3", num_layers=3), quant=quant,
                                seed=2, shard_bytes=128 << 10)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n), sys.executable, SCRIPT,
-           "--checkpoint", str(tmp_path), "--w", str(w), "--p", str(p)]
+           "--checkpoint", str(tmp_path), "--w", str(w), "--p", str(p), "--weight-layout", layout]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     out = proc.stdout + proc.stderr
     results = dict(re.findall(r"^RESULT rank=(\d+) (.*)$", out, re.M))

@@ -117,16 +117,18 @@ def test_connect_choice():
 
 def _record(**over):
     rec = {"config": _cfg().to_dict(), "num_experts": 3, "transport": "shm",
-           "layers": [(0, {"w": ("torch.uint8", (2, 4)), "s": ("torch.float32", (2,))})]}
+           "weight_layout": "linear", "layers": [(0, {"w": ("torch.uint8", (2, 4)), "s": ("torch.float32", (2,))})]}
     rec.update(over)
     return rec
 
 
 def test_record_problems_name_rank_and_tensor():
     assert record_problems([_record(), _record()]) == []
-    lines = record_problems([_record(), _record(num_experts=4), _record(transport="cuda_ipc")])
+    lines = record_problems([_record(), _record(num_experts=4), _record(transport="cuda_ipc"),
+                             _record(weight_layout="preshuffled")])
     assert lines == ["rank 1 has num_experts = 4 but rank 0 has 3",
-                     "rank 2 has transport = 'cuda_ipc' but rank 0 has 'shm'"]
+                     "rank 2 has transport = 'cuda_ipc' but rank 0 has 'shm'",
+                     "rank 3 has weight_layout = 'preshuffled' but rank 0 has 'linear'"]
     other = _record(layers=[(0, {"w": ("torch.int8", (2, 5)), "x": ("torch.float32", (2,))})])
     lines = record_problems([_record(), other])
     assert "rank 1 has ['x'] that rank 0 lacks, and lacks ['s'] that rank 0 has" in lines[0]

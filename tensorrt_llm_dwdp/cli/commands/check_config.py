@@ -9,7 +9,11 @@ the composite footprint: own allocations with their edge pages, the two pools, t
 address space, and the overhead against the multi view at ``--page-bytes`` (the file's
 ``view_page_bytes``, else 2 MiB: CUDA's granularity on H100/H200). With host tiers it also
 reports the host store (``L*E`` experts per group and node, in POSIX shm) beside this machine's
-free shared and host memory. Exits 1 with the message on a bad file.
+free shared and host memory. ``--weight-layout`` (what ``run --weight-layout`` loads) is
+reported with the rest: every rank of a group must load the same one (the exchange refuses a
+mix, naming both), and ``preshuffled`` is checked against the ``--model`` preset's expert sizes
+(NVFP4, H and I multiples of 64); it changes no memory figure (the permutation stays inside
+each expert). Exits 1 with the message on a bad file.
 """
 from __future__ import annotations
 
@@ -43,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the layout as JSON")
     p.add_argument("--expert-view", choices=["multi", "composite"], default=None,
                    help="the weight view to report (default: the file's expert_view)")
+    p.add_argument("--weight-layout", choices=["linear", "preshuffled"], default="linear",
+                   help="byte order of the experts the ranks load (run --weight-layout); "
+                   "preshuffled is checked against the --model preset (default linear)")
     p.add_argument("--page-bytes", type=int, default=None,
                    help="composite mapping unit (default: the file's view_page_bytes, else 2 MiB)")
 
@@ -60,6 +67,26 @@ def _model_facts(name: str, quant: str) -> tuple[int, int, dict[str, int]]:
     names = {n: spec.nbytes() for n, spec in
              expert_specs(quant, cfg.hidden_size, cfg.moe_intermediate_size).items()}
     return cfg.num_experts, len(cfg.moe_layer_indices), names
+
+
+def _check_weight_layout(args: argparse.Namespace) -> None:
+    """``--weight-layout`` fits the experts: known, and with ``--model`` the preset's sizes."""
+    from tensorrt_llm_dwdp.moe.layouts import check_layout
+
+    if args.weight_layout == "linear":
+        return
+    if not args.model:
+        if args.quant != "nvfp4":
+            raise DwdpConfigError(f"--weight-layout {args.weight_layout} permutes NVFP4 experts; "
+                                  f"--quant is {args.quant}")
+        return
+    from tensorrt_llm_dwdp.model import ModelConfig, get_preset
+
+    cfg = ModelConfig.from_hf(get_preset(args.model))
+    try:
+        check_layout(args.weight_layout, args.quant, cfg.hidden_size, cfg.moe_intermediate_size)
+    except ValueError as exc:
+        raise DwdpConfigError(f"--model {args.model}: {exc}") from None
 
 
 def _composite(lay: ExpertLayout, layers: int, names: dict[str, int], page: int,
@@ -82,6 +109,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.model:
         model_e, model_layers, names = _model_facts(args.model, args.quant)
         model_bytes = sum(names.values())
+    _check_weight_layout(args)
     if args.expert_view:  # validated as the run would see it (uvm offload is multi only)
         config = dataclasses.replace(config, expert_view=args.expert_view)
     view = config.expert_view
@@ -139,6 +167,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": config.to_dict(), "enabled": config.enabled, "num_experts": num_experts,
         "moe_layers": layers, "expert_bytes": expert_bytes, "expert_view": view,
+        "weight_layout": args.weight_layout,
         "groups": [list(range(g * config.dwdp_size, (g + 1) * config.dwdp_size))
                    for g in range(config.num_groups)],
         "ranks": ranks,
@@ -159,6 +188,9 @@ def _print_text(report: dict[str, Any]) -> None:
           f"contention_opt={cfg['contention_opt']} slice={cfg['prefetch_slice_bytes']} B "
           f"timeout={cfg['peer_timeout_s']:g} s")
     print(f"world ranks by group: {report['groups']}")
+    print(f"expert weights: {report['weight_layout']} layout (the same on every rank of a group"
+          + (": the cutedsl kernel's preshuffled variant; the torch backends unshuffle it)"
+             if report["weight_layout"] == "preshuffled" else ")"))
     layers = report["moe_layers"]
     for entry in report["ranks"]:
         lo, hi = entry["owns"]

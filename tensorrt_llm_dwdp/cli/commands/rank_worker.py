@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per prefill step (longer prompts are chunked); default: all prompts at once")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--moe-backend", default="torch", help="MoE backend name (torch, cutedsl, torch-grouped)")
+    p.add_argument("--weight-layout", default="linear", choices=["linear", "preshuffled"],
+                   help="byte order of the routed experts in memory (moe/layouts.py)")
     p.add_argument("--out", required=True, help="folder for rank{r}.json / rank{r}.pt")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads when on the CPU")
     p.add_argument("--fail-rank", type=int, default=None,
@@ -55,7 +57,8 @@ def main(args: argparse.Namespace) -> int:
         if len(prompt_groups) != config.dwdp_size:
             raise ValueError(f"{args.prompts}: {len(prompt_groups)} prompt groups for "
                              f"dwdp_size={config.dwdp_size}")
-        model = load_model(args.model, device=device, moe_backend=args.moe_backend, dwdp=manager)
+        model = load_model(args.model, device=device, moe_backend=args.moe_backend, dwdp=manager,
+                           weight_layout=args.weight_layout)
         manager.exchange()
         prompts = prompt_groups[rank]
         outputs, logits, stats = [], [], None
