@@ -3,14 +3,22 @@
 # preshuffle, not on main: the variant lands only once it wins). Run from the repo root (or a
 # stage copy) on one H200 with .whl carried for the CuTeDSL kernels:
 #   bash bench/run_device_preshuffle.sh
-# Stages, each under its own timeout (20 + 60 + 45 + 200 + 240 s at most; about 4-5 minutes
-# expected, compiles included), outputs in $OUT/preshuffle/ (stages.txt: exit and seconds):
+# Stages, each under its own timeout (20 + 60 + 45 + 90 + 165 + 180 = 560 s at most; about 4-5
+# minutes expected, compiles included), outputs in $OUT/preshuffle/ (stages.txt: exit and
+# seconds; the text logs end up in logs.tar.gz, since a device call returns at most 8 files;
+# the verdict lines are printed at the end):
 #   env.txt            GPU, torch, CUTLASS DSL (bench/device_report.py)
 #   smoke.txt          Qwen3-30B-A3B shapes, 300 tokens (bn 16): preshuffled FC1 + FC2 bitwise
 #                      equal to the linear kernels; a hang or a mismatch stops the call before
 #                      the long stages
 #   smoke_bulk.txt     the same with weight_copy=bulk (one cp.async.bulk per block and stage);
 #                      if it fails or hangs, the bulk variant is left out of the next two stages
+#   run.txt            the main job end to end with the layout wired in: `python -m
+#   run_summary.json   tensorrt_llm_dwdp run --moe-backend cutedsl --device cuda --weight-layout
+#                      preshuffled` (tiny-deepseek-v3, 2 DWDP ranks on the one GPU: experts
+#                      shuffled at load, prefetched as they are, the tagged views run the
+#                      preshuffled kernels) and its parity against one rank holding all experts
+#                      in the LINEAR layout (linear kernels): PASS means bitwise equal logits
 #   tests.txt          tests/kernels -k preshuffled: bitwise vs the linear kernels at token tiles
 #                      16 / 32 / 64 / 128 (Qwen3-30B-A3B, DeepSeek-V3), S = 3 views, K = 2880 and
 #                      64-wide layers, against torch_ref too; bulk copies at 16 / 64 / 128
@@ -18,7 +26,7 @@
 #                      default (linear) against preshuffled (cp.async and bulk; at bn 128 also
 #                      K tile 128 with a ring of 4) at DeepSeek-V3 and Qwen3-235B-A22B, 16 / 64 /
 #                      256 / 1024 tokens per expert, each checked bitwise against the default
-# STAGES="smoke bulk tests variants all_tests" adds the whole tests/kernels (the linear path's
+# STAGES="smoke bulk run tests variants all_tests" adds the whole tests/kernels (the linear path's
 # SASS is byte-identical to main's, so it is not in the default set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +34,7 @@ ROOT="$PWD"
 OUT="${OUT:-$ROOT/device_out}/preshuffle"
 mkdir -p "$OUT"
 . bench/device_env.sh
-STAGES=${STAGES:-smoke bulk tests variants}
+STAGES=${STAGES:-smoke bulk run tests variants}
 export PY
 
 # smoke FIELD=VALUE...: Qwen3-30B-A3B shapes, 300 tokens, the kernels with these RsConfig
@@ -72,6 +80,15 @@ PYEOF
 export -f smoke
 
 : > "$OUT/stages.txt"
+finish() {  # the verdicts to stdout, then the text logs into one file
+  cat "$OUT/stages.txt"
+  for f in smoke.txt smoke_bulk.txt; do [ -f "$OUT/$f" ] && { echo "== $f"; tail -n 3 "$OUT/$f"; }; done
+  [ -f "$OUT/run.txt" ] && { echo "== run.txt"; grep -E "^ *rank|^ +[0-9]+ +cuda|parity|error" \
+    "$OUT/run.txt" | tail -n 8; }
+  [ -f "$OUT/tests.txt" ] && { echo "== tests.txt"; tail -n 15 "$OUT/tests.txt"; }
+  bundle_logs "$OUT"
+}
+trap finish EXIT
 timed_stage 20 env.txt "$PY" bench/device_report.py
 
 if [[ " $STAGES " == *" smoke "* ]]; then
@@ -87,16 +104,22 @@ if [[ " $STAGES " == *" bulk "* ]]; then
   timed_stage 45 smoke_bulk.txt bash -c 'smoke weights=preshuffled weight_copy=bulk'
   grep -q "^smoke_bulk.txt exit 0 " "$OUT/stages.txt" && bulk=yes
 fi
+if [[ " $STAGES " == *" run "* ]]; then
+  rm -rf /tmp/preshuffle_run
+  timed_stage 90 run.txt "$PY" -m tensorrt_llm_dwdp run --moe-backend cutedsl --device cuda \
+    --weight-layout preshuffled --timeout 80 --out /tmp/preshuffle_run
+  cp /tmp/preshuffle_run/summary.json "$OUT/run_summary.json" 2>/dev/null
+fi
 if [[ " $STAGES " == *" tests "* ]]; then
   select="preshuffled"
   [ "$bulk" = yes ] || select="preshuffled and not bulk"
-  timed_stage 200 tests.txt "$PY" -m pytest -q -rs --durations=8 -p no:cacheprovider \
+  timed_stage 165 tests.txt "$PY" -m pytest -q -rs --durations=8 -p no:cacheprovider \
     tests/kernels -k "$select"
 fi
 if [[ " $STAGES " == *" variants "* ]]; then
   variants="preshuffled"
   [ "$bulk" = yes ] && variants="preshuffled+bulk"
-  timed_stage 240 rs_variants_log.txt "$PY" bench/rs_variants.py \
+  timed_stage 180 rs_variants_log.txt "$PY" bench/rs_variants.py \
     --models deepseek_v3,qwen3_235b_a22b --tpe 16,64,256,1024 --variants "$variants" \
     --out "$OUT/rs_variants.json"
 fi
@@ -104,4 +127,3 @@ if [[ " $STAGES " == *" all_tests "* ]]; then
   timed_stage 240 all_tests.txt "$PY" -m pytest -q -rs --durations=8 -p no:cacheprovider \
     tests/kernels
 fi
-cat "$OUT/stages.txt"
