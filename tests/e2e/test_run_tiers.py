@@ -59,6 +59,25 @@ def test_offload_bitwise_parity(tmp_path, host_experts, view):
     assert not left, left
 
 
+@pytest.mark.parametrize("extra", [
+    ("--ranks", "3", "--experts-per-worker", "6", "--prefetch-experts", "5", "--host-backup",
+     "--fail-rank", "1", "--fail-at-step", "2"),
+    ("--ranks", "2", "--host-experts-per-worker", "2"),
+], ids=["failover", "offload"])
+def test_preshuffled_weights_through_the_host_store_bitwise(tmp_path, extra):
+    """--weight-layout preshuffled with host tiers: the store holds the ranks' shuffled experts
+    (failover reads a dead peer's from it; offloaded own experts are shuffled at load too), so
+    the run stays bitwise equal to the linear reference."""
+    proc, out, left = run_job(tmp_path, "--num-layers", "2", "--weight-layout", "preshuffled",
+                              *extra)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "parity vs one rank holding all experts: PASS" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weight_layout"] == "preshuffled"
+    assert all(r["host_prefetch_bytes"] > 0 for r in summary["ranks"])
+    assert not left, left
+
+
 def test_host_store_that_does_not_fit_fails_before_start(tmp_path):
     env_script = ("import sys; from tensorrt_llm_dwdp.dwdp import host_store as hs;"
                   "hs.host_memory = lambda path=hs.SHM_DIR: {'shm_free': 1000, 'mem_available': -1};"
