@@ -10,6 +10,6 @@ Importing this package needs nothing beyond the library; kernel modules import t
   writing router-weighted fp32 rows, then ``slot_sum``'s fixed-order sum into bf16), over the
   multi-B ``expert_table.ExpertTable``. One kernel, ``w4a16_rs_gemm`` (weights dequantized in
   registers and fed to WGMMA as its register operand); PTX helpers in ``ptx`` and
-  ``nvfp4_dequant``; ``preshuffle`` is the load-time weight layout of the kernel's
-  "preshuffled" variant. Measurements and limits: ``NOTES.md``.
+  ``nvfp4_dequant``; ``preshuffle`` is the load-time weight layout the kernel reads (the only
+  one). Measurements and limits: ``NOTES.md``.
 """

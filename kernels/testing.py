@@ -57,8 +57,7 @@ def preshuffled_experts(weights: ExpertWeights) -> ExpertWeights:
     """The same experts with every NVFP4 weight / scale tensor in the preshuffled layout, tagged
     ``weight_layout="preshuffled"`` (``moe/layouts.py``; per tensor of a multi-tensor view, which
     equals shuffling the whole set and splitting it: the shuffle stays inside each expert). The
-    cutedsl backend runs ``RsConfig.weights == "preshuffled"`` on it; the torch backends
-    unshuffle it."""
+    sm90 kernels (cutedsl backend) read only this layout; the torch backends unshuffle it."""
     from tensorrt_llm_dwdp.moe.layouts import PRESHUFFLED, shuffled_copy
 
     if weights.weight_layout != "linear":

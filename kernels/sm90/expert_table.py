@@ -37,8 +37,12 @@ def build_expert_table(
     expert_offsets: Sequence[int],
 ) -> ExpertTable:
     """Tables for NVFP4 tensors ``weights[t]`` uint8 ``[n_t, rows, K/2]``, ``scales[t]``
-    float8_e4m3fn ``[n_t, rows, K/16]`` (linear), ``alphas[t]`` fp32 ``[n_t]``; tensor t holds
-    global experts ``[expert_offsets[t], expert_offsets[t] + n_t)``."""
+    float8_e4m3fn ``[n_t, rows, K/16]`` (the kernels read them in the preshuffled layout,
+    ``preshuffle``; the bytes cannot say, the caller checks the tag), ``alphas[t]`` fp32
+    ``[n_t]``; tensor t holds global experts ``[expert_offsets[t], expert_offsets[t] + n_t)``.
+    Each weight tensor must start on a 16-byte boundary (the kernel's ``cp.async.bulk`` weight
+    copies need 16-byte aligned sources; every offset inside a tensor is a multiple of 2 KiB)
+    and each scale tensor on an 8-byte one (8 B scale copies): ValueError otherwise."""
     s = len(weights)
     if s == 0 or len(scales) != s or len(alphas) != s or len(expert_offsets) != s:
         raise ValueError(
@@ -65,9 +69,12 @@ def build_expert_table(
                 raise ValueError(f"build_expert_table: {name} tensor {t} must be contiguous")
             if x.device != device:
                 raise ValueError(f"build_expert_table: {name} tensor {t} on {x.device}, not {device}")
-        if w.data_ptr() % 16 or sf.data_ptr() % 8:
-            raise ValueError(f"build_expert_table: tensor {t} weight (16 B) / scale (8 B) base "
-                             f"is misaligned")
+        if w.data_ptr() % 16:
+            raise ValueError(f"build_expert_table: weight tensor {t} starts at {w.data_ptr():#x}, "
+                             f"not on a 16-byte boundary (cp.async.bulk weight copies need one)")
+        if sf.data_ptr() % 8:
+            raise ValueError(f"build_expert_table: scale tensor {t} starts at {sf.data_ptr():#x}, "
+                             f"not on an 8-byte boundary (the 8 B scale copies need one)")
         if expert_offsets[t] != len(tensor_of):
             raise ValueError(
                 f"build_expert_table: tensor {t} starts at expert {expert_offsets[t]}, "

@@ -24,8 +24,9 @@ def fc1_gather_swiglu(
     config=None,
 ) -> torch.Tensor:
     """x bf16 ``[T, H]``; gather_index int32 ``[M_pad]``; tile_expert int32 ``[M_pad / bn]``
-    (the plan built with ``tile_m=bn``); ``w13`` rows = 2I, k = H. Returns bf16 ``[M_pad, I]``
-    in permuted order. ``config``: the kernel's ``RsConfig`` (default for ``bn``)."""
+    (the plan built with ``tile_m=bn``); ``w13`` rows = 2I, k = H (a table of preshuffled
+    experts, ``preshuffle``). Returns bf16 ``[M_pad, I]`` in permuted order. ``config``: the
+    kernel's ``RsConfig`` (default for ``bn``)."""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"fc1: x must be contiguous bf16 [T, H], got {x.dtype} {tuple(x.shape)}")
     if x.data_ptr() % 16:

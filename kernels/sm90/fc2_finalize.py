@@ -48,8 +48,8 @@ def fc2_finalize(
 ) -> torch.Tensor:
     """h bf16 ``[M_pad, I]``; slot_index int32 ``[M_pad]`` (the plan's flat slot per row, -1 on
     padding); topk_ids int32 ``[T, k]`` (-1 = empty slot, summed as nothing); topk_weights fp32
-    ``[T, k]``; ``w2`` rows = H, k = I; ``config``: the GEMM's ``RsConfig`` (default for
-    ``bn``). Returns bf16 ``[T, H]``."""
+    ``[T, k]``; ``w2`` rows = H, k = I (a table of preshuffled experts); ``config``: the
+    GEMM's ``RsConfig`` (default for ``bn``). Returns bf16 ``[T, H]``."""
     if h.dtype != torch.bfloat16 or h.dim() != 2 or not h.is_contiguous():
         raise ValueError(f"fc2: h must be contiguous bf16 [M_pad, I], got {h.dtype} {tuple(h.shape)}")
     if h.shape[1] != w2.k:

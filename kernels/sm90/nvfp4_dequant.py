@@ -4,14 +4,14 @@ Hopper has no FP4 MMA, so the kernel turns each weight into bf16 before WGMMA. A
 (sign, 2 exponent bits, 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6) times an e4m3 block scale
 has at most 6 significant bits and stays inside bf16's range, so the product is exact in bf16.
 
-``fragment_bf16x8``: a WGMMA A-fragment thread holds, per k16 step and row, the element pairs
-(2c, 2c+1) and (2c+8, 2c+9), c = lane % 4: byte c and byte c+4 of the row's 8 packed bytes.
-From the 16 bytes of two steps (one LDS.128) it takes byte c of each word with one ``prmt`` per
-output word that also aligns the two nibbles 16 bits apart, places sign and E M bits as a bf16
-(value x 2^-126; E = 0 is an exact bf16 subnormal) and multiplies by the block scale
-pre-multiplied by 2^SCALE_EXP2 (``e4m3x4_to_bf16x2_splats``): the exact weight x 2^WEIGHT_EXP2.
-``emulate_fragment_bf16x8`` runs the same steps on the CPU (numpy) so tests check every code
-and every scale against ``quant.nvfp4`` without a GPU.
+The weights are preshuffled (``preshuffle``): one 32-bit word holds the 8 codes of a consumer
+thread's A fragments of one row and k32 pair, with the bits placed so that
+``fragment_preshuffled_bf16x8`` gets its 4 A-fragment words with 4 shifts and 5 logic ops,
+each a bf16 pair ``sign | 0..0 E1 E0 | M 0..0`` = code x 2^-126 (E = 0 is an exact bf16
+subnormal), then multiplies by the block scales pre-multiplied by 2^SCALE_EXP2
+(``e4m3x4_to_bf16x2_pairs``, converted once per CTA by the producer): the exact weight x
+2^WEIGHT_EXP2. ``emulate_preshuffled_bf16x8`` runs the same steps on the CPU (numpy) so tests
+check every code and every scale against ``quant.nvfp4`` without a GPU.
 """
 from __future__ import annotations
 
@@ -23,14 +23,7 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 from .preshuffle import OUT_MASK, PIECES
 from .ptx import asm
 
-
-def _e4m3x4_ptx(exp2: int) -> str:
-    """e4m3 x4 -> bf16x2 splats of ``scale * 2^exp2`` (the power of two applied in fp32)."""
-    factor = f"0f{(127 + exp2) << 23:08X}"  # exact power of two (fp32 hex literal)
-    mul = "".join(f"mul.rn.f32 f{i}, f{i}, {factor};\n\t" for i in range(4)) if exp2 else ""
-    return _E4M3X4_PTX_HEAD + mul + _E4M3X4_PTX_TAIL
-
-
+# e4m3 x4 ($4) -> f32 f0..f3 (exact), the head of the scale conversion
 _E4M3X4_PTX_HEAD = (
     "{\n\t"
     ".reg .b16 lo, hi;\n\t.reg .b32 h01, h23;\n\t.reg .f16 a0, a1, a2, a3;\n\t"
@@ -39,11 +32,6 @@ _E4M3X4_PTX_HEAD = (
     "cvt.rn.f16x2.e4m3x2 h01, lo;\n\tcvt.rn.f16x2.e4m3x2 h23, hi;\n\t"
     "mov.b32 {a0, a1}, h01;\n\tmov.b32 {a2, a3}, h23;\n\t"
     "cvt.f32.f16 f0, a0;\n\tcvt.f32.f16 f1, a1;\n\tcvt.f32.f16 f2, a2;\n\tcvt.f32.f16 f3, a3;\n\t"
-)
-_E4M3X4_PTX_TAIL = (
-    "cvt.rn.bf16x2.f32 $0, f0, f0;\n\tcvt.rn.bf16x2.f32 $1, f1, f1;\n\t"
-    "cvt.rn.bf16x2.f32 $2, f2, f2;\n\tcvt.rn.bf16x2.f32 $3, f3, f3;\n\t"
-    "}"
 )
 
 
@@ -55,70 +43,16 @@ def _i32x4():
     return llvm.StructType.get_literal([T.i32(), T.i32(), T.i32(), T.i32()])
 
 
-@dsl_user_op
-def e4m3x4_to_bf16x2_splats(word: Int32, exp2: int = 0, *, loc=None, ip=None):
-    """Four e4m3 block scales (bytes 0..3 of ``word``) -> four bf16x2 words, each holding its
-    scale times ``2^exp2`` in both halves. e4m3 -> f16 (cvt, sm_89+), f16 -> f32, the power of
-    two and f32 -> bf16 are exact for every e4m3 value (3 mantissa bits, 2^-9 .. 448) as long
-    as ``448 * 2^exp2`` stays below bf16's maximum (exp2 <= 118)."""
-    if not -100 <= exp2 <= 118:
-        raise ValueError(f"exp2={exp2} would leave bf16's exact range for e4m3 scales")
-    res = asm(_i32x4(), [Int32(word).ir_value(loc=loc, ip=ip)], _e4m3x4_ptx(exp2),
-              "=r,=r,=r,=r,r", side_effects=False)
-    return _four(res, loc, ip)
-
-
-# ---- register-operand path (``w4a16_rs_gemm``): one packed word -> one A-fragment word ----
 # Placing an e2m1 code's bits as bf16 ``sign | 0..0 E1 E0 | M 0..0`` (E at the exponent's two
 # low bits, M at the mantissa's top bit) gives the code's value times 2^-126 exactly (E = 0 is
 # the bf16 subnormal M * 2^-127). Multiplying by the block scale pre-scaled by 2^SCALE_EXP2
 # (exact in bf16 up to 448 * 2^118) gives the exact weight times 2^WEIGHT_EXP2; the epilogue
-# multiplies alpha by 2^-WEIGHT_EXP2. Per output word: shl, prmt, lop, shr, lop, mul.
+# multiplies alpha by 2^-WEIGHT_EXP2.
 SCALE_EXP2 = 118
 WEIGHT_EXP2 = SCALE_EXP2 - 126
-EM_MASK = 0x70007000  # E1 E0 M of the nibbles at bits 12..15 and 28..31
-SIGN_MASK = 0x80008000
 
 
-def fragment_selector(lane_c: int) -> int:
-    """prmt selector putting byte ``c`` of ``w << 4`` in byte 1 and byte ``c`` of ``w`` in
-    byte 3 (bytes 0 and 2 are never read)."""
-    return lane_c | lane_c << 4 | (4 + lane_c) << 8 | (4 + lane_c) << 12
-
-
-def _fragment_ptx() -> str:
-    body = []
-    for i in range(4):
-        scale = "$9" if i < 2 else "$10"
-        body.append(
-            f"shl.b32 a{i}, ${4 + i}, 4;\n\tprmt.b32 d{i}, a{i}, ${4 + i}, $8;\n\t"
-            f"and.b32 t{i}, d{i}, {EM_MASK:#x};\n\tshr.b32 t{i}, t{i}, 6;\n\t"
-            f"and.b32 o{i}, d{i}, {SIGN_MASK:#x};\n\tor.b32 o{i}, o{i}, t{i};\n\t"
-            f"mul.rn.bf16x2 ${i}, o{i}, {scale};\n\t")
-    regs = ", ".join(f"{r}{i}" for r in "adto" for i in range(4))
-    return "{\n\t.reg .b32 " + regs + ";\n\t" + "".join(body) + "}"
-
-
-_FRAGMENT_PTX = _fragment_ptx()
-
-
-@dsl_user_op
-def fragment_bf16x8(w0: Int32, w1: Int32, w2: Int32, w3: Int32, selector: Int32,
-                    scale0: Int32, scale1: Int32, *, loc=None, ip=None):
-    """Byte ``c`` of each of four packed words (``selector = fragment_selector(c)``) -> four
-    bf16x2 words (lo nibble in the low half): from ``w0``, ``w1`` times ``scale0``, from
-    ``w2``, ``w3`` times ``scale1`` (bf16x2 splats of ``scale * 2^SCALE_EXP2``), i.e. the exact
-    weights times ``2^WEIGHT_EXP2``.
-
-    With ``w0..w3`` the 16 packed bytes of two k16 steps of one weight row and ``c = lane % 4``,
-    the outputs are that thread's WGMMA A-fragment words of the row: step 0's (k 2c, 2c+1) and
-    (k 2c+8, 2c+9) pairs, then step 1's."""
-    args = [Int32(v).ir_value(loc=loc, ip=ip) for v in (w0, w1, w2, w3, selector, scale0, scale1)]
-    res = asm(_i32x4(), args, _FRAGMENT_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r", side_effects=False)
-    return _four(res, loc, ip)
-
-
-# ---- preshuffled weights (``preshuffle``, ``RsConfig.weights == "preshuffled"``) ----
+# ---- preshuffled weights (``preshuffle``) ----
 # One shuffled word (8 codes of one row and k32 pair) -> the thread's 4 A-fragment words of
 # that row: per output word one rotate (none for word 0) and one AND with the bf16 placement
 # mask (word 3: two rotates, AND + LOP3), then the block scale: ``scales`` holds step 0's scale
@@ -180,50 +114,16 @@ def _i32x2():
 @dsl_user_op
 def e4m3x4_to_bf16x2_pairs(word: Int32, exp2: int = 0, *, loc=None, ip=None):
     """Four e4m3 scales (bytes 0..3 of ``word``) -> two bf16x2 words: (byte 0, byte 1) and
-    (byte 2, byte 3), low half first, each scale times ``2^exp2`` (exact as in
-    ``e4m3x4_to_bf16x2_splats``). Word ``h`` is row half h's (step 0, step 1) scale pair of
-    a preshuffled scale atom."""
+    (byte 2, byte 3), low half first, each scale times ``2^exp2``. Word ``h`` is row half h's
+    (step 0, step 1) scale pair of a preshuffled scale atom. e4m3 -> f16 (cvt, sm_89+),
+    f16 -> f32, the power of two and f32 -> bf16 are exact for every e4m3 value (3 mantissa
+    bits, 2^-9 .. 448) as long as ``448 * 2^exp2`` stays below bf16's maximum (exp2 <= 118)."""
     if not -100 <= exp2 <= 118:
         raise ValueError(f"exp2={exp2} would leave bf16's exact range for e4m3 scales")
     head = _e4m3x4_pairs_ptx(exp2).replace("$4", "$2")
     res = asm(_i32x2(), [Int32(word).ir_value(loc=loc, ip=ip)], head, "=r,=r,r",
               side_effects=False)
     return tuple(Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
-
-
-def _prmt(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """PTX ``prmt.b32`` (default mode) on uint32 arrays."""
-    src = (b.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
-    out = np.zeros(np.broadcast(a, b, c).shape, dtype=np.uint32)
-    for i in range(4):
-        sel = (c >> np.uint32(4 * i)) & np.uint32(0xF)
-        byte = (src >> ((sel & np.uint32(7)).astype(np.uint64) * np.uint64(8))) & np.uint64(0xFF)
-        byte = np.where(sel & np.uint32(8), np.where(byte & np.uint64(0x80), 0xFF, 0), byte)
-        out |= byte.astype(np.uint32) << np.uint32(8 * i)
-    return out
-
-
-def emulate_fragment_bf16x8(words: np.ndarray, lane_c: int, scale0: np.ndarray,
-                            scale1: np.ndarray) -> np.ndarray:
-    """CPU model of ``fragment_bf16x8``: uint32 ``words [n, 4]``, float ``scale0/1 [n]`` (the
-    e4m3 values, before the 2^SCALE_EXP2 factor) -> float64 ``[n, 8]``: (lo, hi) of output
-    words 0..3, each the exact product the kernel's bf16 multiply returns (checked exact)."""
-    u = np.uint32
-    sel = u(fragment_selector(lane_c))
-    out = np.zeros((len(words), 8))
-    for i in range(4):
-        w = words[:, i].astype(np.uint32)
-        d = _prmt((w << u(4)) & u(0xFFFFFFFF), w, sel)
-        o = (d & u(SIGN_MASK)) | ((d & u(EM_MASK)) >> u(6))
-        halves = np.stack([o & u(0xFFFF), o >> u(16)], axis=-1).astype(np.uint32) << u(16)
-        vals = halves.view(np.float32).astype(np.float64)  # bf16 bits -> exact value
-        scale = (scale0 if i < 2 else scale1).astype(np.float64) * 2.0 ** SCALE_EXP2
-        prod = vals * scale[:, None]
-        as_bf16 = _bf16_round(prod)
-        if not np.array_equal(as_bf16, prod):
-            raise AssertionError("a weight x scale product is not exact in bf16")
-        out[:, 2 * i: 2 * i + 2] = prod
-    return out
 
 
 def _bf16_round(x: np.ndarray) -> np.ndarray:
@@ -235,8 +135,10 @@ def _bf16_round(x: np.ndarray) -> np.ndarray:
 def emulate_preshuffled_bf16x8(words: np.ndarray, scale0: np.ndarray,
                                scale1: np.ndarray) -> np.ndarray:
     """CPU model of ``fragment_preshuffled_bf16x8``: uint32 ``words [n]`` (shuffled), float
-    ``scale0/1 [n]`` (e4m3 values of steps 0 and 1) -> float64 ``[n, 8]`` in the order of
-    ``emulate_fragment_bf16x8`` (lo, hi of output words 0..3)."""
+    ``scale0/1 [n]`` (e4m3 values of steps 0 and 1, before the 2^SCALE_EXP2 factor) -> float64
+    ``[n, 8]``: (lo, hi) of output words 0..3, each the exact product the kernel's bf16
+    multiply returns (checked exact). Output word ``j = 2 t + kk`` holds step t's A-fragment
+    elements (k 2c + 8 kk, 2c + 8 kk + 1) of the row, c = lane % 4."""
     u = np.uint32
     w = words.astype(np.uint32)
     out = np.zeros((len(w), 8))

@@ -1,4 +1,4 @@
-"""Load-time pre-shuffle of NVFP4 expert weights for the sm90 RS kernel (``weights="preshuffled"``).
+"""Load-time pre-shuffle of NVFP4 expert weights: the only layout the sm90 RS kernel reads.
 
 Pure torch on any device (no CUTLASS import): ``shuffle_weight`` / ``shuffle_scale`` permute one
 or more experts' packed e2m1 bytes / e4m3 block scales into the order in which the kernel's
@@ -7,14 +7,15 @@ and dtypes do not change (uint8 ``[n, rows, K/2]``, float8_e4m3fn ``[n, rows, K/
 every expert's bytes stay inside that expert's byte range: DWDP's whole-expert copies (peer
 prefetch, host tiers, composite views) move shuffled experts unchanged. A tensor's layout is
 not visible in its bytes, so whoever shuffles must tag it (``LAYOUT``) and every reader of the
-tag either runs the preshuffled kernel or unshuffles (``moe/layouts.py``, kernels/NOTES.md).
+tag either runs the kernel or unshuffles (``moe/layouts.py``, kernels/NOTES.md); checkpoints on
+disk stay linear.
 
 Kernel order of the rows (one 64-row WGMMA block ``b``, row ``r64 = 16 warp + 8 h + g`` of it):
 plain (``w2``): expert row ``64 b + r64``; gated (``w3_w1``, FC1's SwiGLU pairs): up row
-``32 b + 8 warp + g`` (h = 0) and gate row ``I + 32 b + 8 warp + g`` (h = 1), as
-``W4A16RsGemm._weight_row``. K is cut in 64-wide chunks ``kc``: ``k = 64 kc + 32 pp + 16 t +
-8 kk + 2 c + n`` (pair ``pp``, WGMMA k16 step ``t``, the fragment's low / high 8 columns ``kk``,
-quad lane ``c``, nibble ``n``).
+``32 b + 8 warp + g`` (h = 0) and gate row ``I + 32 b + 8 warp + g`` (h = 1), so accumulator
+rows g and g + 8 of each 16-row group are one output column's up and gate. K is cut in
+64-wide chunks ``kc``: ``k = 64 kc + 32 pp + 16 t + 8 kk + 2 c + n`` (pair ``pp``, WGMMA k16
+step ``t``, the fragment's low / high 8 columns ``kk``, quad lane ``c``, nibble ``n``).
 
 Weights: expert -> ``[block][kc]`` atoms of 2048 bytes; in an atom, consumer thread ``tq = 32
 warp + 4 g + c`` of a warpgroup owns bytes ``[16 tq, 16 tq + 16)``: word ``v = 2 pp + h`` holds
@@ -22,11 +23,12 @@ the 8 codes of row (warp, h, g) that thread's A fragments need for pair ``pp``: 
 ``j = 2 t + kk`` (A-fragment register ``2 kk + h`` of step ``t``) from codes ``n = 0, 1`` of
 byte ``j``, with the 32 bits placed (``WORD_BITS``) so that the kernel's decode
 (``nvfp4_dequant.fragment_preshuffled_bf16x8``, modelled by ``decode_word``) needs 4 shifts
-and 5 logic ops per word (the linear layout needs a byte select and 4 more per OUTPUT word):
+and 5 logic ops per word (the checkpoint's linear rows needed a byte select and 4 more per
+OUTPUT word, the kernel's former path):
   o0 = w & M;  o1 = (w << 4) & M;  o2 = rotl(w, 10) & M;
   o3 = ((w << 6) & 0x80C080C0) | (rotl(w, 14) & 0x01000100);   M = 0x81C081C0
 each ``o`` being two bf16 ``sign | 0 .. 0 E1 E0 | M 0 .. 0`` = code x 2^-126 (the same bits the
-in-place decode builds; no placement needs fewer: the four shifted copies of M cannot tile the
+linear rows' decode built; no placement needs fewer: the four shifted copies of M cannot tile the
 32 bits). A block's K tile (one or two atoms) is one contiguous range, copied in one piece,
 and one 16-byte shared load gives a thread two pairs of one block.
 
@@ -41,7 +43,7 @@ import torch
 
 from .grouped_launch import BLOCK_ROWS
 
-LAYOUT = "preshuffled"  # the tag shuffled experts carry (``ExpertWeights.weight_layout``, ``RsConfig.weights``)
+LAYOUT = "preshuffled"  # the tag shuffled experts carry (``ExpertWeights.weight_layout``)
 K_CHUNK = 64
 WEIGHT_ATOM = BLOCK_ROWS * K_CHUNK // 2  # bytes per (block, K chunk)
 SCALE_ATOM = BLOCK_ROWS * K_CHUNK // 16

@@ -2,7 +2,7 @@
 
 Operands swapped: ``C^T [weight rows, tokens] = W_e [weight rows, K] . X^T`` for one expert's
 token tile, so tokens are WGMMA's N (``bn`` = 16..128 per tile, from the per-expert load) and
-the weights are its M. Packed e2m1 rows and their e4m3 block scales stay 4.5 bits per weight
+the weights are its M. Packed e2m1 codes and their e4m3 block scales stay 4.5 bits per weight
 until registers: each consumer thread loads the bytes of its A fragment from shared memory,
 turns them into exact bf16 (e2m1 x e4m3, ``nvfp4_dequant``) and issues ``wgmma`` with A from
 registers and the token rows (B) from shared memory. No bf16 weight ever goes to shared memory.
@@ -16,45 +16,52 @@ rows ``[64b, 64b+64)`` of ``w2``; the epilogue scales by alpha and the router we
 fp32 rows indexed by (token, slot) into a column chunk ``[64 blk_begin, 64 blk_end)`` of the
 hidden size (the caller sums the slots in fixed order, ``slot_sum``).
 
+The weights are read only in the preshuffled layout (``preshuffle.py``, applied once at load
+and tagged ``weight_layout="preshuffled"``): every expert is ``[64-row block][64-wide K chunk]``
+atoms in the order the consumer threads read them, so a block's K tile is one contiguous byte
+range and each consumer thread decodes one 32-bit word per (row, k32 pair) into its 4
+A-fragment words with 4 shifts and 5 logic ops (``fragment_preshuffled_bf16x8``). That beat
+the kernels on the checkpoint's linear rows by 1.22-1.63x (H200, DeepSeek-V3 and Qwen3-235B,
+16-1024 tokens per expert, bitwise equal results; kernels/NOTES.md, device call 10); the linear
+path is gone (one code path).
+
 Warp roles (384 threads; persistent CTAs over (token tile, block group) work tiles in a static
 round robin, all roles walking the same tiles):
-  producer warpgroup 0 (``producer_regs``): per stage, wait for the slot, 16 B cp.async of the
-      packed weight rows (-> sW, rows padded by 16 B so 8 rows x 16 B reads hit distinct banks),
-      the raw e4m3 scales (-> sRaw) and the gathered token rows (-> sB, the 128 B-swizzled WGMMA
-      layout), one cp.async group per stage; then wait for its own group of the stage before
-      (``cp.async.wait_group 1``), turn its scale rows of that stage into bf16x2 splats (-> sSpl,
-      each scale converted once per CTA), fence the async proxy and arrive on ``full``.
+  producer warpgroup 0 (``producer_regs``): per stage, wait for the slot; thread 0 expects the
+      stage's weight bytes on ``full`` and issues one ``cp.async.bulk`` per CTA block (its K
+      tile, 2 or 4 KiB, contiguous in the preshuffled layout; one uniform-datapath issue per
+      block, no per-lane loop); every thread cp.asyncs its 4-16 B of the raw e4m3 scale atoms
+      (-> sRaw) and 16 B chunks of the gathered token rows (-> sB, the 128 B-swizzled WGMMA
+      layout), one cp.async group per stage; then waits for its own group of the stage before
+      (``cp.async.wait_group 1``), turns each raw scale word into two bf16x2 (step 0 scale low,
+      step 1 high, x 2^SCALE_EXP2) at its consumer's slot (-> sSpl), fences the async proxy and
+      arrives on ``full``.
   consumer warpgroups 1, 2 (``consumer_regs``): per k32 pair p of the stage: wait until at most
-      ring - 1 wgmma groups are in flight (pair p's A registers are then free), LDS.128 of its
-      two rows per block, byte gather + dequant into the A fragments of 2 k16 steps, wgmma x 4
-      (2 blocks x 2 steps), commit; release the previous stage once its groups are done; after
-      the last K tile: epilogue from registers to global memory.
-Weights move by cp.async, not TMA: per-row TMA bulk copies (the rows of one stage are not
-contiguous) issue from the uniform datapath one lane at a time (a ``BRA.U.ANY`` loop per
-instruction in the SASS), 256 serial issues per stage; one 16 B cp.async per thread moves a
-warp's 512 B per instruction. (A tensor-map TMA needs one descriptor per multi-B tensor.)
+      ring - 1 wgmma groups are in flight (pair p's A registers are then free), one LDS.128 of
+      its weight words per block for two pairs (at even p) and one of its scale pairs, decode
+      into the A fragments of 2 k16 steps (HMUL2 with ``.H0_H0`` / ``.H1_H1`` scale halves),
+      wgmma x 4 (2 blocks x 2 steps), commit; release the previous stage once its groups are
+      done; after the last K tile: epilogue from registers to global memory.
+Alignment: the bulk copies need 16-byte aligned global and shared addresses. Shared stages are
+2 KiB multiples; every block / K-tile offset inside an expert is a multiple of 2 KiB and an
+expert's weights are ``rows K / 2`` bytes (a multiple of 2 KiB), so each weight tensor's base
+must be 16-byte aligned (and each scale tensor's 8-byte aligned, for the 8 B scale copies):
+``expert_table.build_expert_table`` raises ValueError before any launch otherwise.
 
 Pipelines (``stages`` slots of [sW | sRaw | sSpl | sB], mbarriers in shared memory):
-  full[s]   producer -> consumers: 128 arrivals, one per producer thread once its copies of
-            stage s landed and its splats are written.
+  full[s]   producer -> consumers: 128 arrivals, one per producer thread once its cp.asyncs of
+            stage s landed and its scale pairs are written, plus the stage's weight bytes
+            (transaction count) from the bulk copies.
   empty[s]  consumers -> producer: 256 arrivals, every consumer thread once every wgmma that
             read stage s completed (wgmma reads B asynchronously; A came through registers). All
             threads arrive: a lane-0 branch between wgmmas in flight makes ptxas serialize them.
 Steady state (global K-tile counter i, slot s = i % stages):
-  producer: wait empty[s] | cp.async weights(i), raw scales(i), B(i) | wait own copies(i-1) |
-            splats(i-1) | fence | arrive full[(i-1) % stages]
+  producer: wait empty[s] | bulk weights(i) -> full[s], cp.async scales(i), B(i) | wait own
+            copies(i-1) | scale pairs(i-1) | fence | arrive full[(i-1) % stages]
   consumer: wait full[s] | for pair p: wait_group(ring-1) ; dequant(p) ; wgmma(p) ; commit
             | (at pair ring-1) arrive empty[(i-1) % stages]
 so up to ``stages - 1`` K tiles of loads are in flight (``stages - 2`` published ahead of the
 consumers), and the dequant of pair p overlaps the wgmma group of pair p-1.
-
-Preshuffled weights (``RsConfig.weights = "preshuffled"``, ``preshuffle.py``; a variant under
-measurement): a block's stage of weights is one contiguous range copied unpadded (per thread
-16 B cp.async, or with ``weight_copy = "bulk"`` one ``cp.async.bulk`` per block from producer
-thread 0, its bytes expected on ``full``); the producer writes the scales as bf16 pairs at
-each consumer thread's slot; a consumer thread loads 16 B per block for two pairs and 16 B of
-scale pairs per pair, and decodes each shuffled word with 4 shifts and 5 logic ops into its 4
-A-fragment words of a row (``fragment_preshuffled_bf16x8``): the same bf16 values, bitwise.
 
 64-bit offsets everywhere an address is formed; token indices and tile counts are int32.
 """
@@ -73,10 +80,7 @@ from .nvfp4_dequant import (
     SCALE_EXP2,
     WEIGHT_EXP2,
     e4m3x4_to_bf16x2_pairs,
-    e4m3x4_to_bf16x2_splats,
-    fragment_bf16x8,
     fragment_preshuffled_bf16x8,
-    fragment_selector,
 )
 from .preshuffle import SCALE_ATOM, WEIGHT_ATOM
 from .ptx import (
@@ -94,8 +98,6 @@ from .ptx import (
 )
 
 EPILOGUES = ("swiglu", "scatter")
-WEIGHT_LAYOUTS = ("linear", "preshuffled")
-WEIGHT_COPIES = ("cp_async", "bulk")
 CONSUMER_WGS = 2
 PRODUCER_THREADS = 128
 THREADS = PRODUCER_THREADS + 128 * CONSUMER_WGS
@@ -112,14 +114,10 @@ class RsConfig:
     ring: k32 pairs of A fragments in registers (wgmma groups in flight + 1), divides the pairs
         of a stage; ctas_per_sm: CTAs resident per SM (2 halves shared memory and registers);
     producer_regs: setmaxnreg of the producer warpgroup (the consumers take the rest);
-    persistent: CTAs loop over work tiles (grid = resident CTAs), else one CTA per work tile;
-    weights: the NVFP4 layout the kernel reads: "linear" (the checkpoint's rows) or
-        "preshuffled" (``preshuffle.shuffle_weight`` / ``shuffle_scale``: contiguous per
-        block and stage, one shuffled word per row and pair, 4 shifts + 5 logic ops for 4
-        A-fragment words; measured against "linear" before it can become the default);
-    weight_copy: how the producer moves a stage's packed weights: "cp_async" (every producer
-        thread 16 B at a time) or, preshuffled only, "bulk" (one thread issues one
-        ``cp.async.bulk`` per block of the stage, completing on ``full`` as transaction bytes)."""
+    persistent: CTAs loop over work tiles (grid = resident CTAs), else one CTA per work tile.
+    There is no weight-layout field: the kernel reads preshuffled NVFP4 experts only
+    (``preshuffle``), a stage's weights moving by one ``cp.async.bulk`` per CTA block (module
+    docstring; the linear layout and per-thread weight copies lost on the H200, NOTES.md)."""
 
     bn: int
     k_tile: int
@@ -128,8 +126,6 @@ class RsConfig:
     ctas_per_sm: int
     producer_regs: int
     persistent: bool
-    weights: str = "linear"
-    weight_copy: str = "cp_async"
 
     @property
     def blocks_per_cta(self) -> int:
@@ -214,53 +210,30 @@ class W4A16RsGemm:
         self.k_tiles = k // self.kt
         self.pairs = self.kt // 32  # k32 pairs per stage (2 or 4: even, so the ring is static)
         self.sub = self.kt // 64  # 64-wide B sub-tiles (one 128 B swizzle atom each)
-        self.w_row = self.kt // 2  # packed bytes per weight row per stage
-        self.w_stride = self.w_row + 16  # padded: 8 rows x 16 B reads hit distinct banks
-        self.raw_row = self.kt // 16  # e4m3 scales per row per stage
-        # bf16x2 splat per scale; 8-byte reads of 8 rows hit distinct banks at a 16 or 40 B
-        # row stride (kt 64: 4 splats per row, kt 128: 8 plus 8 B of padding).
-        self.spl_stride = self.kt // 4 + (8 if self.kt >= 128 else 0)
         self.bpw = cfg.blocks_per_wg
         self.bpc = cfg.blocks_per_cta
         self.cta_rows = BLOCK_ROWS * self.bpc
         self.persistent = cfg.persistent
         self.ring = cfg.ring
-        if cfg.weights not in WEIGHT_LAYOUTS:
-            raise ValueError(f"weights must be one of {WEIGHT_LAYOUTS}, got {cfg.weights!r}")
-        self.shuffled = cfg.weights == "preshuffled"
-        if cfg.weight_copy not in WEIGHT_COPIES or (cfg.weight_copy == "bulk"
-                                                    and not self.shuffled):
-            raise ValueError(f"weight_copy must be one of {WEIGHT_COPIES} ('bulk' needs "
-                             f"preshuffled weights: a stage's linear rows are not contiguous), "
-                             f"got {cfg}")
-        self.bulk = cfg.weight_copy == "bulk"
-        if self.shuffled and self.bpw not in (1, 2):
-            raise ValueError(f"preshuffled weights need 1 or 2 blocks per warpgroup, got {cfg}")
-        self.stage_w = self.cta_rows * self.w_stride
-        self.stage_raw = self.cta_rows * self.raw_row
-        self.stage_spl = self.cta_rows * self.spl_stride
-        if self.shuffled:
-            # [block][K chunk] atoms (``preshuffle``), unpadded: a warp's 16 B loads are 512
-            # contiguous bytes. Scale pairs: one bf16x2 per (row, pair), no splats.
-            self.chunks = self.kt // 64  # 64-wide K chunks per stage
-            self.stage_w = self.bpc * self.chunks * WEIGHT_ATOM
-            self.stage_raw = self.bpc * self.chunks * SCALE_ATOM
-            self.stage_spl = self.cta_rows * self.pairs * 4
-            self.raw_bytes = self.stage_raw // PRODUCER_THREADS  # per producer thread: 4..16
+        if self.bpw not in (1, 2):
+            raise ValueError(f"the consumers' 16 B scale-pair loads need 1 or 2 blocks per "
+                             f"warpgroup, got {cfg}")
+        # [block][K chunk] atoms (``preshuffle``), unpadded: a block's K tile is one contiguous
+        # range (one bulk copy) and a warp's 16 B loads are 512 contiguous bytes. Scale pairs:
+        # one bf16x2 per (row, pair) at the consumer's slot.
+        self.chunks = self.kt // 64  # 64-wide K chunks per stage
+        self.block_w = self.chunks * WEIGHT_ATOM  # bytes per block per stage (one bulk copy)
+        self.stage_w = self.bpc * self.block_w
+        self.stage_raw = self.bpc * self.chunks * SCALE_ATOM
+        self.stage_spl = self.cta_rows * self.pairs * 4
+        self.raw_bytes = self.stage_raw // PRODUCER_THREADS  # per producer thread: 4..16
         self.stage_b = self.sub * bn * 128
         stage_bytes = self.stage_w + self.stage_raw + self.stage_spl + self.stage_b
         smem_budget = SMEM_PER_SM // cfg.ctas_per_sm - 2048 * (cfg.ctas_per_sm - 1)
         self.stages = min(MAX_STAGES, smem_budget // stage_bytes)
         if self.stages < 3:
             raise ValueError(f"only {self.stages} pipeline stages fit ({stage_bytes} B each)")
-        copiers = PRODUCER_THREADS
-        self.b_chunks = bn * self.kt // 8 // copiers  # 16 B B-chunks per copy thread
-        self.w_chunks = self.w_row // 16  # 16 B chunks per weight row per stage
-        self.w_copies = self.cta_rows * self.w_chunks // copiers
-        self.w_rows = self.w_copies // self.bpc  # weight rows per block per copy thread
-        step = copiers // self.w_chunks  # CTA rows between them (16, 32 or 64)
-        # ... as expert weight rows: FC1 interleaves 8 up / 8 gate rows per 16 CTA rows
-        self.w_row_step = step // 2 if epilogue == "swiglu" else step
+        self.b_chunks = bn * self.kt // 8 // PRODUCER_THREADS  # 16 B B-chunks per copy thread
 
     @cute.jit
     def __call__(self, a_ptr: cute.Pointer, row_index_ptr: cute.Pointer,
@@ -350,13 +323,6 @@ class W4A16RsGemm:
                            out, tiled_mma, sB, full, empty, addrs)
 
     # ---------------------------------------------------------------- shared arithmetic
-    def _weight_row(self, r64, gblk):
-        """Expert weight row held at row ``r64`` (0..63) of block ``gblk``'s smem rows."""
-        if cutlass.const_expr(self.epilogue == "swiglu"):
-            # r64 = 16 w + 8 h + g  ->  (gate if h else up) row 32 gblk + 8 w + g
-            return ((r64 // 8) % 2) * self.half + gblk * 32 + (r64 // 16) * 8 + r64 % 8
-        return gblk * BLOCK_ROWS + r64
-
     def _expert_bases(self, tt, tile_expert, tensor_of, local_of, b_table):
         """(weight base, scale base, alpha address) of token tile ``tt``'s expert, 64-bit."""
         expert = tile_expert[tt]
@@ -370,15 +336,15 @@ class W4A16RsGemm:
     @cute.jit
     def _produce(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, row_index,
                  tile_expert, tensor_of, local_of, b_table, full, empty, addrs):
-        """Producer thread: per stage, wait for the slot, cp.async its share of the packed
-        weight rows, raw scales and gathered token rows (one cp.async group), then wait for its
-        own copies of the stage before (``cp.async.wait_group 1``) and publish that one
-        (``_publish``): one stage of its copies is always in flight while it converts."""
-        sw_addr, sraw_addr, _, sb_addr = addrs
-        slots = None  # preshuffled: where this thread's scale words go (the same every stage)
-        if cutlass.const_expr(self.shuffled):
-            words = self.raw_bytes // 4
-            slots = [self._pair_slot(tidx * words + u) for u in range(words)]
+        """Producer thread: per stage, wait for the slot, (thread 0) the bulk weight copies,
+        cp.async its share of the raw scales and gathered token rows (one cp.async group), then
+        wait for its own copies of the stage before (``cp.async.wait_group 1``) and publish
+        that one (``_publish``): one stage of its copies is always in flight while it
+        converts."""
+        _, _, _, sb_addr = addrs
+        words = self.raw_bytes // 4
+        # where this thread's scale words go (the same every stage)
+        slots = [self._pair_slot(tidx * words + u) for u in range(words)]
         a_base = a.iterator.toint()
         chunks_per_row = self.kt // 8
         copiers = PRODUCER_THREADS
@@ -401,9 +367,8 @@ class W4A16RsGemm:
                 it = j * self.k_tiles + kt_idx
                 s = it % self.stages
                 cute.arch.mbarrier_wait(empty + s, ((it // self.stages) % 2) ^ 1)
-                if cutlass.const_expr(self.bulk):
-                    self._bulk_weights(tidx, s, kt_idx, w_base, w_off, full, addrs)
-                self._copy_weights(tidx, s, kt_idx, w_base, sf_base, w_off, sf_off, addrs)
+                self._bulk_weights(tidx, s, kt_idx, w_base, w_off, full, addrs)
+                self._copy_scales(tidx, s, kt_idx, sf_base, sf_off, addrs)
                 for i in cutlass.range_constexpr(self.b_chunks):
                     q = tidx + i * copiers
                     n = q // chunks_per_row
@@ -423,135 +388,73 @@ class W4A16RsGemm:
             self._publish(tidx, (total - 1) % self.stages, full, addrs, slots)
 
     def _tile_offsets(self, tidx, blk0, blk_end):
-        """Producer thread ``tidx``'s int32 offsets inside the expert for one work tile: per
-        CTA block of its weight copies, and of its scale copies (offsets inside one expert
-        fit int32: constructor check). Blocks past ``blk_end`` copy the last block again."""
-        w_off, sf_off = [], []
-        if self.shuffled:
-            # [block][K chunk] atoms: a block's stage is one contiguous byte range.
-            for cb in range(self.bpc):
-                gblk = cutlass.min(blk0 + cb, blk_end - 1)
-                w_off.append(gblk * (self.k // 64 * WEIGHT_ATOM))
-            cb, _, within = self._shuffled_sf_copy(tidx)
-            gblk = cutlass.min(blk0 + cb, blk_end - 1)
-            sf_off.append(gblk * (self.k // 64 * SCALE_ATOM) + within)
-        else:
-            # Weight rows: 16 B chunk tidx + copiers i is chunk (.. % w_chunks) of CTA row
-            # (.. // w_chunks): ``w_rows`` rows per block, ``w_step`` CTA rows apart, so one
-            # offset per block.
-            for cb in range(self.bpc):
-                gblk = cutlass.min(blk0 + cb, blk_end - 1)
-                grow = self._weight_row(tidx // self.w_chunks, gblk)
-                w_off.append(grow * (self.k // 2) + (tidx % self.w_chunks) * 16)
-            for i in range(self.cta_rows // PRODUCER_THREADS):
-                r = tidx + PRODUCER_THREADS * i  # scale rows: CTA rows tidx + copiers i
-                gblk = cutlass.min(blk0 + r // BLOCK_ROWS, blk_end - 1)
-                sf_off.append(self._weight_row(r % BLOCK_ROWS, gblk) * (self.k // 16))
-        return w_off, sf_off
+        """Producer thread ``tidx``'s int32 offsets inside the expert for one work tile: of each
+        CTA block's weights (``[block][K chunk]`` atoms: a block's K tile is one contiguous
+        range), and of its share of the scales (offsets inside one expert fit int32:
+        constructor check). Blocks past ``blk_end`` copy the last block again."""
+        w_off = [self._block_offsets(cutlass.min(blk0 + cb, blk_end - 1))[0]
+                 for cb in range(self.bpc)]
+        cb, _, within = self._sf_copy(tidx)
+        return w_off, self._block_offsets(cutlass.min(blk0 + cb, blk_end - 1))[1] + within
 
     @cute.jit
     def _bulk_weights(self, tidx, s, kt_idx, w_base, w_off, full, addrs):
-        """Producer thread 0: the stage's packed weights as one bulk copy per CTA block (a
-        block's ``chunks`` atoms are contiguous in the preshuffled layout), their bytes
-        expected on ``full[s]`` first (its previous phase completed: the consumers released
-        the slot only after waiting on it)."""
+        """Producer thread 0: the stage's packed weights as one bulk copy per CTA block
+        (``_bulk_copy``), their bytes expected on ``full[s]`` first (its previous phase
+        completed: the consumers released the slot only after waiting on it)."""
         if tidx == 0:
-            per_block = self.chunks * WEIGHT_ATOM
             cute.arch.mbarrier_expect_tx(full + s, self.stage_w)
             for cb in cutlass.range_constexpr(self.bpc):
-                cp_async_bulk(addrs[0] + s * self.stage_w + cb * per_block,
-                              w_base + Int64(w_off[cb] + kt_idx * per_block), per_block,
-                              (full + s).toint())
+                dst, src, size = self._bulk_copy(cb, kt_idx)
+                cp_async_bulk(addrs[0] + s * self.stage_w + dst, w_base + Int64(w_off[cb] + src),
+                              size, (full + s).toint())
 
-    def _copy_weights(self, tidx, s, kt_idx, w_base, sf_base, w_off, sf_off, addrs):
-        """Producer thread ``tidx``: cp.async its share of K tile ``kt_idx``'s packed weights
-        (none with bulk weight copies) and raw scales into stage ``s``."""
-        sw_addr, sraw_addr, _, _ = addrs
-        copiers = PRODUCER_THREADS
-        if self.shuffled:
-            for i in range(0 if self.bulk else self.stage_w // 16 // copiers):
-                cb, dst, within = self._shuffled_w_copy(tidx, i)
-                cp_async_16(sw_addr + s * self.stage_w + dst,
-                            w_base + Int64(w_off[cb] + kt_idx * (self.chunks * WEIGHT_ATOM)
-                                           + within))
-            _, dst, _ = self._shuffled_sf_copy(tidx)
-            src = sf_base + Int64(sf_off[0] + kt_idx * (self.chunks * SCALE_ATOM))
-            dst = sraw_addr + s * self.stage_raw + dst
-            if self.raw_bytes == 4:
-                cp_async_4(dst, src)
-            else:  # 8 B copies: the scale tensors are only 8-byte aligned (expert_table)
-                for h in range(self.raw_bytes // 8):
-                    cp_async_8(dst + 8 * h, src + 8 * h)
+    def _copy_scales(self, tidx, s, kt_idx, sf_base, sf_off, addrs):
+        """Producer thread ``tidx``: cp.async its ``raw_bytes`` of K tile ``kt_idx``'s raw
+        scales into stage ``s`` (4 B, or 8 B copies: the scale tensors are only 8-byte aligned,
+        ``expert_table``)."""
+        _, sraw_addr, _, _ = addrs
+        _, dst, _ = self._sf_copy(tidx)
+        src = sf_base + Int64(sf_off + kt_idx * (self.chunks * SCALE_ATOM))
+        dst = sraw_addr + s * self.stage_raw + dst
+        if self.raw_bytes == 4:
+            cp_async_4(dst, src)
         else:
-            for i in range(self.w_copies):
-                r = (tidx + i * copiers) // self.w_chunks
-                dst = (sw_addr + s * self.stage_w + r * self.w_stride
-                       + (tidx % self.w_chunks) * 16)
-                row_add = (i % self.w_rows) * self.w_row_step * (self.k // 2)
-                cp_async_16(dst, w_base + Int64(w_off[i // self.w_rows] + row_add
-                                                + kt_idx * self.w_row))
-            for i in range(self.cta_rows // copiers):
-                r = tidx + copiers * i
-                src = sf_base + Int64(sf_off[i] + kt_idx * self.raw_row)
-                dst = sraw_addr + s * self.stage_raw + r * self.raw_row
-                if self.raw_row == 8:
-                    cp_async_8(dst, src)
-                else:
-                    cp_async_4(dst, src)
+            for h in range(self.raw_bytes // 8):
+                cp_async_8(dst + 8 * h, src + 8 * h)
 
     @cute.jit
     def _publish(self, ptid, s, full, addrs, slots):
-        """Producer thread ``ptid`` publishes stage ``s``: its raw e4m3 scales (the ones it
-        copied) -> bf16x2 splats (one word per scale, ``scale * 2^SCALE_EXP2`` in both halves,
-        each scale converted once per CTA; preshuffled: bf16x2 pairs at the consumers' slots,
-        ``slots``), fence the async proxy (wgmma reads the sB chunks it copied), arrive on
-        ``full``."""
+        """Producer thread ``ptid`` publishes stage ``s``: each raw scale word it copied (rows
+        (warp, 0, g) and (warp, 1, g) of block cb, steps 0 and 1 of pair (kc, pp)) -> two
+        bf16x2 (step 0 low, step 1 high, ``scale x 2^SCALE_EXP2``) at the consumer's place
+        (``slots``, ``_pair_slot``: per (kc, pp, warpgroup, warp, g) the words (block j, row
+        half h) at ``8 j + 4 h``, one 16 B load per consumer thread and pair); fence the async
+        proxy (wgmma reads the sB chunks it copied), arrive on ``full``."""
         _, sraw_addr, sspl_addr, _ = addrs
-        if cutlass.const_expr(self.shuffled):
-            self._publish_pairs(ptid, s, sraw_addr, sspl_addr, slots)
-        else:
-            self._publish_splats(ptid, s, sraw_addr, sspl_addr)
-        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared,
-                              space=cute.arch.SharedSpace.shared_cta)
-        cute.arch.mbarrier_arrive(full + s)
-
-    @cute.jit
-    def _publish_splats(self, ptid, s, sraw_addr, sspl_addr):
-        for i in cutlass.range_constexpr(self.cta_rows // PRODUCER_THREADS):
-            r = ptid + PRODUCER_THREADS * i
-            raw = sraw_addr + s * self.stage_raw + r * self.raw_row
-            spl = sspl_addr + s * self.stage_spl + r * self.spl_stride
-            for w in cutlass.range_constexpr(self.raw_row // 4):
-                s0, s1, s2, s3 = e4m3x4_to_bf16x2_splats(ld_shared_u32(raw + 4 * w),
-                                                         SCALE_EXP2)
-                st_shared_v2(spl + 16 * w, s0, s1)
-                st_shared_v2(spl + 16 * w + 8, s2, s3)
-
-    @cute.jit
-    def _publish_pairs(self, ptid, s, sraw_addr, sspl_addr, slots):
-        """Preshuffled scales: each raw word this thread copied (rows (warp, 0, g) and
-        (warp, 1, g) of block cb, steps 0 and 1 of pair (kc, pp)) -> two bf16x2 (step 0 low,
-        step 1 high) at the consumer's place: per (kc, pp, warpgroup, warp, g) the words
-        (block j, row half h) at ``8 j + 4 h``, one 16 B load per consumer thread and pair."""
         words = self.raw_bytes // 4
         for u in cutlass.range_constexpr(words):
             wi = ptid * words + u  # word of the stage's [block][K chunk][64 words] scales
             h0, h1 = e4m3x4_to_bf16x2_pairs(
                 ld_shared_u32(sraw_addr + s * self.stage_raw + 4 * wi), SCALE_EXP2)
             st_shared_v2(sspl_addr + s * self.stage_spl + slots[u], h0, h1)
+        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared,
+                              space=cute.arch.SharedSpace.shared_cta)
+        cute.arch.mbarrier_arrive(full + s)
 
-    # ------------------------------------------- preshuffled index math (plain, CPU-tested)
-    def _shuffled_w_copy(self, tidx, i):
-        """Producer thread ``tidx``'s ``i``-th 16 B weight copy of a stage: (CTA block, byte
-        offset in the stage's sW, byte offset in that block's contiguous range of the stage).
-        A block's range is ``chunks`` atoms; ``i`` picks the block statically."""
-        per_block = self.chunks * WEIGHT_ATOM
-        per_thread = per_block // (16 * PRODUCER_THREADS)  # copies per thread per block
-        cb = i // per_thread
-        within = (tidx + PRODUCER_THREADS * (i % per_thread)) * 16
-        return cb, cb * per_block + within, within
+    # ------------------------------------------------------ index math (plain, CPU-tested)
+    def _block_offsets(self, gblk):
+        """(weights, scales): byte offsets of block ``gblk``'s first atom inside the expert
+        (``[block][K chunk]`` atoms)."""
+        return gblk * (self.k // 64 * WEIGHT_ATOM), gblk * (self.k // 64 * SCALE_ATOM)
 
-    def _shuffled_sf_copy(self, tidx):
+    def _bulk_copy(self, cb, kt_idx):
+        """CTA block ``cb``'s weights of K tile ``kt_idx``: (byte offset in the stage's sW,
+        byte offset from the block's first atom in the expert, bytes): ``chunks`` atoms,
+        contiguous in both."""
+        return cb * self.block_w, kt_idx * self.block_w, self.block_w
+
+    def _sf_copy(self, tidx):
         """Producer thread ``tidx``'s ``raw_bytes`` of a stage's scales: (CTA block, byte
         offset in the stage's sRaw, byte offset in that block's range of the stage)."""
         block_raw = self.chunks * SCALE_ATOM
@@ -591,7 +494,6 @@ class W4A16RsGemm:
         lane = tidx % 32
         g = lane // 4
         c = lane % 4
-        selector = fragment_selector(c)
         thr_mma = tiled_mma.get_slice(tq)
         tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
         a_shape = thr_mma.partition_shape_A((BLOCK_ROWS, 16))
@@ -604,14 +506,9 @@ class W4A16RsGemm:
         accs = [cute.make_rmem_tensor(thr_mma.partition_shape_C((BLOCK_ROWS, self.bn)), Float32)
                 for _ in range(self.bpw)]
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-        if cutlass.const_expr(self.shuffled):
-            # this thread's bytes in its blocks' weight atoms and its scale-pair slot
-            rows = self._consumer_offsets(q, tq)
-        else:
-            # smem row of (block j, row half h) for this thread: A-fragment rows g and g + 8.
-            rows = [[(q * self.bpw + j) * BLOCK_ROWS + 16 * warp + 8 * h + g for h in range(2)]
-                    for j in range(self.bpw)]
-        args = (q, warp, lane, g, c, selector, rows, words, frags, accs, tCrB, tiled_mma,
+        # this thread's bytes in its blocks' weight atoms and its scale-pair slot
+        offs = self._consumer_offsets(q, tq)
+        args = (q, warp, g, c, offs, words, frags, accs, tCrB, tiled_mma,
                 n_groups, blk_begin, blk_end, row_index, tile_expert, tensor_of, local_of,
                 b_table, topk_w, out, full, empty, sw_addr, sspl_addr)
         if cutlass.const_expr(self.persistent):
@@ -621,8 +518,8 @@ class W4A16RsGemm:
             self._consumer_tile(0, bid, *args)
 
     @cute.jit
-    def _consumer_tile(self, jt, tile, q, warp, lane, g, c, selector, rows, words, frags, accs,
-                       tCrB, tiled_mma, n_groups, blk_begin, blk_end, row_index, tile_expert,
+    def _consumer_tile(self, jt, tile, q, warp, g, c, offs, words, frags, accs, tCrB,
+                       tiled_mma, n_groups, blk_begin, blk_end, row_index, tile_expert,
                        tensor_of, local_of, b_table, topk_w, out, full, empty, sw_addr,
                        sspl_addr):
         """Work tile ``tile`` (the CTA's ``jt``-th): K loop, then the epilogue."""
@@ -633,12 +530,11 @@ class W4A16RsGemm:
         alpha = ld_global_f32(alpha_addr)
         # K tile 0 is peeled so the tile's first k16 step overwrites the accumulators with a
         # static zero-init (a dynamic one, or a fill, makes ptxas serialize the wgmmas).
-        self._k_tile(jt * self.k_tiles, True, full, empty, lane, sw_addr, sspl_addr, rows,
-                     selector, words, frags, accs, tiled_mma, tCrB)
+        self._k_tile(jt * self.k_tiles, True, full, empty, sw_addr, sspl_addr, offs, words,
+                     frags, accs, tiled_mma, tCrB)
         for kt_idx in cutlass.range(1, self.k_tiles, unroll=1):
-            self._k_tile(jt * self.k_tiles + kt_idx, False, full, empty, lane,
-                         sw_addr, sspl_addr, rows, selector, words, frags, accs, tiled_mma,
-                         tCrB)
+            self._k_tile(jt * self.k_tiles + kt_idx, False, full, empty, sw_addr, sspl_addr,
+                         offs, words, frags, accs, tiled_mma, tCrB)
         warpgroup.wait_group(0)
         cute.arch.mbarrier_arrive(empty + (jt * self.k_tiles + self.k_tiles - 1) % self.stages)
         # The A operand is the weights times 2^WEIGHT_EXP2 (nvfp4_dequant): undo it here.
@@ -650,10 +546,11 @@ class W4A16RsGemm:
                                topk_w, out)
 
     @cute.jit
-    def _k_tile(self, it, first, full, empty, lane, sw_addr, sspl_addr, rows, selector,
-                words, frags, accs, tiled_mma, tCrB):
+    def _k_tile(self, it, first, full, empty, sw_addr, sspl_addr, offs, words, frags, accs,
+                tiled_mma, tCrB):
         """One K tile (global counter ``it``) of a consumer warpgroup; ``first``: the work
-        tile's first K tile (static), whose first k16 step zero-initializes the accumulators."""
+        tile's first K tile (static), whose first k16 step zero-initializes the accumulators.
+        ``offs``: ``_consumer_offsets`` of this thread."""
         s = it % self.stages
         cute.arch.mbarrier_wait(full + s, (it // self.stages) % 2)
         w_stage = sw_addr + s * self.stage_w
@@ -666,26 +563,20 @@ class W4A16RsGemm:
                 # every consumer thread arrives: a lane-0 branch here, between wgmmas in
                 # flight, makes ptxas serialize them at bn 128 x 2 blocks (C7513)
                 cute.arch.mbarrier_arrive(empty + (it - 1) % self.stages)
-            if cutlass.const_expr(self.shuffled):
-                pp = p % 2
-                if cutlass.const_expr(pp == 0):  # one 16 B load: both pairs of the K chunk
-                    packed = [ld_shared_v4(w_stage + rows[0] + self._consumer_step(j, p)[0])
-                              for j in range(self.bpw)]
-                slot = spl_stage + rows[1] + self._consumer_step(0, p)[1]
-                if cutlass.const_expr(self.bpw == 2):
-                    scales = ld_shared_v4(slot)
-                else:
-                    scales = ld_shared_v2(slot)
+            pp = p % 2
+            if cutlass.const_expr(pp == 0):  # one 16 B load: both pairs of the K chunk
+                packed = [ld_shared_v4(w_stage + offs[0] + self._consumer_step(j, p)[0])
+                          for j in range(self.bpw)]
+            slot = spl_stage + offs[1] + self._consumer_step(0, p)[1]
+            if cutlass.const_expr(self.bpw == 2):
+                scales = ld_shared_v4(slot)
+            else:
+                scales = ld_shared_v2(slot)
             for j in cutlass.range_constexpr(self.bpw):
                 for h in cutlass.range_constexpr(2):
-                    if cutlass.const_expr(self.shuffled):
-                        o0, o1, o2, o3 = fragment_preshuffled_bf16x8(packed[j][2 * pp + h],
-                                                                     scales[2 * j + h])
-                    else:
-                        row = rows[j][h]
-                        v0, v1, v2, v3 = ld_shared_v4(w_stage + row * self.w_stride + p * 16)
-                        sc0, sc1 = ld_shared_v2(spl_stage + row * self.spl_stride + p * 8)
-                        o0, o1, o2, o3 = fragment_bf16x8(v0, v1, v2, v3, selector, sc0, sc1)
+                    # (block j, row half h): A-fragment rows g (h = 0) and g + 8 (h = 1)
+                    o0, o1, o2, o3 = fragment_preshuffled_bf16x8(packed[j][2 * pp + h],
+                                                                 scales[2 * j + h])
                     words[j][rp][0][h] = o0
                     words[j][rp][0][2 + h] = o1
                     words[j][rp][1][h] = o2

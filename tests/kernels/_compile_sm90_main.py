@@ -4,7 +4,7 @@ with CUTE_DSL_ARCH / CUTE_DSL_KEEP_CUBIN / CUTE_DSL_DUMP_DIR set).
 ``cute.compile`` writes the cubin, then fails to load it (no driver): that failure is expected
 and reported as 'loaded=no'; any other error fails the script.
 Usage: python _compile_sm90_main.py (swiglu|scatter) N_WEIGHT K BN [Y_COLS [FIELD=VALUE ...]]
-       | slot_sum 0 0 0     (FIELD=VALUE: ``RsConfig`` overrides, e.g. ring=4 weights=preshuffled)
+       | slot_sum 0 0 0     (FIELD=VALUE: ``RsConfig`` overrides, e.g. k_tile=128 ring=4)
 """
 import sys
 

@@ -1,10 +1,11 @@
-"""Fixtures of the device kernel tests: the CuTeDSL backend and cached random NVFP4 experts."""
+"""Fixtures of the device kernel tests: the CuTeDSL backend and cached random NVFP4 experts in
+the preshuffled layout (the only one the kernels read; the torch reference unshuffles them)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tensorrt_llm_dwdp.kernels.testing import MODELS, random_nvfp4_experts
+from tensorrt_llm_dwdp.kernels.testing import MODELS, preshuffled_experts, random_nvfp4_experts
 
 
 def sm90_available() -> bool:
@@ -22,7 +23,8 @@ def backend():
 
 @pytest.fixture(scope="module")
 def experts():
-    """``experts(model)``: that model's random experts (one model kept on the device at a time)."""
+    """``experts(model)``: that model's random experts, preshuffled and tagged so (one model kept
+    on the device at a time)."""
     cache = {}
 
     def get(model: str):
@@ -30,7 +32,8 @@ def experts():
             cache.clear()
             torch.cuda.empty_cache()
             hidden, inter, num_experts, _ = MODELS[model]
-            cache[model] = random_nvfp4_experts(num_experts, hidden, inter, seed=7)
+            cache[model] = preshuffled_experts(
+                random_nvfp4_experts(num_experts, hidden, inter, seed=7))
         return cache[model]
 
     return get

@@ -47,6 +47,30 @@ def test_table_rejects_bad_tensors():
         build_expert_table([], [], [], [])
 
 
+def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous copy of ``t`` starting ``offset`` bytes past a 16-byte aligned address."""
+    raw = torch.empty(t.numel() * t.element_size() + 64, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % 16 + offset
+    out = raw[start:start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def test_table_rejects_misaligned_bases_before_launch():
+    """The kernel moves weights with cp.async.bulk (16-byte aligned sources) and scales with
+    8 B cp.async: a weight base off a 16-byte boundary, or a scale base off an 8-byte one, is
+    a ValueError naming the tensor; 16 / 8-byte aligned bases pass."""
+    weights = random_nvfp4_experts(4, 64, 32, seed=0, device="cpu")
+    t = weights.tensors
+    w, sf, a = t["w3_w1_weight"][0], t["w3_w1_weight_scale"][0], t["fc31_alpha"][0]
+    build_expert_table([_at_offset(w, 0), w], [_at_offset(sf, 8), sf], [a, a], [0, 4])
+    for off in (1, 8):
+        with pytest.raises(ValueError, match="weight tensor 1 .* 16-byte boundary"):
+            build_expert_table([w, _at_offset(w, off)], [sf, sf], [a, a], [0, 4])
+    with pytest.raises(ValueError, match="scale tensor 0 .* 8-byte boundary"):
+        build_expert_table([w], [_at_offset(sf, 4)], [a], [0])
+
+
 def test_choose_token_tile_follows_rows_per_expert():
     assert choose_token_tile(1, 128) == 16
     assert choose_token_tile(16 * 128, 128) == 16
@@ -88,15 +112,22 @@ def test_kernel_rejects_bad_configurations():
         W4A16RsGemm(epilogue="scatter", n_weight=4096, k=2048, bn=16)
     kernel = W4A16RsGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=16)
     assert (kernel.kt, kernel.k_tiles, kernel.stages, kernel.bpc, kernel.persistent) == (
-        64, 112, 5, 4, True)
+        64, 112, 8, 4, True)
+    # one bulk copy of 2 KiB per block and stage, 8 B of raw scales per producer thread
+    assert (kernel.block_w, kernel.stage_w, kernel.raw_bytes) == (2048, 8192, 8)
     assert kernel.cfg.register_pool * 2 * 384 <= 65536  # two CTAs per SM
     wide = W4A16RsGemm(epilogue="scatter", n_weight=7168, k=2048, bn=128, y_cols=768)
     assert (wide.kt, wide.bpw, wide.cta_rows, wide.persistent) == (64, 2, 256, True)
     mid = W4A16RsGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=64)
-    assert (mid.kt, mid.stages) == (128, 4)
+    assert (mid.kt, mid.stages, mid.block_w, mid.raw_bytes) == (128, 5, 4096, 16)
     assert W4A16RsGemm(epilogue="swiglu", n_weight=5760, k=2880, bn=64).kt == 64  # K % 128
     with pytest.raises(ValueError, match="does not fit"):
         W4A16RsGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=16, config=rs_config(32, 7168))
+    with pytest.raises(ValueError, match="1 or 2 blocks per warpgroup"):
+        W4A16RsGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=16,
+                    config=rs_config(16, 7168, blocks_per_wg=4))
+    with pytest.raises(TypeError):  # one weight layout, one weight copy: no fields to pick them
+        rs_config(16, 7168, weights="linear")
 
 
 def test_backend_rejects_what_it_cannot_run():

@@ -1,9 +1,10 @@
 """The register NVFP4 -> bf16 conversion of the sm90 kernel, checked on the CPU.
 
-``emulate_fragment_bf16x8`` replays the kernel's PTX steps (same masks, prmt semantics, bf16
-bit placement and scale pre-factor) in numpy; each lane's A-fragment weights must equal
-``quant.nvfp4.dequantize_nvfp4`` for every byte value in every position and every finite e4m3
-scale, subnormal scales included.
+``emulate_preshuffled_bf16x8`` replays the kernel's decode of a preshuffled word (the same
+shifts, masks, bf16 bit placement and scale pre-factor) in numpy; each slot's weights must equal
+``quant.nvfp4.dequantize_nvfp4`` for every e2m1 code in every slot of the word and every finite
+e4m3 scale, subnormal scales included. The PTX text the kernel inlines is interpreted
+instruction by instruction against that model.
 """
 import numpy as np
 import pytest
@@ -11,57 +12,70 @@ import torch
 
 pytest.importorskip("cutlass", reason="needs nvidia-cutlass-dsl==4.3.5")
 
+from tensorrt_llm_dwdp.kernels.sm90 import preshuffle as ps  # noqa: E402
 from tensorrt_llm_dwdp.kernels.sm90.nvfp4_dequant import (  # noqa: E402
     WEIGHT_EXP2,
-    emulate_fragment_bf16x8,
+    emulate_preshuffled_bf16x8,
 )
 from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4  # noqa: E402
 
 
+def _word(codes) -> int:
+    """The shuffled word holding ``codes[2 j + n]`` as code n of output word j (``WORD_BITS``)."""
+    word = 0
+    for slot, code in enumerate(codes):
+        for bit in range(4):
+            word |= ((code >> bit) & 1) << ps.WORD_BITS[4 * slot + bit]
+    return word
+
+
+def _e2m1(codes: np.ndarray) -> np.ndarray:
+    """Exact e2m1 values of ``codes`` (via ``dequantize_nvfp4`` with unit scales)."""
+    codes = torch.as_tensor(codes, dtype=torch.uint8).reshape(-1)
+    pad = torch.zeros((-len(codes)) % 16, dtype=torch.uint8)
+    c = torch.cat([codes, pad]).reshape(-1, 2)
+    packed = (c[:, 0] | (c[:, 1] << 4)).reshape(1, -1)
+    ones = torch.ones(1, packed.shape[1] // 8).to(torch.float8_e4m3fn)
+    return dequantize_nvfp4(packed, ones, None, torch.float32).numpy()[0, :len(codes)]
+
+
 def test_sign_bits_land_on_their_elements():
     """Only one element negative (code 0xA = -1.0), all others +0.5 (code 1, the bf16
-    subnormal case): each lane sees the minus sign exactly at its own fragment position."""
-    for neg in range(32):
-        codes = np.ones(32, dtype=np.uint8)
+    subnormal case): the minus sign comes out exactly at that element's slot."""
+    for neg in range(8):
+        codes = [1] * 8
         codes[neg] = 0xA
-        row = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
-        words = row.view(np.uint32).reshape(1, 4)
-        for c in range(4):
-            cols = [2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9,
-                    16 + 2 * c, 17 + 2 * c, 24 + 2 * c, 25 + 2 * c]
-            got = emulate_fragment_bf16x8(words, c, np.ones(1), np.ones(1))[0]
-            want = np.where(np.array(cols) == neg, -1.0, 0.5)
-            np.testing.assert_array_equal(got * 2.0 ** -WEIGHT_EXP2, want)
+        got = emulate_preshuffled_bf16x8(np.array([_word(codes)], dtype=np.uint32),
+                                         np.ones(1), np.ones(1))[0]
+        want = np.where(np.arange(8) == neg, -1.0, 0.5)
+        np.testing.assert_array_equal(got * 2.0 ** -WEIGHT_EXP2, want)
 
 
-def test_register_fragment_every_code_every_lane_every_scale():
-    """``fragment_bf16x8`` (the RS kernel's A-fragment dequant): for each lane c of a quad, the
-    8 weights of its A-fragment words across two k16 steps of one row, every e2m1 code in
-    every byte position and nibble, every finite e4m3 scale (subnormal scales included)."""
+def test_preshuffled_fragment_every_code_every_slot_every_scale():
+    """``fragment_preshuffled_bf16x8`` (the kernel's A-fragment dequant, modelled): every e2m1
+    code in every slot (output word j, nibble n) with random neighbours, times every finite
+    e4m3 scale (subnormals included; slots of words 0, 1 take step 0's scale, 2, 3 step 1's),
+    equals the exact NVFP4 product x 2^WEIGHT_EXP2 (the model also asserts each product is
+    exact in bf16)."""
     gen = torch.Generator().manual_seed(1)
-    codes = torch.arange(256, dtype=torch.uint8)
-    finite = codes[(codes & 0x7F) != 0x7F]
-    # 32 rows of 16 packed bytes: rows 0..15 put byte value (16 r + i) % 256 at byte i (all
-    # 256 byte values in every byte position), then random rows.
-    idx = torch.arange(16)
-    rows = torch.stack([(16 * r + idx) % 256 for r in range(16)]).to(torch.uint8)
-    rows = torch.cat([rows, torch.randint(0, 256, (16, 16), generator=gen, dtype=torch.uint8)])
-    words = rows.numpy().view(np.uint32).reshape(-1, 4)
-    for scale_code in finite.tolist()[::3] + [0x01, 0x08, 0x7E]:
-        s0 = torch.tensor([scale_code], dtype=torch.uint8).view(torch.float8_e4m3fn)
-        s1 = torch.tensor([(scale_code * 7 + 3) % 256], dtype=torch.uint8)
-        if (s1.item() & 0x7F) == 0x7F:
-            s1 -= 1
-        s1 = s1.view(torch.float8_e4m3fn)
-        scales = torch.cat([s0, s1]).expand(len(rows), 2).contiguous()
-        ref = dequantize_nvfp4(rows, scales, None, torch.float32).numpy()  # [n, 32]
-        for c in range(4):
-            got = emulate_fragment_bf16x8(words, c, np.full(len(rows), float(s0.float())),
-                                          np.full(len(rows), float(s1.float())))
-            cols = [2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9,
-                    16 + 2 * c, 17 + 2 * c, 24 + 2 * c, 25 + 2 * c]
-            np.testing.assert_array_equal(got * 2.0 ** -WEIGHT_EXP2, ref[:, cols],
-                                          err_msg=f"lane {c}, scales {scale_code:#x}")
+    codes = []
+    for slot in range(8):  # every code in every slot, the other slots random
+        for code in range(16):
+            row = torch.randint(0, 16, (8,), generator=gen).tolist()
+            row[slot] = code
+            codes.append(row)
+    codes = np.array(codes + torch.randint(0, 16, (64, 8), generator=gen).tolist())
+    words = np.array([_word(r) for r in codes], dtype=np.uint32)
+    values = _e2m1(codes).reshape(codes.shape)
+    finite = [c for c in range(256) if (c & 0x7F) != 0x7F]
+    e4m3 = torch.tensor(finite, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    for i, s0 in enumerate(e4m3):
+        s1 = e4m3[(7 * i + 3) % len(e4m3)]
+        got = emulate_preshuffled_bf16x8(words, np.full(len(words), s0),
+                                         np.full(len(words), s1))
+        want = values * np.array([s0] * 4 + [s1] * 4)
+        np.testing.assert_array_equal(got * 2.0 ** -WEIGHT_EXP2, want,
+                                      err_msg=f"scales {finite[i]:#x}, {s1}")
 
 
 def _run_ptx(text: str, word: int, scales: int) -> list:

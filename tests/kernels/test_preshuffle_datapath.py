@@ -1,15 +1,14 @@
-"""The preshuffled kernel's data path replayed on the CPU: global bytes -> shared memory -> the
-A fragments every consumer thread builds, against what the linear kernel builds today.
+"""The kernel's data path replayed on the CPU: preshuffled global bytes -> shared memory -> the
+A fragments every consumer thread builds, against the exact NVFP4 weights of the linear expert.
 
 For one stage of a work tile (first / last block group, first / last K tile), the test runs
-the kernel's own index math (``W4A16RsGemm._shuffled_w_copy``, ``_shuffled_sf_copy``,
-``_pair_slot``, ``_consumer_offsets``, ``_consumer_step``: the functions the kernel calls)
-over the shuffled expert: every producer copy (each shared byte written exactly once), the
-scale-pair conversion's placement, then each consumer thread's loads and the word decode
-(``emulate_preshuffled_bf16x8``, the same shifts and masks as the PTX). Its 8 weights per
-(block, row half, pair) must equal today's fragment (``emulate_fragment_bf16x8`` on the linear
-row) and the exact NVFP4 values (``quant.nvfp4``) of the rows and columns WGMMA's A layout
-assigns to that thread.
+the kernel's own index math (``W4A16RsGemm._block_offsets`` / ``_bulk_copy`` for the bulk weight
+copies, ``_sf_copy``, ``_pair_slot``, ``_consumer_offsets``, ``_consumer_step``: the functions
+the kernel calls) over the shuffled expert: every producer copy (each shared byte written
+exactly once), the scale-pair conversion's placement, then each consumer thread's loads and
+the word decode (``emulate_preshuffled_bf16x8``, the same shifts and masks as the PTX). Its 8
+weights per (block, row half, pair) must equal the exact NVFP4 values (``quant.nvfp4`` on the
+linear expert) of the rows and columns WGMMA's A layout assigns to that thread.
 """
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ pytest.importorskip("cutlass", reason="needs nvidia-cutlass-dsl==4.3.5")
 from tensorrt_llm_dwdp.kernels.sm90 import preshuffle as ps  # noqa: E402
 from tensorrt_llm_dwdp.kernels.sm90.nvfp4_dequant import (  # noqa: E402
     WEIGHT_EXP2,
-    emulate_fragment_bf16x8,
     emulate_preshuffled_bf16x8,
 )
 from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import (  # noqa: E402
@@ -57,22 +55,25 @@ def _stage(kern, w_sh, sf_sh, blk0, blk_end, kt_idx):
     sSpl), via the kernel's index math; every byte / half written exactly once."""
     k = kern.k
     sw = np.full(kern.stage_w, -1, dtype=np.int32)
-    for tidx in range(PRODUCER_THREADS):
-        for i in range(kern.stage_w // 16 // PRODUCER_THREADS):
-            cb, dst, within = kern._shuffled_w_copy(tidx, i)
-            # each block's stage range lands unpermuted at its place: what one bulk copy per
-            # block (``weight_copy="bulk"``) moves is the same bytes
-            assert dst == cb * kern.chunks * ps.WEIGHT_ATOM + within
-            gblk = min(blk0 + cb, blk_end - 1)
-            src = gblk * (k // 64 * ps.WEIGHT_ATOM) + kt_idx * kern.chunks * ps.WEIGHT_ATOM + within
-            assert (sw[dst:dst + 16] == -1).all(), f"sW bytes {dst}.. written twice"
-            sw[dst:dst + 16] = w_sh[src:src + 16]
+    total = 0
+    for cb in range(kern.bpc):  # producer thread 0's bulk copies, one per CTA block
+        gblk = min(blk0 + cb, blk_end - 1)  # blocks past the end copy the last one again
+        dst, src, size = kern._bulk_copy(cb, kt_idx)
+        src += kern._block_offsets(gblk)[0]
+        # the layout contract: block gblk's K tile kt_idx is atoms [chunks kt_idx, +chunks)
+        assert src == (gblk * (k // 64) + kt_idx * kern.chunks) * ps.WEIGHT_ATOM
+        assert size == kern.chunks * ps.WEIGHT_ATOM and size % 16 == 0 and dst % 16 == 0
+        assert (sw[dst:dst + size] == -1).all(), f"sW bytes {dst}.. written twice"
+        sw[dst:dst + size] = w_sh[src:src + size]
+        total += size
+    assert total == kern.stage_w, "the bulk copies' bytes are not what full[s] expects"
     assert (sw >= 0).all(), "sW bytes left unwritten"
     raw = np.full(kern.stage_raw, -1, dtype=np.int32)
     for tidx in range(PRODUCER_THREADS):
-        cb, dst, within = kern._shuffled_sf_copy(tidx)
+        cb, dst, within = kern._sf_copy(tidx)
         gblk = min(blk0 + cb, blk_end - 1)
-        src = gblk * (k // 64 * ps.SCALE_ATOM) + kt_idx * kern.chunks * ps.SCALE_ATOM + within
+        src = kern._block_offsets(gblk)[1] + kt_idx * kern.chunks * ps.SCALE_ATOM + within
+        assert src == (gblk * (k // 64) + kt_idx * kern.chunks) * ps.SCALE_ATOM + within
         n = kern.raw_bytes
         assert (raw[dst:dst + n] == -1).all()
         raw[dst:dst + n] = sf_sh[src:src + n]
@@ -96,8 +97,9 @@ def _stage(kern, w_sh, sf_sh, blk0, blk_end, kt_idx):
     ("scatter", 4096, 1536, 16, 0, 8, {"blocks_per_wg": 1}),  # 128 rows per CTA
     ("swiglu", 128, 64, 16, 0, 2, {}),              # a 64-wide layer: 2 blocks, 2 clamped
 ])
-def test_consumer_fragments_equal_todays(kind, n_weight, k, bn, blk_begin, blk_end, overrides):
-    cfg = rs_config(bn, k, weights="preshuffled", **overrides)
+def test_consumer_fragments_are_the_exact_weights(kind, n_weight, k, bn, blk_begin, blk_end,
+                                                  overrides):
+    cfg = rs_config(bn, k, **overrides)
     kern = W4A16RsGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn,
                        y_cols=64 * (blk_end - blk_begin) if kind == "scatter" else 0, config=cfg)
     gated = kind == "swiglu"
@@ -131,22 +133,12 @@ def test_consumer_fragments_equal_todays(kind, n_weight, k, bn, blk_begin, blk_e
             got = emulate_preshuffled_bf16x8(np.array(words, dtype=np.uint32),
                                              np.array(sc0), np.array(sc1))
             rows, cols, lane = np.array(rows), np.array(cols), np.array(lane)
-            # today: the linear row's 16 bytes of the pair, byte `lane` of each word
-            lin = w.numpy()[rows[:, None], cols[:, None] // 2 + np.arange(16)]
-            lin_words = lin.astype(np.uint8).copy().view(np.uint32).reshape(-1, 4)
-            sfn = sf.numpy()
-            today = np.zeros_like(got)
-            for c in range(4):
-                m = lane == c
-                today[m] = emulate_fragment_bf16x8(
-                    lin_words[m], c, E4M3[sfn[rows[m], cols[m] // 16]],
-                    E4M3[sfn[rows[m], cols[m] // 16 + 1]])
-            np.testing.assert_array_equal(got, today, err_msg=f"group {grp}, K tile {kt_idx}")
-            # and both are the exact NVFP4 weights at the WGMMA A-fragment positions
+            # the exact NVFP4 weights of the linear expert at the WGMMA A-fragment positions
             ks = (np.array([0, 1, 8, 9, 16, 17, 24, 25])[None, :] + 2 * lane[:, None]
                   + cols[:, None])
             uniq = np.unique(rows)
             ref = dequantize_nvfp4(w[uniq], sf[uniq].view(torch.float8_e4m3fn), None,
                                    torch.float32).numpy()
             want = ref[np.searchsorted(uniq, rows)[:, None], ks]
-            np.testing.assert_array_equal(got * 2.0 ** -WEIGHT_EXP2, want)
+            np.testing.assert_array_equal(got * 2.0 ** -WEIGHT_EXP2, want,
+                                          err_msg=f"group {grp}, K tile {kt_idx}")
