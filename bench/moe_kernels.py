@@ -3,7 +3,9 @@
 For each model and tokens-per-expert (uniform routing: every expert gets exactly that many
 rows, so every side does the same useful work) it times, with CUDA graphs of many launches:
   ours  fc1 = gather + NVFP4 grouped GEMM (weights as WGMMA's register operand) + SwiGLU,
-        fc2 = NVFP4 grouped GEMM per hidden-column chunk + fixed-order slot sum -> bf16 output;
+        fc2 = NVFP4 grouped GEMM per hidden-column chunk + fixed-order slot sum -> bf16 output,
+        on the experts in the preshuffled layout the kernels read (shuffled once per model
+        before any timing, ``kernels.testing.preshuffled_experts``; JSON ``layout``);
   bf16  torch._grouped_mm on bf16 weights and pre-permuted bf16 rows (FC1 + FC2 only: no
         gather, activation or finalize, a lower bound for a bf16 pipeline);
   fp8   torch._scaled_grouped_mm, rowwise scales (per row of A, per output column of B), on
@@ -12,8 +14,6 @@ Ratios are baseline time / our time (> 1: ours faster). TFLOP/s counts useful ro
 TB/s counts the NVFP4 bytes of both weights (0.5625 B per weight with the block scales).
 Also times multi-B (S = 4 unequal slices) against S = 1 for the same routing.
 Per-device peaks (copy GB/s, dense bf16 TFLOP/s) come from ``bench/peaks.py`` by device name.
-``--layout preshuffled`` times our kernels on a preshuffled copy of the experts
-(``RsConfig.weights``; kernels/NOTES.md) instead of the linear layout.
 Prints one JSON document; ``--out`` also writes it to a file.
 """
 from __future__ import annotations
@@ -28,7 +28,6 @@ from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.expert_table import build_expert_table
 from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
-from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
 from tensorrt_llm_dwdp.kernels.testing import (
     MODELS,
     preshuffled_experts,
@@ -144,7 +143,8 @@ class Baselines:
         return t
 
 
-def bench_point(cache, weights, base, model, tpe, multi_b, peaks, layout="linear"):
+def bench_point(cache, weights, base, model, tpe, multi_b, peaks):
+    """One point: ``weights`` are the model's experts in the kernels' (preshuffled) layout."""
     hidden, inter, num_experts, _ = MODELS[model]
     ids, tw, x, bn, plan = uniform_point(model, tpe)
     tokens = ids.shape[0]
@@ -152,22 +152,19 @@ def bench_point(cache, weights, base, model, tpe, multi_b, peaks, layout="linear
     w13, w2 = tables(weights)
     h = torch.empty(plan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
     out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device="cuda")
-    c1, c2 = rs_config(bn, hidden, weights=layout), rs_config(bn, inter, weights=layout)
 
     def fc1(table=w13):
-        fc1_gather_swiglu(cache, x, plan.gather_index, plan.tile_expert, table, bn, out=h,
-                          config=c1)
+        fc1_gather_swiglu(cache, x, plan.gather_index, plan.tile_expert, table, bn, out=h)
 
     def fc2(table=w2):
-        fc2_finalize(cache, h, plan.slot_index, plan.tile_expert, ids, tw, table, bn, out=out,
-                     config=c2)
+        fc2_finalize(cache, h, plan.slot_index, plan.tile_expert, ids, tw, table, bn, out=out)
 
     def ours(tables_=(w13, w2)):
         fc1(tables_[0])
         fc2(tables_[1])
 
     res = {"model": model, "tokens_per_expert": tpe, "tokens": tokens, "token_tile": bn,
-           "layout": layout,
+           "layout": weights.weight_layout,
            "ours_fc1_ms": time_graph(fc1), "ours_fc2_ms": time_graph(fc2),
            "ours_total_ms": time_graph(ours)}
     offs = torch.arange(1, num_experts + 1, device="cuda", dtype=torch.int32) * tpe
@@ -211,7 +208,6 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="deepseek_v3,qwen3_235b_a22b")
     p.add_argument("--tpe", default="16,64,256,1024")
     p.add_argument("--multi-b-tpe", default="16,256")
-    p.add_argument("--layout", default="linear", choices=("linear", "preshuffled"))
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -220,13 +216,13 @@ def main(argv=None) -> int:
     results = []
     for model in args.models.split(","):
         hidden, inter, num_experts, _ = MODELS[model]
-        weights = random_nvfp4_experts(num_experts, hidden, inter, seed=1)
-        if args.layout == "preshuffled":
-            weights = preshuffled_experts(weights)
+        # shuffled once here, outside every timing (the loader does it once at load)
+        weights = preshuffled_experts(random_nvfp4_experts(num_experts, hidden, inter, seed=1))
+        torch.cuda.empty_cache()
         base = Baselines(model)
         for tpe in (int(v) for v in args.tpe.split(",")):
             r = bench_point(cache, weights, base, model, tpe,
-                            str(tpe) in args.multi_b_tpe.split(","), peaks, args.layout)
+                            str(tpe) in args.multi_b_tpe.split(","), peaks)
             results.append(r)
             _write(args.out, results, peaks)  # keep what is measured if a later point dies
             print(f"{model:16s} tpe={tpe:5d} ours {r['ours_total_ms']:.3f} ms (fc1 "

@@ -1,4 +1,5 @@
-"""Run the sm90 FC1 and FC2 kernels once each on one routing, for a profiler (ncu) to read.
+"""Run the sm90 FC1 and FC2 kernels once each on one routing, for a profiler (ncu) to read
+(random experts, preshuffled before the kernels run: the layout they read).
 
 Usage: ncu --clock-control none -k regex:W4A16Rs python3 bench/profile_moe_kernel.py MODEL TPE
 (The first launch of each kernel compiles; a second call runs it again for ``-s`` skipping.)
@@ -10,7 +11,7 @@ import torch
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
-from tensorrt_llm_dwdp.kernels.testing import MODELS, random_nvfp4_experts
+from tensorrt_llm_dwdp.kernels.testing import MODELS, preshuffled_experts, random_nvfp4_experts
 
 try:
     from bench.moe_kernels import tables, uniform_point
@@ -21,7 +22,7 @@ except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
 def main() -> int:
     model, tpe = sys.argv[1], int(sys.argv[2])
     hidden, inter, num_experts, _ = MODELS[model]
-    weights = random_nvfp4_experts(num_experts, hidden, inter, seed=1)
+    weights = preshuffled_experts(random_nvfp4_experts(num_experts, hidden, inter, seed=1))
     ids, tw, x, bn, plan = uniform_point(model, tpe)
     w13, w2 = tables(weights)
     cache = CompileCache()

@@ -2,13 +2,12 @@
 
 For each model and tokens-per-expert point (uniform routing, as ``moe_kernels.py``) it times FC1
 and FC2 (incl. slot sums) with the default ``rs_config`` and with each named alternative
-(``RsConfig`` field overrides), and checks that every alternative's ``h`` and output are
-bitwise equal to the default's (same K order, so any difference is a bug). Prints one JSON
-document (``--out`` also writes it): per point and configuration fc1/fc2 ms and the ratio to
-the default. A configuration with ``weights=preshuffled`` runs on a preshuffled copy of the
-same experts (``kernels.testing.preshuffled_experts``, made once per model when any variant
-needs it); ``--variants preshuffled`` times that layout at every token tile
-(``preshuffled+bulk`` also with bulk weight copies).
+(``RsConfig`` field overrides: k_tile, ring, ctas_per_sm, producer_regs, blocks_per_wg,
+persistent), and checks that every alternative's ``h`` and output are bitwise equal to the
+default's (same K order, so any difference is a bug). All run the one kernel path on the same
+experts, preshuffled once per model before any timing (``kernels.testing.preshuffled_experts``;
+the weights move by bulk copies). Prints one JSON document (``--out`` also writes it): per
+point and configuration fc1/fc2 ms and the ratio to the default.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import torch
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
-from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import TOKEN_TILES
 from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
 from tensorrt_llm_dwdp.kernels.testing import MODELS, preshuffled_experts, random_nvfp4_experts
 
@@ -31,7 +29,8 @@ except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
     from json_out import emit
     from moe_kernels import tables, time_graph, uniform_point
 
-# name -> RsConfig overrides, per token tile (the default is always timed first as "default")
+# name -> RsConfig overrides, per token tile (the default is always timed first as "default");
+# measured against the linear layout's kernel in device calls 7-8, to re-check on this one
 VARIANTS = {
     16: {
         "1cta": dict(ctas_per_sm=1, producer_regs=112),
@@ -47,24 +46,11 @@ VARIANTS = {
 }
 
 
-# the load-time pre-shuffle against the linear layout, per token tile (kernels/NOTES.md);
-# at bn 128 also K tile 128 with a ring of 4 pairs (fewer dequant registers: the CPU compile
-# spills 12 bytes, none in the K loop)
-PRESHUFFLED = {bn: {"preshuffled": dict(weights="preshuffled")} for bn in TOKEN_TILES}
-PRESHUFFLED[128]["preshuffled_k128_ring4"] = dict(weights="preshuffled", k_tile=128, ring=4)
-# ... and its weights moved by one cp.async.bulk per block and stage
-BULK = {bn: {"preshuffled_bulk": dict(weights="preshuffled", weight_copy="bulk")}
-        for bn in TOKEN_TILES}
-
-
 def parse_variants(spec: str | None) -> dict:
-    """``--variants 'bn:name:field=v,field=v;...'`` replaces the built-in table;
-    ``--variants preshuffled`` picks ``PRESHUFFLED``, ``preshuffled+bulk`` adds ``BULK``."""
+    """``--variants 'bn:name:field=v,field=v;...'`` replaces the built-in table, e.g.
+    ``'128:k128_ring4:k_tile=128,ring=4'``."""
     if not spec:
         return VARIANTS
-    if spec in ("preshuffled", "preshuffled+bulk"):
-        extra = BULK if spec.endswith("+bulk") else {}
-        return {bn: {**PRESHUFFLED[bn], **extra.get(bn, {})} for bn in PRESHUFFLED}
     out: dict = {}
     for item in spec.split(";"):
         bn, name, fields = item.split(":")
@@ -74,18 +60,15 @@ def parse_variants(spec: str | None) -> dict:
     return out
 
 
-def bench_point(cache, weights, model, tpe, variants, shuffled=None) -> dict:
+def bench_point(cache, weights, model, tpe, variants) -> dict:
+    """One point; ``weights``: the model's experts, preshuffled (the kernels' layout)."""
     hidden, inter, _, _ = MODELS[model]
     ids, tw, x, bn, plan = uniform_point(model, tpe)
     tokens = ids.shape[0]
-    layouts = {"linear": tables(weights)}
-    if shuffled is not None:
-        layouts["preshuffled"] = tables(shuffled)
+    w13, w2 = tables(weights)
     res = {"model": model, "tokens_per_expert": tpe, "token_tile": bn, "configs": {}}
     ref = None
     for name, overrides in [("default", {})] + list(variants.get(bn, {}).items()):
-        c1, c2 = rs_config(bn, hidden, **overrides), rs_config(bn, inter, **overrides)
-        w13, w2 = layouts[c1.weights]
         h = torch.empty(plan.num_rows, inter, dtype=torch.bfloat16, device="cuda")
         out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device="cuda")
 
@@ -99,7 +82,8 @@ def bench_point(cache, weights, model, tpe, variants, shuffled=None) -> dict:
 
         entry = {"overrides": {k: v if isinstance(v, str) else int(v)
                                for k, v in overrides.items()}}
-        try:
+        try:  # an unknown field or a configuration that does not fit, build or launch
+            c1, c2 = rs_config(bn, hidden, **overrides), rs_config(bn, inter, **overrides)
             fc1()
             fc2()
             torch.cuda.synchronize()
@@ -111,7 +95,7 @@ def bench_point(cache, weights, model, tpe, variants, shuffled=None) -> dict:
             entry["fc1_ms"] = time_graph(fc1)
             entry["fc2_ms"] = time_graph(fc2)
             entry["total_ms"] = entry["fc1_ms"] + entry["fc2_ms"]
-        except Exception as exc:  # a configuration that does not build or launch
+        except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"[:400]
         res["configs"][name] = entry
         base = res["configs"]["default"]
@@ -138,17 +122,16 @@ def main(argv=None) -> int:
     results = []
     for model in args.models.split(","):
         hidden, inter, num_experts, _ = MODELS[model]
-        weights = random_nvfp4_experts(num_experts, hidden, inter, seed=1)
-        shuffled = (preshuffled_experts(weights) if any(
-            o.get("weights") == "preshuffled" for per_bn in variants.values()
-            for o in per_bn.values()) else None)
+        # shuffled once here, outside every timing (the loader does it once at load)
+        weights = preshuffled_experts(random_nvfp4_experts(num_experts, hidden, inter, seed=1))
+        torch.cuda.empty_cache()
         for tpe in (int(v) for v in args.tpe.split(",")):
-            results.append(bench_point(cache, weights, model, tpe, variants, shuffled))
+            results.append(bench_point(cache, weights, model, tpe, variants))
             # keep what is measured if a later point dies
             emit({"device": torch.cuda.get_device_name(), "results": results}, args.out,
                  quiet=True)
             torch.cuda.empty_cache()
-        del weights, shuffled
+        del weights
         torch.cuda.empty_cache()
     emit({"device": torch.cuda.get_device_name(), "results": results}, None)
     return 0

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One device call for the kernels room (issue 11), from the repo root with PYTHONPATH set up
-# for nvidia-cutlass-dsl (see COORD.md): a smoke check of the RS kernels under a short timeout
+# for nvidia-cutlass-dsl (see COORD.md): a smoke check of the RS kernels (on preshuffled experts,
+# the only layout they read) against the torch reference under a short timeout
 # (a hang or a wrong answer stops the call there, before the long stages), the device kernel
 # tests, the bench (bf16 + fp8 baselines; DeepSeek-V3 and Qwen3-235B-A22B shapes), `run
-# --moe-backend cutedsl` on the embedded default model and, with NCU=1, ncu on a memory-bound
+# --moe-backend cutedsl` on the embedded default model (it needs the loader to hand cutedsl
+# preshuffled experts: CLI_ARGS adds flags, e.g. --weight-layout preshuffled) and, with NCU=1,
+# ncu on a memory-bound
 # and a compute-bound FC1/FC2 point; stage "variants" times kernel configurations against the
 # default (bench/rs_variants.py, VARIANT_ARGS). Logs and JSON in $OUT/kernels.
 # Usage: [NCU=1] [STAGES="smoke tests bench cli variants"] bench/run_device_kernels.sh
@@ -29,14 +32,15 @@ run() {  # run SECONDS LOG cmd...: one stage under a timeout, output teed to $OU
 if [[ " $STAGES " == *" smoke "* ]]; then
   run "${T_SMOKE:-120}" smoke.txt python3 - <<'EOF' || { echo "smoke failed: stopping"; exit 1; }
 import time, torch
-from tensorrt_llm_dwdp.kernels.testing import random_nvfp4_experts, random_tokens, skewed_routing
+from tensorrt_llm_dwdp.kernels.testing import (preshuffled_experts, random_nvfp4_experts,
+                                               random_tokens, skewed_routing)
 from tensorrt_llm_dwdp.moe.backends.cutedsl import CuteDslMoeBackend
 from tensorrt_llm_dwdp.moe.backends.torch_ref import TorchMoeBackend
 backend, ref = CuteDslMoeBackend(), TorchMoeBackend()
 ok = True
 for hidden, inter, experts, top_k, tokens in ((64, 64, 16, 4, 5), (2048, 768, 128, 8, 300),
                                               (2048, 768, 128, 8, 2000)):
-    w = random_nvfp4_experts(experts, hidden, inter, seed=1)
+    w = preshuffled_experts(random_nvfp4_experts(experts, hidden, inter, seed=1))
     x = random_tokens(tokens, hidden, seed=2)
     ids, tw = skewed_routing(tokens, experts, top_k, seed=3, empty_experts=1)
     t0 = time.time()
@@ -65,7 +69,7 @@ if [[ " $STAGES " == *" bench "* ]]; then
 fi
 if [[ " $STAGES " == *" cli "* ]]; then  # the embedded default (tiny-deepseek-v3) end to end
   run "${T_CLI:-120}" cli_run.txt python3 -m tensorrt_llm_dwdp run --moe-backend cutedsl \
-    --device cuda || rc=1
+    --device cuda ${CLI_ARGS:-} || rc=1
 fi
 if [[ "${NCU:-0}" == 1 ]]; then
   sections="--section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_shared_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_alu.sum,sm__inst_executed_pipe_fma.sum,sm__inst_executed_pipe_lsu.sum,sm__inst_executed.sum,lts__t_sectors_srcunit_tex_op_read.sum,lts__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum"
