@@ -31,6 +31,7 @@ from tensorrt_llm_dwdp.model.memory import in_use
 from tensorrt_llm_dwdp.model.moe_block import make_moe
 from tensorrt_llm_dwdp.model.presets import get_preset
 from tensorrt_llm_dwdp.moe import specs
+from tensorrt_llm_dwdp.moe.backends import native_layout, to_native_layout_
 from tensorrt_llm_dwdp.parallel.expert_parallel import ExpertParallel
 from tensorrt_llm_dwdp.quant.nvfp4 import quantize_nvfp4_per_leading
 
@@ -165,14 +166,15 @@ def build_bench_model(mode: str, config: ModelConfig, *, device: torch.device, b
         for layer in moe_layers:
             t = {name: alloc(shape, dtype) for name, (shape, dtype) in expert_shapes(config, count).items()}
             fill_experts(t, config, layer, first, seed)
+            weight_layout = to_native_layout_(t, backend)  # what the backend reads
             locals_[layer] = t
             if manager is not None:
-                manager.register_layer(layer, t)
+                manager.register_layer(layer, t, weight_layout=weight_layout)
 
         def factory(layer_idx: int) -> nn.Module:
             moe = make_moe(config, layer_idx, backend=backend, dwdp=manager,
                            ep=ep if mode == "ep" else None)
-            moe.set_local_weights(locals_[layer_idx])
+            moe.set_local_weights(locals_[layer_idx], native_layout(moe.backend))
             return moe
 
         with torch.device(device):

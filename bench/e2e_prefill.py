@@ -168,12 +168,13 @@ def choose_backend(name: str, device: torch.device, config: Any) -> tuple[str, A
 def _smoke(backend: Any, ref: Any, device: torch.device, config: Any) -> float:
     """max |backend - ref| / max |ref| on 64 tokens over 8 synthetic experts of the model's shape."""
     from bench.e2e_model import expert_shapes, fill_experts
+    from tensorrt_llm_dwdp.moe.backends import to_native_layout_
     from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
     n, t, k = 8, 64, min(4, config.top_k)
     w = {name: torch.empty(s, dtype=d, device=device) for name, (s, d) in expert_shapes(config, n).items()}
     fill_experts(w, config, layer=0, first_expert=0, seed=12345)
-    weights = ExpertWeights.single(w)
+    weights = ExpertWeights.single(w, to_native_layout_(w, backend))  # ref reads it too
     g = torch.Generator().manual_seed(1)
     x = torch.randn(t, config.hidden_size, generator=g).bfloat16().to(device)
     ids = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(t)]).int().to(device)

@@ -34,7 +34,8 @@ import torch
 from tensorrt_llm_dwdp.comm import connect
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
 from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
-from tensorrt_llm_dwdp.moe.backends import get_backend
+from tensorrt_llm_dwdp.moe.backends import get_backend, native_layout
+from tensorrt_llm_dwdp.moe.layouts import LINEAR, PRESHUFFLED, shuffle_experts_, unshuffle_experts_
 from tensorrt_llm_dwdp.moe.specs import expert_specs
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
@@ -102,9 +103,9 @@ def group(args):
         comm.close()
 
 
-def reference_phase(backend, fulls, batch, args, device) -> tuple[dict, list]:
+def reference_phase(backend, fulls, batch, args, device, layout) -> tuple[dict, list]:
     x, ids, tw = batch
-    weights = [ExpertWeights.single(f) for f in fulls]
+    weights = [ExpertWeights.single(f, layout) for f in fulls]
 
     def step():
         return [backend.run_experts(x, ids, tw, w) for w in weights]
@@ -120,7 +121,7 @@ def reference_phase(backend, fulls, batch, args, device) -> tuple[dict, list]:
     return {"step_ms": 1e3 * statistics.median(times), "step_ms_all": [1e3 * t for t in times]}, outs
 
 
-def dwdp_phase(view: str, backend, fulls, batch, args, device) -> tuple[dict, list]:
+def dwdp_phase(view: str, backend, fulls, batch, args, device, layout) -> tuple[dict, list]:
     x, ids, tw = batch
     cfg = DwdpConfig(dwdp_size=2, num_experts_per_worker=args.w, num_prefetch_experts=args.p,
                      contention_opt=args.contention_opt, expert_view=view,
@@ -132,7 +133,7 @@ def dwdp_phase(view: str, backend, fulls, batch, args, device) -> tuple[dict, li
             for name, t in full.items():
                 own[name] = mgr.allocate((args.w,) + tuple(t.shape[1:]), t.dtype)
                 own[name].copy_(t[lo:hi])
-            mgr.register_layer(layer, own)
+            mgr.register_layer(layer, own, weight_layout=layout)
         build_s, _ = timed(mgr.exchange, device)
 
         def step():
@@ -140,9 +141,10 @@ def dwdp_phase(view: str, backend, fulls, batch, args, device) -> tuple[dict, li
             outs = []
             for layer in range(len(fulls)):
                 if view == "composite":
-                    w = ExpertWeights.single(mgr.composite_weights(layer))
+                    w = ExpertWeights.single(mgr.composite_weights(layer), layout)
                 else:
-                    w = ExpertWeights.from_view(mgr.weights(layer), mgr.layout.tensor_offsets)
+                    w = ExpertWeights.from_view(mgr.weights(layer), mgr.layout.tensor_offsets,
+                                                layout)
                 outs.append(backend.run_experts(x, ids, tw, w))
                 mgr.done(layer)
             return outs
@@ -182,14 +184,15 @@ def max_rel_diff(a: list, b: list) -> float:
     return worst
 
 
-def run_backend(name, fulls, batch, args, device, first_reference) -> dict:
+def run_backend(name, fulls, batch, args, device, first_reference, layout) -> dict:
+    """Backend ``name`` over ``fulls`` (in ``layout``, the backend's own)."""
     backend = get_backend(name)
-    out: dict = {"backend": name}
-    out["reference"], ref = reference_phase(backend, fulls, batch, args, device)
+    out: dict = {"backend": name, "weight_layout": layout}
+    out["reference"], ref = reference_phase(backend, fulls, batch, args, device, layout)
     views = ["composite"] if not backend.accepts_multi_tensor else ["multi", "composite"] * args.repeats
     for i, view in enumerate(views):
         key = f"{view}_{i // (1 if len(views) == 1 else 2)}"
-        out[key], outs = dwdp_phase(view, backend, fulls, batch, args, device)
+        out[key], outs = dwdp_phase(view, backend, fulls, batch, args, device, layout)
         out[key]["bitwise_equal"] = same(outs, ref)
         del outs
         if device.type == "cuda":
@@ -238,9 +241,15 @@ def main() -> int:
                                                    if device.type == "cuda" else "cpu"),
               "args": vars(args), "backends": {}}
     first_reference = None
+    layout = LINEAR  # of fulls: each backend gets its own, converted in place (no second copy)
     for name in [b for b in args.backends.split(",") if b]:
         try:
-            result, ref = run_backend(name, fulls, batch, args, device, first_reference)
+            want = native_layout(name) if args.quant == "nvfp4" else LINEAR
+            if want != layout:
+                for full in fulls:
+                    (shuffle_experts_ if want == PRESHUFFLED else unshuffle_experts_)(full)
+                layout = want
+            result, ref = run_backend(name, fulls, batch, args, device, first_reference, layout)
             if first_reference is None:
                 first_reference = ref
         except Exception as exc:  # one backend failing must not lose the others' figures

@@ -125,6 +125,7 @@ def build_layers(mgr, config, num_experts: int, backend, device: torch.device,
     experts ``[first, first + count)`` generated on the device: the first ``count -
     host_count`` in memory from ``mgr.allocate`` (or plain device memory without a manager),
     the rest copied to host memory for the store. Registered with ``mgr`` when given."""
+    from tensorrt_llm_dwdp.moe.backends import to_native_layout_
     from tensorrt_llm_dwdp.moe.configurable_moe import ConfigurableMoE
     from tensorrt_llm_dwdp.moe.router import RouterConfig
 
@@ -134,13 +135,14 @@ def build_layers(mgr, config, num_experts: int, backend, device: torch.device,
         shapes = expert_shapes(config, count)
         full = {n: torch.empty(s, dtype=d, device=device) for n, (s, d) in shapes.items()}
         fill_experts(full, config, layer, first, SEED)
+        weight_layout = to_native_layout_(full, backend)  # per expert: the split keeps it
         res = count - host_count
         if mgr is not None:
             own = {n: mgr.allocate((res,) + tuple(s[1:]), d) for n, (s, d) in shapes.items()}
             for n in own:
                 own[n].copy_(full[n][:res])
             host = {n: full[n][res:].cpu() for n in full} if host_count else None
-            mgr.register_layer(layer, own, host)
+            mgr.register_layer(layer, own, host, weight_layout=weight_layout)
         else:
             own = full
         del full
@@ -151,7 +153,7 @@ def build_layers(mgr, config, num_experts: int, backend, device: torch.device,
         with torch.no_grad():
             for p in moe.gate.parameters():
                 p.copy_(torch.randn(p.shape, generator=g, device=device) * 0.02)
-        moe.set_local_weights(own)
+        moe.set_local_weights(own, weight_layout)
         layers.append(moe)
     sync(device)
     return layers

@@ -310,9 +310,9 @@ def reference_parity(model_dir: str, out_dir: str, groups: list[list[list[int]]]
                      skip: frozenset[int] = frozenset()) -> Parity:
     """Run each rank's prompt batch on one rank holding every expert, with the same steps
     (same ``max_num_tokens`` chunking); compare bit for bit. Ranks in ``skip`` (killed on
-    purpose) have no outputs to compare. The reference keeps the checkpoint's linear weight
-    layout whatever the ranks used (``run --weight-layout``), so a preshuffled run is checked
-    against the linear path too."""
+    purpose) have no outputs to compare. The reference loads the backend's own weight layout
+    whatever the ranks used (``run --weight-layout``): with a torch backend, ranks told to keep
+    preshuffled experts are checked against the linear path too."""
     from tensorrt_llm_dwdp.model.checkpoint import load_model
 
     dev = pick_device(device, 0)

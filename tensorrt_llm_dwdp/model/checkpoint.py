@@ -9,11 +9,12 @@ allocated by ``manager.allocate`` (memory its peers can map) and registered laye
 order; the caller then runs ``manager.exchange()``. With host experts (offload) the last H
 experts of the slice are read into host memory and handed to the manager, which keeps them in
 the node's host store; a rank rejoining a running group restores its slice from that store
-(``manager.restore_layer``) instead of reading the checkpoint. ``weight_layout="preshuffled"``
-permutes each NVFP4 expert's bytes in place right after reading (``moe/layouts.py``: the sm90
-kernel's variant; within each expert, so DWDP copies whole experts as they are), and tags the
-layer's weights and its DWDP registration with it; restored slices are in the group's layout
-already. Checkpoints on disk stay linear.
+(``manager.restore_layer``) instead of reading the checkpoint. The routed experts are kept in
+the MoE backend's layout (``moe/layouts.py``): for cutedsl each NVFP4 expert's bytes are
+permuted in place right after reading (``preshuffled``, what the sm90 kernel reads; within each
+expert, so DWDP copies whole experts as they are), and the layer's weights and its DWDP
+registration are tagged with it; restored slices are in the group's layout already.
+Checkpoints on disk stay linear.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from tensorrt_llm_dwdp.model.expert_convert import Allocator, load_layer_experts
 from tensorrt_llm_dwdp.model.hf_names import detect_quant
 from tensorrt_llm_dwdp.model.moe_block import make_moe
 from tensorrt_llm_dwdp.model.safetensors_io import CheckpointReader
-from tensorrt_llm_dwdp.moe.backends import get_backend
+from tensorrt_llm_dwdp.moe.backends import backend_weight_layout, get_backend
 from tensorrt_llm_dwdp.moe.layouts import LINEAR, check_layout, shuffle_experts_
 from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4
 
@@ -115,7 +116,7 @@ def load_model(
     moe_backend: str = "torch",
     dwdp: Any = None,
     ep: Any = None,
-    weight_layout: str = LINEAR,
+    weight_layout: str | None = None,
 ) -> CausalLM:
     """Build the decoder of checkpoint ``path`` and load its weights.
 
@@ -126,12 +127,15 @@ def load_model(
     Without it every expert is loaded into ordinary ``device`` memory. ``ep``: an
     ``ExpertParallel``; the rank loads only ``ep.local_range`` and its MoE layers send tokens
     to their experts' owners. ``weight_layout``: the byte order the routed experts are kept in
-    (``moe/layouts.py``: ``linear`` as read, or ``preshuffled`` for the cutedsl kernel's variant;
-    the torch backends unshuffle it exactly).
+    (``moe/layouts.py``); None or "auto" picks the backend's (cutedsl: ``preshuffled``, the
+    torch backends: ``linear``; they also read ``preshuffled``, unshuffling it exactly), a
+    layout the backend cannot read, or the checkpoint cannot be in, fails before any read.
     """
     config, quant = read_config(path)
+    requested, weight_layout = weight_layout, LINEAR
     if config.moe_layer_indices:
         try:
+            weight_layout = backend_weight_layout(moe_backend, requested)
             check_layout(weight_layout, quant, config.hidden_size, config.moe_intermediate_size)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None

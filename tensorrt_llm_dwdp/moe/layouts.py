@@ -1,15 +1,19 @@
 """Weight layouts: the byte order of NVFP4 expert weights in memory (``ExpertWeights.weight_layout``).
 
-``linear`` (the default): the checkpoint's rows, as ``moe/specs.py`` describes them.
+``linear``: the checkpoint's rows, as ``moe/specs.py`` describes them (what the torch backends
+read natively).
 ``preshuffled``: the packed e2m1 weights and e4m3 block scales of ``w3_w1`` and ``w2`` permuted
-once at load (``kernels/sm90/preshuffle.py``) into the order the sm90 RS kernel's
-``RsConfig.weights = "preshuffled"`` variant reads; alphas and biases are unchanged. Shapes and
+once at load (``kernels/sm90/preshuffle.py``) into the order the sm90 RS kernel reads (the only
+order it reads: one contiguous bulk copy per 64-row block and K tile, 4 shifts and 5 logic ops
+per 4 A-fragment words); alphas and biases are unchanged. Shapes and
 dtypes do not change and every expert's bytes stay inside that expert's byte range, so DWDP's
 whole-expert copies (peer prefetch, host store, composite views) move shuffled experts as they
 are. The bytes do not say which layout they are in: the loader that shuffles tags the weights,
 the DWDP ranks of a group agree on the tag at the exchange, and every reader either runs the
 preshuffled kernel (cutedsl) or unshuffles exactly (``to_linear``: torch, torch-grouped).
-Checkpoints on disk stay linear.
+Checkpoints on disk stay linear. Each backend names the layouts it reads
+(``weight_layouts``, native first); ``resolve_layout`` turns a request ("auto" or a layout)
+into the one a model is loaded in, before anything is read.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ WEIGHT_LAYOUTS = (LINEAR, PRESHUFFLED)
 # The tensors a layout permutes, and whether their rows are FC1's up / gate halves.
 SHUFFLED = {"w3_w1_weight": True, "w3_w1_weight_scale": True,
             "w2_weight": False, "w2_weight_scale": False}
+AUTO = "auto"
 SHUFFLE_CHUNK = 16  # experts shuffled at once: the shuffle's temporaries are ~10x their bytes
 
 
@@ -38,11 +43,34 @@ def check_layout(weight_layout: str, quant: str, hidden: int, inter: int) -> Non
         return
     if quant != NVFP4:
         raise ValueError(f"weight layout {weight_layout!r} permutes NVFP4 experts; these are "
-                         f"{quant!r} (use weight layout 'linear')")
+                         f"{quant!r}: keep them linear, with a backend that reads that (torch, "
+                         f"torch-grouped; cutedsl runs NVFP4 experts only)")
     block = preshuffle.BLOCK_ROWS
     if hidden % block or inter % block:
         raise ValueError(f"weight layout {weight_layout!r} needs H={hidden} and I={inter} to be "
                          f"multiples of {block} (the sm90 kernel's blocks); use 'linear'")
+
+
+def backend_layouts(backend) -> tuple[str, ...]:
+    """The layouts backend object ``backend`` reads, its native one first (one without a
+    ``weight_layouts`` attribute reads linear weights only)."""
+    reads = getattr(backend, "weight_layouts", (LINEAR,))
+    return tuple(reads) if isinstance(reads, (tuple, list)) else (LINEAR,)
+
+
+def resolve_layout(requested: str | None, reads: tuple[str, ...], backend_name: str) -> str:
+    """The layout to keep experts in for a backend that reads ``reads`` (native first): the
+    native one for ``requested`` None or "auto", else ``requested`` if the backend reads it
+    (ValueError naming both if not)."""
+    if requested in (None, AUTO):
+        return reads[0]
+    if requested not in WEIGHT_LAYOUTS:
+        raise ValueError(f"unknown weight layout {requested!r}; choose one of "
+                         f"{(AUTO, *WEIGHT_LAYOUTS)}")
+    if requested not in reads:
+        raise ValueError(f"MoE backend {backend_name!r} reads {' or '.join(reads)} expert weights, not "
+                         f"{requested!r} (leave the weight layout on 'auto')")
+    return requested
 
 
 def _convert(name: str, t: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -53,9 +81,10 @@ def _convert(name: str, t: torch.Tensor, inverse: bool) -> torch.Tensor:
     return fn(t, gated=SHUFFLED[name])
 
 
-def _shuffle_chunks(name: str, src: torch.Tensor, dst: torch.Tensor, chunk: int) -> torch.Tensor:
+def _shuffle_chunks(name: str, src: torch.Tensor, dst: torch.Tensor, chunk: int,
+                    inverse: bool = False) -> torch.Tensor:
     for e in range(0, src.shape[0], chunk):  # each chunk is read before it is overwritten
-        dst[e:e + chunk] = _convert(name, src[e:e + chunk], inverse=False)
+        dst[e:e + chunk] = _convert(name, src[e:e + chunk], inverse=inverse)
     return dst
 
 
@@ -67,6 +96,15 @@ def shuffle_experts_(tensors: Mapping[str, torch.Tensor],
     for name, t in tensors.items():
         if name in SHUFFLED:
             _shuffle_chunks(name, t, t, chunk)
+    return tensors
+
+
+def unshuffle_experts_(tensors: Mapping[str, torch.Tensor],
+                       chunk: int = SHUFFLE_CHUNK) -> Mapping[str, torch.Tensor]:
+    """The inverse of ``shuffle_experts_``: preshuffled experts back to linear, in place."""
+    for name, t in tensors.items():
+        if name in SHUFFLED:
+            _shuffle_chunks(name, t, t, chunk, inverse=True)
     return tensors
 
 

@@ -148,7 +148,8 @@ def _only_one(key: str, value: Any) -> None:
         )
 
 
-def _moe_backend(value: Any) -> str:
+def moe_backend_name(value: Any) -> str:
+    """Our MoE backend name for an options YAML's ``moe_config`` mapping (OptionsError if none)."""
     if not isinstance(value, dict):
         raise OptionsError(f"moe_config must be a mapping, got {type(value).__name__}")
     backend = str(value.get("backend", "VANILLA")).upper()
@@ -198,7 +199,7 @@ def merge_options(base: ServeOptions, extra: Mapping[str, Any], *, source: str =
         if key in extra:
             _only_one(f"{source}: {key}", extra[key])
     if "moe_config" in extra and extra["moe_config"] is not None:
-        changes["moe_backend"] = _moe_backend(extra["moe_config"])
+        changes["moe_backend"] = moe_backend_name(extra["moe_config"])
     if "dwdp_config" in extra:
         section = extra["dwdp_config"]
         if section is not None and not isinstance(section, dict):

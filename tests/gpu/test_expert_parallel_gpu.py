@@ -17,14 +17,15 @@ WORKER = os.path.join(ROOT, "tests", "multirank", "test_expert_parallel_ranks.py
 @pytest.mark.gpu
 @pytest.mark.kernels
 def test_cutedsl_empty_slots_match_the_reference():
-    from tensorrt_llm_dwdp.kernels.testing import random_nvfp4_experts, random_tokens, skewed_routing
+    from tensorrt_llm_dwdp.kernels.testing import (preshuffled_experts, random_nvfp4_experts,
+                                                   random_tokens, skewed_routing)
     from tensorrt_llm_dwdp.moe.backends import get_backend
 
     try:
         backend = get_backend("cutedsl")
     except RuntimeError as exc:
         pytest.skip(str(exc))
-    weights = random_nvfp4_experts(16, 2048, 768, seed=3)
+    weights = preshuffled_experts(random_nvfp4_experts(16, 2048, 768, seed=3))
     x = random_tokens(300, 2048, seed=4)
     ids, w = skewed_routing(300, 16, 4, seed=5)
     empty = torch.rand(300, 4, generator=torch.Generator().manual_seed(6)).cuda() < 0.5

@@ -9,7 +9,8 @@ import torch
 @pytest.mark.kernels
 @pytest.mark.parametrize("num_experts,top_k", [(128, 8), (16, 4)])
 def test_after_warm_up_no_step_compiles(num_experts, top_k):
-    from tensorrt_llm_dwdp.kernels.testing import random_nvfp4_experts, random_tokens, skewed_routing
+    from tensorrt_llm_dwdp.kernels.testing import (preshuffled_experts, random_nvfp4_experts,
+                                                   random_tokens, skewed_routing)
     from tensorrt_llm_dwdp.moe.backends import get_backend
     from tensorrt_llm_dwdp.moe.backends.cutedsl import TOKEN_TILES, choose_token_tile, tokens_for_tile
 
@@ -18,7 +19,7 @@ def test_after_warm_up_no_step_compiles(num_experts, top_k):
     except RuntimeError as exc:
         pytest.skip(str(exc))
     hidden, inter = 2048, 768
-    weights = random_nvfp4_experts(num_experts, hidden, inter, seed=3)
+    weights = preshuffled_experts(random_nvfp4_experts(num_experts, hidden, inter, seed=3))
     compiled = backend.warm_up(weights, top_k)
     assert compiled >= 2 * len(TOKEN_TILES)        # FC1 and FC2 per token tile (+ the finalize)
     assert backend.compile_stats()[0] == compiled and backend.compile_stats()[1] > 0

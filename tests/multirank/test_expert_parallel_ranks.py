@@ -38,7 +38,7 @@ def _inputs(rank, t, rnd, device):
 
 
 def _run(transport: str, port: int, rank: int, world: int, device) -> list[torch.Tensor]:
-    from tensorrt_llm_dwdp.moe.backends import get_backend
+    from tensorrt_llm_dwdp.moe.backends import get_backend, to_native_layout_
     from tensorrt_llm_dwdp.moe.weights import ExpertWeights
     from tensorrt_llm_dwdp.parallel import EpConfig, SpanTimer
     from tensorrt_llm_dwdp.parallel.group import ExpertParallelGroup
@@ -51,9 +51,10 @@ def _run(transport: str, port: int, rank: int, world: int, device) -> list[torch
                                        timer=timer)
     ep = group.ep
     first, end = ep.local_range
-    mine = ExpertWeights.single({k: v[first:end].contiguous() for k, v in full.items()})
-    ref_weights = ExpertWeights.single(full)
     backend = get_backend(os.environ.get("EP_TEST_BACKEND", "torch"))
+    layout = to_native_layout_(full, backend)  # per expert: the slice below keeps it
+    mine = ExpertWeights.single({k: v[first:end].contiguous() for k, v in full.items()}, layout)
+    ref_weights = ExpertWeights.single(full, layout)
     outs = []
     try:
         for rnd, counts in enumerate(ROUNDS):

@@ -18,6 +18,7 @@ from tensorrt_llm_dwdp.model.batch import BatchInfo
 from tensorrt_llm_dwdp.model.checkpoint import load_model
 from tensorrt_llm_dwdp.model.presets import get_preset
 from tensorrt_llm_dwdp.model.synthetic import write_synthetic_checkpoint
+from tensorrt_llm_dwdp.moe.backends import BACKEND_LAYOUTS, backend_weight_layout
 from tensorrt_llm_dwdp.moe.backends.torch_grouped import TorchGroupedMoeBackend
 from tensorrt_llm_dwdp.moe.backends.torch_ref import TorchMoeBackend
 from tensorrt_llm_dwdp.moe.configurable_moe import ConfigurableMoE
@@ -118,17 +119,45 @@ def test_configurable_moe_tags_local_weights():
     assert torch.equal(layers[LINEAR](x), layers[PRESHUFFLED](x))
 
 
-def test_cutedsl_picks_the_kernel_variant_from_the_tag():
-    pytest.importorskip("cutlass")
-    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
-    from tensorrt_llm_dwdp.moe.backends.cutedsl import kernel_configs
+def test_each_backend_names_the_layouts_it_reads():
+    assert backend_weight_layout("cutedsl") == backend_weight_layout("cutedsl", "auto") \
+        == PRESHUFFLED
+    assert backend_weight_layout("torch") == backend_weight_layout("torch-grouped") == LINEAR
+    assert backend_weight_layout("torch", PRESHUFFLED) == PRESHUFFLED
+    with pytest.raises(ValueError, match="MoE backend 'cutedsl' reads preshuffled expert "
+                       "weights, not 'linear'"):
+        backend_weight_layout("cutedsl", LINEAR)
+    with pytest.raises(ValueError, match="unknown weight layout 'tiled'"):
+        backend_weight_layout("torch", "tiled")
+    with pytest.raises(ValueError, match="unknown MoE backend 'fast'"):
+        backend_weight_layout("fast")
+    # the objects agree with the registry (the torch ones import without a GPU)
+    assert TorchMoeBackend.weight_layouts == BACKEND_LAYOUTS["torch"]
+    assert TorchGroupedMoeBackend.weight_layouts == BACKEND_LAYOUTS["torch-grouped"]
 
+
+def test_cutedsl_refuses_linear_weights_before_any_launch():
+    pytest.importorskip("cutlass")
+    from tensorrt_llm_dwdp.moe.backends.cutedsl import CuteDslMoeBackend
+
+    assert CuteDslMoeBackend.weight_layouts == BACKEND_LAYOUTS["cutedsl"]
+    x, ids, w = _routing()
+    with pytest.raises(ValueError, match="reads preshuffled expert weights, got 'linear'"):
+        CuteDslMoeBackend().run_experts(x, ids, w, _experts())
+
+
+def test_a_layer_refuses_a_layout_its_backend_cannot_read():
+    class PreshuffledOnly(TorchMoeBackend):
+        weight_layouts = (PRESHUFFLED,)
+
+    moe = ConfigurableMoE(E, K, H, I, backend=PreshuffledOnly())
     lin = _experts()
-    assert kernel_configs(lin, 16) == (None, None)
-    fc1, fc2 = kernel_configs(preshuffled_experts(lin), 32)
-    assert fc1 == rs_config(32, H, weights="preshuffled")
-    assert fc2 == rs_config(32, I, weights="preshuffled")
-    assert fc1.weights == fc2.weights == "preshuffled" and fc1.weight_copy == "cp_async"
+    with pytest.raises(ValueError, match="MoE layer 0: backend PreshuffledOnly reads "
+                       "preshuffled expert weights, got 'linear'"):
+        moe.set_local_weights(_params(lin))
+    assert moe.local_weights is None
+    moe.set_local_weights(_params(preshuffled_experts(lin)), PRESHUFFLED)
+    assert moe.weight_layout == PRESHUFFLED
 
 
 def _config(**kw):
@@ -191,6 +220,9 @@ def test_loader_shuffles_in_place_and_the_model_is_bitwise_linear(tmp_path):
                                quant="bf16", seed=2)
     with pytest.raises(ValueError, match="'preshuffled' permutes NVFP4 experts; these are 'bf16'"):
         load_model(tmp_path / "bf16", weight_layout=PRESHUFFLED)
+    # a layout the backend cannot read fails before the backend is built or anything is read
+    with pytest.raises(ValueError, match="MoE backend 'cutedsl' reads preshuffled"):
+        load_model(tmp_path / "nvfp4", moe_backend="cutedsl", weight_layout=LINEAR)
 
 
 GOOD = """
@@ -209,7 +241,17 @@ def test_check_config_reports_the_layout(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["weight_layout"] == "preshuffled"
     assert cli_main(["check-config", str(path), "--model", "deepseek-v3"]) == 0
-    assert "expert weights: linear layout" in capsys.readouterr().out
+    assert "expert weights: linear layout for MoE backend torch" in capsys.readouterr().out
+    assert cli_main(["check-config", str(path), "--model", "deepseek-v3",
+                     "--moe-backend", "cutedsl"]) == 0
+    assert "expert weights: preshuffled layout for MoE backend cutedsl" in capsys.readouterr().out
+    cutedsl = tmp_path / "cutedsl.yaml"
+    cutedsl.write_text(GOOD + "moe_config:\n  backend: CUTEDSL\n")
+    assert cli_main(["check-config", str(cutedsl), "--model", "deepseek-v3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["moe_backend"], report["weight_layout"]) == ("cutedsl", "preshuffled")
+    assert cli_main(["check-config", str(cutedsl), "--weight-layout", "linear"]) == 1
+    assert "MoE backend 'cutedsl' reads preshuffled" in capsys.readouterr().err
     assert cli_main(["check-config", str(path), "--model", "deepseek-v3",
                      "--weight-layout", "preshuffled"]) == 0
     assert "expert weights: preshuffled layout" in capsys.readouterr().out

@@ -9,11 +9,12 @@ the composite footprint: own allocations with their edge pages, the two pools, t
 address space, and the overhead against the multi view at ``--page-bytes`` (the file's
 ``view_page_bytes``, else 2 MiB: CUDA's granularity on H100/H200). With host tiers it also
 reports the host store (``L*E`` experts per group and node, in POSIX shm) beside this machine's
-free shared and host memory. ``--weight-layout`` (what ``run --weight-layout`` loads) is
-reported with the rest: every rank of a group must load the same one (the exchange refuses a
-mix, naming both), and ``preshuffled`` is checked against the ``--model`` preset's expert sizes
-(NVFP4, H and I multiples of 64); it changes no memory figure (the permutation stays inside
-each expert). Exits 1 with the message on a bad file.
+free shared and host memory. The expert weight layout the ranks will load is reported with
+the rest: ``--weight-layout`` (auto: the MoE backend's, ``--moe-backend`` or else the file's
+``moe_config.backend``: preshuffled for cutedsl, linear for torch); every rank of a group must
+load the same one (the exchange refuses a mix, naming both), and ``preshuffled`` is checked
+against the ``--model`` preset's expert sizes (NVFP4, H and I multiples of 64); it changes no
+memory figure (the permutation stays inside each expert). Exits 1 with the message on a bad file.
 """
 from __future__ import annotations
 
@@ -47,9 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the layout as JSON")
     p.add_argument("--expert-view", choices=["multi", "composite"], default=None,
                    help="the weight view to report (default: the file's expert_view)")
-    p.add_argument("--weight-layout", choices=["linear", "preshuffled"], default="linear",
-                   help="byte order of the experts the ranks load (run --weight-layout); "
-                   "preshuffled is checked against the --model preset (default linear)")
+    p.add_argument("--moe-backend", default=None, choices=["torch", "cutedsl", "torch-grouped"],
+                   help="MoE backend the ranks run (default: the file's moe_config.backend, "
+                   "else torch); it picks the weight layout")
+    p.add_argument("--weight-layout", choices=["auto", "linear", "preshuffled"], default="auto",
+                   help="byte order of the experts the ranks load (run --weight-layout); auto: "
+                   "the backend's; preshuffled is checked against the --model preset")
     p.add_argument("--page-bytes", type=int, default=None,
                    help="composite mapping unit (default: the file's view_page_bytes, else 2 MiB)")
 
@@ -69,24 +73,44 @@ def _model_facts(name: str, quant: str) -> tuple[int, int, dict[str, int]]:
     return cfg.num_experts, len(cfg.moe_layer_indices), names
 
 
-def _check_weight_layout(args: argparse.Namespace) -> None:
-    """``--weight-layout`` fits the experts: known, and with ``--model`` the preset's sizes."""
-    from tensorrt_llm_dwdp.moe.layouts import check_layout
+def _moe_backend(args: argparse.Namespace) -> str:
+    """``--moe-backend``, else the file's ``moe_config.backend``, else torch."""
+    if args.moe_backend:
+        return args.moe_backend
+    from tensorrt_llm_dwdp.serve.options import OptionsError, load_yaml_mapping, moe_backend_name
 
-    if args.weight_layout == "linear":
-        return
+    try:
+        section = load_yaml_mapping(args.file).get("moe_config")
+        return moe_backend_name(section) if section is not None else "torch"
+    except (OptionsError, OSError) as exc:
+        raise DwdpConfigError(f"{args.file}: {exc}") from None
+
+
+def _weight_layout(args: argparse.Namespace, backend: str) -> str:
+    """The layout the ranks load (``--weight-layout`` for ``backend``), checked against the
+    experts: NVFP4, and with ``--model`` the preset's sizes."""
+    from tensorrt_llm_dwdp.moe.backends import backend_weight_layout
+    from tensorrt_llm_dwdp.moe.layouts import LINEAR, check_layout
+
+    try:
+        layout = backend_weight_layout(backend, args.weight_layout)
+    except ValueError as exc:
+        raise DwdpConfigError(f"--weight-layout: {exc}") from None
+    if layout == LINEAR:
+        return layout
     if not args.model:
         if args.quant != "nvfp4":
-            raise DwdpConfigError(f"--weight-layout {args.weight_layout} permutes NVFP4 experts; "
-                                  f"--quant is {args.quant}")
-        return
+            raise DwdpConfigError(f"weight layout {layout} (MoE backend {backend}) permutes NVFP4 "
+                                  f"experts; --quant is {args.quant}")
+        return layout
     from tensorrt_llm_dwdp.model import ModelConfig, get_preset
 
     cfg = ModelConfig.from_hf(get_preset(args.model))
     try:
-        check_layout(args.weight_layout, args.quant, cfg.hidden_size, cfg.moe_intermediate_size)
+        check_layout(layout, args.quant, cfg.hidden_size, cfg.moe_intermediate_size)
     except ValueError as exc:
         raise DwdpConfigError(f"--model {args.model}: {exc}") from None
+    return layout
 
 
 def _composite(lay: ExpertLayout, layers: int, names: dict[str, int], page: int,
@@ -109,7 +133,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.model:
         model_e, model_layers, names = _model_facts(args.model, args.quant)
         model_bytes = sum(names.values())
-    _check_weight_layout(args)
+    backend = _moe_backend(args)
+    weight_layout = _weight_layout(args, backend)
     if args.expert_view:  # validated as the run would see it (uvm offload is multi only)
         config = dataclasses.replace(config, expert_view=args.expert_view)
     view = config.expert_view
@@ -167,7 +192,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": config.to_dict(), "enabled": config.enabled, "num_experts": num_experts,
         "moe_layers": layers, "expert_bytes": expert_bytes, "expert_view": view,
-        "weight_layout": args.weight_layout,
+        "moe_backend": backend, "weight_layout": weight_layout,
         "groups": [list(range(g * config.dwdp_size, (g + 1) * config.dwdp_size))
                    for g in range(config.num_groups)],
         "ranks": ranks,
@@ -188,8 +213,9 @@ def _print_text(report: dict[str, Any]) -> None:
           f"contention_opt={cfg['contention_opt']} slice={cfg['prefetch_slice_bytes']} B "
           f"timeout={cfg['peer_timeout_s']:g} s")
     print(f"world ranks by group: {report['groups']}")
-    print(f"expert weights: {report['weight_layout']} layout (the same on every rank of a group"
-          + (": the cutedsl kernel's preshuffled variant; the torch backends unshuffle it)"
+    print(f"expert weights: {report['weight_layout']} layout for MoE backend "
+          f"{report['moe_backend']} (the same on every rank of a group"
+          + (": permuted per expert at load for the sm90 kernels)"
              if report["weight_layout"] == "preshuffled" else ")"))
     layers = report["moe_layers"]
     for entry in report["ranks"]:

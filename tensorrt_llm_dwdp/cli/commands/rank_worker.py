@@ -24,8 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per prefill step (longer prompts are chunked); default: all prompts at once")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--moe-backend", default="torch", help="MoE backend name (torch, cutedsl, torch-grouped)")
-    p.add_argument("--weight-layout", default="linear", choices=["linear", "preshuffled"],
-                   help="byte order of the routed experts in memory (moe/layouts.py)")
+    p.add_argument("--weight-layout", default="auto", choices=["auto", "linear", "preshuffled"],
+                   help="byte order of the routed experts in memory (moe/layouts.py); auto: the "
+                   "MoE backend's")
     p.add_argument("--out", required=True, help="folder for rank{r}.json / rank{r}.pt")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads when on the CPU")
     p.add_argument("--fail-rank", type=int, default=None,

@@ -76,11 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="auto: one GPU per rank when CUDA is available, else CPU")
     ex.add_argument("--moe-backend", default="torch", help="MoE backend: torch, cutedsl or "
                     "torch-grouped (needs --expert-view composite with DWDP) (default: torch)")
-    ex.add_argument("--weight-layout", default="linear", choices=["linear", "preshuffled"],
-                    help="byte order the DWDP ranks keep their NVFP4 experts in: linear (as in "
-                    "the checkpoint) or preshuffled (permuted per expert at load for the cutedsl "
-                    "kernel's variant; the torch backends unshuffle it). The parity reference "
-                    "always loads linear, so parity also checks the layout (default: linear)")
+    ex.add_argument("--weight-layout", default="auto", choices=["auto", "linear", "preshuffled"],
+                    help="byte order the DWDP ranks keep their NVFP4 experts in: auto (the MoE "
+                    "backend's: preshuffled for cutedsl, permuted per expert at load for its "
+                    "kernels; linear, as in the checkpoint, for the torch backends), or a layout "
+                    "the backend reads (the torch backends unshuffle preshuffled experts). The "
+                    "parity reference loads the backend's own layout (default: auto)")
     ex.add_argument("--max-tokens", type=int, default=8, help="tokens generated per prompt")
     ex.add_argument("--cpu-threads", type=int, default=None, help="torch threads per CPU rank "
                     "(default: cores / ranks; the reference run uses the same count)")
@@ -115,11 +116,17 @@ def main(args: argparse.Namespace) -> int:
     from tensorrt_llm_dwdp.launcher import launch, python_module_argv
     from tensorrt_llm_dwdp.model.config import ModelConfig
     from tensorrt_llm_dwdp.model.tokenizer import load_tokenizer
+    from tensorrt_llm_dwdp.moe.backends import backend_weight_layout
     from tensorrt_llm_dwdp.run_job import (DEMO_PROMPTS, assign_prompts, ensure_checkpoint,
                                            format_report, partition_config, read_rank_report,
                                            reference_parity, synthetic_prompts, write_dwdp_yaml)
 
     started = time.perf_counter()
+    try:  # before anything is written or launched: a layout the backend cannot read
+        weight_layout = backend_weight_layout(args.moe_backend, args.weight_layout)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     model_dir = args.model or ensure_checkpoint(args.preset, args.num_layers, args.quant,
                                                 args.vocab_size, args.cache_dir,
                                                 dense_layers=args.dense_layers)
@@ -165,14 +172,14 @@ def main(args: argparse.Namespace) -> int:
     threads = args.cpu_threads or max(1, (os.cpu_count() or 1) // config.dwdp_size)
     print(f"model {model_dir}: {num_experts} experts; DWDP {config.dwdp_size} ranks, "
           f"W={config.experts_per_worker(num_experts)} P={config.prefetch_experts()}, "
-          f"{config.expert_view} view, {args.weight_layout} expert weights; prompts of {[len(p) for p in token_ids]} tokens, prefill "
+          f"{config.expert_view} view, {weight_layout} expert weights; prompts of {[len(p) for p in token_ids]} tokens, prefill "
           + (f"in chunks of <= {args.max_num_tokens} tokens" if args.max_num_tokens else "unchunked"),
           flush=True)
     argv = python_module_argv("--log-level", args.log_level, "rank-worker", "--model", model_dir,
                               "--dwdp-config", config_path, "--prompts", prompts_path,
                               "--max-tokens", str(args.max_tokens), "--device", args.device,
                               "--moe-backend", args.moe_backend, "--out", args.out,
-                              "--weight-layout", args.weight_layout,
+                              "--weight-layout", weight_layout,
                               "--cpu-threads", str(threads),
                               *(("--max-num-tokens", str(args.max_num_tokens)) if args.max_num_tokens else ()))
     killed: tuple[int, ...] = ()
@@ -198,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
                                   skip=frozenset(killed))
     print(format_report(reports, parity))
     summary = {"model": model_dir, "dwdp_config": config.to_dict(), "launcher": result.launcher,
-               "moe_backend": args.moe_backend, "weight_layout": args.weight_layout,
+               "moe_backend": args.moe_backend, "weight_layout": weight_layout,
                "prompt_lengths": [len(p) for p in token_ids], "max_num_tokens": args.max_num_tokens,
                "killed": list(killed), "shm_cleaned": list(result.cleaned),
                "wall_seconds": time.perf_counter() - started,

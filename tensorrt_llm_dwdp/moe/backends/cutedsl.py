@@ -7,9 +7,10 @@ The B operand of both GEMMs is the weights' tensor LIST (S = 1 without DWDP, S =
 one prefetch buffer per peer with it), resolved per expert inside the kernel, so the result does
 not depend on how the experts are split: S = 1 and S > 1 are bitwise equal.
 
-The kernels read NVFP4 weights in the set's ``weight_layout``: ``linear`` (the default kernel)
-or ``preshuffled`` (permuted at load, ``moe/layouts.py``; ``RsConfig.weights = "preshuffled"``,
-bitwise equal to the linear kernel on the same experts).
+The kernels read NVFP4 weights in the ``preshuffled`` layout only (``moe/layouts.py``: each
+expert's bytes permuted once at load so that one bulk copy moves a block's K tile and the
+dequant is a few shifts; 1.25-1.6x the kernels that read checkpoint rows, kernels/NOTES.md).
+``load_model`` picks that layout for this backend; a set tagged otherwise is refused.
 
 Numerics follow the torch reference backend (dequantized exact-bf16 weights, fp32
 accumulation, alpha and SwiGLU in fp32, bf16 h, fp32 FC2 and router weight, slot-order sum).
@@ -28,7 +29,7 @@ from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
 from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import TOKEN_TILES
 from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
-from tensorrt_llm_dwdp.moe.layouts import LINEAR
+from tensorrt_llm_dwdp.moe.layouts import PRESHUFFLED
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
@@ -60,17 +61,6 @@ def tokens_for_tile(bn: int, num_experts: int, top_k: int) -> int:
     return tokens
 
 
-def kernel_configs(weights: ExpertWeights, bn: int) -> tuple:
-    """``(FC1, FC2)`` ``RsConfig`` for token tile ``bn`` over ``weights``: None (each GEMM's
-    default) for linear weights, else the defaults reading ``weights.weight_layout``."""
-    if weights.weight_layout == LINEAR:
-        return None, None
-    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
-
-    return (rs_config(bn, weights.hidden_size, weights=weights.weight_layout),
-            rs_config(bn, weights.intermediate_size, weights=weights.weight_layout))
-
-
 def check_expert_shapes(hidden: int, inter: int) -> None:
     """The sm90 kernels tile hidden and intermediate sizes in 64-wide blocks."""
     for name, value in (("hidden size", hidden), ("expert intermediate size", inter)):
@@ -90,6 +80,7 @@ class CuteDslMoeBackend:
     """
 
     accepts_multi_tensor = True  # a composite view is the S = 1 case
+    weight_layouts = (PRESHUFFLED,)
 
     def __init__(self, max_tables: int = 512) -> None:
         self.cache = CompileCache()
@@ -146,6 +137,11 @@ class CuteDslMoeBackend:
             raise ValueError(
                 f"cutedsl backend: needs NVFP4 expert weights, got {weights.quant!r} "
                 "(use backend='torch' for bf16 weights)")
+        if weights.weight_layout != PRESHUFFLED:
+            raise ValueError(
+                f"cutedsl backend: reads preshuffled expert weights, got {weights.weight_layout!r} "
+                "(load_model shuffles them for this backend; moe.layouts.shuffle_experts_ does "
+                "it for tensors built by hand)")
         if weights.has_bias:
             raise ValueError("cutedsl backend: expert biases are not supported (use 'torch')")
         if not x.is_cuda:
@@ -161,11 +157,9 @@ class CuteDslMoeBackend:
         x = x.contiguous()
         if x.data_ptr() % 16:  # a row-offset view; the gather copies 16-byte chunks
             x = x.clone()
-        fc1_config, fc2_config = kernel_configs(weights, bn)
-        h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, bn,
-                              config=fc1_config)
+        h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, bn)
         return fc2_finalize(self.cache, h, plan.slot_index, plan.tile_expert, topk_ids,
-                            topk_weights, w2, bn, config=fc2_config)
+                            topk_weights, w2, bn)
 
 
 def create_backend() -> CuteDslMoeBackend:

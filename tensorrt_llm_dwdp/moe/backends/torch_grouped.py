@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
-from tensorrt_llm_dwdp.moe.layouts import to_linear
+from tensorrt_llm_dwdp.moe.layouts import LINEAR, PRESHUFFLED, to_linear
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 from tensorrt_llm_dwdp.quant.nvfp4 import E2M1_VALUES
@@ -76,6 +76,7 @@ class TorchGroupedMoeBackend:
     """``run_experts`` with ``torch._grouped_mm`` (see the module docstring)."""
 
     accepts_multi_tensor = False
+    weight_layouts = (LINEAR, PRESHUFFLED)  # BACKEND_LAYOUTS; preshuffled: unshuffled exactly
 
     def __init__(self, chunk_experts: int = DEFAULT_CHUNK_EXPERTS) -> None:
         if chunk_experts < 1:

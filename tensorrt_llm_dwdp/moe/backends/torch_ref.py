@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tensorrt_llm_dwdp.moe.layouts import LINEAR, PRESHUFFLED
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4
@@ -94,6 +95,7 @@ class TorchMoeBackend:
     """Reference ``run_experts``; see the module docstring for the exact numerics."""
 
     accepts_multi_tensor = True
+    weight_layouts = (LINEAR, PRESHUFFLED)  # BACKEND_LAYOUTS; preshuffled: unshuffled exactly
 
     def run_experts(
         self,
