@@ -7,7 +7,7 @@ tensors together cover ``[0, num_experts)`` exactly once, in order.
 
 Parameter names, shapes and dtypes: ``moe/specs.py`` (the one definition). ``weight_layout``
 says how NVFP4 weights are ordered within each expert (``moe/layouts.py``: ``linear``, the
-checkpoint's rows, or ``preshuffled`` for the sm90 kernel's variant); whoever builds a set from
+checkpoint's rows, or ``preshuffled``, what the sm90 kernels read); whoever builds a set from
 permuted bytes tags it, and readers that need linear rows use ``linear_expert`` / ``to_linear``.
 """
 from __future__ import annotations

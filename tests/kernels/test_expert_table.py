@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tensorrt_llm_dwdp.kernels.sm90.expert_table import build_expert_table
-from tensorrt_llm_dwdp.kernels.testing import random_nvfp4_experts, split_sizes
+from tensorrt_llm_dwdp.kernels.testing import preshuffled_experts, random_nvfp4_experts, split_sizes
 from tensorrt_llm_dwdp.moe.backends.cutedsl import (
     CuteDslMoeBackend,
     check_expert_shapes,
@@ -137,8 +137,10 @@ def test_backend_rejects_what_it_cannot_run():
     ids = torch.zeros(3, 2, dtype=torch.int32)
     ids[:, 1] = 1
     tw = torch.ones(3, 2)
-    with pytest.raises(ValueError, match="CUDA"):
+    with pytest.raises(ValueError, match="reads preshuffled expert weights, got 'linear'"):
         backend.run_experts(x, ids, tw, weights)
+    with pytest.raises(ValueError, match="CUDA"):
+        backend.run_experts(x, ids, tw, preshuffled_experts(weights))
     bf16 = type(weights).single({"w3_w1_weight": torch.zeros(8, 64, 64, dtype=torch.bfloat16),
                                  "w2_weight": torch.zeros(8, 64, 32, dtype=torch.bfloat16)})
     with pytest.raises(ValueError, match="NVFP4"):
