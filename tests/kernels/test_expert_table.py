@@ -140,7 +140,8 @@ def test_backend_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="reads preshuffled expert weights, got 'linear'"):
         backend.run_experts(x, ids, tw, weights)
     with pytest.raises(ValueError, match="CUDA"):
-        backend.run_experts(x, ids, tw, preshuffled_experts(weights))
+        backend.run_experts(x, ids, tw, preshuffled_experts(
+            random_nvfp4_experts(8, 64, 64, seed=0, device="cpu")))
     bf16 = type(weights).single({"w3_w1_weight": torch.zeros(8, 64, 64, dtype=torch.bfloat16),
                                  "w2_weight": torch.zeros(8, 64, 32, dtype=torch.bfloat16)})
     with pytest.raises(ValueError, match="NVFP4"):
