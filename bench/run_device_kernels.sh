@@ -73,7 +73,8 @@ if [[ " $STAGES " == *" cli "* ]]; then  # the embedded default (tiny-deepseek-v
 fi
 if [[ "${NCU:-0}" == 1 ]]; then
   sections="--section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_shared_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_alu.sum,sm__inst_executed_pipe_fma.sum,sm__inst_executed_pipe_lsu.sum,sm__inst_executed.sum,lts__t_sectors_srcunit_tex_op_read.sum,lts__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum"
-  for point in ${NCU_POINTS:-"deepseek_v3 16" "deepseek_v3 1024"}; do
+  IFS=, read -ra points <<< "${NCU_POINTS:-deepseek_v3 16,deepseek_v3 1024}"  # "MODEL TPE,..."
+  for point in "${points[@]}"; do
     set -- $point
     # second call's FC1 and first FC2 chunk (the first call compiles)
     skip=$(python3 -c "
