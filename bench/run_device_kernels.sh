@@ -9,12 +9,13 @@
 # ncu on a memory-bound
 # and a compute-bound FC1/FC2 point; stage "variants" times kernel configurations against the
 # default (bench/rs_variants.py, VARIANT_ARGS). Logs and JSON in $OUT/kernels.
-# Usage: [NCU=1] [STAGES="smoke tests bench cli variants"] bench/run_device_kernels.sh
+# Usage: [NCU=1 [NCU_POINTS="deepseek_v3 16,deepseek_v3 1024"]] [STAGES="smoke tests bench cli variants"] bench/run_device_kernels.sh
+# (STAGES="" with NCU=1 profiles only)
 set -o pipefail
 OUT=${OUT:-/tmp/out}/kernels
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-STAGES=${STAGES:-smoke tests bench cli}
+STAGES=${STAGES-smoke tests bench cli}  # set but empty: no stage (e.g. NCU=1 alone)
 rc=0
 run() {  # run SECONDS LOG cmd...: one stage under a timeout, output teed to $OUT/LOG
   local secs=$1 log=$2; shift 2
