@@ -81,6 +81,17 @@ def _convert(name: str, t: torch.Tensor, inverse: bool) -> torch.Tensor:
     return fn(t, gated=SHUFFLED[name])
 
 
+def _check_convertible(tensors: Mapping[str, torch.Tensor]) -> None:
+    """ValueError unless every ``SHUFFLED`` tensor of ``tensors`` can be (un)shuffled (dtype,
+    rank, rows and K on the kernel's grid): checked for all of them before an in-place
+    conversion writes any, so a refused set is left as it was, not half converted."""
+    for name, t in tensors.items():
+        if name in SHUFFLED:
+            scale = name.endswith("_scale")
+            preshuffle._check(t, torch.float8_e4m3fn if scale else torch.uint8, name,
+                              16 if scale else 2)
+
+
 def _shuffle_chunks(name: str, src: torch.Tensor, dst: torch.Tensor, chunk: int,
                     inverse: bool = False) -> torch.Tensor:
     for e in range(0, src.shape[0], chunk):  # each chunk is read before it is overwritten
@@ -92,7 +103,9 @@ def shuffle_experts_(tensors: Mapping[str, torch.Tensor],
                      chunk: int = SHUFFLE_CHUNK) -> Mapping[str, torch.Tensor]:
     """Permute the linear NVFP4 experts ``tensors`` (``{name: [n, ...]}``) into the preshuffled
     layout IN PLACE (the memory a loader allocated, e.g. for DWDP peers, stays the same), a
-    few experts at a time; returns ``tensors``. Tensors other than ``SHUFFLED`` are left."""
+    few experts at a time; returns ``tensors``. Tensors other than ``SHUFFLED`` are left. A set
+    off the kernel's grid is refused (ValueError) before any tensor is written."""
+    _check_convertible(tensors)
     for name, t in tensors.items():
         if name in SHUFFLED:
             _shuffle_chunks(name, t, t, chunk)
@@ -101,7 +114,9 @@ def shuffle_experts_(tensors: Mapping[str, torch.Tensor],
 
 def unshuffle_experts_(tensors: Mapping[str, torch.Tensor],
                        chunk: int = SHUFFLE_CHUNK) -> Mapping[str, torch.Tensor]:
-    """The inverse of ``shuffle_experts_``: preshuffled experts back to linear, in place."""
+    """The inverse of ``shuffle_experts_``: preshuffled experts back to linear, in place (a set
+    off the grid is refused before any tensor is written)."""
+    _check_convertible(tensors)
     for name, t in tensors.items():
         if name in SHUFFLED:
             _shuffle_chunks(name, t, t, chunk, inverse=True)

@@ -18,12 +18,13 @@ from tensorrt_llm_dwdp.model.batch import BatchInfo
 from tensorrt_llm_dwdp.model.checkpoint import load_model
 from tensorrt_llm_dwdp.model.presets import get_preset
 from tensorrt_llm_dwdp.model.synthetic import write_synthetic_checkpoint
-from tensorrt_llm_dwdp.moe.backends import BACKEND_LAYOUTS, backend_weight_layout
+from tensorrt_llm_dwdp.moe.backends import (BACKEND_LAYOUTS, backend_weight_layout,
+                                            to_native_layout_)
 from tensorrt_llm_dwdp.moe.backends.torch_grouped import TorchGroupedMoeBackend
 from tensorrt_llm_dwdp.moe.backends.torch_ref import TorchMoeBackend
 from tensorrt_llm_dwdp.moe.configurable_moe import ConfigurableMoE
 from tensorrt_llm_dwdp.moe.layouts import (LINEAR, PRESHUFFLED, SHUFFLED, shuffle_experts_,
-                                           to_linear)
+                                           to_linear, unshuffle_experts_)
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
 E, H, I, K = 6, 128, 64, 3
@@ -91,6 +92,29 @@ def test_in_place_shuffle_stays_per_expert_and_unshuffles_exactly():
         for n in want:
             assert torch.equal(got[n].reshape(-1).view(torch.uint8),
                                want[n].reshape(-1).view(torch.uint8)), (n, e)
+
+
+def test_a_set_off_the_grid_is_refused_before_any_tensor_is_converted():
+    """H = 64, I = 32: w3_w1 ([64, 64]) is on the kernel's grid, w2 ([64, 32]) is not. The
+    in-place conversions must refuse the set before writing w3_w1 (a half-shuffled set would
+    be read as linear by whoever catches the error), and ``to_native_layout_`` names the
+    layout's constraint (bf16 experts too) instead of a tensor's dtype."""
+    lin = _params(_experts(hidden=64, inter=32))
+    for convert in (shuffle_experts_, unshuffle_experts_,
+                    lambda t: to_native_layout_(t, "cutedsl")):
+        tensors = {name: t.clone() for name, t in lin.items()}
+        with pytest.raises(ValueError, match="multiples of 64"):
+            convert(tensors)
+        for name, t in tensors.items():
+            assert torch.equal(t.view(torch.uint8), lin[name].view(torch.uint8)), name
+    bf16 = {"w3_w1_weight": torch.randn(2, 2 * I, H).bfloat16(),
+            "w2_weight": torch.randn(2, H, I).bfloat16()}
+    before = {name: t.clone() for name, t in bf16.items()}
+    with pytest.raises(ValueError, match="'preshuffled' permutes NVFP4 experts; these are 'bf16'"):
+        to_native_layout_(bf16, "cutedsl")
+    assert all(torch.equal(bf16[n], before[n]) for n in bf16)
+    assert to_native_layout_(bf16, "torch") == LINEAR  # nothing to permute for a torch backend
+    assert all(torch.equal(bf16[n], before[n]) for n in bf16)
 
 
 @pytest.mark.parametrize("backend", [TorchMoeBackend(), TorchGroupedMoeBackend(chunk_experts=4)],
