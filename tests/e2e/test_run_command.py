@@ -98,3 +98,15 @@ def test_preshuffled_weights_bitwise_parity(tmp_path, backend, view):
     summary = check_parity(proc, out, 2)
     assert summary["weight_layout"] == "preshuffled" and summary["moe_backend"] == backend
     assert "preshuffled expert weights" in proc.stdout
+
+
+@pytest.mark.parametrize("extra", [("--weight-layout", "preshuffled"), ("--moe-backend", "cutedsl")],
+                         ids=["preshuffled", "cutedsl-auto"])
+def test_a_layout_the_experts_cannot_be_in_fails_before_anything_is_launched(tmp_path, extra):
+    """bf16 experts cannot be preshuffled (asked for, or cutedsl's own layout): the run stops
+    with the layout's reason before it writes its files or launches a rank."""
+    proc, out = run_job(tmp_path, "--num-layers", "2", "--quant", "bf16", *extra)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "'preshuffled' permutes NVFP4 experts; these are 'bf16'" in proc.stderr
+    assert "DWDP ranks failed" not in proc.stderr
+    assert not (out / "dwdp.yaml").exists() and not (out / "prompts.json").exists()
