@@ -147,12 +147,17 @@ class ConfigurableMoE(nn.Module):
                     f"set_local_weights first"
                 )
             return self._local
+        layout = self.dwdp.weight_layout  # the group's, agreed at the exchange: peers' bytes
+        if layout != self.weight_layout:
+            raise RuntimeError(
+                f"ConfigurableMoE layer {self.layer_idx}: local experts are {self.weight_layout!r} "
+                f"but the DWDP manager's registered layers are {layout!r} (the layout its group "
+                f"agreed on): pass the same weight_layout to set_local_weights and register_layer")
         if self.dwdp.expert_view == "composite":
-            view = ExpertWeights.single(self.dwdp.composite_weights(self.layer_idx),
-                                        self.weight_layout)
+            view = ExpertWeights.single(self.dwdp.composite_weights(self.layer_idx), layout)
         else:
             view = ExpertWeights.from_view(
-                self.dwdp.weights(self.layer_idx), self.dwdp.view_offsets, self.weight_layout
+                self.dwdp.weights(self.layer_idx), self.dwdp.view_offsets, layout
             )
         if view.num_experts != self.num_experts:
             raise RuntimeError(

@@ -70,10 +70,11 @@ def test_deepseek_router_and_backend_wiring():
 
 class StandInManager:
     """The DwdpManager surface ConfigurableMoE uses (weights, done, resident_experts,
-    view_offsets), over tensors sliced from a full expert set by the layout rule; records the
-    calls it gets."""
+    view_offsets, weight_layout), over tensors sliced from a full expert set by the layout
+    rule; records the calls it gets."""
 
     expert_view = "multi"
+    weight_layout = "linear"
 
     def __init__(self, full: dict, layout: ExpertLayout, layer_idx: int):
         self.layout = layout

@@ -208,6 +208,39 @@ def test_registration_takes_one_known_layout_per_rank():
     assert _in_threads(2, rank_fn) == [PRESHUFFLED, PRESHUFFLED]
 
 
+def test_a_dwdp_layer_refuses_local_weights_in_another_layout_than_its_registration():
+    """Rank 0 keeps preshuffled experts (``set_local_weights(.., PRESHUFFLED)``) but registers
+    them with ``register_layer``'s default, linear, like rank 1: the exchange agrees on linear,
+    so rank 0's views would hold rank 1's linear bytes under its preshuffled tag. Its layer
+    refuses to run instead of reading them in the wrong layout."""
+    lin = _experts(num_experts=3)
+    pre = preshuffled_experts(lin)
+    x = _routing(tokens=8, num_experts=3, k=2)[0]
+
+    def rank_fn(r, comm):
+        src, tag = (pre, PRESHUFFLED) if r == 0 else (lin, LINEAR)
+        with DwdpManager(_config(), 3, comm, "cpu") as mgr:
+            lo, hi = mgr.layout.owned_range()
+            own = {}
+            for name, (t,) in src.tensors.items():
+                own[name] = mgr.allocate((hi - lo,) + tuple(t.shape[1:]), t.dtype)
+                own[name].copy_(t[lo:hi])
+            mgr.register_layer(0, own)
+            moe = ConfigurableMoE(3, 2, H, I, dwdp=mgr, layer_idx=0)
+            moe.set_local_weights(own, tag)
+            mgr.exchange()
+            mgr.start_step()
+            if r == 0:
+                with pytest.raises(RuntimeError, match="layer 0: local experts are 'preshuffled' "
+                                   "but the DWDP manager's registered layers are 'linear'"):
+                    moe(x)
+                return mgr.weight_layout
+            moe(x)
+            return mgr.weight_layout
+
+    assert _in_threads(2, rank_fn) == [LINEAR, LINEAR]
+
+
 @pytest.mark.parametrize("view", ["multi", "composite"])
 def test_ranks_in_other_layouts_fail_the_exchange_naming_both(view):
     def rank_fn(r, comm):
