@@ -289,13 +289,24 @@ class DwdpManager:
         except ValueError as exc:
             raise DwdpRegistrationError(f"layer {layer_idx}: {exc}") from None
 
-    def restore_layer(self, layer_idx: int) -> dict[str, torch.Tensor]:
+    def restore_layer(self, layer_idx: int, *,
+                      weight_layout: str | None = None) -> dict[str, torch.Tensor]:
         """A rejoining rank's resident expert tensors of ``layer_idx``, allocated with
         ``allocate`` and filled from the node's host store (checksums verified): what the
-        checkpoint loader uses instead of reading the checkpoint. Register them as usual."""
+        checkpoint loader uses instead of reading the checkpoint. Register them as usual.
+        ``weight_layout``: the layout this rank will register; the store holds the running
+        group's, so another one raises DwdpMismatchError before anything is allocated (the
+        exchange would refuse it only after every layer was restored)."""
         if not self.restores_experts:
             raise DwdpStateError(f"restore_layer({layer_idx}): this rank is not rejoining a "
                                  f"running group (restores_experts is False)")
+        theirs = next(iter(self._rejoin.records.values())).get("weight_layout", "linear")
+        if weight_layout is not None and weight_layout != theirs:
+            raise DwdpMismatchError(
+                f"DWDP rank {self.rank} restoring layer {layer_idx}: this rank keeps "
+                f"{weight_layout!r} expert weights but its running group's (and the host "
+                f"store's) are {theirs!r}; restart it with the group's MoE backend and weight "
+                f"layout")
         specs = self._joining.running_specs()
         if layer_idx not in specs:
             raise DwdpRegistrationError(f"restore_layer({layer_idx}): the running group has no "

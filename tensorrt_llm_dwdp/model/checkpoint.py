@@ -181,7 +181,8 @@ def load_model(
         if config.moe_layer_indices:
             host = {}
             if restoring:
-                experts = {layer: dwdp.restore_layer(layer) for layer in config.moe_layer_indices}
+                experts = {layer: dwdp.restore_layer(layer, weight_layout=weight_layout)
+                           for layer in config.moe_layer_indices}
             else:
                 experts = load_moe_experts(reader, config, quant, range(first, resident_end),
                                            alloc, dtype)

@@ -220,6 +220,32 @@ def test_a_peer_that_restarted_before_the_survivors_noticed_is_failed_over_then_
     _bury(mgrs[1])
 
 
+def test_a_rejoining_rank_in_another_weight_layout_is_refused_before_restoring():
+    """The group registered linear experts (the store holds them so): a restarted rank that
+    would keep them preshuffled is refused at its first restore_layer, naming both layouts,
+    before it allocates or reads anything; with the group's layout it restores as usual."""
+    from tensorrt_llm_dwdp.dwdp.errors import DwdpMismatchError
+
+    s, w, p = 3, 4, 2
+    e = w + (s - 1) * p
+    config = _config(s, w, p)
+    mgrs = _group(s, config, e)
+    _kill(mgrs[1])
+    new = _rejoin(config, e, mgrs[0]._host.key, 1, (0, 2))
+    new.allocate = lambda *a: pytest.fail("allocated before the layout was checked")
+    with pytest.raises(DwdpMismatchError, match="rank 1 restoring layer 2: this rank keeps "
+                       "'preshuffled' expert weights but its running group's .* are 'linear'"):
+        new.restore_layer(LAYERS[0], weight_layout="preshuffled")
+    del new.allocate
+    for layer in LAYERS:
+        new.register_layer(layer, new.restore_layer(layer, weight_layout="linear"))
+    new.exchange()
+    for m in (mgrs[0], mgrs[2], new):
+        _step(m, e, retry_expected=m is not new)
+    _close([mgrs[0], mgrs[2], new])
+    _bury(mgrs[1])
+
+
 def test_rejoin_restores_from_the_store_and_moves_back_to_peer_memory():
     s, w, p = 3, 4, 2
     e = w + (s - 1) * p
