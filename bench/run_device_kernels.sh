@@ -4,8 +4,8 @@
 # the only layout they read) against the torch reference under a short timeout
 # (a hang or a wrong answer stops the call there, before the long stages), the device kernel
 # tests, the bench (bf16 + fp8 baselines; DeepSeek-V3 and Qwen3-235B-A22B shapes), `run
-# --moe-backend cutedsl` on the embedded default model (it needs the loader to hand cutedsl
-# preshuffled experts: CLI_ARGS adds flags, e.g. --weight-layout preshuffled) and, with NCU=1,
+# --moe-backend cutedsl` on the embedded default model (the loader preshuffles the experts for
+# cutedsl, --weight-layout auto; CLI_ARGS adds flags) and, with NCU=1,
 # ncu on a memory-bound
 # and a compute-bound FC1/FC2 point; stage "variants" times kernel configurations against the
 # default (bench/rs_variants.py, VARIANT_ARGS). Logs and JSON in $OUT/kernels.
