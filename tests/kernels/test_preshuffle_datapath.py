@@ -96,6 +96,15 @@ def _stage(kern, w_sh, sf_sh, blk0, blk_end, kt_idx):
     ("scatter", 2880, 2880, 128, 12, 18, {}),       # FC2 chunk of 6 blocks: clamped 2nd group
     ("scatter", 4096, 1536, 16, 0, 8, {"blocks_per_wg": 1}),  # 128 rows per CTA
     ("swiglu", 128, 64, 16, 0, 2, {}),              # a 64-wide layer: 2 blocks, 2 clamped
+    # the occupancy candidates (bench/rs_variants.py OCCUPANCY): 128 rows per CTA at bn 64 / 32
+    ("swiglu", 4096, 7168, 64, 0, 64,                # DeepSeek FC1, K tile 64, 2 CTAs/SM
+     {"blocks_per_wg": 1, "ctas_per_sm": 2, "k_tile": 64, "producer_regs": 40}),
+    ("swiglu", 3072, 4096, 64, 0, 48,                # Qwen3 FC1, K tile 128: 8 B scale copies
+     {"blocks_per_wg": 1, "ctas_per_sm": 2, "k_tile": 128, "producer_regs": 56}),
+    ("scatter", 7168, 2048, 32, 12, 25,              # DeepSeek FC2, 13-block chunk: clamped
+     {"blocks_per_wg": 1, "ctas_per_sm": 3, "producer_regs": 32}),
+    ("scatter", 2880, 2880, 32, 0, 45,               # K = 2880 with K tile 128 asked: 64 used
+     {"blocks_per_wg": 1, "k_tile": 128, "producer_regs": 56}),
 ])
 def test_consumer_fragments_are_the_exact_weights(kind, n_weight, k, bn, blk_begin, blk_end,
                                                   overrides):
