@@ -2,8 +2,15 @@
 the preshuffled layout (the only one the kernels read; the torch reference unshuffles them)."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:  # the top-level ``bench`` folder (its variant tables) as a package
+    sys.path.insert(0, ROOT)
 
 from tensorrt_llm_dwdp.kernels.testing import MODELS, preshuffled_experts, random_nvfp4_experts
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.rs_variants import occupancy_configs
 from tensorrt_llm_dwdp.kernels.testing import (
     MODELS,
     preshuffled_experts,
@@ -191,19 +192,26 @@ def test_sizes_multiple_of_64(backend, hidden, inter, num_experts, top_k, tokens
     assert torch.equal(backend.run_experts(x, ids, tw, view), out), "S = 3 differs"
 
 
-def _fc1_fc2(backend, x, ids, tw, weights, bn):
-    """FC1 and FC2 of the kernels (default configurations) on token tile ``bn``: (plan, h,
-    output), h poisoned with NaN before FC1."""
+def _fc1_fc2(backend, x, ids, tw, weights, bn, overrides=None):
+    """FC1 and FC2 of the kernels on token tile ``bn`` (default configurations, or
+    ``rs_config(bn, K, **overrides)``): (plan, h, output), h poisoned with NaN before FC1."""
     from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
     from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
+    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
 
+    c1 = c2 = None
+    if overrides is not None:
+        c1 = rs_config(bn, weights.hidden_size, **overrides)
+        c2 = rs_config(bn, weights.intermediate_size, **overrides)
     plan = build_permutation(ids, weights.num_experts, tile_m=bn)
     w13 = backend._table(weights, "w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha")
     w2 = backend._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
     h = torch.full((plan.num_rows, weights.intermediate_size), float("nan"),
                    dtype=torch.bfloat16, device="cuda")
-    h = fc1_gather_swiglu(backend.cache, x, plan.gather_index, plan.tile_expert, w13, bn, out=h)
-    out = fc2_finalize(backend.cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn)
+    h = fc1_gather_swiglu(backend.cache, x, plan.gather_index, plan.tile_expert, w13, bn, out=h,
+                          config=c1)
+    out = fc2_finalize(backend.cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn,
+                       config=c2)
     torch.cuda.synchronize()
     return plan, h, out
 
@@ -235,3 +243,53 @@ def test_every_token_tile_matches_torch_ref_and_is_deterministic(backend, expert
     view = weights.split(split_sizes(num_experts, 3))
     assert torch.equal(_fc1_fc2(backend, x, ids, tw, view, bn)[2], out), "S = 3 differs"
     assert torch.equal(backend.run_experts(x, ids, tw, weights), out), "run_experts differs"
+
+
+@pytest.fixture(scope="module")
+def default_points():
+    """``point(backend, experts, model, bn)``: a skewed-routing point whose step picks token
+    tile ``bn``, its default-configuration h / output and the references (computed once)."""
+    cache = {}
+
+    def get(backend, experts, model, bn):
+        if (model, bn) not in cache:
+            from tensorrt_llm_dwdp.moe.backends.cutedsl import tokens_for_tile
+
+            weights = experts(model)
+            hidden, _, num_experts, top_k = MODELS[model]
+            tokens = tokens_for_tile(bn, num_experts, top_k)
+            x = random_tokens(tokens, hidden, seed=bn + 20)
+            ids, tw = skewed_routing(tokens, num_experts, top_k, seed=bn + 21, empty_experts=1)
+            plan, h, out = _fc1_fc2(backend, x, ids, tw, weights, bn)
+            real = plan.gather_index >= 0
+            cache[(model, bn)] = dict(
+                x=x, ids=ids, tw=tw, real=real, h=h, out=out,
+                h_ref=_fc1_reference(x, plan, weights)[real],
+                out_ref=TorchMoeBackend().run_experts(x, ids, tw, weights))
+        return cache[(model, bn)]
+
+    return get
+
+
+@pytest.mark.parametrize("bn,overrides", [pytest.param(bn, fields, id=name)
+                                          for name, bn, fields in occupancy_configs()])
+@pytest.mark.parametrize("model", ["deepseek_v3", "qwen3_235b_a22b"])
+def test_occupancy_candidate_matches_torch_ref_and_default_bitwise(backend, experts,
+                                                                   default_points, model, bn,
+                                                                   overrides):
+    """The configurations ``bench/rs_variants.py`` times for more warps in flight (one 64-row
+    block per consumer warpgroup, 2 or 3 CTAs per SM; ``OCCUPANCY``) at DeepSeek-V3 and
+    Qwen3-235B shapes, on the token tile they are for: FC1's h on every real row against the
+    fp32 reference, the output against the torch reference, and both bitwise equal to the
+    default configuration's (same K order: any difference is a bug), run to run too."""
+    weights = experts(model)
+    point = default_points(backend, experts, model, bn)
+    x, ids, tw, real = point["x"], point["ids"], point["tw"], point["real"]
+    _, h, out = _fc1_fc2(backend, x, ids, tw, weights, bn, overrides)
+    assert torch.isfinite(h[real]).all(), "FC1 left rows unwritten (NaN poison survived)"
+    assert rel_err(h[real].float(), point["h_ref"]) < 8e-3
+    assert rel_err(out, point["out_ref"]) < 1e-2
+    assert torch.equal(h[real], point["h"][real]), "h differs from the default configuration's"
+    assert torch.equal(out, point["out"]), "output differs from the default configuration's"
+    _, h2, out2 = _fc1_fc2(backend, x, ids, tw, weights, bn, overrides)
+    assert torch.equal(h2[real], h[real]) and torch.equal(out2, out), "run-to-run differs"
