@@ -48,7 +48,8 @@ def check_layout(weight_layout: str, quant: str, hidden: int, inter: int) -> Non
     block = preshuffle.BLOCK_ROWS
     if hidden % block or inter % block:
         raise ValueError(f"weight layout {weight_layout!r} needs H={hidden} and I={inter} to be "
-                         f"multiples of {block} (the sm90 kernel's blocks); use 'linear'")
+                         f"multiples of {block} (the sm90 kernel's blocks): keep them linear, with a "
+                         f"torch backend")
 
 
 def backend_layouts(backend) -> tuple[str, ...]:
