@@ -5,7 +5,7 @@ rows, so every side does the same useful work) it times, with CUDA graphs of man
   ours  fc1 = gather + NVFP4 grouped GEMM (weights as WGMMA's register operand) + SwiGLU,
         fc2 = NVFP4 grouped GEMM per hidden-column chunk + fixed-order slot sum -> bf16 output,
         on the experts in the preshuffled layout the kernels read (shuffled once per model
-        before any timing, ``kernels.testing.preshuffled_experts``; JSON ``layout``);
+        before any timing, ``kernels.testing.model_experts``; JSON ``layout``);
   bf16  torch._grouped_mm on bf16 weights and pre-permuted bf16 rows (FC1 + FC2 only: no
         gather, activation or finalize, a lower bound for a bf16 pipeline);
   fp8   torch._scaled_grouped_mm, rowwise scales (per row of A, per output column of B), on
@@ -30,8 +30,7 @@ from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
 from tensorrt_llm_dwdp.kernels.testing import (
     MODELS,
-    preshuffled_experts,
-    random_nvfp4_experts,
+    model_experts,
     random_tokens,
     split_sizes,
     uniform_routing,
@@ -215,9 +214,8 @@ def main(argv=None) -> int:
     cache = CompileCache()
     results = []
     for model in args.models.split(","):
-        hidden, inter, num_experts, _ = MODELS[model]
         # shuffled once here, outside every timing (the loader does it once at load)
-        weights = preshuffled_experts(random_nvfp4_experts(num_experts, hidden, inter, seed=1))
+        weights = model_experts(model, seed=1)
         torch.cuda.empty_cache()
         base = Baselines(model)
         for tpe in (int(v) for v in args.tpe.split(",")):

@@ -11,7 +11,7 @@ import torch
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
-from tensorrt_llm_dwdp.kernels.testing import MODELS, preshuffled_experts, random_nvfp4_experts
+from tensorrt_llm_dwdp.kernels.testing import model_experts
 
 try:
     from bench.moe_kernels import tables, uniform_point
@@ -21,8 +21,7 @@ except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
 
 def main() -> int:
     model, tpe = sys.argv[1], int(sys.argv[2])
-    hidden, inter, num_experts, _ = MODELS[model]
-    weights = preshuffled_experts(random_nvfp4_experts(num_experts, hidden, inter, seed=1))
+    weights = model_experts(model, seed=1)
     ids, tw, x, bn, plan = uniform_point(model, tpe)
     w13, w2 = tables(weights)
     cache = CompileCache()

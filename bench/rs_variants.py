@@ -5,7 +5,7 @@ and FC2 (incl. slot sums) with the default ``rs_config`` and with each named alt
 (``RsConfig`` field overrides: k_tile, ring, ctas_per_sm, producer_regs, blocks_per_wg,
 persistent), and checks that every alternative's ``h`` and output are bitwise equal to the
 default's (same K order, so any difference is a bug). All run the one kernel path on the same
-experts, preshuffled once per model before any timing (``kernels.testing.preshuffled_experts``;
+experts, preshuffled once per model before any timing (``kernels.testing.model_experts``;
 the weights move by bulk copies). Prints one JSON document (``--out`` also writes it): per
 point and configuration fc1/fc2 ms and the ratio to the default.
 
@@ -21,7 +21,7 @@ import sys
 import torch
 
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
-from tensorrt_llm_dwdp.kernels.testing import MODELS, preshuffled_experts, random_nvfp4_experts
+from tensorrt_llm_dwdp.kernels.testing import MODELS, model_experts
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 
 try:
@@ -192,9 +192,8 @@ def main(argv=None) -> int:
     cache = CompileCache()
     results = []
     for model in args.models.split(","):
-        hidden, inter, num_experts, _ = MODELS[model]
         # shuffled once here, outside every timing (the loader does it once at load)
-        weights = preshuffled_experts(random_nvfp4_experts(num_experts, hidden, inter, seed=1))
+        weights = model_experts(model, seed=1)
         torch.cuda.empty_cache()
         for tpe in (int(v) for v in args.tpe.split(",")):
             results.append(bench_point(cache, weights, model, tpe, variants))

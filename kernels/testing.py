@@ -67,6 +67,17 @@ def preshuffled_experts(weights: ExpertWeights) -> ExpertWeights:
     return ExpertWeights(tensors, weights.expert_offsets, PRESHUFFLED)
 
 
+def model_experts(model: str, seed: int, device="cuda") -> ExpertWeights:
+    """Random experts of ``MODELS[model]``'s sizes in the layout the sm90 kernels read,
+    shuffled in place (one copy of the layer, as the loader keeps it)."""
+    from tensorrt_llm_dwdp.moe.layouts import PRESHUFFLED, shuffle_experts_
+
+    hidden, inter, num_experts, _ = MODELS[model]
+    linear = random_nvfp4_experts(num_experts, hidden, inter, seed=seed, device=device)
+    tensors = {name: ts[0] for name, ts in linear.tensors.items()}
+    return ExpertWeights.single(shuffle_experts_(tensors), PRESHUFFLED)
+
+
 def skewed_routing(tokens: int, num_experts: int, top_k: int, seed: int, device="cuda",
                    empty_experts: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """topk ids drawn from a Zipf-like popularity (a few hot experts, a long tail) with the

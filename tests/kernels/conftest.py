@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:  # the top-level ``bench`` folder (its variant tables) as a package
     sys.path.insert(0, ROOT)
 
-from tensorrt_llm_dwdp.kernels.testing import MODELS, preshuffled_experts, random_nvfp4_experts
+from tensorrt_llm_dwdp.kernels.testing import model_experts
 
 
 def sm90_available() -> bool:
@@ -38,9 +38,7 @@ def experts():
         if model not in cache:
             cache.clear()
             torch.cuda.empty_cache()
-            hidden, inter, num_experts, _ = MODELS[model]
-            cache[model] = preshuffled_experts(
-                random_nvfp4_experts(num_experts, hidden, inter, seed=7))
+            cache[model] = model_experts(model, seed=7)
         return cache[model]
 
     return get

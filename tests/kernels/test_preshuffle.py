@@ -123,3 +123,17 @@ def test_shapes_off_the_kernel_grid_are_refused():
                          gated=True)
     with pytest.raises(ValueError, match="uint8"):
         ps.shuffle_weight(torch.zeros(1, 64, 32, dtype=torch.int8), gated=False)
+
+
+def test_model_experts_are_the_preshuffled_copy_of_the_same_draw(monkeypatch):
+    """The benches' in-place helper gives the bytes ``preshuffled_experts`` gives from a copy."""
+    from tensorrt_llm_dwdp.kernels import testing
+
+    monkeypatch.setitem(testing.MODELS, "tiny", (128, 64, 4, 2))
+    got = testing.model_experts("tiny", seed=3, device="cpu")
+    want = testing.preshuffled_experts(testing.random_nvfp4_experts(4, 128, 64, seed=3, device="cpu"))
+    assert got.weight_layout == want.weight_layout == "preshuffled"
+    assert got.tensors.keys() == want.tensors.keys()
+    for name, (t,) in got.tensors.items():
+        w = want.tensors[name][0]
+        assert t.dtype == w.dtype and torch.equal(t.view(torch.uint8), w.view(torch.uint8)), name
