@@ -32,8 +32,8 @@ from tensorrt_llm_dwdp.model.expert_convert import Allocator, load_layer_experts
 from tensorrt_llm_dwdp.model.hf_names import detect_quant
 from tensorrt_llm_dwdp.model.moe_block import make_moe
 from tensorrt_llm_dwdp.model.safetensors_io import CheckpointReader
-from tensorrt_llm_dwdp.moe.backends import backend_weight_layout, get_backend
-from tensorrt_llm_dwdp.moe.layouts import LINEAR, check_layout, shuffle_experts_
+from tensorrt_llm_dwdp.moe.backends import expert_weight_layout, get_backend
+from tensorrt_llm_dwdp.moe.layouts import LINEAR, shuffle_experts_
 from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4
 
 logger = logging.getLogger(__name__)
@@ -132,13 +132,14 @@ def load_model(
     layout the backend cannot read, or the checkpoint cannot be in, fails before any read.
     """
     config, quant = read_config(path)
-    requested, weight_layout = weight_layout, LINEAR
     if config.moe_layer_indices:
         try:
-            weight_layout = backend_weight_layout(moe_backend, requested)
-            check_layout(weight_layout, quant, config.hidden_size, config.moe_intermediate_size)
+            weight_layout = expert_weight_layout(moe_backend, weight_layout, quant,
+                                                 config.hidden_size, config.moe_intermediate_size)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
+    else:
+        weight_layout = LINEAR
     device = torch.device(device)
     if ep is not None:
         if ep.num_experts != config.num_experts:

@@ -34,9 +34,11 @@ AUTO = "auto"
 SHUFFLE_CHUNK = 16  # experts shuffled at once: the shuffle's temporaries are ~10x their bytes
 
 
-def check_layout(weight_layout: str, quant: str, hidden: int, inter: int) -> None:
+def check_layout(weight_layout: str, quant: str, hidden: int | None = None,
+                 inter: int | None = None) -> None:
     """Raise ValueError unless experts of ``quant`` with sizes H, I can be in ``weight_layout``
-    (preshuffled: NVFP4, H and I multiples of the kernel's 64-row blocks and 64-wide K chunks)."""
+    (preshuffled: NVFP4, H and I multiples of the kernel's 64-row blocks and 64-wide K chunks;
+    sizes None: not known yet, only the quant is checked)."""
     if weight_layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"unknown weight layout {weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
     if weight_layout == LINEAR:
@@ -46,6 +48,8 @@ def check_layout(weight_layout: str, quant: str, hidden: int, inter: int) -> Non
                          f"{quant!r}: keep them linear, with a backend that reads that (torch, "
                          f"torch-grouped; cutedsl runs NVFP4 experts only)")
     block = preshuffle.BLOCK_ROWS
+    if hidden is None or inter is None:
+        return
     if hidden % block or inter % block:
         raise ValueError(f"weight layout {weight_layout!r} needs H={hidden} and I={inter} to be "
                          f"multiples of {block} (the sm90 kernel's blocks): keep them linear, with a "

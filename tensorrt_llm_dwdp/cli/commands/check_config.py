@@ -89,28 +89,19 @@ def _moe_backend(args: argparse.Namespace) -> str:
 def _weight_layout(args: argparse.Namespace, backend: str) -> str:
     """The layout the ranks load (``--weight-layout`` for ``backend``), checked against the
     experts: NVFP4, and with ``--model`` the preset's sizes."""
-    from tensorrt_llm_dwdp.moe.backends import backend_weight_layout
-    from tensorrt_llm_dwdp.moe.layouts import LINEAR, check_layout
+    from tensorrt_llm_dwdp.moe.backends import expert_weight_layout
 
-    try:
-        layout = backend_weight_layout(backend, args.weight_layout)
-    except ValueError as exc:
-        raise DwdpConfigError(f"--weight-layout: {exc}") from None
-    if layout == LINEAR:
-        return layout
-    if not args.model:
-        if args.quant != "nvfp4":
-            raise DwdpConfigError(f"weight layout {layout} (MoE backend {backend}) permutes NVFP4 "
-                                  f"experts; --quant is {args.quant}")
-        return layout
-    from tensorrt_llm_dwdp.model import ModelConfig, get_preset
+    hidden = inter = None
+    if args.model:
+        from tensorrt_llm_dwdp.model import ModelConfig, get_preset
 
-    cfg = ModelConfig.from_hf(get_preset(args.model))
+        cfg = ModelConfig.from_hf(get_preset(args.model))
+        hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
     try:
-        check_layout(layout, args.quant, cfg.hidden_size, cfg.moe_intermediate_size)
+        return expert_weight_layout(backend, args.weight_layout, args.quant, hidden, inter)
     except ValueError as exc:
-        raise DwdpConfigError(f"--model {args.model}: {exc}") from None
-    return layout
+        where = f"--model {args.model}" if args.model else f"--quant {args.quant}"
+        raise DwdpConfigError(f"--weight-layout {args.weight_layout} ({where}): {exc}") from None
 
 
 def _composite(lay: ExpertLayout, layers: int, names: dict[str, int], page: int,

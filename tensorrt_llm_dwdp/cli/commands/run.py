@@ -114,11 +114,9 @@ def _lengths(text: str) -> list[int]:
 def main(args: argparse.Namespace) -> int:
     from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
     from tensorrt_llm_dwdp.launcher import launch, python_module_argv
-    from tensorrt_llm_dwdp.model.config import ModelConfig
-    from tensorrt_llm_dwdp.model.tokenizer import load_tokenizer
     from tensorrt_llm_dwdp.model.checkpoint import read_config
-    from tensorrt_llm_dwdp.moe.backends import backend_weight_layout
-    from tensorrt_llm_dwdp.moe.layouts import check_layout
+    from tensorrt_llm_dwdp.model.tokenizer import load_tokenizer
+    from tensorrt_llm_dwdp.moe.backends import backend_weight_layout, expert_weight_layout
     from tensorrt_llm_dwdp.run_job import (DEMO_PROMPTS, assign_prompts, ensure_checkpoint,
                                            format_report, partition_config, read_rank_report,
                                            reference_parity, synthetic_prompts, write_dwdp_yaml)
@@ -135,12 +133,13 @@ def main(args: argparse.Namespace) -> int:
     if args.max_num_tokens is not None and args.max_num_tokens < 1:
         print(f"error: --max-num-tokens must be >= 1, got {args.max_num_tokens}", file=sys.stderr)
         return 1
-    model_config = ModelConfig.from_file(model_dir)
+    model_config, quant = read_config(model_dir)
     num_experts = model_config.num_experts
     if model_config.moe_layer_indices:  # the experts can be in that layout: checked before any
         try:                            # file is written or rank launched (they would all fail)
-            check_layout(weight_layout, read_config(model_dir)[1], model_config.hidden_size,
-                         model_config.moe_intermediate_size)
+            weight_layout = expert_weight_layout(args.moe_backend, weight_layout, quant,
+                                                 model_config.hidden_size,
+                                                 model_config.moe_intermediate_size)
         except ValueError as exc:
             print(f"error: {model_dir}: MoE backend {args.moe_backend}: {exc}", file=sys.stderr)
             return 1

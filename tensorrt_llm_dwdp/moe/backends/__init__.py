@@ -58,6 +58,16 @@ def backend_weight_layout(name: str, requested: str | None = None) -> str:
     return resolve_layout(requested, BACKEND_LAYOUTS[name], name)
 
 
+def expert_weight_layout(name: str, requested: str | None, quant: str,
+                         hidden: int | None = None, inter: int | None = None) -> str:
+    """``backend_weight_layout`` for experts of ``quant`` (sizes H, I when known), checked to
+    fit them (``check_layout``): what a loader or a config check keeps experts in, decided
+    before anything is read or launched. ValueError names what does not fit."""
+    layout = backend_weight_layout(name, requested)
+    check_layout(layout, quant, hidden, inter)
+    return layout
+
+
 def native_layout(backend: str | MoeBackend) -> str:
     """The layout backend ``backend`` (a registered name or a backend object) reads natively."""
     if isinstance(backend, str):
