@@ -200,7 +200,6 @@ class W4A16RsGemm:
         self.k = k
         self.bn = bn
         self.y_cols = y_cols
-        self.num_blocks = n_weight // BLOCK_ROWS  # FC1: I / 32 (32 up + 32 gate rows each)
         self.half = n_weight // 2  # FC1: I, the gate rows' offset
         cfg = config or rs_config(bn, k)
         if cfg.bn != bn or k % cfg.k_tile or (cfg.k_tile // 32) % cfg.ring:
