@@ -59,8 +59,7 @@ def check_layout(weight_layout: str, quant: str, hidden: int | None = None,
 def backend_layouts(backend) -> tuple[str, ...]:
     """The layouts backend object ``backend`` reads, its native one first (one without a
     ``weight_layouts`` attribute reads linear weights only)."""
-    reads = getattr(backend, "weight_layouts", (LINEAR,))
-    return tuple(reads) if isinstance(reads, (tuple, list)) else (LINEAR,)
+    return tuple(getattr(backend, "weight_layouts", (LINEAR,)))
 
 
 def resolve_layout(requested: str | None, reads: tuple[str, ...], backend_name: str) -> str:
