@@ -3,11 +3,11 @@
 The top-level ``kernels/`` folder ships as the subpackage ``tensorrt_llm_dwdp.kernels`` so the
 CuTeDSL kernels stay apart from the pure-Python library while importing like any other module.
 """
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 library = find_packages(include=["tensorrt_llm_dwdp", "tensorrt_llm_dwdp.*"])
 kernels = ["tensorrt_llm_dwdp.kernels"] + [
-    "tensorrt_llm_dwdp.kernels." + p for p in find_packages(where="kernels")
+    "tensorrt_llm_dwdp.kernels." + p for p in find_namespace_packages(where="kernels", exclude=["*__pycache__*"])
 ]
 
 setup(
@@ -30,6 +30,8 @@ setup(
     extras_require={
         "cuda": ["cuda-python>=12.6"],
         "cutedsl": ["nvidia-cutlass-dsl==4.3.5"],
+        # `plan`: NVIDIA's measured per-operator databases (H100/H200/B200/GB200/GB300).
+        "plan": ["aiconfigurator-core>=0.12"],
         "test": [
             "pytest>=7",
             "transformers>=4.51",

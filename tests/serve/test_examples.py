@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import sys
 import subprocess
 
 import pytest
@@ -93,7 +94,8 @@ def test_launch_local_smoke(tmp_path):
     port = free_port()
     proc = subprocess.run([os.path.join(EXAMPLES, "launch_local.sh"), str(model), str(ctx), "--port", str(port),
                            "--device", "cpu", "--workdir", str(tmp_path / "work"), "--smoke", "--timeout", "300"],
-                          capture_output=True, text=True, timeout=420)
+                          capture_output=True, text=True, timeout=420,
+                          env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-3000:]
     answer = json.loads(proc.stdout.strip().splitlines()[-1])
     assert answer["usage"]["completion_tokens"] == 8
