@@ -1,139 +1,197 @@
-"""Plug our DWDP manager into a TensorRT-LLM process (imports tensorrt_llm lazily).
+"""Make TensorRT-LLM build our manager wherever it builds its own ``DwdpManager``.
 
-- ``install(llm_args)``: before the LLM is built, in every rank's process. It replaces the
-  ``DwdpManager`` name that TensorRT-LLM's executor constructs (in
-  ``tensorrt_llm._torch.pyexecutor.dwdp`` and in ``py_executor_creator`` if it imported the
-  name) with a class building :class:`TrtllmDwdpBridge`; from then on TensorRT-LLM's own call
-  sites (``add_layer`` at MoE construction, ``setup(model)`` after loading, the executor's
-  per-step ``prefetch_first_layers``, ``wait_and_bind`` / ``record_compute_and_prefetch_next``
-  around every MoE layer) drive OUR manager. ``uninstall()`` restores the names.
-- ``attach(model, bridge)``: for a model built without DWDP, after loading: adds every MoE
-  module to ``bridge``, switches on upstream's per-layer DWDP hooks on it (``enable_dwdp``,
-  ``dwdp_manager``, which ``ConfigurableMoE.forward_impl`` reads) and runs ``bridge.setup``.
-- ``attach_layer_hooks(module, layer_idx, bridge)``: for MoE modules without upstream DWDP call
-  sites: a forward pre-hook binds the composite weights, a forward hook records the layer done.
+``install()`` replaces the name ``DwdpManager`` in ``tensorrt_llm._torch.pyexecutor.dwdp`` (and
+in ``py_executor_creator`` if that module already holds the name) with
+:class:`TrtllmDwdpManager`-style classes built by :func:`manager_class`, and keeps doing so for
+the modules imported later (an import hook on ``sys.meta_path``), so it may run before or after
+``tensorrt_llm`` is imported. From then on TensorRT-LLM's own call sites drive our manager
+(``contract.py``). It patches only the process it runs in: ``activate.py`` is the switch that
+runs it in every executor process, MPI workers included.
+
+``attach_layer_hooks(module, layer_idx, bridge)``: for MoE modules without upstream's DWDP call
+sites, a forward pre-hook binds the composite weights and a forward hook records the layer done.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.machinery
 import logging
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+from tensorrt_llm_dwdp.comm.base import GroupComm
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+from tensorrt_llm_dwdp.dwdp.errors import DwdpMismatchError
 from tensorrt_llm_dwdp.trtllm.bridge import ManagerFactory, TrtllmDwdpBridge
 from tensorrt_llm_dwdp.trtllm.config import from_trtllm
-from tensorrt_llm_dwdp.trtllm.names import find_moe_modules
 
 logger = logging.getLogger(__name__)
 
-UPSTREAM_MANAGER_MODULES = (
-    "tensorrt_llm._torch.pyexecutor.dwdp",
-    "tensorrt_llm._torch.pyexecutor.py_executor_creator",
-)
+UPSTREAM_DWDP_MODULE = "tensorrt_llm._torch.pyexecutor.dwdp"
+UPSTREAM_CREATOR_MODULE = "tensorrt_llm._torch.pyexecutor.py_executor_creator"
+CommFactory = Callable[[DwdpConfig], GroupComm]
 
 
 def default_manager_factory(device: torch.device | str | None = None) -> ManagerFactory:
-    """Our ``DwdpManager`` over an MPI group (upstream launches DWDP ranks with mpirun)."""
+    """Our ``DwdpManager`` on the bridge's group communicator, on the current CUDA device (the
+    CPU where there is none: shared memory between CPU ranks)."""
 
-    def make(config: DwdpConfig, num_experts: int) -> Any:
-        from tensorrt_llm_dwdp.comm.mpi import MpiGroupComm
+    def make(config: DwdpConfig, num_experts: int, comm: GroupComm | None) -> Any:
         from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
 
-        dev = torch.device("cuda", torch.cuda.current_device()) if device is None else device
-        return DwdpManager(config, num_experts, comm=MpiGroupComm(config), device=dev)
+        if comm is None:
+            raise ValueError("the default manager factory needs the bridge's group communicator")
+        dev = device
+        if dev is None:
+            dev = (torch.device("cuda", torch.cuda.current_device())
+                   if torch.cuda.is_available() else torch.device("cpu"))
+        return DwdpManager(config, num_experts, comm=comm, device=dev)
 
     return make
 
 
-def _group_rank(config: DwdpConfig) -> int:
-    from mpi4py import MPI
+def default_comm_factory(config: DwdpConfig) -> GroupComm:
+    """The group as upstream forms it: a sub-communicator of ``COMM_WORLD`` (``group.py``)."""
+    from tensorrt_llm_dwdp.trtllm.group import SubGroupComm
 
-    return config.group_of(MPI.COMM_WORLD.Get_rank())[1]
+    return SubGroupComm(config)
+
+
+def manager_class(options: Mapping[str, Any] | None = None,
+                  manager_factory: ManagerFactory | None = None,
+                  comm_factory: CommFactory | None = None) -> type:
+    """A class TensorRT-LLM can construct as ``DwdpManager(config=, dist=, mapping=)``.
+
+    ``options``: our config knobs that upstream's ``DwdpConfig`` lacks (``peer_timeout_s``,
+    ``view_page_bytes``, ...). The group communicator is formed at construction, as upstream
+    forms its sub-communicator there; the group rank comes from it and must agree with
+    ``mapping.dwdp_rank``.
+    """
+    opts = dict(options or {})
+    factory = manager_factory or default_manager_factory()
+    make_comm = comm_factory or default_comm_factory
+
+    class TrtllmDwdpManager(TrtllmDwdpBridge):
+        """Our DWDP manager, built where TensorRT-LLM builds its own."""
+
+        def __init__(self, config: Any, dist: Any = None, mapping: Any = None) -> None:
+            ours = from_trtllm(config, **opts)
+            if not ours.enabled:
+                raise RuntimeError(f"DwdpManager requires dwdp_size > 1; got dwdp_config "
+                                   f"dwdp_size={ours.dwdp_size}")
+            if mapping is not None and mapping.dwdp_enabled is False:
+                raise RuntimeError(f"DwdpManager requires mapping.dwdp_enabled (dwdp_size > 1); "
+                                   f"got mapping.dwdp_size={mapping.dwdp_size}")
+            comm = make_comm(ours)
+            try:
+                mapped = None if mapping is None else mapping.dwdp_rank
+                if mapped is not None and mapped != comm.rank:
+                    raise DwdpMismatchError(
+                        f"mapping.dwdp_rank is {mapped} but this process is rank {comm.rank} of "
+                        f"its DWDP group ({comm.describe()}): DWDP ranks are consecutive world "
+                        "ranks, group g = [g*dwdp_size, (g+1)*dwdp_size)")
+                super().__init__(ours, rank=comm.rank, manager_factory=factory, comm=comm)
+            except BaseException:
+                comm.close()
+                raise
+            self.dist, self.mapping = dist, mapping
+            self.group_id = comm.group_id
+            self.rank = comm.__dict__.get("world_rank", comm.rank)
+
+    return TrtllmDwdpManager
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patches upstream's DWDP module right after it executes, wherever it is imported from."""
+
+    def __init__(self, installation: "Installation") -> None:
+        self.installation = installation
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != UPSTREAM_DWDP_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _PatchingLoader(spec.loader, self.installation)
+        return spec
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, inner: Any, installation: "Installation") -> None:
+        self._inner = inner
+        self._installation = installation
+
+    def create_module(self, spec: Any) -> Any:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._inner.exec_module(module)
+        self._installation.patch(module)
 
 
 @dataclass
 class Installation:
-    """What ``install`` replaced; ``uninstall()`` puts it back."""
+    """The patches one ``install`` made; ``uninstall()`` puts the originals back."""
 
-    config: DwdpConfig
+    cls: type
     replaced: dict[str, Any] = field(default_factory=dict)
-    bridges: list[TrtllmDwdpBridge] = field(default_factory=list)
+    finder: Any = None
+
+    def patch(self, module: Any) -> None:
+        """Point ``module.DwdpManager`` at our class (once; the original is kept)."""
+        current = module.__dict__.get("DwdpManager")
+        if current is None or current is self.cls:
+            return
+        self.replaced[module.__name__] = current
+        module.DwdpManager = self.cls
+        logger.info("%s.DwdpManager now builds tensorrt_llm_dwdp's manager", module.__name__)
 
     def uninstall(self) -> None:
-        import importlib
-
+        if self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)
         for module_name, original in self.replaced.items():
-            setattr(importlib.import_module(module_name), "DwdpManager", original)
+            module = sys.modules.get(module_name)
+            if module is not None:
+                module.DwdpManager = original
         self.replaced.clear()
 
 
-def install(llm_args: Any, *, manager_factory: ManagerFactory | None = None,
-            rank: int | None = None, **ours: Any) -> Installation | None:
-    """Make TensorRT-LLM build our manager wherever it would build its own.
+def active_installation() -> Installation | None:
+    """The installation this process runs under, if any (its import hook is on sys.meta_path)."""
+    for finder in sys.meta_path:
+        if isinstance(finder, _PatchOnImport):
+            return finder.installation
+    return None
 
-    ``llm_args``: TensorRT-LLM's ``TorchLlmArgs`` (or anything with ``dwdp_config``, or that
-    section itself as a mapping). Returns None when DWDP is off. ``ours``: our extra config
-    knobs (``prefetch_slice_bytes``, ``peer_timeout_s``, ``view_page_bytes``, ``view_handles``).
-    """
-    import importlib
 
-    section = llm_args if isinstance(llm_args, Mapping) else getattr(llm_args, "dwdp_config")
-    config = from_trtllm(section, **ours)
-    if not config.enabled:
-        logger.info("dwdp_config is off; TensorRT-LLM runs unchanged")
-        return None
-    factory = manager_factory or default_manager_factory()
-    installation = Installation(config)
+def install(*, options: Mapping[str, Any] | None = None,
+            manager_factory: ManagerFactory | None = None,
+            comm_factory: CommFactory | None = None) -> Installation:
+    """Make every ``DwdpManager`` TensorRT-LLM builds in this process ours (see the module
+    docstring). Raises RuntimeError when an installation is already active here."""
+    if active_installation() is not None:
+        raise RuntimeError("tensorrt_llm_dwdp's TensorRT-LLM adapter is already installed in "
+                           "this process; uninstall() the active installation first")
+    from tensorrt_llm_dwdp.trtllm.config import UPSTREAM_KEYS
 
-    class InstalledBridge(TrtllmDwdpBridge):
-        """Built where upstream builds its manager, ``DwdpManager(config, dist, mapping)`` (a
-        class, so upstream's isinstance checks against the name still work)."""
-
-        def __init__(self, upstream_config: Any = None, dist: Any = None,
-                     mapping: Any = None) -> None:
-            # Upstream passes its own DwdpConfig (same fields), its Distributed object and its
-            # Mapping; our manager's communicator forms the group, the mapping gives the rank.
-            del upstream_config, dist
-            group_rank = rank
-            if group_rank is None:
-                group_rank = mapping.dwdp_rank if mapping is not None else _group_rank(config)
-            super().__init__(config, rank=group_rank, manager_factory=factory)
-            installation.bridges.append(self)
-
-    for module_name in UPSTREAM_MANAGER_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            if module_name == UPSTREAM_MANAGER_MODULES[0]:
-                installation.uninstall()
-                raise ImportError(
-                    "tensorrt_llm_dwdp.trtllm.install needs TensorRT-LLM with DWDP support "
-                    "(tensorrt_llm/_torch/pyexecutor/dwdp.py); pip install tensorrt_llm"
-                ) from exc
-            continue
-        if hasattr(module, "DwdpManager"):
-            installation.replaced[module_name] = module.DwdpManager
-            module.DwdpManager = InstalledBridge
+    clash = sorted(set(options or {}) & set(UPSTREAM_KEYS))
+    if clash:
+        raise ValueError(f"install options {clash} belong in TensorRT-LLM's dwdp_config, not in "
+                         "the adapter's options")
+    installation = Installation(manager_class(options, manager_factory, comm_factory))
+    installation.finder = _PatchOnImport(installation)
+    sys.meta_path.insert(0, installation.finder)
+    for module_name in (UPSTREAM_DWDP_MODULE, UPSTREAM_CREATOR_MODULE):
+        module = sys.modules.get(module_name)
+        if module is not None:
+            installation.patch(module)
     return installation
-
-
-def attach(model: nn.Module, bridge: TrtllmDwdpBridge) -> list[int]:
-    """Add every MoE module of a loaded model to ``bridge``, enable upstream's DWDP call sites
-    on it, and run ``bridge.setup(model)`` (collective: every rank calls it). Returns the MoE
-    layer indices, in model order."""
-    layers = []
-    for layer_idx, _name, module in find_moe_modules(model):
-        bridge.add_layer(layer_idx=layer_idx)
-        module.dwdp_manager = bridge
-        module.enable_dwdp = True
-        layers.append(layer_idx)
-    if not layers:
-        raise ValueError(f"no MoE module with w3_w1_weight/w2_weight found in {type(model).__name__}")
-    bridge.setup(model)
-    return layers
 
 
 def attach_layer_hooks(module: nn.Module, layer_idx: int, bridge: TrtllmDwdpBridge) -> list:

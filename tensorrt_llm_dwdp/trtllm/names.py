@@ -1,14 +1,18 @@
 """Which TensorRT-LLM modules are MoE layers and which of their tensors DWDP moves (pure).
 
 TensorRT-LLM's fused-MoE backends (``CuteDslFusedMoE`` and the others under
-``tensorrt_llm/_torch/moe/fused_moe/``) keep their routed experts as attributes whose names
-our manager already uses (``docs/ARCHITECTURE.md``): ``w3_w1_weight``, ``w2_weight``, the NVFP4
-block scales ``w3_w1_weight_scale`` / ``w2_weight_scale``, the global scales ``fc31_alpha`` /
-``fc2_alpha`` and the optional biases ``w3_w1_bias`` / ``w2_bias``. The quantization method also
-publishes the scales in a ``quant_scales`` record whose fields carry other names
-(``fc1_weight_block``, ``fc1_global``, ``fc2_weight_block``, ``fc2_global``); the NVFP4 kernels
-read the scales from that record, so ``rebind_quant_scales`` keeps it on the live parameters.
-``ConfigurableMoE`` wraps one backend in ``.backend``. Nothing here imports tensorrt_llm.
+``tensorrt_llm/_torch/modules/fused_moe/``) keep their routed experts as attributes with dim 0
+= the rank's local experts: ``w3_w1_weight`` and ``w2_weight``, the NVFP4 block scales
+``w3_w1_weight_scale`` / ``w2_weight_scale`` (upstream moves these four through its composite
+view), the optional biases ``w3_w1_bias`` / ``w2_bias``, and small per-expert parameters that
+upstream finds by name: any parameter whose name holds ``scale``, ``scaling_factor``,
+``dequant`` or ``alpha`` and whose dim 0 is the local expert count (``fc31_alpha``,
+``fc2_alpha``, ...; upstream allgathers these, we move them through the composite view like the
+rest). The quantization method also publishes the scales in a ``quant_scales`` record whose
+fields carry other names (``fc1_weight_block``, ``fc1_global``, ``fc2_weight_block``,
+``fc2_global``); the NVFP4 kernels read the scales from that record, so ``rebind_quant_scales``
+keeps it on the live parameters. ``ConfigurableMoE`` wraps one backend in ``.backend``.
+Nothing here imports tensorrt_llm.
 """
 from __future__ import annotations
 
@@ -17,21 +21,16 @@ from typing import Iterator
 import torch
 from torch import nn
 
-# TensorRT-LLM module attribute -> our parameter name (identical by design).
-TRTLLM_TO_OURS: dict[str, str] = {
-    "w3_w1_weight": "w3_w1_weight",
-    "w2_weight": "w2_weight",
-    "w3_w1_weight_scale": "w3_w1_weight_scale",
-    "w2_weight_scale": "w2_weight_scale",
-    "fc31_alpha": "fc31_alpha",
-    "fc2_alpha": "fc2_alpha",
-    "w3_w1_bias": "w3_w1_bias",
-    "w2_bias": "w2_bias",
-}
-OURS_TO_TRTLLM: dict[str, str] = {v: k for k, v in TRTLLM_TO_OURS.items()}
-REQUIRED = ("w3_w1_weight", "w2_weight")
+#: Required expert weights, then the block scales upstream transports with them.
+WEIGHT_NAMES = ("w3_w1_weight", "w2_weight")
+TRANSPORTED_NAMES = WEIGHT_NAMES + ("w3_w1_weight_scale", "w2_weight_scale")
+BIAS_NAMES = ("w3_w1_bias", "w2_bias")
+#: A parameter whose name holds one of these and whose dim 0 is the local expert count is
+#: per-expert (upstream's ``_allgather_expert_scales`` rule).
+PER_EXPERT_MARKS = ("scale", "scaling_factor", "dequant", "alpha")
+REQUIRED = WEIGHT_NAMES
 
-# ``quant_scales`` record field (FusedMoEQuantScalesNVFP4) -> our parameter name.
+# ``quant_scales`` record field (FusedMoEQuantScalesNVFP4) -> backend attribute.
 QUANT_SCALES_TO_OURS: dict[str, str] = {
     "fc1_weight_block": "w3_w1_weight_scale",
     "fc1_global": "fc31_alpha",
@@ -46,6 +45,11 @@ def _tensor(value: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _attr(owner: nn.Module, name: str) -> torch.Tensor | None:
+    value = owner._parameters.get(name, owner._buffers.get(name, owner.__dict__.get(name)))
+    return _tensor(value)
+
+
 def expert_backend(module: nn.Module) -> nn.Module:
     """The module that owns the expert tensors: ``module.backend`` for a ConfigurableMoE-style
     wrapper, the module itself otherwise."""
@@ -56,32 +60,64 @@ def expert_backend(module: nn.Module) -> nn.Module:
 def is_moe_module(module: nn.Module) -> bool:
     """True when ``module`` (or its ``backend``) holds routed experts under TensorRT-LLM names."""
     owner = expert_backend(module)
-    return all(_tensor(owner.__dict__.get(n, owner._parameters.get(n))) is not None for n in REQUIRED)
+    return all(_attr(owner, n) is not None for n in REQUIRED)
+
+
+def _tensor_names(owner: nn.Module) -> list[str]:
+    names = list(owner._parameters) + list(owner._buffers)
+    names += [k for k, v in owner.__dict__.items() if isinstance(v, torch.Tensor)]
+    return list(dict.fromkeys(names))
+
+
+def is_per_expert_name(name: str) -> bool:
+    """Upstream's name rule for small per-expert parameters."""
+    return any(mark in name for mark in PER_EXPERT_MARKS)
 
 
 def expert_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Our-name -> tensor for every expert tensor the module holds (dim 0 = local experts).
+    """Attribute name -> tensor of every per-expert tensor the module holds (dim 0 = the local
+    expert count ``n``, taken from ``w3_w1_weight``).
 
-    Raises ``ValueError`` naming the attribute when a tensor's first dim disagrees with
-    ``w3_w1_weight``'s (DWDP copies expert ranges as byte ranges of dim 0).
+    The weights, their block scales and the biases must have ``n`` as dim 0 (DWDP copies
+    expert ranges as byte ranges of dim 0): a ``ValueError`` names the attribute that does not.
+    Other tensors are per-expert when their name passes :func:`is_per_expert_name` and their
+    dim 0 is ``n``; the rest (input scales, shared constants) stay where they are.
     """
     owner = expert_backend(module)
-    out: dict[str, torch.Tensor] = {}
-    for attr, ours in TRTLLM_TO_OURS.items():
-        t = _tensor(owner.__dict__.get(attr, owner._parameters.get(attr)))
-        if t is not None:
-            out[ours] = t
-    missing = [n for n in REQUIRED if n not in out]
+    missing = [name for name in REQUIRED if _attr(owner, name) is None]
     if missing:
         raise ValueError(f"{type(owner).__name__} has no expert tensor(s) {missing}")
-    n = out["w3_w1_weight"].shape[0]
-    for name, t in out.items():
+    n = _attr(owner, "w3_w1_weight").shape[0]
+    out: dict[str, torch.Tensor] = {}
+    for name in TRANSPORTED_NAMES + BIAS_NAMES:
+        t = _attr(owner, name)
+        if t is None:
+            continue
         if t.dim() == 0 or t.shape[0] != n:
             raise ValueError(
-                f"{type(owner).__name__}.{OURS_TO_TRTLLM[name]} has shape {tuple(t.shape)}; "
+                f"{type(owner).__name__}.{name} has shape {tuple(t.shape)}; "
                 f"DWDP needs the local expert count {n} as its first dim"
             )
+        out[name] = t
+    for name in _tensor_names(owner):
+        if name in out or not is_per_expert_name(name):
+            continue
+        t = _attr(owner, name)
+        if t is not None and t.dim() > 0 and t.shape[0] == n:
+            out[name] = t
     return out
+
+
+def bind_tensor(backend: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Point ``backend.<name>`` at ``tensor``: a parameter keeps its object (``param.data``, as
+    upstream binds), a buffer or plain attribute is replaced."""
+    param = backend._parameters.get(name)
+    if param is not None:
+        param.data = tensor
+    elif name in backend._buffers:
+        backend._buffers[name] = tensor
+    else:
+        setattr(backend, name, tensor)
 
 
 def rebind_quant_scales(module: nn.Module) -> None:
@@ -97,8 +133,7 @@ def rebind_quant_scales(module: nn.Module) -> None:
     if record is None or not hasattr(record, "_replace"):
         return
     updates = {}
-    for field, ours in QUANT_SCALES_TO_OURS.items():
-        attr = OURS_TO_TRTLLM[ours]
+    for field, attr in QUANT_SCALES_TO_OURS.items():
         value = owner._parameters.get(attr, owner.__dict__.get(attr))
         if field in record._fields and value is not None:
             updates[field] = value

@@ -7,7 +7,7 @@ from torch import nn
 
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
 from tensorrt_llm_dwdp.trtllm import (TrtllmDwdpBridge, expert_tensors, find_moe_modules,
-                                      from_trtllm, install, is_moe_module, rebind_quant_scales,
+                                      from_trtllm, is_moe_module, rebind_quant_scales,
                                       to_trtllm_dict)
 
 # The field names of TensorRT-LLM's FusedMoEQuantScalesNVFP4 record that the adapter reads.
@@ -78,9 +78,21 @@ def test_expert_tensors_map_names_and_share_storage():
 
 def test_expert_tensor_with_wrong_expert_dim_is_named():
     b = CuteDslLikeBackend(4)
-    b.fc2_alpha = nn.Parameter(torch.ones(3), requires_grad=False)
-    with pytest.raises(ValueError, match=r"fc2_alpha has shape \(3,\).*first dim"):
+    b.w2_weight_scale = nn.Parameter(torch.ones(3, 2), requires_grad=False)
+    with pytest.raises(ValueError, match=r"w2_weight_scale has shape \(3, 2\).*first dim"):
         expert_tensors(b)
+
+
+def test_per_expert_parameters_are_found_by_upstreams_name_rule():
+    b = CuteDslLikeBackend(4)
+    b.fc2_dequant = nn.Parameter(torch.ones(4), requires_grad=False)          # per expert
+    b.fc31_scaling_factor = nn.Parameter(torch.ones(4, 2), requires_grad=False)
+    b.fc31_input_scale = nn.Parameter(torch.ones(1), requires_grad=False)     # global
+    b.fc2_alpha = nn.Parameter(torch.ones(3), requires_grad=False)            # not [n, ...]
+    b.router_bias = nn.Parameter(torch.ones(4), requires_grad=False)          # no marker
+    names = set(expert_tensors(b))
+    assert {"fc2_dequant", "fc31_scaling_factor", "fc31_alpha"} <= names
+    assert not names & {"fc31_input_scale", "fc2_alpha", "router_bias"}
 
 
 def test_quant_scales_record_is_rebound_to_the_live_parameters():
@@ -98,11 +110,10 @@ def test_quant_scales_record_is_rebound_to_the_live_parameters():
 
 def test_bridge_protocol_errors_before_setup():
     cfg = DwdpConfig(dwdp_size=2, num_experts_per_worker=4, num_prefetch_experts=4)
-    bridge = TrtllmDwdpBridge(cfg, rank=1, manager_factory=lambda c, n: pytest.fail("built"))
+    bridge = TrtllmDwdpBridge(cfg, rank=1, manager_factory=lambda c, n, m: pytest.fail("built"))
     assert bridge.config.expert_view == "composite" and bridge.is_enabled()
+    assert (bridge.start_expert_id, bridge.end_expert_id) == (4, 8)
     bridge.add_layer(layer_idx=3)
-    with pytest.raises(ValueError, match="added to DWDP twice"):
-        bridge.add_layer(3)
     with pytest.raises(RuntimeError, match="setup\(\) has not been called"):
         bridge.prefetch_first_layers()
     with pytest.raises(RuntimeError, match=r"layers \[3\] were added but"):
@@ -140,15 +151,3 @@ def test_config_round_trip_and_spellings():
 def test_bad_upstream_config_is_named(bad, match):
     with pytest.raises(DwdpConfigError, match=match):
         from_trtllm(bad)
-
-
-def test_install_off_is_a_no_op_and_on_needs_tensorrt_llm():
-    assert install({"dwdp_size": 1}) is None
-    # tensorrt_llm cannot be installed here; the message must say what to install
-    try:
-        import tensorrt_llm  # noqa: F401
-        pytest.skip("tensorrt_llm is installed")
-    except ImportError:
-        pass
-    with pytest.raises(ImportError, match="pip install tensorrt_llm"):
-        install({"dwdp_size": 2, "num_experts_per_worker": 4, "num_prefetch_experts": 4})

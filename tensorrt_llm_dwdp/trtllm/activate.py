@@ -1,0 +1,113 @@
+"""The switch that turns the adapter on in every TensorRT-LLM executor process.
+
+The LLM API and ``trtllm-serve`` build their executors in MPI worker processes (fresh Python
+interpreters), where no user code runs before TensorRT-LLM does. So the switch lives where every
+interpreter looks at start-up: a ``.pth`` file in site-packages, installed once with
+
+    python -m tensorrt_llm_dwdp.trtllm.activate install-pth
+
+Its one line does nothing unless ``TRTLLM_DWDP_ADAPTER=1`` is set in the environment (workers
+inherit the launcher's); then it calls :func:`from_environment`, which runs ``install()`` with
+our extra knobs from ``TRTLLM_DWDP_ADAPTER_OPTIONS`` (a JSON object, e.g.
+``{"peer_timeout_s": 120}``). Importing this module imports no tensorrt_llm.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sysconfig
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_SWITCH = "TRTLLM_DWDP_ADAPTER"
+ENV_OPTIONS = "TRTLLM_DWDP_ADAPTER_OPTIONS"
+PTH_NAME = "tensorrt_llm_dwdp_adapter.pth"
+PTH_LINE = (f'import os; os.environ.get("{ENV_SWITCH}", "0") not in ("", "0") and '
+            '__import__("tensorrt_llm_dwdp.trtllm.activate", fromlist=["from_environment"])'
+            '.from_environment()\n')
+
+
+def switched_on(environ: Mapping[str, str] | None = None) -> bool:
+    """True when ``TRTLLM_DWDP_ADAPTER`` is set to anything but empty or ``0``."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_SWITCH, "0") not in ("", "0")
+
+
+def options_from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Our extra config knobs from ``TRTLLM_DWDP_ADAPTER_OPTIONS`` ({} when unset)."""
+    env = os.environ if environ is None else environ
+    text = env.get(ENV_OPTIONS, "").strip()
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{ENV_OPTIONS} is not JSON ({exc}): {text!r}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{ENV_OPTIONS} must be a JSON object such as "
+                         f'{{"peer_timeout_s": 120}}, got {text!r}')
+    from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+
+    known = set(DwdpConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{ENV_OPTIONS}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return options
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> Any:
+    """Install the adapter when the switch is on (once per process); the active installation,
+    or None when the switch is off."""
+    if not switched_on(environ):
+        return None
+    from tensorrt_llm_dwdp.trtllm.install import active_installation, install
+
+    return active_installation() or install(options=options_from_environment(environ))
+
+
+def site_dir() -> Path:
+    """This interpreter's site-packages (where the ``.pth`` goes by default)."""
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+def install_pth(directory: str | Path | None = None) -> Path:
+    """Write the ``.pth`` switch into ``directory`` (default: :func:`site_dir`)."""
+    path = Path(directory or site_dir()) / PTH_NAME
+    path.write_text(PTH_LINE)
+    return path
+
+
+def remove_pth(directory: str | Path | None = None) -> bool:
+    """Remove the ``.pth`` switch; True when there was one."""
+    path = Path(directory or site_dir()) / PTH_NAME
+    if path.exists():
+        path.unlink()
+        return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tensorrt_llm_dwdp.trtllm.activate",
+        description=f"Install the start-up switch; with {ENV_SWITCH}=1 every Python process "
+                    "(TensorRT-LLM's MPI workers included) then builds tensorrt_llm_dwdp's DWDP "
+                    "manager where TensorRT-LLM builds its own.")
+    parser.add_argument("action", choices=("install-pth", "remove-pth", "status"))
+    parser.add_argument("--site-dir", default=None, help="site-packages folder (default: this "
+                        "interpreter's)")
+    args = parser.parse_args(argv)
+    directory = Path(args.site_dir) if args.site_dir else site_dir()
+    if args.action == "install-pth":
+        print(f"wrote {install_pth(directory)}; set {ENV_SWITCH}=1 to activate")
+    elif args.action == "remove-pth":
+        print("removed" if remove_pth(directory) else f"no {PTH_NAME} in {directory}")
+    else:
+        present = (directory / PTH_NAME).exists()
+        print(f"{PTH_NAME} in {directory}: {'yes' if present else 'no'}; "
+              f"{ENV_SWITCH} {'on' if switched_on() else 'off'} in this environment")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
