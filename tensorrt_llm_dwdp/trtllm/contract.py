@@ -7,7 +7,8 @@ commit). ``source`` says how: ``file`` (the file itself), ``test`` (only upstrea
 it), ``diff`` (only a pull request's diff), ``doc`` (only upstream's architecture notes).
 
 The fake ``tensorrt_llm`` package under ``tests/trtllm_fake`` replays these calls in this order;
-``tests/unit/test_trtllm_contract.py`` checks the fake and the adapter against this table.
+``tests/unit/test_trtllm_upstream_sequence.py`` checks the fake and the adapter against this
+table (every name the fake stands in for resolves there, every method exists on ours).
 """
 from __future__ import annotations
 

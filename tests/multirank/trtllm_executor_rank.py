@@ -10,7 +10,8 @@ MoE layers, a step that raises in the middle, and ``__exit__`` at shutdown. Each
 runs the same requests on a model that holds all experts (no DWDP): every step's logits must be
 bitwise equal, and the failing step must fail the same way. Ranks at or above ``dwdp_size``
 (a 4-rank world) stand for generation ranks of a disaggregated launch: no DWDP, their own
-collective among themselves.
+collective among themselves. ``TRTLLM_DWDP_TEST_DEVICE=cuda`` runs the models and our manager on
+the GPU (rank r on device r % device_count; two ranks may share one GPU).
 """
 import os
 import site
@@ -32,11 +33,12 @@ from tensorrt_llm.llmapi.llm_args import DwdpConfig, TorchLlmArgs  # noqa: E402
 
 S, W, P = 2, 4, 2          # E = W + (S-1)*P = 6: overlapping (redundant) slices
 CONFIG = ToyMoeConfig(num_experts=6)
+DEVICE = torch.device(os.environ.get("TRTLLM_DWDP_TEST_DEVICE", "cpu"))
 
 
 def _batches(rank: int) -> tuple[list, list]:
     g = torch.Generator().manual_seed(100 + rank)
-    ids = lambda n: torch.randint(0, CONFIG.vocab_size, (n,), generator=g)  # noqa: E731
+    ids = lambda n: torch.randint(0, CONFIG.vocab_size, (n,), generator=g).to(DEVICE)  # noqa: E731
     warmup = [ScheduledBatch(ids(4)), ScheduledBatch(ids(3), frozenset({1}))]
     steps = [
         ScheduledBatch(ids(7 + rank)),                       # every layer
@@ -60,8 +62,10 @@ def _same(ours, ref, what: str) -> None:
 def main() -> None:
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     checkpoint = toy_checkpoint(CONFIG, seed=7)
-    build = lambda mapping: ToyMoeForCausalLM(CONFIG, mapping)  # noqa: E731
+    build = lambda mapping: ToyMoeForCausalLM(CONFIG, mapping).to(DEVICE)  # noqa: E731
     warmup, steps = _batches(rank)
 
     reference = create_py_executor(TorchLlmArgs(), build, checkpoint)
@@ -88,12 +92,13 @@ def main() -> None:
     results = executor._executor_loop(steps)
     for i, (ours, ref) in enumerate(zip(results, expected)):
         _same(ours, ref, f"step {i}")
-    assert isinstance(results[2], IndexError)
+    assert isinstance(results[2], ValueError)
     # warm-up: one cold step, then layer 1 skipped; the loop: 6 steps, layer 2 skipped once,
     # the failing step and the one without the last two layers abandoned by the next step
     counts = manager.steps.counts
     assert (counts.steps, counts.cold_binds, counts.skipped, counts.aborted) == (7, 1, 2, 2), counts
     bridge_manager = manager.manager
+    assert bridge_manager.device.type == DEVICE.type
     executor.shutdown()
     assert dwdp.get_global_dwdp_manager() is None and manager.manager is None
     assert bridge_manager._closed

@@ -182,7 +182,7 @@ def test_c_d_warmup_skipped_layers_and_a_failed_step(adapter):
     counts = executor.dwdp_manager.steps.counts
     assert counts.cold_binds == 1                            # warm-up bound before any prefetch
     results = executor._executor_loop(steps)
-    assert isinstance(results[2], IndexError) and isinstance(expected[2], IndexError)
+    assert isinstance(results[2], ValueError) and isinstance(expected[2], ValueError)
     for i in (0, 1, 3, 4, 5):
         assert torch.equal(results[i], expected[i]), i
     assert (counts.skipped, counts.aborted) == (1, 2), counts
@@ -313,3 +313,33 @@ def test_contract_names_the_source_of_every_entry():
     methods = {d.name.rsplit(".", 1)[-1] for d in contract.DEPENDENCIES if d.kind == "method"}
     for name in methods:
         assert callable(getattr(manager_class(), name)), name
+
+
+def _resolve(dotted: str):
+    """``tensorrt_llm.<dotted>`` in the fake: the longest importable module, then attributes;
+    None when the fake lacks it (the test lists the only names allowed to be absent)."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module("tensorrt_llm." + ".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, None)
+        return obj
+    return None
+
+
+def test_the_fake_stands_in_for_every_upstream_name_it_claims():
+    resolved = {d.name: _resolve(d.name) for d in contract.DEPENDENCIES}
+    missing = sorted(n for n, obj in resolved.items() if obj is None)
+    assert missing == ["_torch.modules.dwdp.setup._allgather_expert_scales",
+                       "_torch.modules.dwdp.setup.fixup_moe_backends"], missing
+    for dep in contract.DEPENDENCIES:
+        if dep.kind == "attribute" and dep.name.endswith(("Mapping", "DwdpConfig")):
+            cls = resolved[dep.name]
+            instance = cls()
+            for attr in dep.signature.split(", "):
+                assert hasattr(instance, attr), (dep.name, attr)

@@ -1,6 +1,7 @@
 """A small decoder with upstream's MoE wrapper: dense layers between MoE layers, the one at
-``positional_layer`` with a position table that raises for a sequence longer than
-``max_positions`` (a forward that fails in the middle of a step, after MoE layers ran), and
+``positional_layer`` with a position table that refuses a sequence longer than
+``max_positions`` (ValueError: a forward that fails in the middle of a step, after MoE layers
+ran; raised on the host, so a GPU run survives it like a CPU one), and
 ``skip_layers`` (a forward that leaves layers out)."""
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ class DenseLayer(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = h + torch.tanh(self.proj(h))
         if self.positions is not None:
-            h = h + self.positions(torch.arange(h.shape[0]))
+            if h.shape[0] > self.positions.num_embeddings:
+                raise ValueError(f"sequence of {h.shape[0]} tokens is longer than "
+                                 f"max_positions={self.positions.num_embeddings}")
+            h = h + self.positions(torch.arange(h.shape[0], device=h.device))
         return h
 
 
