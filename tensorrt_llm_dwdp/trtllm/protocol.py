@@ -11,8 +11,9 @@ upstream does:
   once: a synchronous fetch, the cost of a cold step);
 - a bind further down the step marks the layers in between done without computing them
   (their buffers are released; nothing reads them);
-- a bind of a layer at or before the one the step has reached, or ``prefetch_first_layers``
-  in the middle of a step, abandons that step (``abort_step``) and starts a new one.
+- a bind of a layer the step has already passed (a new forward), or ``prefetch_first_layers``
+  in the middle of a step, abandons that step (``abort_step``) and starts a new one; binding
+  the layer the step is at again (its forward raised before ``record``) binds it again.
 
 The manager is anything with ``start_step``, ``abort_step``, ``composite_weights`` and
 ``done`` (our ``DwdpManager``). Pure bookkeeping: no torch, no device.

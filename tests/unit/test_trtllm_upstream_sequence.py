@@ -201,6 +201,53 @@ def test_record_without_its_bind_is_named(adapter):
     executor.shutdown()
 
 
+class CallRecorder:
+    """A manager that records what the adapter asks of it."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def start_step(self) -> None:
+        self.calls.append("start")
+
+    def abort_step(self) -> None:
+        self.calls.append("abort")
+
+    def composite_weights(self, layer):
+        self.calls.append(f"w{layer}")
+        return {}
+
+    def done(self, layer) -> None:
+        self.calls.append(f"d{layer}")
+
+
+def test_step_adapter_maps_upstream_calls_onto_our_order():
+    from tensorrt_llm_dwdp.trtllm import StepAdapter
+
+    m = CallRecorder()
+    a = StepAdapter(m, [3, 5, 7])
+    for layer in (3, 5, 7):                      # warm-up: no prefetch_first_layers before
+        a.bind(layer)
+        a.record(layer)
+    a.start_step()
+    a.bind(5)                                    # layer 3 left out
+    a.record(5)
+    a.bind(7)                                    # the forward raises here: no record
+    a.start_step()                               # the next step abandons this one
+    a.bind(3)
+    a.bind(3)                                    # bound again (a retried forward)
+    a.record(3)
+    assert m.calls == ["start", "w3", "d3", "w5", "d5", "w7", "d7",
+                       "start", "d3", "w5", "d5", "w7",
+                       "abort", "start", "w3", "w3", "d3"]
+    c = a.counts
+    assert (c.steps, c.cold_binds, c.skipped, c.aborted) == (3, 1, 1, 1)
+    a.bind(3)                                    # a new forward before layer 5: abandon
+    assert m.calls[-3:] == ["abort", "start", "w3"] and a.counts.cold_binds == 2
+    with pytest.raises(ValueError, match="at least one"):
+        StepAdapter(m, [])
+
+
 # -------------------------------------------------------------------------------- e
 def _python(code: str, env: dict, site_dir) -> str:
     full = dict(os.environ)
