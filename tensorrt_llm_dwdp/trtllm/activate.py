@@ -48,8 +48,12 @@ def options_from_environment(environ: Mapping[str, str] | None = None) -> dict[s
         raise ValueError(f"{ENV_OPTIONS} must be a JSON object such as "
                          f'{{"peer_timeout_s": 120}}, got {text!r}')
     from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
+    from tensorrt_llm_dwdp.trtllm.config import UPSTREAM_KEYS
 
-    known = set(DwdpConfig.__dataclass_fields__)
+    upstream = sorted(set(options) & set(UPSTREAM_KEYS))
+    if upstream:
+        raise ValueError(f"{ENV_OPTIONS}: {upstream} belong in TensorRT-LLM's dwdp_config")
+    known = set(DwdpConfig.__dataclass_fields__) - set(UPSTREAM_KEYS)
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"{ENV_OPTIONS}: unknown key(s) {unknown}; known: {sorted(known)}")

@@ -281,6 +281,8 @@ def test_e_the_switch_activates_a_fresh_process(tmp_path):
 def test_e_bad_options_are_named():
     with pytest.raises(ValueError, match="unknown key"):
         options_from_environment({ENV_OPTIONS: '{"peer_timeout": 3}'})
+    with pytest.raises(ValueError, match="belong in TensorRT-LLM's dwdp_config"):
+        options_from_environment({ENV_OPTIONS: '{"dwdp_size": 4}'})
     with pytest.raises(ValueError, match="not JSON"):
         options_from_environment({ENV_OPTIONS: "peer_timeout_s=3"})
     assert options_from_environment({}) == {}
