@@ -14,8 +14,10 @@ our extra knobs from ``TRTLLM_DWDP_ADAPTER_OPTIONS`` (a JSON object, e.g.
 from __future__ import annotations
 
 import argparse
+import importlib.abc
 import json
 import os
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,7 +27,7 @@ ENV_OPTIONS = "TRTLLM_DWDP_ADAPTER_OPTIONS"
 PTH_NAME = "tensorrt_llm_dwdp_adapter.pth"
 PTH_LINE = (f'import os; os.environ.get("{ENV_SWITCH}", "0") not in ("", "0") and '
             '__import__("tensorrt_llm_dwdp.trtllm.activate", fromlist=["from_environment"])'
-            '.from_environment()\n')
+            '.from_environment(at_startup=True)\n')
 
 
 def switched_on(environ: Mapping[str, str] | None = None) -> bool:
@@ -60,14 +62,42 @@ def options_from_environment(environ: Mapping[str, str] | None = None) -> dict[s
     return options
 
 
-def from_environment(environ: Mapping[str, str] | None = None) -> Any:
+class _RefuseTensorrtLlm(importlib.abc.MetaPathFinder):
+    """Fails every import of ``tensorrt_llm`` with the reason the adapter could not start.
+
+    Set at interpreter start-up when the switch is on but its options are bad: raising there
+    would only be printed by ``site`` (and would break every Python process of the
+    environment, pip included), while running on without the adapter would serve with
+    upstream's manager in that one worker. Failing where TensorRT-LLM is first imported stops
+    exactly the processes that would run DWDP, with the message naming the variable."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname == "tensorrt_llm" or fullname.startswith("tensorrt_llm."):
+            raise ImportError(f"tensorrt_llm_dwdp adapter ({ENV_SWITCH}=1) cannot start: "
+                              f"{self.reason}; fix {ENV_OPTIONS} or unset {ENV_SWITCH}")
+        return None
+
+
+def from_environment(environ: Mapping[str, str] | None = None, *,
+                     at_startup: bool = False) -> Any:
     """Install the adapter when the switch is on (once per process); the active installation,
-    or None when the switch is off."""
+    or None when the switch is off. Bad options raise ValueError, except ``at_startup`` (the
+    ``.pth`` line), where every later import of ``tensorrt_llm`` fails with the reason."""
     if not switched_on(environ):
         return None
     from tensorrt_llm_dwdp.trtllm.install import active_installation, install
 
-    return active_installation() or install(options=options_from_environment(environ))
+    try:
+        options = options_from_environment(environ)
+    except ValueError as exc:
+        if not at_startup:
+            raise
+        sys.meta_path.insert(0, _RefuseTensorrtLlm(str(exc)))
+        return None
+    return active_installation() or install(options=options)
 
 
 def site_dir() -> Path:

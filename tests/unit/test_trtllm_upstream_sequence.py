@@ -278,6 +278,18 @@ def test_e_the_switch_activates_a_fresh_process(tmp_path):
     assert _python(late, on, tmp_path).split()[-2:] == ["TrtllmDwdpManager", "True"]
 
 
+def test_e_bad_options_stop_tensorrt_llm_in_a_fresh_process(tmp_path):
+    """A worker started with the switch on and bad options must not serve with upstream's
+    manager: its first import of tensorrt_llm fails, naming the variable; other imports work."""
+    install_pth(tmp_path)
+    bad = {ENV_SWITCH: "1", ENV_OPTIONS: '{"peer_timeout": 3}'}
+    assert _python("import json; print('ok')", bad, tmp_path).split() == ["ok"]
+    code = ("try:\n    import tensorrt_llm._torch.pyexecutor.py_executor_creator\n"
+            "except ImportError as exc:\n    print('refused:', exc)\n")
+    out = _python(code, bad, tmp_path)
+    assert out.startswith("refused:") and ENV_OPTIONS in out and "unknown key" in out, out
+
+
 def test_e_bad_options_are_named():
     with pytest.raises(ValueError, match="unknown key"):
         options_from_environment({ENV_OPTIONS: '{"peer_timeout": 3}'})
