@@ -1,0 +1,215 @@
+"""Operator costs of one context step on one rank, from a measured database.
+
+Two sources answer the same question, "what do attention, MoE, dense GEMMs, the rest and the
+all-to-all cost for these chunks on this rank", as ``StepCosts`` (milliseconds summed over all
+layers):
+
+- ``AicCosts``: aiconfigurator-core's per-operator database, queried through its engine API
+  (``compile_engine`` + ``EngineHandle.run_static_per_op``), one engine per EP size. Its
+  interpolation is silent beyond the collected token counts, so MoE points past the table's
+  largest token count are flagged here; a MoE point faster than the system's roofline
+  (FLOPs / latency above peak or weight bytes / latency above HBM bandwidth) is dropped and
+  replaced by the roofline floor, and reported.
+- ``MeasuredCosts`` (``plan/measured.py``): our own H200 bench JSON.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Protocol, Sequence
+
+from tensorrt_llm_dwdp.plan.model import FP8, MoeModel
+from tensorrt_llm_dwdp.plan.system import System, systems_dir
+from tensorrt_llm_dwdp.plan.traffic import Chunk
+
+log = logging.getLogger(__name__)
+CATEGORIES = ("attention", "moe", "dense", "other", "a2a")
+LENGTH_QUANTUM = 64  # chunk lengths are rounded to this many tokens before a database query
+
+
+@dataclass
+class StepCosts:
+    """Milliseconds of one step on one rank, all layers, by category."""
+
+    attention: float = 0.0
+    moe: float = 0.0
+    dense: float = 0.0
+    other: float = 0.0
+    a2a: float = 0.0
+
+    @property
+    def compute(self) -> float:
+        return self.attention + self.moe + self.dense + self.other
+
+    def as_dict(self) -> dict[str, float]:
+        return {c: getattr(self, c) for c in CATEGORIES}
+
+
+@dataclass
+class Notes:
+    """What a cost source wants the reader to know: extrapolated and dropped points.
+
+    ``extrapolated[what] = (smallest, largest)`` token counts queried past the data."""
+
+    extrapolated: dict[str, tuple[int, int]] = field(default_factory=dict)
+    dropped: list[dict] = field(default_factory=list)
+
+    def flag(self, what: str, tokens: int) -> None:
+        lo, hi = self.extrapolated.get(what, (tokens, tokens))
+        self.extrapolated[what] = (min(lo, tokens), max(hi, tokens))
+
+    def messages(self) -> list[str]:
+        return [f"{what}: queried at {lo}-{hi} tokens, extrapolated"
+                for what, (lo, hi) in sorted(self.extrapolated.items())]
+
+
+class CostSource(Protocol):
+    name: str
+    notes: Notes
+
+    def describe(self) -> dict: ...
+
+    def step(self, chunks: Sequence[Chunk], ep: int, group_tokens: Sequence[int]) -> StepCosts:
+        """Costs of ``chunks`` on one rank. ``ep`` = 1: the rank runs every expert on its own
+        tokens (DWDP, replicated); ``ep`` = S: attention-DP + EP over S ranks whose step token
+        counts are ``group_tokens`` (MoE work follows their mean, the all-to-all their max)."""
+        ...
+
+
+def _category(op: str) -> str:
+    if "dispatch" in op or "alltoall" in op or "a2a" in op:
+        return "a2a"
+    if "mla" in op or "attention" in op:
+        return "attention"
+    if op.endswith("_moe") or op == "context_moe":
+        return "moe"
+    if "gemm" in op:
+        return "dense"
+    return "other"
+
+
+def _quantize(n: int) -> int:
+    return max(LENGTH_QUANTUM, int(round(n / LENGTH_QUANTUM)) * LENGTH_QUANTUM)
+
+
+class AicCosts:
+    """aiconfigurator-core's database for ``model`` on ``system`` (framework ``trtllm`` by
+    default, its latest database version)."""
+
+    def __init__(self, model: MoeModel, system: System, framework: str = "trtllm",
+                 version: str | None = None) -> None:
+        try:
+            from aiconfigurator_core.sdk import perf_database
+        except ImportError as exc:
+            raise RuntimeError("plan needs aiconfigurator-core: pip install -e '.[plan]'") from exc
+        if model.aic_id is None:
+            raise ValueError(f"model {model.name!r} has no config aiconfigurator-core can compile; "
+                             f"pass a config.json path or a bundled model")
+        self.model, self.system, self.framework = model, system, framework
+        self.version = version or perf_database.get_latest_database_version(system.name, framework)
+        if self.version is None:
+            raise ValueError(f"aiconfigurator-core has no {framework} database for {system.name}")
+        self.quant_mode = "fp8_block" if model.quant == FP8 else model.quant
+        self.name = f"aiconfigurator-core {_aic_version()} {framework} {self.version}"
+        self.notes = Notes()
+        self._engines: dict[int, object] = {}
+        self._moe_max_tokens = _moe_coverage(system.name, framework, self.version, model,
+                                             self.quant_mode)
+        self._query = lru_cache(maxsize=None)(self._query_uncached)
+
+    def describe(self) -> dict:
+        return {"source": "aiconfigurator-core", "package_version": _aic_version(),
+                "framework": self.framework, "database_version": self.version,
+                "moe_quant_mode": self.quant_mode, "moe_max_tokens_collected": self._moe_max_tokens}
+
+    def _engine(self, ep: int):
+        if ep not in self._engines:
+            from aiconfigurator_core.sdk.engine import EngineHandle, compile_engine
+            try:
+                spec = compile_engine(
+                    self.model.aic_id, self.system.name, self.framework, self.version,
+                    attention_dp_size=ep, moe_ep_size=ep, moe_tp_size=1,
+                    moe_quant_mode=self.quant_mode, gemm_quant_mode=self.quant_mode,
+                    fmha_quant_mode="bfloat16", kvcache_quant_mode="fp8")
+            except Exception as exc:  # the SDK raises its own error types; keep the message
+                raise ValueError(f"aiconfigurator-core cannot model {self.model.name} "
+                                 f"({self.quant_mode}) on {self.system.name}: "
+                                 f"{str(exc).splitlines()[0]}") from exc
+            self._engines[ep] = EngineHandle(spec)
+        return self._engines[ep]
+
+    def _query_uncached(self, ep: int, isl: int, prefix: int) -> tuple[tuple[str, float], ...]:
+        ctx, _ = self._engine(ep).run_static_per_op(batch_size=1, isl=isl, prefix=prefix, osl=2)
+        out: dict[str, float] = {}
+        for name, ms, _energy, _src in ctx:
+            cat = _category(name)
+            out[cat] = out.get(cat, 0.0) + float(ms)
+        return tuple(sorted(out.items()))
+
+    def step(self, chunks: Sequence[Chunk], ep: int, group_tokens: Sequence[int]) -> StepCosts:
+        cost = StepCosts()
+        for c in chunks:
+            length, prefix = _quantize(c.length), _quantize(c.prefix) if c.prefix else 0
+            cost.attention += dict(self._query(ep, prefix + length, prefix)).get("attention", 0.0)
+        tokens = _quantize(sum(c.length for c in chunks))
+        own = dict(self._query(ep, tokens, 0))
+        cost.dense, cost.other = own.get("dense", 0.0), own.get("other", 0.0)
+        if ep == 1:
+            cost.moe = self._screen_moe(own.get("moe", 0.0), tokens, 1)
+        else:
+            mean = _quantize(sum(group_tokens) // len(group_tokens))
+            cost.moe = self._screen_moe(dict(self._query(ep, mean, 0)).get("moe", 0.0), mean, ep)
+            cost.a2a = dict(self._query(ep, _quantize(max(group_tokens)), 0)).get("a2a", 0.0)
+        return cost
+
+    def _screen_moe(self, ms: float, tokens: int, ep: int) -> float:
+        """Flag extrapolation past the collected token counts; drop a roofline breaker."""
+        m = self.model
+        if self._moe_max_tokens and tokens * ep > self._moe_max_tokens:
+            self.notes.flag(f"MoE EP{ep} (database collected up to {self._moe_max_tokens} "
+                            f"tokens)", tokens * ep)
+        if ms <= 0:
+            return ms
+        per_layer_s = ms / 1e3 / m.num_moe_layers
+        flops = 2 * 3 * m.hidden * m.moe_inter * m.top_k * tokens
+        weights = min(m.num_experts // ep, tokens * m.top_k) * m.expert_bytes
+        floor = max(flops / self.system.peak_flops(m.quant), weights / self.system.hbm_bw)
+        if per_layer_s < floor:
+            self.notes.dropped.append({
+                "op": "moe", "tokens": tokens, "ep": ep, "latency_us": per_layer_s * 1e6,
+                "implied_tflops": flops / per_layer_s / 1e12,
+                "implied_hbm_tbps": weights / per_layer_s / 1e12,
+                "replaced_by_roofline_us": floor * 1e6})
+            return floor * 1e3 * m.num_moe_layers
+        return ms
+
+
+def _aic_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("aiconfigurator-core")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _moe_coverage(system: str, framework: str, version: str, model: MoeModel,
+                  quant_mode: str) -> int | None:
+    """Largest token count collected for this MoE shape (None when the table is absent).
+
+    The engine's query API interpolates without saying when it left the data, so the
+    coverage is read from the MoE table's key columns (not its latencies)."""
+    path = os.path.join(systems_dir(), "data", system, "moe", framework, version, "moe_perf.parquet")
+    if not os.path.isfile(path):
+        return None
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    t = pq.read_table(path, columns=["moe_dtype", "hidden_size", "inter_size", "num_experts",
+                                     "topk", "num_tokens"])
+    mask = pc.and_(pc.and_(pc.equal(t["moe_dtype"], quant_mode),
+                           pc.equal(t["hidden_size"], model.hidden)),
+                   pc.and_(pc.equal(t["inter_size"], model.moe_inter),
+                           pc.equal(t["num_experts"], model.num_experts)))
+    rows = t.filter(mask)["num_tokens"]
+    return int(pc.max(rows).as_py()) if len(rows) else None
