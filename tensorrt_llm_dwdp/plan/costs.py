@@ -5,7 +5,9 @@ all-to-all cost for these chunks on this rank", as ``StepCosts`` (milliseconds s
 layers):
 
 - ``AicCosts``: aiconfigurator-core's per-operator database, queried through its engine API
-  (``compile_engine`` + ``EngineHandle.run_static_per_op``), one engine per EP size. Its
+  (``compile_engine`` + ``EngineHandle.run_static_per_op``), one engine per EP size. A DEP
+  rank's MoE is the smaller of the EP table's figure and the one-rank figure at the group's
+  mean tokens (same expert-token work, larger GEMMs per expert). Its
   interpolation is silent beyond the collected token counts, so MoE points past the table's
   largest token count are flagged here; a MoE point faster than the system's roofline
   (FLOPs / latency above peak or weight bytes / latency above HBM bandwidth) is dropped and
@@ -160,7 +162,13 @@ class AicCosts:
             cost.moe = self._screen_moe(own.get("moe", 0.0), tokens, 1)
         else:
             mean = _quantize(sum(group_tokens) // len(group_tokens))
-            cost.moe = self._screen_moe(dict(self._query(ep, mean, 0)).get("moe", 0.0), mean, ep)
+            ep_moe = self._screen_moe(dict(self._query(ep, mean, 0)).get("moe", 0.0), mean, ep)
+            # An EP rank runs the same expert-token work as one rank holding every expert for
+            # the group's mean tokens, with more tokens per expert: never slower when routing
+            # is balanced. The EP tables stop at a few thousand tokens per rank and their
+            # extrapolation can exceed that bound; routing skew is left to the sync term.
+            full = self._screen_moe(dict(self._query(1, mean, 0)).get("moe", 0.0), mean, 1)
+            cost.moe = min(ep_moe, full)
             cost.a2a = dict(self._query(ep, _quantize(max(group_tokens)), 0)).get("a2a", 0.0)
         return cost
 
