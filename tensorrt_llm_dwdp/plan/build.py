@@ -5,10 +5,10 @@ import dataclasses
 import time
 
 from tensorrt_llm_dwdp.plan.costs import AicCosts, CostSource
-from tensorrt_llm_dwdp.plan.model import resolve_model
+from tensorrt_llm_dwdp.plan.model import FP8, MoeModel, resolve_model
 from tensorrt_llm_dwdp.plan.planner import PlanRequest, make_plan
 from tensorrt_llm_dwdp.plan.reference import BLOG19, COPY_H200
-from tensorrt_llm_dwdp.plan.system import load_system
+from tensorrt_llm_dwdp.plan.system import System, load_system
 from tensorrt_llm_dwdp.plan.traffic import parse_isl
 
 
@@ -32,6 +32,9 @@ def build_plan(*, model: str, system: str, gpus: int, isl: str, max_num_tokens: 
     else:
         source = AicCosts(moe, spec, framework)
     plan = make_plan(req, moe, spec, source, COPY_H200)
+    compared = _compare(moe, spec, source)
+    if compared:
+        plan["sources_compared"] = compared
     plan["title"] = (f"{moe.name} ({moe.quant}) on {gpus}x {system}, ISL {isl} ratio {ratio}, "
                      f"max_num_tokens {max_num_tokens}")
     plan["inputs"] = {"model": model, "system": system, "gpus": gpus, "isl": isl, "ratio": ratio,
@@ -47,3 +50,20 @@ def build_plan(*, model: str, system: str, gpus: int, isl: str, max_num_tokens: 
     plan["prediction"] = True
     plan["elapsed_s"] = time.perf_counter() - t0
     return plan
+
+
+def _compare(model: MoeModel, system: System, source: CostSource) -> dict | None:
+    """Our measured H200 costs beside the database's where both cover the model: DeepSeek-V3
+    expert shapes on h200_sxm. The database has no FP4 compute on H200, so its side is the
+    same shapes in FP8 block scaling (TensorRT-LLM's H200 path); ours is NVFP4 weights on bf16
+    tensor cores."""
+    from tensorrt_llm_dwdp.plan.measured import SHAPE, MeasuredCosts
+    if system.name != "h200_sxm" or model.aic_id is None or any(
+            getattr(model, k) != v for k, v in SHAPE.items() if k != "quant"):
+        return None
+    measured = source if isinstance(source, MeasuredCosts) else \
+        MeasuredCosts.from_breakdown(dataclasses.replace(model, quant="nvfp4"), system)
+    database = source if isinstance(source, AicCosts) and model.quant == FP8 else \
+        AicCosts(dataclasses.replace(model, quant=FP8), system)
+    from tensorrt_llm_dwdp.plan.measured import compare_sources
+    return compare_sources(measured, database)

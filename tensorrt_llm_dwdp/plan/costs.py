@@ -110,7 +110,11 @@ class AicCosts:
             raise ValueError(f"model {model.name!r} has no config aiconfigurator-core can compile; "
                              f"pass a config.json path or a bundled model")
         self.model, self.system, self.framework = model, system, framework
-        self.version = version or perf_database.get_latest_database_version(system.name, framework)
+        # the maintained default ("current" slot) is what get_latest_database_version returns
+        # too; reading the slot skips parsing every system's collection metadata
+        slots = perf_database.get_version_slots(system.name, framework)
+        self.version = version or (slots or {}).get("current") \
+            or perf_database.get_latest_database_version(system.name, framework)
         if self.version is None:
             raise ValueError(f"aiconfigurator-core has no {framework} database for {system.name}")
         self.quant_mode = "fp8_block" if model.quant == FP8 else model.quant
@@ -202,6 +206,7 @@ def _aic_version() -> str:
         return "unknown"
 
 
+@lru_cache(maxsize=None)
 def _moe_coverage(system: str, framework: str, version: str, model: MoeModel,
                   quant_mode: str) -> int | None:
     """Largest token count collected for this MoE shape (None when the table is absent).

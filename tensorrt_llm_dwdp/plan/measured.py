@@ -174,3 +174,21 @@ def a2a_ms(tokens: int, model: MoeModel, ep: int, link_bw: float) -> float:
     miss = math.comb(e - own, k) / math.comb(e, k)   # a given rank owns none of its experts
     payload = tokens * model.hidden * 2 * (ep - 1) * (1 - miss)
     return 2 * payload / (link_bw * COPY_H200.efficiency) * 1e3
+
+
+def compare_sources(measured: "MeasuredCosts", database, tokens: Sequence[int] = (16384, 32768),
+                    prompt_len: int = 8192) -> dict:
+    """Per-layer ms of both sources at the fitted token counts (prompts of ``prompt_len``), and
+    measured / database. ``database`` is any ``CostSource`` for the same shapes."""
+    m = measured.model
+    rows = []
+    for t in tokens:
+        chunks = [Chunk(i, prompt_len, 0) for i in range(max(1, t // prompt_len))]
+        ours, theirs = measured.step(chunks, 1, [t]), database.step(chunks, 1, [t])
+        row = {"tokens": t}
+        for name, layers in (("attention", m.num_layers), ("moe", m.num_moe_layers)):
+            a, b = getattr(ours, name) / layers, getattr(theirs, name) / layers
+            row[name] = {"measured_ms_per_layer": a, "database_ms_per_layer": b,
+                         "measured_over_database": a / b if b else float("nan")}
+        rows.append(row)
+    return {"measured": measured.name, "database": database.name, "points": rows}

@@ -69,7 +69,12 @@ def main(args: argparse.Namespace) -> int:
     for d in plan["notes"]["dropped"]:
         print(f"dropped (breaks the roofline): {d}")
     if plan.get("sources_compared"):
-        print(f"measured vs database: {plan['sources_compared']}")
+        sc = plan["sources_compared"]
+        print(f"sources compared, ms per layer, {sc['measured']} / {sc['database']}:")
+        for row in sc["points"]:
+            print(f"  {row['tokens']:>6} tokens: " + ", ".join(
+                f"{k} {row[k]['measured_ms_per_layer']:.2f} / {row[k]['database_ms_per_layer']:.2f}"
+                f" = {row[k]['measured_over_database']:.2f}x" for k in ("attention", "moe")))
     print(table(plan))
     print(f"stream: {plan['stream_rate_req_per_s']:.2f} requests/s, mean prompt "
           f"{plan['mean_prompt_tokens']:.0f} tokens")
