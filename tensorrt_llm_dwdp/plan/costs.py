@@ -133,6 +133,8 @@ class AicCosts:
     def _engine(self, ep: int):
         if ep not in self._engines:
             from aiconfigurator_core.sdk.engine import EngineHandle, compile_engine
+            log.debug("compiling %s engine for %s EP%d on %s", self.name, self.model.name, ep,
+                      self.system.name)
             try:
                 spec = compile_engine(
                     self.model.aic_id, self.system.name, self.framework, self.version,

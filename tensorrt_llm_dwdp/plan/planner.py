@@ -89,6 +89,7 @@ def make_plan(req: PlanRequest, model: MoeModel, system: System, costs: CostSour
                "fits": mem["fits"], "deployment": dep}
         if mem["fits"]:
             row.update(saturated(dep, req.traffic, ctx, req.num_steps, req.seed))
+        log.debug("%s: %.1f GiB per GPU, fits=%s", dep.label, mem["total"] / 2**30, mem["fits"])
         rows.append(row)
     fitting = [r for r in rows if r["fits"]]
     if not fitting:

@@ -20,7 +20,7 @@ import numpy as np
 
 from tensorrt_llm_dwdp.plan.copy_model import CopyParams
 from tensorrt_llm_dwdp.plan.costs import CostSource
-from tensorrt_llm_dwdp.plan.deploy import DEP, REPLICATED, TERMS, Deployment, RankStep, group_step
+from tensorrt_llm_dwdp.plan.deploy import REPLICATED, TERMS, Deployment, RankStep, group_step
 from tensorrt_llm_dwdp.plan.model import MoeModel
 from tensorrt_llm_dwdp.plan.system import System
 from tensorrt_llm_dwdp.plan.traffic import Chunk, Traffic, pack_steps
