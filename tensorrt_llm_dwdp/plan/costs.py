@@ -188,13 +188,21 @@ class AicCosts:
             return ms
         per_layer_s = ms / 1e3 / m.num_moe_layers
         flops = 2 * 3 * m.hidden * m.moe_inter * m.top_k * tokens
-        weights = min(m.num_experts // ep, tokens * m.top_k) * m.expert_bytes
+        # experts a rank must read: its E/ep, each picked by at least one of the tokens routed
+        # over the group (tokens * ep, each choosing top_k of E) with uniform routing
+        local = m.num_experts // ep
+        touched = local * (1.0 - (1.0 - m.top_k / m.num_experts) ** (tokens * ep))
+        weights = touched * m.expert_bytes
         floor = max(flops / self.system.peak_flops(m.quant), weights / self.system.hbm_bw)
         if per_layer_s < floor:
+            if any(d["tokens"] == tokens and d["ep"] == ep for d in self.notes.dropped):
+                return floor * 1e3 * m.num_moe_layers
             self.notes.dropped.append({
                 "op": "moe", "tokens": tokens, "ep": ep, "latency_us": per_layer_s * 1e6,
                 "implied_tflops": flops / per_layer_s / 1e12,
                 "implied_hbm_tbps": weights / per_layer_s / 1e12,
+                "peak_tflops": self.system.peak_flops(m.quant) / 1e12,
+                "peak_hbm_tbps": self.system.hbm_bw / 1e12,
                 "replaced_by_roofline_us": floor * 1e6})
             return floor * 1e3 * m.num_moe_layers
         return ms

@@ -75,22 +75,11 @@ class RankStep:
         return self.step_ms - self.sync_wait
 
 
-def dwdp_layouts(model: MoeModel, size: int, max_choices: int = 3) -> list[tuple[int, int]]:
-    """``(W, P)`` pairs valid for E experts over ``size`` ranks, least memory first: the
-    disjoint split when S divides E, then up to ``max_choices`` layouts with more experts owned
-    (fewer copied) at about 3/4, 1/2 and 1/4 of the largest P."""
+def dwdp_layouts(model: MoeModel, size: int) -> list[tuple[int, int]]:
+    """Every valid ``(W, P)`` for E experts over ``size`` ranks (``W + (S-1)*P == E``,
+    ``1 <= P <= W``), fewest owned experts (least memory, most copying) first."""
     e = model.num_experts
-    valid = [(e - (size - 1) * p, p) for p in range(1, e) if e - (size - 1) * p >= p]
-    if not valid:
-        return []
-    pmax = max(p for _, p in valid)
-    chosen: list[tuple[int, int]] = []
-    for frac in (1.0, 0.75, 0.5, 0.25)[: max_choices + 1]:
-        target = pmax * frac
-        best = min(valid, key=lambda wp: abs(wp[1] - target))
-        if best not in chosen:
-            chosen.append(best)
-    return chosen
+    return sorted((e - (size - 1) * p, p) for p in range(1, e) if e - (size - 1) * p >= p)
 
 
 def memory_per_gpu(dep: Deployment, model: MoeModel, system: System,

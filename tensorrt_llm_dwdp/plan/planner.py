@@ -57,7 +57,9 @@ def check_request(req: PlanRequest, model: MoeModel, system: System) -> None:
 
 def candidates(req: PlanRequest, model: MoeModel, system: System) -> list[Deployment]:
     """Replicated, DEP at every group size that divides the GPUs inside one NVLink domain, and
-    DWDP at each such size and layout, without and with contention_opt."""
+    DWDP at each such size, without and with contention_opt, for three of its valid layouts:
+    the fewest owned experts, the most that still fit in memory (least copying), and the one
+    halfway between (all of them are valid; ``--experts-per-worker`` plans any other)."""
     out = [Deployment(REPLICATED, 1)]
     sizes = [req.dwdp_size] if req.dwdp_size else \
         [s for s in range(2, req.gpus + 1) if req.gpus % s == 0 and s <= system.nvlink_domain]
@@ -67,11 +69,25 @@ def candidates(req: PlanRequest, model: MoeModel, system: System) -> list[Deploy
             w = req.experts_per_worker
             layouts = [(w, (model.num_experts - w) // (s - 1))]
         else:
-            layouts = dwdp_layouts(model, s)
+            layouts = pick_layouts(model, system, s, req.max_num_tokens)
         for w, p in layouts:
             for opt in (False, True):
                 out.append(Deployment(DWDP, s, w, p, opt))
     return out
+
+
+def pick_layouts(model: MoeModel, system: System, size: int,
+                 max_num_tokens: int) -> list[tuple[int, int]]:
+    """The fewest-owned layout, the largest W that fits, and the fitting one halfway between."""
+    valid = dwdp_layouts(model, size)
+    if not valid:
+        return []
+    fits = [wp for wp in valid if memory_per_gpu(Deployment(DWDP, size, *wp), model, system,
+                                                 max_num_tokens)["fits"]]
+    chosen = [valid[0]]
+    if fits:
+        chosen += [fits[len(fits) // 2], fits[-1]]
+    return sorted(set(chosen))
 
 
 def make_plan(req: PlanRequest, model: MoeModel, system: System, costs: CostSource,

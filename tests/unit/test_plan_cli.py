@@ -40,3 +40,23 @@ def test_done_when_invocation(tmp_path, capsys):
     assert plan["notes"]["extrapolated"]            # 32K-token steps pass the MoE table
     assert plan["recommendation"]["choice"] and plan["recommendation"]["why"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_roofline_breakers_are_dropped_and_reported():
+    """SGLang's FP8 MoE rows for a few dozen tokens on H200 read DeepSeek-V3's experts faster
+    than H200's HBM allows; such a point is replaced by the roofline floor and reported."""
+    from tensorrt_llm_dwdp.plan.costs import AicCosts
+    from tensorrt_llm_dwdp.plan.model import resolve_model
+    from tensorrt_llm_dwdp.plan.system import load_system
+    from tensorrt_llm_dwdp.plan.traffic import Chunk
+
+    model, system = resolve_model("deepseek-v3-fp8"), load_system("h200_sxm")
+    costs = AicCosts(model, system, "sglang")
+    cost = costs.step([Chunk(0, 128, 0)], 1, [128])
+    (d,) = costs.notes.dropped
+    assert d["tokens"] == 128 and d["implied_hbm_tbps"] > d["peak_hbm_tbps"] == 4.8
+    assert cost.moe == pytest.approx(d["replaced_by_roofline_us"] / 1e3 * model.num_moe_layers)
+    costs.step([Chunk(0, 128, 0)], 1, [128])
+    assert len(costs.notes.dropped) == 1                      # reported once
+    big = costs.step([Chunk(0, 8192, 0)], 1, [8192])
+    assert len(costs.notes.dropped) == 1 and big.moe > cost.moe

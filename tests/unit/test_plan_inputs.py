@@ -12,7 +12,7 @@ pytest.importorskip("aiconfigurator_core")
 from tensorrt_llm_dwdp.moe.specs import expert_nbytes
 from tensorrt_llm_dwdp.plan.deploy import DWDP, Deployment, dwdp_layouts, memory_per_gpu
 from tensorrt_llm_dwdp.plan.model import expert_bytes, resolve_model
-from tensorrt_llm_dwdp.plan.planner import PlanRequest, check_request
+from tensorrt_llm_dwdp.plan.planner import PlanRequest, check_request, pick_layouts
 from tensorrt_llm_dwdp.plan.system import load_system
 from tensorrt_llm_dwdp.plan.traffic import Chunk, pack_steps, parse_isl
 
@@ -96,11 +96,19 @@ def test_layouts_divide_and_memory():
     m = resolve_model("deepseek-r1-nvfp4")
     for s in (2, 3, 4, 5, 8):
         layouts = dwdp_layouts(m, s)
-        assert layouts, s
+        assert layouts == sorted(layouts)
+        assert len(layouts) == sum(1 for p in range(1, 256) if 256 - (s - 1) * p >= p)
         for w, p in layouts:
             assert w + (s - 1) * p == 256 and 1 <= p <= w
-    assert dwdp_layouts(m, 4)[0] == (64, 64)
+    assert dwdp_layouts(m, 4)[0] == (64, 64) and dwdp_layouts(m, 3)[0] == (86, 85)
     gb = load_system("gb200")
+    # GB200 (185 GiB): the disjoint split, the largest W that fits, and one between
+    picked = pick_layouts(m, gb, 8, 32768)
+    assert picked[0] == (32, 32) and len(picked) == 3
+    w_max = picked[-1][0]
+    assert memory_per_gpu(Deployment(DWDP, 8, *picked[-1]), m, gb, 32768)["fits"]
+    bigger = [wp for wp in dwdp_layouts(m, 8) if wp[0] > w_max]
+    assert not memory_per_gpu(Deployment(DWDP, 8, *bigger[0]), m, gb, 32768)["fits"]
     mem = memory_per_gpu(Deployment(DWDP, 4, 64, 64), m, gb, 32768)
     assert mem["experts"] == (58 * 64 + 2 * 3 * 64) * m.expert_bytes
     rep = memory_per_gpu(Deployment("replicated", 1), m, gb, 32768)

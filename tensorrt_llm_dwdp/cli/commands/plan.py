@@ -67,7 +67,11 @@ def main(args: argparse.Namespace) -> int:
     for note in plan["notes"]["extrapolated"]:
         print(f"flag: {note}")
     for d in plan["notes"]["dropped"]:
-        print(f"dropped (breaks the roofline): {d}")
+        print(f"dropped (breaks the roofline): {d['op']} EP{d['ep']} at {d['tokens']} tokens, "
+              f"{d['latency_us']:.0f} us per layer implies {d['implied_hbm_tbps']:.2f} TB/s of "
+              f"HBM (peak {d['peak_hbm_tbps']:.2f}) and {d['implied_tflops']:.0f} TFLOP/s (peak "
+              f"{d['peak_tflops']:.0f}); the roofline floor {d['replaced_by_roofline_us']:.0f} us "
+              f"is used")
     if plan.get("sources_compared"):
         sc = plan["sources_compared"]
         print(f"sources compared, ms per layer, {sc['measured']} / {sc['database']}:")
