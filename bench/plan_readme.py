@@ -34,26 +34,33 @@ def write() -> None:
 
 
 def table() -> str:
-    """One Markdown row per fitting deployment of each committed prediction."""
-    lines = ["| prediction | deployment | GiB/GPU | step ms | of which copy not hidden + "
-             "interference | tokens/s/GPU | vs DEP | TTFT p50 ms |",
+    """Per committed prediction: its best DEP, DWDP's fewest-owned layout as shipped (no
+    contention_opt) and the recommended deployment."""
+    lines = ["| prediction (not a measurement) | deployment | GiB/GPU | step ms | copy not hidden"
+             " + interference ms | prompt tokens/s/GPU | vs DEP | TTFT p50 ms |",
              "|---|---|---|---|---|---|---|---|"]
     for name in CASES:
         with open(os.path.join(OUT, f"{name}.json")) as f:
             plan = json.load(f)
         rows = [r for r in plan["rows"] if r["fits"]]
+        by_label = {r["label"]: r for r in rows}
         dep = max((r for r in rows if r["kind"] == "dep"),
                   key=lambda r: r["tokens_per_s_per_gpu"]["own_rate"])
+        shipped = min((r for r in rows if r["kind"] == "dwdp" and not r["contention_opt"]),
+                      key=lambda r: (r["size"], r["experts_per_worker"]))
+        chosen = by_label[plan["recommendation"]["choice"]]
         base = dep["tokens_per_s_per_gpu"]["own_rate"]
-        title = (f"{plan['inputs']['model']}, {plan['inputs']['gpus']}x {plan['inputs']['system']}, "
-                 f"ISL {plan['inputs']['isl']} ratio {plan['inputs']['ratio']}, "
-                 f"max_num_tokens {plan['inputs']['max_num_tokens']}")
-        for r in rows:
+        inp = plan["inputs"]
+        size = f", S = {inp['dwdp_size']}" if inp.get("dwdp_size") else ""
+        title = (f"{inp['model']} on {inp['gpus']}x {inp['system']}{size}, ISL {inp['isl']} "
+                 f"ratio {inp['ratio']}, {inp['max_num_tokens']} tokens/step")
+        for r in dict.fromkeys(x["label"] for x in (dep, shipped, chosen)):
+            r = by_label[r]
             b, rate = r["breakdown_ms"], r["tokens_per_s_per_gpu"]["own_rate"]
-            lines.append(f"| {title} | {r['label']} | {r['memory_gib']['total']:.0f} | "
+            mark = " (recommended)" if r is chosen else ""
+            lines.append(f"| {title} | {r['label']}{mark} | {r['memory_gib']['total']:.0f} | "
                          f"{b['step']:.0f} | {b['copy_exposed'] + b['interference']:.0f} | "
                          f"{rate:.0f} | {rate / base:.2f}x | {r['stream']['ttft_ms']['p50']:.0f} |")
-        lines.append(f"| {title} | recommendation | {plan['recommendation']['choice']} | | | | | |")
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ def build_plan(*, model: str, system: str, gpus: int, isl: str, max_num_tokens: 
                      f"max_num_tokens {max_num_tokens}")
     plan["inputs"] = {"model": model, "system": system, "gpus": gpus, "isl": isl, "ratio": ratio,
                       "max_num_tokens": max_num_tokens, "quant": moe.quant, "costs": costs,
+                      "dwdp_size": dwdp_size, "experts_per_worker": experts_per_worker,
                       "seed": seed, "steps": steps}
     plan["model"] = dataclasses.asdict(moe) | {"expert_bytes": moe.expert_bytes}
     plan["costs"] = {"name": source.name, **source.describe()}

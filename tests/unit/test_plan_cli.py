@@ -60,3 +60,16 @@ def test_roofline_breakers_are_dropped_and_reported():
     assert len(costs.notes.dropped) == 1                      # reported once
     big = costs.step([Chunk(0, 8192, 0)], 1, [8192])
     assert len(costs.notes.dropped) == 1 and big.moe > cost.moe
+
+
+def test_readme_predictions_render_from_committed_json():
+    import os
+
+    from bench.plan_readme import CASES, OUT, table
+    for name in CASES:
+        with open(os.path.join(OUT, f"{name}.json")) as f:
+            plan = json.load(f)
+        assert plan["prediction"] is True and plan["recommendation"]["choice"]
+    text = table()
+    assert "S = 4" in text and "S = 8" in text and "deepseek-v3-fp8 on 8x h200_sxm" in text
+    assert text.count("(recommended)") == len(CASES)
