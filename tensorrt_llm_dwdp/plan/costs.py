@@ -17,6 +17,7 @@ layers):
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -92,8 +93,22 @@ def _category(op: str) -> str:
     return "other"
 
 
+GRID_STEPS = 8  # geometric query grid: points per doubling of the token count
+
+
 def _quantize(n: int) -> int:
     return max(LENGTH_QUANTUM, int(round(n / LENGTH_QUANTUM)) * LENGTH_QUANTUM)
+
+
+def _grid_bracket(n: int) -> tuple[int, int]:
+    """Multiples of LENGTH_QUANTUM on the geometric grid (GRID_STEPS per doubling) around ``n``."""
+    if n <= LENGTH_QUANTUM:
+        return LENGTH_QUANTUM, LENGTH_QUANTUM
+    k = math.floor(math.log2(n / LENGTH_QUANTUM) * GRID_STEPS)
+    lo = _quantize(LENGTH_QUANTUM * 2 ** (k / GRID_STEPS))
+    hi = _quantize(LENGTH_QUANTUM * 2 ** ((k + 1) / GRID_STEPS))
+    q = LENGTH_QUANTUM
+    return min(lo, n // q * q), max(hi, -(-n // q) * q)
 
 
 class AicCosts:
@@ -107,8 +122,11 @@ class AicCosts:
         except ImportError as exc:
             raise RuntimeError("plan needs aiconfigurator-core: pip install -e '.[plan]'") from exc
         if model.aic_id is None:
-            raise ValueError(f"model {model.name!r} has no config aiconfigurator-core can compile; "
-                             f"pass a config.json path or a bundled model")
+            raise ValueError(f"aiconfigurator-core cannot compile {model.name!r} offline; pass the "
+                             f"folder holding its config.json, or a model it bundles")
+        if model.quant == "nvfp4" and not system.flops.get("fp4"):
+            raise ValueError(f"{system.name} has no FP4 tensor cores in aiconfigurator-core's "
+                             f"system file; plan it with --quant fp8")
         self.model, self.system, self.framework = model, system, framework
         # the maintained default ("current" slot) is what get_latest_database_version returns
         # too; reading the slot skips parsing every system's collection metadata
@@ -149,33 +167,49 @@ class AicCosts:
         return self._engines[ep]
 
     def _query_uncached(self, ep: int, isl: int, prefix: int) -> tuple[tuple[str, float], ...]:
-        ctx, _ = self._engine(ep).run_static_per_op(batch_size=1, isl=isl, prefix=prefix, osl=2)
+        try:
+            ctx, _ = self._engine(ep).run_static_per_op(batch_size=1, isl=isl, prefix=prefix, osl=2)
+        except Exception as exc:  # the SDK raises its own error types; keep the message
+            raise ValueError(f"aiconfigurator-core has no {self.framework} data for "
+                             f"{self.model.name} ({self.quant_mode}, EP{ep}) on {self.system.name}: "
+                             f"{str(exc).splitlines()[0]}") from exc
         out: dict[str, float] = {}
         for name, ms, _energy, _src in ctx:
             cat = _category(name)
             out[cat] = out.get(cat, 0.0) + float(ms)
         return tuple(sorted(out.items()))
 
+    def _ops(self, ep: int, tokens: int, prefix: int = 0) -> dict[str, float]:
+        """Category -> ms for one sequence of ``tokens`` new tokens after ``prefix`` cached
+        ones. Without a prefix, linear between the two nearest points of a geometric grid
+        (GRID_STEPS per doubling), so a stream of distinct lengths costs few engine queries."""
+        if prefix:
+            length, pre = _quantize(tokens), _quantize(prefix)
+            return dict(self._query(ep, pre + length, pre))
+        lo, hi = _grid_bracket(tokens)
+        a, b = dict(self._query(ep, lo, 0)), dict(self._query(ep, hi, 0))
+        w = 0.0 if hi == lo else (tokens - lo) / (hi - lo)
+        return {k: (1 - w) * a.get(k, 0.0) + w * b.get(k, 0.0) for k in set(a) | set(b)}
+
     def step(self, chunks: Sequence[Chunk], ep: int, group_tokens: Sequence[int]) -> StepCosts:
         cost = StepCosts()
         for c in chunks:
-            length, prefix = _quantize(c.length), _quantize(c.prefix) if c.prefix else 0
-            cost.attention += dict(self._query(ep, prefix + length, prefix)).get("attention", 0.0)
-        tokens = _quantize(sum(c.length for c in chunks))
-        own = dict(self._query(ep, tokens, 0))
+            cost.attention += self._ops(ep, c.length, c.prefix).get("attention", 0.0)
+        tokens = max(1, sum(c.length for c in chunks))
+        own = self._ops(ep, tokens)
         cost.dense, cost.other = own.get("dense", 0.0), own.get("other", 0.0)
         if ep == 1:
             cost.moe = self._screen_moe(own.get("moe", 0.0), tokens, 1)
         else:
-            mean = _quantize(sum(group_tokens) // len(group_tokens))
-            ep_moe = self._screen_moe(dict(self._query(ep, mean, 0)).get("moe", 0.0), mean, ep)
+            mean = max(1, sum(group_tokens) // len(group_tokens))
+            ep_moe = self._screen_moe(self._ops(ep, mean).get("moe", 0.0), mean, ep)
             # An EP rank runs the same expert-token work as one rank holding every expert for
             # the group's mean tokens, with more tokens per expert: never slower when routing
             # is balanced. The EP tables stop at a few thousand tokens per rank and their
             # extrapolation can exceed that bound; routing skew is left to the sync term.
-            full = self._screen_moe(dict(self._query(1, mean, 0)).get("moe", 0.0), mean, 1)
+            full = self._screen_moe(self._ops(1, mean).get("moe", 0.0), mean, 1)
             cost.moe = min(ep_moe, full)
-            cost.a2a = dict(self._query(ep, _quantize(max(group_tokens)), 0)).get("a2a", 0.0)
+            cost.a2a = self._ops(ep, max(1, max(group_tokens))).get("a2a", 0.0)
         return cost
 
     def _screen_moe(self, ms: float, tokens: int, ep: int) -> float:

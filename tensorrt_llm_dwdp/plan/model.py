@@ -47,7 +47,7 @@ class MoeModel:
     """Sizes of one MoE model; bytes per expert in the chosen quantization."""
 
     name: str
-    aic_id: str | None          # model path aiconfigurator-core compiles, None if it has none
+    aic_id: str | None          # model path aiconfigurator-core compiles offline, else None
     quant: str                  # expert storage: nvfp4 | fp8
     hidden: int
     moe_inter: int
@@ -93,6 +93,12 @@ def _bundled_ids() -> dict[str, str]:
     return out
 
 
+def _offline_ids() -> set[str]:
+    """Bundled configs aiconfigurator-core compiles without downloading (its DefaultHFModels)."""
+    from aiconfigurator_core.sdk.common import DefaultHFModels
+    return set(DefaultHFModels)
+
+
 def resolve_model(spec: str, quant: str | None = None) -> MoeModel:
     """The model named by ``spec`` (see module docstring); ``quant`` overrides the name's."""
     if quant is not None and quant not in QUANTS:
@@ -105,7 +111,8 @@ def resolve_model(spec: str, quant: str | None = None) -> MoeModel:
     bundled = _bundled_ids()
     aic_id = spec.replace("--", "/", 1) if "--" in spec else spec
     if aic_id in bundled:
-        return from_config(spec, _read_json(bundled[aic_id]), aic_id, quant or NVFP4)
+        compiles = aic_id if aic_id in _offline_ids() else None
+        return from_config(spec, _read_json(bundled[aic_id]), compiles, quant or NVFP4)
     path = spec
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
@@ -125,7 +132,10 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def from_config(name: str, cfg: dict[str, Any], aic_id: str | None, quant: str) -> MoeModel:
-    """Build a ``MoeModel`` from an HF config dict (DeepSeek-V3 / Qwen3-MoE / Mixtral keys)."""
+    """Build a ``MoeModel`` from an HF config dict (DeepSeek-V3 / Qwen3-MoE / Mixtral keys; a
+    multimodal config's ``text_config`` is the language model)."""
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg["text_config"], **{k: v for k, v in cfg.items() if k == "quantization_config"}}
     get = cfg.get
     experts = get("n_routed_experts") or get("num_experts") or get("num_local_experts")
     inter = get("moe_intermediate_size") or get("intermediate_size")

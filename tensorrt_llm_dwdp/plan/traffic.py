@@ -1,7 +1,7 @@
 """Prompt lengths and what a context rank runs in one step.
 
 ``--isl`` takes one length (``8192``), a list drawn uniformly (``1024,8192,32768``),
-``uniform:LO-HI`` or ``lognormal:MEDIAN,SIGMA``. ``--ratio R`` draws each prompt uniformly in
+``uniform:LO-HI`` or ``lognormal:MEDIAN,SIGMA`` (truncated at three sigma). ``--ratio R`` draws each prompt uniformly in
 ``[R*L, L]`` around the drawn length L (the random-range ratio of TensorRT-LLM's benchmarks, the
 blog's "input ratio"). A rank's step takes whole prompts first-come first-served up to the token
 budget ``max_num_tokens``; a prompt longer than the budget runs as chunks against its cached
@@ -24,6 +24,7 @@ class Traffic:
 
     @property
     def max_len(self) -> int:
+        """The longest prompt drawn (lognormal: truncated at three sigma)."""
         if self.kind == "lognormal":
             return int(self.values[0] * np.exp(3 * self.values[1]))
         return int(max(self.values))
@@ -35,7 +36,8 @@ class Traffic:
         elif self.kind == "uniform":
             base = rng.uniform(self.values[0], self.values[1], size=n)
         else:
-            base = rng.lognormal(np.log(self.values[0]), self.values[1], size=n)
+            base = np.minimum(rng.lognormal(np.log(self.values[0]), self.values[1], size=n),
+                              self.max_len)
         if self.ratio < 1.0:
             base = base * rng.uniform(self.ratio, 1.0, size=n)
         return np.maximum(1, np.round(base)).astype(np.int64)

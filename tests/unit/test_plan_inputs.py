@@ -153,3 +153,24 @@ def test_cli_bad_input_is_one_line(args, needle):
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+def test_multimodal_config_reads_its_text_model(tmp_path):
+    import json
+
+    from tensorrt_llm_dwdp.model.presets import get_preset
+    wrapped = {"architectures": ["SomeVLM"], "vision_config": {"hidden_size": 1152},
+               "text_config": get_preset("deepseek-v3")}
+    (tmp_path / "config.json").write_text(json.dumps(wrapped))
+    m = resolve_model(str(tmp_path))
+    assert (m.num_experts, m.hidden, m.num_moe_layers) == (256, 7168, 58)
+
+
+def test_bundled_config_outside_the_offline_set_cannot_be_compiled():
+    from tensorrt_llm_dwdp.plan.costs import AicCosts
+    m = resolve_model("moonshotai/Kimi-K2-Instruct")      # bundled, not in DefaultHFModels
+    assert m.aic_id is None and m.num_experts == 384
+    with pytest.raises(ValueError, match="cannot compile 'moonshotai/Kimi-K2-Instruct' offline"):
+        AicCosts(m, load_system("gb200"))
+    with pytest.raises(ValueError, match="h100_sxm has no FP4 tensor cores"):
+        AicCosts(resolve_model("deepseek-r1-nvfp4"), load_system("h100_sxm"))
