@@ -69,11 +69,6 @@ class RankStep:
     def step_ms(self) -> float:
         return sum(getattr(self, t) for t in TERMS)
 
-    @property
-    def busy_ms(self) -> float:
-        """The step without waiting for other ranks (DEP's own-rate definition)."""
-        return self.step_ms - self.sync_wait
-
 
 def dwdp_layouts(model: MoeModel, size: int) -> list[tuple[int, int]]:
     """Every valid ``(W, P)`` for E experts over ``size`` ranks (``W + (S-1)*P == E``,

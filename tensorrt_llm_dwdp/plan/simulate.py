@@ -3,9 +3,9 @@
 ``saturated`` gives every rank a full queue: each rank packs its own prompts (drawn from the
 traffic) into steps of ``max_num_tokens``; a DEP group runs its ranks' k-th steps together and
 waits for the slowest, DWDP and replicated ranks run free. Two throughput definitions are
-reported: ``own_rate`` (mean over ranks of a rank's tokens over its own busy time, what a
-free-running rank delivers) and ``lockstep`` (a group's tokens over S times its slowest rank's
-time per step). ``stream`` plays Poisson arrivals through the same step model: each request
+reported: ``own_rate`` (mean over ranks of a rank's tokens over its own step time, which for
+a DEP rank includes waiting for the slowest) and ``lockstep`` (a group's tokens over S times
+its slowest rank's time per step, what free-running ranks would deliver if they had to wait). ``stream`` plays Poisson arrivals through the same step model: each request
 joins the rank (DEP: the group, then its rank) with the fewest queued tokens; a rank's step takes
 whole prompts first-come first-served up to the budget; TTFT is the end of the step that runs a
 prompt's last token minus its arrival (queueing included; no decode, no KV transfer).
@@ -61,7 +61,7 @@ def saturated(dep: Deployment, traffic: Traffic, ctx: Context, num_steps: int,
     mean["copy_total"] = float(np.mean([x.copy_ms for x in flat]))
     mean["contention"] = float(np.mean([x.contention for x in flat]))
     tokens = float(np.mean([x.tokens for x in flat]))
-    own = np.mean([sum(row[r].tokens for row in rows) / sum(row[r].busy_ms for row in rows)
+    own = np.mean([sum(row[r].tokens for row in rows) / sum(row[r].step_ms for row in rows)
                    for r in range(s)]) * 1e3
     lock = sum(x.tokens for x in flat) / (s * sum(max(x.step_ms for x in row) for row in rows)) * 1e3
     return {"breakdown_ms": mean, "tokens_per_step": tokens,
