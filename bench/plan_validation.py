@@ -43,8 +43,8 @@ FIT_POINTS = ("2048x8", "2048x16", "8192x2")
 BLOG_UNITS = ("Blog 19 labels Table 3 in us; compared here as totals over the whole context "
               "iteration in ms. A DWDP4 rank pulls 3 x 64 experts x 24.8 MB = 4.76 GB per MoE "
               "layer: 429 us per layer would need 11 TB/s of NVLink, while 429 ms over 58 MoE "
-              "layers is 643 GB/s on a 900 GB/s link; the 34-unit merge copy the blog reports "
-              "fits the same reading.")
+              "layers is 643 GB/s on a 900 GB/s link; and 32K prompt tokens of DeepSeek-R1 "
+              "(about 2.4 PFLOP of expert and dense GEMMs) cannot run in 1.3 ms on one GB200.")
 RATIO_NOTE = ("Reported, not a goal: the issue's goal for the blog's batch-1 table is the "
               "crossover. The blog's ratios are its own roofline-style estimate; where they "
               "miss, compare dep_a2a with the blog's measured DEP4 communication (126.74 of "

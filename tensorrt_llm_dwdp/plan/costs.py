@@ -5,13 +5,14 @@ all-to-all cost for these chunks on this rank", as ``StepCosts`` (milliseconds s
 layers):
 
 - ``AicCosts``: aiconfigurator-core's per-operator database, queried through its engine API
-  (``compile_engine`` + ``EngineHandle.run_static_per_op``), one engine per EP size. A DEP
-  rank's MoE is the smaller of the EP table's figure and the one-rank figure at the group's
-  mean tokens (same expert-token work, larger GEMMs per expert). Its
-  interpolation is silent beyond the collected token counts, so MoE points past the table's
-  largest token count are flagged here; a MoE point faster than the system's roofline
-  (FLOPs / latency above peak or weight bytes / latency above HBM bandwidth) is dropped and
-  replaced by the roofline floor, and reported.
+  (``compile_engine`` + ``EngineHandle.run_static_per_op``), one engine per EP size, on a
+  geometric token grid with linear interpolation between its points. The engine extrapolates
+  silently past the token counts it collected, so MoE queries past the table's largest count
+  are flagged here; a MoE point faster than the system's roofline (FLOPs / latency above
+  peak, or the weight bytes a rank must read / latency above HBM bandwidth) is dropped,
+  replaced by the roofline floor and reported. A DEP rank's MoE is the smaller of the EP
+  table's figure and the one-rank figure at the group's mean tokens (same expert-token work,
+  larger GEMMs per expert).
 - ``MeasuredCosts`` (``plan/measured.py``): our own H200 bench JSON.
 """
 from __future__ import annotations
@@ -146,7 +147,11 @@ class AicCosts:
     def describe(self) -> dict:
         return {"source": "aiconfigurator-core", "package_version": _aic_version(),
                 "framework": self.framework, "database_version": self.version,
-                "moe_quant_mode": self.quant_mode, "moe_max_tokens_collected": self._moe_max_tokens}
+                "moe_quant_mode": self.quant_mode, "gemm_quant_mode": self.quant_mode,
+                "attention": "bf16 context FMHA with an fp8 KV cache (the GB200 database has no "
+                             "FP8 context-MLA rows); the attention term includes the MLA "
+                             "projections",
+                "moe_max_tokens_collected": self._moe_max_tokens}
 
     def _engine(self, ep: int):
         if ep not in self._engines:
