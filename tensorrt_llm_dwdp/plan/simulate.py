@@ -6,7 +6,8 @@ waits for the slowest, DWDP and replicated ranks run free. Two throughput defini
 reported: ``own_rate`` (mean over ranks of a rank's tokens over its own step time, which for
 a DEP rank includes waiting for the slowest) and ``lockstep`` (a group's tokens over S times
 its slowest rank's time per step, what free-running ranks would deliver if they had to wait). ``stream`` plays Poisson arrivals through the same step model: each request
-joins the rank (DEP: the group, then its rank) with the fewest queued tokens; a rank's step takes
+joins the rank (DEP: the group, then its rank) with the fewest outstanding (queued or running)
+tokens; a rank's step takes
 whole prompts first-come first-served up to the budget; TTFT is the end of the step that runs a
 prompt's last token minus its arrival (queueing included; no decode, no KV transfer).
 """
@@ -20,7 +21,7 @@ import numpy as np
 
 from tensorrt_llm_dwdp.plan.copy_model import CopyParams
 from tensorrt_llm_dwdp.plan.costs import CostSource
-from tensorrt_llm_dwdp.plan.deploy import REPLICATED, TERMS, Deployment, RankStep, group_step
+from tensorrt_llm_dwdp.plan.deploy import DEP, REPLICATED, TERMS, Deployment, RankStep, group_step
 from tensorrt_llm_dwdp.plan.model import MoeModel
 from tensorrt_llm_dwdp.plan.system import System
 from tensorrt_llm_dwdp.plan.traffic import Chunk, Traffic, pack_steps
@@ -74,15 +75,16 @@ def stream(dep: Deployment, gpus: int, traffic: Traffic, rate: float, num_reques
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, num_requests))
     lengths = traffic.sample(num_requests, rng)
-    s = group_size(dep)
-    units = gpus // s                      # a unit steps as one: a DEP group, else one rank
+    s = dep.size if dep.kind == DEP else 1  # ranks that step as one: a DEP group, else a rank
+    units = gpus // s
     queues = [deque() for _ in range(gpus)]  # [request, remaining, done]
-    queued = np.zeros(gpus, dtype=np.int64)
+    queued = np.zeros(gpus, dtype=np.int64)     # tokens waiting or running, per rank
     busy = [False] * units
     ttft = np.full(num_requests, np.nan)
     events: list[tuple[float, int, int]] = [(float(t), 0, i) for i, t in enumerate(arrivals)]
     heapq.heapify(events)
-    pending: dict[int, list[int]] = {}
+    pending: dict[int, list[int]] = {}          # unit -> requests its running step finishes
+    running: dict[int, list[tuple[int, int]]] = {}  # unit -> (rank, tokens) in its step
     end_time = 0.0
 
     def start(unit: int, now: float) -> None:
@@ -91,10 +93,9 @@ def stream(dep: Deployment, gpus: int, traffic: Traffic, rate: float, num_reques
         if not any(chunks):
             busy[unit] = False
             return
-        for r, cs in zip(ranks, chunks):
-            queued[r] -= sum(c.length for c in cs)
         steps = group_step(dep, chunks, ctx.costs, ctx.model, ctx.system, ctx.copy)
         duration = max(x.step_ms for x in steps) / 1e3
+        running[unit] = [(r, sum(c.length for c in cs)) for r, cs in zip(ranks, chunks)]
         pending[unit] = [c.request for cs in chunks for c in cs if c.prefix + c.length
                          == lengths[c.request]]
         busy[unit] = True
@@ -113,6 +114,8 @@ def stream(dep: Deployment, gpus: int, traffic: Traffic, rate: float, num_reques
         else:
             for req in pending.pop(ident):
                 ttft[req] = now - arrivals[req]
+            for r, n in running.pop(ident):
+                queued[r] -= n
             start(ident, now)
     span = end_time - arrivals[0]
     return {"rate_req_per_s": rate, "requests": num_requests,

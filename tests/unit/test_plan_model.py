@@ -115,3 +115,17 @@ def test_recommendation_says_why():
     assert not rec["dwdp_pays_off"] and rec["choice"] == "DEP4"
     assert rec["why"].startswith("DWDP does not pay off") and "peer copy not hidden" in rec["why"]
     assert "3.0%" in rec["why"] and "12.0%" in rec["why"]
+
+
+def test_stream_dwdp_ranks_do_not_wait_for_each_other(ctx):
+    """A short prompt arriving while a long one runs on another rank starts at once on a DWDP
+    rank, but waits for the running step in a DEP group (its ranks step together)."""
+    fast = Context(ctx.model, ctx.system, ctx.costs, CopyParams(1e6, 0.0, "test"), ctx.budget)
+    traffic = parse_isl("1000,30000")        # seed 6 draws 30000 then 1000
+    d = stream(Deployment(DWDP, 2, 128, 128, True), 2, traffic, rate=1e6, num_requests=2,
+               ctx=fast, seed=6)
+    e = stream(Deployment(DEP, 2), 2, traffic, rate=1e6, num_requests=2, ctx=fast, seed=6)
+    # DWDP: 60 ms and 2 ms side by side; DEP: the 30000-token step (30 + 15 at the mean + 3
+    # of all-to-all) runs alone, then the 1000-token one (1 + 0.5 + 0.1)
+    assert d["ttft_ms"]["p50"] == pytest.approx((60.0 + 2.0) / 2, rel=0.01)
+    assert e["ttft_ms"]["p50"] == pytest.approx((48.0 + 48.0 + 1.6) / 2, rel=0.01)
