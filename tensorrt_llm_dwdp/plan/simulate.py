@@ -49,10 +49,11 @@ def saturated(dep: Deployment, traffic: Traffic, ctx: Context, num_steps: int,
     s = group_size(dep)
     per_rank = []
     for _ in range(s):
-        steps: list[list[Chunk]] = []
-        while len(steps) < num_steps + 1:
-            steps += pack_steps(traffic.sample(64, rng), ctx.budget)
-        per_rank.append(steps[:num_steps])
+        # one rank's full queue: enough prompts for num_steps + 1 full steps, packed in order
+        lengths = traffic.sample(64, rng)
+        while lengths.sum() < (num_steps + 1) * ctx.budget:
+            lengths = np.concatenate([lengths, traffic.sample(64, rng)])
+        per_rank.append(pack_steps(lengths, ctx.budget)[:num_steps])
     rows: list[list[RankStep]] = [
         group_step(dep, [per_rank[r][k] for r in range(s)], ctx.costs, ctx.model, ctx.system,
                    ctx.copy) for k in range(num_steps)]
