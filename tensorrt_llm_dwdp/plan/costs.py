@@ -261,7 +261,8 @@ def _moe_coverage(system: str, framework: str, version: str, model: MoeModel,
     """Largest token count collected for this MoE shape (None when the table is absent).
 
     The engine's query API interpolates without saying when it left the data, so the
-    coverage is read from the MoE table's key columns (not its latencies)."""
+    coverage is read from the MoE table's key columns (not its latencies) with pyarrow, which
+    aiconfigurator-core itself depends on."""
     path = os.path.join(systems_dir(), "data", system, "moe", framework, version, "moe_perf.parquet")
     if not os.path.isfile(path):
         return None

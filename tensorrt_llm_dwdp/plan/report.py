@@ -50,7 +50,10 @@ def blog_comparison(plan: dict, blog: dict) -> str:
 
 def plot(plan: dict, path: str) -> None:
     """Stacked step terms per deployment and tokens/s per GPU, saved to ``path``."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -44,4 +44,6 @@ def test_committed_json_matches_a_fresh_run(result):
     assert [p["name"] for p in committed["points"]] == [p["name"] for p in result["points"]]
     for old, new in zip(committed["points"], result["points"]):
         if isinstance(new["predicted"], float):
-            assert old["predicted"] == pytest.approx(new["predicted"], rel=1e-9), new["name"]
+            assert old["predicted"] == pytest.approx(new["predicted"], rel=1e-9), (
+                f"{new['name']}: bench/results/plan_validation.json is stale; re-run "
+                f"python -m bench.plan_validation")
