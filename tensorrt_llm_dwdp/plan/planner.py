@@ -14,6 +14,7 @@ from tensorrt_llm_dwdp.plan.traffic import Traffic
 
 log = logging.getLogger(__name__)
 PAYS_OFF = 0.02  # DWDP must beat the best alternative by this fraction to be recommended
+TIE = 0.01       # DWDP layouts this close in throughput are told apart by memory
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ def make_plan(req: PlanRequest, model: MoeModel, system: System, costs: CostSour
 
 
 def recommend(rows: list[dict]) -> dict:
-    """The best DWDP row if it beats every other fitting row by PAYS_OFF, else why not."""
+    """The best DWDP row if it beats every other fitting row by PAYS_OFF, else why not. Among
+    DWDP rows within TIE of the fastest, the one using the least memory per GPU is chosen."""
     def rate(r: dict) -> float:
         return r["tokens_per_s_per_gpu"]["own_rate"]
 
@@ -135,7 +137,10 @@ def recommend(rows: list[dict]) -> dict:
     if not dwdp:
         return {"choice": best_other["label"], "dwdp_pays_off": False,
                 "why": "no DWDP layout fits in memory on this system"}
-    best = max(dwdp, key=rate)
+    # within TIE of the fastest DWDP row, the one that leaves the most memory free wins
+    top = max(rate(r) for r in dwdp)
+    best = min((r for r in dwdp if rate(r) >= top * (1 - TIE)),
+               key=lambda r: (r.get("memory_gib", {}).get("total", 0.0), -rate(r)))
     if best_other is None or rate(best) >= rate(best_other) * (1 + PAYS_OFF):
         gain = rate(best) / rate(best_other) - 1 if best_other else float("nan")
         return {"choice": best["label"], "dwdp_pays_off": True,

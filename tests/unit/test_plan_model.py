@@ -106,6 +106,17 @@ def _row(label, kind, rate, **b):
             "tokens_per_s_per_gpu": {"own_rate": rate}}
 
 
+def test_recommendation_prefers_less_memory_on_a_tie():
+    a = _row("DWDP4 W64", DWDP, 120.0) | {"memory_gib": {"total": 130.0}}
+    b = _row("DWDP4 W103", DWDP, 120.5) | {"memory_gib": {"total": 180.0}}
+    c = _row("DWDP4 W85", DWDP, 125.0) | {"memory_gib": {"total": 160.0}}
+    dep = _row("DEP4", DEP, 100.0)
+    assert recommend([dep, a, b])["choice"] == "DWDP4 W64"
+    assert recommend([dep, a, b, c])["choice"] == "DWDP4 W85"
+    a_opt = _row("DWDP4 W64+copt", DWDP, 120.2) | {"memory_gib": {"total": 130.0}}
+    assert recommend([dep, a, a_opt, b])["choice"] == "DWDP4 W64+copt"
+
+
 def test_recommendation_says_why():
     rec = recommend([_row("DEP4", DEP, 100.0, a2a=10.0, sync_wait=5.0),
                      _row("DWDP4", DWDP, 120.0)])
