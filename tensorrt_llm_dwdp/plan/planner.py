@@ -39,6 +39,11 @@ def check_request(req: PlanRequest, model: MoeModel, system: System) -> None:
         raise ValueError(f"--gpus {req.gpus} must be >= 1")
     if req.max_num_tokens < 1:
         raise ValueError(f"--max-num-tokens {req.max_num_tokens} must be >= 1")
+    if req.num_steps < 1 or req.num_requests < 0 or (req.rate is not None and req.rate <= 0):
+        raise ValueError(f"--steps ({req.num_steps}) must be >= 1, --requests ({req.num_requests})"
+                         f" >= 0 and --rate ({req.rate}) > 0")
+    if req.experts_per_worker is not None and req.dwdp_size is None:
+        raise ValueError("--experts-per-worker needs --dwdp-size")
     if model.max_position and req.traffic.max_len > model.max_position:
         raise ValueError(f"--isl: prompts up to {req.traffic.max_len} tokens exceed {model.name}'s "
                          f"max_position_embeddings {model.max_position}")

@@ -130,6 +130,12 @@ def test_check_request_names_the_bad_input():
         check_request(_req(dwdp_size=3), m, gb)
     with pytest.raises(ValueError, match="--experts-per-worker 101 does not divide 256"):
         check_request(_req(dwdp_size=4, experts_per_worker=101), m, gb)
+    with pytest.raises(ValueError, match="--experts-per-worker needs --dwdp-size"):
+        check_request(_req(experts_per_worker=64), m, gb)
+    with pytest.raises(ValueError, match="--steps"):
+        check_request(_req(num_steps=0), m, gb)
+    with pytest.raises(ValueError, match="--rate"):
+        check_request(_req(rate=-1.0), m, gb)
     h200 = load_system("h200_sxm")
     with pytest.raises(ValueError, match="NVLink domain of 8"):
         check_request(_req(gpus=16, dwdp_size=16), m, h200)
