@@ -141,7 +141,8 @@ def recommend(rows: list[dict]) -> dict:
     best_other = max(other, key=rate) if other else None
     if not dwdp:
         return {"choice": best_other["label"], "dwdp_pays_off": False,
-                "why": "no DWDP layout fits in memory on this system"}
+                "why": "DWDP does not pay off: no DWDP layout fits in memory, or fewer than 2 "
+                       "GPUs share an NVLink domain"}
     # within TIE of the fastest DWDP row, the one that leaves the most memory free wins
     top = max(rate(r) for r in dwdp)
     best = min((r for r in dwdp if rate(r) >= top * (1 - TIE)),
