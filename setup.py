@@ -31,7 +31,7 @@ setup(
         "cuda": ["cuda-python>=12.6"],
         "cutedsl": ["nvidia-cutlass-dsl==4.3.5"],
         # `plan`: NVIDIA's measured per-operator databases (H100/H200/B200/GB200/GB300).
-        "plan": ["aiconfigurator-core>=0.12"],
+        "plan": ["aiconfigurator-core>=0.12", "matplotlib"],
         "test": [
             "pytest>=7",
             "transformers>=4.51",
