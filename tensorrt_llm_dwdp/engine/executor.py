@@ -25,7 +25,7 @@ import torch
 from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
 from tensorrt_llm_dwdp.engine.sampling import Sampler, resolve_seed
 from tensorrt_llm_dwdp.engine.scheduler import SamplingParams, ScheduledStep, Scheduler, Sequence
-from tensorrt_llm_dwdp.moe.backends import compile_stats, distinct_backends
+from tensorrt_llm_dwdp.moe.backends import check_routing, compile_stats, distinct_backends
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +284,7 @@ class Engine:
             if len(emitting) < len(plan.sequences):
                 logits = logits[emitting]
             tokens = self._sample(logits, [plan.sequences[i] for i in emitting])
+            check_routing(self.clock.backends)  # bad expert ids, flagged on the device
         except Exception as exc:
             if not (self._drop_failed(plan, exc) and self._device_usable(exc)):
                 raise

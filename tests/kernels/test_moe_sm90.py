@@ -62,7 +62,8 @@ def test_fc1_matches_reference_rows(backend, experts, tokens, bn):
     w13 = backend._table(weights, "w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha")
     out = torch.full((plan.num_rows, weights.intermediate_size), float("nan"),
                      dtype=torch.bfloat16, device="cuda")
-    h = fc1_gather_swiglu(backend.cache, x, plan.gather_index, plan.tile_expert, w13, bn, out=out)
+    h = fc1_gather_swiglu(backend.cache, x, plan.gather_index, plan.tile_expert, w13, bn, out=out,
+                          tile_count=plan.tile_count)
     torch.cuda.synchronize()
     ref = _fc1_reference(x, plan, weights)
     real = plan.gather_index >= 0
@@ -134,7 +135,8 @@ def test_fc2_one_hot_rows_read_exact_weight_columns(backend, experts):
                                           inter).to(torch.bfloat16)
     w2 = backend._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
     tw = torch.ones(inter, 1, device="cuda")
-    out = fc2_finalize(backend.cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn)
+    out = fc2_finalize(backend.cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn,
+                       tile_count=plan.tile_count)
     torch.cuda.synchronize()
     for e in (5, 9):
         tokens = torch.arange(0 if e == 5 else 1, inter, 2, device="cuda")
@@ -209,9 +211,9 @@ def _fc1_fc2(backend, x, ids, tw, weights, bn, overrides=None):
     h = torch.full((plan.num_rows, weights.intermediate_size), float("nan"),
                    dtype=torch.bfloat16, device="cuda")
     h = fc1_gather_swiglu(backend.cache, x, plan.gather_index, plan.tile_expert, w13, bn, out=h,
-                          config=c1)
+                          config=c1, tile_count=plan.tile_count)
     out = fc2_finalize(backend.cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn,
-                       config=c2)
+                       config=c2, tile_count=plan.tile_count)
     torch.cuda.synchronize()
     return plan, h, out
 
