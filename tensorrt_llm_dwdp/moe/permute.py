@@ -203,10 +203,12 @@ class RoutingErrors:
         if self.sync_check:
             plan.check()
             return
-        if self._flag is None or self._flag.device != plan.error.device:
-            self._flag = torch.zeros(1, dtype=torch.long, device=plan.error.device)
         self._num_experts = plan.num_experts
-        self._flag.copy_(torch.where(self._flag != 0, self._flag, plan.error))
+        # inference mode either way: the flag may be born in a forward that ran in it
+        with torch.inference_mode():
+            if self._flag is None or self._flag.device != plan.error.device:
+                self._flag = torch.zeros(1, dtype=torch.long, device=plan.error.device)
+            self._flag.copy_(torch.where(self._flag != 0, self._flag, plan.error))
 
     def check(self) -> None:
         """Raise ValueError naming a bad id if any plan added since the last check had one (a
@@ -214,5 +216,6 @@ class RoutingErrors:
         if self._flag is None:
             return
         bad = int(self._flag[0])
-        self._flag.zero_()
+        with torch.inference_mode():
+            self._flag.zero_()
         raise_routing_error(bad, self._num_experts)

@@ -108,6 +108,10 @@ class CuteDslMoeBackend:
             self._tables.move_to_end(key)
         return table
 
+    def graph_safe(self, quant: str) -> bool:
+        """Every layer it runs (NVFP4) is capturable in a CUDA graph."""
+        return quant == "nvfp4"
+
     def check_routing(self) -> None:
         """Raise ValueError naming an out-of-range expert id seen since the last call (reads
         one device flag: call it where the host syncs anyway)."""

@@ -102,6 +102,10 @@ class TorchGroupedMoeBackend:
             raise ValueError(f"torch-grouped backend: H={h} and I={inter} must be multiples of 8 "
                              "(grouped GEMM strides are multiples of 16 bytes)")
 
+    def graph_safe(self, quant: str) -> bool:
+        """bf16 layers are capturable in a CUDA graph; NVFP4 ones read the counts back."""
+        return quant == "bf16"
+
     def check_routing(self) -> None:
         """Raise ValueError naming an out-of-range expert id seen since the last call (one
         device read; the engine calls it at each step's end)."""
