@@ -8,7 +8,8 @@ loop over tokens, same code on CPU and CUDA tensors, and no host sync (so a MoE 
 ahead of the host and be captured in a CUDA graph).
 
 The host cannot know the real tile count without reading the device, so every buffer is sized
-by an upper bound computed from ``(T, k, E, tile_m)`` alone (``tile_bound``). The real count
+by an upper bound computed from ``(T, k, E, tile_m)`` alone (``tile_bound``). On CUDA, at decode
+sizes, one Triton kernel builds the same plan in one launch (``permute_fused``). The real count
 is on the device (``tile_count``); tiles past it have expert ``-1`` and rows past the real
 ones are ``-1`` in ``gather_index`` / ``slot_index``: a kernel launched over the bound stops at
 ``tile_count`` (or skips a tile whose expert is ``-1``).
@@ -25,6 +26,7 @@ mode), ``RoutingErrors`` gathers the flags of many layers for one read at a step
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -114,14 +116,77 @@ def _check_args(topk_ids: torch.Tensor, num_experts: int, tile_m: int) -> None:
 
 
 def build_permutation(
-    topk_ids: torch.Tensor, num_experts: int, tile_m: int = 128, *, sync_check: bool = False
+    topk_ids: torch.Tensor, num_experts: int, tile_m: int = 128, *, sync_check: bool = False,
+    fused: bool | None = None,
 ) -> PermutationPlan:
     """Plan for ``topk_ids [T, k]`` (integer, values in ``[0, num_experts)`` or -1), with no
-    host sync. ``sync_check``: read the id-range flag now and raise on a bad id (a sync)."""
+    host sync. ``sync_check``: read the id-range flag now and raise on a bad id (a sync).
+    ``fused``: build it with the one-launch Triton kernel (``permute_fused``: CUDA, int32 ids,
+    up to ``MAX_SLOTS`` slots); None picks it whenever it applies and Triton is installed,
+    False keeps the torch ops (the same plan, bit for bit, in about forty launches)."""
     _check_args(topk_ids, num_experts, tile_m)
     tokens, top_k = topk_ids.shape
-    device = topk_ids.device
     num_tiles = tile_bound(tokens, top_k, num_experts, tile_m)
+    if fused is None:
+        fused = _fused_applies(topk_ids, num_experts)
+    if fused:
+        if not _triton_installed():
+            raise ValueError("build_permutation: fused=True needs Triton (pip install triton)")
+        from tensorrt_llm_dwdp.moe import permute_fused
+
+        if not permute_fused.supported(topk_ids, num_experts):
+            raise ValueError(
+                f"build_permutation: the fused kernel takes int32 ids on a CUDA device, 1 to "
+                f"{permute_fused.MAX_SLOTS} slots and up to {permute_fused.MAX_EXPERTS} experts; "
+                f"got {topk_ids.dtype} {tuple(topk_ids.shape)} on {topk_ids.device}, "
+                f"{num_experts} experts")
+        tensors = permute_fused.fused_plan_tensors(topk_ids, num_experts, tile_m, num_tiles)
+    else:
+        tensors = _torch_plan_tensors(topk_ids, num_experts, tile_m, num_tiles)
+    plan = PermutationPlan(num_tokens=tokens, top_k=top_k, num_experts=num_experts,
+                           tile_m=tile_m, num_tiles=num_tiles, **tensors)
+    if sync_check:
+        plan.check()
+    return plan
+
+
+_TRITON: list[bool] = []  # whether Triton imports here (looked up once)
+
+
+def _triton_installed() -> bool:
+    if not _TRITON:
+        _TRITON.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON[0]
+
+
+def _fused_applies(topk_ids: torch.Tensor, num_experts: int) -> bool:
+    if not topk_ids.is_cuda or not _triton_installed():
+        return False
+    from tensorrt_llm_dwdp.moe import permute_fused
+
+    return permute_fused.supported(topk_ids, num_experts)
+
+
+def warm_up_plans(num_experts: int, top_k: int, device: torch.device) -> None:
+    """Compile now the fused kernel for every size class a step can hit (one per power of two
+    of ``T k`` up to its limit), so no served step compiles one; nothing without it."""
+    if device.type != "cuda" or not _triton_installed():
+        return
+    from tensorrt_llm_dwdp.moe.permute_fused import MAX_SLOTS
+
+    n = 16
+    while n <= MAX_SLOTS:
+        ids = torch.zeros(max(1, n // top_k), top_k, dtype=torch.int32, device=device)
+        if _fused_applies(ids, num_experts):
+            build_permutation(ids, num_experts, tile_m=16)
+        n *= 2
+
+
+def _torch_plan_tensors(topk_ids: torch.Tensor, num_experts: int, tile_m: int,
+                        num_tiles: int) -> dict[str, torch.Tensor]:
+    """The plan's tensors from torch ops (any device)."""
+    tokens, top_k = topk_ids.shape
+    device = topk_ids.device
     bound_rows = num_tiles * tile_m
     e = num_experts
     flat = topk_ids.reshape(-1).long()
@@ -168,24 +233,16 @@ def build_permutation(
     owner = torch.searchsorted(offsets[1:] // tile_m, tile, right=True)
     past = torch.where(tile < tile_count, 0, -1)
     tile_expert = torch.where(tile < expert_tiles, owner, past).to(torch.int32)
-    plan = PermutationPlan(
-        num_tokens=tokens,
-        top_k=top_k,
-        num_experts=e,
-        tile_m=tile_m,
-        counts=counts.to(torch.int32),
-        expert_offsets=offsets.to(torch.int32),
-        gather_index=gather_index[:bound_rows],
-        slot_index=slot_index[:bound_rows],
-        inverse=inverse.view(tokens, top_k),
-        tile_expert=tile_expert,
-        tile_count=tile_count.to(torch.int32).reshape(1),
-        error=error,
-        num_tiles=num_tiles,
-    )
-    if sync_check:
-        plan.check()
-    return plan
+    return {
+        "counts": counts.to(torch.int32),
+        "expert_offsets": offsets.to(torch.int32),
+        "gather_index": gather_index[:bound_rows],
+        "slot_index": slot_index[:bound_rows],
+        "inverse": inverse.view(tokens, top_k),
+        "tile_expert": tile_expert,
+        "tile_count": tile_count.to(torch.int32).reshape(1),
+        "error": error,
+    }
 
 
 class RoutingErrors:

@@ -30,7 +30,7 @@ from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
 from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import TOKEN_TILES
 from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
 from tensorrt_llm_dwdp.moe.layouts import PRESHUFFLED
-from tensorrt_llm_dwdp.moe.permute import RoutingErrors, build_permutation
+from tensorrt_llm_dwdp.moe.permute import RoutingErrors, build_permutation, warm_up_plans
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ class CuteDslMoeBackend:
             x = torch.zeros(tokens, weights.hidden_size, dtype=torch.bfloat16, device=device)
             w = torch.full((tokens, top_k), 1.0 / top_k, dtype=torch.float32, device=device)
             self.run_experts(x, ids, w, weights)
+        warm_up_plans(e, top_k, device)  # the plan kernel's size classes (Triton, if there)
         return self.cache.compiles - before
 
     def run_experts(
