@@ -12,6 +12,7 @@ shapes, i.e. ``torch._grouped_mm``), on the same rows:
   the same span). ``host_beyond_kernels_ms = wall_ms - kernel_ms``: what the host adds per layer
   when layers run back to back (0 when the GPU is the bottleneck).
 - graphed: one layer per graph, replayed ``--calls`` times back to back: the same fields.
+- ``plan``: the permutation plan alone, torch ops against the fused Triton kernel.
 
 Each figure is repeated ``--reps`` times: median, min and max. Layer shapes: 64 experts of
 H 2048 x I 1536, top-6, and 8 experts of 4096 x 14336, top-2, both at 16 tokens per expert
@@ -112,7 +113,8 @@ def measure_layer(name: str, e: int, h: int, i: int, k: int, tpe: int, calls: in
     ids, w = uniform_routing(tpe, e, k)
     x = random_tokens(ids.shape[0], h, seed=1)
     out = {"layer": name, "experts": e, "hidden": h, "inter": i, "top_k": k,
-           "tokens": ids.shape[0], "tokens_per_expert": tpe, "backends": {}}
+           "tokens": ids.shape[0], "tokens_per_expert": tpe, "backends": {},
+           "plan": plan_costs(ids, e, calls, reps)}
     makers = {"cutedsl": lambda: preshuffled_experts(random_nvfp4_experts(e, h, i, seed=2)),
               "torch-grouped bf16": lambda: _bf16_experts(e, h, i, seed=3)}
     for backend_name, make in makers.items():
@@ -145,6 +147,23 @@ def measure_layer(name: str, e: int, h: int, i: int, k: int, tpe: int, calls: in
     ours = out["backends"]["cutedsl"]["kernel_ms"]["median"]
     bf16 = out["backends"]["torch-grouped bf16"]["kernel_ms"]["median"]
     out["kernel_speedup_vs_bf16"] = bf16 / ours
+    return out
+
+
+def plan_costs(ids: torch.Tensor, e: int, calls: int, reps: int) -> dict:
+    """The permutation plan alone (token tile 16): torch ops vs the fused Triton kernel, GPU
+    time in a graph and eager back-to-back time."""
+    from tensorrt_llm_dwdp.moe.permute import _fused_applies, build_permutation
+
+    out = {}
+    for name, fused in (("torch_ops", False), ("fused", True)):
+        if fused and not _fused_applies(ids, e):
+            out[name] = None  # no Triton here
+            continue
+        fn = (lambda f=fused: build_permutation(ids, e, tile_m=16, fused=f))
+        fn()
+        out[name] = {"kernel_ms": _kernel_ms(fn, calls, reps),
+                     "eager": _back_to_back(fn, calls, reps)}
     return out
 
 
