@@ -293,8 +293,8 @@ class W4A16RsGemm:
 
     @cute.kernel
     def kernel(self, a: cute.Tensor, row_index: cute.Tensor, tile_expert: cute.Tensor,
-               tile_count: cute.Tensor, tensor_of: cute.Tensor, local_of: cute.Tensor, b_table: cute.Tensor,
-               topk_w: cute.Tensor, out: cute.Tensor, tiled_mma: cute.TiledMma,
+               tile_count: cute.Tensor, tensor_of: cute.Tensor, local_of: cute.Tensor,
+               b_table: cute.Tensor, topk_w: cute.Tensor, out: cute.Tensor, tiled_mma: cute.TiledMma,
                b_layout: cute.ComposedLayout, num_token_tiles: Int32, blk_begin: Int32,
                blk_end: Int32):
         # ``num_token_tiles`` (the host's bound) sized the grid; the real tiles are the first

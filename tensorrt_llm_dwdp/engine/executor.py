@@ -235,7 +235,8 @@ class Engine:
             batch_buckets(max_seqs, graph_batch_sizes)
         try:
             # with graphs, one slot more: the scratch slot that padding rows write
-            self.cache = model.make_cache(max_seqs + use_graphs, max_seq_len, self.device)
+            self.cache = model.make_cache(max_seqs + (1 if use_graphs else 0), max_seq_len,
+                                          self.device)
         except torch.cuda.OutOfMemoryError as exc:
             raise RuntimeError(f"the KV cache of {max_seqs} slots x {max_seq_len} tokens does not fit "
                                f"on {self.device}; lower max_batch_size or max_seq_len") from exc

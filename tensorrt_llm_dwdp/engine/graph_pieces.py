@@ -84,7 +84,9 @@ class PiecewiseGraph:
 
     def _begin(self) -> None:
         graph = torch.cuda.CUDAGraph()
-        graph.capture_begin(pool=self.pool)
+        # thread-local: other threads of a server (KV transfers, peer watches) keep using the
+        # device while this one captures
+        graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
         self.graphs.append(graph)
 
     def _break(self, call: Callable[..., torch.Tensor], args: tuple) -> torch.Tensor:

@@ -27,6 +27,7 @@ mode), ``RoutingErrors`` gathers the flags of many layers for one read at a step
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -243,6 +244,18 @@ def _torch_plan_tensors(topk_ids: torch.Tensor, num_experts: int, tile_m: int,
         "tile_count": tile_count.to(torch.int32).reshape(1),
         "error": error,
     }
+
+
+SYNC_CHECKS_ENV = "TRTLLM_DWDP_SYNC_CHECKS"
+
+
+def sync_checks_requested() -> bool:
+    """The debug mode a backend starts in: ``TRTLLM_DWDP_SYNC_CHECKS=1`` checks every layer's
+    expert ids at once (a host sync per layer) instead of at the step's end."""
+    value = os.environ.get(SYNC_CHECKS_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{SYNC_CHECKS_ENV}={value!r}: use 1 (check every layer at once) or 0")
+    return value == "1"
 
 
 class RoutingErrors:

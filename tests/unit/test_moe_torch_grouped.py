@@ -165,3 +165,18 @@ def test_dwdp_composite_view_bitwise_equals_one_rank_holding_all():
     for outs in _in_threads(2, rank_body):
         assert not isinstance(outs, BaseException), repr(outs)
         assert all(torch.equal(o, want) for o in outs)
+
+
+def test_sync_check_debug_mode_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TRTLLM_DWDP_SYNC_CHECKS", "1")
+    backend = get_backend("torch-grouped")
+    weights = make_experts(8, "bf16")
+    x, ids, w = make_routing(4, 8, 2)
+    ids[0, 0] = 9
+    with pytest.raises(ValueError, match="expert id 9"):  # at the layer, not the step's end
+        backend.run_experts(x, ids, w, weights)
+    monkeypatch.setenv("TRTLLM_DWDP_SYNC_CHECKS", "0")
+    assert not get_backend("torch-grouped").routing_errors.sync_check
+    monkeypatch.setenv("TRTLLM_DWDP_SYNC_CHECKS", "yes")
+    with pytest.raises(ValueError, match="TRTLLM_DWDP_SYNC_CHECKS='yes'"):
+        get_backend("torch-grouped")

@@ -30,7 +30,8 @@ from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
 from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import TOKEN_TILES
 from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
 from tensorrt_llm_dwdp.moe.layouts import PRESHUFFLED
-from tensorrt_llm_dwdp.moe.permute import RoutingErrors, build_permutation, warm_up_plans
+from tensorrt_llm_dwdp.moe.permute import (RoutingErrors, build_permutation, sync_checks_requested,
+                                           warm_up_plans)
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
 logger = logging.getLogger(__name__)
@@ -182,4 +183,4 @@ class CuteDslMoeBackend:
 
 
 def create_backend() -> CuteDslMoeBackend:
-    return CuteDslMoeBackend()
+    return CuteDslMoeBackend(sync_check=sync_checks_requested())

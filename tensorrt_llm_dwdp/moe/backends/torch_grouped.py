@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
 from tensorrt_llm_dwdp.moe.layouts import LINEAR, PRESHUFFLED, to_linear
-from tensorrt_llm_dwdp.moe.permute import RoutingErrors, build_permutation
+from tensorrt_llm_dwdp.moe.permute import RoutingErrors, build_permutation, sync_checks_requested
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 from tensorrt_llm_dwdp.quant.nvfp4 import E2M1_VALUES
 
@@ -184,4 +184,4 @@ class TorchGroupedMoeBackend:
 
 
 def create_backend() -> TorchGroupedMoeBackend:
-    return TorchGroupedMoeBackend()
+    return TorchGroupedMoeBackend(sync_check=sync_checks_requested())
