@@ -127,7 +127,9 @@ class TorchGroupedMoeBackend:
         expert_of_row = plan.tile_expert.clamp(min=0).long()
         p = {name: ts[0] for name, ts in weights.tensors.items()}
         if weights.quant == "bf16":
-            y = self._mlp(rows, p, weights, None, plan.expert_offsets[1:], expert_of_row)
+            # group ends as a tensor of their own (the view would start 4 bytes into a buffer)
+            ends = plan.expert_offsets[1:].clone()
+            y = self._mlp(rows, p, weights, None, ends, expert_of_row)
         else:
             y = self._nvfp4_chunks(rows, p, weights, plan)
             y = y * p["fc2_alpha"][expert_of_row].unsqueeze(1)
