@@ -148,6 +148,7 @@ class _Captured:
         self.host = torch.zeros(len(self.FIELDS), bucket, dtype=torch.long,
                                 pin_memory=device.type == "cuda")
         self.tensors = {f: self.inputs[i] for i, f in enumerate(self.FIELDS)}
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
         t = self.tensors
         # The graph's step metadata: no BatchInfo (padding rows share the scratch slot), slots
         # gathered (never a slice view, whose bounds would be baked into the graph).
@@ -156,10 +157,14 @@ class _Captured:
         self.graph: PiecewiseGraph | None = None
 
     def load(self, padded: PaddedDecode) -> None:
-        """Copy a step's inputs in, asynchronously (the engine reads every step's tokens back
-        before the next, so the pinned buffer is free again by then)."""
+        """Copy a step's inputs in, asynchronously; the pinned buffer is rewritten only once the
+        previous step's copy out of it is done (the engine has synced by then anyway)."""
+        if self._copied is not None:
+            self._copied.synchronize()
         self.host.copy_(torch.tensor([getattr(padded, f) for f in self.FIELDS], dtype=torch.long))
         self.inputs.copy_(self.host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
 
 
 class DecodeGraphs:
