@@ -3,8 +3,8 @@
     python bench/decode_tpot.py --out bench/results/decode_tpot_h100.json
 
 The model: the deepseek-v3 preset's 3 dense layers then ``--num-moe-layers`` (2) MoE layers
-with shared experts, real sizes and vocabulary, NVFP4 routed experts on the cutedsl backend
-(``bench/e2e_model.py``, all experts on this GPU). For each concurrency (``--concurrency``,
+with shared experts, real sizes, a 1024-token vocabulary (``--vocab-size``), NVFP4 routed
+experts on the cutedsl backend (``bench/e2e_model.py``, all experts on this GPU). For each concurrency (``--concurrency``,
 default 1 and 16) and mode (eager, graphed) one engine runs that many requests of
 ``--prompt-len`` (512) random tokens to ``--output-len`` (64) tokens, greedy, all decoding
 together: TPOT = the engine's decode wall time per step (each step ends with its tokens on the
@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--preset", default="deepseek-v3")
     p.add_argument("--num-moe-layers", type=int, default=2)
-    p.add_argument("--vocab-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--vocab-size", type=int, default=1024,
+                   help="default 1024, as the serving benches' DeepSeek-V3-shaped checkpoints "
+                        "(0: the preset's own, 129280 for deepseek-v3)")
     p.add_argument("--moe-backend", default="cutedsl")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=64)
