@@ -4,13 +4,13 @@
 
 The model: the deepseek-v3 preset's 3 dense layers then ``--num-moe-layers`` (2) MoE layers
 with shared experts, real sizes, a 1024-token vocabulary (``--vocab-size``), NVFP4 routed
-experts on the cutedsl backend (``bench/e2e_model.py``, all experts on this GPU). For each concurrency (``--concurrency``,
-default 1 and 16) and mode (eager, graphed) one engine runs that many requests of
-``--prompt-len`` (512) random tokens to ``--output-len`` (64) tokens, greedy, all decoding
-together: TPOT = the engine's decode wall time per step (each step ends with its tokens on the
-host), from its step log. A first, shorter run on the same engine captures its graphs (and
-compiles every kernel) first, so a measured run only replays. Repeated ``--reps`` times:
-median, min, max. Also per step: CUDA-event time (``device_ms``) and the host share
+experts on the cutedsl backend (``bench/e2e_model.py``, all experts on this GPU). For each
+concurrency (``--concurrency``, default 1 and 16) and mode (eager, graphed) one engine runs that
+many requests of ``--prompt-len`` (512) random tokens to ``--output-len`` (64) tokens, greedy,
+all decoding together: TPOT = the engine's decode wall time per step (each step ends with its
+tokens on the host), from its step log. A first, shorter run on the same engine captures its
+graphs (and compiles every kernel) first, so a measured run only replays. Repeated ``--reps``
+times: median, min, max. Also per step: CUDA-event time (``device_ms``) and the host share
 (``wall - device``), and for graphed engines the graphs' capture seconds and pool growth.
 Goal (issue): TPOT <= 4 ms at concurrency 16 on one GPU.
 """
