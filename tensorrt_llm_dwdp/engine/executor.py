@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -222,7 +222,7 @@ class Engine:
                  max_batch_tokens: int = 8192, device: torch.device | str = "cpu",
                  eos_token_id: int | None = None, record_logits: bool = False,
                  kv_export_alloc: Callable[[int], Any] | None = None, cuda_graphs: bool = False,
-                 graph_batch_sizes: Sequence[int] | None = None) -> None:
+                 graph_batch_sizes: list[int] | tuple[int, ...] | None = None) -> None:
         self.model = model
         self.kv_export_alloc = kv_export_alloc
         self.dwdp = dwdp
