@@ -23,7 +23,7 @@ from tensorrt_llm_dwdp.kernels.testing import (
     split_sizes,
 )
 from tensorrt_llm_dwdp.moe.backends.torch_ref import TorchMoeBackend, dequantized_expert
-from tensorrt_llm_dwdp.moe.permute import build_permutation
+from tensorrt_llm_dwdp.moe.permute import build_permutation, tile_bound
 
 pytestmark = [pytest.mark.gpu, pytest.mark.kernels]
 
@@ -67,7 +67,10 @@ def test_fc1_matches_reference_rows(backend, experts, tokens, bn):
     torch.cuda.synchronize()
     ref = _fc1_reference(x, plan, weights)
     real = plan.gather_index >= 0
-    assert torch.isfinite(h).all(), "FC1 left rows unwritten (NaN poison survived)"
+    live = int(plan.tile_count[0]) * bn  # rows of the real tiles; the plan's bound is larger
+    assert live < plan.num_rows  # no empty slot here: the bound's last tile stays unused
+    assert torch.isfinite(h[:live]).all(), "FC1 left rows unwritten (NaN poison survived)"
+    assert torch.isnan(h[live:].float()).all(), "FC1 wrote past the real tiles (tile_count)"
     assert rel_err(h[real].float(), ref[real]) < 8e-3
 
 
@@ -172,7 +175,7 @@ def test_past_2_31_rows_times_hidden(backend):
     out = backend.run_experts(x, ids, tw, weights)
     torch.cuda.synchronize()
     out_bytes = out.numel() * 2
-    h_bytes = (tokens * top_k + num_experts * 128) * inter * 2  # permuted h, padded tiles
+    h_bytes = tile_bound(tokens, top_k, num_experts, 128) * 128 * inter * 2  # h, the plan's bound
     scratch = torch.cuda.max_memory_allocated() - before - out_bytes - h_bytes
     assert scratch <= 2 * out_bytes + (64 << 20), f"FC2 scratch {scratch} B > 2x output"
     rows = torch.cat([torch.arange(64), torch.arange(tokens - 64, tokens)]).cuda()
