@@ -15,8 +15,10 @@ shapes, i.e. ``torch._grouped_mm``), on the same rows:
 - ``plan``: the permutation plan alone, torch ops against the fused Triton kernel.
 
 Each figure is repeated ``--reps`` times: median, min and max. Layer shapes: 64 experts of
-H 2048 x I 1536, top-6, and 8 experts of 4096 x 14336, top-2, both at 16 tokens per expert
-(``--tpe``). ``--prefill-tokens`` (default 16384: 8 x 2K or 2 x 8K prompts) adds a same-run
+H 2048 x I 1536, top-6, and 8 experts of 4096 x 14336, top-2, both at 16 tokens per expert, and
+DeepSeek-V3's 256 x 7168 x 2048, top-8, at 256; each row also carries the device activities of
+one eager call (``launches_per_call``, torch.profiler) and the lead's figures of before this
+change on an H100 (``before_h100_2026_12_07``: wall, kernels, launches). ``--prefill-tokens`` (default 16384: 8 x 2K or 2 x 8K prompts) adds a same-run
 A/B of a DeepSeek-V3 MoE layer (256 x 7168 x 2048, top-8) against the plan of before this
 change (one host read of the real tile count, buffers and grid sized to it).
 Goals (issue): <= 0.1 ms host time per layer beyond its kernels; the 64-expert layer >= 1.5x
@@ -36,9 +38,21 @@ sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 
 from bench.json_out import emit  # noqa: E402
 
+# name: (experts, hidden, intermediate, top-k, tokens per expert)
 LAYERS = {
-    "e64_h2048_i1536_top6": (64, 2048, 1536, 6),
-    "e8_h4096_i14336_top2": (8, 4096, 14336, 2),
+    "e64_h2048_i1536_top6": (64, 2048, 1536, 6, 16),
+    "e8_h4096_i14336_top2": (8, 4096, 14336, 2, 16),
+    "e256_h7168_i2048_top8": (256, 7168, 2048, 8, 256),
+}
+# Before this change (main at 2026-12-07, one H100 80GB, cutedsl, back-to-back run_experts, 30
+# calls after 3 warm-ups; kernels = torch.profiler's summed device time), measured by the lead.
+BEFORE_H100 = {
+    "e64_h2048_i1536_top6": {"tokens": 170, "wall_ms": 2.69, "kernel_ms": 0.34,
+                             "launches_per_call": 171, "graph_capture": "fails"},
+    "e8_h4096_i14336_top2": {"tokens": 64, "wall_ms": 1.61, "kernel_ms": 0.51,
+                             "launches_per_call": 147, "graph_capture": "fails"},
+    "e256_h7168_i2048_top8": {"tokens": 8192, "wall_ms": 11.03, "kernel_ms": 9.81,
+                              "launches_per_call": 225, "graph_capture": "fails"},
 }
 PREFILL_LAYER = (256, 7168, 2048, 8)
 
@@ -100,8 +114,24 @@ def _bf16_experts(e: int, h: int, i: int, seed: int):
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
     shapes = specs.expert_shapes(specs.BF16, e, h, i)
-    return ExpertWeights.single({n: (torch.randn(s, generator=gen, device="cuda") * 0.02).to(dt)
+    # drawn in their own dtype and scaled in place: DeepSeek-V3's 256 experts are 22.5 GB
+    return ExpertWeights.single({n: torch.randn(s, generator=gen, device="cuda", dtype=dt).mul_(0.02)
                                  for n, (s, dt) in shapes.items()})
+
+
+def _launches(fn: Callable[[], object]) -> dict:
+    """Device activities (kernels, copies, fills) of one call, by torch.profiler."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return {"launches_per_call": sum(a.count for a in prof.key_averages()
+                                         if a.device_type == DeviceType.CUDA)}
+    except Exception as exc:  # a figure of the report, not its point: say why it is missing
+        return {"launches_per_call": None, "launches_error": f"{type(exc).__name__}: {exc}"}
 
 
 def measure_layer(name: str, e: int, h: int, i: int, k: int, tpe: int, calls: int,
@@ -136,7 +166,7 @@ def measure_layer(name: str, e: int, h: int, i: int, k: int, tpe: int, calls: in
         graph = _capture(fn)
         graphed = _back_to_back(graph.replay, calls, reps)
         row = {"kernel_ms": kernel, "eager": eager, "graphed": graphed,
-               "host_sync_free": sync_free}
+               "host_sync_free": sync_free, **_launches(fn)}
         for mode in ("eager", "graphed"):
             row[mode]["host_beyond_kernels_ms"] = (row[mode]["wall_ms"]["median"]
                                                    - kernel["median"])
@@ -147,6 +177,7 @@ def measure_layer(name: str, e: int, h: int, i: int, k: int, tpe: int, calls: in
     ours = out["backends"]["cutedsl"]["kernel_ms"]["median"]
     bf16 = out["backends"]["torch-grouped bf16"]["kernel_ms"]["median"]
     out["kernel_speedup_vs_bf16"] = bf16 / ours
+    out["before_h100_2026_12_07"] = BEFORE_H100.get(name)
     return out
 
 
@@ -211,7 +242,6 @@ def prefill_ab(tokens: int, reps: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None)
-    p.add_argument("--tpe", type=int, default=16, help="tokens per expert")
     p.add_argument("--calls", type=int, default=20, help="layer calls per timed batch")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--layers", default=",".join(LAYERS))
@@ -224,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "calls": args.calls,
               "reps": args.reps, "layers": []}
     for name in args.layers.split(","):
-        result["layers"].append(measure_layer(name, *LAYERS[name], args.tpe, args.calls,
-                                              args.reps))
+        result["layers"].append(measure_layer(name, *LAYERS[name], args.calls, args.reps))
         emit(result, args.out, quiet=True)
     if args.prefill_tokens:
         result["prefill_ab"] = prefill_ab(args.prefill_tokens, args.reps)

@@ -16,11 +16,11 @@ cd "$(dirname "$0")/.."
 device_room graphs
 T0=$(date +%s)
 rc=0
-timed_stage 280 gpu_tests.log "$PY" -m pytest -q -rA -p no:cacheprovider \
+timed_stage 270 gpu_tests.log "$PY" -m pytest -q -rA -p no:cacheprovider \
   tests/unit/test_permute.py tests/unit/test_permute_fused.py tests/gpu/test_cuda_graphs_gpu.py \
   tests/kernels/test_moe_sm90.py -k "not occupancy" -m gpu || rc=1
-timed_stage 110 moe_host_time.log "$PY" bench/moe_host_time.py --out "$OUT/moe_host_time.json" || rc=1
-timed_stage 170 decode_tpot.log "$PY" bench/decode_tpot.py --out "$OUT/decode_tpot.json" || rc=1
+timed_stage 130 moe_host_time.log "$PY" bench/moe_host_time.py --out "$OUT/moe_host_time.json" || rc=1
+timed_stage 160 decode_tpot.log "$PY" bench/decode_tpot.py --out "$OUT/decode_tpot.json" || rc=1
 tail -n 5 "$OUT/gpu_tests.log"
 bundle_logs "$OUT"
 exit $rc
