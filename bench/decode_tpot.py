@@ -36,9 +36,9 @@ def _run(engine, prompts: list[list[int]], output_len: int) -> list:
     """Generate; the decode steps' records of this run."""
     from tensorrt_llm_dwdp.engine.scheduler import SamplingParams
 
-    first = engine.stats.step_count
+    last = engine.stats.step_count - 1  # the index of the step before this run's first
     engine.generate(prompts, SamplingParams(max_tokens=output_len, ignore_eos=True))
-    return [s for s in engine.stats.steps_after(first) if s.kind == "decode"]
+    return [s for s in engine.stats.steps_after(last) if s.kind == "decode"]
 
 
 def measure(model, *, concurrency: int, graphed: bool, prompt_len: int, output_len: int,
