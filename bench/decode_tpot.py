@@ -42,13 +42,13 @@ def _run(engine, prompts: list[list[int]], output_len: int) -> list:
 
 
 def measure(model, *, concurrency: int, graphed: bool, prompt_len: int, output_len: int,
-            reps: int, max_seqs: int, seed: int) -> dict:
+            reps: int, max_seqs: int, seed: int, device: str) -> dict:
     from tensorrt_llm_dwdp.engine.executor import Engine
 
     rng = random.Random(seed)
     vocab = model.config.vocab_size
     engine = Engine(model, max_seqs=max_seqs, max_seq_len=prompt_len + output_len + 1,
-                    max_batch_tokens=max(8192, prompt_len * concurrency), device="cuda",
+                    max_batch_tokens=max(8192, prompt_len * concurrency), device=device,
                     cuda_graphs=graphed)
 
     def prompts():
@@ -59,7 +59,7 @@ def measure(model, *, concurrency: int, graphed: bool, prompt_len: int, output_l
     for _ in range(reps):
         steps = _run(engine, prompts(), output_len)
         wall = [s.wall_s * 1e3 for s in steps]
-        dev = [s.device_s * 1e3 for s in steps]
+        dev = [(s.device_s if s.device_s is not None else s.wall_s) * 1e3 for s in steps]
         tpot.append(statistics.mean(wall))
         device.append(statistics.mean(dev))
         host.append(statistics.mean(w - d for w, d in zip(wall, dev)))
@@ -91,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="eager,graphed")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only as a dry run of the script")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("decode_tpot: needs a CUDA GPU", file=sys.stderr)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("decode_tpot: needs a CUDA GPU (--device cpu for a dry run)", file=sys.stderr)
         return 2
     from bench.e2e_model import bench_config, build_bench_model
     from tensorrt_llm_dwdp.model.presets import get_preset
@@ -102,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     vocab = args.vocab_size or int(get_preset(args.preset)["vocab_size"])
     config = bench_config(args.preset, args.num_moe_layers, vocab)
     backend = get_backend(args.moe_backend)
-    built = build_bench_model("replicated", config, device=torch.device("cuda"), backend=backend,
+    built = build_bench_model("replicated", config, device=torch.device(args.device), backend=backend,
                               rank=0, world_size=1, seed=args.seed)
     model = built.model
     compiled = warm_up_model(model)
     levels = [int(c) for c in args.concurrency.split(",")]
-    result = {"bench": "decode_tpot", "device": torch.cuda.get_device_name(),
+    result = {"bench": "decode_tpot",
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "preset": args.preset,
               "layers": {"dense": config.num_layers - len(config.moe_layer_indices),
                          "moe": len(config.moe_layer_indices)},
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         for c in levels:
             result["rows"].append(measure(model, concurrency=c, graphed=mode == "graphed",
                                           prompt_len=args.prompt_len, output_len=args.output_len,
-                                          reps=args.reps, max_seqs=max(levels), seed=args.seed))
+                                          reps=args.reps, max_seqs=max(levels), seed=args.seed,
+                                          device=args.device))
             emit(result, args.out, quiet=True)
     at16 = [r for r in result["rows"] if r["concurrency"] == 16 and r["mode"] == "graphed"]
     if at16:
