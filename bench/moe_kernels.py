@@ -153,10 +153,12 @@ def bench_point(cache, weights, base, model, tpe, multi_b, peaks):
     out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device="cuda")
 
     def fc1(table=w13):
-        fc1_gather_swiglu(cache, x, plan.gather_index, plan.tile_expert, table, bn, out=h)
+        fc1_gather_swiglu(cache, x, plan.gather_index, plan.tile_expert, table, bn, out=h,
+                          tile_count=plan.tile_count)
 
     def fc2(table=w2):
-        fc2_finalize(cache, h, plan.slot_index, plan.tile_expert, ids, tw, table, bn, out=out)
+        fc2_finalize(cache, h, plan.slot_index, plan.tile_expert, ids, tw, table, bn, out=out,
+                     tile_count=plan.tile_count)
 
     def ours(tables_=(w13, w2)):
         fc1(tables_[0])

@@ -26,8 +26,10 @@ def main() -> int:
     w13, w2 = tables(weights)
     cache = CompileCache()
     for _ in range(2):
-        h = fc1_gather_swiglu(cache, x, plan.gather_index, plan.tile_expert, w13, bn)
-        fc2_finalize(cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn)
+        h = fc1_gather_swiglu(cache, x, plan.gather_index, plan.tile_expert, w13, bn,
+                              tile_count=plan.tile_count)
+        fc2_finalize(cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn,
+                     tile_count=plan.tile_count)
     torch.cuda.synchronize()
     print(f"{model} tpe={tpe} bn={bn} ran FC1 and FC2 twice", flush=True)
     return 0

@@ -135,11 +135,11 @@ def bench_point(cache, weights, model, tpe, variants) -> dict:
 
         def fc1():
             fc1_gather_swiglu(cache, x, plan.gather_index, plan.tile_expert, w13, tile, out=h,
-                              config=c1)
+                              config=c1, tile_count=plan.tile_count)
 
         def fc2():
             fc2_finalize(cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, tile,
-                         out=out, config=c2)
+                         out=out, config=c2, tile_count=plan.tile_count)
 
         entry = {"overrides": {k: v if isinstance(v, str) else int(v)
                                for k, v in overrides.items()}}

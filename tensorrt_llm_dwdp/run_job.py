@@ -153,8 +153,10 @@ def local_rank_from_env() -> int:
 
 def generate_with_logits(model, prompts: list[list[int]], *, max_tokens: int, device,
                          dwdp=None, progress_desc: str | None = None,
-                         max_num_tokens: int | None = None, before_step=None):
-    """All prompts in one engine, greedy, logits recorded. Prefill steps hold up to
+                         max_num_tokens: int | None = None, before_step=None,
+                         cuda_graphs: bool = False):
+    """All prompts in one engine, greedy, logits recorded (decode from CUDA graphs with
+    ``cuda_graphs``, where the engine can). Prefill steps hold up to
     ``max_num_tokens`` tokens (longer prompts are chunked); None: all prompts in one step.
     ``before_step(k)`` runs before the k-th step (1-based; failure injection)."""
     from tensorrt_llm_dwdp.engine.executor import Engine, Request
@@ -164,7 +166,7 @@ def generate_with_logits(model, prompts: list[list[int]], *, max_tokens: int, de
     check_context_length(model.config, max_len)
     engine = Engine(model, dwdp=dwdp, max_seqs=len(prompts), max_seq_len=max_len,
                     max_batch_tokens=max_num_tokens or sum(len(p) for p in prompts), device=device,
-                    record_logits=True)
+                    record_logits=True, cuda_graphs=cuda_graphs)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     ids = [f"p{i}" for i in range(len(prompts))]
     for rid, prompt in zip(ids, prompts):
@@ -307,10 +309,11 @@ def ensure_checkpoint(preset: str, num_layers: int, quant: str, vocab_size: int 
 def reference_parity(model_dir: str, out_dir: str, groups: list[list[list[int]]], *,
                      max_tokens: int, device: str, moe_backend: str, cpu_threads: int = 1,
                      max_num_tokens: int | None = None,
-                     skip: frozenset[int] = frozenset()) -> Parity:
+                     skip: frozenset[int] = frozenset(), cuda_graphs: bool = False) -> Parity:
     """Run each rank's prompt batch on one rank holding every expert, with the same steps
     (same ``max_num_tokens`` chunking); compare bit for bit. Ranks in ``skip`` (killed on
-    purpose) have no outputs to compare. The reference loads the backend's own weight layout
+    purpose) have no outputs to compare. ``cuda_graphs`` as the ranks had it (a graphed decode
+    step attends over a padded context: same bits only against a graphed one). The reference loads the backend's own weight layout
     whatever the ranks used (``run --weight-layout``): with a torch backend, ranks told to keep
     preshuffled experts are checked against the linear path too."""
     from tensorrt_llm_dwdp.model.checkpoint import load_model
@@ -325,7 +328,8 @@ def reference_parity(model_dir: str, out_dir: str, groups: list[list[list[int]]]
             continue
         outputs, logits, _ = generate_with_logits(model, prompts, max_tokens=max_tokens, device=dev,
                                                   progress_desc=f"reference for rank {rank}",
-                                                  max_num_tokens=max_num_tokens)
+                                                  max_num_tokens=max_num_tokens,
+                                                  cuda_graphs=cuda_graphs)
         saved = torch.load(os.path.join(out_dir, f"rank{rank}.pt"))
         tokens_equal &= saved["outputs"] == outputs
         eq, w, n = compare_logits(saved["logits"], logits)

@@ -22,11 +22,15 @@ def fc1_gather_swiglu(
     bn: int,
     out: torch.Tensor | None = None,
     config=None,
+    *,
+    tile_count: torch.Tensor,
 ) -> torch.Tensor:
     """x bf16 ``[T, H]``; gather_index int32 ``[M_pad]``; tile_expert int32 ``[M_pad / bn]``
-    (the plan built with ``tile_m=bn``); ``w13`` rows = 2I, k = H (a table of preshuffled
-    experts, ``preshuffle``). Returns bf16 ``[M_pad, I]`` in permuted order. ``config``: the
-    kernel's ``RsConfig`` (default for ``bn``)."""
+    (the plan built with ``tile_m=bn``: ``M_pad / bn`` is its tile bound); ``tile_count`` int32
+    ``[1]`` on the device: the real tiles, a prefix (read by the kernel, never by the host);
+    ``w13`` rows = 2I, k = H (a table of preshuffled experts, ``preshuffle``). Returns bf16
+    ``[M_pad, I]`` in permuted order; rows of tiles past ``tile_count`` are not written.
+    ``config``: the kernel's ``RsConfig`` (default for ``bn``)."""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"fc1: x must be contiguous bf16 [T, H], got {x.dtype} {tuple(x.shape)}")
     if x.data_ptr() % 16:
@@ -34,11 +38,12 @@ def fc1_gather_swiglu(
     if x.shape[1] != w13.k:
         raise ValueError(f"fc1: x hidden {x.shape[1]} != weight K {w13.k}")
     m_pad = gather_index.numel()
-    check_plan_tensors(bn, m_pad, tile_expert)
+    check_plan_tensors(bn, m_pad, tile_expert, tile_count)
     inter = w13.rows // 2
     out = bf16_output(out, (m_pad, inter), x.device, "fc1")
     launch = rs_gemm_launcher(
         cache, epilogue="swiglu", a=x, row_index=gather_index, tile_expert=tile_expert,
+        tile_count=tile_count,
         table=w13, topk_w=x.new_empty(1, dtype=torch.float32), out=out, bn=bn, config=config)
     launch(0, w13.rows // BLOCK_ROWS)
     return out

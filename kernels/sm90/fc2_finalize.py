@@ -45,16 +45,19 @@ def fc2_finalize(
     bn: int,
     out: torch.Tensor | None = None,
     config=None,
+    *,
+    tile_count: torch.Tensor,
 ) -> torch.Tensor:
     """h bf16 ``[M_pad, I]``; slot_index int32 ``[M_pad]`` (the plan's flat slot per row, -1 on
-    padding); topk_ids int32 ``[T, k]`` (-1 = empty slot, summed as nothing); topk_weights fp32
-    ``[T, k]``; ``w2`` rows = H, k = I (a table of preshuffled experts); ``config``: the
+    padding); ``tile_count`` int32 ``[1]`` on the device: the plan's real tiles (a prefix of
+    ``tile_expert``, read by the GEMM kernel; the slot sums need no count); topk_ids int32
+    ``[T, k]`` (-1 = empty slot, summed as nothing); topk_weights fp32 ``[T, k]``; ``w2`` rows = H, k = I (a table of preshuffled experts); ``config``: the
     GEMM's ``RsConfig`` (default for ``bn``). Returns bf16 ``[T, H]``."""
     if h.dtype != torch.bfloat16 or h.dim() != 2 or not h.is_contiguous():
         raise ValueError(f"fc2: h must be contiguous bf16 [M_pad, I], got {h.dtype} {tuple(h.shape)}")
     if h.shape[1] != w2.k:
         raise ValueError(f"fc2: h width {h.shape[1]} != weight K {w2.k}")
-    check_plan_tensors(bn, h.shape[0], tile_expert)
+    check_plan_tensors(bn, h.shape[0], tile_expert, tile_count)
     if slot_index.dtype != torch.int32 or slot_index.shape != (h.shape[0],):
         raise ValueError(f"fc2: slot_index must be int32 [{h.shape[0]}], got "
                          f"{slot_index.dtype} {tuple(slot_index.shape)}")
@@ -77,7 +80,7 @@ def fc2_finalize(
     cb = chunk_blocks(hidden, top_k, config.blocks_per_cta)
     y = torch.empty(tokens * top_k, cb * BLOCK_ROWS, dtype=torch.float32, device=h.device)
     gemm = rs_gemm_launcher(cache, epilogue="scatter", a=h, row_index=slot_index,
-                            tile_expert=tile_expert, table=w2,
+                            tile_expert=tile_expert, tile_count=tile_count, table=w2,
                             topk_w=topk_weights.contiguous().reshape(-1), out=y, bn=bn,
                             y_cols=cb * BLOCK_ROWS, config=config)
     finalize = slot_sum_launcher(cache, y, topk_ids, out)

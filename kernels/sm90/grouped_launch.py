@@ -48,6 +48,7 @@ def rs_gemm_launcher(
     a: torch.Tensor,
     row_index: torch.Tensor,
     tile_expert: torch.Tensor,
+    tile_count: torch.Tensor,
     table: ExpertTable,
     topk_w: torch.Tensor,
     out: torch.Tensor,
@@ -57,7 +58,10 @@ def rs_gemm_launcher(
 ):
     """``launch(blk_begin, blk_end)``: one ``w4a16_rs_gemm`` over every token tile and the
     64-row weight blocks ``[blk_begin, blk_end)`` into ``out``; the grid is min(work tiles,
-    resident CTAs) for persistent configurations, else one CTA per work tile. ``config``: an
+    resident CTAs) for persistent configurations, else one CTA per work tile, counted over
+    ``tile_expert.numel()`` token tiles (the plan's host-side bound); the kernel reads the real
+    count from ``tile_count`` (int32 ``[1]``, device), so nothing here reads the device and
+    the launch can be captured in a CUDA graph. ``config``: an
     ``RsConfig`` (default ``rs_config(bn, K)``). Pointers and stream are made here once and the
     compiled kernel is looked up at the first launch, so FC2's column chunks reuse them."""
     from .w4a16_rs_gemm import rs_config
@@ -71,7 +75,7 @@ def rs_gemm_launcher(
     import cutlass
 
     ptrs = [gmem_ptr(a, 16), gmem_ptr(row_index), gmem_ptr(tile_expert),
-            gmem_ptr(table.tensor_of_expert), gmem_ptr(table.local_of_expert),
+            gmem_ptr(tile_count), gmem_ptr(table.tensor_of_expert), gmem_ptr(table.local_of_expert),
             gmem_ptr(table.table), gmem_ptr(topk_w), gmem_ptr(out, 16)]
     fixed = [cutlass.Int32(v) for v in (
         num_tiles, table.tensor_of_expert.numel(), table.num_tensors)]
@@ -112,10 +116,17 @@ def bf16_output(out: torch.Tensor | None, shape: tuple, device, who: str) -> tor
     return out
 
 
-def check_plan_tensors(bn: int, m_pad: int, tile_expert: torch.Tensor) -> None:
-    """The permuted row count must be a whole number of int32-indexed token tiles."""
+def check_plan_tensors(bn: int, m_pad: int, tile_expert: torch.Tensor,
+                       tile_count: torch.Tensor) -> None:
+    """The permuted row count must be a whole number of int32-indexed token tiles, with the
+    real tile count an int32 ``[1]`` on the same device (checked without reading it)."""
     if m_pad != tile_expert.numel() * bn:
         raise ValueError(
             f"grouped GEMM: {m_pad} permuted rows != {tile_expert.numel()} tiles x bn={bn}")
     if tile_expert.dtype != torch.int32:
         raise ValueError(f"grouped GEMM: tile_expert must be int32, got {tile_expert.dtype}")
+    if (tile_count.dtype != torch.int32 or tuple(tile_count.shape) != (1,)
+            or tile_count.device != tile_expert.device):
+        raise ValueError(f"grouped GEMM: tile_count must be int32 [1] on {tile_expert.device} "
+                         f"(the plan's real tile count), got {tile_count.dtype} "
+                         f"{tuple(tile_count.shape)} on {tile_count.device}")

@@ -236,16 +236,20 @@ class W4A16RsGemm:
 
     @cute.jit
     def __call__(self, a_ptr: cute.Pointer, row_index_ptr: cute.Pointer,
-                 tile_expert_ptr: cute.Pointer, tensor_of_ptr: cute.Pointer,
-                 local_of_ptr: cute.Pointer, table_ptr: cute.Pointer,
-                 topk_w_ptr: cute.Pointer, out_ptr: cute.Pointer, num_token_tiles: Int32,
+                 tile_expert_ptr: cute.Pointer, tile_count_ptr: cute.Pointer,
+                 tensor_of_ptr: cute.Pointer, local_of_ptr: cute.Pointer,
+                 table_ptr: cute.Pointer, topk_w_ptr: cute.Pointer, out_ptr: cute.Pointer,
+                 num_token_tiles: Int32,
                  num_experts: Int32, num_b: Int32, blk_begin: Int32, blk_end: Int32,
                  grid: Int32, stream):
         """``a``: bf16 rows (FC1: tokens ``[T, K]`` gathered by ``row_index``; FC2: ``h``
         ``[M_pad, K]``); ``row_index`` int32 ``[M_pad]`` (FC1: gather index, FC2: slot index,
-        -1 on padding); ``tile_expert [num_token_tiles]``; multi-B maps and table (see
-        ``expert_table``); ``topk_w`` fp32 flat router weights (FC2); ``out``: FC1 bf16 ``h
-        [M_pad, I]``, FC2 fp32 ``y [T*k, y_cols]``. ``grid`` <= number of work tiles."""
+        -1 on padding); ``tile_expert [num_token_tiles]``; ``tile_count`` int32 ``[1]``: the
+        real token tiles, a prefix of the ``num_token_tiles`` the host sized the buffers and
+        the grid for (the permutation plan's upper bound: the kernel reads the real count, so
+        no host sync precedes the launch); multi-B maps and table (see ``expert_table``);
+        ``topk_w`` fp32 flat router weights (FC2); ``out``: FC1 bf16 ``h [M_pad, I]``, FC2
+        fp32 ``y [T*k, y_cols]``. ``grid`` <= number of work tiles of the bound."""
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
             BFloat16, BFloat16, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
             Float32, (1, 1, 1), tiler_mn=(BLOCK_ROWS, self.bn),
@@ -258,6 +262,7 @@ class W4A16RsGemm:
             cute.make_tensor(a_ptr, cute.make_layout(1)),
             cute.make_tensor(row_index_ptr, cute.make_layout(m_rows)),
             cute.make_tensor(tile_expert_ptr, cute.make_layout(num_token_tiles)),
+            cute.make_tensor(tile_count_ptr, cute.make_layout(1)),
             cute.make_tensor(tensor_of_ptr, cute.make_layout(num_experts)),
             cute.make_tensor(local_of_ptr, cute.make_layout(num_experts)),
             cute.make_tensor(table_ptr, cute.make_layout((3, num_b), stride=(num_b, 1))),
@@ -288,10 +293,12 @@ class W4A16RsGemm:
 
     @cute.kernel
     def kernel(self, a: cute.Tensor, row_index: cute.Tensor, tile_expert: cute.Tensor,
-               tensor_of: cute.Tensor, local_of: cute.Tensor, b_table: cute.Tensor,
-               topk_w: cute.Tensor, out: cute.Tensor, tiled_mma: cute.TiledMma,
+               tile_count: cute.Tensor, tensor_of: cute.Tensor, local_of: cute.Tensor,
+               b_table: cute.Tensor, topk_w: cute.Tensor, out: cute.Tensor, tiled_mma: cute.TiledMma,
                b_layout: cute.ComposedLayout, num_token_tiles: Int32, blk_begin: Int32,
                blk_end: Int32):
+        # ``num_token_tiles`` (the host's bound) sized the grid; the real tiles are the first
+        # ``tile_count[0]``: CTAs past them get no work tile (``my_tiles`` 0).
         tidx, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
         grid, _, _ = cute.arch.grid_dim()
@@ -307,7 +314,8 @@ class W4A16RsGemm:
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
         n_groups = (blk_end - blk_begin + self.bpc - 1) // self.bpc
-        my_tiles = (num_token_tiles * n_groups - bid + grid - 1) // grid
+        real_tiles = cutlass.min(tile_count[0], num_token_tiles)
+        my_tiles = (real_tiles * n_groups - bid + grid - 1) // grid
         addrs = (storage.sW.data_ptr().toint(), storage.sRaw.data_ptr().toint(),
                  storage.sSpl.data_ptr().toint(), storage.sB.data_ptr().toint())
         sB = storage.sB.get_tensor(b_layout.outer, swizzle=b_layout.inner)
@@ -513,8 +521,9 @@ class W4A16RsGemm:
         if cutlass.const_expr(self.persistent):
             for jt in cutlass.range(my_tiles, unroll=1):
                 self._consumer_tile(jt, bid + jt * grid, *args)
-        else:  # one work tile per CTA (grid = work tiles): a static body
-            self._consumer_tile(0, bid, *args)
+        else:  # one work tile per CTA (grid = work tiles of the bound): a static body
+            if my_tiles > 0:
+                self._consumer_tile(0, bid, *args)
 
     @cute.jit
     def _consumer_tile(self, jt, tile, q, warp, g, c, offs, words, frags, accs, tCrB,

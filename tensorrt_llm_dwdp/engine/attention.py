@@ -68,9 +68,10 @@ class StepMetadata:
     token. Fresh sequences (start 0) occupy ``fresh_rows`` of the packed tokens, with
     ``fresh_cu_seqlens`` (int32, device) for the ragged call. ``decode`` is set when every
     sequence brings one token after a cached prefix; then ``fresh`` and ``chunks`` are empty.
+    ``batch`` is None in a decode graph's static metadata (``engine.decode_graphs``).
     """
 
-    batch: BatchInfo
+    batch: BatchInfo | None
     cache_index: torch.Tensor
     fresh_rows: slice | torch.Tensor | None
     fresh_lengths: tuple[int, ...]

@@ -22,10 +22,13 @@ from typing import Any, Callable
 
 import torch
 
+from tensorrt_llm_dwdp.engine.decode_graphs import DecodeGraphs, batch_buckets
+from tensorrt_llm_dwdp.engine.graph_pieces import GraphBreaks
 from tensorrt_llm_dwdp.engine.kv_handoff import KvHandoff
 from tensorrt_llm_dwdp.engine.sampling import Sampler, resolve_seed
 from tensorrt_llm_dwdp.engine.scheduler import SamplingParams, ScheduledStep, Scheduler, Sequence
-from tensorrt_llm_dwdp.moe.backends import compile_stats, distinct_backends
+from tensorrt_llm_dwdp.moe.backends import (check_routing, compile_stats, distinct_backends,
+                                            graph_safe)
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +212,17 @@ class Engine:
     the parity check compares bit for bit between DWDP and single-rank runs.
     ``kv_export_alloc(nbytes)`` gives a context-only request's exported KV its memory (a
     block of the server's export pool, ``serve/kv_pool.py``) or None for a buffer of its own.
+    ``cuda_graphs``: replay decode steps from CUDA graphs, one per batch-size bucket
+    (``graph_batch_sizes``, default powers of two up to ``max_seqs``) and context bucket,
+    captured at first use (``engine.decode_graphs``); on a CPU, or when a MoE layer cannot be
+    captured (expert parallelism, a host-driven backend), decode stays eager (logged).
     """
 
     def __init__(self, model, *, dwdp=None, max_seqs: int = 16, max_seq_len: int = 2048,
                  max_batch_tokens: int = 8192, device: torch.device | str = "cpu",
                  eos_token_id: int | None = None, record_logits: bool = False,
-                 kv_export_alloc: Callable[[int], Any] | None = None) -> None:
+                 kv_export_alloc: Callable[[int], Any] | None = None, cuda_graphs: bool = False,
+                 graph_batch_sizes: list[int] | tuple[int, ...] | None = None) -> None:
         self.model = model
         self.kv_export_alloc = kv_export_alloc
         self.dwdp = dwdp
@@ -222,8 +230,13 @@ class Engine:
         self.eos_token_id = eos_token_id
         self.record_logits = record_logits
         self.scheduler = Scheduler(max_seqs, max_batch_tokens, max_seq_len)
+        use_graphs = cuda_graphs and self._graphs_possible(model)
+        if use_graphs:  # checked before anything is allocated
+            batch_buckets(max_seqs, graph_batch_sizes)
         try:
-            self.cache = model.make_cache(max_seqs, max_seq_len, self.device)
+            # with graphs, one slot more: the scratch slot that padding rows write
+            self.cache = model.make_cache(max_seqs + (1 if use_graphs else 0), max_seq_len,
+                                          self.device)
         except torch.cuda.OutOfMemoryError as exc:
             raise RuntimeError(f"the KV cache of {max_seqs} slots x {max_seq_len} tokens does not fit "
                                f"on {self.device}; lower max_batch_size or max_seq_len") from exc
@@ -233,6 +246,16 @@ class Engine:
         self.sampler = Sampler(self.device)
         self.stats = EngineStats()
         self.clock = StepClock(self.device, _backends_of(model))
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            breaks = GraphBreaks()
+            for moe in model.moe_modules().values():
+                if moe.dwdp is not None:
+                    moe.graph_breaks = breaks
+            self.graphs = DecodeGraphs(model, self.cache, max_seqs=max_seqs, device=self.device,
+                                       breaks=breaks, batch_sizes=graph_batch_sizes)
+            logger.info("decode steps replay CUDA graphs for batch sizes %s (captured at first "
+                        "use)", list(self.graphs.buckets))
         self.logits: dict[str, list[torch.Tensor]] = {}
         self._sequences: dict[str, Sequence] = {}
         self._exports: dict[str, KvHandoff] = {}
@@ -284,6 +307,7 @@ class Engine:
             if len(emitting) < len(plan.sequences):
                 logits = logits[emitting]
             tokens = self._sample(logits, [plan.sequences[i] for i in emitting])
+            check_routing(self.clock.backends)  # bad expert ids, flagged on the device
         except Exception as exc:
             if not (self._drop_failed(plan, exc) and self._device_usable(exc)):
                 raise
@@ -332,10 +356,13 @@ class Engine:
         batch = BatchInfo(slots=tuple(s.slot for s in plan.sequences),
                           start_positions=tuple(s.num_cached for s in plan.sequences),
                           lengths=plan.num_new)
-        input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        graphed = self.graphs is not None and self.graphs.bucket(batch) is not None
+        input_ids = None if graphed else torch.tensor(tokens, dtype=torch.long, device=self.device)
         if self.dwdp is not None:
             self.dwdp.start_step()
         with torch.inference_mode():
+            if graphed:
+                return self.graphs.run(tokens, batch)
             return self.model(input_ids, batch, self.cache)
 
     def _forward_checked(self, plan: ScheduledStep) -> torch.Tensor:
@@ -361,6 +388,28 @@ class Engine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """Where logits become tokens: one row per sequence that is due a token."""
         return self.sampler.sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
+
+    def _graphs_possible(self, model) -> bool:
+        """Whether this engine's decode steps can be captured; logs why not."""
+        why = None
+        if self.device.type != "cuda":
+            why = f"the engine runs on {self.device}"
+        elif not hasattr(model, "run_step"):
+            why = f"{type(model).__name__} has no run_step"
+        else:
+            moes = getattr(model, "moe_modules", dict)()
+            for i, moe in moes.items():
+                weights = moe.local_weights
+                if moe.ep is not None:
+                    why = f"MoE layer {i} is expert-parallel (a collective per layer)"
+                elif weights is not None and not graph_safe(moe.backend, weights.quant):
+                    why = (f"MoE layer {i}'s backend {type(moe.backend).__name__} reads the "
+                           f"device back for {weights.quant} experts")
+                if why:
+                    break
+        if why:
+            logger.info("CUDA graphs off: %s; decode steps run eagerly", why)
+        return why is None
 
     def _device_usable(self, exc: Exception) -> bool:
         """After a failed step: False when the device is left in an error state (a failing

@@ -79,9 +79,18 @@ class CausalLM(nn.Module):
             )
         device = input_ids.device
         meta = StepMetadata.build(batch, cache.max_seqs, cache.max_len, device, self.batched_decode)
-        cos, sin = self.rotary(batch.positions(device), self.dtype)
+        return self.run_step(input_ids, batch.positions(device), meta, cache,
+                             batch.last_token_indices(device))
+
+    def run_step(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,
+                 cache: KvCache, last_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The step on device tensors only: ``input_ids`` / ``positions`` int64 ``[N]``,
+        ``meta`` built for them, ``last_rows`` int64 (the rows whose logits are returned; None:
+        every row, as a decode step). Reads nothing back to the host when ``meta`` is a decode
+        step's, so a CUDA graph can capture it (``engine.decode_graphs``)."""
+        cos, sin = self.rotary(positions, self.dtype)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, meta, cache, cos, sin)
-        x = self.model.norm(x[batch.last_token_indices(device)])
+        x = self.model.norm(x if last_rows is None else x[last_rows])
         return self.lm_head(x).float()

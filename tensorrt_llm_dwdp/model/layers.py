@@ -99,9 +99,13 @@ class Rotary(nn.Module):
         # materialised with to_empty(), which would leave a buffer uninitialised.
         self.inv_freq, self.scaling = rope_inv_freq(rope, dim)
         self.interleave = rope.interleave
+        self._on_device: dict[torch.device, torch.Tensor] = {}  # one copy per device, kept
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        inv_freq = self._on_device.get(positions.device)
+        if inv_freq is None:  # copied once: a copy per step would stop a CUDA graph capture
+            inv_freq = self._on_device[positions.device] = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
 

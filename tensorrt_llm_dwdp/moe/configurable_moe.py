@@ -96,6 +96,9 @@ class ConfigurableMoE(nn.Module):
                 "over one [E, ...] tensor per parameter; set dwdp_config.expert_view: composite "
                 "(run --expert-view composite)")
         self._local: ExpertWeights | None = None
+        # Set by an engine that captures decode steps in CUDA graphs (``engine.graph_pieces``):
+        # with DWDP the expert call (prefetch wait, kernels, done) runs outside the graphs.
+        self.graph_breaks: Any = None
 
     @property
     def num_local_experts(self) -> int:
@@ -173,10 +176,17 @@ class ConfigurableMoE(nn.Module):
                 f"got {tuple(hidden.shape)}"
             )
         ids, weights = self.gate(hidden)
-        view = self._view()
         if self.ep is not None:
-            return self.ep.run_experts(hidden, ids, weights, view, self.backend)
-        out = self.backend.run_experts(hidden, ids, weights, view)
+            return self.ep.run_experts(hidden, ids, weights, self._view(), self.backend)
+        if self.dwdp is not None and self.graph_breaks is not None:
+            return self.graph_breaks.eager(self._run_experts, hidden, ids, weights)
+        return self._run_experts(hidden, ids, weights)
+
+    def _run_experts(self, hidden: torch.Tensor, ids: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+        """The expert call: this layer's weights (with DWDP: wait for its prefetch), the
+        backend, then ``done`` (its buffer may refill)."""
+        out = self.backend.run_experts(hidden, ids, weights, self._view())
         if self.dwdp is not None:
             self.dwdp.done(self.layer_idx)
         return out

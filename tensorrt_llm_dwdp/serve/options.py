@@ -44,17 +44,19 @@ USED_KEYS = frozenset({
     # Our own: attention-DP + expert-parallel context servers (parallel/config.py), the
     # alternative to dwdp_config.
     "ep_config",
+    # TensorRT-LLM's: decode steps replayed from CUDA graphs (null: off; absent: on).
+    "cuda_graph_config",
 })
 
 KV_TRANSFER_MODES = ("auto", "http")
 
 # Keys TensorRT-LLM's LLM API / trtllm-serve know that change nothing here (KV moves through
-# our own hand-over, see kv_transfer; there is no CUDA graph, scheduler policy or overlap scheduler).
+# our own hand-over, see kv_transfer; there is no scheduler policy or overlap scheduler).
 KNOWN_IGNORED_KEYS = frozenset({
     "allreduce_strategy", "attention_dp_config", "attn_backend", "batch_wait_timeout_ms",
     "batch_wait_max_tokens_ratio", "batched_logits_processor", "build_config",
     "cache_transceiver_config", "calib_config", "checkpoint_format", "checkpoint_loader",
-    "cp_config", "cuda_graph_config", "custom_tokenizer", "decoding_config", "disable_overlap_scheduler",
+    "cp_config", "custom_tokenizer", "decoding_config", "disable_overlap_scheduler",
     "disable_flashinfer_sampling", "disagg_cluster", "dtype", "enable_attention_dp",
     "enable_autotuner", "enable_chunked_prefill", "enable_iter_perf_stats", "enable_iter_req_stats",
     "enable_layerwise_nvtx_marker", "enable_lm_head_tp_in_adp", "enable_lora", "enable_min_latency",
@@ -91,7 +93,10 @@ class ServeOptions:
     checked against the model's expert count and the group size when the worker starts);
     ``ep_config`` the parsed ``ep_config:`` section (expert parallelism), None when off; at
     most one of the two is set;
-    ``ignored_keys`` lists YAML keys that were accepted but have no effect here.
+    ``cuda_graphs``: decode steps replayed from CUDA graphs (on a GPU, where every MoE layer
+    can be captured), one per batch size of ``cuda_graph_batch_sizes`` (None: powers of two up
+    to ``max_batch_size``); ``ignored_keys`` lists YAML keys that were accepted but have no
+    effect here.
     """
 
     model: str
@@ -109,6 +114,8 @@ class ServeOptions:
     ep_config: EpConfig | None = None
     kv_transfer: str = "auto"
     kv_transfer_pool_bytes: int | None = None
+    cuda_graphs: bool = True
+    cuda_graph_batch_sizes: tuple[int, ...] | None = None
     ignored_keys: tuple[str, ...] = field(default=())
 
     @property
@@ -207,7 +214,39 @@ def merge_options(base: ServeOptions, extra: Mapping[str, Any], *, source: str =
         changes["dwdp_config"] = _dwdp_section(section)
     if "ep_config" in extra:
         changes["ep_config"] = _ep_section(extra["ep_config"], source)
+    if "cuda_graph_config" in extra:
+        changes.update(_cuda_graph_section(extra["cuda_graph_config"], source))
     return check_options(replace(base, **changes))
+
+
+def _cuda_graph_section(section: Any, source: str) -> dict[str, Any]:
+    """TensorRT-LLM's ``cuda_graph_config``: null turns graphs off; a mapping turns them on,
+    with ``batch_sizes`` (a list) or ``max_batch_size`` (powers of two up to it, and it).
+    ``enable_padding`` is always true here (a batch runs in the smallest bucket holding it)."""
+    if section is None:
+        return {"cuda_graphs": False, "cuda_graph_batch_sizes": None}
+    if not isinstance(section, dict):
+        raise OptionsError(f"{source}: cuda_graph_config must be a mapping or null (off), got "
+                           f"{section!r}")
+    unknown = sorted(set(section) - {"batch_sizes", "max_batch_size", "enable_padding"})
+    if unknown:
+        logger.warning("%s: cuda_graph_config keys %s have no effect here and are ignored",
+                       source, unknown)
+    if section.get("enable_padding") is False:
+        logger.warning("%s: cuda_graph_config.enable_padding: false is ignored (batches are "
+                       "padded to their bucket)", source)
+    sizes = section.get("batch_sizes")
+    if sizes is not None:
+        if not isinstance(sizes, list) or not sizes:
+            raise OptionsError(f"{source}: cuda_graph_config.batch_sizes must be a non-empty list "
+                               f"of positive integers, got {sizes!r}")
+        sizes = tuple(sorted({_positive_int(f"{source}: cuda_graph_config.batch_sizes", s)
+                              for s in sizes}))
+    elif section.get("max_batch_size") is not None:
+        top = _positive_int(f"{source}: cuda_graph_config.max_batch_size",
+                            section["max_batch_size"])
+        sizes = tuple(sorted({top} | {1 << i for i in range(top.bit_length()) if 1 << i < top}))
+    return {"cuda_graphs": True, "cuda_graph_batch_sizes": sizes}
 
 
 def _ep_section(section: Any, source: str) -> EpConfig | None:
@@ -264,6 +303,10 @@ def check_options(options: ServeOptions) -> ServeOptions:
             f"max_batch_size={options.max_batch_size}, max_num_tokens={options.max_num_tokens} must "
             f"be >= 1 and max_seq_len={options.max_seq_len} >= 2"
         )
+    too_big = [b for b in options.cuda_graph_batch_sizes or () if b > options.max_batch_size]
+    if too_big:
+        raise OptionsError(f"cuda_graph_config batch sizes {too_big} exceed max_batch_size="
+                           f"{options.max_batch_size} (a step never holds more sequences)")
     return options
 
 
@@ -282,6 +325,7 @@ def options_from_cli(args: Any) -> ServeOptions:
         max_seq_len=_positive_int("--max_seq_len", args.max_seq_len),
         device=args.device,
         log_level=args.serve_log_level or "info",
+        cuda_graphs=args.cuda_graphs,
     ))
     if args.extra_llm_api_options:
         extra = load_yaml_mapping(args.extra_llm_api_options)

@@ -101,7 +101,9 @@ def build_worker(options: ServeOptions, *, local_rank: int = 0, group: Any = Non
         engine = Engine(model, dwdp=manager, max_seqs=options.max_batch_size,
                         max_seq_len=options.max_seq_len, max_batch_tokens=options.max_num_tokens,
                         device=device, eos_token_id=tokenizer.eos_token_id,
-                        kv_export_alloc=kv_pool.export_alloc if kv_pool is not None else None)
+                        kv_export_alloc=kv_pool.export_alloc if kv_pool is not None else None,
+                        cuda_graphs=options.cuda_graphs,
+                        graph_batch_sizes=options.cuda_graph_batch_sizes)
         if kv_pool is not None:
             _plan_pool(kv_pool, engine.kv_budget)
         if ep_group is not None:

@@ -31,7 +31,8 @@ def main() -> int:
     out = (torch.zeros(rows, n_weight // 2, dtype=torch.bfloat16) if kind == "swiglu"
            else torch.zeros(rows, y_cols, dtype=torch.float32))
     args = [torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(rows, dtype=torch.int32),
-            torch.zeros(2, dtype=torch.int32), torch.zeros(experts, dtype=torch.int32),
+            torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+            torch.zeros(experts, dtype=torch.int32),
             torch.zeros(experts, dtype=torch.int32), torch.zeros(3, 2, dtype=torch.int64),
             torch.zeros(rows, dtype=torch.float32), out]
     kernel = W4A16RsGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols,

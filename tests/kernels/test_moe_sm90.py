@@ -23,7 +23,7 @@ from tensorrt_llm_dwdp.kernels.testing import (
     split_sizes,
 )
 from tensorrt_llm_dwdp.moe.backends.torch_ref import TorchMoeBackend, dequantized_expert
-from tensorrt_llm_dwdp.moe.permute import build_permutation
+from tensorrt_llm_dwdp.moe.permute import build_permutation, tile_bound
 
 pytestmark = [pytest.mark.gpu, pytest.mark.kernels]
 
@@ -62,11 +62,15 @@ def test_fc1_matches_reference_rows(backend, experts, tokens, bn):
     w13 = backend._table(weights, "w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha")
     out = torch.full((plan.num_rows, weights.intermediate_size), float("nan"),
                      dtype=torch.bfloat16, device="cuda")
-    h = fc1_gather_swiglu(backend.cache, x, plan.gather_index, plan.tile_expert, w13, bn, out=out)
+    h = fc1_gather_swiglu(backend.cache, x, plan.gather_index, plan.tile_expert, w13, bn, out=out,
+                          tile_count=plan.tile_count)
     torch.cuda.synchronize()
     ref = _fc1_reference(x, plan, weights)
     real = plan.gather_index >= 0
-    assert torch.isfinite(h).all(), "FC1 left rows unwritten (NaN poison survived)"
+    live = int(plan.tile_count[0]) * bn  # rows of the real tiles; the plan's bound is larger
+    assert live < plan.num_rows  # no empty slot here: the bound's last tile stays unused
+    assert torch.isfinite(h[:live]).all(), "FC1 left rows unwritten (NaN poison survived)"
+    assert torch.isnan(h[live:].float()).all(), "FC1 wrote past the real tiles (tile_count)"
     assert rel_err(h[real].float(), ref[real]) < 8e-3
 
 
@@ -134,7 +138,8 @@ def test_fc2_one_hot_rows_read_exact_weight_columns(backend, experts):
                                           inter).to(torch.bfloat16)
     w2 = backend._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
     tw = torch.ones(inter, 1, device="cuda")
-    out = fc2_finalize(backend.cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn)
+    out = fc2_finalize(backend.cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn,
+                       tile_count=plan.tile_count)
     torch.cuda.synchronize()
     for e in (5, 9):
         tokens = torch.arange(0 if e == 5 else 1, inter, 2, device="cuda")
@@ -170,7 +175,7 @@ def test_past_2_31_rows_times_hidden(backend):
     out = backend.run_experts(x, ids, tw, weights)
     torch.cuda.synchronize()
     out_bytes = out.numel() * 2
-    h_bytes = (tokens * top_k + num_experts * 128) * inter * 2  # permuted h, padded tiles
+    h_bytes = tile_bound(tokens, top_k, num_experts, 128) * 128 * inter * 2  # h, the plan's bound
     scratch = torch.cuda.max_memory_allocated() - before - out_bytes - h_bytes
     assert scratch <= 2 * out_bytes + (64 << 20), f"FC2 scratch {scratch} B > 2x output"
     rows = torch.cat([torch.arange(64), torch.arange(tokens - 64, tokens)]).cuda()
@@ -209,9 +214,9 @@ def _fc1_fc2(backend, x, ids, tw, weights, bn, overrides=None):
     h = torch.full((plan.num_rows, weights.intermediate_size), float("nan"),
                    dtype=torch.bfloat16, device="cuda")
     h = fc1_gather_swiglu(backend.cache, x, plan.gather_index, plan.tile_expert, w13, bn, out=h,
-                          config=c1)
+                          config=c1, tile_count=plan.tile_count)
     out = fc2_finalize(backend.cache, h, plan.slot_index, plan.tile_expert, ids, tw, w2, bn,
-                       config=c2)
+                       config=c2, tile_count=plan.tile_count)
     torch.cuda.synchronize()
     return plan, h, out
 

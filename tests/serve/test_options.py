@@ -83,3 +83,29 @@ def test_kv_transfer_pool_bytes():
     for bad in (-1, "1G", True, 1.5):
         with pytest.raises(OptionsError, match="kv_transfer_pool_bytes must be a byte count >= 0"):
             merge_options(ServeOptions(model="m"), {"kv_transfer_pool_bytes": bad})
+
+
+def test_cuda_graph_switch(tmp_path, caplog):
+    """On by default; the serve flag or TensorRT-LLM's ``cuda_graph_config: null`` turn it off;
+    a mapping picks the batch sizes (listed, or powers of two up to ``max_batch_size``)."""
+    on = options_from_cli(_args(tmp_path))
+    assert on.cuda_graphs and on.cuda_graph_batch_sizes is None
+    assert not options_from_cli(_args(tmp_path, "--no_cuda_graphs")).cuda_graphs
+    assert not options_from_cli(_args(tmp_path, yaml_text="cuda_graph_config: null\n")).cuda_graphs
+    listed = options_from_cli(_args(tmp_path, yaml_text=(
+        "cuda_graph_config: {batch_sizes: [8, 1, 4, 8], enable_padding: true}\n")))
+    assert listed.cuda_graphs and listed.cuda_graph_batch_sizes == (1, 4, 8)
+    assert "cuda_graph_config" not in listed.ignored_keys
+    top = merge_options(ServeOptions(model="m", max_batch_size=16),
+                        {"cuda_graph_config": {"max_batch_size": 12}})
+    assert top.cuda_graph_batch_sizes == (1, 2, 4, 8, 12)
+    with caplog.at_level(logging.WARNING):
+        merge_options(ServeOptions(model="m"), {"cuda_graph_config": {"enable_padding": False,
+                                                                      "capture_num": 3}})
+    assert "capture_num" in caplog.text and "enable_padding" in caplog.text
+    for bad, match in (({"batch_sizes": [0]}, "positive integer"),
+                       ({"batch_sizes": []}, "non-empty list"),
+                       ({"batch_sizes": [32]}, r"batch sizes \[32\] exceed max_batch_size=16"),
+                       (True, "a mapping or null")):
+        with pytest.raises(OptionsError, match=match):
+            merge_options(ServeOptions(model="m"), {"cuda_graph_config": bad})

@@ -294,3 +294,46 @@ def test_kv_budget_is_known_at_start_and_refusals_take_no_slot():
     with pytest.raises(ContextLengthExceeded, match="max_seq_len=16"):
         engine.add_request(Request("long", [1] * 10, SamplingParams(max_tokens=7)))
     assert not engine.has_work() and len(engine.scheduler._free_slots) == 3
+
+
+class _FlaggingBackend:
+    """A MoE backend whose device flag says a layer saw an out-of-range expert id."""
+
+    def __init__(self):
+        self.checks = 0
+        self.bad = False
+
+    def check_routing(self):
+        self.checks += 1
+        if self.bad:
+            self.bad = False
+            raise ValueError("expert id 300 out of range [0, 256) (or -1 for an empty slot)")
+
+
+class _MoeModule:
+    def __init__(self, backend):
+        self.backend = backend
+
+
+class RoutedPrefixSumLM(PrefixSumLM):
+    def __init__(self):
+        super().__init__()
+        self.backend = _FlaggingBackend()
+
+    def moe_modules(self):
+        return {0: _MoeModule(self.backend)}
+
+
+def test_bad_expert_ids_fail_the_step_at_its_end():
+    """The MoE layers flag bad ids on the device; the engine reads the flag once per step, after
+    sampling (where it syncs anyway), and ends that step's requests with the error."""
+    model = RoutedPrefixSumLM()
+    engine = Engine(model, max_seqs=2, max_seq_len=32)
+    engine.add_request(Request("a", PROMPTS[0], SamplingParams(max_tokens=4)))
+    engine.step()
+    assert model.backend.checks == 1
+    model.backend.bad = True
+    with pytest.raises(StepFailed, match="expert id 300 out of range") as info:
+        engine.step()
+    assert info.value.request_ids == ("a",) and not engine.has_work()
+    assert engine.generate([PROMPTS[1]], SamplingParams(max_tokens=2)) == [model.reference(PROMPTS[1], 2)]

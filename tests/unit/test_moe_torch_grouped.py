@@ -46,6 +46,44 @@ def test_empty_slots_add_nothing():
     assert err < 2e-2, err
 
 
+@pytest.mark.parametrize("quant", ["bf16", "nvfp4"])
+def test_bad_ids_are_deferred_to_check_routing(quant):
+    """No layer reads the id range back; ``check_routing`` (the engine's step end) raises the
+    bad id, and the layer itself stayed in bounds (the id counted as an empty slot)."""
+    weights = make_experts(8, quant)
+    x, ids, w = make_routing(6, 8, 2)
+    backend = TorchGroupedMoeBackend()
+    good = backend.run_experts(x, ids, w, weights)
+    backend.check_routing()
+    bad = ids.clone()
+    bad[2, 1] = 11
+    out = backend.run_experts(x, bad, w, weights)
+    empty = ids.clone()
+    empty[2, 1] = -1
+    assert torch.equal(out, backend.run_experts(x, empty, w, weights))
+    assert not torch.equal(out, good)
+    with pytest.raises(ValueError, match="expert id 11 out of range"):
+        backend.check_routing()
+    backend.check_routing()  # read once
+    with pytest.raises(ValueError, match="expert id 11"):
+        TorchMoeBackend().run_experts(x, bad, w, weights)  # the host-driven oracle: at once
+    with pytest.raises(ValueError, match="expert id 11"):
+        TorchGroupedMoeBackend(sync_check=True).run_experts(x, bad, w, weights)
+
+
+def test_bf16_layer_reads_nothing_back():
+    """With bf16 experts a layer makes no tensor -> Python read (each a host sync on CUDA, and
+    a failure under CUDA graph capture): offsets reach ``_grouped_mm`` as a tensor."""
+    from test_permute import _HostReads
+
+    weights = make_experts(8, "bf16", bias=True)
+    x, ids, w = make_routing(9, 8, 3)
+    ids[1, 0] = -1
+    with _HostReads() as mode:
+        TorchGroupedMoeBackend().run_experts(x, ids, w, weights)
+    assert mode.reads == []
+
+
 def test_chunking_and_placement_are_bitwise_invisible():
     weights = make_experts(12, "nvfp4")
     x, ids, w = make_routing(33, 12, 4)
@@ -127,3 +165,18 @@ def test_dwdp_composite_view_bitwise_equals_one_rank_holding_all():
     for outs in _in_threads(2, rank_body):
         assert not isinstance(outs, BaseException), repr(outs)
         assert all(torch.equal(o, want) for o in outs)
+
+
+def test_sync_check_debug_mode_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TRTLLM_DWDP_SYNC_CHECKS", "1")
+    backend = get_backend("torch-grouped")
+    weights = make_experts(8, "bf16")
+    x, ids, w = make_routing(4, 8, 2)
+    ids[0, 0] = 9
+    with pytest.raises(ValueError, match="expert id 9"):  # at the layer, not the step's end
+        backend.run_experts(x, ids, w, weights)
+    monkeypatch.setenv("TRTLLM_DWDP_SYNC_CHECKS", "0")
+    assert not get_backend("torch-grouped").routing_errors.sync_check
+    monkeypatch.setenv("TRTLLM_DWDP_SYNC_CHECKS", "yes")
+    with pytest.raises(ValueError, match="TRTLLM_DWDP_SYNC_CHECKS='yes'"):
+        get_backend("torch-grouped")

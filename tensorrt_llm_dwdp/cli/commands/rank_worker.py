@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="byte order of the routed experts in memory (moe/layouts.py); auto: the "
                    "MoE backend's")
     p.add_argument("--out", required=True, help="folder for rank{r}.json / rank{r}.pt")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode steps from CUDA graphs on a GPU (default: on)")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads when on the CPU")
     p.add_argument("--fail-rank", type=int, default=None,
                    help="failure injection: this rank SIGKILLs itself at --fail-at-step")
@@ -67,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
             outputs, logits, stats = generate_with_logits(
                 model, prompts, max_tokens=args.max_tokens, device=device, dwdp=manager,
                 progress_desc=f"rank {rank} decode" if rank == 0 else None,
-                max_num_tokens=args.max_num_tokens,
+                max_num_tokens=args.max_num_tokens, cuda_graphs=args.cuda_graphs,
                 before_step=_failure_injection(args, manager))
         for event in manager.tier_events:
             print(event.message, flush=True)

@@ -83,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "the backend reads (the torch backends unshuffle preshuffled experts). The "
                     "parity reference loads the backend's own layout (default: auto)")
     ex.add_argument("--max-tokens", type=int, default=8, help="tokens generated per prompt")
+    ex.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                    help="replay decode steps from CUDA graphs on a GPU, ranks and reference "
+                         "alike (default: on; --no-cuda-graphs runs them eagerly)")
     ex.add_argument("--cpu-threads", type=int, default=None, help="torch threads per CPU rank "
                     "(default: cores / ranks; the reference run uses the same count)")
     ex.add_argument("--prompts-file", help="JSON list of prompt strings (default: embedded set)")
@@ -189,6 +192,7 @@ def main(args: argparse.Namespace) -> int:
                               "--moe-backend", args.moe_backend, "--out", args.out,
                               "--weight-layout", weight_layout,
                               "--cpu-threads", str(threads),
+                              "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs",
                               *(("--max-num-tokens", str(args.max_num_tokens)) if args.max_num_tokens else ()))
     killed: tuple[int, ...] = ()
     if args.fail_rank is not None:
@@ -210,10 +214,11 @@ def main(args: argparse.Namespace) -> int:
         parity = reference_parity(model_dir, args.out, groups, max_tokens=args.max_tokens,
                                   device=args.device, moe_backend=args.moe_backend,
                                   cpu_threads=threads, max_num_tokens=args.max_num_tokens,
-                                  skip=frozenset(killed))
+                                  skip=frozenset(killed), cuda_graphs=args.cuda_graphs)
     print(format_report(reports, parity))
     summary = {"model": model_dir, "dwdp_config": config.to_dict(), "launcher": result.launcher,
                "moe_backend": args.moe_backend, "weight_layout": weight_layout,
+               "cuda_graphs": args.cuda_graphs,
                "prompt_lengths": [len(p) for p in token_ids], "max_num_tokens": args.max_num_tokens,
                "killed": list(killed), "shm_cleaned": list(result.cleaned),
                "wall_seconds": time.perf_counter() - started,

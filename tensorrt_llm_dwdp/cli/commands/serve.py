@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="LLM-API YAML overriding these flags (may hold dwdp_config:)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: CUDA when present, one GPU per local rank)")
+    p.add_argument("--no_cuda_graphs", dest="cuda_graphs", action="store_false",
+                   help="run decode steps eagerly (default: replayed from CUDA graphs on a GPU; "
+                        "the YAML's cuda_graph_config: null does the same)")
 
 
 def configure_logging(level: str | None) -> None:

@@ -161,6 +161,24 @@ def warm_up_model(model) -> int:
     return warm_up_backends(moes().values()) if moes is not None else 0
 
 
+def graph_safe(backend: MoeBackend, quant: str) -> bool:
+    """Whether ``backend.run_experts`` over ``quant`` experts reads nothing back to the host,
+    so a CUDA graph can capture it: a ``graph_safe(quant)`` method of the backend says; the
+    torch reference (host-driven by design) has none."""
+    check = getattr(backend, "graph_safe", None)
+    return bool(check(quant)) if check is not None else False
+
+
+def check_routing(backends) -> None:
+    """Raise the first out-of-range expert id any of ``backends`` recorded on the device since
+    the last call (those that defer the check: a ``check_routing()`` method). One host read
+    per backend: the engine calls it at a step's end, where it syncs anyway."""
+    for backend in backends:
+        check = getattr(backend, "check_routing", None)
+        if check is not None:
+            check()
+
+
 def compile_stats(backends) -> tuple[int, float]:
     """(kernels compiled, seconds compiling) summed over ``backends`` (those that compile:
     a ``compile_stats()`` method); (0, 0.0) when none does."""

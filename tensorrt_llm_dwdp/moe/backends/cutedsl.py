@@ -30,7 +30,8 @@ from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
 from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import TOKEN_TILES
 from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
 from tensorrt_llm_dwdp.moe.layouts import PRESHUFFLED
-from tensorrt_llm_dwdp.moe.permute import build_permutation
+from tensorrt_llm_dwdp.moe.permute import (RoutingErrors, build_permutation, sync_checks_requested,
+                                           warm_up_plans)
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
 logger = logging.getLogger(__name__)
@@ -77,13 +78,20 @@ class CuteDslMoeBackend:
     weights' addresses (DWDP buffers keep their addresses, so steady state builds none). One
     object serves every MoE layer of a model (``load_model`` shares it), so each kernel
     configuration compiles once per process; ``warm_up`` compiles them all before serving.
+
+    ``run_experts`` never waits on the host (plan on the device, grids from its tile bound), so
+    a layer can be captured in a CUDA graph once its kernels and expert tables exist (after one
+    eager call with the same weights). Out-of-range expert ids are flagged on the device and
+    raised by ``check_routing()`` (the engine calls it at each step's end); ``sync_check=True``
+    raises them per layer instead (a debug mode: one host sync per layer).
     """
 
     accepts_multi_tensor = True  # a composite view is the S = 1 case
     weight_layouts = (PRESHUFFLED,)
 
-    def __init__(self, max_tables: int = 512) -> None:
+    def __init__(self, max_tables: int = 512, sync_check: bool = False) -> None:
         self.cache = CompileCache()
+        self.routing_errors = RoutingErrors(sync_check)
         self._tables: OrderedDict[tuple, ExpertTable] = OrderedDict()
         self._max_tables = max_tables
 
@@ -100,6 +108,15 @@ class CuteDslMoeBackend:
         else:
             self._tables.move_to_end(key)
         return table
+
+    def graph_safe(self, quant: str) -> bool:
+        """Every layer it runs (NVFP4) is capturable in a CUDA graph."""
+        return quant == "nvfp4"
+
+    def check_routing(self) -> None:
+        """Raise ValueError naming an out-of-range expert id seen since the last call (reads
+        one device flag: call it where the host syncs anyway)."""
+        self.routing_errors.check()
 
     def compile_stats(self) -> tuple[int, float]:
         """(kernels compiled so far, seconds spent compiling them)."""
@@ -123,6 +140,7 @@ class CuteDslMoeBackend:
             x = torch.zeros(tokens, weights.hidden_size, dtype=torch.bfloat16, device=device)
             w = torch.full((tokens, top_k), 1.0 / top_k, dtype=torch.float32, device=device)
             self.run_experts(x, ids, w, weights)
+        warm_up_plans(e, top_k, device)  # the plan kernel's size classes (Triton, if there)
         return self.cache.compiles - before
 
     def run_experts(
@@ -152,15 +170,17 @@ class CuteDslMoeBackend:
             return torch.empty(0, x.shape[1], dtype=torch.bfloat16, device=x.device)
         bn = choose_token_tile(tokens * k, weights.num_experts)
         plan = build_permutation(topk_ids, weights.num_experts, tile_m=bn)
+        self.routing_errors.add(plan)
         w13 = self._table(weights, "w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha")
         w2 = self._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
         x = x.contiguous()
         if x.data_ptr() % 16:  # a row-offset view; the gather copies 16-byte chunks
             x = x.clone()
-        h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, bn)
+        h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, bn,
+                              tile_count=plan.tile_count)
         return fc2_finalize(self.cache, h, plan.slot_index, plan.tile_expert, topk_ids,
-                            topk_weights, w2, bn)
+                            topk_weights, w2, bn, tile_count=plan.tile_count)
 
 
 def create_backend() -> CuteDslMoeBackend:
-    return CuteDslMoeBackend()
+    return CuteDslMoeBackend(sync_check=sync_checks_requested())

@@ -13,6 +13,12 @@ slots that add nothing, as an expert-parallel receiver passes them), then
 3. ``y = grouped_mm(h, W2^T)`` (bf16 out), ``* fc2_alpha[e] + w2_bias[e]`` and the router weight
    in fp32; each token sums its k slots in slot order, rounded once to bf16.
 
+With bf16 experts nothing in a layer reads the device: the plan's offsets go to
+``torch._grouped_mm`` as a device tensor over the plan's row bound (``T k + 1``), so the layer
+can be captured in a CUDA graph. NVFP4 experts are dequantized only for experts that got
+tokens, which the host reads back (one sync per layer; not capturable). Out-of-range expert
+ids are flagged on the device and raised by ``check_routing()`` (the engine's step end).
+
 Against the torch reference the two GEMM outputs are rounded to bf16 once more, so results
 agree within bf16 tolerance; the backend itself is deterministic and does not depend on where
 the experts' bytes live, so a composite DWDP view and one rank holding all experts agree bit for
@@ -41,7 +47,7 @@ import torch.nn.functional as F
 
 from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
 from tensorrt_llm_dwdp.moe.layouts import LINEAR, PRESHUFFLED, to_linear
-from tensorrt_llm_dwdp.moe.permute import build_permutation
+from tensorrt_llm_dwdp.moe.permute import RoutingErrors, build_permutation, sync_checks_requested
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 from tensorrt_llm_dwdp.quant.nvfp4 import E2M1_VALUES
 
@@ -78,10 +84,12 @@ class TorchGroupedMoeBackend:
     accepts_multi_tensor = False
     weight_layouts = (LINEAR, PRESHUFFLED)  # BACKEND_LAYOUTS; preshuffled: unshuffled exactly
 
-    def __init__(self, chunk_experts: int = DEFAULT_CHUNK_EXPERTS) -> None:
+    def __init__(self, chunk_experts: int = DEFAULT_CHUNK_EXPERTS,
+                 sync_check: bool = False) -> None:
         if chunk_experts < 1:
             raise ValueError(f"torch-grouped: chunk_experts must be >= 1, got {chunk_experts}")
         self.chunk_experts = chunk_experts
+        self.routing_errors = RoutingErrors(sync_check)
 
     def _check(self, x: torch.Tensor, weights: ExpertWeights) -> None:
         if weights.num_tensors != 1:
@@ -94,6 +102,15 @@ class TorchGroupedMoeBackend:
             raise ValueError(f"torch-grouped backend: H={h} and I={inter} must be multiples of 8 "
                              "(grouped GEMM strides are multiples of 16 bytes)")
 
+    def graph_safe(self, quant: str) -> bool:
+        """bf16 layers are capturable in a CUDA graph; NVFP4 ones read the counts back."""
+        return quant == "bf16"
+
+    def check_routing(self) -> None:
+        """Raise ValueError naming an out-of-range expert id seen since the last call (one
+        device read; the engine calls it at each step's end)."""
+        self.routing_errors.check()
+
     def run_experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                     weights: ExpertWeights) -> torch.Tensor:
         check_run_experts_args(x, topk_ids, topk_weights, weights)
@@ -103,53 +120,61 @@ class TorchGroupedMoeBackend:
         if tokens == 0:
             return torch.empty(0, hidden, dtype=torch.bfloat16, device=x.device)
         plan = build_permutation(topk_ids, weights.num_experts, tile_m=1)
-        offsets = plan.expert_offsets.tolist()
-        real = offsets[-1]  # rows past it: the padding row of empty (-1) slots
-        rows = x[plan.gather_index[:real].long()].contiguous()
-        slots = plan.slot_index[:real].long()
-        counts = plan.counts
+        self.routing_errors.add(plan)
+        # tile_m = 1: rows are the plan's bound (T k + 1); the real ones are a prefix, each
+        # row's expert is its tile's; rows past the real ones read token 0 and are masked below.
+        rows = x[plan.gather_index.clamp(min=0).long()]
+        expert_of_row = plan.tile_expert.clamp(min=0).long()
         p = {name: ts[0] for name, ts in weights.tensors.items()}
-        y = torch.empty(rows.shape[0], hidden, dtype=torch.float32, device=x.device)
         if weights.quant == "bf16":
-            groups = [list(range(weights.num_experts))]
+            # group ends as a tensor of their own (the view would start 4 bytes into a buffer)
+            ends = plan.expert_offsets[1:].clone()
+            y = self._mlp(rows, p, weights, None, ends, expert_of_row)
         else:
-            active = torch.nonzero(counts).flatten().tolist()
-            groups = [active[i:i + self.chunk_experts]
-                      for i in range(0, len(active), self.chunk_experts)]
-        for experts in groups:
-            lo, hi = offsets[experts[0]], offsets[experts[-1] + 1]
-            ids = torch.tensor(experts, device=x.device)
-            y[lo:hi] = self._mlp(rows[lo:hi], p, weights, ids, counts[ids])
-        expert_of_row = torch.repeat_interleave(
-            torch.arange(weights.num_experts, device=x.device), counts.long(),
-            output_size=rows.shape[0])
-        if weights.quant == "nvfp4":
+            y = self._nvfp4_chunks(rows, p, weights, plan)
             y = y * p["fc2_alpha"][expert_of_row].unsqueeze(1)
         if "w2_bias" in p:
             y = y + p["w2_bias"][expert_of_row]
-        slot_out = torch.zeros(tokens * k, hidden, dtype=torch.float32, device=x.device)
-        slot_out[slots] = y * topk_weights.reshape(-1)[slots].unsqueeze(1)
-        per_slot = slot_out.view(tokens, k, hidden)
+        valid = ((topk_ids >= 0) & (topk_ids < weights.num_experts)).unsqueeze(-1)
+        per_slot = torch.where(valid, y[plan.inverse.long()] * topk_weights.unsqueeze(-1), 0.0)
         out = per_slot[:, 0].clone()
         for j in range(1, k):
             out = out + per_slot[:, j]
         return out.to(torch.bfloat16)
 
-    def _mlp(self, a: torch.Tensor, p: dict, weights: ExpertWeights, ids: torch.Tensor,
-             counts: torch.Tensor) -> torch.Tensor:
-        """FC1, SwiGLU, FC2 of rows ``a`` grouped by experts ``ids`` -> fp32 (FC2 scale and bias
-        not applied yet)."""
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        full = ids.numel() == weights.num_experts
+    def _nvfp4_chunks(self, rows: torch.Tensor, p: dict, weights: ExpertWeights,
+                      plan) -> torch.Tensor:
+        """fp32 FC2 rows (scale and bias not applied) of NVFP4 experts, ``chunk_experts`` of the
+        experts that got tokens at a time. Picking them reads the counts back: this path syncs
+        the host once per layer (it is the correctness baseline for NVFP4, not a fast path)."""
+        offsets = plan.expert_offsets.tolist()
+        counts = plan.counts
+        active = torch.nonzero(counts).flatten().tolist()
+        y = torch.zeros(rows.shape[0], weights.hidden_size, dtype=torch.float32,
+                        device=rows.device)
+        for i in range(0, len(active), self.chunk_experts):
+            experts = active[i:i + self.chunk_experts]
+            lo, hi = offsets[experts[0]], offsets[experts[-1] + 1]
+            ids = torch.tensor(experts, device=rows.device)
+            n = counts[ids].long()
+            y[lo:hi] = self._mlp(rows[lo:hi], p, weights, ids, torch.cumsum(n, 0).to(torch.int32),
+                                 torch.repeat_interleave(ids, n, output_size=hi - lo))
+        return y
+
+    def _mlp(self, a: torch.Tensor, p: dict, weights: ExpertWeights, ids: torch.Tensor | None,
+             offs: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
+        """FC1, SwiGLU, FC2 of rows ``a`` grouped by ``offs`` (int32 group ends, one group per
+        expert of ``ids``, or of every expert for None) -> fp32 (FC2 scale and bias not applied
+        yet); ``expert_of_row`` [rows] the global expert of each row. Rows past ``offs[-1]``
+        come out undefined."""
         if weights.quant == "nvfp4":
             lin = {n: to_linear(n, p[n][ids], weights.weight_layout) for n in (
                 "w3_w1_weight", "w3_w1_weight_scale", "w2_weight", "w2_weight_scale")}
             w13 = dequantize_bf16(lin["w3_w1_weight"], lin["w3_w1_weight_scale"])
             w2 = dequantize_bf16(lin["w2_weight"], lin["w2_weight_scale"])
         else:
-            w13 = p["w3_w1_weight"] if full else p["w3_w1_weight"][ids]
-            w2 = p["w2_weight"] if full else p["w2_weight"][ids]
-        expert_of_row = torch.repeat_interleave(ids, counts.long(), output_size=a.shape[0])
+            w13 = p["w3_w1_weight"] if ids is None else p["w3_w1_weight"][ids]
+            w2 = p["w2_weight"] if ids is None else p["w2_weight"][ids]
         g = grouped_mm(a, w13.transpose(1, 2), offs).float()
         if weights.quant == "nvfp4":
             g = g * p["fc31_alpha"][expert_of_row].unsqueeze(1)
@@ -161,4 +186,4 @@ class TorchGroupedMoeBackend:
 
 
 def create_backend() -> TorchGroupedMoeBackend:
-    return TorchGroupedMoeBackend()
+    return TorchGroupedMoeBackend(sync_check=sync_checks_requested())

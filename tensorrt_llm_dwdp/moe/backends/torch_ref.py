@@ -106,8 +106,10 @@ class TorchMoeBackend:
     ) -> torch.Tensor:
         check_run_experts_args(x, topk_ids, topk_weights, weights)
         tokens, k = topk_ids.shape
-        # tile_m=1: the reference needs no padding, only the grouped (token, slot) order.
-        plan = build_permutation(topk_ids, weights.num_experts, tile_m=1)
+        # tile_m=1: the reference needs no padding, only the grouped (token, slot) order. The
+        # reference is host-driven (it loops over the experts that got tokens, which it reads
+        # back), so it checks the ids at once too.
+        plan = build_permutation(topk_ids, weights.num_experts, tile_m=1, sync_check=True)
         slot_out = torch.zeros(tokens * k, x.shape[1], dtype=torch.float32, device=x.device)
         flat_weights = topk_weights.reshape(-1)
         offsets = plan.expert_offsets.tolist()
