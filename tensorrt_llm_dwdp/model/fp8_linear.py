@@ -8,8 +8,10 @@ forward quantizes activations per token per 128 channels and runs the block-scal
 
 - ``scaled_mm`` (CUDA sm90, K a multiple of 128, N of 16): torch's vendor GEMM
   (``torch.nn.functional.scaled_mm``, ScalingType BlockWise1x128 activations x BlockWise128x128
-  weights; cuBLASLt >= 12.9 on Hopper), with the activation quantization compiled into one
-  kernel (``torch.compile`` of the reference recipe) where Triton is present;
+  weights; cuBLASLt >= 12.9 on Hopper; torch builds without ``F.scaled_mm`` take the same
+  recipe through ``torch._scaled_mm``, which infers it from the scales' shapes and strides),
+  with the activation quantization compiled into one kernel (``torch.compile`` of the
+  reference recipe) where Triton is present;
 - ``reference`` (CPU, other shapes): ``quant.fp8.fp8_linear_ref``.
 
 The vendor GEMM accumulates in its own order, so the two agree within the tolerance stated by
@@ -41,10 +43,14 @@ GEMM_BACKENDS = ("auto", SCALED_MM, REFERENCE)
 UNQUANTIZED = ("lm_head",)
 
 
+def _has_v2_api() -> bool:
+    return hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")
+
+
 def scaled_mm_available(device: torch.device) -> bool:
-    """True when torch offers the DeepSeek-style blockwise ``scaled_mm`` on ``device`` (an sm90
+    """True when torch offers the DeepSeek-style blockwise scaled GEMM on ``device`` (an sm90
     GPU; torch checks cuBLASLt >= 12.9 itself and raises naming it)."""
-    if device.type != "cuda" or not hasattr(F, "scaled_mm") or not hasattr(F, "ScalingType"):
+    if device.type != "cuda" or not (_has_v2_api() or hasattr(torch, "_scaled_mm")):
         return False
     return torch.cuda.get_device_capability(device)[0] == 9
 
@@ -68,9 +74,12 @@ def _compiled_act_quant():
 
 
 def scaled_mm_weight_scales(ws: torch.Tensor) -> torch.Tensor:
-    """``weight_scale_inv [ceil(N/128), Kb]`` -> the layout ``scaled_mm`` reads for
-    BlockWise128x128 ``mat_b = W^T``: shape ``[round_up(Kb, 4), ceil(N/128)]``, strides
-    ``(1, round_up(Kb, 4))`` (zero-padded K blocks are never read: K is whole blocks)."""
+    """``weight_scale_inv [ceil(N/128), Kb]`` -> the layout torch's blockwise GEMM reads for
+    BlockWise128x128 ``mat_b = W^T``. ``F.scaled_mm``: shape ``[round_up(Kb, 4), ceil(N/128)]``,
+    strides ``(1, round_up(Kb, 4))`` (the zero-padded K blocks are never read: K is whole
+    blocks); ``torch._scaled_mm``: ``ws^T``, strides ``(1, Kb)``."""
+    if not _has_v2_api():
+        return ws.contiguous().t()
     kb = ws.shape[1]
     kb4 = -(-kb // 4) * 4
     return F.pad(ws, (0, kb4 - kb)).contiguous().t()
@@ -81,6 +90,8 @@ def fp8_linear_scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws_mm: torch.Tensor)
     :func:`scaled_mm_weight_scales`."""
     xq, xs = _compiled_act_quant()(x)
     scale_a = xs.t().contiguous().t()  # [T, Kb], outer-dim-major: strides (1, T)
+    if not _has_v2_api():
+        return torch._scaled_mm(xq, wq.t(), scale_a, ws_mm, out_dtype=torch.bfloat16)
     return F.scaled_mm(xq, wq.t(), scale_a, F.ScalingType.BlockWise1x128, ws_mm,
                        F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
 
