@@ -12,7 +12,11 @@ forward quantizes activations per token per 128 channels and runs the block-scal
   recipe through ``torch._scaled_mm``, which infers it from the scales' shapes and strides),
   with the activation quantization compiled into one kernel (``torch.compile`` of the
   reference recipe) where Triton is present;
-- ``reference`` (CPU, other shapes): ``quant.fp8.fp8_linear_ref``.
+- ``reference`` (CPU; sm90 shapes the vendor GEMM does not take): ``quant.fp8.fp8_linear_ref``;
+- ``dequantized`` (GPUs without FP8 tensor cores, e.g. sm80): W8A16, the weight dequantized
+  once to bf16 (``dequantized_weight``, kept beside the e4m3 one: 3 bytes per weight instead of
+  1) and ``F.linear`` on unquantized activations; numerics of transformers' FP8 path on such
+  devices, not the FP8 reference's.
 
 The vendor GEMM accumulates in its own order, so the two agree within the tolerance stated by
 ``tests/gpu/test_fp8_linear_gpu.py``, not bitwise; each is deterministic on one device.
@@ -39,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 SCALED_MM = "scaled_mm"
 REFERENCE = "reference"
-GEMM_BACKENDS = ("auto", SCALED_MM, REFERENCE)
+DEQUANTIZED = "dequantized"
+GEMM_BACKENDS = ("auto", SCALED_MM, REFERENCE, DEQUANTIZED)
 UNQUANTIZED = ("lm_head",)
 
 
@@ -98,7 +103,8 @@ def fp8_linear_scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws_mm: torch.Tensor)
 
 class Fp8Linear(nn.Module):
     """``y = x W^T (+ b)`` with ``W`` in FP8 block 128 (module docstring). ``gemm``: ``auto``
-    (the vendor GEMM where it runs, else the reference), ``scaled_mm`` or ``reference``."""
+    (the vendor GEMM where it runs, ``dequantized`` on other GPUs, the reference on CPUs),
+    ``scaled_mm``, ``reference`` or ``dequantized``; a plain attribute, settable after load."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.bfloat16, gemm: str = "auto") -> None:
@@ -138,21 +144,25 @@ class Fp8Linear(nn.Module):
             self.weight, self.weight_scale_inv).to(dtype))
 
     def gemm_backend(self, device: torch.device) -> str:
-        """The GEMM this module runs on ``device`` (``scaled_mm`` or ``reference``)."""
+        """The GEMM this module runs on ``device`` (``scaled_mm``, ``reference`` or
+        ``dequantized``)."""
         if self.gemm != "auto":
             return self.gemm
-        fits = fits_scaled_mm(self.out_features, self.in_features)
-        return SCALED_MM if fits and scaled_mm_available(device) else REFERENCE
+        if scaled_mm_available(device):
+            return SCALED_MM if fits_scaled_mm(self.out_features, self.in_features) else REFERENCE
+        return DEQUANTIZED if device.type == "cuda" else REFERENCE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if flat.shape[0] == 0:
             y = flat.new_zeros(0, self.out_features)
-        elif self.gemm_backend(x.device) == SCALED_MM:
+        elif (backend := self.gemm_backend(x.device)) == SCALED_MM:
             ws_mm = self._cached("scaled_mm-scales",
                                  lambda: scaled_mm_weight_scales(self.weight_scale_inv))
             y = fp8_linear_scaled_mm(flat, self.weight, ws_mm)
+        elif backend == DEQUANTIZED:
+            y = F.linear(flat, self.dequantized_weight(torch.bfloat16))
         else:
             y = fp8_linear_ref(flat, self.weight, self.weight_scale_inv)
         if self.bias is not None:
