@@ -187,10 +187,11 @@ def blockwise_matmul_ref(
             f"blockwise_matmul_ref: xs shape {tuple(xs.shape)} != {(t, num_blocks(k))}"
         )
     ws_rows = ws.repeat_interleave(FP8_BLOCK, dim=0)[:n]  # [N, ceil(K/128)]
+    xf, wf = xq.float(), wq.float()  # exact
     out = torch.zeros(t, n, dtype=torch.float32, device=xq.device)
     for kb in range(num_blocks(k)):
         cols = slice(kb * FP8_BLOCK, min(k, (kb + 1) * FP8_BLOCK))
-        partial = xq[:, cols].float() @ wq[:, cols].float().T
+        partial = xf[:, cols] @ wf[:, cols].T
         out += partial * xs[:, kb, None] * ws_rows[None, :, kb]
     return out
 
