@@ -3,16 +3,17 @@
 Nothing is downloaded: weights are random (N(0, 0.02^2), norms 1, a small random DeepSeek
 correction bias), generated tensor by tensor in checkpoint order and streamed into shards, so
 even the full DeepSeek-V3 shapes never need more than one shard in memory. Routed experts are
-bf16, NVFP4 in ModelOpt's layout (plus ``hf_quant_config.json``) or FP8 block 128. Synthetic NVFP4 experts are
-drawn directly in the quantized domain (uniform e2m1 codes, e4m3 block scales in [224, 448],
-a global scale giving std ~0.02): a valid NVFP4 tensor at no quantization cost, which matters
-for DeepSeek-V3's 768 expert matrices per layer. ``quantize_experts_modelopt`` converts a bf16
-HF state dict with ModelOpt's recipe instead. An FP8 checkpoint is what DeepSeek and Qwen
-publish: ``config.json`` declares ``quantization_config`` (``hf_names.fp8_quant_config``) and every
-projection linear, dense and expert, is drawn in bf16 and quantized with the checkpoints' recipe
-(``quant.fp8.quantize_weight_blocks``: e4m3 ``weight`` + float32 ``weight_scale_inv`` per 128x128
-block); embeddings, norms, the router and ``lm_head`` stay bf16 (the correction bias fp32).
-A byte-level tokenizer is written alongside.
+bf16, NVFP4 in ModelOpt's layout (plus ``hf_quant_config.json``) or FP8 block 128. Synthetic
+NVFP4 experts are drawn directly in the quantized domain (uniform e2m1 codes, e4m3 block
+scales in [224, 448], a global scale giving std ~0.02): a valid NVFP4 tensor at no quantization
+cost, which matters for DeepSeek-V3's 768 expert matrices per layer.
+``quantize_experts_modelopt`` converts a bf16 HF state dict with ModelOpt's recipe instead. An
+FP8 checkpoint is what DeepSeek and Qwen publish: ``config.json`` declares
+``quantization_config`` (``hf_names.fp8_quant_config``) and every projection linear, dense and
+expert, is drawn in bf16 and quantized with the checkpoints' recipe
+(``quant.fp8.quantize_weight_blocks``: e4m3 ``weight`` + float32 ``weight_scale_inv`` per
+128x128 block); embeddings, norms, the router and ``lm_head`` stay bf16 (the correction bias
+fp32). A byte-level tokenizer is written alongside.
 """
 from __future__ import annotations
 
