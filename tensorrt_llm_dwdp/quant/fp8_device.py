@@ -1,0 +1,79 @@
+"""Activation quantization for the FP8 paths: the fused Hopper kernel where it runs, else the
+torch reference, with the same numbers either way (on the same device).
+
+:func:`quantize_act_per_token_fast` is what the FP8 linears and MoE kernels call. It takes the
+kernel (``kernels/sm90/fp8_quant.py``) for a bf16 ``[T, K]`` CUDA input with K a multiple of
+128 on an sm90 device when the CUTLASS DSL imports; anything else goes through
+``quant.fp8.quantize_act_per_token`` (which also checks for inf / NaN, syncing the host; the
+kernel does not check: non-finite values propagate into the scales).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
+from .fp8 import FP8_BLOCK, quantize_act_per_token
+
+logger = logging.getLogger(__name__)
+
+SCALE_LAYOUTS = ("row", "col")
+
+
+@functools.lru_cache(maxsize=None)
+def _cutlass_imports() -> bool:
+    try:
+        import cutlass  # noqa: F401
+    except ImportError:
+        logger.info("nvidia-cutlass-dsl not importable: FP8 activation quantization runs the "
+                    "torch reference")
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_cache() -> CompileCache:
+    """The compiled kernels of callers that bring no cache (two entries at most: one per scale
+    layout; a compiled kernel holds no state)."""
+    return CompileCache()
+
+
+def kernel_applies(x: torch.Tensor) -> bool:
+    """Whether the fused kernel takes ``x``: bf16 ``[T, K]`` on an sm90 CUDA device, K a
+    positive multiple of 128, rows contiguous and 16-byte aligned, and the CUTLASS DSL
+    importable."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 2):
+        return False
+    t, k = x.shape
+    if k <= 0 or k % FP8_BLOCK:
+        return False
+    if t > 0 and (x.stride(1) != 1 or x.data_ptr() % 16
+                  or (t > 1 and (x.stride(0) < k or x.stride(0) % 8))):
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _is_sm90(index) and _cutlass_imports()
+
+
+def quantize_act_per_token_fast(
+    x: torch.Tensor, *, scale_layout: str = "row", cache: CompileCache | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [T, K]`` -> ``(q float8_e4m3fn [T, K], scale float32 [T, ceil(K/128)])`` with
+    ``quant.fp8.quantize_act_per_token``'s recipe, the scale row-major (``"row"``) or
+    group-major (``"col"``: ``scale.t().contiguous().t()``, torch._scaled_mm's blockwise
+    scale_a). ``cache``: where the compiled kernel lives (default: one shared by all callers)."""
+    if scale_layout not in SCALE_LAYOUTS:
+        raise ValueError(f"scale_layout must be one of {SCALE_LAYOUTS}, got {scale_layout!r}")
+    if kernel_applies(x):
+        from tensorrt_llm_dwdp.kernels.sm90.fp8_quant import quantize_act_per_token_cuda
+
+        return quantize_act_per_token_cuda(cache if cache is not None else _shared_cache(), x,
+                                           scale_layout=scale_layout)
+    q, scale = quantize_act_per_token(x)
+    return q, scale if scale_layout == "row" else scale.t().contiguous().t()
