@@ -106,9 +106,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.fixture(scope="module")
 def cache():
-    assert torch.cuda.get_device_capability()[0] == 9, (
-        f"the fp8 quantization kernel is sm90-only; this GPU is "
-        f"{torch.cuda.get_device_name()} (sm{''.join(map(str, torch.cuda.get_device_capability()))})")
+    major, minor = torch.cuda.get_device_capability()
+    assert major == 9, (f"the fp8 quantization kernel is sm90-only; this GPU is "
+                        f"{torch.cuda.get_device_name()} (sm{major}{minor})")
     return CompileCache()
 
 
@@ -127,15 +127,16 @@ def _assert_bitwise(x, q, scale, layout):
     assert scale.dtype == torch.float32 and tuple(scale.shape) == (t, g)
     if t > 1 and g > 1:
         assert scale.stride() == ((g, 1) if layout == "row" else (1, t))
-    bad = (q.view(torch.uint8) != want_q.view(torch.uint8)).nonzero()
+    got, want = q.view(torch.uint8), want_q.view(torch.uint8)
+    bad = (got != want).nonzero()
     assert bad.numel() == 0, (
         f"{bad.shape[0]} codes differ, first at {bad[0].tolist()}: got "
-        f"{q.view(torch.uint8)[tuple(bad[0])]:#x}, want {want_q.view(torch.uint8)[tuple(bad[0])]:#x}"
+        f"{got[tuple(bad[0].tolist())].item():#x}, want {want[tuple(bad[0].tolist())].item():#x}"
     )
     bad = (scale.contiguous().view(torch.int32) != want_s.view(torch.int32)).nonzero()
     assert bad.numel() == 0, (
         f"{bad.shape[0]} scales differ, first at {bad[0].tolist()}: got "
-        f"{scale[tuple(bad[0])].item()!r}, want {want_s[tuple(bad[0])].item()!r}"
+        f"{scale[tuple(bad[0].tolist())].item()!r}, want {want_s[tuple(bad[0].tolist())].item()!r}"
     )
 
 
@@ -298,7 +299,7 @@ def test_bad_arguments_rejected_before_launch(cache):
     with pytest.raises(ValueError, match="multiple of 128"):
         _quantize(cache, torch.zeros(4, 200, dtype=torch.bfloat16, device="cuda"), "row")
     with pytest.raises(ValueError, match="16-byte aligned"):
-        _quantize(cache, x.view(-1)[8:8 + 4 * 128].view(4, 128), "row")
+        _quantize(cache, x.view(-1)[4:4 + 4 * 128].view(4, 128), "row")
     with pytest.raises(ValueError, match="rows must be contiguous"):
         _quantize(cache, x[:, ::2], "row")
     with pytest.raises(TypeError, match="out must be"):
