@@ -16,7 +16,8 @@ from ..compile_cache import CompileCache, require_cutlass
 GROUP = 128  # channels per scale (quant.fp8.FP8_BLOCK)
 LANES_PER_ITEM = 8  # a quarter warp per (token, group)
 THREADS = 256
-ITEMS_PER_STEP = THREADS // LANES_PER_ITEM
+SLOTS_PER_CTA = THREADS // LANES_PER_ITEM  # quarter warps per CTA
+ITEMS_PER_STEP = 2 * SLOTS_PER_CTA  # each quarter warp takes two items per step
 CTAS_PER_SM = 8  # resident 256-thread CTAs per SM at full occupancy
 MIN_WAVES = 4  # fold steps into one CTA only while the grid stays this many waves deep
 MAX_ITERS = 4
@@ -26,7 +27,7 @@ _INT32_MAX = 2**31 - 1
 
 def launch_geometry(items: int, sms: int) -> tuple[int, int]:
     """``(iters, ctas)`` for ``items`` (token, group) pairs on ``sms`` SMs: each CTA runs
-    ``iters`` steps of 32 items. One step per CTA until the grid would exceed ``MIN_WAVES``
+    ``iters`` steps of 64 items. One step per CTA until the grid would exceed ``MIN_WAVES``
     full waves, then up to ``MAX_ITERS`` (fewer, longer CTAs for large T)."""
     if items <= 0 or sms <= 0:
         raise ValueError(f"launch_geometry: need items > 0 and sms > 0, got {items}, {sms}")
@@ -64,7 +65,7 @@ def check_input(x: torch.Tensor) -> None:
         )
     if x.data_ptr() % 16:
         raise ValueError(f"{what}: x must be 16-byte aligned, got address {x.data_ptr():#x}")
-    if t * (k // GROUP) > _INT32_MAX - ITEMS_PER_STEP or x.stride(0) > _INT32_MAX:
+    if t * (k // GROUP) > _INT32_MAX - MAX_ITERS * ITEMS_PER_STEP or x.stride(0) > _INT32_MAX:
         raise ValueError(f"{what}: x of shape {tuple(x.shape)} / strides {x.stride()} exceeds "
                          f"the kernel's 32-bit item and row-stride range")
 

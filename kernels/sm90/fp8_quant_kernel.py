@@ -9,12 +9,14 @@ written directly in either layout. One pass over HBM: 2 bytes read and ~1 byte w
 element.
 
 Work split: a work item is one (token, 128-channel group); a quarter warp (8 lanes) owns one
-item, each lane 16 consecutive channels: two 16 B read-only loads of bf16, one 16 B store of
-e4m3. A CTA (256 threads) takes 32 items per step and ``iters`` steps of consecutive items;
-items are numbered ``t * G + g`` for ``"row"`` and ``g * T + t`` for ``"col"``, so the item
-number is also the scale's offset in either layout, and the 4 quarter warps of a warp store 4
-adjacent scales. The host picks ``iters`` (1 to 4) so the grid stays at least 4 waves of CTAs
-deep (T = 1 runs one CTA per 32 groups; large T folds steps to cut CTA launches).
+item at a time, each lane 16 consecutive channels: two 16 B read-only loads of bf16, one 16 B
+store of e4m3. A CTA (256 threads, 32 quarter warps) takes 64 consecutive items per step, each
+quarter warp two of them 32 apart with the loads of both issued before either is reduced
+(64 B in flight per lane), and ``iters`` steps of consecutive items. Items are numbered
+``t * G + g`` for ``"row"`` and ``g * T + t`` for ``"col"``, so the item number is also the
+scale's offset in either layout and the 4 quarter warps of a warp store 4 adjacent scales.
+The host picks ``iters`` (1 to 4) so the grid stays at least 4 waves of CTAs deep (T = 1 runs
+one CTA per 64 groups; large T folds steps to cut CTA launches).
 
 Numerics (each step inline PTX, so no compiler flag can contract, approximate or flush it):
 
@@ -44,7 +46,7 @@ from cutlass import Float32, Int32, Int64
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-from .fp8_quant import GROUP, ITEMS_PER_STEP, LANES_PER_ITEM, THREADS
+from .fp8_quant import GROUP, ITEMS_PER_STEP, LANES_PER_ITEM, SLOTS_PER_CTA, THREADS
 from .ptx import asm, st_global_f32
 
 CHANNELS_PER_LANE = GROUP // LANES_PER_ITEM  # 16 bf16 = two 16 B loads, one 16 B store
@@ -168,7 +170,7 @@ class Fp8ActQuant:
                  stream):
         """``x [tokens, groups * 128]`` bf16 with row stride ``x_row_stride`` elements,
         ``q [tokens, groups * 128]`` e4m3 contiguous, ``scale`` fp32 (layout as configured);
-        ``ctas * iters * 32 >= tokens * groups``."""
+        ``ctas * iters * 64 >= tokens * groups``."""
         x = cute.make_tensor(x_ptr, cute.make_layout(1))
         q = cute.make_tensor(q_ptr, cute.make_layout(1))
         s = cute.make_tensor(s_ptr, cute.make_layout(1))
@@ -182,31 +184,47 @@ class Fp8ActQuant:
         bidx, _, _ = cute.arch.block_idx()
         lane = tidx % LANES_PER_ITEM
         total = tokens * groups
-        for step in cutlass.range(iters):
-            item = (bidx * iters + step) * ITEMS_PER_STEP + tidx // LANES_PER_ITEM
-            # Lanes past the end redo the last item (every lane takes part in the shuffles)
-            # and store nothing.
-            src_item = cutlass.min(item, total - 1)
-            if cutlass.const_expr(self.scale_layout == "row"):
-                tok = src_item // groups
-                grp = src_item - tok * groups
-            else:
-                grp = src_item // tokens
-                tok = src_item - grp * tokens
-            col = grp * GROUP + lane * CHANNELS_PER_LANE
-            src = x.iterator.toint() + (Int64(tok) * x_row_stride + col) * 2
-            a0, a1, a2, a3 = ld_global_nc_v4_b32(src)
-            b0, b1, b2, b3 = ld_global_nc_v4_b32(src + 16)
-            amax = bf16x16_absmax((a0, a1, a2, a3, b0, b1, b2, b3))
-            for width in cutlass.range_constexpr(3):
-                amax = fmax_nan(amax, cute.arch.shuffle_sync_bfly(amax, offset=4 >> width))
-            r, scale = act_group_scales(amax)
-            e0 = bf16x4_to_e4m3x4(r, a0, a1)
-            e1 = bf16x4_to_e4m3x4(r, a2, a3)
-            e2 = bf16x4_to_e4m3x4(r, b0, b1)
-            e3 = bf16x4_to_e4m3x4(r, b2, b3)
-            if item < total:
-                dst = q.iterator.toint() + Int64(tok) * (groups * GROUP) + col
-                st_global_v4_b32(dst, e0, e1, e2, e3)
-                if lane == 0:
-                    st_global_f32(s.iterator.toint() + Int64(item) * 4, scale)
+        for step in cutlass.range(iters, unroll=1):
+            first = (bidx * iters + step) * ITEMS_PER_STEP + tidx // LANES_PER_ITEM
+            # Both items' loads are issued before either is reduced: 64 B in flight per lane.
+            tok0, col0, w0 = self._load(x, first, total, tokens, groups, x_row_stride, lane)
+            tok1, col1, w1 = self._load(x, first + SLOTS_PER_CTA, total, tokens, groups,
+                                        x_row_stride, lane)
+            self._quantize_store(q, s, first, total, groups, tok0, col0, w0, lane)
+            self._quantize_store(q, s, first + SLOTS_PER_CTA, total, groups, tok1, col1, w1,
+                                 lane)
+
+    @cute.jit
+    def _load(self, x, item, total, tokens, groups, x_row_stride, lane):
+        """``(token, first channel, 8 words)``: this lane's 16 bf16 of ``item``. Lanes past the
+        end load the last item (every lane takes part in the shuffles; they store nothing)."""
+        src_item = cutlass.min(item, total - 1)
+        if cutlass.const_expr(self.scale_layout == "row"):
+            tok = src_item // groups
+            grp = src_item - tok * groups
+        else:
+            grp = src_item // tokens
+            tok = src_item - grp * tokens
+        col = grp * GROUP + lane * CHANNELS_PER_LANE
+        src = x.iterator.toint() + (Int64(tok) * x_row_stride + col) * 2
+        a0, a1, a2, a3 = ld_global_nc_v4_b32(src)
+        b0, b1, b2, b3 = ld_global_nc_v4_b32(src + 16)
+        return tok, col, (a0, a1, a2, a3, b0, b1, b2, b3)
+
+    @cute.jit
+    def _quantize_store(self, q, s, item, total, groups, tok, col, words, lane):
+        """Group amax across the quarter warp, the group's ``r`` and scale, 16 e4m3 codes
+        stored by each lane, the scale by the item's first lane (at offset ``item``)."""
+        amax = bf16x16_absmax(words)
+        for width in cutlass.range_constexpr(3):
+            amax = fmax_nan(amax, cute.arch.shuffle_sync_bfly(amax, offset=4 >> width))
+        r, scale = act_group_scales(amax)
+        e0 = bf16x4_to_e4m3x4(r, words[0], words[1])
+        e1 = bf16x4_to_e4m3x4(r, words[2], words[3])
+        e2 = bf16x4_to_e4m3x4(r, words[4], words[5])
+        e3 = bf16x4_to_e4m3x4(r, words[6], words[7])
+        if item < total:
+            dst = q.iterator.toint() + Int64(tok) * (groups * GROUP) + col
+            st_global_v4_b32(dst, e0, e1, e2, e3)
+            if lane == 0:
+                st_global_f32(s.iterator.toint() + Int64(item) * 4, scale)

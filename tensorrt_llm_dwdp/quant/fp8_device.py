@@ -62,18 +62,39 @@ def kernel_applies(x: torch.Tensor) -> bool:
 
 
 def quantize_act_per_token_fast(
-    x: torch.Tensor, *, scale_layout: str = "row", cache: CompileCache | None = None
+    x: torch.Tensor,
+    *,
+    scale_layout: str = "row",
+    cache: CompileCache | None = None,
+    out: torch.Tensor | None = None,
+    scale_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [T, K]`` -> ``(q float8_e4m3fn [T, K], scale float32 [T, ceil(K/128)])`` with
     ``quant.fp8.quantize_act_per_token``'s recipe, the scale row-major (``"row"``) or
     group-major (``"col"``: ``scale.t().contiguous().t()``, torch._scaled_mm's blockwise
-    scale_a). ``cache``: where the compiled kernel lives (default: one shared by all callers)."""
+    scale_a). ``cache``: where the compiled kernel lives (default: one shared by all callers).
+    ``out`` / ``scale_out``: preallocated outputs (contiguous q; the scale in the layout asked
+    for), filled and returned; the kernel path then allocates nothing."""
     if scale_layout not in SCALE_LAYOUTS:
         raise ValueError(f"scale_layout must be one of {SCALE_LAYOUTS}, got {scale_layout!r}")
     if kernel_applies(x):
         from tensorrt_llm_dwdp.kernels.sm90.fp8_quant import quantize_act_per_token_cuda
 
         return quantize_act_per_token_cuda(cache if cache is not None else _shared_cache(), x,
-                                           scale_layout=scale_layout)
+                                           scale_layout=scale_layout, out=out,
+                                           scale_out=scale_out)
     q, scale = quantize_act_per_token(x)
-    return q, scale if scale_layout == "row" else scale.t().contiguous().t()
+    if scale_layout == "col":
+        scale = scale.t().contiguous().t()
+    return _fill(out, q, "out"), _fill(scale_out, scale, "scale_out")
+
+
+def _fill(dst: torch.Tensor | None, src: torch.Tensor, what: str) -> torch.Tensor:
+    if dst is None:
+        return src
+    if dst.dtype != src.dtype or dst.shape != src.shape or dst.stride() != src.stride():
+        raise ValueError(
+            f"quantize_act_per_token_fast: {what} must be {src.dtype} {tuple(src.shape)} with "
+            f"strides {src.stride()}, got {dst.dtype} {tuple(dst.shape)} {dst.stride()}"
+        )
+    return dst.copy_(src)

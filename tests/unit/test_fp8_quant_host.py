@@ -33,8 +33,8 @@ def test_launch_geometry_covers_every_item_once(sms, groups):
 
 
 def test_launch_geometry_folds_steps_only_for_large_grids():
-    assert launch_geometry(56, 132) == (1, 2)  # one token of DeepSeek-V3's hidden size
-    assert launch_geometry(4096 * 56, 132) == (1, 7168)
+    assert launch_geometry(56, 132) == (1, 1)  # one token of DeepSeek-V3's hidden size
+    assert launch_geometry(4096 * 56, 132) == (1, 3584)
     iters, ctas = launch_geometry(65536 * 144, 132)
     assert iters == MAX_ITERS and ctas == 65536 * 144 // ITEMS_PER_STEP // MAX_ITERS
     with pytest.raises(ValueError, match="items > 0"):
@@ -103,3 +103,16 @@ def test_reference_scales_by_reciprocal_then_multiply():
                        want_q.view(torch.uint8))
     one_division = torch.div(torch.full_like(amax, E4M3_MAX), amax)
     assert (codes(one_division) != want_q.view(torch.uint8)).any()
+
+
+def test_dispatcher_fills_preallocated_outputs_on_the_reference_path():
+    x = (torch.randn(5, 256, generator=torch.Generator().manual_seed(1)) * 3).to(torch.bfloat16)
+    want_q, want_s = quantize_act_per_token(x)
+    out = torch.empty(5, 256, dtype=torch.float8_e4m3fn)
+    scale_out = torch.empty(2, 5).t()
+    q, scale = quantize_act_per_token_fast(x, scale_layout="col", out=out, scale_out=scale_out)
+    assert q.data_ptr() == out.data_ptr() and scale.data_ptr() == scale_out.data_ptr()
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(scale, want_s)
+    with pytest.raises(ValueError, match="scale_out must be"):
+        quantize_act_per_token_fast(x, scale_layout="col", scale_out=torch.empty(5, 2))
