@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..compile_cache import CompileCache, require_cutlass
+from .grouped_launch import current_stream, sm_count
 
 GROUP = 128  # channels per scale (quant.fp8.FP8_BLOCK)
 LANES_PER_ITEM = 8  # a quarter warp per (token, group)
@@ -93,22 +94,6 @@ def scale_strides(tokens: int, groups: int, scale_layout: str) -> tuple[int, int
     return (groups, 1) if scale_layout == "row" else (1, tokens)
 
 
-def _stream(device: torch.device):
-    import cuda.bindings.driver as cuda
-
-    return cuda.CUstream(torch.cuda.current_stream(device).cuda_stream)
-
-
-_SMS: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
-
-
 def quantize_act_per_token_cuda(
     cache: CompileCache,
     x: torch.Tensor,
@@ -148,15 +133,15 @@ def quantize_act_per_token_cuda(
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_ptr
 
-    iters, ctas = launch_geometry(tokens * groups, _sm_count(x.device))
+    iters, ctas = launch_geometry(tokens * groups, sm_count(x.device))
     gmem = cute.AddressSpace.gmem
-    with torch.cuda.device(x.device):
+    with torch.cuda.device(x.device):  # the stream and context of x's device
         args = [
             make_ptr(cutlass.BFloat16, x.data_ptr(), gmem, assumed_align=16),
             make_ptr(cutlass.Uint8, out.data_ptr(), gmem, assumed_align=16),
             make_ptr(cutlass.Float32, scale_out.data_ptr(), gmem, assumed_align=4),
             *[cutlass.Int32(v) for v in (tokens, groups, x.stride(0), iters, ctas)],
-            _stream(x.device),
+            current_stream(),
         ]
 
         def build():
