@@ -7,6 +7,9 @@ Per shape ``[T, K]`` (bf16 in, e4m3 + fp32 scale per 128 channels out) it times:
                        host overhead included (what an uncaptured caller pays);
   ours_graph           the row kernel replayed from a CUDA graph (device time);
   reference            the eager torch recipe (its inf/NaN check syncs the host every call);
+  compiled             the same recipe under torch.compile (dynamic shapes, as
+                       ``model/fp8_linear.py`` runs it before this kernel; not bitwise: JSON
+                       ``compiled_bitwise``); null with the reason when it cannot compile here;
   floor                bytes moved (2 B read + 1 B written per element, 4 B per scale) over
                        the device's measured copy bandwidth (``bench/peaks.py``).
 Each time is the median over ``--repeats`` runs of N back-to-back calls (N sized to ~10 ms),
@@ -90,7 +93,17 @@ def _time_graph(fn, repeats: int, calls: int = 20) -> dict:
             "calls": calls}
 
 
-def bench_shape(cache: CompileCache, t: int, k: int, repeats: int, copy_gbps: float | None):
+def compiled_reference():
+    """``(fn, None)``: the reference under torch.compile, or ``(None, reason)``."""
+    try:
+        import triton  # noqa: F401  (torch.compile's GPU code generator)
+    except ImportError:
+        return None, "triton is not installed"
+    return torch.compile(quantize_act_per_token, dynamic=True, fullgraph=True), None
+
+
+def bench_shape(cache: CompileCache, t: int, k: int, repeats: int, copy_gbps: float | None,
+                compiled=None):
     gen = torch.Generator(device="cuda").manual_seed(t + k)
     x = torch.randn(t, k, device="cuda", generator=gen, dtype=torch.bfloat16)
     q, s = quantize_act_per_token_cuda(cache, x)
@@ -112,6 +125,15 @@ def bench_shape(cache: CompileCache, t: int, k: int, repeats: int, copy_gbps: fl
             cache, x, out=out, scale_out=scale_out), repeats),
         "reference": _time(lambda: quantize_act_per_token(x), repeats),
     }
+    if compiled is not None:
+        try:
+            cq, cs = compiled(x)
+            res["compiled_bitwise"] = bool(torch.equal(cq.view(torch.uint8), q.view(torch.uint8))
+                                           and torch.equal(cs, s))
+            res["compiled"] = _time(lambda: compiled(x), repeats)
+        except Exception as exc:  # a compile failure is a finding of the bench, not a crash
+            res["compiled"] = None
+            res["compiled_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     moved = t * k * 3 + t * (k // 128) * 4
     res["bytes"] = moved
     res["floor_ms"] = moved / (copy_gbps * 1e6) if copy_gbps else None
@@ -129,17 +151,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS))
     parser.add_argument("--widths", type=int, nargs="*", default=list(WIDTHS))
+    parser.add_argument("--no-compiled", action="store_true",
+                        help="skip the torch.compile baseline")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/fp8_quant.py needs a CUDA device")
     name = torch.cuda.get_device_name()
     peak = peak_for(name)
     cache = CompileCache()
+    compiled, compiled_reason = (None, "--no-compiled") if args.no_compiled else \
+        compiled_reference()
     shapes = [(t, k) for k in args.widths for t in args.tokens] + [
         s for s in EXTRA if s[1] in args.widths]
     results = []
     for t, k in shapes:
-        results.append(bench_shape(cache, t, k, args.repeats, peak.copy_gbps if peak else None))
+        results.append(bench_shape(cache, t, k, args.repeats, peak.copy_gbps if peak else None,
+                                   compiled))
+        if "compiled_error" in results[-1]:  # do not pay a failing compile per shape
+            compiled, compiled_reason = None, results[-1]["compiled_error"]
         torch.cuda.empty_cache()
     emit({
         "bench": "fp8_quant",
@@ -147,6 +176,7 @@ def main() -> None:
         "torch": torch.__version__,
         "peak": peak.to_dict() if peak else None,
         "compile_seconds": cache.compile_seconds,
+        "compiled_baseline": compiled_reason or "torch.compile(dynamic=True, fullgraph=True)",
         "all_bitwise": all(r["bitwise"] for r in results),
         "results": results,
     }, args.out)
