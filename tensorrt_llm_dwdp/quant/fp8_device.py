@@ -15,11 +15,14 @@ import logging
 import torch
 
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
-from .fp8 import FP8_BLOCK, quantize_act_per_token
+from tensorrt_llm_dwdp.kernels.sm90.fp8_quant import (
+    SCALE_LAYOUTS,
+    check_input,
+    quantize_act_per_token_cuda,
+)
+from .fp8 import quantize_act_per_token
 
 logger = logging.getLogger(__name__)
-
-SCALE_LAYOUTS = ("row", "col")
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,16 +49,12 @@ def _shared_cache() -> CompileCache:
 
 
 def kernel_applies(x: torch.Tensor) -> bool:
-    """Whether the fused kernel takes ``x``: bf16 ``[T, K]`` on an sm90 CUDA device, K a
-    positive multiple of 128, rows contiguous and 16-byte aligned, and the CUTLASS DSL
-    importable."""
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 2):
-        return False
-    t, k = x.shape
-    if k <= 0 or k % FP8_BLOCK:
-        return False
-    if t > 0 and (x.stride(1) != 1 or x.data_ptr() % 16
-                  or (t > 1 and (x.stride(0) < k or x.stride(0) % 8))):
+    """Whether the fused kernel takes ``x`` (its ``check_input``: bf16 ``[T, K]`` on CUDA, K a
+    positive multiple of 128, rows contiguous and 16-byte aligned) on an sm90 device with the
+    CUTLASS DSL importable."""
+    try:
+        check_input(x)
+    except (TypeError, ValueError):
         return False
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     return _is_sm90(index) and _cutlass_imports()
@@ -78,8 +77,6 @@ def quantize_act_per_token_fast(
     if scale_layout not in SCALE_LAYOUTS:
         raise ValueError(f"scale_layout must be one of {SCALE_LAYOUTS}, got {scale_layout!r}")
     if kernel_applies(x):
-        from tensorrt_llm_dwdp.kernels.sm90.fp8_quant import quantize_act_per_token_cuda
-
         return quantize_act_per_token_cuda(cache if cache is not None else _shared_cache(), x,
                                            scale_layout=scale_layout, out=out,
                                            scale_out=scale_out)
