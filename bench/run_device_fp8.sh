@@ -5,7 +5,7 @@
 #   smoke     torch's blockwise scaled GEMM at a DeepSeek-V3 shape against the reference
 #             block-scaled GEMM, within the stated bound; a failure stops the call here
 #   tests     the FP8 GPU tests: vendor GEMM vs reference at DeepSeek-V3 shapes and token counts
-#             1..2048, compiled activation quantization, a whole FP8 model GPU vs CPU, the
+#             1..2048, fused activation quantization bitwise, a whole FP8 model GPU vs CPU, the
 #             quantizers' GPU bits equal to the CPU's, fp8 experts (torch reference) GPU vs CPU
 #   bench     bench/fp8_linears.py: DeepSeek-V3's dense linears, FP8 vs bf16, 2K/8K/16K tokens
 #   run       run --quant fp8 --device cuda: 2 DWDP ranks on the one GPU (CUDA IPC / VMM), tiny

@@ -10,8 +10,8 @@ forward quantizes activations per token per 128 channels and runs the block-scal
   (``torch.nn.functional.scaled_mm``, ScalingType BlockWise1x128 activations x BlockWise128x128
   weights; cuBLASLt >= 12.9 on Hopper; torch builds without ``F.scaled_mm`` take the same
   recipe through ``torch._scaled_mm``, which infers it from the scales' shapes and strides),
-  with the activation quantization compiled into one kernel (``torch.compile`` of the
-  reference recipe) where Triton is present;
+  with the activations quantized by the fused kernel of ``quant/fp8_device.py`` (one pass,
+  bitwise the reference recipe, the scales written in the layout the GEMM reads);
 - ``reference`` (CPU; sm90 shapes the vendor GEMM does not take): ``quant.fp8.fp8_linear_ref``;
 - ``dequantized`` (GPUs without FP8 tensor cores, e.g. sm80): W8A16, the weight dequantized
   once to bf16 (``dequantized_weight``, kept beside the e4m3 one: 3 bytes per weight instead of
@@ -27,19 +27,15 @@ The vendor GEMM accumulates in its own order, so the two agree within the tolera
 from __future__ import annotations
 
 import fnmatch
-import functools
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tensorrt_llm_dwdp.quant.fp8 import (
-    FP8_BLOCK, FP8_DTYPE, dequantize_weight_blocks, fp8_linear_ref, quantize_act_per_token,
-    quantize_act_per_token_unchecked, weight_scale_shape,
+    FP8_BLOCK, FP8_DTYPE, dequantize_weight_blocks, fp8_linear_ref, weight_scale_shape,
 )
-
-logger = logging.getLogger(__name__)
+from tensorrt_llm_dwdp.quant.fp8_device import quantize_act_per_token_fast
 
 SCALED_MM = "scaled_mm"
 REFERENCE = "reference"
@@ -65,19 +61,6 @@ def fits_scaled_mm(n: int, k: int) -> bool:
     return k % FP8_BLOCK == 0 and n % 16 == 0
 
 
-@functools.cache
-def _compiled_act_quant():
-    """``quantize_act_per_token`` fused into one kernel (bits as the eager recipe's up to the
-    compiler's float32 division), or the eager function where torch.compile cannot run."""
-    try:
-        import triton  # noqa: F401  (torch.compile's GPU code generator)
-    except ImportError:
-        logger.warning("triton is not installed: FP8 activation quantization runs eagerly "
-                       "(several passes over the activations)")
-        return quantize_act_per_token
-    return torch.compile(quantize_act_per_token_unchecked, dynamic=True, fullgraph=True)
-
-
 def scaled_mm_weight_scales(ws: torch.Tensor) -> torch.Tensor:
     """``weight_scale_inv [ceil(N/128), Kb]`` -> the layout torch's blockwise GEMM reads for
     BlockWise128x128 ``mat_b = W^T``. ``F.scaled_mm``: shape ``[round_up(Kb, 4), ceil(N/128)]``,
@@ -93,8 +76,7 @@ def scaled_mm_weight_scales(ws: torch.Tensor) -> torch.Tensor:
 def fp8_linear_scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws_mm: torch.Tensor) -> torch.Tensor:
     """``x [T, K]`` bf16 through the vendor block-scaled GEMM -> bf16 ``[T, N]``; ``ws_mm`` from
     :func:`scaled_mm_weight_scales`."""
-    xq, xs = _compiled_act_quant()(x)
-    scale_a = xs.t().contiguous().t()  # [T, Kb], outer-dim-major: strides (1, T)
+    xq, scale_a = quantize_act_per_token_fast(x, scale_layout="col")  # [T, Kb], strides (1, T)
     if not _has_v2_api():
         return torch._scaled_mm(xq, wq.t(), scale_a, ws_mm, out_dtype=torch.bfloat16)
     return F.scaled_mm(xq, wq.t(), scale_a, F.ScalingType.BlockWise1x128, ws_mm,
