@@ -1,9 +1,7 @@
 """``run --quant fp8`` on CPU ranks: an FP8 block-128 checkpoint (every projection linear and
 routed expert in e4m3 with 128x128 scales) prefills and decodes over DWDP with logits bitwise
-equal to one rank holding all experts, with 2 and 3 ranks, composite and multi views, both
-torch backends, host tiers (offloaded own experts, the node's host store, failover to it when a
-rank dies): DWDP moves the e4m3 weights and their scales as whole experts' bytes, unchanged.
-cutedsl is refused before any rank starts."""
+equal to one rank holding all experts, with 2 and 3 ranks, composite and multi views, and both
+torch backends; cutedsl is refused before any rank starts."""
 import json
 import subprocess
 import sys
@@ -51,6 +49,8 @@ def test_deepseek_fp8_bitwise_parity(tmp_path, ranks, view, extra):
 
 
 def test_host_tiers_carry_fp8_experts(tmp_path):
+    """Offloaded own experts and the node's host store: DWDP moves the e4m3 weights and their
+    scales as whole experts' bytes, whatever they hold."""
     proc, out = run_job(tmp_path, "--ranks", "2", "--host-experts-per-worker", "2",
                         "--host-backup")
     summary = check_parity(proc, out, 2, "composite")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for FP8 block-128 checkpoints (one H100/H200), from the repository root:
-#   bash bench/run_device_fp8.sh
+#   bash bench/run_device_fp8_model.sh
 # Stages (STAGES selects; each under its own timeout, logged in $OUT/fp8/stages.txt):
 #   smoke     torch's blockwise scaled GEMM at a DeepSeek-V3 shape against the reference
 #             block-scaled GEMM, within the stated bound; a failure stops the call here
@@ -13,12 +13,12 @@
 #   breakdown bench/prefill_breakdown.py on the DeepSeek-V3 slice, bf16 then FP8 dense linears,
 #             same points (2 MoE layers, NVFP4 cutedsl experts in both)
 # Expected: about 6-8 minutes in all (smoke 30 s, tests 150 s, bench 120 s, run 60 s,
-# breakdown 2 x 90 s). In $OUT/fp8 (default ./device_out/fp8): stages.txt, logs.tar.gz (every
-# stage's log), fp8_linears.json, run_fp8_summary.json, breakdown_{nvfp4,fp8}.json.
+# breakdown 2 x 90 s). In $OUT/fp8_model (default ./device_out/fp8_model): stages.txt,
+# logs.tar.gz (every stage's log), fp8_linears.json, run_fp8_summary.json, breakdown_{nvfp4,fp8}.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . bench/device_env.sh
-device_room fp8
+device_room fp8_model
 STAGES=${STAGES-smoke tests bench run breakdown}
 T0=$(date +%s)
 rc=0
