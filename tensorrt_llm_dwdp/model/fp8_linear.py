@@ -142,7 +142,7 @@ class Fp8Linear(nn.Module):
         elif (backend := self.gemm_backend(x.device)) == SCALED_MM:
             ws_mm = self._cached("scaled_mm-scales",
                                  lambda: scaled_mm_weight_scales(self.weight_scale_inv))
-            y = fp8_linear_scaled_mm(flat, self.weight, ws_mm)
+            y = fp8_linear_scaled_mm(flat.contiguous(), self.weight, ws_mm)  # rows for the kernel
         elif backend == DEQUANTIZED:
             y = F.linear(flat, self.dequantized_weight(torch.bfloat16))
         else:
