@@ -99,18 +99,20 @@ def test_fp8_linear_picks_the_vendor_gemm_on_sm90():
 
 
 def test_fp8_model_on_gpu_matches_cpu(tmp_path):
-    """A whole FP8 checkpoint (MLA, dense MLP, shared and routed experts; the vendor GEMM where
-    shapes fit, the reference elsewhere) on the GPU against the CPU, prefill and three decode
-    steps fed the same tokens (the CPU's greedy ones): logits within the FP8 noise of two
-    accumulation orders (an activation code may round the other way on the other device)."""
+    """An FP8 checkpoint's MLA and dense MLP layers (the vendor GEMM where shapes fit, the
+    reference elsewhere; decode through the dequantized kv_b) on the GPU against the CPU,
+    prefill and three decode steps fed the same tokens (the CPU's greedy ones): logits within
+    the FP8 noise of two accumulation orders (an activation code may round the other way on the
+    other device). All layers dense: a routed expert choice flipped by that noise would be a
+    discrete jump, and the FP8 experts have their own GPU test (test_fp8_moe.py)."""
     _need_sm90()
     from tensorrt_llm_dwdp.model.batch import BatchInfo
     from tensorrt_llm_dwdp.model.checkpoint import load_model
     from tensorrt_llm_dwdp.model.presets import get_preset
     from tensorrt_llm_dwdp.model.synthetic import write_synthetic_checkpoint
 
-    write_synthetic_checkpoint(tmp_path, get_preset("tiny-deepseek-v3-fp8", num_layers=3),
-                               quant="fp8", seed=1)
+    hf = get_preset("tiny-deepseek-v3-fp8", num_layers=3, overrides={"first_k_dense_replace": 3})
+    write_synthetic_checkpoint(tmp_path, hf, quant="fp8", seed=1)
     prompts = ([5, 9, 200, 31, 7], [400, 3, 17, 8, 8, 8, 1, 2, 3, 4, 5, 6])
     models = {d: load_model(tmp_path, device=d) for d in ("cuda", "cpu")}
     caches = {d: m.make_cache(len(prompts), 32, d) for d, m in models.items()}
