@@ -7,7 +7,6 @@ import torch
 from tensorrt_llm_dwdp.quant.fp8 import (
     ACT_AMAX_FLOOR,
     E4M3_MAX,
-    FP8_BLOCK,
     blockwise_matmul_ref,
     cast_e4m3,
     dequantize_act_per_token,
