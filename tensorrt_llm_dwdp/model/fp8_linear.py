@@ -161,11 +161,11 @@ def dense_weight(linear: nn.Module, dtype: torch.dtype = torch.bfloat16) -> torc
 
 
 def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
-    """``modules_to_not_convert`` matching: the module itself, a parent, or a glob."""
-    for p in (*UNQUANTIZED, *patterns):
-        if name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p):
-            return True
-    return False
+    """``modules_to_not_convert`` matching: a pattern names the module or one of its parents,
+    exactly or as a glob (``model.layers.*.self_attn``)."""
+    parts = name.split(".")
+    scopes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(scope, p) for p in (*UNQUANTIZED, *patterns) for scope in scopes)
 
 
 def convert_linears_(model: nn.Module, skip: tuple[str, ...] = (), gemm: str = "auto") -> list[str]:

@@ -253,3 +253,20 @@ def test_check_config_reports_fp8_expert_bytes_and_saving(capsys):
         in capsys.readouterr().out
     assert _cli(check_config, [cfg, "--model", "deepseek-v3", "--quant", "fp8"]) == 1
     assert "no FP8 expert kernel yet" in capsys.readouterr().err
+
+
+def test_modules_to_not_convert_matching():
+    """Exact names, parents and globs (published configs use all three); lm_head never."""
+    with torch.device("meta"):
+        model = nn.ModuleDict({
+            "lm_head": nn.Linear(8, 8),
+            "layers": nn.ModuleList([nn.ModuleDict({"self_attn": nn.ModuleDict({
+                "o_proj": nn.Linear(8, 8)}), "mlp": nn.ModuleDict({"up_proj": nn.Linear(8, 8),
+                                                                    "gate_proj": nn.Linear(8, 8)})})
+                for _ in range(2)]),
+        })
+    got = convert_linears_(model, ("layers.*.self_attn", "layers.1.mlp.gate_proj"))
+    assert got == ["layers.0.mlp.up_proj", "layers.0.mlp.gate_proj", "layers.1.mlp.up_proj"]
+    assert type(model["lm_head"]) is nn.Linear
+    assert isinstance(model["layers"][1]["mlp"]["up_proj"], Fp8Linear)
+    assert type(model["layers"][1]["mlp"]["gate_proj"]) is nn.Linear
