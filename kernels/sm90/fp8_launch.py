@@ -257,3 +257,35 @@ def fc2_fp8_finalize(
         gemm(b0, b1)
         finalize(b0 * FP8_BLOCK_ROWS, (b1 - b0) * FP8_BLOCK_ROWS)
     return out
+
+
+def fp8_moe_forward(
+    cache: CompileCache,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: ExpertTable,
+    w2: ExpertTable,
+    plan,
+    bn: int,
+    return_h: bool = False,
+):
+    """The routed experts of one FP8 MoE layer: x bf16 ``[T, H]`` quantized per token per 128
+    (``quant.fp8.quantize_act_per_token``), FC1 + SwiGLU (``fc1_fp8_gather_swiglu``) into bf16
+    h, h requantized the same way (one pass), FC2 + slot-order finalize
+    (``fc2_fp8_finalize``). ``plan``: ``moe.permute.build_permutation(topk_ids, E,
+    tile_m=bn)``. Returns bf16 ``[T, H]`` (and the permuted bf16 h with ``return_h``)."""
+    from tensorrt_llm_dwdp.quant.fp8 import quantize_act_per_token
+
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != w13.k:
+        raise ValueError(f"fp8 MoE: x must be bf16 [T, {w13.k}], got {x.dtype} {tuple(x.shape)}")
+    if w13.rows != 2 * w2.k or w2.rows != w13.k:
+        raise ValueError(f"fp8 MoE: w3_w1 [{w13.rows}, {w13.k}] and w2 [{w2.rows}, {w2.k}] "
+                         f"do not make one layer (need 2I x H and H x I)")
+    check_fp8_shapes(w13.k, w2.k)
+    xq, xs = quantize_act_per_token(x)
+    h = fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, bn)
+    hq, hs = quantize_act_per_token(h)
+    out = fc2_fp8_finalize(cache, hq, hs, plan.slot_index, plan.tile_expert, topk_ids,
+                           topk_weights, w2, bn)
+    return (out, h) if return_h else out
