@@ -34,6 +34,16 @@ AUTO = "auto"
 SHUFFLE_CHUNK = 16  # experts shuffled at once: the shuffle's temporaries are ~10x their bytes
 
 
+FP8_QUANT = "fp8"  # moe.specs' block-128 FP8 experts
+
+
+def layout_for_quant(layout: str, quant: str) -> str:
+    """The layout a backend whose native layout is ``layout`` keeps experts of ``quant`` in:
+    the preshuffle permutes NVFP4 experts only, and the cutedsl FP8 kernel reads the
+    checkpoint's rows, so FP8 experts stay linear under every backend."""
+    return LINEAR if quant == FP8_QUANT else layout
+
+
 def check_layout(weight_layout: str, quant: str, hidden: int | None = None,
                  inter: int | None = None) -> None:
     """Raise ValueError unless experts of ``quant`` with sizes H, I can be in ``weight_layout``
@@ -46,7 +56,7 @@ def check_layout(weight_layout: str, quant: str, hidden: int | None = None,
     if quant != NVFP4:
         raise ValueError(f"weight layout {weight_layout!r} permutes NVFP4 experts; these are "
                          f"{quant!r}: keep them linear, with a backend that reads that (torch, "
-                         f"torch-grouped; cutedsl runs NVFP4 experts only)")
+                         f"torch-grouped; cutedsl reads FP8 experts linear and NVFP4 ones preshuffled)")
     block = preshuffle.BLOCK_ROWS
     if hidden is None or inter is None:
         return
