@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from tensorrt_llm_dwdp.kernels.sm90 import preshuffle
-from tensorrt_llm_dwdp.moe.specs import NVFP4
+from tensorrt_llm_dwdp.moe.specs import FP8, NVFP4
 
 LINEAR = "linear"
 PRESHUFFLED = preshuffle.LAYOUT
@@ -34,14 +34,11 @@ AUTO = "auto"
 SHUFFLE_CHUNK = 16  # experts shuffled at once: the shuffle's temporaries are ~10x their bytes
 
 
-FP8_QUANT = "fp8"  # moe.specs' block-128 FP8 experts
-
-
 def layout_for_quant(layout: str, quant: str) -> str:
     """The layout a backend whose native layout is ``layout`` keeps experts of ``quant`` in:
     the preshuffle permutes NVFP4 experts only, and the cutedsl FP8 kernel reads the
     checkpoint's rows, so FP8 experts stay linear under every backend."""
-    return LINEAR if quant == FP8_QUANT else layout
+    return LINEAR if quant == FP8 else layout
 
 
 def check_layout(weight_layout: str, quant: str, hidden: int | None = None,
@@ -53,6 +50,10 @@ def check_layout(weight_layout: str, quant: str, hidden: int | None = None,
         raise ValueError(f"unknown weight layout {weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
     if weight_layout == LINEAR:
         return
+    if quant == FP8:
+        raise ValueError(f"weight layout {weight_layout!r} permutes NVFP4 experts: FP8 experts "
+                         "stay linear under every backend (cutedsl's FP8 kernel reads the "
+                         "checkpoint's rows); leave the weight layout on 'auto' or 'linear'")
     if quant != NVFP4:
         raise ValueError(f"weight layout {weight_layout!r} permutes NVFP4 experts; these are "
                          f"{quant!r}: keep them linear, with a backend that reads that (torch, "

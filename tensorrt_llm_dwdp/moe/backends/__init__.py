@@ -17,9 +17,10 @@ from typing import Protocol
 
 import torch
 
-from tensorrt_llm_dwdp.moe.layouts import (AUTO, FP8_QUANT, LINEAR, PRESHUFFLED, backend_layouts,
+from tensorrt_llm_dwdp.moe.layouts import (AUTO, LINEAR, PRESHUFFLED, backend_layouts,
                                            check_layout, layout_for_quant, resolve_layout,
                                            shuffle_experts_)
+from tensorrt_llm_dwdp.moe.specs import FP8
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
 BACKEND_MODULES: dict[str, str] = {
@@ -64,7 +65,7 @@ def expert_weight_layout(name: str, requested: str | None, quant: str,
     """``backend_weight_layout`` for experts of ``quant`` (sizes H, I when known), checked to
     fit them (``check_layout``): what a loader or a config check keeps experts in, decided
     before anything is read or launched. ValueError names what does not fit."""
-    if quant == FP8_QUANT and requested in (None, AUTO, LINEAR):
+    if quant == FP8 and requested in (None, AUTO, LINEAR):
         backend_weight_layout(name)  # an unknown backend is still refused
         layout = LINEAR  # every backend reads FP8 experts in the checkpoint's rows
     else:

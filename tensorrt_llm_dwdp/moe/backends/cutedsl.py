@@ -43,12 +43,12 @@ from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import TOKEN_TILES
 from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
 from tensorrt_llm_dwdp.moe.layouts import LINEAR, PRESHUFFLED
 from tensorrt_llm_dwdp.moe.permute import build_permutation
+from tensorrt_llm_dwdp.moe.specs import FP8
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
 logger = logging.getLogger(__name__)
 
 SIZE_MULTIPLE = 64
-FP8 = "fp8"  # moe.specs' name of block-128 FP8 experts
 FP8_SCALES = {"w3_w1_weight": "w3_w1_weight_scale_inv", "w2_weight": "w2_weight_scale_inv"}
 
 
