@@ -259,6 +259,15 @@ def fc2_fp8_finalize(
     return out
 
 
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one activation quantization of the FP8 MoE path (x before FC1, h before FC2): e4m3
+    ``[rows, K]`` and fp32 ``[rows, K/128]`` per token per 128 channels, bit for bit
+    ``quant.fp8.quantize_act_per_token`` (which it calls: swap a faster kernel in here)."""
+    from tensorrt_llm_dwdp.quant.fp8 import quantize_act_per_token
+
+    return quantize_act_per_token(t)
+
+
 def fp8_moe_forward(
     cache: CompileCache,
     x: torch.Tensor,
@@ -271,21 +280,19 @@ def fp8_moe_forward(
     return_h: bool = False,
 ):
     """The routed experts of one FP8 MoE layer: x bf16 ``[T, H]`` quantized per token per 128
-    (``quant.fp8.quantize_act_per_token``), FC1 + SwiGLU (``fc1_fp8_gather_swiglu``) into bf16
-    h, h requantized the same way (one pass), FC2 + slot-order finalize
-    (``fc2_fp8_finalize``). ``plan``: ``moe.permute.build_permutation(topk_ids, E,
-    tile_m=bn)``. Returns bf16 ``[T, H]`` (and the permuted bf16 h with ``return_h``)."""
-    from tensorrt_llm_dwdp.quant.fp8 import quantize_act_per_token
-
+    (``quantize_rows``), FC1 + SwiGLU (``fc1_fp8_gather_swiglu``) into bf16 h, h requantized
+    the same way (one pass), FC2 + slot-order finalize (``fc2_fp8_finalize``). ``plan``:
+    ``moe.permute.build_permutation(topk_ids, E, tile_m=bn)``. Returns bf16 ``[T, H]`` (and
+    the permuted bf16 h with ``return_h``)."""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != w13.k:
         raise ValueError(f"fp8 MoE: x must be bf16 [T, {w13.k}], got {x.dtype} {tuple(x.shape)}")
     if w13.rows != 2 * w2.k or w2.rows != w13.k:
         raise ValueError(f"fp8 MoE: w3_w1 [{w13.rows}, {w13.k}] and w2 [{w2.rows}, {w2.k}] "
                          f"do not make one layer (need 2I x H and H x I)")
     check_fp8_shapes(w13.k, w2.k)
-    xq, xs = quantize_act_per_token(x)
+    xq, xs = quantize_rows(x)
     h = fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, bn)
-    hq, hs = quantize_act_per_token(h)
+    hq, hs = quantize_rows(h)
     out = fc2_fp8_finalize(cache, hq, hs, plan.slot_index, plan.tile_expert, topk_ids,
                            topk_weights, w2, bn)
     return (out, h) if return_h else out
