@@ -30,8 +30,9 @@ by every role, so a plan whose tile count is a host-side upper bound works as is
       every thread cp.asyncs 16 B chunks: 8 of the CTA's two 64 x 128 weight tiles (rows of the
       expert in the checkpoint layout, swizzled into place), ``bn / 16`` of the gathered token
       rows, and threads < ``bn`` 4 B of the token's activation scale; one cp.async group per
-      stage; then waits for its own group of the stage before (``cp.async.wait_group 1``),
-      fences the async proxy (WGMMA reads what cp.async wrote) and arrives on ``full``.
+      stage; then waits for its own group of the stage ``lag = stages - 2`` back
+      (``cp.async.wait_group lag``), fences the async proxy (WGMMA reads what cp.async wrote)
+      and arrives on that stage's ``full``: ``lag + 1`` stages of loads stay in flight.
   consumer warpgroups 1, 2 (``consumer_regs``): warpgroup q owns 64-row block ``blk0 + q``.
       Per K tile: load the block's weight scale(s) from global (before waiting, so the latency
       hides), wait ``full``, read its ``bn / 4`` token scales from shared memory, 4 QGMMAs
@@ -44,11 +45,12 @@ Pipelines (``stages`` slots of [sA 16 KiB | sB bn x 128 B | sX bn x 4 B]):
   empty[s]  consumers -> producer: 256 arrivals, every consumer thread after its QGMMAs that
             read stage s completed and its token scales of s are in registers.
 Steady state (K-tile counter i over the CTA's real tiles, slot s = i % stages):
-  producer: wait empty[s] | cp.async A(i), B(i), X(i) | commit | wait own copies(i-1) | fence |
-            arrive full[(i-1) % stages]
+  producer: wait empty[s] | cp.async A(i), B(i), X(i) | commit | wait own copies(i-lag) |
+            fence | arrive full[(i-lag) % stages]   (lag = stages - 2)
   consumer: load w_scale(i) | wait full[s] | x_scale(i) | 4 x QGMMA | commit | wait | arrive
             empty[s] | promote
-so up to ``stages - 1`` K tiles of loads are in flight ahead of the consumers.
+so ``stages - 1`` K tiles of loads are in flight (the producer blocks on ``empty`` only when
+the consumers are a full ring behind), across work-tile boundaries.
 
 64-bit offsets wherever a global address is formed from a row index; offsets inside one expert
 are int32 (checked < 2^31 at construction).
@@ -175,7 +177,13 @@ class Fp8BlockGemm:
         self.stages = min(MAX_STAGES, smem_budget // stage_bytes)
         if self.stages < 3:
             raise ValueError(f"only {self.stages} pipeline stages fit ({stage_bytes} B each)")
+        # stages each producer thread keeps in flight beyond the one it is issuing: it
+        # publishes stage i - lag once ``cp.async.wait_group lag`` says its copies landed
+        self.lag = self.stages - 2
         self.a_chunks = self.stage_a // 16 // PRODUCER_THREADS  # 16 B A chunks per thread (8)
+        # a producer thread's rows in a block are r0 + 16 j: expert rows ``row_step`` j apart
+        # (FC1's interleave maps 16 block rows to 8 up rows; ``weight_row``)
+        self.row_step = 8 if epilogue == "swiglu" else 16
         self.b_chunks = self.stage_b // 16 // PRODUCER_THREADS  # bn / 16
 
     @cute.jit
@@ -306,8 +314,10 @@ class Fp8BlockGemm:
     def _produce(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, a_scale,
                  row_index, tile_expert, tensor_of, local_of, b_table, full, empty, addrs):
         """Producer thread: per stage, wait for the slot, cp.async its 16 B chunks of the
-        weights and token rows and (threads < bn) one token scale (one group), then wait for
-        its own copies of the stage before and publish that one (``_publish``)."""
+        weights and token rows and (threads < bn) one token scale (one group), then wait until
+        at most ``lag`` of its groups are pending and publish the stage ``lag`` back
+        (``_publish``). The stage counter runs across work tiles, so the pipeline never drains
+        at a tile boundary; the last ``lag`` stages are published after the loop."""
         sa_addr, sb_addr, sx_addr = addrs
         a_base = a.iterator.toint()
         xs_base = a_scale.iterator.toint()
@@ -322,13 +332,13 @@ class Fp8BlockGemm:
             expert = tile_expert[tt]
             if expert >= 0:
                 w_base, _ = self._expert_bases(expert, tensor_of, local_of, b_table)
-                # int32 offsets inside the expert of this thread's weight chunks (K tile 0);
-                # blocks past blk_end copy the last block again (their results are dropped)
+                # int32 offset inside the expert of this thread's first chunk of each CTA block
+                # (K tile 0); its other chunks of the block sit ``row_step`` rows further each.
+                # Blocks past blk_end copy the last block again (their results are dropped).
                 w_off = []
-                for i in cutlass.range_constexpr(self.a_chunks):
-                    r = row0 + i * rows_per_pass
-                    gblk = cutlass.min(blk0 + r // BLOCK_ROWS, blk_end - 1)
-                    w_off.append(self.weight_row(gblk, r % BLOCK_ROWS) * self.k + chunk * 16)
+                for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+                    gblk = cutlass.min(blk0 + cb, blk_end - 1)
+                    w_off.append(self.weight_row(gblk, row0) * self.k + chunk * 16)
                 b_row = []
                 for i in cutlass.range_constexpr(self.b_chunks):
                     b_row.append(self._token_row(tt, row0 + i * rows_per_pass, row_index))
@@ -338,10 +348,12 @@ class Fp8BlockGemm:
                     s = it % self.stages
                     cute.arch.mbarrier_wait(empty + s, ((it // self.stages) % 2) ^ 1)
                     for i in cutlass.range_constexpr(self.a_chunks):
-                        r = row0 + i * rows_per_pass
-                        dst = (sa_addr + (s * BLOCKS_PER_CTA + r // BLOCK_ROWS) * A_TILE
-                               + self.swizzled(r % BLOCK_ROWS, chunk))
-                        cp_async_16(dst, w_base + Int64(w_off[i] + kt * K_TILE))
+                        cb, j = divmod(i, self.a_chunks // BLOCKS_PER_CTA)
+                        r = row0 + j * rows_per_pass  # row in block cb
+                        dst = (sa_addr + (s * BLOCKS_PER_CTA + cb) * A_TILE
+                               + self.swizzled(r, chunk))
+                        cp_async_16(dst, w_base + Int64(w_off[cb] + j * self.row_step * self.k
+                                                        + kt * K_TILE))
                     for i in cutlass.range_constexpr(self.b_chunks):
                         n = row0 + i * rows_per_pass
                         cp_async_16(sb_addr + s * self.stage_b + self.swizzled(n, chunk),
@@ -350,12 +362,15 @@ class Fp8BlockGemm:
                         cp_async_4(sx_addr + s * self.stage_x + tidx * 4,
                                    xs_base + (Int64(x_row) * self.k_tiles + kt) * 4)
                     cute.arch.cp_async_commit_group()
-                    if kt > 0:
-                        cute.arch.cp_async_wait_group(1)
-                        self._publish((it - 1) % self.stages, full)
-                cute.arch.cp_async_wait_group(0)
-                self._publish((done + self.k_tiles - 1) % self.stages, full)
+                    if it >= self.lag:
+                        cute.arch.cp_async_wait_group(self.lag)
+                        self._publish((it - self.lag) % self.stages, full)
                 done = done + self.k_tiles
+        # the CTA's last ``lag`` stages (fewer if it loaded fewer): wait for all, publish
+        cute.arch.cp_async_wait_group(0)
+        for d in cutlass.range_constexpr(self.lag):
+            if done - self.lag + d >= 0:
+                self._publish((done - self.lag + d) % self.stages, full)
 
     def _token_row(self, tt, n, row_index):
         """Row of ``a`` that column ``n`` of token tile ``tt`` reads: FC1 the gathered token

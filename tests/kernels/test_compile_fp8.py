@@ -18,7 +18,9 @@ pytestmark = pytest.mark.kernels
 CONFIGS = [
     ("swiglu", 4096, 7168, 128, 0),    # DeepSeek-V3 FC1, compute-bound tile, 1 CTA per SM
     ("swiglu", 4096, 7168, 16, 0),     # DeepSeek-V3 FC1, memory-bound tile, 2 CTAs per SM
+    ("swiglu", 3072, 4096, 32, 0),     # Qwen3-235B FC1, 2 CTAs per SM
     ("scatter", 4096, 1536, 32, 512),  # Qwen3-235B FC2 chunk
+    ("scatter", 4096, 1536, 128, 512),  # Qwen3-235B FC2 chunk, compute-bound tile
     ("scatter", 7168, 2048, 64, 896),  # DeepSeek-V3 FC2 chunk
 ]
 

@@ -112,3 +112,17 @@ def test_expert_table_refuses_bad_tensors():
     with pytest.raises(ValueError, match="contiguous"):
         build_fp8_expert_table([w.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :128]],
                                [s], [0])
+
+
+@pytest.mark.parametrize("epilogue,n_weight", [("swiglu", 768), ("scatter", 1024)])
+def test_producer_row_steps(epilogue, n_weight):
+    """The producer addresses a thread's chunks of block cb as its first row's expert row plus
+    ``row_step`` rows per 16 block rows (``_produce``): that must be ``weight_row``."""
+    kern = Fp8BlockGemm(epilogue=epilogue, n_weight=n_weight, k=256, bn=16,
+                        y_cols=0 if epilogue == "swiglu" else 64)
+    per_block = kern.a_chunks // 2
+    for gblk in range(n_weight // 64):
+        for row0 in range(16):  # tidx // 8 of the 128 producer threads
+            for j in range(per_block):
+                assert kern.weight_row(gblk, row0 + 16 * j) == \
+                    kern.weight_row(gblk, row0) + j * kern.row_step
