@@ -95,12 +95,11 @@ class Fp8Config:
 
     bn: token tile (WGMMA N); ctas_per_sm: CTAs resident per SM (2 halves shared memory and
     registers); producer_regs: setmaxnreg of the producer warpgroup (the consumers take the
-    rest); persistent: CTAs loop over work tiles (grid = resident CTAs)."""
+    rest). CTAs are always persistent (grid = resident CTAs, ``fp8_launch``)."""
 
     bn: int
     ctas_per_sm: int
     producer_regs: int
-    persistent: bool = True
 
     @property
     def register_pool(self) -> int:
