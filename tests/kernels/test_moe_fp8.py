@@ -173,3 +173,25 @@ def test_forward_past_2_31_elements(cache):
     sample = torch.tensor([0, 1, tokens - 2, tokens - 1], device=x.device)
     want, _ = fp8_moe_reference(x, ids, tw, experts, tokens=sample)
     assert rel_err(out[sample], want) < OUT_TOL
+
+
+@pytest.mark.parametrize("tokens", [5, 700])
+def test_cutedsl_backend_runs_fp8_experts(cache, tokens):
+    """The backend picks the FP8 kernels from the experts' format: ``run_experts`` on FP8
+    ``ExpertWeights`` (linear layout) matches the torch reference backend's FP8 math, and a
+    multi-tensor view (DWDP) gives the single-tensor result bit for bit."""
+    from tensorrt_llm_dwdp.moe.backends.cutedsl import CuteDslMoeBackend
+    from tensorrt_llm_dwdp.moe.backends.torch_ref import TorchMoeBackend
+    from tensorrt_llm_dwdp.moe.weights import ExpertWeights
+
+    hidden, inter, num_experts, top_k = SMALL
+    weights = ExpertWeights.single(random_fp8_experts(num_experts, hidden, inter, seed=21))
+    assert weights.quant == "fp8" and weights.weight_layout == "linear"
+    x = random_tokens(tokens, hidden, seed=22)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=23, empty_experts=2)
+    backend = CuteDslMoeBackend()
+    out = backend.run_experts(x, ids, tw, weights)
+    want = TorchMoeBackend().run_experts(x, ids, tw, weights)
+    assert rel_err(out, want) < OUT_TOL
+    multi = backend.run_experts(x, ids, tw, weights.split(split_sizes(num_experts, 3)))
+    assert torch.equal(out, multi)
