@@ -19,6 +19,8 @@ run, it times with CUDA graphs of many launches:
               ``bench/trtllm_moe_db.py``): THEIR measurement on THEIR H200 (per-tensor fp8,
               and ``trtllm_fp8_block_ms`` block-128; balanced / power_law_1.2 distribution for
               uniform / skewed), null where it has no such point.
+``--variants`` also times other kernel configurations (``VARIANTS``) once per point, with
+their speed-up over the default and whether their output is bitwise the default's.
 Every timing is repeated ``--repeats`` times (each a median of 5 graph replays); the record
 holds the median and the spread (min, max) of the repeats. speedup_vs_torch_fp8 = torch_fp8_ms
 / ours_ms (> 1: ours faster). Output: ``--out`` (default bench/results/moe_kernels_fp8_h200.json)
@@ -34,6 +36,7 @@ import sys
 import torch
 
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
+from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
 from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import (
     build_fp8_expert_table,
     fc1_fp8_gather_swiglu,
@@ -60,6 +63,15 @@ except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
     from moe_kernels import time_graph
 
 DISTRIBUTION = {"uniform": "balanced", "skewed": "power_law_1.2"}
+# Kernel configurations timed beside the default (``--variants``): name -> (default token tiles
+# it applies to, the token tile it runs instead or None, ``Fp8Config`` overrides). Each is
+# compile-checked for sm_90a (tests/kernels/test_compile_fp8.py) and must give the default's
+# output bit for bit (same products, same K order).
+VARIANTS = {
+    "1cta": ((16, 32), None, dict(ctas_per_sm=1, producer_regs=56)),  # 8 stages, 1 CTA
+    "2cta": ((64,), None, dict(ctas_per_sm=2, producer_regs=48)),  # twice the warps
+    "bn64_2cta": ((128,), 64, dict(ctas_per_sm=2, producer_regs=48)),  # smaller tile
+}
 DEFAULT_OUT = "bench/results/moe_kernels_fp8_h200.json"
 
 
@@ -125,7 +137,36 @@ class TorchBaselines:
         return out
 
 
-def bench_point(cache, tables, base, db, model, kind, tpe, repeats):
+def variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, want, variants):
+    """``{name: {ms, bitwise_equal_default}}`` of the ``variants`` that apply at token tile
+    ``bn`` (``VARIANTS``), each on its own plan; ``want``: the default configuration's output."""
+    w13, w2 = tables
+    out = {}
+    for name in variants:
+        tiles, vbn, overrides = VARIANTS[name]
+        if bn not in tiles:
+            continue
+        vbn = vbn or bn
+        cfg = fp8_config(vbn, **overrides)
+        plan = build_permutation(ids, num_experts, tile_m=vbn)
+        h = fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, vbn,
+                                  config=cfg)
+        hq, hs = quantize_rows(h)
+        y = torch.empty_like(want)
+
+        def run(plan=plan, h=h, hq=hq, hs=hs, y=y, vbn=vbn, cfg=cfg):
+            fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, vbn,
+                                  out=h, config=cfg)
+            fc2_fp8_finalize(cache, hq, hs, plan.slot_index, plan.tile_expert, ids, tw, w2, vbn,
+                             out=y, config=cfg)
+
+        ms = time_graph(run)
+        out[name] = {"token_tile": vbn, "config": str(cfg), "ms": ms,
+                     "bitwise_equal_default": bool(torch.equal(y, want))}
+    return out
+
+
+def bench_point(cache, tables, base, db, model, kind, tpe, repeats, variants=()):
     hidden, inter, num_experts, top_k = MODELS[model]
     ids, tw = routing(kind, tpe, num_experts, top_k)
     tokens = ids.shape[0]
@@ -166,6 +207,9 @@ def bench_point(cache, tables, base, db, model, kind, tpe, repeats):
         samples["quant"].append(time_eager(quant))
         fns = {n: f for n, f in fns.items() if n in samples}
     stats = {name: summary(v) for name, v in samples.items() if v}
+    var = variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, out, variants)
+    for v in var.values():
+        v["speedup_vs_default"] = stats["ours"]["median"] / v["ms"]
     rows = int(plan.counts.sum())
     flops = 2.0 * rows * 3 * inter * hidden
     ours_ms = stats["ours"]["median"]
@@ -181,6 +225,7 @@ def bench_point(cache, tables, base, db, model, kind, tpe, repeats):
         "trtllm_fp8_ms": trtllm_moe_db.lookup(db, model, "fp8", DISTRIBUTION[kind], tokens),
         "trtllm_fp8_block_ms": trtllm_moe_db.lookup(db, model, "fp8_block", DISTRIBUTION[kind],
                                                     tokens),
+        "variants": var,
     }
     if "torch_fp8" in stats:
         t = stats["torch_fp8"]
@@ -199,8 +244,14 @@ def main(argv=None) -> int:
     p.add_argument("--tpe", default="16,64,96,256,512,1024")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 baseline (memory)")
+    p.add_argument("--variants", default="",
+                   help=f"comma-separated kernel configurations to time too: {sorted(VARIANTS)}")
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     db = trtllm_moe_db.load()
     cache = CompileCache()
     results = []
@@ -219,7 +270,8 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         for kind in args.routings.split(","):
             for tpe in (int(v) for v in args.tpe.split(",")):
-                r = bench_point(cache, tables, base, db, model, kind, tpe, args.repeats)
+                r = bench_point(cache, tables, base, db, model, kind, tpe, args.repeats,
+                                variants)
                 results.append(r)
                 emit({**meta, "results": results}, args.out, True)
                 print(f"{model:16s} {kind:7s} tpe={tpe:5d} T={r['tokens']:6d} ours "
@@ -227,7 +279,10 @@ def main(argv=None) -> int:
                       f"{r['quant_ms']:.3f}) torch fp8 {r['torch_fp8_ms'] or float('nan'):.3f} "
                       f"x{r['speedup_vs_torch_fp8'] or float('nan'):.2f} bf16 "
                       f"{r['bf16_ms'] or float('nan'):.3f} trtllm fp8 "
-                      f"{r['trtllm_fp8_ms'] or float('nan'):.2f}", file=sys.stderr, flush=True)
+                      f"{r['trtllm_fp8_ms'] or float('nan'):.2f}"
+                      + "".join(f"  {n} {v['ms']:.3f} x{v['speedup_vs_default']:.2f}"
+                                f"{'' if v['bitwise_equal_default'] else ' NOT BITWISE'}"
+                                for n, v in r["variants"].items()), file=sys.stderr, flush=True)
                 torch.cuda.empty_cache()
         del experts, tables, base
         torch.cuda.empty_cache()

@@ -278,12 +278,14 @@ def fp8_moe_forward(
     plan,
     bn: int,
     return_h: bool = False,
+    config=None,
 ):
     """The routed experts of one FP8 MoE layer: x bf16 ``[T, H]`` quantized per token per 128
     (``quantize_rows``), FC1 + SwiGLU (``fc1_fp8_gather_swiglu``) into bf16 h, h requantized
     the same way (one pass), FC2 + slot-order finalize (``fc2_fp8_finalize``). ``plan``:
     ``moe.permute.build_permutation(topk_ids, E, tile_m=bn)``. Returns bf16 ``[T, H]`` (and
-    the permuted bf16 h with ``return_h``)."""
+    the permuted bf16 h with ``return_h``). ``config``: both GEMMs' ``Fp8Config`` (default
+    ``fp8_config(bn)``)."""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != w13.k:
         raise ValueError(f"fp8 MoE: x must be bf16 [T, {w13.k}], got {x.dtype} {tuple(x.shape)}")
     if w13.rows != 2 * w2.k or w2.rows != w13.k:
@@ -291,8 +293,9 @@ def fp8_moe_forward(
                          f"do not make one layer (need 2I x H and H x I)")
     check_fp8_shapes(w13.k, w2.k)
     xq, xs = quantize_rows(x)
-    h = fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, bn)
+    h = fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, bn,
+                              config=config)
     hq, hs = quantize_rows(h)
     out = fc2_fp8_finalize(cache, hq, hs, plan.slot_index, plan.tile_expert, topk_ids,
-                           topk_weights, w2, bn)
+                           topk_weights, w2, bn, config=config)
     return (out, h) if return_h else out

@@ -48,11 +48,34 @@ def _compile_fp8_sass(tools, tmp_path, *argv) -> str:  # noqa: F811
 
 @pytest.mark.parametrize("kind,n_weight,k,bn,y_cols", CONFIGS)
 def test_compiles_to_fp8_qgmma(tools, tmp_path, kind, n_weight, k, bn, y_cols):
+    _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, {})
+
+
+def _variants():
+    from bench.moe_kernels_fp8 import VARIANTS
+
+    for name, (tiles, vbn, overrides) in sorted(VARIANTS.items()):
+        yield pytest.param(vbn or tiles[0], overrides, id=name)
+
+
+@pytest.mark.parametrize("kind,n_weight,k,y_cols", [
+    ("swiglu", 4096, 7168, 0),     # DeepSeek-V3 FC1
+    ("scatter", 4096, 1536, 512),  # Qwen3-235B FC2 chunk
+])
+@pytest.mark.parametrize("bn,overrides", list(_variants()))
+def test_bench_variants_compile(tools, tmp_path, kind, n_weight, k, y_cols, bn, overrides):
+    """Every configuration ``bench/moe_kernels_fp8.py --variants`` times builds the design's
+    SASS (no spills, 4 pipelined QGMMAs per K tile, setmaxnreg as configured)."""
+    _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides)
+
+
+def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides):
     from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, fp8_config
 
-    kern = Fp8BlockGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols)
-    cfg = fp8_config(bn)
-    sass = _compile_fp8_sass(tools, tmp_path, kind, str(n_weight), str(k), str(bn), str(y_cols))
+    cfg = fp8_config(bn, **overrides)
+    kern = Fp8BlockGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols, config=cfg)
+    sass = _compile_fp8_sass(tools, tmp_path, kind, str(n_weight), str(k), str(bn), str(y_cols),
+                             *[f"{f}={int(v)}" for f, v in overrides.items()])
     qgmma = re.findall(r"QGMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3 R\d+, gdesc\[UR\d+\], (\S+)", sass)
     # one per k32 step of the 128-wide K tile (the K loop body is not unrolled)
     assert len(qgmma) == kern.k_steps == 4, qgmma

@@ -62,12 +62,13 @@ def _tables(experts, parts: int):
     return w13, w2, held
 
 
-def _forward(cache, x, ids, tw, experts, bn, parts=1, plan=None):
+def _forward(cache, x, ids, tw, experts, bn, parts=1, plan=None, config=None):
     from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import fp8_moe_forward
 
     w13, w2, held = _tables(experts, parts)
     plan = plan or build_permutation(ids, experts["w2_weight"].shape[0], tile_m=bn)
-    out, h = fp8_moe_forward(cache, x, ids, tw, w13, w2, plan, bn, return_h=True)
+    out, h = fp8_moe_forward(cache, x, ids, tw, w13, w2, plan, bn, return_h=True,
+                             config=config)
     torch.cuda.synchronize()
     del held
     return out, h, plan
@@ -195,3 +196,28 @@ def test_cutedsl_backend_runs_fp8_experts(cache, tokens):
     assert rel_err(out, want) < OUT_TOL
     multi = backend.run_experts(x, ids, tw, weights.split(split_sizes(num_experts, 3)))
     assert torch.equal(out, multi)
+
+
+def _bench_variants():
+    from bench.moe_kernels_fp8 import VARIANTS
+
+    for name, (tiles, vbn, overrides) in sorted(VARIANTS.items()):
+        yield pytest.param(tiles[0], vbn or tiles[0], overrides, id=name)
+
+
+@pytest.mark.parametrize("bn,vbn,overrides", list(_bench_variants()))
+def test_bench_variants_bitwise_equal_default(cache, bn, vbn, overrides):
+    """Every configuration the bench times (``--variants``) gives the default configuration's
+    output bit for bit, and the reference within tolerance."""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
+
+    hidden, inter, num_experts, top_k = SMALL
+    experts = random_fp8_experts(num_experts, hidden, inter, seed=31)
+    tokens = bn * num_experts // top_k + 5
+    x = random_tokens(tokens, hidden, seed=32)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=33, empty_experts=1)
+    out, _, _ = _forward(cache, x, ids, tw, experts, bn)
+    out_v, _, _ = _forward(cache, x, ids, tw, experts, vbn, config=fp8_config(vbn, **overrides))
+    assert torch.equal(out, out_v)
+    want, _ = fp8_moe_reference(x, ids, tw, experts)
+    assert rel_err(out_v, want) < OUT_TOL
