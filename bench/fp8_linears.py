@@ -7,7 +7,8 @@ kv_b, o; the dense MLP's gate, up and down; the shared expert's) and each token 
 - ``bf16``: ``F.linear`` on the bf16 weight (what the model runs without FP8; the baseline a
   user would pick);
 - ``fp8``: ``Fp8Linear`` as the model runs it: activation quantization per token per 128
-  (compiled) + torch's blockwise scaled GEMM (BlockWise1x128 x BlockWise128x128);
+  (the fused kernel of ``quant/fp8_device.py``) + torch's blockwise scaled GEMM
+  (BlockWise1x128 x BlockWise128x128);
 - ``fp8_gemm``: the scaled GEMM alone on pre-quantized activations (how much the quantization
   pass costs).
 
@@ -39,11 +40,14 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.json_out import emit  # noqa: E402
 from tensorrt_llm_dwdp.model.fp8_linear import (  # noqa: E402
-    _compiled_act_quant, fp8_linear_scaled_mm, scaled_mm_available, scaled_mm_weight_scales,
+    fp8_linear_scaled_mm, scaled_mm_available, scaled_mm_weight_scales,
 )
 from tensorrt_llm_dwdp.quant.fp8 import (  # noqa: E402
     blockwise_matmul_ref, dequantize_act_per_token, dequantize_weight_blocks,
     quantize_act_per_token, quantize_weight_blocks,
+)
+from tensorrt_llm_dwdp.quant.fp8_device import (  # noqa: E402
+    kernel_applies, quantize_act_per_token_fast,
 )
 
 # (name, N, K) of DeepSeek-V3 (hidden 7168, q_lora 1536, kv_lora 512 + rope 64, 128 heads,
@@ -94,8 +98,7 @@ def bench_linear(name: str, n: int, k: int, tokens: int, iters: int, repeats: in
     del w
     ws_mm = scaled_mm_weight_scales(ws)
     x = torch.randn(tokens, k, device="cuda", generator=gen).bfloat16()
-    xq, xs = _compiled_act_quant()(x)
-    scale_a = xs.t().contiguous().t()
+    xq, scale_a = quantize_act_per_token_fast(x, scale_layout="col")
 
     def gemm_only():
         if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
@@ -104,6 +107,7 @@ def bench_linear(name: str, n: int, k: int, tokens: int, iters: int, repeats: in
         return torch._scaled_mm(xq, wq.t(), scale_a, ws_mm, out_dtype=torch.bfloat16)
 
     rec = {"linear": name, "n": n, "k": k, "tokens": tokens,
+           "fused_act_quant": kernel_applies(x),
            "bf16": time_ms(lambda: F.linear(x, w_bf16), iters, repeats),
            "fp8": time_ms(lambda: fp8_linear_scaled_mm(x, wq, ws_mm), iters, repeats),
            "fp8_gemm": time_ms(gemm_only, iters, repeats)}

@@ -10,9 +10,13 @@ forward quantizes activations per token per 128 channels and runs the block-scal
   (``torch.nn.functional.scaled_mm``, ScalingType BlockWise1x128 activations x BlockWise128x128
   weights; cuBLASLt >= 12.9 on Hopper; torch builds without ``F.scaled_mm`` take the same
   recipe through ``torch._scaled_mm``, which infers it from the scales' shapes and strides),
-  with the activation quantization compiled into one kernel (``torch.compile`` of the
-  reference recipe) where Triton is present;
-- ``reference`` (CPU, other shapes): ``quant.fp8.fp8_linear_ref``.
+  with the activations quantized by the fused kernel of ``quant/fp8_device.py`` (one pass,
+  bitwise the reference recipe, the scales written in the layout the GEMM reads);
+- ``reference`` (CPU; sm90 shapes the vendor GEMM does not take): ``quant.fp8.fp8_linear_ref``;
+- ``dequantized`` (GPUs without FP8 tensor cores, e.g. sm80): W8A16, the weight dequantized
+  once to bf16 (``dequantized_weight``, kept beside the e4m3 one: 3 bytes per weight instead of
+  1) and ``F.linear`` on unquantized activations; numerics of transformers' FP8 path on such
+  devices, not the FP8 reference's.
 
 The vendor GEMM accumulates in its own order, so the two agree within the tolerance stated by
 ``tests/gpu/test_fp8_linear_gpu.py``, not bitwise; each is deterministic on one device.
@@ -23,23 +27,20 @@ The vendor GEMM accumulates in its own order, so the two agree within the tolera
 from __future__ import annotations
 
 import fnmatch
-import functools
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tensorrt_llm_dwdp.quant.fp8 import (
-    FP8_BLOCK, FP8_DTYPE, dequantize_weight_blocks, fp8_linear_ref, quantize_act_per_token,
-    weight_scale_shape,
+    FP8_BLOCK, FP8_DTYPE, dequantize_weight_blocks, fp8_linear_ref, weight_scale_shape,
 )
-
-logger = logging.getLogger(__name__)
+from tensorrt_llm_dwdp.quant.fp8_device import quantize_act_per_token_fast
 
 SCALED_MM = "scaled_mm"
 REFERENCE = "reference"
-GEMM_BACKENDS = ("auto", SCALED_MM, REFERENCE)
+DEQUANTIZED = "dequantized"
+GEMM_BACKENDS = ("auto", SCALED_MM, REFERENCE, DEQUANTIZED)
 UNQUANTIZED = ("lm_head",)
 
 
@@ -60,19 +61,6 @@ def fits_scaled_mm(n: int, k: int) -> bool:
     return k % FP8_BLOCK == 0 and n % 16 == 0
 
 
-@functools.cache
-def _compiled_act_quant():
-    """``quantize_act_per_token`` fused into one kernel (bits as the eager recipe's up to the
-    compiler's float32 division), or the eager function where torch.compile cannot run."""
-    try:
-        import triton  # noqa: F401  (torch.compile's GPU code generator)
-    except ImportError:
-        logger.warning("triton is not installed: FP8 activation quantization runs eagerly "
-                       "(several passes over the activations)")
-        return quantize_act_per_token
-    return torch.compile(quantize_act_per_token, dynamic=True, fullgraph=True)
-
-
 def scaled_mm_weight_scales(ws: torch.Tensor) -> torch.Tensor:
     """``weight_scale_inv [ceil(N/128), Kb]`` -> the layout torch's blockwise GEMM reads for
     BlockWise128x128 ``mat_b = W^T``. ``F.scaled_mm``: shape ``[round_up(Kb, 4), ceil(N/128)]``,
@@ -88,8 +76,7 @@ def scaled_mm_weight_scales(ws: torch.Tensor) -> torch.Tensor:
 def fp8_linear_scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws_mm: torch.Tensor) -> torch.Tensor:
     """``x [T, K]`` bf16 through the vendor block-scaled GEMM -> bf16 ``[T, N]``; ``ws_mm`` from
     :func:`scaled_mm_weight_scales`."""
-    xq, xs = _compiled_act_quant()(x)
-    scale_a = xs.t().contiguous().t()  # [T, Kb], outer-dim-major: strides (1, T)
+    xq, scale_a = quantize_act_per_token_fast(x, scale_layout="col")  # [T, Kb], strides (1, T)
     if not _has_v2_api():
         return torch._scaled_mm(xq, wq.t(), scale_a, ws_mm, out_dtype=torch.bfloat16)
     return F.scaled_mm(xq, wq.t(), scale_a, F.ScalingType.BlockWise1x128, ws_mm,
@@ -98,7 +85,8 @@ def fp8_linear_scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws_mm: torch.Tensor)
 
 class Fp8Linear(nn.Module):
     """``y = x W^T (+ b)`` with ``W`` in FP8 block 128 (module docstring). ``gemm``: ``auto``
-    (the vendor GEMM where it runs, else the reference), ``scaled_mm`` or ``reference``."""
+    (the vendor GEMM where it runs, ``dequantized`` on other GPUs, the reference on CPUs),
+    ``scaled_mm``, ``reference`` or ``dequantized``; a plain attribute, settable after load."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.bfloat16, gemm: str = "auto") -> None:
@@ -138,21 +126,25 @@ class Fp8Linear(nn.Module):
             self.weight, self.weight_scale_inv).to(dtype))
 
     def gemm_backend(self, device: torch.device) -> str:
-        """The GEMM this module runs on ``device`` (``scaled_mm`` or ``reference``)."""
+        """The GEMM this module runs on ``device`` (``scaled_mm``, ``reference`` or
+        ``dequantized``)."""
         if self.gemm != "auto":
             return self.gemm
-        fits = fits_scaled_mm(self.out_features, self.in_features)
-        return SCALED_MM if fits and scaled_mm_available(device) else REFERENCE
+        if scaled_mm_available(device):
+            return SCALED_MM if fits_scaled_mm(self.out_features, self.in_features) else REFERENCE
+        return DEQUANTIZED if device.type == "cuda" else REFERENCE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if flat.shape[0] == 0:
             y = flat.new_zeros(0, self.out_features)
-        elif self.gemm_backend(x.device) == SCALED_MM:
+        elif (backend := self.gemm_backend(x.device)) == SCALED_MM:
             ws_mm = self._cached("scaled_mm-scales",
                                  lambda: scaled_mm_weight_scales(self.weight_scale_inv))
             y = fp8_linear_scaled_mm(flat, self.weight, ws_mm)
+        elif backend == DEQUANTIZED:
+            y = F.linear(flat, self.dequantized_weight(torch.bfloat16))
         else:
             y = fp8_linear_ref(flat, self.weight, self.weight_scale_inv)
         if self.bias is not None:

@@ -9,13 +9,17 @@ fmt: e4m3, weight_block_size: [128, 128], activation_scheme: dynamic}``):
 - activations: quantized at run time per token per 128 channels (``[T, K]`` -> e4m3 ``[T, K]``
   and float32 scale ``[T, ceil(K/128)]``), dequantized as ``float(q) * scale``.
 
-Recipes (what the checkpoints and DeepGEMM do, reproduced bit for bit here):
+Recipes (what the checkpoints and DeepGEMM do), every float32 operation written out so that the
+bits are the same on every device (``rn``: one float32 rounding to nearest even):
 
-- weights: ``scale_inv = max(amax(block), ACT_AMAX_FLOOR) / 448`` in float32,
-  ``q = e4m3(clamp(w / scale_inv, -448, 448))`` (round to nearest even, saturating);
-- activations (DeepGEMM's ``per_token_cast_to_fp8``): ``amax`` over each token's 128-channel
-  group in float32, ``scale = max(amax, ACT_AMAX_FLOOR) / 448``,
-  ``q = e4m3(clamp(x * (448 / max(amax, ACT_AMAX_FLOOR)), -448, 448))``.
+- weights: ``a = max(amax(block), ACT_AMAX_FLOOR)``, ``scale_inv = rn(a * rn(1/448))``,
+  ``q = e4m3(clamp(rn(w / scale_inv), -448, 448))`` (IEEE division, tensor by tensor, on CPUs
+  and GPUs alike; e4m3 rounding to nearest even, saturating);
+- activations (DeepGEMM's ``per_token_cast_to_fp8``): ``a = max(amax, ACT_AMAX_FLOOR)`` over
+  each token's 128-channel group, ``scale = rn(a * rn(1/448))``,
+  ``q = e4m3(clamp(rn(x * rn(rn(1/a) * 448)), -448, 448))``: the multiplier is a reciprocal
+  then a product, as torch evaluates DeepGEMM's ``x * (448 / amax)`` on a GPU (and as the fused
+  kernel ``kernels/sm90/fp8_quant.py`` computes it), written so a CPU gets the same bits.
   An all-zero block / group gets the floor's scale and codes 0, so it decodes to exact zeros.
 
 The quantized GEMM every kernel is held to (:func:`blockwise_matmul_ref`, DeepGEMM's Hopper
@@ -48,13 +52,15 @@ def weight_scale_shape(n: int, k: int) -> tuple[int, int]:
 
 
 def _check_float_input(t: torch.Tensor, what: str, min_dim: int) -> None:
+    """dtype and shape; inf / NaN on CPU tensors only (on a GPU the check would make every call
+    wait on the host: there non-finite values propagate into the scales)."""
     if not t.is_floating_point() or t.dtype.itemsize < 2:
         raise TypeError(f"{what}: expected a bf16/fp16/fp32 tensor, got {t.dtype}")
     if t.dim() < min_dim:
         raise ValueError(f"{what}: expected at least {min_dim} dims, got shape {tuple(t.shape)}")
     if t.shape[-1] == 0:
         raise ValueError(f"{what}: the last dim (K) must be positive, got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
+    if t.device.type == "cpu" and not torch.isfinite(t).all():
         raise ValueError(f"{what}: input contains inf or NaN")
 
 
@@ -86,7 +92,7 @@ def quantize_weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     padded = _pad_to_blocks(w.float(), (-1, -2))
     blocks = padded.reshape(*lead, nb, FP8_BLOCK, kb, FP8_BLOCK)
     amax = blocks.abs().amax(dim=(-3, -1))
-    scale_inv = amax.clamp(min=ACT_AMAX_FLOOR) / E4M3_MAX
+    scale_inv = amax.clamp(min=ACT_AMAX_FLOOR) * (1.0 / E4M3_MAX)
     q = cast_e4m3(blocks / scale_inv[..., :, None, :, None])
     q = q.reshape(*lead, nb * FP8_BLOCK, kb * FP8_BLOCK)[..., :n, :k].contiguous()
     return q, scale_inv
@@ -134,8 +140,9 @@ def quantize_act_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     kb = num_blocks(k)
     groups = _pad_to_blocks(x.float(), (-1,)).reshape(t, kb, FP8_BLOCK)
     amax = groups.abs().amax(dim=-1).clamp(min=ACT_AMAX_FLOOR)
-    q = cast_e4m3(groups * (E4M3_MAX / amax)[..., None])
-    return q.reshape(t, kb * FP8_BLOCK)[:, :k].contiguous(), amax / E4M3_MAX
+    multiplier = torch.reciprocal(amax) * E4M3_MAX
+    q = cast_e4m3(groups * multiplier[..., None])
+    return q.reshape(t, kb * FP8_BLOCK)[:, :k].contiguous(), amax * (1.0 / E4M3_MAX)
 
 
 def dequantize_act_per_token(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -180,10 +187,11 @@ def blockwise_matmul_ref(
             f"blockwise_matmul_ref: xs shape {tuple(xs.shape)} != {(t, num_blocks(k))}"
         )
     ws_rows = ws.repeat_interleave(FP8_BLOCK, dim=0)[:n]  # [N, ceil(K/128)]
+    xf, wf = xq.float(), wq.float()  # exact
     out = torch.zeros(t, n, dtype=torch.float32, device=xq.device)
     for kb in range(num_blocks(k)):
         cols = slice(kb * FP8_BLOCK, min(k, (kb + 1) * FP8_BLOCK))
-        partial = xq[:, cols].float() @ wq[:, cols].float().T
+        partial = xf[:, cols] @ wf[:, cols].T
         out += partial * xs[:, kb, None] * ws_rows[None, :, kb]
     return out
 

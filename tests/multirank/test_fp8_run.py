@@ -48,6 +48,23 @@ def test_deepseek_fp8_bitwise_parity(tmp_path, ranks, view, extra):
     assert "tiny-deepseek-v3-fp8" in summary["model"]
 
 
+def test_host_tiers_carry_fp8_experts(tmp_path):
+    """Offloaded own experts and the node's host store: DWDP moves the e4m3 weights and their
+    scales as whole experts' bytes, whatever they hold."""
+    proc, out = run_job(tmp_path, "--ranks", "2", "--host-experts-per-worker", "2",
+                        "--host-backup")
+    summary = check_parity(proc, out, 2, "composite")
+    assert summary["dwdp_config"]["host_experts_per_worker"] == 2
+
+
+def test_failover_to_the_host_store_with_fp8_experts(tmp_path):
+    proc, out = run_job(tmp_path, "--ranks", "2", "--host-backup", "--fail-rank", "1",
+                        "--fail-at-step", "2", "--max-tokens", "4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "now come from the host store" in proc.stdout + proc.stderr
+    assert "parity vs one rank holding all experts: PASS" in proc.stdout
+
+
 def test_qwen3_fp8_torch_grouped_composite_bitwise_parity(tmp_path):
     proc, out = run_job(tmp_path, "--preset", "tiny-qwen3-moe-fp8", "--ranks", "2",
                         "--expert-view", "composite", "--moe-backend", "torch-grouped")

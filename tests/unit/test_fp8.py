@@ -12,6 +12,7 @@ from tensorrt_llm_dwdp.quant.fp8 import (
     cast_e4m3,
     dequantize_act_per_token,
     dequantize_weight_blocks,
+    expand_weight_scales,
     fp8_linear_ref,
     quantize_act_per_token,
     quantize_weight_blocks,
@@ -53,7 +54,7 @@ def _blocks_loop_oracle(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for j in range(kb):
             blk = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float()
             amax = max(blk.abs().max().item(), ACT_AMAX_FLOOR)
-            scale = torch.tensor(amax, dtype=torch.float32) / 448.0
+            scale = torch.tensor(amax, dtype=torch.float32) * (1.0 / 448.0)
             s[i, j] = scale
             q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (
                 (blk / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
@@ -69,19 +70,47 @@ def _elementwise_quant_error_bound(x: torch.Tensor, scale_full: torch.Tensor) ->
     return (E4M3_HALF_ULP_REL + 8 * U32) * x + E4M3_SUBNORMAL_HALF_STEP * scale_full.double()
 
 
-def test_act_rounding_is_nearest_even_and_saturating_on_a_dense_grid():
-    # One group whose amax is 448 has scale exactly 1.0: the codes are e4m3(x) itself.
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """Round float64 values to float32 (one IEEE rounding: the oracle's ``rn``)."""
+    return x.double().float()
+
+
+def test_cast_rounding_is_nearest_even_on_a_dense_grid():
     grid = torch.linspace(-448.0, 448.0, 127 * 40 + 1, dtype=torch.float32)
     fine = torch.arange(-256, 257, dtype=torch.float32) / 512.0  # through the subnormals
     ties = FINITE_VALUES[FINITE_VALUES.abs() < 448].float()
     mids = ((ties[1:] + ties[:-1]) / 2).float()  # exact midpoints (ties)
     values = torch.cat([grid, fine, mids, torch.tensor([447.9, -447.9, 0.0, -0.0])])
-    for start in range(0, values.numel(), FP8_BLOCK - 1):
-        chunk = values[start:start + FP8_BLOCK - 1]
-        row = torch.cat([torch.tensor([448.0]), chunk])[None, :]
-        q, s = quantize_act_per_token(row)
-        assert s.item() == 1.0
-        assert torch.equal(q.double()[0, 1:], _nearest_even_e4m3(chunk)), start
+    assert torch.equal(cast_e4m3(values).double(), _nearest_even_e4m3(values))
+
+
+def test_recipes_are_the_stated_float32_formulas():
+    """Pinned against float64 arithmetic rounded once per operation: activations
+    ``scale = rn(a * rn(1/448))``, codes ``e4m3(rn(x * rn(rn(1/a) * 448)))``; weights
+    ``scale_inv = rn(a * rn(1/448))``, codes ``e4m3(rn(w / scale_inv))`` (the formulas the fused
+    GPU kernel computes; a plain ``448 / amax`` or ``amax / 448`` differs by an ulp between CPU
+    and GPU)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 384, generator=g) * torch.logspace(-6, 4, 64)[:, None]
+    inv448 = _f32(torch.tensor(1.0 / 448.0, dtype=torch.float64)).double()
+    q, s = quantize_act_per_token(x)
+    a = x.view(64, 3, 128).abs().amax(-1).clamp(min=ACT_AMAX_FLOOR).double()
+    assert torch.equal(s, _f32(a * inv448))
+    mult = _f32(_f32(1.0 / a).double() * 448.0).double()
+    scaled = _f32(x.view(64, 3, 128).double() * mult[..., None]).view(64, 384)
+    assert torch.equal(q.view(torch.uint8), cast_e4m3(scaled).view(torch.uint8))
+    w = torch.randn(300, 260, generator=g) * 0.05
+    wq, ws = quantize_weight_blocks(w)
+    _, ws_loop = _blocks_loop_oracle(w)
+    assert torch.equal(ws, ws_loop)
+    for i in range(3):
+        for j in range(3):
+            blk = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].double()
+            scale_inv = _f32(max(blk.abs().max().item(), ACT_AMAX_FLOOR) * inv448)
+            assert ws[i, j] == scale_inv
+            want = cast_e4m3(_f32(blk / scale_inv.double())).view(torch.uint8)
+            got = wq[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].view(torch.uint8)
+            assert torch.equal(got, want), (i, j)
 
 
 def test_cast_saturates():
@@ -112,7 +141,7 @@ def test_weight_block_amax_hits_448_and_nothing_is_nan():
         for j in range(s.shape[1]):
             blk = q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float()
             assert blk.abs().max().item() == 448.0
-    bound = _elementwise_quant_error_bound(w, s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :260])
+    bound = _elementwise_quant_error_bound(w, expand_weight_scales(s, 300, 260))
     assert torch.all((deq.double() - w.double()).abs() <= bound)
 
 
@@ -120,7 +149,7 @@ def test_zero_blocks_and_groups_decode_to_exact_zeros():
     w = torch.zeros(130, 260)
     w[129, 259] = 2.0  # the last (partial) block is not zero
     q, s = quantize_weight_blocks(w)
-    floor_scale = torch.tensor(ACT_AMAX_FLOOR, dtype=torch.float32) / 448.0
+    floor_scale = torch.tensor(ACT_AMAX_FLOOR, dtype=torch.float32) * (1.0 / 448.0)
     assert torch.equal(s[0], floor_scale.expand(3))
     assert s[1, 2].item() == pytest.approx(2.0 / 448.0, rel=1e-7)
     deq = dequantize_weight_blocks(q, s)
@@ -139,7 +168,7 @@ def test_amax_at_and_below_the_floor():
     x[1, 5] = -ACT_AMAX_FLOOR / 4  # below: the floor's scale, code -112
     x[2, 7] = 1e-11  # far below: 4.5e-5 after scaling, under half the smallest subnormal 2^-9
     xq, xs = quantize_act_per_token(x)
-    floor_scale = torch.tensor(ACT_AMAX_FLOOR, dtype=torch.float32) / 448.0
+    floor_scale = torch.tensor(ACT_AMAX_FLOOR, dtype=torch.float32) * (1.0 / 448.0)
     assert torch.equal(xs, floor_scale.expand(3, 1))
     assert xq[0, 0].float().item() == 448.0
     assert xq[1, 5].float().item() == -112.0
@@ -211,7 +240,7 @@ def test_fp8_linear_within_quantization_bound_of_the_unquantized_product(t, n, k
     assert torch.equal(y, blockwise_matmul_ref(xq, xs, wq, ws).to(torch.bfloat16))
     xd, wd = x.double(), w.double()
     dx = _elementwise_quant_error_bound(x, xs.repeat_interleave(128, 1)[:, :k])
-    dw = _elementwise_quant_error_bound(w, ws.repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :k])
+    dw = _elementwise_quant_error_bound(w, expand_weight_scales(ws, n, k))
     m = k + 3 * -(-k // 128) + 2
     acc = m * U32 * ((xd.abs() + dx) @ (wd.abs() + dw).T)
     exact = xd @ wd.T
