@@ -259,13 +259,16 @@ def fc2_fp8_finalize(
     return out
 
 
-def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(t: torch.Tensor, cache: CompileCache | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The one activation quantization of the FP8 MoE path (x before FC1, h before FC2): e4m3
     ``[rows, K]`` and fp32 ``[rows, K/128]`` per token per 128 channels, bit for bit
-    ``quant.fp8.quantize_act_per_token`` (which it calls: swap a faster kernel in here)."""
-    from tensorrt_llm_dwdp.quant.fp8 import quantize_act_per_token
+    ``quant.fp8.quantize_act_per_token``: the fused sm90 kernel
+    (``quant.fp8_device.quantize_act_per_token_fast``, no host sync, so the layer can be
+    captured in a CUDA graph), the torch recipe where the kernel does not apply."""
+    from tensorrt_llm_dwdp.quant.fp8_device import quantize_act_per_token_fast
 
-    return quantize_act_per_token(t)
+    return quantize_act_per_token_fast(t, cache=cache)
 
 
 def fp8_moe_forward(
@@ -292,10 +295,10 @@ def fp8_moe_forward(
         raise ValueError(f"fp8 MoE: w3_w1 [{w13.rows}, {w13.k}] and w2 [{w2.rows}, {w2.k}] "
                          f"do not make one layer (need 2I x H and H x I)")
     check_fp8_shapes(w13.k, w2.k)
-    xq, xs = quantize_rows(x)
+    xq, xs = quantize_rows(x, cache)
     h = fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, bn,
                               config=config)
-    hq, hs = quantize_rows(h)
+    hq, hs = quantize_rows(h, cache)
     out = fc2_fp8_finalize(cache, hq, hs, plan.slot_index, plan.tile_expert, topk_ids,
                            topk_weights, w2, bn, config=config)
     return (out, h) if return_h else out
