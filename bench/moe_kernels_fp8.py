@@ -73,6 +73,7 @@ VARIANTS = {
     "bn64_2cta": ((128,), 64, dict(ctas_per_sm=2, producer_regs=48)),  # smaller tile
 }
 DEFAULT_OUT = "bench/results/moe_kernels_fp8_h200.json"
+GRAPH_MS = 25.0  # one graph replay's length (each timing: the median of 5 replays)
 
 
 def summary(values: list[float]) -> dict:
@@ -145,7 +146,7 @@ def variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, want, varia
             fc2_fp8_finalize(cache, hq, hs, plan.slot_index, plan.tile_expert, ids, tw, w2, vbn,
                              out=y, config=cfg)
 
-        ms = time_graph(run)
+        ms = time_graph(run, target_ms=GRAPH_MS)
         out[name] = {"token_tile": vbn, "config": str(cfg), "ms": ms,
                      "bitwise_equal_default": bool(torch.equal(y, want))}
     return out
@@ -194,7 +195,7 @@ def bench_point(cache, tables, base, db, model, kind, tpe, repeats, variants=())
     for _ in range(repeats):  # interleaved, so drift hits every side alike
         for name, fn in fns.items():
             try:
-                samples[name].append(time_graph(fn))
+                samples[name].append(time_graph(fn, target_ms=GRAPH_MS))
             except RuntimeError as exc:  # a torch build without a baseline's grouped GEMM
                 samples.pop(name, None)
                 print(f"{name}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
