@@ -8,7 +8,10 @@
 #          torch._scaled_grouped_mm / _grouped_mm, both models, uniform + skewed routing, the
 #          kernel variants; written after every point, so a cut keeps what ran).
 # The three bounds sum to 570 s: one device call (600 s).
-# Usage: [STAGES="smoke tests bench"] [BENCH_ARGS="..."] bash bench/run_device_fp8.sh
+#   ncu    (NCU=1, <= 90 s per point) ncu on FC1 and the first FC2 chunk of the second run of
+#          bench/profile_fp8_kernel.py at NCU_POINTS ("deepseek_v3 16,deepseek_v3 256").
+# Usage: [STAGES="smoke tests bench"] [BENCH_ARGS="..."] [NCU=1] bash bench/run_device_fp8.sh
+#        (STAGES="" NCU=1: profiles only)
 # Logs, stage times and the JSON land in $OUT/fp8 (./device_out/fp8 without $OUT).
 set -o pipefail
 source bench/device_env.sh
@@ -55,5 +58,19 @@ if [[ " $STAGES " == *" bench "* ]]; then
   timed_stage "${T_BENCH:-330}" bench.txt "$PY" bench/moe_kernels_fp8.py \
     --out "$OUT/moe_kernels_fp8_h200.json" ${BENCH_ARGS:---variants 1cta,2cta,bn64_2cta}
   cat "$OUT/bench.txt"
+fi
+if [[ "${NCU:-0}" == 1 ]]; then
+  sections="--section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed.sum,lts__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed"
+  IFS=, read -ra points <<< "${NCU_POINTS:-deepseek_v3 16,deepseek_v3 256}"  # "MODEL TPE,..."
+  for point in "${points[@]}"; do
+    set -- $point
+    # the first FC1 (compiles) plus one run's launches: FC1 + FC2 of the second run are next
+    skip=$("$PY" -c "
+import sys; sys.path.insert(0, 'bench')
+from profile_fp8_kernel import launches_per_run; print(1 + launches_per_run('$1'))")
+    timed_stage "${T_NCU:-90}" "ncu_$1_$2.txt" ncu --clock-control none -k regex:Fp8BlockGemm \
+      --launch-skip "$skip" --launch-count 2 $sections \
+      "$PY" bench/profile_fp8_kernel.py "$1" "$2"
+  done
 fi
 cat "$OUT/stages.txt"
