@@ -272,7 +272,8 @@ def main(argv=None) -> int:
                 emit({**meta, "results": results}, args.out, True)
                 print(f"{model:16s} {kind:7s} tpe={tpe:5d} T={r['tokens']:6d} ours "
                       f"{r['ours_ms']:.3f} ms ({r['ours_tflops']:.0f} TF/s; layer "
-                      f"{r['ours_layer_ms']:.3f}) torch fp8 {r['torch_fp8_ms'] or float('nan'):.3f} "
+                      f"{r['ours_layer_ms']:.3f}) torch fp8 "
+                      f"{r['torch_fp8_ms'] or float('nan'):.3f} "
                       f"x{r['speedup_vs_torch_fp8'] or float('nan'):.2f} bf16 "
                       f"{r['bf16_ms'] or float('nan'):.3f} trtllm fp8 "
                       f"{r['trtllm_fp8_ms'] or float('nan'):.2f}"
