@@ -114,3 +114,62 @@ def split_sizes(num_experts: int, parts: int) -> list[int]:
         return [num_experts]
     small = num_experts // (parts + 1)
     return [small] * (parts - 1) + [num_experts - small * (parts - 1)]
+
+
+def random_fp8_experts(num_experts: int, hidden: int, inter: int, seed: int,
+                       device="cuda") -> dict[str, torch.Tensor]:
+    """FP8 block-128 experts (``moe/specs.py`` names): e4m3 codes of a Gaussian (rms ~64) and
+    one fp32 ``weight_scale_inv`` per 128 x 128 block drawn from 2^[-1, 1] / (64 sqrt(K)), so
+    outputs are of order 1 and every block's scale is its own (a kernel that reads the wrong
+    expert, row block or K block misses the reference by far more than fp8 rounding). Drawn
+    directly in fp8 (no quantization pass), 16 experts at a time."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def weight(rows: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.empty(num_experts, rows, k, dtype=torch.float8_e4m3fn, device=device)
+        for e0 in range(0, num_experts, 16):
+            n = min(16, num_experts - e0)
+            g = torch.randn(n, rows, k, generator=gen, device=device) * 64
+            q[e0:e0 + n] = g.clamp(-448, 448).to(torch.float8_e4m3fn)
+        exps = torch.rand(num_experts, rows // 128, k // 128, generator=gen, device=device)
+        return q, (2.0 ** (2 * exps - 1)) / (64 * k ** 0.5)
+
+    w13, s13 = weight(2 * inter, hidden)
+    w2, s2 = weight(hidden, inter)
+    return {"w3_w1_weight": w13, "w3_w1_weight_scale_inv": s13.float(),
+            "w2_weight": w2, "w2_weight_scale_inv": s2.float()}
+
+
+def fp8_moe_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                      experts: dict[str, torch.Tensor], tokens: torch.Tensor | None = None):
+    """The FP8 MoE layer the kernels are held to, from ``quant.fp8``: x quantized per token per
+    128 (``quantize_act_per_token``), per expert ``blockwise_matmul_ref`` with w3_w1, SwiGLU in
+    fp32 (rows ``[0, I)`` up, ``[I, 2I)`` gate) rounded to bf16 h, h requantized per token per
+    128, ``blockwise_matmul_ref`` with w2, times the router weight, summed over slots in slot
+    order in fp32, one rounding to bf16. ``tokens``: only these token indices (rows of the
+    result in that order; every other token is independent of them). Returns fp32 ``[T', H]``
+    (exactly bf16-representable) and the fp32 ``h`` per (token, slot) ``[T', k, I]``."""
+    from tensorrt_llm_dwdp.quant.fp8 import blockwise_matmul_ref, quantize_act_per_token
+
+    if tokens is not None:
+        x, topk_ids, topk_weights = x[tokens], topk_ids[tokens], topk_weights[tokens]
+    t, k = topk_ids.shape
+    inter = experts["w3_w1_weight"].shape[1] // 2
+    hidden = experts["w2_weight"].shape[1]
+    xq, xs = quantize_act_per_token(x)
+    y = torch.zeros(t, k, hidden, dtype=torch.float32, device=x.device)
+    h_all = torch.zeros(t, k, inter, dtype=torch.float32, device=x.device)
+    for e in torch.unique(topk_ids[topk_ids >= 0]).tolist():
+        tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        g = blockwise_matmul_ref(xq[tok], xs[tok], experts["w3_w1_weight"][e],
+                                 experts["w3_w1_weight_scale_inv"][e])
+        h = (torch.nn.functional.silu(g[:, inter:]) * g[:, :inter]).to(torch.bfloat16)
+        h_all[tok, slot] = h.float()
+        hq, hs = quantize_act_per_token(h)
+        out = blockwise_matmul_ref(hq, hs, experts["w2_weight"][e],
+                                   experts["w2_weight_scale_inv"][e])
+        y[tok, slot] = out * topk_weights[tok, slot, None]
+    acc = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
+    for j in range(k):
+        acc = acc + y[:, j]
+    return acc.to(torch.bfloat16).float(), h_all

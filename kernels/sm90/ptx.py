@@ -187,3 +187,15 @@ def ld_global_i32(gmem_addr: Int64, *, loc=None, ip=None) -> Int32:
             "=r,l")
     )
 
+
+
+@dsl_user_op
+def ld_shared_v2_f32(smem_addr: Int32, *, loc=None, ip=None):
+    """Load two fp32 values from an 8-byte aligned shared-memory address."""
+    res = asm(
+        llvm.StructType.get_literal([T.f32(), T.f32()]),
+        [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
+        "ld.shared.v2.f32 {$0, $1}, [$2];",
+        "=f,=f,r",
+    )
+    return tuple(Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(2))

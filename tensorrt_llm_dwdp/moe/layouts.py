@@ -34,6 +34,13 @@ AUTO = "auto"
 SHUFFLE_CHUNK = 16  # experts shuffled at once: the shuffle's temporaries are ~10x their bytes
 
 
+def layout_for_quant(layout: str, quant: str) -> str:
+    """The layout a backend whose native layout is ``layout`` keeps experts of ``quant`` in:
+    the preshuffle permutes NVFP4 experts only, and the cutedsl FP8 kernel reads the
+    checkpoint's rows, so FP8 experts stay linear under every backend."""
+    return LINEAR if quant == FP8 else layout
+
+
 def check_layout(weight_layout: str, quant: str, hidden: int | None = None,
                  inter: int | None = None) -> None:
     """Raise ValueError unless experts of ``quant`` with sizes H, I can be in ``weight_layout``
@@ -44,14 +51,13 @@ def check_layout(weight_layout: str, quant: str, hidden: int | None = None,
     if weight_layout == LINEAR:
         return
     if quant == FP8:
-        raise ValueError(f"weight layout {weight_layout!r} permutes NVFP4 experts and the cutedsl "
-                         "backend has no FP8 expert kernel yet: run FP8 experts with the torch "
-                         "backend (the FP8 reference math) or torch-grouped (bf16 dequantized), "
-                         "weight layout linear")
+        raise ValueError(f"weight layout {weight_layout!r} permutes NVFP4 experts: FP8 experts "
+                         "stay linear under every backend (cutedsl's FP8 kernel reads the "
+                         "checkpoint's rows); leave the weight layout on 'auto' or 'linear'")
     if quant != NVFP4:
         raise ValueError(f"weight layout {weight_layout!r} permutes NVFP4 experts; these are "
                          f"{quant!r}: keep them linear, with a backend that reads that (torch, "
-                         f"torch-grouped; cutedsl runs NVFP4 experts only)")
+                         f"torch-grouped; cutedsl reads FP8 experts linear and NVFP4 ones preshuffled)")
     block = preshuffle.BLOCK_ROWS
     if hidden is None or inter is None:
         return

@@ -42,6 +42,14 @@ def main() -> int:
 
 
 def _compile(kernel, tensors, sizes) -> int:
+    from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import gmem_ptr
+
+    ptrs = [gmem_ptr(t, 16 if t.dim() == 2 and t.dtype != torch.int32 else None) for t in tensors]
+    return _compile_ptrs(kernel, ptrs, sizes)
+
+
+def _compile_ptrs(kernel, ptrs, sizes) -> int:
+    """``cute.compile(kernel, *ptrs, *sizes, stream)``; a missing driver at load is expected."""
     import cuda.bindings.driver as cuda
     import cutlass
     import cutlass.cute as cute
@@ -50,10 +58,6 @@ def _compile(kernel, tensors, sizes) -> int:
     # min_blocks_per_mp > 1 asks the device for its shared memory per SM (to set the carveout)
     # while building the launch: answer for sm_90 (228 KiB) since there is no driver here.
     cuda_helpers.get_device_attribute = lambda attr, *args: 228 * 1024
-
-    from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import gmem_ptr
-
-    ptrs = [gmem_ptr(t, 16 if t.dim() == 2 and t.dtype != torch.int32 else None) for t in tensors]
     try:
         cute.compile(kernel, *ptrs, *[cutlass.Int32(v) for v in sizes], cuda.CUstream(0))
         print("loaded=yes")

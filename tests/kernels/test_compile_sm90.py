@@ -141,8 +141,8 @@ def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides):
                                                                     mix)
 
 
-def k_loop_mix(sass: str) -> collections.Counter:
-    """Opcode counts of the innermost loop holding an HGMMA (the consumer's K-tile loop)."""
+def k_loop_mix(sass: str, mma: str = "HGMMA") -> collections.Counter:
+    """Opcode counts of the innermost loop holding an ``mma`` (the consumer's K-tile loop)."""
     ins = []
     for line in sass.splitlines():
         m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
@@ -153,7 +153,7 @@ def k_loop_mix(sass: str) -> collections.Counter:
         m = re.match(r"BRA\b.*?(0x[0-9a-f]+)", text)
         if m and int(m.group(1), 16) <= addr:
             body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
-            if any(t.startswith("HGMMA") for t in body):
+            if any(t.startswith(mma) for t in body):
                 spans.append(body)
     body = min(spans, key=len)
     return collections.Counter(t.split()[0] for t in body)

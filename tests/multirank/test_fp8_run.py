@@ -1,7 +1,7 @@
 """``run --quant fp8`` on CPU ranks: an FP8 block-128 checkpoint (every projection linear and
 routed expert in e4m3 with 128x128 scales) prefills and decodes over DWDP with logits bitwise
 equal to one rank holding all experts, with 2 and 3 ranks, composite and multi views, and both
-torch backends; cutedsl is refused before any rank starts."""
+torch backends; a preshuffled weight layout (NVFP4's) is refused before any rank starts."""
 import json
 import subprocess
 import sys
@@ -71,8 +71,9 @@ def test_qwen3_fp8_torch_grouped_composite_bitwise_parity(tmp_path):
     check_parity(proc, out, 2, "composite")
 
 
-def test_cutedsl_refused_before_launch(tmp_path):
-    proc, out = run_job(tmp_path, "--moe-backend", "cutedsl", "--no-parity")
+def test_preshuffled_fp8_refused_before_launch(tmp_path):
+    proc, out = run_job(tmp_path, "--moe-backend", "cutedsl", "--weight-layout", "preshuffled",
+                        "--no-parity")
     assert proc.returncode == 1
-    assert "no FP8 expert kernel yet" in proc.stderr
+    assert "permutes NVFP4 experts" in proc.stderr
     assert not (out / "dwdp.yaml").exists()

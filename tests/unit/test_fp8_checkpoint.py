@@ -251,8 +251,12 @@ def test_check_config_reports_fp8_expert_bytes_and_saving(capsys):
                                "--moe-backend", "torch"]) == 0
     assert "experts fp8: 42.01 MiB per expert (weights and scales) vs 84.00 MiB in bf16: 50.0% less" \
         in capsys.readouterr().out
-    assert _cli(check_config, [cfg, "--model", "deepseek-v3", "--quant", "fp8"]) == 1
-    assert "no FP8 expert kernel yet" in capsys.readouterr().err
+    # the config's cutedsl backend keeps FP8 experts linear (its FP8 kernel reads checkpoint rows)
+    assert _cli(check_config, [cfg, "--model", "deepseek-v3", "--quant", "fp8"]) == 0
+    assert "linear layout for MoE backend cutedsl" in capsys.readouterr().out
+    assert _cli(check_config, [cfg, "--model", "deepseek-v3", "--quant", "fp8",
+                               "--weight-layout", "preshuffled"]) == 1
+    assert "FP8 experts stay linear" in capsys.readouterr().err
 
 
 def test_modules_to_not_convert_matching():

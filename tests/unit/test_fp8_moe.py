@@ -1,6 +1,6 @@
 """FP8 block-128 experts: the torch reference's quantized math against float64 oracles, DWDP's
 multi-tensor views bitwise equal to one tensor, torch-grouped's bf16-dequantized baseline, and
-the cutedsl refusal."""
+the layout every backend keeps FP8 experts in (linear)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,11 +133,10 @@ def test_torch_grouped_dequantized_baseline_within_activation_quantization_error
     assert rel < 6e-2, rel
 
 
-def test_cutedsl_refuses_fp8_before_anything_is_read():
-    with pytest.raises(ValueError, match="no FP8 expert kernel yet"):
-        expert_weight_layout("cutedsl", "auto", "fp8", H, I)
-    assert expert_weight_layout("torch", "auto", "fp8", H, I) == "linear"
-    with pytest.raises(ValueError, match="no FP8 expert kernel yet"):
+def test_fp8_experts_are_kept_linear_and_never_preshuffled():
+    for backend in ("cutedsl", "torch", "torch-grouped"):
+        assert expert_weight_layout(backend, "auto", "fp8", H, I) == "linear"
+    with pytest.raises(ValueError, match="FP8 experts stay linear"):
         expert_weight_layout("torch", "preshuffled", "fp8", H, I)
 
 

@@ -316,3 +316,18 @@ def test_check_config_reports_the_layout(tmp_path, capsys):
                      "--weight-layout", "preshuffled"]) == 1
     err = capsys.readouterr().err
     assert "--model deepseek-v3" in err and "permutes NVFP4 experts" in err
+
+
+def test_fp8_experts_stay_linear_under_every_backend():
+    """The preshuffle is NVFP4's: FP8 experts are kept (and read by cutedsl) in checkpoint
+    rows, for 'auto' and an explicit 'linear'; asking to shuffle them is refused up front."""
+    from tensorrt_llm_dwdp.moe.backends import expert_weight_layout
+
+    for backend in ("torch", "cutedsl", "torch-grouped"):
+        for requested in (None, "auto", "linear"):
+            assert expert_weight_layout(backend, requested, "fp8", 7168, 2048) == "linear"
+    with pytest.raises(ValueError, match="permutes NVFP4 experts"):
+        expert_weight_layout("cutedsl", "preshuffled", "fp8", 7168, 2048)
+    with pytest.raises(ValueError, match="unknown MoE backend"):
+        expert_weight_layout("nope", None, "fp8")
+    assert expert_weight_layout("cutedsl", None, "nvfp4", 7168, 2048) == "preshuffled"

@@ -143,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
     num_experts = model_config.num_experts
     if model_config.moe_layer_indices:  # the experts can be in that layout: checked before any
         try:                            # file is written or rank launched (they would all fail)
-            weight_layout = expert_weight_layout(args.moe_backend, weight_layout, quant,
+            weight_layout = expert_weight_layout(args.moe_backend, args.weight_layout, quant,
                                                  model_config.hidden_size,
                                                  model_config.moe_intermediate_size)
         except ValueError as exc:

@@ -17,8 +17,10 @@ from typing import Protocol
 
 import torch
 
-from tensorrt_llm_dwdp.moe.layouts import (LINEAR, PRESHUFFLED, backend_layouts, check_layout,
-                                           resolve_layout, shuffle_experts_)
+from tensorrt_llm_dwdp.moe.layouts import (AUTO, LINEAR, PRESHUFFLED, backend_layouts,
+                                           check_layout, layout_for_quant, resolve_layout,
+                                           shuffle_experts_)
+from tensorrt_llm_dwdp.moe.specs import FP8
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
 BACKEND_MODULES: dict[str, str] = {
@@ -63,7 +65,11 @@ def expert_weight_layout(name: str, requested: str | None, quant: str,
     """``backend_weight_layout`` for experts of ``quant`` (sizes H, I when known), checked to
     fit them (``check_layout``): what a loader or a config check keeps experts in, decided
     before anything is read or launched. ValueError names what does not fit."""
-    layout = backend_weight_layout(name, requested)
+    if quant == FP8 and requested in (None, AUTO, LINEAR):
+        backend_weight_layout(name)  # an unknown backend is still refused
+        layout = LINEAR  # every backend reads FP8 experts in the checkpoint's rows
+    else:
+        layout = backend_weight_layout(name, requested)
     check_layout(layout, quant, hidden, inter)
     return layout
 
@@ -84,6 +90,9 @@ def to_native_layout_(tensors, backend: str | MoeBackend) -> str:
     layout = native_layout(backend)
     if layout != LINEAR:
         weights = ExpertWeights.single(tensors)  # names, shapes; derives quant, H and I
+        layout = layout_for_quant(layout, weights.quant)
+        if layout == LINEAR:
+            return layout
         check_layout(layout, weights.quant, weights.hidden_size, weights.intermediate_size)
         shuffle_experts_(tensors)
     return layout

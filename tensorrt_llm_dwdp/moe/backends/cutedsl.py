@@ -1,4 +1,11 @@
-"""CuTeDSL MoE backend for Hopper (sm_90a): W4A16 grouped GEMMs over NVFP4 expert weights.
+"""CuTeDSL MoE backend for Hopper (sm_90a): grouped GEMMs over NVFP4 (W4A16) or FP8 experts.
+
+The kernel follows the experts' format (``weights.quant``): "nvfp4" runs the W4A16 register-
+operand kernels below; "fp8" (block-128 e4m3 weights with fp32 ``weight_scale_inv``, the
+DeepSeek-V3 / Qwen3 FP8 checkpoints' format) runs ``kernels/sm90/fp8_gemm.py``: tokens
+quantized per token per 128 channels, e4m3 WGMMA with fp32 promotion per 128 of K, FC1 + SwiGLU
+into bf16 h, h requantized, FC2 + the same slot-order finalize (``quant/fp8.py`` numerics).
+FP8 experts stay in the checkpoint's linear layout (H and I multiples of 128).
 
 ``run_experts`` = permutation plan (token tiles of ``bn`` rows per expert) -> FC1 (gather +
 RS grouped GEMM + SwiGLU, one kernel) -> FC2 (RS grouped GEMM writing router-weighted fp32 rows
@@ -27,16 +34,23 @@ from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.expert_table import ExpertTable, build_expert_table
 from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
+from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import (
+    build_fp8_expert_table,
+    check_fp8_shapes,
+    fp8_moe_forward,
+)
 from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import TOKEN_TILES
 from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
-from tensorrt_llm_dwdp.moe.layouts import PRESHUFFLED
+from tensorrt_llm_dwdp.moe.layouts import LINEAR, PRESHUFFLED
 from tensorrt_llm_dwdp.moe.permute import (RoutingErrors, build_permutation, sync_checks_requested,
                                            warm_up_plans)
+from tensorrt_llm_dwdp.moe.specs import FP8
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
 logger = logging.getLogger(__name__)
 
 SIZE_MULTIPLE = 64
+FP8_SCALES = {"w3_w1_weight": "w3_w1_weight_scale_inv", "w2_weight": "w2_weight_scale_inv"}
 
 
 def choose_token_tile(num_rows: int, num_experts: int) -> int:
@@ -72,7 +86,7 @@ def check_expert_shapes(hidden: int, inter: int) -> None:
 
 
 class CuteDslMoeBackend:
-    """``run_experts`` on Hopper with the sm90 CuTeDSL kernels (NVFP4 weights only).
+    """``run_experts`` on Hopper with the sm90 CuTeDSL kernels (NVFP4 or FP8 experts).
 
     Holds the compiled-kernel cache and a small LRU of device expert tables keyed by the
     weights' addresses (DWDP buffers keep their addresses, so steady state builds none). One
@@ -95,13 +109,19 @@ class CuteDslMoeBackend:
         self._tables: OrderedDict[tuple, ExpertTable] = OrderedDict()
         self._max_tables = max_tables
 
-    def _table(self, weights: ExpertWeights, w: str, sf: str, alpha: str) -> ExpertTable:
-        ws, sfs, alphas = (weights.tensors[n] for n in (w, sf, alpha))
-        key = (w, weights.expert_offsets,
+    def _table(self, weights: ExpertWeights, w: str, sf: str, alpha: str | None) -> ExpertTable:
+        """The expert table of weight ``w`` with scales ``sf`` and alphas ``alpha`` (None: an
+        FP8 table, weights and block scales only), cached by the tensors' addresses."""
+        ws, sfs = weights.tensors[w], weights.tensors[sf]
+        alphas = weights.tensors[alpha] if alpha else ()
+        key = (w, weights.quant, weights.expert_offsets,
                tuple((t.data_ptr(), tuple(t.shape)) for t in (*ws, *sfs, *alphas)))
         table = self._tables.get(key)
         if table is None:
-            table = build_expert_table(ws, sfs, alphas, weights.expert_offsets)
+            if alpha is None:
+                table = build_fp8_expert_table(ws, sfs, weights.expert_offsets)
+            else:
+                table = build_expert_table(ws, sfs, alphas, weights.expert_offsets)
             self._tables[key] = table
             if len(self._tables) > self._max_tables:
                 self._tables.popitem(last=False)
@@ -151,12 +171,11 @@ class CuteDslMoeBackend:
         weights: ExpertWeights,
     ) -> torch.Tensor:
         check_run_experts_args(x, topk_ids, topk_weights, weights)
-        if weights.quant == "fp8":
-            raise ValueError("cutedsl backend: no FP8 expert kernel yet; run FP8 experts with "
-                             "backend='torch' (FP8 reference math) or 'torch-grouped'")
+        if weights.quant == FP8:
+            return self._run_fp8(x, topk_ids, topk_weights, weights)
         if weights.quant != "nvfp4":
             raise ValueError(
-                f"cutedsl backend: needs NVFP4 expert weights, got {weights.quant!r} "
+                f"cutedsl backend: needs NVFP4 or FP8 expert weights, got {weights.quant!r} "
                 "(use backend='torch' for bf16 weights)")
         if weights.weight_layout != PRESHUFFLED:
             raise ValueError(
@@ -183,6 +202,32 @@ class CuteDslMoeBackend:
                               tile_count=plan.tile_count)
         return fc2_finalize(self.cache, h, plan.slot_index, plan.tile_expert, topk_ids,
                             topk_weights, w2, bn, tile_count=plan.tile_count)
+
+
+    def _run_fp8(self, x, topk_ids, topk_weights, weights: ExpertWeights) -> torch.Tensor:
+        """FP8 experts (linear layout): ``fp8_launch.fp8_moe_forward`` over the multi-B
+        tables, token tile by rows per expert as for NVFP4."""
+        if weights.weight_layout != LINEAR:
+            raise ValueError(f"cutedsl backend: FP8 experts are read in the linear layout, got "
+                             f"{weights.weight_layout!r}")
+        if weights.has_bias:
+            raise ValueError("cutedsl backend: expert biases are not supported (use 'torch')")
+        if not x.is_cuda:
+            raise ValueError(f"cutedsl backend: tensors must be on a CUDA device, got {x.device}")
+        check_fp8_shapes(weights.hidden_size, weights.intermediate_size)
+        tokens, k = topk_ids.shape
+        if tokens == 0:
+            return torch.empty(0, x.shape[1], dtype=torch.bfloat16, device=x.device)
+        bn = choose_token_tile(tokens * k, weights.num_experts)
+        plan = build_permutation(topk_ids, weights.num_experts, tile_m=bn)
+        self.routing_errors.add(plan)
+        w13 = self._table(weights, "w3_w1_weight", FP8_SCALES["w3_w1_weight"], None)
+        w2 = self._table(weights, "w2_weight", FP8_SCALES["w2_weight"], None)
+        x = x.contiguous()
+        if x.data_ptr() % 16:
+            x = x.clone()
+        return fp8_moe_forward(self.cache, x, topk_ids, topk_weights.contiguous(), w13, w2,
+                               plan, bn)
 
 
 def create_backend() -> CuteDslMoeBackend:

@@ -1,0 +1,291 @@
+"""Bench: the sm90 FP8 block-scaled MoE kernels against torch's grouped GEMMs and TensorRT-LLM.
+
+For each model (DeepSeek-V3, Qwen3-235B-A22B), routing (uniform: every expert gets exactly
+``tpe`` rows; skewed: Zipf-like ``kernels.testing.skewed_routing`` over the same token count)
+and tokens per expert (16, 64, 256, 512, 1024 and 96, off the 128-row tile), one device, one
+run, it times with CUDA graphs of many launches:
+  ours        FC1 (gather + fp8 QGMMA + per-128 promotion + SwiGLU -> bf16 h) + FC2 (fp8 QGMMA
+              per hidden-column chunk + slot-order finalize -> bf16 output) on pre-quantized x
+              and h; ``quant_ms``: the two activation quantization passes alone (x and h,
+              ``fp8_launch.quantize_rows``: the fused sm90 kernel); ``ours_layer_ms``: the whole
+              layer as the backend runs it (quantize x, FC1, quantize h, FC2 + finalize);
+  torch_fp8   ``torch._scaled_grouped_mm`` with rowwise scales (use_fast_accum=False) on the
+              same weights' e4m3 bytes and the same pre-permuted, pre-quantized rows, each
+              expert's rows padded to 16 (its alignment), FC1 + FC2 only (no gather, SwiGLU,
+              finalize: a lower bound for a rowwise fp8 pipeline);
+  bf16        ``torch._grouped_mm`` on bf16 copies of the weights, same rows, FC1 + FC2 only;
+  trtllm_fp8  TensorRT-LLM's whole-layer latency at the same token count from aiconfigurator-
+              core's database (``bench/data/trtllm_h200_moe.json``, written by
+              ``bench/trtllm_moe_db.py``): THEIR measurement on THEIR H200 (per-tensor fp8,
+              and ``trtllm_fp8_block_ms`` block-128; balanced / power_law_1.2 distribution for
+              uniform / skewed), null where it has no such point.
+``--variants`` also times other kernel configurations (``VARIANTS``) once per point, with
+their speed-up over the default and whether their output is bitwise the default's.
+Every timing is repeated ``--repeats`` times (each a median of 5 graph replays); the record
+holds the median and the spread (min, max) of the repeats. speedup_vs_torch_fp8 = torch_fp8_ms
+/ ours_ms (> 1: ours faster). Output: ``--out`` (default bench/results/moe_kernels_fp8_h200.json)
+with a ``results`` list, one record per (model, kernel, routing, tokens); written after every
+point so a cut run keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
+from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
+from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import (
+    build_fp8_expert_table,
+    fc1_fp8_gather_swiglu,
+    fc2_fp8_finalize,
+    quantize_rows,
+)
+from tensorrt_llm_dwdp.kernels.testing import (
+    MODELS,
+    random_fp8_experts,
+    random_tokens,
+    skewed_routing,
+    uniform_routing,
+)
+from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
+from tensorrt_llm_dwdp.moe.permute import build_permutation
+
+try:
+    from bench import trtllm_moe_db
+    from bench.json_out import emit
+    from bench.moe_kernels import time_graph
+except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
+    import trtllm_moe_db
+    from json_out import emit
+    from moe_kernels import time_graph
+
+DISTRIBUTION = {"uniform": "balanced", "skewed": "power_law_1.2"}
+# Kernel configurations timed beside the default (``--variants``): name -> (default token tiles
+# it applies to, the token tile it runs instead or None, ``Fp8Config`` overrides). Each is
+# compile-checked for sm_90a (tests/kernels/test_compile_fp8.py) and must give the default's
+# output bit for bit (same products, same K order).
+VARIANTS = {
+    "1cta": ((16, 32), None, dict(ctas_per_sm=1, producer_regs=56)),  # 8 stages, 1 CTA
+    "2cta": ((64,), None, dict(ctas_per_sm=2, producer_regs=48)),  # twice the warps
+    "bn64_2cta": ((128,), 64, dict(ctas_per_sm=2, producer_regs=48)),  # smaller tile
+}
+DEFAULT_OUT = "bench/results/moe_kernels_fp8_h200.json"
+GRAPH_MS = 25.0  # one graph replay's length (each timing: the median of 5 replays)
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def routing(kind: str, tpe: int, num_experts: int, top_k: int):
+    """(topk ids, router weights) of ``tpe * E / k`` tokens."""
+    if kind == "uniform":
+        return uniform_routing(tpe, num_experts, top_k)
+    tokens = tpe * num_experts // top_k
+    return skewed_routing(tokens, num_experts, top_k, seed=tpe, empty_experts=0)
+
+
+class TorchBaselines:
+    """torch's grouped GEMMs on the same experts: the fp8 bytes as ``[E, K, N]`` views (what
+    ``_scaled_grouped_mm`` wants for B) with unit rowwise scales, and bf16 copies."""
+
+    def __init__(self, experts: dict, bf16: bool):
+        w13, w2 = experts["w3_w1_weight"], experts["w2_weight"]
+        self.w13t8, self.w2t8 = w13.transpose(1, 2), w2.transpose(1, 2)
+        self.s13 = torch.ones(w13.shape[0], w13.shape[1], device="cuda")
+        self.s2 = torch.ones(w2.shape[0], w2.shape[1], device="cuda")
+        self.bf16 = bf16
+        if bf16:
+            self.w13t = w13.to(torch.bfloat16).transpose(1, 2)
+            self.w2t = w2.to(torch.bfloat16).transpose(1, 2)
+
+    def fns(self, x: torch.Tensor, ids: torch.Tensor, num_experts: int, inter: int) -> dict:
+        """Callables per baseline over ``x``'s rows permuted by expert, each expert's group
+        padded to 16 rows (padding rows repeat token 0)."""
+        plan = build_permutation(ids, num_experts, tile_m=16)
+        offs = plan.expert_offsets[1:].contiguous()
+        a = x[plan.gather_index.clamp(min=0).long()]
+        h = torch.randn(a.shape[0], inter, device="cuda").to(torch.bfloat16)
+        a8, h8 = a.to(torch.float8_e4m3fn), h.to(torch.float8_e4m3fn)
+        sa = torch.ones(a.shape[0], device="cuda")
+        out = {"torch_fp8": lambda: (
+            torch._scaled_grouped_mm(a8, self.w13t8, sa, self.s13, offs=offs,
+                                     out_dtype=torch.bfloat16),
+            torch._scaled_grouped_mm(h8, self.w2t8, sa, self.s2, offs=offs,
+                                     out_dtype=torch.bfloat16))}
+        if self.bf16:
+            out["bf16"] = lambda: (
+                torch._grouped_mm(a, self.w13t, offs=offs, out_dtype=torch.bfloat16),
+                torch._grouped_mm(h, self.w2t, offs=offs, out_dtype=torch.bfloat16))
+        return out
+
+
+def variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, want, variants):
+    """``{name: {ms, bitwise_equal_default}}`` of the ``variants`` that apply at token tile
+    ``bn`` (``VARIANTS``), each on its own plan; ``want``: the default configuration's output."""
+    w13, w2 = tables
+    out = {}
+    for name in variants:
+        tiles, vbn, overrides = VARIANTS[name]
+        if bn not in tiles:
+            continue
+        vbn = vbn or bn
+        cfg = fp8_config(vbn, **overrides)
+        plan = build_permutation(ids, num_experts, tile_m=vbn)
+        h = fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, vbn,
+                                  config=cfg)
+        hq, hs = quantize_rows(h, cache)
+        y = torch.empty_like(want)
+
+        def run(plan=plan, h=h, hq=hq, hs=hs, y=y, vbn=vbn, cfg=cfg):
+            fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, vbn,
+                                  out=h, config=cfg)
+            fc2_fp8_finalize(cache, hq, hs, plan.slot_index, plan.tile_expert, ids, tw, w2, vbn,
+                             out=y, config=cfg)
+
+        ms = time_graph(run, target_ms=GRAPH_MS)
+        out[name] = {"token_tile": vbn, "config": str(cfg), "ms": ms,
+                     "bitwise_equal_default": bool(torch.equal(y, want))}
+    return out
+
+
+def bench_point(cache, tables, base, db, model, kind, tpe, repeats, variants=()):
+    hidden, inter, num_experts, top_k = MODELS[model]
+    ids, tw = routing(kind, tpe, num_experts, top_k)
+    tokens = ids.shape[0]
+    x = random_tokens(tokens, hidden, seed=tpe)
+    bn = choose_token_tile(ids.numel(), num_experts)
+    plan = build_permutation(ids, num_experts, tile_m=bn)
+    w13, w2 = tables
+    xq, xs = quantize_rows(x, cache)
+    h = fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, bn)
+    hq, hs = quantize_rows(h, cache)
+    out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+
+    def fc1():
+        fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, bn, out=h)
+
+    def fc2():
+        fc2_fp8_finalize(cache, hq, hs, plan.slot_index, plan.tile_expert, ids, tw, w2, bn,
+                         out=out)
+
+    def ours():
+        fc1()
+        fc2()
+
+    def quant():
+        quantize_rows(x, cache)
+        quantize_rows(h, cache)
+
+    def layer():
+        xq_, xs_ = quantize_rows(x, cache)
+        fc1_fp8_gather_swiglu(cache, xq_, xs_, plan.gather_index, plan.tile_expert, w13, bn,
+                              out=h)
+        hq_, hs_ = quantize_rows(h, cache)
+        fc2_fp8_finalize(cache, hq_, hs_, plan.slot_index, plan.tile_expert, ids, tw, w2, bn,
+                         out=out)
+
+    fns = {"ours": ours, "ours_fc1": fc1, "ours_fc2": fc2, "quant": quant,
+           "ours_layer": layer}
+    fns.update(base.fns(x, ids, num_experts, inter))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):  # interleaved, so drift hits every side alike
+        for name, fn in fns.items():
+            try:
+                samples[name].append(time_graph(fn, target_ms=GRAPH_MS))
+            except RuntimeError as exc:  # a torch build without a baseline's grouped GEMM
+                samples.pop(name, None)
+                print(f"{name}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+        fns = {n: f for n, f in fns.items() if n in samples}
+    stats = {name: summary(v) for name, v in samples.items() if v}
+    var = variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, out, variants)
+    for v in var.values():
+        v["speedup_vs_default"] = stats["ours"]["median"] / v["ms"]
+    rows = int(plan.counts.sum())
+    flops = 2.0 * rows * 3 * inter * hidden
+    ours_ms = stats["ours"]["median"]
+    rec = {
+        "model": model, "kernel": "fp8_block128_sm90", "routing": kind, "tokens": tokens,
+        "tokens_per_expert": tpe, "token_tile": bn, "repeats": repeats,
+        "ours_ms": ours_ms, "ours_ms_spread": [stats["ours"]["min"], stats["ours"]["max"]],
+        "ours_fc1_ms": stats["ours_fc1"]["median"], "ours_fc2_ms": stats["ours_fc2"]["median"],
+        "quant_ms": stats["quant"]["median"],
+        "ours_layer_ms": stats["ours_layer"]["median"],
+        "ours_layer_ms_spread": [stats["ours_layer"]["min"], stats["ours_layer"]["max"]],
+        "ours_tflops": flops / ours_ms / 1e9,
+        "torch_fp8_ms": None, "speedup_vs_torch_fp8": None, "bf16_ms": None,
+        "trtllm_fp8_ms": trtllm_moe_db.lookup(db, model, "fp8", DISTRIBUTION[kind], tokens),
+        "trtllm_fp8_block_ms": trtllm_moe_db.lookup(db, model, "fp8_block", DISTRIBUTION[kind],
+                                                    tokens),
+        "variants": var,
+    }
+    if "torch_fp8" in stats:
+        t = stats["torch_fp8"]
+        rec.update(torch_fp8_ms=t["median"], torch_fp8_ms_spread=[t["min"], t["max"]],
+                   speedup_vs_torch_fp8=t["median"] / ours_ms)
+    if "bf16" in stats:
+        rec.update(bf16_ms=stats["bf16"]["median"],
+                   bf16_ms_spread=[stats["bf16"]["min"], stats["bf16"]["max"]])
+    return rec
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="deepseek_v3,qwen3_235b_a22b")
+    p.add_argument("--routings", default="uniform,skewed")
+    p.add_argument("--tpe", default="16,64,96,256,512,1024")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 baseline (memory)")
+    p.add_argument("--variants", default="",
+                   help=f"comma-separated kernel configurations to time too: {sorted(VARIANTS)}")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    db = trtllm_moe_db.load()
+    cache = CompileCache()
+    results = []
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "torch_fp8": "torch._scaled_grouped_mm rowwise, use_fast_accum=False, GEMMs only",
+            "ours": "FC1 + SwiGLU + FC2 + finalize on pre-quantized x and h; ours_layer incl. "
+                    "the two fused quantization passes",
+            "trtllm": db and {"source": db["source"], "note": db["note"]}}
+    for model in args.models.split(","):
+        hidden, inter, num_experts, _ = MODELS[model]
+        experts = random_fp8_experts(num_experts, hidden, inter, seed=1)
+        tables = (build_fp8_expert_table([experts["w3_w1_weight"]],
+                                         [experts["w3_w1_weight_scale_inv"]], [0]),
+                  build_fp8_expert_table([experts["w2_weight"]],
+                                         [experts["w2_weight_scale_inv"]], [0]))
+        base = TorchBaselines(experts, bf16=not args.no_bf16)
+        torch.cuda.empty_cache()
+        for kind in args.routings.split(","):
+            for tpe in (int(v) for v in args.tpe.split(",")):
+                r = bench_point(cache, tables, base, db, model, kind, tpe, args.repeats,
+                                variants)
+                results.append(r)
+                emit({**meta, "results": results}, args.out, True)
+                print(f"{model:16s} {kind:7s} tpe={tpe:5d} T={r['tokens']:6d} ours "
+                      f"{r['ours_ms']:.3f} ms ({r['ours_tflops']:.0f} TF/s; layer "
+                      f"{r['ours_layer_ms']:.3f}) torch fp8 "
+                      f"{r['torch_fp8_ms'] or float('nan'):.3f} "
+                      f"x{r['speedup_vs_torch_fp8'] or float('nan'):.2f} bf16 "
+                      f"{r['bf16_ms'] or float('nan'):.3f} trtllm fp8 "
+                      f"{r['trtllm_fp8_ms'] or float('nan'):.2f}"
+                      + "".join(f"  {n} {v['ms']:.3f} x{v['speedup_vs_default']:.2f}"
+                                f"{'' if v['bitwise_equal_default'] else ' NOT BITWISE'}"
+                                for n, v in r["variants"].items()), file=sys.stderr, flush=True)
+                torch.cuda.empty_cache()
+        del experts, tables, base
+        torch.cuda.empty_cache()
+    emit({**meta, "results": results}, args.out, True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

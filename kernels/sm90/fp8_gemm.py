@@ -1,0 +1,491 @@
+"""Grouped FP8 block-scaled MoE GEMM for Hopper: e4m3 x e4m3 WGMMA (QGMMA), DeepGEMM numerics.
+
+Operands swapped as in ``w4a16_rs_gemm``: ``C^T [weight rows, tokens] = W_e [weight rows, K] .
+X^T`` for one expert's token tile, so the weights are WGMMA's M (64-row blocks) and the tokens
+its N (``bn`` = 16..128 per tile). Both operands are e4m3 in shared memory, K-major, in the
+128 B-swizzled layout WGMMA reads (one swizzle atom row = 128 e4m3 = one K tile = one scale
+block of K).
+
+Numerics (``tensorrt_llm_dwdp.quant.fp8``, DeepGEMM's Hopper recipe): token rows quantized per
+token per 128 channels (``quantize_act_per_token``: e4m3 values, fp32 scale per row and K
+block); weights e4m3 with one fp32 ``weight_scale_inv`` per 128 x 128 block. Per K tile of 128
+every consumer warpgroup runs 4 k32 QGMMAs into a fresh fp32 partial accumulator, waits for
+them, and promotes: ``total += (partial * x_scale[token, kb]) * w_scale[row block, kb]`` (fp32,
+once per 128 of K: Hopper's fp8 WGMMA accumulates with reduced precision inside an
+instruction sequence, so the partial never spans more than one scale block).
+FC1 (``epilogue="swiglu"``): 64-row block b holds up rows ``[32b, 32b+32)`` and their gate rows
+``I + [32b, 32b+32)``, interleaved (accumulator rows g / g+8 of each 16-row group are up / gate
+of one column); the interleave is applied by the producer's row addresses, so the weights are
+read in the checkpoint's layout. h = silu(gate) * up in fp32 -> bf16 ``h [M_pad, I]`` (the
+caller requantizes h per token per 128 with one pass before FC2: 128 h columns span four
+blocks, i.e. two CTAs, so an in-kernel amax would need a cross-CTA reduction).
+FC2 (``"scatter"``): block b is rows ``[64b, 64b+64)`` of ``w2``; the epilogue writes
+router-weighted fp32 rows ``y[slot, 64 (b - blk_begin) + row]`` of a hidden-column chunk, the
+caller sums the slots in fixed order (``slot_sum``).
+
+Warp roles (384 threads; persistent CTAs over (token tile, block pair) work tiles in a static
+round robin, all roles walking the same tiles; a tile whose ``tile_expert`` is -1 is skipped
+by every role, so a plan whose tile count is a host-side upper bound works as is):
+  producer warpgroup 0 (``producer_regs``): per K tile, wait for the stage's ``empty``, then
+      every thread cp.asyncs 16 B chunks: 8 of the CTA's two 64 x 128 weight tiles (rows of the
+      expert in the checkpoint layout, swizzled into place), ``bn / 16`` of the gathered token
+      rows, and threads < ``bn`` 4 B of the token's activation scale; one cp.async group per
+      stage; then waits for its own group of the stage ``lag = stages - 2`` back
+      (``cp.async.wait_group lag``), fences the async proxy (WGMMA reads what cp.async wrote)
+      and arrives on that stage's ``full``: ``lag + 1`` stages of loads stay in flight.
+  consumer warpgroups 1, 2 (``consumer_regs``): warpgroup q owns 64-row block ``blk0 + q``.
+      Per K tile: load the block's weight scale(s) from global (before waiting, so the latency
+      hides), wait ``full``, read its ``bn / 4`` token scales from shared memory, 4 QGMMAs
+      64 x bn x 32 (A and B from shared memory), commit, wait for them, arrive on ``empty``,
+      promote into the fp32 total. The two warpgroups interleave: one promotes while the
+      other's QGMMAs run. After the last K tile: epilogue from registers to global memory.
+Pipelines (``stages`` slots of [sA 16 KiB | sB bn x 128 B | sX bn x 4 B]):
+  full[s]   producer -> consumers: 128 arrivals, one per producer thread once its copies of
+            stage s landed (``cp.async.wait_group``) and were fenced to the async proxy.
+  empty[s]  consumers -> producer: 256 arrivals, every consumer thread after its QGMMAs that
+            read stage s completed and its token scales of s are in registers.
+Steady state (K-tile counter i over the CTA's real tiles, slot s = i % stages):
+  producer: wait empty[s] | cp.async A(i), B(i), X(i) | commit | wait own copies(i-lag) |
+            fence | arrive full[(i-lag) % stages]   (lag = stages - 2)
+  consumer: load w_scale(i) | wait full[s] | x_scale(i) | 4 x QGMMA | commit | wait | arrive
+            empty[s] | promote
+so ``stages - 1`` K tiles of loads are in flight (the producer blocks on ``empty`` only when
+the consumers are a full ring behind), across work-tile boundaries.
+
+64-bit offsets wherever a global address is formed from a row index; offsets inside one expert
+are int32 (checked < 2^31 at construction).
+"""
+
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils as utils
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float8E4M3FN, Float32, Int32, Int64
+from cutlass.cute.nvgpu import warpgroup
+
+from .ptx import (
+    cp_async_4,
+    cp_async_16,
+    ld_global_f32,
+    ld_shared_v2_f32,
+    st_global_bf16,
+    st_global_f32,
+)
+
+EPILOGUES = ("swiglu", "scatter")
+FP8_BLOCK = 128  # the scale block along K and along the weight rows (quant.fp8.FP8_BLOCK)
+K_TILE = FP8_BLOCK  # K elements per pipeline stage: one scale block, one 128 B swizzle row
+BLOCK_ROWS = 64  # weight rows per consumer warpgroup (WGMMA M)
+CONSUMER_WGS = 2
+BLOCKS_PER_CTA = CONSUMER_WGS
+PRODUCER_THREADS = 128
+THREADS = PRODUCER_THREADS + 128 * CONSUMER_WGS
+TOKEN_TILES = (16, 32, 64, 128)
+SMEM_PER_SM = 220 * 1024
+MAX_STAGES = 8
+ROW_CHUNKS = K_TILE // 16  # 16 B chunks of one row's K tile
+A_TILE = BLOCK_ROWS * K_TILE  # bytes of one block's K tile
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """The static shape of one compiled kernel beyond the GEMM sizes.
+
+    bn: token tile (WGMMA N); ctas_per_sm: CTAs resident per SM (2 halves shared memory and
+    registers); producer_regs: setmaxnreg of the producer warpgroup (the consumers take the
+    rest). CTAs are always persistent (grid = resident CTAs, ``fp8_launch``)."""
+
+    bn: int
+    ctas_per_sm: int
+    producer_regs: int
+
+    @property
+    def register_pool(self) -> int:
+        """Registers per thread at launch: the most, in steps of 8, that ``ctas_per_sm`` CTAs
+        fit (setmaxnreg moves them between warpgroups)."""
+        return 65536 // (self.ctas_per_sm * THREADS) // 8 * 8
+
+    @property
+    def consumer_regs(self) -> int:
+        return (self.register_pool * THREADS - self.producer_regs * PRODUCER_THREADS) \
+            // (THREADS - PRODUCER_THREADS) // 8 * 8
+
+
+def fp8_config(bn: int, **overrides) -> Fp8Config:
+    """The configuration for token tile ``bn``; ``overrides`` replace fields (benchmarks).
+
+    bn <= 32 (memory-bound): two CTAs per SM (twice the warps and loads in flight; 80
+    registers at launch, producer 40 / consumers 96: partial + total accumulators are 2 x bn/2
+    registers). bn >= 64: one CTA (the 64 x bn partial and total take bn registers together
+    per thread; producer 56 / consumers 224)."""
+    if bn not in TOKEN_TILES:
+        raise ValueError(f"token tile bn must be one of {TOKEN_TILES}, got {bn}")
+    if bn <= 32:
+        fields = dict(ctas_per_sm=2, producer_regs=40)
+    else:
+        fields = dict(ctas_per_sm=1, producer_regs=56)
+    fields.update(bn=bn)
+    fields.update(overrides)
+    return Fp8Config(**fields)
+
+
+class Fp8BlockGemm:
+    """One compiled configuration (see the module docstring).
+
+    n_weight: rows of each expert's weight (2I for FC1, H for FC2), a multiple of 128;
+    k: the reduction size (H for FC1, I for FC2), a multiple of 128; bn: token tile (N);
+    y_cols: row length of FC2's fp32 output chunk (a multiple of 64), unused for FC1;
+    config: the tile configuration (default ``fp8_config(bn)``).
+    """
+
+    def __init__(self, *, epilogue: str, n_weight: int, k: int, bn: int, y_cols: int = 0,
+                 config: Fp8Config | None = None):
+        if epilogue not in EPILOGUES:
+            raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+        if bn not in TOKEN_TILES:
+            raise ValueError(f"token tile bn must be one of {TOKEN_TILES}, got {bn}")
+        if k % FP8_BLOCK or k <= 0:
+            raise ValueError(f"K={k} must be a positive multiple of {FP8_BLOCK}")
+        if n_weight % FP8_BLOCK or n_weight <= 0:
+            raise ValueError(f"{n_weight} weight rows: must be a positive multiple of {FP8_BLOCK}")
+        if epilogue == "swiglu" and (n_weight // 2) % FP8_BLOCK:
+            raise ValueError(f"FC1: I={n_weight // 2} must be a multiple of {FP8_BLOCK}")
+        if n_weight * k >= 2**31:
+            raise ValueError(f"one expert's weight ({n_weight} x {k}) has 2^31 bytes or more")
+        if epilogue == "scatter" and (y_cols % BLOCK_ROWS or y_cols <= 0):
+            raise ValueError(f"y_cols={y_cols} must be a positive multiple of {BLOCK_ROWS}")
+        cfg = config or fp8_config(bn)
+        if cfg.bn != bn:
+            raise ValueError(f"{cfg} does not fit bn={bn}")
+        self.cfg = cfg
+        self.epilogue = epilogue
+        self.n_weight = n_weight
+        self.k = k
+        self.bn = bn
+        self.y_cols = y_cols
+        self.half = n_weight // 2  # FC1: I, the gate rows' offset
+        self.k_tiles = k // K_TILE
+        self.k_steps = K_TILE // 32  # QGMMAs (k32) per K tile
+        self.stage_a = BLOCKS_PER_CTA * A_TILE
+        self.stage_b = bn * K_TILE
+        self.stage_x = bn * 4
+        stage_bytes = self.stage_a + self.stage_b + self.stage_x
+        smem_budget = SMEM_PER_SM // cfg.ctas_per_sm - 2048 * (cfg.ctas_per_sm - 1)
+        self.stages = min(MAX_STAGES, smem_budget // stage_bytes)
+        if self.stages < 3:
+            raise ValueError(f"only {self.stages} pipeline stages fit ({stage_bytes} B each)")
+        # stages each producer thread keeps in flight beyond the one it is issuing: it
+        # publishes stage i - lag once ``cp.async.wait_group lag`` says its copies landed
+        self.lag = self.stages - 2
+        self.a_chunks = self.stage_a // 16 // PRODUCER_THREADS  # 16 B A chunks per thread (8)
+        # a producer thread's rows in a block are r0 + 16 j: expert rows ``row_step`` j apart
+        # (FC1's interleave maps 16 block rows to 8 up rows; ``weight_row``)
+        self.row_step = 8 if epilogue == "swiglu" else 16
+        self.b_chunks = self.stage_b // 16 // PRODUCER_THREADS  # bn / 16
+
+    @cute.jit
+    def __call__(self, a_ptr: cute.Pointer, a_scale_ptr: cute.Pointer,
+                 row_index_ptr: cute.Pointer, tile_expert_ptr: cute.Pointer,
+                 tensor_of_ptr: cute.Pointer, local_of_ptr: cute.Pointer,
+                 table_ptr: cute.Pointer, topk_w_ptr: cute.Pointer, out_ptr: cute.Pointer,
+                 num_token_tiles: Int32, num_experts: Int32, num_b: Int32, blk_begin: Int32,
+                 blk_end: Int32, grid: Int32, stream):
+        """``a``: e4m3 rows (FC1: tokens ``[T, K]`` gathered by ``row_index``; FC2: ``h``
+        ``[M_pad, K]``) with fp32 ``a_scale [rows, K/128]``; ``row_index`` int32 ``[M_pad]``
+        (FC1: gather index, FC2: slot index; -1 on padding); ``tile_expert [num_token_tiles]``
+        (-1: skip the tile); multi-B maps and ``table`` int64 ``[2, S]`` (weight and scale base
+        of each tensor, ``fp8_launch.build_fp8_expert_table``); ``topk_w`` fp32 flat router
+        weights (FC2); ``out``: FC1 bf16 ``h [M_pad, I]``, FC2 fp32 ``y [T*k, y_cols]``.
+        ``grid`` <= number of work tiles."""
+        tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            Float8E4M3FN, Float8E4M3FN, warpgroup.OperandMajorMode.K,
+            warpgroup.OperandMajorMode.K, Float32, (1, 1, 1), tiler_mn=(BLOCK_ROWS, self.bn))
+        a_layout = sm90_utils.make_smem_layout_a(
+            utils.LayoutEnum.ROW_MAJOR, (BLOCK_ROWS, self.bn, K_TILE), Float8E4M3FN,
+            self.stages * BLOCKS_PER_CTA)
+        b_layout = sm90_utils.make_smem_layout_b(
+            utils.LayoutEnum.ROW_MAJOR, (BLOCK_ROWS, self.bn, K_TILE), Float8E4M3FN,
+            self.stages)
+        m_rows = num_token_tiles * self.bn
+        tensors = (
+            cute.make_tensor(a_ptr, cute.make_layout(1)),
+            cute.make_tensor(a_scale_ptr, cute.make_layout(1)),
+            cute.make_tensor(row_index_ptr, cute.make_layout(m_rows)),
+            cute.make_tensor(tile_expert_ptr, cute.make_layout(num_token_tiles)),
+            cute.make_tensor(tensor_of_ptr, cute.make_layout(num_experts)),
+            cute.make_tensor(local_of_ptr, cute.make_layout(num_experts)),
+            cute.make_tensor(table_ptr, cute.make_layout((2, num_b), stride=(num_b, 1))),
+            cute.make_tensor(topk_w_ptr, cute.make_layout(1)),
+            cute.make_tensor(out_ptr, cute.make_layout(1)),
+        )
+        self.shared_storage = self._shared_storage(a_layout, b_layout)
+        # minctasm lets ptxas size the entry register count (the pool), which setmaxnreg needs.
+        self.kernel(*tensors, tiled_mma, a_layout, b_layout, num_token_tiles, blk_begin,
+                    blk_end).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1], stream=stream,
+                                    min_blocks_per_mp=self.cfg.ctas_per_sm)
+
+    def _shared_storage(self, a_layout, b_layout):
+        stages = self.stages
+
+        @cute.struct
+        class SharedStorage:
+            full: cute.struct.MemRange[cutlass.Int64, stages]
+            empty: cute.struct.MemRange[cutlass.Int64, stages]
+            sA: cute.struct.Align[
+                cute.struct.MemRange[Float8E4M3FN, cute.cosize(a_layout)], 1024]
+            sB: cute.struct.Align[
+                cute.struct.MemRange[Float8E4M3FN, cute.cosize(b_layout)], 1024]
+            sX: cute.struct.Align[cute.struct.MemRange[Float32, stages * self.bn], 16]
+
+        return SharedStorage
+
+    @cute.kernel
+    def kernel(self, a: cute.Tensor, a_scale: cute.Tensor, row_index: cute.Tensor,
+               tile_expert: cute.Tensor, tensor_of: cute.Tensor, local_of: cute.Tensor,
+               b_table: cute.Tensor, topk_w: cute.Tensor, out: cute.Tensor,
+               tiled_mma: cute.TiledMma, a_layout: cute.ComposedLayout,
+               b_layout: cute.ComposedLayout, num_token_tiles: Int32, blk_begin: Int32,
+               blk_end: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        bid, _, _ = cute.arch.block_idx()
+        grid, _, _ = cute.arch.grid_dim()
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+        smem = utils.SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+        full = storage.full.data_ptr()
+        empty = storage.empty.data_ptr()
+        if tidx == 0:
+            for s in cutlass.range_constexpr(self.stages):
+                cute.arch.mbarrier_init(full + s, PRODUCER_THREADS)
+                cute.arch.mbarrier_init(empty + s, 128 * CONSUMER_WGS)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+        n_groups = (blk_end - blk_begin + BLOCKS_PER_CTA - 1) // BLOCKS_PER_CTA
+        my_tiles = (num_token_tiles * n_groups - bid + grid - 1) // grid
+        addrs = (storage.sA.data_ptr().toint(), storage.sB.data_ptr().toint(),
+                 storage.sX.data_ptr().toint())
+        sA = storage.sA.get_tensor(a_layout.outer, swizzle=a_layout.inner)
+        sB = storage.sB.get_tensor(b_layout.outer, swizzle=b_layout.inner)
+        if wg == 0:
+            cute.arch.warpgroup_reg_dealloc(self.cfg.producer_regs)
+            self._produce(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, a_scale,
+                          row_index, tile_expert, tensor_of, local_of, b_table, full, empty,
+                          addrs)
+        else:
+            cute.arch.warpgroup_reg_alloc(self.cfg.consumer_regs)
+            self._consumer(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end,
+                           row_index, tile_expert, tensor_of, local_of, b_table, topk_w, out,
+                           tiled_mma, sA, sB, full, empty, addrs)
+
+    # ---------------------------------------------------------------- shared arithmetic
+    def _expert_bases(self, expert, tensor_of, local_of, b_table):
+        """(weight base, scale base) of ``expert`` (>= 0), 64-bit addresses."""
+        t = tensor_of[expert]
+        local = Int64(local_of[expert])
+        w_base = b_table[0, t] + local * (self.n_weight * self.k)
+        sf_base = b_table[1, t] + local * (self.n_weight // FP8_BLOCK * self.k_tiles * 4)
+        return w_base, sf_base
+
+    def weight_row(self, gblk, r):
+        """Expert row of row ``r`` (0..63) of 64-row block ``gblk``: FC1 interleaves up rows
+        ``32 gblk + 8 (r // 16) + r % 8`` (r % 16 < 8) with their gate rows ``I + ...``."""
+        if self.epilogue == "swiglu":
+            return (r // 8) % 2 * self.half + gblk * 32 + (r // 16) * 8 + r % 8
+        return gblk * BLOCK_ROWS + r
+
+    def scale_rows(self, gblk):
+        """(scale row of accumulator rows g, of rows g + 8) of block ``gblk``: FC1 up / gate
+        row blocks, FC2 the block's one row block."""
+        if self.epilogue == "swiglu":
+            return gblk // 4, self.half // FP8_BLOCK + gblk // 4
+        return gblk // 2, gblk // 2
+
+    @staticmethod
+    def swizzled(row, chunk):
+        """Byte offset of 16 B chunk ``chunk`` of K-major row ``row`` in a 128 B-swizzled tile
+        (``Swizzle<3, 4, 3>``: the chunk index XOR the row index mod 8)."""
+        return row * 128 + ((chunk ^ (row % 8)) * 16)
+
+    # ---------------------------------------------------------------- producer
+    @cute.jit
+    def _produce(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, a_scale,
+                 row_index, tile_expert, tensor_of, local_of, b_table, full, empty, addrs):
+        """Producer thread: per stage, wait for the slot, cp.async its 16 B chunks of the
+        weights and token rows and (threads < bn) one token scale (one group), then wait until
+        at most ``lag`` of its groups are pending and publish the stage ``lag`` back
+        (``_publish``). The stage counter runs across work tiles, so the pipeline never drains
+        at a tile boundary; the last ``lag`` stages are published after the loop."""
+        sa_addr, sb_addr, sx_addr = addrs
+        a_base = a.iterator.toint()
+        xs_base = a_scale.iterator.toint()
+        chunk = tidx % ROW_CHUNKS  # every chunk of this thread has this K offset
+        row0 = tidx // ROW_CHUNKS  # + 16 i: its rows (of the CTA's weights and of the tokens)
+        rows_per_pass = PRODUCER_THREADS // ROW_CHUNKS
+        done = Int32(0)  # K tiles this CTA has loaded so far (its stage counter)
+        for j in cutlass.range(my_tiles, unroll=1):
+            tile = bid + j * grid
+            tt = tile // n_groups
+            blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
+            expert = tile_expert[tt]
+            if expert >= 0:
+                w_base, _ = self._expert_bases(expert, tensor_of, local_of, b_table)
+                # int32 offset inside the expert of this thread's first chunk of each CTA block
+                # (K tile 0); its other chunks of the block sit ``row_step`` rows further each.
+                # Blocks past blk_end copy the last block again (their results are dropped).
+                w_off = []
+                for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+                    gblk = cutlass.min(blk0 + cb, blk_end - 1)
+                    w_off.append(self.weight_row(gblk, row0) * self.k + chunk * 16)
+                b_row = []
+                for i in cutlass.range_constexpr(self.b_chunks):
+                    b_row.append(self._token_row(tt, row0 + i * rows_per_pass, row_index))
+                x_row = self._token_row(tt, cutlass.min(tidx, self.bn - 1), row_index)
+                for kt in cutlass.range(self.k_tiles, unroll=1):
+                    it = done + kt
+                    s = it % self.stages
+                    cute.arch.mbarrier_wait(empty + s, ((it // self.stages) % 2) ^ 1)
+                    for i in cutlass.range_constexpr(self.a_chunks):
+                        cb, j = divmod(i, self.a_chunks // BLOCKS_PER_CTA)
+                        r = row0 + j * rows_per_pass  # row in block cb
+                        dst = (sa_addr + (s * BLOCKS_PER_CTA + cb) * A_TILE
+                               + self.swizzled(r, chunk))
+                        cp_async_16(dst, w_base + Int64(w_off[cb] + j * self.row_step * self.k
+                                                        + kt * K_TILE))
+                    for i in cutlass.range_constexpr(self.b_chunks):
+                        n = row0 + i * rows_per_pass
+                        cp_async_16(sb_addr + s * self.stage_b + self.swizzled(n, chunk),
+                                    a_base + Int64(b_row[i]) * self.k + (kt * K_TILE + chunk * 16))
+                    if tidx < self.bn:
+                        cp_async_4(sx_addr + s * self.stage_x + tidx * 4,
+                                   xs_base + (Int64(x_row) * self.k_tiles + kt) * 4)
+                    cute.arch.cp_async_commit_group()
+                    if it >= self.lag:
+                        cute.arch.cp_async_wait_group(self.lag)
+                        self._publish((it - self.lag) % self.stages, full)
+                done = done + self.k_tiles
+        # the CTA's last ``lag`` stages (fewer if it loaded fewer): wait for all, publish
+        cute.arch.cp_async_wait_group(0)
+        for d in cutlass.range_constexpr(self.lag):
+            if done - self.lag + d >= 0:
+                self._publish((done - self.lag + d) % self.stages, full)
+
+    def _token_row(self, tt, n, row_index):
+        """Row of ``a`` that column ``n`` of token tile ``tt`` reads: FC1 the gathered token
+        (padding rows, -1, read token 0), FC2 the permuted row itself."""
+        m = tt * self.bn + n
+        if cutlass.const_expr(self.epilogue == "swiglu"):
+            m = cutlass.max(row_index[m], Int32(0))
+        return m
+
+    @cute.jit
+    def _publish(self, s, full):
+        """Stage ``s``'s copies of this thread have landed: fence them to the async proxy
+        (WGMMA reads shared memory through it) and arrive on ``full[s]``."""
+        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared,
+                              space=cute.arch.SharedSpace.shared_cta)
+        cute.arch.mbarrier_arrive(full + s)
+
+    # ---------------------------------------------------------------- consumers
+    @cute.jit
+    def _consumer(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, row_index,
+                  tile_expert, tensor_of, local_of, b_table, topk_w, out, tiled_mma, sA, sB,
+                  full, empty, addrs):
+        _, _, sx_addr = addrs
+        q = tidx // 128 - 1  # consumer warpgroup = its block of the CTA's two
+        tq = tidx % 128
+        warp = tq // 32
+        lane = tidx % 32
+        g = lane // 4
+        c = lane % 4
+        thr_mma = tiled_mma.get_slice(tq)
+        tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
+        tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+        c_shape = thr_mma.partition_shape_C((BLOCK_ROWS, self.bn))
+        partial = cute.make_rmem_tensor(c_shape, Float32)
+        total = cute.make_rmem_tensor(c_shape, Float32)
+        done = Int32(0)
+        for j in cutlass.range(my_tiles, unroll=1):
+            tile = bid + j * grid
+            tt = tile // n_groups
+            gblk = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA + q
+            expert = tile_expert[tt]
+            if expert >= 0:
+                _, sf_base = self._expert_bases(expert, tensor_of, local_of, b_table)
+                sr0, sr1 = self.scale_rows(cutlass.min(gblk, blk_end - 1))
+                sf0 = sf_base + Int64(sr0 * self.k_tiles) * 4
+                sf1 = sf_base + Int64(sr1 * self.k_tiles) * 4
+                total.fill(0.0)
+                for kt in cutlass.range(self.k_tiles, unroll=1):
+                    self._k_tile(done + kt, kt, q, c, sf0, sf1, sx_addr, partial, total,
+                                 tiled_mma, tCrA, tCrB, full, empty)
+                if gblk < blk_end:  # the last group's missing block was a clamped copy
+                    self._epilogue(total, tt, gblk, blk_begin, warp, g, c, row_index, topk_w,
+                                   out)
+                done = done + self.k_tiles
+
+    @cute.jit
+    def _k_tile(self, it, kt, q, c, sf0, sf1, sx_addr, partial, total, tiled_mma, tCrA, tCrB,
+                full, empty):
+        """K tile ``kt`` of the work tile (stage counter ``it``): 4 QGMMAs into ``partial``,
+        then ``total += partial * x_scale[column] * w_scale[row half]``."""
+        s = it % self.stages
+        ws0 = ld_global_f32(sf0 + kt * 4)
+        ws1 = ws0
+        if cutlass.const_expr(self.epilogue == "swiglu"):
+            ws1 = ld_global_f32(sf1 + kt * 4)
+        cute.arch.mbarrier_wait(full + s, (it // self.stages) % 2)
+        # this thread's token columns 8 qn + 2 c + (0, 1): their scales, before the slot frees
+        xs = [ld_shared_v2_f32(sx_addr + s * self.stage_x + (8 * qn + 2 * c) * 4)
+              for qn in range(self.bn // 8)]
+        warpgroup.fence()
+        for step in cutlass.range_constexpr(self.k_steps):
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, step != 0)
+            cute.gemm(tiled_mma, partial, tCrA[(None, None, step, s * BLOCKS_PER_CTA + q)],
+                      tCrB[(None, None, step, s)], partial)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+        cute.arch.mbarrier_arrive(empty + s)
+        # accumulator element v0 + 2 v1 + 4 qn: row 16 warp + 8 v1 + g, column 8 qn + 2 c + v0
+        for qn in cutlass.range_constexpr(self.bn // 8):
+            for v1 in cutlass.range_constexpr(2):
+                ws = ws0 if v1 == 0 else ws1
+                for v0 in cutlass.range_constexpr(2):
+                    i = v0 + 2 * v1 + 4 * qn
+                    total[i] = total[i] + partial[i] * xs[qn][v0] * ws
+
+    @cute.jit
+    def _epilogue(self, acc, tt, gblk, blk_begin, warp, g, c, row_index, topk_w, out):
+        """Accumulator element ``v0 + 2 v1 + 4 qn`` is (row 16 warp + 8 v1 + g, token column
+        8 qn + 2 c + v0) of the block.
+        FC1: h = silu(gate) * up -> bf16 at ``h[m, 32 gblk + 8 warp + g]``.
+        FC2: y = acc * router weight -> fp32 at ``y[slot, 64 (gblk - blk_begin) + row]`` for
+        real rows (slot >= 0)."""
+        out_base = out.iterator.toint()
+        if cutlass.const_expr(self.epilogue == "swiglu"):
+            col = gblk * 32 + 8 * warp + g
+            for qn in cutlass.range_constexpr(self.bn // 8):
+                for v0 in cutlass.range_constexpr(2):
+                    m = tt * self.bn + 8 * qn + 2 * c + v0
+                    up = acc[v0 + 4 * qn]
+                    gate = acc[v0 + 2 + 4 * qn]
+                    sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-gate, fastmath=True))
+                    st_global_bf16(out_base + (Int64(m) * self.half + col) * 2, gate * sig * up)
+        else:
+            cols = self.bn // 4  # token columns of this thread: 8 qn + 2 c + v0
+            slots = [row_index[tt * self.bn + 8 * (i // 2) + 2 * c + i % 2] for i in range(cols)]
+            w_base = topk_w.iterator.toint()
+            rws = [ld_global_f32(w_base + Int64(cutlass.max(sl, Int32(0))) * 4) for sl in slots]
+            for i in cutlass.range_constexpr(cols):
+                self._scatter_pair(acc, rws[i], slots[i], (i % 2) + 4 * (i // 2),
+                                   gblk - blk_begin, warp, g, out_base)
+
+    @cute.jit
+    def _scatter_pair(self, acc, scale, slot, i0, chunk_blk, warp, g, out_base):
+        """FC2: the two rows (g, g + 8) of one token column, if it is a real (token, slot)."""
+        if slot >= 0:
+            for v1 in cutlass.range_constexpr(2):
+                ycol = chunk_blk * BLOCK_ROWS + 16 * warp + 8 * v1 + g
+                st_global_f32(out_base + (Int64(slot) * self.y_cols + ycol) * 4,
+                              acc[i0 + 2 * v1] * scale)

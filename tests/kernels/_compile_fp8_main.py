@@ -1,0 +1,40 @@
+"""Compile the sm90 FP8 grouped GEMM for sm_90a without a GPU (run as a script by
+test_compile_fp8.py with CUTE_DSL_ARCH / CUTE_DSL_KEEP_CUBIN / CUTE_DSL_DUMP_DIR set).
+
+``cute.compile`` writes the cubin, then fails to load it (no driver): that failure is expected
+and reported as 'loaded=no'; any other error fails the script.
+Usage: python _compile_fp8_main.py (swiglu|scatter) N_WEIGHT K BN [Y_COLS [FIELD=VALUE ...]]
+       (FIELD=VALUE: ``Fp8Config`` overrides, e.g. ctas_per_sm=1 producer_regs=56)
+"""
+import sys
+
+import torch
+
+from _compile_sm90_main import _compile_ptrs
+
+
+def main() -> int:
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, fp8_config
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import fp8_ptr
+
+    kind = sys.argv[1]
+    n_weight, k, bn = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    y_cols = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+    overrides = {f: int(v) for f, v in (a.split("=") for a in sys.argv[6:])}
+    experts, rows = 8, 2 * bn
+    out = (torch.zeros(rows, n_weight // 2, dtype=torch.bfloat16) if kind == "swiglu"
+           else torch.zeros(rows, y_cols, dtype=torch.float32))
+    tensors = [torch.zeros(rows, k, dtype=torch.float8_e4m3fn),
+               torch.zeros(rows, k // 128, dtype=torch.float32),
+               torch.zeros(rows, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
+               torch.zeros(experts, dtype=torch.int32), torch.zeros(experts, dtype=torch.int32),
+               torch.zeros(2, 2, dtype=torch.int64), torch.zeros(rows, dtype=torch.float32), out]
+    kernel = Fp8BlockGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols,
+                          config=fp8_config(bn, **overrides))
+    blocks = (y_cols or n_weight) // 64
+    ptrs = [fp8_ptr(t, 16 if t.dim() == 2 and t.dtype != torch.int32 else 4) for t in tensors]
+    return _compile_ptrs(kernel, ptrs, [2, experts, 2, 0, blocks, 132])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

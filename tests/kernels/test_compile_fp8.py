@@ -1,0 +1,95 @@
+"""The sm90 FP8 grouped GEMM compiles for sm_90a on a CPU-only machine and its SASS is the
+design's: fp8 warpgroup MMAs (QGMMA, e4m3 x e4m3 into fp32, A and B through shared-memory
+descriptors), one full wait per K tile (the promotion point, 4 QGMMAs pipelined before it),
+no local-memory spills, the producer's 16 B cp.asyncs (8 of weights, bn / 16 of token rows) and
+one 4 B token-scale copy per stage, and setmaxnreg honoured (``Fp8Config``'s split).
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from test_compile_sm90 import _compile_sass, _registers, k_loop_mix, tools  # noqa: F401
+
+pytestmark = pytest.mark.kernels
+
+CONFIGS = [
+    ("swiglu", 4096, 7168, 128, 0),    # DeepSeek-V3 FC1, compute-bound tile, 1 CTA per SM
+    ("swiglu", 4096, 7168, 16, 0),     # DeepSeek-V3 FC1, memory-bound tile, 2 CTAs per SM
+    ("swiglu", 3072, 4096, 32, 0),     # Qwen3-235B FC1, 2 CTAs per SM
+    ("scatter", 4096, 1536, 32, 512),  # Qwen3-235B FC2 chunk
+    ("scatter", 4096, 1536, 128, 512),  # Qwen3-235B FC2 chunk, compute-bound tile
+    ("scatter", 7168, 2048, 64, 896),  # DeepSeek-V3 FC2 chunk
+]
+
+
+def _compile_fp8_sass(tools, tmp_path, *argv) -> str:  # noqa: F811
+    import os
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    cuobjdump, nvdisasm = tools
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", CUTE_DSL_KEEP_CUBIN="1",
+               CUTE_DSL_DUMP_DIR=str(tmp_path), CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(here / "_compile_fp8_main.py"), *argv], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "C7512" not in proc.stderr and "C7513" not in proc.stderr, proc.stderr[-2000:]
+    cubins = list(tmp_path.glob("*.sm_90a.cubin"))
+    assert len(cubins) == 1, f"expected one sm_90a cubin in {os.listdir(tmp_path)}"
+    env_path = dict(os.environ, PATH=os.path.dirname(nvdisasm) + os.pathsep + os.environ["PATH"])
+    return subprocess.run([cuobjdump, "-sass", str(cubins[0])], env=env_path,
+                          capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("kind,n_weight,k,bn,y_cols", CONFIGS)
+def test_compiles_to_fp8_qgmma(tools, tmp_path, kind, n_weight, k, bn, y_cols):
+    _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, {})
+
+
+def _variants():
+    from bench.moe_kernels_fp8 import VARIANTS
+
+    for name, (tiles, vbn, overrides) in sorted(VARIANTS.items()):
+        yield pytest.param(vbn or tiles[0], overrides, id=name)
+
+
+@pytest.mark.parametrize("kind,n_weight,k,y_cols", [
+    ("swiglu", 4096, 7168, 0),     # DeepSeek-V3 FC1
+    ("scatter", 4096, 1536, 512),  # Qwen3-235B FC2 chunk
+])
+@pytest.mark.parametrize("bn,overrides", list(_variants()))
+def test_bench_variants_compile(tools, tmp_path, kind, n_weight, k, y_cols, bn, overrides):
+    """Every configuration ``bench/moe_kernels_fp8.py --variants`` times builds the design's
+    SASS (no spills, 4 pipelined QGMMAs per K tile, setmaxnreg as configured)."""
+    _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides)
+
+
+def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides):
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, fp8_config
+
+    cfg = fp8_config(bn, **overrides)
+    kern = Fp8BlockGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols, config=cfg)
+    sass = _compile_fp8_sass(tools, tmp_path, kind, str(n_weight), str(k), str(bn), str(y_cols),
+                             *[f"{f}={int(v)}" for f, v in overrides.items()])
+    qgmma = re.findall(r"QGMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3 R\d+, gdesc\[UR\d+\], (\S+)", sass)
+    # one per k32 step of the 128-wide K tile (the K loop body is not unrolled)
+    assert len(qgmma) == kern.k_steps == 4, qgmma
+    assert {n for n, _ in qgmma} == {str(bn)}, qgmma
+    # the first step of every K tile overwrites the partial accumulator (scale-d off)
+    assert sum("RZ" in a for _, a in qgmma) == 1, qgmma
+    assert "HGMMA" not in sass
+    assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
+    # the K tile's 4 QGMMAs run back to back; the one full wait is the promotion point
+    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 1, "wgmmas serialized by ptxas"
+    mix = k_loop_mix(sass, "QGMMA")
+    assert sum(n for op, n in mix.items() if op.startswith("QGMMA")) == 4, mix
+    assert sass.count("LDGSTS.E.BYPASS.128") == kern.a_chunks + kern.b_chunks
+    assert len(re.findall(r"LDGSTS\.E \[", sass)) == 1  # the 4 B token scale
+    assert f"USETMAXREG.DEALLOC.CTAPOOL {cfg.producer_regs:#x}" in sass
+    assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {cfg.consumer_regs:#x}" in sass
+    assert _registers(tools, tmp_path) == cfg.register_pool

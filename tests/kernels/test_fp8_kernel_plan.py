@@ -1,0 +1,128 @@
+"""CPU checks of the FP8 grouped GEMM's index math and argument checks (no GPU, no compile).
+
+The producer reads weight rows by ``Fp8BlockGemm.weight_row`` and the consumer scales them by
+``scale_rows``; the FC1 epilogue writes h column ``32 gblk + 8 warp + g`` from accumulator rows
+``16 warp + g`` (up) and ``16 warp + 8 + g`` (gate). These tests hold the three to each other
+and to the checkpoint's row order, so a wrong interleave or scale block fails here first.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("cutlass", reason="needs nvidia-cutlass-dsl==4.3.5")
+
+from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, fp8_config  # noqa: E402
+from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import (  # noqa: E402
+    build_fp8_expert_table,
+    check_fp8_shapes,
+)
+
+pytestmark = pytest.mark.kernels
+
+
+@pytest.mark.parametrize("inter", [128, 384, 2048])
+def test_fc1_rows_interleave_up_and_gate_and_match_scales(inter):
+    kern = Fp8BlockGemm(epilogue="swiglu", n_weight=2 * inter, k=256, bn=16)
+    seen = []
+    for gblk in range(2 * inter // 64):
+        up_blk, gate_blk = kern.scale_rows(gblk)
+        for warp in range(4):
+            for g in range(8):
+                up = kern.weight_row(gblk, 16 * warp + g)
+                gate = kern.weight_row(gblk, 16 * warp + 8 + g)
+                col = 32 * gblk + 8 * warp + g  # the epilogue's h column
+                assert (up, gate) == (col, inter + col)
+                assert (up // 128, gate // 128) == (up_blk, gate_blk)
+                seen += [up, gate]
+    assert sorted(seen) == list(range(2 * inter))  # every row read once
+
+
+def test_fc2_rows_are_blocks_of_w2():
+    kern = Fp8BlockGemm(epilogue="scatter", n_weight=1024, k=384, bn=32, y_cols=256)
+    for gblk in range(1024 // 64):
+        rows = [kern.weight_row(gblk, r) for r in range(64)]
+        assert rows == list(range(64 * gblk, 64 * gblk + 64))
+        assert kern.scale_rows(gblk) == (rows[0] // 128, rows[-1] // 128)
+
+
+def test_swizzle_is_a_permutation_of_each_row():
+    for row in range(64):
+        offs = sorted(Fp8BlockGemm.swizzled(row, c) for c in range(8))
+        assert offs == [row * 128 + 16 * c for c in range(8)]
+
+
+@pytest.mark.parametrize("bn", [16, 32, 64, 128])
+def test_configs_fit_shared_memory_and_registers(bn):
+    kern = Fp8BlockGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=bn)
+    cfg = fp8_config(bn)
+    assert kern.stages >= 3
+    stage = kern.stage_a + kern.stage_b + kern.stage_x
+    assert cfg.ctas_per_sm * kern.stages * stage <= 220 * 1024
+    assert kern.a_chunks == 8 and kern.b_chunks * 16 == bn
+    assert cfg.producer_regs * 128 + cfg.consumer_regs * 256 <= cfg.register_pool * 384
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(epilogue="swiglu", n_weight=4096, k=7000, bn=16), "K=7000"),
+    (dict(epilogue="swiglu", n_weight=2 * 192, k=1024, bn=16), "weight rows|I=192"),
+    (dict(epilogue="scatter", n_weight=1024, k=1024, bn=16, y_cols=0), "y_cols"),
+    (dict(epilogue="swiglu", n_weight=1024, k=1024, bn=48), "bn"),
+    (dict(epilogue="gelu", n_weight=1024, k=1024, bn=16), "epilogue"),
+])
+def test_bad_shapes_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Fp8BlockGemm(**kwargs)
+
+
+def test_check_fp8_shapes():
+    check_fp8_shapes(7168, 2048)
+    with pytest.raises(ValueError, match="hidden size 7100"):
+        check_fp8_shapes(7100, 2048)
+    with pytest.raises(ValueError, match="intermediate size 64"):
+        check_fp8_shapes(1024, 64)
+
+
+def _experts(n, rows, k):
+    return (torch.zeros(n, rows, k, dtype=torch.float8_e4m3fn),
+            torch.ones(n, rows // 128, k // 128, dtype=torch.float32))
+
+
+def test_expert_table_multi_view():
+    w_a, s_a = _experts(3, 256, 128)
+    w_b, s_b = _experts(5, 256, 128)
+    table = build_fp8_expert_table([w_a, w_b], [s_a, s_b], [0, 3])
+    assert table.table.tolist() == [[w_a.data_ptr(), w_b.data_ptr()],
+                                    [s_a.data_ptr(), s_b.data_ptr()]]
+    assert table.tensor_of_expert.tolist() == [0] * 3 + [1] * 5
+    assert table.local_of_expert.tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
+    assert (table.rows, table.k) == (256, 128)
+
+
+def test_expert_table_refuses_bad_tensors():
+    w, s = _experts(2, 256, 128)
+    with pytest.raises(ValueError, match="expected float8_e4m3fn"):
+        build_fp8_expert_table([w.view(torch.uint8)], [s], [0])
+    with pytest.raises(ValueError, match="expected float8_e4m3fn"):
+        build_fp8_expert_table([w], [s[:, :1]], [0])
+    with pytest.raises(ValueError, match="multiples of 128"):
+        build_fp8_expert_table([torch.zeros(2, 200, 128, dtype=torch.float8_e4m3fn)], [s], [0])
+    with pytest.raises(ValueError, match="starts at expert 1"):
+        build_fp8_expert_table([w], [s], [1])
+    with pytest.raises(ValueError, match="contiguous"):
+        build_fp8_expert_table([w.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :128]],
+                               [s], [0])
+
+
+@pytest.mark.parametrize("epilogue,n_weight", [("swiglu", 768), ("scatter", 1024)])
+def test_producer_row_steps(epilogue, n_weight):
+    """The producer addresses a thread's chunks of block cb as its first row's expert row plus
+    ``row_step`` rows per 16 block rows (``_produce``): that must be ``weight_row``."""
+    kern = Fp8BlockGemm(epilogue=epilogue, n_weight=n_weight, k=256, bn=16,
+                        y_cols=0 if epilogue == "swiglu" else 64)
+    per_block = kern.a_chunks // 2
+    for gblk in range(n_weight // 64):
+        for row0 in range(16):  # tidx // 8 of the 128 producer threads
+            for j in range(per_block):
+                assert kern.weight_row(gblk, row0 + 16 * j) == \
+                    kern.weight_row(gblk, row0) + j * kern.row_step

@@ -1,0 +1,223 @@
+"""Hopper FP8 block-scaled MoE kernels against ``quant.fp8``'s reference, on the device.
+
+Reference (``kernels.testing.fp8_moe_reference``): per expert ``blockwise_matmul_ref`` + SwiGLU
+-> bf16 h -> requantize per token per 128 -> ``blockwise_matmul_ref`` -> router weight ->
+slot-order fp32 sum -> bf16. The kernels sum each 128-wide K block in the tensor core's order
+(not the reference's), so h and the output are compared within a tolerance: h (bf16) rel. err
+< 1e-2 and the layer output < 2e-2 (a requantized h element can round to the neighbouring e4m3
+code, ~6% of one element, when the kernel's bf16 h differs from the reference's in the last
+bit). Loud by construction: every 128 x 128 weight block has its own scale, routing is skewed
+with experts that get no token, token counts sit on and off tile boundaries, outputs are
+poisoned with NaN first, multi-B views split the experts unevenly, one forward passes 2^31
+permuted rows x intermediate elements.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensorrt_llm_dwdp.kernels.testing import (
+    fp8_moe_reference,
+    random_fp8_experts,
+    random_tokens,
+    skewed_routing,
+    split_sizes,
+)
+from tensorrt_llm_dwdp.moe.permute import build_permutation
+
+pytestmark = [pytest.mark.gpu, pytest.mark.kernels]
+
+H_TOL = 1e-2
+OUT_TOL = 2e-2
+SMALL = (1024, 384, 16, 4)  # H, I, E, top-k: fast, 3 row blocks of scales per projection
+
+
+@pytest.fixture(scope="module")
+def cache():
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
+        if torch.cuda.is_available():
+            pytest.fail("the FP8 kernels need an sm90 GPU; this one is not")
+        pytest.skip("needs an sm90 GPU")
+    from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
+
+    return CompileCache()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite values in the kernel output"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _tables(experts, parts: int):
+    """Expert tables over ``parts`` unequal slices (copies; S = 1: the tensors themselves) and
+    the tensors they point at (the caller keeps them alive while the kernels run)."""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import build_fp8_expert_table
+
+    sizes = split_sizes(experts["w2_weight"].shape[0], parts)
+    offsets = [sum(sizes[:i]) for i in range(parts)]
+    held = {name: [t.clone() for t in torch.split(experts[name], sizes)] if parts > 1
+            else [experts[name]] for name in experts}
+    w13 = build_fp8_expert_table(held["w3_w1_weight"], held["w3_w1_weight_scale_inv"], offsets)
+    w2 = build_fp8_expert_table(held["w2_weight"], held["w2_weight_scale_inv"], offsets)
+    return w13, w2, held
+
+
+def _forward(cache, x, ids, tw, experts, bn, parts=1, plan=None, config=None):
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import fp8_moe_forward
+
+    w13, w2, held = _tables(experts, parts)
+    plan = plan or build_permutation(ids, experts["w2_weight"].shape[0], tile_m=bn)
+    out, h = fp8_moe_forward(cache, x, ids, tw, w13, w2, plan, bn, return_h=True,
+                             config=config)
+    torch.cuda.synchronize()
+    del held
+    return out, h, plan
+
+
+def _h_by_slot(h, plan, tokens, top_k):
+    """Kernel h rows (permuted order) as ``[T, k, I]`` via the plan's inverse."""
+    return h[plan.inverse.long().reshape(-1)].float().view(tokens, top_k, -1)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 17, 300])
+@pytest.mark.parametrize("bn", [16, 32, 64, 128])
+def test_moe_fp8_matches_reference(cache, tokens, bn):
+    """FC1 h and the layer output at every token tile, token counts on and off the tiles."""
+    hidden, inter, num_experts, top_k = SMALL
+    experts = random_fp8_experts(num_experts, hidden, inter, seed=5)
+    x = random_tokens(tokens, hidden, seed=tokens)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=tokens, empty_experts=2)
+    out, h, plan = _forward(cache, x, ids, tw, experts, bn)
+    want, h_ref = fp8_moe_reference(x, ids, tw, experts)
+    assert rel_err(_h_by_slot(h, plan, tokens, top_k), h_ref) < H_TOL
+    assert rel_err(out, want) < OUT_TOL
+
+
+@pytest.mark.parametrize("model", [(7168, 2048, 256, 8), (4096, 1536, 128, 8)],
+                         ids=["deepseek_v3", "qwen3_235b_a22b"])
+def test_moe_fp8_model_shapes(cache, model):
+    """DeepSeek-V3 and Qwen3-235B sizes (the benched shapes), 2 tiles' worth of tokens per
+    expert on average with skewed routing (the hot experts take the bn 128 path's many tiles);
+    a sample of tokens against the reference."""
+    hidden, inter, num_experts, top_k = model
+    experts = random_fp8_experts(num_experts, hidden, inter, seed=11)
+    tokens = 2048
+    x = random_tokens(tokens, hidden, seed=1)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=2)
+    from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
+
+    bn = choose_token_tile(tokens * top_k, num_experts)
+    out, _, _ = _forward(cache, x, ids, tw, experts, bn)
+    sample = torch.tensor([0, 1, 777, tokens - 1], device=x.device)
+    want, _ = fp8_moe_reference(x, ids, tw, experts, tokens=sample)
+    assert rel_err(out[sample], want) < OUT_TOL
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_multi_view_bitwise_equal_composite(cache, parts):
+    """S tensors (unequal expert slices) give the composite view's h and output bit for bit."""
+    hidden, inter, num_experts, top_k = SMALL
+    experts = random_fp8_experts(num_experts, hidden, inter, seed=9)
+    x = random_tokens(200, hidden, seed=3)
+    ids, tw = skewed_routing(200, num_experts, top_k, seed=4, empty_experts=1)
+    out1, h1, _ = _forward(cache, x, ids, tw, experts, 32)
+    out_s, h_s, _ = _forward(cache, x, ids, tw, experts, 32, parts=parts)
+    assert torch.equal(h1, h_s)
+    assert torch.equal(out1, out_s)
+    out2, _, _ = _forward(cache, x, ids, tw, experts, 32)
+    assert torch.equal(out1, out2), "run to run"
+
+
+def test_tiles_of_expert_minus_one_are_skipped(cache):
+    """A plan padded to an upper bound of tiles with expert -1 (the device plan's contract):
+    the same output, and the -1 tiles' h rows are never written (they keep their poison)."""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import fc1_fp8_gather_swiglu, fp8_moe_forward
+    from tensorrt_llm_dwdp.quant.fp8 import quantize_act_per_token
+
+    hidden, inter, num_experts, top_k = SMALL
+    bn = 16
+    experts = random_fp8_experts(num_experts, hidden, inter, seed=13)
+    x = random_tokens(50, hidden, seed=5)
+    ids, tw = skewed_routing(50, num_experts, top_k, seed=6)
+    plan = build_permutation(ids, num_experts, tile_m=bn)
+    extra = 3
+    pad = torch.full((extra * bn,), -1, dtype=torch.int32, device=x.device)
+    tile_expert = torch.cat([plan.tile_expert, torch.full((extra,), -1, dtype=torch.int32,
+                                                          device=x.device)])
+    gather = torch.cat([plan.gather_index, pad])
+    w13, w2, _ = _tables(experts, 1)
+    xq, xs = quantize_act_per_token(x)
+    h = torch.full((gather.numel(), inter), float("nan"), dtype=torch.bfloat16, device=x.device)
+    fc1_fp8_gather_swiglu(cache, xq, xs, gather, tile_expert, w13, bn, out=h)
+    out_ref, h_ref = fp8_moe_forward(cache, x, ids, tw, w13, w2, plan, bn, return_h=True)
+    torch.cuda.synchronize()
+    rows = plan.num_rows
+    assert torch.equal(h[:rows], h_ref)
+    assert torch.isnan(h[rows:].float()).all()
+
+
+def test_forward_past_2_31_elements(cache):
+    """65,600 tokens x top-8 over 8 experts with I = 4096: h is 524,800 permuted rows x 4096
+    (2.15e9 elements > 2^31), so every h / hq address needs 64 bits; the first and last tokens
+    against the reference."""
+    hidden, inter, num_experts, top_k = 1024, 4096, 8, 8
+    tokens = 65_600
+    experts = random_fp8_experts(num_experts, hidden, inter, seed=17)
+    x = random_tokens(tokens, hidden, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.stack([torch.randperm(num_experts, generator=gen) for _ in range(tokens)])
+    ids = ids.to(torch.int32).to(x.device)
+    tw = torch.softmax(torch.randn(tokens, top_k, generator=gen), -1).to(x.device)
+    out, h, plan = _forward(cache, x, ids, tw, experts, 128)
+    assert h.numel() > 2**31
+    del h
+    sample = torch.tensor([0, 1, tokens - 2, tokens - 1], device=x.device)
+    want, _ = fp8_moe_reference(x, ids, tw, experts, tokens=sample)
+    assert rel_err(out[sample], want) < OUT_TOL
+
+
+@pytest.mark.parametrize("tokens", [5, 700])
+def test_cutedsl_backend_runs_fp8_experts(cache, tokens):
+    """The backend picks the FP8 kernels from the experts' format: ``run_experts`` on FP8
+    ``ExpertWeights`` (linear layout) matches the torch reference backend's FP8 math, and a
+    multi-tensor view (DWDP) gives the single-tensor result bit for bit."""
+    from tensorrt_llm_dwdp.moe.backends.cutedsl import CuteDslMoeBackend
+    from tensorrt_llm_dwdp.moe.backends.torch_ref import TorchMoeBackend
+    from tensorrt_llm_dwdp.moe.weights import ExpertWeights
+
+    hidden, inter, num_experts, top_k = SMALL
+    weights = ExpertWeights.single(random_fp8_experts(num_experts, hidden, inter, seed=21))
+    assert weights.quant == "fp8" and weights.weight_layout == "linear"
+    x = random_tokens(tokens, hidden, seed=22)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=23, empty_experts=2)
+    backend = CuteDslMoeBackend()
+    out = backend.run_experts(x, ids, tw, weights)
+    want = TorchMoeBackend().run_experts(x, ids, tw, weights)
+    assert rel_err(out, want) < OUT_TOL
+    multi = backend.run_experts(x, ids, tw, weights.split(split_sizes(num_experts, 3)))
+    assert torch.equal(out, multi)
+
+
+def _bench_variants():
+    from bench.moe_kernels_fp8 import VARIANTS
+
+    for name, (tiles, vbn, overrides) in sorted(VARIANTS.items()):
+        yield pytest.param(tiles[0], vbn or tiles[0], overrides, id=name)
+
+
+@pytest.mark.parametrize("bn,vbn,overrides", list(_bench_variants()))
+def test_bench_variants_bitwise_equal_default(cache, bn, vbn, overrides):
+    """Every configuration the bench times (``--variants``) gives the default configuration's
+    output bit for bit, and the reference within tolerance."""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
+
+    hidden, inter, num_experts, top_k = SMALL
+    experts = random_fp8_experts(num_experts, hidden, inter, seed=31)
+    tokens = bn * num_experts // top_k + 5
+    x = random_tokens(tokens, hidden, seed=32)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=33, empty_experts=1)
+    out, _, _ = _forward(cache, x, ids, tw, experts, bn)
+    out_v, _, _ = _forward(cache, x, ids, tw, experts, vbn, config=fp8_config(vbn, **overrides))
+    assert torch.equal(out, out_v)
+    want, _ = fp8_moe_reference(x, ids, tw, experts)
+    assert rel_err(out_v, want) < OUT_TOL
