@@ -117,15 +117,16 @@ def bf16_output(out: torch.Tensor | None, shape: tuple, device, who: str) -> tor
 
 
 def check_plan_tensors(bn: int, m_pad: int, tile_expert: torch.Tensor,
-                       tile_count: torch.Tensor) -> None:
+                       tile_count: torch.Tensor | None = None) -> None:
     """The permuted row count must be a whole number of int32-indexed token tiles, with the
-    real tile count an int32 ``[1]`` on the same device (checked without reading it)."""
+    real tile count (for kernels that read it; the FP8 kernels skip tiles of expert -1
+    instead) an int32 ``[1]`` on the same device (checked without reading it)."""
     if m_pad != tile_expert.numel() * bn:
         raise ValueError(
             f"grouped GEMM: {m_pad} permuted rows != {tile_expert.numel()} tiles x bn={bn}")
     if tile_expert.dtype != torch.int32:
         raise ValueError(f"grouped GEMM: tile_expert must be int32, got {tile_expert.dtype}")
-    if (tile_count.dtype != torch.int32 or tuple(tile_count.shape) != (1,)
+    if tile_count is not None and (tile_count.dtype != torch.int32 or tuple(tile_count.shape) != (1,)
             or tile_count.device != tile_expert.device):
         raise ValueError(f"grouped GEMM: tile_count must be int32 [1] on {tile_expert.device} "
                          f"(the plan's real tile count), got {tile_count.dtype} "

@@ -16,7 +16,7 @@ slots that add nothing, as an expert-parallel receiver passes them), then
 With bf16 experts nothing in a layer reads the device: the plan's offsets go to
 ``torch._grouped_mm`` as a device tensor over the plan's row bound (``T k + 1``), so the layer
 can be captured in a CUDA graph. NVFP4 experts are dequantized only for experts that got
-tokens, which the host reads back (one sync per layer; not capturable). Out-of-range expert
+tokens, which the host reads back (one sync per layer; not capturable); FP8 experts likewise. Out-of-range expert
 ids are flagged on the device and raised by ``check_routing()`` (the engine's step end).
 
 Against the torch reference the two GEMM outputs are rounded to bf16 once more, so results
@@ -139,8 +139,9 @@ class TorchGroupedMoeBackend:
             ends = plan.expert_offsets[1:].clone()
             y = self._mlp(rows, p, weights, None, ends, expert_of_row)
         else:
-            y = self._nvfp4_chunks(rows, p, weights, plan)
-            y = y * p["fc2_alpha"][expert_of_row].unsqueeze(1)
+            y = self._dequantized_chunks(rows, p, weights, plan)
+            if weights.quant == "nvfp4":
+                y = y * p["fc2_alpha"][expert_of_row].unsqueeze(1)
         if "w2_bias" in p:
             y = y + p["w2_bias"][expert_of_row]
         valid = ((topk_ids >= 0) & (topk_ids < weights.num_experts)).unsqueeze(-1)
@@ -150,11 +151,11 @@ class TorchGroupedMoeBackend:
             out = out + per_slot[:, j]
         return out.to(torch.bfloat16)
 
-    def _nvfp4_chunks(self, rows: torch.Tensor, p: dict, weights: ExpertWeights,
-                      plan) -> torch.Tensor:
-        """fp32 FC2 rows (scale and bias not applied) of NVFP4 experts, ``chunk_experts`` of the
+    def _dequantized_chunks(self, rows: torch.Tensor, p: dict, weights: ExpertWeights,
+                            plan) -> torch.Tensor:
+        """fp32 FC2 rows (scale and bias not applied) of NVFP4 or FP8 experts, ``chunk_experts`` of the
         experts that got tokens at a time. Picking them reads the counts back: this path syncs
-        the host once per layer (it is the correctness baseline for NVFP4, not a fast path)."""
+        the host once per layer (it is the correctness baseline for NVFP4 and FP8, not a fast path)."""
         offsets = plan.expert_offsets.tolist()
         counts = plan.counts
         active = torch.nonzero(counts).flatten().tolist()
