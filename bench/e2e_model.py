@@ -33,6 +33,7 @@ from tensorrt_llm_dwdp.model.presets import get_preset
 from tensorrt_llm_dwdp.moe import specs
 from tensorrt_llm_dwdp.moe.backends import native_layout, to_native_layout_
 from tensorrt_llm_dwdp.parallel.expert_parallel import ExpertParallel
+from tensorrt_llm_dwdp.quant.fp8 import quantize_weight_blocks
 from tensorrt_llm_dwdp.quant.nvfp4 import quantize_nvfp4_per_leading
 
 logger = logging.getLogger(__name__)
@@ -97,15 +98,24 @@ def fill_experts(dst: dict[str, torch.Tensor], config: ModelConfig, layer: int,
 def init_dense(model: nn.Module, seed: int) -> None:
     """Every parameter by name: norms 1, the rest N(0, 0.02^2); the routers' correction-bias
     buffers small positive; each from its own generator on its own device. Other buffers
-    (derived state) are left as built."""
+    (derived state) are left as built. An FP8 linear's e4m3 ``weight`` is that draw quantized
+    with the checkpoints' recipe, its ``weight_scale_inv`` filled with it."""
     bias = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, t in list(model.named_parameters()) + bias:
+        for name, t in list(params.items()) + bias:
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 t.fill_(1.0)
                 continue
+            if name.endswith(".weight_scale_inv"):
+                continue  # filled with its weight
             g = torch.Generator(device=t.device).manual_seed(_seed_of(seed, name))
-            if name.endswith("e_score_correction_bias"):
+            if t.dtype == torch.float8_e4m3fn:
+                w = torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32)
+                q, scale_inv = quantize_weight_blocks(w * WEIGHT_STD)
+                t.copy_(q)
+                params[name[: -len("weight")] + "weight_scale_inv"].copy_(scale_inv)
+            elif name.endswith("e_score_correction_bias"):
                 t.copy_(torch.rand(t.shape, generator=g, device=t.device, dtype=torch.float32) * 1e-2)
             elif t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32) * WEIGHT_STD)

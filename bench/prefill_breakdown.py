@@ -18,13 +18,20 @@ attention for a batch of sequences: in the latent space (kv_b_proj absorbed, the
 against up-projecting the cached latent per sequence. Writes ``prefill_breakdown.json`` and
 ``prefill_breakdown.png`` (stacked bars) under ``--out``; checks the issue's goals.
 
+With ``--quant fp8`` the dense linears (MLA projections, dense MLP, shared expert) are FP8
+block 128 as in DeepSeek-V3's FP8 checkpoint (``Fp8Linear``), the routed experts unchanged:
+the same split shows what the FP8 tensor cores take off ``attention``, ``dense_mlp`` and
+``shared_expert``.
+
     python bench/prefill_breakdown.py --out bench/results/prefill_breakdown_h200
+    python bench/prefill_breakdown.py --quant fp8 --out bench/results/prefill_breakdown_fp8_h200
     python bench/prefill_breakdown.py --out /tmp/pb --device cpu --preset tiny-deepseek-v3 \\
         --moe-backend torch --num-moe-layers 2 --vocab-size 512 --points 32x2,64x1/16 --decode 16
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -360,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quant", default="nvfp4", choices=["nvfp4", "fp8"],
+                   help="fp8: the dense linears (MLA projections, dense MLP, shared expert) are "
+                   "FP8 block 128 as in DeepSeek-V3's FP8 checkpoint (Fp8Linear: torch's blockwise "
+                   "scaled GEMM on sm90); routed experts stay NVFP4 on --moe-backend either way "
+                   "(default: nvfp4, bf16 dense linears)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
@@ -368,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     from tensorrt_llm_dwdp.moe.backends import get_backend
 
     config = bench_config(args.preset, args.num_moe_layers, args.vocab_size)
+    if args.quant == "fp8":
+        config = dataclasses.replace(config, linear_quant="fp8")
     try:
         backend = get_backend(args.moe_backend)
     except RuntimeError as exc:  # measure what runs here, and say so
@@ -386,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset, "num_layers": config.num_layers, "num_moe_layers": args.num_moe_layers,
         "hidden_size": config.hidden_size, "heads": config.num_attention_heads, "experts": config.num_experts,
         "moe_backend": args.moe_backend, "attention_kernels": kernels.label,
+        "dense_linears": "fp8" if args.quant == "fp8" else "bf16",
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "build_s": time.perf_counter() - t0, "warmup": args.warmup, "iters": args.iters,

@@ -266,7 +266,7 @@ def ensure_checkpoint(preset: str, num_layers: int, quant: str, vocab_size: int 
     import shutil
 
     from tensorrt_llm_dwdp.model.presets import get_preset
-    from tensorrt_llm_dwdp.model.synthetic import write_synthetic_checkpoint
+    from tensorrt_llm_dwdp.model.synthetic import synthetic_config, write_synthetic_checkpoint
 
     overrides = {}
     if dense_layers is not None:
@@ -284,7 +284,9 @@ def ensure_checkpoint(preset: str, num_layers: int, quant: str, vocab_size: int 
     if os.path.isfile(os.path.join(final, "config.json")):
         with open(os.path.join(final, "config.json"), encoding="utf-8") as f:
             stored = json.load(f)
-        if stored == json.loads(json.dumps(hf)):
+        expected = {**hf, **{k: v for k, v in synthetic_config(hf, quant).items()
+                             if k == "quantization_config"}}
+        if stored == json.loads(json.dumps(expected)):
             logger.info("reusing synthetic checkpoint %s", final)
             return final
         changed = sorted(k for k in set(stored) | set(hf) if stored.get(k) != hf.get(k))

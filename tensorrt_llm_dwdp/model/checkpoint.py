@@ -1,4 +1,5 @@
-"""Load an HF-layout safetensors checkpoint (bf16 or ModelOpt-NVFP4 experts) into our decoder.
+"""Load an HF-layout safetensors checkpoint (bf16, ModelOpt-NVFP4 experts, or FP8 block 128 as
+DeepSeek and Qwen publish it) into our decoder.
 
 Non-expert tensors load by name (our parameter names mirror HF's; the router lives at
 ``mlp.experts.gate`` here and ``mlp.gate`` in HF). Routed experts are read expert by expert,
@@ -14,7 +15,11 @@ the MoE backend's layout (``moe/layouts.py``): for cutedsl each NVFP4 expert's b
 permuted in place right after reading (``preshuffled``, what the sm90 kernel reads; within each
 expert, so DWDP copies whole experts as they are), and the layer's weights and its DWDP
 registration are tagged with it; restored slices are in the group's layout already.
-Checkpoints on disk stay linear.
+Checkpoints on disk stay linear. Before the model is allocated or any weight read, the shard
+headers are checked against what the load reads (``checkpoint_check``: names, shapes, dtypes,
+FP8 scales and their block grid). In an FP8 checkpoint the projection linears load into
+``Fp8Linear`` (e4m3 weight + ``weight_scale_inv``, by name) and the routed experts into the fp8
+expert tensors (``moe/specs.py``).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 
 from tensorrt_llm_dwdp.model.builder import build_model
+from tensorrt_llm_dwdp.model.checkpoint_check import DENSE_DTYPES, check_dense, check_experts
 from tensorrt_llm_dwdp.model.config import ModelConfig
 from tensorrt_llm_dwdp.model.decoder import CausalLM
 from tensorrt_llm_dwdp.model.expert_convert import Allocator, load_layer_experts
@@ -39,7 +45,6 @@ from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4
 logger = logging.getLogger(__name__)
 
 _OUR_GATE, _HF_GATE = ".mlp.experts.gate.", ".mlp.gate."
-_DENSE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def hf_name(name: str) -> str:
@@ -48,7 +53,7 @@ def hf_name(name: str) -> str:
 
 
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
-    """``(ModelConfig, expert quant "bf16" | "nvfp4")`` of checkpoint folder ``path``."""
+    """``(ModelConfig, expert quant "bf16" | "nvfp4" | "fp8")`` of checkpoint folder ``path``."""
     path = os.fspath(path)
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
@@ -58,9 +63,15 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
     return ModelConfig.from_hf(hf), detect_quant(path, hf)
 
 
-def _read_dense(reader: CheckpointReader, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A non-expert tensor; an NVFP4 linear weight (uint8 + weight_scale) is dequantized."""
+def _read_dense(reader: CheckpointReader, key: str, shape: tuple[int, ...],
+                dtype: torch.dtype) -> torch.Tensor:
+    """A non-expert tensor for a parameter of ``dtype``; an NVFP4 linear weight (uint8 +
+    weight_scale) is dequantized, an FP8 one (the parameter is e4m3) is read as it is."""
     t = reader.get(key)
+    if dtype == torch.float8_e4m3fn:
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"{key}: {t.dtype} {tuple(t.shape)}, expected float8_e4m3fn {shape}")
+        return t
     if t.dtype == torch.uint8 and key.endswith(".weight"):
         base = key[: -len("weight")]
         scale_key, g_key = base + "weight_scale", base + "weight_scale_2"
@@ -69,10 +80,10 @@ def _read_dense(reader: CheckpointReader, key: str, shape: tuple[int, ...]) -> t
         t = dequantize_nvfp4(t, reader.get(scale_key), reader.get(g_key).float().reshape(()))
     if tuple(t.shape) != shape:
         raise ValueError(f"{key}: shape {tuple(t.shape)} != expected {shape}")
-    if t.dtype not in _DENSE_DTYPES:
+    if t.dtype not in DENSE_DTYPES:
         # fp8 (block-scaled) or integer data cast to bf16 without its scales would load as
         # silently wrong weights.
-        raise ValueError(f"{key}: dtype {t.dtype} is not a plain float ({', '.join(map(str, _DENSE_DTYPES))})"
+        raise ValueError(f"{key}: dtype {t.dtype} is not a plain float ({', '.join(map(str, DENSE_DTYPES))})"
                          f" nor an NVFP4 uint8 .weight with weight_scale / weight_scale_2")
     return t
 
@@ -87,7 +98,7 @@ def load_dense_weights(model: CausalLM, reader: CheckpointReader) -> None:
         if key not in reader:
             raise KeyError(f"checkpoint {reader.path} lacks tensor {key!r} (for parameter {name})")
         with torch.no_grad():
-            dst.copy_(_read_dense(reader, key, tuple(dst.shape)))
+            dst.copy_(_read_dense(reader, key, tuple(dst.shape), dst.dtype))
 
 
 def load_moe_experts(
@@ -176,8 +187,14 @@ def load_model(
     backend = get_backend(moe_backend) if config.moe_layer_indices else moe_backend
     with torch.device("meta"):
         model = build_model(config, lambda i: make_moe(config, i, backend, dwdp, ep), dtype)
-    model = model.to_empty(device=device)
     with CheckpointReader(path) as reader:
+        check_dense(reader, {hf_name(n): (tuple(t.shape), t.dtype)
+                             for n, t in model.state_dict().items()},
+                    config.tie_word_embeddings)
+        if config.moe_layer_indices and not restoring:
+            check_experts(reader, config.moe_layer_indices, range(first, end), quant,
+                          config.hidden_size, config.moe_intermediate_size)
+        model = model.to_empty(device=device)
         load_dense_weights(model, reader)
         if config.moe_layer_indices:
             host = {}

@@ -6,10 +6,13 @@ checkpoint fails before a single weight is read.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from tensorrt_llm_dwdp.model.hf_names import BF16, FP8, is_fp8_config
 
 DEEPSEEK_V3 = "DeepseekV3ForCausalLM"
 QWEN3_MOE = "Qwen3MoeForCausalLM"
@@ -44,7 +47,9 @@ class ModelConfig:
 
     ``layer_kinds[i]`` is ``"dense"`` or ``"moe"``. DeepSeek-V3 fields (``q_lora_rank`` ...
     ``routed_scaling_factor``) are ``None``/0 for Qwen3-MoE; ``head_dim``/``num_kv_heads`` are
-    the Qwen3 GQA shape (DeepSeek's MLA uses its own head dims).
+    the Qwen3 GQA shape (DeepSeek's MLA uses its own head dims). ``linear_quant`` is ``"fp8"``
+    when ``config.json`` declares FP8 block 128: every projection linear except
+    ``linear_quant_skip`` (``modules_to_not_convert``) then holds e4m3 weights and block scales.
     """
 
     architecture: str
@@ -75,6 +80,8 @@ class ModelConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    linear_quant: str = BF16
+    linear_quant_skip: tuple[str, ...] = ()
 
     @property
     def is_deepseek(self) -> bool:
@@ -95,6 +102,9 @@ class ModelConfig:
                 f"{list(SUPPORTED_ARCHITECTURES)}"
             )
         config = _deepseek(hf) if arch == DEEPSEEK_V3 else _qwen3(hf)
+        if is_fp8_config(hf):
+            skip = tuple(hf["quantization_config"].get("modules_to_not_convert") or ())
+            config = dataclasses.replace(config, linear_quant=FP8, linear_quant_skip=skip)
         _check_ranges(config)
         return config
 

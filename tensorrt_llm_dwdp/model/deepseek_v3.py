@@ -20,6 +20,7 @@ from torch import nn
 from tensorrt_llm_dwdp.engine.attention import CausalAttention, DecodeAttention, StepMetadata
 from tensorrt_llm_dwdp.model.config import DEEPSEEK_V3, MOE, ModelConfig
 from tensorrt_llm_dwdp.model.decoder import CausalLM, DecoderLayer
+from tensorrt_llm_dwdp.model.fp8_linear import dense_weight
 from tensorrt_llm_dwdp.model.kv_cache import KvCache
 from tensorrt_llm_dwdp.model.layers import MLP, RMSNorm, Rotary, yarn_mscale
 from tensorrt_llm_dwdp.model.moe_block import MoeBlock
@@ -91,9 +92,10 @@ class MlaAttention(nn.Module):
     def _decode(self, q: torch.Tensor, meta: StepMetadata, cache: KvCache) -> torch.Tensor:
         """Decode in the latent space: ``W_UK`` (kv_b_proj's key rows) is absorbed into the
         query and ``W_UV`` (its value rows) into the output, so the step reads each sequence's
-        cached latent once instead of up-projecting it to every head."""
+        cached latent once instead of up-projecting it to every head. An FP8 ``kv_b_proj`` is
+        dequantized to bf16 once after loading for this (``Fp8Linear.dequantized_weight``)."""
         d = meta.decode
-        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora)
+        w = dense_weight(self.kv_b_proj, q.dtype).view(self.heads, self.nope + self.v_dim, self.kv_lora)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]                       # [H, nope|v, kv_lora]
         q_lat = torch.bmm(q[..., : self.nope].transpose(0, 1), w_uk)            # [H, B, kv_lora]
         latent, k_rot = cache.batch(self.layer_idx, d.slots, d.slot_range, d.max_len)  # [B, L, 1, .]

@@ -7,6 +7,10 @@ one global scale: when their ``weight_scale_2`` differ, the half with the smalle
 block scales multiplied by ``g_small / g_large``, which is exact (bit-identical decoded values)
 when every rescaled block scale is representable in e4m3; otherwise that half is re-quantized
 onto the larger global scale (lossy, logged as a warning).
+FP8 (block 128): the e4m3 weights are concatenated the same way and so are their float32
+``weight_scale_inv`` blocks (I is a multiple of 128, so up's and gate's blocks never share a row
+block): ``w3_w1_weight_scale_inv[e] = cat(up, gate)`` ``[2I/128, H/128]``,
+``w2_weight_scale_inv[e] = down``'s ``[H/128, I/128]``. Bytes are copied, nothing is rescaled.
 """
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ from typing import Callable
 
 import torch
 
-from tensorrt_llm_dwdp.model.hf_names import BF16, expert_key
+from tensorrt_llm_dwdp.model.hf_names import BF16, FP8, FP8_SCALE_SUFFIX, expert_key
 from tensorrt_llm_dwdp.model.safetensors_io import CheckpointReader
 from tensorrt_llm_dwdp.moe.specs import allocate_experts
+from tensorrt_llm_dwdp.quant.fp8 import FP8_BLOCK, weight_scale_shape
 from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 
 logger = logging.getLogger(__name__)
@@ -82,6 +87,13 @@ def _read_nvfp4(reader: CheckpointReader, layer: int, e: int, proj: str, rows: i
     return packed, scale, g
 
 
+def _read_fp8(reader: CheckpointReader, layer: int, e: int, proj: str, rows: int, k: int):
+    q = _read(reader, expert_key(layer, e, proj), (rows, k), (torch.float8_e4m3fn,))
+    s = _read(reader, expert_key(layer, e, proj, FP8_SCALE_SUFFIX), weight_scale_shape(rows, k),
+              (torch.float32,))
+    return q, s
+
+
 def load_layer_experts(
     reader: CheckpointReader,
     layer: int,
@@ -103,6 +115,18 @@ def load_layer_experts(
             out["w3_w1_weight"][j, :inter].copy_(up)
             out["w3_w1_weight"][j, inter:].copy_(gate)
             out["w2_weight"][j].copy_(down)
+            continue
+        if quant == FP8:
+            gate = _read_fp8(reader, layer, e, "gate_proj", inter, hidden)
+            up = _read_fp8(reader, layer, e, "up_proj", inter, hidden)
+            down = _read_fp8(reader, layer, e, "down_proj", hidden, inter)
+            half = inter // FP8_BLOCK
+            out["w3_w1_weight"][j, :inter].copy_(up[0])
+            out["w3_w1_weight"][j, inter:].copy_(gate[0])
+            out["w3_w1_weight_scale_inv"][j, :half].copy_(up[1])
+            out["w3_w1_weight_scale_inv"][j, half:].copy_(gate[1])
+            out["w2_weight"][j].copy_(down[0])
+            out["w2_weight_scale_inv"][j].copy_(down[1])
             continue
         gate = _read_nvfp4(reader, layer, e, "gate_proj", inter, hidden)
         up = _read_nvfp4(reader, layer, e, "up_proj", inter, hidden)

@@ -1,4 +1,4 @@
-"""HF checkpoint key names and quantization metadata (ModelOpt NVFP4).
+"""HF checkpoint key names and quantization metadata (ModelOpt NVFP4, FP8 block 128).
 
 Routed experts are stored one module per expert, as in the published checkpoints:
 ``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight``. In a ModelOpt NVFP4 export
@@ -8,6 +8,13 @@ scale) and ``.input_scale`` (fp32 scalar, the activation scale; unused here: act
 bf16, W4A16). The quantization is declared by ``hf_quant_config.json``
 (``{"quantization": {"quant_algo": "NVFP4", ...}}``) or by ``config.json``'s
 ``quantization_config.quant_algo``.
+
+FP8 (DeepSeek-V3/R1, Qwen3-*-FP8): ``config.json`` declares ``quantization_config: {quant_method:
+fp8, fmt: e4m3, weight_block_size: [128, 128], activation_scheme: dynamic}`` (Qwen3 adds
+``modules_to_not_convert``). Every projection linear (attention, dense MLP, shared and routed
+experts) is ``.weight`` float8_e4m3fn ``[N, K]`` with ``.weight_scale_inv`` float32
+``[ceil(N/128), ceil(K/128)]``; embeddings, norms, the router ``mlp.gate`` (bf16), its fp32
+``e_score_correction_bias`` and ``lm_head`` stay unquantized.
 """
 from __future__ import annotations
 
@@ -17,9 +24,12 @@ from typing import Any
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 NVFP4_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+FP8_SCALE_SUFFIX = "weight_scale_inv"
 HF_QUANT_CONFIG = "hf_quant_config.json"
 BF16 = "bf16"
 NVFP4 = "nvfp4"
+FP8 = "fp8"
+FP8_BLOCK_SIZE = [128, 128]
 
 
 def layer_prefix(layer: int) -> str:
@@ -55,9 +65,49 @@ def hf_quant_config(quant: str) -> dict[str, Any]:
     }
 
 
+def fp8_quant_config(modules_to_not_convert: list[str] | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` of an FP8 block-128 checkpoint (DeepSeek-V3's keys; Qwen3's
+    add ``modules_to_not_convert``)."""
+    qc: dict[str, Any] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                          "weight_block_size": list(FP8_BLOCK_SIZE)}
+    if modules_to_not_convert:
+        qc["modules_to_not_convert"] = list(modules_to_not_convert)
+    return qc
+
+
+def is_fp8_config(hf_config: dict[str, Any]) -> bool:
+    """True when ``config.json`` declares FP8 block-128 (checked: :func:`check_fp8_config`)."""
+    qc = hf_config.get("quantization_config") or {}
+    if str(qc.get("quant_method", "")).lower() != FP8:
+        return False
+    check_fp8_config(qc)
+    return True
+
+
+def check_fp8_config(qc: dict[str, Any]) -> None:
+    """Raise ValueError naming the field unless ``quantization_config`` is the format this
+    project reads: e4m3 weights, 128x128 blocks, dynamic per-token activations."""
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ValueError(f"quantization_config.fmt {fmt!r} is not supported (FP8 reads e4m3)")
+    block = qc.get("weight_block_size")
+    if block is None or [int(b) for b in block] != FP8_BLOCK_SIZE:
+        raise ValueError(f"quantization_config.weight_block_size {block!r} is not supported "
+                         f"(FP8 reads {FP8_BLOCK_SIZE} blocks; per-tensor FP8 has none)")
+    scheme = qc.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise ValueError(f"quantization_config.activation_scheme {scheme!r} is not supported "
+                         "(FP8 quantizes activations per token per 128 at run time: 'dynamic')")
+    skip = qc.get("modules_to_not_convert") or []
+    if not isinstance(skip, list) or not all(isinstance(m, str) for m in skip):
+        raise ValueError(f"quantization_config.modules_to_not_convert must be a list of module "
+                         f"names, got {skip!r}")
+
+
 def detect_quant(path: str, hf_config: dict[str, Any]) -> str:
-    """``"nvfp4"`` when the checkpoint declares ModelOpt NVFP4, ``"bf16"`` when it declares no
-    quantization; anything else is refused with the algorithm named."""
+    """``"nvfp4"`` when the checkpoint declares ModelOpt NVFP4, ``"fp8"`` for FP8 block 128
+    (validated, :func:`check_fp8_config`), ``"bf16"`` when it declares no quantization;
+    anything else is refused with the algorithm named."""
     algo = None
     qfile = os.path.join(path, HF_QUANT_CONFIG)
     if os.path.isfile(qfile):
@@ -70,4 +120,11 @@ def detect_quant(path: str, hf_config: dict[str, Any]) -> str:
         return BF16
     if str(algo).upper() == "NVFP4":
         return NVFP4
-    raise ValueError(f"{path}: quantization {algo!r} is not supported (NVFP4 or none)")
+    if str(algo).lower() == FP8:
+        try:
+            check_fp8_config(hf_config["quantization_config"])
+        except ValueError as exc:
+            raise ValueError(f"{path}/config.json: {exc}") from None
+        return FP8
+    raise ValueError(f"{path}: quantization {algo!r} is not supported (NVFP4, FP8 block 128 or "
+                     "none)")

@@ -6,7 +6,9 @@ layer count (and, for demos, the vocabulary) may be overridden. ``deepseek-v3-li
 DeepSeek-V3 architecture (MLA, sigmoid group routing, shared experts) at DeepSeek-V2-Lite sizes.
 The ``tiny-*`` presets are small enough to run the HF oracle tests on a CPU in seconds; their
 hidden and expert intermediate sizes are multiples of 64, the block of the sm90 MoE kernels, so
-``run --moe-backend cutedsl`` runs them.
+``run --moe-backend cutedsl`` runs them. FP8 experts need H and I multiples of 128 (whole
+128x128 scale blocks), so ``tiny-deepseek-v3-fp8`` and ``tiny-qwen3-moe-fp8`` are the tiny
+presets at hidden and expert intermediate size 128 (dense MLP 256), everything else equal.
 """
 from __future__ import annotations
 
@@ -177,12 +179,16 @@ _TINY_QWEN3_MOE: dict[str, Any] = {
     "vocab_size": 512,
 }
 
+_FP8_TINY_SIZES = {"hidden_size": 128, "moe_intermediate_size": 128, "intermediate_size": 256}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "deepseek-v3": _DEEPSEEK_V3,
     "deepseek-v3-lite": _DEEPSEEK_V3_LITE,
     "qwen3-30b-a3b": _QWEN3_30B_A3B,
     "tiny-deepseek-v3": _TINY_DEEPSEEK_V3,
     "tiny-qwen3-moe": _TINY_QWEN3_MOE,
+    "tiny-deepseek-v3-fp8": {**copy.deepcopy(_TINY_DEEPSEEK_V3), **_FP8_TINY_SIZES},
+    "tiny-qwen3-moe-fp8": {**copy.deepcopy(_TINY_QWEN3_MOE), **_FP8_TINY_SIZES},
 }
 
 

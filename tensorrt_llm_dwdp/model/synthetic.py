@@ -3,11 +3,16 @@
 Nothing is downloaded: weights are random (N(0, 0.02^2), norms 1, a small random DeepSeek
 correction bias), generated tensor by tensor in checkpoint order and streamed into shards, so
 even the full DeepSeek-V3 shapes never need more than one shard in memory. Routed experts are
-bf16 or NVFP4 in ModelOpt's layout (plus ``hf_quant_config.json``). Synthetic NVFP4 experts are
+bf16, NVFP4 in ModelOpt's layout (plus ``hf_quant_config.json``) or FP8 block 128. Synthetic NVFP4 experts are
 drawn directly in the quantized domain (uniform e2m1 codes, e4m3 block scales in [224, 448],
 a global scale giving std ~0.02): a valid NVFP4 tensor at no quantization cost, which matters
 for DeepSeek-V3's 768 expert matrices per layer. ``quantize_experts_modelopt`` converts a bf16
-HF state dict with ModelOpt's recipe instead. A byte-level tokenizer is written alongside.
+HF state dict with ModelOpt's recipe instead. An FP8 checkpoint is what DeepSeek and Qwen
+publish: ``config.json`` declares ``quantization_config`` (``hf_names.fp8_quant_config``) and every
+projection linear, dense and expert, is drawn in bf16 and quantized with the checkpoints' recipe
+(``quant.fp8.quantize_weight_blocks``: e4m3 ``weight`` + float32 ``weight_scale_inv`` per 128x128
+block); embeddings, norms, the router and ``lm_head`` stay bf16 (the correction bias fp32).
+A byte-level tokenizer is written alongside.
 """
 from __future__ import annotations
 
@@ -19,13 +24,16 @@ from typing import Any, Iterator
 
 import torch
 
-from tensorrt_llm_dwdp.model.builder import dense_param_shapes
+from tensorrt_llm_dwdp.model.builder import dense_param_specs
 from tensorrt_llm_dwdp.model.config import ModelConfig
 from tensorrt_llm_dwdp.model.hf_names import (
-    BF16, HF_QUANT_CONFIG, NVFP4, PROJS, expert_key, hf_quant_config, router_keys,
+    BF16, FP8, FP8_SCALE_SUFFIX, HF_QUANT_CONFIG, NVFP4, PROJS, expert_key, fp8_quant_config,
+    hf_quant_config, router_keys,
 )
 from tensorrt_llm_dwdp.model.safetensors_io import ShardedWriter
 from tensorrt_llm_dwdp.model.tokenizer import ByteTokenizer
+from tensorrt_llm_dwdp.moe.specs import check_sizes
+from tensorrt_llm_dwdp.quant.fp8 import quantize_weight_blocks
 from tensorrt_llm_dwdp.quant.nvfp4 import (
     E2M1_MAX, E2M1_VALUES, E4M3_MAX, global_scale_from_amax, quantize_nvfp4,
 )
@@ -71,11 +79,16 @@ def _layer_of(name: str) -> int:
 def expert_tensors(layer: int, expert: int, hidden: int, inter: int, quant: str,
                    gen: torch.Generator, dtype: torch.dtype = torch.bfloat16
                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """One expert's HF tensors (gate, up, down), bf16 or ModelOpt-layout NVFP4."""
+    """One expert's HF tensors (gate, up, down): bf16, ModelOpt-layout NVFP4 or FP8 block 128."""
     for proj in PROJS:
         rows, k = (hidden, inter) if proj == "down_proj" else (inter, hidden)
         if quant == BF16:
             yield expert_key(layer, expert, proj), random_normal((rows, k), gen, dtype)
+            continue
+        if quant == FP8:
+            q, scale_inv = quantize_weight_blocks(random_normal((rows, k), gen, dtype))
+            yield expert_key(layer, expert, proj), q
+            yield expert_key(layer, expert, proj, FP8_SCALE_SUFFIX), scale_inv
             continue
         packed = torch.randint(0, 256, (rows, k // 2), generator=gen, dtype=torch.uint8)
         scale = torch.rand(rows, k // 16, generator=gen) * (_SCALE_HIGH - _SCALE_LOW) + _SCALE_LOW
@@ -113,30 +126,41 @@ def quantize_experts_modelopt(state_dict: dict[str, torch.Tensor]) -> dict[str, 
 def synthetic_tensors(config: ModelConfig, quant: str, seed: int = 0,
                       dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of a checkpoint for ``config`` in layer order, generated lazily."""
-    if quant not in (BF16, NVFP4):
-        raise ValueError(f"quant must be {BF16!r} or {NVFP4!r}, got {quant!r}")
+    if quant not in (BF16, NVFP4, FP8):
+        raise ValueError(f"quant must be {BF16!r}, {NVFP4!r} or {FP8!r}, got {quant!r}")
+    if (quant == FP8) != (config.linear_quant == FP8):
+        raise ValueError(f"quant {quant!r} does not match the config's linears "
+                         f"({config.linear_quant!r}); build the config with synthetic_config()")
     gen = torch.Generator().manual_seed(seed)
-    dense = dense_param_shapes(config, dtype)
+    dense = dense_param_specs(config, dtype)
     by_layer: dict[int, list[str]] = {}
     for name in dense:
-        by_layer.setdefault(_layer_of(name), []).append(name)
+        if not name.endswith("." + FP8_SCALE_SUFFIX):  # written with its weight
+            by_layer.setdefault(_layer_of(name), []).append(name)
 
-    def dense_tensor(name: str) -> torch.Tensor:
-        shape = dense[name]
+    def dense_tensors(name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        shape, dt = dense[name]
         if name.endswith("norm.weight"):
-            return torch.ones(shape, dtype=dtype)
-        return random_normal(shape, gen, dtype)
+            yield name, torch.ones(shape, dtype=dtype)
+        elif dt == torch.float8_e4m3fn:
+            q, scale_inv = quantize_weight_blocks(random_normal(shape, gen, dtype))
+            yield name, q
+            yield name[: -len("weight")] + FP8_SCALE_SUFFIX, scale_inv
+        else:
+            yield name, random_normal(shape, gen, dt)
 
     top = by_layer.get(-1, [])
     head = [n for n in top if n.startswith("model.embed_tokens")]
     tail = [n for n in top if n not in head]
     for name in head:
-        yield name, dense_tensor(name)
+        yield from dense_tensors(name)
     moe = set(config.moe_layer_indices)
     h, inter, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
+    if moe:
+        check_sizes(quant, h, inter)
     for layer in range(config.num_layers):
         for name in by_layer.get(layer, []):
-            yield name, dense_tensor(name)
+            yield from dense_tensors(name)
         if layer not in moe:
             continue
         keys = router_keys(layer, config.is_deepseek)
@@ -146,21 +170,39 @@ def synthetic_tensors(config: ModelConfig, quant: str, seed: int = 0,
         for expert in range(e):
             yield from expert_tensors(layer, expert, h, inter, quant, gen, dtype)
     for name in tail:
-        yield name, dense_tensor(name)
+        yield from dense_tensors(name)
+
+
+def synthetic_config(hf_config: dict[str, Any], quant: str) -> dict[str, Any]:
+    """The ``config.json`` a synthetic ``quant`` checkpoint of ``hf_config`` carries: the
+    byte tokenizer's bos/eos, bf16, and for FP8 the checkpoints' ``quantization_config``
+    (Qwen3's also lists its routers and ``lm_head`` in ``modules_to_not_convert``, as
+    Qwen3-*-FP8 does)."""
+    config = ModelConfig.from_hf({k: v for k, v in hf_config.items() if k != "quantization_config"})
+    tok = ByteTokenizer(config.vocab_size)
+    hf = dict(hf_config)
+    hf.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, torch_dtype="bfloat16")
+    hf.pop("quantization_config", None)
+    if quant == FP8:
+        skip = None if config.is_deepseek else ["lm_head"] + [
+            f"model.layers.{i}.mlp.gate" for i in config.moe_layer_indices]
+        hf["quantization_config"] = fp8_quant_config(skip)
+    return hf
 
 
 def write_synthetic_checkpoint(out: str | os.PathLike, hf_config: dict[str, Any], *, quant: str = BF16,
                                seed: int = 0, shard_bytes: int = 4 << 30) -> SyntheticSummary:
     """Write config.json, the weights (sharded), hf_quant_config.json (NVFP4) and a byte
     tokenizer into ``out``. ``hf_config`` is an HF config dict (e.g. from ``presets``); its
-    bos/eos ids are set to the byte tokenizer's."""
-    config = ModelConfig.from_hf(hf_config)
+    bos/eos ids are set to the byte tokenizer's (``synthetic_config``). Expert sizes that do not
+    fit ``quant`` are refused before anything is written."""
+    hf = synthetic_config(hf_config, quant)
+    config = ModelConfig.from_hf(hf)
+    if config.moe_layer_indices:
+        check_sizes(quant, config.hidden_size, config.moe_intermediate_size)
     tok = ByteTokenizer(config.vocab_size)
     out = os.fspath(out)
     os.makedirs(out, exist_ok=True)
-    hf = dict(hf_config)
-    hf.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, torch_dtype="bfloat16")
-    hf.pop("quantization_config", None)
     writer = ShardedWriter(out, shard_bytes)
     count = 0
     for name, tensor in synthetic_tensors(config, quant, seed):

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from tensorrt_llm_dwdp.kernels.sm90 import preshuffle
-from tensorrt_llm_dwdp.moe.specs import NVFP4
+from tensorrt_llm_dwdp.moe.specs import FP8, NVFP4
 
 LINEAR = "linear"
 PRESHUFFLED = preshuffle.LAYOUT
@@ -43,6 +43,11 @@ def check_layout(weight_layout: str, quant: str, hidden: int | None = None,
         raise ValueError(f"unknown weight layout {weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
     if weight_layout == LINEAR:
         return
+    if quant == FP8:
+        raise ValueError(f"weight layout {weight_layout!r} permutes NVFP4 experts and the cutedsl "
+                         "backend has no FP8 expert kernel yet: run FP8 experts with the torch "
+                         "backend (the FP8 reference math) or torch-grouped (bf16 dequantized), "
+                         "weight layout linear")
     if quant != NVFP4:
         raise ValueError(f"weight layout {weight_layout!r} permutes NVFP4 experts; these are "
                          f"{quant!r}: keep them linear, with a backend that reads that (torch, "

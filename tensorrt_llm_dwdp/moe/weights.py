@@ -27,8 +27,11 @@ def _detect_quant(dtype: torch.dtype) -> str:
         return "nvfp4"
     if dtype == torch.bfloat16:
         return "bf16"
+    if dtype == torch.float8_e4m3fn:
+        return "fp8"
     raise ValueError(
-        f"ExpertWeights: w3_w1_weight dtype {dtype} is neither uint8 (nvfp4) nor bfloat16"
+        f"ExpertWeights: w3_w1_weight dtype {dtype} is not uint8 (nvfp4), bfloat16 or "
+        "float8_e4m3fn (fp8)"
     )
 
 

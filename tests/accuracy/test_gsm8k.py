@@ -65,17 +65,21 @@ def test_cli_rejects_bad_arguments(tmp_path):
     assert (args.num_questions, args.num_fewshot, args.concurrency) == (50, 2, 1)
 
 
-def _tiny_checkpoint(path):
+def _tiny_checkpoint(path, quant="nvfp4"):
+    preset = "tiny-deepseek-v3-fp8" if quant == "fp8" else "tiny-deepseek-v3"
     subprocess.run([sys.executable, "-m", "tensorrt_llm_dwdp", "make-checkpoint", "--preset",
-                    "tiny-deepseek-v3", "--num-layers", "2", "--quant", "nvfp4", "--out", str(path)],
+                    preset, "--num-layers", "2", "--quant", quant, "--out", str(path)],
                    check=True, timeout=300, capture_output=True)
     return str(path)
 
 
 @pytest.mark.accuracy
 @pytest.mark.multirank
-def test_parity_dwdp_on_equals_off_through_servers(tmp_path):
-    model = _tiny_checkpoint(tmp_path / "tiny")
+@pytest.mark.parametrize("quant", ["nvfp4", "fp8"])
+def test_parity_dwdp_on_equals_off_through_servers(tmp_path, quant):
+    """fp8: DeepSeek's FP8 format (every projection linear and expert e4m3 with 128x128 scales)
+    through the same servers and workers."""
+    model = _tiny_checkpoint(tmp_path / "tiny", quant)
     report = tmp_path / "parity.json"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "accuracy", "gsm8k.py"), "--mode", "parity",

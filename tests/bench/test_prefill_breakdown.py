@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
@@ -32,16 +34,18 @@ def test_goals_are_judged_from_the_measured_figures():
     assert [g["ok"] for g in goals] == [True, True, False, False, True, False]
 
 
-def test_breakdown_runs_on_the_tiny_model(tmp_path):
+@pytest.mark.parametrize("quant", ["nvfp4", "fp8"])
+def test_breakdown_runs_on_the_tiny_model(tmp_path, quant):
     cmd = [sys.executable, os.path.join(ROOT, "bench", "prefill_breakdown.py"), "--out", str(tmp_path),
            "--device", "cpu", "--preset", "tiny-deepseek-v3", "--moe-backend", "torch",
            "--num-moe-layers", "2", "--vocab-size", "512", "--points", "16x2,40x1/16",
            "--decode", "8", "--decode-batch", "2", "--warmup", "0", "--iters", "1",
-           "--kernel-shapes", "2x16", "--kernel-chunks", "16+8"]
+           "--kernel-shapes", "2x16", "--kernel-chunks", "16+8", "--quant", quant]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((tmp_path / "prefill_breakdown.json").read_text())
     assert r["meta"]["attention_kernels"] == "cpu-flash" and r["meta"]["num_layers"] == 3
+    assert r["meta"]["dense_linears"] == ("fp8" if quant == "fp8" else "bf16")
     one, chunked = r["points"]
     assert one["tokens"] == 32 and one["steps"] == 1
     assert chunked["tokens_per_step"] == [16, 16, 8] and len(chunked["step_ms"]) == 3

@@ -24,9 +24,11 @@ pytestmark = [pytest.mark.multirank,
 
 @pytest.mark.parametrize("n,w,p,quant,layout", [(2, 10, 6, NVFP4, "linear"),
                                                 (4, 4, 4, "bf16", "linear"),
-                                                (2, 9, 7, NVFP4, "preshuffled")])
+                                                (2, 9, 7, NVFP4, "preshuffled"),
+                                                (3, 6, 5, "fp8", "linear")])
 def test_dwdp_load_matches_full_model(tmp_path, n, w, p, quant, layout):
-    write_synthetic_checkpoint(tmp_path, get_preset("tiny-deepseek-v3", num_layers=3), quant=quant,
+    preset = "tiny-deepseek-v3-fp8" if quant == "fp8" else "tiny-deepseek-v3"
+    write_synthetic_checkpoint(tmp_path, get_preset(preset, num_layers=3), quant=quant,
                                seed=2, shard_bytes=128 << 10)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n), sys.executable, SCRIPT,

@@ -232,5 +232,6 @@ def test_dense_tensor_of_a_non_float_dtype_names_key_and_dtype(tmp_path, dtype):
     key = "model.layers.1.self_attn.q_proj.weight"
     sd[key] = sd[key].float().clamp(-1, 1).to(dtype)
     write_checkpoint(tmp_path, hf, sd, 1 << 20)
-    with pytest.raises(ValueError, match=rf"q_proj\.weight: dtype {dtype} is not a plain float"):
+    with pytest.raises(ValueError, match=rf"q_proj\.weight: dtype {dtype} in the checkpoint, "
+                                         r"expected torch.bfloat16"):
         load_model(tmp_path)

@@ -103,7 +103,8 @@ def test_missing_and_unknown_names():
         ("w2_weight", torch.zeros(E - 1, H, I, dtype=torch.bfloat16), "expected torch.bfloat16"),
         ("w2_weight", torch.zeros(E, H, I), "expected torch.bfloat16"),
         ("w3_w1_bias", torch.zeros(E, 2 * I, dtype=torch.bfloat16), "'w3_w1_bias'"),
-        ("w3_w1_weight", torch.zeros(E, 2 * I, H, dtype=torch.float16), "neither uint8"),
+        ("w3_w1_weight", torch.zeros(E, 2 * I, H, dtype=torch.float16),
+         r"is not uint8 \(nvfp4\), bfloat16 or float8_e4m3fn"),
         ("w3_w1_weight", torch.zeros(E, 2 * I + 1, H, dtype=torch.bfloat16), "2\\*I"),
     ],
 )

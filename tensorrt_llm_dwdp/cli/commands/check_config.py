@@ -14,7 +14,10 @@ the rest: ``--weight-layout`` (auto: the MoE backend's, ``--moe-backend`` or els
 ``moe_config.backend``: preshuffled for cutedsl, linear for torch); every rank of a group must
 load the same one (the exchange refuses a mix, naming both), and ``preshuffled`` is checked
 against the ``--model`` preset's expert sizes (NVFP4, H and I multiples of 64); it changes no
-memory figure (the permutation stays inside each expert). Exits 1 with the message on a bad file.
+memory figure (the permutation stays inside each expert). With ``--model`` the expert size of
+``--quant`` (nvfp4, bf16 or fp8 block 128: e4m3 weights + fp32 128x128 scales) is printed
+against bf16's, the memory and copy traffic the format saves. Exits 1 with the message on a
+bad file.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from typing import Any
 
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
 from tensorrt_llm_dwdp.dwdp.layout import ExpertLayout
-from tensorrt_llm_dwdp.moe.specs import QUANT_MODES, expert_specs
+from tensorrt_llm_dwdp.moe.specs import QUANT_MODES, expert_nbytes, expert_specs
 
 NAME = "check-config"
 HELP = "validate a dwdp_config YAML and print the expert layout of every rank"
@@ -61,16 +64,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 DEFAULT_PAGE_BYTES = 2 << 20
 
 
-def _model_facts(name: str, quant: str) -> tuple[int, int, dict[str, int]]:
-    """``(num_experts, moe_layers, {tensor name: bytes per expert})`` of a model preset."""
+def _model_facts(name: str, quant: str) -> tuple[int, int, dict[str, int], int]:
+    """``(num_experts, moe_layers, {tensor name: bytes per expert}, bf16 bytes per expert)`` of
+    a model preset with ``quant`` experts."""
     from tensorrt_llm_dwdp.model import ModelConfig, get_preset, preset_names
 
     if name not in preset_names():
         raise DwdpConfigError(f"unknown --model {name!r}; presets: {', '.join(preset_names())}")
     cfg = ModelConfig.from_hf(get_preset(name))
-    names = {n: spec.nbytes() for n, spec in
-             expert_specs(quant, cfg.hidden_size, cfg.moe_intermediate_size).items()}
-    return cfg.num_experts, len(cfg.moe_layer_indices), names
+    h, i = cfg.hidden_size, cfg.moe_intermediate_size
+    try:
+        names = {n: spec.nbytes() for n, spec in expert_specs(quant, h, i).items()}
+    except ValueError as exc:
+        raise DwdpConfigError(f"--model {name} --quant {quant}: {exc}") from None
+    return cfg.num_experts, len(cfg.moe_layer_indices), names, expert_nbytes("bf16", h, i)
 
 
 def _moe_backend(args: argparse.Namespace) -> str:
@@ -120,9 +127,9 @@ def _composite(lay: ExpertLayout, layers: int, names: dict[str, int], page: int,
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Validate and return the whole report as plain data (raises DwdpConfigError)."""
     config = DwdpConfig.from_yaml(args.file)
-    model_e = model_layers = model_bytes = names = None
+    model_e = model_layers = model_bytes = names = bf16_bytes = None
     if args.model:
-        model_e, model_layers, names = _model_facts(args.model, args.quant)
+        model_e, model_layers, names, bf16_bytes = _model_facts(args.model, args.quant)
         model_bytes = sum(names.values())
     backend = _moe_backend(args)
     weight_layout = _weight_layout(args, backend)
@@ -183,6 +190,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": config.to_dict(), "enabled": config.enabled, "num_experts": num_experts,
         "moe_layers": layers, "expert_bytes": expert_bytes, "expert_view": view,
+        "quant": args.quant, "expert_bytes_bf16": bf16_bytes,
         "moe_backend": backend, "weight_layout": weight_layout,
         "groups": [list(range(g * config.dwdp_size, (g + 1) * config.dwdp_size))
                    for g in range(config.num_groups)],
@@ -209,6 +217,11 @@ def _print_text(report: dict[str, Any]) -> None:
           + (": permuted per expert at load for the sm90 kernels)"
              if report["weight_layout"] == "preshuffled" else ")"))
     layers = report["moe_layers"]
+    if report["expert_bytes_bf16"] and report["expert_bytes"]:
+        eb, bf = report["expert_bytes"], report["expert_bytes_bf16"]
+        print(f"experts {report['quant']}: {eb / 2**20:.2f} MiB per expert (weights and scales) "
+              f"vs {bf / 2**20:.2f} MiB in bf16: {1 - eb / bf:.1%} less expert memory and "
+              f"NVLink traffic per prefetched expert")
     for entry in report["ranks"]:
         lo, hi = entry["owns"]
         fetch = ", ".join(f"[{a}, {b}) {f['part']} of rank {f['peer']}"

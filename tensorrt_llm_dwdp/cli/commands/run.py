@@ -26,16 +26,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model")
     src.add_argument("--model", help="checkpoint folder (HF layout); default: a synthetic one "
                      "built from --preset into the cache folder")
-    src.add_argument("--preset", default="tiny-deepseek-v3",
-                     help="named config for the synthetic checkpoint (default: tiny-deepseek-v3; "
-                     "see `make-checkpoint --help`)")
+    src.add_argument("--preset", default=None,
+                     help="named config for the synthetic checkpoint (default: tiny-deepseek-v3, "
+                     "tiny-deepseek-v3-fp8 with --quant fp8; see `make-checkpoint --help`)")
     src.add_argument("--num-layers", type=int, default=4, help="decoder layers of the synthetic "
                      "checkpoint (default: 4)")
     src.add_argument("--dense-layers", type=int, default=None,
                      help="DeepSeek presets: leading dense layers (first_k_dense_replace) of the "
                      "synthetic checkpoint, e.g. 0 so every layer is MoE (default: the preset's)")
-    src.add_argument("--quant", default="nvfp4", choices=["nvfp4", "bf16"],
-                     help="routed-expert format of the synthetic checkpoint (default: nvfp4)")
+    src.add_argument("--quant", default="nvfp4", choices=["nvfp4", "bf16", "fp8"],
+                     help="format of the synthetic checkpoint: nvfp4 or bf16 routed experts, or "
+                     "fp8 (block 128, every projection linear and expert, as DeepSeek-V3 and "
+                     "Qwen3-*-FP8 ship) (default: nvfp4)")
     src.add_argument("--vocab-size", type=int, default=None,
                      help="vocabulary of the synthetic checkpoint (default: the preset's)")
     src.add_argument("--cache-dir", default=None, help="where synthetic checkpoints are kept "
@@ -130,7 +132,8 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    model_dir = args.model or ensure_checkpoint(args.preset, args.num_layers, args.quant,
+    preset = args.preset or ("tiny-deepseek-v3-fp8" if args.quant == "fp8" else "tiny-deepseek-v3")
+    model_dir = args.model or ensure_checkpoint(preset, args.num_layers, args.quant,
                                                 args.vocab_size, args.cache_dir,
                                                 dense_layers=args.dense_layers)
     if args.max_num_tokens is not None and args.max_num_tokens < 1:

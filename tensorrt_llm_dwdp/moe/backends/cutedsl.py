@@ -149,6 +149,9 @@ class CuteDslMoeBackend:
         weights: ExpertWeights,
     ) -> torch.Tensor:
         check_run_experts_args(x, topk_ids, topk_weights, weights)
+        if weights.quant == "fp8":
+            raise ValueError("cutedsl backend: no FP8 expert kernel yet; run FP8 experts with "
+                             "backend='torch' (FP8 reference math) or 'torch-grouped'")
         if weights.quant != "nvfp4":
             raise ValueError(
                 f"cutedsl backend: needs NVFP4 expert weights, got {weights.quant!r} "

@@ -32,8 +32,15 @@ costs, per layer, reading 0.5625 and writing then reading 2 bytes per weight ele
 expert with tokens -- for DeepSeek-V3 with all 256 experts hit, 6.3 GB read and 2 x 22.5 GB of
 bf16 traffic, about 10 ms at H200 bandwidth on top of the GEMMs -- plus a transient bf16 copy of
 ``chunk_experts`` experts (8: 0.7 GB). A correctness baseline for NVFP4, not a fast path.
-There is no fp8 expert format in this project (``ExpertWeights``: NVFP4 or bf16), so
-``torch._scaled_grouped_mm`` has nothing to read and is not used. Preshuffled NVFP4 weights
+FP8 (block 128) experts are dequantized the same way, ``chunk_experts`` at a time, to bf16
+(``e4m3 * weight_scale_inv`` rounded once to bf16) and run with bf16 activations: a W8A16
+baseline whose numerics are NOT the FP8 reference's (no activation quantization; the torch
+backend and the FP8 kernels quantize activations per token per 128), so it agrees with them
+within FP8 activation-quantization error, not bf16 tolerance. Per layer it reads 1 byte, then
+writes and reads 2 bytes per weight element of every expert with tokens: for DeepSeek-V3 with
+all 256 experts hit, 11.3 GB of e4m3 and 2 x 22.5 GB of bf16 traffic, about 12 ms at H200
+bandwidth on top of the GEMMs. A correctness baseline for FP8 too, not a fast path
+(``torch._scaled_grouped_mm`` takes row-wise scales, not 128x128 blocks). Preshuffled NVFP4 weights
 (``ExpertWeights.weight_layout``) are unshuffled exactly per chunk before the dequantization,
 so the result is bitwise the linear set's.
 
@@ -49,6 +56,7 @@ from tensorrt_llm_dwdp.moe.backends.torch_ref import check_run_experts_args
 from tensorrt_llm_dwdp.moe.layouts import LINEAR, PRESHUFFLED, to_linear
 from tensorrt_llm_dwdp.moe.permute import RoutingErrors, build_permutation
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
+from tensorrt_llm_dwdp.quant.fp8 import dequantize_weight_blocks
 from tensorrt_llm_dwdp.quant.nvfp4 import E2M1_VALUES
 
 DEFAULT_CHUNK_EXPERTS = 8
@@ -170,6 +178,11 @@ class TorchGroupedMoeBackend:
                 "w3_w1_weight", "w3_w1_weight_scale", "w2_weight", "w2_weight_scale")}
             w13 = dequantize_bf16(lin["w3_w1_weight"], lin["w3_w1_weight_scale"])
             w2 = dequantize_bf16(lin["w2_weight"], lin["w2_weight_scale"])
+        elif weights.quant == "fp8":
+            w13 = dequantize_weight_blocks(p["w3_w1_weight"][ids],
+                                           p["w3_w1_weight_scale_inv"][ids]).to(torch.bfloat16)
+            w2 = dequantize_weight_blocks(p["w2_weight"][ids],
+                                          p["w2_weight_scale_inv"][ids]).to(torch.bfloat16)
         else:
             w13 = p["w3_w1_weight"] if ids is None else p["w3_w1_weight"][ids]
             w2 = p["w2_weight"] if ids is None else p["w2_weight"][ids]

@@ -1,4 +1,4 @@
-"""Torch reference MoE backend (CPU and GPU, NVFP4 and bf16 weights): the numerics every
+"""Torch reference MoE backend (CPU and GPU, NVFP4, bf16 and FP8 weights): the numerics every
 fused kernel matches within bf16 tolerance.
 
 Per expert ``e`` that received tokens (rows of the :class:`PermutationPlan`, in (token, slot)
@@ -15,6 +15,13 @@ order), with ``a = x[rows]`` (bf16 -> fp32, exact):
 5. Each token sums its k slot outputs in fp32 in slot order ``j = 0..k-1`` (fixed order, so
    the result is deterministic), then rounds once to bf16.
 
+FP8 experts (block 128, ``quant/fp8.py``) run the quantized math of the FP8 kernels instead of
+steps 1-4: ``a`` is quantized per token per 128 channels (``quantize_act_per_token``), ``g =
+blockwise_matmul_ref(a, w3_w1)`` (fp32 partials per 128 of K, promoted with the activation and
+weight block scales), ``+ w3_w1_bias``; ``h = bf16(silu(gate) * up)`` with the SwiGLU in fp32 and
+one rounding to bf16; ``h`` is quantized again per token per 128 (from its bf16 values) and
+``y = blockwise_matmul_ref(h, w2)``, ``+ w2_bias``; steps 5 and the router weight as above.
+
 The fp32 GEMMs accumulate in whatever order torch picks on the device, so kernels match
 this within bf16 tolerance, not bit for bit; on one device the result is deterministic and does
 not depend on how the experts are split across view tensors. Experts are looped over
@@ -30,6 +37,8 @@ import torch.nn.functional as F
 from tensorrt_llm_dwdp.moe.layouts import LINEAR, PRESHUFFLED
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
+from tensorrt_llm_dwdp.quant.fp8 import (blockwise_matmul_ref, dequantize_weight_blocks,
+                                         quantize_act_per_token)
 from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4
 
 
@@ -63,9 +72,13 @@ def dequantized_expert(
     weights: ExpertWeights, expert: int
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """fp32 ``W13 [2I, H]``, ``W2 [H, I]`` of one expert (NVFP4: exact ``e2m1 * e4m3``, global
-    scale NOT applied; any weight layout) and the expert's other tensors (alphas, biases)."""
+    scale NOT applied; FP8: ``e4m3 * weight_scale_inv`` per block, one fp32 rounding; any
+    weight layout) and the expert's other tensors (alphas, biases)."""
     p = weights.linear_expert(expert)
-    if weights.quant == "nvfp4":
+    if weights.quant == "fp8":
+        w13 = dequantize_weight_blocks(p["w3_w1_weight"], p["w3_w1_weight_scale_inv"])
+        w2 = dequantize_weight_blocks(p["w2_weight"], p["w2_weight_scale_inv"])
+    elif weights.quant == "nvfp4":
         w13 = dequantize_nvfp4(p["w3_w1_weight"], p["w3_w1_weight_scale"], None, torch.float32)
         w2 = dequantize_nvfp4(p["w2_weight"], p["w2_weight_scale"], None, torch.float32)
     else:
@@ -73,8 +86,26 @@ def dequantized_expert(
     return w13, w2, p
 
 
+def fp8_expert_mlp(a: torch.Tensor, p: dict[str, torch.Tensor], inter: int) -> torch.Tensor:
+    """One FP8 expert ``p`` (``{name: tensor}``, dim 0 dropped) on rows ``a [n, H]`` (bf16
+    values, any float dtype) -> ``[n, H]`` fp32: quantize, block-scaled FC1, fp32 SwiGLU, bf16
+    h, requantize, block-scaled FC2 (module docstring). The reference the FP8 kernels match."""
+    aq, as_ = quantize_act_per_token(a)
+    g = blockwise_matmul_ref(aq, as_, p["w3_w1_weight"], p["w3_w1_weight_scale_inv"])
+    if "w3_w1_bias" in p:
+        g = g + p["w3_w1_bias"]
+    h = (F.silu(g[:, inter:]) * g[:, :inter]).to(torch.bfloat16)
+    hq, hs = quantize_act_per_token(h)
+    y = blockwise_matmul_ref(hq, hs, p["w2_weight"], p["w2_weight_scale_inv"])
+    if "w2_bias" in p:
+        y = y + p["w2_bias"]
+    return y
+
+
 def expert_mlp(a: torch.Tensor, weights: ExpertWeights, expert: int) -> torch.Tensor:
     """Steps 1-4 (without the router weight) for rows ``a [n, H]`` fp32 -> ``[n, H]`` fp32."""
+    if weights.quant == "fp8":
+        return fp8_expert_mlp(a, weights.linear_expert(expert), weights.intermediate_size)
     w13, w2, p = dequantized_expert(weights, expert)
     g = a @ w13.t()
     if weights.quant == "nvfp4":

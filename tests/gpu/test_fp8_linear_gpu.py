@@ -1,0 +1,130 @@
+"""FP8 dense linears on an sm90 GPU: torch's blockwise scaled GEMM (the vendor path Fp8Linear
+takes) against the reference block-scaled GEMM of quant/fp8.py, at DeepSeek-V3's projection
+shapes and token counts on and off the tiles; the compiled activation quantization against the
+eager recipe; a whole FP8 model's prefill and decode on the GPU against the CPU.
+
+Tolerance of vendor vs reference (both see the same e4m3 operands and scales): each rounds its
+float32 result to bf16 once (2^-9 relative each), and the tensor cores sum a 128-wide K block
+with fewer mantissa bits than float32 before the promotion (about 14 on Hopper, DeepSeek-V3
+report section 3.3.2): at most 2^-12 of the block's sum of |products|. So per output
+``|vendor - ref| <= 2^-8 |ref| + 2^-12 (|x_dq| @ |w_dq|^T)``, with ``x_dq``/``w_dq`` the
+dequantized operands. A wrong scale layout (transposed, unpadded, another block's scale) misses
+this by orders of magnitude.
+"""
+import pytest
+import torch
+
+from tensorrt_llm_dwdp.model.fp8_linear import (
+    Fp8Linear, _compiled_act_quant, fp8_linear_scaled_mm, scaled_mm_weight_scales,
+)
+from tensorrt_llm_dwdp.quant.fp8 import (
+    blockwise_matmul_ref, dequantize_act_per_token, dequantize_weight_blocks,
+    quantize_act_per_token, quantize_weight_blocks,
+)
+
+pytestmark = pytest.mark.gpu
+
+# DeepSeek-V3 (N, K): q_a, q_b, kv_a (576 rows: 4.5 blocks), kv_b, o, dense gate, dense down,
+# shared-expert down; and a small one
+SHAPES = [(1536, 7168), (24576, 1536), (576, 7168), (32768, 512), (7168, 16384), (18432, 7168),
+          (7168, 18432), (7168, 2048), (256, 384)]
+
+
+def _need_sm90():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the blockwise scaled GEMM of torch runs on sm90 only")
+
+
+def _weights(n, k, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+    w[: min(n, 128)] *= 20  # one row block of a very different range: misplaced scales show
+    return quantize_weight_blocks(w)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 3, 17, 300, 2048])
+def test_scaled_mm_matches_reference(n, k, tokens):
+    _need_sm90()
+    if tokens == 2048 and n * k > 7168 * 7168:
+        tokens = 1024  # bounds the reference's float32 scratch
+    wq, ws = _weights(n, k, seed=n + k)
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    x = (torch.randn(tokens, k, device="cuda", generator=gen) * 2).bfloat16()
+    x[:, :128] *= 30  # a token group of a very different range
+    got = fp8_linear_scaled_mm(x, wq, scaled_mm_weight_scales(ws)).float()
+    xq, xs = quantize_act_per_token(x)
+    ref = blockwise_matmul_ref(xq, xs, wq, ws)
+    mag = dequantize_act_per_token(xq, xs).abs() @ dequantize_weight_blocks(wq, ws).abs().T
+    bound = 2.0 ** -8 * ref.abs() + 2.0 ** -12 * mag
+    excess = ((got - ref).abs() - bound).max().item()
+    assert excess <= 0, f"vendor vs reference beyond the stated bound by {excess:.3g}"
+    assert got.shape == (tokens, n)
+
+
+def test_compiled_activation_quantization_matches_the_recipe():
+    _need_sm90()
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    x = (torch.randn(4099, 7168, device="cuda", generator=gen)
+         * torch.logspace(-3, 3, 4099, device="cuda")[:, None]).bfloat16()
+    x[5] = 0  # all-zero token: the floor's scale
+    q, s = _compiled_act_quant()(x)
+    q_ref, s_ref = quantize_act_per_token(x)
+    # amax is exact; the compiler may evaluate /448 and 448/amax with a different rounding (an
+    # ulp), moving a code that sits on an e4m3 midpoint by one step: rare, and never more.
+    assert torch.all((s - s_ref).abs() <= s_ref * 2.0 ** -23)
+    codes, codes_ref = q.float(), q_ref.float()
+    moved = codes != codes_ref
+    assert moved.float().mean().item() < 1e-4
+    step = (codes_ref.abs() * 2.0 ** -3).clamp(min=2.0 ** -9)  # one e4m3 ulp, at most
+    assert torch.all((codes - codes_ref).abs()[moved] <= step[moved] * 1.0001)
+
+
+def test_fp8_linear_picks_the_vendor_gemm_on_sm90():
+    _need_sm90()
+    with torch.device("cuda"):
+        lin = Fp8Linear(7168, 576)
+        odd = Fp8Linear(200, 64)  # K off the 128 grid: the reference
+    assert lin.gemm_backend(torch.device("cuda")) == "scaled_mm"
+    assert odd.gemm_backend(torch.device("cuda")) == "reference"
+    q, s = _weights(576, 7168, seed=1)
+    with torch.no_grad():
+        lin.weight.copy_(q)
+        lin.weight_scale_inv.copy_(s)
+    x = torch.randn(2, 5, 7168, device="cuda").bfloat16()
+    y = lin(x)
+    assert y.shape == (2, 5, 576) and y.dtype == torch.bfloat16
+    ref = Fp8Linear(7168, 576, gemm="reference").cuda()
+    ref.load_state_dict(lin.state_dict())
+    torch.testing.assert_close(y.float(), ref(x).float(), rtol=2 ** -7, atol=2e-2)
+
+
+def test_fp8_model_on_gpu_matches_cpu(tmp_path):
+    """A whole FP8 checkpoint (MLA, dense MLP, shared and routed experts; the vendor GEMM where
+    shapes fit, the reference elsewhere) on the GPU against the CPU, prefill and three decode
+    steps fed the same tokens (the CPU's greedy ones): logits within the FP8 noise of two
+    accumulation orders (an activation code may round the other way on the other device)."""
+    _need_sm90()
+    from tensorrt_llm_dwdp.model.batch import BatchInfo
+    from tensorrt_llm_dwdp.model.checkpoint import load_model
+    from tensorrt_llm_dwdp.model.presets import get_preset
+    from tensorrt_llm_dwdp.model.synthetic import write_synthetic_checkpoint
+
+    write_synthetic_checkpoint(tmp_path, get_preset("tiny-deepseek-v3-fp8", num_layers=3),
+                               quant="fp8", seed=1)
+    prompts = ([5, 9, 200, 31, 7], [400, 3, 17, 8, 8, 8, 1, 2, 3, 4, 5, 6])
+    models = {d: load_model(tmp_path, device=d) for d in ("cuda", "cpu")}
+    caches = {d: m.make_cache(len(prompts), 32, d) for d, m in models.items()}
+    batch = BatchInfo((0, 1), (0, 0), tuple(len(p) for p in prompts))
+    ids = torch.tensor([t for p in prompts for t in p])
+    with torch.inference_mode():
+        for step in range(4):
+            out = {d: models[d](ids.to(d), batch, caches[d]).float().cpu() for d in models}
+            scale = out["cpu"].abs().max().item()
+            diff = (out["cuda"] - out["cpu"]).abs().max().item()
+            assert diff <= 5e-2 * scale, f"step {step}: max |gpu - cpu| {diff:.3g}, scale {scale:.3g}"
+            ids = out["cpu"].argmax(-1)
+            batch = BatchInfo(batch.slots, tuple(p + n for p, n in zip(
+                batch.start_positions, batch.lengths)), (1, 1))
