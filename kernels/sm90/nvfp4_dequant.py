@@ -177,6 +177,7 @@ def emulate_preshuffled_bf16x8(words: np.ndarray, scale0: np.ndarray,
 E4M3_BYTE_BITS = (2, 3, 4, 7)  # M, E0, E1, sign of a code -> bit of its e4m3 byte
 E4M3_CODE_EXP2 = -6  # the placed byte's value = code x 2^-6
 E4M3_SCALE_EXP2 = 3  # f16 scale = s x 8: product = code x s x 2^-3 (quant.w4a8.WEIGHT_EXP2)
+E4M3_WEIGHT_EXP2 = E4M3_CODE_EXP2 + E4M3_SCALE_EXP2  # the A operand = weight x 2^-3
 E4M3_BYTE_OF = (0, 2, 3, 1)  # byte of the placed word holding slot b's code
 E4M3_SLOT_SELECT = sum(E4M3_BYTE_OF[b] << (4 * b) for b in range(4))  # prmt: slot b <- byte
 

@@ -187,3 +187,12 @@ def ld_global_i32(gmem_addr: Int64, *, loc=None, ip=None) -> Int32:
             "=r,l")
     )
 
+
+
+@dsl_user_op
+def ld_shared_f32(smem_addr: Int32, *, loc=None, ip=None) -> Float32:
+    """Load one fp32 value from shared memory."""
+    return Float32(
+        asm(T.f32(), [Int32(smem_addr).ir_value(loc=loc, ip=ip)], "ld.shared.f32 $0, [$1];",
+            "=f,r")
+    )

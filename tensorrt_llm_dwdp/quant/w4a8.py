@@ -132,7 +132,18 @@ def weight_rounding_stats(scale: torch.Tensor) -> dict[str, float]:
 
 __all__ = ["BLOCK_SIZE", "E4M3_WEIGHT_MAX", "STATED_ERROR", "WEIGHT_EXP2", "nvfp4_to_e4m3",
            "promoted_matmul", "quantize_activations", "w4a16_matmul_exact", "w4a8_matmul_ref",
-           "weight_rounding_stats", "gemm_errors"]
+           "weight_rounding_stats", "gemm_errors", "w4a8_expert_mlp"]
+
+
+def w4a8_expert_mlp(a: torch.Tensor, p: dict[str, torch.Tensor], inter: int) -> torch.Tensor:
+    """One NVFP4 expert run the W4A8 way on rows ``a [n, H]`` (bf16): ``p`` holds the linear
+    ``w3_w1_weight`` / ``_scale`` (rows ``[0, I)`` up, ``[I, 2I)`` gate), ``w2_weight`` /
+    ``_scale``, ``fc31_alpha``, ``fc2_alpha``. FC1 (:func:`w4a8_matmul_ref`), fp32 SwiGLU,
+    bf16 h, FC2 with h requantized per row -> fp32 ``[n, H]`` (router weight not applied):
+    what the W4A8 kernels compute per (token, slot)."""
+    g = w4a8_matmul_ref(a, p["w3_w1_weight"], p["w3_w1_weight_scale"], p["fc31_alpha"])
+    h = (torch.nn.functional.silu(g[:, inter:]) * g[:, :inter]).to(torch.bfloat16)
+    return w4a8_matmul_ref(h, p["w2_weight"], p["w2_weight_scale"], p["fc2_alpha"])
 
 
 def _rel_fro(a: torch.Tensor, ref: torch.Tensor) -> float:
