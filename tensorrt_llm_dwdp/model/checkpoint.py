@@ -34,6 +34,8 @@ from tensorrt_llm_dwdp.model.builder import build_model
 from tensorrt_llm_dwdp.model.checkpoint_check import DENSE_DTYPES, check_dense, check_experts
 from tensorrt_llm_dwdp.model.config import ModelConfig
 from tensorrt_llm_dwdp.model.decoder import CausalLM
+from tensorrt_llm_dwdp.model.deepseek_v3 import MlaAttention
+from tensorrt_llm_dwdp.model.fp8_linear import Fp8Linear
 from tensorrt_llm_dwdp.model.expert_convert import Allocator, load_layer_experts
 from tensorrt_llm_dwdp.model.hf_names import detect_quant
 from tensorrt_llm_dwdp.model.moe_block import make_moe
@@ -99,6 +101,18 @@ def load_dense_weights(model: CausalLM, reader: CheckpointReader) -> None:
             raise KeyError(f"checkpoint {reader.path} lacks tensor {key!r} (for parameter {name})")
         with torch.no_grad():
             dst.copy_(_read_dense(reader, key, tuple(dst.shape), dst.dtype))
+
+
+def prepare_fp8_decode_(model: CausalLM, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Dequantize every FP8 ``kv_b_proj`` of MLA once, now, for the latent-space decode
+    (``Fp8Linear.dequantized_weight``): the memory (DeepSeek-V3: 32 MiB per layer in bf16) is
+    then taken before the engine sizes its KV cache, not at the first decode. Returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, MlaAttention) and isinstance(module.kv_b_proj, Fp8Linear):
+            module.kv_b_proj.dequantized_weight(dtype)
+            count += 1
+    return count
 
 
 def load_moe_experts(
@@ -196,6 +210,7 @@ def load_model(
                           config.hidden_size, config.moe_intermediate_size)
         model = model.to_empty(device=device)
         load_dense_weights(model, reader)
+        prepare_fp8_decode_(model, dtype)
         if config.moe_layer_indices:
             host = {}
             if restoring:

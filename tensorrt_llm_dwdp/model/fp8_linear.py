@@ -36,7 +36,7 @@ from torch import nn
 
 from tensorrt_llm_dwdp.quant.fp8 import (
     FP8_BLOCK, FP8_DTYPE, dequantize_weight_blocks, fp8_linear_ref, quantize_act_per_token,
-    weight_scale_shape,
+    quantize_act_per_token_unchecked, weight_scale_shape,
 )
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _compiled_act_quant():
         logger.warning("triton is not installed: FP8 activation quantization runs eagerly "
                        "(several passes over the activations)")
         return quantize_act_per_token
-    return torch.compile(quantize_act_per_token, dynamic=True, fullgraph=True)
+    return torch.compile(quantize_act_per_token_unchecked, dynamic=True, fullgraph=True)
 
 
 def scaled_mm_weight_scales(ws: torch.Tensor) -> torch.Tensor:

@@ -3,16 +3,17 @@
 Nothing is downloaded: weights are random (N(0, 0.02^2), norms 1, a small random DeepSeek
 correction bias), generated tensor by tensor in checkpoint order and streamed into shards, so
 even the full DeepSeek-V3 shapes never need more than one shard in memory. Routed experts are
-bf16, NVFP4 in ModelOpt's layout (plus ``hf_quant_config.json``) or FP8 block 128. Synthetic NVFP4 experts are
-drawn directly in the quantized domain (uniform e2m1 codes, e4m3 block scales in [224, 448],
-a global scale giving std ~0.02): a valid NVFP4 tensor at no quantization cost, which matters
-for DeepSeek-V3's 768 expert matrices per layer. ``quantize_experts_modelopt`` converts a bf16
-HF state dict with ModelOpt's recipe instead. An FP8 checkpoint is what DeepSeek and Qwen
-publish: ``config.json`` declares ``quantization_config`` (``hf_names.fp8_quant_config``) and every
-projection linear, dense and expert, is drawn in bf16 and quantized with the checkpoints' recipe
-(``quant.fp8.quantize_weight_blocks``: e4m3 ``weight`` + float32 ``weight_scale_inv`` per 128x128
-block); embeddings, norms, the router and ``lm_head`` stay bf16 (the correction bias fp32).
-A byte-level tokenizer is written alongside.
+bf16, NVFP4 in ModelOpt's layout (plus ``hf_quant_config.json``) or FP8 block 128. Synthetic
+NVFP4 experts are drawn directly in the quantized domain (uniform e2m1 codes, e4m3 block
+scales in [224, 448], a global scale giving std ~0.02): a valid NVFP4 tensor at no quantization
+cost, which matters for DeepSeek-V3's 768 expert matrices per layer.
+``quantize_experts_modelopt`` converts a bf16 HF state dict with ModelOpt's recipe instead. An
+FP8 checkpoint is what DeepSeek and Qwen publish: ``config.json`` declares
+``quantization_config`` (``hf_names.fp8_quant_config``) and every projection linear, dense and
+expert, is drawn in bf16 and quantized with the checkpoints' recipe
+(``quant.fp8.quantize_weight_blocks``: e4m3 ``weight`` + float32 ``weight_scale_inv`` per
+128x128 block); embeddings, norms, the router and ``lm_head`` stay bf16 (the correction bias
+fp32). A byte-level tokenizer is written alongside.
 """
 from __future__ import annotations
 
@@ -55,11 +56,11 @@ def random_normal(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dty
                   std: float = WEIGHT_STD) -> torch.Tensor:
     """N(0, std^2) in ``dtype``, drawn in chunks so no full-size fp32 temporary exists
     (DeepSeek-V3's embedding is 0.9 G elements)."""
-    out = torch.empty(shape, dtype=dtype)
+    out = torch.empty(shape, dtype=dtype, device=gen.device)
     flat = out.view(-1)
     for i in range(0, flat.numel(), _CHUNK):
         n = min(_CHUNK, flat.numel() - i)
-        flat[i:i + n] = torch.randn(n, generator=gen) * std
+        flat[i:i + n] = torch.randn(n, generator=gen, device=gen.device) * std
     return out
 
 
@@ -90,8 +91,10 @@ def expert_tensors(layer: int, expert: int, hidden: int, inter: int, quant: str,
             yield expert_key(layer, expert, proj), q
             yield expert_key(layer, expert, proj, FP8_SCALE_SUFFIX), scale_inv
             continue
-        packed = torch.randint(0, 256, (rows, k // 2), generator=gen, dtype=torch.uint8)
-        scale = torch.rand(rows, k // 16, generator=gen) * (_SCALE_HIGH - _SCALE_LOW) + _SCALE_LOW
+        packed = torch.randint(0, 256, (rows, k // 2), generator=gen, dtype=torch.uint8,
+                               device=gen.device)
+        scale = torch.rand(rows, k // 16, generator=gen, device=gen.device) * (
+            _SCALE_HIGH - _SCALE_LOW) + _SCALE_LOW
         yield expert_key(layer, expert, proj, "weight"), packed
         yield expert_key(layer, expert, proj, "weight_scale"), scale.to(torch.float8_e4m3fn)
         yield expert_key(layer, expert, proj, "weight_scale_2"), torch.tensor(WEIGHT_STD / (_E2M1_RMS * _SCALE_RMS))
@@ -124,14 +127,16 @@ def quantize_experts_modelopt(state_dict: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def synthetic_tensors(config: ModelConfig, quant: str, seed: int = 0,
-                      dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of a checkpoint for ``config`` in layer order, generated lazily."""
+                      dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a checkpoint for ``config`` in layer order, generated lazily on
+    ``device`` (its generator seeded with ``seed``: a CUDA draw differs from the CPU's)."""
     if quant not in (BF16, NVFP4, FP8):
         raise ValueError(f"quant must be {BF16!r}, {NVFP4!r} or {FP8!r}, got {quant!r}")
     if (quant == FP8) != (config.linear_quant == FP8):
         raise ValueError(f"quant {quant!r} does not match the config's linears "
                          f"({config.linear_quant!r}); build the config with synthetic_config()")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     dense = dense_param_specs(config, dtype)
     by_layer: dict[int, list[str]] = {}
     for name in dense:
@@ -166,7 +171,8 @@ def synthetic_tensors(config: ModelConfig, quant: str, seed: int = 0,
         keys = router_keys(layer, config.is_deepseek)
         yield keys["weight"], random_normal((e, h), gen, dtype)
         if "e_score_correction_bias" in keys:
-            yield keys["e_score_correction_bias"], torch.randn(e, generator=gen) * 0.01
+            yield keys["e_score_correction_bias"], torch.randn(e, generator=gen,
+                                                               device=gen.device) * 0.01
         for expert in range(e):
             yield from expert_tensors(layer, expert, h, inter, quant, gen, dtype)
     for name in tail:
@@ -191,11 +197,13 @@ def synthetic_config(hf_config: dict[str, Any], quant: str) -> dict[str, Any]:
 
 
 def write_synthetic_checkpoint(out: str | os.PathLike, hf_config: dict[str, Any], *, quant: str = BF16,
-                               seed: int = 0, shard_bytes: int = 4 << 30) -> SyntheticSummary:
+                               seed: int = 0, shard_bytes: int = 4 << 30,
+                               device: str | torch.device = "cpu") -> SyntheticSummary:
     """Write config.json, the weights (sharded), hf_quant_config.json (NVFP4) and a byte
     tokenizer into ``out``. ``hf_config`` is an HF config dict (e.g. from ``presets``); its
     bos/eos ids are set to the byte tokenizer's (``synthetic_config``). Expert sizes that do not
-    fit ``quant`` are refused before anything is written."""
+    fit ``quant`` are refused before anything is written. ``device``: where weights are drawn
+    and quantized (``cuda`` makes FP8 at DeepSeek-V3 shapes minutes faster; other draws)."""
     hf = synthetic_config(hf_config, quant)
     config = ModelConfig.from_hf(hf)
     if config.moe_layer_indices:
@@ -205,8 +213,8 @@ def write_synthetic_checkpoint(out: str | os.PathLike, hf_config: dict[str, Any]
     os.makedirs(out, exist_ok=True)
     writer = ShardedWriter(out, shard_bytes)
     count = 0
-    for name, tensor in synthetic_tensors(config, quant, seed):
-        writer.add(name, tensor)
+    for name, tensor in synthetic_tensors(config, quant, seed, device=device):
+        writer.add(name, tensor.cpu())
         count += 1
     shards = writer.finish()
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:

@@ -130,6 +130,13 @@ def quantize_act_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     _check_float_input(x, "quantize_act_per_token", 2)
     if x.dim() != 2:
         raise ValueError(f"quantize_act_per_token: expected [T, K], got shape {tuple(x.shape)}")
+    return quantize_act_per_token_unchecked(x)
+
+
+def quantize_act_per_token_unchecked(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_act_per_token` without its input checks (no host synchronisation, no
+    data-dependent branch): for callers that validated ``x`` (a float ``[T, K]``), e.g. the
+    one-kernel ``torch.compile`` of it the GPU path of ``Fp8Linear`` runs."""
     t, k = x.shape
     kb = num_blocks(k)
     groups = _pad_to_blocks(x.float(), (-1,)).reshape(t, kb, FP8_BLOCK)
@@ -180,10 +187,11 @@ def blockwise_matmul_ref(
             f"blockwise_matmul_ref: xs shape {tuple(xs.shape)} != {(t, num_blocks(k))}"
         )
     ws_rows = ws.repeat_interleave(FP8_BLOCK, dim=0)[:n]  # [N, ceil(K/128)]
+    xf, wf = xq.float(), wq.float()  # exact
     out = torch.zeros(t, n, dtype=torch.float32, device=xq.device)
     for kb in range(num_blocks(k)):
         cols = slice(kb * FP8_BLOCK, min(k, (kb + 1) * FP8_BLOCK))
-        partial = xq[:, cols].float() @ wq[:, cols].float().T
+        partial = xf[:, cols] @ wf[:, cols].T
         out += partial * xs[:, kb, None] * ws_rows[None, :, kb]
     return out
 

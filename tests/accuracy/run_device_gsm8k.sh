@@ -4,13 +4,16 @@
 #   bash tests/accuracy/run_device_gsm8k.sh
 #
 # Builds a synthetic DeepSeek-V3-shaped checkpoint with few layers (real hidden/expert shapes,
-# E=256 NVFP4 experts, byte tokenizer, small vocabulary), then runs gsm8k.py --mode parity:
+# E=256 NVFP4 experts, or FP8 with QUANT=fp8; byte tokenizer, small vocabulary), then runs
+# gsm8k.py --mode parity:
 # an aggregated server without DWDP (cuda:0) against a disaggregated deployment whose two
 # context servers form one DWDP group (mpirun, one GPU each, experts shared through CUDA IPC,
 # configs/deepseek_v3_dwdp2.yaml: W=P=128) plus a generation server (cuda:1) and the router.
 # Every one of 50 answers must be identical. Report and logs go to $OUT (default ./device_out).
 #
-# Knobs (environment): NUM_LAYERS (5 = 3 dense + 2 MoE), VOCAB (1024), NUM_QUESTIONS (50),
+# Knobs (environment): QUANT (nvfp4; fp8 = DeepSeek's FP8 format, every projection linear and
+# expert e4m3 with 128x128 scales), CKPT_DEVICE (cpu; cuda draws and quantizes the synthetic
+# weights on the GPU, minutes faster for fp8), NUM_LAYERS (5 = 3 dense + 2 MoE), VOCAB (1024), NUM_QUESTIONS (50),
 # MAX_TOKENS (32), NUM_FEWSHOT (2), MODEL (reuse a checkpoint), MOE_BACKEND (VANILLA = torch reference; CUTEDSL needs the
 # nvidia-cutlass-dsl wheel), PYTHON (python3). A CPU dry run of the same script:
 #   PRESET=tiny-deepseek-v3 CONFIG=configs/synthetic_tiny_dwdp2.yaml VOCAB=512 DEVICE=cpu \
@@ -32,7 +35,8 @@ model="${MODEL:-${work}/dsv3-synthetic}"
 t0=$(date +%s)
 if [ -z "${MODEL:-}" ]; then  # MODEL=path reuses a checkpoint written earlier in the same call
   "${python_bin}" -m tensorrt_llm_dwdp make-checkpoint --preset "${PRESET:-deepseek-v3}" --num-layers "${NUM_LAYERS:-5}" \
-      --vocab-size "${VOCAB:-1024}" --quant nvfp4 --out "${model}" | tee "${out}/checkpoint.json"
+      --vocab-size "${VOCAB:-1024}" --quant "${QUANT:-nvfp4}" --device "${CKPT_DEVICE:-cpu}" \
+      --out "${model}" | tee "${out}/checkpoint.json"
 fi
 t1=$(date +%s)
 

@@ -128,3 +128,22 @@ def test_fp8_model_on_gpu_matches_cpu(tmp_path):
             ids = out["cpu"].argmax(-1)
             batch = BatchInfo(batch.slots, tuple(p + n for p, n in zip(
                 batch.start_positions, batch.lengths)), (1, 1))
+
+
+def test_checkpoint_drawn_on_the_gpu_is_the_same_format(tmp_path):
+    """``make-checkpoint --device cuda`` (used for DeepSeek-V3-shaped FP8 checkpoints on the
+    device): same keys, shapes and dtypes as a CPU-made one, and it loads."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from tensorrt_llm_dwdp.model.checkpoint import load_model
+    from tensorrt_llm_dwdp.model.presets import get_preset
+    from tensorrt_llm_dwdp.model.safetensors_io import CheckpointReader
+    from tensorrt_llm_dwdp.model.synthetic import write_synthetic_checkpoint
+
+    hf = get_preset("tiny-qwen3-moe-fp8", num_layers=2)
+    write_synthetic_checkpoint(tmp_path / "gpu", hf, quant="fp8", device="cuda")
+    write_synthetic_checkpoint(tmp_path / "cpu", hf, quant="fp8")
+    with CheckpointReader(tmp_path / "gpu") as g, CheckpointReader(tmp_path / "cpu") as c:
+        assert {k: (e.dtype, e.shape) for k, e in g.entries.items()} == {
+            k: (e.dtype, e.shape) for k, e in c.entries.items()}
+    assert load_model(tmp_path / "gpu").moe_modules()[0].local_weights.quant == "fp8"

@@ -1,7 +1,9 @@
 """``run --quant fp8`` on CPU ranks: an FP8 block-128 checkpoint (every projection linear and
 routed expert in e4m3 with 128x128 scales) prefills and decodes over DWDP with logits bitwise
-equal to one rank holding all experts, with 2 and 3 ranks, composite and multi views, and both
-torch backends; cutedsl is refused before any rank starts."""
+equal to one rank holding all experts, with 2 and 3 ranks, composite and multi views, both
+torch backends, host tiers (offloaded own experts, the node's host store, failover to it when a
+rank dies): DWDP moves the e4m3 weights and their scales as whole experts' bytes, unchanged.
+cutedsl is refused before any rank starts."""
 import json
 import subprocess
 import sys
@@ -46,6 +48,21 @@ def test_deepseek_fp8_bitwise_parity(tmp_path, ranks, view, extra):
     proc, out = run_job(tmp_path, "--ranks", str(ranks), "--expert-view", view, *extra)
     summary = check_parity(proc, out, ranks, view)
     assert "tiny-deepseek-v3-fp8" in summary["model"]
+
+
+def test_host_tiers_carry_fp8_experts(tmp_path):
+    proc, out = run_job(tmp_path, "--ranks", "2", "--host-experts-per-worker", "2",
+                        "--host-backup")
+    summary = check_parity(proc, out, 2, "composite")
+    assert summary["dwdp_config"]["host_experts_per_worker"] == 2
+
+
+def test_failover_to_the_host_store_with_fp8_experts(tmp_path):
+    proc, out = run_job(tmp_path, "--ranks", "2", "--host-backup", "--fail-rank", "1",
+                        "--fail-at-step", "2", "--max-tokens", "4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "now come from the host store" in proc.stdout + proc.stderr
+    assert "parity vs one rank holding all experts: PASS" in proc.stdout
 
 
 def test_qwen3_fp8_torch_grouped_composite_bitwise_parity(tmp_path):

@@ -107,11 +107,17 @@ def test_load_is_bit_for_bit(ds_ckpt):
     for e in (0, 7, 15):
         k = lambda proj, s="weight": files[expert_key(1, e, proj, s)]  # noqa: E731
         assert torch.equal(u8(p["w3_w1_weight"][0][e]), u8(torch.cat((k("up_proj"), k("gate_proj")))))
-        assert torch.equal(p["w3_w1_weight_scale_inv"][0][e],
-                           torch.cat((k("up_proj", "weight_scale_inv"), k("gate_proj", "weight_scale_inv"))))
+        scales = torch.cat((k("up_proj", "weight_scale_inv"), k("gate_proj", "weight_scale_inv")))
+        assert torch.equal(p["w3_w1_weight_scale_inv"][0][e], scales)
         assert torch.equal(u8(p["w2_weight"][0][e]), u8(k("down_proj")))
         assert torch.equal(p["w2_weight_scale_inv"][0][e], k("down_proj", "weight_scale_inv"))
     assert p["w3_w1_weight"][0].shape == (16, 2 * inter, cfg.hidden_size)
+    # kv_b is dequantized for the latent-space decode at load, before a KV cache is sized
+    kv_b = model.get_submodule("model.layers.1.self_attn.kv_b_proj")
+    assert len(kv_b._derived) == 1
+    w = dense_weight(kv_b)
+    assert len(kv_b._derived) == 1 and torch.equal(
+        w, dequantize_weight_blocks(kv_b.weight, kv_b.weight_scale_inv).bfloat16())
 
 
 def _rewrite(src, dst, change_tensors=None, change_config=None):

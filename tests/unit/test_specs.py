@@ -17,7 +17,8 @@ def test_deepseek_v3_nvfp4_expert_bytes():
 
 def test_fp8_specs_are_the_checkpoint_block_grid():
     s = expert_specs("fp8", 7168, 2048)
-    assert s["w3_w1_weight"].dtype == torch.float8_e4m3fn and s["w3_w1_weight"].per_expert == (4096, 7168)
+    assert s["w3_w1_weight"].dtype == torch.float8_e4m3fn
+    assert s["w3_w1_weight"].per_expert == (4096, 7168)
     assert s["w3_w1_weight_scale_inv"].dtype == torch.float32
     assert s["w3_w1_weight_scale_inv"].per_expert == (32, 56)
     assert s["w2_weight"].per_expert == (7168, 2048)
