@@ -64,6 +64,27 @@ so up to ``stages - 1`` K tiles of loads are in flight (``stages - 2`` published
 consumers), and the dequant of pair p overlaps the wgmma group of pair p-1.
 
 64-bit offsets everywhere an address is formed; token indices and tile counts are int32.
+
+W4A8 (``compute="e4m3"``; numerics in ``quant/w4a8.py``, the reference the device tests hold it
+to): the same preshuffled experts, pipeline and roles, with
+  weights   each preshuffled word -> two e4m3 A-fragment registers (``nvfp4_dequant.
+            fragment_preshuffled_e4m3x8``): codes placed as e4m3 bytes (code x 2^-6), -> f16,
+            x (block scale x 8) in f16 (exact), one round-to-nearest-even cvt to e4m3 =
+            ``RN_e4m3(e2m1 x s x 2^-3)``, never saturating (<= 336); alpha x 8 in the epilogue;
+  tokens    e4m3 rows with fp32 scales per token per 128 channels (``w4a8_act``: one torch
+            pass before each GEMM, h requantized for FC2), their values permuted inside each
+            16-wide K group (``preshuffle.permute_act_k16``) to the slots where the decode puts
+            the matching weight codes: the bf16 kernel's weight bytes and tag serve both;
+  MMA       ``wgmma`` e4m3 x e4m3 (QGMMA 64xNx32, A from registers), one per block and k32 pair;
+  promotion K tile 128 = one activation block: the 4 pairs accumulate into per-block partial
+            accumulators (zeroed by the first), then ``wait_group(0)``, the stage is released
+            and ``acc (+)= part x token scale`` in fp32 (the producer copies the tile's token
+            scales of the stage into sAs with its other cp.asyncs);
+  configs   ``rs_config(bn, K, "e4m3")``: K tile 128, one 64-row block per consumer warpgroup
+            at bn 32 and 128 (partials double the accumulator registers), else two.
+CPU compile (sm_90a, ``test_compile_sm90.py``): no spills, pipelined, K loop per block and k32
+pair 56-68 instructions (bn 16: 541 per stage of 8 block-pairs; the decode is 5 LOP3-class, 4
+e4m3->f16, 4 HMUL2, 4 f16->e4m3 and 1 PRMT per word); not yet measured on a device.
 """
 
 from dataclasses import dataclass
