@@ -83,9 +83,10 @@ def test_fc1_matches_the_w4a8_reference_rows(fp8_backend, experts, tokens):
     torch.cuda.synchronize()
     real = plan.gather_index >= 0
     ref = _fc1_w4a8_reference(x, plan, weights)[real]
-    assert rel_err(h[real].float(), ref) < 5e-3, f"bn={bn}"
-    # the fp8 path, not the bf16 one: W4A8 differs from W4A16 by its stated rounding
-    assert 5e-3 < rel_err(h[real].float(), bf16[real].float()) < 2 * STATED_ERROR["w4a8"]
+    # the W4A16 tests' bound for h (bf16 rounding, fast exp, summation order)
+    assert rel_err(h[real].float(), ref) < 8e-3, f"bn={bn}"
+    # the fp8 path, not the bf16 one: W4A8 differs from W4A16 by its stated rounding (~3%)
+    assert 1e-2 < rel_err(h[real].float(), bf16[real].float()) < 2 * STATED_ERROR["w4a8"]
 
 
 @pytest.mark.parametrize("model,tokens", [
