@@ -12,7 +12,7 @@ device_room w4a8
 STAGES=${STAGES-smoke tests bench}
 T0=$(date +%s)
 if [[ " $STAGES " == *" smoke "* ]]; then
-  timed_stage "${T_SMOKE:-150}" smoke.txt "$PY" - <<'PYEOF' || { cat "$OUT/smoke.txt"; echo "smoke failed: stopping"; exit 1; }
+  timed_stage "${T_SMOKE:-120}" smoke.txt "$PY" - <<'PYEOF' || { cat "$OUT/smoke.txt"; echo "smoke failed: stopping"; exit 1; }
 import time, torch
 from tensorrt_llm_dwdp.kernels.testing import (preshuffled_experts, random_nvfp4_experts,
                                                random_tokens, skewed_routing)
@@ -47,13 +47,13 @@ PYEOF
 fi
 if [[ " $STAGES " == *" tests "* ]]; then
   # the W4A8 tests, then the W4A16 ones whose kernel gained the e4m3 parameter
-  timed_stage "${T_TESTS:-240}" tests.txt "$PY" -m pytest -q -p no:cacheprovider \
+  timed_stage "${T_TESTS:-200}" tests.txt "$PY" -m pytest -q -p no:cacheprovider \
       tests/kernels/test_w4a8_sm90.py tests/kernels/test_moe_sm90.py \
       -k "test_w4a8_sm90 or run_experts_matches_torch_ref or every_token_tile or multi_b_is_bitwise"
   tail -5 "$OUT/tests.txt"
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
-  timed_stage "${T_BENCH:-240}" bench_log.txt "$PY" bench/w4a8_kernels.py \
+  timed_stage "${T_BENCH:-220}" bench_log.txt "$PY" bench/w4a8_kernels.py \
       --out "$OUT/w4a8_kernels.json" ${BENCH_ARGS:-}
   tail -12 "$OUT/bench_log.txt"
 fi

@@ -105,3 +105,105 @@ def test_datapath_contracts_to_the_reference(gated):
     got = xp @ wq.T
     want = x.double() @ nvfp4_to_e4m3(q.packed, q.scale).double().T
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+
+
+def _f16(bits: int) -> float:
+    return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
+
+
+def _e4m3(byte: int) -> float:
+    return float(torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).float())
+
+
+def _run_e4m3_ptx(text: str, word: int, scales: int) -> list[int]:
+    """Interpret the W4A8 decode's PTX text (PTX semantics: the low byte / half of a pair is
+    its first element; prmt selector nibble i picks byte i of the result) on one preshuffled
+    ``word`` and f16x2 ``scales``: returns the two output registers."""
+    regs = {"$2": word, "$3": scales}
+    outs = [0, 0]
+    for ins in (i.strip() for i in text.replace("\n", "").split(";")):
+        ins = ins.lstrip("{").strip()
+        if not ins or ins.startswith((".reg", "}")):
+            continue
+        op, args = ins.split(None, 1)
+        a = [x.strip() for x in args.replace("{", "").replace("}", "").split(",")]
+        val = lambda x: regs[x] if x in regs else int(x, 0)  # noqa: E731
+        if op == "mov.b32" and len(a) == 3 and a[0] == "lo":  # unpack {lo, hi}, src
+            regs["lo"], regs["hi"] = val(a[2]) & 0xFFFF, val(a[2]) >> 16
+        elif op == "mov.b32" and len(a) == 3:  # pack dst, {h0, h1}
+            regs[a[0]] = val(a[1]) | val(a[2]) << 16
+        elif op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op in ("and.b32", "or.b32"):
+            regs[a[0]] = val(a[1]) & val(a[2]) if op == "and.b32" else val(a[1]) | val(a[2])
+        elif op == "shl.b32":
+            regs[a[0]] = (val(a[1]) << val(a[2])) & 0xFFFFFFFF
+        elif op == "shf.l.wrap.b32":
+            n = val(a[3]) % 32
+            regs[a[0]] = ((val(a[2]) << 32 | val(a[1])) << n >> 32) & 0xFFFFFFFF
+        elif op == "cvt.rn.f16x2.e4m3x2":
+            pair = [_e4m3((val(a[1]) >> (8 * i)) & 0xFF) for i in range(2)]
+            halves = np.array(pair, dtype=np.float16).view(np.uint16).astype(int)
+            regs[a[0]] = int(halves[0]) | int(halves[1]) << 16
+        elif op == "mul.rn.f16x2":
+            x, y = val(a[1]), val(a[2])
+            prod = [_f16((x >> s) & 0xFFFF) * _f16((y >> s) & 0xFFFF) for s in (0, 16)]
+            halves = np.array(prod, dtype=np.float16).view(np.uint16).astype(int)
+            regs[a[0]] = int(halves[0]) | int(halves[1]) << 16
+        elif op == "cvt.rn.satfinite.e4m3x2.f16x2":
+            x = val(a[1])
+            pair = torch.tensor([_f16(x & 0xFFFF), _f16(x >> 16)]).clamp(-448, 448)
+            b = pair.to(torch.float8_e4m3fn).view(torch.uint8).tolist()
+            regs[a[0]] = b[0] | b[1] << 8
+        elif op == "prmt.b32":
+            src, sel = val(a[1]) | val(a[2]) << 32, val(a[3])
+            regs[a[0]] = sum(((src >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i)
+                             for i in range(4))
+            if a[0].startswith("$"):
+                outs[int(a[0][1:])] = regs[a[0]]
+        else:
+            raise AssertionError(f"unmodelled PTX instruction {ins!r}")
+    return outs
+
+
+def test_e4m3_ptx_text_is_the_modelled_decode():
+    """The PTX the kernel inlines computes ``emulate_preshuffled_e4m3x8``: the same bytes in
+    the same fragment slots, for random words and scale pairs (subnormal scales included)."""
+    gen = np.random.default_rng(4)
+    finite = [c for c in range(256) if (c & 0x7F) != 0x7F]
+    for word in [0, 0xFFFFFFFF, 0x80000001] + gen.integers(0, 2**32, 100).tolist():
+        c0, c1 = (int(gen.choice(finite)) for _ in range(2))
+        s0, s1 = _e4m3(c0), _e4m3(c1)
+        scales = np.array([s0 * 8, s1 * 8], dtype=np.float16).view(np.uint16).astype(int)
+        regs = _run_e4m3_ptx(_preshuffled_e4m3_ptx(), int(word), int(scales[0]) | int(scales[1]) << 16)
+        got = [_e4m3((regs[t] >> (8 * b)) & 0xFF) for t in range(2) for b in range(4)]
+        want = emulate_preshuffled_e4m3x8(np.array([word], np.uint32), np.array([s0]),
+                                          np.array([s1]))[0]
+        np.testing.assert_array_equal(np.array(got), want, err_msg=hex(int(word)))
+
+
+def test_scale_pairs_ptx_is_the_f16_scale_times_8():
+    from tensorrt_llm_dwdp.kernels.sm90.nvfp4_dequant import _E4M3X4_F16_PTX
+
+    text = _E4M3X4_F16_PTX.replace("$0", "$o0").replace("$1", "$o1")
+    assert "0x48004800" in text  # f16 8.0 in both halves
+    for raw in (0x01020304, 0x7E7EFEFE, 0x00080800):
+        regs = {"$2": raw}
+        for ins in (i.strip() for i in text.replace("\n", "").split(";")):
+            ins = ins.lstrip("{").strip()
+            if not ins or ins.startswith((".reg", "}")):
+                continue
+            op, args = ins.split(None, 1)
+            a = [x.strip() for x in args.replace("{", "").replace("}", "").split(",")]
+            if op == "mov.b32" and a[0] == "lo":
+                regs["lo"], regs["hi"] = raw & 0xFFFF, raw >> 16
+            elif op == "mov.b32":
+                regs[a[0]] = int(a[1], 0)
+            elif op == "cvt.rn.f16x2.e4m3x2":
+                v = [_e4m3((regs[a[1]] >> (8 * i)) & 0xFF) for i in range(2)]
+                regs[a[0]] = v
+            elif op == "mul.rn.f16x2":
+                regs[a[0]] = [x * 8.0 for x in regs[a[1]]]
+        want = [_e4m3((raw >> (8 * i)) & 0xFF) * 8 for i in range(4)]
+        assert regs["$o0"] + regs["$o1"] == want
+        assert all(np.float16(v) == v for v in want)  # exact in f16
