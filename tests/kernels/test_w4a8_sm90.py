@@ -131,3 +131,24 @@ def test_sizes_not_multiple_of_128_are_refused_before_launch(fp8_backend):
     ids, tw = skewed_routing(5, 4, 2, seed=2, empty_experts=0)
     with pytest.raises(ValueError, match="multiples of 128"):
         fp8_backend.run_experts(x, ids, tw, weights)
+
+
+def test_past_2_31_rows_times_hidden(fp8_backend):
+    """65,600 tokens x top-8 x hidden 4096 > 2^31 elements of FC2 output rows: 64-bit offsets
+    in the W4A8 path too (e4m3 rows, their scales, the fp32 scatter). Checked on the first and
+    last tokens (largest offsets) against the reference on those tokens alone (per-token
+    quantization: a token's result does not depend on the others)."""
+    from tensorrt_llm_dwdp.kernels.testing import preshuffled_experts, random_nvfp4_experts
+
+    hidden, inter, num_experts, top_k, tokens = 4096, 2048, 16, 8, 65_600
+    weights = preshuffled_experts(random_nvfp4_experts(num_experts, hidden, inter, seed=5))
+    x = random_tokens(tokens, hidden, seed=6)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=7, empty_experts=2)
+    assert tokens * top_k * hidden >= 2**31
+    out = fp8_backend.run_experts(x, ids, tw, weights)
+    torch.cuda.synchronize()
+    rows = torch.cat([torch.arange(64), torch.arange(tokens - 64, tokens)]).cuda()
+    ref = w4a8_moe_ref(x[rows].contiguous(), ids[rows].contiguous(), tw[rows].contiguous(),
+                       weights)
+    assert rel_err(out[rows], ref) < 1e-2
+    del x, out
