@@ -5,7 +5,8 @@
 # and the bench (bench/w4a8_kernels.py: W4A8 vs W4A16 vs fp8 torch._scaled_grouped_mm at
 # DeepSeek-V3 and Qwen3-235B shapes, 16/64/256/1024 tokens per expert). Everything lands in
 # $OUT/w4a8 (stages.txt, env.txt, smoke.txt, tests.txt, bench_log.txt, w4a8_kernels.json).
-# Usage: [STAGES="smoke tests bench"] [BENCH_ARGS=...] bash bench/run_device_w4a8.sh
+# Usage: [STAGES="smoke tests bench variants"] [BENCH_ARGS=...] bash bench/run_device_w4a8.sh
+# (default stages: smoke tests bench; "variants" times bench/w4a8_kernels.py's VARIANTS)
 set -o pipefail
 source bench/device_env.sh
 device_room w4a8
@@ -55,6 +56,12 @@ fi
 if [[ " $STAGES " == *" bench "* ]]; then
   timed_stage "${T_BENCH:-220}" bench_log.txt "$PY" bench/w4a8_kernels.py \
       --out "$OUT/w4a8_kernels.json" ${BENCH_ARGS:-}
+fi
+if [[ " $STAGES " == *" variants "* ]]; then  # not by default: W4A8 configurations vs default
+  timed_stage "${T_VARIANTS:-200}" variants_log.txt "$PY" bench/w4a8_kernels.py \
+      --variants ring4,bn64_2cta_1blk --tpe 16,64,256 --replays 3 \
+      --out "$OUT/w4a8_variants.json" ${VARIANT_ARGS:-}
+  tail -8 "$OUT/variants_log.txt"
   tail -12 "$OUT/bench_log.txt"
 fi
 cat "$OUT/stages.txt"

@@ -13,6 +13,9 @@ median):
   torch_fp8   ``torch._scaled_grouped_mm`` FC1 + FC2, rowwise scales, pre-permuted and
               pre-quantized rows (GEMMs only: a lower bound for an fp8 pipeline).
 Also the W4A8 output's relative error against W4A16 (the stated ~3%; a broken kernel shows).
+``--variants``: W4A8 kernel configurations (``VARIANTS``, ``rs_config`` overrides compiled
+clean on the CPU: no spills, pipelined) timed on the pre-quantized operands against the
+default at the points whose token tile they are for, each checked bitwise against it.
 Prints one JSON document (``results``: one record per point); ``--out`` also writes it.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.fc1_swiglu import fc1_gather_swiglu
 from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import fc2_finalize
+from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
 from tensorrt_llm_dwdp.kernels.sm90.w4a8_act import w4a8_activations
 from tensorrt_llm_dwdp.kernels.testing import MODELS, model_experts
 
@@ -37,12 +41,19 @@ except ImportError:  # run as a script from the repo root: bench/ is sys.path[0]
     from moe_kernels import Baselines, tables, time_graph_samples, uniform_point
 
 
+# name: (token tiles it applies to, rs_config overrides for compute="e4m3")
+VARIANTS = {
+    "ring4": ((16, 128), {"ring": 4}),  # 3 wgmma groups in flight instead of 1
+    "bn64_2cta_1blk": ((64,), {"blocks_per_wg": 1, "ctas_per_sm": 2, "producer_regs": 40}),
+}
+
+
 def stats(samples: list[float]) -> dict:
     med = statistics.median(samples)
     return {"ms": med, "spread": (max(samples) - min(samples)) / med, "samples": samples}
 
 
-def bench_point(cache, weights, base, model, tpe, replays):
+def bench_point(cache, weights, base, model, tpe, replays, variants=()):
     hidden, inter, num_experts, _ = MODELS[model]
     ids, tw, x, bn, plan = uniform_point(model, tpe)
     w13, w2 = tables(weights)
@@ -96,6 +107,27 @@ def bench_point(cache, weights, base, model, tpe, replays):
     else:
         res["torch_fp8_error"] = t.get("fp8_error")
     res["bf16_grouped_ms"] = t["bf16_fc1_ms"] + t["bf16_fc2_ms"]
+    ref_h, ref_out = h8.clone(), out8.clone()
+    for name in variants:
+        tiles, fields = VARIANTS[name]
+        if bn not in tiles:
+            continue
+        c1 = rs_config(bn, hidden, "e4m3", **fields)
+        c2 = rs_config(bn, inter, "e4m3", **fields)
+
+        def variant(c1=c1, c2=c2):
+            fc1_gather_swiglu(cache, x, plan.gather_index, plan.tile_expert, w13, bn, out=h8,
+                              compute="e4m3", quantized=xq, config=c1, **kw)
+            fc2_finalize(cache, h8, plan.slot_index, plan.tile_expert, ids, tw, w2, bn,
+                         out=out8, compute="e4m3", quantized=hq, config=c2, **kw)
+
+        variant()
+        torch.cuda.synchronize()
+        same = bool(torch.equal(h8, ref_h) and torch.equal(out8, ref_out))
+        s = stats(time_graph_samples(variant, replays=replays))
+        res[f"variant_{name}"] = {"ms": s["ms"], "spread": s["spread"],
+                                  "speedup_vs_default": res["w4a8_gemm_ms"] / s["ms"],
+                                  "bitwise_equal_default": same}
     res["speedup_w4a8_vs_w4a16"] = res["w4a16_ms"] / res["w4a8_ms"]
     res["speedup_w4a8_gemm_vs_w4a16"] = res["w4a16_ms"] / res["w4a8_gemm_ms"]
     flops = 2.0 * tpe * num_experts * 3 * inter * hidden
@@ -116,6 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="deepseek_v3,qwen3_235b_a22b")
     p.add_argument("--tpe", default="16,64,256,1024")
     p.add_argument("--replays", type=int, default=5)
+    p.add_argument("--variants", default="", help=f"comma list of {sorted(VARIANTS)}")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -125,7 +158,8 @@ def main(argv=None) -> int:
         weights = model_experts(model, seed=1)
         base = Baselines(model)
         for tpe in (int(v) for v in args.tpe.split(",")):
-            r = bench_point(cache, weights, base, model, tpe, args.replays)
+            r = bench_point(cache, weights, base, model, tpe, args.replays,
+                            [v for v in args.variants.split(",") if v])
             results.append(r)
             _write(args.out, results)
             print(f"{model:16s} tpe={tpe:5d} w4a16 {r['w4a16_ms']:.3f} w4a8 {r['w4a8_ms']:.3f} "

@@ -219,3 +219,25 @@ def test_w4a8_compiles_to_register_a_qgmma(tools, tmp_path, kind, n_weight, k, b
     assert _count(mix, "F2FP.SATFINITE.E4M3.F16") == 8 * bpw * pairs, mix
     assert _count(mix, "HMUL2") == 8 * bpw * pairs, mix
     assert _count(mix, "FFMA") >= bpw * bn // 2, mix  # the promotion
+
+
+@pytest.mark.parametrize("name", ["ring4", "bn64_2cta_1blk"])
+def test_w4a8_variants_compile_clean(tools, tmp_path, name):
+    """Each W4A8 configuration ``bench/w4a8_kernels.py --variants`` times (on its largest
+    token tile) builds without spills and with the pairs pipelined."""
+    from bench.w4a8_kernels import VARIANTS
+    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import W4A16RsGemm, rs_config
+
+    tiles, fields = VARIANTS[name]
+    bn = max(tiles)
+    kind, n_weight, k, y_cols = ("scatter", 7168, 2048, 512) if bn == 128 else \
+        ("swiglu", 4096, 7168, 0)
+    cfg = rs_config(bn, k, "e4m3", **fields)
+    W4A16RsGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols, config=cfg,
+                compute="e4m3")
+    sass = _compile_sass(tools, tmp_path, kind, str(n_weight), str(k), str(bn), str(y_cols),
+                         "compute=e4m3", *[f"{f}={v}" for f, v in fields.items()])
+    assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
+    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2, "wgmma serialized by ptxas"
+    assert sass.count("QGMMA") == 2 * cfg.blocks_per_wg * cfg.k_tile // 32
+    assert _registers(tools, tmp_path) == cfg.register_pool
