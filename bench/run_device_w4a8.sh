@@ -59,7 +59,7 @@ if [[ " $STAGES " == *" bench "* ]]; then
 fi
 if [[ " $STAGES " == *" variants "* ]]; then  # not by default: W4A8 configurations vs default
   timed_stage "${T_VARIANTS:-200}" variants_log.txt "$PY" bench/w4a8_kernels.py \
-      --variants ring4,bn64_2cta_1blk --tpe 16,64,256 --replays 3 \
+      --variants ring4,bn64_2cta_1blk --tpe 16,64,256 --routing uniform --replays 3 \
       --out "$OUT/w4a8_variants.json" ${VARIANT_ARGS:-}
   tail -8 "$OUT/variants_log.txt"
   tail -12 "$OUT/bench_log.txt"
