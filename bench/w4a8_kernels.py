@@ -189,8 +189,8 @@ def main(argv=None) -> int:
                             [v for v in args.variants.split(",") if v], routing)
             results.append(r)
             _write(args.out, results)
-            print(f"{model:16s} {routing:7s} tpe={tpe:5d} w4a16 {r['w4a16_ms']:.3f} w4a8 {r['w4a8_ms']:.3f} "
-                  f"(gemm {r['w4a8_gemm_ms']:.3f}, quant {r['quant_ms']:.3f}) torch fp8 "
+            print(f"{model:16s} {routing:7s} tpe={tpe:5d} w4a16 {r['w4a16_ms']:.3f} w4a8 "
+                  f"{r['w4a8_ms']:.3f} (gemm {r['w4a8_gemm_ms']:.3f}, quant {r['quant_ms']:.3f}) torch fp8 "
                   f"{r.get('torch_fp8_ms', float('nan')):.3f} | w4a8_gemm x"
                   f"{r['speedup_w4a8_gemm_vs_w4a16']:.2f} vs w4a16, err "
                   f"{r['w4a8_vs_w4a16_rel_err']:.4f}", file=sys.stderr, flush=True)

@@ -67,8 +67,9 @@ def rs_gemm_launcher(
     count from ``tile_count`` (int32 ``[1]``, device), so nothing here reads the device and
     the launch can be captured in a CUDA graph. ``config``: an
     ``RsConfig`` (default ``rs_config(bn, K, compute)``). ``compute="e4m3"`` (W4A8): ``a`` is
-    e4m3 in ``permute_act_k16`` order and ``a_scale`` its fp32 ``[rows, K / 128]`` scales. Pointers and stream are made here once and the
-    compiled kernel is looked up at the first launch, so FC2's column chunks reuse them."""
+    e4m3 in ``permute_act_k16`` order and ``a_scale`` its fp32 ``[rows, K / 128]`` scales.
+    Pointers and stream are made here once and the compiled kernel is looked up at the first
+    launch, so FC2's column chunks reuse them."""
     from .w4a16_rs_gemm import rs_config
 
     cfg = config or rs_config(bn, table.k, compute)

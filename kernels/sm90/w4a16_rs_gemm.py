@@ -291,7 +291,8 @@ class W4A16RsGemm:
         self.weight_exp2 = E4M3_WEIGHT_EXP2 if self.fp8 else WEIGHT_EXP2
 
     @cute.jit
-    def __call__(self, a_ptr: cute.Pointer, a_scale_ptr: cute.Pointer, row_index_ptr: cute.Pointer,
+    def __call__(self, a_ptr: cute.Pointer, a_scale_ptr: cute.Pointer,
+                 row_index_ptr: cute.Pointer,
                  tile_expert_ptr: cute.Pointer, tile_count_ptr: cute.Pointer,
                  tensor_of_ptr: cute.Pointer, local_of_ptr: cute.Pointer,
                  table_ptr: cute.Pointer, topk_w_ptr: cute.Pointer, out_ptr: cute.Pointer,
@@ -374,9 +375,8 @@ class W4A16RsGemm:
 
     @cute.kernel
     def kernel(self, a: cute.Tensor, a_scale: cute.Tensor, row_index: cute.Tensor,
-               tile_expert: cute.Tensor,
-               tile_count: cute.Tensor, tensor_of: cute.Tensor, local_of: cute.Tensor, b_table: cute.Tensor,
-               topk_w: cute.Tensor, out: cute.Tensor, tiled_mma: cute.TiledMma,
+               tile_expert: cute.Tensor, tile_count: cute.Tensor, tensor_of: cute.Tensor,
+               local_of: cute.Tensor, b_table: cute.Tensor, topk_w: cute.Tensor, out: cute.Tensor, tiled_mma: cute.TiledMma,
                b_layout: cute.ComposedLayout, num_token_tiles: Int32, blk_begin: Int32,
                blk_end: Int32):
         # ``num_token_tiles`` (the host's bound) sized the grid; the real tiles are the first
