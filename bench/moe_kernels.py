@@ -51,6 +51,11 @@ NVFP4_BYTES_PER_WEIGHT = 0.5625
 def time_graph(fn, target_ms: float = 40.0, replays: int = 5) -> float:
     """Median milliseconds per call of ``fn``, from CUDA-graph replays of N calls (N sized so
     one replay takes about ``target_ms``; at least 2, at most 20)."""
+    return statistics.median(time_graph_samples(fn, target_ms, replays))
+
+
+def time_graph_samples(fn, target_ms: float = 40.0, replays: int = 5) -> list[float]:
+    """``time_graph``'s per-replay milliseconds per call (for a median and a spread)."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -76,7 +81,7 @@ def time_graph(fn, target_ms: float = 40.0, replays: int = 5) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / launches)
     del graph
-    return statistics.median(times)
+    return times
 
 
 def tables(weights):

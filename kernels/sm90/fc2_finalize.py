@@ -47,12 +47,17 @@ def fc2_finalize(
     config=None,
     *,
     tile_count: torch.Tensor,
+    compute: str = "bf16",
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """h bf16 ``[M_pad, I]``; slot_index int32 ``[M_pad]`` (the plan's flat slot per row, -1 on
     padding); ``tile_count`` int32 ``[1]`` on the device: the plan's real tiles (a prefix of
     ``tile_expert``, read by the GEMM kernel; the slot sums need no count); topk_ids int32
     ``[T, k]`` (-1 = empty slot, summed as nothing); topk_weights fp32 ``[T, k]``; ``w2`` rows = H, k = I (a table of preshuffled experts); ``config``: the
-    GEMM's ``RsConfig`` (default for ``bn``). Returns bf16 ``[T, H]``."""
+    GEMM's ``RsConfig`` (default for ``bn``). ``compute="e4m3"``: W4A8, h
+    quantized per row per 128 channels first (``w4a8_activations``; every row of h must be
+    finite: FC1 zero-fills a new h); ``quantized``: ``w4a8_activations(h)`` computed by the
+    caller. Returns bf16 ``[T, H]``."""
     if h.dtype != torch.bfloat16 or h.dim() != 2 or not h.is_contiguous():
         raise ValueError(f"fc2: h must be contiguous bf16 [M_pad, I], got {h.dtype} {tuple(h.shape)}")
     if h.shape[1] != w2.k:
@@ -76,13 +81,19 @@ def fc2_finalize(
     blocks = hidden // BLOCK_ROWS
     from .w4a16_rs_gemm import rs_config
 
-    config = config or rs_config(bn, w2.k)
+    config = config or rs_config(bn, w2.k, compute)
     cb = chunk_blocks(hidden, top_k, config.blocks_per_cta)
     y = torch.empty(tokens * top_k, cb * BLOCK_ROWS, dtype=torch.float32, device=h.device)
-    gemm = rs_gemm_launcher(cache, epilogue="scatter", a=h, row_index=slot_index,
+    a, a_scale = h, None
+    if compute == "e4m3":
+        from .w4a8_act import w4a8_activations
+
+        a, a_scale = quantized if quantized is not None else w4a8_activations(h)
+    gemm = rs_gemm_launcher(cache, epilogue="scatter", a=a, row_index=slot_index,
                             tile_expert=tile_expert, tile_count=tile_count, table=w2,
                             topk_w=topk_weights.contiguous().reshape(-1), out=y, bn=bn,
-                            y_cols=cb * BLOCK_ROWS, config=config)
+                            y_cols=cb * BLOCK_ROWS, config=config, compute=compute,
+                            a_scale=a_scale)
     finalize = slot_sum_launcher(cache, y, topk_ids, out)
     for b0 in range(0, blocks, cb):
         b1 = min(blocks, b0 + cb)

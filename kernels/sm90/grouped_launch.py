@@ -8,7 +8,8 @@ from .expert_table import ExpertTable
 
 TOKEN_TILES = (16, 32, 64, 128)  # the kernel's token tiles (WGMMA N), smallest first
 BLOCK_ROWS = 64  # weight rows per block (WGMMA M): FC1 / FC2 column ranges count blocks
-_ALIGN = {torch.bfloat16: 16, torch.float32: 4, torch.int32: 4, torch.int64: 8}
+_ALIGN = {torch.bfloat16: 16, torch.float32: 4, torch.int32: 4, torch.int64: 8,
+          torch.float8_e4m3fn: 16}
 
 
 def gmem_ptr(t: torch.Tensor, align: int | None = None):
@@ -19,7 +20,8 @@ def gmem_ptr(t: torch.Tensor, align: int | None = None):
     from cutlass.cute.runtime import make_ptr
 
     dtype = {torch.bfloat16: cutlass.BFloat16, torch.float32: cutlass.Float32,
-             torch.int32: cutlass.Int32, torch.int64: cutlass.Int64}[t.dtype]
+             torch.int32: cutlass.Int32, torch.int64: cutlass.Int64,
+             torch.float8_e4m3fn: cutlass.Float8E4M3FN}[t.dtype]
     return make_ptr(dtype, t.data_ptr(), cute.AddressSpace.gmem,
                     assumed_align=align or _ALIGN[t.dtype])
 
@@ -55,6 +57,8 @@ def rs_gemm_launcher(
     bn: int,
     y_cols: int = 0,
     config=None,
+    compute: str = "bf16",
+    a_scale: torch.Tensor | None = None,
 ):
     """``launch(blk_begin, blk_end)``: one ``w4a16_rs_gemm`` over every token tile and the
     64-row weight blocks ``[blk_begin, blk_end)`` into ``out``; the grid is min(work tiles,
@@ -62,19 +66,29 @@ def rs_gemm_launcher(
     ``tile_expert.numel()`` token tiles (the plan's host-side bound); the kernel reads the real
     count from ``tile_count`` (int32 ``[1]``, device), so nothing here reads the device and
     the launch can be captured in a CUDA graph. ``config``: an
-    ``RsConfig`` (default ``rs_config(bn, K)``). Pointers and stream are made here once and the
-    compiled kernel is looked up at the first launch, so FC2's column chunks reuse them."""
+    ``RsConfig`` (default ``rs_config(bn, K, compute)``). ``compute="e4m3"`` (W4A8): ``a`` is
+    e4m3 in ``permute_act_k16`` order and ``a_scale`` its fp32 ``[rows, K / 128]`` scales.
+    Pointers and stream are made here once and the compiled kernel is looked up at the first
+    launch, so FC2's column chunks reuse them."""
     from .w4a16_rs_gemm import rs_config
 
-    cfg = config or rs_config(bn, table.k)
+    cfg = config or rs_config(bn, table.k, compute)
+    if compute == "e4m3" and (a.dtype != torch.float8_e4m3fn or a_scale is None
+                              or a_scale.dtype != torch.float32
+                              or tuple(a_scale.shape) != (a.shape[0], table.k // 128)):
+        raise ValueError(f"W4A8 GEMM: needs e4m3 rows and fp32 scales [{a.shape[0]}, "
+                         f"{table.k // 128}], got {a.dtype} and "
+                         f"{None if a_scale is None else (a_scale.dtype, tuple(a_scale.shape))}")
     num_tiles = tile_expert.numel()
     if num_tiles == 0:
         return lambda blk_begin, blk_end: None
-    key = ("w4a16_rs_gemm", epilogue, table.rows, table.k, bn, y_cols, cfg)
+    key = ("w4a16_rs_gemm", epilogue, table.rows, table.k, bn, y_cols, cfg, compute)
     require_cutlass()
     import cutlass
 
-    ptrs = [gmem_ptr(a, 16), gmem_ptr(row_index), gmem_ptr(tile_expert),
+    # bf16 ignores ``a_scale``: any fp32 pointer stands in
+    ptrs = [gmem_ptr(a, 16), gmem_ptr(topk_w if a_scale is None else a_scale),
+            gmem_ptr(row_index), gmem_ptr(tile_expert),
             gmem_ptr(tile_count), gmem_ptr(table.tensor_of_expert), gmem_ptr(table.local_of_expert),
             gmem_ptr(table.table), gmem_ptr(topk_w), gmem_ptr(out, 16)]
     fixed = [cutlass.Int32(v) for v in (
@@ -97,7 +111,7 @@ def rs_gemm_launcher(
                 from .w4a16_rs_gemm import W4A16RsGemm
 
                 kernel = W4A16RsGemm(epilogue=epilogue, n_weight=table.rows, k=table.k,
-                                     bn=bn, y_cols=y_cols, config=cfg)
+                                     bn=bn, y_cols=y_cols, config=cfg, compute=compute)
                 return cute.compile(kernel, *args)
 
             compiled = cache.get(key, build)

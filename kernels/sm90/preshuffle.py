@@ -196,3 +196,18 @@ def unshuffle_scale(sf: torch.Tensor, *, gated: bool) -> torch.Tensor:
     atoms = _atom_shape(view, perm, sf.numel() * 16 // (rows * k))
     raw = sf.view(torch.uint8).reshape(atoms).permute(inv).contiguous()
     return raw.reshape(sf.shape).view(torch.float8_e4m3fn)
+
+
+def permute_act_k16(x: torch.Tensor) -> torch.Tensor:
+    """The W4A8 kernel's activation order: inside every 16-wide group of K, element
+    ``8 kk + 2 c + n`` moves to ``4 c + 2 kk + n`` (kk, n in {0, 1}, c in 0..3), the fp8 A-fragment
+    slot where the fp8 kernel puts that weight code of a preshuffled word
+    (``nvfp4_dequant.fragment_preshuffled_e4m3x8``): a permutation of the contraction, so
+    ``permute_act_k16(x) . W'^T`` with the kernel's fragments equals ``x . W^T``. ``x [..., K]``
+    with K a multiple of 16, any dtype; returns a new contiguous tensor (scales per 128 of K
+    are unchanged: groups never cross a 16-boundary)."""
+    k = x.shape[-1]
+    if k % 16:
+        raise ValueError(f"permute_act_k16: K={k} must be a multiple of 16")
+    groups = x.reshape(*x.shape[:-1], k // 16, 2, 4, 2)  # kk, c, n
+    return groups.transpose(-3, -2).contiguous().reshape(x.shape)

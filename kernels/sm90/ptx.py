@@ -199,3 +199,11 @@ def ld_shared_v2_f32(smem_addr: Int32, *, loc=None, ip=None):
         "=f,=f,r",
     )
     return tuple(Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+
+def ld_shared_f32(smem_addr: Int32, *, loc=None, ip=None) -> Float32:
+    """Load one fp32 value from shared memory."""
+    return Float32(
+        asm(T.f32(), [Int32(smem_addr).ir_value(loc=loc, ip=ip)], "ld.shared.f32 $0, [$1];",
+            "=f,r")
+    )

@@ -64,6 +64,27 @@ so up to ``stages - 1`` K tiles of loads are in flight (``stages - 2`` published
 consumers), and the dequant of pair p overlaps the wgmma group of pair p-1.
 
 64-bit offsets everywhere an address is formed; token indices and tile counts are int32.
+
+W4A8 (``compute="e4m3"``; numerics in ``quant/w4a8.py``, the reference the device tests hold it
+to): the same preshuffled experts, pipeline and roles, with
+  weights   each preshuffled word -> two e4m3 A-fragment registers (``nvfp4_dequant.
+            fragment_preshuffled_e4m3x8``): codes placed as e4m3 bytes (code x 2^-6), -> f16,
+            x (block scale x 8) in f16 (exact), one round-to-nearest-even cvt to e4m3 =
+            ``RN_e4m3(e2m1 x s x 2^-3)``, never saturating (<= 336); alpha x 8 in the epilogue;
+  tokens    e4m3 rows with fp32 scales per token per 128 channels (``w4a8_act``: one torch
+            pass before each GEMM, h requantized for FC2), their values permuted inside each
+            16-wide K group (``preshuffle.permute_act_k16``) to the slots where the decode puts
+            the matching weight codes: the bf16 kernel's weight bytes and tag serve both;
+  MMA       ``wgmma`` e4m3 x e4m3 (QGMMA 64xNx32, A from registers), one per block and k32 pair;
+  promotion K tile 128 = one activation block: the 4 pairs accumulate into per-block partial
+            accumulators (zeroed by the first), then ``wait_group(0)``, the stage is released
+            and ``acc (+)= part x token scale`` in fp32 (the producer copies the tile's token
+            scales of the stage into sAs with its other cp.asyncs);
+  configs   ``rs_config(bn, K, "e4m3")``: K tile 128, one 64-row block per consumer warpgroup
+            at bn 32 and 128 (partials double the accumulator registers), else two.
+CPU compile (sm_90a, ``test_compile_sm90.py``): no spills, pipelined, K loop per block and k32
+pair 56-68 instructions (bn 16: 541 per stage of 8 block-pairs; the decode is 5 LOP3-class, 4
+e4m3->f16, 4 HMUL2, 4 f16->e4m3 and 1 PRMT per word); not yet measured on a device.
 """
 
 from dataclasses import dataclass
@@ -72,15 +93,18 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils as utils
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import BFloat16, Float32, Int32, Int64, Uint32
+from cutlass import BFloat16, Float8E4M3FN, Float32, Int32, Int64, Uint32
 from cutlass.cute.nvgpu import warpgroup
 
 from .grouped_launch import BLOCK_ROWS, TOKEN_TILES
 from .nvfp4_dequant import (
+    E4M3_WEIGHT_EXP2,
     SCALE_EXP2,
     WEIGHT_EXP2,
     e4m3x4_to_bf16x2_pairs,
+    e4m3x4_to_f16x2_pairs,
     fragment_preshuffled_bf16x8,
+    fragment_preshuffled_e4m3x8,
 )
 from .preshuffle import SCALE_ATOM, WEIGHT_ATOM
 from .ptx import (
@@ -89,6 +113,7 @@ from .ptx import (
     cp_async_8,
     cp_async_16,
     ld_global_f32,
+    ld_shared_f32,
     ld_shared_u32,
     ld_shared_v2,
     ld_shared_v4,
@@ -98,6 +123,11 @@ from .ptx import (
 )
 
 EPILOGUES = ("swiglu", "scatter")
+# The WGMMA operand format: "bf16" (W4A16: exact bf16 weights x bf16 tokens, k16 steps) or
+# "e4m3" (W4A8: RN_e4m3 weights x e4m3 tokens quantized per token per 128 channels, k32
+# steps, the token scales promoted in fp32 once per 128 of K; quant/w4a8.py's numerics).
+COMPUTES = ("bf16", "e4m3")
+ACT_BLOCK = 128  # e4m3: channels per activation scale = K tile = one promotion
 CONSUMER_WGS = 2
 PRODUCER_THREADS = 128
 THREADS = PRODUCER_THREADS + 128 * CONSUMER_WGS
@@ -143,7 +173,7 @@ class RsConfig:
             // (THREADS - PRODUCER_THREADS) // 8 * 8
 
 
-def rs_config(bn: int, k: int, **overrides) -> RsConfig:
+def rs_config(bn: int, k: int, compute: str = "bf16", **overrides) -> RsConfig:
     """The configuration for token tile ``bn`` and reduction size ``k`` (see ``RsConfig``;
     measured on the H200, kernels/NOTES.md); ``overrides`` replace fields (benchmarks).
 
@@ -151,10 +181,19 @@ def rs_config(bn: int, k: int, **overrides) -> RsConfig:
     dequant latency; 80 registers at launch, consumers 96), K tile 64 (5 stages fit in half
     the shared memory). bn = 64: one CTA, K tile 128 (half the stage hand-offs). bn = 128
     (compute-bound): the two 64 x 128 accumulators per consumer warpgroup take 224 registers
-    (producer 56). Every configuration is persistent, with a ring of 2 A-fragment pairs."""
+    (producer 56). Every configuration is persistent, with a ring of 2 A-fragment pairs.
+    ``compute="e4m3"`` (W4A8): K tile 128 (one activation scale and one fp32 promotion per
+    stage); the per-128 partial accumulators double the accumulator registers, so bn 32 and
+    128 keep one 64-row block per consumer warpgroup (not yet measured on a device)."""
     if bn not in TOKEN_TILES:
         raise ValueError(f"token tile bn must be one of {TOKEN_TILES}, got {bn}")
-    if bn <= 32:
+    if compute not in COMPUTES:
+        raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
+    if compute == "e4m3":
+        fields = dict(k_tile=ACT_BLOCK, blocks_per_wg=1 if bn in (32, 128) else 2,
+                      ctas_per_sm=2 if bn <= 32 else 1, producer_regs=40 if bn <= 32 else 56,
+                      persistent=True)
+    elif bn <= 32:
         fields = dict(k_tile=64, blocks_per_wg=2, ctas_per_sm=2, producer_regs=40,
                       persistent=True)
     elif bn == 64:
@@ -165,7 +204,7 @@ def rs_config(bn: int, k: int, **overrides) -> RsConfig:
                       persistent=True)
     fields.update(bn=bn, ring=2)
     fields.update(overrides)
-    if k % fields["k_tile"]:
+    if k % fields["k_tile"] and compute == "bf16":
         fields["k_tile"] = 64
     pairs = fields["k_tile"] // 32
     fields["ring"] = min(fields["ring"] or pairs, pairs)
@@ -178,11 +217,13 @@ class W4A16RsGemm:
     n_weight: rows of each expert's weight (2I for FC1, H for FC2), a multiple of 64;
     k: the reduction size (H for FC1, I for FC2), a multiple of 64; bn: token tile (N);
     y_cols: row length of FC2's fp32 output chunk (a multiple of 64), unused for FC1;
-    config: the tile configuration (default ``rs_config(bn, k)``).
+    config: the tile configuration (default ``rs_config(bn, k, compute)``);
+    compute: "bf16" (W4A16) or "e4m3" (W4A8: ``a`` is e4m3 in ``permute_act_k16`` order with
+    fp32 scales per token per 128 channels, K a multiple of 128; ``COMPUTES``).
     """
 
     def __init__(self, *, epilogue: str, n_weight: int, k: int, bn: int, y_cols: int = 0,
-                 config: RsConfig | None = None):
+                 config: RsConfig | None = None, compute: str = "bf16"):
         if epilogue not in EPILOGUES:
             raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
         if bn not in TOKEN_TILES:
@@ -195,20 +236,31 @@ class W4A16RsGemm:
             raise ValueError(f"one expert's weight ({n_weight} x {k}) has 2^31 bytes or more")
         if epilogue == "scatter" and (y_cols % 64 or y_cols <= 0):
             raise ValueError(f"y_cols={y_cols} must be a positive multiple of 64")
+        if compute not in COMPUTES:
+            raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
+        if compute == "e4m3" and k % ACT_BLOCK:
+            raise ValueError(f"W4A8 (e4m3): K={k} must be a multiple of {ACT_BLOCK} (one "
+                             f"activation scale per token per {ACT_BLOCK} channels)")
+        self.compute = compute
+        self.fp8 = compute == "e4m3"
+        self.eb = 1 if self.fp8 else 2  # bytes per token element
         self.epilogue = epilogue
         self.n_weight = n_weight
         self.k = k
         self.bn = bn
         self.y_cols = y_cols
         self.half = n_weight // 2  # FC1: I, the gate rows' offset
-        cfg = config or rs_config(bn, k)
+        cfg = config or rs_config(bn, k, compute)
         if cfg.bn != bn or k % cfg.k_tile or (cfg.k_tile // 32) % cfg.ring:
             raise ValueError(f"{cfg} does not fit bn={bn}, K={k}")
+        if self.fp8 and cfg.k_tile != ACT_BLOCK:
+            raise ValueError(f"W4A8 (e4m3) promotes once per stage: K tile must be "
+                             f"{ACT_BLOCK}, got {cfg}")
         self.cfg = cfg
         self.kt = cfg.k_tile
         self.k_tiles = k // self.kt
         self.pairs = self.kt // 32  # k32 pairs per stage (2 or 4: even, so the ring is static)
-        self.sub = self.kt // 64  # 64-wide B sub-tiles (one 128 B swizzle atom each)
+        self.sub = self.kt * self.eb // 128  # B sub-tiles of one 128 B swizzle atom per row
         self.bpw = cfg.blocks_per_wg
         self.bpc = cfg.blocks_per_cta
         self.cta_rows = BLOCK_ROWS * self.bpc
@@ -227,15 +279,20 @@ class W4A16RsGemm:
         self.stage_spl = self.cta_rows * self.pairs * 4
         self.raw_bytes = self.stage_raw // PRODUCER_THREADS  # per producer thread: 4..16
         self.stage_b = self.sub * bn * 128
-        stage_bytes = self.stage_w + self.stage_raw + self.stage_spl + self.stage_b
+        self.stage_as = bn * 4 if self.fp8 else 0  # e4m3: the tile's token scales (fp32)
+        stage_bytes = self.stage_w + self.stage_raw + self.stage_spl + self.stage_b \
+            + self.stage_as
         smem_budget = SMEM_PER_SM // cfg.ctas_per_sm - 2048 * (cfg.ctas_per_sm - 1)
         self.stages = min(MAX_STAGES, smem_budget // stage_bytes)
         if self.stages < 3:
             raise ValueError(f"only {self.stages} pipeline stages fit ({stage_bytes} B each)")
-        self.b_chunks = bn * self.kt // 8 // PRODUCER_THREADS  # 16 B B-chunks per copy thread
+        self.b_chunks = bn * self.kt * self.eb // 16 // PRODUCER_THREADS  # 16 B B-chunks / thread
+        # the A operand is the weights x 2^exp2 (nvfp4_dequant); the epilogue undoes it
+        self.weight_exp2 = E4M3_WEIGHT_EXP2 if self.fp8 else WEIGHT_EXP2
 
     @cute.jit
-    def __call__(self, a_ptr: cute.Pointer, row_index_ptr: cute.Pointer,
+    def __call__(self, a_ptr: cute.Pointer, a_scale_ptr: cute.Pointer,
+                 row_index_ptr: cute.Pointer,
                  tile_expert_ptr: cute.Pointer, tile_count_ptr: cute.Pointer,
                  tensor_of_ptr: cute.Pointer, local_of_ptr: cute.Pointer,
                  table_ptr: cute.Pointer, topk_w_ptr: cute.Pointer, out_ptr: cute.Pointer,
@@ -249,17 +306,21 @@ class W4A16RsGemm:
         the grid for (the permutation plan's upper bound: the kernel reads the real count, so
         no host sync precedes the launch); multi-B maps and table (see ``expert_table``);
         ``topk_w`` fp32 flat router weights (FC2); ``out``: FC1 bf16 ``h [M_pad, I]``, FC2
-        fp32 ``y [T*k, y_cols]``. ``grid`` <= number of work tiles of the bound."""
+        fp32 ``y [T*k, y_cols]``. ``grid`` <= number of work tiles of the bound.
+        ``a_scale`` (e4m3 only; unused for bf16): fp32 ``[rows of a, K / 128]``, the
+        activations' per-token scales (FC1 gathered by ``row_index`` like ``a``)."""
+        ab = Float8E4M3FN if self.fp8 else BFloat16
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            BFloat16, BFloat16, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
+            ab, ab, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
             Float32, (1, 1, 1), tiler_mn=(BLOCK_ROWS, self.bn),
             a_source=warpgroup.OperandSource.RMEM)
         b_layout = sm90_utils.make_smem_layout_b(
-            utils.LayoutEnum.ROW_MAJOR, (BLOCK_ROWS, self.bn, 64), BFloat16,
+            utils.LayoutEnum.ROW_MAJOR, (BLOCK_ROWS, self.bn, 128 // self.eb), ab,
             self.stages * self.sub)
         m_rows = num_token_tiles * self.bn
         tensors = (
             cute.make_tensor(a_ptr, cute.make_layout(1)),
+            cute.make_tensor(a_scale_ptr, cute.make_layout(1)),
             cute.make_tensor(row_index_ptr, cute.make_layout(m_rows)),
             cute.make_tensor(tile_expert_ptr, cute.make_layout(num_token_tiles)),
             cute.make_tensor(tile_count_ptr, cute.make_layout(1)),
@@ -277,6 +338,8 @@ class W4A16RsGemm:
 
     def _shared_storage(self, b_layout):
         stages = self.stages
+        if self.fp8:
+            return self._shared_storage_e4m3(b_layout)
 
         @cute.struct
         class SharedStorage:
@@ -291,10 +354,29 @@ class W4A16RsGemm:
 
         return SharedStorage
 
+    def _shared_storage_e4m3(self, b_layout):
+        """The bf16 storage with e4m3 token rows and a stage ring of fp32 token scales."""
+        stages = self.stages
+
+        @cute.struct
+        class SharedStorageE4m3:
+            full: cute.struct.MemRange[cutlass.Int64, stages]
+            empty: cute.struct.MemRange[cutlass.Int64, stages]
+            sB: cute.struct.Align[
+                cute.struct.MemRange[Float8E4M3FN, cute.cosize(b_layout)], 1024]
+            sW: cute.struct.Align[cute.struct.MemRange[Uint32, stages * self.stage_w // 4], 128]
+            sSpl: cute.struct.Align[
+                cute.struct.MemRange[Uint32, stages * self.stage_spl // 4], 128]
+            sRaw: cute.struct.Align[
+                cute.struct.MemRange[Uint32, stages * self.stage_raw // 4], 128]
+            sAs: cute.struct.Align[cute.struct.MemRange[Float32, stages * self.bn], 16]
+
+        return SharedStorageE4m3
+
     @cute.kernel
-    def kernel(self, a: cute.Tensor, row_index: cute.Tensor, tile_expert: cute.Tensor,
-               tile_count: cute.Tensor, tensor_of: cute.Tensor, local_of: cute.Tensor,
-               b_table: cute.Tensor, topk_w: cute.Tensor, out: cute.Tensor, tiled_mma: cute.TiledMma,
+    def kernel(self, a: cute.Tensor, a_scale: cute.Tensor, row_index: cute.Tensor,
+               tile_expert: cute.Tensor, tile_count: cute.Tensor, tensor_of: cute.Tensor,
+               local_of: cute.Tensor, b_table: cute.Tensor, topk_w: cute.Tensor, out: cute.Tensor, tiled_mma: cute.TiledMma,
                b_layout: cute.ComposedLayout, num_token_tiles: Int32, blk_begin: Int32,
                blk_end: Int32):
         # ``num_token_tiles`` (the host's bound) sized the grid; the real tiles are the first
@@ -319,15 +401,19 @@ class W4A16RsGemm:
         addrs = (storage.sW.data_ptr().toint(), storage.sRaw.data_ptr().toint(),
                  storage.sSpl.data_ptr().toint(), storage.sB.data_ptr().toint())
         sB = storage.sB.get_tensor(b_layout.outer, swizzle=b_layout.inner)
+        as_addr = Int32(0)
+        if cutlass.const_expr(self.fp8):
+            as_addr = storage.sAs.data_ptr().toint()
         if wg == 0:
             cute.arch.warpgroup_reg_dealloc(self.cfg.producer_regs)
             self._produce(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, row_index,
-                          tile_expert, tensor_of, local_of, b_table, full, empty, addrs)
+                          tile_expert, tensor_of, local_of, b_table, full, empty, addrs,
+                          a_scale, as_addr)
         else:
             cute.arch.warpgroup_reg_alloc(self.cfg.consumer_regs)
             self._consumer(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end,
                            row_index, tile_expert, tensor_of, local_of, b_table, topk_w,
-                           out, tiled_mma, sB, full, empty, addrs)
+                           out, tiled_mma, sB, full, empty, addrs, as_addr)
 
     # ---------------------------------------------------------------- shared arithmetic
     def _expert_bases(self, tt, tile_expert, tensor_of, local_of, b_table):
@@ -342,7 +428,8 @@ class W4A16RsGemm:
     # ---------------------------------------------------------------- producer
     @cute.jit
     def _produce(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, row_index,
-                 tile_expert, tensor_of, local_of, b_table, full, empty, addrs):
+                 tile_expert, tensor_of, local_of, b_table, full, empty, addrs, a_scale,
+                 as_addr):
         """Producer thread: per stage, wait for the slot, (thread 0) the bulk weight copies,
         cp.async its share of the raw scales and gathered token rows (one cp.async group), then
         wait for its own copies of the stage before (``cp.async.wait_group 1``) and publish
@@ -353,7 +440,8 @@ class W4A16RsGemm:
         # where this thread's scale words go (the same every stage)
         slots = [self._pair_slot(tidx * words + u) for u in range(words)]
         a_base = a.iterator.toint()
-        chunks_per_row = self.kt // 8
+        as_base = a_scale.iterator.toint()
+        chunks_per_row = self.kt * self.eb // 16
         copiers = PRODUCER_THREADS
         for j in cutlass.range(my_tiles, unroll=1):
             tile = bid + j * grid
@@ -370,6 +458,11 @@ class W4A16RsGemm:
                     m = cutlass.max(row_index[m], Int32(0))  # padding rows read token 0
                 b_row.append(m)
             w_off, sf_off = self._tile_offsets(tidx, blk0, blk_end)
+            as_row = Int32(0)
+            if cutlass.const_expr(self.fp8):  # producer thread n < bn: token n's scale row
+                as_row = tt * self.bn + cutlass.min(tidx, Int32(self.bn - 1))
+                if cutlass.const_expr(self.epilogue == "swiglu"):
+                    as_row = cutlass.max(row_index[as_row], Int32(0))
             for kt_idx in cutlass.range(self.k_tiles, unroll=1):
                 it = j * self.k_tiles + kt_idx
                 s = it % self.stages
@@ -383,8 +476,12 @@ class W4A16RsGemm:
                     c8 = cc % 8
                     dst = (sb_addr + (s * self.sub + cc // 8) * (self.bn * 128) + n * 128
                            + ((c8 ^ (n % 8)) * 16))
-                    cp_async_16(dst, a_base + Int64(b_row[i]) * (self.k * 2)
-                                + (kt_idx * (self.kt * 2) + cc * 16))
+                    cp_async_16(dst, a_base + Int64(b_row[i]) * (self.k * self.eb)
+                                + (kt_idx * (self.kt * self.eb) + cc * 16))
+                if cutlass.const_expr(self.fp8):
+                    if tidx < self.bn:
+                        cp_async_4(as_addr + (s * self.bn + tidx) * 4,
+                                   as_base + (Int64(as_row) * (self.k // ACT_BLOCK) + kt_idx) * 4)
                 cute.arch.cp_async_commit_group()
                 if it > 0:
                     cute.arch.cp_async_wait_group(1)
@@ -442,8 +539,11 @@ class W4A16RsGemm:
         words = self.raw_bytes // 4
         for u in cutlass.range_constexpr(words):
             wi = ptid * words + u  # word of the stage's [block][K chunk][64 words] scales
-            h0, h1 = e4m3x4_to_bf16x2_pairs(
-                ld_shared_u32(sraw_addr + s * self.stage_raw + 4 * wi), SCALE_EXP2)
+            raw = ld_shared_u32(sraw_addr + s * self.stage_raw + 4 * wi)
+            if cutlass.const_expr(self.fp8):
+                h0, h1 = e4m3x4_to_f16x2_pairs(raw)
+            else:
+                h0, h1 = e4m3x4_to_bf16x2_pairs(raw, SCALE_EXP2)
             st_shared_v2(sspl_addr + s * self.stage_spl + slots[u], h0, h1)
         cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared,
                               space=cute.arch.SharedSpace.shared_cta)
@@ -493,7 +593,7 @@ class W4A16RsGemm:
     @cute.jit
     def _consumer(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, row_index,
                   tile_expert, tensor_of, local_of, b_table, topk_w, out, tiled_mma, sB, full,
-                  empty, addrs):
+                  empty, addrs, as_addr):
         sw_addr, _, sspl_addr, _ = addrs
         q = tidx // 128 - 1  # consumer warpgroup
         tq = tidx % 128
@@ -507,17 +607,24 @@ class W4A16RsGemm:
         # A fragments of ``ring`` k32 pairs: [block][pair % ring][step in pair], each 4 bf16x2
         # words. A pair's registers are rewritten once wait_group(ring - 1) says the wgmma
         # that read them is done (up to ring - 1 groups stay in flight meanwhile).
-        frags = [[[tiled_mma.make_fragment_A(a_shape) for _ in range(2)]
+        # e4m3: one k32 step per pair, its 4 registers (2 k16 halves x 2 row halves).
+        steps = 1 if self.fp8 else 2
+        if cutlass.const_expr(self.fp8):
+            a_shape = thr_mma.partition_shape_A((BLOCK_ROWS, 32))
+        frags = [[[tiled_mma.make_fragment_A(a_shape) for _ in range(steps)]
                   for _ in range(self.ring)] for _ in range(self.bpw)]
         words = [[[cute.recast_tensor(f, Int32) for f in pr] for pr in blk] for blk in frags]
         accs = [cute.make_rmem_tensor(thr_mma.partition_shape_C((BLOCK_ROWS, self.bn)), Float32)
                 for _ in range(self.bpw)]
+        # e4m3: the per-128 partial sums that are promoted into ``accs``
+        parts = [cute.make_rmem_tensor(thr_mma.partition_shape_C((BLOCK_ROWS, self.bn)), Float32)
+                 for _ in range(self.bpw if self.fp8 else 0)]
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
         # this thread's bytes in its blocks' weight atoms and its scale-pair slot
         offs = self._consumer_offsets(q, tq)
         args = (q, warp, g, c, offs, words, frags, accs, tCrB, tiled_mma,
                 n_groups, blk_begin, blk_end, row_index, tile_expert, tensor_of, local_of,
-                b_table, topk_w, out, full, empty, sw_addr, sspl_addr)
+                b_table, topk_w, out, full, empty, sw_addr, sspl_addr, parts, as_addr)
         if cutlass.const_expr(self.persistent):
             for jt in cutlass.range(my_tiles, unroll=1):
                 self._consumer_tile(jt, bid + jt * grid, *args)
@@ -529,7 +636,7 @@ class W4A16RsGemm:
     def _consumer_tile(self, jt, tile, q, warp, g, c, offs, words, frags, accs, tCrB,
                        tiled_mma, n_groups, blk_begin, blk_end, row_index, tile_expert,
                        tensor_of, local_of, b_table, topk_w, out, full, empty, sw_addr,
-                       sspl_addr):
+                       sspl_addr, parts, as_addr):
         """Work tile ``tile`` (the CTA's ``jt``-th): K loop, then the epilogue."""
         tt = tile // n_groups
         blk0 = blk_begin + (tile % n_groups) * self.bpc
@@ -538,15 +645,25 @@ class W4A16RsGemm:
         alpha = ld_global_f32(alpha_addr)
         # K tile 0 is peeled so the tile's first k16 step overwrites the accumulators with a
         # static zero-init (a dynamic one, or a fill, makes ptxas serialize the wgmmas).
-        self._k_tile(jt * self.k_tiles, True, full, empty, sw_addr, sspl_addr, offs, words,
-                     frags, accs, tiled_mma, tCrB)
-        for kt_idx in cutlass.range(1, self.k_tiles, unroll=1):
-            self._k_tile(jt * self.k_tiles + kt_idx, False, full, empty, sw_addr, sspl_addr,
-                         offs, words, frags, accs, tiled_mma, tCrB)
-        warpgroup.wait_group(0)
-        cute.arch.mbarrier_arrive(empty + (jt * self.k_tiles + self.k_tiles - 1) % self.stages)
-        # The A operand is the weights times 2^WEIGHT_EXP2 (nvfp4_dequant): undo it here.
-        alpha = alpha * (2.0 ** -WEIGHT_EXP2)
+        if cutlass.const_expr(self.fp8):
+            # every stage ends with its wgmmas done, its slot released and its promotion
+            self._k_tile_e4m3(jt * self.k_tiles, True, full, empty, sw_addr, sspl_addr, offs,
+                              words, frags, accs, parts, tiled_mma, tCrB, as_addr, c)
+            for kt_idx in cutlass.range(1, self.k_tiles, unroll=1):
+                self._k_tile_e4m3(jt * self.k_tiles + kt_idx, False, full, empty, sw_addr,
+                                  sspl_addr, offs, words, frags, accs, parts, tiled_mma, tCrB,
+                                  as_addr, c)
+        else:
+            self._k_tile(jt * self.k_tiles, True, full, empty, sw_addr, sspl_addr, offs, words,
+                         frags, accs, tiled_mma, tCrB)
+            for kt_idx in cutlass.range(1, self.k_tiles, unroll=1):
+                self._k_tile(jt * self.k_tiles + kt_idx, False, full, empty, sw_addr,
+                             sspl_addr, offs, words, frags, accs, tiled_mma, tCrB)
+            warpgroup.wait_group(0)
+            cute.arch.mbarrier_arrive(
+                empty + (jt * self.k_tiles + self.k_tiles - 1) % self.stages)
+        # The A operand is the weights times 2^weight_exp2 (nvfp4_dequant): undo it here.
+        alpha = alpha * (2.0 ** -self.weight_exp2)
         for j in cutlass.range_constexpr(self.bpw):
             gblk = blk0 + q * self.bpw + j
             if gblk < blk_end:  # the last group's missing blocks were clamped copies
@@ -597,6 +714,56 @@ class W4A16RsGemm:
                     cute.gemm(tiled_mma, accs[j], frags[j][rp][t][(None, None, 0)],
                               tCrB[(None, None, step % 4, s * self.sub + step // 4)], accs[j])
             warpgroup.commit_group()
+
+    @cute.jit
+    def _k_tile_e4m3(self, it, first, full, empty, sw_addr, sspl_addr, offs, words, frags,
+                     accs, parts, tiled_mma, tCrB, as_addr, c):
+        """One K tile = one 128-channel activation block (W4A8, global counter ``it``): per
+        k32 pair, decode the A fragments to e4m3 and issue one wgmma per block into ``parts``
+        (zeroed by the stage's first step); then, once they are done, release the slot and
+        promote: ``acc = part x scale`` (``first``: the work tile's first K tile) or
+        ``acc += part x scale`` in fp32, with the scale of each accumulator's token column."""
+        s = it % self.stages
+        cute.arch.mbarrier_wait(full + s, (it // self.stages) % 2)
+        w_stage = sw_addr + s * self.stage_w
+        spl_stage = sspl_addr + s * self.stage_spl
+        for p in cutlass.range_constexpr(self.pairs):
+            rp = p % self.ring
+            warpgroup.wait_group(self.ring - 1)
+            pp = p % 2
+            if cutlass.const_expr(pp == 0):  # one 16 B load: both pairs of the K chunk
+                packed = [ld_shared_v4(w_stage + offs[0] + self._consumer_step(j, p)[0])
+                          for j in range(self.bpw)]
+            slot = spl_stage + offs[1] + self._consumer_step(0, p)[1]
+            if cutlass.const_expr(self.bpw == 2):
+                scales = ld_shared_v4(slot)
+            else:
+                scales = ld_shared_v2(slot)
+            for j in cutlass.range_constexpr(self.bpw):
+                for h in cutlass.range_constexpr(2):
+                    # (block j, row half h): register 2 t + h holds k16 half t of the step
+                    r0, r1 = fragment_preshuffled_e4m3x8(packed[j][2 * pp + h],
+                                                         scales[2 * j + h])
+                    words[j][rp][0][h] = r0
+                    words[j][rp][0][2 + h] = r1
+            warpgroup.fence()
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, p != 0)
+            for j in cutlass.range_constexpr(self.bpw):
+                cute.gemm(tiled_mma, parts[j], frags[j][rp][0][(None, None, 0)],
+                          tCrB[(None, None, p, s * self.sub)], parts[j])
+            warpgroup.commit_group()
+        # this thread's token columns 8 qn + 2 c + v0, read before the slot is released
+        xs = [ld_shared_f32(as_addr + (s * self.bn + 8 * (i // 2) + 2 * c + i % 2) * 4)
+              for i in range(self.bn // 4)]
+        warpgroup.wait_group(0)
+        cute.arch.mbarrier_arrive(empty + s)
+        for j in cutlass.range_constexpr(self.bpw):
+            for i in cutlass.range_constexpr(self.bn // 2):
+                scale = xs[2 * (i // 4) + i % 2]
+                if cutlass.const_expr(first):
+                    accs[j][i] = parts[j][i] * scale
+                else:
+                    accs[j][i] = accs[j][i] + parts[j][i] * scale
 
     @cute.jit
     def _epilogue(self, acc, alpha, tt, gblk, blk_begin, warp, g, c, row_index, topk_w, out):

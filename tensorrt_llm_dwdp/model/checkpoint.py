@@ -40,7 +40,8 @@ from tensorrt_llm_dwdp.model.expert_convert import Allocator, load_layer_experts
 from tensorrt_llm_dwdp.model.hf_names import detect_quant
 from tensorrt_llm_dwdp.model.moe_block import make_moe
 from tensorrt_llm_dwdp.model.safetensors_io import CheckpointReader
-from tensorrt_llm_dwdp.moe.backends import expert_weight_layout, get_backend
+from tensorrt_llm_dwdp.moe.backends import (check_nvfp4_compute, expert_weight_layout,
+                                          get_backend)
 from tensorrt_llm_dwdp.moe.layouts import LINEAR, shuffle_experts_
 from tensorrt_llm_dwdp.quant.nvfp4 import dequantize_nvfp4
 
@@ -142,6 +143,7 @@ def load_model(
     dwdp: Any = None,
     ep: Any = None,
     weight_layout: str | None = None,
+    nvfp4_compute: str = "bf16",
 ) -> CausalLM:
     """Build the decoder of checkpoint ``path`` and load its weights.
 
@@ -155,7 +157,10 @@ def load_model(
     (``moe/layouts.py``); None or "auto" picks the backend's (cutedsl: ``preshuffled``, the
     torch backends: ``linear``; they also read ``preshuffled``, unshuffling it exactly), a
     layout the backend cannot read, or the checkpoint cannot be in, fails before any read.
+    ``nvfp4_compute``: "bf16" (W4A16) or "fp8" (W4A8, cutedsl only; ``quant/w4a8.py``) for
+    NVFP4 experts, checked before any read.
     """
+    check_nvfp4_compute(moe_backend, nvfp4_compute)
     config, quant = read_config(path)
     if config.moe_layer_indices:
         try:
@@ -198,7 +203,8 @@ def load_model(
 
     # One backend object for every MoE layer: a JIT-compiling backend (cutedsl) then compiles
     # each kernel configuration once per process rather than once per layer.
-    backend = get_backend(moe_backend) if config.moe_layer_indices else moe_backend
+    backend = (get_backend(moe_backend, nvfp4_compute) if config.moe_layer_indices
+               else moe_backend)
     with torch.device("meta"):
         model = build_model(config, lambda i: make_moe(config, i, backend, dwdp, ep), dtype)
     with CheckpointReader(path) as reader:

@@ -108,6 +108,7 @@ class ServeOptions:
     max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     moe_backend: str = "torch"
+    nvfp4_compute: str = "bf16"
     device: str | None = None
     log_level: str = "info"
     dwdp_config: DwdpConfig | None = None
@@ -165,7 +166,7 @@ def moe_backend_name(value: Any) -> str:
             f"moe_config.backend={value.get('backend')!r} is not available here; "
             f"choose one of {sorted(MOE_BACKENDS)}"
         )
-    unknown = sorted(set(value) - {"backend"})
+    unknown = sorted(set(value) - {"backend", "nvfp4_compute"})
     if unknown:
         logger.warning("moe_config keys %s have no effect here and are ignored", unknown)
     return MOE_BACKENDS[backend]
@@ -207,6 +208,8 @@ def merge_options(base: ServeOptions, extra: Mapping[str, Any], *, source: str =
             _only_one(f"{source}: {key}", extra[key])
     if "moe_config" in extra and extra["moe_config"] is not None:
         changes["moe_backend"] = moe_backend_name(extra["moe_config"])
+        if extra["moe_config"].get("nvfp4_compute") is not None:
+            changes["nvfp4_compute"] = str(extra["moe_config"]["nvfp4_compute"])
     if "dwdp_config" in extra:
         section = extra["dwdp_config"]
         if section is not None and not isinstance(section, dict):
@@ -298,6 +301,12 @@ def check_options(options: ServeOptions) -> ServeOptions:
                            "prefetched, or experts split and tokens sent to them); set one")
     if options.moe_backend not in set(MOE_BACKENDS.values()):
         raise OptionsError(f"moe_backend={options.moe_backend!r}; choose 'torch' or 'cutedsl'")
+    if options.nvfp4_compute not in ("bf16", "fp8"):
+        raise OptionsError(f"moe_config.nvfp4_compute={options.nvfp4_compute!r}; choose 'bf16' "
+                           f"(W4A16, the default) or 'fp8' (W4A8, cutedsl only)")
+    if options.nvfp4_compute == "fp8" and options.moe_backend != "cutedsl":
+        raise OptionsError(f"moe_config.nvfp4_compute='fp8' (W4A8) runs on the CUTEDSL MoE "
+                           f"backend only, not {options.moe_backend!r}")
     if options.max_num_tokens < 1 or options.max_batch_size < 1 or options.max_seq_len < 2:
         raise OptionsError(
             f"max_batch_size={options.max_batch_size}, max_num_tokens={options.max_num_tokens} must "

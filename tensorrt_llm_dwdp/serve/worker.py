@@ -194,7 +194,8 @@ def _load_model(options: ServeOptions, device: Any, manager: Any, ep_group: Any 
     from tensorrt_llm_dwdp.model.checkpoint import load_model
 
     return load_model(options.model, device=device, moe_backend=options.moe_backend, dwdp=manager,
-                      ep=ep_group.ep if ep_group is not None else None)
+                      ep=ep_group.ep if ep_group is not None else None,
+                      nvfp4_compute=options.nvfp4_compute)
 
 
 def _bind_device_fn(device: Any):

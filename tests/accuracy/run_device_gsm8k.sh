@@ -15,7 +15,7 @@
 # expert e4m3 with 128x128 scales), CKPT_DEVICE (cpu; cuda draws and quantizes the synthetic
 # weights on the GPU, minutes faster for fp8), NUM_LAYERS (5 = 3 dense + 2 MoE), VOCAB (1024), NUM_QUESTIONS (50),
 # MAX_TOKENS (32), NUM_FEWSHOT (2), MODEL (reuse a checkpoint), MOE_BACKEND (VANILLA = torch reference; CUTEDSL needs the
-# nvidia-cutlass-dsl wheel), PYTHON (python3). A CPU dry run of the same script:
+# nvidia-cutlass-dsl wheel), NVFP4_COMPUTE (bf16 = W4A16; fp8 = W4A8, CUTEDSL only), PYTHON (python3). A CPU dry run of the same script:
 #   PRESET=tiny-deepseek-v3 CONFIG=configs/synthetic_tiny_dwdp2.yaml VOCAB=512 DEVICE=cpu \
 #   GEN_DEVICE=cpu NUM_QUESTIONS=3 MIN_QUESTIONS=3 MAX_TOKENS=4 bash tests/accuracy/run_device_gsm8k.sh
 set -euo pipefail
@@ -41,12 +41,12 @@ fi
 t1=$(date +%s)
 
 # The DWDP options of the context servers, with the chosen MoE backend.
-"${python_bin}" - "${root}/${CONFIG:-configs/deepseek_v3_dwdp2.yaml}" "${work}/ctx_options.yaml" "${MOE_BACKEND:-VANILLA}" <<'PY'
+"${python_bin}" - "${root}/${CONFIG:-configs/deepseek_v3_dwdp2.yaml}" "${work}/ctx_options.yaml" "${MOE_BACKEND:-VANILLA}" "${NVFP4_COMPUTE:-bf16}" <<'PY'
 import sys, yaml
-src, dst, backend = sys.argv[1:]
+src, dst, backend, nvfp4_compute = sys.argv[1:]
 with open(src) as f:
     cfg = yaml.safe_load(f)
-cfg["moe_config"] = {"backend": backend}
+cfg["moe_config"] = {"backend": backend, "nvfp4_compute": nvfp4_compute}
 with open(dst, "w") as f:
     yaml.safe_dump(cfg, f)
 PY

@@ -4,7 +4,8 @@ with CUTE_DSL_ARCH / CUTE_DSL_KEEP_CUBIN / CUTE_DSL_DUMP_DIR set).
 ``cute.compile`` writes the cubin, then fails to load it (no driver): that failure is expected
 and reported as 'loaded=no'; any other error fails the script.
 Usage: python _compile_sm90_main.py (swiglu|scatter) N_WEIGHT K BN [Y_COLS [FIELD=VALUE ...]]
-       | slot_sum 0 0 0     (FIELD=VALUE: ``RsConfig`` overrides, e.g. k_tile=128 ring=4)
+       | slot_sum 0 0 0     (FIELD=VALUE: ``RsConfig`` overrides, e.g. k_tile=128 ring=4, and
+       compute=e4m3 for the W4A8 kernel)
 """
 import sys
 
@@ -27,16 +28,19 @@ def main() -> int:
     y_cols = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     overrides = {f: int(v) if v.lstrip("-").isdigit() else v
                  for f, v in (a.split("=") for a in sys.argv[6:])}
+    compute = overrides.pop("compute", "bf16")
+    a_dtype = torch.float8_e4m3fn if compute == "e4m3" else torch.bfloat16
     rows = 2 * bn
     out = (torch.zeros(rows, n_weight // 2, dtype=torch.bfloat16) if kind == "swiglu"
            else torch.zeros(rows, y_cols, dtype=torch.float32))
-    args = [torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(rows, dtype=torch.int32),
+    args = [torch.zeros(rows, k, dtype=a_dtype), torch.zeros(rows, k // 128 or 1),
+            torch.zeros(rows, dtype=torch.int32),
             torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
             torch.zeros(experts, dtype=torch.int32),
             torch.zeros(experts, dtype=torch.int32), torch.zeros(3, 2, dtype=torch.int64),
             torch.zeros(rows, dtype=torch.float32), out]
     kernel = W4A16RsGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols,
-                         config=rs_config(bn, k, **overrides))
+                         config=rs_config(bn, k, compute, **overrides), compute=compute)
     blocks = (y_cols or n_weight) // 64
     return _compile(kernel, args, [2, experts, 2, 0, blocks, 132])
 

@@ -174,3 +174,70 @@ def test_slot_sum_compiles_with_wide_loads(tools, tmp_path):
     sass = _compile_sass(tools, tmp_path, "slot_sum", "0", "0", "0")
     assert sass.count("LDG.E.128.CONSTANT") == 8  # one 16 B load per slot (top-k = 8)
     assert "STG.E.64" in sass
+
+
+W4A8_CONFIGS = [
+    ("swiglu", 4096, 7168, 16, 0),      # DeepSeek-V3 FC1, memory-bound: 2 CTAs per SM
+    ("swiglu", 4096, 7168, 32, 0),      # one 64-row block per consumer warpgroup
+    ("swiglu", 3072, 4096, 64, 0),      # Qwen3-235B FC1, 1 CTA per SM
+    ("scatter", 7168, 2048, 128, 512),  # DeepSeek-V3 FC2, compute-bound tile
+]
+
+
+@pytest.mark.parametrize("kind,n_weight,k,bn,y_cols", W4A8_CONFIGS)
+def test_w4a8_compiles_to_register_a_qgmma(tools, tmp_path, kind, n_weight, k, bn, y_cols):
+    """compute="e4m3": every warpgroup MMA is an fp8 QGMMA (e4m3 x e4m3, k32) with A from
+    registers and B through a descriptor, one per block and k32 pair in the peeled first K tile
+    and in the K loop; the only full waits are the two per-stage promotion points (ptxas did not
+    serialize the pairs); no spills; setmaxnreg as configured. In the K loop, per block and pair:
+    8 e4m3 -> f16 conversions, 8 HMUL2 (the block scales) and 8 RN f16 -> e4m3 conversions (4
+    per preshuffled word, two words per pair), and the fp32 promotion (one FFMA per accumulator
+    after the first K tile)."""
+    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import W4A16RsGemm
+
+    kern = W4A16RsGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols,
+                       compute="e4m3")
+    cfg = kern.cfg
+    sass = _compile_sass(tools, tmp_path, kind, str(n_weight), str(k), str(bn), str(y_cols),
+                         "compute=e4m3")
+    assert "HGMMA" not in sass
+    qgmma = re.findall(r"QGMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3 R\d+, (\S+), gdesc", sass)
+    pairs, bpw = cfg.k_tile // 32, cfg.blocks_per_wg
+    assert len(qgmma) == 2 * bpw * pairs, qgmma
+    assert {n for n, _ in qgmma} == {str(bn)}, qgmma
+    assert all(re.fullmatch(r"R\d+,?", a) for _, a in qgmma), f"A not from registers: {qgmma}"
+    assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
+    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2, "wgmma serialized by ptxas"
+    assert sass.count("UBLKCP.S.G") == cfg.blocks_per_cta, "one bulk copy per block"
+    assert sass.count("LDGSTS.E.BYPASS.128") == kern.b_chunks, "16 B cp.async beyond the B rows"
+    assert f"USETMAXREG.DEALLOC.CTAPOOL {cfg.producer_regs:#x}" in sass
+    assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {cfg.consumer_regs:#x}" in sass
+    assert _registers(tools, tmp_path) == cfg.register_pool
+    mix = k_loop_mix(sass, "QGMMA")
+    assert _count(mix, "QGMMA") == bpw * pairs, mix
+    assert _count(mix, "F2FP.F16.E4M3") == 8 * bpw * pairs, mix
+    assert _count(mix, "F2FP.SATFINITE.E4M3.F16") == 8 * bpw * pairs, mix
+    assert _count(mix, "HMUL2") == 8 * bpw * pairs, mix
+    assert _count(mix, "FFMA") >= bpw * bn // 2, mix  # the promotion
+
+
+@pytest.mark.parametrize("name", ["ring4", "bn64_2cta_1blk"])
+def test_w4a8_variants_compile_clean(tools, tmp_path, name):
+    """Each W4A8 configuration ``bench/w4a8_kernels.py --variants`` times (on its largest
+    token tile) builds without spills and with the pairs pipelined."""
+    from bench.w4a8_kernels import VARIANTS
+    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import W4A16RsGemm, rs_config
+
+    tiles, fields = VARIANTS[name]
+    bn = max(tiles)
+    kind, n_weight, k, y_cols = ("scatter", 7168, 2048, 512) if bn == 128 else \
+        ("swiglu", 4096, 7168, 0)
+    cfg = rs_config(bn, k, "e4m3", **fields)
+    W4A16RsGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols, config=cfg,
+                compute="e4m3")
+    sass = _compile_sass(tools, tmp_path, kind, str(n_weight), str(k), str(bn), str(y_cols),
+                         "compute=e4m3", *[f"{f}={v}" for f, v in fields.items()])
+    assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
+    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2, "wgmma serialized by ptxas"
+    assert sass.count("QGMMA") == 2 * cfg.blocks_per_wg * cfg.k_tile // 32
+    assert _registers(tools, tmp_path) == cfg.register_pool

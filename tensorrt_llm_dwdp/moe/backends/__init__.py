@@ -112,11 +112,25 @@ def _cutedsl_missing() -> list[str]:
     return missing
 
 
-def get_backend(name: str) -> MoeBackend:
+NVFP4_COMPUTES = ("bf16", "fp8")  # moe_config.nvfp4_compute: W4A16 (default) or W4A8
+
+
+def check_nvfp4_compute(name: str, nvfp4_compute: str) -> None:
+    """``nvfp4_compute`` (the tensor-core format of NVFP4 experts: "bf16" = W4A16, "fp8" =
+    W4A8, ``quant/w4a8.py``) must be known, and "fp8" runs on the cutedsl backend only."""
+    if nvfp4_compute not in NVFP4_COMPUTES:
+        raise ValueError(f"nvfp4_compute must be one of {NVFP4_COMPUTES}, got {nvfp4_compute!r}")
+    if nvfp4_compute != "bf16" and name != "cutedsl":
+        raise ValueError(f"nvfp4_compute={nvfp4_compute!r} (W4A8) runs on the cutedsl MoE "
+                         f"backend only, not {name!r}")
+
+
+def get_backend(name: str, nvfp4_compute: str = "bf16") -> MoeBackend:
     """The backend registered as ``name`` ('torch', 'cutedsl' or 'torch-grouped'); clear errors
-    when it cannot run here."""
+    when it cannot run here. ``nvfp4_compute``: see ``check_nvfp4_compute``."""
     if name not in BACKEND_MODULES:
         raise ValueError(f"unknown MoE backend {name!r}; choose one of {sorted(BACKEND_MODULES)}")
+    check_nvfp4_compute(name, nvfp4_compute)
     module_name = BACKEND_MODULES[name]
     if name == "cutedsl":
         missing = _cutedsl_missing()
@@ -132,6 +146,8 @@ def get_backend(name: str) -> MoeBackend:
         raise RuntimeError(
             f"MoE backend {name!r}: importing {module_name} failed, missing module {exc.name!r}"
         ) from exc
+    if nvfp4_compute != "bf16":
+        return module.create_backend(nvfp4_compute=nvfp4_compute)
     return module.create_backend()
 
 

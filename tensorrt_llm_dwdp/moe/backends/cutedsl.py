@@ -22,6 +22,12 @@ dequant is a few shifts; 1.25-1.6x the kernels that read checkpoint rows, kernel
 Numerics follow the torch reference backend (dequantized exact-bf16 weights, fp32
 accumulation, alpha and SwiGLU in fp32, bf16 h, fp32 FC2 and router weight, slot-order sum).
 Shapes: hidden and expert intermediate sizes must be multiples of 64 (checked before launch).
+
+``nvfp4_compute`` picks the tensor-core format of the NVFP4 experts: ``"bf16"`` (W4A16, the
+default: exact weights, bf16 tokens) or ``"fp8"`` (W4A8: weights rounded once to e4m3, tokens
+and h quantized per token per 128 channels, fp8 WGMMA; ``quant/w4a8.py`` states the numerics
+and the error, about 3% relative against W4A16; sizes must be multiples of 128). The default
+stays bf16 until a device measurement says W4A8 is faster.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 SIZE_MULTIPLE = 64
 FP8_SCALES = {"w3_w1_weight": "w3_w1_weight_scale_inv", "w2_weight": "w2_weight_scale_inv"}
+NVFP4_COMPUTES = {"bf16": "bf16", "fp8": "e4m3"}  # moe_config value -> the kernel's format
 
 
 def choose_token_tile(num_rows: int, num_experts: int) -> int:
@@ -103,7 +110,13 @@ class CuteDslMoeBackend:
     accepts_multi_tensor = True  # a composite view is the S = 1 case
     weight_layouts = (PRESHUFFLED,)
 
-    def __init__(self, max_tables: int = 512, sync_check: bool = False) -> None:
+    def __init__(self, max_tables: int = 512, sync_check: bool = False,
+                 nvfp4_compute: str = "bf16") -> None:
+        if nvfp4_compute not in NVFP4_COMPUTES:
+            raise ValueError(f"cutedsl backend: nvfp4_compute must be one of "
+                             f"{sorted(NVFP4_COMPUTES)}, got {nvfp4_compute!r}")
+        self.nvfp4_compute = nvfp4_compute
+        self.compute = NVFP4_COMPUTES[nvfp4_compute]
         self.cache = CompileCache()
         self.routing_errors = RoutingErrors(sync_check)
         self._tables: OrderedDict[tuple, ExpertTable] = OrderedDict()
@@ -187,6 +200,12 @@ class CuteDslMoeBackend:
         if not x.is_cuda:
             raise ValueError(f"cutedsl backend: tensors must be on a CUDA device, got {x.device}")
         check_expert_shapes(weights.hidden_size, weights.intermediate_size)
+        if self.compute == "e4m3" and (weights.hidden_size % 128
+                                       or weights.intermediate_size % 128):
+            raise ValueError(
+                f"cutedsl backend, nvfp4_compute='fp8': hidden size {weights.hidden_size} and "
+                f"expert intermediate size {weights.intermediate_size} must be multiples of 128 "
+                f"(one activation scale per 128 channels); use nvfp4_compute='bf16'")
         tokens, k = topk_ids.shape
         if tokens == 0:
             return torch.empty(0, x.shape[1], dtype=torch.bfloat16, device=x.device)
@@ -199,10 +218,10 @@ class CuteDslMoeBackend:
         if x.data_ptr() % 16:  # a row-offset view; the gather copies 16-byte chunks
             x = x.clone()
         h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, bn,
-                              tile_count=plan.tile_count)
+                              tile_count=plan.tile_count, compute=self.compute)
         return fc2_finalize(self.cache, h, plan.slot_index, plan.tile_expert, topk_ids,
-                            topk_weights, w2, bn, tile_count=plan.tile_count)
-
+                            topk_weights, w2, bn, tile_count=plan.tile_count,
+                            compute=self.compute)
 
     def _run_fp8(self, x, topk_ids, topk_weights, weights: ExpertWeights) -> torch.Tensor:
         """FP8 experts (linear layout): ``fp8_launch.fp8_moe_forward`` over the multi-B
@@ -230,5 +249,5 @@ class CuteDslMoeBackend:
                                plan, bn)
 
 
-def create_backend() -> CuteDslMoeBackend:
-    return CuteDslMoeBackend(sync_check=sync_checks_requested())
+def create_backend(nvfp4_compute: str = "bf16") -> CuteDslMoeBackend:
+    return CuteDslMoeBackend(nvfp4_compute=nvfp4_compute, sync_check=sync_checks_requested())
