@@ -192,60 +192,83 @@ def _finish(proc: subprocess.Popen, log, deadline: float) -> tuple[int, bool]:
         rc = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         timed_out = False
     except subprocess.TimeoutExpired:
-        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, None)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        _kill_group(proc)
         rc, timed_out = proc.wait(), True
     log.close()
     return rc, timed_out
 
 
+def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the stage's process group, SIGKILL what is left after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_suite(suite: Suite, out_dir: str, values: dict[str, str], env: dict[str, str]
               ) -> list[StageResult]:
     """Run every stage of ``suite`` with its logs and outputs under ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
-    results: dict[str, StageResult] = {}
-    running: dict[str, tuple[subprocess.Popen, object, float, float, Stage]] = {}
-    stopped = False
+    return _SuiteRun(suite, out_dir, env).run(values)
 
-    def join(name: str) -> None:
-        proc, log, start, deadline, stage = running.pop(name)
-        rc, timed_out = _finish(proc, log, deadline)
-        results[name] = _result(suite.name, stage, rc, timed_out, time.monotonic() - start, out_dir)
-        logger.info("%s/%s: %s in %.0f s", suite.name, name, results[name].status,
-                    results[name].seconds)
 
-    for stage in suite.stages:
-        for dep in stage.needs:
-            if dep in running:
-                join(dep)
-        if stopped:
-            results[stage.name] = StageResult(suite.name, stage.name, None, 0.0, "not_run")
-            continue
-        argv, extra, skip_if = resolve(stage, values)
-        if skip_if and os.path.exists(skip_if):
-            results[stage.name] = StageResult(suite.name, stage.name, None, 0.0, "skipped")
-            logger.info("%s/%s: skipped (%s exists)", suite.name, stage.name, skip_if)
-            continue
-        start = time.monotonic()
-        proc, log = _start(argv, os.path.join(out_dir, f"{stage.name}.log"), {**env, **extra})
-        running[stage.name] = (proc, log, start, start + stage.timeout, stage)
-        if not stage.background:
-            join(stage.name)
-            if stage.stop_on_fail and results[stage.name].status != "ok":
-                logger.error("%s/%s failed: the suite's later stages do not run", suite.name,
-                             stage.name)
-                stopped = True
-    for name in list(running):
-        join(name)
-    return [results[s.name] for s in suite.stages]
+class _SuiteRun:
+    """One suite's stages: foreground ones in order, background ones joined before a stage that
+    needs them and at the end; whatever still runs when this is interrupted is killed."""
+
+    def __init__(self, suite: Suite, out_dir: str, env: dict[str, str]) -> None:
+        self.suite, self.out_dir, self.env = suite, out_dir, env
+        self.results: dict[str, StageResult] = {}
+        self.running: dict[str, tuple[subprocess.Popen, object, float, Stage]] = {}
+
+    def run(self, values: dict[str, str]) -> list[StageResult]:
+        os.makedirs(self.out_dir, exist_ok=True)
+        try:
+            self._stages(values)
+        finally:  # interrupted (SIGTERM, Ctrl-C): no stage outlives the runner
+            for proc, log, *_ in self.running.values():
+                _kill_group(proc)
+                log.close()
+        return [self.results[s.name] for s in self.suite.stages]
+
+    def _stages(self, values: dict[str, str]) -> None:
+        stopped = False
+        for stage in self.suite.stages:
+            for dep in stage.needs:
+                if dep in self.running:
+                    self._join(dep)
+            argv, extra, skip_if = resolve(stage, values)
+            if stopped or (skip_if and os.path.exists(skip_if)):
+                status = "not_run" if stopped else "skipped"
+                self.results[stage.name] = StageResult(self.suite.name, stage.name, None, 0.0, status)
+                logger.info("%s/%s: %s", self.suite.name, stage.name, status)
+                continue
+            start = time.monotonic()
+            proc, log = _start(argv, os.path.join(self.out_dir, f"{stage.name}.log"),
+                               {**self.env, **extra})
+            self.running[stage.name] = (proc, log, start, stage)
+            if not stage.background:
+                self._join(stage.name)
+                if stage.stop_on_fail and self.results[stage.name].status != "ok":
+                    logger.error("%s/%s failed: the suite's later stages do not run",
+                                 self.suite.name, stage.name)
+                    stopped = True
+        for name in list(self.running):
+            self._join(name)
+
+    def _join(self, name: str) -> None:
+        proc, log, start, stage = self.running[name]
+        rc, timed_out = _finish(proc, log, start + stage.timeout)
+        del self.running[name]  # only once it is gone: an interrupted wait leaves it to kill
+        r = _result(self.suite.name, stage, rc, timed_out, time.monotonic() - start, self.out_dir)
+        self.results[name] = r
+        logger.info("%s/%s: %s in %.0f s", self.suite.name, name, r.status, r.seconds)
 
 
 def _result(suite: str, stage: Stage, rc: int, timed_out: bool, seconds: float,
@@ -357,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}/{stage.name} [{stage.timeout} s]: {prefix + ' ' if prefix else ''}"
                       f"{shlex.join(argv_)}")
         return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop running stages
     os.makedirs(out, exist_ok=True)
     os.makedirs(WORK_DIR, exist_ok=True)
     env = prepare_env()

@@ -132,3 +132,36 @@ cpu:
         written = tar.extractfile("cpu/r.json").read().decode()
     assert "rank 0" in ranks_log and "rank 1" in ranks_log, ranks_log
     assert written == "3"  # the env value, its placeholder filled from --ranks
+
+
+def test_a_stopped_runner_leaves_no_stage_running(tmp_path):
+    import subprocess
+    import time
+
+    py = shlex.quote(sys.executable)
+    pid_file = tmp_path / "pid"
+    text = f"""
+s:
+  about: a stage that would outlive the runner
+  stages:
+    - name: sleeper
+      run: "{py} -c 'import os, time; open(\\"{pid_file}\\", \\"w\\").write(str(os.getpid())); time.sleep(600)'"
+      timeout: 600
+      background: true
+"""
+    runner = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "suites.py"), "s",
+                               "--out", str(tmp_path / "out"), "--suites-file", _write(tmp_path, text)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline and runner.poll() is None, "the stage never started"
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        runner.terminate()
+        assert runner.wait(timeout=60) != 0
+        assert not os.path.exists(f"/proc/{pid}"), "the stage outlived the runner"
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
