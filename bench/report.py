@@ -55,6 +55,9 @@ def _spread_k(sp: dict | None) -> str:
     return f"{_k(sp['median'])} [{_k(sp['min'])}-{_k(sp['max'])}]"
 
 
+MODE_NAMES = {"dwdp": "DWDP", "ep": "EP", "replicated": "replicated"}
+
+
 def render_serve_compare(report: dict) -> list[str]:
     """One request stream through the router, per mode: throughput, TTFT, memory, outcome."""
     from bench.serve_compare import compare
@@ -70,7 +73,8 @@ def render_serve_compare(report: dict) -> list[str]:
              f"`{meta['moe_backend']}` MoE backend, {meta['num_moe_layers']} MoE of "
              f"{meta['num_layers']} layers; {'/'.join(str(p) for p in sorted(passes))} timed "
              f"pass(es) per mode (medians, [min-max] with more than one).", "",
-             "| figure | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+             "| figure | " + " | ".join(MODE_NAMES[m] for m in modes) + " |",
+             "|---|" + "---|" * len(modes)]
 
     def row(label: str, cell: Callable[[dict], str]) -> str:
         return f"| {label} | " + " | ".join(
@@ -86,12 +90,12 @@ def render_serve_compare(report: dict) -> list[str]:
     ]
     for key, r in cmp_["ratios"].items():
         if "missed" in r:
-            lines.append(f"\nDWDP / {key[8:]}: missed ({r['missed'][:80]}).")
+            lines.append(f"\nDWDP / {MODE_NAMES[key[8:]]}: missed ({r['missed'][:80]}).")
             continue
         sp = r.get("spread", {}).get("throughput")
         spread = (f" [{sp['min']:.2f}-{sp['max']:.2f}{', crosses 1.0' if sp['crosses_1'] else ''}]"
                   if sp and sp["min"] != sp["max"] else "")
-        lines.append(f"\nDWDP / {key[8:]}: throughput {_x(r['throughput'])}{spread}, "
+        lines.append(f"\nDWDP / {MODE_NAMES[key[8:]]}: throughput {_x(r['throughput'])}{spread}, "
                      f"TTFT p50 {_x(r['ttft_p50'])}, p99 {_x(r['ttft_p99'])}, "
                      f"expert memory {_x(r['expert_memory'])}.")
     return lines
