@@ -27,8 +27,9 @@ def test_committed_suites_resolve_to_files_that_exist():
             for arg in argv:
                 if arg.endswith((".py", ".sh", ".yaml")) and not arg.startswith("/"):
                     assert os.path.isfile(os.path.join(ROOT, arg)), (suite.name, stage.name, arg)
-                if arg.startswith("tests/"):
-                    assert os.path.exists(os.path.join(ROOT, arg)), (suite.name, stage.name, arg)
+                if arg.startswith("tests/"):  # a file or folder, or file::test
+                    path = os.path.join(ROOT, arg.split("::")[0])
+                    assert os.path.exists(path), (suite.name, stage.name, arg)
             if "CONFIG" in env:
                 assert os.path.isfile(os.path.join(ROOT, env["CONFIG"])), env
 
