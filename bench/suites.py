@@ -4,6 +4,8 @@
     python bench/suites.py SUITE [SUITE ...] --out DIR     # run them, in order
     python bench/suites.py --list                          # the suites and their stages
     python bench/suites.py SUITE --dry-run                 # the commands, resolved, not run
+    python bench/suites.py kernels-variants --extra "kernels-variants/variants=--tpe 16,32"
+                                                           # more arguments for one stage
 
 Each stage is one command under its own time limit (its process group is killed at the limit,
 so a hang costs that stage only), optionally on several ranks (mpirun where installed, else
@@ -36,6 +38,7 @@ import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import yaml
 
@@ -136,8 +139,10 @@ def placeholders(out: str, ranks: int, gpus: int, work: str = WORK_DIR) -> dict[
             "experts_per_rank": str(256 // ranks), "gen_device": "cuda:1" if gpus >= 2 else "cuda:0"}
 
 
-def resolve(stage: Stage, values: dict[str, str]) -> tuple[list[str], dict[str, str], str | None]:
-    """(argv, extra environment, skip_if path) with the placeholders filled; KeyError named."""
+def resolve(stage: Stage, values: dict[str, str], extra_args: Sequence[str] = ()
+            ) -> tuple[list[str], dict[str, str], str | None]:
+    """(argv, extra environment, skip_if path) with the placeholders filled and ``extra_args``
+    appended to the command; an unknown placeholder raises ValueError naming it."""
     def fill(text: str) -> str:
         try:
             return text.format(**values)
@@ -145,7 +150,7 @@ def resolve(stage: Stage, values: dict[str, str]) -> tuple[list[str], dict[str, 
             raise ValueError(f"stage {stage.name!r}: unknown placeholder {exc} in {text!r}; "
                              f"known: {sorted(values)}") from None
 
-    argv = shlex.split(fill(stage.run))
+    argv = shlex.split(fill(stage.run)) + list(extra_args)
     ranks = int(fill(str(stage.ranks))) if stage.ranks is not None else None
     if ranks is not None:  # this runner's --launch mode starts the ranks (mpirun or TCP)
         argv = [sys.executable, os.path.abspath(__file__), "--launch", str(ranks),
@@ -212,18 +217,20 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
             continue
 
 
-def run_suite(suite: Suite, out_dir: str, values: dict[str, str], env: dict[str, str]
-              ) -> list[StageResult]:
-    """Run every stage of ``suite`` with its logs and outputs under ``out_dir``."""
-    return _SuiteRun(suite, out_dir, env).run(values)
+def run_suite(suite: Suite, out_dir: str, values: dict[str, str], env: dict[str, str],
+              extra: dict[str, list[str]] | None = None) -> list[StageResult]:
+    """Run every stage of ``suite`` with its logs and outputs under ``out_dir``; ``extra``:
+    stage name -> arguments appended to its command."""
+    return _SuiteRun(suite, out_dir, env, extra or {}).run(values)
 
 
 class _SuiteRun:
     """One suite's stages: foreground ones in order, background ones joined before a stage that
     needs them and at the end; whatever still runs when this is interrupted is killed."""
 
-    def __init__(self, suite: Suite, out_dir: str, env: dict[str, str]) -> None:
-        self.suite, self.out_dir, self.env = suite, out_dir, env
+    def __init__(self, suite: Suite, out_dir: str, env: dict[str, str],
+                 extra: dict[str, list[str]]) -> None:
+        self.suite, self.out_dir, self.env, self.extra = suite, out_dir, env, extra
         self.results: dict[str, StageResult] = {}
         self.running: dict[str, tuple[subprocess.Popen, object, float, Stage]] = {}
 
@@ -243,7 +250,7 @@ class _SuiteRun:
             for dep in stage.needs:
                 if dep in self.running:
                     self._join(dep)
-            argv, extra, skip_if = resolve(stage, values)
+            argv, extra, skip_if = resolve(stage, values, self.extra.get(stage.name, ()))
             if stopped or (skip_if and os.path.exists(skip_if)):
                 status = "not_run" if stopped else "skipped"
                 self.results[stage.name] = StageResult(self.suite.name, stage.name, None, 0.0, status)
@@ -347,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved commands only")
     ap.add_argument("--no-pack", action="store_true", help="leave the suites' folders unpacked")
+    ap.add_argument("--extra", action="append", default=[], metavar="SUITE/STAGE=ARGS",
+                    help="arguments appended to one stage's command (repeatable)")
     ap.add_argument("--print-env", action="store_true",
                     help="print `export` lines for the stages' environment (bench/device_env.sh)")
     args = ap.parse_args(argv)
@@ -369,14 +378,18 @@ def main(argv: list[str] | None = None) -> int:
                  else f"name one or more suites: {', '.join(suites)}")
     if args.ranks < 1:
         ap.error(f"--ranks must be >= 1, got {args.ranks}")
+    try:
+        extra = parse_extra(args.extra, {n: suites[n] for n in args.suites})
+    except ValueError as exc:
+        ap.error(str(exc))
     out = os.path.abspath(args.out)
     gpus = _gpu_count()
     if args.dry_run:
         for name in args.suites:
             values = placeholders(os.path.join(out, name), args.ranks, gpus)
             for stage in suites[name].stages:
-                argv_, extra, _ = resolve(stage, values)
-                prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in extra.items())
+                argv_, env_, _ = resolve(stage, values, extra.get(name, {}).get(stage.name, ()))
+                prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env_.items())
                 print(f"{name}/{stage.name} [{stage.timeout} s]: {prefix + ' ' if prefix else ''}"
                       f"{shlex.join(argv_)}")
         return 0
@@ -390,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     for name in args.suites:
         values = placeholders(os.path.join(out, name), args.ranks, gpus)
-        results += run_suite(suites[name], os.path.join(out, name), values, env)
+        results += run_suite(suites[name], os.path.join(out, name), values, env,
+                             extra.get(name, {}))
         _write_stages(out, results, time.monotonic() - t0)
     if not args.no_pack:
         logger.info("packed into %s", pack(out, list(dict.fromkeys(args.suites))))
@@ -402,6 +416,21 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print("failed: " + ", ".join(failed))
     return 1 if failed else 0
+
+
+def parse_extra(items: list[str], suites: dict[str, Suite]) -> dict[str, dict[str, list[str]]]:
+    """``SUITE/STAGE=ARGS`` items -> {suite: {stage: argv}}; ValueError naming a bad item."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for item in items:
+        target, sep, text = item.partition("=")
+        suite, slash, stage = target.partition("/")
+        if not sep or not slash:
+            raise ValueError(f"--extra {item!r}: expected SUITE/STAGE=ARGS")
+        if suite not in suites or stage not in {s.name for s in suites[suite].stages}:
+            raise ValueError(f"--extra {item!r}: no stage {stage!r} in the suites run "
+                             f"({', '.join(f'{n}/{s.name}' for n, x in suites.items() for s in x.stages)})")
+        out.setdefault(suite, {}).setdefault(stage, []).extend(shlex.split(text))
+    return out
 
 
 def _gpu_count() -> int:

@@ -64,6 +64,18 @@ def test_unknown_placeholder_is_named(tmp_path):
         suites.resolve(s["s"].stages[0], suites.placeholders("/tmp/o", 2, 0))
 
 
+def test_extra_arguments_reach_one_stage(capsys):
+    assert suites.main(["kernels-variants", "--dry-run", "--out", "/tmp/o",
+                        "--extra", "kernels-variants/variants=--tpe 16,32 --models deepseek_v3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    variants = next(line for line in lines if line.startswith("kernels-variants/variants"))
+    smoke = next(line for line in lines if line.startswith("kernels-variants/smoke"))
+    assert variants.endswith("--tpe 16,32 --models deepseek_v3") and "--tpe" not in smoke
+    with pytest.raises(SystemExit):
+        suites.main(["kernels-variants", "--dry-run", "--extra", "kernels-variants/nope=--x"])
+    assert "no stage 'nope'" in capsys.readouterr().err
+
+
 def test_unknown_suite_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         suites.main(["nope", "--out", str(tmp_path)])
