@@ -2,6 +2,7 @@
 """One runner for every device benchmark: named suites of stages (``bench/suites.yaml``).
 
     python bench/suites.py SUITE [SUITE ...] --out DIR     # run them, in order
+    python bench/suites.py A B --out DIR --budget 560      # within one device call's limit
     python bench/suites.py --list                          # the suites and their stages
     python bench/suites.py SUITE --dry-run                 # the commands, resolved, not run
     python bench/suites.py kernels-variants --extra "kernels-variants/variants=--tpe 16,32"
@@ -29,6 +30,7 @@ import argparse
 import glob
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -49,6 +51,7 @@ WORK_DIR = "/tmp/dwdp_bench"
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1", "PYTHONUNBUFFERED": "1"}
 WHEEL_SITE = "/tmp/site"
+MIN_STAGE_S = 10.0  # under --budget, a stage with less time left than this does not start
 STAGE_KEYS = {"name", "run", "timeout", "outputs", "ranks", "background", "needs", "skip_if",
               "env", "stop_on_fail"}
 logger = logging.getLogger("bench.suites")
@@ -218,10 +221,12 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
 
 
 def run_suite(suite: Suite, out_dir: str, values: dict[str, str], env: dict[str, str],
-              extra: dict[str, list[str]] | None = None) -> list[StageResult]:
+              extra: dict[str, list[str]] | None = None, deadline: float = math.inf
+              ) -> list[StageResult]:
     """Run every stage of ``suite`` with its logs and outputs under ``out_dir``; ``extra``:
-    stage name -> arguments appended to its command."""
-    return _SuiteRun(suite, out_dir, env, extra or {}).run(values)
+    stage name -> arguments appended to its command; ``deadline`` (monotonic seconds): no stage
+    runs past it (a stage starting with less than ``MIN_STAGE_S`` left does not run)."""
+    return _SuiteRun(suite, out_dir, env, extra or {}, deadline).run(values)
 
 
 class _SuiteRun:
@@ -229,8 +234,9 @@ class _SuiteRun:
     needs them and at the end; whatever still runs when this is interrupted is killed."""
 
     def __init__(self, suite: Suite, out_dir: str, env: dict[str, str],
-                 extra: dict[str, list[str]]) -> None:
+                 extra: dict[str, list[str]], deadline: float) -> None:
         self.suite, self.out_dir, self.env, self.extra = suite, out_dir, env, extra
+        self.deadline = deadline
         self.results: dict[str, StageResult] = {}
         self.running: dict[str, tuple[subprocess.Popen, object, float, Stage]] = {}
 
@@ -251,8 +257,9 @@ class _SuiteRun:
                 if dep in self.running:
                     self._join(dep)
             argv, extra, skip_if = resolve(stage, values, self.extra.get(stage.name, ()))
-            if stopped or (skip_if and os.path.exists(skip_if)):
-                status = "not_run" if stopped else "skipped"
+            out_of_time = self.deadline - time.monotonic() < MIN_STAGE_S
+            if stopped or out_of_time or (skip_if and os.path.exists(skip_if)):
+                status = "not_run" if stopped or out_of_time else "skipped"
                 self.results[stage.name] = StageResult(self.suite.name, stage.name, None, 0.0, status)
                 logger.info("%s/%s: %s", self.suite.name, stage.name, status)
                 continue
@@ -271,7 +278,7 @@ class _SuiteRun:
 
     def _join(self, name: str) -> None:
         proc, log, start, stage = self.running[name]
-        rc, timed_out = _finish(proc, log, start + stage.timeout)
+        rc, timed_out = _finish(proc, log, min(start + stage.timeout, self.deadline))
         del self.running[name]  # only once it is gone: an interrupted wait leaves it to kill
         r = _result(self.suite.name, stage, rc, timed_out, time.monotonic() - start, self.out_dir)
         self.results[name] = r
@@ -354,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved commands only")
     ap.add_argument("--no-pack", action="store_true", help="leave the suites' folders unpacked")
+    ap.add_argument("--budget", type=float, default=math.inf, metavar="SECONDS",
+                    help="the whole run's time: no stage runs past it, later ones do not start "
+                         "(a device call's limit, less a margin for packing)")
     ap.add_argument("--extra", action="append", default=[], metavar="SUITE/STAGE=ARGS",
                     help="arguments appended to one stage's command (repeatable)")
     ap.add_argument("--print-env", action="store_true",
@@ -393,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}/{stage.name} [{stage.timeout} s]: {prefix + ' ' if prefix else ''}"
                       f"{shlex.join(argv_)}")
         return 0
+    t0 = time.monotonic()
+    deadline = t0 + args.budget
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop running stages
     os.makedirs(out, exist_ok=True)
     os.makedirs(WORK_DIR, exist_ok=True)
@@ -400,11 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     record = write_env(out, env)
     logger.info("on %s, torch %s", record.get("gpus"), record.get("torch"))
     results: list[StageResult] = []
-    t0 = time.monotonic()
     for name in args.suites:
         values = placeholders(os.path.join(out, name), args.ranks, gpus)
         results += run_suite(suites[name], os.path.join(out, name), values, env,
-                             extra.get(name, {}))
+                             extra.get(name, {}), deadline)
         _write_stages(out, results, time.monotonic() - t0)
     if not args.no_pack:
         logger.info("packed into %s", pack(out, list(dict.fromkeys(args.suites))))

@@ -178,3 +178,26 @@ s:
         if runner.poll() is None:
             runner.kill()
             runner.wait()
+
+
+def test_budget_cuts_the_running_stage_and_skips_the_rest(tmp_path, monkeypatch):
+    import time
+
+    py = shlex.quote(sys.executable)
+    text = f"""
+s:
+  about: more work than the budget
+  stages:
+    - name: long
+      run: "{py} -c 'import time; time.sleep(600)'"
+      timeout: 600
+    - name: next
+      run: "{py} -c 'print(1)'"
+      timeout: 60
+"""
+    monkeypatch.setattr(suites, "MIN_STAGE_S", 1.0)
+    suite = suites.load_suites(_write(tmp_path, text))["s"]
+    out = str(tmp_path / "out")
+    got = suites.run_suite(suite, out, suites.placeholders(out, 2, 0), dict(os.environ),
+                           deadline=time.monotonic() + 3)
+    assert [(r.stage, r.status) for r in got] == [("long", "timed_out"), ("next", "not_run")]
