@@ -244,6 +244,7 @@ async def bench(args) -> dict:
                         phases = fast_phases(first, rs)
                         entry[name]["phases_s"] = phases
                         entry[name]["first_pull_s"] = first["pull_s"]
+                        entry[name]["opened"] = [r["opened"] for r in runs[name]]  # mapped the pool
                         if phases["copy"]:
                             entry[name]["copy_gb_per_s"] = nbytes / phases["copy"] / 1e9
                 entry["fast_over_http"] = entry["http"]["end_to_end_s"] / entry["fast"]["end_to_end_s"]

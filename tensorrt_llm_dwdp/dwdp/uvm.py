@@ -7,6 +7,11 @@ through its page tables (no migration, no copy stream). The weight view holds th
 directly (``PrefetchBuffers(host_tensors=...)``). Every GEMM tile that reads an expert crosses
 PCIe again, so it pays off only while few tokens reuse each expert.
 
+``prefer_device`` turns the same memory into UVM with migration: the GPU becomes the preferred
+location and every range is prefetched there (``cudaMemPrefetchAsync``), so kernels read device
+memory; it then holds device memory like resident experts do. The offload benchmark times both
+beside prefetch (``bench/tiers.py offload``).
+
 Managed memory counts against the device's free memory in the driver's bookkeeping on some
 systems; asking for more than is free can evict other tenants' memory, so the total is checked
 against ``cudaMemGetInfo`` first and refused with the numbers.
@@ -72,6 +77,9 @@ class ManagedExperts:
         dev_loc.id = device.index
         advise = rt.cudaMemoryAdvise
         self._ptrs: list[int] = []
+        self._sizes: list[int] = []
+        self._dev_loc = dev_loc
+        self.placement = "host"
         self.tensors: list[dict[str, torch.Tensor]] = []
         try:
             with torch.cuda.device(device):
@@ -82,6 +90,7 @@ class ManagedExperts:
                         ptr = int(check(rt.cudaMallocManaged(n, rt.cudaMemAttachGlobal),
                                         f"cudaMallocManaged({n})"))
                         self._ptrs.append(ptr)
+                        self._sizes.append(n)
                         check(rt.cudaMemAdvise(ptr, n, advise.cudaMemAdviseSetPreferredLocation,
                                                host_loc), "cudaMemAdvise(SetPreferredLocation)")
                         check(rt.cudaMemAdvise(ptr, n, advise.cudaMemAdviseSetAccessedBy, dev_loc),
@@ -96,6 +105,24 @@ class ManagedExperts:
         self.nbytes = total
         logger.info("UVM read-through: %.1f MiB of host experts in managed memory on %s",
                     total / 2**20, device)
+
+    def prefer_device(self) -> None:
+        """Advise the GPU as every range's preferred location and migrate the pages there
+        (prefetch on the current stream, then wait): UVM with migration instead of
+        read-through. Idempotent."""
+        rt, check = self._rt, self._check
+        advise = rt.cudaMemoryAdvise
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            for ptr, n in zip(self._ptrs, self._sizes):
+                check(rt.cudaMemAdvise(ptr, n, advise.cudaMemAdviseSetPreferredLocation,
+                                       self._dev_loc), "cudaMemAdvise(SetPreferredLocation)")
+                check(rt.cudaMemPrefetchAsync(ptr, n, self._dev_loc, 0, stream),
+                      "cudaMemPrefetchAsync(device)")
+            torch.cuda.current_stream(self.device).synchronize()
+        self.placement = "device"
+        logger.info("UVM: %.1f MiB of host experts migrated to %s", self.nbytes / 2**20,
+                    self.device)
 
     def close(self) -> None:
         """Free the managed memory (the tensors viewing it must not be used afterwards)."""

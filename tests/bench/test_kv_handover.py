@@ -18,4 +18,5 @@ def test_cpu_handover_bench_verifies_both_paths(tmp_path):
         phases = s["fast"]["phases_s"]
         assert list(phases) == ["share", "open_first", "open_cached", "alloc", "copy", "release", "other"]
         assert all(v is not None and v >= 0 for v in phases.values()), phases
-        assert phases["open_cached"] < phases["open_first"]  # mapped once per size, then reused
+        # mapped once per size, then reused: counted per pull, not inferred from two timings
+        assert s["fast"]["opened"] == [True, False], s["fast"]["opened"]

@@ -4,13 +4,13 @@ through real deployments (mpirun context groups, router, tiny preset)."""
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from bench.serve_compare import compare, sample_lengths, step_figures, summary_markdown
+from bench.serve_compare import (compare, merge_rounds, ratio_spread, sample_lengths, step_figures,
+                                 summary_markdown)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,7 +51,44 @@ def test_comparison_per_gpu_and_ratios():
     ep = r["comparison"]["ratios"]["dwdp_vs_ep"]
     assert ep["throughput"] == pytest.approx(1.25) and ep["ttft_p99"] == pytest.approx(0.5)
     assert r["comparison"]["ratios"]["dwdp_vs_replicated"]["expert_memory"] == pytest.approx(0.5)
-    assert "| dwdp | 10000 |" in summary_markdown(r)
+    assert "| dwdp | 1 | 10000 |" in summary_markdown(r)
+
+
+def _passes(*tps, p50=100.0, p99=400.0, rnd=0):
+    return [{"round": rnd, "input_tokens_per_s": t, "ttft_p50_ms": p50, "ttft_p99_ms": p99,
+             "completed": 10, "errors": 0, "kernel_compiles": 0} for t in tps]
+
+
+def test_repeated_passes_give_medians_spread_and_a_crossing_flag():
+    dwdp = {**_run(20000, 100, 400, 6.0), "passes": _passes(20000, 30000, 18000, 22000, 26000)}
+    ep = {**_run(21000, 120, 800, 4.5), "passes": _passes(21000, 19000, 24000, 20000, 23000)}
+    far = {**_run(9000, 90, 300, 12.0), "passes": _passes(9000, 9500, 8000, 8800, 9100)}
+    r = _report({"dwdp": dwdp, "ep": ep, "replicated": far})
+    d = r["comparison"]["modes"]["dwdp"]
+    assert d["passes"] == 5 and d["prefill_tokens_per_s_per_gpu"] == 11000  # median 22000 / 2 GPUs
+    assert d["spread"]["prefill_tokens_per_s_per_gpu"] == {"median": 11000, "min": 9000,
+                                                           "max": 15000, "n": 5}
+    vs_ep = r["comparison"]["ratios"]["dwdp_vs_ep"]
+    assert vs_ep["throughput"] == pytest.approx(22000 / 21000)
+    sp = vs_ep["spread"]["throughput"]
+    assert sp["min"] == pytest.approx(18000 / 24000) and sp["max"] == pytest.approx(30000 / 19000)
+    assert sp["crosses_1"] and "crosses 1.0" in vs_ep["spread_crosses_1"][0]
+    vs_rep = r["comparison"]["ratios"]["dwdp_vs_replicated"]
+    assert not vs_rep["spread"]["throughput"]["crosses_1"] and "spread_crosses_1" not in vs_rep
+    text = summary_markdown(r)
+    assert "| dwdp | 5 | 11000 [9000-15000] |" in text and "crosses 1" in text
+
+
+def test_ratio_spread_direction_and_rounds_merge():
+    assert ratio_spread([2.0, 2.2], [1.0, 1.1])["crosses_1"] is False
+    low = ratio_spread([1.0, 1.2], [1.1, 1.3], higher_is_better=False)
+    assert low["crosses_1"] and "lower" in low["note"]
+    assert ratio_spread([], [1.0]) is None
+    a = {**_run(1, 1, 1, 1), "passes": _passes(1, 2)}
+    b = {**_run(3, 1, 1, 1), "passes": _passes(3, rnd=1)}
+    merged = merge_rounds(merge_rounds(None, a), b)
+    assert [p["input_tokens_per_s"] for p in merged["passes"]] == [1, 2, 3]
+    assert merge_rounds(merged, {"error": "start failed"})["error"] == "start failed"
 
 
 def test_failed_mode_or_request_is_missed():
@@ -92,9 +129,7 @@ def test_step_figures_overlap_solo_and_compiles():
 
 @pytest.mark.multirank
 def test_smoke_all_modes_on_cpu(tmp_path):
-    if shutil.which("mpirun") is None:
-        pytest.skip("needs mpirun")
-    out = tmp_path / "compare"
+    out = tmp_path / "compare"  # the context groups: mpirun where installed, else TCP
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "serve_compare.py"), "--smoke",
                            "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
@@ -104,6 +139,7 @@ def test_smoke_all_modes_on_cpu(tmp_path):
     for mode, f in report["comparison"]["modes"].items():
         assert "missed" not in f, (mode, f)
         assert f["completed"] == report["meta"]["num_prompts"] and f["prefill_tokens_per_s_per_gpu"] > 0
+        assert f["passes"] == 2 and len(report["modes"][mode]["passes"]) == 2  # --smoke: 2 passes
         assert 0 < f["ttft_p50_ms"] <= f["ttft_p99_ms"]
         assert len(f["expert_memory_gib_per_rank"]) == 2 and None not in f["expert_memory_gib_per_rank"]
         run = report["modes"][mode]

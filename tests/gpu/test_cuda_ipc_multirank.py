@@ -8,9 +8,6 @@ deduplicated per allocation and all closed by close(); a shape mismatch fails on
 """
 import os
 import re
-import shutil
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -22,39 +19,24 @@ SCRIPT = os.path.join(ROOT, "tests", "multirank", "dwdp_rank.py")
 RANKS = int(os.environ.get("DWDP_GPU_RANKS", "2"))
 
 
-def _launch(args: list, env: dict) -> tuple:
+def _launch(args: list) -> tuple[bool, str]:
     """RANKS ranks under mpirun when it exists, else RANKS processes meeting over TCP."""
-    if shutil.which("mpirun"):
-        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(RANKS), sys.executable,
-               SCRIPT, *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-        return [proc.returncode], proc.stdout + proc.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, SCRIPT, "--size", str(RANKS), *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=dict(env, TRTLLM_DWDP_RANK=str(r),
-                                       TRTLLM_DWDP_MASTER_ADDR="127.0.0.1",
-                                       TRTLLM_DWDP_MASTER_PORT=str(port)))
-             for r in range(RANKS)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    return [p.returncode for p in procs], "".join(outs)
+    from _ranks import run_ranks
+
+    return run_ranks([sys.executable, SCRIPT, "--size", str(RANKS), *args], RANKS, timeout=300)
 
 
 @pytest.mark.gpu
 @pytest.mark.multigpu
 def test_cuda_ipc_ranks_bitwise():
-    pytest.importorskip("cuda.bindings", reason="needs cuda-python (pip install cuda-python)")
+    import cuda.bindings  # noqa: F401  (on a GPU machine a missing cuda-python fails)
     import torch
 
     if torch.cuda.device_count() < RANKS:
         pytest.skip(f"DWDP_GPU_RANKS={RANKS} needs {RANKS} GPUs, found {torch.cuda.device_count()}")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONUNBUFFERED="1")
-    codes, out = _launch(["--device", "cuda", "--scenarios", "ok,contention,shape", "--w", "6",
-                          "--p", "4", "--steps", "4", "--slice-bytes", "96"], env)
-    assert codes == [0] * len(codes), out[-4000:]
+    ok, out = _launch(["--device", "cuda", "--scenarios", "ok,contention,shape", "--w", "6",
+                       "--p", "4", "--steps", "4", "--slice-bytes", "96"])
+    assert ok, out[-4000:]
     for scenario in ("ok", "contention"):
         for rank in range(RANKS):
             m = re.search(rf"^SCENARIO {scenario} rank={rank} OK mapped=(\d+)", out, re.M)

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_host_store_h2d_copies_and_managed_read_through():
-    pytest.importorskip("cuda.bindings", reason="needs cuda-python")
+    import cuda.bindings  # noqa: F401  (on a GPU machine a missing cuda-python fails)
     from tensorrt_llm_dwdp.dwdp.control import unlink_group
     from tensorrt_llm_dwdp.dwdp.copy_engine import CudaCopyEngine
     from tensorrt_llm_dwdp.dwdp.copy_plan import interleaved_plan, per_peer_plan
@@ -70,6 +70,18 @@ def test_host_store_h2d_copies_and_managed_read_through():
             assert t.is_cuda and tuple(t.shape) == (3, eb[n])
             assert torch.equal(t.cpu(), want[n][4:7])
             assert int(t.to(torch.int64).sum()) == int(want[n][4:7].to(torch.int64).sum())
+        # UVM with migration: the GPU becomes the preferred location and the pages go there
+        from cuda.bindings import runtime as rt
+
+        managed.prefer_device()
+        assert managed.placement == "device"
+        for n in eb:
+            t = managed.tensors[0][n]
+            for attr in (rt.cudaMemRangeAttribute.cudaMemRangeAttributePreferredLocation,
+                         rt.cudaMemRangeAttribute.cudaMemRangeAttributeLastPrefetchLocation):
+                err, where = rt.cudaMemRangeGetAttribute(4, attr, t.data_ptr(), t.nbytes)
+                assert err == rt.cudaError_t.cudaSuccess and where == device.index, (n, attr, where)
+            assert torch.equal(t.cpu(), want[n][4:7])  # the same bytes, now in device memory
     finally:
         if managed is not None:
             managed.close()

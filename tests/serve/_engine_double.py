@@ -50,6 +50,7 @@ class EngineDouble:
         self.exports: dict[str, KvHandoff] = {}
         self.aborted: list[str] = []
         self.imported: list[str] = []
+        self.added: list[str] = []  # every request id add_request took, in order
         self.steps = 0
 
     def add_request(self, req: Request) -> None:
@@ -63,6 +64,7 @@ class EngineDouble:
             seq.out.append(kv.first_token)
             self.imported.append(req.request_id)
         self.running[req.request_id] = seq
+        self.added.append(req.request_id)
 
     def has_work(self) -> bool:
         return bool(self.running)

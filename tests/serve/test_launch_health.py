@@ -30,8 +30,11 @@ def test_timeout_names_each_pending_server_with_its_last_answer(caplog):
         try:
             with caplog.at_level(logging.INFO, logger="tensorrt_llm_dwdp.serve.launch"):
                 with pytest.raises(TimeoutError) as err:
-                    await wait_for_health_async([ok_url, sick_url, dead_url], timeout_s=0.6,
-                                                poll_s=0.1, report_s=0.2)
+                    # report_s=0: every round reports, the first included, so a report comes
+                    # however slowly a loaded machine polls; the timeout leaves that first round
+                    # (three requests to local servers) 2 s.
+                    await wait_for_health_async([ok_url, sick_url, dead_url], timeout_s=2.0,
+                                                poll_s=0.1, report_s=0.0)
             return str(err.value), ok_url, sick_url, dead_url
         finally:
             await ok.cleanup()

@@ -46,6 +46,15 @@ async def _worker(engine, max_seq_len=256):
     return server, await _start(app, port), f"http://127.0.0.1:{port}"
 
 
+async def _until(condition, timeout_s: float = 30.0, poll_s: float = 0.02) -> None:
+    """Wait for ``condition()``; the generous limit only keeps a broken server from hanging the
+    suite (a loaded 2-core machine may take seconds where an idle one takes milliseconds)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"not true within {timeout_s} s"
+        await asyncio.sleep(poll_s)
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
@@ -168,17 +177,14 @@ def test_client_disconnect_aborts_only_its_request():
                 resp.close()  # the client goes away mid-stream
                 async with aiohttp.ClientSession(timeout=TIMEOUT) as s2:  # a non-streaming client too
                     task = asyncio.create_task(s2.post(url + "/v1/completions", json={"prompt": "gone", "max_tokens": 200}))
-                    await asyncio.sleep(0.3)
+                    # cancel once the engine holds it (keep, drop, gone), however slow the machine
+                    await _until(lambda: len(engine.added) == 3)
                     task.cancel()
                     with pytest.raises(asyncio.CancelledError):
                         await task
                 status, kept = await other
                 assert status == 200 and kept["usage"]["completion_tokens"] == 40
-                for _ in range(100):
-                    if len(engine.aborted) == 2:
-                        break
-                    await asyncio.sleep(0.05)
-                assert len(engine.aborted) == 2 and not engine.running
+                await _until(lambda: len(engine.aborted) == 2 and not engine.running)
                 async with s.get(url + "/metrics") as r:
                     assert 'trtllm_dwdp_aborted_requests_total{role="worker"} 2' in await r.text()
         finally:
@@ -378,11 +384,7 @@ def test_router_reruns_a_request_whose_kv_hand_over_died_and_probes_servers_back
                 assert fake_inst in router.ctx.down
                 assert router.ctx.pick() != fake_inst and router.ctx.pick() != fake_inst
                 health["status"] = 200
-                for _ in range(100):
-                    if fake_inst not in router.ctx.down:
-                        break
-                    await asyncio.sleep(0.05)
-                assert fake_inst not in router.ctx.down  # probed back
+                await _until(lambda: fake_inst not in router.ctx.down)  # probed back
                 async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
                     text = await r.text()
                 assert 'trtllm_dwdp_retried_requests{role="router"} 1' in text

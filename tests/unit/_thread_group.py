@@ -21,6 +21,7 @@ class ThreadComm(GroupComm):
         self.group, self.rank, self.size, self.group_id = group, rank, group.size, 0
         self.gen = 0
         self.closed = False
+        self.timed_out: list[str] = []  # what each allgather that ran out of time was for
 
     def allgather(self, obj, timeout_s, what):
         self.gen += 1
@@ -31,6 +32,7 @@ class ThreadComm(GroupComm):
             g.cond.notify_all()
             if not g.cond.wait_for(lambda: _MISSING not in slots, timeout_s):
                 missing = [r for r, v in enumerate(slots) if v is _MISSING]
+                self.timed_out.append(what)
                 raise DwdpPeerError(f"{what}: no message from rank(s) {missing} within {timeout_s:g} s")
             return list(slots)
 

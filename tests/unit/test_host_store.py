@@ -197,6 +197,7 @@ def test_group_key_from_environment():
 def test_process_checks():
     import subprocess
     import sys
+    import threading
     import time
 
     from tensorrt_llm_dwdp.dwdp import liveness as lv
@@ -219,10 +220,20 @@ def test_process_checks():
     assert lv.down_reason(me, now - int(11e9), 10.0, now).startswith("no heartbeat for 11.0 s")
     assert lv.down_reason(me, now - int(9e9), 10.0, now) is None
     stamps = []
-    beat = lv.Heartbeat(stamps.append, 0.01, "test-heartbeat")
-    time.sleep(0.2)
+    third = threading.Event()
+
+    def stamp(ns):
+        stamps.append(ns)
+        if len(stamps) >= 3:
+            third.set()
+
+    beat = lv.Heartbeat(stamp, 0.01, "test-heartbeat")
+    # An event, not a sleep: the thread beats on however slowly a loaded machine schedules it.
+    assert third.wait(30), stamps
     beat.stop()
-    assert len(stamps) >= 3 and stamps == sorted(stamps)
+    stopped = len(stamps)
+    assert not beat._thread.is_alive() and stamps == sorted(stamps)
+    assert len(stamps) == stopped  # nothing beats after stop()
 
 
 def test_abandoned_groups_are_collected_live_ones_kept(key):

@@ -28,7 +28,8 @@ def test_a_failing_rank_stops_the_others_quickly():
     start = time.monotonic()
     res = launcher.launch(2, [sys.executable, "-c", script], launcher="tcp", timeout_s=60)
     assert not res.ok and 3 in res.returncodes
-    assert time.monotonic() - start < 20
+    # generous (process starts are slow on a loaded machine) yet short of the survivor's 60 s
+    assert time.monotonic() - start < 45
 
 
 def test_timeout_stops_ranks():

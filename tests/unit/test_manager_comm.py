@@ -66,7 +66,8 @@ def test_tcp_timeout_names_missing_rank():
     start = time.monotonic()
     with pytest.raises(DwdpPeerError, match=r"no answer from rank\(s\) \[1\] within 0.5 s"):
         TcpGroupComm(_cfg(2, timeout=0.5), 0, "127.0.0.1", port)
-    assert time.monotonic() - start < 5
+    # generous: it gave up (a hang would meet the suite's timeout), even on a loaded machine
+    assert time.monotonic() - start < 30
 
 
 def test_tcp_unreachable_master():

@@ -214,19 +214,20 @@ def test_registration_error_reaches_peer_without_timeout(view, message):
     config = _config(2, 2, 1, peer_timeout_s=30.0, expert_view=view)
 
     def rank_fn(r, comm):
-        start = time.monotonic()
         try:
             with DwdpManager(config, 3, comm, "cpu") as mgr:
                 t = torch.zeros(2, 4) if r == 0 else mgr.allocate((2, 4), torch.float32)
                 mgr.register_layer(0, {"w": t})
                 mgr.exchange()
         except Exception as exc:  # noqa: BLE001
-            return exc, time.monotonic() - start
+            return exc, comm.timed_out
 
-    (e0, t0), (e1, t1) = _in_threads(2, rank_fn)
+    (e0, waited0), (e1, waited1) = _in_threads(2, rank_fn)
     assert isinstance(e0, DwdpRegistrationError) and message in str(e0)
     assert isinstance(e1, DwdpPeerError) and "rank 0 failed before the handle exchange" in str(e1)
-    assert max(t0, t1) < 10
+    # The error travelled as a message: no rank ran out its peer timeout (a count, not a clock,
+    # so a loaded machine cannot fail it).
+    assert waited0 == [] and waited1 == []
 
 
 def test_peer_that_never_exchanges_times_out():
@@ -241,11 +242,13 @@ def test_peer_that_never_exchanges_times_out():
                 mgr.register_layer(0, {"w": mgr.allocate((2, 4), torch.uint8)})
                 mgr.exchange()
         except DwdpPeerError as exc:
-            return exc, time.monotonic() - start
+            return exc, time.monotonic() - start, comm.timed_out
 
-    (exc, took), absent = _in_threads(2, rank_fn)
+    (exc, took, waited), absent = _in_threads(2, rank_fn)
     assert absent == "absent"
-    assert "rank(s) [1]" in str(exc) and 0.5 <= took < 3  # close() did not wait again
+    assert "rank(s) [1]" in str(exc) and took >= 0.5
+    # close() did not wait again: one wait ran out (the exchange), counted rather than timed.
+    assert len(waited) == 1, waited
 
 
 def test_single_rank_manager_needs_no_shared_memory():
@@ -368,11 +371,14 @@ def test_peer_gone_before_close_fails_close_in_time_after_cleanup():
             mgr.close()
         took = time.monotonic() - start
         names = mgr._transport.own_names
-        return took, mgr.mapped_allocations, [n for n in names if os.path.exists(f"/dev/shm/{n}")]
+        return (took, comm.timed_out, mgr.mapped_allocations,
+                [n for n in names if os.path.exists(f"/dev/shm/{n}")])
 
-    (took, mapped, left), gone = _in_threads(2, rank_fn)
+    (took, waited, mapped, left), gone = _in_threads(2, rank_fn)
     assert gone == "vanished"
-    assert 0.5 <= took < 3 and mapped == 0 and left == []
+    # close() waited out the peer timeout once, then gave up (a count, not an upper time bound).
+    assert took >= 0.5 and len(waited) == 1, (took, waited)
+    assert mapped == 0 and left == []
 
 
 def test_from_environment(monkeypatch):

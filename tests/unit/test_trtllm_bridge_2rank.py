@@ -81,7 +81,9 @@ def _worker():
     from tensorrt_llm_dwdp.dwdp.manager import DwdpManager
     from tensorrt_llm_dwdp.trtllm import TrtllmDwdpBridge, attach_layer_hooks
 
-    rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+    from _ranks import rank_and_size
+
+    rank, _ = rank_and_size()
     config = DwdpConfig(dwdp_size=S, num_experts_per_worker=W, num_prefetch_experts=P,
                         peer_timeout_s=60.0)
 

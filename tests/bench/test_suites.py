@@ -1,0 +1,203 @@
+"""bench/suites.py: the committed suites load and name files that exist; a mistake in a suite
+names where it is; a small suite on the CPU records per stage its exit code, seconds, missing
+outputs, a time limit that killed it, skips and stops, runs a stage on two ranks, and packs the
+logs with an env record beside them."""
+import json
+import os
+import shlex
+import sys
+import tarfile
+
+import pytest
+
+from bench import suites
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_committed_suites_resolve_to_files_that_exist():
+    loaded = suites.load_suites()
+    assert {"compare", "e2e", "engine", "group", "kernels", "serving", "tiers", "views",
+            "x2"} <= set(loaded)
+    for suite in loaded.values():
+        values = suites.placeholders(f"/tmp/out/{suite.name}", 4, 1)
+        for stage in suite.stages:
+            argv, env, _ = suites.resolve(stage, values)
+            assert not any("{" + k + "}" in a for a in argv for k in values), argv
+            for arg in argv:
+                if arg.endswith((".py", ".sh", ".yaml")) and not arg.startswith("/"):
+                    assert os.path.isfile(os.path.join(ROOT, arg)), (suite.name, stage.name, arg)
+                if arg.startswith("tests/"):  # a file or folder, or file::test
+                    path = os.path.join(ROOT, arg.split("::")[0])
+                    assert os.path.exists(path), (suite.name, stage.name, arg)
+            if "CONFIG" in env:
+                assert os.path.isfile(os.path.join(ROOT, env["CONFIG"])), env
+
+
+def _write(tmp_path, text: str) -> str:
+    path = tmp_path / "suites.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("s: {stages: [{name: a, run: x}]}", ["suite 's'", "stage 'a'", "missing 'timeout'"]),
+    ("s: {stages: [{name: a, run: x, timeout: 0}]}", ["stage 'a'", "positive"]),
+    ("s: {stages: [{name: a, run: x, timeout: 5, color: red}]}", ["stage 'a'", "color"]),
+    ("s: {stages: [{name: a, run: x, timeout: 5, needs: [b]}]}", ["stage 'a'", "needs ['b']"]),
+    ("s: {stages: [{name: a, run: x, timeout: 5}, {name: a, run: y, timeout: 5}]}",
+     ["stage 'a'", "duplicate"]),
+    ("s: {stages: [{name: a, run: x, timeout: 5, ranks: 0}]}", ["stage 'a'", "ranks"]),
+    ("s: {stages: []}", ["suite 's'", "non-empty"]),
+    ("s: {about: x}", ["suite 's'", "'stages'"]),
+])
+def test_a_mistake_names_suite_stage_and_key(tmp_path, text, words):
+    with pytest.raises(ValueError) as err:
+        suites.load_suites(_write(tmp_path, text))
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_unknown_placeholder_is_named(tmp_path):
+    s = suites.load_suites(_write(tmp_path, "s: {stages: [{name: a, run: 'echo {nope}', timeout: 5}]}"))
+    with pytest.raises(ValueError, match=r"stage 'a': unknown placeholder 'nope'"):
+        suites.resolve(s["s"].stages[0], suites.placeholders("/tmp/o", 2, 0))
+
+
+def test_extra_arguments_reach_one_stage(capsys):
+    assert suites.main(["kernels-variants", "--dry-run", "--out", "/tmp/o",
+                        "--extra", "kernels-variants/variants=--tpe 16,32 --models deepseek_v3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    variants = next(line for line in lines if line.startswith("kernels-variants/variants"))
+    smoke = next(line for line in lines if line.startswith("kernels-variants/smoke"))
+    assert variants.endswith("--tpe 16,32 --models deepseek_v3") and "--tpe" not in smoke
+    with pytest.raises(SystemExit):
+        suites.main(["kernels-variants", "--dry-run", "--extra", "kernels-variants/nope=--x"])
+    assert "no stage 'nope'" in capsys.readouterr().err
+
+
+def test_unknown_suite_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        suites.main(["nope", "--out", str(tmp_path)])
+    assert "unknown suite(s) ['nope']" in capsys.readouterr().err
+
+
+def test_a_cpu_suite_records_every_stage_and_packs_the_logs(tmp_path):
+    py = shlex.quote(sys.executable)
+    rank_print = "import os; print('rank', os.environ.get('TRTLLM_DWDP_RANK') or os.environ['OMPI_COMM_WORLD_RANK'])"
+    text = f"""
+cpu:
+  about: the runner's own test
+  stages:
+    - name: slow_bg
+      run: "{py} -c 'import time; time.sleep(1); open(\\"{{out}}/bg.txt\\", \\"w\\").write(\\"bg\\")'"
+      timeout: 60
+      background: true
+    - name: writes
+      needs: [slow_bg]
+      run: "{py} -c 'import os; open(\\"{{out}}/r.json\\", \\"w\\").write(os.environ[\\"X\\"])'"
+      env: {{X: "{{ranks}}"}}
+      timeout: 60
+      outputs: [r.json, bg.txt, never.json]
+    - name: ranks
+      ranks: 2
+      run: "{py} -c \\"{rank_print}\\""
+      timeout: 120
+    - name: skipped
+      run: "{py} -c 'raise SystemExit(3)'"
+      skip_if: "{{out}}/r.json"
+      timeout: 60
+    - name: hangs
+      run: "{py} -c 'import time; time.sleep(600)'"
+      timeout: 2
+    - name: fails
+      run: "{py} -c 'raise SystemExit(3)'"
+      timeout: 60
+      stop_on_fail: true
+    - name: after
+      run: "{py} -c 'print(1)'"
+      timeout: 60
+"""
+    out = tmp_path / "out"
+    rc = suites.main(["cpu", "--out", str(out), "--suites-file", _write(tmp_path, text),
+                      "--ranks", "3"])
+    assert rc == 1
+    record = json.loads((out / "stages.json").read_text())
+    got = {s["stage"]: s for s in record["stages"]}
+    assert [s["stage"] for s in record["stages"]] == ["slow_bg", "writes", "ranks", "skipped",
+                                                      "hangs", "fails", "after"]
+    assert got["slow_bg"]["status"] == "ok" and got["slow_bg"]["seconds"] >= 1
+    assert got["writes"]["status"] == "ok" and got["writes"]["outputs_missing"] == ["never.json"]
+    assert got["ranks"]["status"] == "ok", got["ranks"]
+    assert got["skipped"]["status"] == "skipped" and got["skipped"]["rc"] is None
+    assert got["hangs"]["status"] == "timed_out"
+    assert got["fails"]["status"] == "failed" and got["fails"]["rc"] == 3
+    assert got["after"]["status"] == "not_run"
+    env = json.loads((out / "env.json").read_text())
+    assert "torch" in env and "gpus" in env, env
+    assert (out / "env.txt").read_text().startswith("gpus")
+    assert sorted(p.name for p in out.iterdir()) == ["env.json", "env.txt", "results.tar.gz",
+                                                     "stages.json"]
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = set(tar.getnames())
+        assert {"cpu/writes.log", "cpu/ranks.log", "cpu/hangs.log", "cpu/r.json"} <= names
+        ranks_log = tar.extractfile("cpu/ranks.log").read().decode()
+        written = tar.extractfile("cpu/r.json").read().decode()
+    assert "rank 0" in ranks_log and "rank 1" in ranks_log, ranks_log
+    assert written == "3"  # the env value, its placeholder filled from --ranks
+
+
+def test_a_stopped_runner_leaves_no_stage_running(tmp_path):
+    import subprocess
+    import time
+
+    py = shlex.quote(sys.executable)
+    pid_file = tmp_path / "pid"
+    text = f"""
+s:
+  about: a stage that would outlive the runner
+  stages:
+    - name: sleeper
+      run: "{py} -c 'import os, time; open(\\"{pid_file}\\", \\"w\\").write(str(os.getpid())); time.sleep(600)'"
+      timeout: 600
+      background: true
+"""
+    runner = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "suites.py"), "s",
+                               "--out", str(tmp_path / "out"), "--suites-file", _write(tmp_path, text)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline and runner.poll() is None, "the stage never started"
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        runner.terminate()
+        assert runner.wait(timeout=60) != 0
+        assert not os.path.exists(f"/proc/{pid}"), "the stage outlived the runner"
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+
+
+def test_budget_cuts_the_running_stage_and_skips_the_rest(tmp_path, monkeypatch):
+    import time
+
+    py = shlex.quote(sys.executable)
+    text = f"""
+s:
+  about: more work than the budget
+  stages:
+    - name: long
+      run: "{py} -c 'import time; time.sleep(600)'"
+      timeout: 600
+    - name: next
+      run: "{py} -c 'print(1)'"
+      timeout: 60
+"""
+    monkeypatch.setattr(suites, "MIN_STAGE_S", 1.0)
+    suite = suites.load_suites(_write(tmp_path, text))["s"]
+    out = str(tmp_path / "out")
+    got = suites.run_suite(suite, out, suites.placeholders(out, 2, 0), dict(os.environ),
+                           deadline=time.monotonic() + 3)
+    assert [(r.stage, r.status) for r in got] == [("long", "timed_out"), ("next", "not_run")]
