@@ -8,7 +8,7 @@ from tensorrt_llm_dwdp.plan.copy_model import CopyParams
 from tensorrt_llm_dwdp.plan.costs import CostSource
 from tensorrt_llm_dwdp.plan.deploy import DEP, DWDP, REPLICATED, Deployment, dwdp_layouts, memory_per_gpu
 from tensorrt_llm_dwdp.plan.model import MoeModel
-from tensorrt_llm_dwdp.plan.simulate import Context, saturated, stream
+from tensorrt_llm_dwdp.plan.simulate import Context, default_requests, saturated, stream
 from tensorrt_llm_dwdp.plan.system import System
 from tensorrt_llm_dwdp.plan.traffic import Traffic
 
@@ -120,7 +120,7 @@ def make_plan(req: PlanRequest, model: MoeModel, system: System, costs: CostSour
     mean_len = req.traffic.mean()
     capacity = min(r["tokens_per_s_per_gpu"]["own_rate"] for r in fitting) * req.gpus / mean_len
     rate = req.rate or 0.8 * capacity
-    num_requests = req.num_requests or min(3000, max(300, 24 * req.gpus))
+    num_requests = req.num_requests or default_requests(req.gpus)
     for r in fitting:
         r["stream"] = stream(r["deployment"], req.gpus, req.traffic, rate, num_requests, ctx,
                              req.seed)

@@ -8,10 +8,11 @@ SHORT = {"attention": "attn", "moe": "moe", "dense": "dense", "other": "other", 
 
 
 def table(plan: dict) -> str:
-    """One line per deployment: memory, step terms (ms), tokens/s per GPU, TTFT percentiles."""
+    """One line per deployment: memory, step terms (ms), tokens/s per GPU, TTFT percentiles and
+    the stream's regime (busy: fraction of GPU time stepping; tok/stp: mean tokens per step)."""
     head = (f"{'deployment':<24}{'GiB/GPU':>8} " + "".join(f"{SHORT[t]:>8}" for t in TERMS)
             + f"{'step':>8}{'cp.tot':>8}{'tok/s/GPU':>10}{'lockstep':>9}"
-            + f"{'TTFT p50':>9}{'p90':>8}{'p99':>8}")
+            + f"{'TTFT p50':>9}{'p90':>8}{'p99':>8}{'busy':>6}{'tok/stp':>8}")
     lines = [head, "-" * len(head)]
     for r in plan["rows"]:
         mem = f"{r['memory_gib']['total']:8.1f} "
@@ -22,7 +23,8 @@ def table(plan: dict) -> str:
         b, tps, st = r["breakdown_ms"], r["tokens_per_s_per_gpu"], r["stream"]["ttft_ms"]
         lines.append(f"{r['label']:<24}{mem}" + "".join(f"{b[t]:8.1f}" for t in TERMS)
                      + f"{b['step']:8.1f}{b['copy_total']:8.1f}{tps['own_rate']:10.0f}"
-                     + f"{tps['lockstep']:9.0f}{st['p50']:9.0f}{st['p90']:8.0f}{st['p99']:8.0f}")
+                     + f"{tps['lockstep']:9.0f}{st['p50']:9.0f}{st['p90']:8.0f}{st['p99']:8.0f}"
+                     + f"{r['stream']['busy']:6.0%}{r['stream']['tokens_per_step']:8.0f}")
     return "\n".join(lines)
 
 
