@@ -11,6 +11,8 @@ from tensorrt_llm_dwdp.plan.reference import BLOG19, COPY_H200
 from tensorrt_llm_dwdp.plan.system import System, load_system
 from tensorrt_llm_dwdp.plan.traffic import parse_isl
 
+BLOG19_MODELS = ("deepseek-r1-nvfp4", "deepseek-ai/DeepSeek-R1", "deepseek-ai--DeepSeek-R1")
+
 
 def build_plan(*, model: str, system: str, gpus: int, isl: str, max_num_tokens: int,
                ratio: float = 1.0, quant: str | None = None, dwdp_size: int | None = None,
@@ -46,7 +48,7 @@ def build_plan(*, model: str, system: str, gpus: int, isl: str, max_num_tokens: 
     plan["copy"] = dataclasses.asdict(COPY_H200)
     plan["notes"] = {"extrapolated": source.notes.messages(),
                      "dropped": source.notes.dropped}
-    if system == "gb200" and moe.aic_id == "deepseek-ai/DeepSeek-R1" and moe.quant == "nvfp4":
+    if system == "gb200" and moe.quant == "nvfp4" and model in BLOG19_MODELS:
         plan["blog19"] = BLOG19
     plan["prediction"] = True
     plan["elapsed_s"] = time.perf_counter() - t0

@@ -12,7 +12,9 @@ layers):
   peak, or the weight bytes a rank must read / latency above HBM bandwidth) is dropped,
   replaced by the roofline floor and reported. A DEP rank's MoE is the smaller of the EP
   table's figure and the one-rank figure at the group's mean tokens (same expert-token work,
-  larger GEMMs per expert).
+  larger GEMMs per expert). Routing skew is not modelled: within the token counts the EP
+  tables collected (at most 16384 tokens on GB200) the EP figure is below the one-rank
+  figure, and above them the excess is the engine's extrapolation, not a measurement.
 - ``MeasuredCosts`` (``plan/measured.py``): our own H200 bench JSON.
 """
 from __future__ import annotations
@@ -139,6 +141,7 @@ class AicCosts:
         self.quant_mode = "fp8_block" if model.quant == FP8 else model.quant
         self.name = f"aiconfigurator-core {_aic_version()} {framework} {self.version}"
         self.notes = Notes()
+        self._ops_seen: dict[str, set[str]] = {}  # category -> the engine's op names in it
         self._engines: dict[int, object] = {}
         self._moe_max_tokens = _moe_coverage(system.name, framework, self.version, model,
                                              self.quant_mode)
@@ -148,9 +151,10 @@ class AicCosts:
         return {"source": "aiconfigurator-core", "package_version": _aic_version(),
                 "framework": self.framework, "database_version": self.version,
                 "moe_quant_mode": self.quant_mode, "gemm_quant_mode": self.quant_mode,
-                "attention": "bf16 context FMHA with an fp8 KV cache (the GB200 database has no "
-                             "FP8 context-MLA rows); the attention term includes the MLA "
-                             "projections",
+                "engine_model": self.model.aic_id,
+                "attention": "bf16 context FMHA with an fp8 KV cache (no database has FP8 "
+                             "context-MLA rows)",
+                "ops_by_category": {c: sorted(ops) for c, ops in sorted(self._ops_seen.items())},
                 "moe_max_tokens_collected": self._moe_max_tokens}
 
     def _engine(self, ep: int):
@@ -182,6 +186,8 @@ class AicCosts:
         for name, ms, _energy, _src in ctx:
             cat = _category(name)
             out[cat] = out.get(cat, 0.0) + float(ms)
+            if ms:
+                self._ops_seen.setdefault(cat, set()).add(name)
         return tuple(sorted(out.items()))
 
     def _ops(self, ep: int, tokens: int, prefix: int = 0) -> dict[str, float]:
@@ -211,7 +217,7 @@ class AicCosts:
             # An EP rank runs the same expert-token work as one rank holding every expert for
             # the group's mean tokens, with more tokens per expert: never slower when routing
             # is balanced. The EP tables stop at a few thousand tokens per rank and their
-            # extrapolation can exceed that bound; routing skew is left to the sync term.
+            # extrapolation can exceed that bound.
             full = self._screen_moe(self._ops(1, mean).get("moe", 0.0), mean, 1)
             cost.moe = min(ep_moe, full)
             cost.a2a = self._ops(ep, max(1, max(group_tokens))).get("a2a", 0.0)

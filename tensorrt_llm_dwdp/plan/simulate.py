@@ -112,7 +112,8 @@ def stream(dep: Deployment, gpus: int, traffic: Traffic, rate: float, num_reques
         if dep.kind != DWDP:
             return 0.0
         g = rank // dep.size * dep.size
-        return float((duty[g: g + dep.size].sum() - duty[rank]) / (dep.size - 1))
+        peers = [duty[q] for q in range(g, g + dep.size) if q != rank]
+        return min(1.0, float(sum(peers)) / len(peers))
 
     def start(unit: int, now: float) -> None:
         ranks = range(unit * s, unit * s + s)

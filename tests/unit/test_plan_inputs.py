@@ -61,7 +61,11 @@ def test_model_names_and_expert_bytes():
     v3 = resolve_model("deepseek-v3", "fp8")
     # e4m3 weights (1 byte per element) plus fp32 scales per 128x128 block of w3_w1 and w2
     assert v3.expert_bytes == 3 * 7168 * 2048 + 4 * (32 * 56 + 56 * 16)
-    assert resolve_model("deepseek-ai--DeepSeek-V3").aic_id == "deepseek-ai/DeepSeek-V3"
+    # NVFP4 DeepSeek is compiled as NVIDIA's NVFP4 checkpoint layout (bf16 q/kv projections)
+    assert resolve_model("deepseek-ai--DeepSeek-V3").aic_id == "nvidia/DeepSeek-V3.1-NVFP4"
+    assert resolve_model("deepseek-ai--DeepSeek-V3", "fp8").aic_id == "deepseek-ai/DeepSeek-V3"
+    assert r1.aic_id == "nvidia/DeepSeek-V3.1-NVFP4"
+    assert resolve_model("deepseek-r1-fp8").aic_id == "deepseek-ai/DeepSeek-R1"
     assert expert_bytes("fp8", 7168, 2048) < expert_bytes("nvfp4", 7168, 2048) * 2
 
 
