@@ -1,11 +1,13 @@
 """From command-line values to a finished plan (what ``plan`` and the bench scripts call)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 
 from tensorrt_llm_dwdp.plan.costs import AicCosts, CostSource
-from tensorrt_llm_dwdp.plan.model import FP8, MoeModel, resolve_model
+from tensorrt_llm_dwdp.moe.specs import NVFP4
+from tensorrt_llm_dwdp.plan.model import FP8, KNOWN_MODELS, MoeModel, resolve_model
 from tensorrt_llm_dwdp.plan.planner import PlanRequest, make_plan
 from tensorrt_llm_dwdp.plan.reference import BLOG19, COPY_H200
 from tensorrt_llm_dwdp.plan.system import System, load_system
@@ -23,7 +25,7 @@ def build_plan(*, model: str, system: str, gpus: int, isl: str, max_num_tokens: 
     t0 = time.perf_counter()
     traffic = parse_isl(isl, ratio)
     spec = load_system(system)
-    moe = resolve_model(model, quant)
+    moe = resolve_model(model, quant or default_quant(model, spec))
     req = PlanRequest(gpus=gpus, traffic=traffic, max_num_tokens=max_num_tokens,
                       dwdp_size=dwdp_size, experts_per_worker=experts_per_worker, rate=rate,
                       num_steps=steps, num_requests=requests, seed=seed)
@@ -34,7 +36,9 @@ def build_plan(*, model: str, system: str, gpus: int, isl: str, max_num_tokens: 
     else:
         source = AicCosts(moe, spec, framework)
     plan = make_plan(req, moe, spec, source, COPY_H200)
+    notes = copy.deepcopy(source.notes)  # the comparison's queries are not the plan's
     compared = _compare(moe, spec, source)
+    source.notes = notes
     if compared:
         plan["sources_compared"] = compared
     plan["title"] = (f"{moe.name} ({moe.quant}) on {gpus}x {system}, ISL {isl} ratio {ratio}, "
@@ -53,6 +57,15 @@ def build_plan(*, model: str, system: str, gpus: int, isl: str, max_num_tokens: 
     plan["prediction"] = True
     plan["elapsed_s"] = time.perf_counter() - t0
     return plan
+
+
+def default_quant(model: str, system: System) -> str | None:
+    """The expert format when ``--quant`` is not given: the model name's (None lets
+    ``resolve_model`` take it), else nvfp4 where the system has FP4 tensor cores, fp8 elsewhere
+    (a bf16 checkpoint on H100/H200 is served in FP8, not refused)."""
+    if model in KNOWN_MODELS:
+        return None
+    return NVFP4 if system.flops.get("fp4") else FP8
 
 
 def _compare(model: MoeModel, system: System, source: CostSource) -> dict | None:

@@ -146,6 +146,8 @@ class AicCosts:
         self._moe_max_tokens = _moe_coverage(system.name, framework, self.version, model,
                                              self.quant_mode)
         self._query = lru_cache(maxsize=None)(self._query_uncached)
+        self._ops = lru_cache(maxsize=None)(self._ops_uncached)
+        self._floor = lru_cache(maxsize=None)(self._floor_uncached)
 
     def describe(self) -> dict:
         return {"source": "aiconfigurator-core", "package_version": _aic_version(),
@@ -190,7 +192,7 @@ class AicCosts:
                 self._ops_seen.setdefault(cat, set()).add(name)
         return tuple(sorted(out.items()))
 
-    def _ops(self, ep: int, tokens: int, prefix: int = 0) -> dict[str, float]:
+    def _ops_uncached(self, ep: int, tokens: int, prefix: int = 0) -> dict[str, float]:
         """Category -> ms for one sequence of ``tokens`` new tokens after ``prefix`` cached
         ones. Without a prefix, linear between the two nearest points of a geometric grid
         (GRID_STEPS per doubling), so a stream of distinct lengths costs few engine queries."""
@@ -232,13 +234,7 @@ class AicCosts:
         if ms <= 0:
             return ms
         per_layer_s = ms / 1e3 / m.num_moe_layers
-        flops = 2 * 3 * m.hidden * m.moe_inter * m.top_k * tokens
-        # experts a rank must read: its E/ep, each picked by at least one of the tokens routed
-        # over the group (tokens * ep, each choosing top_k of E) with uniform routing
-        local = m.num_experts // ep
-        touched = local * (1.0 - (1.0 - m.top_k / m.num_experts) ** (tokens * ep))
-        weights = touched * m.expert_bytes
-        floor = max(flops / self.system.peak_flops(m.quant), weights / self.system.hbm_bw)
+        floor, flops, weights = self._floor(tokens, ep)
         if per_layer_s < floor:
             if any(d["tokens"] == tokens and d["ep"] == ep for d in self.notes.dropped):
                 return floor * 1e3 * m.num_moe_layers
@@ -251,6 +247,19 @@ class AicCosts:
                 "replaced_by_roofline_us": floor * 1e6})
             return floor * 1e3 * m.num_moe_layers
         return ms
+
+
+    def _floor_uncached(self, tokens: int, ep: int) -> tuple[float, float, float]:
+        """(roofline floor in s per layer, FLOPs, weight bytes read) of one MoE layer."""
+        m = self.model
+        flops = 2 * 3 * m.hidden * m.moe_inter * m.top_k * tokens
+        # experts a rank must read: its E/ep, each picked by at least one of the tokens routed
+        # over the group (tokens * ep, each choosing top_k of E) with uniform routing
+        local = m.num_experts // ep
+        touched = local * (1.0 - (1.0 - m.top_k / m.num_experts) ** (tokens * ep))
+        weights = touched * m.expert_bytes
+        floor = max(flops / self.system.peak_flops(m.quant), weights / self.system.hbm_bw)
+        return floor, flops, weights
 
 
 def _aic_version() -> str:

@@ -115,6 +115,7 @@ def group_step(dep: Deployment, chunks: Sequence[Sequence[Chunk]], costs: CostSo
             s.sync_wait = slowest - o
         return steps
     steps = []
+    nbytes = (dep.size - 1) * dep.prefetch * model.expert_bytes
     for i, (t, cs) in enumerate(zip(tokens, chunks)):
         if not cs:
             steps.append(RankStep(0))
@@ -123,7 +124,6 @@ def group_step(dep: Deployment, chunks: Sequence[Sequence[Chunk]], costs: CostSo
         s = RankStep(t, **c.as_dict())
         if dep.kind == DWDP:
             window = c.compute / model.num_moe_layers
-            nbytes = (dep.size - 1) * dep.prefetch * model.expert_bytes
             lc = layer_copy(nbytes, window, dep.size, system.nvlink_bw, copy, dep.contention_opt,
                             None if peer_busy is None else peer_busy[i])
             n = model.num_moe_layers

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -69,7 +70,7 @@ class MoeModel:
     @property
     def expert_bytes(self) -> int:
         """Bytes of ONE expert over all its tensors."""
-        return expert_bytes(self.quant, self.hidden, self.moe_inter)
+        return _expert_bytes_cached(self.quant, self.hidden, self.moe_inter)
 
     @property
     def non_expert_bytes(self) -> int:
@@ -89,6 +90,11 @@ def expert_bytes(quant: str, hidden: int, inter: int) -> int:
             + (-(-hidden // FP8_BLOCK)) * (-(-inter // FP8_BLOCK))
         return weights + 4 * blocks
     raise ValueError(f"unknown --quant {quant!r}; choose one of {QUANTS}")
+
+
+@lru_cache(maxsize=None)
+def _expert_bytes_cached(quant: str, hidden: int, inter: int) -> int:
+    return expert_bytes(quant, hidden, inter)  # the simulation asks for it once per step
 
 
 def _bundled_ids() -> dict[str, str]:
@@ -112,7 +118,10 @@ def resolve_model(spec: str, quant: str | None = None) -> MoeModel:
         raise ValueError(f"unknown --quant {quant!r}; choose one of {QUANTS}")
     if spec in KNOWN_MODELS:
         aic_id, default_quant = KNOWN_MODELS[spec]
-        q = quant or default_quant
+        if quant is not None and quant != default_quant:
+            other = spec.rsplit("-", 1)[0] + "-" + quant
+            raise ValueError(f"--quant {quant} contradicts --model {spec}; use --model {other}")
+        q = default_quant
         return from_config(spec, _read_json(_bundled_ids()[aic_id]), _served(aic_id, q), q)
     if spec in PRESETS:
         q = quant or NVFP4

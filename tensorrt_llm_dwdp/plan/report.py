@@ -58,7 +58,8 @@ def blog_comparison(plan: dict, blog: dict) -> str:
 
 
 def plot(plan: dict, path: str) -> None:
-    """Stacked step terms per deployment and tokens/s per GPU, saved to ``path``."""
+    """Stacked step terms per deployment, tokens/s per GPU and the stream's TTFT (p50, p90),
+    saved to ``path``."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -68,7 +69,8 @@ def plot(plan: dict, path: str) -> None:
 
     rows = [r for r in plan["rows"] if r["fits"]]
     labels = [r["label"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 0.45 * len(rows) + 2.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 0.45 * len(rows) + 2.5),
+                                        gridspec_kw={"width_ratios": [2, 1, 1]})
     left = [0.0] * len(rows)
     for t in TERMS:
         vals = [r["breakdown_ms"][t] for r in rows]
@@ -81,6 +83,14 @@ def plot(plan: dict, path: str) -> None:
     ax2.set_xlabel("prompt tokens/s per GPU (predicted)")
     ax2.invert_yaxis()
     ax2.set_yticklabels([])
+    p50 = [r["stream"]["ttft_ms"]["p50"] for r in rows]
+    p90 = [r["stream"]["ttft_ms"]["p90"] for r in rows]
+    ax3.barh(labels, p90, color="tab:orange", alpha=0.4, label="p90")
+    ax3.barh(labels, p50, color="tab:orange", label="p50")
+    ax3.set_xlabel(f"TTFT ms in the stream ({plan.get('stream_rate_req_per_s', 0):.2f} req/s)")
+    ax3.invert_yaxis()
+    ax3.set_yticklabels([])
+    ax3.legend(fontsize=7)
     fig.suptitle(f"PREDICTION: {plan.get('title', 'plan')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -140,8 +140,11 @@ def stream(dep: Deployment, gpus: int, traffic: Traffic, rate: float, num_reques
         now, kind, ident = heapq.heappop(events)
         end_time = max(end_time, now)
         if kind == 0:
-            group = int(np.argmin(queued.reshape(units, s).sum(axis=1)))
-            rank = group * s + int(np.argmin(queued[group * s: group * s + s]))
+            if s == 1:
+                group = rank = int(queued.argmin())
+            else:
+                group = int(queued.reshape(units, s).sum(axis=1).argmin())
+                rank = group * s + int(queued[group * s: group * s + s].argmin())
             queues[rank].append([ident, int(lengths[ident]), 0])
             queued[rank] += int(lengths[ident])
             if not stepping[group]:

@@ -150,6 +150,12 @@ def test_check_request_names_the_bad_input():
     (["--system", "h999"], "unknown system 'h999'"),
     (["--isl", "300000"], "max_position_embeddings"),
     (["--dwdp-size", "4", "--experts-per-worker", "65"], "does not divide 256"),
+    (["--quant", "fp8"], "--quant fp8 contradicts --model deepseek-r1-nvfp4; use --model "
+                         "deepseek-r1-fp8"),
+    (["--model", "deepseek-v3-fp8", "--system", "h100_sxm", "--gpus", "8"],
+     "no deployment of deepseek-v3-fp8 fits h100_sxm's 80 GiB per GPU on 8 GPUs"),
+    (["--isl", "lognormal:4000"], "lognormal:MEDIAN,SIGMA"),
+    (["--ratio", "0"], "--ratio 0.0 must be in (0, 1]"),
 ])
 def test_cli_bad_input_is_one_line(args, needle):
     base = {"--model": "deepseek-r1-nvfp4", "--system": "gb200", "--gpus": "4", "--isl": "8192",
@@ -184,3 +190,14 @@ def test_bundled_config_outside_the_offline_set_cannot_be_compiled():
         AicCosts(m, load_system("gb200"))
     with pytest.raises(ValueError, match="h100_sxm has no FP4 tensor cores"):
         AicCosts(resolve_model("deepseek-r1-nvfp4"), load_system("h100_sxm"))
+
+
+def test_default_quant_follows_the_system():
+    """Without --quant a named model keeps its format; another is nvfp4 where the system has
+    FP4 tensor cores and fp8 where it has not (it used to be refused on H100/H200)."""
+    from tensorrt_llm_dwdp.plan.build import default_quant
+    h200, gb200 = load_system("h200_sxm"), load_system("gb200")
+    assert default_quant("Qwen/Qwen3-235B-A22B", h200) == "fp8"
+    assert default_quant("Qwen/Qwen3-235B-A22B", gb200) == "nvfp4"
+    assert default_quant("deepseek-r1-nvfp4", h200) is None
+    assert resolve_model("deepseek-r1-fp8", "fp8").quant == "fp8"
