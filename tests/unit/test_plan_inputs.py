@@ -200,4 +200,15 @@ def test_default_quant_follows_the_system():
     assert default_quant("Qwen/Qwen3-235B-A22B", h200) == "fp8"
     assert default_quant("Qwen/Qwen3-235B-A22B", gb200) == "nvfp4"
     assert default_quant("deepseek-r1-nvfp4", h200) is None
+    assert default_quant("deepseek-v3", h200, costs="measured") is None
     assert resolve_model("deepseek-r1-fp8", "fp8").quant == "fp8"
+
+
+def test_dep_only_where_the_group_divides_the_experts():
+    """256 experts over 3 GPUs: DWDP3 is planned (it needs no even split), DEP3 is not (the
+    database has no EP3 data and expert parallelism shards experts evenly)."""
+    from tensorrt_llm_dwdp.plan.planner import candidates
+    m, gb = resolve_model("deepseek-r1-nvfp4"), load_system("gb200")
+    kinds = {(d.kind, d.size) for d in candidates(_req(gpus=3), m, gb)}
+    assert (DWDP, 3) in kinds and ("dep", 3) not in kinds and ("replicated", 1) in kinds
+    assert ("dep", 4) in {(d.kind, d.size) for d in candidates(_req(gpus=4), m, gb)}
