@@ -70,6 +70,7 @@ def saturated(dep: Deployment, traffic: Traffic, ctx: Context, num_steps: int,
             "tokens_per_s_per_gpu": {"own_rate": float(own), "lockstep": float(lock)}}
 
 
+OVERLOAD_DRAIN = 0.1  # drain time past the last arrival, as a fraction of the arrival span
 WARMUP = 0.1  # the first tenth of a stream's requests find it empty; left out of the percentiles
 
 
@@ -90,7 +91,8 @@ def stream(dep: Deployment, gpus: int, traffic: Traffic, rate: float, num_reques
     ``busy`` (fraction of GPU time spent stepping), ``tokens_per_step`` and ``step_ms`` (means
     over the steps run), which a saturated step breakdown does not show: at the same request
     rate, a deployment whose small steps are slow (DWDP's copy floor) batches more and waits
-    longer."""
+    longer. ``overloaded``: the queue still held work long after the last arrival (the rate is
+    past what this deployment serves; its TTFT grows with the number of requests)."""
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, num_requests))
     lengths = traffic.sample(num_requests, rng)
@@ -157,7 +159,11 @@ def stream(dep: Deployment, gpus: int, traffic: Traffic, rate: float, num_reques
             start(ident, now)
     span = end_time - arrivals[0]
     kept = ttft[int(WARMUP * num_requests):]
+    # a stable queue drains in a few steps; one that needs more than a tenth of the arrival
+    # span grew all along: the rate is past capacity and TTFT grows with --requests
+    drain = end_time - arrivals[-1]
     return {"rate_req_per_s": rate, "requests": num_requests,
+            "overloaded": bool(drain > OVERLOAD_DRAIN * (arrivals[-1] - arrivals[0])),
             "ttft_ms": {f"p{q}": float(np.percentile(kept, q) * 1e3) for q in (50, 90, 99)},
             "tokens_per_s_per_gpu": float(lengths.sum() / span / gpus),
             "busy": stats["busy_s"] / (span * gpus),

@@ -98,6 +98,10 @@ def test_saturated_rates_and_stream(ctx):
     assert 8.0 < t["p50"] < 40.0 and t["p50"] <= t["p90"] <= t["p99"]
     hot = stream(Deployment(REPLICATED, 1), 4, traffic, rate=200.0, num_requests=200, ctx=ctx)
     assert hot["ttft_ms"]["p90"] > t["p90"]
+    assert not s["overloaded"] and not hot["overloaded"]
+    # ~6150 tokens at 2 us each: 4 GPUs serve ~325 requests/s; 600/s piles up
+    over = stream(Deployment(REPLICATED, 1), 4, traffic, rate=600.0, num_requests=2000, ctx=ctx)
+    assert over["overloaded"] and over["busy"] > 0.99
 
 
 def _row(label, kind, rate, **b):

@@ -94,6 +94,10 @@ def main(args: argparse.Namespace) -> int:
           f"{plan['mean_prompt_tokens']:.0f} tokens; steps in a stream are smaller than saturated "
           f"ones (tok/stp), so TTFT follows the small-step times, where DWDP's peer copy may not "
           f"hide: compare busy, not the saturated step")
+    over = [r["label"] for r in plan["rows"] if r["fits"] and r["stream"]["overloaded"]]
+    if over:
+        print(f"overloaded at this rate (queue grows; TTFT depends on --requests, lower --rate): "
+              f"{', '.join(over)}")
     if plan.get("blog19"):
         print("beside TensorRT-LLM blog 19 (GB200, DeepSeek-R1 NVFP4, ISL 8K ratio 0.8):")
         print(blog_comparison(plan, plan["blog19"]))
