@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol, Sequence
 
-from tensorrt_llm_dwdp.plan.model import FP8, MoeModel
+from tensorrt_llm_dwdp.plan.model import FP8, NVFP4_SERVED_AS, NVFP4_SERVED_DTYPES, MoeModel
 from tensorrt_llm_dwdp.plan.system import System, systems_dir
 from tensorrt_llm_dwdp.plan.traffic import Chunk
 
@@ -154,6 +154,9 @@ class AicCosts:
                 "framework": self.framework, "database_version": self.version,
                 "moe_quant_mode": self.quant_mode, "gemm_quant_mode": self.quant_mode,
                 "engine_model": self.model.aic_id,
+                "dtypes": NVFP4_SERVED_DTYPES if self.model.aic_id in NVFP4_SERVED_AS.values()
+                else {"gemms and experts": self.quant_mode, "KV cache": "fp8",
+                      "context FMHA": "bfloat16"},
                 "attention": "bf16 context FMHA with an fp8 KV cache (no database has FP8 "
                              "context-MLA rows)",
                 "ops_by_category": {c: sorted(ops) for c, ops in sorted(self._ops_seen.items())},

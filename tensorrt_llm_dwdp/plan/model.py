@@ -37,6 +37,10 @@ KNOWN_MODELS: dict[str, tuple[str, str]] = {
 # instead would model every projection in NVFP4 and price attention as one fused module.
 NVFP4_SERVED_AS = {"deepseek-ai/DeepSeek-R1": "nvidia/DeepSeek-V3.1-NVFP4",
                    "deepseek-ai/DeepSeek-V3": "nvidia/DeepSeek-V3.1-NVFP4"}
+NVFP4_SERVED_DTYPES = {"attention q_a, q_b, kv_a, kv_b projections": "bfloat16",
+                       "attention o_proj, shared expert, routed experts": "nvfp4",
+                       "router, lm_head": "bfloat16", "KV cache": "fp8",
+                       "context FMHA": "bfloat16 (no FP8 context-MLA rows in any database)"}
 # our presets whose published checkpoint aiconfigurator-core also bundles
 PRESET_AIC_IDS = {"deepseek-v3": "deepseek-ai/DeepSeek-V3", "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B"}
 
