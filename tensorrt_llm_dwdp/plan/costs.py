@@ -148,6 +148,7 @@ class AicCosts:
         self._query = lru_cache(maxsize=None)(self._query_uncached)
         self._ops = lru_cache(maxsize=None)(self._ops_uncached)
         self._floor = lru_cache(maxsize=None)(self._floor_uncached)
+        self._own_step = lru_cache(maxsize=None)(self._own_step_uncached)
 
     def describe(self) -> dict:
         return {"source": "aiconfigurator-core", "package_version": _aic_version(),
@@ -208,6 +209,18 @@ class AicCosts:
         return {k: (1 - w) * a.get(k, 0.0) + w * b.get(k, 0.0) for k in set(a) | set(b)}
 
     def step(self, chunks: Sequence[Chunk], ep: int, group_tokens: Sequence[int]) -> StepCosts:
+        """See ``CostSource.step``. A rank's own step (ep = 1) depends on its chunks' lengths
+        and prefixes only and is cached on them (a stream repeats them often); the returned
+        record is shared, not to be modified."""
+        if ep == 1:
+            return self._own_step(tuple((c.length, c.prefix) for c in chunks))
+        return self._step(chunks, ep, group_tokens)
+
+    def _own_step_uncached(self, shape: tuple[tuple[int, int], ...]) -> StepCosts:
+        chunks = [Chunk(i, n, pre) for i, (n, pre) in enumerate(shape)]
+        return self._step(chunks, 1, [sum(n for n, _ in shape)])
+
+    def _step(self, chunks: Sequence[Chunk], ep: int, group_tokens: Sequence[int]) -> StepCosts:
         cost = StepCosts()
         for c in chunks:
             cost.attention += self._ops(ep, c.length, c.prefix).get("attention", 0.0)

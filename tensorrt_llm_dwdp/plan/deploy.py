@@ -68,7 +68,9 @@ class RankStep:
 
     @property
     def step_ms(self) -> float:
-        return sum(getattr(self, t) for t in TERMS)
+        """The sum of the TERMS (spelled out: the stream asks for it once per simulated step)."""
+        return (self.attention + self.moe + self.dense + self.other + self.a2a + self.sync_wait
+                + self.copy_exposed + self.interference)
 
 
 def dwdp_layouts(model: MoeModel, size: int) -> list[tuple[int, int]]:

@@ -100,7 +100,8 @@ def stream(dep: Deployment, gpus: int, traffic: Traffic, rate: float, num_reques
     units = gpus // s
     queues = [deque() for _ in range(gpus)]  # [request, remaining, done]
     queued = np.zeros(gpus, dtype=np.int64)     # tokens waiting or running, per rank
-    duty = np.zeros(gpus)                       # copy duty of each rank's running step, 0 idle
+    duty = [0.0] * gpus                         # copy duty of each rank's running step, 0 idle
+    group_duty = [0.0] * gpus                   # its sum over each DWDP group
     stepping = [False] * units
     ttft = np.full(num_requests, np.nan)
     events: list[tuple[float, int, int]] = [(float(t), 0, i) for i, t in enumerate(arrivals)]
@@ -110,25 +111,30 @@ def stream(dep: Deployment, gpus: int, traffic: Traffic, rate: float, num_reques
     stats = {"steps": 0, "tokens": 0, "busy_s": 0.0}
     end_time = 0.0
 
+    def set_duty(rank: int, value: float) -> None:
+        if dep.kind == DWDP:
+            group_duty[rank // dep.size] += value - duty[rank]
+        duty[rank] = value
+
     def peers_duty(rank: int) -> float:
         if dep.kind != DWDP:
             return 0.0
-        g = rank // dep.size * dep.size
-        peers = [duty[q] for q in range(g, g + dep.size) if q != rank]
-        return min(1.0, float(sum(peers)) / len(peers))
+        g = rank // dep.size
+        return min(1.0, max(0.0, (group_duty[g] - duty[rank]) / (dep.size - 1)))
 
     def start(unit: int, now: float) -> None:
         ranks = range(unit * s, unit * s + s)
         chunks = [_take(queues[r], ctx.budget) for r in ranks]
         if not any(chunks):
             stepping[unit] = False
-            duty[unit * s: unit * s + s] = 0.0
+            for r in ranks:
+                set_duty(r, 0.0)
             return
         steps = group_step(dep, chunks, ctx.costs, ctx.model, ctx.system, ctx.copy,
                            [peers_duty(r) for r in ranks])
         duration = max(x.step_ms for x in steps) / 1e3
         for r, x in zip(ranks, steps):
-            duty[r] = x.copy_busy
+            set_duty(r, x.copy_busy)
         running[unit] = [(r, sum(c.length for c in cs)) for r, cs in zip(ranks, chunks)]
         pending[unit] = [c.request for cs in chunks for c in cs if c.prefix + c.length
                          == lengths[c.request]]

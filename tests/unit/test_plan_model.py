@@ -211,3 +211,9 @@ def test_stream_percentiles_stable_across_seeds(ctx, dep, rate):
     for q, band in (("p50", 0.10), ("p90", 0.15)):
         vals = np.array([r["ttft_ms"][q] for r in runs])
         assert np.all(np.abs(vals / np.median(vals) - 1) <= band), (q, vals)
+
+
+def test_step_ms_is_the_sum_of_the_terms():
+    from tensorrt_llm_dwdp.plan.deploy import TERMS, RankStep
+    s = RankStep(10, **{t: float(2 ** i) for i, t in enumerate(TERMS)}, copy_ms=1000.0)
+    assert s.step_ms == sum(2 ** i for i in range(len(TERMS)))
