@@ -5,11 +5,13 @@ traffic) into steps of ``max_num_tokens``; a DEP group runs its ranks' k-th step
 waits for the slowest, DWDP and replicated ranks run free. Two throughput definitions are
 reported: ``own_rate`` (mean over ranks of a rank's tokens over its own step time, which for
 a DEP rank includes waiting for the slowest) and ``lockstep`` (a group's tokens over S times
-its slowest rank's time per step, what free-running ranks would deliver if they had to wait). ``stream`` plays Poisson arrivals through the same step model: each request
-joins the rank (DEP: the group, then its rank) with the fewest outstanding (queued or running)
-tokens; a rank's step takes
-whole prompts first-come first-served up to the budget; TTFT is the end of the step that runs a
-prompt's last token minus its arrival (queueing included; no decode, no KV transfer).
+its slowest rank's time per step, what free-running ranks would deliver if they had to wait).
+
+``stream`` plays Poisson arrivals through the same step model: each request joins the rank
+(DEP: the group, then its rank) with the fewest outstanding (queued or running) tokens; a
+rank's step takes whole prompts first-come first-served up to the budget; TTFT is the end of
+the step that runs a prompt's last token minus its arrival (queueing included; no decode, no
+KV transfer). Its steps are as small as the queue makes them, not saturated ones.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import numpy as np
 
 from tensorrt_llm_dwdp.plan.copy_model import CopyParams
 from tensorrt_llm_dwdp.plan.costs import CostSource
-from tensorrt_llm_dwdp.plan.deploy import DEP, DWDP, REPLICATED, TERMS, Deployment, RankStep, group_step
+from tensorrt_llm_dwdp.plan.deploy import (DEP, DWDP, REPLICATED, TERMS, Deployment, RankStep,
+                                           group_step)
 from tensorrt_llm_dwdp.plan.model import MoeModel
 from tensorrt_llm_dwdp.plan.system import System
 from tensorrt_llm_dwdp.plan.traffic import Chunk, Traffic, pack_steps
@@ -101,7 +104,7 @@ def stream(dep: Deployment, gpus: int, traffic: Traffic, rate: float, num_reques
     queues = [deque() for _ in range(gpus)]  # [request, remaining, done]
     queued = np.zeros(gpus, dtype=np.int64)     # tokens waiting or running, per rank
     duty = [0.0] * gpus                         # copy duty of each rank's running step, 0 idle
-    group_duty = [0.0] * gpus                   # its sum over each DWDP group
+    group_duty = [0.0] * gpus                   # its sum per DWDP group (index rank // S)
     stepping = [False] * units
     ttft = np.full(num_requests, np.nan)
     events: list[tuple[float, int, int]] = [(float(t), 0, i) for i, t in enumerate(arrivals)]
@@ -169,7 +172,8 @@ def stream(dep: Deployment, gpus: int, traffic: Traffic, rate: float, num_reques
     # span grew all along: the rate is past capacity and TTFT grows with --requests
     drain = end_time - arrivals[-1]
     return {"rate_req_per_s": rate, "requests": num_requests,
-            "overloaded": bool(drain > OVERLOAD_DRAIN * (arrivals[-1] - arrivals[0])),
+            "overloaded": bool(num_requests > 1
+                               and drain > OVERLOAD_DRAIN * (arrivals[-1] - arrivals[0])),
             "ttft_ms": {f"p{q}": float(np.percentile(kept, q) * 1e3) for q in (50, 90, 99)},
             "tokens_per_s_per_gpu": float(lengths.sum() / span / gpus),
             "busy": stats["busy_s"] / (span * gpus),
