@@ -12,7 +12,9 @@ layers):
   peak, or the weight bytes a rank must read / latency above HBM bandwidth) is dropped,
   replaced by the roofline floor and reported. A DEP rank's MoE is the smaller of the EP
   table's figure and the one-rank figure at the group's mean tokens (same expert-token work,
-  larger GEMMs per expert).
+  larger GEMMs per expert). Routing skew is not modelled: within the token counts the EP
+  tables collected (at most 16384 tokens on GB200) the EP figure is below the one-rank
+  figure, and above them the excess is the engine's extrapolation, not a measurement.
 - ``MeasuredCosts`` (``plan/measured.py``): our own H200 bench JSON.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol, Sequence
 
-from tensorrt_llm_dwdp.plan.model import FP8, MoeModel
+from tensorrt_llm_dwdp.plan.model import FP8, NVFP4_SERVED_AS, NVFP4_SERVED_DTYPES, MoeModel
 from tensorrt_llm_dwdp.plan.system import System, systems_dir
 from tensorrt_llm_dwdp.plan.traffic import Chunk
 
@@ -139,18 +141,26 @@ class AicCosts:
         self.quant_mode = "fp8_block" if model.quant == FP8 else model.quant
         self.name = f"aiconfigurator-core {_aic_version()} {framework} {self.version}"
         self.notes = Notes()
+        self._ops_seen: dict[str, set[str]] = {}  # category -> the engine's op names in it
         self._engines: dict[int, object] = {}
         self._moe_max_tokens = _moe_coverage(system.name, framework, self.version, model,
                                              self.quant_mode)
         self._query = lru_cache(maxsize=None)(self._query_uncached)
+        self._ops = lru_cache(maxsize=None)(self._ops_uncached)
+        self._floor = lru_cache(maxsize=None)(self._floor_uncached)
+        self._own_step = lru_cache(maxsize=None)(self._own_step_uncached)
 
     def describe(self) -> dict:
         return {"source": "aiconfigurator-core", "package_version": _aic_version(),
                 "framework": self.framework, "database_version": self.version,
                 "moe_quant_mode": self.quant_mode, "gemm_quant_mode": self.quant_mode,
-                "attention": "bf16 context FMHA with an fp8 KV cache (the GB200 database has no "
-                             "FP8 context-MLA rows); the attention term includes the MLA "
-                             "projections",
+                "engine_model": self.model.aic_id,
+                "dtypes": NVFP4_SERVED_DTYPES if self.model.aic_id in NVFP4_SERVED_AS.values()
+                else {"gemms and experts": self.quant_mode, "KV cache": "fp8",
+                      "context FMHA": "bfloat16"},
+                "attention": "bf16 context FMHA with an fp8 KV cache (no database has FP8 "
+                             "context-MLA rows)",
+                "ops_by_category": {c: sorted(ops) for c, ops in sorted(self._ops_seen.items())},
                 "moe_max_tokens_collected": self._moe_max_tokens}
 
     def _engine(self, ep: int):
@@ -182,9 +192,11 @@ class AicCosts:
         for name, ms, _energy, _src in ctx:
             cat = _category(name)
             out[cat] = out.get(cat, 0.0) + float(ms)
+            if ms:
+                self._ops_seen.setdefault(cat, set()).add(name)
         return tuple(sorted(out.items()))
 
-    def _ops(self, ep: int, tokens: int, prefix: int = 0) -> dict[str, float]:
+    def _ops_uncached(self, ep: int, tokens: int, prefix: int = 0) -> dict[str, float]:
         """Category -> ms for one sequence of ``tokens`` new tokens after ``prefix`` cached
         ones. Without a prefix, linear between the two nearest points of a geometric grid
         (GRID_STEPS per doubling), so a stream of distinct lengths costs few engine queries."""
@@ -197,6 +209,18 @@ class AicCosts:
         return {k: (1 - w) * a.get(k, 0.0) + w * b.get(k, 0.0) for k in set(a) | set(b)}
 
     def step(self, chunks: Sequence[Chunk], ep: int, group_tokens: Sequence[int]) -> StepCosts:
+        """See ``CostSource.step``. A rank's own step (ep = 1) depends on its chunks' lengths
+        and prefixes only and is cached on them (a stream repeats them often); the returned
+        record is shared, not to be modified."""
+        if ep == 1:
+            return self._own_step(tuple((c.length, c.prefix) for c in chunks))
+        return self._step(chunks, ep, group_tokens)
+
+    def _own_step_uncached(self, shape: tuple[tuple[int, int], ...]) -> StepCosts:
+        chunks = [Chunk(i, n, pre) for i, (n, pre) in enumerate(shape)]
+        return self._step(chunks, 1, [sum(n for n, _ in shape)])
+
+    def _step(self, chunks: Sequence[Chunk], ep: int, group_tokens: Sequence[int]) -> StepCosts:
         cost = StepCosts()
         for c in chunks:
             cost.attention += self._ops(ep, c.length, c.prefix).get("attention", 0.0)
@@ -211,7 +235,7 @@ class AicCosts:
             # An EP rank runs the same expert-token work as one rank holding every expert for
             # the group's mean tokens, with more tokens per expert: never slower when routing
             # is balanced. The EP tables stop at a few thousand tokens per rank and their
-            # extrapolation can exceed that bound; routing skew is left to the sync term.
+            # extrapolation can exceed that bound.
             full = self._screen_moe(self._ops(1, mean).get("moe", 0.0), mean, 1)
             cost.moe = min(ep_moe, full)
             cost.a2a = self._ops(ep, max(1, max(group_tokens))).get("a2a", 0.0)
@@ -226,13 +250,7 @@ class AicCosts:
         if ms <= 0:
             return ms
         per_layer_s = ms / 1e3 / m.num_moe_layers
-        flops = 2 * 3 * m.hidden * m.moe_inter * m.top_k * tokens
-        # experts a rank must read: its E/ep, each picked by at least one of the tokens routed
-        # over the group (tokens * ep, each choosing top_k of E) with uniform routing
-        local = m.num_experts // ep
-        touched = local * (1.0 - (1.0 - m.top_k / m.num_experts) ** (tokens * ep))
-        weights = touched * m.expert_bytes
-        floor = max(flops / self.system.peak_flops(m.quant), weights / self.system.hbm_bw)
+        floor, flops, weights = self._floor(tokens, ep)
         if per_layer_s < floor:
             if any(d["tokens"] == tokens and d["ep"] == ep for d in self.notes.dropped):
                 return floor * 1e3 * m.num_moe_layers
@@ -245,6 +263,19 @@ class AicCosts:
                 "replaced_by_roofline_us": floor * 1e6})
             return floor * 1e3 * m.num_moe_layers
         return ms
+
+
+    def _floor_uncached(self, tokens: int, ep: int) -> tuple[float, float, float]:
+        """(roofline floor in s per layer, FLOPs, weight bytes read) of one MoE layer."""
+        m = self.model
+        flops = 2 * 3 * m.hidden * m.moe_inter * m.top_k * tokens
+        # experts a rank must read: its E/ep, each picked by at least one of the tokens routed
+        # over the group (tokens * ep, each choosing top_k of E) with uniform routing
+        local = m.num_experts // ep
+        touched = local * (1.0 - (1.0 - m.top_k / m.num_experts) ** (tokens * ep))
+        weights = touched * m.expert_bytes
+        floor = max(flops / self.system.peak_flops(m.quant), weights / self.system.hbm_bw)
+        return floor, flops, weights
 
 
 def _aic_version() -> str:

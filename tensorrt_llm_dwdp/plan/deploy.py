@@ -64,10 +64,13 @@ class RankStep:
     interference: float = 0.0
     copy_ms: float = 0.0
     contention: float = 1.0
+    copy_busy: float = 0.0   # fraction of the layer window spent copying (uncontended), 0..1
 
     @property
     def step_ms(self) -> float:
-        return sum(getattr(self, t) for t in TERMS)
+        """The sum of the TERMS (spelled out: the stream asks for it once per simulated step)."""
+        return (self.attention + self.moe + self.dense + self.other + self.a2a + self.sync_wait
+                + self.copy_exposed + self.interference)
 
 
 def dwdp_layouts(model: MoeModel, size: int) -> list[tuple[int, int]]:
@@ -98,8 +101,12 @@ def memory_per_gpu(dep: Deployment, model: MoeModel, system: System,
 
 
 def group_step(dep: Deployment, chunks: Sequence[Sequence[Chunk]], costs: CostSource,
-               model: MoeModel, system: System, copy: CopyParams) -> list[RankStep]:
-    """One step of every rank of a group (``chunks[r]`` are rank r's); lists align."""
+               model: MoeModel, system: System, copy: CopyParams,
+               peer_busy: Sequence[float] | None = None) -> list[RankStep]:
+    """One step of every rank of a group (``chunks[r]`` are rank r's); lists align.
+
+    ``peer_busy[r]`` (DWDP only) is the mean copy duty of rank r's peers while it steps (a
+    request stream knows which peers are idle); None: the ranks are alike (saturated)."""
     tokens = [sum(c.length for c in cs) for cs in chunks]
     if dep.kind == DEP:
         per = [costs.step(cs, dep.size, tokens) for cs in chunks]
@@ -110,7 +117,8 @@ def group_step(dep: Deployment, chunks: Sequence[Sequence[Chunk]], costs: CostSo
             s.sync_wait = slowest - o
         return steps
     steps = []
-    for t, cs in zip(tokens, chunks):
+    nbytes = (dep.size - 1) * dep.prefetch * model.expert_bytes
+    for i, (t, cs) in enumerate(zip(tokens, chunks)):
         if not cs:
             steps.append(RankStep(0))
             continue
@@ -118,10 +126,10 @@ def group_step(dep: Deployment, chunks: Sequence[Sequence[Chunk]], costs: CostSo
         s = RankStep(t, **c.as_dict())
         if dep.kind == DWDP:
             window = c.compute / model.num_moe_layers
-            nbytes = (dep.size - 1) * dep.prefetch * model.expert_bytes
-            lc = layer_copy(nbytes, window, dep.size, system.nvlink_bw, copy, dep.contention_opt)
+            lc = layer_copy(nbytes, window, dep.size, system.nvlink_bw, copy, dep.contention_opt,
+                            None if peer_busy is None else peer_busy[i])
             n = model.num_moe_layers
-            s.copy_ms, s.contention = n * lc.copy_ms, lc.contention
+            s.copy_ms, s.contention, s.copy_busy = n * lc.copy_ms, lc.contention, lc.busy
             s.copy_exposed, s.interference = n * lc.exposed_ms, n * lc.interference_ms
         steps.append(s)
     return steps

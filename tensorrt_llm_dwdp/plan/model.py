@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -29,6 +30,17 @@ KNOWN_MODELS: dict[str, tuple[str, str]] = {
     "deepseek-v3-nvfp4": ("deepseek-ai/DeepSeek-V3", NVFP4),
     "deepseek-v3-fp8": ("deepseek-ai/DeepSeek-V3", FP8),
 }
+# NVIDIA's NVFP4 DeepSeek checkpoints (DeepSeek-R1-0528-FP4-v2, the one blog 19 serves, and
+# DeepSeek-V3.1-NVFP4) keep the q/kv attention projections in bf16 and quantize o_proj and the
+# MLPs to NVFP4. aiconfigurator-core bundles that layout (same shapes as R1 / V3) with its
+# hf_quant_config as nvidia/DeepSeek-V3.1-NVFP4; compiling the FP8 checkpoints' ids at nvfp4
+# instead would model every projection in NVFP4 and price attention as one fused module.
+NVFP4_SERVED_AS = {"deepseek-ai/DeepSeek-R1": "nvidia/DeepSeek-V3.1-NVFP4",
+                   "deepseek-ai/DeepSeek-V3": "nvidia/DeepSeek-V3.1-NVFP4"}
+NVFP4_SERVED_DTYPES = {"attention q_a, q_b, kv_a, kv_b projections": "bfloat16",
+                       "attention o_proj, shared expert, routed experts": "nvfp4",
+                       "router, lm_head": "bfloat16", "KV cache": "fp8",
+                       "context FMHA": "bfloat16 (no FP8 context-MLA rows in any database)"}
 # our presets whose published checkpoint aiconfigurator-core also bundles
 PRESET_AIC_IDS = {"deepseek-v3": "deepseek-ai/DeepSeek-V3", "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B"}
 
@@ -62,7 +74,7 @@ class MoeModel:
     @property
     def expert_bytes(self) -> int:
         """Bytes of ONE expert over all its tensors."""
-        return expert_bytes(self.quant, self.hidden, self.moe_inter)
+        return _expert_bytes_cached(self.quant, self.hidden, self.moe_inter)
 
     @property
     def non_expert_bytes(self) -> int:
@@ -82,6 +94,11 @@ def expert_bytes(quant: str, hidden: int, inter: int) -> int:
             + (-(-hidden // FP8_BLOCK)) * (-(-inter // FP8_BLOCK))
         return weights + 4 * blocks
     raise ValueError(f"unknown --quant {quant!r}; choose one of {QUANTS}")
+
+
+@lru_cache(maxsize=None)
+def _expert_bytes_cached(quant: str, hidden: int, inter: int) -> int:
+    return expert_bytes(quant, hidden, inter)  # the simulation asks for it once per step
 
 
 def _bundled_ids() -> dict[str, str]:
@@ -105,14 +122,20 @@ def resolve_model(spec: str, quant: str | None = None) -> MoeModel:
         raise ValueError(f"unknown --quant {quant!r}; choose one of {QUANTS}")
     if spec in KNOWN_MODELS:
         aic_id, default_quant = KNOWN_MODELS[spec]
-        return from_config(spec, _read_json(_bundled_ids()[aic_id]), aic_id, quant or default_quant)
+        if quant is not None and quant != default_quant:
+            other = spec.rsplit("-", 1)[0] + "-" + quant
+            raise ValueError(f"--quant {quant} contradicts --model {spec}; use --model {other}")
+        q = default_quant
+        return from_config(spec, _read_json(_bundled_ids()[aic_id]), _served(aic_id, q), q)
     if spec in PRESETS:
-        return from_config(spec, PRESETS[spec], PRESET_AIC_IDS.get(spec), quant or NVFP4)
+        q = quant or NVFP4
+        return from_config(spec, PRESETS[spec], _served(PRESET_AIC_IDS.get(spec), q), q)
     bundled = _bundled_ids()
     aic_id = spec.replace("--", "/", 1) if "--" in spec else spec
     if aic_id in bundled:
         compiles = aic_id if aic_id in _offline_ids() else None
-        return from_config(spec, _read_json(bundled[aic_id]), compiles, quant or NVFP4)
+        q = quant or NVFP4
+        return from_config(spec, _read_json(bundled[aic_id]), _served(compiles, q), q)
     path = spec
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
@@ -124,6 +147,14 @@ def resolve_model(spec: str, quant: str | None = None) -> MoeModel:
     raise ValueError(f"unknown model {spec!r}: not a planner name ({', '.join(names)}), not an "
                      f"aiconfigurator-core bundled config (e.g. deepseek-ai/DeepSeek-V3) and not "
                      f"a config.json path")
+
+
+def _served(aic_id: str | None, quant: str) -> str | None:
+    """The id aiconfigurator-core compiles for ``aic_id`` served in ``quant`` (see
+    NVFP4_SERVED_AS)."""
+    if quant == NVFP4 and aic_id in NVFP4_SERVED_AS:
+        return NVFP4_SERVED_AS[aic_id]
+    return aic_id
 
 
 def _read_json(path: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from tensorrt_llm_dwdp.plan.copy_model import CopyParams
 from tensorrt_llm_dwdp.plan.costs import CostSource
 from tensorrt_llm_dwdp.plan.deploy import DEP, DWDP, REPLICATED, Deployment, dwdp_layouts, memory_per_gpu
 from tensorrt_llm_dwdp.plan.model import MoeModel
-from tensorrt_llm_dwdp.plan.simulate import Context, saturated, stream
+from tensorrt_llm_dwdp.plan.simulate import Context, default_requests, saturated, stream
 from tensorrt_llm_dwdp.plan.system import System
 from tensorrt_llm_dwdp.plan.traffic import Traffic
 
@@ -65,12 +65,15 @@ def candidates(req: PlanRequest, model: MoeModel, system: System) -> list[Deploy
     """Replicated, DEP at every group size that divides the GPUs inside one NVLink domain, and
     DWDP at each such size, without and with contention_opt, for three of its valid layouts:
     the fewest owned experts, the most that still fit in memory (least copying), and the one
-    halfway between (all of them are valid; ``--experts-per-worker`` plans any other)."""
+    halfway between (all of them are valid; ``--experts-per-worker`` plans any other). DEP
+    only where S divides the experts (expert parallelism shards them evenly; DWDP does not
+    need it)."""
     out = [Deployment(REPLICATED, 1)]
     sizes = [req.dwdp_size] if req.dwdp_size else \
         [s for s in range(2, req.gpus + 1) if req.gpus % s == 0 and s <= system.nvlink_domain]
     for s in sizes:
-        out.append(Deployment(DEP, s))
+        if model.num_experts % s == 0:
+            out.append(Deployment(DEP, s))
         if req.experts_per_worker is not None:
             w = req.experts_per_worker
             layouts = [(w, (model.num_experts - w) // (s - 1))]
@@ -120,7 +123,7 @@ def make_plan(req: PlanRequest, model: MoeModel, system: System, costs: CostSour
     mean_len = req.traffic.mean()
     capacity = min(r["tokens_per_s_per_gpu"]["own_rate"] for r in fitting) * req.gpus / mean_len
     rate = req.rate or 0.8 * capacity
-    num_requests = req.num_requests or min(3000, max(300, 24 * req.gpus))
+    num_requests = req.num_requests or default_requests(req.gpus)
     for r in fitting:
         r["stream"] = stream(r["deployment"], req.gpus, req.traffic, rate, num_requests, ctx,
                              req.seed)
@@ -151,7 +154,8 @@ def recommend(rows: list[dict]) -> dict:
         gain = rate(best) / rate(best_other) - 1 if best_other else float("nan")
         return {"choice": best["label"], "dwdp_pays_off": True,
                 "why": f"{gain:+.1%} prompt tokens/s per GPU over {best_other['label']}"
-                if best_other else "only DWDP fits in memory"}
+                if best_other else "no other deployment fits in memory (DEP also needs a "
+                                   "group size that divides the experts)"}
     b = best["breakdown_ms"]
     terms = {"peer copy not hidden": b["copy_exposed"], "copy/compute interference": b["interference"]}
     worst = max(terms, key=terms.get)

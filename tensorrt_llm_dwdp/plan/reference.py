@@ -41,6 +41,9 @@ BLOG19 = {
     },
     # Table 1: batch-1 roofline-style estimate, ISL -> (T_compute / T_prefetch, T_DEP / T_DWDP)
     "batch1": {1024: (0.19, 0.10), 8192: (0.62, 0.73), 16384: (1.52, 1.27), 32768: (4.77, 1.17)},
+    # "Mitigating Asynchronous Communication Contention": contention_opt's TPS/GPU gain over DWDP
+    # without it, context only, DWDP4
+    "contention_opt_gain": {"isl": 8192, "ratio": 0.5, "max_num_tokens": 16384, "gain": 0.08},
     # Table 4: end-to-end TPS/GPU speed-up by TPS/user range
     "e2e_tps_per_gpu_speedup": {"20-30": 1.10, "40-50": 1.08, "60-70": 1.10, "80-90": 1.06,
                                 "170-180": 0.97},

@@ -61,7 +61,11 @@ def test_model_names_and_expert_bytes():
     v3 = resolve_model("deepseek-v3", "fp8")
     # e4m3 weights (1 byte per element) plus fp32 scales per 128x128 block of w3_w1 and w2
     assert v3.expert_bytes == 3 * 7168 * 2048 + 4 * (32 * 56 + 56 * 16)
-    assert resolve_model("deepseek-ai--DeepSeek-V3").aic_id == "deepseek-ai/DeepSeek-V3"
+    # NVFP4 DeepSeek is compiled as NVIDIA's NVFP4 checkpoint layout (bf16 q/kv projections)
+    assert resolve_model("deepseek-ai--DeepSeek-V3").aic_id == "nvidia/DeepSeek-V3.1-NVFP4"
+    assert resolve_model("deepseek-ai--DeepSeek-V3", "fp8").aic_id == "deepseek-ai/DeepSeek-V3"
+    assert r1.aic_id == "nvidia/DeepSeek-V3.1-NVFP4"
+    assert resolve_model("deepseek-r1-fp8").aic_id == "deepseek-ai/DeepSeek-R1"
     assert expert_bytes("fp8", 7168, 2048) < expert_bytes("nvfp4", 7168, 2048) * 2
 
 
@@ -146,6 +150,12 @@ def test_check_request_names_the_bad_input():
     (["--system", "h999"], "unknown system 'h999'"),
     (["--isl", "300000"], "max_position_embeddings"),
     (["--dwdp-size", "4", "--experts-per-worker", "65"], "does not divide 256"),
+    (["--quant", "fp8"], "--quant fp8 contradicts --model deepseek-r1-nvfp4; use --model "
+                         "deepseek-r1-fp8"),
+    (["--model", "deepseek-v3-fp8", "--system", "h100_sxm", "--gpus", "8"],
+     "no deployment of deepseek-v3-fp8 fits h100_sxm's 80 GiB per GPU on 8 GPUs"),
+    (["--isl", "lognormal:4000"], "lognormal:MEDIAN,SIGMA"),
+    (["--ratio", "0"], "--ratio 0.0 must be in (0, 1]"),
 ])
 def test_cli_bad_input_is_one_line(args, needle):
     base = {"--model": "deepseek-r1-nvfp4", "--system": "gb200", "--gpus": "4", "--isl": "8192",
@@ -180,3 +190,25 @@ def test_bundled_config_outside_the_offline_set_cannot_be_compiled():
         AicCosts(m, load_system("gb200"))
     with pytest.raises(ValueError, match="h100_sxm has no FP4 tensor cores"):
         AicCosts(resolve_model("deepseek-r1-nvfp4"), load_system("h100_sxm"))
+
+
+def test_default_quant_follows_the_system():
+    """Without --quant a named model keeps its format; another is nvfp4 where the system has
+    FP4 tensor cores and fp8 where it has not (it used to be refused on H100/H200)."""
+    from tensorrt_llm_dwdp.plan.build import default_quant
+    h200, gb200 = load_system("h200_sxm"), load_system("gb200")
+    assert default_quant("Qwen/Qwen3-235B-A22B", h200) == "fp8"
+    assert default_quant("Qwen/Qwen3-235B-A22B", gb200) == "nvfp4"
+    assert default_quant("deepseek-r1-nvfp4", h200) is None
+    assert default_quant("deepseek-v3", h200, costs="measured") is None
+    assert resolve_model("deepseek-r1-fp8", "fp8").quant == "fp8"
+
+
+def test_dep_only_where_the_group_divides_the_experts():
+    """256 experts over 3 GPUs: DWDP3 is planned (it needs no even split), DEP3 is not (the
+    database has no EP3 data and expert parallelism shards experts evenly)."""
+    from tensorrt_llm_dwdp.plan.planner import candidates
+    m, gb = resolve_model("deepseek-r1-nvfp4"), load_system("gb200")
+    kinds = {(d.kind, d.size) for d in candidates(_req(gpus=3), m, gb)}
+    assert (DWDP, 3) in kinds and ("dep", 3) not in kinds and ("replicated", 1) in kinds
+    assert ("dep", 4) in {(d.kind, d.size) for d in candidates(_req(gpus=4), m, gb)}

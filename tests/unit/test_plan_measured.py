@@ -1,6 +1,7 @@
 """plan: the fit of our H200 prefill breakdown, on synthetic points whose terms are known."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -95,3 +96,22 @@ def test_copy_constants_are_the_prefetch_bench_figures():
     assert tuple((r["compute_ms_per_layer"], r["overlap_layer_ms"]) for r in ranks) \
         == ref.H200_COMPUTE_VS_OVERLAP_MS
     assert 0.7 < ref.COPY_H200.efficiency < 0.9 and 0.0 < ref.COPY_H200.interference < 0.1
+
+
+def test_h200_comparison_prices_attention_with_its_projections():
+    """Our measured attention includes the MLA projections; the database side of the H200
+    comparison must too (DeepSeek-V3's FP8 checkpoint: one attention module), not the NVFP4
+    layout whose attention term is the FMHA alone (that halved the database's figure)."""
+    from tensorrt_llm_dwdp.plan.build import _compare
+    from tensorrt_llm_dwdp.plan.costs import AicCosts
+    model, h200 = resolve_model("deepseek-v3"), load_system("h200_sxm")
+    assert model.aic_id == "nvidia/DeepSeek-V3.1-NVFP4"
+    measured = MeasuredCosts.from_breakdown(model, h200)
+    out = _compare(model, h200, measured)
+    db = AicCosts(resolve_model("deepseek-v3-fp8"), h200)
+    chunks = [Chunk(i, 8192, 0) for i in range(2)]
+    want = db.step(chunks, 1, [16384]).attention / model.num_layers
+    got = out["points"][0]["attention"]["database_ms_per_layer"]
+    assert got == pytest.approx(want, rel=1e-9)
+    fmha_only = AicCosts(dataclasses.replace(model, quant="fp8"), h200)
+    assert fmha_only.step(chunks, 1, [16384]).attention / model.num_layers < 0.8 * got

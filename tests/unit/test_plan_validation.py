@@ -47,3 +47,25 @@ def test_committed_json_matches_a_fresh_run(result):
             assert old["predicted"] == pytest.approx(new["predicted"], rel=1e-9), (
                 f"{new['name']}: bench/results/plan_validation.json is stale; re-run "
                 f"python -m bench.plan_validation")
+
+
+def test_blog_terms_each_reported_with_a_cause(result):
+    """Blog 19's Table 3 per term, beside the totals: each non-zero term is a point that is
+    not a goal, and a miss says why (terms that cancel must not pass unnoticed)."""
+    from bench.plan_validation import BLOG_TERMS
+    from tensorrt_llm_dwdp.plan.reference import BLOG19
+    by_name = {p["name"]: p for p in result["points"]}
+    for dep in ("DEP4", "DWDP4"):
+        for term in BLOG_TERMS:
+            ref = BLOG19["iteration"][dep][term]
+            name = f"blog 19 GB200 {dep} term {term} (reported, not a goal)"
+            if not ref:
+                assert name not in by_name
+                continue
+            p = by_name[name]
+            assert p["goal"] is False and p["reference"]["value"] == ref
+            assert p["rel_err"] == pytest.approx(p["predicted"] / ref - 1)
+            if not p["within_tolerance"]:
+                assert p["cause_of_miss"], name
+    attention = by_name["blog 19 GB200 DEP4 term attention (reported, not a goal)"]
+    assert 0.8 < attention["fmha_fp8_over_bf16"]["median"] <= 1.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from tensorrt_llm_dwdp.plan.model import QUANTS
@@ -32,21 +33,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="draw each prompt uniformly in [R*L, L] (default 1: exactly L)")
     p.add_argument("--max-num-tokens", type=int, required=True, help="token budget of one step")
     p.add_argument("--quant", choices=QUANTS, default=None,
-                   help="expert format (default: the model name's, else nvfp4)")
-    p.add_argument("--dwdp-size", type=int, default=None, help="only this DWDP/DEP group size")
+                   help="expert format (default: the model name's, else nvfp4 where the system "
+                   "has FP4 tensor cores and fp8 elsewhere)")
+    p.add_argument("--dwdp-size", type=int, default=None, help="only this DWDP/DEP group size "
+                   "(default: every size that divides --gpus inside one NVLink domain)")
     p.add_argument("--experts-per-worker", type=int, default=None,
                    help="only this W (with --dwdp-size); P = (E - W) / (S - 1)")
     p.add_argument("--costs", choices=["aic", "measured"], default="aic",
                    help="operator costs: aiconfigurator-core's database (default) or our measured "
                    "H200 JSON (h200_sxm, DeepSeek-V3 shapes)")
-    p.add_argument("--framework", default="trtllm", help="aiconfigurator-core framework database")
+    p.add_argument("--framework", default="trtllm", help="aiconfigurator-core framework database "
+                   "(trtllm, sglang, vllm)")
     p.add_argument("--rate", type=float, default=None,
                    help="stream arrivals in requests/s (default: 80%% of the slowest fitting "
                    "deployment's capacity)")
-    p.add_argument("--steps", type=int, default=48, help="sampled steps per deployment")
+    p.add_argument("--steps", type=int, default=48, help="sampled saturated steps per deployment "
+                   "(the step breakdown and tokens/s columns)")
     p.add_argument("--requests", type=int, default=0, help="requests in the stream (default: "
-                   "24 per GPU, 300 to 3000)")
-    p.add_argument("--seed", type=int, default=0)
+                   "500 per GPU, 2000 to 8000; the first tenth is left out of the TTFT percentiles)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of prompt lengths and arrivals")
     p.add_argument("--json", default=None, metavar="PATH", help="write the plan as JSON")
     p.add_argument("--plot", default=None, metavar="PATH", help="draw the plan (PNG)")
 
@@ -54,6 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from tensorrt_llm_dwdp.plan.build import build_plan
     from tensorrt_llm_dwdp.plan.report import blog_comparison, plot, table
+
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # aiconfigurator-core logs every engine compile at INFO and warns about lanes it does
+        # not use for this query; what matters reaches the plan's own flag/dropped lines
+        logging.getLogger("aiconfigurator_core").setLevel(logging.ERROR)
 
     plan = build_plan(model=args.model, system=args.system, gpus=args.gpus, isl=args.isl,
                       ratio=args.ratio, max_num_tokens=args.max_num_tokens, quant=args.quant,
@@ -80,8 +90,14 @@ def main(args: argparse.Namespace) -> int:
                 f"{k} {row[k]['measured_ms_per_layer']:.2f} / {row[k]['database_ms_per_layer']:.2f}"
                 f" = {row[k]['measured_over_database']:.2f}x" for k in ("attention", "moe")))
     print(table(plan))
-    print(f"stream: {plan['stream_rate_req_per_s']:.2f} requests/s, mean prompt "
-          f"{plan['mean_prompt_tokens']:.0f} tokens")
+    print(f"stream: {plan['stream_rate_req_per_s']:.2f} requests/s (Poisson), mean prompt "
+          f"{plan['mean_prompt_tokens']:.0f} tokens; steps in a stream are smaller than saturated "
+          f"ones (tok/stp), so TTFT follows the small-step times, where DWDP's peer copy may not "
+          f"hide: compare busy, not the saturated step")
+    over = [r["label"] for r in plan["rows"] if r["fits"] and r["stream"]["overloaded"]]
+    if over:
+        print(f"overloaded at this rate (queue grows; TTFT depends on --requests, lower --rate): "
+              f"{', '.join(over)}")
     if plan.get("blog19"):
         print("beside TensorRT-LLM blog 19 (GB200, DeepSeek-R1 NVFP4, ISL 8K ratio 0.8):")
         print(blog_comparison(plan, plan["blog19"]))
