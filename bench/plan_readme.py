@@ -33,15 +33,24 @@ def write() -> None:
         emit(plan, os.path.join(OUT, f"{name}.json"), quiet=True)
 
 
-def table() -> str:
+def load_plans(folder: str = OUT) -> dict[str, dict]:
+    """The committed predictions, by case name."""
+    plans = {}
+    for name in CASES:
+        with open(os.path.join(folder, f"{name}.json")) as f:
+            plans[name] = json.load(f)
+    return plans
+
+
+def table(plans: dict[str, dict] | None = None) -> str:
     """Per committed prediction: its best DEP, DWDP's fewest-owned layout as shipped (no
     contention_opt) and the recommended deployment."""
+    plans = load_plans() if plans is None else plans
     lines = ["| prediction (not a measurement) | deployment | GiB/GPU | step ms | copy not hidden"
              " + interference ms | prompt tokens/s/GPU | vs DEP | TTFT p50 ms |",
              "|---|---|---|---|---|---|---|---|"]
     for name in CASES:
-        with open(os.path.join(OUT, f"{name}.json")) as f:
-            plan = json.load(f)
+        plan = plans[f"{name}.json"] if f"{name}.json" in plans else plans[name]
         rows = [r for r in plan["rows"] if r["fits"]]
         by_label = {r["label"]: r for r in rows}
         dep = max((r for r in rows if r["kind"] == "dep"),

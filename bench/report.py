@@ -34,9 +34,11 @@ ONE_GPU = "bench/results/h200_one_gpu_2026-12-01/session4"
 
 @dataclass(frozen=True)
 class Table:
-    source: str                          # JSON path relative to the repository root
+    source: str                          # JSON path (or a folder of JSON files) relative to the root
     date: str                            # the run's date (UTC), YYYY-MM-DD
-    render: Callable[[dict], list[str]]  # the JSON -> caption tail and table lines
+    render: Callable[[dict], list[str]]  # the JSON (a folder: {file name: JSON}) -> caption tail
+                                         # and table lines
+    verb: str = "Measured"               # "Predicted" for model outputs, never measurements
 
 
 def _x(v: float | None, spec: str = ".2f") -> str:
@@ -188,6 +190,50 @@ def render_kv_handover(bench: dict) -> list[str]:
     return lines
 
 
+def render_plan(plans: dict) -> list[str]:
+    """``plan``'s committed predictions: the best DEP, DWDP as shipped, the recommendation."""
+    from bench.plan_readme import table
+
+    return ["Predictions of `python -m tensorrt_llm_dwdp plan` from aiconfigurator-core's "
+            "measured operator costs, not measurements (`docs/PLANNING.md`; re-run with "
+            "`python -m bench.plan_readme --write`).", "", *table(plans).splitlines()]
+
+
+def _ms(stats: dict) -> str:
+    return f"{stats['median']:.2f} [{stats['min']:.2f}-{stats['max']:.2f}]"
+
+
+def render_graphs(results: dict) -> list[str]:
+    """Host time per MoE layer beyond its kernels, eager and graphed; decode TPOT."""
+    host, tpot = results["moe_host_time.json"], results["decode_tpot.json"]
+    lines = [f"{host['device']}, torch {host['torch']}; `cutedsl` backend, back-to-back calls "
+             f"(median [min-max] of {host['reps']} x {host['calls']}); host beyond kernels = wall "
+             f"time per call minus the kernels' device time.", "",
+             "| MoE layer | tokens | kernels ms | eager wall ms | host beyond kernels, eager / "
+             "graphed ms | kernels vs bf16 `_grouped_mm` |", "|---|---|---|---|---|---|"]
+    goals = {g["layer"]: g for g in host["goals"]}
+    for layer in host["layers"]:
+        c, g = layer["backends"]["cutedsl"], goals[layer["layer"]]
+        lines.append(f"| {layer['experts']} x ({layer['hidden']}, {layer['inter']}) top-"
+                     f"{layer['top_k']}, {layer['tokens_per_expert']} tokens/expert | "
+                     f"{layer['tokens']} | {c['kernel_ms']['median']:.2f} | "
+                     f"{c['eager']['wall_ms']['median']:.2f} | "
+                     f"{g['eager_host_beyond_kernels_ms']:.2f} / "
+                     f"{g['graphed_host_beyond_kernels_ms']:.3f} | "
+                     f"{g['kernel_speedup_vs_bf16']:.2f}x |")
+    lines += ["", f"Decode, `{tpot['preset']}` slice ({tpot['layers']['dense']} dense + "
+              f"{tpot['layers']['moe']} MoE layers, `{tpot['moe_backend']}`), "
+              f"{tpot['prompt_len']}-token prompts, {tpot['output_len']} output tokens, "
+              f"{tpot['device']}: TPOT ms, median [min-max] of {tpot['reps']} runs.", "",
+              "| concurrency | eager | CUDA graphs | graphs' pool MiB |", "|---|---|---|---|"]
+    rows = {(r["concurrency"], r["mode"]): r for r in tpot["rows"]}
+    for c in sorted({r["concurrency"] for r in tpot["rows"]}):
+        e, g = rows[(c, "eager")], rows[(c, "graphed")]
+        lines.append(f"| {c} | {_ms(e['tpot_ms'])} | {_ms(g['tpot_ms'])} | "
+                     f"{g['graphs']['pool_mib']:.0f} |")
+    return lines
+
+
 TABLES: dict[str, Table] = {
     "serve-compare": Table(f"{ONE_GPU}/phase1/compare/serve/serve_compare.json", "2026-12-01",
                            render_serve_compare),
@@ -196,16 +242,29 @@ TABLES: dict[str, Table] = {
     "prefill-breakdown": Table("bench/results/prefill_breakdown_h200/prefill_breakdown.json",
                                "2026-12-01", render_prefill_breakdown),
     "kv-handover": Table(f"{ONE_GPU}/serving/kv_handover.json", "2026-12-01", render_kv_handover),
+    "graphs": Table("bench/results/graphs_h100", "2026-12-07", render_graphs),
+    "plan": Table("bench/results/plan", "2026-12-07", render_plan, verb="Predicted"),
 }
+
+
+def _load(path: str) -> dict:
+    if os.path.isdir(path):
+        data = {}
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".json"):
+                with open(os.path.join(path, name)) as f:
+                    data[name] = json.load(f)
+        return data
+    with open(path) as f:
+        return json.load(f)
 
 
 def render(name: str, root: str = ROOT) -> str:
     """The text between the markers of table ``name`` (caption, blank line, table)."""
     spec = TABLES[name]
-    with open(os.path.join(root, spec.source)) as f:
-        data = json.load(f)
-    body = spec.render(data)
-    caption = f"Measured {spec.date} (`{spec.source}`, rendered by `bench/report.py`). {body[0]}"
+    body = spec.render(_load(os.path.join(root, spec.source)))
+    caption = (f"{spec.verb} {spec.date} (`{spec.source}`, rendered by `bench/report.py`). "
+               f"{body[0]}")
     return "\n".join([caption, *body[1:]])
 
 
