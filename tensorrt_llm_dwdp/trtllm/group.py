@@ -18,17 +18,14 @@ import os
 import socket
 from typing import Any
 
-from tensorrt_llm_dwdp.comm.base import GroupComm
-from tensorrt_llm_dwdp.comm.mpi import p2p_allgather
+from tensorrt_llm_dwdp.comm.mpi import MpiGroupComm, p2p_allgather
 from tensorrt_llm_dwdp.dwdp.agreement import config_problems, summarize
 from tensorrt_llm_dwdp.dwdp.config import DwdpConfig, DwdpConfigError
-from tensorrt_llm_dwdp.dwdp.errors import DwdpMismatchError, DwdpPeerError
+from tensorrt_llm_dwdp.dwdp.errors import DwdpMismatchError
 
 logger = logging.getLogger(__name__)
 
 _HELLO_TAG = 7311
-_TAG_BASE = 27400
-_TAG_SPAN = 20000
 
 
 def group_members(config: DwdpConfig, world_rank: int, world_size: int) -> list[int]:
@@ -51,8 +48,11 @@ def group_members(config: DwdpConfig, world_rank: int, world_size: int) -> list[
     return list(range(group_id * size, (group_id + 1) * size))
 
 
-class SubGroupComm(GroupComm):
-    """This process's DWDP group, cut from ``world`` (default ``COMM_WORLD``) by its members."""
+class SubGroupComm(MpiGroupComm):
+    """This process's DWDP group, cut from ``world`` (default ``COMM_WORLD``) by its members.
+
+    Only the start-up differs from ``MpiGroupComm`` (members only, a larger world allowed);
+    the exchanges, ``close`` and ``abandon`` are its."""
 
     def __init__(self, config: DwdpConfig, world: Any = None) -> None:
         if world is None:
@@ -76,24 +76,9 @@ class SubGroupComm(GroupComm):
         finally:
             group.Free()
         self.hosts = [h["host"] for h in greeted]
+        self._members = list(range(self.size))
         self._generation = 0
         logger.debug("%s formed from world ranks %s of %d", self.describe(), members, world_size)
-
-    def allgather(self, obj: Any, timeout_s: float, what: str) -> list[Any]:
-        if self._comm is None:
-            raise DwdpPeerError(f"{what}: the DWDP sub-communicator is closed")
-        self._generation += 1
-        tag = _TAG_BASE + self._generation % _TAG_SPAN
-        return p2p_allgather(self._comm, range(self.size), obj, tag, timeout_s,
-                             f"{what} (DWDP group {self.group_id})")
-
-    def close(self) -> None:
-        comm, self._comm = getattr(self, "_comm", None), None
-        if comm is not None:
-            comm.Free()
-
-    def abandon(self) -> None:
-        self._comm = None
 
     def describe(self) -> str:
         return (f"mpi sub-group {self.group_id} rank {self.rank}/{self.size} "
