@@ -7,11 +7,13 @@
     python bench/suites.py SUITE --dry-run                 # the commands, resolved, not run
     python bench/suites.py kernels-variants --extra "kernels-variants/variants=--tpe 16,32"
                                                            # more arguments for one stage
+    python bench/suites.py fp8-model --stages smoke,tests  # some of a suite's stages
 
 Each stage is one command under its own time limit (its process group is killed at the limit,
 so a hang costs that stage only), optionally on several ranks (mpirun where installed, else
 the TCP rendezvous), in the background (joined before a stage that ``needs`` it), or skipped
-when a file it would make exists (a checkpoint kept while the machine stays warm). The runner
+when a file it would make exists (a checkpoint kept while the machine stays warm), or only
+when asked for (``optional``: run when ``--stages`` names it, as a profiler pass). The runner
 records per stage its exit code, seconds and which declared outputs exist
 (``DIR/stages.json``), what it ran on (``DIR/env.json``: GPU names, torch, CUDA, the CUTLASS
 DSL; and ``DIR/env.txt``), and packs the suites' folders (logs and results) into
@@ -53,7 +55,7 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
 WHEEL_SITE = "/tmp/site"
 MIN_STAGE_S = 10.0  # under --budget, a stage with less time left than this does not start
 STAGE_KEYS = {"name", "run", "timeout", "outputs", "ranks", "background", "needs", "skip_if",
-              "env", "stop_on_fail"}
+              "env", "stop_on_fail", "optional"}
 logger = logging.getLogger("bench.suites")
 
 
@@ -71,6 +73,7 @@ class Stage:
     skip_if: str | None = None
     env: dict = field(default_factory=dict)
     stop_on_fail: bool = False
+    optional: bool = False  # runs only when --stages names it
 
 
 @dataclass(frozen=True)
@@ -133,8 +136,37 @@ def _suite(name: str, spec, path: str) -> Suite:
                             background=bool(s.get("background", False)),
                             needs=tuple(s.get("needs", ())), skip_if=s.get("skip_if"),
                             env={str(k): str(v) for k, v in (s.get("env") or {}).items()},
-                            stop_on_fail=bool(s.get("stop_on_fail", False))))
+                            stop_on_fail=bool(s.get("stop_on_fail", False)),
+                            optional=bool(s.get("optional", False))))
     return Suite(name, str(spec.get("about", "")), tuple(stages))
+
+
+def select_stages(suites: dict[str, Suite], names: Sequence[str] | None) -> dict[str, Suite]:
+    """The suites with the stages to run: every non-optional one when ``names`` is None, else
+    those named (optional ones included), in the suite's order. A name no suite has, or a suite
+    left with none of the names, is a ValueError naming them. A selected stage's ``needs`` are
+    not added: a stage needing one left out runs without waiting (its skip_if file may exist)."""
+    if names is None:
+        return {n: Suite(s.name, s.about, tuple(st for st in s.stages if not st.optional))
+                for n, s in suites.items()}
+    wanted = set(names)
+    known = {st.name for s in suites.values() for st in s.stages}
+    if wanted - known:
+        raise ValueError(f"--stages: no stage {sorted(wanted - known)} in "
+                         f"{', '.join(suites)} (stages: {', '.join(sorted(known))})")
+    picked = {}
+    for n, s in suites.items():
+        stages = tuple(st for st in s.stages if st.name in wanted)
+        if not stages:
+            raise ValueError(f"--stages: suite {n!r} has none of {sorted(wanted)} "
+                             f"(its stages: {', '.join(st.name for st in s.stages)})")
+        for st in stages:
+            left_out = [d for d in st.needs if d not in wanted]
+            if left_out:
+                logger.warning("%s/%s needs %s, not selected: it runs without waiting for it",
+                               n, st.name, left_out)
+        picked[n] = Suite(s.name, s.about, stages)
+    return picked
 
 
 def placeholders(out: str, ranks: int, gpus: int, work: str = WORK_DIR) -> dict[str, str]:
@@ -364,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=math.inf, metavar="SECONDS",
                     help="the whole run's time: no stage runs past it, later ones do not start "
                          "(a device call's limit, less a margin for packing)")
+    ap.add_argument("--stages", metavar="A,B", default=None,
+                    help="run only these stages of the suites named (optional ones included)")
     ap.add_argument("--extra", action="append", default=[], metavar="SUITE/STAGE=ARGS",
                     help="arguments appended to one stage's command (repeatable)")
     ap.add_argument("--print-env", action="store_true",
@@ -378,9 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     suites = load_suites(args.suites_file)
     if args.list:
         for s in suites.values():
-            limit = sum(st.timeout for st in s.stages)
-            print(f"{s.name}: {s.about} (stages: {', '.join(st.name for st in s.stages)}; "
-                  f"limits add up to {limit} s)")
+            default = [st for st in s.stages if not st.optional]
+            optional = [f"{st.name} [{st.timeout} s]" for st in s.stages if st.optional]
+            print(f"{s.name}: {s.about} (stages: {', '.join(st.name for st in default)}; "
+                  f"limits add up to {sum(st.timeout for st in default)} s"
+                  + (f"; optional: {', '.join(optional)}" if optional else "") + ")")
         return 0
     unknown = [n for n in args.suites if n not in suites]
     if unknown or not args.suites:
@@ -389,9 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.ranks < 1:
         ap.error(f"--ranks must be >= 1, got {args.ranks}")
     try:
-        extra = parse_extra(args.extra, {n: suites[n] for n in args.suites})
+        chosen = select_stages({n: suites[n] for n in dict.fromkeys(args.suites)},
+                               None if args.stages is None
+                               else [x for x in args.stages.split(",") if x])
+        extra = parse_extra(args.extra, chosen)
     except ValueError as exc:
         ap.error(str(exc))
+    suites = chosen
     out = os.path.abspath(args.out)
     gpus = _gpu_count()
     if args.dry_run:
