@@ -8,6 +8,7 @@
     python bench/suites.py kernels-variants --extra "kernels-variants/variants=--tpe 16,32"
                                                            # more arguments for one stage
     python bench/suites.py fp8-model --stages smoke,tests  # some of a suite's stages
+    python bench/suites.py w4a8 --timeout w4a8/tests=180   # another limit for one stage
 
 Each stage is one command under its own time limit (its process group is killed at the limit,
 so a hang costs that stage only), optionally on several ranks (mpirun where installed, else
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import yaml
@@ -398,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(a device call's limit, less a margin for packing)")
     ap.add_argument("--stages", metavar="A,B", default=None,
                     help="run only these stages of the suites named (optional ones included)")
+    ap.add_argument("--timeout", action="append", default=[], metavar="SUITE/STAGE=SECONDS",
+                    help="another time limit for one stage (repeatable)")
     ap.add_argument("--extra", action="append", default=[], metavar="SUITE/STAGE=ARGS",
                     help="arguments appended to one stage's command (repeatable)")
     ap.add_argument("--print-env", action="store_true",
@@ -429,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                                None if args.stages is None
                                else [x for x in args.stages.split(",") if x])
         extra = parse_extra(args.extra, chosen)
+        chosen = with_timeouts(args.timeout, chosen)
     except ValueError as exc:
         ap.error(str(exc))
     suites = chosen
@@ -469,19 +473,42 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def parse_extra(items: list[str], suites: dict[str, Suite]) -> dict[str, dict[str, list[str]]]:
-    """``SUITE/STAGE=ARGS`` items -> {suite: {stage: argv}}; ValueError naming a bad item."""
-    out: dict[str, dict[str, list[str]]] = {}
+def _stage_items(option: str, items: list[str], suites: dict[str, Suite]
+                 ) -> list[tuple[str, str, str]]:
+    """``SUITE/STAGE=VALUE`` items -> (suite, stage, value); ValueError naming a bad item."""
+    out = []
     for item in items:
         target, sep, text = item.partition("=")
         suite, slash, stage = target.partition("/")
         if not sep or not slash:
-            raise ValueError(f"--extra {item!r}: expected SUITE/STAGE=ARGS")
+            raise ValueError(f"{option} {item!r}: expected SUITE/STAGE=VALUE")
         if suite not in suites or stage not in {s.name for s in suites[suite].stages}:
-            raise ValueError(f"--extra {item!r}: no stage {stage!r} in the suites run "
+            raise ValueError(f"{option} {item!r}: no stage {stage!r} in the suites run "
                              f"({', '.join(f'{n}/{s.name}' for n, x in suites.items() for s in x.stages)})")
+        out.append((suite, stage, text))
+    return out
+
+
+def parse_extra(items: list[str], suites: dict[str, Suite]) -> dict[str, dict[str, list[str]]]:
+    """``SUITE/STAGE=ARGS`` items -> {suite: {stage: argv}}; ValueError naming a bad item."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for suite, stage, text in _stage_items("--extra", items, suites):
         out.setdefault(suite, {}).setdefault(stage, []).extend(shlex.split(text))
     return out
+
+
+def with_timeouts(items: list[str], suites: dict[str, Suite]) -> dict[str, Suite]:
+    """``SUITE/STAGE=SECONDS`` items -> the suites with those stages' limits replaced;
+    ValueError naming an item that is not a known stage or a positive whole number of seconds."""
+    limits: dict[tuple[str, str], int] = {}
+    for suite, stage, text in _stage_items("--timeout", items, suites):
+        if not text.isdigit() or int(text) <= 0:
+            raise ValueError(f"--timeout {suite}/{stage}={text}: expected a positive whole "
+                             f"number of seconds")
+        limits[(suite, stage)] = int(text)
+    return {n: Suite(s.name, s.about, tuple(replace(st, timeout=limits.get((n, st.name), st.timeout))
+                                            for st in s.stages))
+            for n, s in suites.items()}
 
 
 def _gpu_count() -> int:

@@ -307,3 +307,30 @@ def test_fp8_quant_summary_prints_the_table_and_fails_when_not_bitwise(tmp_path,
     assert mod.main([str(path)]) == 1
     assert mod.main([str(tmp_path / "missing.json")]) == 1
     assert "ours_row" in capsys.readouterr().err
+
+
+def test_timeout_option_sets_one_stages_limit(tmp_path, capsys):
+    py = shlex.quote(sys.executable)
+    text = f"""
+s:
+  about: a stage whose own limit is too long for this run
+  stages:
+    - name: hangs
+      run: "{py} -c 'import time; time.sleep(600)'"
+      timeout: 600
+    - name: quick
+      run: "{py} -c 'print(1)'"
+      timeout: 60
+"""
+    path, out = _write(tmp_path, text), tmp_path / "out"
+    assert suites.main(["s", "--suites-file", path, "--out", str(out), "--no-pack",
+                        "--timeout", "s/hangs=2"]) == 1
+    got = {s["stage"]: s for s in json.loads((out / "stages.json").read_text())["stages"]}
+    assert got["hangs"]["status"] == "timed_out" and got["hangs"]["seconds"] < 60
+    assert got["quick"]["status"] == "ok"
+    for bad, words in (("s/hangs=-1", "positive whole number"), ("s/hangs=1.5", "positive whole"),
+                       ("s/nope=5", "no stage 'nope'"), ("hangs=5", "SUITE/STAGE=VALUE")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            suites.main(["s", "--suites-file", path, "--dry-run", "--timeout", bad])
+        assert words in capsys.readouterr().err, bad
