@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("smoke_fp8_kernels: no CUDA device; the FP8 kernels need an sm_90a GPU", file=sys.stderr)
+        print("smoke_fp8_kernels: no CUDA device; the FP8 kernels need an sm_90a GPU",
+              file=sys.stderr)
         return 1
     from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
     from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import build_fp8_expert_table, fp8_moe_forward

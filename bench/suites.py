@@ -483,8 +483,8 @@ def _stage_items(option: str, items: list[str], suites: dict[str, Suite]
         if not sep or not slash:
             raise ValueError(f"{option} {item!r}: expected SUITE/STAGE=VALUE")
         if suite not in suites or stage not in {s.name for s in suites[suite].stages}:
-            raise ValueError(f"{option} {item!r}: no stage {stage!r} in the suites run "
-                             f"({', '.join(f'{n}/{s.name}' for n, x in suites.items() for s in x.stages)})")
+            known = ", ".join(f"{n}/{s.name}" for n, x in suites.items() for s in x.stages)
+            raise ValueError(f"{option} {item!r}: no stage {stage!r} in the suites run ({known})")
         out.append((suite, stage, text))
     return out
 
@@ -506,8 +506,9 @@ def with_timeouts(items: list[str], suites: dict[str, Suite]) -> dict[str, Suite
             raise ValueError(f"--timeout {suite}/{stage}={text}: expected a positive whole "
                              f"number of seconds")
         limits[(suite, stage)] = int(text)
-    return {n: Suite(s.name, s.about, tuple(replace(st, timeout=limits.get((n, st.name), st.timeout))
-                                            for st in s.stages))
+    return {n: Suite(s.name, s.about,
+                     tuple(replace(st, timeout=limits.get((n, st.name), st.timeout))
+                           for st in s.stages))
             for n, s in suites.items()}
 
 

@@ -216,7 +216,8 @@ def _dry_run(capsys, *args: str) -> list[str]:
 def test_stages_selects_and_optional_stages_run_only_when_named(capsys):
     assert _dry_run(capsys, "fp8-kernels") == ["fp8-kernels/smoke", "fp8-kernels/tests",
                                                "fp8-kernels/bench"]
-    assert _dry_run(capsys, "fp8-kernels", "w4a8", "--stages", "smoke,ncu_deepseek_v3_16,variants") == [
+    picked = _dry_run(capsys, "fp8-kernels", "w4a8", "--stages", "smoke,ncu_deepseek_v3_16,variants")
+    assert picked == [
         "fp8-kernels/smoke", "fp8-kernels/ncu_deepseek_v3_16", "w4a8/smoke", "w4a8/variants"]
     assert _dry_run(capsys, "fp8-model", "--stages", "breakdown_fp8,run") == [
         "fp8-model/run", "fp8-model/breakdown_fp8"]  # the suite's order, not the option's
@@ -278,18 +279,20 @@ def test_ncu_command_skips_to_the_second_run():
 
 def _quant_record(bitwise: bool = True) -> dict:
     point = {"tokens": 4096, "k": 7168, "ours_graph": {"median_ms": 0.0123},
-             "ours_graph_tbps": 3.21, "ours_row": {"median_ms": 0.02}, "ours_col": {"median_ms": 0.021},
+             "ours_graph_tbps": 3.21, "ours_row": {"median_ms": 0.02},
+             "ours_col": {"median_ms": 0.021},
              "reference": {"median_ms": 0.5}, "compiled": None, "floor_ms": 0.011}
     return {"device": "NVIDIA H200", "all_bitwise": bitwise, "compile_seconds": 12.34,
             "compiled_baseline": "torch.compile(dynamic=True, fullgraph=True)",
-            "results": [point, {**point, "tokens": 1, "compiled": {"median_ms": 0.3}, "floor_ms": None}]}
+            "results": [point, {**point, "tokens": 1, "compiled": {"median_ms": 0.3},
+                                "floor_ms": None}]}
 
 
 def test_fp8_quant_summary_prints_the_table_and_fails_when_not_bitwise(tmp_path, capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fp8_quant_summary",
-                                                  os.path.join(ROOT, "bench", "fp8_quant_summary.py"))
+    spec = importlib.util.spec_from_file_location(
+        "fp8_quant_summary", os.path.join(ROOT, "bench", "fp8_quant_summary.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     path = tmp_path / "fp8_quant.json"
