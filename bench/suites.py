@@ -13,8 +13,10 @@
 Each stage is one command under its own time limit (its process group is killed at the limit,
 so a hang costs that stage only), optionally on several ranks (mpirun where installed, else
 the TCP rendezvous), in the background (joined before a stage that ``needs`` it), or skipped
-when a file it would make exists (a checkpoint kept while the machine stays warm), or only
-when asked for (``optional``: run when ``--stages`` names it, as a profiler pass). The runner
+when a file it would make exists (a checkpoint kept while the machine stays warm), or by what
+earlier stages did (``if_ok``: only after they passed, as a variant that could hang until its
+tests pass; ``unless_ok``: only when one of them did not), or only when asked for
+(``optional``: run when ``--stages`` names it, as a profiler pass). The runner
 records per stage its exit code, seconds and which declared outputs exist
 (``DIR/stages.json``), what it ran on (``DIR/env.json``: GPU names, torch, CUDA, the CUTLASS
 DSL; and ``DIR/env.txt``), and packs the suites' folders (logs and results) into
@@ -56,7 +58,7 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
 WHEEL_SITE = "/tmp/site"
 MIN_STAGE_S = 10.0  # under --budget, a stage with less time left than this does not start
 STAGE_KEYS = {"name", "run", "timeout", "outputs", "ranks", "background", "needs", "skip_if",
-              "env", "stop_on_fail", "optional"}
+              "env", "stop_on_fail", "optional", "if_ok", "unless_ok"}
 logger = logging.getLogger("bench.suites")
 
 
@@ -75,6 +77,8 @@ class Stage:
     env: dict = field(default_factory=dict)
     stop_on_fail: bool = False
     optional: bool = False  # runs only when --stages names it
+    if_ok: tuple[str, ...] = ()      # runs only when these earlier stages ran and passed
+    unless_ok: tuple[str, ...] = ()  # runs only when one of these did not (failed / not run)
 
 
 @dataclass(frozen=True)
@@ -125,9 +129,12 @@ def _suite(name: str, spec, path: str) -> Suite:
             raise ValueError(f"{at}: timeout must be a positive number of seconds, got {s['timeout']!r}")
         if sname in seen:
             raise ValueError(f"{at}: duplicate stage name")
-        missing = [n for n in s.get("needs", []) if n not in seen]
-        if missing:
-            raise ValueError(f"{at}: needs {missing}, which no earlier stage is named")
+        for key in ("needs", "if_ok", "unless_ok"):
+            if not isinstance(s.get(key, []), list):
+                raise ValueError(f"{at}: {key} must be a list of earlier stage names")
+            missing = [n for n in s.get(key, []) if n not in seen]
+            if missing:
+                raise ValueError(f"{at}: {key} {missing}, which no earlier stage is named")
         ranks = s.get("ranks")
         if ranks is not None and not (ranks == "{ranks}" or (isinstance(ranks, int) and ranks >= 1)):
             raise ValueError(f"{at}: ranks must be a positive integer or '{{ranks}}', got {ranks!r}")
@@ -138,15 +145,18 @@ def _suite(name: str, spec, path: str) -> Suite:
                             needs=tuple(s.get("needs", ())), skip_if=s.get("skip_if"),
                             env={str(k): str(v) for k, v in (s.get("env") or {}).items()},
                             stop_on_fail=bool(s.get("stop_on_fail", False)),
-                            optional=bool(s.get("optional", False))))
+                            optional=bool(s.get("optional", False)),
+                            if_ok=tuple(s.get("if_ok", ())),
+                            unless_ok=tuple(s.get("unless_ok", ()))))
     return Suite(name, str(spec.get("about", "")), tuple(stages))
 
 
 def select_stages(suites: dict[str, Suite], names: Sequence[str] | None) -> dict[str, Suite]:
     """The suites with the stages to run: every non-optional one when ``names`` is None, else
     those named (optional ones included), in the suite's order. A name no suite has, or a suite
-    left with none of the names, is a ValueError naming them. A selected stage's ``needs`` are
-    not added: a stage needing one left out runs without waiting (its skip_if file may exist)."""
+    left with none of the names, is a ValueError naming them. Stages a selected one refers to
+    are not added (a warning says so): one it ``needs`` is not waited for (its skip_if file may
+    exist), an ``if_ok`` one left out skips it, an ``unless_ok`` one left out lets it run."""
     if names is None:
         return {n: Suite(s.name, s.about, tuple(st for st in s.stages if not st.optional))
                 for n, s in suites.items()}
@@ -162,10 +172,13 @@ def select_stages(suites: dict[str, Suite], names: Sequence[str] | None) -> dict
             raise ValueError(f"--stages: suite {n!r} has none of {sorted(wanted)} "
                              f"(its stages: {', '.join(st.name for st in s.stages)})")
         for st in stages:
-            left_out = [d for d in st.needs if d not in wanted]
-            if left_out:
-                logger.warning("%s/%s needs %s, not selected: it runs without waiting for it",
-                               n, st.name, left_out)
+            for key, deps, effect in (("needs", st.needs, "it runs without waiting for it"),
+                                      ("if_ok", st.if_ok, "it is skipped"),
+                                      ("unless_ok", st.unless_ok, "it runs")):
+                left_out = [d for d in deps if d not in wanted]
+                if left_out:
+                    logger.warning("%s/%s %s %s, not selected: %s", n, st.name, key, left_out,
+                                   effect)
         picked[n] = Suite(s.name, s.about, stages)
     return picked
 
@@ -286,15 +299,20 @@ class _SuiteRun:
     def _stages(self, values: dict[str, str]) -> None:
         stopped = False
         for stage in self.suite.stages:
-            for dep in stage.needs:
+            for dep in (*stage.needs, *stage.if_ok, *stage.unless_ok):
                 if dep in self.running:
                     self._join(dep)
             argv, extra, skip_if = resolve(stage, values, self.extra.get(stage.name, ()))
             out_of_time = self.deadline - time.monotonic() < MIN_STAGE_S
-            if stopped or out_of_time or (skip_if and os.path.exists(skip_if)):
+            passed = {n for n, r in self.results.items() if r.status == "ok"}
+            condition_unmet = (not set(stage.if_ok) <= passed
+                               or bool(stage.unless_ok) and set(stage.unless_ok) <= passed)
+            if stopped or out_of_time or condition_unmet or (skip_if and os.path.exists(skip_if)):
                 status = "not_run" if stopped or out_of_time else "skipped"
                 self.results[stage.name] = StageResult(self.suite.name, stage.name, None, 0.0, status)
-                logger.info("%s/%s: %s", self.suite.name, stage.name, status)
+                logger.info("%s/%s: %s%s", self.suite.name, stage.name, status,
+                            f" (if_ok {list(stage.if_ok)}, unless_ok {list(stage.unless_ok)})"
+                            if condition_unmet and not (stopped or out_of_time) else "")
                 continue
             start = time.monotonic()
             proc, log = _start(argv, os.path.join(self.out_dir, f"{stage.name}.log"),
@@ -444,8 +462,10 @@ def main(argv: list[str] | None = None) -> int:
             for stage in suites[name].stages:
                 argv_, env_, _ = resolve(stage, values, extra.get(name, {}).get(stage.name, ()))
                 prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env_.items())
-                print(f"{name}/{stage.name} [{stage.timeout} s]: {prefix + ' ' if prefix else ''}"
-                      f"{shlex.join(argv_)}")
+                when = "".join(f" {key} {','.join(names)}" for key, names in
+                               (("if_ok", stage.if_ok), ("unless_ok", stage.unless_ok)) if names)
+                print(f"{name}/{stage.name} [{stage.timeout} s{when}]: "
+                      f"{prefix + ' ' if prefix else ''}{shlex.join(argv_)}")
         return 0
     t0 = time.monotonic()
     deadline = t0 + args.budget

@@ -53,6 +53,8 @@ def _write(tmp_path, text: str) -> str:
     ("s: {stages: [{name: a, run: x, timeout: 5}, {name: a, run: y, timeout: 5}]}",
      ["stage 'a'", "duplicate"]),
     ("s: {stages: [{name: a, run: x, timeout: 5, ranks: 0}]}", ["stage 'a'", "ranks"]),
+    ("s: {stages: [{name: a, run: x, timeout: 5, if_ok: [b]}]}", ["stage 'a'", "if_ok ['b']"]),
+    ("s: {stages: [{name: a, run: x, timeout: 5, unless_ok: a}]}", ["stage 'a'", "unless_ok must"]),
     ("s: {stages: []}", ["suite 's'", "non-empty"]),
     ("s: {about: x}", ["suite 's'", "'stages'"]),
 ])
@@ -337,3 +339,41 @@ s:
         with pytest.raises(SystemExit):
             suites.main(["s", "--suites-file", path, "--dry-run", "--timeout", bad])
         assert words in capsys.readouterr().err, bad
+
+
+def test_if_ok_and_unless_ok_follow_what_earlier_stages_did(tmp_path):
+    py = shlex.quote(sys.executable)
+    text = f"""
+s:
+  about: stages run by what earlier ones did
+  stages:
+    - name: good
+      run: "{py} -c 'import time; time.sleep(1)'"
+      timeout: 60
+      background: true
+    - name: bad
+      run: "{py} -c 'raise SystemExit(3)'"
+      timeout: 60
+    - name: after_good
+      run: "{py} -c 'print(1)'"
+      timeout: 60
+      if_ok: [good]
+    - name: after_bad
+      run: "{py} -c 'print(1)'"
+      timeout: 60
+      if_ok: [good, bad]
+    - name: instead_of_bad
+      run: "{py} -c 'print(1)'"
+      timeout: 60
+      unless_ok: [bad]
+    - name: instead_of_good
+      run: "{py} -c 'print(1)'"
+      timeout: 60
+      unless_ok: [good]
+"""
+    suite = suites.load_suites(_write(tmp_path, text))["s"]
+    out = str(tmp_path / "out")
+    got = suites.run_suite(suite, out, suites.placeholders(out, 2, 0), dict(os.environ))
+    assert [(r.stage, r.status) for r in got] == [
+        ("good", "ok"), ("bad", "failed"), ("after_good", "ok"), ("after_bad", "skipped"),
+        ("instead_of_bad", "ok"), ("instead_of_good", "skipped")]
