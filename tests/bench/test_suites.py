@@ -1,4 +1,4 @@
-"""bench/suites.py: the committed suites load and name files that exist; a mistake in a suite
+"""bench/suites.py and bench/suite_spec.py: the committed suites load and name files that exist; a mistake in a suite
 names where it is; a small suite on the CPU records per stage its exit code, seconds, missing
 outputs, a time limit that killed it, skips and stops, runs a stage on two ranks, and packs the
 logs with an env record beside them; --stages picks stages (optional ones only when named); the
@@ -251,7 +251,7 @@ s:
     - {name: b, run: y, timeout: 5, needs: [a]}
 """
     loaded = suites.load_suites(_write(tmp_path, text))
-    with caplog.at_level("WARNING", logger="bench.suites"):
+    with caplog.at_level("WARNING", logger="bench.suite_spec"):
         picked = suites.select_stages(loaded, ["b"])
     assert [st.name for st in picked["s"].stages] == ["b"]
     assert "s/b needs ['a']" in caplog.text
