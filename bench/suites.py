@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chosen = select_stages({n: suites[n] for n in dict.fromkeys(args.suites)},
                                None if args.stages is None
-                               else [x for x in args.stages.split(",") if x])
+                               else [x.strip() for x in args.stages.split(",") if x.strip()])
         extra = parse_extra(args.extra, chosen)
         chosen = with_timeouts(args.timeout, chosen)
     except ValueError as exc:
