@@ -7,11 +7,16 @@
     python bench/suites.py SUITE --dry-run                 # the commands, resolved, not run
     python bench/suites.py kernels-variants --extra "kernels-variants/variants=--tpe 16,32"
                                                            # more arguments for one stage
+    python bench/suites.py fp8-model --stages smoke,tests  # some of a suite's stages
+    python bench/suites.py w4a8 --timeout w4a8/tests=180   # another limit for one stage
 
 Each stage is one command under its own time limit (its process group is killed at the limit,
 so a hang costs that stage only), optionally on several ranks (mpirun where installed, else
 the TCP rendezvous), in the background (joined before a stage that ``needs`` it), or skipped
-when a file it would make exists (a checkpoint kept while the machine stays warm). The runner
+when a file it would make exists (a checkpoint kept while the machine stays warm), or by what
+earlier stages did (``if_ok``: only after they passed, as a variant that could hang until its
+tests pass; ``unless_ok``: only when one of them did not), or only when asked for
+(``optional``: run when ``--stages`` names it, as a profiler pass). The runner
 records per stage its exit code, seconds and which declared outputs exist
 (``DIR/stages.json``), what it ran on (``DIR/env.json``: GPU names, torch, CUDA, the CUTLASS
 DSL; and ``DIR/env.txt``), and packs the suites' folders (logs and results) into
@@ -42,42 +47,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import yaml
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUITES_FILE = os.path.join(ROOT, "bench", "suites.yaml")
+if ROOT not in sys.path:  # run as a script: bench/ is on the path, the repository is not
+    sys.path.insert(0, ROOT)
+from bench.suite_spec import (SUITES_FILE, Stage, Suite, load_suites,  # noqa: E402,F401
+                              parse_extra, select_stages, with_timeouts)
+
 WORK_DIR = "/tmp/dwdp_bench"
 # NVLink multicast stays off (a program using it can take a shared host's GPUs out of service).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1", "PYTHONUNBUFFERED": "1"}
 WHEEL_SITE = "/tmp/site"
 MIN_STAGE_S = 10.0  # under --budget, a stage with less time left than this does not start
-STAGE_KEYS = {"name", "run", "timeout", "outputs", "ranks", "background", "needs", "skip_if",
-              "env", "stop_on_fail"}
 logger = logging.getLogger("bench.suites")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One command of a suite. ``run`` is a shell-like string split with shlex after the
-    placeholders are filled; ``timeout`` in seconds; ``outputs`` relative to the suite's folder."""
-    name: str
-    run: str
-    timeout: int
-    outputs: tuple[str, ...] = ()
-    ranks: int | str | None = None
-    background: bool = False
-    needs: tuple[str, ...] = ()
-    skip_if: str | None = None
-    env: dict = field(default_factory=dict)
-    stop_on_fail: bool = False
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    about: str
-    stages: tuple[Stage, ...]
 
 
 @dataclass
@@ -88,53 +70,6 @@ class StageResult:
     seconds: float
     status: str               # ok | failed | timed_out | skipped | not_run
     outputs_missing: list[str] = field(default_factory=list)
-
-
-def load_suites(path: str = SUITES_FILE) -> dict[str, Suite]:
-    """Read and check the suites file; ValueError naming the suite, stage and key on a mistake."""
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of suite name -> suite")
-    return {name: _suite(name, spec, path) for name, spec in raw.items()}
-
-
-def _suite(name: str, spec, path: str) -> Suite:
-    where = f"{path}: suite {name!r}"
-    if not isinstance(spec, dict) or set(spec) - {"about", "stages"} or "stages" not in spec:
-        raise ValueError(f"{where}: expected keys 'about' and 'stages'")
-    if not isinstance(spec["stages"], list) or not spec["stages"]:
-        raise ValueError(f"{where}: 'stages' must be a non-empty list")
-    stages, seen = [], set()
-    for i, s in enumerate(spec["stages"]):
-        if not isinstance(s, dict):
-            raise ValueError(f"{where}: stage {i} must be a mapping")
-        sname = s.get("name", f"#{i}")
-        at = f"{where} stage {sname!r}"
-        unknown = set(s) - STAGE_KEYS
-        if unknown:
-            raise ValueError(f"{at}: unknown key(s) {sorted(unknown)}; known: {sorted(STAGE_KEYS)}")
-        for key in ("name", "run", "timeout"):
-            if key not in s:
-                raise ValueError(f"{at}: missing {key!r}")
-        if not isinstance(s["timeout"], int) or s["timeout"] <= 0:
-            raise ValueError(f"{at}: timeout must be a positive number of seconds, got {s['timeout']!r}")
-        if sname in seen:
-            raise ValueError(f"{at}: duplicate stage name")
-        missing = [n for n in s.get("needs", []) if n not in seen]
-        if missing:
-            raise ValueError(f"{at}: needs {missing}, which no earlier stage is named")
-        ranks = s.get("ranks")
-        if ranks is not None and not (ranks == "{ranks}" or (isinstance(ranks, int) and ranks >= 1)):
-            raise ValueError(f"{at}: ranks must be a positive integer or '{{ranks}}', got {ranks!r}")
-        seen.add(sname)
-        stages.append(Stage(name=sname, run=str(s["run"]), timeout=s["timeout"],
-                            outputs=tuple(s.get("outputs", ())), ranks=ranks,
-                            background=bool(s.get("background", False)),
-                            needs=tuple(s.get("needs", ())), skip_if=s.get("skip_if"),
-                            env={str(k): str(v) for k, v in (s.get("env") or {}).items()},
-                            stop_on_fail=bool(s.get("stop_on_fail", False))))
-    return Suite(name, str(spec.get("about", "")), tuple(stages))
 
 
 def placeholders(out: str, ranks: int, gpus: int, work: str = WORK_DIR) -> dict[str, str]:
@@ -253,15 +188,20 @@ class _SuiteRun:
     def _stages(self, values: dict[str, str]) -> None:
         stopped = False
         for stage in self.suite.stages:
-            for dep in stage.needs:
+            for dep in (*stage.needs, *stage.if_ok, *stage.unless_ok):
                 if dep in self.running:
                     self._join(dep)
             argv, extra, skip_if = resolve(stage, values, self.extra.get(stage.name, ()))
             out_of_time = self.deadline - time.monotonic() < MIN_STAGE_S
-            if stopped or out_of_time or (skip_if and os.path.exists(skip_if)):
+            passed = {n for n, r in self.results.items() if r.status == "ok"}
+            condition_unmet = (not set(stage.if_ok) <= passed
+                               or bool(stage.unless_ok) and set(stage.unless_ok) <= passed)
+            if stopped or out_of_time or condition_unmet or (skip_if and os.path.exists(skip_if)):
                 status = "not_run" if stopped or out_of_time else "skipped"
                 self.results[stage.name] = StageResult(self.suite.name, stage.name, None, 0.0, status)
-                logger.info("%s/%s: %s", self.suite.name, stage.name, status)
+                logger.info("%s/%s: %s%s", self.suite.name, stage.name, status,
+                            f" (if_ok {list(stage.if_ok)}, unless_ok {list(stage.unless_ok)})"
+                            if condition_unmet and not (stopped or out_of_time) else "")
                 continue
             start = time.monotonic()
             proc, log = _start(argv, os.path.join(self.out_dir, f"{stage.name}.log"),
@@ -364,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=math.inf, metavar="SECONDS",
                     help="the whole run's time: no stage runs past it, later ones do not start "
                          "(a device call's limit, less a margin for packing)")
+    ap.add_argument("--stages", metavar="A,B", default=None,
+                    help="run only these stages of the suites named (optional ones included)")
+    ap.add_argument("--timeout", action="append", default=[], metavar="SUITE/STAGE=SECONDS",
+                    help="another time limit for one stage (repeatable)")
     ap.add_argument("--extra", action="append", default=[], metavar="SUITE/STAGE=ARGS",
                     help="arguments appended to one stage's command (repeatable)")
     ap.add_argument("--print-env", action="store_true",
@@ -378,9 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     suites = load_suites(args.suites_file)
     if args.list:
         for s in suites.values():
-            limit = sum(st.timeout for st in s.stages)
-            print(f"{s.name}: {s.about} (stages: {', '.join(st.name for st in s.stages)}; "
-                  f"limits add up to {limit} s)")
+            default = [st for st in s.stages if not st.optional]
+            optional = [f"{st.name} [{st.timeout} s]" for st in s.stages if st.optional]
+            print(f"{s.name}: {s.about} (stages: {', '.join(st.name for st in default)}; "
+                  f"limits add up to {sum(st.timeout for st in default)} s"
+                  + (f"; optional: {', '.join(optional)}" if optional else "") + ")")
         return 0
     unknown = [n for n in args.suites if n not in suites]
     if unknown or not args.suites:
@@ -389,9 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.ranks < 1:
         ap.error(f"--ranks must be >= 1, got {args.ranks}")
     try:
-        extra = parse_extra(args.extra, {n: suites[n] for n in args.suites})
+        chosen = select_stages({n: suites[n] for n in dict.fromkeys(args.suites)},
+                               None if args.stages is None
+                               else [x.strip() for x in args.stages.split(",") if x.strip()])
+        extra = parse_extra(args.extra, chosen)
+        chosen = with_timeouts(args.timeout, chosen)
     except ValueError as exc:
         ap.error(str(exc))
+    suites = chosen
     out = os.path.abspath(args.out)
     gpus = _gpu_count()
     if args.dry_run:
@@ -400,8 +351,10 @@ def main(argv: list[str] | None = None) -> int:
             for stage in suites[name].stages:
                 argv_, env_, _ = resolve(stage, values, extra.get(name, {}).get(stage.name, ()))
                 prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env_.items())
-                print(f"{name}/{stage.name} [{stage.timeout} s]: {prefix + ' ' if prefix else ''}"
-                      f"{shlex.join(argv_)}")
+                when = "".join(f" {key} {','.join(names)}" for key, names in
+                               (("if_ok", stage.if_ok), ("unless_ok", stage.unless_ok)) if names)
+                print(f"{name}/{stage.name} [{stage.timeout} s{when}]: "
+                      f"{prefix + ' ' if prefix else ''}{shlex.join(argv_)}")
         return 0
     t0 = time.monotonic()
     deadline = t0 + args.budget
@@ -427,21 +380,6 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print("failed: " + ", ".join(failed))
     return 1 if failed else 0
-
-
-def parse_extra(items: list[str], suites: dict[str, Suite]) -> dict[str, dict[str, list[str]]]:
-    """``SUITE/STAGE=ARGS`` items -> {suite: {stage: argv}}; ValueError naming a bad item."""
-    out: dict[str, dict[str, list[str]]] = {}
-    for item in items:
-        target, sep, text = item.partition("=")
-        suite, slash, stage = target.partition("/")
-        if not sep or not slash:
-            raise ValueError(f"--extra {item!r}: expected SUITE/STAGE=ARGS")
-        if suite not in suites or stage not in {s.name for s in suites[suite].stages}:
-            raise ValueError(f"--extra {item!r}: no stage {stage!r} in the suites run "
-                             f"({', '.join(f'{n}/{s.name}' for n, x in suites.items() for s in x.stages)})")
-        out.setdefault(suite, {}).setdefault(stage, []).extend(shlex.split(text))
-    return out
 
 
 def _gpu_count() -> int:

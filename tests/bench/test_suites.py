@@ -1,8 +1,11 @@
-"""bench/suites.py: the committed suites load and name files that exist; a mistake in a suite
+"""bench/suites.py and bench/suite_spec.py: the committed suites load and name files that exist; a mistake in a suite
 names where it is; a small suite on the CPU records per stage its exit code, seconds, missing
 outputs, a time limit that killed it, skips and stops, runs a stage on two ranks, and packs the
-logs with an env record beside them."""
+logs with an env record beside them; --stages picks stages (optional ones only when named); the
+scripts the suites call answer --help."""
+import glob
 import json
+import subprocess
 import os
 import shlex
 import sys
@@ -18,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_committed_suites_resolve_to_files_that_exist():
     loaded = suites.load_suites()
     assert {"compare", "e2e", "engine", "group", "kernels", "serving", "tiers", "views",
-            "x2"} <= set(loaded)
+            "x2", "fp8-kernels", "fp8-model", "fp8-quant", "graphs", "w4a8"} <= set(loaded)
+    assert not glob.glob(os.path.join(ROOT, "bench", "run_device_*.sh")), \
+        "a device script outside the runner: fold it into bench/suites.yaml"
     for suite in loaded.values():
         values = suites.placeholders(f"/tmp/out/{suite.name}", 4, 1)
         for stage in suite.stages:
@@ -48,6 +53,8 @@ def _write(tmp_path, text: str) -> str:
     ("s: {stages: [{name: a, run: x, timeout: 5}, {name: a, run: y, timeout: 5}]}",
      ["stage 'a'", "duplicate"]),
     ("s: {stages: [{name: a, run: x, timeout: 5, ranks: 0}]}", ["stage 'a'", "ranks"]),
+    ("s: {stages: [{name: a, run: x, timeout: 5, if_ok: [b]}]}", ["stage 'a'", "if_ok ['b']"]),
+    ("s: {stages: [{name: a, run: x, timeout: 5, unless_ok: a}]}", ["stage 'a'", "unless_ok must"]),
     ("s: {stages: []}", ["suite 's'", "non-empty"]),
     ("s: {about: x}", ["suite 's'", "'stages'"]),
 ])
@@ -201,3 +208,172 @@ s:
     got = suites.run_suite(suite, out, suites.placeholders(out, 2, 0), dict(os.environ),
                            deadline=time.monotonic() + 3)
     assert [(r.stage, r.status) for r in got] == [("long", "timed_out"), ("next", "not_run")]
+
+
+def _dry_run(capsys, *args: str) -> list[str]:
+    assert suites.main([*args, "--dry-run", "--out", "/tmp/o"]) == 0
+    return [line.split(" [")[0] for line in capsys.readouterr().out.splitlines()]
+
+
+def test_stages_selects_and_optional_stages_run_only_when_named(capsys):
+    assert _dry_run(capsys, "fp8-kernels") == ["fp8-kernels/smoke", "fp8-kernels/tests",
+                                               "fp8-kernels/bench"]
+    picked = _dry_run(capsys, "fp8-kernels", "w4a8", "--stages", "smoke,ncu_deepseek_v3_16,variants")
+    assert picked == [
+        "fp8-kernels/smoke", "fp8-kernels/ncu_deepseek_v3_16", "w4a8/smoke", "w4a8/variants"]
+    assert _dry_run(capsys, "fp8-model", "--stages", "breakdown_fp8,run") == [
+        "fp8-model/run", "fp8-model/breakdown_fp8"]  # the suite's order, not the option's
+    listed = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "suites.py"), "--list"],
+                            capture_output=True, text=True, check=True).stdout
+    w4a8 = next(line for line in listed.splitlines() if line.startswith("w4a8:"))
+    assert "stages: smoke, tests, bench;" in w4a8 and "optional: variants [200 s]" in w4a8
+
+
+@pytest.mark.parametrize("args, words", [
+    (["fp8-kernels", "--stages", "smoke,nope"], ["no stage ['nope']"]),
+    (["fp8-kernels", "graphs", "--stages", "smoke"], ["suite 'graphs' has none of ['smoke']"]),
+    (["w4a8", "--stages", "smoke", "--extra", "w4a8/bench=--tpe 16"], ["no stage 'bench'"]),
+])
+def test_a_bad_stage_selection_is_named(capsys, args, words):
+    with pytest.raises(SystemExit):
+        suites.main([*args, "--dry-run"])
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, err
+
+
+def test_a_selected_stage_needing_one_left_out_runs_without_waiting(tmp_path, caplog):
+    text = """
+s:
+  about: x
+  stages:
+    - {name: a, run: x, timeout: 5, background: true}
+    - {name: b, run: y, timeout: 5, needs: [a]}
+"""
+    loaded = suites.load_suites(_write(tmp_path, text))
+    with caplog.at_level("WARNING", logger="bench.suite_spec"):
+        picked = suites.select_stages(loaded, ["b"])
+    assert [st.name for st in picked["s"].stages] == ["b"]
+    assert "s/b needs ['a']" in caplog.text
+
+
+@pytest.mark.parametrize("script", ["smoke_fp8_kernels.py", "smoke_fp8_linear.py", "smoke_w4a8.py",
+                                    "fp8_quant_summary.py", "ncu_fp8_kernel.py"])
+def test_suite_scripts_answer_help(script):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+
+
+def test_ncu_command_skips_to_the_second_run():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ncu_fp8_kernel.py"),
+                           "deepseek_v3", "16", "--print"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stdout)
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from profile_fp8_kernel import launches_per_run
+    assert argv[:5] == ["ncu", "--clock-control", "none", "-k", "regex:Fp8BlockGemm"]
+    assert argv[argv.index("--launch-skip") + 1] == str(1 + launches_per_run("deepseek_v3"))
+    assert argv[argv.index("--launch-count") + 1] == "2"
+    assert argv[-3:] == [os.path.join(ROOT, "bench", "profile_fp8_kernel.py"), "deepseek_v3", "16"]
+
+
+def _quant_record(bitwise: bool = True) -> dict:
+    point = {"tokens": 4096, "k": 7168, "ours_graph": {"median_ms": 0.0123},
+             "ours_graph_tbps": 3.21, "ours_row": {"median_ms": 0.02},
+             "ours_col": {"median_ms": 0.021},
+             "reference": {"median_ms": 0.5}, "compiled": None, "floor_ms": 0.011}
+    return {"device": "NVIDIA H200", "all_bitwise": bitwise, "compile_seconds": 12.34,
+            "compiled_baseline": "torch.compile(dynamic=True, fullgraph=True)",
+            "results": [point, {**point, "tokens": 1, "compiled": {"median_ms": 0.3},
+                                "floor_ms": None}]}
+
+
+def test_fp8_quant_summary_prints_the_table_and_fails_when_not_bitwise(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fp8_quant_summary", os.path.join(ROOT, "bench", "fp8_quant_summary.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = tmp_path / "fp8_quant.json"
+    path.write_text(json.dumps(_quant_record()))
+    assert mod.main([str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "NVIDIA H200 all bitwise True compile s 12.3"
+    assert out[3] == "4096 7168: 0.0123 (3.21) | 0.0200 | 0.0210 | 0.5000 | - | 0.0110"
+    assert out[4].endswith("| 0.3000 | -")
+    path.write_text(json.dumps(_quant_record(bitwise=False)))
+    assert mod.main([str(path)]) == 1
+    broken = _quant_record()
+    del broken["results"][0]["ours_row"]
+    path.write_text(json.dumps(broken))
+    assert mod.main([str(path)]) == 1
+    assert mod.main([str(tmp_path / "missing.json")]) == 1
+    assert "ours_row" in capsys.readouterr().err
+
+
+def test_timeout_option_sets_one_stages_limit(tmp_path, capsys):
+    py = shlex.quote(sys.executable)
+    text = f"""
+s:
+  about: a stage whose own limit is too long for this run
+  stages:
+    - name: hangs
+      run: "{py} -c 'import time; time.sleep(600)'"
+      timeout: 600
+    - name: quick
+      run: "{py} -c 'print(1)'"
+      timeout: 60
+"""
+    path, out = _write(tmp_path, text), tmp_path / "out"
+    assert suites.main(["s", "--suites-file", path, "--out", str(out), "--no-pack",
+                        "--timeout", "s/hangs=2"]) == 1
+    got = {s["stage"]: s for s in json.loads((out / "stages.json").read_text())["stages"]}
+    assert got["hangs"]["status"] == "timed_out" and got["hangs"]["seconds"] < 60
+    assert got["quick"]["status"] == "ok"
+    for bad, words in (("s/hangs=-1", "positive whole number"), ("s/hangs=1.5", "positive whole"),
+                       ("s/nope=5", "no stage 'nope'"), ("hangs=5", "SUITE/STAGE=VALUE")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            suites.main(["s", "--suites-file", path, "--dry-run", "--timeout", bad])
+        assert words in capsys.readouterr().err, bad
+
+
+def test_if_ok_and_unless_ok_follow_what_earlier_stages_did(tmp_path):
+    py = shlex.quote(sys.executable)
+    text = f"""
+s:
+  about: stages run by what earlier ones did
+  stages:
+    - name: good
+      run: "{py} -c 'import time; time.sleep(1)'"
+      timeout: 60
+      background: true
+    - name: bad
+      run: "{py} -c 'raise SystemExit(3)'"
+      timeout: 60
+    - name: after_good
+      run: "{py} -c 'print(1)'"
+      timeout: 60
+      if_ok: [good]
+    - name: after_bad
+      run: "{py} -c 'print(1)'"
+      timeout: 60
+      if_ok: [good, bad]
+    - name: instead_of_bad
+      run: "{py} -c 'print(1)'"
+      timeout: 60
+      unless_ok: [bad]
+    - name: instead_of_good
+      run: "{py} -c 'print(1)'"
+      timeout: 60
+      unless_ok: [good]
+"""
+    suite = suites.load_suites(_write(tmp_path, text))["s"]
+    out = str(tmp_path / "out")
+    got = suites.run_suite(suite, out, suites.placeholders(out, 2, 0), dict(os.environ))
+    assert [(r.stage, r.status) for r in got] == [
+        ("good", "ok"), ("bad", "failed"), ("after_good", "ok"), ("after_bad", "skipped"),
+        ("instead_of_bad", "ok"), ("instead_of_good", "skipped")]
