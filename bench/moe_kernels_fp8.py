@@ -37,6 +37,7 @@ import torch
 
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
+from tensorrt_llm_dwdp.kernels.sm90.fp8_preshuffle import preshuffle_fp8
 from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import (
     build_fp8_expert_table,
     fc1_fp8_gather_swiglu,
@@ -71,9 +72,11 @@ VARIANTS = {
     "1cta": ((16, 32), None, dict(ctas_per_sm=1, producer_regs=56)),  # 8 stages, 1 CTA
     "2cta": ((64,), None, dict(ctas_per_sm=2, producer_regs=48)),  # twice the warps
     "bn64_2cta": ((128,), 64, dict(ctas_per_sm=2, producer_regs=48)),  # smaller tile
+    # weights by one cp.async.bulk per block and stage from a preshuffled copy (fp8_preshuffle)
+    "bulk": ((16, 32, 64, 128), None, dict(bulk_weights=True)),
 }
 DEFAULT_OUT = "bench/results/moe_kernels_fp8_h200.json"
-GRAPH_MS = 25.0  # one graph replay's length (each timing: the median of 5 replays)
+GRAPH_MS = 20.0  # one graph replay's length (each timing: the median of 5 replays)
 
 
 def summary(values: list[float]) -> dict:
@@ -125,13 +128,14 @@ class TorchBaselines:
 
 def variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, want, variants):
     """``{name: {ms, bitwise_equal_default}}`` of the ``variants`` that apply at token tile
-    ``bn`` (``VARIANTS``), each on its own plan; ``want``: the default configuration's output."""
-    w13, w2 = tables
+    ``bn`` (``VARIANTS``), each on its own plan; ``tables``: ``{layout: (w13, w2)}`` (the bulk
+    variant reads the preshuffled copy); ``want``: the default configuration's output."""
     out = {}
     for name in variants:
         tiles, vbn, overrides = VARIANTS[name]
         if bn not in tiles:
             continue
+        w13, w2 = tables["preshuffled" if overrides.get("bulk_weights") else "linear"]
         vbn = vbn or bn
         cfg = fp8_config(vbn, **overrides)
         plan = build_permutation(ids, num_experts, tile_m=vbn)
@@ -159,7 +163,7 @@ def bench_point(cache, tables, base, db, model, kind, tpe, repeats, variants=())
     x = random_tokens(tokens, hidden, seed=tpe)
     bn = choose_token_tile(ids.numel(), num_experts)
     plan = build_permutation(ids, num_experts, tile_m=bn)
-    w13, w2 = tables
+    w13, w2 = tables["linear"]
     xq, xs = quantize_rows(x, cache)
     h = fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, bn)
     hq, hs = quantize_rows(h, cache)
@@ -258,10 +262,13 @@ def main(argv=None) -> int:
     for model in args.models.split(","):
         hidden, inter, num_experts, _ = MODELS[model]
         experts = random_fp8_experts(num_experts, hidden, inter, seed=1)
-        tables = (build_fp8_expert_table([experts["w3_w1_weight"]],
-                                         [experts["w3_w1_weight_scale_inv"]], [0]),
-                  build_fp8_expert_table([experts["w2_weight"]],
-                                         [experts["w2_weight_scale_inv"]], [0]))
+        layouts = {"linear": (experts["w3_w1_weight"], experts["w2_weight"])}
+        if "bulk" in variants:  # a second copy of the weights, in the bulk-copy layout
+            layouts["preshuffled"] = (preshuffle_fp8(experts["w3_w1_weight"], fc1=True),
+                                      preshuffle_fp8(experts["w2_weight"], fc1=False))
+        tables = {name: (build_fp8_expert_table([w13], [experts["w3_w1_weight_scale_inv"]], [0]),
+                         build_fp8_expert_table([w2], [experts["w2_weight_scale_inv"]], [0]))
+                  for name, (w13, w2) in layouts.items()}
         base = TorchBaselines(experts, bf16=not args.no_bf16)
         torch.cuda.empty_cache()
         for kind in args.routings.split(","):
@@ -281,7 +288,7 @@ def main(argv=None) -> int:
                                 f"{'' if v['bitwise_equal_default'] else ' NOT BITWISE'}"
                                 for n, v in r["variants"].items()), file=sys.stderr, flush=True)
                 torch.cuda.empty_cache()
-        del experts, tables, base
+        del experts, tables, base, layouts
         torch.cuda.empty_cache()
     emit({**meta, "results": results}, args.out, True)
     return 0

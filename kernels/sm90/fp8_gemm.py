@@ -68,6 +68,7 @@ from cutlass.cute.nvgpu import warpgroup
 from .ptx import (
     cp_async_4,
     cp_async_16,
+    cp_async_bulk,
     ld_global_f32,
     ld_shared_v2_f32,
     st_global_bf16,
@@ -95,11 +96,14 @@ class Fp8Config:
 
     bn: token tile (WGMMA N); ctas_per_sm: CTAs resident per SM (2 halves shared memory and
     registers); producer_regs: setmaxnreg of the producer warpgroup (the consumers take the
-    rest). CTAs are always persistent (grid = resident CTAs, ``fp8_launch``)."""
+    rest); bulk_weights: the weights are in the preshuffled layout (``fp8_preshuffle``) and
+    move by one ``cp.async.bulk`` per CTA block and stage (else: 16 B cp.asyncs of the
+    checkpoint's rows). CTAs are always persistent (grid = resident CTAs, ``fp8_launch``)."""
 
     bn: int
     ctas_per_sm: int
     producer_regs: int
+    bulk_weights: bool = False
 
     @property
     def register_pool(self) -> int:
@@ -337,7 +341,10 @@ class Fp8BlockGemm:
                 w_off = []
                 for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
                     gblk = cutlass.min(blk0 + cb, blk_end - 1)
-                    w_off.append(self.weight_row(gblk, row0) * self.k + chunk * 16)
+                    if cutlass.const_expr(self.cfg.bulk_weights):  # the block's first image
+                        w_off.append(gblk * (self.k_tiles * A_TILE))
+                    else:
+                        w_off.append(self.weight_row(gblk, row0) * self.k + chunk * 16)
                 b_row = []
                 for i in cutlass.range_constexpr(self.b_chunks):
                     b_row.append(self._token_row(tt, row0 + i * rows_per_pass, row_index))
@@ -346,13 +353,16 @@ class Fp8BlockGemm:
                     it = done + kt
                     s = it % self.stages
                     cute.arch.mbarrier_wait(empty + s, ((it // self.stages) % 2) ^ 1)
-                    for i in cutlass.range_constexpr(self.a_chunks):
-                        cb, j = divmod(i, self.a_chunks // BLOCKS_PER_CTA)
-                        r = row0 + j * rows_per_pass  # row in block cb
-                        dst = (sa_addr + (s * BLOCKS_PER_CTA + cb) * A_TILE
-                               + self.swizzled(r, chunk))
-                        cp_async_16(dst, w_base + Int64(w_off[cb] + j * self.row_step * self.k
-                                                        + kt * K_TILE))
+                    if cutlass.const_expr(self.cfg.bulk_weights):
+                        self._bulk_weights(tidx, s, kt, w_base, w_off, full, sa_addr)
+                    else:
+                        for i in cutlass.range_constexpr(self.a_chunks):
+                            cb, j = divmod(i, self.a_chunks // BLOCKS_PER_CTA)
+                            r = row0 + j * rows_per_pass  # row in block cb
+                            dst = (sa_addr + (s * BLOCKS_PER_CTA + cb) * A_TILE
+                                   + self.swizzled(r, chunk))
+                            cp_async_16(dst, w_base + Int64(w_off[cb] + j * self.row_step
+                                                            * self.k + kt * K_TILE))
                     for i in cutlass.range_constexpr(self.b_chunks):
                         n = row0 + i * rows_per_pass
                         cp_async_16(sb_addr + s * self.stage_b + self.swizzled(n, chunk),
@@ -370,6 +380,19 @@ class Fp8BlockGemm:
         for d in cutlass.range_constexpr(self.lag):
             if done - self.lag + d >= 0:
                 self._publish((done - self.lag + d) % self.stages, full)
+
+    @cute.jit
+    def _bulk_weights(self, tidx, s, kt, w_base, w_off, full, sa_addr):
+        """``bulk_weights``: producer thread 0 expects the stage's weight bytes on ``full[s]``
+        (its previous phase completed: the consumers released the slot only after it) and
+        moves each CTA block's K tile, one contiguous 8 KiB image in the preshuffled layout
+        (``fp8_preshuffle``), with one ``cp.async.bulk``."""
+        if tidx == 0:
+            cute.arch.mbarrier_expect_tx(full + s, self.stage_a)
+            for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+                cp_async_bulk(sa_addr + (s * BLOCKS_PER_CTA + cb) * A_TILE,
+                              w_base + Int64(w_off[cb] + kt * A_TILE), A_TILE,
+                              (full + s).toint())
 
     def _token_row(self, tt, n, row_index):
         """Row of ``a`` that column ``n`` of token tile ``tt`` reads: FC1 the gathered token

@@ -21,6 +21,8 @@ def main() -> int:
     n_weight, k, bn = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     y_cols = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     overrides = {f: int(v) for f, v in (a.split("=") for a in sys.argv[6:])}
+    if "bulk_weights" in overrides:
+        overrides["bulk_weights"] = bool(overrides["bulk_weights"])
     experts, rows = 8, 2 * bn
     out = (torch.zeros(rows, n_weight // 2, dtype=torch.bfloat16) if kind == "swiglu"
            else torch.zeros(rows, y_cols, dtype=torch.float32))

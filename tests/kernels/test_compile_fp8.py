@@ -69,6 +69,14 @@ def test_bench_variants_compile(tools, tmp_path, kind, n_weight, k, y_cols, bn, 
     _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides)
 
 
+@pytest.mark.parametrize("kind,n_weight,k,bn,y_cols", [
+    ("swiglu", 4096, 7168, 128, 0), ("scatter", 4096, 1536, 16, 512)])
+def test_bulk_weights_compile(tools, tmp_path, kind, n_weight, k, bn, y_cols):
+    """``bulk_weights``: one UBLKCP per CTA block and stage (issued straight, no per-lane
+    loop), the 16 B cp.asyncs are the token rows' only."""
+    _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, {"bulk_weights": True})
+
+
 def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides):
     from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, fp8_config
 
@@ -88,7 +96,10 @@ def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides):
     assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 1, "wgmmas serialized by ptxas"
     mix = k_loop_mix(sass, "QGMMA")
     assert sum(n for op, n in mix.items() if op.startswith("QGMMA")) == 4, mix
-    assert sass.count("LDGSTS.E.BYPASS.128") == kern.a_chunks + kern.b_chunks
+    a_copies = 0 if cfg.bulk_weights else kern.a_chunks  # bulk: thread 0's 2 UBLKCP instead
+    assert sass.count("LDGSTS.E.BYPASS.128") == a_copies + kern.b_chunks
+    assert sass.count("UBLKCP.S.G") == (2 if cfg.bulk_weights else 0)
+    assert "BRA.U.ANY" not in sass, "a per-lane loop around the bulk copies"
     assert len(re.findall(r"LDGSTS\.E \[", sass)) == 1  # the 4 B token scale
     assert f"USETMAXREG.DEALLOC.CTAPOOL {cfg.producer_regs:#x}" in sass
     assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {cfg.consumer_regs:#x}" in sass

@@ -126,3 +126,32 @@ def test_producer_row_steps(epilogue, n_weight):
             for j in range(per_block):
                 assert kern.weight_row(gblk, row0 + 16 * j) == \
                     kern.weight_row(gblk, row0) + j * kern.row_step
+
+
+@pytest.mark.parametrize("epilogue,rows,k", [("swiglu", 768, 384), ("scatter", 256, 640)])
+def test_preshuffle_is_the_kernels_shared_memory_image(epilogue, rows, k):
+    """Byte for byte, block b's K tile t in the preshuffled expert is what the linear path's
+    cp.asyncs write into shared memory (``weight_row`` rows, ``swizzled`` chunks), and
+    unshuffling gives the checkpoint rows back."""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_preshuffle import preshuffle_fp8, unshuffle_fp8
+
+    kern = Fp8BlockGemm(epilogue=epilogue, n_weight=rows, k=k, bn=16,
+                        y_cols=0 if epilogue == "swiglu" else 64)
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randint(0, 256, (3, rows, k), generator=gen, dtype=torch.uint8)
+    w = w.view(torch.float8_e4m3fn)
+    shuffled = preshuffle_fp8(w, fc1=epilogue == "swiglu", chunk_experts=2)
+    assert torch.equal(unshuffle_fp8(shuffled, fc1=epilogue == "swiglu").view(torch.uint8),
+                       w.view(torch.uint8))
+    lin, img = w.view(torch.uint8), shuffled.view(torch.uint8).reshape(3, -1)
+    tiles = k // 128
+    for e in range(3):
+        for b in range(rows // 64):
+            for t in range(tiles):
+                base = (b * tiles + t) * 64 * 128
+                for r in range(64):
+                    row = kern.weight_row(b, r)
+                    for c in range(8):
+                        off = base + Fp8BlockGemm.swizzled(r, c)
+                        assert torch.equal(img[e, off:off + 16],
+                                           lin[e, row, 128 * t + 16 * c:128 * t + 16 * c + 16])

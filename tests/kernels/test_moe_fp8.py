@@ -212,12 +212,40 @@ def test_bench_variants_bitwise_equal_default(cache, bn, vbn, overrides):
     from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
 
     hidden, inter, num_experts, top_k = SMALL
-    experts = random_fp8_experts(num_experts, hidden, inter, seed=31)
+    experts = experts_linear = random_fp8_experts(num_experts, hidden, inter, seed=31)
     tokens = bn * num_experts // top_k + 5
     x = random_tokens(tokens, hidden, seed=32)
     ids, tw = skewed_routing(tokens, num_experts, top_k, seed=33, empty_experts=1)
     out, _, _ = _forward(cache, x, ids, tw, experts, bn)
+    if overrides.get("bulk_weights"):  # reads the bulk-copy layout
+        from tensorrt_llm_dwdp.kernels.sm90.fp8_preshuffle import preshuffle_fp8
+
+        experts = dict(experts, w3_w1_weight=preshuffle_fp8(experts["w3_w1_weight"], fc1=True),
+                       w2_weight=preshuffle_fp8(experts["w2_weight"], fc1=False))
     out_v, _, _ = _forward(cache, x, ids, tw, experts, vbn, config=fp8_config(vbn, **overrides))
     assert torch.equal(out, out_v)
-    want, _ = fp8_moe_reference(x, ids, tw, experts)
+    want, _ = fp8_moe_reference(x, ids, tw, experts_linear)
     assert rel_err(out_v, want) < OUT_TOL
+
+
+@pytest.mark.parametrize("bn,tokens", [(16, 37), (128, 700)])
+def test_bulk_weights_bitwise_equal_linear(cache, bn, tokens):
+    """The bulk-copy variant (``Fp8Config.bulk_weights``) on preshuffled experts
+    (``fp8_preshuffle``) fills shared memory with the same bytes as the linear path: h and the
+    output bit for bit, over a multi-B view too. (Last in the file: a wrong transaction count
+    would hang here, after every other test has reported.)"""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_preshuffle import preshuffle_fp8
+
+    hidden, inter, num_experts, top_k = SMALL
+    experts = random_fp8_experts(num_experts, hidden, inter, seed=41)
+    shuffled = dict(experts, w3_w1_weight=preshuffle_fp8(experts["w3_w1_weight"], fc1=True),
+                    w2_weight=preshuffle_fp8(experts["w2_weight"], fc1=False))
+    x = random_tokens(tokens, hidden, seed=42)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=43, empty_experts=1)
+    out, h, _ = _forward(cache, x, ids, tw, experts, bn)
+    cfg = fp8_config(bn, bulk_weights=True)
+    for parts in (1, 3):
+        out_b, h_b, _ = _forward(cache, x, ids, tw, shuffled, bn, parts=parts, config=cfg)
+        assert torch.equal(h, h_b)
+        assert torch.equal(out, out_b)
