@@ -98,6 +98,30 @@ def test_fp8_linear_picks_the_vendor_gemm_on_sm90():
     torch.testing.assert_close(y.float(), ref(x).float(), rtol=2 ** -7, atol=2e-2)
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 17, 64])
+def test_siblings_share_one_quantization_bitwise(tokens):
+    """MLA's q_a and kv_a (and an MLP's gate and up) quantize their common input once
+    (linear_siblings): the outputs equal each module's own call bit for bit, at token counts
+    the GEMM pads (1, 3, 17) and one it does not."""
+    _need_sm90()
+    from tensorrt_llm_dwdp.model.fp8_linear import linear_siblings
+
+    mods = []
+    for n in (1536, 576):
+        with torch.device("cuda"):
+            m = Fp8Linear(7168, n)
+        q, s = _weights(n, 7168, seed=n)
+        with torch.no_grad():
+            m.weight.copy_(q)
+            m.weight_scale_inv.copy_(s)
+        mods.append(m)
+    x = torch.randn(tokens, 7168, device="cuda").bfloat16()
+    shared = linear_siblings(x, *mods)
+    for m, y in zip(mods, shared):
+        assert y.shape == (tokens, m.out_features)
+        assert torch.equal(y, m(x))
+
+
 def test_fp8_model_on_gpu_matches_cpu(tmp_path):
     """An FP8 checkpoint's MLA and dense MLP layers (the vendor GEMM where shapes fit, the
     reference elsewhere; decode through the dequantized kv_b) on the GPU against the CPU,
