@@ -1,24 +1,24 @@
 #!/usr/bin/env python3
 """DeepSeek-V3's dense linears on FP8 tensor cores against bf16, same process, same inputs.
 
-For every projection of a DeepSeek-V3 layer outside the routed experts (MLA q_a, q_b, kv_a,
-kv_b, o; the dense MLP's gate, up and down; the shared expert's) and each token count, times:
+The projections of a DeepSeek-V3 layer outside the routed experts, grouped as the model runs
+them (projections of one input are one unit: MLA's q_a + kv_a, the MLPs' gate + up), at each
+token count:
 
-- ``bf16``: ``F.linear`` on the bf16 weight (what the model runs without FP8; the baseline a
+- ``bf16``: ``nn.Linear`` on the bf16 weights (what the model runs without FP8; the baseline a
   user would pick);
-- ``fp8``: ``Fp8Linear`` as the model runs it: activation quantization per token per 128
-  (the fused kernel of ``quant/fp8_device.py``) + torch's blockwise scaled GEMM
-  (BlockWise1x128 x BlockWise128x128);
-- ``fp8_gemm``: the scaled GEMM alone on pre-quantized activations (how much the quantization
-  pass costs).
+- ``fp8``: the model's own call (``linear_siblings`` over ``Fp8Linear`` modules): the unit's
+  input quantized once per token per 128 (the fused kernel of ``quant/fp8_device.py``), then
+  torch's blockwise scaled GEMM (BlockWise1x128 x BlockWise128x128) per projection;
+- ``fp8_gemm``: the GEMMs alone on pre-quantized activations (what the quantization costs).
 
 Each is timed ``--repeats`` times over ``--iters`` back-to-back calls with CUDA events (after
 warm-up); the JSON holds every repeat, the median and the spread (min, max). ``layer_totals``
-sums the medians over a layer's MLA + dense-MLP linears (a dense layer: the first three of
-DeepSeek-V3) and over MLA + shared expert (a MoE layer), with the speed-up bf16 / fp8; the goal
-is >= 1.6x at 16K tokens for the dense layer. Numerics: each (linear, tokens) also reports the
-largest |fp8 - reference| / bound, the bound of ``tests/gpu/test_fp8_linear_gpu.py`` (<= 1
-passes), on a slice of at most 512 tokens.
+sums the medians over a dense layer's units (MLA + dense MLP: DeepSeek-V3's first three layers)
+and a MoE layer's MLA + shared expert, with the speed-up bf16 / fp8; the goal is >= 1.6x at 16K
+tokens for the dense layer. Numerics: each projection also reports the largest |fp8 -
+reference| / bound, the bound of ``tests/gpu/test_fp8_linear_gpu.py`` (<= 1 passes), on a slice
+of at most 512 tokens.
 
     python bench/fp8_linears.py --out bench/results/fp8_linears_h200.json
 """
@@ -40,24 +40,29 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.json_out import emit  # noqa: E402
 from tensorrt_llm_dwdp.model.fp8_linear import (  # noqa: E402
-    fp8_linear_scaled_mm, scaled_mm_available, scaled_mm_weight_scales,
+    Fp8Linear, linear_siblings, quantize_rows, scaled_mm_available,
 )
 from tensorrt_llm_dwdp.quant.fp8 import (  # noqa: E402
     blockwise_matmul_ref, dequantize_act_per_token, dequantize_weight_blocks,
     quantize_act_per_token, quantize_weight_blocks,
 )
-from tensorrt_llm_dwdp.quant.fp8_device import (  # noqa: E402
-    kernel_applies, quantize_act_per_token_fast,
-)
+from tensorrt_llm_dwdp.quant.fp8_device import kernel_applies  # noqa: E402
 
-# (name, N, K) of DeepSeek-V3 (hidden 7168, q_lora 1536, kv_lora 512 + rope 64, 128 heads,
-# dense intermediate 18432, shared expert 2048)
-LINEARS = [("q_a_proj", 1536, 7168), ("q_b_proj", 24576, 1536), ("kv_a_proj_with_mqa", 576, 7168),
-           ("kv_b_proj", 32768, 512), ("o_proj", 7168, 16384), ("mlp.gate_proj", 18432, 7168),
-           ("mlp.up_proj", 18432, 7168), ("mlp.down_proj", 7168, 18432),
-           ("shared.gate_proj", 2048, 7168), ("shared.up_proj", 2048, 7168),
-           ("shared.down_proj", 7168, 2048)]
-MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+# DeepSeek-V3 (hidden 7168, q_lora 1536, kv_lora 512 + rope 64, 128 heads, dense intermediate
+# 18432, shared expert 2048): (unit, [(projection, N, K)]), the projections of one input together
+UNITS = [
+    ("mla.q_a+kv_a", [("q_a_proj", 1536, 7168), ("kv_a_proj_with_mqa", 576, 7168)]),
+    ("mla.q_b", [("q_b_proj", 24576, 1536)]),
+    ("mla.kv_b", [("kv_b_proj", 32768, 512)]),
+    ("mla.o", [("o_proj", 7168, 16384)]),
+    ("mlp.gate+up", [("mlp.gate_proj", 18432, 7168), ("mlp.up_proj", 18432, 7168)]),
+    ("mlp.down", [("mlp.down_proj", 7168, 18432)]),
+    ("shared.gate+up", [("shared.gate_proj", 2048, 7168), ("shared.up_proj", 2048, 7168)]),
+    ("shared.down", [("shared.down_proj", 7168, 2048)]),
+]
+MLA = ("mla.q_a+kv_a", "mla.q_b", "mla.kv_b", "mla.o")
+LAYERS = {"dense_layer": MLA + ("mlp.gate+up", "mlp.down"),
+          "moe_layer_mla_shared": MLA + ("shared.gate+up", "shared.down")}
 GOAL_SPEEDUP_16K = 1.6
 
 
@@ -79,10 +84,11 @@ def time_ms(fn, iters: int, repeats: int) -> dict:
             "runs_ms": runs}
 
 
-def error_ratio(x: torch.Tensor, wq, ws, ws_mm) -> float:
+def error_ratio(x: torch.Tensor, module: Fp8Linear) -> float:
     """Largest |vendor - reference| over the test's bound on up to 512 tokens of ``x``."""
     x = x[:512]
-    got = fp8_linear_scaled_mm(x, wq, ws_mm).float()
+    got = module(x).float()
+    wq, ws = module.weight, module.weight_scale_inv
     xq, xs = quantize_act_per_token(x)
     ref = blockwise_matmul_ref(xq, xs, wq, ws)
     mag = dequantize_act_per_token(xq, xs).abs() @ dequantize_weight_blocks(wq, ws).abs().T
@@ -90,42 +96,52 @@ def error_ratio(x: torch.Tensor, wq, ws, ws_mm) -> float:
     return ((got - ref).abs() / bound).max().item()
 
 
-def bench_linear(name: str, n: int, k: int, tokens: int, iters: int, repeats: int) -> dict:
-    gen = torch.Generator(device="cuda").manual_seed(n * 7 + k)
+def make_pair(n: int, k: int, seed: int) -> tuple[torch.nn.Linear, Fp8Linear]:
+    """The same random weight as a bf16 ``nn.Linear`` and as an ``Fp8Linear`` (quantized with
+    the checkpoints' recipe)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
-    w_bf16 = w.bfloat16()
-    wq, ws = quantize_weight_blocks(w)
-    del w
-    ws_mm = scaled_mm_weight_scales(ws)
+    with torch.device("cuda"):
+        bf16 = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+        fp8 = Fp8Linear(k, n, gemm="scaled_mm")
+    q, s = quantize_weight_blocks(w)
+    with torch.no_grad():
+        bf16.weight.copy_(w)
+        fp8.weight.copy_(q)
+        fp8.weight_scale_inv.copy_(s)
+    return bf16, fp8
+
+
+def bench_unit(unit: str, projections: list, tokens: int, iters: int, repeats: int) -> dict:
+    k = projections[0][2]
+    pairs = [make_pair(n, k, seed=n * 7 + k + i) for i, (_, n, _) in enumerate(projections)]
+    bf16 = [b for b, _ in pairs]
+    fp8 = [f for _, f in pairs]
+    gen = torch.Generator(device="cuda").manual_seed(tokens + k)
     x = torch.randn(tokens, k, device="cuda", generator=gen).bfloat16()
-    xq, scale_a = quantize_act_per_token_fast(x, scale_layout="col")
-
-    def gemm_only():
-        if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
-            return F.scaled_mm(xq, wq.t(), scale_a, F.ScalingType.BlockWise1x128, ws_mm,
-                               F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
-        return torch._scaled_mm(xq, wq.t(), scale_a, ws_mm, out_dtype=torch.bfloat16)
-
-    rec = {"linear": name, "n": n, "k": k, "tokens": tokens,
-           "fused_act_quant": kernel_applies(x),
-           "bf16": time_ms(lambda: F.linear(x, w_bf16), iters, repeats),
-           "fp8": time_ms(lambda: fp8_linear_scaled_mm(x, wq, ws_mm), iters, repeats),
-           "fp8_gemm": time_ms(gemm_only, iters, repeats)}
+    xq = quantize_rows(x)
+    lead = x.shape[:-1]
+    with torch.inference_mode():
+        rec = {"unit": unit, "projections": [{"name": name, "n": n, "k": kk}
+                                             for name, n, kk in projections],
+               "tokens": tokens, "fused_act_quant": kernel_applies(x),
+               "bf16": time_ms(lambda: [m(x) for m in bf16], iters, repeats),
+               "fp8": time_ms(lambda: linear_siblings(x, *fp8), iters, repeats),
+               "fp8_gemm": time_ms(lambda: [m.forward_rows(xq, lead) for m in fp8], iters,
+                                   repeats)}
+        rec["error_over_bound"] = max(error_ratio(x, m) for m in fp8)
     rec["speedup_fp8_vs_bf16"] = rec["bf16"]["median_ms"] / rec["fp8"]["median_ms"]
     rec["speedup_fp8_gemm_vs_bf16"] = rec["bf16"]["median_ms"] / rec["fp8_gemm"]["median_ms"]
-    flops = 2.0 * tokens * n * k
+    flops = 2.0 * tokens * k * sum(n for _, n, _ in projections)
     rec["tflops_bf16"] = flops / rec["bf16"]["median_ms"] / 1e9
     rec["tflops_fp8"] = flops / rec["fp8"]["median_ms"] / 1e9
-    rec["error_over_bound"] = error_ratio(x, wq, ws, ws_mm)
     return rec
 
 
 def totals(results: list[dict], tokens: int) -> dict:
-    by = {r["linear"]: r for r in results if r["tokens"] == tokens}
+    by = {r["unit"]: r for r in results if r["tokens"] == tokens}
     out = {}
-    for layer, names in (("dense_layer", MLA + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
-                         ("moe_layer_mla_shared", MLA + ("shared.gate_proj", "shared.up_proj",
-                                                         "shared.down_proj"))):
+    for layer, names in LAYERS.items():
         bf16 = sum(by[n]["bf16"]["median_ms"] for n in names)
         fp8 = sum(by[n]["fp8"]["median_ms"] for n in names)
         out[layer] = {"bf16_ms": bf16, "fp8_ms": fp8, "speedup": bf16 / fp8}
@@ -137,7 +153,7 @@ def main() -> int:
     ap.add_argument("--tokens", default="2048,8192,16384", help="token counts (comma-separated)")
     ap.add_argument("--iters", type=int, default=10, help="calls per timed repeat")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
-    ap.add_argument("--linears", default=None, help="subset of linear names (comma-separated)")
+    ap.add_argument("--units", default=None, help="subset of unit names (comma-separated)")
     ap.add_argument("--out", default=None, help="JSON file to write")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not scaled_mm_available(torch.device("cuda")):
@@ -145,19 +161,19 @@ def main() -> int:
         return 1
     started = time.perf_counter()
     token_counts = [int(t) for t in args.tokens.split(",")]
-    chosen = [lin for lin in LINEARS if args.linears is None or lin[0] in args.linears.split(",")]
+    chosen = [u for u in UNITS if args.units is None or u[0] in args.units.split(",")]
     results = []
     for tokens in token_counts:
-        for name, n, k in chosen:
-            rec = bench_linear(name, n, k, tokens, args.iters, args.repeats)
+        for unit, projections in chosen:
+            rec = bench_unit(unit, projections, tokens, args.iters, args.repeats)
             results.append(rec)
-            print(f"{name:20s} T={tokens:6d} bf16 {rec['bf16']['median_ms']:7.3f} ms  fp8 "
+            print(f"{unit:16s} T={tokens:6d} bf16 {rec['bf16']['median_ms']:7.3f} ms  fp8 "
                   f"{rec['fp8']['median_ms']:7.3f} ms (gemm {rec['fp8_gemm']['median_ms']:7.3f})"
                   f"  x{rec['speedup_fp8_vs_bf16']:.2f}  err/bound {rec['error_over_bound']:.2f}",
                   file=sys.stderr, flush=True)
             torch.cuda.empty_cache()
     layer_totals = {}
-    if len(chosen) == len(LINEARS):
+    if len(chosen) == len(UNITS):
         layer_totals = {str(t): totals(results, t) for t in token_counts}
     goal = None
     if "16384" in layer_totals:

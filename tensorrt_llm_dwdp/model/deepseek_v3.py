@@ -20,7 +20,7 @@ from torch import nn
 from tensorrt_llm_dwdp.engine.attention import CausalAttention, DecodeAttention, StepMetadata
 from tensorrt_llm_dwdp.model.config import DEEPSEEK_V3, MOE, ModelConfig
 from tensorrt_llm_dwdp.model.decoder import CausalLM, DecoderLayer
-from tensorrt_llm_dwdp.model.fp8_linear import dense_weight
+from tensorrt_llm_dwdp.model.fp8_linear import dense_weight, linear_siblings
 from tensorrt_llm_dwdp.model.kv_cache import KvCache
 from tensorrt_llm_dwdp.model.layers import MLP, RMSNorm, Rotary, yarn_mscale
 from tensorrt_llm_dwdp.model.moe_block import MoeBlock
@@ -57,13 +57,14 @@ class MlaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: StepMetadata, cache: KvCache, cos, sin) -> torch.Tensor:
         n = x.shape[0]
+        # q_a (or q) and kv_a read the same x: an FP8 checkpoint quantizes it once for both
+        q, kv_a = linear_siblings(x, self.q_a_proj if self.q_lora else self.q_proj,
+                                  self.kv_a_proj_with_mqa)
         if self.q_lora:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        else:
-            q = self.q_proj(x)
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(n, self.heads, self.nope + self.rope_dim)
         q[..., self.nope:] = self.rotary.apply(q[..., self.nope:], cos, sin)
-        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)
+        latent, k_rot = kv_a.split([self.kv_lora, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent).unsqueeze(1)  # [n, 1, kv_lora]
         k_rot = self.rotary.apply(k_rot.unsqueeze(1), cos, sin)  # [n, 1, rope]
         cache.write(self.layer_idx, meta.cache_index, latent, k_rot)

@@ -27,6 +27,7 @@ The vendor GEMM accumulates in its own order, so the two agree within the tolera
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,14 +74,54 @@ def scaled_mm_weight_scales(ws: torch.Tensor) -> torch.Tensor:
     return F.pad(ws, (0, kb4 - kb)).contiguous().t()
 
 
-def fp8_linear_scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws_mm: torch.Tensor) -> torch.Tensor:
-    """``x [T, K]`` bf16 through the vendor block-scaled GEMM -> bf16 ``[T, N]``; ``ws_mm`` from
-    :func:`scaled_mm_weight_scales`."""
-    xq, scale_a = quantize_act_per_token_fast(x, scale_layout="col")  # [T, Kb], strides (1, T)
+@dataclass(frozen=True)
+class QuantizedRows:
+    """Activations ready for the vendor GEMM: ``q`` float8_e4m3fn ``[M_pad, K]`` and ``scale``
+    float32 ``[M_pad, K/128]`` outer-dim-major (strides ``(1, M_pad)``), ``rows`` of them real.
+    cuBLASLt finds no blockwise algorithm for a scale whose leading dimension M is not aligned
+    (M = 1, 3, 17 fail with CUBLAS_STATUS_NOT_SUPPORTED on H100), so M is padded to a multiple
+    of ``M_ALIGN`` with zero codes and unit scales; those output rows are dropped."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    rows: int
+
+
+M_ALIGN = 16
+
+
+def quantize_rows(x: torch.Tensor) -> QuantizedRows:
+    """``x [M, K]`` bf16 (K a multiple of 128) quantized once, per token per 128 channels, by
+    the one call every FP8 GEMM input goes through (``quantize_act_per_token_fast``: the fused
+    kernel on sm90, the torch recipe elsewhere), into the padded layout the GEMM reads."""
+    x = x.contiguous()
+    m, k = x.shape
+    m_pad = -(-m // M_ALIGN) * M_ALIGN
+    if m_pad == m:
+        q, scale = quantize_act_per_token_fast(x, scale_layout="col")
+        return QuantizedRows(q, scale, m)
+    q = torch.empty(m_pad, k, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(m_pad, k // FP8_BLOCK, dtype=torch.float32, device=x.device)
+    quantize_act_per_token_fast(x, scale_layout="row", out=q[:m], scale_out=scale[:m])
+    q[m:].view(torch.uint8).zero_()
+    scale[m:].fill_(1.0)
+    return QuantizedRows(q, scale.t().contiguous().t(), m)
+
+
+def scaled_mm_rows(xq: QuantizedRows, wq: torch.Tensor, ws_mm: torch.Tensor) -> torch.Tensor:
+    """The vendor block-scaled GEMM of quantized rows and one FP8 weight -> bf16 ``[rows, N]``;
+    ``ws_mm`` from :func:`scaled_mm_weight_scales`."""
     if not _has_v2_api():
-        return torch._scaled_mm(xq, wq.t(), scale_a, ws_mm, out_dtype=torch.bfloat16)
-    return F.scaled_mm(xq, wq.t(), scale_a, F.ScalingType.BlockWise1x128, ws_mm,
-                       F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+        out = torch._scaled_mm(xq.q, wq.t(), xq.scale, ws_mm, out_dtype=torch.bfloat16)
+    else:
+        out = F.scaled_mm(xq.q, wq.t(), xq.scale, F.ScalingType.BlockWise1x128, ws_mm,
+                          F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+    return out if out.shape[0] == xq.rows else out[:xq.rows]
+
+
+def fp8_linear_scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws_mm: torch.Tensor) -> torch.Tensor:
+    """``x [T, K]`` bf16 through the vendor block-scaled GEMM -> bf16 ``[T, N]``."""
+    return scaled_mm_rows(quantize_rows(x), wq, ws_mm)
 
 
 class Fp8Linear(nn.Module):
@@ -134,15 +175,23 @@ class Fp8Linear(nn.Module):
             return SCALED_MM if fits_scaled_mm(self.out_features, self.in_features) else REFERENCE
         return DEQUANTIZED if device.type == "cuda" else REFERENCE
 
+    def forward_rows(self, xq: QuantizedRows, lead: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """The vendor GEMM on activations quantized by :func:`quantize_rows` (shared between
+        projections of one input: :func:`linear_siblings`) -> bf16 ``[*lead, N]``."""
+        ws_mm = self._cached("scaled_mm-scales",
+                             lambda: scaled_mm_weight_scales(self.weight_scale_inv))
+        y = scaled_mm_rows(xq, self.weight, ws_mm)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if flat.shape[0] == 0:
             y = flat.new_zeros(0, self.out_features)
         elif (backend := self.gemm_backend(x.device)) == SCALED_MM:
-            ws_mm = self._cached("scaled_mm-scales",
-                                 lambda: scaled_mm_weight_scales(self.weight_scale_inv))
-            y = fp8_linear_scaled_mm(flat.contiguous(), self.weight, ws_mm)  # rows for the kernel
+            return self.forward_rows(quantize_rows(flat), lead)
         elif backend == DEQUANTIZED:
             y = F.linear(flat, self.dequantized_weight(torch.bfloat16))
         else:
@@ -150,6 +199,21 @@ class Fp8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+
+def linear_siblings(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """``tuple(m(x) for m in linears)`` for projections of one input (MLA's q_a and kv_a,
+    Qwen3's q, k, v, an MLP's gate and up). When all are ``Fp8Linear`` on the vendor GEMM, x is
+    quantized once for all of them (the same bits each would compute alone): one pass over the
+    activations instead of one per projection."""
+    fp8 = all(isinstance(m, Fp8Linear) and m.gemm_backend(x.device) == SCALED_MM
+              for m in linears)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    if not fp8 or len(linears) < 2 or flat.shape[0] == 0:
+        return tuple(m(x) for m in linears)
+    xq = quantize_rows(flat.to(torch.bfloat16))
+    return tuple(m.forward_rows(xq, lead) for m in linears)
 
 
 def dense_weight(linear: nn.Module, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

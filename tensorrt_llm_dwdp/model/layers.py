@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorrt_llm_dwdp.model.config import RopeConfig
+from tensorrt_llm_dwdp.model.fp8_linear import linear_siblings
 
 
 class RMSNorm(nn.Module):
@@ -52,7 +53,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_siblings(x, self.gate_proj, self.up_proj)  # FP8: x quantized once
+        return self.down_proj(F.silu(gate) * up)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -9,6 +9,7 @@ from torch import nn
 from tensorrt_llm_dwdp.engine.attention import CausalAttention, DecodeAttention, StepMetadata
 from tensorrt_llm_dwdp.model.config import MOE, QWEN3_MOE, ModelConfig
 from tensorrt_llm_dwdp.model.decoder import CausalLM, DecoderLayer
+from tensorrt_llm_dwdp.model.fp8_linear import linear_siblings
 from tensorrt_llm_dwdp.model.kv_cache import KvCache
 from tensorrt_llm_dwdp.model.layers import MLP, RMSNorm, Rotary
 from tensorrt_llm_dwdp.model.moe_block import MoeBlock
@@ -33,9 +34,10 @@ class GqaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: StepMetadata, cache: KvCache, cos, sin) -> torch.Tensor:
         n = x.shape[0]
-        q = self.rotary.apply(self.q_norm(self.q_proj(x).view(n, self.heads, self.head_dim)), cos, sin)
-        k = self.rotary.apply(self.k_norm(self.k_proj(x).view(n, self.kv_heads, self.head_dim)), cos, sin)
-        v = self.v_proj(x).view(n, self.kv_heads, self.head_dim)
+        q, k, v = linear_siblings(x, self.q_proj, self.k_proj, self.v_proj)  # FP8: x quantized once
+        q = self.rotary.apply(self.q_norm(q.view(n, self.heads, self.head_dim)), cos, sin)
+        k = self.rotary.apply(self.k_norm(k.view(n, self.kv_heads, self.head_dim)), cos, sin)
+        v = v.view(n, self.kv_heads, self.head_dim)
         cache.write(self.layer_idx, meta.cache_index, k, v)
         if meta.decode is not None:
             d = meta.decode

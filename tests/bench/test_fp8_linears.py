@@ -11,17 +11,18 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from bench.fp8_linears import LINEARS, MLA, totals  # noqa: E402
+from bench.fp8_linears import LAYERS, UNITS, totals  # noqa: E402
 
 
 def test_layer_totals_sum_the_medians():
-    results = [{"linear": name, "tokens": 16384, "bf16": {"median_ms": 2.0 * (i + 1)},
-                "fp8": {"median_ms": 1.0 * (i + 1)}} for i, (name, _, _) in enumerate(LINEARS)]
+    results = [{"unit": name, "tokens": 16384, "bf16": {"median_ms": 2.0 * (i + 1)},
+                "fp8": {"median_ms": 1.0 * (i + 1)}} for i, (name, _) in enumerate(UNITS)]
     out = totals(results, 16384)
-    dense = MLA + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    want = sum(i + 1 for i, (name, _, _) in enumerate(LINEARS) if name in dense)
+    want = sum(i + 1 for i, (name, _) in enumerate(UNITS) if name in LAYERS["dense_layer"])
     assert out["dense_layer"] == {"bf16_ms": 2.0 * want, "fp8_ms": 1.0 * want, "speedup": 2.0}
     assert set(out) == {"dense_layer", "moe_layer_mla_shared"}
+    # every projection of one input is in one unit, and every unit's projections share K
+    assert all(len({k for _, _, k in projs}) == 1 for _, projs in UNITS)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")

@@ -45,6 +45,18 @@ def _weights(n, k, seed):
     return quantize_weight_blocks(w)
 
 
+def _assert_within_bound(got: torch.Tensor, x: torch.Tensor, wq: torch.Tensor,
+                         ws: torch.Tensor) -> None:
+    """``got`` (the vendor path's ``[T, N]`` for input ``x``) within the module docstring's
+    bound of the reference block-scaled GEMM."""
+    xq, xs = quantize_act_per_token(x)
+    ref = blockwise_matmul_ref(xq, xs, wq, ws)
+    mag = dequantize_act_per_token(xq, xs).abs() @ dequantize_weight_blocks(wq, ws).abs().T
+    bound = 2.0 ** -8 * ref.abs() + 2.0 ** -12 * mag
+    excess = ((got.float() - ref).abs() - bound).max().item()
+    assert excess <= 0, f"vendor vs reference beyond the stated bound by {excess:.3g}"
+
+
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("tokens", [1, 3, 17, 300, 2048])
 def test_scaled_mm_matches_reference(n, k, tokens):
@@ -55,14 +67,9 @@ def test_scaled_mm_matches_reference(n, k, tokens):
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     x = (torch.randn(tokens, k, device="cuda", generator=gen) * 2).bfloat16()
     x[:, :128] *= 30  # a token group of a very different range
-    got = fp8_linear_scaled_mm(x, wq, scaled_mm_weight_scales(ws)).float()
-    xq, xs = quantize_act_per_token(x)
-    ref = blockwise_matmul_ref(xq, xs, wq, ws)
-    mag = dequantize_act_per_token(xq, xs).abs() @ dequantize_weight_blocks(wq, ws).abs().T
-    bound = 2.0 ** -8 * ref.abs() + 2.0 ** -12 * mag
-    excess = ((got - ref).abs() - bound).max().item()
-    assert excess <= 0, f"vendor vs reference beyond the stated bound by {excess:.3g}"
+    got = fp8_linear_scaled_mm(x, wq, scaled_mm_weight_scales(ws))
     assert got.shape == (tokens, n)
+    _assert_within_bound(got, x, wq, ws)
 
 
 def test_fused_activation_quantization_is_the_recipe_bit_for_bit():
@@ -90,12 +97,34 @@ def test_fp8_linear_picks_the_vendor_gemm_on_sm90():
     with torch.no_grad():
         lin.weight.copy_(q)
         lin.weight_scale_inv.copy_(s)
-    x = torch.randn(2, 5, 7168, device="cuda").bfloat16()
+    x = torch.randn(2, 5, 7168, device="cuda").bfloat16()  # 10 token rows: padded to 16
     y = lin(x)
     assert y.shape == (2, 5, 576) and y.dtype == torch.bfloat16
-    ref = Fp8Linear(7168, 576, gemm="reference").cuda()
-    ref.load_state_dict(lin.state_dict())
-    torch.testing.assert_close(y.float(), ref(x).float(), rtol=2 ** -7, atol=2e-2)
+    _assert_within_bound(y.reshape(10, 576), x.reshape(10, 7168), q, s)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 17, 64])
+def test_siblings_share_one_quantization_bitwise(tokens):
+    """MLA's q_a and kv_a (and an MLP's gate and up) quantize their common input once
+    (linear_siblings): the outputs equal each module's own call bit for bit, at token counts
+    the GEMM pads (1, 3, 17) and one it does not."""
+    _need_sm90()
+    from tensorrt_llm_dwdp.model.fp8_linear import linear_siblings
+
+    mods = []
+    for n in (1536, 576):
+        with torch.device("cuda"):
+            m = Fp8Linear(7168, n)
+        q, s = _weights(n, 7168, seed=n)
+        with torch.no_grad():
+            m.weight.copy_(q)
+            m.weight_scale_inv.copy_(s)
+        mods.append(m)
+    x = torch.randn(tokens, 7168, device="cuda").bfloat16()
+    shared = linear_siblings(x, *mods)
+    for m, y in zip(mods, shared):
+        assert y.shape == (tokens, m.out_features)
+        assert torch.equal(y, m(x))
 
 
 def test_fp8_model_on_gpu_matches_cpu(tmp_path):
