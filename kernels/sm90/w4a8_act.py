@@ -1,17 +1,17 @@
 """The W4A8 kernels' activation operand: the one place activations are quantized for them.
 
-``w4a8_activations(x)`` = ``quant.fp8.quantize_act_per_token_unchecked`` (the math of
-``quant.w4a8.quantize_activations``: e4m3 per token per 128 channels, fp32 scales; one torch
-pass before the GEMM, no host sync, so it can be captured in a CUDA graph) with the values
-permuted inside every 16-wide group of K into the order the kernel's fp8 A fragments put the
-weight codes (``preshuffle.permute_act_k16``). A fused quantization kernel replaces this
-function's body and nothing else.
+``w4a8_activations(x)`` = ``quant.fp8_device.quantize_act_per_token_fast`` (the math of
+``quant.w4a8.quantize_activations``: e4m3 per token per 128 channels, fp32 scales; the fused
+sm90 kernel, bit for bit ``quant.fp8.quantize_act_per_token``, with no host sync, so the layer
+can be captured in a CUDA graph; the torch recipe where the kernel does not apply) with the
+values permuted inside every 16-wide group of K into the order the kernel's fp8 A fragments put
+the weight codes (``preshuffle.permute_act_k16``).
 """
 from __future__ import annotations
 
 import torch
 
-from tensorrt_llm_dwdp.quant.fp8 import quantize_act_per_token_unchecked
+from tensorrt_llm_dwdp.quant.fp8_device import quantize_act_per_token_fast
 
 from .preshuffle import permute_act_k16
 
@@ -22,6 +22,6 @@ def w4a8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() != 2 or x.shape[1] % 128:
         raise ValueError(f"W4A8 activations: expected [T, K] with K a multiple of 128, got "
                          f"{tuple(x.shape)}")
-    xq, xs = quantize_act_per_token_unchecked(x)
+    xq, xs = quantize_act_per_token_fast(x)
     permuted = permute_act_k16(xq.view(torch.uint8)).view(torch.float8_e4m3fn)
     return permuted, xs.contiguous()
