@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorrt_llm_dwdp.moe.backends import MoeBackend, get_backend
-from tensorrt_llm_dwdp.moe.layouts import LINEAR, backend_layouts
+from tensorrt_llm_dwdp.moe.layouts import LINEAR, backend_layouts, layout_for_quant
 from tensorrt_llm_dwdp.moe.router import RouterConfig, route
 from tensorrt_llm_dwdp.moe.weights import ExpertWeights
 
@@ -117,13 +117,15 @@ class ConfigurableMoE(nn.Module):
         of the layer carry the same tag: the group agreed on it at the exchange). Validated
         now; kept by reference (no copy). A backend that cannot read ``weight_layout`` is
         refused here, before any step."""
-        reads = backend_layouts(self.backend)
+        weights = ExpertWeights.single(params, weight_layout)
+        reads = tuple(dict.fromkeys(layout_for_quant(r, weights.quant)
+                                    for r in backend_layouts(self.backend)))
         if weight_layout not in reads:
             raise ValueError(
                 f"MoE layer {self.layer_idx}: backend {type(self.backend).__name__} reads "
-                f"{' or '.join(reads)} expert weights, got {weight_layout!r} (load_model picks "
-                f"the backend's layout; moe.layouts.shuffle_experts_ shuffles linear tensors)")
-        weights = ExpertWeights.single(params, weight_layout)
+                f"{' or '.join(reads)} expert weights, got {weight_layout!r} for "
+                f"{weights.quant} experts (load_model picks the backend's layout; "
+                f"moe.layouts.shuffle_experts_ shuffles linear tensors)")
         got = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
         want = (self.num_local_experts, self.hidden_size, self.intermediate_size)
         if got != want:

@@ -184,6 +184,22 @@ def test_a_layer_refuses_a_layout_its_backend_cannot_read():
     assert moe.weight_layout == PRESHUFFLED
 
 
+def test_a_cutedsl_layer_takes_fp8_experts_linear():
+    """FP8 experts stay linear under every backend (the FP8 kernel reads checkpoint rows), so a
+    cutedsl layer whose native NVFP4 layout is preshuffled takes them linear and refuses them
+    preshuffled, saying why."""
+    pytest.importorskip("cutlass")
+    from tensorrt_llm_dwdp.moe.backends.cutedsl import CuteDslMoeBackend
+    from tensorrt_llm_dwdp.moe.specs import FP8, allocate_experts
+
+    params = allocate_experts(FP8, E, 128, 128, lambda shape, dt: torch.zeros(shape, dtype=dt))
+    moe = ConfigurableMoE(E, K, 128, 128, backend=CuteDslMoeBackend())
+    with pytest.raises(ValueError, match="FP8 experts stay linear"):
+        moe.set_local_weights(params, PRESHUFFLED)
+    moe.set_local_weights(params, LINEAR)
+    assert moe.weight_layout == LINEAR and moe.local_weights.quant == FP8
+
+
 def _config(**kw):
     return DwdpConfig(dwdp_size=2, num_experts_per_worker=2, num_prefetch_experts=1,
                       peer_timeout_s=10.0, **kw)
