@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-DOCS = ("README.md", "docs/BENCHMARKS.md")
+DOCS = ("README.md", "docs/BENCHMARKS.md", "docs/FP8.md")
 ONE_GPU = "bench/results/h200_one_gpu_2026-12-01/session4"
 
 
@@ -234,6 +234,30 @@ def render_graphs(results: dict) -> list[str]:
     return lines
 
 
+def render_fp8_linears(bench: dict) -> list[str]:
+    """DeepSeek-V3's projections on FP8 tensor cores (cuBLASLt blockwise 1x128 x 128x128, the
+    activation quantization included) against bf16 ``F.linear``, per layer and per unit."""
+    lines = [f"{bench['device']}, torch {bench['torch']}; median of {bench['repeats']} runs of "
+             f"{bench['iters']} calls; FP8 = quantize the input once per unit (fused kernel) + "
+             f"the blockwise-scaled GEMMs; GEMM-only leaves the quantization out.", "",
+             "| tokens | dense layer bf16 / FP8 ms | ratio | MoE layer's MLA + shared linears "
+             "bf16 / FP8 ms | ratio |", "|---|---|---|---|---|"]
+    for tokens, t in bench["layer_totals"].items():
+        d, m = t["dense_layer"], t["moe_layer_mla_shared"]
+        lines.append(f"| {tokens} | {d['bf16_ms']:.2f} / {d['fp8_ms']:.2f} | {d['speedup']:.2f}x | "
+                     f"{m['bf16_ms']:.2f} / {m['fp8_ms']:.2f} | {m['speedup']:.2f}x |")
+    top = max(int(k) for k in bench["layer_totals"])
+    lines += ["", f"Per unit at {top} tokens:", "",
+              "| unit | FP8 vs bf16 | GEMM only | FP8 TFLOP/s | bf16 TFLOP/s |",
+              "|---|---|---|---|---|"]
+    for r in bench["results"]:
+        if r["tokens"] == top:
+            lines.append(f"| {r['unit']} | {r['speedup_fp8_vs_bf16']:.2f}x | "
+                         f"{r['speedup_fp8_gemm_vs_bf16']:.2f}x | {r['tflops_fp8']:.0f} | "
+                         f"{r['tflops_bf16']:.0f} |")
+    return lines
+
+
 TABLES: dict[str, Table] = {
     "serve-compare": Table(f"{ONE_GPU}/phase1/compare/serve/serve_compare.json", "2026-12-01",
                            render_serve_compare),
@@ -243,6 +267,8 @@ TABLES: dict[str, Table] = {
                                "2026-12-01", render_prefill_breakdown),
     "kv-handover": Table(f"{ONE_GPU}/serving/kv_handover.json", "2026-12-01", render_kv_handover),
     "graphs": Table("bench/results/graphs_h100", "2026-12-07", render_graphs),
+    "fp8-linears": Table("bench/results/fp8_model_h100/fp8_linears.json", "2026-12-07",
+                         render_fp8_linears),
     "plan": Table("bench/results/plan", "2026-12-07", render_plan, verb="Predicted"),
 }
 
