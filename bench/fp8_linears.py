@@ -36,7 +36,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from bench.json_out import emit  # noqa: E402
 from tensorrt_llm_dwdp.model.fp8_linear import (  # noqa: E402

@@ -2,7 +2,9 @@
 the preshuffled layout (the only one the kernels read; the torch reference unshuffles them)."""
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import sys
 
 import pytest
@@ -42,3 +44,33 @@ def experts():
         return cache[model]
 
     return get
+
+
+def _tool(name: str) -> str | None:
+    """``name`` on PATH, else inside the ``nvidia-cuda-cuobjdump`` / ``nvidia-cuda-nvdisasm``
+    wheels (which install their binaries under the ``nvidia`` namespace package)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        hits = glob.glob(os.path.join(root, "**", "bin", name), recursive=True)
+        if hits:
+            return hits[0]
+    return None
+
+
+@pytest.fixture(scope="module")
+def tools():
+    """(cuobjdump, nvdisasm) for the CPU compile checks of the sm_90a kernels."""
+    pytest.importorskip("cutlass", reason="needs nvidia-cutlass-dsl==4.3.5")
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only compile check (a GPU machine runs the kernels instead)")
+    cuobjdump, nvdisasm = _tool("cuobjdump"), _tool("nvdisasm")
+    if not cuobjdump or not nvdisasm:
+        pytest.skip("needs cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump "
+                    "nvidia-cuda-nvdisasm)")
+    return cuobjdump, nvdisasm

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from test_compile_sm90 import _compile_sass, _registers, k_loop_mix, tools  # noqa: F401
+from test_compile_sm90 import _registers, k_loop_mix
 
 pytestmark = pytest.mark.kernels
 

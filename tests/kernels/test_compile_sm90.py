@@ -12,10 +12,8 @@ pool of ``RsConfig.register_pool`` registers, split as configured).
 from __future__ import annotations
 
 import collections
-import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,35 +24,6 @@ from bench.rs_variants import occupancy_configs
 
 pytestmark = pytest.mark.kernels
 HERE = Path(__file__).resolve().parent
-
-
-def _tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    try:
-        import nvidia
-    except ImportError:
-        return None
-    for root in nvidia.__path__:
-        hits = glob.glob(os.path.join(root, "**", "bin", name), recursive=True)
-        if hits:
-            return hits[0]
-    return None
-
-
-@pytest.fixture(scope="module")
-def tools():
-    pytest.importorskip("cutlass", reason="needs nvidia-cutlass-dsl==4.3.5")
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("CPU-only compile check (a GPU machine runs the kernels instead)")
-    cuobjdump, nvdisasm = _tool("cuobjdump"), _tool("nvdisasm")
-    if not cuobjdump or not nvdisasm:
-        pytest.skip("needs cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump "
-                    "nvidia-cuda-nvdisasm)")
-    return cuobjdump, nvdisasm
 
 
 def _compile_sass(tools, tmp_path, *argv) -> str:

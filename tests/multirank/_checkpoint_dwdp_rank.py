@@ -10,7 +10,6 @@ keeps its experts preshuffled (the torch backend unshuffles them), the full mode
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 

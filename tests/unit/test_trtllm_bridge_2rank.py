@@ -8,7 +8,6 @@ bytes carry (layer, expert), so a misplaced copy shows, and the backends' parame
 ``quant_scales`` must show all E experts after every bind. Odd layer count, redundant layout.
 The fake TensorRT-LLM executor over the same manager is tests/multirank/test_trtllm_fake_executor.py.
 """
-import os
 from collections import namedtuple
 
 import pytest
