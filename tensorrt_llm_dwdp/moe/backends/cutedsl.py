@@ -184,13 +184,42 @@ class CuteDslMoeBackend:
         weights: ExpertWeights,
     ) -> torch.Tensor:
         check_run_experts_args(x, topk_ids, topk_weights, weights)
+        self._check(x, weights)
+        tokens, k = topk_ids.shape
+        if tokens == 0:
+            return torch.empty(0, x.shape[1], dtype=torch.bfloat16, device=x.device)
+        bn = choose_token_tile(tokens * k, weights.num_experts)
+        plan = build_permutation(topk_ids, weights.num_experts, tile_m=bn)
+        self.routing_errors.add(plan)
+        x = x.contiguous()
+        if x.data_ptr() % 16:  # a row-offset view; the gather copies 16-byte chunks
+            x = x.clone()
         if weights.quant == FP8:
-            return self._run_fp8(x, topk_ids, topk_weights, weights)
-        if weights.quant != "nvfp4":
+            w13 = self._table(weights, "w3_w1_weight", FP8_SCALES["w3_w1_weight"], None)
+            w2 = self._table(weights, "w2_weight", FP8_SCALES["w2_weight"], None)
+            return fp8_moe_forward(self.cache, x, topk_ids, topk_weights.contiguous(), w13, w2,
+                                   plan, bn)
+        w13 = self._table(weights, "w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha")
+        w2 = self._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
+        h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, bn,
+                              tile_count=plan.tile_count, compute=self.compute)
+        return fc2_finalize(self.cache, h, plan.slot_index, plan.tile_expert, topk_ids,
+                            topk_weights, w2, bn, tile_count=plan.tile_count,
+                            compute=self.compute)
+
+    def _check(self, x: torch.Tensor, weights: ExpertWeights) -> None:
+        """ValueError naming what these kernels cannot run, before any launch: NVFP4 experts
+        preshuffled (W4A16, or W4A8 with sizes multiples of 128), FP8 experts linear (sizes
+        multiples of 128), no biases, CUDA tensors."""
+        if weights.quant == FP8:
+            if weights.weight_layout != LINEAR:
+                raise ValueError(f"cutedsl backend: FP8 experts are read in the linear layout, "
+                                 f"got {weights.weight_layout!r}")
+        elif weights.quant != "nvfp4":
             raise ValueError(
                 f"cutedsl backend: needs NVFP4 or FP8 expert weights, got {weights.quant!r} "
                 "(use backend='torch' for bf16 weights)")
-        if weights.weight_layout != PRESHUFFLED:
+        elif weights.weight_layout != PRESHUFFLED:
             raise ValueError(
                 f"cutedsl backend: reads preshuffled expert weights, got {weights.weight_layout!r} "
                 "(load_model shuffles them for this backend; moe.layouts.shuffle_experts_ does "
@@ -199,6 +228,9 @@ class CuteDslMoeBackend:
             raise ValueError("cutedsl backend: expert biases are not supported (use 'torch')")
         if not x.is_cuda:
             raise ValueError(f"cutedsl backend: tensors must be on a CUDA device, got {x.device}")
+        if weights.quant == FP8:
+            check_fp8_shapes(weights.hidden_size, weights.intermediate_size)
+            return
         check_expert_shapes(weights.hidden_size, weights.intermediate_size)
         if self.compute == "e4m3" and (weights.hidden_size % 128
                                        or weights.intermediate_size % 128):
@@ -206,47 +238,6 @@ class CuteDslMoeBackend:
                 f"cutedsl backend, nvfp4_compute='fp8': hidden size {weights.hidden_size} and "
                 f"expert intermediate size {weights.intermediate_size} must be multiples of 128 "
                 f"(one activation scale per 128 channels); use nvfp4_compute='bf16'")
-        tokens, k = topk_ids.shape
-        if tokens == 0:
-            return torch.empty(0, x.shape[1], dtype=torch.bfloat16, device=x.device)
-        bn = choose_token_tile(tokens * k, weights.num_experts)
-        plan = build_permutation(topk_ids, weights.num_experts, tile_m=bn)
-        self.routing_errors.add(plan)
-        w13 = self._table(weights, "w3_w1_weight", "w3_w1_weight_scale", "fc31_alpha")
-        w2 = self._table(weights, "w2_weight", "w2_weight_scale", "fc2_alpha")
-        x = x.contiguous()
-        if x.data_ptr() % 16:  # a row-offset view; the gather copies 16-byte chunks
-            x = x.clone()
-        h = fc1_gather_swiglu(self.cache, x, plan.gather_index, plan.tile_expert, w13, bn,
-                              tile_count=plan.tile_count, compute=self.compute)
-        return fc2_finalize(self.cache, h, plan.slot_index, plan.tile_expert, topk_ids,
-                            topk_weights, w2, bn, tile_count=plan.tile_count,
-                            compute=self.compute)
-
-    def _run_fp8(self, x, topk_ids, topk_weights, weights: ExpertWeights) -> torch.Tensor:
-        """FP8 experts (linear layout): ``fp8_launch.fp8_moe_forward`` over the multi-B
-        tables, token tile by rows per expert as for NVFP4."""
-        if weights.weight_layout != LINEAR:
-            raise ValueError(f"cutedsl backend: FP8 experts are read in the linear layout, got "
-                             f"{weights.weight_layout!r}")
-        if weights.has_bias:
-            raise ValueError("cutedsl backend: expert biases are not supported (use 'torch')")
-        if not x.is_cuda:
-            raise ValueError(f"cutedsl backend: tensors must be on a CUDA device, got {x.device}")
-        check_fp8_shapes(weights.hidden_size, weights.intermediate_size)
-        tokens, k = topk_ids.shape
-        if tokens == 0:
-            return torch.empty(0, x.shape[1], dtype=torch.bfloat16, device=x.device)
-        bn = choose_token_tile(tokens * k, weights.num_experts)
-        plan = build_permutation(topk_ids, weights.num_experts, tile_m=bn)
-        self.routing_errors.add(plan)
-        w13 = self._table(weights, "w3_w1_weight", FP8_SCALES["w3_w1_weight"], None)
-        w2 = self._table(weights, "w2_weight", FP8_SCALES["w2_weight"], None)
-        x = x.contiguous()
-        if x.data_ptr() % 16:
-            x = x.clone()
-        return fp8_moe_forward(self.cache, x, topk_ids, topk_weights.contiguous(), w13, w2,
-                               plan, bn)
 
 
 def create_backend(nvfp4_compute: str = "bf16") -> CuteDslMoeBackend:
