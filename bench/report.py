@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-DOCS = ("README.md", "docs/BENCHMARKS.md", "docs/FP8.md")
+DOCS = ("README.md", "docs/BENCHMARKS.md", "docs/FP8.md", "docs/GRAPHS.md")
 ONE_GPU = "bench/results/h200_one_gpu_2026-12-01/session4"
 
 
