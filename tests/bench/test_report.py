@@ -28,6 +28,7 @@ def _tiny(tmp_path, monkeypatch, value):
 
 def test_write_then_check_then_drift_is_named(tmp_path, monkeypatch, capsys):
     _tiny(tmp_path, monkeypatch, 41)
+    monkeypatch.setattr(report, "DOCS", ("README.md", "docs/BENCHMARKS.md"))
     doc = "# Title\nbefore\n<!-- report:t -->\nstale\n<!-- /report:t -->\nafter\n"
     (tmp_path / "README.md").write_text(doc)
     (tmp_path / "docs" / "BENCHMARKS.md").write_text("no tables here\n")
