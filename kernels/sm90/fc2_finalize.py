@@ -18,6 +18,7 @@ from .expert_table import ExpertTable
 from .grouped_launch import (
     BLOCK_ROWS,
     bf16_output,
+    check_finalize_args,
     check_plan_tensors,
     current_stream,
     gmem_ptr,
@@ -63,17 +64,8 @@ def fc2_finalize(
     if h.shape[1] != w2.k:
         raise ValueError(f"fc2: h width {h.shape[1]} != weight K {w2.k}")
     check_plan_tensors(bn, h.shape[0], tile_expert, tile_count)
-    if slot_index.dtype != torch.int32 or slot_index.shape != (h.shape[0],):
-        raise ValueError(f"fc2: slot_index must be int32 [{h.shape[0]}], got "
-                         f"{slot_index.dtype} {tuple(slot_index.shape)}")
-    if topk_weights.dtype != torch.float32 or topk_weights.dim() != 2:
-        raise ValueError(f"fc2: topk_weights must be fp32 [T, k], got {topk_weights.dtype} "
-                         f"{tuple(topk_weights.shape)}")
-    tokens, top_k = topk_weights.shape
-    if topk_ids.dtype != torch.int32 or topk_ids.shape != topk_weights.shape:
-        raise ValueError(f"fc2: topk_ids must be int32 {tuple(topk_weights.shape)}, got "
-                         f"{topk_ids.dtype} {tuple(topk_ids.shape)}")
-    topk_ids = topk_ids.contiguous()
+    tokens, top_k, topk_ids = check_finalize_args("fc2", h.shape[0], slot_index, topk_ids,
+                                                  topk_weights)
     hidden = w2.rows
     out = bf16_output(out, (tokens, hidden), h.device, "fc2")
     if tokens == 0:

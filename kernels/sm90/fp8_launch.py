@@ -16,7 +16,8 @@ import torch
 from ..compile_cache import CompileCache, require_cutlass
 from .expert_table import ExpertTable
 from .fc2_finalize import chunk_blocks, slot_sum_launcher
-from .grouped_launch import bf16_output, check_plan_tensors, current_stream, sm_count
+from .grouped_launch import (bf16_output, check_finalize_args, check_plan_tensors, current_stream,
+                             sm_count)
 
 FP8_BLOCK = 128
 FP8_BLOCKS_PER_CTA = 2  # 64-row weight blocks per CTA (fp8_gemm.BLOCKS_PER_CTA)
@@ -229,17 +230,8 @@ def fc2_fp8_finalize(
     ``[T, k]`` (-1 = empty slot); topk_weights fp32 ``[T, k]``; ``w2`` rows = H, k = I."""
     _check_rows("fc2 fp8", hq, hs, w2.k)
     check_plan_tensors(bn, hq.shape[0], tile_expert)
-    if slot_index.dtype != torch.int32 or slot_index.shape != (hq.shape[0],):
-        raise ValueError(f"fc2 fp8: slot_index must be int32 [{hq.shape[0]}], got "
-                         f"{slot_index.dtype} {tuple(slot_index.shape)}")
-    if topk_weights.dtype != torch.float32 or topk_weights.dim() != 2:
-        raise ValueError(f"fc2 fp8: topk_weights must be fp32 [T, k], got {topk_weights.dtype} "
-                         f"{tuple(topk_weights.shape)}")
-    tokens, top_k = topk_weights.shape
-    if topk_ids.dtype != torch.int32 or topk_ids.shape != topk_weights.shape:
-        raise ValueError(f"fc2 fp8: topk_ids must be int32 {tuple(topk_weights.shape)}, got "
-                         f"{topk_ids.dtype} {tuple(topk_ids.shape)}")
-    topk_ids = topk_ids.contiguous()
+    tokens, top_k, topk_ids = check_finalize_args("fc2 fp8", hq.shape[0], slot_index, topk_ids,
+                                                  topk_weights)
     hidden = w2.rows
     out = bf16_output(out, (tokens, hidden), hq.device, "fc2 fp8")
     if tokens == 0:

@@ -145,3 +145,21 @@ def check_plan_tensors(bn: int, m_pad: int, tile_expert: torch.Tensor,
         raise ValueError(f"grouped GEMM: tile_count must be int32 [1] on {tile_expert.device} "
                          f"(the plan's real tile count), got {tile_count.dtype} "
                          f"{tuple(tile_count.shape)} on {tile_count.device}")
+
+
+def check_finalize_args(what: str, rows: int, slot_index: torch.Tensor, topk_ids: torch.Tensor,
+                        topk_weights: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """The FC2 + slot-sum routing operands (every FC2 kernel's): slot_index int32 ``[rows]``,
+    topk_weights fp32 ``[T, k]``, topk_ids int32 of the same shape. Returns ``(T, k,
+    topk_ids contiguous)``; ValueError naming the operand otherwise."""
+    if slot_index.dtype != torch.int32 or slot_index.shape != (rows,):
+        raise ValueError(f"{what}: slot_index must be int32 [{rows}], got "
+                         f"{slot_index.dtype} {tuple(slot_index.shape)}")
+    if topk_weights.dtype != torch.float32 or topk_weights.dim() != 2:
+        raise ValueError(f"{what}: topk_weights must be fp32 [T, k], got {topk_weights.dtype} "
+                         f"{tuple(topk_weights.shape)}")
+    tokens, top_k = topk_weights.shape
+    if topk_ids.dtype != torch.int32 or topk_ids.shape != topk_weights.shape:
+        raise ValueError(f"{what}: topk_ids must be int32 {tuple(topk_weights.shape)}, got "
+                         f"{topk_ids.dtype} {tuple(topk_ids.shape)}")
+    return tokens, top_k, topk_ids.contiguous()
