@@ -39,13 +39,12 @@ import torch  # noqa: E402
 
 from bench.json_out import emit  # noqa: E402
 from tensorrt_llm_dwdp.model.fp8_linear import (  # noqa: E402
-    Fp8Linear, linear_siblings, quantize_rows, scaled_mm_available,
+    Fp8Linear, linear_siblings, quantize_rows, scaled_mm_available, uses_fused_quant,
 )
 from tensorrt_llm_dwdp.quant.fp8 import (  # noqa: E402
     blockwise_matmul_ref, dequantize_act_per_token, dequantize_weight_blocks,
     quantize_act_per_token, quantize_weight_blocks,
 )
-from tensorrt_llm_dwdp.quant.fp8_device import kernel_applies  # noqa: E402
 
 # DeepSeek-V3 (hidden 7168, q_lora 1536, kv_lora 512 + rope 64, 128 heads, dense intermediate
 # 18432, shared expert 2048): (unit, [(projection, N, K)]), the projections of one input together
@@ -123,7 +122,7 @@ def bench_unit(unit: str, projections: list, tokens: int, iters: int, repeats: i
     with torch.inference_mode():
         rec = {"unit": unit, "projections": [{"name": name, "n": n, "k": kk}
                                              for name, n, kk in projections],
-               "tokens": tokens, "fused_act_quant": kernel_applies(x),
+               "tokens": tokens, "fused_act_quant": uses_fused_quant(x),
                "bf16": time_ms(lambda: [m(x) for m in bf16], iters, repeats),
                "fp8": time_ms(lambda: linear_siblings(x, *fp8), iters, repeats),
                "fp8_gemm": time_ms(lambda: [m.forward_rows(xq, lead) for m in fp8], iters,

@@ -11,7 +11,8 @@ forward quantizes activations per token per 128 channels and runs the block-scal
   weights; cuBLASLt >= 12.9 on Hopper; torch builds without ``F.scaled_mm`` take the same
   recipe through ``torch._scaled_mm``, which infers it from the scales' shapes and strides),
   with the activations quantized by the fused kernel of ``quant/fp8_device.py`` (one pass,
-  bitwise the reference recipe, the scales written in the layout the GEMM reads);
+  bitwise the reference recipe, the scales written in the layout the GEMM reads; small inputs
+  by the torch recipe, whose launches cost less host time: ``quantize_rows``);
 - ``reference`` (CPU; sm90 shapes the vendor GEMM does not take): ``quant.fp8.fp8_linear_ref``;
 - ``dequantized`` (GPUs without FP8 tensor cores, e.g. sm80): W8A16, the weight dequantized
   once to bf16 (``dequantized_weight``, kept beside the e4m3 one: 3 bytes per weight instead of
@@ -34,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorrt_llm_dwdp.quant.fp8 import (
-    FP8_BLOCK, FP8_DTYPE, dequantize_weight_blocks, fp8_linear_ref, weight_scale_shape,
+    FP8_BLOCK, FP8_DTYPE, dequantize_weight_blocks, fp8_linear_ref, quantize_act_per_token,
+    weight_scale_shape,
 )
-from tensorrt_llm_dwdp.quant.fp8_device import quantize_act_per_token_fast
+from tensorrt_llm_dwdp.quant.fp8_device import kernel_applies, quantize_act_per_token_fast
 
 SCALED_MM = "scaled_mm"
 REFERENCE = "reference"
@@ -88,15 +90,32 @@ class QuantizedRows:
 
 
 M_ALIGN = 16
+# Inputs of at most this many elements are quantized by the torch recipe (about ten small
+# kernels, ~70 us of host time): the fused kernel's launch costs ~0.3 ms of host time (first
+# H100 measurement: kv_b at 2K tokens 0.28 ms for quantization against 0.09 ms for its GEMM),
+# more than the recipe's GPU time up to here. Both give the same bits.
+SMALL_INPUT = 1 << 22
+
+
+def uses_fused_quant(x: torch.Tensor) -> bool:
+    """Whether :func:`quantize_rows` quantizes ``x`` with the fused kernel."""
+    return x.numel() > SMALL_INPUT and kernel_applies(x.contiguous())
 
 
 def quantize_rows(x: torch.Tensor) -> QuantizedRows:
-    """``x [M, K]`` bf16 (K a multiple of 128) quantized once, per token per 128 channels, by
-    the one call every FP8 GEMM input goes through (``quantize_act_per_token_fast``: the fused
-    kernel on sm90, the torch recipe elsewhere), into the padded layout the GEMM reads."""
+    """``x [M, K]`` bf16 (K a multiple of 128) quantized once, per token per 128 channels, into
+    the padded layout the GEMM reads: the one place every FP8 GEMM input is quantized (the
+    fused kernel of ``quant/fp8_device.py`` for large inputs on sm90, the torch recipe for
+    small ones and elsewhere; the same bits)."""
     x = x.contiguous()
     m, k = x.shape
     m_pad = -(-m // M_ALIGN) * M_ALIGN
+    if x.numel() <= SMALL_INPUT:
+        q, scale = quantize_act_per_token(x)
+        if m_pad != m:
+            q = F.pad(q.view(torch.uint8), (0, 0, 0, m_pad - m)).view(FP8_DTYPE)
+            scale = F.pad(scale, (0, 0, 0, m_pad - m), value=1.0)
+        return QuantizedRows(q, scale.t().contiguous().t(), m)
     if m_pad == m:
         q, scale = quantize_act_per_token_fast(x, scale_layout="col")
         return QuantizedRows(q, scale, m)

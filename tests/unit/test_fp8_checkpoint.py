@@ -274,3 +274,22 @@ def test_modules_to_not_convert_matching():
     assert type(model["lm_head"]) is nn.Linear
     assert isinstance(model["layers"][1]["mlp"]["up_proj"], Fp8Linear)
     assert type(model["layers"][1]["mlp"]["gate_proj"]) is nn.Linear
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16, 17])
+def test_quantize_rows_pads_to_the_gemm_alignment(tokens):
+    """The vendor GEMM's input: the recipe's bits on the real rows, zero codes and unit scales
+    on the pad rows up to a multiple of 16, scales outer-dim-major."""
+    from tensorrt_llm_dwdp.model.fp8_linear import M_ALIGN, quantize_rows
+    from tensorrt_llm_dwdp.quant.fp8 import quantize_act_per_token
+
+    x = torch.randn(tokens, 384, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    rows = quantize_rows(x)
+    pad = -(-tokens // M_ALIGN) * M_ALIGN
+    q, s = quantize_act_per_token(x)
+    assert rows.rows == tokens and rows.q.shape == (pad, 384) and rows.scale.shape == (pad, 3)
+    assert rows.scale.stride() == (1, pad)
+    assert torch.equal(rows.q[:tokens].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(rows.scale[:tokens], s)
+    assert not rows.q[tokens:].view(torch.uint8).any()
+    assert torch.all(rows.scale[tokens:] == 1.0)
