@@ -4,7 +4,7 @@ The LLM API and ``trtllm-serve`` build their executors in MPI worker processes (
 interpreters), where no user code runs before TensorRT-LLM does. So the switch lives where every
 interpreter looks at start-up: a ``.pth`` file in site-packages, installed once with
 
-    python -m tensorrt_llm_dwdp.trtllm.activate install-pth
+    python -m tensorrt_llm_dwdp trtllm-switch install-pth
 
 Its one line does nothing unless ``TRTLLM_DWDP_ADAPTER=1`` is set in the environment (workers
 inherit the launcher's); then it calls :func:`from_environment`, which runs ``install()`` with
@@ -13,7 +13,6 @@ our extra knobs from ``TRTLLM_DWDP_ADAPTER_OPTIONS`` (a JSON object, e.g.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.abc
 import json
 import os
@@ -122,25 +121,10 @@ def remove_pth(directory: str | Path | None = None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tensorrt_llm_dwdp.trtllm.activate",
-        description=f"Install the start-up switch; with {ENV_SWITCH}=1 every Python process "
-                    "(TensorRT-LLM's MPI workers included) then builds tensorrt_llm_dwdp's DWDP "
-                    "manager where TensorRT-LLM builds its own.")
-    parser.add_argument("action", choices=("install-pth", "remove-pth", "status"))
-    parser.add_argument("--site-dir", default=None, help="site-packages folder (default: this "
-                        "interpreter's)")
-    args = parser.parse_args(argv)
-    directory = Path(args.site_dir) if args.site_dir else site_dir()
-    if args.action == "install-pth":
-        print(f"wrote {install_pth(directory)}; set {ENV_SWITCH}=1 to activate")
-    elif args.action == "remove-pth":
-        print("removed" if remove_pth(directory) else f"no {PTH_NAME} in {directory}")
-    else:
-        present = (directory / PTH_NAME).exists()
-        print(f"{PTH_NAME} in {directory}: {'yes' if present else 'no'}; "
-              f"{ENV_SWITCH} {'on' if switched_on() else 'off'} in this environment")
-    return 0
+    """``python -m tensorrt_llm_dwdp.trtllm.activate ACTION``: the ``trtllm-switch`` command."""
+    from tensorrt_llm_dwdp.cli import main as cli_main
+
+    return cli_main(["trtllm-switch", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

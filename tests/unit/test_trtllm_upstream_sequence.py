@@ -290,6 +290,22 @@ def test_e_bad_options_stop_tensorrt_llm_in_a_fresh_process(tmp_path):
     assert out.startswith("refused:") and ENV_OPTIONS in out and "unknown key" in out, out
 
 
+def test_e_the_switch_command_installs_shows_and_removes(tmp_path, capsys):
+    """``python -m tensorrt_llm_dwdp trtllm-switch`` (and the module entry that forwards to it)."""
+    from tensorrt_llm_dwdp.cli import main as cli_main
+    from tensorrt_llm_dwdp.trtllm.activate import PTH_NAME, main as activate_main
+
+    site = ["--site-dir", str(tmp_path)]
+    assert cli_main(["trtllm-switch", "install-pth", *site]) == 0
+    assert (tmp_path / PTH_NAME).read_text() == PTH_LINE
+    assert activate_main(["status", *site]) == 0
+    assert f"{PTH_NAME} in {tmp_path}: yes" in capsys.readouterr().out
+    assert cli_main(["trtllm-switch", "remove-pth", *site]) == 0
+    assert not (tmp_path / PTH_NAME).exists()
+    assert cli_main(["trtllm-switch", "remove-pth", *site]) == 0
+    assert f"no {PTH_NAME} in {tmp_path}" in capsys.readouterr().out
+
+
 def test_e_bad_options_are_named():
     with pytest.raises(ValueError, match="unknown key"):
         options_from_environment({ENV_OPTIONS: '{"peer_timeout": 3}'})
