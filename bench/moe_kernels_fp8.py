@@ -74,6 +74,9 @@ VARIANTS = {
     "bn64_2cta": ((128,), 64, dict(ctas_per_sm=2, producer_regs=48)),  # smaller tile
     # weights by one cp.async.bulk per block and stage from a preshuffled copy (fp8_preshuffle)
     "bulk": ((16, 32, 64, 128), None, dict(bulk_weights=True)),
+    # every operand by the copy engine from one producer thread (tensor maps, pre-permuted rows)
+    "tma": ((16, 32, 64, 128), None, dict(tma=True)),
+    "tma_2cta": ((64,), None, dict(tma=True, ctas_per_sm=2, producer_regs=40)),
 }
 DEFAULT_OUT = "bench/results/moe_kernels_fp8_h200.json"
 GRAPH_MS = 20.0  # one graph replay's length (each timing: the median of 5 replays)

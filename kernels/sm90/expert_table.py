@@ -24,6 +24,10 @@ class ExpertTable:
     local_of_expert: torch.Tensor
     rows: int
     k: int
+    # host copies of each weight tensor's base address and expert count (tensor-map copies
+    # describe every tensor on the host; empty where a table is built without them)
+    weight_ptrs: tuple[int, ...] = ()
+    experts_per_tensor: tuple[int, ...] = ()
 
     @property
     def num_tensors(self) -> int:

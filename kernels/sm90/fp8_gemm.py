@@ -63,7 +63,7 @@ import cutlass.cute as cute
 import cutlass.utils as utils
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float8E4M3FN, Float32, Int32, Int64
-from cutlass.cute.nvgpu import warpgroup
+from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from .ptx import (
     cp_async_4,
@@ -86,6 +86,7 @@ THREADS = PRODUCER_THREADS + 128 * CONSUMER_WGS
 TOKEN_TILES = (16, 32, 64, 128)
 SMEM_PER_SM = 220 * 1024
 MAX_STAGES = 8
+MAX_TMA_TENSORS = 8  # weight tensors (DWDP sources) one ``tma`` kernel takes
 ROW_CHUNKS = K_TILE // 16  # 16 B chunks of one row's K tile
 A_TILE = BLOCK_ROWS * K_TILE  # bytes of one block's K tile
 
@@ -98,12 +99,17 @@ class Fp8Config:
     registers); producer_regs: setmaxnreg of the producer warpgroup (the consumers take the
     rest); bulk_weights: the weights are in the preshuffled layout (``fp8_preshuffle``) and
     move by one ``cp.async.bulk`` per CTA block and stage (else: 16 B cp.asyncs of the
-    checkpoint's rows). CTAs are always persistent (grid = resident CTAs, ``fp8_launch``)."""
+    checkpoint's rows); tma: one producer thread moves every operand with the copy engine
+    (weights in the checkpoint's layout by tensor-map copies, the token rows pre-permuted
+    ``[M_pad, K]`` by one tensor-map copy, their scales transposed ``[K/128, M_pad]`` by one
+    ``cp.async.bulk``; ``fp8_launch`` prepares both). CTAs are always persistent (grid =
+    resident CTAs, ``fp8_launch``)."""
 
     bn: int
     ctas_per_sm: int
     producer_regs: int
     bulk_weights: bool = False
+    tma: bool = False
 
     @property
     def register_pool(self) -> int:
@@ -145,7 +151,7 @@ class Fp8BlockGemm:
     """
 
     def __init__(self, *, epilogue: str, n_weight: int, k: int, bn: int, y_cols: int = 0,
-                 config: Fp8Config | None = None):
+                 config: Fp8Config | None = None, num_tensors: int = 1):
         if epilogue not in EPILOGUES:
             raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
         if bn not in TOKEN_TILES:
@@ -163,6 +169,15 @@ class Fp8BlockGemm:
         cfg = config or fp8_config(bn)
         if cfg.bn != bn:
             raise ValueError(f"{cfg} does not fit bn={bn}")
+        if cfg.tma and cfg.bulk_weights:
+            raise ValueError("tma and bulk_weights are two ways to move the weights: pick one")
+        if not 1 <= num_tensors <= MAX_TMA_TENSORS:
+            raise ValueError(f"num_tensors={num_tensors}: 1..{MAX_TMA_TENSORS} weight tensors")
+        self.num_tensors = num_tensors
+        # tensor-map copies of the weights: FC1's block interleaves 8-row groups of up and
+        # gate rows (``weight_row``), so it moves as 8 boxes of 8 rows; FC2's as one box
+        self.box_rows = 8 if epilogue == "swiglu" else BLOCK_ROWS
+        self.boxes = BLOCK_ROWS // self.box_rows
         self.cfg = cfg
         self.epilogue = epilogue
         self.n_weight = n_weight
@@ -195,14 +210,17 @@ class Fp8BlockGemm:
                  tensor_of_ptr: cute.Pointer, local_of_ptr: cute.Pointer,
                  table_ptr: cute.Pointer, topk_w_ptr: cute.Pointer, out_ptr: cute.Pointer,
                  num_token_tiles: Int32, num_experts: Int32, num_b: Int32, blk_begin: Int32,
-                 blk_end: Int32, grid: Int32, stream):
+                 blk_end: Int32, grid: Int32, w_ptrs: tuple, w_counts: tuple, stream):
         """``a``: e4m3 rows (FC1: tokens ``[T, K]`` gathered by ``row_index``; FC2: ``h``
         ``[M_pad, K]``) with fp32 ``a_scale [rows, K/128]``; ``row_index`` int32 ``[M_pad]``
         (FC1: gather index, FC2: slot index; -1 on padding); ``tile_expert [num_token_tiles]``
         (-1: skip the tile); multi-B maps and ``table`` int64 ``[2, S]`` (weight and scale base
         of each tensor, ``fp8_launch.build_fp8_expert_table``); ``topk_w`` fp32 flat router
         weights (FC2); ``out``: FC1 bf16 ``h [M_pad, I]``, FC2 fp32 ``y [T*k, y_cols]``.
-        ``grid`` <= number of work tiles."""
+        ``grid`` <= number of work tiles. ``tma``: ``a`` is the token rows in plan order
+        ``[M_pad, K]`` (both GEMMs), ``a_scale`` their scales transposed ``[K/128, M_pad]``,
+        and ``w_ptrs`` / ``w_counts`` the ``num_tensors`` weight tensors (e4m3 pointers) and
+        their expert counts, the table's order (other configurations ignore them)."""
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
             Float8E4M3FN, Float8E4M3FN, warpgroup.OperandMajorMode.K,
             warpgroup.OperandMajorMode.K, Float32, (1, 1, 1), tiler_mn=(BLOCK_ROWS, self.bn))
@@ -225,10 +243,31 @@ class Fp8BlockGemm:
             cute.make_tensor(out_ptr, cute.make_layout(1)),
         )
         self.shared_storage = self._shared_storage(a_layout, b_layout)
+        tma = self._tma_atoms(a_ptr, m_rows, w_ptrs, w_counts, a_layout, b_layout)
         # minctasm lets ptxas size the entry register count (the pool), which setmaxnreg needs.
         self.kernel(*tensors, tiled_mma, a_layout, b_layout, num_token_tiles, blk_begin,
-                    blk_end).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1], stream=stream,
-                                    min_blocks_per_mp=self.cfg.ctas_per_sm)
+                    blk_end, tma).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1],
+                                         stream=stream, min_blocks_per_mp=self.cfg.ctas_per_sm)
+
+    def _tma_atoms(self, a_ptr, m_rows, w_ptrs, w_counts, a_layout, b_layout):
+        """``tma``: the tensor-map copy atoms and coordinate tensors of the token rows
+        (``[m_rows, K]``, one ``bn x 128`` box per stage) and of each weight tensor
+        (``[n_t * rows, K]``, ``box_rows x 128`` boxes); an empty tuple otherwise."""
+        if cutlass.const_expr(not self.cfg.tma):
+            return ()
+        op = cpasync.CopyBulkTensorTileG2SOp()
+        gx = cute.make_tensor(cute.recast_ptr(a_ptr, dtype=Float8E4M3FN),
+                              cute.make_layout((m_rows, self.k), stride=(self.k, 1)))
+        x_atom, x_tma = cpasync.make_tiled_tma_atom(
+            op, gx, cute.slice_(b_layout, (None, None, 0)), (self.bn, K_TILE))
+        box = cute.make_composed_layout(
+            a_layout.inner, 0, cute.make_layout((self.box_rows, K_TILE), stride=(K_TILE, 1)))
+        w = []
+        for t in range(self.num_tensors):
+            gw = cute.make_tensor(w_ptrs[t], cute.make_layout(
+                (w_counts[t] * self.n_weight, self.k), stride=(self.k, 1)))
+            w.append(cpasync.make_tiled_tma_atom(op, gw, box, (self.box_rows, K_TILE)))
+        return (x_atom, x_tma, tuple(w))
 
     def _shared_storage(self, a_layout, b_layout):
         stages = self.stages
@@ -251,7 +290,7 @@ class Fp8BlockGemm:
                b_table: cute.Tensor, topk_w: cute.Tensor, out: cute.Tensor,
                tiled_mma: cute.TiledMma, a_layout: cute.ComposedLayout,
                b_layout: cute.ComposedLayout, num_token_tiles: Int32, blk_begin: Int32,
-               blk_end: Int32):
+               blk_end: Int32, tma: tuple):
         tidx, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
         grid, _, _ = cute.arch.grid_dim()
@@ -262,7 +301,7 @@ class Fp8BlockGemm:
         empty = storage.empty.data_ptr()
         if tidx == 0:
             for s in cutlass.range_constexpr(self.stages):
-                cute.arch.mbarrier_init(full + s, PRODUCER_THREADS)
+                cute.arch.mbarrier_init(full + s, 1 if self.cfg.tma else PRODUCER_THREADS)
                 cute.arch.mbarrier_init(empty + s, 128 * CONSUMER_WGS)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
@@ -274,9 +313,15 @@ class Fp8BlockGemm:
         sB = storage.sB.get_tensor(b_layout.outer, swizzle=b_layout.inner)
         if wg == 0:
             cute.arch.warpgroup_reg_dealloc(self.cfg.producer_regs)
-            self._produce(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a, a_scale,
-                          row_index, tile_expert, tensor_of, local_of, b_table, full, empty,
-                          addrs)
+            if cutlass.const_expr(self.cfg.tma):
+                if tidx == 0:
+                    self._produce_tma(bid, grid, my_tiles, n_groups, blk_begin, blk_end,
+                                      a_scale, tile_expert, tensor_of, local_of, full, empty,
+                                      addrs, num_token_tiles, a_layout, b_layout, storage, tma)
+            else:
+                self._produce(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a,
+                              a_scale, row_index, tile_expert, tensor_of, local_of, b_table,
+                              full, empty, addrs)
         else:
             cute.arch.warpgroup_reg_alloc(self.cfg.consumer_regs)
             self._consumer(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end,
@@ -380,6 +425,74 @@ class Fp8BlockGemm:
         for d in cutlass.range_constexpr(self.lag):
             if done - self.lag + d >= 0:
                 self._publish((done - self.lag + d) % self.stages, full)
+
+    @cute.jit
+    def _produce_tma(self, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a_scale,
+                     tile_expert, tensor_of, local_of, full, empty, addrs, num_token_tiles,
+                     a_layout, b_layout, storage, tma):
+        """``tma``: one thread. Per stage: wait for the slot, expect the stage's bytes on
+        ``full[s]``, copy each CTA block's weight K tile (``boxes`` tensor-map boxes of the
+        expert's tensor, rows by ``weight_row``), the token tile's K tile (one box of the
+        pre-permuted rows) and its ``bn`` scales (one ``cp.async.bulk`` of the transposed
+        scales); the copy engine completes ``full[s]``."""
+        _, _, sx_addr = addrs
+        x_atom, x_tma, w_tmas = tma
+        xs_base = a_scale.iterator.toint()
+        m_rows = num_token_tiles * self.bn
+        slots = self.stages * BLOCKS_PER_CTA * self.boxes
+        sA_box = storage.sA.get_tensor(
+            cute.make_layout((self.box_rows, K_TILE, slots),
+                             stride=(K_TILE, 1, self.box_rows * K_TILE)),
+            swizzle=a_layout.inner)
+        sB = storage.sB.get_tensor(b_layout.outer, swizzle=b_layout.inner)
+        one = cute.make_layout(1)
+        tBsB, tBgB = cpasync.tma_partition(
+            x_atom, 0, one, cute.group_modes(sB, 0, 2),
+            cute.group_modes(cute.local_tile(x_tma, (self.bn, K_TILE), (None, None)), 0, 2))
+        w_parts = []
+        for t in cutlass.range_constexpr(self.num_tensors):
+            w_atom, w_tma = w_tmas[t]
+            w_parts.append(cpasync.tma_partition(
+                w_atom, 0, one, cute.group_modes(sA_box, 0, 2),
+                cute.group_modes(cute.local_tile(w_tma, (self.box_rows, K_TILE),
+                                                 (None, None)), 0, 2)))
+        stage_bytes = self.stage_a + self.stage_b + self.stage_x
+        done = Int32(0)
+        for j in cutlass.range(my_tiles, unroll=1):
+            tile = bid + j * grid
+            tt = tile // n_groups
+            blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
+            expert = tile_expert[tt]
+            if expert >= 0:
+                tensor = tensor_of[expert]
+                # the box row of each (CTA block, box) in the expert's tensor; blocks past
+                # blk_end copy the last block again (their results are dropped)
+                first = local_of[expert] * (self.n_weight // self.box_rows)
+                box_row = []
+                for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+                    gblk = cutlass.min(blk0 + cb, blk_end - 1)
+                    for b in cutlass.range_constexpr(self.boxes):
+                        box_row.append(first + self.weight_row(gblk, b * self.box_rows)
+                                       // self.box_rows)
+                for kt in cutlass.range(self.k_tiles, unroll=1):
+                    it = done + kt
+                    s = it % self.stages
+                    cute.arch.mbarrier_wait(empty + s, ((it // self.stages) % 2) ^ 1)
+                    bar = full + s
+                    cute.arch.mbarrier_arrive_and_expect_tx(bar, stage_bytes)
+                    for t in cutlass.range_constexpr(self.num_tensors):
+                        if tensor == t:
+                            w_atom, _ = w_tmas[t]
+                            tAsA, tAgA = w_parts[t]
+                            for i in cutlass.range_constexpr(BLOCKS_PER_CTA * self.boxes):
+                                cute.copy(w_atom, tAgA[(None, box_row[i], kt)],
+                                          tAsA[(None, s * BLOCKS_PER_CTA * self.boxes + i)],
+                                          tma_bar_ptr=bar)
+                    cute.copy(x_atom, tBgB[(None, tt, kt)], tBsB[(None, s)], tma_bar_ptr=bar)
+                    cp_async_bulk(sx_addr + s * self.stage_x,
+                                  xs_base + (Int64(kt) * m_rows + tt * self.bn) * 4,
+                                  self.stage_x, bar.toint())
+                done = done + self.k_tiles
 
     @cute.jit
     def _bulk_weights(self, tidx, s, kt, w_base, w_off, full, sa_addr):

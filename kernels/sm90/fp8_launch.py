@@ -104,6 +104,8 @@ def build_fp8_expert_table(
         local_of_expert=torch.tensor(local_of, dtype=torch.int32).to(device),
         rows=rows,
         k=k,
+        weight_ptrs=tuple(w.data_ptr() for w in weights),
+        experts_per_tensor=tuple(w.shape[0] for w in weights),
     )
 
 
@@ -131,7 +133,8 @@ def fp8_gemm_launcher(
     num_tiles = tile_expert.numel()
     if num_tiles == 0:
         return lambda blk_begin, blk_end: None
-    key = ("fp8_gemm", epilogue, table.rows, table.k, bn, y_cols, cfg)
+    num_tensors = table.num_tensors if cfg.tma else 1
+    key = ("fp8_gemm", epilogue, table.rows, table.k, bn, y_cols, cfg, num_tensors)
     require_cutlass()
     import cutlass
 
@@ -140,6 +143,10 @@ def fp8_gemm_launcher(
             fp8_ptr(table.table, 8), fp8_ptr(topk_w, 4), fp8_ptr(out)]
     fixed = [cutlass.Int32(v) for v in (
         num_tiles, table.tensor_of_expert.numel(), table.num_tensors)]
+    tma_args = tma_weight_args(table) if cfg.tma else ((), ())
+    if cfg.tma and a.shape[0] != num_tiles * bn:
+        raise ValueError(f"fp8 gemm (tma): token rows must be the plan's {num_tiles * bn} "
+                         f"rows in plan order, got {a.shape[0]}")
     resident = sm_count(a.device) * cfg.ctas_per_sm
     stream = current_stream()
     compiled = None
@@ -150,7 +157,7 @@ def fp8_gemm_launcher(
         if tiles == 0:
             return
         args = [*ptrs, *fixed, *(cutlass.Int32(v) for v in (
-            blk_begin, blk_end, min(tiles, resident))), stream]
+            blk_begin, blk_end, min(tiles, resident))), *tma_args, stream]
         if compiled is None:
             def build():
                 import cutlass.cute as cute
@@ -158,13 +165,46 @@ def fp8_gemm_launcher(
                 from .fp8_gemm import Fp8BlockGemm
 
                 kernel = Fp8BlockGemm(epilogue=epilogue, n_weight=table.rows, k=table.k,
-                                      bn=bn, y_cols=y_cols, config=cfg)
+                                      bn=bn, y_cols=y_cols, config=cfg,
+                                      num_tensors=num_tensors)
                 return cute.compile(kernel, *args)
 
             compiled = cache.get(key, build)
         compiled(*args)
 
     return launch
+
+
+def tma_weight_args(table: ExpertTable) -> tuple[tuple, tuple]:
+    """The ``tma`` kernels' weight arguments: an e4m3 pointer and an expert count per tensor
+    (the table's host copies)."""
+    from .fp8_gemm import MAX_TMA_TENSORS
+
+    if not table.weight_ptrs:
+        raise ValueError("fp8 gemm (tma): the expert table has no host copy of its tensors' "
+                         "addresses (build it with build_fp8_expert_table)")
+    if len(table.weight_ptrs) > MAX_TMA_TENSORS:
+        raise ValueError(f"fp8 gemm (tma): {len(table.weight_ptrs)} weight tensors, at most "
+                         f"{MAX_TMA_TENSORS}")
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    ptrs = tuple(make_ptr(cutlass.Float8E4M3FN, p, cute.AddressSpace.gmem, assumed_align=16)
+                 for p in table.weight_ptrs)
+    return ptrs, tuple(cutlass.Int32(n) for n in table.experts_per_tensor)
+
+
+def plan_order_rows(q: torch.Tensor, scale: torch.Tensor, index: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``tma`` kernels' token operand: e4m3 rows in plan order (``q[index]``, index -1
+    reading row 0, or ``q`` itself with ``index`` None) and their scales transposed
+    ``[K/128, rows]`` (one contiguous run per token tile and K block)."""
+    if index is not None:
+        rows = index.clamp(min=0)
+        q = q.view(torch.uint8).index_select(0, rows).view(E4M3)
+        scale = scale.index_select(0, rows)
+    return q, scale.t().contiguous()
 
 
 def _check_rows(name: str, q: torch.Tensor, scale: torch.Tensor, k: int) -> None:
@@ -202,6 +242,8 @@ def fc1_fp8_gather_swiglu(
     check_plan_tensors(bn, m_pad, tile_expert)
     inter = w13.rows // 2
     out = bf16_output(out, (m_pad, inter), xq.device, "fc1 fp8")
+    if _config(config, bn).tma:
+        xq, xs = plan_order_rows(xq, xs, gather_index)
     launch = fp8_gemm_launcher(
         cache, epilogue="swiglu", a=xq, a_scale=xs, row_index=gather_index,
         tile_expert=tile_expert, table=w13, topk_w=xs.new_empty(1), out=out, bn=bn,
@@ -239,6 +281,8 @@ def fc2_fp8_finalize(
     blocks = hidden // FP8_BLOCK_ROWS
     cb = chunk_blocks(hidden, top_k, FP8_BLOCKS_PER_CTA)
     y = torch.empty(tokens * top_k, cb * FP8_BLOCK_ROWS, dtype=torch.float32, device=hq.device)
+    if _config(config, bn).tma:
+        hq, hs = plan_order_rows(hq, hs, None)
     gemm = fp8_gemm_launcher(cache, epilogue="scatter", a=hq, a_scale=hs, row_index=slot_index,
                              tile_expert=tile_expert, table=w2,
                              topk_w=topk_weights.contiguous().reshape(-1), out=y, bn=bn,
@@ -249,6 +293,12 @@ def fc2_fp8_finalize(
         gemm(b0, b1)
         finalize(b0 * FP8_BLOCK_ROWS, (b1 - b0) * FP8_BLOCK_ROWS)
     return out
+
+
+def _config(config, bn: int):
+    from .fp8_gemm import fp8_config
+
+    return config or fp8_config(bn)
 
 
 def quantize_rows(t: torch.Tensor, cache: CompileCache | None = None

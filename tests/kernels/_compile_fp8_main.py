@@ -21,8 +21,10 @@ def main() -> int:
     n_weight, k, bn = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     y_cols = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     overrides = {f: int(v) for f, v in (a.split("=") for a in sys.argv[6:])}
-    if "bulk_weights" in overrides:
-        overrides["bulk_weights"] = bool(overrides["bulk_weights"])
+    for flag in ("bulk_weights", "tma"):
+        if flag in overrides:
+            overrides[flag] = bool(overrides[flag])
+    num_tensors = overrides.pop("num_tensors", 1)
     experts, rows = 8, 2 * bn
     out = (torch.zeros(rows, n_weight // 2, dtype=torch.bfloat16) if kind == "swiglu"
            else torch.zeros(rows, y_cols, dtype=torch.float32))
@@ -32,10 +34,17 @@ def main() -> int:
                torch.zeros(experts, dtype=torch.int32), torch.zeros(experts, dtype=torch.int32),
                torch.zeros(2, 2, dtype=torch.int64), torch.zeros(rows, dtype=torch.float32), out]
     kernel = Fp8BlockGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols,
-                          config=fp8_config(bn, **overrides))
+                          config=fp8_config(bn, **overrides), num_tensors=num_tensors)
     blocks = (y_cols or n_weight) // 64
     ptrs = [fp8_ptr(t, 16 if t.dim() == 2 and t.dtype != torch.int32 else 4) for t in tensors]
-    return _compile_ptrs(kernel, ptrs, [2, experts, 2, 0, blocks, 132])
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    w = tuple(make_ptr(cutlass.Float8E4M3FN, 1 << (24 + t), cute.AddressSpace.gmem,
+                       assumed_align=16) for t in range(num_tensors))
+    counts = tuple(cutlass.Int32(experts // num_tensors) for _ in range(num_tensors))
+    return _compile_ptrs(kernel, ptrs, [2, experts, 2, 0, blocks, 132], (w, counts))
 
 
 if __name__ == "__main__":

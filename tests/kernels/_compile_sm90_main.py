@@ -52,8 +52,9 @@ def _compile(kernel, tensors, sizes) -> int:
     return _compile_ptrs(kernel, ptrs, sizes)
 
 
-def _compile_ptrs(kernel, ptrs, sizes) -> int:
-    """``cute.compile(kernel, *ptrs, *sizes, stream)``; a missing driver at load is expected."""
+def _compile_ptrs(kernel, ptrs, sizes, extra=()) -> int:
+    """``cute.compile(kernel, *ptrs, *sizes, *extra, stream)``; a missing driver at load is
+    expected."""
     import cuda.bindings.driver as cuda
     import cutlass
     import cutlass.cute as cute
@@ -63,7 +64,8 @@ def _compile_ptrs(kernel, ptrs, sizes) -> int:
     # while building the launch: answer for sm_90 (228 KiB) since there is no driver here.
     cuda_helpers.get_device_attribute = lambda attr, *args: 228 * 1024
     try:
-        cute.compile(kernel, *ptrs, *[cutlass.Int32(v) for v in sizes], cuda.CUstream(0))
+        cute.compile(kernel, *ptrs, *[cutlass.Int32(v) for v in sizes], *extra,
+                     cuda.CUstream(0))
         print("loaded=yes")
     except Exception as exc:  # the only acceptable failure is the missing driver at load
         text = f"{type(exc).__name__}: {exc}"

@@ -77,13 +77,29 @@ def test_bulk_weights_compile(tools, tmp_path, kind, n_weight, k, bn, y_cols):
     _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, {"bulk_weights": True})
 
 
-def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides):
+@pytest.mark.parametrize("kind,n_weight,k,bn,y_cols,num_tensors", [
+    ("swiglu", 4096, 7168, 128, 0, 1),    # DeepSeek-V3 FC1, composite view
+    ("swiglu", 3072, 4096, 16, 0, 3),     # Qwen3-235B FC1, three DWDP sources, 2 CTAs per SM
+    ("scatter", 7168, 2048, 128, 896, 2),  # DeepSeek-V3 FC2 chunk, two sources
+])
+def test_tma_compile(tools, tmp_path, kind, n_weight, k, bn, y_cols, num_tensors):
+    """``tma``: every operand by the copy engine from one producer thread - per stage and
+    weight tensor one tensor-map copy per box (FC1 8 boxes of 8 interleaved rows per CTA
+    block, FC2 one of 64), one for the token tile, one ``cp.async.bulk`` of its scales; no
+    cp.async left, the consumers' QGMMA loop as in the other configurations."""
+    _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, {"tma": True},
+                num_tensors=num_tensors)
+
+
+def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides, num_tensors=1):
     from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, fp8_config
 
     cfg = fp8_config(bn, **overrides)
-    kern = Fp8BlockGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols, config=cfg)
+    kern = Fp8BlockGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols, config=cfg,
+                        num_tensors=num_tensors)
     sass = _compile_fp8_sass(tools, tmp_path, kind, str(n_weight), str(k), str(bn), str(y_cols),
-                             *[f"{f}={int(v)}" for f, v in overrides.items()])
+                             *[f"{f}={int(v)}" for f, v in overrides.items()],
+                             f"num_tensors={num_tensors}")
     qgmma = re.findall(r"QGMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3 R\d+, gdesc\[UR\d+\], (\S+)", sass)
     # one per k32 step of the 128-wide K tile (the K loop body is not unrolled)
     assert len(qgmma) == kern.k_steps == 4, qgmma
@@ -96,11 +112,16 @@ def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides):
     assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 1, "wgmmas serialized by ptxas"
     mix = k_loop_mix(sass, "QGMMA")
     assert sum(n for op, n in mix.items() if op.startswith("QGMMA")) == 4, mix
-    a_copies = 0 if cfg.bulk_weights else kern.a_chunks  # bulk: thread 0's 2 UBLKCP instead
-    assert sass.count("LDGSTS.E.BYPASS.128") == a_copies + kern.b_chunks
-    assert sass.count("UBLKCP.S.G") == (2 if cfg.bulk_weights else 0)
+    if cfg.tma:
+        assert "LDGSTS" not in sass
+        assert sass.count("UTMALDG.2D") == num_tensors * 2 * kern.boxes + 1
+        assert sass.count("UBLKCP.S.G") == 1  # the token tile's scales
+    else:
+        a_copies = 0 if cfg.bulk_weights else kern.a_chunks  # bulk: thread 0's 2 UBLKCP
+        assert sass.count("LDGSTS.E.BYPASS.128") == a_copies + kern.b_chunks
+        assert sass.count("UBLKCP.S.G") == (2 if cfg.bulk_weights else 0)
+        assert len(re.findall(r"LDGSTS\.E \[", sass)) == 1  # the 4 B token scale
     assert "BRA.U.ANY" not in sass, "a per-lane loop around the bulk copies"
-    assert len(re.findall(r"LDGSTS\.E \[", sass)) == 1  # the 4 B token scale
     assert f"USETMAXREG.DEALLOC.CTAPOOL {cfg.producer_regs:#x}" in sass
     assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {cfg.consumer_regs:#x}" in sass
     assert _registers(tools, tmp_path) == cfg.register_pool

@@ -234,6 +234,27 @@ def test_bench_variants_bitwise_equal_default(cache, bn, vbn, overrides):
     assert rel_err(out_v, want) < OUT_TOL
 
 
+@pytest.mark.parametrize("bn,tokens", [(16, 1), (16, 37), (32, 300), (64, 17), (128, 700)])
+def test_tma_bitwise_equal_default(cache, bn, tokens):
+    """The copy-engine configuration (``Fp8Config.tma``: weights by tensor-map boxes from the
+    checkpoint layout, token rows pre-permuted) fills shared memory with the same bytes as the
+    cp.async path: h and the output bit for bit, over the composite view and a 3-tensor
+    multi view, and with a plan sized by its tile bound (tiles of expert -1 skipped)."""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
+
+    hidden, inter, num_experts, top_k = SMALL
+    experts = random_fp8_experts(num_experts, hidden, inter, seed=51)
+    x = random_tokens(tokens, hidden, seed=52)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=53, empty_experts=1)
+    out, h, plan = _forward(cache, x, ids, tw, experts, bn)
+    cfg = fp8_config(bn, tma=True)
+    for parts in (1, 3):
+        out_t, h_t, _ = _forward(cache, x, ids, tw, experts, bn, parts=parts, plan=plan,
+                                 config=cfg)
+        assert torch.equal(h, h_t), parts
+        assert torch.equal(out, out_t), parts
+
+
 @pytest.mark.parametrize("bn,tokens", [(16, 37), (128, 700)])
 def test_bulk_weights_bitwise_equal_linear(cache, bn, tokens):
     """The bulk-copy variant (``Fp8Config.bulk_weights``) on preshuffled experts
