@@ -77,6 +77,9 @@ VARIANTS = {
     # every operand by the copy engine from one producer thread (tensor maps, pre-permuted rows)
     "tma": ((16, 32, 64, 128), None, dict(tma=True)),
     "tma_2cta": ((64,), None, dict(tma=True, ctas_per_sm=2, producer_regs=40)),
+    # tokens as WGMMA M (one FMA per accumulator in the promotion), copy engine / cp.async
+    "tokens_m": ((128,), None, dict(tma=True, tokens_m=True)),
+    "tokens_m_cpasync": ((128,), None, dict(tokens_m=True)),
 }
 DEFAULT_OUT = "bench/results/moe_kernels_fp8_h200.json"
 GRAPH_MS = 20.0  # one graph replay's length (each timing: the median of 5 replays)

@@ -10,7 +10,9 @@ Numerics (``tensorrt_llm_dwdp.quant.fp8``, DeepGEMM's Hopper recipe): token rows
 token per 128 channels (``quantize_act_per_token``: e4m3 values, fp32 scale per row and K
 block); weights e4m3 with one fp32 ``weight_scale_inv`` per 128 x 128 block. Per K tile of 128
 every consumer warpgroup runs 4 k32 QGMMAs into a fresh fp32 partial accumulator, waits for
-them, and promotes: ``total += (partial * x_scale[token, kb]) * w_scale[row block, kb]`` (fp32,
+them, and promotes: ``total = fma(partial, x_scale[token, kb] * w_scale[row block, kb], total)``
+(fp32, the scale product first as in DeepGEMM; ``quant.fp8``'s reference rounds each step
+apart, so the two agree to fp32 rounding, not bit for bit;
 once per 128 of K: Hopper's fp8 WGMMA accumulates with reduced precision inside an
 instruction sequence, so the partial never spans more than one scale block).
 FC1 (``epilogue="swiglu"``): 64-row block b holds up rows ``[32b, 32b+32)`` and their gate rows
@@ -70,9 +72,12 @@ from .ptx import (
     cp_async_16,
     cp_async_bulk,
     ld_global_f32,
+    ld_shared_f32,
     ld_shared_v2_f32,
     st_global_bf16,
+    st_global_bf16x2,
     st_global_f32,
+    st_global_v2_f32,
 )
 
 EPILOGUES = ("swiglu", "scatter")
@@ -103,13 +108,18 @@ class Fp8Config:
     (weights in the checkpoint's layout by tensor-map copies, the token rows pre-permuted
     ``[M_pad, K]`` by one tensor-map copy, their scales transposed ``[K/128, M_pad]`` by one
     ``cp.async.bulk``; ``fp8_launch`` prepares both). CTAs are always persistent (grid =
-    resident CTAs, ``fp8_launch``)."""
+    resident CTAs, ``fp8_launch``); tokens_m (bn 128 only): the MMA roles swap back to
+    DeepGEMM's - each consumer warpgroup multiplies 64 of the tile's tokens (WGMMA M) by the
+    CTA's 128 weight rows (N), so a thread's accumulators share 2 token scales and 1 (FC2) or
+    2 (FC1: up, gate) weight scales and the promotion is one FMA per accumulator; shared
+    memory holds the same bytes."""
 
     bn: int
     ctas_per_sm: int
     producer_regs: int
     bulk_weights: bool = False
     tma: bool = False
+    tokens_m: bool = False
 
     @property
     def register_pool(self) -> int:
@@ -169,6 +179,9 @@ class Fp8BlockGemm:
         cfg = config or fp8_config(bn)
         if cfg.bn != bn:
             raise ValueError(f"{cfg} does not fit bn={bn}")
+        if cfg.tokens_m and bn != 2 * BLOCK_ROWS:
+            raise ValueError(f"tokens_m needs the 128-token tile (two warpgroups of 64), got "
+                             f"bn={bn}")
         if cfg.tma and cfg.bulk_weights:
             raise ValueError("tma and bulk_weights are two ways to move the weights: pick one")
         if not 1 <= num_tensors <= MAX_TMA_TENSORS:
@@ -230,6 +243,23 @@ class Fp8BlockGemm:
         b_layout = sm90_utils.make_smem_layout_b(
             utils.LayoutEnum.ROW_MAJOR, (BLOCK_ROWS, self.bn, K_TILE), Float8E4M3FN,
             self.stages)
+        if cutlass.const_expr(self.cfg.tokens_m):
+            # the same bytes in the other roles: 64-token halves of each stage's token tile as
+            # WGMMA A (one per consumer warpgroup), the CTA's 128 weight rows as B
+            tiled_mma = sm90_utils.make_trivial_tiled_mma(
+                Float8E4M3FN, Float8E4M3FN, warpgroup.OperandMajorMode.K,
+                warpgroup.OperandMajorMode.K, Float32, (1, 1, 1),
+                tiler_mn=(BLOCK_ROWS, BLOCKS_PER_CTA * BLOCK_ROWS))
+            mma_layouts = (
+                sm90_utils.make_smem_layout_a(
+                    utils.LayoutEnum.ROW_MAJOR, (BLOCK_ROWS, self.bn, K_TILE), Float8E4M3FN,
+                    self.stages * CONSUMER_WGS),
+                sm90_utils.make_smem_layout_b(
+                    utils.LayoutEnum.ROW_MAJOR,
+                    (BLOCK_ROWS, BLOCKS_PER_CTA * BLOCK_ROWS, K_TILE), Float8E4M3FN,
+                    self.stages))
+        else:
+            mma_layouts = (a_layout, b_layout)
         m_rows = num_token_tiles * self.bn
         tensors = (
             cute.make_tensor(a_ptr, cute.make_layout(1)),
@@ -245,8 +275,8 @@ class Fp8BlockGemm:
         self.shared_storage = self._shared_storage(a_layout, b_layout)
         tma = self._tma_atoms(a_ptr, m_rows, w_ptrs, w_counts, a_layout, b_layout)
         # minctasm lets ptxas size the entry register count (the pool), which setmaxnreg needs.
-        self.kernel(*tensors, tiled_mma, a_layout, b_layout, num_token_tiles, blk_begin,
-                    blk_end, tma).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1],
+        self.kernel(*tensors, tiled_mma, a_layout, b_layout, mma_layouts, num_token_tiles,
+                    blk_begin, blk_end, tma).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1],
                                          stream=stream, min_blocks_per_mp=self.cfg.ctas_per_sm)
 
     def _tma_atoms(self, a_ptr, m_rows, w_ptrs, w_counts, a_layout, b_layout):
@@ -289,8 +319,8 @@ class Fp8BlockGemm:
                tile_expert: cute.Tensor, tensor_of: cute.Tensor, local_of: cute.Tensor,
                b_table: cute.Tensor, topk_w: cute.Tensor, out: cute.Tensor,
                tiled_mma: cute.TiledMma, a_layout: cute.ComposedLayout,
-               b_layout: cute.ComposedLayout, num_token_tiles: Int32, blk_begin: Int32,
-               blk_end: Int32, tma: tuple):
+               b_layout: cute.ComposedLayout, mma_layouts: tuple, num_token_tiles: Int32,
+               blk_begin: Int32, blk_end: Int32, tma: tuple):
         tidx, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
         grid, _, _ = cute.arch.grid_dim()
@@ -309,8 +339,11 @@ class Fp8BlockGemm:
         my_tiles = (num_token_tiles * n_groups - bid + grid - 1) // grid
         addrs = (storage.sA.data_ptr().toint(), storage.sB.data_ptr().toint(),
                  storage.sX.data_ptr().toint())
-        sA = storage.sA.get_tensor(a_layout.outer, swizzle=a_layout.inner)
-        sB = storage.sB.get_tensor(b_layout.outer, swizzle=b_layout.inner)
+        # the MMA's A and B: weights and tokens, or (tokens_m) tokens and weights
+        mma_a, mma_b = mma_layouts
+        src_a, src_b = (storage.sB, storage.sA) if self.cfg.tokens_m else (storage.sA, storage.sB)
+        sA = src_a.get_tensor(mma_a.outer, swizzle=mma_a.inner)
+        sB = src_b.get_tensor(mma_b.outer, swizzle=mma_b.inner)
         if wg == 0:
             cute.arch.warpgroup_reg_dealloc(self.cfg.producer_regs)
             if cutlass.const_expr(self.cfg.tma):
@@ -324,9 +357,14 @@ class Fp8BlockGemm:
                               full, empty, addrs)
         else:
             cute.arch.warpgroup_reg_alloc(self.cfg.consumer_regs)
-            self._consumer(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end,
-                           row_index, tile_expert, tensor_of, local_of, b_table, topk_w, out,
-                           tiled_mma, sA, sB, full, empty, addrs)
+            if cutlass.const_expr(self.cfg.tokens_m):
+                self._consumer_tm(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end,
+                                  row_index, tile_expert, tensor_of, local_of, b_table, topk_w,
+                                  out, tiled_mma, sA, sB, full, empty, addrs)
+            else:
+                self._consumer(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end,
+                               row_index, tile_expert, tensor_of, local_of, b_table, topk_w,
+                               out, tiled_mma, sA, sB, full, empty, addrs)
 
     # ---------------------------------------------------------------- shared arithmetic
     def _expert_bases(self, expert, tensor_of, local_of, b_table):
@@ -583,13 +621,127 @@ class Fp8BlockGemm:
         warpgroup.commit_group()
         warpgroup.wait_group(0)
         cute.arch.mbarrier_arrive(empty + s)
-        # accumulator element v0 + 2 v1 + 4 qn: row 16 warp + 8 v1 + g, column 8 qn + 2 c + v0
+        # accumulator element v0 + 2 v1 + 4 qn: row 16 warp + 8 v1 + g, column 8 qn + 2 c + v0;
+        # the two scales multiply first (DeepGEMM's order), the promotion is one FMA
         for qn in cutlass.range_constexpr(self.bn // 8):
+            for v0 in cutlass.range_constexpr(2):
+                sc0 = xs[qn][v0] * ws0
+                sc1 = sc0
+                if cutlass.const_expr(self.epilogue == "swiglu"):
+                    sc1 = xs[qn][v0] * ws1
+                for v1 in cutlass.range_constexpr(2):
+                    i = v0 + 2 * v1 + 4 * qn
+                    total[i] = partial[i] * (sc0 if v1 == 0 else sc1) + total[i]
+
+    # ---------------------------------------------------------------- consumers, tokens_m
+    @cute.jit
+    def _consumer_tm(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, row_index,
+                     tile_expert, tensor_of, local_of, b_table, topk_w, out, tiled_mma, sA, sB,
+                     full, empty, addrs):
+        """``tokens_m``: warpgroup q multiplies tokens ``[64 q, 64 q + 64)`` of the tile by the
+        CTA's two weight blocks. Accumulator element ``v0 + 2 v1 + 4 qn`` is (token
+        ``64 q + 16 warp + 8 v1 + g``, weight column ``n = 8 qn + 2 c + v0``: block
+        ``blk0 + n // 64``, its row ``n % 64``); the pair is 128 rows of one scale block (FC1:
+        64 up rows and their 64 gate rows; ``blk_begin`` is even)."""
+        _, _, sx_addr = addrs
+        q = tidx // 128 - 1
+        tq = tidx % 128
+        warp = tq // 32
+        lane = tidx % 32
+        g = lane // 4
+        c = lane % 4
+        thr_mma = tiled_mma.get_slice(tq)
+        tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
+        tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+        c_shape = thr_mma.partition_shape_C((BLOCK_ROWS, BLOCKS_PER_CTA * BLOCK_ROWS))
+        partial = cute.make_rmem_tensor(c_shape, Float32)
+        total = cute.make_rmem_tensor(c_shape, Float32)
+        row0 = 64 * q + 16 * warp + g  # this thread's first token row in the tile (+8: second)
+        done = Int32(0)
+        for j in cutlass.range(my_tiles, unroll=1):
+            tile = bid + j * grid
+            tt = tile // n_groups
+            blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
+            expert = tile_expert[tt]
+            if expert >= 0:
+                _, sf_base = self._expert_bases(expert, tensor_of, local_of, b_table)
+                sr0, sr1 = self.scale_rows(blk0)
+                sf0 = sf_base + Int64(sr0 * self.k_tiles) * 4
+                sf1 = sf_base + Int64(sr1 * self.k_tiles) * 4
+                total.fill(0.0)
+                for kt in cutlass.range(self.k_tiles, unroll=1):
+                    self._k_tile_tm(done + kt, kt, q, row0, sf0, sf1, sx_addr, partial, total,
+                                    tiled_mma, tCrA, tCrB, full, empty)
+                self._epilogue_tm(total, tt, blk0, blk_begin, blk_end, row0, c, row_index,
+                                  topk_w, out)
+                done = done + self.k_tiles
+
+    @cute.jit
+    def _k_tile_tm(self, it, kt, q, row0, sf0, sf1, sx_addr, partial, total, tiled_mma, tCrA,
+                   tCrB, full, empty):
+        """K tile ``kt``: 4 QGMMAs (A: this warpgroup's 64 tokens, B: the 128 weight rows)
+        into ``partial``, then ``total += partial * (x_scale[token] * w_scale[half])``."""
+        s = it % self.stages
+        ws0 = ld_global_f32(sf0 + kt * 4)
+        ws1 = ws0
+        if cutlass.const_expr(self.epilogue == "swiglu"):
+            ws1 = ld_global_f32(sf1 + kt * 4)
+        cute.arch.mbarrier_wait(full + s, (it // self.stages) % 2)
+        xs0 = ld_shared_f32(sx_addr + s * self.stage_x + row0 * 4)
+        xs1 = ld_shared_f32(sx_addr + s * self.stage_x + (row0 + 8) * 4)
+        warpgroup.fence()
+        for step in cutlass.range_constexpr(self.k_steps):
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, step != 0)
+            cute.gemm(tiled_mma, partial, tCrA[(None, None, step, s * CONSUMER_WGS + q)],
+                      tCrB[(None, None, step, s)], partial)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+        cute.arch.mbarrier_arrive(empty + s)
+        # FC1: column groups qn even are up rows, odd their gate rows (``weight_row``)
+        sc = [[xs0 * ws0, xs0 * ws1], [xs1 * ws0, xs1 * ws1]]
+        for qn in cutlass.range_constexpr(2 * BLOCK_ROWS // 8):
             for v1 in cutlass.range_constexpr(2):
-                ws = ws0 if v1 == 0 else ws1
                 for v0 in cutlass.range_constexpr(2):
                     i = v0 + 2 * v1 + 4 * qn
-                    total[i] = total[i] + partial[i] * xs[qn][v0] * ws
+                    total[i] = partial[i] * sc[v1][qn % 2] + total[i]
+
+    @cute.jit
+    def _epilogue_tm(self, acc, tt, blk0, blk_begin, blk_end, row0, c, row_index, topk_w,
+                     out):
+        """FC1: h = silu(gate) * up -> bf16 pairs at ``h[m, 32 gblk + 8 p + 2 c]`` (up column
+        group qn = 2 p + 8 cb, gate qn + 1). FC2: y = acc * router weight -> fp32 pairs at
+        ``y[slot, 64 (gblk - blk_begin) + 8 (qn % 8) + 2 c]`` for real rows (slot >= 0).
+        Block ``blk0 + 1`` past ``blk_end`` was a clamped copy: not written."""
+        out_base = out.iterator.toint()
+        for v1 in cutlass.range_constexpr(2):
+            m = tt * self.bn + row0 + 8 * v1
+            if cutlass.const_expr(self.epilogue == "swiglu"):
+                for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+                    if blk0 + cb < blk_end:
+                        for p in cutlass.range_constexpr(4):
+                            qn = 8 * cb + 2 * p
+                            vals = []
+                            for v0 in cutlass.range_constexpr(2):
+                                up = acc[v0 + 2 * v1 + 4 * qn]
+                                gate = acc[v0 + 2 * v1 + 4 * (qn + 1)]
+                                sig = cute.arch.rcp_approx(
+                                    1.0 + cute.math.exp(-gate, fastmath=True))
+                                vals.append(gate * sig * up)
+                            col = (blk0 + cb) * 32 + 8 * p + 2 * c
+                            st_global_bf16x2(out_base + (Int64(m) * self.half + col) * 2,
+                                             vals[0], vals[1])
+            else:
+                slot = row_index[m]
+                if slot >= 0:
+                    rw = ld_global_f32(topk_w.iterator.toint() + Int64(slot) * 4)
+                    for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+                        if blk0 + cb < blk_end:
+                            for r8 in cutlass.range_constexpr(BLOCK_ROWS // 8):
+                                i = 2 * v1 + 4 * (8 * cb + r8)
+                                ycol = (blk0 + cb - blk_begin) * BLOCK_ROWS + 8 * r8 + 2 * c
+                                st_global_v2_f32(
+                                    out_base + (Int64(slot) * self.y_cols + ycol) * 4,
+                                    acc[i] * rw, acc[i + 1] * rw)
 
     @cute.jit
     def _epilogue(self, acc, tt, gblk, blk_begin, warp, g, c, row_index, topk_w, out):

@@ -156,6 +156,9 @@ def fp8_gemm_launcher(
         tiles = num_tiles * -(-(blk_end - blk_begin) // FP8_BLOCKS_PER_CTA)
         if tiles == 0:
             return
+        if cfg.tokens_m and blk_begin % FP8_BLOCKS_PER_CTA:
+            raise ValueError(f"fp8 gemm (tokens_m): blocks start at an even block (one scale "
+                             f"block per CTA pair), got {blk_begin}")
         args = [*ptrs, *fixed, *(cutlass.Int32(v) for v in (
             blk_begin, blk_end, min(tiles, resident))), *tma_args, stream]
         if compiled is None:
@@ -280,6 +283,8 @@ def fc2_fp8_finalize(
         return out
     blocks = hidden // FP8_BLOCK_ROWS
     cb = chunk_blocks(hidden, top_k, FP8_BLOCKS_PER_CTA)
+    if _config(config, bn).tokens_m and cb % FP8_BLOCKS_PER_CTA:
+        cb += 1  # whole block pairs (a pair shares its scale block)
     y = torch.empty(tokens * top_k, cb * FP8_BLOCK_ROWS, dtype=torch.float32, device=hq.device)
     if _config(config, bn).tma:
         hq, hs = plan_order_rows(hq, hs, None)

@@ -146,6 +146,30 @@ def st_global_bf16x4(gmem_addr: Int64, v0, v1, v2, v3, *, loc=None, ip=None) -> 
     )
 
 
+@dsl_user_op
+def st_global_bf16x2(gmem_addr: Int64, v0, v1, *, loc=None, ip=None) -> None:
+    """Round two fp32 values to bf16 (RN) and store them as one 4-byte global write."""
+    asm(
+        None,
+        [Int64(gmem_addr).ir_value(loc=loc, ip=ip)]
+        + [Float32(v).ir_value(loc=loc, ip=ip) for v in (v0, v1)],
+        "{\n\t.reg .b32 p0;\n\tcvt.rn.bf16x2.f32 p0, $2, $1;\n\tst.global.b32 [$0], p0;\n\t}",
+        "l,f,f",
+    )
+
+
+@dsl_user_op
+def st_global_v2_f32(gmem_addr: Int64, v0, v1, *, loc=None, ip=None) -> None:
+    """Store two fp32 values as one 8-byte global write."""
+    asm(
+        None,
+        [Int64(gmem_addr).ir_value(loc=loc, ip=ip)]
+        + [Float32(v).ir_value(loc=loc, ip=ip) for v in (v0, v1)],
+        "st.global.v2.f32 [$0], {$1, $2};",
+        "l,f,f",
+    )
+
+
 def _st_global_f32(gmem_addr: Int64, v, text: str, loc, ip) -> None:
     """One fp32 value ``$1`` stored at ``$0`` by the PTX ``text``."""
     asm(
@@ -201,6 +225,7 @@ def ld_shared_v2_f32(smem_addr: Int32, *, loc=None, ip=None):
     return tuple(Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(2))
 
 
+@dsl_user_op
 def ld_shared_f32(smem_addr: Int32, *, loc=None, ip=None) -> Float32:
     """Load one fp32 value from shared memory."""
     return Float32(

@@ -91,6 +91,17 @@ def test_tma_compile(tools, tmp_path, kind, n_weight, k, bn, y_cols, num_tensors
                 num_tensors=num_tensors)
 
 
+@pytest.mark.parametrize("kind,n_weight,k,y_cols,tma", [
+    ("swiglu", 4096, 7168, 0, True), ("scatter", 7168, 2048, 896, True),
+    ("swiglu", 3072, 4096, 0, False)])
+def test_tokens_m_compile(tools, tmp_path, kind, n_weight, k, y_cols, tma):
+    """``tokens_m`` (tokens as WGMMA M, 128 weight rows as N): 4 QGMMA 64x128x32 per K tile
+    and a promotion of one FFMA per accumulator (64) with at most 4 scale products, no
+    spills - 155 instructions per K tile against the other orientation's ~230."""
+    _check_sass(tools, tmp_path, kind, n_weight, k, 128, y_cols,
+                {"tma": tma, "tokens_m": True})
+
+
 def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides, num_tensors=1):
     from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, fp8_config
 
@@ -112,6 +123,11 @@ def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides, num_t
     assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 1, "wgmmas serialized by ptxas"
     mix = k_loop_mix(sass, "QGMMA")
     assert sum(n for op, n in mix.items() if op.startswith("QGMMA")) == 4, mix
+    # one FMA per accumulator; the scale products: one per (token column, row half) with the
+    # tokens as N, at most 4 with the tokens as M
+    assert mix["FFMA"] == bn // 2, mix
+    products = (2 if kind == "swiglu" else 1) * (bn // 4)
+    assert mix["FMUL"] <= (4 if cfg.tokens_m else products), mix
     if cfg.tma:
         assert "LDGSTS" not in sass
         assert sass.count("UTMALDG.2D") == num_tensors * 2 * kern.boxes + 1

@@ -255,6 +255,44 @@ def test_tma_bitwise_equal_default(cache, bn, tokens):
         assert torch.equal(out, out_t), parts
 
 
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("tokens", [3, 700, 2500])
+def test_tokens_m_matches_reference(cache, tokens, tma):
+    """``Fp8Config.tokens_m`` (tokens as WGMMA M, bn 128): h and the output against the
+    reference, over the composite view and a 3-tensor multi view (bitwise equal to each
+    other), at a token count whose FC2 takes several hidden-column chunks."""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
+
+    hidden, inter, num_experts, top_k = 1024, 512, 16, 4
+    experts = random_fp8_experts(num_experts, hidden, inter, seed=61)
+    x = random_tokens(tokens, hidden, seed=62)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=63, empty_experts=1)
+    cfg = fp8_config(128, tma=tma, tokens_m=True)
+    out, h, plan = _forward(cache, x, ids, tw, experts, 128, config=cfg)
+    want, h_ref = fp8_moe_reference(x, ids, tw, experts)
+    assert rel_err(_h_by_slot(h, plan, tokens, top_k), h_ref) < H_TOL
+    assert rel_err(out, want) < OUT_TOL
+    out3, h3, _ = _forward(cache, x, ids, tw, experts, 128, parts=3, plan=plan, config=cfg)
+    assert torch.equal(h, h3)
+    assert torch.equal(out, out3)
+
+
+def test_tokens_m_bitwise_equal_default(cache):
+    """Both MMA orientations promote ``fma(partial, x_scale * w_scale, total)`` on the same
+    fp8 products: the layer's bits do not depend on which operand is WGMMA's A."""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
+
+    hidden, inter, num_experts, top_k = SMALL
+    experts = random_fp8_experts(num_experts, hidden, inter, seed=71)
+    x = random_tokens(600, hidden, seed=72)
+    ids, tw = skewed_routing(600, num_experts, top_k, seed=73, empty_experts=1)
+    out, h, plan = _forward(cache, x, ids, tw, experts, 128)
+    out_m, h_m, _ = _forward(cache, x, ids, tw, experts, 128, plan=plan,
+                             config=fp8_config(128, tma=True, tokens_m=True))
+    assert torch.equal(h, h_m)
+    assert torch.equal(out, out_m)
+
+
 @pytest.mark.parametrize("bn,tokens", [(16, 37), (128, 700)])
 def test_bulk_weights_bitwise_equal_linear(cache, bn, tokens):
     """The bulk-copy variant (``Fp8Config.bulk_weights``) on preshuffled experts
