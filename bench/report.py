@@ -45,6 +45,10 @@ def _x(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else f"{v:{spec}}x"
 
 
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _k(v: float | None) -> str:
     return "-" if v is None else f"{v / 1e3:.1f}K"
 
@@ -255,6 +259,26 @@ def render_fp8_linears(bench: dict) -> list[str]:
             lines.append(f"| {r['unit']} | {r['speedup_fp8_vs_bf16']:.2f}x | "
                          f"{r['speedup_fp8_gemm_vs_bf16']:.2f}x | {r['tflops_fp8']:.0f} | "
                          f"{r['tflops_bf16']:.0f} |")
+    return lines
+
+
+def render_fp8_kernels(bench: dict) -> list[str]:
+    """The FP8 block-128 MoE layer against torch's fp8 grouped GEMM (same run) and TensorRT-
+    LLM's fp8 layers (their database, their H200), per model, routing and tokens per expert."""
+    lines = [f"{bench['device']}, torch {bench['torch']}. ours: {bench['ours']}; torch fp8: "
+             f"{bench['torch_fp8']}; TensorRT-LLM: whole layer from aiconfigurator-core's "
+             f"database (their measurement on their H200; per-tensor fp8 / block-128).", "",
+             "| model | routing | tokens | tokens/expert | ours ms | layer ms | torch fp8 ms | "
+             "ours vs torch fp8 | TRT-LLM fp8 / block ms | TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in bench["results"]:
+        trt = (f"{_num(r.get('trtllm_fp8_ms'))} / {_num(r.get('trtllm_fp8_block_ms'))}"
+               if r.get("trtllm_fp8_ms") or r.get("trtllm_fp8_block_ms") else "-")
+        lines.append(f"| {MODEL_NAMES.get(r['model'], r['model'])} | {r['routing']} | "
+                     f"{r['tokens']} | {r['tokens_per_expert']} | {r['ours_ms']:.2f} | "
+                     f"{r['ours_layer_ms']:.2f} | {_num(r.get('torch_fp8_ms'))} | "
+                     f"{_x(r.get('speedup_vs_torch_fp8'))} | {trt} | "
+                     f"{r['ours_tflops']:.0f} |")
     return lines
 
 
