@@ -73,13 +73,14 @@ VARIANTS = {
     "2cta": ((64,), None, dict(ctas_per_sm=2, producer_regs=48)),  # twice the warps
     "bn64_2cta": ((128,), 64, dict(ctas_per_sm=2, producer_regs=48)),  # smaller tile
     # weights by one cp.async.bulk per block and stage from a preshuffled copy (fp8_preshuffle)
-    "bulk": ((16, 32, 64, 128), None, dict(bulk_weights=True)),
+    "bulk": ((16, 32, 64, 128), None, dict(bulk_weights=True, tma=False)),
     # every operand by the copy engine from one producer thread (tensor maps, pre-permuted rows)
-    "tma": ((16, 32, 64, 128), None, dict(tma=True)),
+    "tma": ((16, 32, 64), None, dict(tma=True)),
     "tma_2cta": ((64,), None, dict(tma=True, ctas_per_sm=2, producer_regs=40)),
-    # tokens as WGMMA M (one FMA per accumulator in the promotion), copy engine / cp.async
-    "tokens_m": ((128,), None, dict(tma=True, tokens_m=True)),
-    "tokens_m_cpasync": ((128,), None, dict(tokens_m=True)),
+    # bn 128's default is tma + tokens_m: its earlier configurations, and tokens_m alone
+    "cpasync_128": ((128,), None, dict(tma=False, tokens_m=False)),
+    "tma_128": ((128,), None, dict(tma=True, tokens_m=False)),
+    "tokens_m_cpasync": ((128,), None, dict(tma=False, tokens_m=True)),
 }
 DEFAULT_OUT = "bench/results/moe_kernels_fp8_h200.json"
 GRAPH_MS = 20.0  # one graph replay's length (each timing: the median of 5 replays)

@@ -139,11 +139,16 @@ def fp8_config(bn: int, **overrides) -> Fp8Config:
     bn <= 32 (memory-bound): two CTAs per SM (twice the warps and loads in flight; 80
     registers at launch, producer 40 / consumers 96: partial + total accumulators are 2 x bn/2
     registers). bn >= 64: one CTA (the 64 x bn partial and total take bn registers together
-    per thread; producer 56 / consumers 224)."""
+    per thread; producer 56 / consumers 224). bn 128: ``tma`` + ``tokens_m``, measured
+    1.10-1.16x the cp.async orientation at 256 and 1024 tokens per expert, both models and
+    routings, same bits (H100, 2026-12-07, ``bench/results/fp8_kernels_h100/``); at bn 16
+    ``tma`` alone measured 0.97-0.99x, so the smaller tiles keep the cp.async producer."""
     if bn not in TOKEN_TILES:
         raise ValueError(f"token tile bn must be one of {TOKEN_TILES}, got {bn}")
     if bn <= 32:
         fields = dict(ctas_per_sm=2, producer_regs=40)
+    elif bn == 2 * BLOCK_ROWS:
+        fields = dict(ctas_per_sm=1, producer_regs=56, tma=True, tokens_m=True)
     else:
         fields = dict(ctas_per_sm=1, producer_regs=56)
     fields.update(bn=bn)

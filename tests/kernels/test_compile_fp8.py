@@ -74,7 +74,7 @@ def test_bench_variants_compile(tools, tmp_path, kind, n_weight, k, y_cols, bn, 
 def test_bulk_weights_compile(tools, tmp_path, kind, n_weight, k, bn, y_cols):
     """``bulk_weights``: one UBLKCP per CTA block and stage (issued straight, no per-lane
     loop), the 16 B cp.asyncs are the token rows' only."""
-    _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, {"bulk_weights": True})
+    _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, {"bulk_weights": True, "tma": False})
 
 
 @pytest.mark.parametrize("kind,n_weight,k,bn,y_cols,num_tensors", [

@@ -246,8 +246,9 @@ def test_tma_bitwise_equal_default(cache, bn, tokens):
     experts = random_fp8_experts(num_experts, hidden, inter, seed=51)
     x = random_tokens(tokens, hidden, seed=52)
     ids, tw = skewed_routing(tokens, num_experts, top_k, seed=53, empty_experts=1)
-    out, h, plan = _forward(cache, x, ids, tw, experts, bn)
-    cfg = fp8_config(bn, tma=True)
+    out, h, plan = _forward(cache, x, ids, tw, experts, bn,
+                            config=fp8_config(bn, tma=False, tokens_m=False))
+    cfg = fp8_config(bn, tma=True, tokens_m=False)
     for parts in (1, 3):
         out_t, h_t, _ = _forward(cache, x, ids, tw, experts, bn, parts=parts, plan=plan,
                                  config=cfg)
@@ -277,18 +278,20 @@ def test_tokens_m_matches_reference(cache, tokens, tma):
     assert torch.equal(out, out3)
 
 
-def test_tokens_m_bitwise_equal_default(cache):
+def test_tokens_m_bitwise_equal_tokens_n(cache):
     """Both MMA orientations promote ``fma(partial, x_scale * w_scale, total)`` on the same
-    fp8 products: the layer's bits do not depend on which operand is WGMMA's A."""
+    fp8 products: the layer's bits do not depend on which operand is WGMMA's A (bn 128's
+    default, tma + tokens_m, against the cp.async kernel with the tokens as N)."""
     from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
 
     hidden, inter, num_experts, top_k = SMALL
     experts = random_fp8_experts(num_experts, hidden, inter, seed=71)
     x = random_tokens(600, hidden, seed=72)
     ids, tw = skewed_routing(600, num_experts, top_k, seed=73, empty_experts=1)
-    out, h, plan = _forward(cache, x, ids, tw, experts, 128)
-    out_m, h_m, _ = _forward(cache, x, ids, tw, experts, 128, plan=plan,
-                             config=fp8_config(128, tma=True, tokens_m=True))
+    out, h, plan = _forward(cache, x, ids, tw, experts, 128,
+                            config=fp8_config(128, tma=False, tokens_m=False))
+    assert fp8_config(128).tokens_m and fp8_config(128).tma
+    out_m, h_m, _ = _forward(cache, x, ids, tw, experts, 128, plan=plan)
     assert torch.equal(h, h_m)
     assert torch.equal(out, out_m)
 
@@ -309,7 +312,7 @@ def test_bulk_weights_bitwise_equal_linear(cache, bn, tokens):
     x = random_tokens(tokens, hidden, seed=42)
     ids, tw = skewed_routing(tokens, num_experts, top_k, seed=43, empty_experts=1)
     out, h, _ = _forward(cache, x, ids, tw, experts, bn)
-    cfg = fp8_config(bn, bulk_weights=True)
+    cfg = fp8_config(bn, bulk_weights=True, tma=False)
     for parts in (1, 3):
         out_b, h_b, _ = _forward(cache, x, ids, tw, shuffled, bn, parts=parts, config=cfg)
         assert torch.equal(h, h_b)
