@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _need(backend: str):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    if backend == "cutedsl" and torch.cuda.get_device_capability()[0] != 9:
+    if backend.startswith("cutedsl") and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the cutedsl kernels need sm90")
 
 
@@ -44,6 +44,13 @@ def _layer(name):
         hidden, inter, e, k = 2048, 1536, 64, 6
         return get_backend(name), preshuffled_experts(
             random_nvfp4_experts(e, hidden, inter, seed=1)), hidden, e, k
+    if name == "cutedsl-fp8":  # FP8 block-128 experts: both token-tile producers, copy engine
+        from tensorrt_llm_dwdp.kernels.testing import random_fp8_experts
+        from tensorrt_llm_dwdp.moe.weights import ExpertWeights
+
+        hidden, inter, e, k = 2048, 1536, 64, 6
+        return get_backend("cutedsl"), ExpertWeights.single(
+            random_fp8_experts(e, hidden, inter, seed=1)), hidden, e, k
     hidden, inter, e, k = 512, 256, 16, 4
     return get_backend(name), _bf16_experts(e, hidden, inter, seed=1), hidden, e, k
 
@@ -78,9 +85,12 @@ def _routings(tokens, e, k, seed):
     return out
 
 
-@pytest.mark.parametrize("name", ["cutedsl", "torch-grouped"])
-@pytest.mark.parametrize("tokens", [16, 300])
+@pytest.mark.parametrize("name", ["cutedsl", "cutedsl-fp8", "torch-grouped"])
+@pytest.mark.parametrize("tokens", [16, 300, 3000])
 def test_moe_layer_replays_bitwise_equal_to_eager(name, tokens):
+    """No host sync in the layer, and a captured layer replays the eager bits for routings
+    other than the captured one (cutedsl-fp8 at 3000 tokens takes the 128-token tile's copy-
+    engine path; it decides whether the backend may declare FP8 layers graph-safe)."""
     _need(name)
     from tensorrt_llm_dwdp.kernels.testing import random_tokens, skewed_routing
 
