@@ -81,6 +81,8 @@ VARIANTS = {
     "cpasync_128": ((128,), None, dict(tma=False, tokens_m=False)),
     "tma_128": ((128,), None, dict(tma=True, tokens_m=False)),
     "tokens_m_cpasync": ((128,), None, dict(tma=False, tokens_m=True)),
+    # CTA pairs share the weight boxes of one expert by TMA multicast (half the weights' L2 bytes)
+    "cluster2": ((128,), None, dict(cluster2=True)),
 }
 DEFAULT_OUT = "bench/results/moe_kernels_fp8_h200.json"
 GRAPH_MS = 20.0  # one graph replay's length (each timing: the median of 5 replays)

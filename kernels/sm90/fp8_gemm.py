@@ -112,7 +112,10 @@ class Fp8Config:
     DeepGEMM's - each consumer warpgroup multiplies 64 of the tile's tokens (WGMMA M) by the
     CTA's 128 weight rows (N), so a thread's accumulators share 2 token scales and 1 (FC2) or
     2 (FC1: up, gate) weight scales and the promotion is one FMA per accumulator; shared
-    memory holds the same bytes."""
+    memory holds the same bytes; cluster2 (with tma and tokens_m): CTA pairs (a 2-CTA
+    cluster) take two token tiles of one work unit and, when both tiles are one expert's,
+    each loads half of the weight boxes and multicasts it to both, halving the weights'
+    L2 -> SM bytes (``_unit``)."""
 
     bn: int
     ctas_per_sm: int
@@ -120,6 +123,7 @@ class Fp8Config:
     bulk_weights: bool = False
     tma: bool = False
     tokens_m: bool = False
+    cluster2: bool = False
 
     @property
     def register_pool(self) -> int:
@@ -187,6 +191,8 @@ class Fp8BlockGemm:
         if cfg.tokens_m and bn != 2 * BLOCK_ROWS:
             raise ValueError(f"tokens_m needs the 128-token tile (two warpgroups of 64), got "
                              f"bn={bn}")
+        if cfg.cluster2 and not (cfg.tma and cfg.tokens_m and cfg.ctas_per_sm == 1):
+            raise ValueError("cluster2 needs tma, tokens_m and one CTA per SM")
         if cfg.tma and cfg.bulk_weights:
             raise ValueError("tma and bulk_weights are two ways to move the weights: pick one")
         if not 1 <= num_tensors <= MAX_TMA_TENSORS:
@@ -282,7 +288,8 @@ class Fp8BlockGemm:
         # minctasm lets ptxas size the entry register count (the pool), which setmaxnreg needs.
         self.kernel(*tensors, tiled_mma, a_layout, b_layout, mma_layouts, num_token_tiles,
                     blk_begin, blk_end, tma).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1],
-                                         stream=stream, min_blocks_per_mp=self.cfg.ctas_per_sm)
+                                         stream=stream, min_blocks_per_mp=self.cfg.ctas_per_sm,
+                                         cluster=[2 if self.cfg.cluster2 else 1, 1, 1])
 
     def _tma_atoms(self, a_ptr, m_rows, w_ptrs, w_counts, a_layout, b_layout):
         """``tma``: the tensor-map copy atoms and coordinate tensors of the token rows
@@ -297,11 +304,16 @@ class Fp8BlockGemm:
             op, gx, cute.slice_(b_layout, (None, None, 0)), (self.bn, K_TILE))
         box = cute.make_composed_layout(
             a_layout.inner, 0, cute.make_layout((self.box_rows, K_TILE), stride=(K_TILE, 1)))
+        w_op = cpasync.CopyBulkTensorTileG2SMulticastOp() if self.cfg.cluster2 else op
         w = []
         for t in range(self.num_tensors):
             gw = cute.make_tensor(w_ptrs[t], cute.make_layout(
                 (w_counts[t] * self.n_weight, self.k), stride=(self.k, 1)))
-            w.append(cpasync.make_tiled_tma_atom(op, gw, box, (self.box_rows, K_TILE)))
+            if cutlass.const_expr(self.cfg.cluster2):  # whole boxes, to both CTAs by the mask
+                w.append(cpasync.make_tiled_tma_atom(w_op, gw, box, (self.box_rows, K_TILE),
+                                                     num_multicast=1))
+            else:
+                w.append(cpasync.make_tiled_tma_atom(w_op, gw, box, (self.box_rows, K_TILE)))
         return (x_atom, x_tma, tuple(w))
 
     def _shared_storage(self, a_layout, b_layout):
@@ -337,11 +349,21 @@ class Fp8BlockGemm:
         if tidx == 0:
             for s in cutlass.range_constexpr(self.stages):
                 cute.arch.mbarrier_init(full + s, 1 if self.cfg.tma else PRODUCER_THREADS)
-                cute.arch.mbarrier_init(empty + s, 128 * CONSUMER_WGS)
+                # cluster2: the partner CTA's consumers release a slot here too (its copies
+                # multicast into this CTA's stage)
+                cute.arch.mbarrier_init(empty + s, 128 * CONSUMER_WGS
+                                        * (2 if self.cfg.cluster2 else 1))
         cute.arch.mbarrier_init_fence()
-        cute.arch.sync_threads()
+        if cutlass.const_expr(self.cfg.cluster2):
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
+        else:
+            cute.arch.sync_threads()
         n_groups = (blk_end - blk_begin + BLOCKS_PER_CTA - 1) // BLOCKS_PER_CTA
         my_tiles = (num_token_tiles * n_groups - bid + grid - 1) // grid
+        if cutlass.const_expr(self.cfg.cluster2):  # work units: a pair of token tiles
+            units = (num_token_tiles + 1) // 2 * n_groups
+            my_tiles = (units - bid // 2 + grid // 2 - 1) // (grid // 2)
         addrs = (storage.sA.data_ptr().toint(), storage.sB.data_ptr().toint(),
                  storage.sX.data_ptr().toint())
         # the MMA's A and B: weights and tokens, or (tokens_m) tokens and weights
@@ -365,13 +387,62 @@ class Fp8BlockGemm:
             if cutlass.const_expr(self.cfg.tokens_m):
                 self._consumer_tm(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end,
                                   row_index, tile_expert, tensor_of, local_of, b_table, topk_w,
-                                  out, tiled_mma, sA, sB, full, empty, addrs)
+                                  out, tiled_mma, sA, sB, full, empty, addrs, num_token_tiles)
             else:
                 self._consumer(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end,
                                row_index, tile_expert, tensor_of, local_of, b_table, topk_w,
                                out, tiled_mma, sA, sB, full, empty, addrs)
+        if cutlass.const_expr(self.cfg.cluster2):
+            # neither CTA leaves while its partner may still write its shared memory or arrive
+            # on its barriers
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
 
     # ---------------------------------------------------------------- shared arithmetic
+    @cute.jit
+    def _unit(self, bid, grid, j, n_groups, blk_begin, num_token_tiles, tile_expert):
+        """Work item ``j`` of this CTA: (token tile, first block, the expert whose weights it
+        loads, run, write, share). Without cluster2: tile ``bid + j grid``; run = write =
+        its expert >= 0, share False. cluster2: unit ``bid // 2 + j grid / 2`` is the token
+        tiles ``2 p`` and ``2 p + 1`` of one block pair, CTA rank r takes ``2 p + r``; both
+        CTAs run unless both tiles are empty (-1 or past the plan), so their stage counters
+        stay in step; a CTA whose tile is empty runs its partner's tile as a dummy (write
+        False); share when both tiles are one expert's (the weights are multicast)."""
+        run = Int32(0)
+        write = Int32(0)
+        share = Int32(0)
+        if cutlass.const_expr(not self.cfg.cluster2):
+            tile = bid + j * grid
+            tt = tile // n_groups
+            blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
+            expert = tile_expert[tt]
+            if expert >= 0:
+                run = Int32(1)
+                write = Int32(1)
+        else:
+            rank = bid % 2
+            unit = bid // 2 + j * (grid // 2)
+            blk0 = blk_begin + (unit % n_groups) * BLOCKS_PER_CTA
+            mine = 2 * (unit // n_groups) + rank
+            other = 2 * (unit // n_groups) + 1 - rank
+            e_mine = Int32(-1)
+            e_other = Int32(-1)
+            if mine < num_token_tiles:
+                e_mine = tile_expert[mine]
+            if other < num_token_tiles:
+                e_other = tile_expert[other]
+            tt = other
+            expert = e_other
+            if e_mine >= 0:
+                tt = mine
+                expert = e_mine
+                write = Int32(1)
+                if e_mine == e_other:
+                    share = Int32(1)
+            if expert >= 0:
+                run = Int32(1)
+        return tt, blk0, expert, run, write, share
+
     def _expert_bases(self, expert, tensor_of, local_of, b_table):
         """(weight base, scale base) of ``expert`` (>= 0), 64-bit addresses."""
         t = tensor_of[expert]
@@ -500,13 +571,13 @@ class Fp8BlockGemm:
                 cute.group_modes(cute.local_tile(w_tma, (self.box_rows, K_TILE),
                                                  (None, None)), 0, 2)))
         stage_bytes = self.stage_a + self.stage_b + self.stage_x
+        rank = bid % 2
+        self_mask = cutlass.Int16(1) + cutlass.Int16(rank)  # cluster2: this CTA alone
         done = Int32(0)
         for j in cutlass.range(my_tiles, unroll=1):
-            tile = bid + j * grid
-            tt = tile // n_groups
-            blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
-            expert = tile_expert[tt]
-            if expert >= 0:
+            tt, blk0, expert, run, _, share = self._unit(bid, grid, j, n_groups, blk_begin,
+                                                         num_token_tiles, tile_expert)
+            if run == 1:
                 tensor = tensor_of[expert]
                 # the box row of each (CTA block, box) in the expert's tensor; blocks past
                 # blk_end copy the last block again (their results are dropped)
@@ -528,9 +599,20 @@ class Fp8BlockGemm:
                             w_atom, _ = w_tmas[t]
                             tAsA, tAgA = w_parts[t]
                             for i in cutlass.range_constexpr(BLOCKS_PER_CTA * self.boxes):
-                                cute.copy(w_atom, tAgA[(None, box_row[i], kt)],
-                                          tAsA[(None, s * BLOCKS_PER_CTA * self.boxes + i)],
-                                          tma_bar_ptr=bar)
+                                src = tAgA[(None, box_row[i], kt)]
+                                dst = tAsA[(None, s * BLOCKS_PER_CTA * self.boxes + i)]
+                                if cutlass.const_expr(self.cfg.cluster2):
+                                    # shared: block cb = rank from here to both CTAs; else
+                                    # every box to this CTA alone
+                                    if share == 1:
+                                        if i // self.boxes == rank:
+                                            cute.copy(w_atom, src, dst, tma_bar_ptr=bar,
+                                                      mcast_mask=cutlass.Int16(3))
+                                    else:
+                                        cute.copy(w_atom, src, dst, tma_bar_ptr=bar,
+                                                  mcast_mask=self_mask)
+                                else:
+                                    cute.copy(w_atom, src, dst, tma_bar_ptr=bar)
                     cute.copy(x_atom, tBgB[(None, tt, kt)], tBsB[(None, s)], tma_bar_ptr=bar)
                     cp_async_bulk(sx_addr + s * self.stage_x,
                                   xs_base + (Int64(kt) * m_rows + tt * self.bn) * 4,
@@ -642,7 +724,7 @@ class Fp8BlockGemm:
     @cute.jit
     def _consumer_tm(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, row_index,
                      tile_expert, tensor_of, local_of, b_table, topk_w, out, tiled_mma, sA, sB,
-                     full, empty, addrs):
+                     full, empty, addrs, num_token_tiles):
         """``tokens_m``: warpgroup q multiplies tokens ``[64 q, 64 q + 64)`` of the tile by the
         CTA's two weight blocks. Accumulator element ``v0 + 2 v1 + 4 qn`` is (token
         ``64 q + 16 warp + 8 v1 + g``, weight column ``n = 8 qn + 2 c + v0``: block
@@ -662,13 +744,12 @@ class Fp8BlockGemm:
         partial = cute.make_rmem_tensor(c_shape, Float32)
         total = cute.make_rmem_tensor(c_shape, Float32)
         row0 = 64 * q + 16 * warp + g  # this thread's first token row in the tile (+8: second)
+        peer = 1 - bid % 2  # cluster2: the partner CTA
         done = Int32(0)
         for j in cutlass.range(my_tiles, unroll=1):
-            tile = bid + j * grid
-            tt = tile // n_groups
-            blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
-            expert = tile_expert[tt]
-            if expert >= 0:
+            tt, blk0, expert, run, write, _ = self._unit(bid, grid, j, n_groups, blk_begin,
+                                                         num_token_tiles, tile_expert)
+            if run == 1:
                 _, sf_base = self._expert_bases(expert, tensor_of, local_of, b_table)
                 sr0, sr1 = self.scale_rows(blk0)
                 sf0 = sf_base + Int64(sr0 * self.k_tiles) * 4
@@ -676,14 +757,15 @@ class Fp8BlockGemm:
                 total.fill(0.0)
                 for kt in cutlass.range(self.k_tiles, unroll=1):
                     self._k_tile_tm(done + kt, kt, q, row0, sf0, sf1, sx_addr, partial, total,
-                                    tiled_mma, tCrA, tCrB, full, empty)
-                self._epilogue_tm(total, tt, blk0, blk_begin, blk_end, row0, c, row_index,
-                                  topk_w, out)
+                                    tiled_mma, tCrA, tCrB, full, empty, peer)
+                if write == 1:
+                    self._epilogue_tm(total, tt, blk0, blk_begin, blk_end, row0, c, row_index,
+                                      topk_w, out)
                 done = done + self.k_tiles
 
     @cute.jit
     def _k_tile_tm(self, it, kt, q, row0, sf0, sf1, sx_addr, partial, total, tiled_mma, tCrA,
-                   tCrB, full, empty):
+                   tCrB, full, empty, peer):
         """K tile ``kt``: 4 QGMMAs (A: this warpgroup's 64 tokens, B: the 128 weight rows)
         into ``partial``, then ``total += partial * (x_scale[token] * w_scale[half])``."""
         s = it % self.stages
@@ -702,6 +784,8 @@ class Fp8BlockGemm:
         warpgroup.commit_group()
         warpgroup.wait_group(0)
         cute.arch.mbarrier_arrive(empty + s)
+        if cutlass.const_expr(self.cfg.cluster2):  # the partner multicasts into this slot too
+            cute.arch.mbarrier_arrive(empty + s, peer_cta_rank_in_cluster=peer)
         # FC1: column groups qn even are up rows, odd their gate rows (``weight_row``)
         sc = [[xs0 * ws0, xs0 * ws1], [xs1 * ws0, xs1 * ws1]]
         for qn in cutlass.range_constexpr(2 * BLOCK_ROWS // 8):

@@ -159,8 +159,12 @@ def fp8_gemm_launcher(
         if cfg.tokens_m and blk_begin % FP8_BLOCKS_PER_CTA:
             raise ValueError(f"fp8 gemm (tokens_m): blocks start at an even block (one scale "
                              f"block per CTA pair), got {blk_begin}")
-        args = [*ptrs, *fixed, *(cutlass.Int32(v) for v in (
-            blk_begin, blk_end, min(tiles, resident))), *tma_args, stream]
+        grid = min(tiles, resident)
+        if cfg.cluster2:  # CTA pairs over pairs of token tiles
+            units = -(-num_tiles // 2) * -(-(blk_end - blk_begin) // FP8_BLOCKS_PER_CTA)
+            grid = 2 * min(units, resident // 2)
+        args = [*ptrs, *fixed, *(cutlass.Int32(v) for v in (blk_begin, blk_end, grid)),
+                *tma_args, stream]
         if compiled is None:
             def build():
                 import cutlass.cute as cute

@@ -55,7 +55,8 @@ def _variants():
     from bench.moe_kernels_fp8 import VARIANTS
 
     for name, (tiles, vbn, overrides) in sorted(VARIANTS.items()):
-        yield pytest.param(vbn or tiles[0], overrides, id=name)
+        if not overrides.get("cluster2"):  # its own test: multicast copies, cluster barriers
+            yield pytest.param(vbn or tiles[0], overrides, id=name)
 
 
 @pytest.mark.parametrize("kind,n_weight,k,y_cols", [
@@ -100,6 +101,30 @@ def test_tokens_m_compile(tools, tmp_path, kind, n_weight, k, y_cols, tma):
     spills - 155 instructions per K tile against the other orientation's ~230."""
     _check_sass(tools, tmp_path, kind, n_weight, k, 128, y_cols,
                 {"tma": tma, "tokens_m": True})
+
+
+@pytest.mark.parametrize("kind,n_weight,k,y_cols,num_tensors", [
+    ("swiglu", 4096, 7168, 0, 1), ("scatter", 7168, 2048, 896, 2)])
+def test_cluster2_compile(tools, tmp_path, kind, n_weight, k, y_cols, num_tensors):
+    """``cluster2``: the weight boxes by multicast tensor-map copies (each issued both ways:
+    half to both CTAs when the pair shares an expert, all to this CTA alone otherwise), the
+    token tile by a plain one, the cluster barrier at entry and exit, the consumers' remote
+    slot release; the tokens_m K tile unchanged."""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, fp8_config
+
+    cfg = fp8_config(128, cluster2=True)
+    kern = Fp8BlockGemm(epilogue=kind, n_weight=n_weight, k=k, bn=128, y_cols=y_cols,
+                        config=cfg, num_tensors=num_tensors)
+    sass = _compile_fp8_sass(tools, tmp_path, kind, str(n_weight), str(k), "128", str(y_cols),
+                             "cluster2=1", f"num_tensors={num_tensors}")
+    assert sass.count("UTMALDG.2D.MULTICAST") == num_tensors * 2 * 2 * kern.boxes
+    assert len(re.findall(r"UTMALDG\.2D\b(?!\.)", sass)) == 1  # the token tile
+    assert sass.count("UCGABAR_ARV") == 2 and sass.count("UCGABAR_WAIT") == 2
+    assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
+    mix = k_loop_mix(sass, "QGMMA")
+    assert sum(n for op, n in mix.items() if op.startswith("QGMMA")) == 4, mix
+    assert mix["FFMA"] == 64 and mix["FMUL"] <= 4, mix
+    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 1
 
 
 def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides, num_tensors=1):

@@ -208,7 +208,8 @@ def _bench_variants():
     from bench.moe_kernels_fp8 import VARIANTS
 
     for name, (tiles, vbn, overrides) in sorted(VARIANTS.items()):
-        yield pytest.param(tiles[0], vbn or tiles[0], overrides, id=name)
+        if not overrides.get("cluster2"):  # its own test, near the end (a hang stops there)
+            yield pytest.param(tiles[0], vbn or tiles[0], overrides, id=name)
 
 
 @pytest.mark.parametrize("bn,vbn,overrides", list(_bench_variants()))
@@ -294,6 +295,28 @@ def test_tokens_m_bitwise_equal_tokens_n(cache):
     out_m, h_m, _ = _forward(cache, x, ids, tw, experts, 128, plan=plan)
     assert torch.equal(h, h_m)
     assert torch.equal(out, out_m)
+
+
+@pytest.mark.parametrize("tokens,empty", [(700, 1), (2500, 3), (5, 0)])
+def test_cluster2_bitwise_equal_default(cache, tokens, empty):
+    """``Fp8Config.cluster2`` (CTA pairs over token-tile pairs, weights multicast when both
+    tiles are one expert's): h and the output bit for bit the default's, with skewed routing
+    (pairs straddling experts, odd tile counts, a pair with one empty tile) over the
+    composite view and a 3-tensor multi view, and the plan's tile bound (tiles of -1 at the
+    end). Near the end of the file: a wrong barrier count would hang."""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
+
+    hidden, inter, num_experts, top_k = SMALL
+    experts = random_fp8_experts(num_experts, hidden, inter, seed=81)
+    x = random_tokens(tokens, hidden, seed=82)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=83, empty_experts=empty)
+    out, h, plan = _forward(cache, x, ids, tw, experts, 128)
+    cfg = fp8_config(128, cluster2=True)
+    for parts in (1, 3):
+        out_c, h_c, _ = _forward(cache, x, ids, tw, experts, 128, parts=parts, plan=plan,
+                                 config=cfg)
+        assert torch.equal(h, h_c), parts
+        assert torch.equal(out, out_c), parts
 
 
 @pytest.mark.parametrize("bn,tokens", [(16, 37), (128, 700)])
