@@ -160,9 +160,9 @@ def fp8_gemm_launcher(
             raise ValueError(f"fp8 gemm (tokens_m): blocks start at an even block (one scale "
                              f"block per CTA pair), got {blk_begin}")
         grid = min(tiles, resident)
-        if cfg.cluster2:  # CTA pairs over pairs of token tiles
+        if cfg.cluster2:  # CTA pairs over pairs of token tiles, as many as fit at once
             units = -(-num_tiles // 2) * -(-(blk_end - blk_begin) // FP8_BLOCKS_PER_CTA)
-            grid = 2 * min(units, resident // 2)
+            grid = 2 * min(units, max_active_pairs(a.device))
         args = [*ptrs, *fixed, *(cutlass.Int32(v) for v in (blk_begin, blk_end, grid)),
                 *tma_args, stream]
         if compiled is None:
@@ -180,6 +180,24 @@ def fp8_gemm_launcher(
         compiled(*args)
 
     return launch
+
+
+_ACTIVE_PAIRS: dict[int, int] = {}
+
+
+def max_active_pairs(device: torch.device) -> int:
+    """2-CTA clusters of one CTA per SM that the device runs at once (a GPC with an odd SM
+    count leaves one SM out, so it can be fewer than half the SMs): the persistent grid of
+    ``cluster2`` kernels, so no pair waits for a second wave."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ACTIVE_PAIRS:
+        import cutlass.utils
+
+        with torch.cuda.device(index):
+            _ACTIVE_PAIRS[index] = int(cutlass.utils.HardwareInfo().get_max_active_clusters(2))
+        if _ACTIVE_PAIRS[index] < 1:
+            raise RuntimeError(f"fp8 gemm (cluster2): cuda:{index} runs no 2-CTA cluster")
+    return _ACTIVE_PAIRS[index]
 
 
 def tma_weight_args(table: ExpertTable) -> tuple[tuple, tuple]:
