@@ -649,23 +649,26 @@ class Fp8BlockGemm:
         cute.arch.mbarrier_arrive(full + s)
 
     # ---------------------------------------------------------------- consumers
+    def _consumer_fragments(self, tidx, tiled_mma, sA, sB, n):
+        """A consumer thread's place and MMA state: (warpgroup q, warp, lane // 4, lane % 4,
+        A and B fragments, partial and total fp32 accumulators of a 64 x ``n`` tile)."""
+        tq = tidx % 128
+        lane = tidx % 32
+        thr_mma = tiled_mma.get_slice(tq)
+        c_shape = thr_mma.partition_shape_C((BLOCK_ROWS, n))
+        return (tidx // 128 - 1, tq // 32, lane // 4, lane % 4,
+                tiled_mma.make_fragment_A(thr_mma.partition_A(sA)),
+                tiled_mma.make_fragment_B(thr_mma.partition_B(sB)),
+                cute.make_rmem_tensor(c_shape, Float32), cute.make_rmem_tensor(c_shape, Float32))
+
     @cute.jit
     def _consumer(self, tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end, row_index,
                   tile_expert, tensor_of, local_of, b_table, topk_w, out, tiled_mma, sA, sB,
                   full, empty, addrs):
         _, _, sx_addr = addrs
-        q = tidx // 128 - 1  # consumer warpgroup = its block of the CTA's two
-        tq = tidx % 128
-        warp = tq // 32
-        lane = tidx % 32
-        g = lane // 4
-        c = lane % 4
-        thr_mma = tiled_mma.get_slice(tq)
-        tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
-        tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
-        c_shape = thr_mma.partition_shape_C((BLOCK_ROWS, self.bn))
-        partial = cute.make_rmem_tensor(c_shape, Float32)
-        total = cute.make_rmem_tensor(c_shape, Float32)
+        # consumer warpgroup q = its block of the CTA's two
+        q, warp, g, c, tCrA, tCrB, partial, total = self._consumer_fragments(
+            tidx, tiled_mma, sA, sB, self.bn)
         done = Int32(0)
         for j in cutlass.range(my_tiles, unroll=1):
             tile = bid + j * grid
@@ -731,18 +734,8 @@ class Fp8BlockGemm:
         ``blk0 + n // 64``, its row ``n % 64``); the pair is 128 rows of one scale block (FC1:
         64 up rows and their 64 gate rows; ``blk_begin`` is even)."""
         _, _, sx_addr = addrs
-        q = tidx // 128 - 1
-        tq = tidx % 128
-        warp = tq // 32
-        lane = tidx % 32
-        g = lane // 4
-        c = lane % 4
-        thr_mma = tiled_mma.get_slice(tq)
-        tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
-        tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
-        c_shape = thr_mma.partition_shape_C((BLOCK_ROWS, BLOCKS_PER_CTA * BLOCK_ROWS))
-        partial = cute.make_rmem_tensor(c_shape, Float32)
-        total = cute.make_rmem_tensor(c_shape, Float32)
+        q, warp, g, c, tCrA, tCrB, partial, total = self._consumer_fragments(
+            tidx, tiled_mma, sA, sB, BLOCKS_PER_CTA * BLOCK_ROWS)
         row0 = 64 * q + 16 * warp + g  # this thread's first token row in the tile (+8: second)
         peer = 1 - bid % 2  # cluster2: the partner CTA
         done = Int32(0)
