@@ -267,7 +267,8 @@ def fc1_fp8_gather_swiglu(
     check_plan_tensors(bn, m_pad, tile_expert)
     inter = w13.rows // 2
     out = bf16_output(out, (m_pad, inter), xq.device, "fc1 fp8")
-    if _config(config, bn).tma:
+    config = _config(config, bn, w13)
+    if config.tma:
         xq, xs = plan_order_rows(xq, xs, gather_index)
     launch = fp8_gemm_launcher(
         cache, epilogue="swiglu", a=xq, a_scale=xs, row_index=gather_index,
@@ -304,11 +305,12 @@ def fc2_fp8_finalize(
     if tokens == 0:
         return out
     blocks = hidden // FP8_BLOCK_ROWS
+    config = _config(config, bn, w2)
     cb = chunk_blocks(hidden, top_k, FP8_BLOCKS_PER_CTA)
-    if _config(config, bn).tokens_m and cb % FP8_BLOCKS_PER_CTA:
+    if config.tokens_m and cb % FP8_BLOCKS_PER_CTA:
         cb += 1  # whole block pairs (a pair shares its scale block)
     y = torch.empty(tokens * top_k, cb * FP8_BLOCK_ROWS, dtype=torch.float32, device=hq.device)
-    if _config(config, bn).tma:
+    if config.tma:
         hq, hs = plan_order_rows(hq, hs, None)
     gemm = fp8_gemm_launcher(cache, epilogue="scatter", a=hq, a_scale=hs, row_index=slot_index,
                              tile_expert=tile_expert, table=w2,
@@ -322,10 +324,19 @@ def fc2_fp8_finalize(
     return out
 
 
-def _config(config, bn: int):
-    from .fp8_gemm import fp8_config
+def _config(config, bn: int, table: ExpertTable):
+    """``config``, or the default for ``bn``; the default moves the weights by cp.async where
+    the table has more tensors than one copy-engine kernel takes (``MAX_TMA_TENSORS``)."""
+    from dataclasses import replace
 
-    return config or fp8_config(bn)
+    from .fp8_gemm import MAX_TMA_TENSORS, fp8_config
+
+    if config is not None:
+        return config
+    cfg = fp8_config(bn)
+    if cfg.tma and table.num_tensors > MAX_TMA_TENSORS:
+        cfg = replace(cfg, tma=False, cluster2=False)
+    return cfg
 
 
 def quantize_rows(t: torch.Tensor, cache: CompileCache | None = None

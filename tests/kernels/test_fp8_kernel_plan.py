@@ -155,3 +155,32 @@ def test_preshuffle_is_the_kernels_shared_memory_image(epilogue, rows, k):
                         off = base + Fp8BlockGemm.swizzled(r, c)
                         assert torch.equal(img[e, off:off + 16],
                                            lin[e, row, 128 * t + 16 * c:128 * t + 16 * c + 16])
+
+
+def test_default_config_by_tile_and_tensor_count():
+    """bn 128 defaults to the copy engine with the tokens as M, the smaller tiles to cp.async;
+    a table of more tensors than one copy-engine kernel takes keeps tokens_m on cp.async, and
+    an explicit configuration is used as given."""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import MAX_TMA_TENSORS
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import _config
+
+    def table(n_tensors):
+        ws = [torch.zeros(1, 128, 128, dtype=torch.float8_e4m3fn) for _ in range(n_tensors)]
+        sfs = [torch.ones(1, 1, 1) for _ in range(n_tensors)]
+        return build_fp8_expert_table(ws, sfs, list(range(n_tensors)))
+
+    few, many = table(2), table(MAX_TMA_TENSORS + 1)
+    assert _config(None, 128, few) == fp8_config(128)
+    assert fp8_config(128).tma and fp8_config(128).tokens_m and not fp8_config(128).cluster2
+    for bn in (16, 32, 64):
+        assert not _config(None, bn, few).tma and not _config(None, bn, few).tokens_m
+    cfg = _config(None, 128, many)
+    assert not cfg.tma and cfg.tokens_m
+    explicit = fp8_config(128, cluster2=True)
+    assert _config(explicit, 128, many) is explicit
+    with pytest.raises(ValueError, match="cluster2 needs"):
+        Fp8BlockGemm(epilogue="swiglu", n_weight=256, k=128, bn=128,
+                     config=fp8_config(128, tma=False, cluster2=True))
+    with pytest.raises(ValueError, match="tokens_m needs"):
+        Fp8BlockGemm(epilogue="swiglu", n_weight=256, k=128, bn=64,
+                     config=fp8_config(64, tokens_m=True))
