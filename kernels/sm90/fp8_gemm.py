@@ -649,6 +649,18 @@ class Fp8BlockGemm:
         cute.arch.mbarrier_arrive(full + s)
 
     # ---------------------------------------------------------------- consumers
+    @cute.jit
+    def _mma_k_tile(self, tiled_mma, partial, tCrA, tCrB, s, q):
+        """Stage ``s``'s K tile: 4 k32 QGMMAs into a fresh ``partial`` (A: this warpgroup's
+        64-row slice of stage s, B: the stage), then wait for them: the promotion point."""
+        warpgroup.fence()
+        for step in cutlass.range_constexpr(self.k_steps):
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, step != 0)
+            cute.gemm(tiled_mma, partial, tCrA[(None, None, step, s * CONSUMER_WGS + q)],
+                      tCrB[(None, None, step, s)], partial)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+
     def _consumer_fragments(self, tidx, tiled_mma, sA, sB, n):
         """A consumer thread's place and MMA state: (warpgroup q, warp, lane // 4, lane % 4,
         A and B fragments, partial and total fp32 accumulators of a 64 x ``n`` tile)."""
@@ -703,13 +715,7 @@ class Fp8BlockGemm:
         # this thread's token columns 8 qn + 2 c + (0, 1): their scales, before the slot frees
         xs = [ld_shared_v2_f32(sx_addr + s * self.stage_x + (8 * qn + 2 * c) * 4)
               for qn in range(self.bn // 8)]
-        warpgroup.fence()
-        for step in cutlass.range_constexpr(self.k_steps):
-            tiled_mma.set(warpgroup.Field.ACCUMULATE, step != 0)
-            cute.gemm(tiled_mma, partial, tCrA[(None, None, step, s * BLOCKS_PER_CTA + q)],
-                      tCrB[(None, None, step, s)], partial)
-        warpgroup.commit_group()
-        warpgroup.wait_group(0)
+        self._mma_k_tile(tiled_mma, partial, tCrA, tCrB, s, q)
         cute.arch.mbarrier_arrive(empty + s)
         # accumulator element v0 + 2 v1 + 4 qn: row 16 warp + 8 v1 + g, column 8 qn + 2 c + v0;
         # the two scales multiply first (DeepGEMM's order), the promotion is one FMA
@@ -769,13 +775,7 @@ class Fp8BlockGemm:
         cute.arch.mbarrier_wait(full + s, (it // self.stages) % 2)
         xs0 = ld_shared_f32(sx_addr + s * self.stage_x + row0 * 4)
         xs1 = ld_shared_f32(sx_addr + s * self.stage_x + (row0 + 8) * 4)
-        warpgroup.fence()
-        for step in cutlass.range_constexpr(self.k_steps):
-            tiled_mma.set(warpgroup.Field.ACCUMULATE, step != 0)
-            cute.gemm(tiled_mma, partial, tCrA[(None, None, step, s * CONSUMER_WGS + q)],
-                      tCrB[(None, None, step, s)], partial)
-        warpgroup.commit_group()
-        warpgroup.wait_group(0)
+        self._mma_k_tile(tiled_mma, partial, tCrA, tCrB, s, q)
         cute.arch.mbarrier_arrive(empty + s)
         if cutlass.const_expr(self.cfg.cluster2):  # the partner multicasts into this slot too
             cute.arch.mbarrier_arrive(empty + s, peer_cta_rank_in_cluster=peer)
