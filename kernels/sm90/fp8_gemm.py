@@ -705,7 +705,7 @@ class Fp8BlockGemm:
     def _k_tile(self, it, kt, q, c, sf0, sf1, sx_addr, partial, total, tiled_mma, tCrA, tCrB,
                 full, empty):
         """K tile ``kt`` of the work tile (stage counter ``it``): 4 QGMMAs into ``partial``,
-        then ``total += partial * x_scale[column] * w_scale[row half]``."""
+        then ``total = fma(partial, x_scale[column] * w_scale[row half], total)``."""
         s = it % self.stages
         ws0 = ld_global_f32(sf0 + kt * 4)
         ws1 = ws0
