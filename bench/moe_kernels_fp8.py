@@ -83,6 +83,9 @@ VARIANTS = {
     "tokens_m_cpasync": ((128,), None, dict(tma=False, tokens_m=True)),
     # CTA pairs share the weight boxes of one expert by TMA multicast (half the weights' L2 bytes)
     "cluster2": ((128,), None, dict(cluster2=True)),
+    # FC2's scratch rows in bf16: half its bytes and chunks (not bitwise: each row rounds once)
+    "y_bf16": ((16, 32, 64, 128), None, dict(y_bf16=True)),
+    "cluster2_y_bf16": ((128,), None, dict(cluster2=True, y_bf16=True)),
 }
 DEFAULT_OUT = "bench/results/moe_kernels_fp8_h200.json"
 GRAPH_MS = 20.0  # one graph replay's length (each timing: the median of 5 replays)
@@ -137,7 +140,8 @@ class TorchBaselines:
 
 
 def variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, want, variants):
-    """``{name: {ms, bitwise_equal_default}}`` of the ``variants`` that apply at token tile
+    """``{name: {ms, bitwise_equal_default, rel_diff_default}}`` of the ``variants`` that
+    apply at token tile
     ``bn`` (``VARIANTS``), each on its own plan; ``tables``: ``{layout: (w13, w2)}`` (the bulk
     variant reads the preshuffled copy); ``want``: the default configuration's output."""
     out = {}
@@ -161,8 +165,10 @@ def variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, want, varia
                              out=y, config=cfg)
 
         ms = time_graph(run, target_ms=GRAPH_MS)
+        diff = ((y.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
         out[name] = {"token_tile": vbn, "config": str(cfg), "ms": ms,
-                     "bitwise_equal_default": bool(torch.equal(y, want))}
+                     "bitwise_equal_default": bool(torch.equal(y, want)),
+                     "rel_diff_default": float(diff)}
     return out
 
 
@@ -296,6 +302,7 @@ def main(argv=None) -> int:
                       f"{r['trtllm_fp8_ms'] or float('nan'):.2f}"
                       + "".join(f"  {n} {v['ms']:.3f} x{v['speedup_vs_default']:.2f}"
                                 f"{'' if v['bitwise_equal_default'] else ' NOT BITWISE'}"
+                                f"{'' if v['bitwise_equal_default'] else ' (rel diff %.1e)' % v['rel_diff_default']}"
                                 for n, v in r["variants"].items()), file=sys.stderr, flush=True)
                 torch.cuda.empty_cache()
         del experts, tables, base, layouts

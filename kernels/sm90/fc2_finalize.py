@@ -26,10 +26,11 @@ from .grouped_launch import (
 )
 
 
-def chunk_blocks(hidden: int, top_k: int, blocks_per_cta: int = 4) -> int:
-    """64-column blocks per FC2 chunk: the most with ``T k Hc`` fp32 <= 2 ``T H`` bf16 (Hc <=
-    H / k), rounded down to whole CTA tiles when that leaves at least one; never below one."""
-    budget = hidden // (BLOCK_ROWS * top_k)
+def chunk_blocks(hidden: int, top_k: int, blocks_per_cta: int = 4, y_bytes: int = 4) -> int:
+    """64-column blocks per FC2 chunk: the most with the scratch ``T k Hc`` (``y_bytes`` each:
+    fp32 4, bf16 2) <= 2 ``T H`` bf16 (Hc <= H / k fp32, 2 H / k bf16), rounded down to whole
+    CTA tiles when that leaves at least one; never below one."""
+    budget = 4 * hidden // (BLOCK_ROWS * top_k * y_bytes)
     if budget >= blocks_per_cta:
         return budget // blocks_per_cta * blocks_per_cta
     return max(1, budget)
@@ -96,7 +97,8 @@ def fc2_finalize(
 
 def slot_sum_launcher(cache: CompileCache, y: torch.Tensor, topk_ids: torch.Tensor,
                       out: torch.Tensor):
-    """``launch(col0, cols)``: ``out[t, col0 + c] = bf16(sum_j y[t k + j, c])`` for
+    """``launch(col0, cols)``: ``out[t, col0 + c] = bf16(sum_j y[t k + j, c])`` (y fp32 or
+    bf16) for
     ``c < cols``, slot order j, empty slots (``topk_ids`` -1) skipped. Pointers and stream
     are made here once and the compiled kernel is looked up at the first launch (as
     ``rs_gemm_launcher``)."""
@@ -105,6 +107,7 @@ def slot_sum_launcher(cache: CompileCache, y: torch.Tensor, topk_ids: torch.Tens
     tokens, hidden = out.shape
     top_k = topk_ids.shape[1]
     y_cols = y.shape[1]
+    y_bf16 = y.dtype == torch.bfloat16
     fixed = [gmem_ptr(y, 16), gmem_ptr(topk_ids), gmem_ptr(out, 8), cutlass.Int32(tokens)]
     stream = current_stream()
     compiled = None
@@ -118,9 +121,9 @@ def slot_sum_launcher(cache: CompileCache, y: torch.Tensor, topk_ids: torch.Tens
 
                 from .slot_sum import SlotSum
 
-                return cute.compile(SlotSum(y_cols, top_k, hidden), *args)
+                return cute.compile(SlotSum(y_cols, top_k, hidden, y_bf16), *args)
 
-            compiled = cache.get(("slot_sum", y_cols, top_k, hidden), build)
+            compiled = cache.get(("slot_sum", y_cols, top_k, hidden, y_bf16), build)
         compiled(*args)
 
     return launch

@@ -22,8 +22,8 @@ read in the checkpoint's layout. h = silu(gate) * up in fp32 -> bf16 ``h [M_pad,
 caller requantizes h per token per 128 with one pass before FC2: 128 h columns span four
 blocks, i.e. two CTAs, so an in-kernel amax would need a cross-CTA reduction).
 FC2 (``"scatter"``): block b is rows ``[64b, 64b+64)`` of ``w2``; the epilogue writes
-router-weighted fp32 rows ``y[slot, 64 (b - blk_begin) + row]`` of a hidden-column chunk, the
-caller sums the slots in fixed order (``slot_sum``).
+router-weighted fp32 (``y_bf16``: bf16) rows ``y[slot, 64 (b - blk_begin) + row]`` of a
+hidden-column chunk, the caller sums the slots in fixed order (``slot_sum``).
 
 Warp roles (384 threads; persistent CTAs over (token tile, block pair) work tiles in a static
 round robin, all roles walking the same tiles; a tile whose ``tile_expert`` is -1 is skipped
@@ -115,7 +115,9 @@ class Fp8Config:
     memory holds the same bytes; cluster2 (with tma and tokens_m): CTA pairs (a 2-CTA
     cluster) take two token tiles of one work unit and, when both tiles are one expert's,
     each loads half of the weight boxes and multicasts it to both, halving the weights'
-    L2 -> SM bytes (``_unit``)."""
+    L2 -> SM bytes (``_unit``); y_bf16 (FC2): the router-weighted scratch rows ``y`` are
+    bf16 (rounded once, as TensorRT-LLM's finalize reads its GEMM's output), half the bytes
+    written and re-read and half the chunks (``fc2_finalize.chunk_blocks``); FC1 ignores it."""
 
     bn: int
     ctas_per_sm: int
@@ -124,6 +126,7 @@ class Fp8Config:
     tma: bool = False
     tokens_m: bool = False
     cluster2: bool = False
+    y_bf16: bool = False
 
     @property
     def register_pool(self) -> int:
@@ -165,7 +168,7 @@ class Fp8BlockGemm:
 
     n_weight: rows of each expert's weight (2I for FC1, H for FC2), a multiple of 128;
     k: the reduction size (H for FC1, I for FC2), a multiple of 128; bn: token tile (N);
-    y_cols: row length of FC2's fp32 output chunk (a multiple of 64), unused for FC1;
+    y_cols: row length of FC2's output chunk (a multiple of 64), unused for FC1;
     config: the tile configuration (default ``fp8_config(bn)``).
     """
 
@@ -240,11 +243,12 @@ class Fp8BlockGemm:
         (FC1: gather index, FC2: slot index; -1 on padding); ``tile_expert [num_token_tiles]``
         (-1: skip the tile); multi-B maps and ``table`` int64 ``[2, S]`` (weight and scale base
         of each tensor, ``fp8_launch.build_fp8_expert_table``); ``topk_w`` fp32 flat router
-        weights (FC2); ``out``: FC1 bf16 ``h [M_pad, I]``, FC2 fp32 ``y [T*k, y_cols]``.
-        ``grid`` <= number of work tiles. ``tma``: ``a`` is the token rows in plan order
-        ``[M_pad, K]`` (both GEMMs), ``a_scale`` their scales transposed ``[K/128, M_pad]``,
-        and ``w_ptrs`` / ``w_counts`` the ``num_tensors`` weight tensors (e4m3 pointers) and
-        their expert counts, the table's order (other configurations ignore them)."""
+        weights (FC2); ``out``: FC1 bf16 ``h [M_pad, I]``, FC2 fp32 ``y [T*k, y_cols]``
+        (``y_bf16``: bf16). ``grid`` <= number of work tiles. ``tma``: ``a`` is the token
+        rows in plan order ``[M_pad, K]`` (both GEMMs), ``a_scale`` their scales transposed
+        ``[K/128, M_pad]``, and ``w_ptrs`` / ``w_counts`` the ``num_tensors`` weight tensors
+        (e4m3 pointers) and their expert counts, the table's order (other configurations
+        ignore them)."""
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
             Float8E4M3FN, Float8E4M3FN, warpgroup.OperandMajorMode.K,
             warpgroup.OperandMajorMode.K, Float32, (1, 1, 1), tiler_mn=(BLOCK_ROWS, self.bn))
@@ -792,7 +796,8 @@ class Fp8BlockGemm:
                      out):
         """FC1: h = silu(gate) * up -> bf16 pairs at ``h[m, 32 gblk + 8 p + 2 c]`` (up column
         group qn = 2 p + 8 cb, gate qn + 1). FC2: y = acc * router weight -> fp32 pairs at
-        ``y[slot, 64 (gblk - blk_begin) + 8 (qn % 8) + 2 c]`` for real rows (slot >= 0).
+        ``y[slot, 64 (gblk - blk_begin) + 8 (qn % 8) + 2 c]`` for real rows (slot >= 0;
+        ``y_bf16``: bf16 pairs).
         Block ``blk0 + 1`` past ``blk_end`` was a clamped copy: not written."""
         out_base = out.iterator.toint()
         for v1 in cutlass.range_constexpr(2):
@@ -821,17 +826,21 @@ class Fp8BlockGemm:
                             for r8 in cutlass.range_constexpr(BLOCK_ROWS // 8):
                                 i = 2 * v1 + 4 * (8 * cb + r8)
                                 ycol = (blk0 + cb - blk_begin) * BLOCK_ROWS + 8 * r8 + 2 * c
-                                st_global_v2_f32(
-                                    out_base + (Int64(slot) * self.y_cols + ycol) * 4,
-                                    acc[i] * rw, acc[i + 1] * rw)
+                                at = Int64(slot) * self.y_cols + ycol
+                                if cutlass.const_expr(self.cfg.y_bf16):
+                                    st_global_bf16x2(out_base + at * 2, acc[i] * rw,
+                                                     acc[i + 1] * rw)
+                                else:
+                                    st_global_v2_f32(out_base + at * 4, acc[i] * rw,
+                                                     acc[i + 1] * rw)
 
     @cute.jit
     def _epilogue(self, acc, tt, gblk, blk_begin, warp, g, c, row_index, topk_w, out):
         """Accumulator element ``v0 + 2 v1 + 4 qn`` is (row 16 warp + 8 v1 + g, token column
         8 qn + 2 c + v0) of the block.
         FC1: h = silu(gate) * up -> bf16 at ``h[m, 32 gblk + 8 warp + g]``.
-        FC2: y = acc * router weight -> fp32 at ``y[slot, 64 (gblk - blk_begin) + row]`` for
-        real rows (slot >= 0)."""
+        FC2: y = acc * router weight -> fp32 (``y_bf16``: bf16) at ``y[slot, 64 (gblk -
+        blk_begin) + row]`` for real rows (slot >= 0)."""
         out_base = out.iterator.toint()
         if cutlass.const_expr(self.epilogue == "swiglu"):
             col = gblk * 32 + 8 * warp + g
@@ -856,6 +865,8 @@ class Fp8BlockGemm:
         """FC2: the two rows (g, g + 8) of one token column, if it is a real (token, slot)."""
         if slot >= 0:
             for v1 in cutlass.range_constexpr(2):
-                ycol = chunk_blk * BLOCK_ROWS + 16 * warp + 8 * v1 + g
-                st_global_f32(out_base + (Int64(slot) * self.y_cols + ycol) * 4,
-                              acc[i0 + 2 * v1] * scale)
+                at = Int64(slot) * self.y_cols + chunk_blk * BLOCK_ROWS + 16 * warp + 8 * v1 + g
+                if cutlass.const_expr(self.cfg.y_bf16):
+                    st_global_bf16(out_base + at * 2, acc[i0 + 2 * v1] * scale)
+                else:
+                    st_global_f32(out_base + at * 4, acc[i0 + 2 * v1] * scale)

@@ -130,6 +130,13 @@ def fp8_gemm_launcher(
     from .fp8_gemm import fp8_config
 
     cfg = config or fp8_config(bn)
+    if epilogue == "swiglu" and cfg.y_bf16:  # FC2's scratch format: one FC1 kernel for both
+        from dataclasses import replace
+
+        cfg = replace(cfg, y_bf16=False)
+    if epilogue == "scatter" and out.dtype != (torch.bfloat16 if cfg.y_bf16 else torch.float32):
+        raise ValueError(f"fp8 gemm: FC2 scratch y is {out.dtype}, {cfg} writes "
+                         f"{'bf16' if cfg.y_bf16 else 'fp32'}")
     num_tiles = tile_expert.numel()
     if num_tiles == 0:
         return lambda blk_begin, blk_end: None
@@ -292,8 +299,9 @@ def fc2_fp8_finalize(
     config=None,
 ) -> torch.Tensor:
     """FC2 + deterministic finalize: per hidden-column chunk, fp32 rows ``y[t k + j] =
-    router_weight[t, j] * (h[m] @ w2_e^T)`` (block-scaled FP8 product) summed in slot order
-    into bf16 ``[T, H]`` (``fc2_finalize``'s scheme and scratch bound). hq e4m3 ``[M_pad, I]``,
+    router_weight[t, j] * (h[m] @ w2_e^T)`` (block-scaled FP8 product; bf16 rows with
+    ``config.y_bf16``) summed in slot order in fp32 into bf16 ``[T, H]`` (``fc2_finalize``'s
+    scheme and scratch bound). hq e4m3 ``[M_pad, I]``,
     hs fp32 ``[M_pad, I/128]``; slot_index int32 ``[M_pad]`` (-1 on padding); topk_ids int32
     ``[T, k]`` (-1 = empty slot); topk_weights fp32 ``[T, k]``; ``w2`` rows = H, k = I."""
     _check_rows("fc2 fp8", hq, hs, w2.k)
@@ -306,10 +314,11 @@ def fc2_fp8_finalize(
         return out
     blocks = hidden // FP8_BLOCK_ROWS
     config = _config(config, bn, w2)
-    cb = chunk_blocks(hidden, top_k, FP8_BLOCKS_PER_CTA)
+    y_dtype = torch.bfloat16 if config.y_bf16 else torch.float32
+    cb = chunk_blocks(hidden, top_k, FP8_BLOCKS_PER_CTA, y_dtype.itemsize)
     if config.tokens_m and cb % FP8_BLOCKS_PER_CTA:
         cb += 1  # whole block pairs (a pair shares its scale block)
-    y = torch.empty(tokens * top_k, cb * FP8_BLOCK_ROWS, dtype=torch.float32, device=hq.device)
+    y = torch.empty(tokens * top_k, cb * FP8_BLOCK_ROWS, dtype=y_dtype, device=hq.device)
     if config.tma:
         hq, hs = plan_order_rows(hq, hs, None)
     gemm = fp8_gemm_launcher(cache, epilogue="scatter", a=hq, a_scale=hs, row_index=slot_index,

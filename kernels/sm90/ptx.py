@@ -132,6 +132,24 @@ def ld_global_nc_v4_f32(gmem_addr: Int64, *, loc=None, ip=None):
 
 
 @dsl_user_op
+def ld_global_nc_bf16x4_f32(gmem_addr: Int64, *, loc=None, ip=None):
+    """Read-only 8-byte global load of four bf16 values, widened to fp32 exactly (a bf16 is
+    the upper half of its fp32)."""
+    res = asm(
+        llvm.StructType.get_literal([T.f32(), T.f32(), T.f32(), T.f32()]),
+        [Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .b32 p0, p1;\n\t"
+        "ld.global.nc.v2.b32 {p0, p1}, [$4];\n\t"
+        "shl.b32 $0, p0, 16;\n\t"
+        "and.b32 $1, p0, 0xffff0000;\n\t"
+        "shl.b32 $2, p1, 16;\n\t"
+        "and.b32 $3, p1, 0xffff0000;\n\t}",
+        "=f,=f,=f,=f,l",
+    )
+    return tuple(Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4))
+
+
+@dsl_user_op
 def st_global_bf16x4(gmem_addr: Int64, v0, v1, v2, v3, *, loc=None, ip=None) -> None:
     """Round four fp32 values to bf16 (RN) and store them as one 8-byte global write."""
     asm(

@@ -21,13 +21,14 @@ def main() -> int:
     n_weight, k, bn = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     y_cols = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     overrides = {f: int(v) for f, v in (a.split("=") for a in sys.argv[6:])}
-    for flag in ("bulk_weights", "tma", "tokens_m", "cluster2"):
+    for flag in ("bulk_weights", "tma", "tokens_m", "cluster2", "y_bf16"):
         if flag in overrides:
             overrides[flag] = bool(overrides[flag])
     num_tensors = overrides.pop("num_tensors", 1)
     experts, rows = 8, 2 * bn
     out = (torch.zeros(rows, n_weight // 2, dtype=torch.bfloat16) if kind == "swiglu"
-           else torch.zeros(rows, y_cols, dtype=torch.float32))
+           else torch.zeros(rows, y_cols, dtype=torch.bfloat16 if overrides.get("y_bf16")
+                            else torch.float32))
     tensors = [torch.zeros(rows, k, dtype=torch.float8_e4m3fn),
                torch.zeros(rows, k // 128, dtype=torch.float32),
                torch.zeros(rows, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),

@@ -4,7 +4,7 @@ with CUTE_DSL_ARCH / CUTE_DSL_KEEP_CUBIN / CUTE_DSL_DUMP_DIR set).
 ``cute.compile`` writes the cubin, then fails to load it (no driver): that failure is expected
 and reported as 'loaded=no'; any other error fails the script.
 Usage: python _compile_sm90_main.py (swiglu|scatter) N_WEIGHT K BN [Y_COLS [FIELD=VALUE ...]]
-       | slot_sum 0 0 0     (FIELD=VALUE: ``RsConfig`` overrides, e.g. k_tile=128 ring=4, and
+       | slot_sum (fp32|bf16) 0 0   (FIELD=VALUE: ``RsConfig`` overrides, e.g. k_tile=128 ring=4, and
        compute=e4m3 for the W4A8 kernel)
 """
 import sys
@@ -18,7 +18,9 @@ def main() -> int:
     if kind == "slot_sum":
         from tensorrt_llm_dwdp.kernels.sm90.slot_sum import SlotSum
 
-        return _compile(SlotSum(512, 8, 4096), [torch.zeros(32, 512),
+        y_bf16 = sys.argv[2] == "bf16"  # the scratch dtype (anything else: fp32)
+        y = torch.zeros(32, 512, dtype=torch.bfloat16 if y_bf16 else torch.float32)
+        return _compile(SlotSum(512, 8, 4096, y_bf16), [y,
                                                 torch.zeros(4, 8, dtype=torch.int32),
                                                 torch.zeros(4, 4096, dtype=torch.bfloat16)],
                         [4, 0, 512])

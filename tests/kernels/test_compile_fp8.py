@@ -127,6 +127,25 @@ def test_cluster2_compile(tools, tmp_path, kind, n_weight, k, y_cols, num_tensor
     assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 1
 
 
+@pytest.mark.parametrize("bn,overrides,store", [
+    (128, {}, "STG.E "),             # tokens as M: 2 adjacent columns, one 4 B bf16 pair
+    (32, {}, "STG.E.U16 "),          # tokens as N: one weight row per accumulator, 2 B
+    (128, {"cluster2": True}, "STG.E "),
+])
+def test_y_bf16_compile(tools, tmp_path, bn, overrides, store):
+    """``y_bf16``: FC2 stores its router-weighted rows as bf16 (half the fp32 bytes), rounded
+    by the store's conversion; the K loop is the fp32 scratch's."""
+    overrides = {"y_bf16": True, **overrides}
+    if overrides.get("cluster2"):
+        sass = _compile_fp8_sass(tools, tmp_path, "scatter", "7168", "2048", "128", "896",
+                                 "cluster2=1", "y_bf16=1")
+        assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
+    else:
+        sass = _check_sass(tools, tmp_path, "scatter", 7168, 2048, bn, 896, overrides)
+    stores = re.findall(r"\bSTG\.E[.A-Z0-9]* ", sass)
+    assert stores and set(stores) == {store}, sorted(set(stores))
+
+
 def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides, num_tensors=1):
     from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, fp8_config
 
@@ -166,3 +185,4 @@ def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides, num_t
     assert f"USETMAXREG.DEALLOC.CTAPOOL {cfg.producer_regs:#x}" in sass
     assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {cfg.consumer_regs:#x}" in sass
     assert _registers(tools, tmp_path) == cfg.register_pool
+    return sass

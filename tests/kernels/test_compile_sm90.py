@@ -145,6 +145,16 @@ def test_slot_sum_compiles_with_wide_loads(tools, tmp_path):
     assert "STG.E.64" in sass
 
 
+def test_slot_sum_bf16_scratch_loads_8_bytes_per_slot(tools, tmp_path):
+    """bf16 scratch rows (FP8 FC2's ``y_bf16``): one 8 B load of 4 bf16 per slot, widened to
+    fp32 by shifts and masks (no conversion instruction), the same 8 B bf16 store."""
+    sass = _compile_sass(tools, tmp_path, "slot_sum", "bf16", "0", "0")
+    assert sass.count("LDG.E.64.CONSTANT") == 8, sass.count("LDG.E")
+    assert "LDG.E.128" not in sass
+    assert "F2F.F32" not in sass  # the only conversions are the store's F2FP packs
+    assert "STG.E.64" in sass
+
+
 W4A8_CONFIGS = [
     ("swiglu", 4096, 7168, 16, 0),      # DeepSeek-V3 FC1, memory-bound: 2 CTAs per SM
     ("swiglu", 4096, 7168, 32, 0),      # one 64-row block per consumer warpgroup
