@@ -26,8 +26,9 @@ def main() -> int:
             overrides[flag] = bool(overrides[flag])
     num_tensors = overrides.pop("num_tensors", 1)
     experts, rows = 8, 2 * bn
+    config = fp8_config(bn, **overrides)
     out = (torch.zeros(rows, n_weight // 2, dtype=torch.bfloat16) if kind == "swiglu"
-           else torch.zeros(rows, y_cols, dtype=torch.bfloat16 if overrides.get("y_bf16")
+           else torch.zeros(rows, y_cols, dtype=torch.bfloat16 if config.y_bf16
                             else torch.float32))
     tensors = [torch.zeros(rows, k, dtype=torch.float8_e4m3fn),
                torch.zeros(rows, k // 128, dtype=torch.float32),
@@ -35,7 +36,7 @@ def main() -> int:
                torch.zeros(experts, dtype=torch.int32), torch.zeros(experts, dtype=torch.int32),
                torch.zeros(2, 2, dtype=torch.int64), torch.zeros(rows, dtype=torch.float32), out]
     kernel = Fp8BlockGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols,
-                          config=fp8_config(bn, **overrides), num_tensors=num_tensors)
+                          config=config, num_tensors=num_tensors)
     blocks = (y_cols or n_weight) // 64
     ptrs = [fp8_ptr(t, 16 if t.dim() == 2 and t.dtype != torch.int32 else 4) for t in tensors]
     import cutlass

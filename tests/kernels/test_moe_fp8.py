@@ -208,9 +208,9 @@ def _bench_variants():
     from bench.moe_kernels_fp8 import VARIANTS
 
     for name, (tiles, vbn, overrides) in sorted(VARIANTS.items()):
-        # cluster2: its own test, near the end (a hang stops there); y_bf16 rounds FC2's
-        # scratch rows, so it is not bitwise the default (its own test)
-        if not overrides.get("cluster2") and not overrides.get("y_bf16"):
+        # cluster2: its own test, near the end (a hang stops there); y_fp32 keeps FC2's
+        # scratch rows in fp32, so it is not bitwise the default (its own test)
+        if not overrides.get("cluster2") and overrides.get("y_bf16", True):
             yield pytest.param(tiles[0], vbn or tiles[0], overrides, id=name)
 
 
@@ -301,19 +301,22 @@ def test_tokens_m_bitwise_equal_tokens_n(cache):
 
 @pytest.mark.parametrize("bn,tokens", [(16, 37), (32, 300), (128, 700), (128, 2500)])
 def test_y_bf16_within_rounding_of_fp32_scratch(cache, bn, tokens):
-    """``Fp8Config.y_bf16`` (FC2's router-weighted rows rounded to bf16 before the slot sum):
-    FC1's h bit for bit the default's, the output within the rounding of k bf16 rows of the
-    default's (rel. 4e-3; one bf16 rounding is 2^-9 relative) and the reference's tolerance,
-    bitwise the same over a 3-tensor multi view and run to run (the sum's order is fixed)."""
+    """``Fp8Config.y_bf16`` (the default: FC2's router-weighted rows rounded to bf16 before the
+    slot sum) against ``y_bf16=False`` (fp32 rows): FC1's h bit for bit, the output within the
+    rounding of k bf16 rows (rel. 4e-3; one bf16 rounding is 2^-9 relative) and the
+    reference's tolerance, bitwise the same over a 3-tensor multi view (the sum's order is
+    fixed)."""
     from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
 
     hidden, inter, num_experts, top_k = 1024, 512, 16, 4
     experts = random_fp8_experts(num_experts, hidden, inter, seed=91)
     x = random_tokens(tokens, hidden, seed=92)
     ids, tw = skewed_routing(tokens, num_experts, top_k, seed=93, empty_experts=1)
-    out, h, plan = _forward(cache, x, ids, tw, experts, bn)
-    cfg = fp8_config(bn, y_bf16=True)
-    out_b, h_b, _ = _forward(cache, x, ids, tw, experts, bn, plan=plan, config=cfg)
+    assert fp8_config(bn).y_bf16
+    out, h, plan = _forward(cache, x, ids, tw, experts, bn,
+                            config=fp8_config(bn, y_bf16=False))
+    cfg = fp8_config(bn)
+    out_b, h_b, _ = _forward(cache, x, ids, tw, experts, bn, plan=plan)
     assert torch.equal(h, h_b)
     assert not torch.equal(out, out_b), "the bf16 rows changed nothing: still fp32 scratch?"
     assert rel_err(out_b, out) < 4e-3

@@ -43,3 +43,18 @@ def test_load_model_refuses_fp8_compute_off_cutedsl_before_reading(tmp_path):
 
     with pytest.raises(ValueError, match="cutedsl MoE backend only"):
         load_model(tmp_path / "does-not-exist", moe_backend="torch", nvfp4_compute="fp8")
+
+
+def test_capturable_formats_per_backend():
+    """What the executor may capture in decode graphs: the cutedsl kernels over NVFP4 and FP8
+    experts (both replayed bitwise on a GPU, ``tests/gpu/test_cuda_graphs_gpu.py``), nothing of
+    the host-driven torch reference; bf16 experts have no cutedsl kernel."""
+    from tensorrt_llm_dwdp.moe.backends import graph_safe
+
+    assert not graph_safe(get_backend("torch"), "fp8")
+    pytest.importorskip("cutlass", reason="the cutedsl backend needs nvidia-cutlass-dsl")
+    from tensorrt_llm_dwdp.moe.backends.cutedsl import create_backend
+
+    backend = create_backend()
+    assert graph_safe(backend, "nvfp4") and graph_safe(backend, "fp8")
+    assert not graph_safe(backend, "bf16")
