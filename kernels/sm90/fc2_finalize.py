@@ -28,9 +28,10 @@ from .grouped_launch import (
 
 def chunk_blocks(hidden: int, top_k: int, blocks_per_cta: int = 4, y_bytes: int = 4) -> int:
     """64-column blocks per FC2 chunk: the most with the scratch ``T k Hc`` (``y_bytes`` each:
-    fp32 4, bf16 2) <= 2 ``T H`` bf16 (Hc <= H / k fp32, 2 H / k bf16), rounded down to whole
-    CTA tiles when that leaves at least one; never below one."""
-    budget = 4 * hidden // (BLOCK_ROWS * top_k * y_bytes)
+    fp32 4, bf16 2) <= 2 ``T H`` bf16 (Hc <= H / k fp32, 2 H / k bf16) and no more than the
+    layer has (one chunk at k = 1 in bf16), rounded down to whole CTA tiles when that leaves
+    at least one; never below one."""
+    budget = min(4 * hidden // (BLOCK_ROWS * top_k * y_bytes), max(1, hidden // BLOCK_ROWS))
     if budget >= blocks_per_cta:
         return budget // blocks_per_cta * blocks_per_cta
     return max(1, budget)

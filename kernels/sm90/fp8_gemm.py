@@ -45,7 +45,8 @@ Pipelines (``stages`` slots of [sA 16 KiB | sB bn x 128 B | sX bn x 4 B]):
   full[s]   producer -> consumers: 128 arrivals, one per producer thread once its copies of
             stage s landed (``cp.async.wait_group``) and were fenced to the async proxy.
   empty[s]  consumers -> producer: 256 arrivals, every consumer thread after its QGMMAs that
-            read stage s completed and its token scales of s are in registers.
+            read stage s completed and its token scales of s are in registers (cluster2: 512,
+            the partner CTA's consumers arrive too: its producer multicasts into this slot).
 Steady state (K-tile counter i over the CTA's real tiles, slot s = i % stages):
   producer: wait empty[s] | cp.async A(i), B(i), X(i) | commit | wait own copies(i-lag) |
             fence | arrive full[(i-lag) % stages]   (lag = stages - 2)
@@ -104,8 +105,9 @@ class Fp8Config:
     registers); producer_regs: setmaxnreg of the producer warpgroup (the consumers take the
     rest); bulk_weights: the weights are in the preshuffled layout (``fp8_preshuffle``) and
     move by one ``cp.async.bulk`` per CTA block and stage (else: 16 B cp.asyncs of the
-    checkpoint's rows); tma: one producer thread moves every operand with the copy engine
-    (weights in the checkpoint's layout by tensor-map copies, the token rows pre-permuted
+    checkpoint's rows); tma: one producer warp (one elected lane issuing) moves every operand
+    with the copy engine (weights in the checkpoint's layout by tensor-map copies, the token
+    rows pre-permuted
     ``[M_pad, K]`` by one tensor-map copy, their scales transposed ``[K/128, M_pad]`` by one
     ``cp.async.bulk``; ``fp8_launch`` prepares both). CTAs are always persistent (grid =
     resident CTAs, ``fp8_launch``); tokens_m (bn 128 only): the MMA roles swap back to
@@ -381,7 +383,10 @@ class Fp8BlockGemm:
         if wg == 0:
             cute.arch.warpgroup_reg_dealloc(self.cfg.producer_regs)
             if cutlass.const_expr(self.cfg.tma):
-                if tidx == 0:
+                # warp 0 whole: the copy atoms issue through elect.sync over the full warp,
+                # which waits for every lane that has not exited (with cluster2 the other
+                # lanes would be held at the exit barrier: a deadlock)
+                if tidx // 32 == 0:
                     self._produce_tma(bid, grid, my_tiles, n_groups, blk_begin, blk_end,
                                       a_scale, tile_expert, tensor_of, local_of, full, empty,
                                       addrs, num_token_tiles, a_layout, b_layout, storage, tma)
@@ -551,11 +556,11 @@ class Fp8BlockGemm:
     def _produce_tma(self, bid, grid, my_tiles, n_groups, blk_begin, blk_end, a_scale,
                      tile_expert, tensor_of, local_of, full, empty, addrs, num_token_tiles,
                      a_layout, b_layout, storage, tma):
-        """``tma``: one thread. Per stage: wait for the slot, expect the stage's bytes on
-        ``full[s]``, copy each CTA block's weight K tile (``boxes`` tensor-map boxes of the
-        expert's tensor, rows by ``weight_row``), the token tile's K tile (one box of the
-        pre-permuted rows) and its ``bn`` scales (one ``cp.async.bulk`` of the transposed
-        scales); the copy engine completes ``full[s]``."""
+        """``tma``: warp 0, one elected lane issuing. Per stage: wait for the slot, expect the
+        stage's bytes on ``full[s]``, copy each CTA block's weight K tile (``boxes``
+        tensor-map boxes of the expert's tensor, rows by ``weight_row``), the token tile's K
+        tile (one box of the pre-permuted rows) and its ``bn`` scales (one ``cp.async.bulk``
+        of the transposed scales); the copy engine completes ``full[s]``."""
         _, _, sx_addr = addrs
         x_atom, x_tma, w_tmas = tma
         xs_base = a_scale.iterator.toint()
@@ -600,7 +605,8 @@ class Fp8BlockGemm:
                     s = it % self.stages
                     cute.arch.mbarrier_wait(empty + s, ((it // self.stages) % 2) ^ 1)
                     bar = full + s
-                    cute.arch.mbarrier_arrive_and_expect_tx(bar, stage_bytes)
+                    with cute.arch.elect_one():
+                        cute.arch.mbarrier_arrive_and_expect_tx(bar, stage_bytes)
                     for t in cutlass.range_constexpr(self.num_tensors):
                         if tensor == t:
                             w_atom, _ = w_tmas[t]
@@ -621,9 +627,10 @@ class Fp8BlockGemm:
                                 else:
                                     cute.copy(w_atom, src, dst, tma_bar_ptr=bar)
                     cute.copy(x_atom, tBgB[(None, tt, kt)], tBsB[(None, s)], tma_bar_ptr=bar)
-                    cp_async_bulk(sx_addr + s * self.stage_x,
-                                  xs_base + (Int64(kt) * m_rows + tt * self.bn) * 4,
-                                  self.stage_x, bar.toint())
+                    with cute.arch.elect_one():
+                        cp_async_bulk(sx_addr + s * self.stage_x,
+                                      xs_base + (Int64(kt) * m_rows + tt * self.bn) * 4,
+                                      self.stage_x, bar.toint())
                 done = done + self.k_tiles
 
     @cute.jit

@@ -201,7 +201,9 @@ def max_active_pairs(device: torch.device) -> int:
         import cutlass.utils
 
         with torch.cuda.device(index):
-            _ACTIVE_PAIRS[index] = int(cutlass.utils.HardwareInfo().get_max_active_clusters(2))
+            torch.cuda.synchronize()  # the runtime's context current (HardwareInfo needs one)
+            info = cutlass.utils.HardwareInfo(device_id=index)
+            _ACTIVE_PAIRS[index] = int(info.get_max_active_clusters(2))
         if _ACTIVE_PAIRS[index] < 1:
             raise RuntimeError(f"fp8 gemm (cluster2): cuda:{index} runs no 2-CTA cluster")
     return _ACTIVE_PAIRS[index]

@@ -92,6 +92,21 @@ def test_fc2_chunks_bound_the_scratch_to_twice_the_output():
     assert chunk_blocks(64, 4) == 1
 
 
+def test_fc2_bf16_scratch_chunks_are_twice_as_wide_and_within_the_layer():
+    """FP8 FC2's bf16 scratch (``Fp8Config.y_bf16``): the same byte bound at 2 bytes a value,
+    so half the chunks (DeepSeek-V3: 28 blocks, 4 chunks, against 14 in fp32), never wider
+    than the layer's blocks (top-1 would otherwise ask for twice the hidden size)."""
+    from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import chunk_blocks
+
+    assert chunk_blocks(7168, 8, 2) == 14 and chunk_blocks(7168, 8, 2, y_bytes=2) == 28
+    for hidden, top_k in ((7168, 8), (4096, 8), (2048, 8), (4096, 1), (1024, 1), (128, 2)):
+        cb = chunk_blocks(hidden, top_k, 2, y_bytes=2)
+        assert 1 <= cb <= hidden // 64, (hidden, top_k, cb)
+        if hidden >= 32 * top_k:  # T k (64 cb) bf16 <= 2 T H bf16
+            assert top_k * 64 * cb * 2 <= 2 * hidden * 2, (hidden, top_k, cb)
+    assert chunk_blocks(4096, 1, 2, y_bytes=2) == 64  # one chunk: the whole layer
+
+
 def test_sizes_not_multiple_of_64_fail_before_launch():
     with pytest.raises(ValueError, match="intermediate size 32 is not a positive multiple of 64"):
         check_expert_shapes(64, 32)
