@@ -268,7 +268,8 @@ def render_fp8_kernels(bench: dict) -> list[str]:
     "fastest" is the quickest configuration timed at the point (the default or a variant)."""
     lines = [f"{bench['device']}, torch {bench['torch']}. Ours: {bench['ours']}; torch fp8: "
              f"{bench['torch_fp8']}; TensorRT-LLM: whole layer from aiconfigurator-core's "
-             f"database (their measurement on their H200; per-tensor fp8 / block-128).", "",
+             f"database (their measurement on their H200; per-tensor fp8 / block-128)."
+             + (f" Runs: {'; '.join(bench['sources'])}." if bench.get("sources") else ""), "",
              "| model | routing | tokens | tokens/expert | default then ms | fastest ms (config) "
              "| torch fp8 ms | fastest vs torch fp8 | TRT-LLM fp8 / block ms | fastest TFLOP/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -299,7 +300,7 @@ TABLES: dict[str, Table] = {
     "fp8-linears": Table("bench/results/fp8_model_h100/fp8_linears.json", "2026-12-07",
                          render_fp8_linears),
     "plan": Table("bench/results/plan", "2026-12-07", render_plan, verb="Predicted"),
-    "fp8-kernels": Table("bench/results/fp8_kernels_h100/moe_kernels_fp8_h100.json",
+    "fp8-kernels": Table("bench/results/fp8_kernels_h100_2/moe_kernels_fp8_y_bf16_h100.json",
                          "2026-12-07", render_fp8_kernels),
 }
 
