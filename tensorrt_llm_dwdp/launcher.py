@@ -52,6 +52,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(count: int, attempts: int = 50) -> int:
+    """A port P with P .. P + count - 1 all free on 127.0.0.1 now (launch_local's router and
+    workers take consecutive ports; a lone free P says nothing about P + 1)."""
+    for _ in range(attempts):
+        base = free_port()
+        held = []
+        try:
+            for p in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports found in {attempts} attempts")
+
+
 def choose_launcher(requested: str = "auto") -> str:
     if requested not in ("auto", "mpirun", "tcp"):
         raise ValueError(f"launcher must be auto, mpirun or tcp, got {requested!r}")

@@ -73,6 +73,12 @@ config = {"hostname": host, "port": port, "model": model, "backend": "pytorch",
           "generation_servers": {"num_instances": num_gen,
                                  "urls": [f"{host}:{port + 1 + num_ctx + i}" for i in range(num_gen)], **gen}}
 parse_disagg_config(config, source=out)  # fail here, before anything starts
+from tensorrt_llm_dwdp.serve.launch import bind_listener
+for p in range(port, port + 1 + num_ctx + num_gen):  # the router's and every worker's port
+    try:
+        bind_listener(host, p).close()
+    except OSError as e:
+        sys.exit(f"launch_local: {e.strerror}")  # "cannot listen on HOST:P: ... --port"
 with open(out, "w") as f:
     yaml.safe_dump(config, f, sort_keys=False)
 print(num_ctx)

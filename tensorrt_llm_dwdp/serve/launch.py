@@ -1,7 +1,9 @@
 """Running aiohttp apps and waiting for servers: the process-level glue of serving.
 
-``serve_app`` runs an application until SIGINT/SIGTERM, with handler cancellation on (a client
-that disconnects cancels its handler, which aborts its engine request). ``wait_for_health``
+``bind_listener`` takes a server's port before anything slow happens (a port in use fails at
+once, naming it); ``serve_app`` runs an application on it until SIGINT/SIGTERM, with handler
+cancellation on (a client that disconnects cancels its handler, which aborts its engine
+request). ``wait_for_health``
 polls ``/health`` of a list of servers with a deadline, so launchers and tests never hang.
 """
 from __future__ import annotations
@@ -16,10 +18,31 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 logger = logging.getLogger(__name__)
 
 
-def serve_app(app: web.Application, host: str, port: int, *, shutdown_timeout_s: float = 5.0) -> None:
-    """Serve ``app`` on ``host:port`` until a signal; cleanup hooks run on the way out."""
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``, for ``serve_app``: bound before the model loads, so a
+    port another process holds fails here (a launcher's worker ports are P+1, P+2, ..., where
+    any outgoing connection may sit) rather than after minutes of loading, when the server's
+    peers and the router would only see it never answer."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host or "0.0.0.0", port))
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror} (another "
+                               f"process holds the port? pick another --port)") from e
+    return sock
+
+
+def serve_app(app: web.Application, host: str, port: int, *, sock: socket.socket | None = None,
+              shutdown_timeout_s: float = 5.0) -> None:
+    """Serve ``app`` on ``host:port`` (on ``sock`` when given: ``bind_listener``'s) until a
+    signal; cleanup hooks run on the way out."""
+    if sock is None:
+        sock = bind_listener(host, port)
     logger.info("listening on http://%s:%d", host, port)
-    web.run_app(app, host=host, port=port, handler_cancellation=True, print=None,
+    web.run_app(app, sock=sock, handler_cancellation=True, print=None,
                 shutdown_timeout=shutdown_timeout_s, access_log=None)
 
 

@@ -209,14 +209,23 @@ def _bind_device_fn(device: Any):
 
 def run_worker_server(options: ServeOptions, *, local_rank: int = 0, group: Any = None,
                       advertise_host: str | None = None, ep_rendezvous: Any = None) -> None:
-    """Build the worker, serve it on ``options.host:port`` until a signal, then close it."""
+    """Take the port, build the worker, serve it on ``options.host:port`` until a signal, then
+    close it. A port in use fails before the model loads; an error while serving is the one
+    raised (a close that fails after it, e.g. DWDP peers that never hear from this rank, is
+    logged, not raised over it)."""
     if options.ignored_keys:
         logger.info("options %s are TensorRT-LLM settings with no effect here; ignored",
                     list(options.ignored_keys))
-    from tensorrt_llm_dwdp.serve.launch import advertised_url, serve_app
+    from tensorrt_llm_dwdp.serve.launch import advertised_url, bind_listener, serve_app
     from tensorrt_llm_dwdp.serve.openai_server import OpenAIServer, ServerConfig
 
-    worker = build_worker(options, local_rank=local_rank, group=group, ep_rendezvous=ep_rendezvous)
+    sock = bind_listener(options.host, options.port)
+    try:
+        worker = build_worker(options, local_rank=local_rank, group=group,
+                              ep_rendezvous=ep_rendezvous)
+    except BaseException:
+        sock.close()
+        raise
     try:
         config = ServerConfig(
             model_name=options.model, max_seq_len=options.max_seq_len,
@@ -226,6 +235,12 @@ def run_worker_server(options: ServeOptions, *, local_rank: int = 0, group: Any 
             static_gauges={"expert_memory_bytes": float(worker.expert_memory_bytes)})
         server = OpenAIServer(worker.engine, worker.tokenizer, config, kv_pool=worker.kv_pool,
                               engine_thread_init=_bind_device_fn(worker.engine.device))
-        serve_app(server.make_app(), options.host, options.port)
-    finally:
-        worker.close()
+        serve_app(server.make_app(), options.host, options.port, sock=sock)
+    except BaseException:
+        sock.close()
+        try:
+            worker.close()
+        except Exception:  # noqa: BLE001 - the serving error is the one to report
+            logger.exception("closing the worker after a serving error also failed")
+        raise
+    worker.close()

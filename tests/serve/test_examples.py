@@ -77,11 +77,36 @@ def test_submit_rejects_bad_layouts_before_writing(tmp_path, capsys, flags, matc
     assert rc == 2 and match in capsys.readouterr().err and not out.exists()
 
 
+def test_launch_local_refuses_a_port_in_use_before_starting(tmp_path):
+    """Worker ports are --port + 1, + 2, ...: one held by another process (an outgoing
+    connection can sit on any of them) stops the launch at once, naming it; it used to start,
+    and the router waited 300 s for a server that could not bind."""
+    import socket
+
+    from tensorrt_llm_dwdp.launcher import free_port_block
+
+    ctx = tmp_path / "ctx.yaml"
+    ctx.write_text(yaml.safe_dump({"max_seq_len": 512, "dwdp_config": {
+        "dwdp_size": 2, "num_experts_per_worker": 8, "num_prefetch_experts": 8}}))
+    port = free_port_block(4)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port + 2))
+        held.listen(1)
+        proc = subprocess.run([os.path.join(EXAMPLES, "launch_local.sh"), str(tmp_path / "m"),
+                               str(ctx), "--port", str(port), "--device", "cpu",
+                               "--workdir", str(tmp_path / "work")],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port + 2}" in proc.stderr, proc.stderr[-2000:]
+    assert "start_worker_dwdp" not in proc.stderr  # nothing was started
+
+
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_launch_local_smoke(tmp_path):
     """launch_local.sh brings up context group + generation server + router, answers, cleans up."""
-    from tensorrt_llm_dwdp.launcher import free_port
+    from tensorrt_llm_dwdp.launcher import free_port_block
     from tensorrt_llm_dwdp.model.presets import get_preset
     from tensorrt_llm_dwdp.model.synthetic import write_synthetic_checkpoint
 
@@ -91,7 +116,7 @@ def test_launch_local_smoke(tmp_path):
     ctx.write_text(yaml.safe_dump({"max_seq_len": 512, "max_batch_size": 2, "moe_config": {"backend": "VANILLA"},
                                    "dwdp_config": {"dwdp_size": 2, "num_experts_per_worker": 8,
                                                    "num_prefetch_experts": 8}}))
-    port = free_port()
+    port = free_port_block(4)  # router, 2 context ranks, 1 generation server
     proc = subprocess.run([os.path.join(EXAMPLES, "launch_local.sh"), str(model), str(ctx), "--port", str(port),
                            "--device", "cpu", "--workdir", str(tmp_path / "work"), "--smoke", "--timeout", "300"],
                           capture_output=True, text=True, timeout=420,

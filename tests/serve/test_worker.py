@@ -91,3 +91,60 @@ def test_kv_export_pool_sized_from_the_budget_or_the_option(monkeypatch):
     with pytest.raises(OptionsError, match=f"kv_transfer_pool_bytes=100 cannot hold .* at least {one}"):
         _build_with_pool(monkeypatch, 100)
     assert not files()
+
+
+def test_port_in_use_fails_before_the_model_loads(monkeypatch):
+    """A worker whose port another process holds (a launcher's P+1.. may sit on an outgoing
+    connection's port) fails at once naming the port, before build_worker: it used to log
+    'listening', load, fail to bind inside aiohttp, and then report only its DWDP close."""
+    import socket
+
+    from tensorrt_llm_dwdp.serve.launch import bind_listener
+
+    def never(*a, **k):
+        raise AssertionError("build_worker ran although the port was taken")
+
+    monkeypatch.setattr(worker_mod, "build_worker", never)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            bind_listener("127.0.0.1", port)
+        with pytest.raises(OSError, match=f"127.0.0.1:{port}.*pick another --port"):
+            worker_mod.run_worker_server(ServeOptions(model="m", host="127.0.0.1", port=port))
+
+
+def test_serving_error_is_raised_over_a_failing_close(monkeypatch, caplog):
+    """An error while serving is what the caller sees; a close that fails after it (DWDP peers
+    that time out) is logged, and the socket is released."""
+    import socket
+
+    from tensorrt_llm_dwdp.launcher import free_port
+
+    closed = []
+
+    class Worker:
+        model_config = SimpleNamespace(vocab_size=8)
+        engine = SimpleNamespace(device=SimpleNamespace(type="cpu"))
+        tokenizer = kv_pool = None
+        expert_memory_bytes = 0
+
+        def close(self):
+            closed.append(True)
+            raise TimeoutError("no message from rank(s) [1] within 60 s")
+
+    def serve(app, host, port, *, sock=None):
+        raise RuntimeError("the event loop failed")
+
+    monkeypatch.setattr(worker_mod, "build_worker", lambda *a, **k: Worker())
+    monkeypatch.setattr("tensorrt_llm_dwdp.serve.launch.serve_app", serve)
+    monkeypatch.setattr("tensorrt_llm_dwdp.serve.openai_server.OpenAIServer",
+                        lambda *a, **k: SimpleNamespace(make_app=lambda: None))
+    port = free_port()
+    with pytest.raises(RuntimeError, match="the event loop failed"):
+        worker_mod.run_worker_server(ServeOptions(model="m", host="127.0.0.1", port=port))
+    assert closed and "closing the worker after a serving error" in caplog.text
+    with socket.socket() as again:  # released
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))

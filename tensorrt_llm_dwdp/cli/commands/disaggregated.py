@@ -39,13 +39,14 @@ def load_config(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from tensorrt_llm_dwdp.serve.launch import serve_app
+    from tensorrt_llm_dwdp.serve.launch import bind_listener, serve_app
     from tensorrt_llm_dwdp.serve.router import DisaggRouter
 
     config = load_config(args)
     if config is None:
         return 2
+    sock = bind_listener(config.hostname, config.port)
     router = DisaggRouter(config, request_timeout_s=args.request_timeout,
                           server_start_timeout_s=args.server_start_timeout)
-    serve_app(router.make_app(), config.hostname, config.port)
+    serve_app(router.make_app(), config.hostname, config.port, sock=sock)
     return 0
