@@ -5,7 +5,8 @@ Per column chunk ``[c0, c0 + Hc)`` of the hidden size: the RS grouped GEMM write
 real permuted row m = (token t, slot j); then ``slot_sum`` writes ``out[t, c0 + c] =
 bf16(sum_j y[t k + j, c])`` summed in fp32 in slot order j = 0..k-1 (no atomics), so results
 are bitwise reproducible run to run and independent of how the experts are split over B
-tensors. The fp32 scratch ``y`` is ``T k Hc`` floats with ``Hc <= H / k``: at most 2x the bf16
+tensors. The scratch ``y`` is ``T k Hc`` values with ``Hc <= H / k`` in fp32 (``2 H / k`` in
+bf16: ``RsConfig.y_bf16`` / ``Fp8Config.y_bf16``, each row rounded once): at most 2x the bf16
 output (``Hc`` is a multiple of 64 columns; for ``H < 64 k`` it is one 64-column block).
 The chunks partition the weight rows, so every NVFP4 byte is still read once.
 """
@@ -76,8 +77,9 @@ def fc2_finalize(
     from .w4a16_rs_gemm import rs_config
 
     config = config or rs_config(bn, w2.k, compute)
-    cb = chunk_blocks(hidden, top_k, config.blocks_per_cta)
-    y = torch.empty(tokens * top_k, cb * BLOCK_ROWS, dtype=torch.float32, device=h.device)
+    y_dtype = torch.bfloat16 if config.y_bf16 else torch.float32
+    cb = chunk_blocks(hidden, top_k, config.blocks_per_cta, y_dtype.itemsize)
+    y = torch.empty(tokens * top_k, cb * BLOCK_ROWS, dtype=y_dtype, device=h.device)
     a, a_scale = h, None
     if compute == "e4m3":
         from .w4a8_act import w4a8_activations

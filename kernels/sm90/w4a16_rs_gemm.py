@@ -144,7 +144,10 @@ class RsConfig:
     ring: k32 pairs of A fragments in registers (wgmma groups in flight + 1), divides the pairs
         of a stage; ctas_per_sm: CTAs resident per SM (2 halves shared memory and registers);
     producer_regs: setmaxnreg of the producer warpgroup (the consumers take the rest);
-    persistent: CTAs loop over work tiles (grid = resident CTAs), else one CTA per work tile.
+    persistent: CTAs loop over work tiles (grid = resident CTAs), else one CTA per work tile;
+    y_bf16 (FC2): the router-weighted scratch rows ``y`` in bf16 (rounded once before the slot
+    sum, as the FP8 kernels' default: 1.00-1.16x there on an H100), half the bytes written and
+    re-read and half the column chunks; off by default here until measured on this kernel.
     There is no weight-layout field: the kernel reads preshuffled NVFP4 experts only
     (``preshuffle``), a stage's weights moving by one ``cp.async.bulk`` per CTA block (module
     docstring; the linear layout and per-thread weight copies lost on the H200, NOTES.md)."""
@@ -156,6 +159,7 @@ class RsConfig:
     ctas_per_sm: int
     producer_regs: int
     persistent: bool
+    y_bf16: bool = False
 
     @property
     def blocks_per_cta(self) -> int:
@@ -796,6 +800,8 @@ class W4A16RsGemm:
         """FC2: the two rows (g, g + 8) of one token column, if it is a real (token, slot)."""
         if slot >= 0:
             for v1 in cutlass.range_constexpr(2):
-                ycol = chunk_blk * BLOCK_ROWS + 16 * warp + 8 * v1 + g
-                st_global_f32(out_base + (Int64(slot) * self.y_cols + ycol) * 4,
-                              acc[i0 + 2 * v1] * scale)
+                at = Int64(slot) * self.y_cols + chunk_blk * BLOCK_ROWS + 16 * warp + 8 * v1 + g
+                if cutlass.const_expr(self.cfg.y_bf16):
+                    st_global_bf16(out_base + at * 2, acc[i0 + 2 * v1] * scale)
+                else:
+                    st_global_f32(out_base + at * 4, acc[i0 + 2 * v1] * scale)

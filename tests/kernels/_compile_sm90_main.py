@@ -31,10 +31,14 @@ def main() -> int:
     overrides = {f: int(v) if v.lstrip("-").isdigit() else v
                  for f, v in (a.split("=") for a in sys.argv[6:])}
     compute = overrides.pop("compute", "bf16")
+    if "y_bf16" in overrides:
+        overrides["y_bf16"] = bool(overrides["y_bf16"])
+    config = rs_config(bn, k, compute, **overrides)
     a_dtype = torch.float8_e4m3fn if compute == "e4m3" else torch.bfloat16
     rows = 2 * bn
     out = (torch.zeros(rows, n_weight // 2, dtype=torch.bfloat16) if kind == "swiglu"
-           else torch.zeros(rows, y_cols, dtype=torch.float32))
+           else torch.zeros(rows, y_cols, dtype=torch.bfloat16 if config.y_bf16
+                            else torch.float32))
     args = [torch.zeros(rows, k, dtype=a_dtype), torch.zeros(rows, k // 128 or 1),
             torch.zeros(rows, dtype=torch.int32),
             torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
@@ -42,7 +46,7 @@ def main() -> int:
             torch.zeros(experts, dtype=torch.int32), torch.zeros(3, 2, dtype=torch.int64),
             torch.zeros(rows, dtype=torch.float32), out]
     kernel = W4A16RsGemm(epilogue=kind, n_weight=n_weight, k=k, bn=bn, y_cols=y_cols,
-                         config=rs_config(bn, k, compute, **overrides), compute=compute)
+                         config=config, compute=compute)
     blocks = (y_cols or n_weight) // 64
     return _compile(kernel, args, [2, experts, 2, 0, blocks, 132])
 

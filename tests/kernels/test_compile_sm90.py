@@ -108,6 +108,16 @@ def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides):
     assert _count(mix, "HGMMA") == 2 * bpw * pairs, mix
     assert sum(mix.values()) <= (100 if bpw == 2 else 60) * pairs, (sum(mix.values()) / pairs,
                                                                     mix)
+    return sass
+
+
+@pytest.mark.parametrize("bn", [16, 128])
+def test_y_bf16_scratch_compiles(tools, tmp_path, bn):
+    """``RsConfig.y_bf16``: FC2's router-weighted rows stored as 2 B bf16 (the fp32 scratch
+    stores 4 B), the K loop and everything else as the default's."""
+    sass = _check_sass(tools, tmp_path, "scatter", 7168, 2048, bn, 768, {"y_bf16": True})
+    stores = re.findall(r"\bSTG\.E[.A-Z0-9]* ", sass)
+    assert stores and set(stores) == {"STG.E.U16 "}, sorted(set(stores))
 
 
 def k_loop_mix(sass: str, mma: str = "HGMMA") -> collections.Counter:

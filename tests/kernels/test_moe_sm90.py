@@ -298,3 +298,22 @@ def test_occupancy_candidate_matches_torch_ref_and_default_bitwise(backend, expe
     assert torch.equal(out, point["out"]), "output differs from the default configuration's"
     _, h2, out2 = _fc1_fc2(backend, x, ids, tw, weights, bn, overrides)
     assert torch.equal(h2[real], h[real]) and torch.equal(out2, out), "run-to-run differs"
+
+
+@pytest.mark.parametrize("bn", [16, 64, 128])
+def test_y_bf16_scratch_within_rounding_of_the_default(backend, experts, default_points, bn):
+    """``RsConfig.y_bf16`` (FC2's router-weighted rows rounded to bf16 before the fixed-order
+    slot sum): h bitwise the default's, the output within the rounding of k bf16 rows of the
+    default's fp32-scratch output (rel. 4e-3) and the reference's tolerance, run to run the
+    same; the bench (``bench/rs_variants.py``, variant ``y_bf16``) decides the default."""
+    model = "deepseek_v3"
+    weights = experts(model)
+    point = default_points(backend, experts, model, bn)
+    x, ids, tw, real = point["x"], point["ids"], point["tw"], point["real"]
+    _, h, out = _fc1_fc2(backend, x, ids, tw, weights, bn, {"y_bf16": True})
+    assert torch.equal(h[real], point["h"][real])
+    assert not torch.equal(out, point["out"]), "bf16 rows changed nothing: still fp32 scratch?"
+    assert rel_err(out, point["out"]) < 4e-3
+    assert rel_err(out, point["out_ref"]) < 1e-2
+    _, _, out2 = _fc1_fc2(backend, x, ids, tw, weights, bn, {"y_bf16": True})
+    assert torch.equal(out2, out), "run-to-run differs"
