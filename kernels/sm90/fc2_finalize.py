@@ -101,8 +101,7 @@ def fc2_finalize(
 def slot_sum_launcher(cache: CompileCache, y: torch.Tensor, topk_ids: torch.Tensor,
                       out: torch.Tensor):
     """``launch(col0, cols)``: ``out[t, col0 + c] = bf16(sum_j y[t k + j, c])`` (y fp32 or
-    bf16) for
-    ``c < cols``, slot order j, empty slots (``topk_ids`` -1) skipped. Pointers and stream
+    bf16) for ``c < cols``, slot order j, empty slots (``topk_ids`` -1) skipped. Pointers and stream
     are made here once and the compiled kernel is looked up at the first launch (as
     ``rs_gemm_launcher``)."""
     import cutlass

@@ -107,9 +107,8 @@ class Fp8Config:
     move by one ``cp.async.bulk`` per CTA block and stage (else: 16 B cp.asyncs of the
     checkpoint's rows); tma: one producer warp (one elected lane issuing) moves every operand
     with the copy engine (weights in the checkpoint's layout by tensor-map copies, the token
-    rows pre-permuted
-    ``[M_pad, K]`` by one tensor-map copy, their scales transposed ``[K/128, M_pad]`` by one
-    ``cp.async.bulk``; ``fp8_launch`` prepares both). CTAs are always persistent (grid =
+    rows pre-permuted ``[M_pad, K]`` by one tensor-map copy, their scales transposed
+    ``[K/128, M_pad]`` by one ``cp.async.bulk``; ``fp8_launch`` prepares both). CTAs are always persistent (grid =
     resident CTAs, ``fp8_launch``); tokens_m (bn 128 only): the MMA roles swap back to
     DeepGEMM's - each consumer warpgroup multiplies 64 of the tile's tokens (WGMMA M) by the
     CTA's 128 weight rows (N), so a thread's accumulators share 2 token scales and 1 (FC2) or

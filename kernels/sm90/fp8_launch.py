@@ -17,7 +17,7 @@ from ..compile_cache import CompileCache, require_cutlass
 from .expert_table import ExpertTable
 from .fc2_finalize import chunk_blocks, slot_sum_launcher
 from .grouped_launch import (bf16_output, check_finalize_args, check_plan_tensors, current_stream,
-                             sm_count)
+                             scratch_config, sm_count)
 
 FP8_BLOCK = 128
 FP8_BLOCKS_PER_CTA = 2  # 64-row weight blocks per CTA (fp8_gemm.BLOCKS_PER_CTA)
@@ -129,14 +129,7 @@ def fp8_gemm_launcher(
     resident CTAs). ``config``: an ``Fp8Config`` (default ``fp8_config(bn)``)."""
     from .fp8_gemm import fp8_config
 
-    cfg = config or fp8_config(bn)
-    if epilogue == "swiglu" and cfg.y_bf16:  # FC2's scratch format: one FC1 kernel for both
-        from dataclasses import replace
-
-        cfg = replace(cfg, y_bf16=False)
-    if epilogue == "scatter" and out.dtype != (torch.bfloat16 if cfg.y_bf16 else torch.float32):
-        raise ValueError(f"fp8 gemm: FC2 scratch y is {out.dtype}, {cfg} writes "
-                         f"{'bf16' if cfg.y_bf16 else 'fp32'}")
+    cfg = scratch_config("fp8 gemm", config or fp8_config(bn), epilogue, out)
     num_tiles = tile_expert.numel()
     if num_tiles == 0:
         return lambda blk_begin, blk_end: None
@@ -300,11 +293,11 @@ def fc2_fp8_finalize(
     out: torch.Tensor | None = None,
     config=None,
 ) -> torch.Tensor:
-    """FC2 + deterministic finalize: per hidden-column chunk, fp32 rows ``y[t k + j] =
-    router_weight[t, j] * (h[m] @ w2_e^T)`` (block-scaled FP8 product; bf16 rows with
-    ``config.y_bf16``) summed in slot order in fp32 into bf16 ``[T, H]`` (``fc2_finalize``'s
-    scheme and scratch bound). hq e4m3 ``[M_pad, I]``,
-    hs fp32 ``[M_pad, I/128]``; slot_index int32 ``[M_pad]`` (-1 on padding); topk_ids int32
+    """FC2 + deterministic finalize: per hidden-column chunk, rows ``y[t k + j] =
+    router_weight[t, j] * (h[m] @ w2_e^T)`` (block-scaled FP8 product; bf16 with
+    ``config.y_bf16``, else fp32) summed in slot order in fp32 into bf16 ``[T, H]``
+    (``fc2_finalize``'s scheme and scratch bound). hq e4m3 ``[M_pad, I]``, hs fp32
+    ``[M_pad, I/128]``; slot_index int32 ``[M_pad]`` (-1 on padding); topk_ids int32
     ``[T, k]`` (-1 = empty slot); topk_weights fp32 ``[T, k]``; ``w2`` rows = H, k = I."""
     _check_rows("fc2 fp8", hq, hs, w2.k)
     check_plan_tensors(bn, hq.shape[0], tile_expert)

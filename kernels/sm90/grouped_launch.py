@@ -43,6 +43,19 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+def scratch_config(name: str, cfg, epilogue: str, out: torch.Tensor):
+    """``cfg`` as the kernel is compiled: FC1 drops ``y_bf16`` (FC2's scratch format; one FC1
+    kernel serves both), FC2 checks that ``out`` is the scratch dtype it writes."""
+    if epilogue == "swiglu" and cfg.y_bf16:
+        from dataclasses import replace
+
+        return replace(cfg, y_bf16=False)
+    if epilogue == "scatter" and out.dtype != (torch.bfloat16 if cfg.y_bf16 else torch.float32):
+        raise ValueError(f"{name}: FC2 scratch y is {out.dtype}, {cfg} writes "
+                         f"{'bf16' if cfg.y_bf16 else 'fp32'}")
+    return cfg
+
+
 def rs_gemm_launcher(
     cache: CompileCache,
     *,
@@ -72,14 +85,7 @@ def rs_gemm_launcher(
     launch, so FC2's column chunks reuse them."""
     from .w4a16_rs_gemm import rs_config
 
-    cfg = config or rs_config(bn, table.k, compute)
-    if epilogue == "swiglu" and cfg.y_bf16:  # FC2's scratch format: one FC1 kernel for both
-        from dataclasses import replace
-
-        cfg = replace(cfg, y_bf16=False)
-    if epilogue == "scatter" and out.dtype != (torch.bfloat16 if cfg.y_bf16 else torch.float32):
-        raise ValueError(f"w4a16 gemm: FC2 scratch y is {out.dtype}, {cfg} writes "
-                         f"{'bf16' if cfg.y_bf16 else 'fp32'}")
+    cfg = scratch_config("w4a16 gemm", config or rs_config(bn, table.k, compute), epilogue, out)
     if compute == "e4m3" and (a.dtype != torch.float8_e4m3fn or a_scale is None
                               or a_scale.dtype != torch.float32
                               or tuple(a_scale.shape) != (a.shape[0], table.k // 128)):

@@ -101,7 +101,7 @@ def test_fc2_bf16_scratch_chunks_are_twice_as_wide_and_within_the_layer():
     assert chunk_blocks(7168, 8, 2) == 14 and chunk_blocks(7168, 8, 2, y_bytes=2) == 28
     for hidden, top_k in ((7168, 8), (4096, 8), (2048, 8), (4096, 1), (1024, 1), (128, 2)):
         cb = chunk_blocks(hidden, top_k, 2, y_bytes=2)
-        assert 1 <= cb <= hidden // 64, (hidden, top_k, cb)
+        assert cb >= 1 and cb <= hidden // 64, (hidden, top_k, cb)
         if hidden >= 32 * top_k:  # T k (64 cb) bf16 <= 2 T H bf16
             assert top_k * 64 * cb * 2 <= 2 * hidden * 2, (hidden, top_k, cb)
     assert chunk_blocks(4096, 1, 2, y_bytes=2) == 64  # one chunk: the whole layer

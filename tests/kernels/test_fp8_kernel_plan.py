@@ -184,3 +184,23 @@ def test_default_config_by_tile_and_tensor_count():
     with pytest.raises(ValueError, match="tokens_m needs"):
         Fp8BlockGemm(epilogue="swiglu", n_weight=256, k=128, bn=64,
                      config=fp8_config(64, tokens_m=True))
+
+
+def test_scratch_config_matches_the_fc2_scratch_dtype():
+    """FC2's scratch dtype follows ``y_bf16`` (a mismatched buffer fails before launch, naming
+    both); FC1 compiles one kernel whatever ``y_bf16`` says."""
+    import torch
+
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
+    from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import scratch_config
+    from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import rs_config
+
+    h = torch.empty(4, 8, dtype=torch.bfloat16)
+    assert scratch_config("fp8 gemm", fp8_config(128), "swiglu", h) == fp8_config(128, y_bf16=False)
+    y16, y32 = torch.empty(4, 64, dtype=torch.bfloat16), torch.empty(4, 64)
+    assert scratch_config("fp8 gemm", fp8_config(16), "scatter", y16).y_bf16
+    with pytest.raises(ValueError, match="fp8 gemm: FC2 scratch y is torch.float32.*writes bf16"):
+        scratch_config("fp8 gemm", fp8_config(16), "scatter", y32)
+    assert not scratch_config("w4a16 gemm", rs_config(16, 2048), "scatter", y32).y_bf16
+    with pytest.raises(ValueError, match="w4a16 gemm: FC2 scratch y is torch.bfloat16.*fp32"):
+        scratch_config("w4a16 gemm", rs_config(16, 2048), "scatter", y16)
