@@ -25,6 +25,26 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def gpu_hang_watchdog(request):
+    """GPU kernel tests (marked ``gpu`` and ``kernels``: kernels launched in this process) run
+    under ``_watchdog.hang_watchdog``: one that runs past ``DWDP_GPU_TEST_WATCHDOG_S`` (240 s,
+    compiles included) - a kernel that never finishes, which no exception can interrupt -
+    prints every thread's stack to the terminal past pytest's capture and ends the process, so
+    a device call's log names the test and its stage stops instead of waiting out its limit.
+    (Tests that run ranks or servers in subprocesses bound those with their own timeouts.)"""
+    keywords = request.node.keywords
+    if "gpu" not in keywords or "kernels" not in keywords or not torch.cuda.is_available():
+        yield
+        return
+    import os
+
+    from _watchdog import hang_watchdog
+
+    with hang_watchdog(float(os.environ.get("DWDP_GPU_TEST_WATCHDOG_S", 240)), request.config):
+        yield
+
+
 @pytest.fixture
 def run_ranks_ok():
     """Run a test file as its own worker on ``ranks`` ranks (mpirun where installed, else the TCP
