@@ -48,6 +48,7 @@ from tensorrt_llm_dwdp.kernels.testing import (
     MODELS,
     random_fp8_experts,
     random_tokens,
+    rel_diff,
     skewed_routing,
     uniform_routing,
 )
@@ -140,8 +141,7 @@ class TorchBaselines:
 
 def variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, want, variants):
     """``{name: {ms, bitwise_equal_default, rel_diff_default}}`` of the ``variants`` that
-    apply at token tile
-    ``bn`` (``VARIANTS``), each on its own plan; ``tables``: ``{layout: (w13, w2)}`` (the bulk
+    apply at token tile ``bn`` (``VARIANTS``), each on its own plan; ``tables``: ``{layout: (w13, w2)}`` (the bulk
     variant reads the preshuffled copy); ``want``: the default configuration's output."""
     out = {}
     for name in variants:
@@ -164,10 +164,9 @@ def variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, want, varia
                              out=y, config=cfg)
 
         ms = time_graph(run, target_ms=GRAPH_MS)
-        diff = ((y.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
         out[name] = {"token_tile": vbn, "config": str(cfg), "ms": ms,
                      "bitwise_equal_default": bool(torch.equal(y, want)),
-                     "rel_diff_default": float(diff)}
+                     "rel_diff_default": rel_diff(y, want)}
     return out
 
 
@@ -300,8 +299,8 @@ def main(argv=None) -> int:
                       f"{r['bf16_ms'] or float('nan'):.3f} trtllm fp8 "
                       f"{r['trtllm_fp8_ms'] or float('nan'):.2f}"
                       + "".join(f"  {n} {v['ms']:.3f} x{v['speedup_vs_default']:.2f}"
-                                f"{'' if v['bitwise_equal_default'] else ' NOT BITWISE'}"
-                                f"{'' if v['bitwise_equal_default'] else ' (rel diff %.1e)' % v['rel_diff_default']}"
+                                + ("" if v["bitwise_equal_default"] else
+                                   f" NOT BITWISE (rel diff {v['rel_diff_default']:.1e})")
                                 for n, v in r["variants"].items()), file=sys.stderr, flush=True)
                 torch.cuda.empty_cache()
         del experts, tables, base, layouts

@@ -20,6 +20,12 @@ MODELS = {
 }
 
 
+def rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``|out - ref| / |ref|`` (Frobenius, in float64): how far a kernel's output is from a
+    reference or another configuration's output."""
+    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
 def random_e4m3(shape, gen: torch.Generator) -> torch.Tensor:
     """e4m3 block scales spanning 2^-4 .. 2^2 with random mantissas (no NaN/zero codes)."""
     exp_field = torch.randint(3, 10, shape, generator=gen, device=gen.device,

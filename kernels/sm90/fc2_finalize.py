@@ -24,6 +24,7 @@ from .grouped_launch import (
     current_stream,
     gmem_ptr,
     rs_gemm_launcher,
+    scratch_dtype,
 )
 
 
@@ -77,7 +78,7 @@ def fc2_finalize(
     from .w4a16_rs_gemm import rs_config
 
     config = config or rs_config(bn, w2.k, compute)
-    y_dtype = torch.bfloat16 if config.y_bf16 else torch.float32
+    y_dtype = scratch_dtype(config)
     cb = chunk_blocks(hidden, top_k, config.blocks_per_cta, y_dtype.itemsize)
     y = torch.empty(tokens * top_k, cb * BLOCK_ROWS, dtype=y_dtype, device=h.device)
     a, a_scale = h, None

@@ -17,7 +17,7 @@ from ..compile_cache import CompileCache, require_cutlass
 from .expert_table import ExpertTable
 from .fc2_finalize import chunk_blocks, slot_sum_launcher
 from .grouped_launch import (bf16_output, check_finalize_args, check_plan_tensors, current_stream,
-                             scratch_config, sm_count)
+                             scratch_config, scratch_dtype, sm_count)
 
 FP8_BLOCK = 128
 FP8_BLOCKS_PER_CTA = 2  # 64-row weight blocks per CTA (fp8_gemm.BLOCKS_PER_CTA)
@@ -309,7 +309,7 @@ def fc2_fp8_finalize(
         return out
     blocks = hidden // FP8_BLOCK_ROWS
     config = _config(config, bn, w2)
-    y_dtype = torch.bfloat16 if config.y_bf16 else torch.float32
+    y_dtype = scratch_dtype(config)
     cb = chunk_blocks(hidden, top_k, FP8_BLOCKS_PER_CTA, y_dtype.itemsize)
     if config.tokens_m and cb % FP8_BLOCKS_PER_CTA:
         cb += 1  # whole block pairs (a pair shares its scale block)

@@ -43,6 +43,11 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+def scratch_dtype(cfg) -> torch.dtype:
+    """FC2's router-weighted scratch rows: bf16 with ``cfg.y_bf16``, else fp32."""
+    return torch.bfloat16 if cfg.y_bf16 else torch.float32
+
+
 def scratch_config(name: str, cfg, epilogue: str, out: torch.Tensor):
     """``cfg`` as the kernel is compiled: FC1 drops ``y_bf16`` (FC2's scratch format; one FC1
     kernel serves both), FC2 checks that ``out`` is the scratch dtype it writes."""
@@ -50,7 +55,7 @@ def scratch_config(name: str, cfg, epilogue: str, out: torch.Tensor):
         from dataclasses import replace
 
         return replace(cfg, y_bf16=False)
-    if epilogue == "scatter" and out.dtype != (torch.bfloat16 if cfg.y_bf16 else torch.float32):
+    if epilogue == "scatter" and out.dtype != scratch_dtype(cfg):
         raise ValueError(f"{name}: FC2 scratch y is {out.dtype}, {cfg} writes "
                          f"{'bf16' if cfg.y_bf16 else 'fp32'}")
     return cfg

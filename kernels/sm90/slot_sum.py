@@ -4,9 +4,10 @@ FC2 writes one router-weighted row per (token, slot) of a chunk of the hidden co
 by the flat slot ``t * k + j``, in fp32 (or bf16: ``y_bf16``, half the scratch bytes, each row
 rounded once as TensorRT-LLM's finalize reads it); this kernel sums each token's k rows in slot
 order in fp32 and rounds once to bf16 (the torch reference's order), with no atomics, so the
-result is bitwise reproducible. Empty slots (expert id -1: an expert-parallel receiver's slot whose
-expert lives elsewhere) have no row and add nothing. One CTA per (token, 512-column piece of the chunk); each thread loads 16 B
-of every slot row (read-only path; 8 B of bf16 rows) and stores 8 B of bf16. Offsets are 64-bit.
+result is bitwise reproducible. Empty slots (expert id -1: an expert-parallel receiver's slot
+whose expert lives elsewhere) have no row and add nothing. One CTA per (token, 512-column piece
+of the chunk); each thread loads 16 B of every slot row (read-only path; 8 B of bf16 rows) and
+stores 8 B of bf16. Offsets are 64-bit.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ class SlotSum:
     @cute.jit
     def __call__(self, y_ptr: cute.Pointer, ids_ptr: cute.Pointer, out_ptr: cute.Pointer,
                  tokens: Int32, col0: Int32, cols: Int32, stream):
-        """``y [tokens * top_k, y_cols]`` fp32 (bf16 with ``y_bf16``), ``ids [tokens, top_k]`` int32 (the routing;
-        -1 = empty slot), ``out [tokens, hidden]`` bf16; writes columns ``[col0, col0 + cols)``
+        """``y [tokens * top_k, y_cols]`` fp32 (bf16 with ``y_bf16``), ``ids [tokens, top_k]``
+        int32 (the routing; -1 = empty slot), ``out [tokens, hidden]`` bf16; writes columns ``[col0, col0 + cols)``
         of ``out`` (``cols`` <= ``y_cols``, a multiple of 4)."""
         y = cute.make_tensor(y_ptr, cute.make_layout(1))
         ids = cute.make_tensor(ids_ptr, cute.make_layout(1))

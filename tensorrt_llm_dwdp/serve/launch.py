@@ -3,8 +3,8 @@
 ``bind_listener`` takes a server's port before anything slow happens (a port in use fails at
 once, naming it); ``serve_app`` runs an application on it until SIGINT/SIGTERM, with handler
 cancellation on (a client that disconnects cancels its handler, which aborts its engine
-request). ``wait_for_health``
-polls ``/health`` of a list of servers with a deadline, so launchers and tests never hang.
+request). ``wait_for_health`` polls ``/health`` of a list of servers with a deadline, so
+launchers and tests never hang.
 """
 from __future__ import annotations
 

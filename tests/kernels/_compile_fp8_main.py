@@ -16,6 +16,7 @@ from _compile_sm90_main import _compile_ptrs
 def main() -> int:
     from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, fp8_config
     from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import fp8_ptr
+    from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import scratch_dtype
 
     kind = sys.argv[1]
     n_weight, k, bn = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -28,8 +29,7 @@ def main() -> int:
     experts, rows = 8, 2 * bn
     config = fp8_config(bn, **overrides)
     out = (torch.zeros(rows, n_weight // 2, dtype=torch.bfloat16) if kind == "swiglu"
-           else torch.zeros(rows, y_cols, dtype=torch.bfloat16 if config.y_bf16
-                            else torch.float32))
+           else torch.zeros(rows, y_cols, dtype=scratch_dtype(config)))
     tensors = [torch.zeros(rows, k, dtype=torch.float8_e4m3fn),
                torch.zeros(rows, k // 128, dtype=torch.float32),
                torch.zeros(rows, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),

@@ -24,6 +24,7 @@ def main() -> int:
                                                 torch.zeros(4, 8, dtype=torch.int32),
                                                 torch.zeros(4, 4096, dtype=torch.bfloat16)],
                         [4, 0, 512])
+    from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import scratch_dtype
     from tensorrt_llm_dwdp.kernels.sm90.w4a16_rs_gemm import W4A16RsGemm, rs_config
 
     n_weight, k, bn = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -37,8 +38,7 @@ def main() -> int:
     a_dtype = torch.float8_e4m3fn if compute == "e4m3" else torch.bfloat16
     rows = 2 * bn
     out = (torch.zeros(rows, n_weight // 2, dtype=torch.bfloat16) if kind == "swiglu"
-           else torch.zeros(rows, y_cols, dtype=torch.bfloat16 if config.y_bf16
-                            else torch.float32))
+           else torch.zeros(rows, y_cols, dtype=scratch_dtype(config)))
     args = [torch.zeros(rows, k, dtype=a_dtype), torch.zeros(rows, k // 128 or 1),
             torch.zeros(rows, dtype=torch.int32),
             torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
