@@ -45,8 +45,9 @@ Pipelines (``stages`` slots of [sA 16 KiB | sB bn x 128 B | sX bn x 4 B]):
   full[s]   producer -> consumers: 128 arrivals, one per producer thread once its copies of
             stage s landed (``cp.async.wait_group``) and were fenced to the async proxy.
   empty[s]  consumers -> producer: 256 arrivals, every consumer thread after its QGMMAs that
-            read stage s completed and its token scales of s are in registers (cluster2: 512,
-            the partner CTA's consumers arrive too: its producer multicasts into this slot).
+            read stage s completed and its token scales of s are in registers (clusters: 256
+            more per partner whose producer multicasts into this slot - cluster2's weights,
+            mcast_tokens' token halves - as its consumers arrive too).
 Steady state (K-tile counter i over the CTA's real tiles, slot s = i % stages):
   producer: wait empty[s] | cp.async A(i), B(i), X(i) | commit | wait own copies(i-lag) |
             fence | arrive full[(i-lag) % stages]   (lag = stages - 2)
@@ -108,20 +109,25 @@ class Fp8Config:
     checkpoint's rows); tma: one producer warp (one elected lane issuing) moves every operand
     with the copy engine (weights in the checkpoint's layout by tensor-map copies, the token
     rows pre-permuted ``[M_pad, K]`` by one tensor-map copy, their scales transposed
-    ``[K/128, M_pad]`` by one ``cp.async.bulk``; ``fp8_launch`` prepares both). CTAs are always persistent (grid =
-    resident CTAs, ``fp8_launch``); tokens_m (bn 128 only): the MMA roles swap back to
-    DeepGEMM's - each consumer warpgroup multiplies 64 of the tile's tokens (WGMMA M) by the
-    CTA's 128 weight rows (N), so a thread's accumulators share 2 token scales and 1 (FC2) or
-    2 (FC1: up, gate) weight scales and the promotion is one FMA per accumulator; shared
+    ``[K/128, M_pad]`` by one ``cp.async.bulk``; ``fp8_launch`` prepares both). CTAs are
+    always persistent (grid = resident CTAs, ``fp8_launch``); tokens_m (bn 128 only): the
+    MMA roles swap back to DeepGEMM's - each consumer warpgroup multiplies 64 of the tile's
+    tokens (WGMMA M) by the CTA's 128 weight rows (N), so a thread's accumulators share 2
+    token scales and 1 (FC2) or 2 (FC1: up, gate) weight scales and the promotion is one FMA
+    per accumulator; shared
     memory holds the same bytes; cluster2 (with tma and tokens_m): CTA pairs (a 2-CTA
     cluster) take two token tiles of one work unit and, when both tiles are one expert's,
     each loads half of the weight boxes and multicasts it to both, halving the weights'
-    L2 -> SM bytes (``_unit``); y_bf16 (FC2, default): the router-weighted scratch rows ``y``
-    are bf16 (rounded once, as TensorRT-LLM's finalize reads its GEMM's output; False: fp32),
-    half the bytes written and re-read and half the chunks (``fc2_finalize.chunk_blocks``):
-    measured 1.00-1.16x the fp32 scratch at 16-1024 tokens per expert, both models and
-    routings, output within 2.7e-3 relative of it (H100, 2026-12-07,
-    ``bench/results/fp8_kernels_h100_2/``); FC1 ignores it."""
+    L2 -> SM bytes (``_unit``); mcast_tokens (with tma and tokens_m): the cluster also spans
+    two block pairs of one token tile, each CTA loads one 64-token half of the token box and
+    multicasts it to both (always shared: both pairs are one expert's rows), halving the
+    tokens' L2 -> SM bytes; with cluster2 a 4-CTA cluster halves both operands; y_bf16 (FC2,
+    default): the router-weighted scratch rows ``y`` are bf16 (rounded once, as
+    TensorRT-LLM's finalize reads its GEMM's output; False: fp32), half the bytes written and
+    re-read and half the chunks (``fc2_finalize.chunk_blocks``): measured 1.00-1.16x the fp32
+    scratch at 16-1024 tokens per expert, both models and routings, output within 2.7e-3
+    relative of it (H100, 2026-12-07, ``bench/results/fp8_kernels_h100_2/``); FC1 ignores
+    it."""
 
     bn: int
     ctas_per_sm: int
@@ -131,6 +137,22 @@ class Fp8Config:
     tokens_m: bool = False
     cluster2: bool = False
     y_bf16: bool = True
+    mcast_tokens: bool = False
+
+    @property
+    def cluster_m(self) -> int:
+        """Token tiles of one work unit (CTAs sharing the weight boxes)."""
+        return 2 if self.cluster2 else 1
+
+    @property
+    def cluster_n(self) -> int:
+        """Block pairs of one work unit (CTAs sharing the token box)."""
+        return 2 if self.mcast_tokens else 1
+
+    @property
+    def cluster_size(self) -> int:
+        """CTAs of one cluster, rank ``rm + cluster_m rn`` for (token tile rm, block pair rn)."""
+        return self.cluster_m * self.cluster_n
 
     @property
     def register_pool(self) -> int:
@@ -198,8 +220,8 @@ class Fp8BlockGemm:
         if cfg.tokens_m and bn != 2 * BLOCK_ROWS:
             raise ValueError(f"tokens_m needs the 128-token tile (two warpgroups of 64), got "
                              f"bn={bn}")
-        if cfg.cluster2 and not (cfg.tma and cfg.tokens_m and cfg.ctas_per_sm == 1):
-            raise ValueError("cluster2 needs tma, tokens_m and one CTA per SM")
+        if cfg.cluster_size > 1 and not (cfg.tma and cfg.tokens_m and cfg.ctas_per_sm == 1):
+            raise ValueError("cluster2 / mcast_tokens need tma, tokens_m and one CTA per SM")
         if cfg.tma and cfg.bulk_weights:
             raise ValueError("tma and bulk_weights are two ways to move the weights: pick one")
         if not 1 <= num_tensors <= MAX_TMA_TENSORS:
@@ -297,7 +319,7 @@ class Fp8BlockGemm:
         self.kernel(*tensors, tiled_mma, a_layout, b_layout, mma_layouts, num_token_tiles,
                     blk_begin, blk_end, tma).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1],
                                          stream=stream, min_blocks_per_mp=self.cfg.ctas_per_sm,
-                                         cluster=[2 if self.cfg.cluster2 else 1, 1, 1])
+                                         cluster=[self.cfg.cluster_size, 1, 1])
 
     def _tma_atoms(self, a_ptr, m_rows, w_ptrs, w_counts, a_layout, b_layout):
         """``tma``: the tensor-map copy atoms and coordinate tensors of the token rows
@@ -306,13 +328,21 @@ class Fp8BlockGemm:
         if cutlass.const_expr(not self.cfg.tma):
             return ()
         op = cpasync.CopyBulkTensorTileG2SOp()
+        mcast = cpasync.CopyBulkTensorTileG2SMulticastOp()
         gx = cute.make_tensor(cute.recast_ptr(a_ptr, dtype=Float8E4M3FN),
                               cute.make_layout((m_rows, self.k), stride=(self.k, 1)))
-        x_atom, x_tma = cpasync.make_tiled_tma_atom(
-            op, gx, cute.slice_(b_layout, (None, None, 0)), (self.bn, K_TILE))
+        if cutlass.const_expr(self.cfg.mcast_tokens):
+            # 64-token halves (one per consumer warpgroup), each to both CTAs of a token tile
+            half = cute.make_composed_layout(
+                b_layout.inner, 0, cute.make_layout((BLOCK_ROWS, K_TILE), stride=(K_TILE, 1)))
+            x_atom, x_tma = cpasync.make_tiled_tma_atom(mcast, gx, half, (BLOCK_ROWS, K_TILE),
+                                                        num_multicast=1)
+        else:
+            x_atom, x_tma = cpasync.make_tiled_tma_atom(
+                op, gx, cute.slice_(b_layout, (None, None, 0)), (self.bn, K_TILE))
         box = cute.make_composed_layout(
             a_layout.inner, 0, cute.make_layout((self.box_rows, K_TILE), stride=(K_TILE, 1)))
-        w_op = cpasync.CopyBulkTensorTileG2SMulticastOp() if self.cfg.cluster2 else op
+        w_op = mcast if self.cfg.cluster2 else op
         w = []
         for t in range(self.num_tensors):
             gw = cute.make_tensor(w_ptrs[t], cute.make_layout(
@@ -357,21 +387,23 @@ class Fp8BlockGemm:
         if tidx == 0:
             for s in cutlass.range_constexpr(self.stages):
                 cute.arch.mbarrier_init(full + s, 1 if self.cfg.tma else PRODUCER_THREADS)
-                # cluster2: the partner CTA's consumers release a slot here too (its copies
-                # multicast into this CTA's stage)
-                cute.arch.mbarrier_init(empty + s, 128 * CONSUMER_WGS
-                                        * (2 if self.cfg.cluster2 else 1))
+                # clusters: the consumers of every CTA whose copies multicast into this one
+                # (the weights' partner, the tokens' partner) release its slots too
+                cute.arch.mbarrier_init(empty + s, 128 * CONSUMER_WGS * (
+                    self.cfg.cluster_m + self.cfg.cluster_n - 1))
         cute.arch.mbarrier_init_fence()
-        if cutlass.const_expr(self.cfg.cluster2):
+        if cutlass.const_expr(self.cfg.cluster_size > 1):
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()
         else:
             cute.arch.sync_threads()
         n_groups = (blk_end - blk_begin + BLOCKS_PER_CTA - 1) // BLOCKS_PER_CTA
         my_tiles = (num_token_tiles * n_groups - bid + grid - 1) // grid
-        if cutlass.const_expr(self.cfg.cluster2):  # work units: a pair of token tiles
-            units = (num_token_tiles + 1) // 2 * n_groups
-            my_tiles = (units - bid // 2 + grid // 2 - 1) // (grid // 2)
+        if cutlass.const_expr(self.cfg.cluster_size > 1):  # work units of the cluster
+            cm, cn = self.cfg.cluster_m, self.cfg.cluster_n
+            units = (num_token_tiles + cm - 1) // cm * ((n_groups + cn - 1) // cn)
+            cs = self.cfg.cluster_size
+            my_tiles = (units - bid // cs + grid // cs - 1) // (grid // cs)
         addrs = (storage.sA.data_ptr().toint(), storage.sB.data_ptr().toint(),
                  storage.sX.data_ptr().toint())
         # the MMA's A and B: weights and tokens, or (tokens_m) tokens and weights
@@ -383,7 +415,7 @@ class Fp8BlockGemm:
             cute.arch.warpgroup_reg_dealloc(self.cfg.producer_regs)
             if cutlass.const_expr(self.cfg.tma):
                 # warp 0 whole: the copy atoms issue through elect.sync over the full warp,
-                # which waits for every lane that has not exited (with cluster2 the other
+                # which waits for every lane that has not exited (with clusters the other
                 # lanes would be held at the exit barrier: a deadlock)
                 if tidx // 32 == 0:
                     self._produce_tma(bid, grid, my_tiles, n_groups, blk_begin, blk_end,
@@ -403,9 +435,9 @@ class Fp8BlockGemm:
                 self._consumer(tidx, bid, grid, my_tiles, n_groups, blk_begin, blk_end,
                                row_index, tile_expert, tensor_of, local_of, b_table, topk_w,
                                out, tiled_mma, sA, sB, full, empty, addrs)
-        if cutlass.const_expr(self.cfg.cluster2):
-            # neither CTA leaves while its partner may still write its shared memory or arrive
-            # on its barriers
+        if cutlass.const_expr(self.cfg.cluster_size > 1):
+            # no CTA leaves while a partner may still write its shared memory or arrive on its
+            # barriers
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()
 
@@ -413,16 +445,19 @@ class Fp8BlockGemm:
     @cute.jit
     def _unit(self, bid, grid, j, n_groups, blk_begin, num_token_tiles, tile_expert):
         """Work item ``j`` of this CTA: (token tile, first block, the expert whose weights it
-        loads, run, write, share). Without cluster2: tile ``bid + j grid``; run = write =
-        its expert >= 0, share False. cluster2: unit ``bid // 2 + j grid / 2`` is the token
-        tiles ``2 p`` and ``2 p + 1`` of one block pair, CTA rank r takes ``2 p + r``; both
-        CTAs run unless both tiles are empty (-1 or past the plan), so their stage counters
-        stay in step; a CTA whose tile is empty runs its partner's tile as a dummy (write
-        False); share when both tiles are one expert's (the weights are multicast)."""
+        loads, run, write, share). Without clusters: tile ``bid + j grid``; run = write = its
+        expert >= 0, share False. Clusters (``cluster_m`` x ``cluster_n`` CTAs, rank ``rm +
+        cluster_m rn``): unit ``bid // size + j grid / size`` is token tiles ``cm p + (0, 1)``
+        and block pairs ``cn q + (0, 1)``, CTA (rm, rn) takes tile ``cm p + rm`` and pair ``cn q
+        + rn``. Every CTA of the cluster runs unless all its tiles are empty (-1 or past the
+        plan), so their stage counters stay in step: a CTA whose tile is empty runs its
+        partner's tile, one whose pair is past the blocks its partner's pair, as a dummy (write
+        False); share when both token tiles are one expert's (the weights are multicast; the
+        token halves always are, both pairs being one expert's rows)."""
         run = Int32(0)
         write = Int32(0)
         share = Int32(0)
-        if cutlass.const_expr(not self.cfg.cluster2):
+        if cutlass.const_expr(self.cfg.cluster_size == 1):
             tile = bid + j * grid
             tt = tile // n_groups
             blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
@@ -431,25 +466,36 @@ class Fp8BlockGemm:
                 run = Int32(1)
                 write = Int32(1)
         else:
-            rank = bid % 2
-            unit = bid // 2 + j * (grid // 2)
-            blk0 = blk_begin + (unit % n_groups) * BLOCKS_PER_CTA
-            mine = 2 * (unit // n_groups) + rank
-            other = 2 * (unit // n_groups) + 1 - rank
+            cm, cn, cs = self.cfg.cluster_m, self.cfg.cluster_n, self.cfg.cluster_size
+            rank = bid % cs
+            rm = rank % cm
+            rn = rank // cm
+            unit = bid // cs + j * (grid // cs)
+            n_pairs = (n_groups + cn - 1) // cn
+            pair = cn * (unit % n_pairs) + rn
+            pair_ok = Int32(1)
+            if pair >= n_groups:
+                pair = pair - rn
+                pair_ok = Int32(0)
+            blk0 = blk_begin + pair * BLOCKS_PER_CTA
+            mine = cm * (unit // n_pairs) + rm
             e_mine = Int32(-1)
-            e_other = Int32(-1)
             if mine < num_token_tiles:
                 e_mine = tile_expert[mine]
-            if other < num_token_tiles:
-                e_other = tile_expert[other]
-            tt = other
-            expert = e_other
-            if e_mine >= 0:
-                tt = mine
-                expert = e_mine
-                write = Int32(1)
-                if e_mine == e_other:
+            tt = mine
+            expert = e_mine
+            if cutlass.const_expr(cm == 2):
+                other = mine + 1 - 2 * rm
+                e_other = Int32(-1)
+                if other < num_token_tiles:
+                    e_other = tile_expert[other]
+                if e_mine < 0:
+                    tt = other
+                    expert = e_other
+                elif e_mine == e_other:
                     share = Int32(1)
+            if e_mine >= 0:
+                write = pair_ok
             if expert >= 0:
                 run = Int32(1)
         return tt, blk0, expert, run, write, share
@@ -570,10 +616,17 @@ class Fp8BlockGemm:
                              stride=(K_TILE, 1, self.box_rows * K_TILE)),
             swizzle=a_layout.inner)
         sB = storage.sB.get_tensor(b_layout.outer, swizzle=b_layout.inner)
+        x_rows = self.bn
+        if cutlass.const_expr(self.cfg.mcast_tokens):  # the token tile as two 64-row halves
+            x_rows = BLOCK_ROWS
+            sB = storage.sB.get_tensor(
+                cute.make_layout((BLOCK_ROWS, K_TILE, self.stages * CONSUMER_WGS),
+                                 stride=(K_TILE, 1, BLOCK_ROWS * K_TILE)),
+                swizzle=b_layout.inner)
         one = cute.make_layout(1)
         tBsB, tBgB = cpasync.tma_partition(
             x_atom, 0, one, cute.group_modes(sB, 0, 2),
-            cute.group_modes(cute.local_tile(x_tma, (self.bn, K_TILE), (None, None)), 0, 2))
+            cute.group_modes(cute.local_tile(x_tma, (x_rows, K_TILE), (None, None)), 0, 2))
         w_parts = []
         for t in cutlass.range_constexpr(self.num_tensors):
             w_atom, w_tma = w_tmas[t]
@@ -582,8 +635,15 @@ class Fp8BlockGemm:
                 cute.group_modes(cute.local_tile(w_tma, (self.box_rows, K_TILE),
                                                  (None, None)), 0, 2)))
         stage_bytes = self.stage_a + self.stage_b + self.stage_x
-        rank = bid % 2
-        self_mask = cutlass.Int16(1) + cutlass.Int16(rank)  # cluster2: this CTA alone
+        # clusters: this CTA's place (token tile rm, block pair rn) and the multicast masks
+        cm = self.cfg.cluster_m
+        rank = bid % self.cfg.cluster_size
+        rm = rank % cm
+        rn = rank // cm
+        self_mask = cutlass.Int16(1) << cutlass.Int16(rank)
+        w_mask = cutlass.Int16(3) << cutlass.Int16(cm * rn)  # (0, rn) and (1, rn)
+        x_mask = (cutlass.Int16(1) << cutlass.Int16(rm)) | (
+            cutlass.Int16(1) << cutlass.Int16(rm + cm))  # (rm, 0) and (rm, 1)
         done = Int32(0)
         for j in cutlass.range(my_tiles, unroll=1):
             tt, blk0, expert, run, _, share = self._unit(bid, grid, j, n_groups, blk_begin,
@@ -614,18 +674,23 @@ class Fp8BlockGemm:
                                 src = tAgA[(None, box_row[i], kt)]
                                 dst = tAsA[(None, s * BLOCKS_PER_CTA * self.boxes + i)]
                                 if cutlass.const_expr(self.cfg.cluster2):
-                                    # shared: block cb = rank from here to both CTAs; else
+                                    # shared: block cb = rm from here to both CTAs; else
                                     # every box to this CTA alone
                                     if share == 1:
-                                        if i // self.boxes == rank:
+                                        if i // self.boxes == rm:
                                             cute.copy(w_atom, src, dst, tma_bar_ptr=bar,
-                                                      mcast_mask=cutlass.Int16(3))
+                                                      mcast_mask=w_mask)
                                     else:
                                         cute.copy(w_atom, src, dst, tma_bar_ptr=bar,
                                                   mcast_mask=self_mask)
                                 else:
                                     cute.copy(w_atom, src, dst, tma_bar_ptr=bar)
-                    cute.copy(x_atom, tBgB[(None, tt, kt)], tBsB[(None, s)], tma_bar_ptr=bar)
+                    if cutlass.const_expr(self.cfg.mcast_tokens):  # half rn, to both pairs
+                        cute.copy(x_atom, tBgB[(None, CONSUMER_WGS * tt + rn, kt)],
+                                  tBsB[(None, CONSUMER_WGS * s + rn)], tma_bar_ptr=bar,
+                                  mcast_mask=x_mask)
+                    else:
+                        cute.copy(x_atom, tBgB[(None, tt, kt)], tBsB[(None, s)], tma_bar_ptr=bar)
                     with cute.arch.elect_one():
                         cp_async_bulk(sx_addr + s * self.stage_x,
                                       xs_base + (Int64(kt) * m_rows + tt * self.bn) * 4,
@@ -756,7 +821,9 @@ class Fp8BlockGemm:
         q, warp, g, c, tCrA, tCrB, partial, total = self._consumer_fragments(
             tidx, tiled_mma, sA, sB, BLOCKS_PER_CTA * BLOCK_ROWS)
         row0 = 64 * q + 16 * warp + g  # this thread's first token row in the tile (+8: second)
-        peer = 1 - bid % 2  # cluster2: the partner CTA
+        # clusters: the CTAs whose copies multicast into this one (weights, tokens)
+        rank = bid % self.cfg.cluster_size
+        peers = (rank ^ 1, rank ^ self.cfg.cluster_m)
         done = Int32(0)
         for j in cutlass.range(my_tiles, unroll=1):
             tt, blk0, expert, run, write, _ = self._unit(bid, grid, j, n_groups, blk_begin,
@@ -769,7 +836,7 @@ class Fp8BlockGemm:
                 total.fill(0.0)
                 for kt in cutlass.range(self.k_tiles, unroll=1):
                     self._k_tile_tm(done + kt, kt, q, row0, sf0, sf1, sx_addr, partial, total,
-                                    tiled_mma, tCrA, tCrB, full, empty, peer)
+                                    tiled_mma, tCrA, tCrB, full, empty, peers)
                 if write == 1:
                     self._epilogue_tm(total, tt, blk0, blk_begin, blk_end, row0, c, row_index,
                                       topk_w, out)
@@ -777,7 +844,7 @@ class Fp8BlockGemm:
 
     @cute.jit
     def _k_tile_tm(self, it, kt, q, row0, sf0, sf1, sx_addr, partial, total, tiled_mma, tCrA,
-                   tCrB, full, empty, peer):
+                   tCrB, full, empty, peers):
         """K tile ``kt``: 4 QGMMAs (A: this warpgroup's 64 tokens, B: the 128 weight rows)
         into ``partial``, then ``total += partial * (x_scale[token] * w_scale[half])``."""
         s = it % self.stages
@@ -790,8 +857,11 @@ class Fp8BlockGemm:
         xs1 = ld_shared_f32(sx_addr + s * self.stage_x + (row0 + 8) * 4)
         self._mma_k_tile(tiled_mma, partial, tCrA, tCrB, s, q)
         cute.arch.mbarrier_arrive(empty + s)
-        if cutlass.const_expr(self.cfg.cluster2):  # the partner multicasts into this slot too
-            cute.arch.mbarrier_arrive(empty + s, peer_cta_rank_in_cluster=peer)
+        # the partners multicast into this slot too, so they wait for its release
+        if cutlass.const_expr(self.cfg.cluster2):
+            cute.arch.mbarrier_arrive(empty + s, peer_cta_rank_in_cluster=peers[0])
+        if cutlass.const_expr(self.cfg.mcast_tokens):
+            cute.arch.mbarrier_arrive(empty + s, peer_cta_rank_in_cluster=peers[1])
         # FC1: column groups qn even are up rows, odd their gate rows (``weight_row``)
         sc = [[xs0 * ws0, xs0 * ws1], [xs1 * ws0, xs1 * ws1]]
         for qn in cutlass.range_constexpr(2 * BLOCK_ROWS // 8):

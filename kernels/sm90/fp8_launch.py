@@ -160,9 +160,11 @@ def fp8_gemm_launcher(
             raise ValueError(f"fp8 gemm (tokens_m): blocks start at an even block (one scale "
                              f"block per CTA pair), got {blk_begin}")
         grid = min(tiles, resident)
-        if cfg.cluster2:  # CTA pairs over pairs of token tiles, as many as fit at once
-            units = -(-num_tiles // 2) * -(-(blk_end - blk_begin) // FP8_BLOCKS_PER_CTA)
-            grid = 2 * min(units, max_active_pairs(a.device))
+        if cfg.cluster_size > 1:  # clusters over units of their tiles, as many as fit at once
+            groups = -(-(blk_end - blk_begin) // FP8_BLOCKS_PER_CTA)
+            units = -(-num_tiles // cfg.cluster_m) * -(-groups // cfg.cluster_n)
+            grid = cfg.cluster_size * min(units, max_active_clusters(a.device,
+                                                                     cfg.cluster_size))
         args = [*ptrs, *fixed, *(cutlass.Int32(v) for v in (blk_begin, blk_end, grid)),
                 *tma_args, stream]
         if compiled is None:
@@ -182,24 +184,25 @@ def fp8_gemm_launcher(
     return launch
 
 
-_ACTIVE_PAIRS: dict[int, int] = {}
+_ACTIVE_CLUSTERS: dict[tuple[int, int], int] = {}
 
 
-def max_active_pairs(device: torch.device) -> int:
-    """2-CTA clusters of one CTA per SM that the device runs at once (a GPC with an odd SM
-    count leaves one SM out, so it can be fewer than half the SMs): the persistent grid of
-    ``cluster2`` kernels, so no pair waits for a second wave."""
+def max_active_clusters(device: torch.device, size: int) -> int:
+    """Clusters of ``size`` CTAs, one CTA per SM, that the device runs at once (a GPC whose SM
+    count is not a multiple of ``size`` leaves SMs out, so it can be fewer than SMs / size):
+    the persistent grid of the cluster kernels, so no cluster waits for a second wave."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _ACTIVE_PAIRS:
+    if (index, size) not in _ACTIVE_CLUSTERS:
         import cutlass.utils
 
         with torch.cuda.device(index):
             torch.cuda.synchronize()  # the runtime's context current (HardwareInfo needs one)
             info = cutlass.utils.HardwareInfo(device_id=index)
-            _ACTIVE_PAIRS[index] = int(info.get_max_active_clusters(2))
-        if _ACTIVE_PAIRS[index] < 1:
-            raise RuntimeError(f"fp8 gemm (cluster2): cuda:{index} runs no 2-CTA cluster")
-    return _ACTIVE_PAIRS[index]
+            count = int(info.get_max_active_clusters(size))
+        if count < 1:
+            raise RuntimeError(f"fp8 gemm: cuda:{index} runs no {size}-CTA cluster")
+        _ACTIVE_CLUSTERS[index, size] = count
+    return _ACTIVE_CLUSTERS[index, size]
 
 
 def tma_weight_args(table: ExpertTable) -> tuple[tuple, tuple]:
@@ -339,7 +342,7 @@ def _config(config, bn: int, table: ExpertTable):
         return config
     cfg = fp8_config(bn)
     if cfg.tma and table.num_tensors > MAX_TMA_TENSORS:
-        cfg = replace(cfg, tma=False, cluster2=False)
+        cfg = replace(cfg, tma=False, cluster2=False, mcast_tokens=False)
     return cfg
 
 

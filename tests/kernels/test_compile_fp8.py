@@ -55,7 +55,8 @@ def _variants():
     from bench.moe_kernels_fp8 import VARIANTS
 
     for name, (tiles, vbn, overrides) in sorted(VARIANTS.items()):
-        if not overrides.get("cluster2"):  # its own test: multicast copies, cluster barriers
+        # clusters: their own test (multicast copies, cluster barriers)
+        if not (overrides.get("cluster2") or overrides.get("mcast_tokens")):
             yield pytest.param(vbn or tiles[0], overrides, id=name)
 
 
@@ -103,22 +104,32 @@ def test_tokens_m_compile(tools, tmp_path, kind, n_weight, k, y_cols, tma):
                 {"tma": tma, "tokens_m": True})
 
 
+CLUSTERS = {"cluster2": ("cluster2=1",), "mcast_x": ("mcast_tokens=1",),
+            "cluster4": ("cluster2=1", "mcast_tokens=1")}
+
+
+@pytest.mark.parametrize("cluster", sorted(CLUSTERS))
 @pytest.mark.parametrize("kind,n_weight,k,y_cols,num_tensors", [
     ("swiglu", 4096, 7168, 0, 1), ("scatter", 7168, 2048, 896, 2)])
-def test_cluster2_compile(tools, tmp_path, kind, n_weight, k, y_cols, num_tensors):
-    """``cluster2``: the weight boxes by multicast tensor-map copies (each issued both ways:
-    half to both CTAs when the pair shares an expert, all to this CTA alone otherwise), the
-    token tile by a plain one, the cluster barrier at entry and exit, the consumers' remote
-    slot release; the tokens_m K tile unchanged."""
+def test_cluster_compile(tools, tmp_path, cluster, kind, n_weight, k, y_cols, num_tensors):
+    """The cluster kernels: ``cluster2``'s weight boxes by multicast tensor-map copies (each
+    issued both ways: half to both CTAs when the pair shares an expert, all to this CTA alone
+    otherwise), ``mcast_tokens``' token half by one multicast copy (else the token tile by a
+    plain one), the cluster barrier at entry and exit; the tokens_m K tile unchanged."""
     from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, fp8_config
 
-    cfg = fp8_config(128, cluster2=True)
+    flags = CLUSTERS[cluster]
+    cfg = fp8_config(128, **{f.split("=")[0]: True for f in flags})
     kern = Fp8BlockGemm(epilogue=kind, n_weight=n_weight, k=k, bn=128, y_cols=y_cols,
                         config=cfg, num_tensors=num_tensors)
     sass = _compile_fp8_sass(tools, tmp_path, kind, str(n_weight), str(k), "128", str(y_cols),
-                             "cluster2=1", f"num_tensors={num_tensors}")
-    assert sass.count("UTMALDG.2D.MULTICAST") == num_tensors * 2 * 2 * kern.boxes
-    assert len(re.findall(r"UTMALDG\.2D\b(?!\.)", sass)) == 1  # the token tile
+                             *flags, f"num_tensors={num_tensors}")
+    weight_copies = num_tensors * 2 * kern.boxes  # one per box of the CTA's two blocks
+    mcast_w = 2 * weight_copies if cfg.cluster2 else 0
+    mcast_x = 1 if cfg.mcast_tokens else 0
+    assert sass.count("UTMALDG.2D.MULTICAST") == mcast_w + mcast_x
+    plain = len(re.findall(r"UTMALDG\.2D\b(?!\.)", sass))
+    assert plain == (0 if cfg.cluster2 else weight_copies) + (1 - mcast_x)
     assert sass.count("UCGABAR_ARV") == 2 and sass.count("UCGABAR_WAIT") == 2
     assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
     mix = k_loop_mix(sass, "QGMMA")

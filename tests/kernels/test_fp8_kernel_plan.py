@@ -178,9 +178,13 @@ def test_default_config_by_tile_and_tensor_count():
     assert not cfg.tma and cfg.tokens_m
     explicit = fp8_config(128, cluster2=True)
     assert _config(explicit, 128, many) is explicit
-    with pytest.raises(ValueError, match="cluster2 needs"):
+    with pytest.raises(ValueError, match="cluster2 / mcast_tokens need"):
         Fp8BlockGemm(epilogue="swiglu", n_weight=256, k=128, bn=128,
                      config=fp8_config(128, tma=False, cluster2=True))
+    with pytest.raises(ValueError, match="need tma, tokens_m"):
+        Fp8BlockGemm(epilogue="swiglu", n_weight=256, k=128, bn=128,
+                     config=fp8_config(128, tokens_m=False, mcast_tokens=True))
+    assert fp8_config(128, cluster2=True, mcast_tokens=True).cluster_size == 4
     with pytest.raises(ValueError, match="tokens_m needs"):
         Fp8BlockGemm(epilogue="swiglu", n_weight=256, k=128, bn=64,
                      config=fp8_config(64, tokens_m=True))

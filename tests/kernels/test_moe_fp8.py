@@ -208,9 +208,10 @@ def _bench_variants():
     from bench.moe_kernels_fp8 import VARIANTS
 
     for name, (tiles, vbn, overrides) in sorted(VARIANTS.items()):
-        # cluster2: its own test, near the end (a hang stops there); y_fp32 keeps FC2's
+        # clusters: their own test, near the end (a hang stops there); y_fp32 keeps FC2's
         # scratch rows in fp32, so it is not bitwise the default (its own test)
-        if not overrides.get("cluster2") and overrides.get("y_bf16", True):
+        clustered = overrides.get("cluster2") or overrides.get("mcast_tokens")
+        if not clustered and overrides.get("y_bf16", True):
             yield pytest.param(tiles[0], vbn or tiles[0], overrides, id=name)
 
 
@@ -326,21 +327,29 @@ def test_y_bf16_within_rounding_of_fp32_scratch(cache, bn, tokens):
     assert torch.equal(out_b, out3)
 
 
+CLUSTERS = {"cluster2": dict(cluster2=True), "mcast_x": dict(mcast_tokens=True),
+            "cluster4": dict(cluster2=True, mcast_tokens=True)}
+
+
 @pytest.mark.parametrize("tokens,empty", [(700, 1), (2500, 3), (5, 0)])
-def test_cluster2_bitwise_equal_default(cache, tokens, empty):
-    """``Fp8Config.cluster2`` (CTA pairs over token-tile pairs, weights multicast when both
-    tiles are one expert's): h and the output bit for bit the default's, with skewed routing
-    (pairs straddling experts, odd tile counts, a pair with one empty tile) over the
-    composite view and a 3-tensor multi view, and the plan's tile bound (tiles of -1 at the
-    end). Near the end of the file: a wrong barrier count would hang."""
+@pytest.mark.parametrize("cluster", sorted(CLUSTERS))
+def test_cluster_bitwise_equal_default(cache, cluster, tokens, empty):
+    """The cluster kernels - ``cluster2`` (CTA pairs over token-tile pairs, weights multicast
+    when both tiles are one expert's), ``mcast_tokens`` (pairs over block pairs, the token
+    halves multicast) and both (4-CTA clusters): h and the output bit for bit the default's,
+    with skewed routing (pairs straddling experts, odd tile counts, a pair with one empty
+    tile, FC2 chunks of an odd pair count) over the composite view and a 3-tensor multi view,
+    and the plan's tile bound (tiles of -1 at the end). Near the end of the file: a wrong
+    barrier count would hang."""
     from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
 
-    hidden, inter, num_experts, top_k = SMALL
+    # H = 9 x 128: FC2's 9 block pairs leave mcast_tokens' last pair of CTAs one pair short
+    hidden, inter, num_experts, top_k = 1152, 384, 16, 4
     experts = random_fp8_experts(num_experts, hidden, inter, seed=81)
     x = random_tokens(tokens, hidden, seed=82)
     ids, tw = skewed_routing(tokens, num_experts, top_k, seed=83, empty_experts=empty)
     out, h, plan = _forward(cache, x, ids, tw, experts, 128)
-    cfg = fp8_config(128, cluster2=True)
+    cfg = fp8_config(128, **CLUSTERS[cluster])
     for parts in (1, 3):
         out_c, h_c, _ = _forward(cache, x, ids, tw, experts, 128, parts=parts, plan=plan,
                                  config=cfg)
