@@ -143,10 +143,14 @@ class TorchBaselines:
         return out
 
 
-def variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, want, variants):
-    """``{name: {ms, bitwise_equal_default, rel_diff_default}}`` of the ``variants`` that
-    apply at token tile ``bn`` (``VARIANTS``), each on its own plan; ``tables``: ``{layout: (w13, w2)}`` (the bulk
-    variant reads the preshuffled copy); ``want``: the default configuration's output."""
+def variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, want, variants, repeats,
+                    default_gemms):
+    """``{name: {ms, fc1_ms, fc2_ms, their spreads, speedup_fc1 / _fc2_vs_default,
+    bitwise_equal_default, rel_diff_default}}`` of the ``variants`` that apply at token tile
+    ``bn`` (``VARIANTS``), each on its own plan; ``tables``: ``{layout: (w13, w2)}`` (the bulk
+    variant reads the preshuffled copy); ``want``: the default configuration's output;
+    ``default_gemms``: the default's ``(fc1, fc2)`` callables, timed again interleaved with
+    the variant's GEMMs (``repeats`` rounds), so each GEMM's ratio shares the variant's drift."""
     out = {}
     for name in variants:
         tiles, vbn, overrides = VARIANTS[name]
@@ -161,16 +165,35 @@ def variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, want, varia
         hq, hs = quantize_rows(h, cache)
         y = torch.empty_like(want)
 
-        def run(plan=plan, h=h, hq=hq, hs=hs, y=y, vbn=vbn, cfg=cfg):
+        def fc1(plan=plan, h=h, vbn=vbn, cfg=cfg):
             fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, vbn,
                                   out=h, config=cfg)
+
+        def fc2(plan=plan, hq=hq, hs=hs, y=y, vbn=vbn, cfg=cfg):
             fc2_fp8_finalize(cache, hq, hs, plan.slot_index, plan.tile_expert, ids, tw, w2, vbn,
                              out=y, config=cfg)
 
-        ms = time_graph(run, target_ms=GRAPH_MS)
-        out[name] = {"token_tile": vbn, "config": str(cfg), "ms": ms,
-                     "bitwise_equal_default": bool(torch.equal(y, want)),
-                     "rel_diff_default": rel_diff(y, want)}
+        def both(fc1=fc1, fc2=fc2):
+            fc1()
+            fc2()
+
+        fns = {"ms": both, "fc1_ms": fc1, "fc2_ms": fc2, "default_fc1": default_gemms[0],
+               "default_fc2": default_gemms[1]}
+        samples = {key: [] for key in fns}
+        for _ in range(repeats):
+            for key, fn in fns.items():
+                samples[key].append(time_graph(fn, target_ms=GRAPH_MS))
+        stats = {key: summary(v) for key, v in samples.items()}
+        rec = {"token_tile": vbn, "config": str(cfg)}
+        for key in ("ms", "fc1_ms", "fc2_ms"):
+            rec[key] = stats[key]["median"]
+            rec[key + "_spread"] = [stats[key]["min"], stats[key]["max"]]
+        for gemm in ("fc1", "fc2"):
+            rec[f"speedup_{gemm}_vs_default"] = (stats[f"default_{gemm}"]["median"]
+                                                 / stats[f"{gemm}_ms"]["median"])
+        rec.update(bitwise_equal_default=bool(torch.equal(y, want)),
+                   rel_diff_default=rel_diff(y, want))
+        out[name] = rec
     return out
 
 
@@ -223,7 +246,8 @@ def bench_point(cache, tables, base, db, model, kind, tpe, repeats, variants=())
                 print(f"{name}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
         fns = {n: f for n, f in fns.items() if n in samples}
     stats = {name: summary(v) for name, v in samples.items() if v}
-    var = variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, out, variants)
+    var = variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, out, variants,
+                          repeats, (fc1, fc2))
     for v in var.values():
         v["speedup_vs_default"] = stats["ours"]["median"] / v["ms"]
     rows = int(plan.counts.sum())
@@ -302,7 +326,9 @@ def main(argv=None) -> int:
                       f"x{r['speedup_vs_torch_fp8'] or float('nan'):.2f} bf16 "
                       f"{r['bf16_ms'] or float('nan'):.3f} trtllm fp8 "
                       f"{r['trtllm_fp8_ms'] or float('nan'):.2f}"
-                      + "".join(f"  {n} {v['ms']:.3f} x{v['speedup_vs_default']:.2f}"
+                      + "".join(f"  {n} {v['ms']:.3f} x{v['speedup_vs_default']:.2f} (fc1 "
+                                f"x{v['speedup_fc1_vs_default']:.2f} fc2 "
+                                f"x{v['speedup_fc2_vs_default']:.2f})"
                                 + ("" if v["bitwise_equal_default"] else
                                    f" NOT BITWISE (rel diff {v['rel_diff_default']:.1e})")
                                 for n, v in r["variants"].items()), file=sys.stderr, flush=True)
