@@ -300,8 +300,8 @@ TABLES: dict[str, Table] = {
     "fp8-linears": Table("bench/results/fp8_model_h100/fp8_linears.json", "2026-12-07",
                          render_fp8_linears),
     "plan": Table("bench/results/plan", "2026-12-07", render_plan, verb="Predicted"),
-    "fp8-kernels": Table("bench/results/fp8_kernels_h100_2/moe_kernels_fp8_y_bf16_h100.json",
-                         "2026-12-07", render_fp8_kernels),
+    "fp8-kernels": Table("bench/results/fp8_kernels_h100_3/moe_kernels_fp8_h100.json",
+                         "2026-12-08", render_fp8_kernels),
 }
 
 
