@@ -84,8 +84,10 @@ VARIANTS = {
     "tokens_m_cpasync": ((128,), None, dict(tma=False, tokens_m=True)),
     # CTA pairs share the weight boxes of one expert by TMA multicast (half the weights' L2 bytes)
     "cluster2": ((128,), None, dict(cluster2=True)),
-    # CTA pairs over two block pairs share the token tile by multicast (half the tokens' bytes)
+    # CTA pairs over two block pairs share the token tile by multicast (half the tokens' bytes;
+    # bn 128's default from hidden 7168 on, so "no_mcast" times the kernel without it there)
     "mcast_x": ((128,), None, dict(mcast_tokens=True)),
+    "no_mcast": ((128,), None, dict(mcast_tokens=False)),
     # 4-CTA clusters: both operands multicast (half of each operand's L2 bytes)
     "cluster4": ((128,), None, dict(cluster2=True, mcast_tokens=True)),
     # FC2's scratch rows in fp32 (the default rounds them to bf16: not bitwise the default)

@@ -95,6 +95,7 @@ SMEM_PER_SM = 220 * 1024
 MAX_STAGES = 8
 MAX_TMA_TENSORS = 8  # weight tensors (DWDP sources) one ``tma`` kernel takes
 ROW_CHUNKS = K_TILE // 16  # 16 B chunks of one row's K tile
+MCAST_TOKENS_MIN_HIDDEN = 7168  # bn 128 multicasts the token tile from here on (fp8_config)
 A_TILE = BLOCK_ROWS * K_TILE  # bytes of one block's K tile
 
 
@@ -166,8 +167,9 @@ class Fp8Config:
             // (THREADS - PRODUCER_THREADS) // 8 * 8
 
 
-def fp8_config(bn: int, **overrides) -> Fp8Config:
-    """The configuration for token tile ``bn``; ``overrides`` replace fields (benchmarks).
+def fp8_config(bn: int, hidden: int = 0, **overrides) -> Fp8Config:
+    """The configuration for token tile ``bn`` of a layer of hidden size ``hidden`` (0:
+    unknown); ``overrides`` replace fields (benchmarks).
 
     bn <= 32 (memory-bound): two CTAs per SM (twice the warps and loads in flight; 80
     registers at launch, producer 40 / consumers 96: partial + total accumulators are 2 x bn/2
@@ -175,13 +177,18 @@ def fp8_config(bn: int, **overrides) -> Fp8Config:
     per thread; producer 56 / consumers 224). bn 128: ``tma`` + ``tokens_m``, measured
     1.10-1.16x the cp.async orientation at 256 and 1024 tokens per expert, both models and
     routings, same bits (H100, 2026-12-07, ``bench/results/fp8_kernels_h100/``); at bn 16
-    ``tma`` alone measured 0.97-0.99x, so the smaller tiles keep the cp.async producer."""
+    ``tma`` alone measured 0.97-0.99x, so the smaller tiles keep the cp.async producer. From
+    ``MCAST_TOKENS_MIN_HIDDEN`` on, bn 128 also multicasts the token tile over CTA pairs
+    (``mcast_tokens``): 1.00-1.16x (geometric mean 1.05) at DeepSeek-V3's 7168 over 12
+    points, 0.89-1.10x (1.00) at Qwen3-235B-A22B's 4096, 256-1024 tokens per expert, both
+    routings (H100, 2026-12-08, ``bench/results/fp8_kernels_h100_3/``)."""
     if bn not in TOKEN_TILES:
         raise ValueError(f"token tile bn must be one of {TOKEN_TILES}, got {bn}")
     if bn <= 32:
         fields = dict(ctas_per_sm=2, producer_regs=40)
     elif bn == 2 * BLOCK_ROWS:
-        fields = dict(ctas_per_sm=1, producer_regs=56, tma=True, tokens_m=True)
+        fields = dict(ctas_per_sm=1, producer_regs=56, tma=True, tokens_m=True,
+                      mcast_tokens=hidden >= MCAST_TOKENS_MIN_HIDDEN)
     else:
         fields = dict(ctas_per_sm=1, producer_regs=56)
     fields.update(bn=bn)

@@ -196,7 +196,10 @@ def max_active_clusters(device: torch.device, size: int) -> int:
         import cutlass.utils
 
         with torch.cuda.device(index):
-            torch.cuda.synchronize()  # the runtime's context current (HardwareInfo needs one)
+            # the runtime's context current (HardwareInfo needs one); under graph capture the
+            # captured launches before this one have made it current, and a sync is illegal
+            if not torch.cuda.is_current_stream_capturing():
+                torch.cuda.synchronize()
             info = cutlass.utils.HardwareInfo(device_id=index)
             count = int(info.get_max_active_clusters(size))
         if count < 1:
@@ -272,7 +275,7 @@ def fc1_fp8_gather_swiglu(
     check_plan_tensors(bn, m_pad, tile_expert)
     inter = w13.rows // 2
     out = bf16_output(out, (m_pad, inter), xq.device, "fc1 fp8")
-    config = _config(config, bn, w13)
+    config = _config(config, bn, w13, hidden=w13.k)
     if config.tma:
         xq, xs = plan_order_rows(xq, xs, gather_index)
     launch = fp8_gemm_launcher(
@@ -311,7 +314,7 @@ def fc2_fp8_finalize(
     if tokens == 0:
         return out
     blocks = hidden // FP8_BLOCK_ROWS
-    config = _config(config, bn, w2)
+    config = _config(config, bn, w2, hidden=w2.rows)
     y_dtype = scratch_dtype(config)
     cb = chunk_blocks(hidden, top_k, FP8_BLOCKS_PER_CTA, y_dtype.itemsize)
     if config.tokens_m and cb % FP8_BLOCKS_PER_CTA:
@@ -331,16 +334,17 @@ def fc2_fp8_finalize(
     return out
 
 
-def _config(config, bn: int, table: ExpertTable):
-    """``config``, or the default for ``bn``; the default moves the weights by cp.async where
-    the table has more tensors than one copy-engine kernel takes (``MAX_TMA_TENSORS``)."""
+def _config(config, bn: int, table: ExpertTable, hidden: int):
+    """``config``, or the default for ``bn`` and the layer's ``hidden`` size; the default
+    moves the weights by cp.async where the table has more tensors than one copy-engine
+    kernel takes (``MAX_TMA_TENSORS``)."""
     from dataclasses import replace
 
     from .fp8_gemm import MAX_TMA_TENSORS, fp8_config
 
     if config is not None:
         return config
-    cfg = fp8_config(bn)
+    cfg = fp8_config(bn, hidden)
     if cfg.tma and table.num_tensors > MAX_TMA_TENSORS:
         cfg = replace(cfg, tma=False, cluster2=False, mcast_tokens=False)
     return cfg

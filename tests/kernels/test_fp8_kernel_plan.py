@@ -170,14 +170,18 @@ def test_default_config_by_tile_and_tensor_count():
         return build_fp8_expert_table(ws, sfs, list(range(n_tensors)))
 
     few, many = table(2), table(MAX_TMA_TENSORS + 1)
-    assert _config(None, 128, few) == fp8_config(128)
+    assert _config(None, 128, few, 4096) == fp8_config(128)
     assert fp8_config(128).tma and fp8_config(128).tokens_m and not fp8_config(128).cluster2
+    # the token tile multicast over CTA pairs from DeepSeek-V3's hidden size on (measured)
+    assert not fp8_config(128, 4096).mcast_tokens and fp8_config(128, 7168).mcast_tokens
+    assert _config(None, 128, few, 7168).mcast_tokens
     for bn in (16, 32, 64):
-        assert not _config(None, bn, few).tma and not _config(None, bn, few).tokens_m
-    cfg = _config(None, 128, many)
-    assert not cfg.tma and cfg.tokens_m
+        cfg = _config(None, bn, few, 7168)
+        assert not cfg.tma and not cfg.tokens_m and cfg.cluster_size == 1
+    cfg = _config(None, 128, many, 7168)
+    assert not cfg.tma and cfg.tokens_m and cfg.cluster_size == 1
     explicit = fp8_config(128, cluster2=True)
-    assert _config(explicit, 128, many) is explicit
+    assert _config(explicit, 128, many, 7168) is explicit
     with pytest.raises(ValueError, match="cluster2 / mcast_tokens need"):
         Fp8BlockGemm(epilogue="swiglu", n_weight=256, k=128, bn=128,
                      config=fp8_config(128, tma=False, cluster2=True))

@@ -99,20 +99,21 @@ def test_moe_fp8_matches_reference(cache, tokens, bn):
     assert rel_err(out, want) < OUT_TOL
 
 
-@pytest.mark.parametrize("model", [(7168, 2048, 256, 8), (4096, 1536, 128, 8)],
-                         ids=["deepseek_v3", "qwen3_235b_a22b"])
-def test_moe_fp8_model_shapes(cache, model):
-    """DeepSeek-V3 and Qwen3-235B sizes (the benched shapes), 2 tiles' worth of tokens per
-    expert on average with skewed routing (the hot experts take the bn 128 path's many tiles);
-    a sample of tokens against the reference."""
+@pytest.mark.parametrize("model,tokens", [
+    ((7168, 2048, 256, 8), 2048), ((7168, 2048, 256, 8), 8192), ((4096, 1536, 128, 8), 2048)],
+    ids=["deepseek_v3", "deepseek_v3_bn128", "qwen3_235b_a22b"])
+def test_moe_fp8_model_shapes(cache, model, tokens):
+    """DeepSeek-V3 and Qwen3-235B sizes (the benched shapes), skewed routing (the hot experts
+    take many tiles); 8192 DeepSeek-V3 tokens pick the 128-token tile, whose default there
+    multicasts the token tile over CTA pairs; a sample of tokens against the reference."""
     hidden, inter, num_experts, top_k = model
     experts = random_fp8_experts(num_experts, hidden, inter, seed=11)
-    tokens = 2048
     x = random_tokens(tokens, hidden, seed=1)
     ids, tw = skewed_routing(tokens, num_experts, top_k, seed=2)
     from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
 
     bn = choose_token_tile(tokens * top_k, num_experts)
+    assert bn == 128 or tokens != 8192
     out, _, _ = _forward(cache, x, ids, tw, experts, bn)
     sample = torch.tensor([0, 1, 777, tokens - 1], device=x.device)
     want, _ = fp8_moe_reference(x, ids, tw, experts, tokens=sample)
