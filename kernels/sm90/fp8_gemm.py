@@ -115,11 +115,10 @@ class Fp8Config:
     MMA roles swap back to DeepGEMM's - each consumer warpgroup multiplies 64 of the tile's
     tokens (WGMMA M) by the CTA's 128 weight rows (N), so a thread's accumulators share 2
     token scales and 1 (FC2) or 2 (FC1: up, gate) weight scales and the promotion is one FMA
-    per accumulator; shared
-    memory holds the same bytes; cluster2 (with tma and tokens_m): CTA pairs (a 2-CTA
-    cluster) take two token tiles of one work unit and, when both tiles are one expert's,
-    each loads half of the weight boxes and multicasts it to both, halving the weights'
-    L2 -> SM bytes (``_unit``); mcast_tokens (with tma and tokens_m): the cluster also spans
+    per accumulator; shared memory holds the same bytes; cluster2 (with tma and tokens_m):
+    CTA pairs (a 2-CTA cluster) take two token tiles of one work unit and, when both tiles
+    are one expert's, each loads half of the weight boxes and multicasts it to both, halving
+    the weights' L2 -> SM bytes (``_unit``; measured slower, 0.61-0.81x); mcast_tokens (with tma and tokens_m): the cluster also spans
     two block pairs of one token tile, each CTA loads one 64-token half of the token box and
     multicasts it to both (always shared: both pairs are one expert's rows), halving the
     tokens' L2 -> SM bytes; with cluster2 a 4-CTA cluster halves both operands; y_bf16 (FC2,
