@@ -88,6 +88,10 @@ VARIANTS = {
     # bn 128's default from hidden 7168 on, so "no_mcast" times the kernel without it there)
     "mcast_x": ((128,), None, dict(mcast_tokens=True)),
     "no_mcast": ((128,), None, dict(mcast_tokens=False)),
+    # FC1's 64-row block by one 4-D tensor-map box (its up / gate interleave by strides) where
+    # the default moves eight 8-row boxes; with cluster2 its multicast is one 8 KiB copy too
+    "one_box": ((128,), None, dict(fc1_one_box=True)),
+    "cluster2_one_box": ((128,), None, dict(cluster2=True, fc1_one_box=True)),
     # 4-CTA clusters: both operands multicast (half of each operand's L2 bytes)
     "cluster4": ((128,), None, dict(cluster2=True, mcast_tokens=True)),
     # FC2's scratch rows in fp32 (the default rounds them to bf16: not bitwise the default)
@@ -146,13 +150,14 @@ class TorchBaselines:
 
 
 def variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, want, variants, repeats,
-                    default_gemms):
+                    default_gemms, hidden):
     """``{name: {ms, fc1_ms, fc2_ms, their spreads, speedup_fc1 / _fc2_vs_default,
     bitwise_equal_default, rel_diff_default}}`` of the ``variants`` that apply at token tile
     ``bn`` (``VARIANTS``), each on its own plan; ``tables``: ``{layout: (w13, w2)}`` (the bulk
     variant reads the preshuffled copy); ``want``: the default configuration's output;
     ``default_gemms``: the default's ``(fc1, fc2)`` callables, timed again interleaved with
-    the variant's GEMMs (``repeats`` rounds), so each GEMM's ratio shares the variant's drift."""
+    the variant's GEMMs (``repeats`` rounds), so each GEMM's ratio shares the variant's drift;
+    a variant's overrides apply to the layer's default (``fp8_config(bn, hidden)``)."""
     out = {}
     for name in variants:
         tiles, vbn, overrides = VARIANTS[name]
@@ -160,7 +165,7 @@ def variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, want, varia
             continue
         w13, w2 = tables["preshuffled" if overrides.get("bulk_weights") else "linear"]
         vbn = vbn or bn
-        cfg = fp8_config(vbn, **overrides)
+        cfg = fp8_config(vbn, hidden, **overrides)
         plan = build_permutation(ids, num_experts, tile_m=vbn)
         h = fc1_fp8_gather_swiglu(cache, xq, xs, plan.gather_index, plan.tile_expert, w13, vbn,
                                   config=cfg)
@@ -249,7 +254,7 @@ def bench_point(cache, tables, base, db, model, kind, tpe, repeats, variants=())
         fns = {n: f for n, f in fns.items() if n in samples}
     stats = {name: summary(v) for name, v in samples.items() if v}
     var = variant_timings(cache, tables, xq, xs, ids, tw, num_experts, bn, out, variants,
-                          repeats, (fc1, fc2))
+                          repeats, (fc1, fc2), hidden)
     for v in var.values():
         v["speedup_vs_default"] = stats["ours"]["median"] / v["ms"]
     rows = int(plan.counts.sum())

@@ -118,7 +118,10 @@ class Fp8Config:
     per accumulator; shared memory holds the same bytes; cluster2 (with tma and tokens_m):
     CTA pairs (a 2-CTA cluster) take two token tiles of one work unit and, when both tiles
     are one expert's, each loads half of the weight boxes and multicasts it to both, halving
-    the weights' L2 -> SM bytes (``_unit``; measured slower, 0.61-0.81x); mcast_tokens (with tma and tokens_m): the cluster also spans
+    the weights' L2 -> SM bytes (``_unit``; measured slower, 0.61-0.81x); fc1_one_box (tma,
+    FC1): each 64-row block moves as one 4-D tensor-map box, (8 rows, up / gate at stride I
+    rows, 4 groups of 8, K) - the interleave by the map's strides - instead of eight 8-row
+    boxes (FC2's block is one box already); mcast_tokens (with tma and tokens_m): the cluster also spans
     two block pairs of one token tile, each CTA loads one 64-token half of the token box and
     multicasts it to both (always shared: both pairs are one expert's rows), halving the
     tokens' L2 -> SM bytes; with cluster2 a 4-CTA cluster halves both operands; y_bf16 (FC2,
@@ -138,6 +141,7 @@ class Fp8Config:
     cluster2: bool = False
     y_bf16: bool = True
     mcast_tokens: bool = False
+    fc1_one_box: bool = False
 
     @property
     def cluster_m(self) -> int:
@@ -235,7 +239,10 @@ class Fp8BlockGemm:
         self.num_tensors = num_tensors
         # tensor-map copies of the weights: FC1's block interleaves 8-row groups of up and
         # gate rows (``weight_row``), so it moves as 8 boxes of 8 rows; FC2's as one box
-        self.box_rows = 8 if epilogue == "swiglu" else BLOCK_ROWS
+        if cfg.fc1_one_box and not cfg.tma:
+            raise ValueError("fc1_one_box needs tma (it is a tensor-map layout)")
+        self.one_box = epilogue == "swiglu" and cfg.fc1_one_box
+        self.box_rows = 8 if epilogue == "swiglu" and not self.one_box else BLOCK_ROWS
         self.boxes = BLOCK_ROWS // self.box_rows
         self.cfg = cfg
         self.epilogue = epilogue
@@ -346,19 +353,37 @@ class Fp8BlockGemm:
         else:
             x_atom, x_tma = cpasync.make_tiled_tma_atom(
                 op, gx, cute.slice_(b_layout, (None, None, 0)), (self.bn, K_TILE))
-        box = cute.make_composed_layout(
-            a_layout.inner, 0, cute.make_layout((self.box_rows, K_TILE), stride=(K_TILE, 1)))
+        box = cute.make_composed_layout(a_layout.inner, 0, self._box_layout())
         w_op = mcast if self.cfg.cluster2 else op
         w = []
         for t in range(self.num_tensors):
             gw = cute.make_tensor(w_ptrs[t], cute.make_layout(
                 (w_counts[t] * self.n_weight, self.k), stride=(self.k, 1)))
+            if cutlass.const_expr(self.one_box):
+                # (r, u, g, k): expert row 8 g + r + u I, g over the tensor's 8-row groups (an
+                # up group's gate rows stay inside the tensor); flat modes - CuTeDSL 4.3.5
+                # refuses the nested ((8, 2, g), k) view ("failed to compute the TMA G-basis")
+                gw = cute.make_tensor(w_ptrs[t], cute.make_layout(
+                    (8, 2, w_counts[t] * self.n_weight // 8, self.k),
+                    stride=(self.k, self.half * self.k, 8 * self.k, 1)))
             if cutlass.const_expr(self.cfg.cluster2):  # whole boxes, to both CTAs by the mask
-                w.append(cpasync.make_tiled_tma_atom(w_op, gw, box, (self.box_rows, K_TILE),
+                w.append(cpasync.make_tiled_tma_atom(w_op, gw, box, self._box_tile(),
                                                      num_multicast=1))
             else:
-                w.append(cpasync.make_tiled_tma_atom(w_op, gw, box, (self.box_rows, K_TILE)))
+                w.append(cpasync.make_tiled_tma_atom(w_op, gw, box, self._box_tile()))
         return (x_atom, x_tma, tuple(w))
+
+    def _box_tile(self):
+        """One weight box: ``box_rows x 128``, or fc1_one_box's (8, 2, 4, 128)."""
+        return (8, 2, 4, K_TILE) if self.one_box else (self.box_rows, K_TILE)
+
+    def _box_layout(self):
+        """A weight box in shared memory (before the swizzle): K-major 128 B rows; the one-box
+        block's row ``r + 8 u + 16 g`` is accumulator row g / g + 8's interleave."""
+        if self.one_box:
+            return cute.make_layout((8, 2, 4, K_TILE),
+                                    stride=(K_TILE, 8 * K_TILE, 16 * K_TILE, 1))
+        return cute.make_layout((self.box_rows, K_TILE), stride=(K_TILE, 1))
 
     def _shared_storage(self, a_layout, b_layout):
         stages = self.stages
@@ -617,9 +642,9 @@ class Fp8BlockGemm:
         xs_base = a_scale.iterator.toint()
         m_rows = num_token_tiles * self.bn
         slots = self.stages * BLOCKS_PER_CTA * self.boxes
+        box_modes = cute.rank(self._box_layout())
         sA_box = storage.sA.get_tensor(
-            cute.make_layout((self.box_rows, K_TILE, slots),
-                             stride=(K_TILE, 1, self.box_rows * K_TILE)),
+            cute.append(self._box_layout(), cute.make_layout(slots, stride=A_TILE // self.boxes)),
             swizzle=a_layout.inner)
         sB = storage.sB.get_tensor(b_layout.outer, swizzle=b_layout.inner)
         x_rows = self.bn
@@ -636,10 +661,10 @@ class Fp8BlockGemm:
         w_parts = []
         for t in cutlass.range_constexpr(self.num_tensors):
             w_atom, w_tma = w_tmas[t]
+            tiles = cute.local_tile(w_tma, self._box_tile(), (None,) * box_modes)
             w_parts.append(cpasync.tma_partition(
-                w_atom, 0, one, cute.group_modes(sA_box, 0, 2),
-                cute.group_modes(cute.local_tile(w_tma, (self.box_rows, K_TILE),
-                                                 (None, None)), 0, 2)))
+                w_atom, 0, one, cute.group_modes(sA_box, 0, box_modes),
+                cute.group_modes(tiles, 0, box_modes)))
         stage_bytes = self.stage_a + self.stage_b + self.stage_x
         # clusters: this CTA's place (token tile rm, block pair rn) and the multicast masks
         cm = self.cfg.cluster_m
@@ -663,8 +688,11 @@ class Fp8BlockGemm:
                 for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
                     gblk = cutlass.min(blk0 + cb, blk_end - 1)
                     for b in cutlass.range_constexpr(self.boxes):
-                        box_row.append(first + self.weight_row(gblk, b * self.box_rows)
-                                       // self.box_rows)
+                        if cutlass.const_expr(self.one_box):  # 4 groups from up row 32 gblk
+                            box_row.append(local_of[expert] * (self.n_weight // 32) + gblk)
+                        else:
+                            box_row.append(first + self.weight_row(gblk, b * self.box_rows)
+                                           // self.box_rows)
                 for kt in cutlass.range(self.k_tiles, unroll=1):
                     it = done + kt
                     s = it % self.stages
@@ -677,7 +705,10 @@ class Fp8BlockGemm:
                             w_atom, _ = w_tmas[t]
                             tAsA, tAgA = w_parts[t]
                             for i in cutlass.range_constexpr(BLOCKS_PER_CTA * self.boxes):
-                                src = tAgA[(None, box_row[i], kt)]
+                                if cutlass.const_expr(self.one_box):
+                                    src = tAgA[(None, 0, 0, box_row[i], kt)]
+                                else:
+                                    src = tAgA[(None, box_row[i], kt)]
                                 dst = tAsA[(None, s * BLOCKS_PER_CTA * self.boxes + i)]
                                 if cutlass.const_expr(self.cfg.cluster2):
                                     # shared: block cb = rm from here to both CTAs; else

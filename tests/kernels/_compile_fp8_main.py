@@ -22,7 +22,8 @@ def main() -> int:
     n_weight, k, bn = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     y_cols = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     overrides = {f: int(v) for f, v in (a.split("=") for a in sys.argv[6:])}
-    for flag in ("bulk_weights", "tma", "tokens_m", "cluster2", "y_bf16", "mcast_tokens"):
+    for flag in ("bulk_weights", "tma", "tokens_m", "cluster2", "y_bf16", "mcast_tokens",
+                 "fc1_one_box"):
         if flag in overrides:
             overrides[flag] = bool(overrides[flag])
     num_tensors = overrides.pop("num_tensors", 1)

@@ -93,6 +93,17 @@ def test_tma_compile(tools, tmp_path, kind, n_weight, k, bn, y_cols, num_tensors
                 num_tensors=num_tensors)
 
 
+@pytest.mark.parametrize("kind,n_weight,k,num_tensors", [
+    ("swiglu", 4096, 7168, 1), ("swiglu", 3072, 4096, 3), ("scatter", 7168, 2048, 2)])
+def test_fc1_one_box_compile(tools, tmp_path, kind, n_weight, k, num_tensors):
+    """``fc1_one_box``: FC1's 64-row block by one 4-D tensor-map copy per weight tensor and
+    CTA block ((8 rows, up / gate, 4 groups, 128 K): 2 UTMALDG.4D where the 2-D boxes take 16);
+    FC2's block is one box already, so its kernel is the default's."""
+    y_cols = 896 if kind == "scatter" else 0
+    _check_sass(tools, tmp_path, kind, n_weight, k, 128, y_cols, {"fc1_one_box": True},
+                num_tensors=num_tensors)
+
+
 @pytest.mark.parametrize("kind,n_weight,k,y_cols,tma", [
     ("swiglu", 4096, 7168, 0, True), ("scatter", 7168, 2048, 896, True),
     ("swiglu", 3072, 4096, 0, False)])
@@ -105,7 +116,8 @@ def test_tokens_m_compile(tools, tmp_path, kind, n_weight, k, y_cols, tma):
 
 
 CLUSTERS = {"cluster2": ("cluster2=1",), "mcast_x": ("mcast_tokens=1",),
-            "cluster4": ("cluster2=1", "mcast_tokens=1")}
+            "cluster4": ("cluster2=1", "mcast_tokens=1"),
+            "cluster2_one_box": ("cluster2=1", "fc1_one_box=1")}
 
 
 @pytest.mark.parametrize("cluster", sorted(CLUSTERS))
@@ -127,9 +139,10 @@ def test_cluster_compile(tools, tmp_path, cluster, kind, n_weight, k, y_cols, nu
     weight_copies = num_tensors * 2 * kern.boxes  # one per box of the CTA's two blocks
     mcast_w = 2 * weight_copies if cfg.cluster2 else 0
     mcast_x = 1 if cfg.mcast_tokens else 0
-    assert sass.count("UTMALDG.2D.MULTICAST") == mcast_w + mcast_x
-    plain = len(re.findall(r"UTMALDG\.2D\b(?!\.)", sass))
-    assert plain == (0 if cfg.cluster2 else weight_copies) + (1 - mcast_x)
+    dims = "4D" if kern.one_box else "2D"  # FC1's one-box block is a 4-D copy
+    assert sass.count(f"UTMALDG.{dims}.MULTICAST") == mcast_w + (mcast_x if dims == "2D" else 0)
+    plain = len(re.findall(rf"UTMALDG\.{dims}\b(?!\.)", sass))
+    assert plain == (0 if cfg.cluster2 else weight_copies) + (1 - mcast_x if dims == "2D" else 0)
     assert sass.count("UCGABAR_ARV") == 2 and sass.count("UCGABAR_WAIT") == 2
     assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
     mix = k_loop_mix(sass, "QGMMA")
@@ -185,7 +198,11 @@ def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides, num_t
     assert mix["FMUL"] <= (4 if cfg.tokens_m else products), mix
     if cfg.tma:
         assert "LDGSTS" not in sass
-        assert sass.count("UTMALDG.2D") == num_tensors * 2 * kern.boxes + 1
+        if kern.one_box:  # FC1's block as one 4-D box: its up / gate interleave by strides
+            assert sass.count("UTMALDG.4D") == num_tensors * 2
+            assert sass.count("UTMALDG.2D") == 1
+        else:
+            assert sass.count("UTMALDG.2D") == num_tensors * 2 * kern.boxes + 1
         assert sass.count("UBLKCP.S.G") == 1  # the token tile's scales
     else:
         a_copies = 0 if cfg.bulk_weights else kern.a_chunks  # bulk: thread 0's 2 UBLKCP

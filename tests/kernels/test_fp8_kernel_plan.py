@@ -38,6 +38,30 @@ def test_fc1_rows_interleave_up_and_gate_and_match_scales(inter):
     assert sorted(seen) == list(range(2 * inter))  # every row read once
 
 
+@pytest.mark.parametrize("experts,inter", [(1, 128), (3, 384), (2, 2048)])
+def test_fc1_one_box_reads_the_interleaved_rows(experts, inter):
+    """``fc1_one_box``'s 4-D box (row r, up / gate u at stride I rows, group g of 8 rows, K)
+    starting at box ``local * 2I / 32 + gblk`` lands block row ``r + 8 u + 16 g`` on the
+    expert row ``weight_row`` names, and its coordinates stay inside the tensor's extents
+    (the map's g extent counts every 8-row group, gate ones included)."""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
+
+    kern = Fp8BlockGemm(epilogue="swiglu", n_weight=2 * inter, k=256, bn=128,
+                        config=fp8_config(128, fc1_one_box=True))
+    assert kern.one_box and kern.boxes == 1 and kern.box_rows == 64
+    groups = experts * 2 * inter // 8  # the map's g extent
+    for local in range(experts):
+        for gblk in range(2 * inter // 64):
+            box = local * (2 * inter // 32) + gblk  # _produce_tma's box_row
+            for row in range(64):
+                r, u, g = row % 8, row // 8 % 2, row // 16
+                gi = 4 * box + g
+                assert 0 <= gi < groups
+                tensor_row = 8 * gi + r + u * inter
+                assert tensor_row == local * 2 * inter + kern.weight_row(gblk, row)
+                assert tensor_row < experts * 2 * inter
+
+
 def test_fc2_rows_are_blocks_of_w2():
     kern = Fp8BlockGemm(epilogue="scatter", n_weight=1024, k=384, bn=32, y_cols=256)
     for gblk in range(1024 // 64):
@@ -189,6 +213,9 @@ def test_default_config_by_tile_and_tensor_count():
         Fp8BlockGemm(epilogue="swiglu", n_weight=256, k=128, bn=128,
                      config=fp8_config(128, tokens_m=False, mcast_tokens=True))
     assert fp8_config(128, cluster2=True, mcast_tokens=True).cluster_size == 4
+    with pytest.raises(ValueError, match="fc1_one_box needs tma"):
+        Fp8BlockGemm(epilogue="swiglu", n_weight=256, k=128, bn=64,
+                     config=fp8_config(64, fc1_one_box=True))
     with pytest.raises(ValueError, match="tokens_m needs"):
         Fp8BlockGemm(epilogue="swiglu", n_weight=256, k=128, bn=64,
                      config=fp8_config(64, tokens_m=True))

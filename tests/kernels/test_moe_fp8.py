@@ -329,7 +329,8 @@ def test_y_bf16_within_rounding_of_fp32_scratch(cache, bn, tokens):
 
 
 CLUSTERS = {"cluster2": dict(cluster2=True), "mcast_x": dict(mcast_tokens=True),
-            "cluster4": dict(cluster2=True, mcast_tokens=True)}
+            "cluster4": dict(cluster2=True, mcast_tokens=True),
+            "cluster2_one_box": dict(cluster2=True, fc1_one_box=True)}
 
 
 @pytest.mark.parametrize("tokens,empty", [(700, 1), (2500, 3), (5, 0)])
