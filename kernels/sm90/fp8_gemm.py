@@ -121,11 +121,11 @@ class Fp8Config:
     the weights' L2 -> SM bytes (``_unit``; measured slower, 0.61-0.81x); fc1_one_box (tma,
     FC1): each 64-row block moves as one 4-D tensor-map box, (8 rows, up / gate at stride I
     rows, 4 groups of 8, K) - the interleave by the map's strides - instead of eight 8-row
-    boxes (FC2's block is one box already); mcast_tokens (with tma and tokens_m): the cluster also spans
-    two block pairs of one token tile, each CTA loads one 64-token half of the token box and
-    multicasts it to both (always shared: both pairs are one expert's rows), halving the
-    tokens' L2 -> SM bytes; with cluster2 a 4-CTA cluster halves both operands; y_bf16 (FC2,
-    default): the router-weighted scratch rows ``y`` are bf16 (rounded once, as
+    boxes (FC2's block is one box already); mcast_tokens (with tma and tokens_m): the cluster
+    also spans two block pairs of one token tile, each CTA loads one 64-token half of the
+    token box and multicasts it to both (always shared: both pairs are one expert's rows),
+    halving the tokens' L2 -> SM bytes; with cluster2 a 4-CTA cluster halves both operands;
+    y_bf16 (FC2, default): the router-weighted scratch rows ``y`` are bf16 (rounded once, as
     TensorRT-LLM's finalize reads its GEMM's output; False: fp32), half the bytes written and
     re-read and half the chunks (``fc2_finalize.chunk_blocks``): measured 1.00-1.16x the fp32
     scratch at 16-1024 tokens per expert, both models and routings, output within 2.7e-3
@@ -498,9 +498,7 @@ class Fp8BlockGemm:
                 write = Int32(1)
         else:
             cm, cn, cs = self.cfg.cluster_m, self.cfg.cluster_n, self.cfg.cluster_size
-            rank = bid % cs
-            rm = rank % cm
-            rn = rank // cm
+            _, rm, rn = self.cluster_place(bid)
             unit = bid // cs + j * (grid // cs)
             n_pairs = (n_groups + cn - 1) // cn
             pair = cn * (unit % n_pairs) + rn
@@ -530,6 +528,12 @@ class Fp8BlockGemm:
             if expert >= 0:
                 run = Int32(1)
         return tt, blk0, expert, run, write, share
+
+    def cluster_place(self, bid):
+        """(rank in the cluster, token tile rm, block pair rn) of CTA ``bid``: consecutive CTAs
+        form a cluster, rank ``rm + cluster_m rn``."""
+        rank = bid % self.cfg.cluster_size
+        return rank, rank % self.cfg.cluster_m, rank // self.cfg.cluster_m
 
     def _expert_bases(self, expert, tensor_of, local_of, b_table):
         """(weight base, scale base) of ``expert`` (>= 0), 64-bit addresses."""
@@ -668,9 +672,7 @@ class Fp8BlockGemm:
         stage_bytes = self.stage_a + self.stage_b + self.stage_x
         # clusters: this CTA's place (token tile rm, block pair rn) and the multicast masks
         cm = self.cfg.cluster_m
-        rank = bid % self.cfg.cluster_size
-        rm = rank % cm
-        rn = rank // cm
+        rank, rm, rn = self.cluster_place(bid)
         self_mask = cutlass.Int16(1) << cutlass.Int16(rank)
         w_mask = cutlass.Int16(3) << cutlass.Int16(cm * rn)  # (0, rn) and (1, rn)
         x_mask = (cutlass.Int16(1) << cutlass.Int16(rm)) | (
@@ -859,7 +861,7 @@ class Fp8BlockGemm:
             tidx, tiled_mma, sA, sB, BLOCKS_PER_CTA * BLOCK_ROWS)
         row0 = 64 * q + 16 * warp + g  # this thread's first token row in the tile (+8: second)
         # clusters: the CTAs whose copies multicast into this one (weights, tokens)
-        rank = bid % self.cfg.cluster_size
+        rank, _, _ = self.cluster_place(bid)
         peers = (rank ^ 1, rank ^ self.cfg.cluster_m)
         done = Int32(0)
         for j in cutlass.range(my_tiles, unroll=1):
