@@ -94,6 +94,16 @@ VARIANTS = {
     "cluster2_one_box": ((128,), None, dict(cluster2=True, fc1_one_box=True)),
     # 4-CTA clusters: both operands multicast (half of each operand's L2 bytes)
     "cluster4": ((128,), None, dict(cluster2=True, mcast_tokens=True)),
+    # 128 tokens x 192 weight rows (three 64-row blocks, QGMMA 64x192x32): a sixth fewer L2
+    # bytes per FLOP than 128 x 128; with the default's token multicast where it has it
+    "blocks3": ((128,), None, dict(blocks=3)),
+    "blocks3_no_mcast": ((128,), None, dict(blocks=3, mcast_tokens=False)),
+    # the consumers' old ways (compile-checked defaults since 2026-12-08): every thread arrives
+    # on the slot's barrier (and, in clusters, on each partner's), and each K tile's weight
+    # scales load just before the stage's wait
+    "thread_release": ((128, 16, 32, 64), None, dict(release_per_warp=False)),
+    "cluster2_thread_release": ((128,), None, dict(cluster2=True, release_per_warp=False)),
+    "no_lookahead": ((128, 16, 32, 64), None, dict(scale_lookahead=False)),
     # FC2's scratch rows in fp32 (the default rounds them to bf16: not bitwise the default)
     "y_fp32": ((16, 32, 64, 128), None, dict(y_bf16=False)),
 }

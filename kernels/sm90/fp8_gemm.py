@@ -87,7 +87,8 @@ FP8_BLOCK = 128  # the scale block along K and along the weight rows (quant.fp8.
 K_TILE = FP8_BLOCK  # K elements per pipeline stage: one scale block, one 128 B swizzle row
 BLOCK_ROWS = 64  # weight rows per consumer warpgroup (WGMMA M)
 CONSUMER_WGS = 2
-BLOCKS_PER_CTA = CONSUMER_WGS
+BLOCKS_PER_CTA = CONSUMER_WGS  # 64-row weight blocks of a CTA tile (``Fp8Config.blocks``)
+WIDE_BLOCKS = 3  # blocks of the wide tile (tokens_m: 128 tokens x 192 weight rows)
 PRODUCER_THREADS = 128
 THREADS = PRODUCER_THREADS + 128 * CONSUMER_WGS
 TOKEN_TILES = (16, 32, 64, 128)
@@ -130,7 +131,16 @@ class Fp8Config:
     re-read and half the chunks (``fc2_finalize.chunk_blocks``): measured 1.00-1.16x the fp32
     scratch at 16-1024 tokens per expert, both models and routings, output within 2.7e-3
     relative of it (H100, 2026-12-07, ``bench/results/fp8_kernels_h100_2/``); FC1 ignores
-    it."""
+    it; release_per_warp (default): a consumer warp frees a slot by one arrival per barrier
+    (count 32) after a warp barrier, where every thread arrived (False: the kernels measured
+    up to 2026-12-08; ``_release``); scale_lookahead (default): the consumers load the next K
+    tile's weight scales while this one runs (False: this tile's, just before the stage's
+    wait, so their L2 latency was exposed at the promotion whenever the stage was already
+    full; Nsight's top stall was long scoreboard; ``_next_scales``). Both defaults are
+    compile-checked only; the bench's ``thread_release`` / ``no_lookahead`` variants time the
+    old ways; blocks: 64-row weight blocks of a CTA tile, 2 (128 rows, one scale block), or 3
+    with tokens_m and tma (128 tokens x 192 rows, QGMMA 64x192x32: a sixth fewer L2 -> SM bytes
+    per FLOP; each block's scales loaded apiece; not cluster2; variant ``blocks3``)."""
 
     bn: int
     ctas_per_sm: int
@@ -142,6 +152,9 @@ class Fp8Config:
     y_bf16: bool = True
     mcast_tokens: bool = False
     fc1_one_box: bool = False
+    release_per_warp: bool = True
+    scale_lookahead: bool = True
+    blocks: int = BLOCKS_PER_CTA
 
     @property
     def cluster_m(self) -> int:
@@ -175,9 +188,10 @@ def fp8_config(bn: int, hidden: int = 0, **overrides) -> Fp8Config:
     unknown); ``overrides`` replace fields (benchmarks).
 
     bn <= 32 (memory-bound): two CTAs per SM (twice the warps and loads in flight; 80
-    registers at launch, producer 40 / consumers 96: partial + total accumulators are 2 x bn/2
-    registers). bn >= 64: one CTA (the 64 x bn partial and total take bn registers together
-    per thread; producer 56 / consumers 224). bn 128: ``tma`` + ``tokens_m``, measured
+    registers at launch, producer 48 / consumers 96: partial + total accumulators are 2 x bn/2
+    registers; at 40 the cp.async producer spilled at DeepSeek-V3's FC1). bn >= 64: one CTA
+    (the 64 x bn partial and total take bn registers together per thread; producer 56 /
+    consumers 224; the wide tile, ``blocks=3``: 40 / 232). bn 128: ``tma`` + ``tokens_m``, measured
     1.10-1.16x the cp.async orientation at 256 and 1024 tokens per expert, both models and
     routings, same bits (H100, 2026-12-07, ``bench/results/fp8_kernels_h100/``); at bn 16
     ``tma`` alone measured 0.97-0.99x, so the smaller tiles keep the cp.async producer. From
@@ -188,7 +202,7 @@ def fp8_config(bn: int, hidden: int = 0, **overrides) -> Fp8Config:
     if bn not in TOKEN_TILES:
         raise ValueError(f"token tile bn must be one of {TOKEN_TILES}, got {bn}")
     if bn <= 32:
-        fields = dict(ctas_per_sm=2, producer_regs=40)
+        fields = dict(ctas_per_sm=2, producer_regs=48)
     elif bn == 2 * BLOCK_ROWS:
         fields = dict(ctas_per_sm=1, producer_regs=56, tma=True, tokens_m=True,
                       mcast_tokens=hidden >= MCAST_TOKENS_MIN_HIDDEN)
@@ -196,6 +210,8 @@ def fp8_config(bn: int, hidden: int = 0, **overrides) -> Fp8Config:
         fields = dict(ctas_per_sm=1, producer_regs=56)
     fields.update(bn=bn)
     fields.update(overrides)
+    if fields.get("blocks") == WIDE_BLOCKS and "producer_regs" not in overrides:
+        fields["producer_regs"] = 40  # 232 a consumer: 2 x 96 accumulators and the rest
     return Fp8Config(**fields)
 
 
@@ -236,6 +252,13 @@ class Fp8BlockGemm:
             raise ValueError("tma and bulk_weights are two ways to move the weights: pick one")
         if not 1 <= num_tensors <= MAX_TMA_TENSORS:
             raise ValueError(f"num_tensors={num_tensors}: 1..{MAX_TMA_TENSORS} weight tensors")
+        if cfg.blocks not in (BLOCKS_PER_CTA, WIDE_BLOCKS):
+            raise ValueError(f"blocks={cfg.blocks}: a CTA tile has {BLOCKS_PER_CTA} or "
+                             f"{WIDE_BLOCKS} weight blocks of {BLOCK_ROWS} rows")
+        if cfg.blocks == WIDE_BLOCKS and not (cfg.tokens_m and cfg.tma and not cfg.cluster2):
+            raise ValueError(f"the {WIDE_BLOCKS * BLOCK_ROWS}-row tile needs tokens_m and tma "
+                             "(tokens as WGMMA M, N = its rows), and not cluster2")
+        self.blocks = cfg.blocks
         self.num_tensors = num_tensors
         # tensor-map copies of the weights: FC1's block interleaves 8-row groups of up and
         # gate rows (``weight_row``), so it moves as 8 boxes of 8 rows; FC2's as one box
@@ -253,7 +276,7 @@ class Fp8BlockGemm:
         self.half = n_weight // 2  # FC1: I, the gate rows' offset
         self.k_tiles = k // K_TILE
         self.k_steps = K_TILE // 32  # QGMMAs (k32) per K tile
-        self.stage_a = BLOCKS_PER_CTA * A_TILE
+        self.stage_a = self.blocks * A_TILE
         self.stage_b = bn * K_TILE
         self.stage_x = bn * 4
         stage_bytes = self.stage_a + self.stage_b + self.stage_x
@@ -293,7 +316,7 @@ class Fp8BlockGemm:
             warpgroup.OperandMajorMode.K, Float32, (1, 1, 1), tiler_mn=(BLOCK_ROWS, self.bn))
         a_layout = sm90_utils.make_smem_layout_a(
             utils.LayoutEnum.ROW_MAJOR, (BLOCK_ROWS, self.bn, K_TILE), Float8E4M3FN,
-            self.stages * BLOCKS_PER_CTA)
+            self.stages * self.blocks)
         b_layout = sm90_utils.make_smem_layout_b(
             utils.LayoutEnum.ROW_MAJOR, (BLOCK_ROWS, self.bn, K_TILE), Float8E4M3FN,
             self.stages)
@@ -303,14 +326,14 @@ class Fp8BlockGemm:
             tiled_mma = sm90_utils.make_trivial_tiled_mma(
                 Float8E4M3FN, Float8E4M3FN, warpgroup.OperandMajorMode.K,
                 warpgroup.OperandMajorMode.K, Float32, (1, 1, 1),
-                tiler_mn=(BLOCK_ROWS, BLOCKS_PER_CTA * BLOCK_ROWS))
+                tiler_mn=(BLOCK_ROWS, self.blocks * BLOCK_ROWS))
             mma_layouts = (
                 sm90_utils.make_smem_layout_a(
                     utils.LayoutEnum.ROW_MAJOR, (BLOCK_ROWS, self.bn, K_TILE), Float8E4M3FN,
                     self.stages * CONSUMER_WGS),
                 sm90_utils.make_smem_layout_b(
                     utils.LayoutEnum.ROW_MAJOR,
-                    (BLOCK_ROWS, BLOCKS_PER_CTA * BLOCK_ROWS, K_TILE), Float8E4M3FN,
+                    (BLOCK_ROWS, self.blocks * BLOCK_ROWS, K_TILE), Float8E4M3FN,
                     self.stages))
         else:
             mma_layouts = (a_layout, b_layout)
@@ -428,7 +451,7 @@ class Fp8BlockGemm:
             cute.arch.cluster_wait()
         else:
             cute.arch.sync_threads()
-        n_groups = (blk_end - blk_begin + BLOCKS_PER_CTA - 1) // BLOCKS_PER_CTA
+        n_groups = (blk_end - blk_begin + self.blocks - 1) // self.blocks
         my_tiles = (num_token_tiles * n_groups - bid + grid - 1) // grid
         if cutlass.const_expr(self.cfg.cluster_size > 1):  # work units of the cluster
             cm, cn = self.cfg.cluster_m, self.cfg.cluster_n
@@ -491,7 +514,7 @@ class Fp8BlockGemm:
         if cutlass.const_expr(self.cfg.cluster_size == 1):
             tile = bid + j * grid
             tt = tile // n_groups
-            blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
+            blk0 = blk_begin + (tile % n_groups) * self.blocks
             expert = tile_expert[tt]
             if expert >= 0:
                 run = Int32(1)
@@ -506,7 +529,7 @@ class Fp8BlockGemm:
             if pair >= n_groups:
                 pair = pair - rn
                 pair_ok = Int32(0)
-            blk0 = blk_begin + pair * BLOCKS_PER_CTA
+            blk0 = blk_begin + pair * self.blocks
             mine = cm * (unit // n_pairs) + rm
             e_mine = Int32(-1)
             if mine < num_token_tiles:
@@ -582,7 +605,7 @@ class Fp8BlockGemm:
         for j in cutlass.range(my_tiles, unroll=1):
             tile = bid + j * grid
             tt = tile // n_groups
-            blk0 = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA
+            blk0 = blk_begin + (tile % n_groups) * self.blocks
             expert = tile_expert[tt]
             if expert >= 0:
                 w_base, _ = self._expert_bases(expert, tensor_of, local_of, b_table)
@@ -590,7 +613,7 @@ class Fp8BlockGemm:
                 # (K tile 0); its other chunks of the block sit ``row_step`` rows further each.
                 # Blocks past blk_end copy the last block again (their results are dropped).
                 w_off = []
-                for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+                for cb in cutlass.range_constexpr(self.blocks):
                     gblk = cutlass.min(blk0 + cb, blk_end - 1)
                     if cutlass.const_expr(self.cfg.bulk_weights):  # the block's first image
                         w_off.append(gblk * (self.k_tiles * A_TILE))
@@ -608,9 +631,9 @@ class Fp8BlockGemm:
                         self._bulk_weights(tidx, s, kt, w_base, w_off, full, sa_addr)
                     else:
                         for i in cutlass.range_constexpr(self.a_chunks):
-                            cb, j = divmod(i, self.a_chunks // BLOCKS_PER_CTA)
+                            cb, j = divmod(i, self.a_chunks // self.blocks)
                             r = row0 + j * rows_per_pass  # row in block cb
-                            dst = (sa_addr + (s * BLOCKS_PER_CTA + cb) * A_TILE
+                            dst = (sa_addr + (s * self.blocks + cb) * A_TILE
                                    + self.swizzled(r, chunk))
                             cp_async_16(dst, w_base + Int64(w_off[cb] + j * self.row_step
                                                             * self.k + kt * K_TILE))
@@ -645,7 +668,7 @@ class Fp8BlockGemm:
         x_atom, x_tma, w_tmas = tma
         xs_base = a_scale.iterator.toint()
         m_rows = num_token_tiles * self.bn
-        slots = self.stages * BLOCKS_PER_CTA * self.boxes
+        slots = self.stages * self.blocks * self.boxes
         box_modes = cute.rank(self._box_layout())
         sA_box = storage.sA.get_tensor(
             cute.append(self._box_layout(), cute.make_layout(slots, stride=A_TILE // self.boxes)),
@@ -687,7 +710,7 @@ class Fp8BlockGemm:
                 # blk_end copy the last block again (their results are dropped)
                 first = local_of[expert] * (self.n_weight // self.box_rows)
                 box_row = []
-                for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+                for cb in cutlass.range_constexpr(self.blocks):
                     gblk = cutlass.min(blk0 + cb, blk_end - 1)
                     for b in cutlass.range_constexpr(self.boxes):
                         if cutlass.const_expr(self.one_box):  # 4 groups from up row 32 gblk
@@ -706,12 +729,12 @@ class Fp8BlockGemm:
                         if tensor == t:
                             w_atom, _ = w_tmas[t]
                             tAsA, tAgA = w_parts[t]
-                            for i in cutlass.range_constexpr(BLOCKS_PER_CTA * self.boxes):
+                            for i in cutlass.range_constexpr(self.blocks * self.boxes):
                                 if cutlass.const_expr(self.one_box):
                                     src = tAgA[(None, 0, 0, box_row[i], kt)]
                                 else:
                                     src = tAgA[(None, box_row[i], kt)]
-                                dst = tAsA[(None, s * BLOCKS_PER_CTA * self.boxes + i)]
+                                dst = tAsA[(None, s * self.blocks * self.boxes + i)]
                                 if cutlass.const_expr(self.cfg.cluster2):
                                     # shared: block cb = rm from here to both CTAs; else
                                     # every box to this CTA alone
@@ -744,8 +767,8 @@ class Fp8BlockGemm:
         (``fp8_preshuffle``), with one ``cp.async.bulk``."""
         if tidx == 0:
             cute.arch.mbarrier_expect_tx(full + s, self.stage_a)
-            for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
-                cp_async_bulk(sa_addr + (s * BLOCKS_PER_CTA + cb) * A_TILE,
+            for cb in cutlass.range_constexpr(self.blocks):
+                cp_async_bulk(sa_addr + (s * self.blocks + cb) * A_TILE,
                               w_base + Int64(w_off[cb] + kt * A_TILE), A_TILE,
                               (full + s).toint())
 
@@ -802,38 +825,36 @@ class Fp8BlockGemm:
         for j in cutlass.range(my_tiles, unroll=1):
             tile = bid + j * grid
             tt = tile // n_groups
-            gblk = blk_begin + (tile % n_groups) * BLOCKS_PER_CTA + q
+            gblk = blk_begin + (tile % n_groups) * self.blocks + q
             expert = tile_expert[tt]
             if expert >= 0:
                 _, sf_base = self._expert_bases(expert, tensor_of, local_of, b_table)
-                sr0, sr1 = self.scale_rows(cutlass.min(gblk, blk_end - 1))
-                sf0 = sf_base + Int64(sr0 * self.k_tiles) * 4
-                sf1 = sf_base + Int64(sr1 * self.k_tiles) * 4
+                sfs = self._scale_addrs(sf_base, (cutlass.min(gblk, blk_end - 1),))
                 total.fill(0.0)
+                ws = self._weight_scales(sfs, Int32(0))
                 for kt in cutlass.range(self.k_tiles, unroll=1):
-                    self._k_tile(done + kt, kt, q, c, sf0, sf1, sx_addr, partial, total,
-                                 tiled_mma, tCrA, tCrB, full, empty)
+                    ws = self._k_tile(done + kt, kt, q, c, sfs, ws, sx_addr, partial, total,
+                                      tiled_mma, tCrA, tCrB, full, empty)
                 if gblk < blk_end:  # the last group's missing block was a clamped copy
                     self._epilogue(total, tt, gblk, blk_begin, warp, g, c, row_index, topk_w,
                                    out)
                 done = done + self.k_tiles
 
     @cute.jit
-    def _k_tile(self, it, kt, q, c, sf0, sf1, sx_addr, partial, total, tiled_mma, tCrA, tCrB,
+    def _k_tile(self, it, kt, q, c, sfs, ws, sx_addr, partial, total, tiled_mma, tCrA, tCrB,
                 full, empty):
         """K tile ``kt`` of the work tile (stage counter ``it``): 4 QGMMAs into ``partial``,
-        then ``total = fma(partial, x_scale[column] * w_scale[row half], total)``."""
+        then ``total = fma(partial, x_scale[column] * w_scale[row half], total)``; returns the
+        weight scales the next K tile promotes with (``_next_scales``)."""
         s = it % self.stages
-        ws0 = ld_global_f32(sf0 + kt * 4)
-        ws1 = ws0
-        if cutlass.const_expr(self.epilogue == "swiglu"):
-            ws1 = ld_global_f32(sf1 + kt * 4)
+        ws_now, ws_next = self._next_scales(sfs, ws, kt)
+        ws0, ws1 = ws_now[0], ws_now[-1]  # accumulator rows g, g + 8 (FC2: one row block)
         cute.arch.mbarrier_wait(full + s, (it // self.stages) % 2)
         # this thread's token columns 8 qn + 2 c + (0, 1): their scales, before the slot frees
         xs = [ld_shared_v2_f32(sx_addr + s * self.stage_x + (8 * qn + 2 * c) * 4)
               for qn in range(self.bn // 8)]
         self._mma_k_tile(tiled_mma, partial, tCrA, tCrB, s, q)
-        cute.arch.mbarrier_arrive(empty + s)
+        self._release(empty + s, ())
         # accumulator element v0 + 2 v1 + 4 qn: row 16 warp + 8 v1 + g, column 8 qn + 2 c + v0;
         # the two scales multiply first (DeepGEMM's order), the promotion is one FMA
         for qn in cutlass.range_constexpr(self.bn // 8):
@@ -845,6 +866,65 @@ class Fp8BlockGemm:
                 for v1 in cutlass.range_constexpr(2):
                     i = v0 + 2 * v1 + 4 * qn
                     total[i] = partial[i] * (sc0 if v1 == 0 else sc1) + total[i]
+        return ws_next
+
+    def _scale_addrs(self, sf_base, gblks):
+        """Addresses of K tile 0's weight scales for the 64-row blocks ``gblks``: each block's
+        row block (FC1: its up rows'; its gate rows' sit ``gate_scales`` bytes further, a
+        constant the loads fold in: one 64-bit address per block; ``scale_rows``)."""
+        return tuple(sf_base + Int64(self.scale_rows(gblk)[0] * self.k_tiles) * 4
+                     for gblk in gblks)
+
+    @property
+    def gate_scales(self) -> int:
+        """FC1: bytes from an up row block's scales to its gate row block's (``I / 128`` rows
+        of ``k_tiles`` fp32 further)."""
+        return self.half // FP8_BLOCK * self.k_tiles * 4
+
+    @cute.jit
+    def _weight_scales(self, sfs, kt):
+        """The weight block scales of K tile ``kt`` for the addresses ``sfs``: per block its
+        one (FC2) or its up and gate scales (FC1)."""
+        ws = []
+        for a in sfs:
+            ws.append(ld_global_f32(a + kt * 4))
+            if cutlass.const_expr(self.epilogue == "swiglu"):
+                ws.append(ld_global_f32(a + (self.gate_scales + kt * 4)))
+        return tuple(ws)
+
+    @cute.jit
+    def _next_scales(self, sfs, ws, kt):
+        """(the scales K tile ``kt`` promotes with, those the next one will). scale_lookahead:
+        ``ws`` were loaded one K tile ago and the next tile's load is issued now (the last tile
+        reloads its own), so the load's L2 latency hides behind a whole K tile instead of the
+        stage's wait; else both are this tile's, loaded now."""
+        if cutlass.const_expr(self.cfg.scale_lookahead):
+            return ws, self._weight_scales(sfs, cutlass.min(kt + 1, self.k_tiles - 1))
+        now = self._weight_scales(sfs, kt)
+        return now, now
+
+    @cute.jit
+    def _release(self, bar, peers):
+        """This consumer thread is done with the slot of ``bar`` (its QGMMAs waited for, its
+        scales read): arrive on this CTA's ``empty`` barrier and on each of ``peers`` (cluster
+        ranks whose copies multicast into the slot). ``release_per_warp``: after a warp
+        barrier (which orders every lane's reads before lane 0's release) one lane per target
+        arrives for the warp's 32 threads - 1 + len(peers) arrivals per warp instead of 32
+        each (DeepGEMM's release; with clusters the per-thread arrivals are remote
+        transactions, 256 per slot and partner); the barrier counts stay per thread."""
+        if cutlass.const_expr(self.cfg.release_per_warp):
+            cute.arch.sync_warp()
+            lane = cute.arch.lane_idx()
+            if lane == 0:
+                cute.arch.mbarrier_arrive(bar, arrive_count=32)
+            for i in cutlass.range_constexpr(len(peers)):
+                if lane == i + 1:
+                    cute.arch.mbarrier_arrive(bar, peer_cta_rank_in_cluster=peers[i],
+                                              arrive_count=32)
+        else:
+            cute.arch.mbarrier_arrive(bar)
+            for i in cutlass.range_constexpr(len(peers)):
+                cute.arch.mbarrier_arrive(bar, peer_cta_rank_in_cluster=peers[i])
 
     # ---------------------------------------------------------------- consumers, tokens_m
     @cute.jit
@@ -852,13 +932,15 @@ class Fp8BlockGemm:
                      tile_expert, tensor_of, local_of, b_table, topk_w, out, tiled_mma, sA, sB,
                      full, empty, addrs, num_token_tiles):
         """``tokens_m``: warpgroup q multiplies tokens ``[64 q, 64 q + 64)`` of the tile by the
-        CTA's two weight blocks. Accumulator element ``v0 + 2 v1 + 4 qn`` is (token
+        CTA's weight blocks. Accumulator element ``v0 + 2 v1 + 4 qn`` is (token
         ``64 q + 16 warp + 8 v1 + g``, weight column ``n = 8 qn + 2 c + v0``: block
-        ``blk0 + n // 64``, its row ``n % 64``); the pair is 128 rows of one scale block (FC1:
-        64 up rows and their 64 gate rows; ``blk_begin`` is even)."""
+        ``blk0 + n // 64``, its row ``n % 64``). Two blocks are 128 rows of one scale block
+        (FC1: 64 up rows and their 64 gate rows; ``blk_begin`` is even), so one (FC2) or two
+        (FC1) scales per K tile; the wide tile's three blocks load theirs apiece
+        (``_scale_of``)."""
         _, _, sx_addr = addrs
         q, warp, g, c, tCrA, tCrB, partial, total = self._consumer_fragments(
-            tidx, tiled_mma, sA, sB, BLOCKS_PER_CTA * BLOCK_ROWS)
+            tidx, tiled_mma, sA, sB, self.blocks * BLOCK_ROWS)
         row0 = 64 * q + 16 * warp + g  # this thread's first token row in the tile (+8: second)
         # clusters: the CTAs whose copies multicast into this one (weights, tokens)
         rank, _, _ = self.cluster_place(bid)
@@ -869,45 +951,55 @@ class Fp8BlockGemm:
                                                          num_token_tiles, tile_expert)
             if run == 1:
                 _, sf_base = self._expert_bases(expert, tensor_of, local_of, b_table)
-                sr0, sr1 = self.scale_rows(blk0)
-                sf0 = sf_base + Int64(sr0 * self.k_tiles) * 4
-                sf1 = sf_base + Int64(sr1 * self.k_tiles) * 4
+                gblks = (blk0,)
+                if cutlass.const_expr(self.blocks != BLOCKS_PER_CTA):
+                    gblks = tuple(cutlass.min(blk0 + b, blk_end - 1)
+                                  for b in range(self.blocks))
+                sfs = self._scale_addrs(sf_base, gblks)
                 total.fill(0.0)
+                ws = self._weight_scales(sfs, Int32(0))
                 for kt in cutlass.range(self.k_tiles, unroll=1):
-                    self._k_tile_tm(done + kt, kt, q, row0, sf0, sf1, sx_addr, partial, total,
-                                    tiled_mma, tCrA, tCrB, full, empty, peers)
+                    ws = self._k_tile_tm(done + kt, kt, q, row0, sfs, ws, sx_addr, partial,
+                                         total, tiled_mma, tCrA, tCrB, full, empty, peers)
                 if write == 1:
                     self._epilogue_tm(total, tt, blk0, blk_begin, blk_end, row0, c, row_index,
                                       topk_w, out)
                 done = done + self.k_tiles
 
     @cute.jit
-    def _k_tile_tm(self, it, kt, q, row0, sf0, sf1, sx_addr, partial, total, tiled_mma, tCrA,
+    def _k_tile_tm(self, it, kt, q, row0, sfs, ws, sx_addr, partial, total, tiled_mma, tCrA,
                    tCrB, full, empty, peers):
-        """K tile ``kt``: 4 QGMMAs (A: this warpgroup's 64 tokens, B: the 128 weight rows)
-        into ``partial``, then ``total += partial * (x_scale[token] * w_scale[half])``."""
+        """K tile ``kt``: 4 QGMMAs (A: this warpgroup's 64 tokens, B: the CTA's weight rows)
+        into ``partial``, then ``total += partial * (x_scale[token] * w_scale[column group])``;
+        returns the next K tile's weight scales (``_next_scales``)."""
         s = it % self.stages
-        ws0 = ld_global_f32(sf0 + kt * 4)
-        ws1 = ws0
-        if cutlass.const_expr(self.epilogue == "swiglu"):
-            ws1 = ld_global_f32(sf1 + kt * 4)
+        ws_now, ws_next = self._next_scales(sfs, ws, kt)
         cute.arch.mbarrier_wait(full + s, (it // self.stages) % 2)
         xs0 = ld_shared_f32(sx_addr + s * self.stage_x + row0 * 4)
         xs1 = ld_shared_f32(sx_addr + s * self.stage_x + (row0 + 8) * 4)
         self._mma_k_tile(tiled_mma, partial, tCrA, tCrB, s, q)
-        cute.arch.mbarrier_arrive(empty + s)
         # the partners multicast into this slot too, so they wait for its release
+        targets = []
         if cutlass.const_expr(self.cfg.cluster2):
-            cute.arch.mbarrier_arrive(empty + s, peer_cta_rank_in_cluster=peers[0])
+            targets.append(peers[0])
         if cutlass.const_expr(self.cfg.mcast_tokens):
-            cute.arch.mbarrier_arrive(empty + s, peer_cta_rank_in_cluster=peers[1])
-        # FC1: column groups qn even are up rows, odd their gate rows (``weight_row``)
-        sc = [[xs0 * ws0, xs0 * ws1], [xs1 * ws0, xs1 * ws1]]
-        for qn in cutlass.range_constexpr(2 * BLOCK_ROWS // 8):
+            targets.append(peers[1])
+        self._release(empty + s, tuple(targets))
+        sc = [[x * w for w in ws_now] for x in (xs0, xs1)]
+        for qn in cutlass.range_constexpr(self.blocks * BLOCK_ROWS // 8):
             for v1 in cutlass.range_constexpr(2):
                 for v0 in cutlass.range_constexpr(2):
                     i = v0 + 2 * v1 + 4 * qn
-                    total[i] = partial[i] * sc[v1][qn % 2] + total[i]
+                    total[i] = partial[i] * sc[v1][self._scale_of(qn)] + total[i]
+        return ws_next
+
+    def _scale_of(self, qn):
+        """Index in ``_scale_addrs``' scales of tokens_m's column group ``qn`` (8 weight rows):
+        FC1's groups alternate up / gate rows (``weight_row``); the wide tile's block ``qn //
+        8`` has its own."""
+        per_block = 2 if self.epilogue == "swiglu" else 1
+        block = qn // 8 if self.blocks != BLOCKS_PER_CTA else 0
+        return per_block * block + (qn % 2 if self.epilogue == "swiglu" else 0)
 
     @cute.jit
     def _epilogue_tm(self, acc, tt, blk0, blk_begin, blk_end, row0, c, row_index, topk_w,
@@ -921,7 +1013,7 @@ class Fp8BlockGemm:
         for v1 in cutlass.range_constexpr(2):
             m = tt * self.bn + row0 + 8 * v1
             if cutlass.const_expr(self.epilogue == "swiglu"):
-                for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+                for cb in cutlass.range_constexpr(self.blocks):
                     if blk0 + cb < blk_end:
                         for p in cutlass.range_constexpr(4):
                             qn = 8 * cb + 2 * p
@@ -939,7 +1031,7 @@ class Fp8BlockGemm:
                 slot = row_index[m]
                 if slot >= 0:
                     rw = ld_global_f32(topk_w.iterator.toint() + Int64(slot) * 4)
-                    for cb in cutlass.range_constexpr(BLOCKS_PER_CTA):
+                    for cb in cutlass.range_constexpr(self.blocks):
                         if blk0 + cb < blk_end:
                             for r8 in cutlass.range_constexpr(BLOCK_ROWS // 8):
                                 i = 2 * v1 + 4 * (8 * cb + r8)

@@ -20,7 +20,7 @@ from .grouped_launch import (bf16_output, check_finalize_args, check_plan_tensor
                              scratch_config, scratch_dtype, sm_count)
 
 FP8_BLOCK = 128
-FP8_BLOCKS_PER_CTA = 2  # 64-row weight blocks per CTA (fp8_gemm.BLOCKS_PER_CTA)
+FP8_BLOCKS_PER_CTA = 2  # 64-row weight blocks per CTA (fp8_gemm.BLOCKS_PER_CTA; Fp8Config.blocks)
 FP8_BLOCK_ROWS = 64
 E4M3 = torch.float8_e4m3fn
 
@@ -153,15 +153,15 @@ def fp8_gemm_launcher(
 
     def launch(blk_begin: int, blk_end: int) -> None:
         nonlocal compiled
-        tiles = num_tiles * -(-(blk_end - blk_begin) // FP8_BLOCKS_PER_CTA)
+        tiles = num_tiles * -(-(blk_end - blk_begin) // cfg.blocks)
         if tiles == 0:
             return
-        if cfg.tokens_m and blk_begin % FP8_BLOCKS_PER_CTA:
+        if cfg.tokens_m and cfg.blocks == FP8_BLOCKS_PER_CTA and blk_begin % FP8_BLOCKS_PER_CTA:
             raise ValueError(f"fp8 gemm (tokens_m): blocks start at an even block (one scale "
                              f"block per CTA pair), got {blk_begin}")
         grid = min(tiles, resident)
         if cfg.cluster_size > 1:  # clusters over units of their tiles, as many as fit at once
-            groups = -(-(blk_end - blk_begin) // FP8_BLOCKS_PER_CTA)
+            groups = -(-(blk_end - blk_begin) // cfg.blocks)
             units = -(-num_tiles // cfg.cluster_m) * -(-groups // cfg.cluster_n)
             grid = cfg.cluster_size * min(units, max_active_clusters(a.device,
                                                                      cfg.cluster_size))
@@ -316,8 +316,8 @@ def fc2_fp8_finalize(
     blocks = hidden // FP8_BLOCK_ROWS
     config = _config(config, bn, w2, hidden=w2.rows)
     y_dtype = scratch_dtype(config)
-    cb = chunk_blocks(hidden, top_k, FP8_BLOCKS_PER_CTA, y_dtype.itemsize)
-    if config.tokens_m and cb % FP8_BLOCKS_PER_CTA:
+    cb = chunk_blocks(hidden, top_k, config.blocks, y_dtype.itemsize)
+    if config.tokens_m and config.blocks == FP8_BLOCKS_PER_CTA and cb % FP8_BLOCKS_PER_CTA:
         cb += 1  # whole block pairs (a pair shares its scale block)
     y = torch.empty(tokens * top_k, cb * FP8_BLOCK_ROWS, dtype=y_dtype, device=hq.device)
     if config.tma:

@@ -219,7 +219,7 @@ def test_stages_selects_and_optional_stages_run_only_when_named(capsys):
     assert _dry_run(capsys, "fp8-kernels") == [
         "fp8-kernels/smoke", "fp8-kernels/tests", "fp8-kernels/tests_mcast_x",
         "fp8-kernels/tests_cluster2", "fp8-kernels/tests_cluster4", "fp8-kernels/tests_one_box",
-        "fp8-kernels/bench",
+        "fp8-kernels/tests_wide", "fp8-kernels/bench",
         "fp8-kernels/bench_no_cluster"]
     picked = _dry_run(capsys, "fp8-kernels", "w4a8", "--stages", "smoke,ncu_deepseek_v3_16,variants")
     assert picked == [

@@ -6,6 +6,7 @@ and reported as 'loaded=no'; any other error fails the script.
 Usage: python _compile_fp8_main.py (swiglu|scatter) N_WEIGHT K BN [Y_COLS [FIELD=VALUE ...]]
        (FIELD=VALUE: ``Fp8Config`` overrides, e.g. ctas_per_sm=1 producer_regs=56)
 """
+import dataclasses
 import sys
 
 import torch
@@ -14,7 +15,7 @@ from _compile_sm90_main import _compile_ptrs
 
 
 def main() -> int:
-    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, fp8_config
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, Fp8Config, fp8_config
     from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import fp8_ptr
     from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import scratch_dtype
 
@@ -22,10 +23,9 @@ def main() -> int:
     n_weight, k, bn = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     y_cols = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     overrides = {f: int(v) for f, v in (a.split("=") for a in sys.argv[6:])}
-    for flag in ("bulk_weights", "tma", "tokens_m", "cluster2", "y_bf16", "mcast_tokens",
-                 "fc1_one_box"):
-        if flag in overrides:
-            overrides[flag] = bool(overrides[flag])
+    flags = {f.name for f in dataclasses.fields(Fp8Config) if f.type in (bool, "bool")}
+    for flag in flags & overrides.keys():
+        overrides[flag] = bool(overrides[flag])
     num_tensors = overrides.pop("num_tensors", 1)
     experts, rows = 8, 2 * bn
     config = fp8_config(bn, **overrides)

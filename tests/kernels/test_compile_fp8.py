@@ -18,6 +18,7 @@ pytestmark = pytest.mark.kernels
 CONFIGS = [
     ("swiglu", 4096, 7168, 128, 0),    # DeepSeek-V3 FC1, compute-bound tile, 1 CTA per SM
     ("swiglu", 4096, 7168, 16, 0),     # DeepSeek-V3 FC1, memory-bound tile, 2 CTAs per SM
+    ("swiglu", 4096, 7168, 32, 0),     # DeepSeek-V3 FC1, 2 CTAs per SM
     ("swiglu", 3072, 4096, 32, 0),     # Qwen3-235B FC1, 2 CTAs per SM
     ("scatter", 4096, 1536, 32, 512),  # Qwen3-235B FC2 chunk
     ("scatter", 4096, 1536, 128, 512),  # Qwen3-235B FC2 chunk, compute-bound tile
@@ -104,6 +105,23 @@ def test_fc1_one_box_compile(tools, tmp_path, kind, n_weight, k, num_tensors):
                 num_tensors=num_tensors)
 
 
+@pytest.mark.parametrize("mcast", [0, 1])
+@pytest.mark.parametrize("kind,n_weight,k,y_cols", [
+    ("swiglu", 4096, 7168, 0), ("scatter", 7168, 2048, 896)])
+def test_wide_tile_compile(tools, tmp_path, kind, n_weight, k, y_cols, mcast):
+    """``blocks=3`` (128 tokens x 192 weight rows): 4 QGMMA 64x192x32 per K tile, a promotion
+    of 96 FFMA with one scale product per (token row, block, FC1 up / gate) - 12 / 6 FMUL -
+    after loading each block's scales (6 / 3 LDG, one K tile ahead), and no spills at 232
+    consumer registers (producer 40), with the token multicast too."""
+    sass = _check_sass(tools, tmp_path, kind, n_weight, k, 128, y_cols,
+                       {"blocks": 3, "mcast_tokens": bool(mcast)})
+    mix = k_loop_mix(sass, "QGMMA")
+    fc1 = kind == "swiglu"
+    assert mix["FMUL"] == (12 if fc1 else 6), mix
+    assert mix["LDG.E.CONSTANT"] == (6 if fc1 else 3), mix
+    assert "USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xe8" in sass
+
+
 @pytest.mark.parametrize("kind,n_weight,k,y_cols,tma", [
     ("swiglu", 4096, 7168, 0, True), ("scatter", 7168, 2048, 896, True),
     ("swiglu", 3072, 4096, 0, False)])
@@ -117,7 +135,8 @@ def test_tokens_m_compile(tools, tmp_path, kind, n_weight, k, y_cols, tma):
 
 CLUSTERS = {"cluster2": ("cluster2=1",), "mcast_x": ("mcast_tokens=1",),
             "cluster4": ("cluster2=1", "mcast_tokens=1"),
-            "cluster2_one_box": ("cluster2=1", "fc1_one_box=1")}
+            "cluster2_one_box": ("cluster2=1", "fc1_one_box=1"),
+            "cluster2_thread_release": ("cluster2=1", "release_per_warp=0")}
 
 
 @pytest.mark.parametrize("cluster", sorted(CLUSTERS))
@@ -131,7 +150,7 @@ def test_cluster_compile(tools, tmp_path, cluster, kind, n_weight, k, y_cols, nu
     from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import Fp8BlockGemm, fp8_config
 
     flags = CLUSTERS[cluster]
-    cfg = fp8_config(128, **{f.split("=")[0]: True for f in flags})
+    cfg = fp8_config(128, **{f.split("=")[0]: f.endswith("=1") for f in flags})
     kern = Fp8BlockGemm(epilogue=kind, n_weight=n_weight, k=k, bn=128, y_cols=y_cols,
                         config=cfg, num_tensors=num_tensors)
     sass = _compile_fp8_sass(tools, tmp_path, kind, str(n_weight), str(k), "128", str(y_cols),
@@ -182,7 +201,8 @@ def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides, num_t
     qgmma = re.findall(r"QGMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3 R\d+, gdesc\[UR\d+\], (\S+)", sass)
     # one per k32 step of the 128-wide K tile (the K loop body is not unrolled)
     assert len(qgmma) == kern.k_steps == 4, qgmma
-    assert {n for n, _ in qgmma} == {str(bn)}, qgmma
+    n_mma = kern.blocks * 64 if cfg.tokens_m else bn  # the MMA's N: weight rows or tokens
+    assert {n for n, _ in qgmma} == {str(n_mma)}, qgmma
     # the first step of every K tile overwrites the partial accumulator (scale-d off)
     assert sum("RZ" in a for _, a in qgmma) == 1, qgmma
     assert "HGMMA" not in sass
@@ -192,17 +212,21 @@ def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides, num_t
     mix = k_loop_mix(sass, "QGMMA")
     assert sum(n for op, n in mix.items() if op.startswith("QGMMA")) == 4, mix
     # one FMA per accumulator; the scale products: one per (token column, row half) with the
-    # tokens as N, at most 4 with the tokens as M
-    assert mix["FFMA"] == bn // 2, mix
-    products = (2 if kind == "swiglu" else 1) * (bn // 4)
-    assert mix["FMUL"] <= (4 if cfg.tokens_m else products), mix
+    # tokens as N, with the tokens as M one per (token row, weight scale): at most 4 for two
+    # blocks (one scale block), 2 x 3 x (FC1: 2) for the wide tile
+    assert mix["FFMA"] == n_mma // 2, mix
+    per_block = 2 if kind == "swiglu" else 1
+    products = per_block * (bn // 4)
+    if cfg.tokens_m:
+        products = 4 if kern.blocks == 2 else 2 * per_block * kern.blocks
+    assert mix["FMUL"] <= products, mix
     if cfg.tma:
         assert "LDGSTS" not in sass
         if kern.one_box:  # FC1's block as one 4-D box: its up / gate interleave by strides
             assert sass.count("UTMALDG.4D") == num_tensors * 2
             assert sass.count("UTMALDG.2D") == 1
         else:
-            assert sass.count("UTMALDG.2D") == num_tensors * 2 * kern.boxes + 1
+            assert sass.count("UTMALDG.2D") == num_tensors * kern.blocks * kern.boxes + 1
         assert sass.count("UBLKCP.S.G") == 1  # the token tile's scales
     else:
         a_copies = 0 if cfg.bulk_weights else kern.a_chunks  # bulk: thread 0's 2 UBLKCP

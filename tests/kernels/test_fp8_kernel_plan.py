@@ -70,6 +70,51 @@ def test_fc2_rows_are_blocks_of_w2():
         assert kern.scale_rows(gblk) == (rows[0] // 128, rows[-1] // 128)
 
 
+@pytest.mark.parametrize("blocks", [2, 3])
+@pytest.mark.parametrize("epilogue,n_weight", [("swiglu", 2 * 640), ("scatter", 1280)])
+def test_tokens_m_column_groups_take_their_rows_scales(epilogue, n_weight, blocks):
+    """tokens_m: accumulator column ``n = 8 qn + 2 c + v0`` is row ``n % 64`` of block ``blk0 +
+    n // 64``; the promotion scales column group ``qn`` by scale ``_scale_of(qn)`` of the
+    tile's list (per block: FC2 its row block, FC1 up then gate - ``_scale_addrs``; two blocks
+    share one list, the pair being one scale block). That must be the 128-row block of the
+    weight row the producer loaded there, at every tile start the launcher makes (two blocks:
+    even starts; the wide tile: any, its clamped last group included)."""
+    kern = Fp8BlockGemm(epilogue=epilogue, n_weight=n_weight, k=256, bn=128,
+                        y_cols=n_weight if epilogue == "scatter" else 0,
+                        config=fp8_config(128, blocks=blocks))
+    n_blocks = n_weight // 64
+    for blk0 in range(0, n_blocks, 2 if blocks == 2 else 1):
+        gblks = [min(blk0 + b, n_blocks - 1) for b in range(blocks if blocks == 3 else 1)]
+        # the scale rows the kernel's list holds, in order
+        listed = []
+        for gblk in gblks:
+            up, gate = kern.scale_rows(gblk)
+            listed += [up, gate] if epilogue == "swiglu" else [up]
+        for qn in range(blocks * 64 // 8):
+            gblk = min(blk0 + qn // 8, n_blocks - 1)
+            for col in range(8 * qn, 8 * qn + 8):
+                row = kern.weight_row(gblk, col % 64)
+                assert listed[kern._scale_of(qn)] == row // 128, (blk0, qn, col)
+
+
+def test_wide_tile_config_and_refusals():
+    """``blocks=3``: 40 KiB stages (5 fit), producer 40 / consumers 232 registers; it needs
+    tokens_m and tma, and refuses cluster2 (whose weight halves assume two blocks)."""
+    cfg = fp8_config(128, blocks=3)
+    kern = Fp8BlockGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=128, config=cfg)
+    assert kern.stage_a == 3 * 64 * 128 and kern.stages == 5
+    assert (cfg.producer_regs, cfg.consumer_regs) == (40, 232)
+    assert cfg.producer_regs * 128 + cfg.consumer_regs * 256 <= cfg.register_pool * 384
+    for bad, match in [(dict(cluster2=True), "cluster2"), (dict(tokens_m=False), "tokens_m"),
+                       (dict(tma=False), "tma")]:
+        with pytest.raises(ValueError, match=match):
+            Fp8BlockGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=128,
+                          config=fp8_config(128, blocks=3, **bad))
+    with pytest.raises(ValueError, match="blocks=4"):
+        Fp8BlockGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=128,
+                     config=fp8_config(128, blocks=4))
+
+
 def test_swizzle_is_a_permutation_of_each_row():
     for row in range(64):
         offs = sorted(Fp8BlockGemm.swizzled(row, c) for c in range(8))
