@@ -98,6 +98,8 @@ VARIANTS = {
     # bytes per FLOP than 128 x 128; with the default's token multicast where it has it
     "blocks3": ((128,), None, dict(blocks=3)),
     "blocks3_no_mcast": ((128,), None, dict(blocks=3, mcast_tokens=False)),
+    # ... with the weights multicast over token-tile pairs too (FC1's block as one box)
+    "blocks3_cluster2": ((128,), None, dict(blocks=3, cluster2=True, fc1_one_box=True)),
     # the consumers' old ways (compile-checked defaults since 2026-12-08): every thread arrives
     # on the slot's barrier (and, in clusters, on each partner's), and each K tile's weight
     # scales load just before the stage's wait

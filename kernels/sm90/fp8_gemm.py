@@ -140,7 +140,8 @@ class Fp8Config:
     compile-checked only; the bench's ``thread_release`` / ``no_lookahead`` variants time the
     old ways; blocks: 64-row weight blocks of a CTA tile, 2 (128 rows, one scale block), or 3
     with tokens_m and tma (128 tokens x 192 rows, QGMMA 64x192x32: a sixth fewer L2 -> SM bytes
-    per FLOP; each block's scales loaded apiece; not cluster2; variant ``blocks3``)."""
+    per FLOP; each block's scales loaded apiece; with cluster2 rank 0 multicasts blocks 0 and
+    2, rank 1 block 1, and FC1 needs fc1_one_box; variants ``blocks3*``)."""
 
     bn: int
     ctas_per_sm: int
@@ -255,9 +256,13 @@ class Fp8BlockGemm:
         if cfg.blocks not in (BLOCKS_PER_CTA, WIDE_BLOCKS):
             raise ValueError(f"blocks={cfg.blocks}: a CTA tile has {BLOCKS_PER_CTA} or "
                              f"{WIDE_BLOCKS} weight blocks of {BLOCK_ROWS} rows")
-        if cfg.blocks == WIDE_BLOCKS and not (cfg.tokens_m and cfg.tma and not cfg.cluster2):
+        if cfg.blocks == WIDE_BLOCKS and not (cfg.tokens_m and cfg.tma):
             raise ValueError(f"the {WIDE_BLOCKS * BLOCK_ROWS}-row tile needs tokens_m and tma "
-                             "(tokens as WGMMA M, N = its rows), and not cluster2")
+                             "(tokens as WGMMA M, N = its rows)")
+        if cfg.blocks == WIDE_BLOCKS and cfg.cluster2 and epilogue == "swiglu" \
+                and not cfg.fc1_one_box:
+            raise ValueError("FC1's wide tile with cluster2 needs fc1_one_box (its 24 boxes of "
+                             "8 rows overflow the producer's 40 registers)")
         self.blocks = cfg.blocks
         self.num_tensors = num_tensors
         # tensor-map copies of the weights: FC1's block interleaves 8-row groups of up and
@@ -736,10 +741,11 @@ class Fp8BlockGemm:
                                     src = tAgA[(None, box_row[i], kt)]
                                 dst = tAsA[(None, s * self.blocks * self.boxes + i)]
                                 if cutlass.const_expr(self.cfg.cluster2):
-                                    # shared: block cb = rm from here to both CTAs; else
-                                    # every box to this CTA alone
+                                    # shared: blocks cb = rm mod 2 from here to both CTAs
+                                    # (the wide tile: 0 and 2 from rank 0); else every box to
+                                    # this CTA alone
                                     if share == 1:
-                                        if i // self.boxes == rm:
+                                        if (i // self.boxes) % 2 == rm:
                                             cute.copy(w_atom, src, dst, tma_bar_ptr=bar,
                                                       mcast_mask=w_mask)
                                     else:

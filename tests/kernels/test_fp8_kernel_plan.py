@@ -99,17 +99,22 @@ def test_tokens_m_column_groups_take_their_rows_scales(epilogue, n_weight, block
 
 def test_wide_tile_config_and_refusals():
     """``blocks=3``: 40 KiB stages (5 fit), producer 40 / consumers 232 registers; it needs
-    tokens_m and tma, and refuses cluster2 (whose weight halves assume two blocks)."""
+    tokens_m and tma, and FC1's with cluster2 needs fc1_one_box (24 boxes of 8 rows spill the
+    producer)."""
     cfg = fp8_config(128, blocks=3)
     kern = Fp8BlockGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=128, config=cfg)
     assert kern.stage_a == 3 * 64 * 128 and kern.stages == 5
     assert (cfg.producer_regs, cfg.consumer_regs) == (40, 232)
     assert cfg.producer_regs * 128 + cfg.consumer_regs * 256 <= cfg.register_pool * 384
-    for bad, match in [(dict(cluster2=True), "cluster2"), (dict(tokens_m=False), "tokens_m"),
+    for bad, match in [(dict(cluster2=True), "fc1_one_box"), (dict(tokens_m=False), "tokens_m"),
                        (dict(tma=False), "tma")]:
         with pytest.raises(ValueError, match=match):
             Fp8BlockGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=128,
                           config=fp8_config(128, blocks=3, **bad))
+    Fp8BlockGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=128,
+                 config=fp8_config(128, blocks=3, cluster2=True, fc1_one_box=True))
+    Fp8BlockGemm(epilogue="scatter", n_weight=7168, k=2048, bn=128, y_cols=896,
+                 config=fp8_config(128, blocks=3, cluster2=True))
     with pytest.raises(ValueError, match="blocks=4"):
         Fp8BlockGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=128,
                      config=fp8_config(128, blocks=4))

@@ -328,14 +328,20 @@ def test_y_bf16_within_rounding_of_fp32_scratch(cache, bn, tokens):
     assert torch.equal(out_b, out3)
 
 
-@pytest.mark.parametrize("mcast", [False, True])
+WIDE = {"alone": {}, "mcast_x": dict(mcast_tokens=True),
+        "cluster4_one_box": dict(cluster2=True, mcast_tokens=True, fc1_one_box=True)}
+
+
+@pytest.mark.parametrize("variant", sorted(WIDE))
 @pytest.mark.parametrize("tokens,empty", [(700, 1), (2500, 0)])
-def test_wide_tile_bitwise_equal_default(cache, mcast, tokens, empty):
-    """``blocks=3`` (128 tokens x 192 weight rows, QGMMA 64x192x32; alone and with the token
-    tile multicast): h and the output bit for bit the default's. The shapes leave every
-    ragged case: FC1's 20 blocks are 6 whole groups and one of 2 (its third block a clamped
-    copy), FC2's chunks of 9 blocks start at odd blocks (a group's blocks straddle scale
-    blocks, one scale per block) and the last chunk has 2; composite and 3-tensor views."""
+def test_wide_tile_bitwise_equal_default(cache, variant, tokens, empty):
+    """``blocks=3`` (128 tokens x 192 weight rows, QGMMA 64x192x32; alone, with the token
+    tile multicast, and in 4-CTA clusters with the weights multicast too): h and the output
+    bit for bit the default's. The shapes leave every ragged case: FC1's 20 blocks are 6 whole
+    groups and one of 2 (its third block a clamped copy), FC2's chunks of 9 blocks start at
+    odd blocks (a group's blocks straddle scale blocks, one scale per block) and the last
+    chunk has 2; skewed routing (token-tile pairs straddling experts); composite and 3-tensor
+    views."""
     from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
 
     hidden, inter, num_experts, top_k = 1280, 640, 16, 4
@@ -343,7 +349,7 @@ def test_wide_tile_bitwise_equal_default(cache, mcast, tokens, empty):
     x = random_tokens(tokens, hidden, seed=92)
     ids, tw = skewed_routing(tokens, num_experts, top_k, seed=93, empty_experts=empty)
     out, h, plan = _forward(cache, x, ids, tw, experts, 128)
-    cfg = fp8_config(128, blocks=3, mcast_tokens=mcast)
+    cfg = fp8_config(128, blocks=3, **WIDE[variant])
     for parts in (1, 3):
         out_w, h_w, _ = _forward(cache, x, ids, tw, experts, 128, parts=parts, plan=plan,
                                  config=cfg)
