@@ -7,8 +7,10 @@ run, it times with CUDA graphs of many launches:
   ours        FC1 (gather + fp8 QGMMA + per-128 promotion + SwiGLU -> bf16 h) + FC2 (fp8 QGMMA
               per hidden-column chunk + slot-order finalize -> bf16 output) on pre-quantized x
               and h; ``quant_ms``: the two activation quantization passes alone (x and h,
-              ``fp8_launch.quantize_rows``: the fused sm90 kernel); ``ours_layer_ms``: the whole
-              layer as the backend runs it (quantize x, FC1, quantize h, FC2 + finalize);
+              ``fp8_launch.quantize_rows``: the fused sm90 kernel); ``finalize_ms``: FC2's
+              slot-order sum alone (inside ``ours_fc2_ms``; the torch baseline has none);
+              ``ours_layer_ms``: the whole layer as the backend runs it (quantize x, FC1,
+              quantize h, FC2 + finalize);
   torch_fp8   ``torch._scaled_grouped_mm`` with rowwise scales (use_fast_accum=False) on the
               same weights' e4m3 bytes and the same pre-permuted, pre-quantized rows, each
               expert's rows padded to 16 (its alignment), FC1 + FC2 only (no gather, SwiGLU,
@@ -38,12 +40,15 @@ import torch
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
 from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
 from tensorrt_llm_dwdp.kernels.sm90.fp8_preshuffle import preshuffle_fp8
+from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import slot_sum_launcher
 from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import (
     build_fp8_expert_table,
     fc1_fp8_gather_swiglu,
+    fc2_chunk_blocks,
     fc2_fp8_finalize,
     quantize_rows,
 )
+from tensorrt_llm_dwdp.kernels.sm90.grouped_launch import scratch_dtype
 from tensorrt_llm_dwdp.kernels.testing import (
     MODELS,
     random_fp8_experts,
@@ -244,6 +249,18 @@ def bench_point(cache, tables, base, db, model, kind, tpe, repeats, variants=())
         quantize_rows(x, cache)
         quantize_rows(h, cache)
 
+    # FC2's fixed-order slot sum alone (inside ours_fc2_ms; torch's GEMMs have none): the
+    # default's chunks over a scratch of its dtype
+    cfg = fp8_config(bn, hidden)
+    cb = fc2_chunk_blocks(hidden, top_k, cfg)
+    y = torch.zeros(tokens * top_k, cb * 64, dtype=scratch_dtype(cfg), device="cuda")
+    summed = torch.empty_like(out)
+    slot_sum = slot_sum_launcher(cache, y, ids, summed)
+
+    def finalize():
+        for b0 in range(0, hidden // 64, cb):
+            slot_sum(b0 * 64, (min(hidden // 64, b0 + cb) - b0) * 64)
+
     def layer():
         xq_, xs_ = quantize_rows(x, cache)
         fc1_fp8_gather_swiglu(cache, xq_, xs_, plan.gather_index, plan.tile_expert, w13, bn,
@@ -253,7 +270,7 @@ def bench_point(cache, tables, base, db, model, kind, tpe, repeats, variants=())
                          out=out)
 
     fns = {"ours": ours, "ours_fc1": fc1, "ours_fc2": fc2, "quant": quant,
-           "ours_layer": layer}
+           "finalize": finalize, "ours_layer": layer}
     fns.update(base.fns(x, ids, num_experts, inter))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):  # interleaved, so drift hits every side alike
@@ -277,7 +294,7 @@ def bench_point(cache, tables, base, db, model, kind, tpe, repeats, variants=())
         "tokens_per_expert": tpe, "token_tile": bn, "repeats": repeats,
         "ours_ms": ours_ms, "ours_ms_spread": [stats["ours"]["min"], stats["ours"]["max"]],
         "ours_fc1_ms": stats["ours_fc1"]["median"], "ours_fc2_ms": stats["ours_fc2"]["median"],
-        "quant_ms": stats["quant"]["median"],
+        "quant_ms": stats["quant"]["median"], "finalize_ms": stats["finalize"]["median"],
         "ours_layer_ms": stats["ours_layer"]["median"],
         "ours_layer_ms_spread": [stats["ours_layer"]["min"], stats["ours_layer"]["max"]],
         "ours_tflops": flops / ours_ms / 1e9,

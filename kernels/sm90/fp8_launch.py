@@ -315,11 +315,9 @@ def fc2_fp8_finalize(
         return out
     blocks = hidden // FP8_BLOCK_ROWS
     config = _config(config, bn, w2, hidden=w2.rows)
-    y_dtype = scratch_dtype(config)
-    cb = chunk_blocks(hidden, top_k, config.blocks, y_dtype.itemsize)
-    if config.tokens_m and config.blocks == FP8_BLOCKS_PER_CTA and cb % FP8_BLOCKS_PER_CTA:
-        cb += 1  # whole block pairs (a pair shares its scale block)
-    y = torch.empty(tokens * top_k, cb * FP8_BLOCK_ROWS, dtype=y_dtype, device=hq.device)
+    cb = fc2_chunk_blocks(hidden, top_k, config)
+    y = torch.empty(tokens * top_k, cb * FP8_BLOCK_ROWS, dtype=scratch_dtype(config),
+                    device=hq.device)
     if config.tma:
         hq, hs = plan_order_rows(hq, hs, None)
     gemm = fp8_gemm_launcher(cache, epilogue="scatter", a=hq, a_scale=hs, row_index=slot_index,
@@ -332,6 +330,15 @@ def fc2_fp8_finalize(
         gemm(b0, b1)
         finalize(b0 * FP8_BLOCK_ROWS, (b1 - b0) * FP8_BLOCK_ROWS)
     return out
+
+
+def fc2_chunk_blocks(hidden: int, top_k: int, config) -> int:
+    """64-column blocks per FC2 chunk (``chunk_blocks``'s scratch bound, whole CTA tiles):
+    with two blocks a tile and tokens_m whole block pairs, a pair sharing its scale block."""
+    cb = chunk_blocks(hidden, top_k, config.blocks, scratch_dtype(config).itemsize)
+    if config.tokens_m and config.blocks == FP8_BLOCKS_PER_CTA and cb % FP8_BLOCKS_PER_CTA:
+        cb += 1
+    return cb
 
 
 def _config(config, bn: int, table: ExpertTable, hidden: int):
