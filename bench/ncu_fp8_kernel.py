@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown model {args.model!r}; known: {', '.join(sorted(MODELS))}")
     if args.tpe < 1:
         ap.error(f"tpe must be >= 1, got {args.tpe}")
-    cmd = ncu_command(args.model, args.tpe, 1 + launches_per_run(args.model))
+    cmd = ncu_command(args.model, args.tpe, 1 + launches_per_run(args.model, args.tpe))
     if args.print:
         print(shlex.join(cmd))
         return 0

@@ -11,11 +11,11 @@ import sys
 import torch
 
 from tensorrt_llm_dwdp.kernels.compile_cache import CompileCache
-from tensorrt_llm_dwdp.kernels.sm90.fc2_finalize import chunk_blocks
+from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
 from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import (
     FP8_BLOCK_ROWS,
-    FP8_BLOCKS_PER_CTA,
     build_fp8_expert_table,
+    fc2_chunk_blocks,
     fc1_fp8_gather_swiglu,
     fc2_fp8_finalize,
     quantize_rows,
@@ -30,11 +30,14 @@ from tensorrt_llm_dwdp.moe.backends.cutedsl import choose_token_tile
 from tensorrt_llm_dwdp.moe.permute import build_permutation
 
 
-def launches_per_run(model: str) -> int:
-    """``Fp8BlockGemm`` launches of one FC1 + FC2: 1 + the number of FC2 column chunks."""
-    hidden, _, _, top_k = MODELS[model]
+def launches_per_run(model: str, tpe: int) -> int:
+    """``Fp8BlockGemm`` launches of one FC1 + FC2 at ``tpe`` rows per expert (uniform): 1 +
+    the FC2 column chunks of the layer's default configuration (``fc2_chunk_blocks``: its
+    scratch dtype and tile width set the chunk)."""
+    hidden, _, num_experts, top_k = MODELS[model]
+    bn = choose_token_tile(tpe * num_experts, num_experts)
     blocks = hidden // FP8_BLOCK_ROWS
-    return 1 + -(-blocks // chunk_blocks(hidden, top_k, FP8_BLOCKS_PER_CTA))
+    return 1 + -(-blocks // fc2_chunk_blocks(hidden, top_k, fp8_config(bn, hidden)))
 
 
 def main() -> int:
@@ -57,7 +60,7 @@ def main() -> int:
         fc2_fp8_finalize(cache, hq, hs, plan.slot_index, plan.tile_expert, ids, tw, w2, bn)
     torch.cuda.synchronize()
     print(f"{model} tpe={tpe} bn={bn}: FC1 + FC2 ran twice after a first FC1; "
-          f"{launches_per_run(model)} Fp8BlockGemm launches per run", flush=True)
+          f"{launches_per_run(model, tpe)} Fp8BlockGemm launches per run", flush=True)
     return 0
 
 

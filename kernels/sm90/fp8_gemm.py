@@ -36,23 +36,24 @@ by every role, so a plan whose tile count is a host-side upper bound works as is
       (``cp.async.wait_group lag``), fences the async proxy (WGMMA reads what cp.async wrote)
       and arrives on that stage's ``full``: ``lag + 1`` stages of loads stay in flight.
   consumer warpgroups 1, 2 (``consumer_regs``): warpgroup q owns 64-row block ``blk0 + q``.
-      Per K tile: load the block's weight scale(s) from global (before waiting, so the latency
-      hides), wait ``full``, read its ``bn / 4`` token scales from shared memory, 4 QGMMAs
-      64 x bn x 32 (A and B from shared memory), commit, wait for them, arrive on ``empty``,
-      promote into the fp32 total. The two warpgroups interleave: one promotes while the
+      Per K tile: load the block's weight scale(s) of the next K tile from global (carried to
+      it: ``scale_lookahead``), wait ``full``, read its ``bn / 4`` token scales from shared
+      memory, 4 QGMMAs 64 x bn x 32 (A and B from shared memory), commit, wait for them,
+      release the slot (``_release``), promote into the fp32 total. The two warpgroups interleave: one promotes while the
       other's QGMMAs run. After the last K tile: epilogue from registers to global memory.
 Pipelines (``stages`` slots of [sA 16 KiB | sB bn x 128 B | sX bn x 4 B]):
   full[s]   producer -> consumers: 128 arrivals, one per producer thread once its copies of
             stage s landed (``cp.async.wait_group``) and were fenced to the async proxy.
-  empty[s]  consumers -> producer: 256 arrivals, every consumer thread after its QGMMAs that
-            read stage s completed and its token scales of s are in registers (clusters: 256
-            more per partner whose producer multicasts into this slot - cluster2's weights,
-            mcast_tokens' token halves - as its consumers arrive too).
+  empty[s]  consumers -> producer: 256 arrivals, one per consumer thread once its QGMMAs that
+            read stage s completed and its token scales of s are in registers - by default
+            one arrival of count 32 per warp (``release_per_warp``) - and 256 more per
+            cluster partner whose producer multicasts into this slot (cluster2's weights,
+            mcast_tokens' token halves), as its consumers release it too.
 Steady state (K-tile counter i over the CTA's real tiles, slot s = i % stages):
   producer: wait empty[s] | cp.async A(i), B(i), X(i) | commit | wait own copies(i-lag) |
             fence | arrive full[(i-lag) % stages]   (lag = stages - 2)
-  consumer: load w_scale(i) | wait full[s] | x_scale(i) | 4 x QGMMA | commit | wait | arrive
-            empty[s] | promote
+  consumer: load w_scale(i + 1) | wait full[s] | x_scale(i) | 4 x QGMMA | commit | wait |
+            arrive empty[s] | promote with w_scale(i)
 so ``stages - 1`` K tiles of loads are in flight (the producer blocks on ``empty`` only when
 the consumers are a full ring behind), across work-tile boundaries.
 
@@ -1014,7 +1015,7 @@ class Fp8BlockGemm:
         group qn = 2 p + 8 cb, gate qn + 1). FC2: y = acc * router weight -> fp32 pairs at
         ``y[slot, 64 (gblk - blk_begin) + 8 (qn % 8) + 2 c]`` for real rows (slot >= 0;
         ``y_bf16``: bf16 pairs).
-        Block ``blk0 + 1`` past ``blk_end`` was a clamped copy: not written."""
+        Blocks ``blk0 + cb`` past ``blk_end`` were clamped copies: not written."""
         out_base = out.iterator.toint()
         for v1 in cutlass.range_constexpr(2):
             m = tt * self.bn + row0 + 8 * v1

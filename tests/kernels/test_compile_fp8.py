@@ -228,7 +228,7 @@ def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides, num_t
     if cfg.tma:
         assert "LDGSTS" not in sass
         if kern.one_box:  # FC1's block as one 4-D box: its up / gate interleave by strides
-            assert sass.count("UTMALDG.4D") == num_tensors * 2
+            assert sass.count("UTMALDG.4D") == num_tensors * kern.blocks
             assert sass.count("UTMALDG.2D") == 1
         else:
             assert sass.count("UTMALDG.2D") == num_tensors * kern.blocks * kern.boxes + 1

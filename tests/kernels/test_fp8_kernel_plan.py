@@ -83,6 +83,9 @@ def test_tokens_m_column_groups_take_their_rows_scales(epilogue, n_weight, block
                         y_cols=n_weight if epilogue == "scatter" else 0,
                         config=fp8_config(128, blocks=blocks))
     n_blocks = n_weight // 64
+    if epilogue == "swiglu":  # the gate scales the kernel loads sit gate_scales bytes on
+        up, gate = kern.scale_rows(0)
+        assert kern.gate_scales == (gate - up) * kern.k_tiles * 4
     for blk0 in range(0, n_blocks, 2 if blocks == 2 else 1):
         gblks = [min(blk0 + b, n_blocks - 1) for b in range(blocks if blocks == 3 else 1)]
         # the scale rows the kernel's list holds, in order

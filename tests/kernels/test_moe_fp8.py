@@ -239,6 +239,25 @@ def test_bench_variants_bitwise_equal_default(cache, bn, vbn, overrides):
     assert rel_err(out_v, want) < OUT_TOL
 
 
+@pytest.mark.parametrize("old_way", ["release_per_warp", "scale_lookahead"])
+@pytest.mark.parametrize("bn", [16, 64])
+def test_consumers_old_ways_bitwise_equal_default(cache, bn, old_way):
+    """The cp.async consumers (tokens as N) with every thread releasing the slot, or loading
+    each K tile's weight scales just before its wait: the default's bits (the bench variants
+    check bn 128)."""
+    from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
+
+    hidden, inter, num_experts, top_k = SMALL
+    experts = random_fp8_experts(num_experts, hidden, inter, seed=41)
+    tokens = bn * num_experts // top_k + 3
+    x = random_tokens(tokens, hidden, seed=42)
+    ids, tw = skewed_routing(tokens, num_experts, top_k, seed=43, empty_experts=1)
+    out, h, plan = _forward(cache, x, ids, tw, experts, bn)
+    out_o, h_o, _ = _forward(cache, x, ids, tw, experts, bn, plan=plan,
+                             config=fp8_config(bn, **{old_way: False}))
+    assert torch.equal(h, h_o) and torch.equal(out, out_o)
+
+
 @pytest.mark.parametrize("bn,tokens", [(16, 1), (16, 37), (32, 300), (64, 17), (128, 700)])
 def test_tma_bitwise_equal_default(cache, bn, tokens):
     """The copy-engine configuration (``Fp8Config.tma``: weights by tensor-map boxes from the
