@@ -15,8 +15,8 @@ from tensorrt_llm_dwdp.kernels.sm90.fp8_gemm import fp8_config
 from tensorrt_llm_dwdp.kernels.sm90.fp8_launch import (
     FP8_BLOCK_ROWS,
     build_fp8_expert_table,
-    fc2_chunk_blocks,
     fc1_fp8_gather_swiglu,
+    fc2_chunk_blocks,
     fc2_fp8_finalize,
     quantize_rows,
 )
