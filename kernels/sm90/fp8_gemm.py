@@ -39,8 +39,9 @@ by every role, so a plan whose tile count is a host-side upper bound works as is
       Per K tile: load the block's weight scale(s) of the next K tile from global (carried to
       it: ``scale_lookahead``), wait ``full``, read its ``bn / 4`` token scales from shared
       memory, 4 QGMMAs 64 x bn x 32 (A and B from shared memory), commit, wait for them,
-      release the slot (``_release``), promote into the fp32 total. The two warpgroups interleave: one promotes while the
-      other's QGMMAs run. After the last K tile: epilogue from registers to global memory.
+      release the slot (``_release``), promote into the fp32 total. The two warpgroups
+      interleave: one promotes while the other's QGMMAs run. After the last K tile: epilogue
+      from registers to global memory.
 Pipelines (``stages`` slots of [sA 16 KiB | sB bn x 128 B | sX bn x 4 B]):
   full[s]   producer -> consumers: 128 arrivals, one per producer thread once its copies of
             stage s landed (``cp.async.wait_group``) and were fenced to the async proxy.
@@ -103,46 +104,47 @@ A_TILE = BLOCK_ROWS * K_TILE  # bytes of one block's K tile
 
 @dataclass(frozen=True)
 class Fp8Config:
-    """The static shape of one compiled kernel beyond the GEMM sizes.
+    """The static shape of one compiled kernel beyond the GEMM sizes, a field each:
 
-    bn: token tile (WGMMA N); ctas_per_sm: CTAs resident per SM (2 halves shared memory and
-    registers); producer_regs: setmaxnreg of the producer warpgroup (the consumers take the
-    rest); bulk_weights: the weights are in the preshuffled layout (``fp8_preshuffle``) and
-    move by one ``cp.async.bulk`` per CTA block and stage (else: 16 B cp.asyncs of the
-    checkpoint's rows); tma: one producer warp (one elected lane issuing) moves every operand
-    with the copy engine (weights in the checkpoint's layout by tensor-map copies, the token
-    rows pre-permuted ``[M_pad, K]`` by one tensor-map copy, their scales transposed
-    ``[K/128, M_pad]`` by one ``cp.async.bulk``; ``fp8_launch`` prepares both). CTAs are
-    always persistent (grid = resident CTAs, ``fp8_launch``); tokens_m (bn 128 only): the
-    MMA roles swap back to DeepGEMM's - each consumer warpgroup multiplies 64 of the tile's
-    tokens (WGMMA M) by the CTA's 128 weight rows (N), so a thread's accumulators share 2
-    token scales and 1 (FC2) or 2 (FC1: up, gate) weight scales and the promotion is one FMA
-    per accumulator; shared memory holds the same bytes; cluster2 (with tma and tokens_m):
-    CTA pairs (a 2-CTA cluster) take two token tiles of one work unit and, when both tiles
-    are one expert's, each loads half of the weight boxes and multicasts it to both, halving
-    the weights' L2 -> SM bytes (``_unit``; measured slower, 0.61-0.81x); fc1_one_box (tma,
-    FC1): each 64-row block moves as one 4-D tensor-map box, (8 rows, up / gate at stride I
-    rows, 4 groups of 8, K) - the interleave by the map's strides - instead of eight 8-row
-    boxes (FC2's block is one box already); mcast_tokens (with tma and tokens_m): the cluster
-    also spans two block pairs of one token tile, each CTA loads one 64-token half of the
-    token box and multicasts it to both (always shared: both pairs are one expert's rows),
-    halving the tokens' L2 -> SM bytes; with cluster2 a 4-CTA cluster halves both operands;
-    y_bf16 (FC2, default): the router-weighted scratch rows ``y`` are bf16 (rounded once, as
-    TensorRT-LLM's finalize reads its GEMM's output; False: fp32), half the bytes written and
-    re-read and half the chunks (``fc2_finalize.chunk_blocks``): measured 1.00-1.16x the fp32
-    scratch at 16-1024 tokens per expert, both models and routings, output within 2.7e-3
-    relative of it (H100, 2026-12-07, ``bench/results/fp8_kernels_h100_2/``); FC1 ignores
-    it; release_per_warp (default): a consumer warp frees a slot by one arrival per barrier
-    (count 32) after a warp barrier, where every thread arrived (False: the kernels measured
-    up to 2026-12-08; ``_release``); scale_lookahead (default): the consumers load the next K
-    tile's weight scales while this one runs (False: this tile's, just before the stage's
-    wait, so their L2 latency was exposed at the promotion whenever the stage was already
-    full; Nsight's top stall was long scoreboard; ``_next_scales``). Both defaults are
-    compile-checked only; the bench's ``thread_release`` / ``no_lookahead`` variants time the
-    old ways; blocks: 64-row weight blocks of a CTA tile, 2 (128 rows, one scale block), or 3
-    with tokens_m and tma (128 tokens x 192 rows, QGMMA 64x192x32: a sixth fewer L2 -> SM bytes
-    per FLOP; each block's scales loaded apiece; with cluster2 rank 0 multicasts blocks 0 and
-    2, rank 1 block 1, and FC1 needs fc1_one_box; variants ``blocks3*``)."""
+    - bn: token tile (WGMMA N); ctas_per_sm: CTAs resident per SM (2 halves shared memory and
+      registers); producer_regs: setmaxnreg of the producer warpgroup (the consumers take the
+      rest). CTAs are always persistent (grid = resident CTAs, ``fp8_launch``).
+    - bulk_weights: the weights in the preshuffled layout (``fp8_preshuffle``), one
+      ``cp.async.bulk`` per CTA block and stage (else 16 B cp.asyncs of the checkpoint's rows).
+    - tma: one producer warp (one elected lane issuing) moves every operand with the copy
+      engine: weights in the checkpoint's layout by tensor-map copies, the token rows
+      pre-permuted ``[M_pad, K]`` by one tensor-map copy, their scales transposed
+      ``[K/128, M_pad]`` by one ``cp.async.bulk`` (``fp8_launch`` prepares both).
+    - tokens_m (bn 128): DeepGEMM's MMA roles - each consumer warpgroup multiplies 64 of the
+      tile's tokens (WGMMA M) by the CTA's weight rows (N), so a thread's accumulators share 2
+      token scales and 1 (FC2) or 2 (FC1: up, gate) weight scales a block, and the promotion
+      is one FMA per accumulator.
+    - cluster2 (tma, tokens_m): CTA pairs over two token tiles; when both are one expert's,
+      each loads part of the weight boxes and multicasts it to both (``_unit``; measured
+      0.61-0.81x the default).
+    - mcast_tokens (tma, tokens_m): CTA pairs over two block groups of one token tile, each
+      loading one 64-token half of the token box and multicasting it to both (always shared);
+      with cluster2, 4-CTA clusters.
+    - fc1_one_box (tma, FC1): a 64-row block as one 4-D tensor-map box (8 rows, up / gate at
+      stride I rows, 4 groups of 8, K), the interleave by the map's strides, instead of eight
+      8-row boxes (FC2's block is one box already).
+    - y_bf16 (FC2, default): the router-weighted scratch rows are bf16 (rounded once, as
+      TensorRT-LLM's finalize reads its GEMM's output; False: fp32): half the bytes and
+      chunks, measured 1.00-1.16x the fp32 scratch, output within 2.7e-3 relative (H100,
+      2026-12-07, ``bench/results/fp8_kernels_h100_2/``); FC1 ignores it.
+    - release_per_warp (default): a consumer warp frees a slot by one arrival of count 32 per
+      barrier after a warp barrier (``_release``; False: every thread arrives, the kernels
+      measured up to 2026-12-08).
+    - scale_lookahead (default): the consumers load the next K tile's weight scales while this
+      one runs (``_next_scales``; False: this tile's, just before the stage's wait, exposing
+      their L2 latency at the promotion - Nsight's top stall was long scoreboard).
+    - blocks: 64-row weight blocks of a CTA tile, 2 (128 rows, one scale block), or 3 with
+      tokens_m and tma (128 x 192, QGMMA 64x192x32: a sixth fewer L2 -> SM bytes per FLOP;
+      each block's scales loaded apiece; with cluster2 rank 0 multicasts blocks 0 and 2, rank 1
+      block 1, and FC1 needs fc1_one_box).
+
+    release_per_warp, scale_lookahead and blocks 3 are compile-checked only; the bench variants
+    ``thread_release``, ``no_lookahead`` and ``blocks3*`` time them against the default."""
 
     bn: int
     ctas_per_sm: int
