@@ -161,6 +161,13 @@ class Fp8Config:
     blocks: int = BLOCKS_PER_CTA
 
     @property
+    def pair_scales(self) -> bool:
+        """tokens_m's two blocks are one 128-row scale block: one (FC2) or two (FC1) weight
+        scales a K tile for the whole tile, so a tile starts at an even block (and FC2's
+        chunks are whole pairs); the wide tile's blocks load theirs apiece."""
+        return self.tokens_m and self.blocks == BLOCKS_PER_CTA
+
+    @property
     def cluster_m(self) -> int:
         """Token tiles of one work unit (CTAs sharing the weight boxes)."""
         return 2 if self.cluster2 else 1
@@ -960,8 +967,8 @@ class Fp8BlockGemm:
                                                          num_token_tiles, tile_expert)
             if run == 1:
                 _, sf_base = self._expert_bases(expert, tensor_of, local_of, b_table)
-                gblks = (blk0,)
-                if cutlass.const_expr(self.blocks != BLOCKS_PER_CTA):
+                gblks = (blk0,)  # pair_scales: the pair's one scale block
+                if cutlass.const_expr(not self.cfg.pair_scales):
                     gblks = tuple(cutlass.min(blk0 + b, blk_end - 1)
                                   for b in range(self.blocks))
                 sfs = self._scale_addrs(sf_base, gblks)
@@ -1007,7 +1014,7 @@ class Fp8BlockGemm:
         FC1's groups alternate up / gate rows (``weight_row``); the wide tile's block ``qn //
         8`` has its own."""
         per_block = 2 if self.epilogue == "swiglu" else 1
-        block = qn // 8 if self.blocks != BLOCKS_PER_CTA else 0
+        block = 0 if self.cfg.pair_scales else qn // 8
         return per_block * block + (qn % 2 if self.epilogue == "swiglu" else 0)
 
     @cute.jit

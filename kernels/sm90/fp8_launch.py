@@ -156,7 +156,7 @@ def fp8_gemm_launcher(
         tiles = num_tiles * -(-(blk_end - blk_begin) // cfg.blocks)
         if tiles == 0:
             return
-        if cfg.tokens_m and cfg.blocks == FP8_BLOCKS_PER_CTA and blk_begin % FP8_BLOCKS_PER_CTA:
+        if cfg.pair_scales and blk_begin % FP8_BLOCKS_PER_CTA:
             raise ValueError(f"fp8 gemm (tokens_m): blocks start at an even block (one scale "
                              f"block per CTA pair), got {blk_begin}")
         grid = min(tiles, resident)
@@ -336,7 +336,7 @@ def fc2_chunk_blocks(hidden: int, top_k: int, config) -> int:
     """64-column blocks per FC2 chunk (``chunk_blocks``'s scratch bound, whole CTA tiles):
     with two blocks a tile and tokens_m whole block pairs, a pair sharing its scale block."""
     cb = chunk_blocks(hidden, top_k, config.blocks, scratch_dtype(config).itemsize)
-    if config.tokens_m and config.blocks == FP8_BLOCKS_PER_CTA and cb % FP8_BLOCKS_PER_CTA:
+    if config.pair_scales and cb % FP8_BLOCKS_PER_CTA:
         cb += 1
     return cb
 

@@ -169,9 +169,7 @@ def test_cluster_compile(tools, tmp_path, cluster, kind, n_weight, k, y_cols, nu
     assert not re.search(r"\b(LDL|STL)\b", sass), "register spills to local memory"
     mix = k_loop_mix(sass, "QGMMA")
     assert sum(n for op, n in mix.items() if op.startswith("QGMMA")) == 4, mix
-    per_block = 2 if kind == "swiglu" else 1
-    products = 4 if kern.blocks == 2 else 2 * per_block * kern.blocks
-    assert mix["FFMA"] == 32 * kern.blocks and mix["FMUL"] <= products, mix
+    assert mix["FFMA"] == 32 * kern.blocks and mix["FMUL"] <= _scale_products(kind, kern), mix
     assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 1
 
 
@@ -192,6 +190,15 @@ def test_y_bf16_compile(tools, tmp_path, bn, overrides, store):
         sass = _check_sass(tools, tmp_path, "scatter", 7168, 2048, bn, 896, overrides)
     stores = re.findall(r"\bSTG\.E[.A-Z0-9]* ", sass)
     assert stores and set(stores) == {store}, sorted(set(stores))
+
+
+def _scale_products(kind, kern) -> int:
+    """tokens_m's scale products per K tile at most: one per (token row, weight scale) - two
+    rows a thread, one scale block for a block pair (4 at most), 1 (FC2) or 2 (FC1) a block
+    for the wide tile."""
+    if kern.cfg.pair_scales:
+        return 4
+    return 2 * (2 if kind == "swiglu" else 1) * kern.blocks
 
 
 def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides, num_tensors=1):
@@ -220,10 +227,8 @@ def _check_sass(tools, tmp_path, kind, n_weight, k, bn, y_cols, overrides, num_t
     # tokens as N, with the tokens as M one per (token row, weight scale): at most 4 for two
     # blocks (one scale block), 2 x 3 x (FC1: 2) for the wide tile
     assert mix["FFMA"] == n_mma // 2, mix
-    per_block = 2 if kind == "swiglu" else 1
-    products = per_block * (bn // 4)
-    if cfg.tokens_m:
-        products = 4 if kern.blocks == 2 else 2 * per_block * kern.blocks
+    products = _scale_products(kind, kern) if cfg.tokens_m else (
+        (2 if kind == "swiglu" else 1) * (bn // 4))
     assert mix["FMUL"] <= products, mix
     if cfg.tma:
         assert "LDGSTS" not in sass

@@ -108,6 +108,9 @@ def test_wide_tile_config_and_refusals():
     kern = Fp8BlockGemm(epilogue="swiglu", n_weight=4096, k=7168, bn=128, config=cfg)
     assert kern.stage_a == 3 * 64 * 128 and kern.stages == 5
     assert (cfg.producer_regs, cfg.consumer_regs) == (40, 232)
+    # per-block scales; the default's block pair shares one scale block (even starts)
+    assert not cfg.pair_scales and fp8_config(128).pair_scales
+    assert not fp8_config(16).pair_scales  # tokens as N: a scale per block already
     assert cfg.producer_regs * 128 + cfg.consumer_regs * 256 <= cfg.register_pool * 384
     for bad, match in [(dict(cluster2=True), "fc1_one_box"), (dict(tokens_m=False), "tokens_m"),
                        (dict(tma=False), "tma")]:
